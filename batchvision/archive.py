@@ -1,0 +1,86 @@
+"""Zip archives of a folder, read in memory with limits: nothing is extracted to disk.
+
+Hostile members (absolute paths, ``..`` parts, symlinks, encryption) refuse the whole
+archive; zip bombs are stopped by limits on member count, total uncompressed size and
+compression ratio, checked from the directory first and enforced again while reading
+(a forged header cannot make us read more than the limit). Nested archives are listed as
+skipped, never expanded.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from batchvision.errors import ImageTooLarge, InvalidImage
+from batchvision.sniff import is_archive, looks_like_image
+
+
+class ArchiveRejected(InvalidImage):
+    code = "archive_rejected"
+
+
+class ArchiveTooLarge(ImageTooLarge):
+    code = "archive_too_large"
+
+
+@dataclass
+class ArchiveContents:
+    """Image members (relative path, bytes) in archive order, and what was skipped."""
+
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def read_zip(data: bytes, *, max_members: int, max_total_bytes: int, max_ratio: float) -> ArchiveContents:
+    """Read image members of a zip archive held in memory."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise ArchiveRejected(f"not a readable zip archive: {exc}") from exc
+    infos = [i for i in zf.infolist() if not i.is_dir()]
+    if len(infos) > max_members:
+        raise ArchiveTooLarge(f"archive has {len(infos)} members; the limit is {max_members}")
+    declared = sum(i.file_size for i in infos)
+    if declared > max_total_bytes:
+        raise ArchiveTooLarge(f"archive expands to {declared} bytes; the limit is {max_total_bytes}")
+    for info in infos:
+        _check_member(info, max_ratio)
+    out = ArchiveContents()
+    budget = max_total_bytes
+    for info in infos:
+        name = info.filename
+        with zf.open(info) as fh:
+            blob = fh.read(min(budget, info.file_size) + 1)
+        if len(blob) > info.file_size or len(blob) > budget:
+            raise ArchiveTooLarge(f"member {name!r} expands beyond its declared size or the archive limit")
+        budget -= len(blob)
+        if is_archive(blob):
+            out.skipped.append({"filename": name, "reason": "nested archive (not expanded)"})
+        elif not looks_like_image(blob):
+            out.skipped.append({"filename": name, "reason": "not an image"})
+        else:
+            out.images.append((name, blob))
+    return out
+
+
+def _check_member(info: zipfile.ZipInfo, max_ratio: float) -> None:
+    name = info.filename
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise ArchiveRejected(f"member {name!r} has an absolute path")
+    if ".." in path.parts:
+        raise ArchiveRejected(f"member {name!r} escapes the archive with '..'")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise ArchiveRejected(f"member {name!r} is a symbolic link")
+    if info.flag_bits & 0x1:
+        raise ArchiveRejected(f"member {name!r} is encrypted")
+    if info.compress_size and info.file_size / info.compress_size > max_ratio:
+        raise ArchiveTooLarge(
+            f"member {name!r} compresses {info.file_size / info.compress_size:.0f}:1; "
+            f"the limit is {max_ratio:.0f}:1 (zip bomb?)"
+        )

@@ -1,0 +1,168 @@
+"""Dynamic batching across tasks: many producer threads, one model thread.
+
+Task threads decode their images and :meth:`DynamicBatcher.submit` them; a single model
+thread takes up to ``max_batch_size`` items, runs ``predict`` once, and resolves each item's
+future. Items from different tasks (and so different jobs) share a batch.
+
+The batch waits up to ``max_delay_s`` to fill, but only while more items are known to be
+coming: a task announces its images with :meth:`reserve` before decoding them, so a lone
+one-image job is flushed as soon as its image arrives instead of sleeping out the delay.
+
+The batch contract follows Ray Serve's batching module: a list in, a list of the same
+length out, checked at run time; if the call fails, every item of the batch gets the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
+
+from batchvision.errors import BatchError
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """What one model call did; passed to the ``on_batch`` hook (metrics, tests)."""
+
+    size: int
+    tags: tuple[Any, ...]
+    wait_s: float
+    run_s: float
+
+
+@dataclasses.dataclass
+class _Item(Generic[In, Out]):
+    value: In
+    tag: Any
+    future: Future[Out]
+    enqueued: float
+
+
+class DynamicBatcher(Generic[In, Out]):
+    """Collects items from many threads into batches for one ``predict`` callable."""
+
+    def __init__(
+        self,
+        predict: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.01,
+        on_batch: Callable[[BatchInfo], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self._on_batch = on_batch
+        self._items: deque[_Item[In, Out]] = deque()
+        self._reserved = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[Reservation[In, Out]]:
+        """Announce ``n`` items about to be submitted, so a forming batch waits for them.
+
+        Submit through the yielded :class:`Reservation`; reservations left unused on exit
+        (an image that failed to decode) are released, so no batch waits for them.
+        """
+        slot = Reservation(self, n)
+        with self._cond:
+            self._reserved += n
+        try:
+            yield slot
+        finally:
+            with self._cond:
+                self._reserved -= slot.left
+                slot.left = 0
+                self._cond.notify_all()
+
+    def submit(self, value: In, tag: Any = None) -> Future[Out]:
+        """Queue one item; the future resolves with its output or the batch's error."""
+        return self._put(value, tag, None)
+
+    def _put(self, value: In, tag: Any, slot: Reservation[In, Out] | None) -> Future[Out]:
+        fut: Future[Out] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            if slot is not None and slot.left > 0:
+                slot.left -= 1
+                self._reserved -= 1
+            self._items.append(_Item(value, tag, fut, time.monotonic()))
+            self._cond.notify_all()
+        return fut
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Stop the model thread after it has run what is queued."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- model thread -------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Item[In, Out]] | None:
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._items[0].enqueued + self.max_delay_s
+            while len(self._items) < self.max_batch_size and self._reserved > 0:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            n = min(len(self._items), self.max_batch_size)
+            return [self._items.popleft() for _ in range(n)]
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            start = time.monotonic()
+            try:
+                outputs = list(self._predict([item.value for item in batch]))
+                if len(outputs) != len(batch):
+                    raise BatchError(f"predict returned {len(outputs)} outputs for a batch of {len(batch)}")
+            except Exception as exc:  # noqa: BLE001 - the error goes to every waiting item
+                err = exc if isinstance(exc, BatchError) else BatchError(f"model call failed: {exc}")
+                for item in batch:
+                    item.future.set_exception(err)
+                outputs = None
+            else:
+                for item, out in zip(batch, outputs, strict=True):
+                    item.future.set_result(out)
+            if self._on_batch is not None:
+                info = BatchInfo(
+                    size=len(batch),
+                    tags=tuple(item.tag for item in batch),
+                    wait_s=start - batch[0].enqueued,
+                    run_s=time.monotonic() - start,
+                )
+                with contextlib.suppress(Exception):
+                    self._on_batch(info)
+
+
+class Reservation(Generic[In, Out]):
+    """Announced items of one producer; see :meth:`DynamicBatcher.reserve`."""
+
+    def __init__(self, batcher: DynamicBatcher[In, Out], n: int) -> None:
+        self._batcher = batcher
+        self.left = n
+
+    def submit(self, value: In, tag: Any = None) -> Future[Out]:
+        """Queue one announced item."""
+        return self._batcher._put(value, tag, self)

@@ -1,0 +1,106 @@
+"""Where uploaded bytes wait for a worker: never inside a Celery message.
+
+``redis`` (default): one key per image with a TTL. ``file:///dir``: one file per image on a
+volume shared by API and workers, for images too large or too many to keep in Redis memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+import redis
+
+
+class BlobStore(Protocol):
+    """Bytes per (job, image index)."""
+
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None: ...
+    def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]: ...
+    def delete_many(self, job_id: str, indexes: Sequence[int]) -> None: ...
+    def delete_job(self, job_id: str) -> None: ...
+
+
+class RedisBlobs:
+    """Blobs as Redis strings ``bv:blob:{job}:index`` with a TTL."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def key(job_id: str, index: int) -> str:
+        return f"bv:blob:{{{job_id}}}:{index}"
+
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for index, data in blobs.items():
+            pipe.set(self.key(job_id, index), data, ex=self.ttl_s)
+        pipe.execute()
+
+    def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
+        if not indexes:
+            return []
+        return list(self.redis.mget([self.key(job_id, i) for i in indexes]))
+
+    def delete_many(self, job_id: str, indexes: Sequence[int]) -> None:
+        if indexes:
+            self.redis.unlink(*[self.key(job_id, i) for i in indexes])
+
+    def delete_job(self, job_id: str) -> None:
+        keys = list(self.redis.scan_iter(match=f"bv:blob:{{{job_id}}}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            self.redis.unlink(*keys[start : start + 1000])
+
+
+class FileBlobs:
+    """Blobs as files ``<root>/<job>/<index>`` on a shared volume (written atomically)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, job_id: str, index: int) -> Path:
+        return self.root / job_id / str(index)
+
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None:
+        folder = self.root / job_id
+        folder.mkdir(exist_ok=True)
+        for index, data in blobs.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, self._path(job_id, index))
+
+    def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for index in indexes:
+            try:
+                out.append(self._path(job_id, index).read_bytes())
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def delete_many(self, job_id: str, indexes: Sequence[int]) -> None:
+        for index in indexes:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(job_id, index).unlink()
+
+    def delete_job(self, job_id: str) -> None:
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+
+def open_blobs(url: str, client: redis.Redis, ttl_s: int) -> BlobStore:
+    """The blob store named by ``BATCHVISION_BLOB_URL``."""
+    if url in ("", "redis"):
+        return RedisBlobs(client, ttl_s)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return FileBlobs(parsed.path)
+    raise ValueError(f"unsupported BATCHVISION_BLOB_URL {url!r}: use 'redis' or 'file:///dir'")

@@ -1,0 +1,160 @@
+"""Bulk folder uploads: walk a tree, upload in bounded parts to one job, resume, retry.
+
+Classification starts as soon as the first part lands; re-sending a part is idempotent on the
+service side (files are keyed by relative path), so retries and resumes never duplicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from batchvision.client import ApiError, Client
+from batchvision.sniff import looks_like_image
+
+RETRYABLE = {429, 500, 502, 503, 504}
+
+
+@dataclass
+class Scan:
+    """Image files of a folder tree (relative POSIX path, absolute path), and the rest."""
+
+    images: list[tuple[str, Path]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def scan(paths: list[Path]) -> Scan:
+    """Find image files by content, recursively, in a stable (sorted) order."""
+    out = Scan()
+    for root in paths:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+            with open(path, "rb") as fh:
+                head = fh.read(16)
+            (out.images.append((rel, path)) if looks_like_image(head) else out.skipped.append(rel))
+    return out
+
+
+def parts(images: list[tuple[str, Path]], max_files: int, max_bytes: int) -> Iterator[list[tuple[str, Path]]]:
+    """Group files into upload parts bounded by count and bytes (one big file stands alone)."""
+    part: list[tuple[str, Path]] = []
+    size = 0
+    for rel, path in images:
+        n = path.stat().st_size
+        if part and (len(part) >= max_files or size + n > max_bytes):
+            yield part
+            part, size = [], 0
+        part.append((rel, path))
+        size += n
+    if part:
+        yield part
+
+
+def with_retries(call: Callable[[], requests.Response], attempts: int = 6) -> requests.Response:
+    """Retry a request on connection errors, 5xx and 429 (honouring ``Retry-After``)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ApiError as exc:
+            if exc.status not in RETRYABLE or attempt == attempts - 1:
+                raise
+            delay = float(exc.retry_after or 0) or min(30.0, 0.5 * 2**attempt)
+        except requests.ConnectionError:
+            if attempt == attempts - 1:
+                raise
+            delay = min(30.0, 0.5 * 2**attempt)
+        time.sleep(delay * random.uniform(0.8, 1.2))
+    raise AssertionError("unreachable")
+
+
+def submit_folder(
+    client: Client,
+    paths: list[Path],
+    *,
+    part_files: int = 64,
+    part_bytes: int = 32 * 1024 * 1024,
+    resume: str | None = None,
+    on_part: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Upload every image under ``paths`` to one job and seal it; returns a summary.
+
+    With ``resume``, files the job already has are not sent again.
+    """
+    found = scan(paths)
+    if resume:
+        have = set(client.files(resume))
+        job_id = resume
+    else:
+        have = set()
+        job_id = with_retries(lambda: client.open_job(len(found.images)))["job_id"]
+    todo = [(rel, p) for rel, p in found.images if rel not in have]
+    if on_part is not None and have:
+        on_part(len(found.images) - len(todo))
+    rejected: list[dict[str, Any]] = []
+    for part in parts(todo, part_files, part_bytes):
+        files = [(rel, p.read_bytes()) for rel, p in part]
+        body = with_retries(lambda files=files: client.add_part(job_id, files))  # type: ignore[misc]
+        rejected += body.get("rejected", [])
+        if on_part is not None:
+            on_part(len(part))
+    client.seal(job_id)
+    return {
+        "job_id": job_id,
+        "images": len(found.images),
+        "sent": len(todo),
+        "skipped": found.skipped,
+        "rejected": rejected,
+    }
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Upload folders/files as one job; with --wait, wait and write the results."""
+    from tqdm import tqdm
+
+    from batchvision.commands import EXIT_OK, EXIT_SUBMIT_FAILED, exit_code, fmt_of
+
+    client = Client(args.api_url, args.api_key)
+    paths = [Path(p) for p in args.paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_SUBMIT_FAILED
+    total = len(scan(paths).images)
+    quiet = args.no_progress
+    with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
+        summary = submit_folder(
+            client,
+            paths,
+            part_files=args.part_files,
+            part_bytes=int(args.part_mb * 1024 * 1024),
+            resume=args.resume,
+            on_part=bar.update,
+        )
+    job_id = summary["job_id"]
+    for rel in summary["skipped"]:
+        print(f"skipped (not an image): {rel}", file=sys.stderr)
+    print(job_id)
+    if not args.wait:
+        return EXIT_OK
+    with tqdm(total=total, desc="classify", unit="img", disable=quiet, file=sys.stderr) as bar:
+
+        def progress(st: dict[str, Any]) -> None:
+            bar.total = st["total"]
+            bar.update(st["done"] + st["failed"] + st.get("canceled", 0) - bar.n)
+
+        status = client.wait(job_id, on_progress=progress)
+    if args.output:
+        out = Path(args.output)
+        client.download(job_id, out, fmt_of(out, args.format))
+        print(f"wrote {out}", file=sys.stderr)
+    print(f"{status['status']}: {status['done']} classified, {status['failed']} failed", file=sys.stderr)
+    return exit_code(status)

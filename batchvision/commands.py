@@ -1,0 +1,102 @@
+"""Client subcommands of ``batchvision``: submit, status, results, cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchvision.client import ApiError, Client
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_SUBMIT_FAILED = 0, 3, 4
+AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.api_url, args.api_key)
+
+
+def fmt_of(path: Path, explicit: str | None) -> str:
+    """Results format from ``--format`` or the output file's extension."""
+    if explicit:
+        return explicit
+    ext = path.suffix.lower().lstrip(".")
+    return {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json"}.get(ext, "csv")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a job's status document."""
+    print(json.dumps(_client(args).status(args.job_id), indent=2))
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Write a job's results (format from the extension, or --format); stdout without -o."""
+    client = _client(args)
+    if args.output:
+        out = Path(args.output)
+        client.download(args.job_id, out, fmt_of(out, args.format))
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        for row in client.iter_results(args.job_id):
+            print(json.dumps(row))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel what a job has not classified yet."""
+    print(json.dumps(_client(args).cancel(args.job_id), indent=2))
+    return EXIT_OK
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """0 when every image has a prediction, EXIT_SOME_FAILED otherwise."""
+    return EXIT_OK if status["status"] == "succeeded" else EXIT_SOME_FAILED
+
+
+def register(sub: Any, add: AddFn) -> None:
+    """Add the client subcommands to the ``batchvision`` parser."""
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
+        p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
+        return p
+
+    from batchvision.bulk import cmd_submit
+
+    p = common(add("submit", guarded(cmd_submit), "upload a folder or files as one job"))
+    p.add_argument("paths", nargs="+", help="folders (walked recursively) and image files")
+    p.add_argument("--wait", action="store_true", help="wait for the end and write the results")
+    p.add_argument("-o", "--output", help="results file (with --wait): .csv, .jsonl or .json")
+    p.add_argument("--format", choices=["csv", "jsonl", "json"])
+    p.add_argument("--part-files", type=int, default=64, help="most files per upload request")
+    p.add_argument("--part-mb", type=float, default=32.0, help="most megabytes per upload request")
+    p.add_argument("--resume", metavar="JOB_ID", help="continue an interrupted upload to this job")
+    p.add_argument("--no-progress", action="store_true")
+    p = common(add("status", guarded(cmd_status), "show a job's status"))
+    p.add_argument("job_id")
+    p = common(add("results", guarded(cmd_results), "fetch a job's results"))
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output")
+    p.add_argument("--format", choices=["csv", "jsonl", "json"])
+    p = common(add("cancel", guarded(cmd_cancel), "cancel a job"))
+    p.add_argument("job_id")
+
+
+def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn API and connection errors into a message and EXIT_SUBMIT_FAILED."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ApiError as exc:
+            print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        except OSError as exc:
+            print(f"error: cannot reach the API: {exc}", file=sys.stderr)
+        return EXIT_SUBMIT_FAILED
+
+    run.__doc__ = fn.__doc__
+    return run

@@ -1,0 +1,133 @@
+"""``batchvision up``: the local stack (what ``compose/docker-compose.yml`` runs), supervised."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from batchvision.redis_server import RedisServer, free_port
+from batchvision.runner import Service, Supervisor, cli_argv
+from batchvision.settings import PREFIX, Settings
+
+log = logging.getLogger("batchvision.up")
+
+
+def stack(settings: Settings, redis: RedisServer | None, flower: bool = True) -> list[Service]:
+    """The services of the stack, in start order; the same commands as the compose file."""
+    env = settings.to_env()
+    services = []
+    if redis is not None:
+        services.append(Service("redis", redis.argv(), {}, url=redis.url))
+    api = f"http://127.0.0.1:{settings.api_port}"
+    services.append(
+        Service("api", cli_argv("api", "--host", "127.0.0.1"), env, url=api, health_url=f"{api}/healthz")
+    )
+    services.append(
+        Service(
+            "worker", cli_argv("worker"), env, url=f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+        )
+    )
+    if flower:
+        fl = f"http://127.0.0.1:{settings.flower_port}"
+        services.append(Service("flower", cli_argv("flower"), env, url=fl, health_url=f"{fl}/healthcheck"))
+    return services
+
+
+def local_settings() -> tuple[Settings, RedisServer | None]:
+    """Settings for a local run: free ports, an embedded Redis unless one is configured."""
+    overrides: dict[str, object] = {}
+    redis = None
+    if not os.environ.get(PREFIX + "REDIS_URL"):
+        redis = RedisServer(data_dir=Path(tempfile.mkdtemp(prefix="batchvision-redis-")))
+        overrides["redis_url"] = redis.url
+    for field, default in (("api_port", 8000), ("worker_metrics_port", 9808), ("flower_port", 5555)):
+        if not os.environ.get(PREFIX + field.upper()):
+            overrides[field] = _port_or_free(default)
+    settings = Settings.from_env(**overrides)
+    if not settings.flower_user:
+        # A local run is on loopback only; still, Flower never runs without credentials.
+        settings = settings.replace(flower_user="admin", flower_password=os.urandom(9).hex())
+    return settings, redis
+
+
+def _port_or_free(port: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            return free_port()
+
+
+def up(args: argparse.Namespace) -> int:
+    """Start everything, wait until healthy, optionally classify a folder, supervise."""
+    settings, redis = local_settings()
+    sup = Supervisor(stack(settings, redis))
+    sup.install_signal_handlers()
+    try:
+        sup.start()
+        sup.wait_healthy()
+        _wait_worker(settings, sup)
+        print("\nbatchvision is up:")
+        for svc in sup.services:
+            print(f"  {svc.name:<7} {svc.url}")
+        if settings.flower_user:
+            print(f"  flower login: {settings.flower_user} / {settings.flower_password}")
+        sample = args.sample or (_demo_folder() if args.demo else None)
+        if sample:
+            _classify_folder(settings, Path(sample))
+        if args.exit_after_demo:
+            return 0
+        print("\nCtrl-C stops every process.", flush=True)
+        sup.run_forever()
+        return 0
+    finally:
+        sup.stop()
+        if redis is not None:
+            redis.close()
+
+
+def _wait_worker(settings: Settings, sup: Supervisor, timeout: float = 300.0) -> None:
+    import time
+
+    from batchvision.queue import create_celery
+
+    app = create_celery(settings)
+    deadline = time.monotonic() + timeout
+    while not app.control.ping(timeout=1.0):
+        sup.check_once()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not come up")
+
+
+def _demo_folder() -> Path:
+    from batchvision.synthetic import labelled_files
+
+    folder = Path("samples")
+    if not folder.exists():
+        folder.mkdir()
+        for name, data, _ in labelled_files(12, seed=2024):
+            (folder / name).write_bytes(data)
+    return folder
+
+
+def _classify_folder(settings: Settings, folder: Path) -> None:
+    from batchvision.client import Client
+
+    client = Client(f"http://127.0.0.1:{settings.api_port}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    job = client.submit_files(files)
+    status = client.wait(job["job_id"], timeout=300)
+    print(
+        f"\njob {job['job_id']}: {status['status']}, {status['done']} classified, {status['failed']} failed"
+    )
+    for row in client.results(job["job_id"]):
+        if "error" in row:
+            print(f"  {row['filename']:<28} error: {row['error']['message']}")
+        else:
+            print(f"  {row['filename']:<28} {row['label']:<12} {row['score']:.3f}")

@@ -1,0 +1,137 @@
+"""The worker's per-chunk work, free of Celery and TensorFlow so it is tested on its own.
+
+For one task (a job id and a chunk of image indexes): skip what already has a result
+(redelivery), fetch the blobs in one round trip, decode each image in the calling thread
+(Pillow releases the GIL, so task threads decode in parallel), hand the arrays to the shared
+:class:`~batchvision.batching.DynamicBatcher`, and store every result in one idempotent write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchvision.batching import DynamicBatcher
+from batchvision.blobs import BlobStore
+from batchvision.errors import BatchvisionError
+from batchvision.imaging import decode_image
+from batchvision.schemas import error_result, prediction
+from batchvision.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkStats:
+    """What one chunk did, returned by the task (Flower shows it)."""
+
+    job_id: str
+    classified: int = 0
+    failed: int = 0
+    skipped: int = 0
+    decode_s: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "classified": self.classified,
+            "failed": self.failed,
+            "skipped": self.skipped,
+        }
+
+
+@dataclass
+class ChunkProcessor:
+    """Classifies chunks of a job's images through a shared batcher."""
+
+    store: JobStore
+    blobs: BlobStore
+    batcher: DynamicBatcher[np.ndarray, np.ndarray]
+    labels: Sequence[str]
+    input_size: tuple[int, int]
+    top_k: int = 5
+    max_pixels: int = 50_000_000
+    max_attempts: int = 3
+    on_decode: Callable[[float], None] | None = None
+
+    def process(self, job_id: str, indexes: Sequence[int]) -> dict[str, Any]:
+        """Give every image of the chunk exactly one stored result."""
+        stats = ChunkStats(job_id)
+        if not self.store.exists(job_id):
+            log.warning("job %s is gone (expired or deleted); dropping %d images", job_id, len(indexes))
+            stats.skipped = len(indexes)
+            return stats.summary()
+        todo = self.store.unresolved(job_id, indexes)
+        stats.skipped = len(indexes) - len(todo)
+        if not todo:
+            return stats.summary()
+        if self.store.is_canceled(job_id):
+            self._finish(job_id, todo, {i: _canceled() for i in todo}, stats)
+            return stats.summary()
+        tries = self.store.attempt(job_id, f"chunk:{indexes[0]}")
+        if tries == 1:
+            self._finish(job_id, todo, self._classify(job_id, todo, stats), stats)
+        else:
+            # A redelivered chunk: the last delivery may have died on one of these images.
+            # Go one image at a time, each with its own attempt count, so a poison image ends
+            # as a per-image error after max_attempts while the others complete.
+            log.warning("job %s chunk %d delivered %d times: isolating images", job_id, indexes[0], tries)
+            for i in todo:
+                if self.store.attempt(job_id, f"image:{i}") > self.max_attempts:
+                    results = {
+                        i: error_result(
+                            "poison_image",
+                            f"processing this image failed {self.max_attempts} times (the worker died)",
+                        )
+                    }
+                else:
+                    results = self._classify(job_id, [i], stats)
+                self._finish(job_id, [i], results, stats)
+        return stats.summary()
+
+    def _classify(self, job_id: str, todo: list[int], stats: ChunkStats) -> dict[int, dict[str, Any]]:
+        results: dict[int, dict[str, Any]] = {}
+        futures: dict[int, Future[np.ndarray]] = {}
+        blobs = self.blobs.get_many(job_id, todo)
+        with self.batcher.reserve(len(todo)) as slot:
+            for i, data in zip(todo, blobs, strict=True):
+                if data is None:
+                    results[i] = error_result("upload_expired", "the upload expired before it was classified")
+                    continue
+                start = time.perf_counter()
+                try:
+                    image = decode_image(data, self.input_size, max_pixels=self.max_pixels)
+                except BatchvisionError as exc:
+                    results[i] = error_result(exc.code, exc.message)
+                    continue
+                finally:
+                    if self.on_decode is not None:
+                        self.on_decode(time.perf_counter() - start)
+                futures[i] = slot.submit(image, tag=job_id)
+        for i, fut in futures.items():
+            try:
+                results[i] = prediction(fut.result(), self.labels, self.top_k)
+            except BatchvisionError as exc:
+                results[i] = error_result(exc.code, exc.message)
+        return results
+
+    def _finish(
+        self, job_id: str, todo: list[int], results: dict[int, dict[str, Any]], stats: ChunkStats
+    ) -> None:
+        self.store.record(job_id, sorted(results.items()))
+        self.blobs.delete_many(job_id, todo)
+        for r in results.values():
+            if "error" in r:
+                stats.failed += 1
+            else:
+                stats.classified += 1
+
+
+def _canceled() -> dict[str, Any]:
+    return error_result("canceled", "the job was canceled before this image was classified")

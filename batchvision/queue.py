@@ -1,0 +1,76 @@
+"""Celery configuration and enqueueing by task name (the API never imports the workers).
+
+Tasks carry a job id and a chunk of image indexes, never image bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from batchvision.settings import Settings
+
+CLASSIFY_TASK = "batchvision.classify"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The settings both sides of the queue share. Chosen so that nothing is lost or run
+    twice: late acks, requeue on a lost worker, prefetch 1 (the backlog stays in Redis,
+    visible to autoscalers), JSON only, and a visibility timeout above the longest task."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,  # results live in the job store, keyed per image
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_default_queue": settings.queue,
+        "task_routes": {CLASSIFY_TASK: {"queue": settings.queue}},
+        "task_time_limit": settings.task_time_limit_s,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_celery(settings: Settings, name: str = "batchvision") -> Celery:
+    """A Celery app configured for ``settings`` (workers add the tasks)."""
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
+    """Split image indexes into task-sized chunks, in order."""
+    size = max(1, size)
+    return [list(indexes[i : i + size]) for i in range(0, len(indexes), size)]
+
+
+def enqueue(app: Celery, settings: Settings, job_id: str, indexes: Sequence[int]) -> int:
+    """Send one classify task per chunk of ``indexes``; returns the number of tasks."""
+    chunks = chunked(indexes, settings.chunk_size)
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            app.send_task(
+                CLASSIFY_TASK,
+                args=[job_id, chunk],
+                queue=settings.queue,
+                producer=producer,
+                # Flower shows this instead of the raw argument list.
+                argsrepr=f"job={job_id} images={chunk[0]}..{chunk[-1]} n={len(chunk)}",
+            )
+    return len(chunks)

@@ -1,0 +1,122 @@
+"""Result and job schemas: what is stored per image and what the API returns.
+
+Pure functions over plain dicts, so API, workers, client and tests share one definition.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypedDict
+
+import numpy as np
+
+
+class JobStatus(enum.StrEnum):
+    """Lifecycle of a job; the last four are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class Score(TypedDict):
+    label: str
+    score: float
+
+
+def prediction(probs: np.ndarray, labels: Sequence[str], k: int) -> dict[str, Any]:
+    """The stored result for one image from its class probabilities."""
+    k = max(1, min(k, probs.shape[-1]))
+    top = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[-1] else np.arange(probs.shape[-1])
+    top = top[np.argsort(-probs[top], kind="stable")]
+    best = int(top[0])
+    return {
+        "label": label_of(labels, best),
+        "class_id": best,
+        "score": round(float(probs[best]), 6),
+        "top_k": [{"label": label_of(labels, int(i)), "score": round(float(probs[i]), 6)} for i in top],
+    }
+
+
+def error_result(code: str, message: str) -> dict[str, Any]:
+    """The stored result for an image that could not be classified."""
+    return {"error": {"code": code, "message": message}}
+
+
+def label_of(labels: Sequence[str], class_id: int) -> str:
+    return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)
+
+
+def job_status(
+    *, total: int, done: int, failed: int, canceled: int, sealed: bool, cancel_requested: bool
+) -> JobStatus:
+    """Derive the status from counts, so it can never disagree with the stored results."""
+    finished = sealed and done + failed + canceled >= total
+    if cancel_requested and (canceled or not finished):
+        return JobStatus.CANCELED
+    if not finished:
+        return JobStatus.RUNNING if done + failed + canceled else JobStatus.QUEUED
+    if failed == 0 and canceled == 0:
+        return JobStatus.SUCCEEDED
+    return JobStatus.FAILED if done == 0 else JobStatus.PARTIAL
+
+
+def entry(index: int, filename: str, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """One row of ``/results``: the stored result with its index and filename."""
+    row: dict[str, Any] = {"index": index, "filename": filename}
+    if stored is None:
+        row["status"] = "pending"
+    else:
+        row["status"] = "error" if "error" in stored else "ok"
+        row.update(stored)
+    return row
+
+
+CSV_COLUMNS = ("filename", "label", "score", "class_id", "top_k", "error")
+
+
+def csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """Stream ``/results`` rows as CSV, header first; top_k as ``label:score;...``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    yield _drain(buf)
+    for row in rows:
+        err = row.get("error")
+        writer.writerow(
+            [
+                row["filename"],
+                row.get("label", ""),
+                row.get("score", ""),
+                row.get("class_id", ""),
+                ";".join(f"{s['label']}:{s['score']}" for s in row.get("top_k", [])),
+                f"{err['code']}: {err['message']}"
+                if err
+                else ("pending" if row.get("status") == "pending" else ""),
+            ]
+        )
+        yield _drain(buf)
+
+
+def jsonl_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """Stream rows as JSON Lines."""
+    for row in rows:
+        yield json.dumps(row, separators=(",", ":")) + "\n"
+
+
+def _drain(buf: io.StringIO) -> str:
+    text = buf.getvalue()
+    buf.seek(0)
+    buf.truncate()
+    return text

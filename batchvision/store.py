@@ -1,0 +1,280 @@
+"""The job store: jobs, filenames and per-image results in Redis.
+
+Key layout (one prefix; every key of a job carries the ``{job_id}`` hash tag):
+
+- ``bv:job:{id}`` hash: ``total done failed canceled sealed cancel created_at finished_at model owner``
+- ``bv:job:{id}:files`` hash index -> filename; ``bv:job:{id}:paths`` hash filename -> index
+- ``bv:job:{id}:res`` hash index -> result JSON
+- ``bv:job:{id}:tries`` hash chunk/index -> delivery attempts (poison-image guard)
+- ``bv:job:{id}:notify`` list pushed once when the job finishes (``POST /v1/classify`` waits on it)
+- ``bv:pending`` counter of accepted images without a result (queue depth, backpressure)
+- ``bv:tomb:{id}`` marks a finished job after its results expired (``410 Gone``)
+
+Exactly one result per image: results are written with ``HSETNX`` in a Lua script that raises
+``done``/``failed``/``canceled`` only when the write stored something, so a redelivered task
+never counts twice, and that finishes the job (status, ``finished_at``, TTLs) in the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+
+from batchvision.schemas import JobStatus, entry, error_result, job_status
+
+PENDING_KEY = "bv:pending"
+BATCH_LOG_KEY = "bv:batches"
+_SUFFIXES = ("", ":files", ":paths", ":res", ":tries", ":notify")
+
+# Shared tail of the Lua scripts: finish the job if it is sealed and every image has a result.
+# KEYS[1..6] are the job's keys in _SUFFIXES order, KEYS[7] the tombstone; ARGV[1] the result
+# TTL, ARGV[2] the current time.
+_FINISH_LUA = """
+local v = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
+if v[5] == '1' and not v[6] and
+   (tonumber(v[2] or '0') + tonumber(v[3] or '0') + tonumber(v[4] or '0')) >= tonumber(v[1] or '0') then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+  redis.call('RPUSH', KEYS[6], '1')
+  for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  redis.call('SET', KEYS[7], '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
+end
+"""
+
+_RECORD_LUA = (
+    """
+local stored = 0
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
+    stored = stored + 1
+  end
+end
+if stored > 0 then redis.call('DECRBY', KEYS[8], stored) end
+"""
+    + _FINISH_LUA
+    + "return stored"
+)
+
+_SEAL_LUA = "redis.call('HSET', KEYS[1], 'sealed', '1')\n" + _FINISH_LUA + "return 1"
+
+_ADD_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local flags = redis.call('HMGET', KEYS[1], 'sealed', 'cancel')
+if flags[1] == '1' or flags[2] == '1' then return -2 end
+local out = {}
+local added = 0
+for i = 1, #ARGV, 2 do
+  local idx = redis.call('HGET', KEYS[3], ARGV[i])
+  if idx then
+    table.insert(out, tonumber(idx)); table.insert(out, 0)
+  else
+    idx = redis.call('HINCRBY', KEYS[1], 'total', 1) - 1
+    redis.call('HSET', KEYS[3], ARGV[i], idx)
+    redis.call('HSET', KEYS[2], idx, ARGV[i + 1])
+    table.insert(out, idx); table.insert(out, 1)
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('INCRBY', KEYS[4], added) end
+return out
+"""
+
+
+def new_job_id() -> str:
+    """A random, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+class JobStore:
+    """Jobs and results in Redis; every method is safe to call from many threads."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int, blob_ttl_s: int) -> None:
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self.open_ttl_s = blob_ttl_s
+        self._record = client.register_script(_RECORD_LUA)
+        self._seal = client.register_script(_SEAL_LUA)
+        self._add = client.register_script(_ADD_LUA)
+
+    @staticmethod
+    def keys(job_id: str) -> list[str]:
+        return [f"bv:job:{{{job_id}}}{s}" for s in _SUFFIXES] + [f"bv:tomb:{{{job_id}}}"]
+
+    def create(self, job_id: str, *, model: str, owner: str = "") -> None:
+        """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`."""
+        key = self.keys(job_id)[0]
+        pipe = self.redis.pipeline()
+        pipe.hset(
+            key,
+            mapping={
+                "total": 0,
+                "done": 0,
+                "failed": 0,
+                "canceled": 0,
+                "sealed": 0,
+                "cancel": 0,
+                "created_at": f"{time.time():.3f}",
+                "model": model,
+                "owner": owner,
+            },
+        )
+        pipe.expire(key, self.open_ttl_s)
+        pipe.execute()
+
+    def add_files(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[tuple[int, bool]]:
+        """Index ``(key, filename)`` pairs in order; a key the job already has keeps its index.
+
+        The key is the file's relative path, so a re-sent part enqueues nothing twice.
+        Returns ``(index, is_new)`` per file. Raises ``LookupError`` for an unknown job and
+        ``PermissionError`` for a sealed or canceled one.
+        """
+        keys = self.keys(job_id)
+        args: list[str] = [arg for pair in files for arg in pair]
+        out = self._add(keys=[keys[0], keys[1], keys[2], PENDING_KEY], args=args)
+        if out == -1:
+            raise LookupError(job_id)
+        if out == -2:
+            raise PermissionError(job_id)
+        pipe = self.redis.pipeline()
+        for k in keys[:3]:
+            pipe.expire(k, self.open_ttl_s)
+        pipe.execute()
+        return [(int(out[i]), bool(out[i + 1])) for i in range(0, len(out), 2)]
+
+    def seal(self, job_id: str) -> None:
+        """No more files: the job finishes once every image has a result."""
+        self._seal(keys=self.keys(job_id), args=[self.result_ttl_s, f"{time.time():.3f}"])
+
+    def record(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> int:
+        """Store results idempotently; returns how many were new (0 on a redelivery)."""
+        if not results:
+            return 0
+        args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}"]
+        for index, result in results:
+            err = result.get("error")
+            kind = "done" if err is None else ("canceled" if err["code"] == "canceled" else "failed")
+            args += [index, json.dumps(result, separators=(",", ":")), kind]
+        return int(self._record(keys=[*self.keys(job_id), PENDING_KEY], args=args))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job's public status document, or ``None`` if it does not exist."""
+        raw = self.redis.hgetall(self.keys(job_id)[0])
+        if not raw:
+            return None
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
+        status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
+        return {
+            "job_id": job_id,
+            "status": status.value,
+            **counts,
+            "sealed": h.get("sealed") == "1",
+            "created_at": float(h["created_at"]),
+            "finished_at": float(h["finished_at"]) if h.get("finished_at") else None,
+            "model": h.get("model", ""),
+            "owner": h.get("owner", ""),
+        }
+
+    def is_gone(self, job_id: str) -> bool:
+        """True if the job existed and its results expired."""
+        return bool(self.redis.exists(self.keys(job_id)[6]))
+
+    def status(self, job_id: str) -> JobStatus | None:
+        job = self.get(job_id)
+        return None if job is None else JobStatus(job["status"])
+
+    def is_canceled(self, job_id: str) -> bool:
+        return self.redis.hget(self.keys(job_id)[0], "cancel") == b"1"
+
+    def unresolved(self, job_id: str, indexes: Sequence[int] | range) -> list[int]:
+        """The indexes among ``indexes`` that have no result yet."""
+        if not indexes:
+            return []
+        have = self.redis.hmget(self.keys(job_id)[3], [str(i) for i in indexes])
+        return [i for i, v in zip(indexes, have, strict=True) if v is None]
+
+    def filenames(self, job_id: str, indexes: Sequence[int]) -> list[str]:
+        names = self.redis.hmget(self.keys(job_id)[1], [str(i) for i in indexes])
+        return [n.decode() if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
+
+    def file_keys(self, job_id: str) -> list[str]:
+        """Every file key (relative path) the job has."""
+        return [k.decode() for k in self.redis.hkeys(self.keys(job_id)[2])]
+
+    def attempt(self, job_id: str, key: str) -> int:
+        """Count one more delivery of ``key`` (a chunk or an image); returns the count."""
+        k = self.keys(job_id)[4]
+        pipe = self.redis.pipeline()
+        pipe.hincrby(k, key, 1)
+        pipe.expire(k, self.open_ttl_s)
+        return int(pipe.execute()[0])
+
+    def cancel(self, job_id: str, page: int = 1000) -> bool:
+        """Cancel what has no result yet; results so far stay. False if the job is unknown.
+
+        The flag is persistent (workers check it before each chunk, unlike Celery's in-memory
+        revokes), and every unresolved image gets a ``canceled`` result at once, so the job
+        finishes now; a worker mid-batch loses the ``HSETNX`` race and counts nothing.
+        """
+        key = self.keys(job_id)[0]
+        if not self.exists(job_id):
+            return False
+        self.redis.hset(key, "cancel", 1)
+        total = int(self.redis.hget(key, "total") or 0)
+        marker = error_result("canceled", "the job was canceled before this image was classified")
+        for start in range(0, total, page):
+            todo = self.unresolved(job_id, range(start, min(total, start + page)))
+            self.record(job_id, [(i, marker) for i in todo])
+        self.seal(job_id)
+        return True
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys(job_id)[0]))
+
+    def iter_results(
+        self, job_id: str, offset: int = 0, limit: int | None = None, page: int = 500
+    ) -> Iterator[dict[str, Any]]:
+        """Result rows in upload order, read page by page so memory stays bounded."""
+        job = self.get(job_id)
+        if job is None:
+            return
+        end = job["total"] if limit is None else min(job["total"], offset + limit)
+        keys = self.keys(job_id)
+        for start in range(offset, end, page):
+            idx = [str(i) for i in range(start, min(end, start + page))]
+            pipe = self.redis.pipeline()
+            pipe.hmget(keys[1], idx)
+            pipe.hmget(keys[3], idx)
+            names, results = pipe.execute()
+            for i, name, res in zip(idx, names, results, strict=True):
+                stored = json.loads(res) if res is not None else None
+                yield entry(int(i), name.decode() if name else i, stored)
+
+    def wait(self, job_id: str, timeout_s: float) -> bool:
+        """Block until the job finishes or ``timeout_s`` passes; True if finished."""
+        keys = self.keys(job_id)
+        if timeout_s > 0 and not self.redis.hget(keys[0], "finished_at"):
+            # BLMOVE onto the same list rotates the one marker instead of consuming it,
+            # so any number of waiters on the same job all wake up.
+            self.redis.blmove(keys[5], keys[5], timeout_s, "LEFT", "RIGHT")
+        return bool(self.redis.hget(keys[0], "finished_at"))
+
+    def pending_images(self) -> int:
+        """Accepted images that have no result yet, over all jobs."""
+        return int(self.redis.get(PENDING_KEY) or 0)
+
+    def log_batch(self, size: int, jobs: Sequence[str], keep: int = 1000) -> None:
+        """Remember a recent batch (size and the jobs it mixed), for operators and tests."""
+        doc = json.dumps({"size": size, "jobs": sorted(set(jobs)), "at": round(time.time(), 3)})
+        pipe = self.redis.pipeline()
+        pipe.lpush(BATCH_LOG_KEY, doc)
+        pipe.ltrim(BATCH_LOG_KEY, 0, keep - 1)
+        pipe.execute()
+
+    def recent_batches(self, n: int = 1000) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.redis.lrange(BATCH_LOG_KEY, 0, n - 1)]

@@ -1,0 +1,37 @@
+"""The one Celery app of the workers: ``celery -A workers.celery_app worker``.
+
+Run with ``--pool threads`` (``batchvision worker`` does): one process holds TensorFlow and
+the model, never forked; task threads decode in parallel and feed one model thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+from batchvision.queue import create_celery
+from batchvision.settings import Settings
+
+settings = Settings.from_env()
+app = create_celery(settings, name="batchvision-worker")
+app.conf.include = ["workers.tasks"]
+
+log = logging.getLogger(__name__)
+
+
+@signals.worker_init.connect
+def _load_model(**_: Any) -> None:
+    # Load (and warm up) the model before the worker consumes: a task never pays for it,
+    # and a worker that cannot load its model fails at start, visibly.
+    from workers.runtime import get_runtime
+
+    get_runtime(settings)
+
+
+@signals.worker_shutdown.connect
+def _close(**_: Any) -> None:
+    from workers.runtime import shutdown
+
+    shutdown()

@@ -1,0 +1,219 @@
+"""The model: the only module that imports TensorFlow. Loaded once per worker process.
+
+``BATCHVISION_MODEL`` is a ``keras.applications`` name (ImageNet weights from the Keras cache,
+fetched on first use where the network allows; ``batchvision fetch-weights`` does it at image
+build time) or a path to a ``.keras``/``.h5`` file or a SavedModel directory plus a labels file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchvision.imaging import normalize
+from batchvision.settings import Settings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402 - TF's log level must be set before the import
+import tensorflow as tf  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _App:
+    constructor: str
+    preprocess: str
+    size: int
+
+
+#: ``keras.applications`` models by the names users give, with their input scaling.
+APPLICATIONS = {
+    "mobilenet_v2": _App("MobileNetV2", "tf", 224),
+    "mobilenet_v3_large": _App("MobileNetV3Large", "none", 224),
+    "resnet50": _App("ResNet50", "caffe", 224),
+    "efficientnet_b0": _App("EfficientNetB0", "none", 224),
+    "inception_v3": _App("InceptionV3", "tf", 299),
+    "convnext_tiny": _App("ConvNeXtTiny", "none", 224),
+}
+
+
+class Classifier:
+    """A loaded model: a list of uint8 images in, a list of probability vectors out."""
+
+    def __init__(self, model: Any, labels: list[str], preprocess: str, name: str) -> None:
+        shape = model.inputs[0].shape
+        self.input_size = (int(shape[2]), int(shape[1]))  # (width, height), as Pillow wants
+        self.labels = labels
+        self.preprocess = preprocess
+        self.name = name
+        self.device = _device()
+        spec = tf.TensorSpec([None, shape[1], shape[2], 3], tf.float32)
+        # One traced graph with a dynamic batch dimension: no retracing per batch size, and
+        # none of predict()'s per-call overhead, which dominates small batches.
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        self._softmax = _ends_in_softmax(model)
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Class probabilities for each image (``(h, w, 3)`` uint8 of the input size)."""
+        x = normalize(np.stack(images), self.preprocess)
+        out = self._fn(tf.constant(x))
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        probs = np.asarray(out, dtype=np.float32).reshape(len(images), -1)
+        if not self._softmax:
+            probs = _softmax(probs)
+        return list(probs)
+
+    def warm_up(self) -> float:
+        """Trace and run the graph once, so the first real batch is not slow; returns seconds."""
+        start = time.perf_counter()
+        w, h = self.input_size
+        self.predict([np.zeros((h, w, 3), np.uint8)] * 2)
+        return time.perf_counter() - start
+
+
+def load_classifier(settings: Settings) -> Classifier:
+    """Build the :class:`Classifier` that ``settings`` name."""
+    configure_runtime(settings)
+    name = settings.model
+    if name in APPLICATIONS:
+        app = APPLICATIONS[name]
+        weights = None if settings.weights.lower() in ("", "none") else settings.weights
+        model = getattr(keras.applications, app.constructor)(weights=weights)
+        labels = imagenet_labels()
+        preprocess = app.preprocess
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"BATCHVISION_MODEL={name!r} is neither a known application "
+                f"({', '.join(sorted(APPLICATIONS))}) nor an existing path"
+            )
+        model = _load_path(path)
+        labels_file = Path(settings.labels) if settings.labels else _default_labels(path)
+        labels = [s.strip() for s in labels_file.read_text().splitlines() if s.strip()]
+        preprocess = "none"
+    if settings.preprocess != "auto":
+        preprocess = settings.preprocess
+    return Classifier(model, labels, preprocess, name)
+
+
+def fetch_weights(settings: Settings) -> Path:
+    """Download the ImageNet weights of an application model into the Keras cache."""
+    load_classifier(settings.replace(weights="imagenet"))
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+def configure_runtime(settings: Settings) -> None:
+    """Thread pools and GPU memory growth: must run before TensorFlow initialises a device."""
+    try:
+        if settings.intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
+        if settings.inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as exc:  # already initialised (a second load in one process)
+        log.debug("runtime already configured: %s", exc)
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names in Keras' index order, shipped with the project."""
+    text = resources.files("batchvision").joinpath("data/imagenet_labels.txt").read_text()
+    return text.split()
+
+
+def _load_path(path: Path) -> Any:
+    if path.is_dir():
+        # A TF SavedModel: wrap its serving signature in a Keras model with a known input.
+        sig = tf.saved_model.load(str(path)).signatures["serving_default"]
+        spec = next(iter(sig.structured_input_signature[1].values()))
+        inputs = keras.Input(shape=tuple(spec.shape[1:]))
+        outputs = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")(inputs)
+        if isinstance(outputs, dict):
+            outputs = next(iter(outputs.values()))
+        return keras.Model(inputs, outputs)
+    return keras.models.load_model(path, compile=False)
+
+
+def _default_labels(path: Path) -> Path:
+    candidate = path.with_name(path.stem + ".labels.txt") if path.is_file() else path / "labels.txt"
+    if not candidate.exists():
+        raise FileNotFoundError(f"no labels for {path}: set BATCHVISION_LABELS")
+    return candidate
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    act = getattr(model.layers[-1], "activation", None) if getattr(model, "layers", None) else None
+    return getattr(act, "__name__", "") == "softmax"
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float32)
+
+
+def _device() -> str:
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else "/device:CPU:0"
+
+
+def train_demo_model(
+    out: Path, *, input_size: int = 48, n_train: int = 8000, epochs: int = 18, seed: int = 0
+) -> float:
+    """Train the demo CNN on synthetic shapes; save ``out`` (.keras) and its labels file.
+
+    Returns the accuracy on a freshly generated held-out set (a different seed).
+    """
+    from batchvision.synthetic import CLASSES, dataset
+
+    keras.utils.set_random_seed(seed)
+    x, y = dataset(n_train, (input_size, input_size), seed=seed + 1)
+    xt, yt = dataset(1200, (input_size, input_size), seed=seed + 2)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((input_size, input_size, 3)),
+            layers.Rescaling(1 / 255.0),
+            *_conv_block(24),
+            layers.MaxPooling2D(),
+            *_conv_block(48),
+            layers.MaxPooling2D(),
+            *_conv_block(64),
+            layers.MaxPooling2D(),
+            *_conv_block(96),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(len(CLASSES), activation="softmax"),
+        ],
+        name="batchvision_demo",
+    )
+    steps = epochs * -(-int(n_train * 0.9) // 64)
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, validation_split=0.1)
+    accuracy = float(model.evaluate(xt, yt, verbose=0)[1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    out.with_name(out.stem + ".labels.txt").write_text("\n".join(CLASSES) + "\n")
+    return accuracy
+
+
+def _conv_block(filters: int) -> list[Any]:
+    layers = keras.layers
+    return [
+        layers.Conv2D(filters, 3, padding="same", use_bias=False),
+        layers.BatchNormalization(),
+        layers.Activation("relu"),
+    ]

@@ -1,0 +1,89 @@
+"""Per-process worker state: the model, the batcher and the store, created once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from batchvision.batching import BatchInfo, DynamicBatcher
+from batchvision.blobs import open_blobs
+from batchvision.pipeline import ChunkProcessor
+from batchvision.services import connect_redis
+from batchvision.settings import Settings
+from batchvision.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    processor: ChunkProcessor
+    batcher: DynamicBatcher[np.ndarray, np.ndarray]
+    model_name: str
+    device: str
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def get_runtime(settings: Settings) -> Runtime:
+    """The process's runtime, built on first use (model loaded exactly once)."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = _build(settings)
+        return _runtime
+
+
+def shutdown() -> None:
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.batcher.close()
+            _runtime = None
+
+
+def _build(settings: Settings) -> Runtime:
+    from workers.model import load_classifier
+
+    start = time.perf_counter()
+    classifier = load_classifier(settings)
+    warm = classifier.warm_up()
+    load_s = time.perf_counter() - start
+    log.info(
+        "model %s loaded on %s in %.1fs (warm-up %.2fs), input %s",
+        classifier.name,
+        classifier.device,
+        load_s,
+        warm,
+        classifier.input_size,
+    )
+    client = connect_redis(settings.redis_url)
+    store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
+
+    def on_batch(info: BatchInfo) -> None:
+        store.log_batch(info.size, [str(t) for t in info.tags])
+
+    batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
+        classifier.predict,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_batch_delay_ms / 1000.0,
+        on_batch=on_batch,
+        name="model",
+    )
+    processor = ChunkProcessor(
+        store=store,
+        blobs=open_blobs(settings.blob_url, client, settings.blob_ttl_s),
+        batcher=batcher,
+        labels=classifier.labels,
+        input_size=classifier.input_size,
+        top_k=settings.top_k,
+        max_pixels=settings.max_image_pixels,
+        max_attempts=settings.max_attempts,
+    )
+    return Runtime(processor, batcher, classifier.name, classifier.device)

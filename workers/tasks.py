@@ -1,0 +1,15 @@
+"""Celery tasks: thin wrappers over :mod:`batchvision.pipeline`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchvision.queue import CLASSIFY_TASK
+from workers.celery_app import app, settings
+from workers.runtime import get_runtime
+
+
+@app.task(name=CLASSIFY_TASK, acks_late=True, ignore_result=True)
+def classify(job_id: str, indexes: list[int]) -> dict[str, Any]:
+    """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
+    return get_runtime(settings).processor.process(job_id, indexes)
