@@ -76,7 +76,7 @@ def decode_image(data: bytes, size: tuple[int, int], *, max_pixels: int) -> np.n
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"cannot decode image: {exc}", code="corrupt_image") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc), code="decompression_bomb") from exc
+        raise ImageTooLarge(str(exc), code="too_many_pixels") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -128,10 +128,8 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise InvalidImage("not an image file (unrecognised data)", code="not_an_image") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc), code="decompression_bomb") from exc
-    except Image.DecompressionBombWarning as exc:
-        raise ImageTooLarge(str(exc), code="decompression_bomb") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image has too many pixels (decompression bomb?): {exc}", code="too_many_pixels") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"cannot read image header: {exc}", code="corrupt_image") from exc
 
@@ -159,6 +157,6 @@ def _check_complete(data: bytes, img: Image.Image) -> None:
         else:
             img.load()  # rarer formats: a full decode is the only reliable check
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc), code="decompression_bomb") from exc
+        raise ImageTooLarge(str(exc), code="too_many_pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"image data is truncated or corrupt: {exc}", code="truncated") from exc

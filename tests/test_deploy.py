@@ -186,9 +186,9 @@ def test_dockerfile_worker() -> None:
     installs = [a for w, a in instrs if w == "RUN" and "pip install" in a]
     assert any('pip install --no-cache-dir "${tf}==${TF_VERSION}"' in a for a in installs)
     assert any('pip install --no-cache-dir "./[${extra}]"' in a for a in installs)
-    for variant, (tf, extra) in WORKER_VARIANTS.items():
+    for variant, (tf, _extra) in WORKER_VARIANTS.items():
         assert f'{variant}) tf="{tf}"' in text, variant
-    assert "extra=worker" in text and '= gpu ]; then extra=gpu; fi' in text
+    assert "extra=worker" in text and "= gpu ]; then extra=gpu; fi" in text
     # Weights are fetched at build time, as the runtime user, into a KERAS_HOME it owns.
     fetch = [i for i, (w, a) in enumerate(final) if w == "RUN" and "batchvision fetch-weights" in a]
     assert len(fetch) == 1
@@ -277,9 +277,10 @@ def _compose_cmd() -> list[str]:
     if exe:
         return [exe]
     docker = shutil.which("docker")
-    if docker and subprocess.run(
-        [docker, "compose", "version"], capture_output=True, check=False
-    ).returncode == 0:
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0
+    ):
         return [docker, "compose"]
     _skip_missing("docker-compose", "apt-get install docker-compose, or the Compose v2 plugin")
     raise AssertionError("unreachable")
@@ -375,8 +376,10 @@ def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: di
         assert flag in cmd
     assert f"--requirepass {SECRETS['REDIS_PASSWORD']}" in cmd
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
-    assert any(str(v).startswith("redis-data:") or (isinstance(v, dict) and v.get("source") == "redis-data")
-               for v in redis["volumes"])
+    assert any(
+        str(v).startswith("redis-data:") or (isinstance(v, dict) and v.get("source") == "redis-data")
+        for v in redis["volumes"]
+    )
 
     url = f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
     for name in ["api", "flower", *workers]:
@@ -399,9 +402,10 @@ def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: di
     assert "args" not in api["build"], "the API image keeps the default EXTRAS=api"
     assert _ports(flower) == [DEFAULTS.flower_port]
     fenv = _env(flower)
-    assert fenv["BATCHVISION_FLOWER_USER"] and fenv["BATCHVISION_FLOWER_PASSWORD"] == SECRETS[
-        "BATCHVISION_FLOWER_PASSWORD"
-    ]
+    assert (
+        fenv["BATCHVISION_FLOWER_USER"]
+        and fenv["BATCHVISION_FLOWER_PASSWORD"] == SECRETS["BATCHVISION_FLOWER_PASSWORD"]
+    )
 
     assert workers, "at least one worker"
     base_worker_env = _env(base_config["services"]["worker"])
@@ -441,8 +445,9 @@ def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: di
 
     if profiles:
         prom = active["prometheus"]
-        mounts = " ".join(str(v) if not isinstance(v, dict) else f"{v['source']}:{v['target']}"
-                          for v in prom["volumes"])
+        mounts = " ".join(
+            str(v) if not isinstance(v, dict) else f"{v['source']}:{v['target']}" for v in prom["volumes"]
+        )
         assert "prometheus.yml:/etc/prometheus/prometheus.yml" in mounts
         assert "alerts.yml:/etc/prometheus/alerts.yml" in mounts
 
@@ -494,7 +499,8 @@ PANEL_EXPRS = [
     "sum(rate(batchvision_images_classified_total[1m]))",
     "batchvision_queue_depth_images",
     "histogram_quantile(0.5, sum(rate(batchvision_batch_size_bucket[5m])) by (le))",
-    "histogram_quantile(0.95, sum(rate(batchvision_http_request_duration_seconds_bucket[5m])) by (le, route))",
+    "histogram_quantile(0.95, sum(rate(batchvision_http_request_duration_seconds_bucket[5m]))"
+    " by (le, route))",
     'sum(rate(batchvision_images_classified_total{outcome="error"}[5m]))',
     'sum(up{job="batchvision-worker"})',
     "rate(batchvision_inference_seconds_sum[5m]) / rate(batchvision_inference_seconds_count[5m])",
@@ -564,12 +570,25 @@ def test_grafana_provisioning_and_dashboard() -> None:
 # Kubernetes: a tiny kustomize
 # --------------------------------------------------------------------------------------------
 
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                  "PersistentVolume", "StorageClass", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+}
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
 # Strategic-merge keys of the lists our patches touch; other lists are replaced.
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort"}
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+}
 
 
 def _strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -617,8 +636,11 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for entry in kustomization.get("patches", []):
         assert set(entry) == {"path"}, f"only file strategic-merge patches are supported: {entry}"
         patch = yaml.safe_load((directory / entry["path"]).read_text())
-        targets = [o for o in objects if o["kind"] == patch["kind"]
-                   and o["metadata"]["name"] == patch["metadata"]["name"]]
+        targets = [
+            o
+            for o in objects
+            if o["kind"] == patch["kind"] and o["metadata"]["name"] == patch["metadata"]["name"]
+        ]
         assert len(targets) == 1, f"patch {entry['path']} matches {len(targets)} objects"
         body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind", "metadata")}
         _strategic_merge(targets[0], body)
@@ -644,8 +666,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    return {name: render(K8S / "overlays" / name) for name in ["base", *OVERLAYS]
-            if name != "base"} | {"base": render(K8S / "base")}
+    out = {"base": render(K8S / "base")}
+    out.update((name, render(K8S / "overlays" / name)) for name in OVERLAYS)
+    return out
 
 
 def _get(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -714,9 +737,13 @@ def _workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_k8s_workloads_are_hardened(overlay: str, rendered: dict) -> None:
     objects = rendered[overlay]
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
-    assert {("Deployment", "batchvision-api"), ("Deployment", "batchvision-worker"),
-            ("Deployment", "batchvision-flower"), ("StatefulSet", "redis"),
-            ("Namespace", "batchvision")} <= names
+    assert {
+        ("Deployment", "batchvision-api"),
+        ("Deployment", "batchvision-worker"),
+        ("Deployment", "batchvision-flower"),
+        ("StatefulSet", "redis"),
+        ("Namespace", "batchvision"),
+    } <= names
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "batchvision", obj["metadata"]["name"]
@@ -747,8 +774,7 @@ def test_k8s_workloads_are_hardened(overlay: str, rendered: dict) -> None:
     for name in ("batchvision-api", "batchvision-worker", "batchvision-flower"):
         containers = _containers(_get(objects, "Deployment", name))
         assert [c["name"] for c in containers] and all(
-            {"configMapRef", "secretRef"} <= {k for ref in c["envFrom"] for k in ref}
-            for c in containers
+            {"configMapRef", "secretRef"} <= {k for ref in c["envFrom"] for k in ref} for c in containers
         ), f"{name}: envFrom ConfigMap + Secret"
 
 
@@ -771,10 +797,10 @@ def _selected(objects: list[dict[str, Any]], selector: dict[str, Any]) -> list[d
 
 def test_k8s_services_and_policies(rendered: dict) -> None:
     objects = rendered["keda"]
-    port_names = {
-        w["metadata"]["name"]: {p["name"]: p["containerPort"] for c in _containers(w) for p in c.get("ports", [])}
-        for w in _workloads(objects)
-    }
+    port_names = {}
+    for workload in _workloads(objects):
+        ports = [p for c in _containers(workload) for p in c.get("ports", [])]
+        port_names[workload["metadata"]["name"]] = {p["name"]: p["containerPort"] for p in ports}
     for svc in (o for o in objects if o["kind"] == "Service"):
         (target,) = _selected(objects, {"matchLabels": svc["spec"]["selector"]})
         for port in svc["spec"]["ports"]:
@@ -797,8 +823,11 @@ def test_k8s_services_and_policies(rendered: dict) -> None:
         assert [w["metadata"]["name"] for w in _selected(objects, pdb["spec"]["selector"])] == [name]
     hpa = _get(objects, "HorizontalPodAutoscaler", "batchvision-api")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "batchvision-api"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "batchvision-api",
+    }
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     for name in ("batchvision-api", "batchvision-worker"):
         assert "replicas" not in _get(objects, "Deployment", name)["spec"], "autoscaler owns it"
@@ -812,8 +841,12 @@ def test_k8s_redis_statefulset(rendered: dict) -> None:
     (container,) = _containers(sts)
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
     args = " ".join(container["args"])
-    for flag in ["--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction",
-                 "--requirepass $(REDIS_PASSWORD)"]:
+    for flag in [
+        "--appendonly yes",
+        "--appendfsync everysec",
+        "--maxmemory-policy noeviction",
+        "--requirepass $(REDIS_PASSWORD)",
+    ]:
         assert flag in args
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     secret = _get(objects, "Secret", "batchvision-secrets")
@@ -867,8 +900,9 @@ def test_k8s_gpu_and_cpu_overlays(rendered: dict) -> None:
     # The patch merged into the base container instead of replacing it.
     assert container["readinessProbe"] and container["envFrom"]
     # API images never change with the worker's accelerator.
-    apis = {o: _containers(_get(rendered[o], "Deployment", "batchvision-api"))[0]["image"]
-            for o in ("gpu", "cpu")}
+    apis = {
+        o: _containers(_get(rendered[o], "Deployment", "batchvision-api"))[0]["image"] for o in ("gpu", "cpu")
+    }
     assert len(set(apis.values())) == 1
 
 
@@ -891,7 +925,8 @@ def test_k8s_keda_scaledobject(rendered: dict) -> None:
     assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}
     # KEDA's operator must get through the Redis NetworkPolicy.
     keda_policy = _get(objects, "NetworkPolicy", "redis-from-keda")
-    assert [w["metadata"]["name"] for w in _selected(objects, keda_policy["spec"]["podSelector"])] == ["redis"]
+    selected = _selected(objects, keda_policy["spec"]["podSelector"])
+    assert [w["metadata"]["name"] for w in selected] == ["redis"]
     # GPU workers: the keda overlay builds on the gpu one.
     (worker,) = _containers(_get(objects, "Deployment", "batchvision-worker"))
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -908,8 +943,11 @@ def test_k8s_monitoring_overlay_matches_compose(rendered: dict) -> None:
     jobs = set()
     for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
         match = monitor["spec"]["selector"]["matchLabels"]
-        (svc,) = [s for s in services.values() if match.items() <= s["metadata"]["labels"].items()
-                  and s["metadata"]["name"] != "redis"]
+        (svc,) = [
+            s
+            for s in services.values()
+            if match.items() <= s["metadata"]["labels"].items() and s["metadata"]["name"] != "redis"
+        ]
         names = {p["name"] for p in svc["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= names
         jobs.add(svc["metadata"]["name"])
@@ -955,9 +993,11 @@ def _commands_in_use(rendered: dict, base_config: dict) -> list[tuple[str, list[
             if word in ("CMD", "ENTRYPOINT", "HEALTHCHECK"):
                 used.append((dockerfile, _exec_form(args)))
             elif word == "RUN":
-                used += [(dockerfile, ["batchvision", c]) for c in re.findall(r"(?:^|&&|;|\|\|)\s*batchvision\s+([\w-]+)", args)]
-    variants = [yaml.safe_load(_compose_config(files, ("monitoring",)).stdout)
-                for files in COMPOSE_VARIANTS.values()]
+                subs = re.findall(r"(?:^|&&|;|\|\|)\s*batchvision\s+([\w-]+)", args)
+                used += [(dockerfile, ["batchvision", sub]) for sub in subs]
+    variants = [
+        yaml.safe_load(_compose_config(files, ("monitoring",)).stdout) for files in COMPOSE_VARIANTS.values()
+    ]
     for config in [base_config, *variants]:
         for name, svc in config["services"].items():
             for key in ("command", "entrypoint"):
@@ -987,8 +1027,11 @@ def test_every_batchvision_command_exists(rendered: dict, base_config: dict) -> 
 
 
 def test_ports_match_settings_defaults(rendered: dict, base_config: dict) -> None:
-    expected = {"api": DEFAULTS.api_port, "worker": DEFAULTS.worker_metrics_port,
-                "flower": DEFAULTS.flower_port}
+    expected = {
+        "api": DEFAULTS.api_port,
+        "worker": DEFAULTS.worker_metrics_port,
+        "flower": DEFAULTS.flower_port,
+    }
     assert expected == {"api": 8000, "worker": 9808, "flower": 5555}
     services = base_config["services"]
     assert _ports(services["api"]) == [expected["api"]]

@@ -1,0 +1,66 @@
+"""Zip uploads: images read in memory, hostile archives refused."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+
+import pytest
+
+from batchvision.archive import ArchiveRejected, ArchiveTooLarge, read_zip
+from batchvision.synthetic import labelled_files
+
+LIMITS = {"max_members": 100, "max_total_bytes": 50_000_000, "max_ratio": 100.0}
+
+
+def _zip(members: list[tuple[str, bytes]], symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def test_images_with_relative_paths_others_skipped() -> None:
+    imgs = [(f"a/b/{n}", data) for n, data, _ in labelled_files(3, seed=1)]
+    nested = _zip([("x.txt", b"hi")])
+    data = _zip([*imgs, ("notes.txt", b"not an image"), ("inner.zip", nested)])
+    out = read_zip(data, **LIMITS)
+    assert [n for n, _ in out.images] == [n for n, _ in imgs]
+    assert {s["filename"]: s["reason"] for s in out.skipped} == {
+        "notes.txt": "not an image",
+        "inner.zip": "nested archive (not expanded)",
+    }
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "a/../../evil.jpg", "/etc/evil.jpg", "C:/evil.jpg"])
+def test_path_escapes_are_refused(name: str) -> None:
+    with pytest.raises(ArchiveRejected):
+        read_zip(_zip([(name, b"\xff\xd8\xff")]), **LIMITS)
+
+
+def test_symlink_is_refused() -> None:
+    with pytest.raises(ArchiveRejected, match="symbolic link"):
+        read_zip(_zip([], symlink="link.jpg"), **LIMITS)
+
+
+def test_zip_bomb_is_refused() -> None:
+    bomb = _zip([("zeros.jpg", b"\0" * 20_000_000)])
+    assert len(bomb) < 100_000
+    with pytest.raises(ArchiveTooLarge) as exc:
+        read_zip(bomb, **LIMITS)
+    assert exc.value.status == 413
+    with pytest.raises(ArchiveTooLarge):
+        read_zip(bomb, max_members=10, max_total_bytes=1_000_000, max_ratio=10_000)
+
+
+def test_too_many_members_and_garbage() -> None:
+    with pytest.raises(ArchiveTooLarge):
+        read_zip(_zip([(f"{i}.txt", b"x") for i in range(5)]), max_members=3, max_total_bytes=10**6, max_ratio=100)
+    with pytest.raises(ArchiveRejected):
+        read_zip(b"PK\x03\x04 definitely not a zip", **LIMITS)

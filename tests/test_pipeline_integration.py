@@ -1,0 +1,151 @@
+"""The core pipeline for real: redis-server, `batchvision api` (gunicorn), `batchvision worker`
+(Celery, threads pool) and the demo Keras model. Nothing mocked."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import redis as redis_lib
+import requests
+from PIL import Image
+
+from batchvision.client import Client
+from batchvision.settings import Settings
+from batchvision.store import JobStore
+from batchvision.synthetic import encode, labelled_files
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(api_url: str, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    return Client(api_url).wait(job_id, timeout=timeout, poll_s=0.2)
+
+
+def test_three_concurrent_jobs_exactly_one_correct_result_each(api_url: str, settings: Settings) -> None:
+    jobs = [list(labelled_files(n, seed=100 + k)) for k, n in enumerate((60, 50, 45))]
+    client = Client(api_url)
+    with ThreadPoolExecutor(3) as pool:
+        submitted = list(pool.map(lambda files: client.submit_files([(n, d) for n, d, _ in files]), jobs))
+    assert all(s["total"] == len(f) for s, f in zip(submitted, jobs, strict=True))
+    correct = total = 0
+    for sub, files in zip(submitted, jobs, strict=True):
+        status = _wait(api_url, sub["job_id"])
+        assert status["status"] == "succeeded", status
+        assert status["done"] == len(files) and status["failed"] == 0
+        rows = client.results(sub["job_id"])
+        assert [r["index"] for r in rows] == list(range(len(files)))  # one per image, upload order
+        assert [r["filename"] for r in rows] == [n for n, _, _ in files]
+        for row, (_, _, label) in zip(rows, files, strict=True):
+            assert set(row) >= {"label", "class_id", "score", "top_k"}
+            assert len(row["top_k"]) == min(settings.top_k, 6)
+            correct += row["label"] == label
+            total += 1
+    assert total >= 150
+    assert correct / total >= 0.95, f"accuracy {correct}/{total}"
+
+    # The worker formed batches mixing several jobs' images.
+    store = JobStore(redis_lib.Redis.from_url(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
+    ids = {s["job_id"] for s in submitted}
+    batches = [b for b in store.recent_batches() if set(b["jobs"]) & ids]
+    assert sum(b["size"] for b in batches) == total  # every image went through exactly one batch
+    assert max(b["size"] for b in batches) > 1
+    assert any(len(set(b["jobs"]) & ids) > 1 for b in batches), batches[:5]
+    # Blobs are deleted once their result is stored.
+    assert not list(store.redis.scan_iter(match=f"bv:blob:{{{submitted[0]['job_id']}}}:*"))
+
+
+def test_bad_images_get_per_image_errors_and_the_rest_is_processed(api_url: str) -> None:
+    good = list(labelled_files(4, seed=7))
+    jpeg = good[0][1]
+    huge = encode(Image.new("RGB", (2100, 2000), (9, 9, 9)), "PNG")  # 4.2 MP > the 4 MP test limit
+    files = [
+        (good[0][0], good[0][1]),
+        ("truncated.jpg", jpeg[: len(jpeg) // 2]),
+        (good[1][0], good[1][1]),
+        ("notes.jpg", b"this is a text file renamed .jpg\n"),
+        ("huge.png", huge),
+        (good[2][0], good[2][1]),
+    ]
+    resp = requests.post(f"{api_url}/v1/jobs", files=[("files", f) for f in files], timeout=30)
+    assert resp.status_code == 202
+    body = resp.json()
+    assert resp.headers["Location"].endswith(f"/v1/jobs/{body['job_id']}")
+    assert {r["filename"]: r["code"] for r in body["rejected"]} == {
+        "truncated.jpg": "truncated",
+        "notes.jpg": "not_an_image",
+        "huge.png": "too_many_pixels",
+    }
+    status = _wait(api_url, body["job_id"])
+    assert (status["status"], status["done"], status["failed"]) == ("partial", 3, 3)
+    rows = Client(api_url).results(body["job_id"])
+    by_name = {r["filename"]: r for r in rows}
+    for name, _, label in good[:3]:
+        assert by_name[name]["label"] == label
+    for bad in ("truncated.jpg", "notes.jpg", "huge.png"):
+        assert by_name[bad]["status"] == "error" and by_name[bad]["error"]["message"]
+
+
+def test_request_with_no_usable_file_is_422_with_reasons(api_url: str) -> None:
+    files = [("files", ("a.jpg", b"nope")), ("files", ("b.gif", b"GIF89a-broken"))]
+    resp = requests.post(f"{api_url}/v1/jobs", files=files, timeout=30)
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert err["code"] == "no_valid_images"
+    assert [d["filename"] for d in err["details"]] == ["a.jpg", "b.gif"]
+
+
+def test_unknown_job_is_404(api_url: str) -> None:
+    for path in ("/v1/jobs/nope", "/v1/jobs/nope/results"):
+        resp = requests.get(api_url + path, timeout=10)
+        assert resp.status_code == 404
+        assert resp.json()["error"]["code"] == "job_not_found"
+    assert requests.delete(f"{api_url}/v1/jobs/nope", timeout=10).status_code == 404
+
+
+def test_raw_image_body_and_sync_classify(api_url: str) -> None:
+    name, data, label = next(labelled_files(1, seed=11))
+    resp = requests.post(f"{api_url}/v1/classify?timeout=20", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["status"] == "succeeded"
+    assert body["results"][0]["label"] == label
+
+
+def test_results_as_csv_and_paged_json(api_url: str) -> None:
+    files = list(labelled_files(5, seed=21))
+    job = Client(api_url).submit_files([(n, d) for n, d, _ in files])
+    _wait(api_url, job["job_id"])
+    csv_text = requests.get(f"{api_url}/v1/jobs/{job['job_id']}/results?format=csv", timeout=10).text
+    lines = csv_text.strip().splitlines()
+    assert lines[0] == "filename,label,score,class_id,top_k,error"
+    assert [ln.split(",")[0] for ln in lines[1:]] == [n for n, _, _ in files]
+    page = requests.get(f"{api_url}/v1/jobs/{job['job_id']}/results?offset=2&limit=2", timeout=10).json()
+    assert [r["index"] for r in page["results"]] == [2, 3]
+
+
+def test_cancel_stops_the_remaining_images(api_url: str, settings: Settings) -> None:
+    files = [(f"big_{i}.jpg", _noise_jpeg(i)) for i in range(400)]
+    client = Client(api_url)
+    job = client.submit_files(files)
+    time.sleep(0.3)
+    canceled = client.cancel(job["job_id"])
+    assert canceled["status"] == "canceled"
+    status = _wait(api_url, job["job_id"])
+    assert status["status"] == "canceled"
+    assert status["done"] + status["failed"] + status["canceled"] == 400
+    assert status["canceled"] > 0
+    rows = client.results(job["job_id"])
+    assert len(rows) == 400
+    assert {r.get("error", {}).get("code") for r in rows if r["status"] == "error"} <= {"canceled"}
+    # Results are final: nothing changes after the cancel settles.
+    time.sleep(1.0)
+    assert client.status(job["job_id"])["done"] == status["done"]
+
+
+def _noise_jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode(Image.fromarray(rng.integers(0, 255, (240, 320, 3), np.uint8)), "JPEG", quality=80)
