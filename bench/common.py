@@ -1,0 +1,70 @@
+"""Shared helpers of the benchmarks: the image set, the stack, timing."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from batchvision.local import stack  # noqa: E402
+from batchvision.redis_server import RedisServer, free_port  # noqa: E402
+from batchvision.runner import Supervisor  # noqa: E402
+from batchvision.settings import Settings  # noqa: E402
+from batchvision.synthetic import photo_like  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def photo_set(n: int, folder: Path | None = None) -> Path:
+    """``n`` photo-like JPEGs, alternating 640x480 and 1440x1080 (cached on disk)."""
+    folder = folder or OUT / f"photos-{n}"
+    if folder.exists() and len(list(folder.glob("*.jpg"))) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        size = (640, 480) if i % 2 == 0 else (1440, 1080)
+        (folder / f"img_{i:05d}.jpg").write_bytes(photo_like(size, seed=i))
+    return folder
+
+
+@contextmanager
+def running_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Iterator[Settings]:
+    """Redis plus the named services of `batchvision up`, on free ports."""
+    with RedisServer() as redis:
+        s = settings.replace(redis_url=redis.url, api_port=free_port(), worker_metrics_port=free_port())
+        sup = Supervisor([svc for svc in stack(s, None, flower=False) if svc.name in names])
+        sup.start()
+        try:
+            sup.wait_healthy(timeout=300)
+            if "worker" in names:
+                from batchvision.queue import create_celery
+
+                app = create_celery(s)
+                deadline = time.monotonic() + 300
+                while not app.control.ping(timeout=1.0):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("worker did not start")
+            yield s
+        finally:
+            sup.stop()
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
