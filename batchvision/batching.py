@@ -141,7 +141,6 @@ class DynamicBatcher(Generic[In, Out]):
                 err = exc if isinstance(exc, BatchError) else BatchError(f"model call failed: {exc}")
                 for item in batch:
                     item.future.set_exception(err)
-                outputs = None
             else:
                 for item, out in zip(batch, outputs, strict=True):
                     item.future.set_result(out)

@@ -47,7 +47,10 @@ class RedisBlobs:
     def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
         if not indexes:
             return []
-        return list(self.redis.mget([self.key(job_id, i) for i in indexes]))
+        return [
+            v if isinstance(v, bytes) or v is None else v.encode()
+            for v in self.redis.mget([self.key(job_id, i) for i in indexes])
+        ]
 
     def delete_many(self, job_id: str, indexes: Sequence[int]) -> None:
         if indexes:

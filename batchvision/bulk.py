@@ -7,13 +7,14 @@ service side (files are keyed by relative path), so retries and resumes never du
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -59,7 +60,10 @@ def parts(images: list[tuple[str, Path]], max_files: int, max_bytes: int) -> Ite
         yield part
 
 
-def with_retries(call: Callable[[], requests.Response], attempts: int = 6) -> requests.Response:
+T = TypeVar("T")
+
+
+def with_retries(call: Callable[[], T], attempts: int = 6) -> T:
     """Retry a request on connection errors, 5xx and 429 (honouring ``Retry-After``)."""
     for attempt in range(attempts):
         try:
@@ -102,7 +106,7 @@ def submit_folder(
     rejected: list[dict[str, Any]] = []
     for part in parts(todo, part_files, part_bytes):
         files = [(rel, p.read_bytes()) for rel, p in part]
-        body = with_retries(lambda files=files: client.add_part(job_id, files))  # type: ignore[misc]
+        body = with_retries(functools.partial(client.add_part, job_id, files))
         rejected += body.get("rejected", [])
         if on_part is not None:
             on_part(len(part))

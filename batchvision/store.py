@@ -85,6 +85,10 @@ return out
 """
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def new_job_id() -> str:
     """A random, unguessable job id."""
     return uuid.uuid4().hex
@@ -166,7 +170,7 @@ class JobStore:
         raw = self.redis.hgetall(self.keys(job_id)[0])
         if not raw:
             return None
-        h = {k.decode(): v.decode() for k, v in raw.items()}
+        h = {_text(k): _text(v) for k, v in raw.items()}
         counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
         status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
         return {
@@ -200,11 +204,11 @@ class JobStore:
 
     def filenames(self, job_id: str, indexes: Sequence[int]) -> list[str]:
         names = self.redis.hmget(self.keys(job_id)[1], [str(i) for i in indexes])
-        return [n.decode() if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
+        return [_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
 
     def file_keys(self, job_id: str) -> list[str]:
         """Every file key (relative path) the job has."""
-        return [k.decode() for k in self.redis.hkeys(self.keys(job_id)[2])]
+        return [_text(k) for k in self.redis.hkeys(self.keys(job_id)[2])]
 
     def attempt(self, job_id: str, key: str) -> int:
         """Count one more delivery of ``key`` (a chunk or an image); returns the count."""
@@ -253,7 +257,7 @@ class JobStore:
             names, results = pipe.execute()
             for i, name, res in zip(idx, names, results, strict=True):
                 stored = json.loads(res) if res is not None else None
-                yield entry(int(i), name.decode() if name else i, stored)
+                yield entry(int(i), _text(name) if name else i, stored)
 
     def wait(self, job_id: str, timeout_s: float) -> bool:
         """Block until the job finishes or ``timeout_s`` passes; True if finished."""
@@ -261,7 +265,7 @@ class JobStore:
         if timeout_s > 0 and not self.redis.hget(keys[0], "finished_at"):
             # BLMOVE onto the same list rotates the one marker instead of consuming it,
             # so any number of waiters on the same job all wake up.
-            self.redis.blmove(keys[5], keys[5], timeout_s, "LEFT", "RIGHT")
+            self.redis.blmove(keys[5], keys[5], timeout_s, "LEFT", "RIGHT")  # type: ignore[arg-type]
         return bool(self.redis.hget(keys[0], "finished_at"))
 
     def pending_images(self) -> int:

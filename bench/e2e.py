@@ -73,7 +73,10 @@ def main() -> None:
     os.environ["BATCHVISION_WEIGHTS"] = "none"
     a = ceiling(folder, settings)
     b, lat = full_stack(folder, settings, args.latency_jobs)
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; model {args.model} (weights=None); {args.images} JPEGs")
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; "
+        f"model {args.model} (weights=None); {args.images} JPEGs"
+    )
     print(
         table(
             [

@@ -100,7 +100,9 @@ def worker_service(settings: Settings, **env: str) -> Service:
     """A separate worker process (for fault tests), sharing the session's Redis."""
     from batchvision.runner import cli_argv
 
-    return Service("worker", cli_argv("worker", "--name", f"w{free_port()}@test"), {**settings.to_env(), **env})
+    return Service(
+        "worker", cli_argv("worker", "--name", f"w{free_port()}@test"), {**settings.to_env(), **env}
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

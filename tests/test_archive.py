@@ -61,6 +61,8 @@ def test_zip_bomb_is_refused() -> None:
 
 def test_too_many_members_and_garbage() -> None:
     with pytest.raises(ArchiveTooLarge):
-        read_zip(_zip([(f"{i}.txt", b"x") for i in range(5)]), max_members=3, max_total_bytes=10**6, max_ratio=100)
+        read_zip(
+            _zip([(f"{i}.txt", b"x") for i in range(5)]), max_members=3, max_total_bytes=10**6, max_ratio=100
+        )
     with pytest.raises(ArchiveRejected):
         read_zip(b"PK\x03\x04 definitely not a zip", **LIMITS)

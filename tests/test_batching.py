@@ -100,7 +100,9 @@ def test_many_threads_share_batches() -> None:
         time.sleep(0.02)
         return xs
 
-    b: DynamicBatcher[int, int] = DynamicBatcher(slow, max_batch_size=16, max_delay_s=0.05, on_batch=seen.append)
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        slow, max_batch_size=16, max_delay_s=0.05, on_batch=seen.append
+    )
 
     def task(n: int) -> list[int]:
         with b.reserve(4) as slot:

@@ -26,7 +26,11 @@ def _img(mode: str, size: tuple[int, int] = (40, 30), color: object = None) -> I
     [("JPEG", {}), ("PNG", {}), ("WEBP", {}), ("BMP", {}), ("GIF", {})],
 )
 def test_accepts_allowed_formats(fmt: str, kw: dict[str, object]) -> None:
-    data = encode(_img("RGB", color=(200, 10, 10)).convert("P") if fmt == "GIF" else _img("RGB", color=(200, 10, 10)), fmt, **kw)
+    data = encode(
+        _img("RGB", color=(200, 10, 10)).convert("P") if fmt == "GIF" else _img("RGB", color=(200, 10, 10)),
+        fmt,
+        **kw,
+    )
     info = inspect_image(data, **LIMITS)
     assert (info.format, info.width, info.height) == (fmt, 40, 30)
     arr = decode_image(data, (16, 12), max_pixels=LIMITS["max_pixels"])
@@ -76,7 +80,12 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_refused_from_the_header() -> None:
@@ -142,7 +151,9 @@ def test_gif_uses_first_frame() -> None:
 
 def test_jpeg_draft_mode_matches_full_decode() -> None:
     rng = np.random.default_rng(3)
-    base = Image.fromarray(rng.integers(0, 255, (12, 16, 3), np.uint8)).resize((1440, 1080), Image.Resampling.BICUBIC)
+    base = Image.fromarray(rng.integers(0, 255, (12, 16, 3), np.uint8)).resize(
+        (1440, 1080), Image.Resampling.BICUBIC
+    )
     data = encode(base, "JPEG", quality=92)
     fast = decode_image(data, (224, 224), max_pixels=10**7).astype(float)
     full = np.asarray(base.resize((224, 224), Image.Resampling.BILINEAR)).astype(float)

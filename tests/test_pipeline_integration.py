@@ -108,7 +108,9 @@ def test_unknown_job_is_404(api_url: str) -> None:
 
 def test_raw_image_body_and_sync_classify(api_url: str) -> None:
     name, data, label = next(labelled_files(1, seed=11))
-    resp = requests.post(f"{api_url}/v1/classify?timeout=20", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    resp = requests.post(
+        f"{api_url}/v1/classify?timeout=20", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["status"] == "succeeded"

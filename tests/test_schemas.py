@@ -24,9 +24,15 @@ def test_job_status_derivation() -> None:
     assert job_status(total=3, done=3, failed=0, canceled=0, **kw) is JobStatus.SUCCEEDED
     assert job_status(total=3, done=2, failed=1, canceled=0, **kw) is JobStatus.PARTIAL
     assert job_status(total=3, done=0, failed=3, canceled=0, **kw) is JobStatus.FAILED
-    assert job_status(total=3, done=1, failed=0, canceled=2, sealed=True, cancel_requested=True) is JobStatus.CANCELED
+    assert (
+        job_status(total=3, done=1, failed=0, canceled=2, sealed=True, cancel_requested=True)
+        is JobStatus.CANCELED
+    )
     # an unsealed job is never final, even when every image so far has a result
-    assert job_status(total=3, done=3, failed=0, canceled=0, sealed=False, cancel_requested=False) is JobStatus.RUNNING
+    assert (
+        job_status(total=3, done=3, failed=0, canceled=0, sealed=False, cancel_requested=False)
+        is JobStatus.RUNNING
+    )
     assert JobStatus.PARTIAL.final and not JobStatus.RUNNING.final
 
 

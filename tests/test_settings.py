@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_env_overrides() -> None:
-    s = Settings.from_env({"BATCHVISION_MAX_BATCH_SIZE": "8", "BATCHVISION_MAX_BATCH_DELAY_MS": "2.5", "OTHER": "x"})
+    s = Settings.from_env(
+        {"BATCHVISION_MAX_BATCH_SIZE": "8", "BATCHVISION_MAX_BATCH_DELAY_MS": "2.5", "OTHER": "x"}
+    )
     assert s.max_batch_size == 8 and s.max_batch_delay_ms == 2.5
     assert Settings.from_env({}).max_batch_size == 32
     assert Settings.from_env({}, top_k=3).top_k == 3
