@@ -9,7 +9,7 @@ from batchvision.settings import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
-    from api import errors, health, jobs
+    from api import errors, health, jobs, metrics
     from api.services import Services
 
     settings = settings or Settings.from_env()
@@ -20,8 +20,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=1024 * 1024,
         JSON_SORT_KEYS=False,
     )
-    app.extensions["batchvision"] = Services.create(settings)
+    svc = Services.create(settings)
+    app.extensions["batchvision"] = svc
     errors.register(app)
+    metrics.init_app(app, svc.store, settings.queue)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request, stream_with_context, url_for
 
+from api.metrics import JOBS_CREATED
 from api.services import Services, services
 from api.uploads import check, ensure_nonempty, ingest, read_uploads, require_some_valid
 from batchvision.errors import BadRequest, Conflict, Gone, NotFound, TooManyRequests
@@ -51,16 +52,24 @@ def _backpressure(svc: Services) -> None:
         raise TooManyRequests(f"{limit} images are already waiting; retry later", code="queue_full")
 
 
+def _new_job(svc: Services) -> str:
+    _backpressure(svc)
+    job_id = new_job_id()
+    svc.store.create(job_id, model=svc.settings.model)
+    JOBS_CREATED.inc()
+    return job_id
+
+
 def _add(svc: Services, job_id: str | None, *, seal: bool) -> tuple[str, dict[str, Any]]:
     """Validate the request's files and add them to ``job_id`` (a new job if ``None``)."""
     uploads, skipped = read_uploads(request, svc.settings)
     ensure_nonempty(uploads, skipped)
     problems = check(svc, uploads)
     require_some_valid(uploads, problems)
-    _backpressure(svc)
     if job_id is None:
-        job_id = new_job_id()
-        svc.store.create(job_id, model=svc.settings.model)
+        job_id = _new_job(svc)
+    else:
+        _backpressure(svc)
     summary = ingest(svc, job_id, uploads, problems)
     summary["skipped"] = skipped
     if seal:
@@ -87,10 +96,7 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise BadRequest('JSON body must be an object like {"expected": 100}', code="bad_request")
-        _backpressure(svc)
-        job_id = new_job_id()
-        svc.store.create(job_id, model=svc.settings.model)
-        return _accepted(svc, job_id, {"expected": body.get("expected")})
+        return _accepted(svc, _new_job(svc), {"expected": body.get("expected")})
     job_id, summary = _add(svc, None, seal=request.args.get("seal", "true") != "false")
     return _accepted(svc, job_id, summary)
 

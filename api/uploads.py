@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Request
 
+from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED
 from api.services import Services
 from batchvision.archive import ArchiveContents, read_zip
 from batchvision.errors import BadRequest, BatchvisionError, InvalidImage
@@ -137,6 +138,9 @@ def ingest(
     svc.blobs.put_many(job_id, blobs)
     svc.store.record(job_id, errors)
     enqueue(svc.celery, svc.settings, job_id, sorted(blobs))
+    IMAGES_ACCEPTED.inc(len(blobs))
+    for item in rejected:
+        IMAGES_REJECTED.labels(item["code"]).inc()
     return {"accepted": len(blobs), "rejected": rejected, "duplicates": duplicates}
 
 

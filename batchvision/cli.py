@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,11 +19,17 @@ DEFAULT_DEMO_MODEL = Path("models/demo.keras")
 def cmd_api(args: argparse.Namespace) -> int:
     """Serve the API under gunicorn (as the API container does)."""
     s = Settings.from_env()
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Metrics of all gunicorn workers are aggregated through files in this directory;
+        # it must start empty, so it belongs to this one server.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="batchvision-metrics-")
     argv = [
         sys.executable,
         "-m",
         "gunicorn",
         "api:create_app()",
+        "--config",
+        "python:api.gunicorn_conf",
         "--bind",
         f"{args.host}:{s.api_port}",
         "--workers",

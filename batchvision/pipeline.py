@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from batchvision.blobs import BlobStore
 from batchvision.errors import BatchvisionError
 from batchvision.imaging import decode_image
 from batchvision.schemas import error_result, prediction
-from batchvision.store import JobStore
+from batchvision.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ class ChunkStats:
     classified: int = 0
     failed: int = 0
     skipped: int = 0
-    decode_s: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -59,8 +58,11 @@ class ChunkProcessor:
     max_pixels: int = 50_000_000
     max_attempts: int = 3
     on_decode: Callable[[float], None] | None = None
+    on_recorded: Callable[[Counts], None] | None = None
 
-    def process(self, job_id: str, indexes: Sequence[int]) -> dict[str, Any]:
+    def process(
+        self, job_id: str, indexes: Sequence[int], enqueued_at: float | None = None
+    ) -> dict[str, Any]:
         """Give every image of the chunk exactly one stored result."""
         stats = ChunkStats(job_id)
         if not self.store.exists(job_id):
@@ -76,7 +78,7 @@ class ChunkProcessor:
             return stats.summary()
         tries = self.store.attempt(job_id, f"chunk:{indexes[0]}")
         if tries == 1:
-            self._finish(job_id, todo, self._classify(job_id, todo, stats), stats)
+            self._finish(job_id, todo, self._classify(job_id, todo, enqueued_at), stats)
         else:
             # A redelivered chunk: the last delivery may have died on one of these images.
             # Go one image at a time, each with its own attempt count, so a poison image ends
@@ -91,11 +93,11 @@ class ChunkProcessor:
                         )
                     }
                 else:
-                    results = self._classify(job_id, [i], stats)
+                    results = self._classify(job_id, [i], enqueued_at)
                 self._finish(job_id, [i], results, stats)
         return stats.summary()
 
-    def _classify(self, job_id: str, todo: list[int], stats: ChunkStats) -> dict[int, dict[str, Any]]:
+    def _classify(self, job_id: str, todo: list[int], enqueued_at: float | None) -> dict[int, dict[str, Any]]:
         results: dict[int, dict[str, Any]] = {}
         futures: dict[int, Future[np.ndarray]] = {}
         blobs = self.blobs.get_many(job_id, todo)
@@ -113,7 +115,7 @@ class ChunkProcessor:
                 finally:
                     if self.on_decode is not None:
                         self.on_decode(time.perf_counter() - start)
-                futures[i] = slot.submit(image, tag=job_id)
+                futures[i] = slot.submit(image, tag=(job_id, enqueued_at))
         for i, fut in futures.items():
             try:
                 results[i] = prediction(fut.result(), self.labels, self.top_k)
@@ -124,13 +126,12 @@ class ChunkProcessor:
     def _finish(
         self, job_id: str, todo: list[int], results: dict[int, dict[str, Any]], stats: ChunkStats
     ) -> None:
-        self.store.record(job_id, sorted(results.items()))
+        counts = self.store.record(job_id, sorted(results.items()))
         self.blobs.delete_many(job_id, todo)
-        for r in results.values():
-            if "error" in r:
-                stats.failed += 1
-            else:
-                stats.classified += 1
+        stats.classified += counts.done
+        stats.failed += counts.failed + counts.canceled
+        if self.on_recorded is not None:
+            self.on_recorded(counts)
 
 
 def _canceled() -> dict[str, Any]:

@@ -5,6 +5,7 @@ Tasks carry a job id and a chunk of image indexes, never image bytes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,11 +64,12 @@ def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
 def enqueue(app: Celery, settings: Settings, job_id: str, indexes: Sequence[int]) -> int:
     """Send one classify task per chunk of ``indexes``; returns the number of tasks."""
     chunks = chunked(indexes, settings.chunk_size)
+    now = round(time.time(), 3)
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
             app.send_task(
                 CLASSIFY_TASK,
-                args=[job_id, chunk],
+                args=[job_id, chunk, now],
                 queue=settings.queue,
                 producer=producer,
                 # Flower shows this instead of the raw argument list.

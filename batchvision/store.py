@@ -21,6 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -28,12 +29,13 @@ import redis
 from batchvision.schemas import JobStatus, entry, error_result, job_status
 
 PENDING_KEY = "bv:pending"
+ACTIVE_KEY = "bv:active"
 BATCH_LOG_KEY = "bv:batches"
 _SUFFIXES = ("", ":files", ":paths", ":res", ":tries", ":notify")
 
 # Shared tail of the Lua scripts: finish the job if it is sealed and every image has a result.
-# KEYS[1..6] are the job's keys in _SUFFIXES order, KEYS[7] the tombstone; ARGV[1] the result
-# TTL, ARGV[2] the current time.
+# KEYS[1..6] are the job's keys in _SUFFIXES order, KEYS[7] the tombstone, KEYS[8] the set of
+# active jobs; ARGV[1] the result TTL, ARGV[2] the current time, ARGV[3] the job id.
 _FINISH_LUA = """
 local v = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
 if v[5] == '1' and not v[6] and
@@ -42,22 +44,24 @@ if v[5] == '1' and not v[6] and
   redis.call('RPUSH', KEYS[6], '1')
   for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
   redis.call('SET', KEYS[7], '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
+  redis.call('SREM', KEYS[8], ARGV[3])
 end
 """
 
 _RECORD_LUA = (
     """
-local stored = 0
-for i = 3, #ARGV, 3 do
+local n = {done = 0, failed = 0, canceled = 0}
+for i = 4, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
-    stored = stored + 1
+    n[ARGV[i + 2]] = n[ARGV[i + 2]] + 1
   end
 end
-if stored > 0 then redis.call('DECRBY', KEYS[8], stored) end
+local stored = n.done + n.failed + n.canceled
+if stored > 0 then redis.call('DECRBY', KEYS[9], stored) end
 """
     + _FINISH_LUA
-    + "return stored"
+    + "return {n.done, n.failed, n.canceled}"
 )
 
 _SEAL_LUA = "redis.call('HSET', KEYS[1], 'sealed', '1')\n" + _FINISH_LUA + "return 1"
@@ -83,6 +87,27 @@ end
 if added > 0 then redis.call('INCRBY', KEYS[4], added) end
 return out
 """
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Results newly stored by one :meth:`JobStore.record` call, by outcome."""
+
+    done: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.done + self.failed + self.canceled
+
+
+def outcome(result: dict[str, Any]) -> str:
+    """``done``, ``failed`` or ``canceled``: the counter a stored result raises."""
+    err = result.get("error")
+    if err is None:
+        return "done"
+    return "canceled" if err.get("code") == "canceled" else "failed"
 
 
 def _text(value: bytes | str) -> str:
@@ -128,6 +153,7 @@ class JobStore:
             },
         )
         pipe.expire(key, self.open_ttl_s)
+        pipe.sadd(ACTIVE_KEY, job_id)
         pipe.execute()
 
     def add_files(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[tuple[int, bool]]:
@@ -152,18 +178,19 @@ class JobStore:
 
     def seal(self, job_id: str) -> None:
         """No more files: the job finishes once every image has a result."""
-        self._seal(keys=self.keys(job_id), args=[self.result_ttl_s, f"{time.time():.3f}"])
+        self._seal(
+            keys=[*self.keys(job_id), ACTIVE_KEY], args=[self.result_ttl_s, f"{time.time():.3f}", job_id]
+        )
 
-    def record(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> int:
-        """Store results idempotently; returns how many were new (0 on a redelivery)."""
+    def record(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> Counts:
+        """Store results idempotently; returns how many of each kind were new (none on a redelivery)."""
         if not results:
-            return 0
-        args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}"]
+            return Counts()
+        args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]
         for index, result in results:
-            err = result.get("error")
-            kind = "done" if err is None else ("canceled" if err["code"] == "canceled" else "failed")
-            args += [index, json.dumps(result, separators=(",", ":")), kind]
-        return int(self._record(keys=[*self.keys(job_id), PENDING_KEY], args=args))
+            args += [index, json.dumps(result, separators=(",", ":")), outcome(result)]
+        done, failed, canceled = self._record(keys=[*self.keys(job_id), ACTIVE_KEY, PENDING_KEY], args=args)
+        return Counts(int(done), int(failed), int(canceled))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job's public status document, or ``None`` if it does not exist."""
@@ -267,6 +294,10 @@ class JobStore:
             # so any number of waiters on the same job all wake up.
             self.redis.blmove(keys[5], keys[5], timeout_s, "LEFT", "RIGHT")  # type: ignore[arg-type]
         return bool(self.redis.hget(keys[0], "finished_at"))
+
+    def active_jobs(self) -> int:
+        """Jobs created and not finished yet."""
+        return int(self.redis.scard(ACTIVE_KEY))
 
     def pending_images(self) -> int:
         """Accepted images that have no result yet, over all jobs."""

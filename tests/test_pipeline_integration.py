@@ -13,7 +13,7 @@ import redis as redis_lib
 import requests
 from PIL import Image
 
-from batchvision.client import Client
+from batchvision.client import ApiError, Client
 from batchvision.settings import Settings
 from batchvision.store import JobStore
 from batchvision.synthetic import encode, labelled_files
@@ -130,22 +130,36 @@ def test_results_as_csv_and_paged_json(api_url: str) -> None:
 
 
 def test_cancel_stops_the_remaining_images(api_url: str, settings: Settings) -> None:
-    files = [(f"big_{i}.jpg", _noise_jpeg(i)) for i in range(400)]
+    from batchvision.queue import create_celery
+
     client = Client(api_url)
-    job = client.submit_files(files)
-    time.sleep(0.3)
-    canceled = client.cancel(job["job_id"])
+    job_id = client.open_job()["job_id"]
+    first = [(n, d) for n, d, _ in labelled_files(10, seed=31)]
+    client.add_part(job_id, first)
+    deadline = time.monotonic() + 60
+    while client.status(job_id)["done"] < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # Hold the queue (the worker stops consuming), so the next part is certainly waiting.
+    control = create_celery(settings).control
+    control.cancel_consumer(settings.queue, reply=True)
+    try:
+        client.add_part(job_id, [(f"later_{i}.jpg", _noise_jpeg(i)) for i in range(30)])
+        canceled = client.cancel(job_id)
+    finally:
+        control.add_consumer(settings.queue, reply=True)
     assert canceled["status"] == "canceled"
-    status = _wait(api_url, job["job_id"])
-    assert status["status"] == "canceled"
-    assert status["done"] + status["failed"] + status["canceled"] == 400
-    assert status["canceled"] > 0
-    rows = client.results(job["job_id"])
-    assert len(rows) == 400
-    assert {r.get("error", {}).get("code") for r in rows if r["status"] == "error"} <= {"canceled"}
-    # Results are final: nothing changes after the cancel settles.
-    time.sleep(1.0)
-    assert client.status(job["job_id"])["done"] == status["done"]
+    assert (canceled["done"], canceled["canceled"], canceled["total"]) == (10, 30, 40)
+    rows = client.results(job_id)
+    assert [r["status"] for r in rows] == ["ok"] * 10 + ["error"] * 30  # results so far are kept
+    assert {r["error"]["code"] for r in rows[10:]} == {"canceled"}
+    with pytest.raises(ApiError) as exc:
+        client.add_part(job_id, first[:1])
+    assert exc.value.status == 409
+    # The held tasks are consumed now and change nothing: the flag outlives Celery revokes.
+    time.sleep(1.5)
+    assert client.status(job_id) == {**client.status(job_id), "done": 10, "canceled": 30, "status": "canceled"}
+    assert client.results(job_id) == rows
 
 
 def _noise_jpeg(seed: int) -> bytes:

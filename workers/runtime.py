@@ -15,6 +15,7 @@ from batchvision.pipeline import ChunkProcessor
 from batchvision.services import connect_redis
 from batchvision.settings import Settings
 from batchvision.store import JobStore
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def _build(settings: Settings) -> Runtime:
     store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
 
     def on_batch(info: BatchInfo) -> None:
-        store.log_batch(info.size, [str(t) for t in info.tags])
+        metrics.observe_batch(info)
+        store.log_batch(info.size, [str(tag[0]) for tag in info.tags])
 
     batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
         classifier.predict,
@@ -85,5 +87,8 @@ def _build(settings: Settings) -> Runtime:
         top_k=settings.top_k,
         max_pixels=settings.max_image_pixels,
         max_attempts=settings.max_attempts,
+        on_decode=metrics.DECODE.observe,
+        on_recorded=metrics.observe_recorded,
     )
+    metrics.serve(settings.worker_metrics_port, classifier.name, classifier.device, load_s)
     return Runtime(processor, batcher, classifier.name, classifier.device)

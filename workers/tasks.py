@@ -10,6 +10,6 @@ from workers.runtime import get_runtime
 
 
 @app.task(name=CLASSIFY_TASK, acks_late=True, ignore_result=True)
-def classify(job_id: str, indexes: list[int]) -> dict[str, Any]:
+def classify(job_id: str, indexes: list[int], enqueued_at: float | None = None) -> dict[str, Any]:
     """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
-    return get_runtime(settings).processor.process(job_id, indexes)
+    return get_runtime(settings).processor.process(job_id, indexes, enqueued_at)

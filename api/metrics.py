@@ -1,0 +1,88 @@
+"""API metrics. Under gunicorn (several worker processes) prometheus-client's multiprocess
+mode aggregates them: ``batchvision api`` sets ``PROMETHEUS_MULTIPROC_DIR``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import REGISTRY, Collector
+
+from batchvision.store import JobStore
+
+JOBS_CREATED = Counter("batchvision_jobs_created_total", "Jobs created.")
+IMAGES_ACCEPTED = Counter("batchvision_images_accepted_total", "Images accepted and queued.")
+IMAGES_REJECTED = Counter(
+    "batchvision_images_rejected_total", "Uploaded files refused at the API, by reason.", ["reason"]
+)
+REQUEST_SECONDS = Histogram(
+    "batchvision_http_request_duration_seconds",
+    "HTTP request latency by route, method and status.",
+    ["route", "method", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+class StoreCollector(Collector):
+    """Gauges read from Redis at scrape time: the same value from every API replica."""
+
+    NAMES = ("batchvision_queue_depth_images", "batchvision_jobs_in_progress", "batchvision_queue_tasks")
+
+    def __init__(self, store: JobStore, queue: str) -> None:
+        self.store = store
+        self.queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "batchvision_queue_depth_images",
+            "Accepted images without a result yet (all jobs).",
+            value=self.store.pending_images(),
+        )
+        yield GaugeMetricFamily(
+            "batchvision_jobs_in_progress", "Jobs created and not finished.", value=self.store.active_jobs()
+        )
+        yield GaugeMetricFamily(
+            "batchvision_queue_tasks",
+            "Celery messages waiting in the Redis queue list (what KEDA scales on).",
+            value=int(self.store.redis.llen(self.queue)),
+        )
+
+
+def init_app(app: Flask, store: JobStore, queue: str) -> None:
+    """Time every request and serve ``/metrics``."""
+    store_registry = CollectorRegistry(auto_describe=False)
+    store_registry.register(StoreCollector(store, queue))
+
+    @app.before_request
+    def _start() -> None:
+        g.bv_start = time.perf_counter()
+
+    @app.after_request
+    def _observe(resp: Response) -> Response:
+        start = g.pop("bv_start", None)
+        if start is not None and request.endpoint != "metrics":
+            route = request.url_rule.rule if request.url_rule else "unmatched"
+            REQUEST_SECONDS.labels(route, request.method, str(resp.status_code)).observe(
+                time.perf_counter() - start
+            )
+        return resp
+
+    def metrics() -> Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        else:
+            registry = REGISTRY
+        body = generate_latest(registry)
+        try:
+            body += generate_latest(store_registry)
+        except Exception:  # noqa: BLE001 - Redis down: the process metrics still serve
+            pass
+        return Response(body, mimetype=CONTENT_TYPE_LATEST)
+
+    app.add_url_rule("/metrics", "metrics", metrics)

@@ -1,0 +1,164 @@
+"""Monitoring for real: worker and API Prometheus metrics after a job of known size, and
+Flower (with auth) listing the job's tasks, with a screenshot taken in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from batchvision.client import Client
+from batchvision.runner import Service, Supervisor, cli_argv
+from batchvision.settings import Settings
+from batchvision.synthetic import labelled_files
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    out: dict[str, float] = {}
+    for line in requests.get(url, timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def wait_idle(api_url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while scrape(f"{api_url}/metrics").get("batchvision_queue_depth_images", 1) != 0:
+        assert time.monotonic() < deadline, "queue never drained"
+        time.sleep(0.2)
+
+
+def test_metrics_move_by_exactly_the_job(api_url: str, settings: Settings) -> None:
+    worker_url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
+    wait_idle(api_url)
+    before_w, before_a = scrape(worker_url), scrape(f"{api_url}/metrics")
+    files = [(n, d) for n, d, _ in labelled_files(40, seed=77)] + [("bad.jpg", b"not an image")]
+    client = Client(api_url)
+    job = client.submit_files(files)
+    assert client.wait(job["job_id"], timeout=120)["status"] == "partial"
+    wait_idle(api_url)
+    after_w, after_a = scrape(worker_url), scrape(f"{api_url}/metrics")
+
+    def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta(after_w, before_w, 'batchvision_images_classified_total{outcome="ok"}') == 40
+    assert delta(after_w, before_w, "batchvision_batch_size_sum") == 40  # every image in one batch
+    batches = delta(after_w, before_w, "batchvision_batch_size_count")
+    assert 1 <= batches < 40  # batched, not one call per image
+    assert delta(after_w, before_w, "batchvision_inference_seconds_count") == batches
+    assert delta(after_w, before_w, "batchvision_decode_seconds_count") == 40
+    assert delta(after_w, before_w, "batchvision_queue_wait_seconds_count") == 40
+    assert any(k.startswith("batchvision_model_info{") and 'model="' in k for k in after_w)
+    assert after_w["batchvision_model_load_seconds"] > 0
+
+    assert delta(after_a, before_a, "batchvision_jobs_created_total") == 1
+    assert delta(after_a, before_a, "batchvision_images_accepted_total") == 40
+    assert delta(after_a, before_a, 'batchvision_images_rejected_total{reason="not_an_image"}') == 1
+    assert after_a["batchvision_queue_depth_images"] == 0
+    route = 'batchvision_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}'
+    assert delta(after_a, before_a, route) == 1
+
+
+def test_metric_names_follow_conventions(api_url: str, settings: Settings) -> None:
+    names = set()
+    for url in (f"{api_url}/metrics", f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"):
+        text = requests.get(url, timeout=10).text
+        for line in text.splitlines():
+            if line.startswith("# TYPE batchvision_"):
+                _, _, name, kind = line.split()
+                base = name.removesuffix("_total")
+                names.add(base)
+                assert re.fullmatch(r"batchvision_[a-z_]+", name)
+                if kind == "counter":
+                    assert f"\n{base}_total" in text  # counters are exposed as _total
+                if kind == "histogram":
+                    assert base.endswith(("_seconds", "_size"))  # base units
+    assert {"batchvision_images_classified", "batchvision_batch_size", "batchvision_queue_depth_images"} <= names
+
+
+@pytest.fixture(scope="module")
+def flower(stack: Supervisor, settings: Settings) -> Iterator[str]:
+    svc = Service("flower", cli_argv("flower"), settings.to_env())
+    sup = Supervisor([svc])
+    sup.start()
+    url = f"http://127.0.0.1:{settings.flower_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"{url}/healthcheck", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, "flower did not start"
+            time.sleep(0.3)
+    yield url
+    sup.stop()
+
+
+def test_flower_refuses_to_start_without_credentials(settings: Settings) -> None:
+    import subprocess
+
+    env = {**settings.to_env(), "BATCHVISION_FLOWER_USER": "", "BATCHVISION_FLOWER_PASSWORD": ""}
+    proc = subprocess.run(cli_argv("flower"), env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "refusing to start Flower without authentication" in proc.stderr
+
+
+def test_flower_requires_auth_and_lists_the_jobs_tasks(flower: str, api_url: str, settings: Settings) -> None:
+    assert requests.get(f"{flower}/api/tasks", timeout=10).status_code == 401
+    assert requests.get(f"{flower}/", timeout=10).status_code == 401
+    auth = (settings.flower_user, settings.flower_password)
+    client = Client(api_url)
+    job = client.submit_files([(n, d) for n, d, _ in labelled_files(20, seed=5)])
+    client.wait(job["job_id"], timeout=120)
+    deadline = time.monotonic() + 30
+    while True:
+        tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=10).json()
+        mine = [t for t in tasks.values() if job["job_id"] in str(t.get("args"))]
+        if len(mine) == 3 and all(t["state"] == "SUCCESS" for t in mine):  # 20 images, chunks of 8
+            break
+        assert time.monotonic() < deadline, f"flower lists {len(mine)} tasks of the job"
+        time.sleep(0.5)
+    for t in mine:
+        assert t["name"] == "batchvision.classify"
+        assert re.fullmatch(rf"job={job['job_id']} images=\d+\.\.\d+ n=\d+", t["args"])
+        assert len(t["args"]) < 200  # identifiers only, never image bytes
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
+    from playwright.sync_api import sync_playwright
+
+    shot = ROOT / "docs" / "flower-tasks.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        context = browser.new_context(
+            http_credentials={"username": auth[0], "password": auth[1]}, viewport={"width": 1400, "height": 800}
+        )
+        page = context.new_page()
+        page.goto(f"{flower}/tasks")
+        try:
+            page.wait_for_selector("td:has-text('batchvision.classify')", timeout=20000)
+        finally:
+            page.screenshot(path=str(shot))
+        text = page.content()
+        # The task's own page shows the arguments that identify the job and the images.
+        page.goto(f"{flower}/task/{mine[0]['uuid']}")
+        page.wait_for_selector(f"text=job={job['job_id']}", timeout=20000)
+        page.screenshot(path=str(ROOT / "docs" / "flower-task.png"))
+        browser.close()
+    assert text.count("batchvision.classify") >= 3
+    assert shot.stat().st_size > 10_000
