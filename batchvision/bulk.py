@@ -134,6 +134,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_SUBMIT_FAILED
     total = len(scan(paths).images)
     quiet = args.no_progress
+    start = time.monotonic()
     with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
         summary = submit_folder(
             client,
@@ -146,6 +147,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_id = summary["job_id"]
     for rel in summary["skipped"]:
         print(f"skipped (not an image): {rel}", file=sys.stderr)
+    uploaded = client.status(job_id)
+    print(
+        f"uploaded {summary['sent']} images in {time.monotonic() - start:.1f}s "
+        f"({uploaded['done'] + uploaded['failed']} already classified meanwhile)",
+        file=sys.stderr,
+    )
     print(job_id)
     if not args.wait:
         return EXIT_OK
@@ -160,5 +167,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         out = Path(args.output)
         client.download(job_id, out, fmt_of(out, args.format))
         print(f"wrote {out}", file=sys.stderr)
-    print(f"{status['status']}: {status['done']} classified, {status['failed']} failed", file=sys.stderr)
+    print(
+        f"{status['status']}: {status['done']} classified, {status['failed']} failed "
+        f"in {time.monotonic() - start:.1f}s",
+        file=sys.stderr,
+    )
     return exit_code(status)

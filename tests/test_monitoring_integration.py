@@ -84,7 +84,11 @@ def test_metric_names_follow_conventions(api_url: str, settings: Settings) -> No
                     assert f"\n{base}_total" in text  # counters are exposed as _total
                 if kind == "histogram":
                     assert base.endswith(("_seconds", "_size"))  # base units
-    assert {"batchvision_images_classified", "batchvision_batch_size", "batchvision_queue_depth_images"} <= names
+    assert {
+        "batchvision_images_classified",
+        "batchvision_batch_size",
+        "batchvision_queue_depth_images",
+    } <= names
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +150,8 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(flower: str, api_url: str
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
         context = browser.new_context(
-            http_credentials={"username": auth[0], "password": auth[1]}, viewport={"width": 1400, "height": 800}
+            http_credentials={"username": auth[0], "password": auth[1]},
+            viewport={"width": 1400, "height": 800},
         )
         page = context.new_page()
         page.goto(f"{flower}/tasks")

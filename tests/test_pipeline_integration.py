@@ -158,7 +158,12 @@ def test_cancel_stops_the_remaining_images(api_url: str, settings: Settings) -> 
     assert exc.value.status == 409
     # The held tasks are consumed now and change nothing: the flag outlives Celery revokes.
     time.sleep(1.5)
-    assert client.status(job_id) == {**client.status(job_id), "done": 10, "canceled": 30, "status": "canceled"}
+    assert client.status(job_id) == {
+        **client.status(job_id),
+        "done": 10,
+        "canceled": 30,
+        "status": "canceled",
+    }
     assert client.results(job_id) == rows
 
 

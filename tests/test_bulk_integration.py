@@ -1,0 +1,229 @@
+"""Bulk folders and the CLI against the real stack: parts, resume, idempotent re-sends,
+zip archives, hostile archives."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from batchvision.bulk import submit_folder
+from batchvision.client import Client
+from batchvision.synthetic import labelled_files
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """300 images in nested folders, plus non-image files; returns (root, {relpath: label})."""
+    root = tmp_path_factory.mktemp("photos")
+    labels: dict[str, str] = {}
+    for i, (name, data, label) in enumerate(labelled_files(300, seed=300)):
+        folder = root / f"set{i % 3}" / f"sub{i % 5}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        labels[f"set{i % 3}/sub{i % 5}/{name}"] = label
+    (root / "README.txt").write_text("not an image")
+    (root / "set0" / "notes.md").write_text("# notes")
+    (root / "set1" / "fake.jpg").write_bytes(b"text pretending to be a jpeg")
+    # An image without an extension is still an image: found by content.
+    name, data, label = next(labelled_files(1, seed=999))
+    (root / "set2" / "noext").write_bytes(data)
+    labels["set2/noext"] = label
+    return root, labels
+
+
+def cli(*args: str, api_url: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BATCHVISION_API_URL": api_url}
+    return subprocess.run(
+        [sys.executable, "-m", "batchvision.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_submits_a_folder_in_parts_and_writes_one_row_per_image(
+    tree: tuple[Path, dict[str, str]], api_url: str, tmp_path: Path
+) -> None:
+    root, labels = tree
+    out = tmp_path / "results.csv"
+    proc = cli("submit", str(root), "--wait", "-o", str(out), "--part-files", "16", api_url=api_url)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped (not an image): README.txt" in proc.stderr
+    assert "skipped (not an image): set1/fake.jpg" in proc.stderr
+    assert "upload" in proc.stderr and "classify" in proc.stderr  # both progress bars
+    print(proc.stderr.splitlines()[-1])
+    rows = read_csv(out)
+    assert [r["filename"] for r in rows] == sorted(labels)  # relative paths, upload order
+    assert len({r["filename"] for r in rows}) == len(labels) == 301
+    correct = sum(r["label"] == labels[r["filename"]] for r in rows)
+    assert correct / len(rows) >= 0.95
+    assert all(r["error"] == "" and r["top_k"].count(":") >= 1 for r in rows)
+    job_id = proc.stdout.strip().splitlines()[-1]
+    jsonl = tmp_path / "results.jsonl"
+    assert cli("results", job_id, "-o", str(jsonl), api_url=api_url).returncode == 0
+    assert len(jsonl.read_text().splitlines()) == 301
+
+
+def test_interrupted_upload_resumes_without_duplicates_or_gaps(
+    tree: tuple[Path, dict[str, str]], api_url: str, tmp_path: Path
+) -> None:
+    root, labels = tree
+    client = Client(api_url)
+    sent = []
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_three_parts(n: int) -> None:
+        sent.append(n)
+        if len(sent) == 3:
+            raise Interrupted
+
+    job_id = client.open_job(len(labels))["job_id"]
+    with pytest.raises(Interrupted):  # the connection dies after three parts
+        submit_folder(client, [root], part_files=20, resume=job_id, on_part=stop_after_three_parts)
+    assert len(client.files(job_id)) == 60
+    assert client.status(job_id)["status"] != "succeeded"  # not sealed: never final
+    out = tmp_path / "resumed.csv"
+    proc = cli(
+        "submit",
+        str(root),
+        "--resume",
+        job_id,
+        "--wait",
+        "-o",
+        str(out),
+        "--part-files",
+        "20",
+        api_url=api_url,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "uploaded 241 images" in proc.stderr  # only what was missing
+    rows = read_csv(out)
+    assert [r["filename"] for r in rows] == sorted(labels)
+    status = client.status(job_id)
+    assert (status["total"], status["done"]) == (301, 301)
+
+
+def test_resending_a_part_changes_nothing(api_url: str) -> None:
+    client = Client(api_url)
+    job_id = client.open_job(4)["job_id"]
+    files = [(f"dir/{n}", d) for n, d, _ in labelled_files(4, seed=41)]
+    first = client.add_part(job_id, files)
+    again = client.add_part(job_id, files)
+    assert (first["accepted"], first["duplicates"]) == (4, 0)
+    assert (again["accepted"], again["duplicates"]) == (0, 4)
+    client.seal(job_id)
+    status = client.wait(job_id, timeout=60)
+    assert (status["total"], status["done"]) == (4, 4)
+    assert [r["filename"] for r in client.results(job_id)] == [n for n, _ in files]
+
+
+def _zip_folder(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(root).as_posix())
+    return buf.getvalue()
+
+
+def test_zip_of_the_folder_gives_the_same_rows(tree: tuple[Path, dict[str, str]], api_url: str) -> None:
+    root, labels = tree
+    resp = requests.post(
+        f"{api_url}/v1/jobs", data=_zip_folder(root), headers={"Content-Type": "application/zip"}, timeout=120
+    )
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    skipped = {s["filename"] for s in body["skipped"]}
+    assert skipped == {"README.txt", "set0/notes.md", "set1/fake.jpg"}
+    client = Client(api_url)
+    client.wait(body["job_id"], timeout=300)
+    rows = client.results(body["job_id"])
+    assert sorted(r["filename"] for r in rows) == sorted(labels)
+    assert sum(r["label"] == labels[r["filename"]] for r in rows) / len(rows) >= 0.95
+
+
+def _hostile(kind: str) -> bytes:
+    buf = io.BytesIO()
+    _, jpeg, _ = next(labelled_files(1, seed=3))
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok.jpg", jpeg)
+        if kind == "bomb":
+            zf.writestr("bomb.jpg", b"\0" * 300_000_000)
+        elif kind == "dotdot":
+            zf.writestr("../../tmp/batchvision-escape.jpg", jpeg)
+        elif kind == "absolute":
+            zf.writestr("/tmp/batchvision-absolute.jpg", jpeg)
+        elif kind == "symlink":
+            info = zipfile.ZipInfo("link.jpg")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [
+        ("bomb", 413, "archive_too_large"),
+        ("dotdot", 422, "archive_rejected"),
+        ("absolute", 422, "archive_rejected"),
+        ("symlink", 422, "archive_rejected"),
+    ],
+)
+def test_hostile_archives_are_refused(api_url: str, kind: str, status: int, code: str) -> None:
+    before = set(os.listdir("/tmp"))
+    resp = requests.post(
+        f"{api_url}/v1/jobs", data=_hostile(kind), headers={"Content-Type": "application/zip"}, timeout=60
+    )
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code and err["message"]
+    assert (
+        not Path("/tmp/batchvision-escape.jpg").exists()
+        and not Path("/tmp/batchvision-absolute.jpg").exists()
+    )
+    assert {n for n in set(os.listdir("/tmp")) - before if "batchvision" in n and "escape" in n} == set()
+
+
+def test_nested_archive_is_listed_not_expanded(api_url: str) -> None:
+    inner = _hostile("none")
+    buf = io.BytesIO()
+    _, jpeg, _ = next(labelled_files(1, seed=4))
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.jpg", jpeg)
+        zf.writestr("inner.zip", inner)
+    files = [("archive", ("photos.zip", buf.getvalue(), "application/zip"))]
+    resp = requests.post(f"{api_url}/v1/jobs", files=files, timeout=60)
+    assert resp.status_code == 202
+    body = resp.json()
+    assert body["total"] == 1
+    assert body["skipped"] == [{"filename": "inner.zip", "reason": "nested archive (not expanded)"}]
+
+
+def test_cli_exit_codes(api_url: str, tmp_path: Path) -> None:
+    name, data, _ = next(labelled_files(1, seed=8))
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    proc = cli("submit", str(tmp_path), "--wait", "--no-progress", api_url=api_url)
+    assert proc.returncode == 3, proc.stderr  # some images failed
+    proc = cli("submit", str(tmp_path), "--no-progress", api_url="http://127.0.0.1:9")
+    assert proc.returncode == 4 and "cannot reach the API" in proc.stderr
