@@ -9,7 +9,7 @@ from batchvision.settings import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
-    from api import errors, health, jobs, metrics
+    from api import auth, errors, health, jobs, metrics
     from api.services import Services
 
     settings = settings or Settings.from_env()
@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["batchvision"] = svc
     errors.register(app)
     metrics.init_app(app, svc.store, settings.queue)
+    auth.init_app(app, settings.api_keys)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     return app

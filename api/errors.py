@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from batchvision.errors import BatchvisionError, TooManyRequests
+from batchvision.errors import BatchvisionError, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,17 @@ def register(app: Flask) -> None:
         resp = error_response(exc.status, exc.code, exc.message, exc.details)
         if isinstance(exc, TooManyRequests):
             resp.headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, Unauthorized):
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="batchvision"'
         return resp
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"the request is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
+        return error_response(exc.code or 500, code, message)
 
     @app.errorhandler(redis.exceptions.ConnectionError)
     @app.errorhandler(redis.exceptions.TimeoutError)

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request, stream_with_context, url_for
 
+from api.auth import current_owner, digest
 from api.metrics import JOBS_CREATED
 from api.services import Services, services
 from api.uploads import check, ensure_nonempty, ingest, read_uploads, require_some_valid
@@ -38,9 +39,10 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _job_or_404(svc: Services, job_id: str) -> dict[str, Any]:
+    """The job, if it exists and belongs to the caller's API key (else 404, or 410 if expired)."""
     job = svc.store.get(job_id)
-    if job is None:
-        if svc.store.is_gone(job_id):
+    if job is None or job["owner"] != current_owner():
+        if job is None and svc.store.is_gone(job_id):
             raise Gone(f"job {job_id} finished and its results expired", code="job_expired")
         raise NotFound(f"no job {job_id}", code="job_not_found")
     return job
@@ -55,7 +57,7 @@ def _backpressure(svc: Services) -> None:
 def _new_job(svc: Services) -> str:
     _backpressure(svc)
     job_id = new_job_id()
-    svc.store.create(job_id, model=svc.settings.model)
+    svc.store.create(job_id, model=svc.settings.model, owner=current_owner())
     JOBS_CREATED.inc()
     return job_id
 
@@ -92,13 +94,36 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
     a bulk upload in parts (``POST /v1/jobs/<id>/files``, then ``POST /v1/jobs/<id>/seal``).
     """
     svc = services()
-    if request.is_json:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise BadRequest('JSON body must be an object like {"expected": 100}', code="bad_request")
-        return _accepted(svc, _new_job(svc), {"expected": body.get("expected")})
-    job_id, summary = _add(svc, None, seal=request.args.get("seal", "true") != "false")
-    return _accepted(svc, job_id, summary)
+
+    def create() -> tuple[str, dict[str, Any]]:
+        if request.is_json:
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict):
+                raise BadRequest('JSON body must be an object like {"expected": 100}', code="bad_request")
+            return _new_job(svc), {"expected": body.get("expected")}
+        return _add(svc, None, seal=request.args.get("seal", "true") != "false")
+
+    key = request.headers.get("Idempotency-Key")
+    if not key:
+        return _accepted(svc, *create())
+    # The same key (per API key) returns the same job instead of creating a second one.
+    slot = f"bv:idem:{current_owner()}:{digest(key)}"
+    ttl = svc.settings.idempotency_ttl_s
+    if not svc.redis.set(slot, "pending", nx=True, ex=ttl):
+        existing = svc.redis.get(slot)
+        if existing in (None, b"pending"):
+            raise Conflict(
+                "a request with this Idempotency-Key is still in progress", code="idempotency_conflict"
+            )
+        job = _public(_job_or_404(svc, existing.decode() if isinstance(existing, bytes) else str(existing)))
+        return {**job, "idempotent_replay": True}, 200, {"Location": job["status_url"]}
+    try:
+        job_id, extra = create()
+    except BaseException:
+        svc.redis.delete(slot)
+        raise
+    svc.redis.set(slot, job_id, ex=ttl)
+    return _accepted(svc, job_id, extra)
 
 
 @bp.post("/jobs/<job_id>/files")

@@ -32,6 +32,18 @@ _UPLOAD = {
     },
 }
 
+_CREATE = {
+    "required": True,
+    "content": {
+        **_UPLOAD["content"],
+        "application/zip": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {
+            "schema": {"type": "object", "properties": {"expected": {"type": "integer", "minimum": 0}}}
+        },
+    },
+}
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -58,7 +70,7 @@ _SCHEMAS: dict[str, Any] = {
             "failed": {"type": "integer"},
             "canceled": {"type": "integer"},
             "created_at": {"type": "number"},
-            "finished_at": {"type": ["number", "null"]},
+            "finished_at": {"type": "number", "nullable": True},
             "model": {"type": "string"},
             "status_url": {"type": "string"},
             "results_url": {"type": "string"},
@@ -102,7 +114,7 @@ def document() -> dict[str, Any]:
     """The whole API, described once."""
     job = _json(_ref("Job"), "The job")
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",
         "info": {
             "title": "batchvision",
             "version": __version__,
@@ -112,7 +124,8 @@ def document() -> dict[str, Any]:
             "/v1/jobs": {
                 "post": {
                     "summary": "Submit images (multipart 'files' parts, or one raw image body)",
-                    "requestBody": _UPLOAD,
+                    "parameters": [_IDEMPOTENCY],
+                    "requestBody": _CREATE,
                     "responses": {
                         "202": job,
                         "400": _ERR,
@@ -139,6 +152,32 @@ def document() -> dict[str, Any]:
                         "429": _ERR,
                     },
                 }
+            },
+            "/v1/jobs/{job_id}/files": {
+                "parameters": [_JOB_ID],
+                "post": {
+                    "summary": "Add a part to an open job (idempotent per relative path)",
+                    "requestBody": _UPLOAD,
+                    "responses": {
+                        "202": job,
+                        "400": _ERR,
+                        "404": _ERR,
+                        "409": _ERR,
+                        "413": _ERR,
+                        "422": _ERR,
+                    },
+                },
+                "get": {
+                    "summary": "Relative paths the job already has",
+                    "responses": {"200": _json({"type": "object"}, "Files"), "404": _ERR, "410": _ERR},
+                },
+            },
+            "/v1/jobs/{job_id}/seal": {
+                "parameters": [_JOB_ID],
+                "post": {
+                    "summary": "The upload is complete",
+                    "responses": {"200": job, "404": _ERR, "410": _ERR},
+                },
             },
             "/v1/jobs/{job_id}": {
                 "parameters": [_JOB_ID],
@@ -200,5 +239,12 @@ def document() -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": _SCHEMAS},
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+        "security": [{}, {"bearer": []}, {"apiKey": []}],
     }

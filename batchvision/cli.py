@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from batchvision.checks import ConfigError, check_worker_settings
 from batchvision.settings import Settings
 
 DEFAULT_DEMO_MODEL = Path("models/demo.keras")
@@ -51,6 +52,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """One Celery worker process with a threads pool (TensorFlow is never forked)."""
     s = Settings.from_env()
+    try:
+        check_worker_settings(s)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     name = args.name or f"worker@{socket.gethostname()}"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from batchvision import failpoints
 from batchvision.batching import DynamicBatcher
 from batchvision.blobs import BlobStore
 from batchvision.errors import BatchvisionError
@@ -106,6 +107,7 @@ class ChunkProcessor:
                 if data is None:
                     results[i] = error_result("upload_expired", "the upload expired before it was classified")
                     continue
+                failpoints.before_decode(data)
                 start = time.perf_counter()
                 try:
                     image = decode_image(data, self.input_size, max_pixels=self.max_pixels)

@@ -94,6 +94,10 @@ class Settings:
     flower_password: str = _field("", "Flower basic-auth password.")
     api_keys: str = _field("", "Comma-separated API keys (or their SHA-256 hex digests); empty: no auth.")
     max_queued_images: int = _field(0, "Images waiting above which new jobs get `429` (0: no limit).")
+    rate_limit_per_minute: int = _field(
+        0, "Requests per minute per API key, shared by all API replicas through Redis (0: off)."
+    )
+    idempotency_ttl_s: int = _field(86400, "How long an `Idempotency-Key` maps to its job.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -11,7 +11,9 @@ from typing import Any
 
 from celery import signals
 
+from batchvision.checks import check_worker_settings, eviction_warning
 from batchvision.queue import create_celery
+from batchvision.services import connect_redis
 from batchvision.settings import Settings
 
 settings = Settings.from_env()
@@ -22,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 @signals.worker_init.connect
-def _load_model(**_: Any) -> None:
+def _start(**_: Any) -> None:
+    check_worker_settings(settings)
+    warning = eviction_warning(connect_redis(settings.redis_url))
+    if warning:
+        log.warning(warning)
     # Load (and warm up) the model before the worker consumes: a task never pays for it,
     # and a worker that cannot load its model fails at start, visibly.
     from workers.runtime import get_runtime

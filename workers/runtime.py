@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchvision import failpoints
 from batchvision.batching import BatchInfo, DynamicBatcher
 from batchvision.blobs import open_blobs
 from batchvision.pipeline import ChunkProcessor
@@ -71,8 +72,12 @@ def _build(settings: Settings) -> Runtime:
         metrics.observe_batch(info)
         store.log_batch(info.size, [str(tag[0]) for tag in info.tags])
 
+    def predict(images: list[np.ndarray]) -> list[np.ndarray]:
+        failpoints.before_batch()
+        return classifier.predict(images)
+
     batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
-        classifier.predict,
+        predict,
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_batch_delay_ms / 1000.0,
         on_batch=on_batch,

@@ -1,0 +1,39 @@
+"""Fault injection for the reliability tests; inert unless ``BV_FAILPOINTS`` is set.
+
+``BV_FAILPOINTS`` is a comma-separated list:
+
+- ``poison-kill``: a worker that decodes an upload containing :data:`POISON_MARKER` kills its
+  own process with SIGKILL (an image that crashes the worker every time).
+- ``slow-batch=SECONDS``: every model call takes that much longer (widens "mid-batch").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+POISON_MARKER = b"BV-POISON-PILL"
+
+
+def _active() -> dict[str, str]:
+    out = {}
+    for item in os.environ.get("BV_FAILPOINTS", "").split(","):
+        name, _, value = item.strip().partition("=")
+        if name:
+            out[name] = value
+    return out
+
+
+ACTIVE = _active()
+
+
+def before_decode(data: bytes) -> None:
+    if "poison-kill" in ACTIVE and POISON_MARKER in data:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_batch() -> None:
+    delay = ACTIVE.get("slow-batch")
+    if delay:
+        time.sleep(float(delay))
