@@ -86,13 +86,10 @@ class ChunkProcessor:
             # as a per-image error after max_attempts while the others complete.
             log.warning("job %s chunk %d delivered %d times: isolating images", job_id, indexes[0], tries)
             for i in todo:
-                if self.store.attempt(job_id, f"image:{i}") > self.max_attempts:
-                    results = {
-                        i: error_result(
-                            "poison_image",
-                            f"processing this image failed {self.max_attempts} times (the worker died)",
-                        )
-                    }
+                # The first, whole-chunk delivery counts as this image's first attempt too.
+                if self.store.attempt(job_id, f"image:{i}") + 1 > self.max_attempts:
+                    message = f"the worker died processing this image {self.max_attempts} times"
+                    results = {i: error_result("poison_image", message)}
                 else:
                     results = self._classify(job_id, [i], enqueued_at)
                 self._finish(job_id, [i], results, stats)

@@ -24,6 +24,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.redis_url,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
+            # How soon a dead worker's unacknowledged tasks go back to the queue once the
+            # visibility timeout has passed: kombu's default sweep runs only every ~100 s.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
             "socket_keepalive": True,
             "health_check_interval": 10,
         },

@@ -33,9 +33,17 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    log_path: str = ""
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, start_new_session=True)
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - owned by the child
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, env={**os.environ, **self.env}, start_new_session=True, stdout=out, stderr=out
+            )
+        finally:
+            if out is not None:
+                out.close()
         self.started_at = time.monotonic()
 
     def stop(self, timeout: float = 15.0) -> None:

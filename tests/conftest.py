@@ -77,9 +77,13 @@ def start_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) 
 def wait_worker(settings: Settings, timeout: float = 120.0) -> None:
     from batchvision.queue import create_celery
 
-    app = create_celery(settings)
     deadline = time.monotonic() + timeout
-    while not app.control.ping(timeout=1.0):
+    while True:
+        try:
+            if create_celery(settings).control.ping(timeout=1.0):
+                return
+        except (OSError, redis_lib.exceptions.ConnectionError):
+            pass  # Redis just restarted: try again on a fresh connection
         if time.monotonic() > deadline:
             raise TimeoutError("worker did not answer a ping")
 
