@@ -17,7 +17,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 _ERR = _json(_ref("Error"), "Error")
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_UPLOAD = {
+_UPLOAD: dict[str, Any] = {
     "required": True,
     "content": {
         "multipart/form-data": {

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 import requests
-from PIL import Image
 
 from batchvision.client import Client
 from batchvision.failpoints import POISON_MARKER
