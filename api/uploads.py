@@ -15,7 +15,7 @@ from flask import Request
 from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED
 from api.services import Services
 from batchvision.archive import ArchiveContents, read_zip
-from batchvision.errors import BadRequest, BatchvisionError, InvalidImage
+from batchvision.errors import BadRequest, BatchvisionError, ImageTooLarge, InvalidImage
 from batchvision.imaging import inspect_image
 from batchvision.queue import enqueue
 from batchvision.schemas import error_result
@@ -108,14 +108,15 @@ def rejection(up: Upload, err: BatchvisionError) -> dict[str, Any]:
 
 
 def require_some_valid(uploads: list[Upload], problems: list[BatchvisionError | None]) -> None:
-    """A request in which no file is usable is refused whole, saying why for each file."""
-    if uploads and all(p is not None for p in problems):
-        details = [rejection(u, p) for u, p in zip(uploads, problems, strict=True) if p]
-        raise InvalidImage(
-            f"none of the {len(uploads)} files is an image we can classify",
-            code="no_valid_images",
-            details=details,
-        )
+    """A request in which no file is usable is refused whole, saying why for each file:
+    413 if every file was over a limit, else 422."""
+    if not uploads or any(p is None for p in problems):
+        return
+    details = [rejection(u, p) for u, p in zip(uploads, problems, strict=True) if p]
+    message = f"none of the {len(uploads)} files is an image we can classify"
+    if all(isinstance(p, ImageTooLarge) for p in problems):
+        raise ImageTooLarge(message, code="no_valid_images", details=details)
+    raise InvalidImage(message, code="no_valid_images", details=details)
 
 
 def ingest(
