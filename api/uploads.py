@@ -138,7 +138,7 @@ def ingest(
             blobs[index] = up.data
     svc.blobs.put_many(job_id, blobs)
     svc.store.record(job_id, errors)
-    enqueue(svc.celery, svc.settings, job_id, sorted(blobs))
+    enqueue(svc.celery, svc.settings, svc.redis, job_id, sorted(blobs))
     IMAGES_ACCEPTED.inc(len(blobs))
     for item in rejected:
         IMAGES_REJECTED.labels(item["code"]).inc()

@@ -9,8 +9,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 
+from batchvision.recovery import CHUNKS_KEY, chunk_member
 from batchvision.settings import Settings
 
 CLASSIFY_TASK = "batchvision.classify"
@@ -28,6 +30,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # visibility timeout has passed: kombu's default sweep runs only every ~100 s.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
+            # A worker killed while it holds the restore lock would block every other
+            # worker's sweep for the lock's lifetime (kombu's default: 300 s).
+            "unacked_mutex_expire": max(5, min(60, settings.visibility_timeout_s // 2)),
             "socket_keepalive": True,
             "health_check_interval": 10,
         },
@@ -65,18 +70,31 @@ def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
     return [list(indexes[i : i + size]) for i in range(0, len(indexes), size)]
 
 
-def enqueue(app: Celery, settings: Settings, job_id: str, indexes: Sequence[int]) -> int:
-    """Send one classify task per chunk of ``indexes``; returns the number of tasks."""
+def enqueue(app: Celery, settings: Settings, client: redis.Redis, job_id: str, indexes: Sequence[int]) -> int:
+    """Send one classify task per chunk of ``indexes``; returns the number of tasks.
+
+    Each chunk is recorded for :mod:`batchvision.recovery` before it is published.
+    """
     chunks = chunked(indexes, settings.chunk_size)
+    if not chunks:
+        return 0
     now = round(time.time(), 3)
+    client.zadd(CHUNKS_KEY, {chunk_member(job_id, c): now for c in chunks})
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
-            app.send_task(
-                CLASSIFY_TASK,
-                args=[job_id, chunk, now],
-                queue=settings.queue,
-                producer=producer,
-                # Flower shows this instead of the raw argument list.
-                argsrepr=f"job={job_id} images={chunk[0]}..{chunk[-1]} n={len(chunk)}",
-            )
+            send_chunk(app, settings, job_id, chunk, now, producer)
     return len(chunks)
+
+
+def send_chunk(
+    app: Celery, settings: Settings, job_id: str, chunk: list[int], enqueued_at: float, producer: Any = None
+) -> None:
+    """Publish one classify task by name (the API never imports the task)."""
+    app.send_task(
+        CLASSIFY_TASK,
+        args=[job_id, chunk, enqueued_at],
+        queue=settings.queue,
+        producer=producer,
+        # Flower shows this instead of the raw argument list.
+        argsrepr=f"job={job_id} images={chunk[0]}..{chunk[-1]} n={len(chunk)}",
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batchvision.local import stack  # noqa: E402
-from batchvision.redis_server import RedisServer, free_port  # noqa: E402
+from batchvision.redis_server import RedisServer, free_port  # noqa: E402, F401
 from batchvision.runner import Supervisor  # noqa: E402
 from batchvision.settings import Settings  # noqa: E402
 from batchvision.synthetic import photo_like  # noqa: E402

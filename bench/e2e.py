@@ -41,6 +41,24 @@ def ceiling(folder: Path, settings: Settings, batch: int = 32) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
+def batch1_latency(settings: Settings, n: int = 50) -> float:
+    """p50 seconds of one bare model call on one image (the latency floor)."""
+    import numpy as np
+
+    from workers.model import load_classifier
+
+    clf = load_classifier(settings)
+    w, h = clf.input_size
+    img = [np.zeros((h, w, 3), np.uint8)]
+    clf.predict(img)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        clf.predict(img)
+        times.append(time.perf_counter() - t0)
+    return pct(times, 50)
+
+
 def full_stack(folder: Path, settings: Settings, latency_jobs: int) -> tuple[float, list[float]]:
     with running_stack(settings) as s:
         client = Client(f"http://127.0.0.1:{s.api_port}")
@@ -62,6 +80,37 @@ def full_stack(folder: Path, settings: Settings, latency_jobs: int) -> tuple[flo
         return job["images"] / elapsed, latencies
 
 
+def naive(folder: Path, settings: Settings) -> float:
+    """Images/s of one Celery task per image, bytes in the message, batch size 1."""
+    import base64
+    import subprocess
+    import sys
+
+    from common import RedisServer
+
+    with RedisServer() as redis:
+        env = {**os.environ, **settings.replace(redis_url=redis.url).to_env()}
+        here = Path(__file__).resolve().parent
+        worker = subprocess.Popen([sys.executable, str(here / "naive_worker.py")], cwd=here, env=env)
+        try:
+            os.environ["BATCHVISION_REDIS_URL"] = redis.url
+            sys.path.insert(0, str(here))
+            import naive_worker
+
+            naive_worker.app.conf.broker_url = naive_worker.app.conf.result_backend = redis.url
+            files = sorted(folder.glob("*.jpg"))
+            payloads = [base64.b64encode(f.read_bytes()).decode() for f in files]
+            naive_worker.classify.delay(payloads[0]).get(timeout=300)  # model loaded
+            start = time.perf_counter()
+            results = [naive_worker.classify.delay(p) for p in payloads]
+            for r in results:
+                r.get(timeout=600)
+            return len(payloads) / (time.perf_counter() - start)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=256)
@@ -73,6 +122,8 @@ def main() -> None:
     os.environ["BATCHVISION_WEIGHTS"] = "none"
     a = ceiling(folder, settings)
     b, lat = full_stack(folder, settings, args.latency_jobs)
+    c = naive(folder, settings)
+    batch1 = batch1_latency(settings)
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; "
         f"model {args.model} (weights=None); {args.images} JPEGs"
@@ -83,7 +134,10 @@ def main() -> None:
                 ("measure", "value"),
                 ("(a) in-process ceiling", f"{a:.1f} img/s"),
                 ("(b) full stack (HTTP bulk upload -> results)", f"{b:.1f} img/s"),
+                ("(c) naive: one Celery task per image, bytes in message", f"{c:.1f} img/s"),
                 ("(b)/(a)", f"{b / a:.2f}"),
+                ("(b)/(c)", f"{b / c:.2f}"),
+                ("bare model, batch 1, p50", f"{batch1 * 1000:.0f} ms"),
                 ("single-image job latency p50", f"{pct(lat, 50) * 1000:.0f} ms"),
                 ("single-image job latency p95", f"{pct(lat, 95) * 1000:.0f} ms"),
             ]

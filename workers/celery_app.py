@@ -31,9 +31,10 @@ def _start(**_: Any) -> None:
         log.warning(warning)
     # Load (and warm up) the model before the worker consumes: a task never pays for it,
     # and a worker that cannot load its model fails at start, visibly.
-    from workers.runtime import get_runtime
+    from workers.runtime import get_runtime, start_sweeper
 
     get_runtime(settings)
+    start_sweeper(settings, app)
 
 
 @signals.worker_shutdown.connect

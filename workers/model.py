@@ -80,10 +80,34 @@ class Classifier:
         return time.perf_counter() - start
 
 
-def load_classifier(settings: Settings) -> Classifier:
+class NullClassifier:
+    """Benchmark stand-in: ``null`` answers at once, ``sleep:SECONDS`` takes that long per
+    batch (an accelerator whose time does not depend on the host CPU). Measures the
+    orchestration's own capacity; never for real use."""
+
+    def __init__(self, name: str, labels: list[str]) -> None:
+        self.name = name
+        self.labels = labels
+        self.input_size = (224, 224)
+        self.device = "null"
+        self.delay = float(name.partition(":")[2] or 0)
+        self._probs = np.full(len(labels), 1.0 / len(labels), np.float32)
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        if self.delay:
+            time.sleep(self.delay)
+        return [self._probs] * len(images)
+
+    def warm_up(self) -> float:
+        return 0.0
+
+
+def load_classifier(settings: Settings) -> Classifier | NullClassifier:
     """Build the :class:`Classifier` that ``settings`` name."""
-    configure_runtime(settings)
     name = settings.model
+    if name == "null" or name.startswith("sleep:"):
+        return NullClassifier(name, imagenet_labels())
+    configure_runtime(settings)
     if name in APPLICATIONS:
         app = APPLICATIONS[name]
         weights = None if settings.weights.lower() in ("", "none") else settings.weights

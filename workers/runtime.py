@@ -8,11 +8,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from celery import Celery
 
 from batchvision import failpoints
 from batchvision.batching import BatchInfo, DynamicBatcher
 from batchvision.blobs import open_blobs
 from batchvision.pipeline import ChunkProcessor
+from batchvision.queue import send_chunk
+from batchvision.recovery import Sweeper, sweep
 from batchvision.services import connect_redis
 from batchvision.settings import Settings
 from batchvision.store import JobStore
@@ -27,6 +30,7 @@ class Runtime:
     batcher: DynamicBatcher[np.ndarray, np.ndarray]
     model_name: str
     device: str
+    sweeper: Sweeper | None = None
 
 
 _lock = threading.Lock()
@@ -47,7 +51,24 @@ def shutdown() -> None:
     with _lock:
         if _runtime is not None:
             _runtime.batcher.close()
+            if _runtime.sweeper is not None:
+                _runtime.sweeper.stop()
             _runtime = None
+
+
+def start_sweeper(settings: Settings, app: Celery) -> None:
+    """Re-send chunks whose message a dead worker took with it (see batchvision.recovery)."""
+    runtime = get_runtime(settings)
+    vt = settings.visibility_timeout_s
+
+    def resend(job_id: str, indexes: list[int]) -> None:
+        send_chunk(app, settings, job_id, indexes, time.time())
+
+    def run() -> int:
+        return sweep(runtime.processor.store, settings.queue, vt + max(2.0, vt / 10), resend)
+
+    runtime.sweeper = Sweeper(max(1.0, min(60.0, vt / 3)), run)
+    runtime.sweeper.start()
 
 
 def _build(settings: Settings) -> Runtime:

@@ -1,0 +1,88 @@
+"""A safety net under Celery's Redis transport: chunks whose message was lost are re-sent.
+
+Kombu takes a message off the queue with ``BRPOP`` and only then records it as unacknowledged;
+a worker killed in between loses that message for good (Redis already removed it, and the
+visibility-timeout restore never sees it). So the API records every chunk in a sorted set
+(score: when it was sent) *before* publishing it, the worker removes it once the chunk's
+results are stored, and a sweeper in every worker re-sends chunks that are older than the
+visibility timeout, still have unresolved images, and are no longer anywhere in the queue
+(the sweep runs only when the queue list is empty, so a long backlog is never duplicated).
+Re-sending is safe: results are idempotent per (job, index).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from batchvision.store import JobStore
+
+log = logging.getLogger(__name__)
+
+CHUNKS_KEY = "bv:chunks"
+SWEEP_LOCK = "bv:sweep-lock"
+
+
+def chunk_member(job_id: str, indexes: Sequence[int]) -> str:
+    return f"{job_id}:{','.join(str(i) for i in indexes)}"
+
+
+def parse_member(member: str) -> tuple[str, list[int]]:
+    job_id, _, rest = member.partition(":")
+    return job_id, [int(i) for i in rest.split(",") if i]
+
+
+def chunk_done(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
+    client.zrem(CHUNKS_KEY, chunk_member(job_id, indexes))
+
+
+def sweep(
+    store: JobStore,
+    queue: str,
+    older_than_s: float,
+    resend: Callable[[str, list[int]], None],
+    limit: int = 1000,
+) -> int:
+    """Re-send lost chunks once; returns how many were re-sent."""
+    client = store.redis
+    if not client.set(SWEEP_LOCK, "1", nx=True, ex=max(5, int(older_than_s))):
+        return 0  # another worker is sweeping
+    if client.llen(queue):
+        return 0  # a backlog: chunks may still be waiting in it
+    cutoff = time.time() - older_than_s
+    resent = 0
+    for raw in client.zrangebyscore(CHUNKS_KEY, "-inf", cutoff, start=0, num=limit):
+        member = raw.decode() if isinstance(raw, bytes) else str(raw)
+        job_id, indexes = parse_member(member)
+        if not store.exists(job_id) or not store.unresolved(job_id, indexes):
+            client.zrem(CHUNKS_KEY, member)
+            continue
+        log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
+        client.zadd(CHUNKS_KEY, {member: time.time()}, xx=True)
+        resend(job_id, indexes)
+        resent += 1
+    return resent
+
+
+class Sweeper(threading.Thread):
+    """Runs :func:`sweep` every ``interval_s`` in a daemon thread."""
+
+    def __init__(self, interval_s: float, run: Callable[[], int]) -> None:
+        super().__init__(name="chunk-sweeper", daemon=True)
+        self.interval_s = interval_s
+        self._run_once = run
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._run_once()
+            except Exception:  # noqa: BLE001 - Redis may be restarting; try next round
+                log.exception("chunk sweep failed")
+
+    def stop(self) -> None:
+        self._stop.set()

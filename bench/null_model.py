@@ -1,0 +1,88 @@
+"""The orchestration's own capacity: the real pipeline (HTTP upload, Redis, Celery, decode,
+batcher, result store) with a model that answers at once, and with one that sleeps a fixed
+time per batch (standing for an accelerator), for 1, 2, 4 and 8 workers on this machine.
+
+    python bench/null_model.py [--images 2048] [--sleep 0.25] [--workers 1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+from common import OUT, running_stack, table
+from PIL import Image
+
+from batchvision.client import Client
+from batchvision.queue import create_celery
+from batchvision.redis_server import free_port
+from batchvision.runner import Service, Supervisor, cli_argv
+from batchvision.settings import Settings
+
+
+def small_jpegs(n: int) -> Path:
+    folder = OUT / f"small-{n}"
+    if folder.exists() and len(list(folder.iterdir())) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = rng.integers(0, 255, (28, 28, 3), np.uint8)
+        img = Image.fromarray(arr).resize((224, 224), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        (folder / f"s_{i:05d}.jpg").write_bytes(buf.getvalue())
+    return folder
+
+
+def run(folder: Path, model: str, workers: int) -> float:
+    """Images/s through the full stack with ``workers`` worker processes."""
+    settings = Settings.from_env(model=model, worker_metrics_port=0, chunk_size=32, api_workers=2)
+    with running_stack(settings, names=("api",)) as s:
+        extra = [
+            Service("worker", cli_argv("worker", "--name", f"w{i}@{free_port()}"), s.to_env())
+            for i in range(workers)
+        ]
+        sup = Supervisor(extra)
+        sup.start()
+        try:
+            app = create_celery(s)
+            deadline = time.monotonic() + 300
+            while len(app.control.ping(timeout=1.0)) < workers:
+                assert time.monotonic() < deadline, "workers did not start"
+            client = Client(f"http://127.0.0.1:{s.api_port}")
+            client.wait(client.submit_files(sorted(folder.iterdir())[:64])["job_id"], timeout=120)
+            start = time.perf_counter()
+            job = client.submit_folder(folder, part_files=256)
+            status = client.wait(job["job_id"], poll_s=0.05, timeout=600)
+            elapsed = time.perf_counter() - start
+            assert status["done"] == job["images"], status
+            return float(job["images"]) / elapsed
+        finally:
+            sup.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--sleep", type=float, default=0.25)
+    ap.add_argument("--workers", default="1,2,4,8")
+    args = ap.parse_args()
+    folder = small_jpegs(args.images)
+    rows = [("model", "workers", "images/s", "vs 1 worker")]
+    null = run(folder, "null", 1)
+    rows.append(("null (instant)", "1", f"{null:.0f}", ""))
+    base = None
+    for n in (int(x) for x in args.workers.split(",")):
+        rate = run(folder, f"sleep:{args.sleep}", n)
+        base = base or rate
+        rows.append((f"sleep {args.sleep}s/batch", str(n), f"{rate:.0f}", f"{rate / base:.2f}x (ideal {n}x)"))
+    print(f"\n{args.images} JPEGs of 224x224, chunks of 32, batches up to 32")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
