@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from io import BytesIO
+from typing import IO
+
+from flask import Flask, Request
 
 from batchvision.settings import Settings
+
+
+class UploadRequest(Request):
+    """Keeps multipart file parts in memory: werkzeug would write every part of a large
+    request to a temporary file, only for us to read it back and store it in Redis. The
+    request size is bounded by ``MAX_CONTENT_LENGTH``."""
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return BytesIO()
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -14,6 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    app.request_class = UploadRequest
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         MAX_FORM_PARTS=settings.max_files_per_request + 16,
