@@ -66,18 +66,18 @@ class ChunkProcessor:
     ) -> dict[str, Any]:
         """Give every image of the chunk exactly one stored result."""
         stats = ChunkStats(job_id)
-        if not self.store.exists(job_id):
+        claim = self.store.claim(job_id, indexes, f"chunk:{indexes[0]}")
+        if claim is None:
             log.warning("job %s is gone (expired or deleted); dropping %d images", job_id, len(indexes))
             stats.skipped = len(indexes)
             return stats.summary()
-        todo = self.store.unresolved(job_id, indexes)
+        todo, canceled, tries = claim
         stats.skipped = len(indexes) - len(todo)
         if not todo:
             return stats.summary()
-        if self.store.is_canceled(job_id):
+        if canceled:
             self._finish(job_id, todo, {i: _canceled() for i in todo}, stats)
             return stats.summary()
-        tries = self.store.attempt(job_id, f"chunk:{indexes[0]}")
         if tries == 1:
             self._finish(job_id, todo, self._classify(job_id, todo, enqueued_at), stats)
         else:

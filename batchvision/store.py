@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from batchvision.schemas import JobStatus, entry, error_result, job_status
+from batchvision.schemas import entry, error_result, job_status
 
 PENDING_KEY = "bv:pending"
 ACTIVE_KEY = "bv:active"
@@ -215,13 +215,6 @@ class JobStore:
         """True if the job existed and its results expired."""
         return bool(self.redis.exists(self.keys(job_id)[6]))
 
-    def status(self, job_id: str) -> JobStatus | None:
-        job = self.get(job_id)
-        return None if job is None else JobStatus(job["status"])
-
-    def is_canceled(self, job_id: str) -> bool:
-        return self.redis.hget(self.keys(job_id)[0], "cancel") == b"1"
-
     def unresolved(self, job_id: str, indexes: Sequence[int] | range) -> list[int]:
         """The indexes among ``indexes`` that have no result yet."""
         if not indexes:
@@ -232,6 +225,24 @@ class JobStore:
     def filenames(self, job_id: str, indexes: Sequence[int]) -> list[str]:
         names = self.redis.hmget(self.keys(job_id)[1], [str(i) for i in indexes])
         return [_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
+
+    def claim(
+        self, job_id: str, indexes: Sequence[int], attempt_key: str
+    ) -> tuple[list[int], bool, int] | None:
+        """A worker starts a chunk, in one round trip: ``(unresolved indexes, canceled,
+        delivery count)``, or ``None`` if the job no longer exists."""
+        keys = self.keys(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys[0], "cancel")
+        pipe.hmget(keys[3], [str(i) for i in indexes])
+        pipe.hincrby(keys[4], attempt_key, 1)
+        pipe.expire(keys[4], self.open_ttl_s)
+        cancel, have, tries, _ = pipe.execute()
+        if cancel is None:  # the job hash is gone
+            self.redis.delete(keys[4])
+            return None
+        todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
+        return todo, cancel == b"1", int(tries)
 
     def file_keys(self, job_id: str) -> list[str]:
         """Every file key (relative path) the job has."""
