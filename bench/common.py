@@ -36,7 +36,8 @@ def photo_set(n: int, folder: Path | None = None) -> Path:
 def running_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Iterator[Settings]:
     """Redis plus the named services of `batchvision up`, on free ports."""
     with RedisServer() as redis:
-        s = settings.replace(redis_url=redis.url, api_port=free_port(), worker_metrics_port=free_port())
+        ports = {"worker_metrics_port": free_port()} if settings.worker_metrics_port else {}
+        s = settings.replace(redis_url=redis.url, api_port=free_port(), **ports)
         sup = Supervisor([svc for svc in stack(s, None, flower=False) if svc.name in names])
         sup.start()
         try:

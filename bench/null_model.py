@@ -2,7 +2,7 @@
 batcher, result store) with a model that answers at once, and with one that sleeps a fixed
 time per batch (standing for an accelerator), for 1, 2, 4 and 8 workers on this machine.
 
-    python bench/null_model.py [--images 2048] [--sleep 0.25] [--workers 1,2,4,8]
+    python bench/null_model.py [--images 8192] [--sleep 0.25] [--workers 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def small_jpegs(n: int) -> Path:
     return folder
 
 
-def run(folder: Path, model: str, workers: int) -> float:
+def run(folder: Path, model: str, workers: int, chunk: int) -> float:
     """Images/s through the full stack with ``workers`` worker processes."""
-    settings = Settings.from_env(model=model, worker_metrics_port=0, chunk_size=32, api_workers=2)
+    settings = Settings.from_env(model=model, worker_metrics_port=0, chunk_size=chunk, api_workers=2)
     with running_stack(settings, names=("api",)) as s:
         extra = [
             Service("worker", cli_argv("worker", "--name", f"w{i}@{free_port()}"), s.to_env())
@@ -67,20 +67,21 @@ def run(folder: Path, model: str, workers: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--images", type=int, default=8192)
     ap.add_argument("--sleep", type=float, default=0.25)
     ap.add_argument("--workers", default="1,2,4,8")
+    ap.add_argument("--chunk", type=int, default=Settings().chunk_size)
     args = ap.parse_args()
     folder = small_jpegs(args.images)
     rows = [("model", "workers", "images/s", "vs 1 worker")]
-    null = run(folder, "null", 1)
+    null = run(folder, "null", 1, args.chunk)
     rows.append(("null (instant)", "1", f"{null:.0f}", ""))
     base = None
     for n in (int(x) for x in args.workers.split(",")):
-        rate = run(folder, f"sleep:{args.sleep}", n)
+        rate = run(folder, f"sleep:{args.sleep}", n, args.chunk)
         base = base or rate
         rows.append((f"sleep {args.sleep}s/batch", str(n), f"{rate:.0f}", f"{rate / base:.2f}x (ideal {n}x)"))
-    print(f"\n{args.images} JPEGs of 224x224, chunks of 32, batches up to 32")
+    print(f"\n{args.images} JPEGs of 224x224, chunks of {args.chunk}, batches up to 32")
     print(table(rows))
 
 

@@ -7,6 +7,7 @@ the model, never forked; task threads decode in parallel and feed one model thre
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import signals
@@ -25,16 +26,21 @@ log = logging.getLogger(__name__)
 
 @signals.worker_init.connect
 def _start(**_: Any) -> None:
-    check_worker_settings(settings)
-    warning = eviction_warning(connect_redis(settings.redis_url))
-    if warning:
-        log.warning(warning)
-    # Load (and warm up) the model before the worker consumes: a task never pays for it,
-    # and a worker that cannot load its model fails at start, visibly.
-    from workers.runtime import get_runtime, start_sweeper
+    # Load (and warm up) the model before the worker consumes: a task never pays for it, and
+    # a worker that cannot start (bad settings, missing model, metrics port taken) exits at
+    # once, visibly, instead of consuming tasks it cannot run.
+    try:
+        check_worker_settings(settings)
+        warning = eviction_warning(connect_redis(settings.redis_url))
+        if warning:
+            log.warning(warning)
+        from workers.runtime import get_runtime, start_sweeper
 
-    get_runtime(settings)
-    start_sweeper(settings, app)
+        get_runtime(settings)
+        start_sweeper(settings, app)
+    except Exception:
+        log.critical("worker cannot start", exc_info=True)
+        os._exit(3)
 
 
 @signals.worker_shutdown.connect

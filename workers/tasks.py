@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
+
 from batchvision.queue import CLASSIFY_TASK
 from batchvision.recovery import chunk_done
 from workers.celery_app import app, settings
 from workers.runtime import get_runtime
 
 
-@app.task(name=CLASSIFY_TASK, acks_late=True, ignore_result=True)
+@app.task(
+    name=CLASSIFY_TASK,
+    acks_late=True,
+    ignore_result=True,
+    # Redis hiccups are retried with backoff (results are idempotent, so a retry is safe);
+    # anything else fails the task, and the chunk ledger re-sends it later.
+    autoretry_for=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+    retry_backoff=True,
+    retry_backoff_max=30,
+    max_retries=8,
+)
 def classify(job_id: str, indexes: list[int], enqueued_at: float | None = None) -> dict[str, Any]:
     """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
     runtime = get_runtime(settings)
