@@ -59,6 +59,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    # glibc gives each decoding thread its own malloc arena; their fragmentation shows up as
+    # RSS that creeps up over hours. Two arenas keep it flat at no measurable cost here.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     name = args.name or f"worker@{socket.gethostname()}"
     argv = [
         sys.executable,

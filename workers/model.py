@@ -48,7 +48,9 @@ APPLICATIONS = {
 class Classifier:
     """A loaded model: a list of uint8 images in, a list of probability vectors out."""
 
-    def __init__(self, model: Any, labels: list[str], preprocess: str, name: str) -> None:
+    def __init__(
+        self, model: Any, labels: list[str], preprocess: str, name: str, max_batch_size: int = 32
+    ) -> None:
         shape = model.inputs[0].shape
         self.input_size = (int(shape[2]), int(shape[1]))  # (width, height), as Pillow wants
         self.labels = labels
@@ -60,23 +62,33 @@ class Classifier:
         # none of predict()'s per-call overhead, which dominates small batches.
         self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         self._softmax = _ends_in_softmax(model)
+        # Batches are padded to a few fixed sizes: the kernels (and oneDNN's primitive cache)
+        # see at most these shapes, instead of one set per batch size, which grows memory.
+        self.buckets = sorted(
+            {2**k for k in range(max_batch_size.bit_length()) if 2**k < max_batch_size} | {max_batch_size}
+        )
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for each image (``(h, w, 3)`` uint8 of the input size)."""
-        x = normalize(np.stack(images), self.preprocess)
-        out = self._fn(tf.constant(x))
+        n = len(images)
+        size = next((b for b in self.buckets if b >= n), n)
+        batch = np.stack(images)
+        if size > n:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+        out = self._fn(tf.constant(normalize(batch, self.preprocess)))
         if isinstance(out, dict):
             out = next(iter(out.values()))
-        probs = np.asarray(out, dtype=np.float32).reshape(len(images), -1)
+        probs = np.asarray(out, dtype=np.float32).reshape(size, -1)[:n]
         if not self._softmax:
             probs = _softmax(probs)
         return list(probs)
 
     def warm_up(self) -> float:
-        """Trace and run the graph once, so the first real batch is not slow; returns seconds."""
+        """Run every bucket size once, so no real batch pays for first-time setup; returns seconds."""
         start = time.perf_counter()
         w, h = self.input_size
-        self.predict([np.zeros((h, w, 3), np.uint8)] * 2)
+        for size in self.buckets:
+            self.predict([np.zeros((h, w, 3), np.uint8)] * size)
         return time.perf_counter() - start
 
 
@@ -127,7 +139,7 @@ def load_classifier(settings: Settings) -> Classifier | NullClassifier:
         preprocess = "none"
     if settings.preprocess != "auto":
         preprocess = settings.preprocess
-    return Classifier(model, labels, preprocess, name)
+    return Classifier(model, labels, preprocess, name, settings.max_batch_size)
 
 
 def fetch_weights(settings: Settings) -> Path:

@@ -1,0 +1,64 @@
+"""Model loading: every supported form loads and predicts the same, with the right labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchvision.settings import Settings
+from batchvision.synthetic import CLASSES, dataset
+
+keras = pytest.importorskip("keras")
+model_mod = pytest.importorskip("workers.model")
+
+
+def _predict(settings: Settings) -> tuple[object, np.ndarray]:
+    clf = model_mod.load_classifier(settings)
+    x, _ = dataset(12, clf.input_size, seed=5)
+    return clf, np.stack(clf.predict(list(x)))
+
+
+def test_demo_model_keras_file(demo_model: Path) -> None:
+    clf, probs = _predict(Settings(model=str(demo_model)))
+    assert clf.input_size == (48, 48)
+    assert clf.labels == list(CLASSES)
+    assert probs.shape == (12, len(CLASSES))
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    x, y = dataset(60, clf.input_size, seed=6)
+    accuracy = (np.stack(clf.predict(list(x))).argmax(axis=1) == y).mean()
+    assert accuracy >= 0.95
+
+
+def test_h5_and_savedmodel_give_the_same_predictions(demo_model: Path, tmp_path: Path) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(CLASSES) + "\n")
+    _, expected = _predict(Settings(model=str(demo_model)))
+    model = keras.models.load_model(demo_model)
+    h5 = tmp_path / "demo.h5"
+    model.save(h5)
+    _, from_h5 = _predict(Settings(model=str(h5), labels=str(labels)))
+    saved = tmp_path / "savedmodel"
+    model.export(str(saved))
+    clf, from_saved = _predict(Settings(model=str(saved), labels=str(labels)))
+    assert clf.labels == list(CLASSES)
+    assert np.allclose(from_h5, expected, atol=1e-5)
+    assert np.allclose(from_saved, expected, atol=1e-5)
+
+
+def test_keras_application_by_name_with_imagenet_labels() -> None:
+    # weights=None: the real constructor and preprocessing, without a download
+    clf = model_mod.load_classifier(Settings(model="mobilenet_v2", weights="none"))
+    assert clf.input_size == (224, 224)
+    assert clf.preprocess == "tf"
+    assert len(clf.labels) == 1000 and clf.labels[0] == "tench" and clf.labels[999] == "toilet_tissue"
+    out = clf.predict([np.zeros((224, 224, 3), np.uint8)] * 3)
+    assert len(out) == 3 and out[0].shape == (1000,)
+
+
+def test_unknown_model_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="neither a known application"):
+        model_mod.load_classifier(Settings(model="no_such_model"))
+    with pytest.raises(FileNotFoundError, match="BATCHVISION_LABELS"):
+        model_mod.load_classifier(Settings(model=__file__))
