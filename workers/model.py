@@ -79,7 +79,7 @@ class Classifier:
         if isinstance(out, dict):
             out = next(iter(out.values()))
         probs = np.asarray(out, dtype=np.float32).reshape(size, -1)[:n]
-        if not self._softmax:
+        if not self._softmax and not _are_probabilities(probs):
             probs = _softmax(probs)
         return list(probs)
 
@@ -133,9 +133,9 @@ def load_classifier(settings: Settings) -> Classifier | NullClassifier:
                 f"BATCHVISION_MODEL={name!r} is neither a known application "
                 f"({', '.join(sorted(APPLICATIONS))}) nor an existing path"
             )
-        model = _load_path(path)
         labels_file = Path(settings.labels) if settings.labels else _default_labels(path)
         labels = [s.strip() for s in labels_file.read_text().splitlines() if s.strip()]
+        model = _load_path(path)
         preprocess = "none"
     if settings.preprocess != "auto":
         preprocess = settings.preprocess
@@ -190,6 +190,11 @@ def _default_labels(path: Path) -> Path:
 def _ends_in_softmax(model: Any) -> bool:
     act = getattr(model.layers[-1], "activation", None) if getattr(model, "layers", None) else None
     return getattr(act, "__name__", "") == "softmax"
+
+
+def _are_probabilities(x: np.ndarray) -> bool:
+    # A wrapped SavedModel hides its last activation: look at the numbers instead.
+    return bool(x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
