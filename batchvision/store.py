@@ -300,11 +300,15 @@ class JobStore:
     def wait(self, job_id: str, timeout_s: float) -> bool:
         """Block until the job finishes or ``timeout_s`` passes; True if finished."""
         keys = self.keys(job_id)
-        if timeout_s > 0 and not self.redis.hget(keys[0], "finished_at"):
-            # BLMOVE onto the same list rotates the one marker instead of consuming it,
-            # so any number of waiters on the same job all wake up.
-            self.redis.blmove(keys[5], keys[5], timeout_s, "LEFT", "RIGHT")  # type: ignore[arg-type]
-        return bool(self.redis.hget(keys[0], "finished_at"))
+        deadline = time.monotonic() + timeout_s
+        while not self.redis.hget(keys[0], "finished_at"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # BLMOVE onto the same list rotates the one marker instead of consuming it, so any
+            # number of waiters wake up. Short slices stay under the client's socket timeout.
+            self.redis.blmove(keys[5], keys[5], max(0.01, min(left, 2.0)), "LEFT", "RIGHT")  # type: ignore[arg-type]
+        return True
 
     def active_jobs(self) -> int:
         """Jobs created and not finished yet."""
