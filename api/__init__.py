@@ -7,6 +7,7 @@ from typing import IO
 
 from flask import Flask, Request
 
+from batchvision.queue import interactive_queue
 from batchvision.settings import Settings
 
 
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     svc = Services.create(settings)
     app.extensions["batchvision"] = svc
     errors.register(app)
-    metrics.init_app(app, svc.store, settings.queue)
+    metrics.init_app(app, svc.store, (settings.queue, interactive_queue(settings)))
     auth.init_app(app, settings.api_keys)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)

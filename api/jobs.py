@@ -62,7 +62,9 @@ def _new_job(svc: Services) -> str:
     return job_id
 
 
-def _add(svc: Services, job_id: str | None, *, seal: bool) -> tuple[str, dict[str, Any]]:
+def _add(
+    svc: Services, job_id: str | None, *, seal: bool, interactive: bool = False
+) -> tuple[str, dict[str, Any]]:
     """Validate the request's files and add them to ``job_id`` (a new job if ``None``)."""
     uploads, skipped = read_uploads(request, svc.settings)
     ensure_nonempty(uploads, skipped)
@@ -72,7 +74,9 @@ def _add(svc: Services, job_id: str | None, *, seal: bool) -> tuple[str, dict[st
         job_id = _new_job(svc)
     else:
         _backpressure(svc)
-    summary = ingest(svc, job_id, uploads, problems)
+    # A small job sent whole is someone waiting: it goes ahead of bulk work.
+    interactive = interactive or (seal and len(uploads) <= svc.settings.interactive_max_images)
+    summary = ingest(svc, job_id, uploads, problems, interactive)
     summary["skipped"] = skipped
     if seal:
         svc.store.seal(job_id)
@@ -160,7 +164,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     """Submit and wait up to ``?timeout=`` seconds; ``200`` with results or ``202`` with the job."""
     svc = services()
     timeout = max(0.0, min(_float_arg("timeout", svc.settings.sync_timeout_s), svc.settings.sync_timeout_s))
-    job_id, summary = _add(svc, None, seal=True)
+    job_id, summary = _add(svc, None, seal=True, interactive=True)
     if not svc.store.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
     job = _public(_job_or_404(svc, job_id))

@@ -33,9 +33,9 @@ class StoreCollector(Collector):
 
     NAMES = ("batchvision_queue_depth_images", "batchvision_jobs_in_progress", "batchvision_queue_tasks")
 
-    def __init__(self, store: JobStore, queue: str) -> None:
+    def __init__(self, store: JobStore, queues: tuple[str, ...]) -> None:
         self.store = store
-        self.queue = queue
+        self.queues = queues
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -48,15 +48,15 @@ class StoreCollector(Collector):
         )
         yield GaugeMetricFamily(
             "batchvision_queue_tasks",
-            "Celery messages waiting in the Redis queue list (what KEDA scales on).",
-            value=int(self.store.redis.llen(self.queue)),
+            "Celery messages waiting in the Redis queue lists, bulk and interactive (what KEDA scales on).",
+            value=sum(int(self.store.redis.llen(q)) for q in self.queues),
         )
 
 
-def init_app(app: Flask, store: JobStore, queue: str) -> None:
+def init_app(app: Flask, store: JobStore, queues: tuple[str, ...]) -> None:
     """Time every request and serve ``/metrics``."""
     store_registry = CollectorRegistry(auto_describe=False)
-    store_registry.register(StoreCollector(store, queue))
+    store_registry.register(StoreCollector(store, queues))
 
     @app.before_request
     def _start() -> None:

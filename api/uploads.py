@@ -120,7 +120,11 @@ def require_some_valid(uploads: list[Upload], problems: list[BatchvisionError | 
 
 
 def ingest(
-    svc: Services, job_id: str, uploads: list[Upload], problems: list[BatchvisionError | None]
+    svc: Services,
+    job_id: str,
+    uploads: list[Upload],
+    problems: list[BatchvisionError | None],
+    interactive: bool = False,
 ) -> dict[str, Any]:
     """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name."""
     indexed = svc.store.add_files(job_id, [(u.key, u.filename) for u in uploads])
@@ -138,7 +142,7 @@ def ingest(
             blobs[index] = up.data
     svc.blobs.put_many(job_id, blobs)
     svc.store.record(job_id, errors)
-    enqueue(svc.celery, svc.settings, svc.redis, job_id, sorted(blobs))
+    enqueue(svc.celery, svc.settings, svc.redis, job_id, sorted(blobs), interactive)
     IMAGES_ACCEPTED.inc(len(blobs))
     for item in rejected:
         IMAGES_REJECTED.labels(item["code"]).inc()

@@ -90,11 +90,14 @@ class DynamicBatcher(Generic[In, Out]):
                 slot.left = 0
                 self._cond.notify_all()
 
-    def submit(self, value: In, tag: Any = None) -> Future[Out]:
-        """Queue one item; the future resolves with its output or the batch's error."""
-        return self._put(value, tag, None)
+    def submit(self, value: In, tag: Any = None, urgent: bool = False) -> Future[Out]:
+        """Queue one item (``urgent``: ahead of the others); the future resolves with its
+        output or the batch's error."""
+        return self._put(value, tag, None, urgent)
 
-    def _put(self, value: In, tag: Any, slot: Reservation[In, Out] | None) -> Future[Out]:
+    def _put(
+        self, value: In, tag: Any, slot: Reservation[In, Out] | None, urgent: bool = False
+    ) -> Future[Out]:
         fut: Future[Out] = Future()
         with self._cond:
             if self._closed:
@@ -102,7 +105,11 @@ class DynamicBatcher(Generic[In, Out]):
             if slot is not None and slot.left > 0:
                 slot.left -= 1
                 self._reserved -= 1
-            self._items.append(_Item(value, tag, fut, time.monotonic()))
+            item = _Item(value, tag, fut, time.monotonic())
+            if urgent:
+                self._items.appendleft(item)
+            else:
+                self._items.append(item)
             self._cond.notify_all()
         return fut
 
@@ -162,6 +169,6 @@ class Reservation(Generic[In, Out]):
         self._batcher = batcher
         self.left = n
 
-    def submit(self, value: In, tag: Any = None) -> Future[Out]:
+    def submit(self, value: In, tag: Any = None, urgent: bool = False) -> Future[Out]:
         """Queue one announced item."""
-        return self._batcher._put(value, tag, self)
+        return self._batcher._put(value, tag, self, urgent)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from batchvision.checks import ConfigError, check_worker_settings
+from batchvision.queue import interactive_queue
 from batchvision.settings import Settings
 
 DEFAULT_DEMO_MODEL = Path("models/demo.keras")
@@ -75,7 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--concurrency",
         str(s.worker_threads),
         "--queues",
-        s.queue,
+        f"{interactive_queue(s)},{s.queue}",
         "--hostname",
         name,
         "--task-events",

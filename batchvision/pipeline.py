@@ -62,7 +62,7 @@ class ChunkProcessor:
     on_recorded: Callable[[Counts], None] | None = None
 
     def process(
-        self, job_id: str, indexes: Sequence[int], enqueued_at: float | None = None
+        self, job_id: str, indexes: Sequence[int], enqueued_at: float | None = None, urgent: bool = False
     ) -> dict[str, Any]:
         """Give every image of the chunk exactly one stored result."""
         stats = ChunkStats(job_id)
@@ -79,7 +79,7 @@ class ChunkProcessor:
             self._finish(job_id, todo, {i: _canceled() for i in todo}, stats)
             return stats.summary()
         if tries == 1:
-            self._finish(job_id, todo, self._classify(job_id, todo, enqueued_at), stats)
+            self._finish(job_id, todo, self._classify(job_id, todo, enqueued_at, urgent), stats)
         else:
             # A redelivered chunk: the last delivery may have died on one of these images.
             # Go one image at a time, each with its own attempt count, so a poison image ends
@@ -91,11 +91,13 @@ class ChunkProcessor:
                     message = f"the worker died processing this image {self.max_attempts} times"
                     results = {i: error_result("poison_image", message)}
                 else:
-                    results = self._classify(job_id, [i], enqueued_at)
+                    results = self._classify(job_id, [i], enqueued_at, urgent)
                 self._finish(job_id, [i], results, stats)
         return stats.summary()
 
-    def _classify(self, job_id: str, todo: list[int], enqueued_at: float | None) -> dict[int, dict[str, Any]]:
+    def _classify(
+        self, job_id: str, todo: list[int], enqueued_at: float | None, urgent: bool = False
+    ) -> dict[int, dict[str, Any]]:
         results: dict[int, dict[str, Any]] = {}
         futures: dict[int, Future[np.ndarray]] = {}
         blobs = self.blobs.get_many(job_id, todo)
@@ -114,7 +116,7 @@ class ChunkProcessor:
                 finally:
                     if self.on_decode is not None:
                         self.on_decode(time.perf_counter() - start)
-                futures[i] = slot.submit(image, tag=(job_id, enqueued_at))
+                futures[i] = slot.submit(image, tag=(job_id, enqueued_at), urgent=urgent)
         for i, fut in futures.items():
             try:
                 results[i] = prediction(fut.result(), self.labels, self.top_k)

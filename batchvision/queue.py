@@ -18,6 +18,11 @@ from batchvision.settings import Settings
 CLASSIFY_TASK = "batchvision.classify"
 
 
+def interactive_queue(settings: Settings) -> str:
+    """The queue of small jobs, served ahead of bulk chunks."""
+    return f"{settings.queue}.interactive"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The settings both sides of the queue share. Chosen so that nothing is lost or run
     twice: late acks, requeue on a lost worker, prefetch 1 (the backlog stays in Redis,
@@ -70,10 +75,18 @@ def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
     return [list(indexes[i : i + size]) for i in range(0, len(indexes), size)]
 
 
-def enqueue(app: Celery, settings: Settings, client: redis.Redis, job_id: str, indexes: Sequence[int]) -> int:
+def enqueue(
+    app: Celery,
+    settings: Settings,
+    client: redis.Redis,
+    job_id: str,
+    indexes: Sequence[int],
+    interactive: bool = False,
+) -> int:
     """Send one classify task per chunk of ``indexes``; returns the number of tasks.
 
     Each chunk is recorded for :mod:`batchvision.recovery` before it is published.
+    ``interactive`` chunks go to the interactive queue and to the front of the worker's batches.
     """
     chunks = chunked(indexes, settings.chunk_size)
     if not chunks:
@@ -82,18 +95,24 @@ def enqueue(app: Celery, settings: Settings, client: redis.Redis, job_id: str, i
     client.zadd(CHUNKS_KEY, {chunk_member(job_id, c): now for c in chunks})
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
-            send_chunk(app, settings, job_id, chunk, now, producer)
+            send_chunk(app, settings, job_id, chunk, now, producer, interactive)
     return len(chunks)
 
 
 def send_chunk(
-    app: Celery, settings: Settings, job_id: str, chunk: list[int], enqueued_at: float, producer: Any = None
+    app: Celery,
+    settings: Settings,
+    job_id: str,
+    chunk: list[int],
+    enqueued_at: float,
+    producer: Any = None,
+    interactive: bool = False,
 ) -> None:
     """Publish one classify task by name (the API never imports the task)."""
     app.send_task(
         CLASSIFY_TASK,
-        args=[job_id, chunk, enqueued_at],
-        queue=settings.queue,
+        args=[job_id, chunk, enqueued_at, interactive],
+        queue=interactive_queue(settings) if interactive else settings.queue,
         producer=producer,
         # Flower shows this instead of the raw argument list.
         argsrepr=f"job={job_id} images={chunk[0]}..{chunk[-1]} n={len(chunk)}",

@@ -42,7 +42,7 @@ def chunk_done(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None
 
 def sweep(
     store: JobStore,
-    queue: str,
+    queues: Sequence[str],
     older_than_s: float,
     resend: Callable[[str, list[int]], None],
     limit: int = 1000,
@@ -51,7 +51,7 @@ def sweep(
     client = store.redis
     if not client.set(SWEEP_LOCK, "1", nx=True, ex=max(5, int(older_than_s))):
         return 0  # another worker is sweeping
-    if client.llen(queue):
+    if any(client.llen(q) for q in queues):
         return 0  # a backlog: chunks may still be waiting in it
     cutoff = time.time() - older_than_s
     resent = 0

@@ -54,6 +54,11 @@ class Settings:
         10.0, "Longest a batch waits to fill when more images are on their way."
     )
     chunk_size: int = _field(32, "Images per Celery task; a job is split into such chunks.")
+    interactive_max_images: int = _field(
+        8,
+        "Jobs of at most this many images (and every `POST /v1/classify`) go to the interactive "
+        "queue `<QUEUE>.interactive`, which workers serve ahead of bulk work.",
+    )
     worker_threads: int = _field(
         8, "Task threads per worker process (decode in parallel, feed one model thread)."
     )

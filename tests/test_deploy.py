@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from batchvision.queue import interactive_queue
 from batchvision.settings import PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -912,13 +913,20 @@ def test_k8s_keda_scaledobject(rendered: dict) -> None:
     target = scaled["spec"]["scaleTargetRef"]
     _get(objects, "Deployment", target["name"])
     assert target.get("kind", "Deployment") == "Deployment"
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
+    triggers = scaled["spec"]["triggers"]
     config = _get(objects, "ConfigMap", "batchvision-config")["data"]
-    assert trigger["metadata"]["listName"] == config["BATCHVISION_QUEUE"] == DEFAULTS.queue
-    assert trigger["metadata"]["address"] == "redis.batchvision.svc:6379"
-    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata is strings"
-    auth = _get(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    # One trigger per queue list the workers consume: bulk and interactive.
+    assert [t["metadata"]["listName"] for t in triggers] == [
+        config["BATCHVISION_QUEUE"],
+        interactive_queue(DEFAULTS),
+    ]
+    assert config["BATCHVISION_QUEUE"] == DEFAULTS.queue
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["address"] == "redis.batchvision.svc:6379"
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata is strings"
+        assert trigger["authenticationRef"] == triggers[0]["authenticationRef"]
+    auth = _get(objects, "TriggerAuthentication", triggers[0]["authenticationRef"]["name"])
     secret = _get(objects, "Secret", "batchvision-secrets")
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["name"] == "batchvision-secrets" and ref["key"] in secret["stringData"]

@@ -14,7 +14,7 @@ from batchvision import failpoints
 from batchvision.batching import BatchInfo, DynamicBatcher
 from batchvision.blobs import open_blobs
 from batchvision.pipeline import ChunkProcessor
-from batchvision.queue import send_chunk
+from batchvision.queue import interactive_queue, send_chunk
 from batchvision.recovery import Sweeper, sweep
 from batchvision.services import connect_redis
 from batchvision.settings import Settings
@@ -65,7 +65,8 @@ def start_sweeper(settings: Settings, app: Celery) -> None:
         send_chunk(app, settings, job_id, indexes, time.time())
 
     def run() -> int:
-        return sweep(runtime.processor.store, settings.queue, vt + max(2.0, vt / 10), resend)
+        queues = (settings.queue, interactive_queue(settings))
+        return sweep(runtime.processor.store, queues, vt + max(2.0, vt / 10), resend)
 
     runtime.sweeper = Sweeper(max(1.0, min(60.0, vt / 3)), run)
     runtime.sweeper.start()

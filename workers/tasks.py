@@ -23,9 +23,11 @@ from workers.runtime import get_runtime
     retry_backoff_max=30,
     max_retries=8,
 )
-def classify(job_id: str, indexes: list[int], enqueued_at: float | None = None) -> dict[str, Any]:
+def classify(
+    job_id: str, indexes: list[int], enqueued_at: float | None = None, interactive: bool = False
+) -> dict[str, Any]:
     """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
     runtime = get_runtime(settings)
-    summary = runtime.processor.process(job_id, indexes, enqueued_at)
+    summary = runtime.processor.process(job_id, indexes, enqueued_at, urgent=interactive)
     chunk_done(runtime.processor.store.redis, job_id, indexes)
     return summary
