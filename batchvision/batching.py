@@ -45,6 +45,7 @@ class _Item(Generic[In, Out]):
     tag: Any
     future: Future[Out]
     enqueued: float
+    urgent: bool = False
 
 
 class DynamicBatcher(Generic[In, Out]):
@@ -105,7 +106,7 @@ class DynamicBatcher(Generic[In, Out]):
             if slot is not None and slot.left > 0:
                 slot.left -= 1
                 self._reserved -= 1
-            item = _Item(value, tag, fut, time.monotonic())
+            item = _Item(value, tag, fut, time.monotonic(), urgent)
             if urgent:
                 self._items.appendleft(item)
             else:
@@ -128,6 +129,13 @@ class DynamicBatcher(Generic[In, Out]):
                 if self._closed:
                     return None
                 self._cond.wait()
+            if self._items[0].urgent:
+                # Someone is waiting on these: run them now, in a small batch of their own,
+                # instead of in the next full (and slow) batch.
+                n = 0
+                while n < len(self._items) and n < self.max_batch_size and self._items[n].urgent:
+                    n += 1
+                return [self._items.popleft() for _ in range(n)]
             deadline = self._items[0].enqueued + self.max_delay_s
             while len(self._items) < self.max_batch_size and self._reserved > 0:
                 left = deadline - time.monotonic()

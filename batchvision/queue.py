@@ -35,6 +35,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # visibility timeout has passed: kombu's default sweep runs only every ~100 s.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
+            # Take from the queues in the order the worker lists them (interactive first),
+            # not round-robin: a free worker thread always picks a waiting small job.
+            "queue_order_strategy": "priority",
             # A worker killed while it holds the restore lock would block every other
             # worker's sweep for the lock's lifetime (kombu's default: 300 s).
             "unacked_mutex_expire": max(5, min(60, settings.visibility_timeout_s // 2)),

@@ -53,7 +53,7 @@ class Settings:
     max_batch_delay_ms: float = _field(
         10.0, "Longest a batch waits to fill when more images are on their way."
     )
-    chunk_size: int = _field(32, "Images per Celery task; a job is split into such chunks.")
+    chunk_size: int = _field(16, "Images per Celery task; a job is split into such chunks.")
     interactive_max_images: int = _field(
         8,
         "Jobs of at most this many images (and every `POST /v1/classify`) go to the interactive "

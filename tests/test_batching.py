@@ -120,3 +120,25 @@ def test_many_threads_share_batches() -> None:
 def test_rejects_bad_config() -> None:
     with pytest.raises(ValueError):
         DynamicBatcher(lambda xs: xs, max_batch_size=0)
+
+
+def test_urgent_items_jump_the_queue_in_a_batch_of_their_own() -> None:
+    seen: list[BatchInfo] = []
+    gate = threading.Event()
+
+    def slow(xs: list[int]) -> list[int]:
+        gate.wait(5)
+        return xs
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        slow, max_batch_size=4, max_delay_s=0.01, on_batch=seen.append
+    )
+    first = b.submit(0, tag="bulk")  # occupies the model
+    time.sleep(0.05)
+    bulk = [b.submit(i, tag="bulk") for i in range(1, 9)]
+    urgent = b.submit(99, tag="user", urgent=True)
+    gate.set()
+    assert urgent.result(5) == 99 and first.result(5) == 0
+    assert [f.result(5) for f in bulk] == list(range(1, 9))
+    b.close()
+    assert seen[1].tags == ("user",)  # right after the running batch, alone
