@@ -184,10 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Every subcommand, for the parity tests of Dockerfiles, compose and k8s.
-COMMANDS: tuple[str, ...] = ()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
@@ -202,6 +198,7 @@ def _commands() -> tuple[str, ...]:
     return ()
 
 
+#: Every subcommand, for the parity tests of Dockerfiles, compose and k8s.
 COMMANDS = _commands()
 
 if __name__ == "__main__":

@@ -61,14 +61,7 @@ class Client:
 
     def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path]) -> dict[str, Any]:
         """Submit images as one job; items are paths or ``(filename, bytes)`` pairs."""
-        parts = []
-        for item in files:
-            if isinstance(item, (str, Path)):
-                p = Path(item)
-                parts.append(("files", (p.name, p.read_bytes(), "application/octet-stream")))
-            else:
-                parts.append(("files", (item[0], item[1], "application/octet-stream")))
-        return dict(self._request("POST", "/v1/jobs", files=parts).json())
+        return dict(self._request("POST", "/v1/jobs", files=_parts(files)).json())
 
     def open_job(self, expected: int | None = None) -> dict[str, Any]:
         """Open a job for an upload in parts."""
@@ -76,8 +69,7 @@ class Client:
 
     def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
         """Upload one part; file names are relative paths (the idempotency key)."""
-        parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
-        return dict(self._request("POST", f"/v1/jobs/{job_id}/files", files=parts).json())
+        return dict(self._request("POST", f"/v1/jobs/{job_id}/files", files=_parts(files)).json())
 
     def seal(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/jobs/{job_id}/seal").json())
@@ -96,15 +88,10 @@ class Client:
         self, files: Iterable[tuple[str, bytes] | str | Path], timeout: float = 30.0
     ) -> dict[str, Any]:
         """Submit and wait server-side (``POST /v1/classify``)."""
-        parts = []
-        for item in files:
-            name, data = (Path(item).name, Path(item).read_bytes()) if isinstance(item, (str, Path)) else item
-            parts.append(("files", (name, data, "application/octet-stream")))
-        return dict(
-            self._request(
-                "POST", "/v1/classify", params={"timeout": timeout}, files=parts, timeout=timeout + 30
-            ).json()
+        resp = self._request(
+            "POST", "/v1/classify", params={"timeout": timeout}, files=_parts(files), timeout=timeout + 30
         )
+        return dict(resp.json())
 
     def status(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/v1/jobs/{job_id}").json())
@@ -148,3 +135,12 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+
+def _parts(files: Iterable[tuple[str, bytes] | str | Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart ``files`` parts from paths or ``(filename, bytes)`` pairs."""
+    out = []
+    for item in files:
+        name, data = (Path(item).name, Path(item).read_bytes()) if isinstance(item, (str, Path)) else item
+        out.append(("files", (name, data, "application/octet-stream")))
+    return out

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def up(args: argparse.Namespace) -> int:
     try:
         sup.start()
         sup.wait_healthy()
-        _wait_worker(settings, sup)
+        wait_for_workers(settings, while_waiting=sup.check_once)
         print("\nbatchvision is up:")
         for svc in sup.services:
             print(f"  {svc.name:<7} {svc.url}")
@@ -93,17 +94,30 @@ def up(args: argparse.Namespace) -> int:
             redis.close()
 
 
-def _wait_worker(settings: Settings, sup: Supervisor, timeout: float = 300.0) -> None:
+def wait_for_workers(
+    settings: Settings,
+    count: int = 1,
+    timeout: float = 300.0,
+    while_waiting: Callable[[], None] | None = None,
+) -> None:
+    """Block until ``count`` workers answer a ping over the broker (their model is loaded)."""
     import time
+
+    import redis
 
     from batchvision.queue import create_celery
 
-    app = create_celery(settings)
     deadline = time.monotonic() + timeout
-    while not app.control.ping(timeout=1.0):
-        sup.check_once()
+    while True:
+        try:
+            if len(create_celery(settings).control.ping(timeout=1.0)) >= count:
+                return
+        except (OSError, redis.exceptions.ConnectionError):
+            pass  # Redis is (re)starting: ask again on a fresh connection
+        if while_waiting is not None:
+            while_waiting()
         if time.monotonic() > deadline:
-            raise TimeoutError("the worker did not come up")
+            raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
 
 
 def _demo_folder() -> Path:

@@ -22,7 +22,7 @@ from batchvision.batching import DynamicBatcher
 from batchvision.blobs import BlobStore
 from batchvision.errors import BatchvisionError
 from batchvision.imaging import decode_image
-from batchvision.schemas import error_result, prediction
+from batchvision.schemas import canceled_result, error_result, prediction
 from batchvision.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class ChunkProcessor:
         if not todo:
             return stats.summary()
         if canceled:
-            self._finish(job_id, todo, {i: _canceled() for i in todo}, stats)
+            self._finish(job_id, todo, {i: canceled_result() for i in todo}, stats)
             return stats.summary()
         if tries == 1:
             self._finish(job_id, todo, self._classify(job_id, todo, enqueued_at, urgent), stats)
@@ -133,7 +133,3 @@ class ChunkProcessor:
         stats.failed += counts.failed + counts.canceled
         if self.on_recorded is not None:
             self.on_recorded(counts)
-
-
-def _canceled() -> dict[str, Any]:
-    return error_result("canceled", "the job was canceled before this image was classified")

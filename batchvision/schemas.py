@@ -54,6 +54,11 @@ def error_result(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
+def canceled_result() -> dict[str, Any]:
+    """The stored result of an image its job's cancellation reached first."""
+    return error_result("canceled", "the job was canceled before this image was classified")
+
+
 def label_of(labels: Sequence[str], class_id: int) -> str:
     return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from batchvision.schemas import entry, error_result, job_status
+from batchvision.schemas import canceled_result, entry, job_status
 
 PENDING_KEY = "bv:pending"
 ACTIVE_KEY = "bv:active"
@@ -268,7 +268,7 @@ class JobStore:
             return False
         self.redis.hset(key, "cancel", 1)
         total = int(self.redis.hget(key, "total") or 0)
-        marker = error_result("canceled", "the job was canceled before this image was classified")
+        marker = canceled_result()
         for start in range(0, total, page):
             todo = self.unresolved(job_id, range(start, min(total, start + page)))
             self.record(job_id, [(i, marker) for i in todo])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchvision.local import stack  # noqa: E402
+from batchvision.local import stack, wait_for_workers  # noqa: E402
 from batchvision.redis_server import RedisServer, free_port  # noqa: E402, F401
 from batchvision.runner import Supervisor  # noqa: E402
 from batchvision.settings import Settings  # noqa: E402
@@ -43,13 +42,7 @@ def running_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")
         try:
             sup.wait_healthy(timeout=300)
             if "worker" in names:
-                from batchvision.queue import create_celery
-
-                app = create_celery(s)
-                deadline = time.monotonic() + 300
-                while not app.control.ping(timeout=1.0):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("worker did not start")
+                wait_for_workers(s)
             yield s
         finally:
             sup.stop()

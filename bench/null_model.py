@@ -17,7 +17,7 @@ from common import OUT, running_stack, table
 from PIL import Image
 
 from batchvision.client import Client
-from batchvision.queue import create_celery
+from batchvision.local import wait_for_workers
 from batchvision.redis_server import free_port
 from batchvision.runner import Service, Supervisor, cli_argv
 from batchvision.settings import Settings
@@ -49,10 +49,7 @@ def run(folder: Path, model: str, workers: int, chunk: int) -> float:
         sup = Supervisor(extra)
         sup.start()
         try:
-            app = create_celery(s)
-            deadline = time.monotonic() + 300
-            while len(app.control.ping(timeout=1.0)) < workers:
-                assert time.monotonic() < deadline, "workers did not start"
+            wait_for_workers(s, count=workers)
             client = Client(f"http://127.0.0.1:{s.api_port}")
             client.wait(client.submit_files(sorted(folder.iterdir())[:64])["job_id"], timeout=120)
             start = time.perf_counter()

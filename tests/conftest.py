@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
+from batchvision.local import wait_for_workers
 from batchvision.redis_server import RedisServer, free_port
 from batchvision.runner import Service, Supervisor
 from batchvision.settings import Settings
@@ -75,17 +75,7 @@ def start_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) 
 
 
 def wait_worker(settings: Settings, timeout: float = 120.0) -> None:
-    from batchvision.queue import create_celery
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if create_celery(settings).control.ping(timeout=1.0):
-                return
-        except (OSError, redis_lib.exceptions.ConnectionError):
-            pass  # Redis just restarted: try again on a fresh connection
-        if time.monotonic() > deadline:
-            raise TimeoutError("worker did not answer a ping")
+    wait_for_workers(settings, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
