@@ -113,7 +113,8 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
     # The same key (per API key) returns the same job instead of creating a second one.
     slot = f"bv:idem:{current_owner()}:{digest(key)}"
     ttl = svc.settings.idempotency_ttl_s
-    if not svc.redis.set(slot, "pending", nx=True, ex=ttl):
+    # "pending" lives only as long as a request can: a crashed request does not block the key.
+    if not svc.redis.set(slot, "pending", nx=True, ex=int(svc.settings.sync_timeout_s) + 60):
         existing = svc.redis.get(slot)
         if existing in (None, b"pending"):
             raise Conflict(
@@ -139,6 +140,8 @@ def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
         job_id, summary = _add(svc, job_id, seal=False)
     except PermissionError as exc:
         raise Conflict(f"job {job_id} is sealed or canceled: no more files", code="job_sealed") from exc
+    except LookupError as exc:  # expired between the check and the write
+        raise NotFound(f"no job {job_id}", code="job_not_found") from exc
     return _accepted(svc, job_id, summary)
 
 

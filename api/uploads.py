@@ -50,6 +50,9 @@ def read_uploads(request: Request, settings: Settings) -> tuple[list[Upload], li
                 code="too_many_files",
             )
         raw = [(p.filename or f"file{n}", p.read()) for n, p in enumerate(parts)]
+        if len(archives) > 1:
+            # One archive per request: each is expanded in memory up to the archive budget.
+            raise BadRequest("send one 'archive' part per request", code="too_many_archives")
         for arc in archives:
             contents = _unzip(arc.read(), settings)
             raw += contents.images
@@ -81,11 +84,15 @@ def _unique_keys(raw: list[tuple[str, bytes]]) -> list[Upload]:
     # Within one request, two files may share a name (two 'image.jpg' from different
     # folders); they are different images, so they get distinct keys. Across requests the
     # same key means a re-sent file (idempotent bulk parts).
+    used: set[str] = set()
     seen: Counter[str] = Counter()
     out = []
     for name, data in raw:
-        seen[name] += 1
-        key = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        key = name
+        while key in used:
+            seen[name] += 1
+            key = f"{name}#{seen[name] + 1}"
+        used.add(key)
         out.append(Upload(key, name, data))
     return out
 
@@ -128,6 +135,11 @@ def ingest(
 ) -> dict[str, Any]:
     """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name."""
     indexed = svc.store.add_files(job_id, [(u.key, u.filename) for u in uploads])
+    # A file the job already has but that never got a result may be the victim of a request
+    # that failed half-way (before its blob or task was stored): store and queue it again.
+    # Results are idempotent, so at worst an in-flight image is classified twice, counted once.
+    known = [index for index, new in indexed if not new]
+    redo = set(svc.store.unresolved(job_id, known))
     blobs: dict[int, bytes] = {}
     errors: list[tuple[int, dict[str, Any]]] = []
     rejected: list[dict[str, Any]] = []
@@ -135,6 +147,8 @@ def ingest(
     for (index, new), up, err in zip(indexed, uploads, problems, strict=True):
         if not new:
             duplicates += 1
+            if index in redo and err is None:
+                blobs[index] = up.data
         elif err is not None:
             errors.append((index, error_result(err.code, err.message)))
             rejected.append({"index": index, **rejection(up, err)})
@@ -146,7 +160,7 @@ def ingest(
     IMAGES_ACCEPTED.inc(len(blobs))
     for item in rejected:
         IMAGES_REJECTED.labels(item["code"]).inc()
-    return {"accepted": len(blobs), "rejected": rejected, "duplicates": duplicates}
+    return {"accepted": len(blobs) - len(redo & blobs.keys()), "rejected": rejected, "duplicates": duplicates}
 
 
 def ensure_nonempty(uploads: list[Upload], skipped: list[dict[str, str]]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -53,8 +54,11 @@ def read_zip(data: bytes, *, max_members: int, max_total_bytes: int, max_ratio: 
     budget = max_total_bytes
     for info in infos:
         name = info.filename
-        with zf.open(info) as fh:
-            blob = fh.read(min(budget, info.file_size) + 1)
+        try:
+            with zf.open(info) as fh:
+                blob = fh.read(min(budget, info.file_size) + 1)
+        except (zipfile.BadZipFile, NotImplementedError, zlib.error, EOFError, OSError) as exc:
+            raise ArchiveRejected(f"member {name!r} is corrupt or uses an unsupported method: {exc}") from exc
         if len(blob) > info.file_size or len(blob) > budget:
             raise ArchiveTooLarge(f"member {name!r} expands beyond its declared size or the archive limit")
         budget -= len(blob)

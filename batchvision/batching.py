@@ -67,6 +67,7 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_delay_s = max_delay_s
         self._on_batch = on_batch
         self._items: deque[_Item[In, Out]] = deque()
+        self._urgent: deque[_Item[In, Out]] = deque()  # served first, in arrival order
         self._reserved = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -107,10 +108,7 @@ class DynamicBatcher(Generic[In, Out]):
                 slot.left -= 1
                 self._reserved -= 1
             item = _Item(value, tag, fut, time.monotonic(), urgent)
-            if urgent:
-                self._items.appendleft(item)
-            else:
-                self._items.append(item)
+            (self._urgent if urgent else self._items).append(item)
             self._cond.notify_all()
         return fut
 
@@ -125,23 +123,22 @@ class DynamicBatcher(Generic[In, Out]):
 
     def _next_batch(self) -> list[_Item[In, Out]] | None:
         with self._cond:
-            while not self._items:
+            while not self._items and not self._urgent:
                 if self._closed:
                     return None
                 self._cond.wait()
-            if self._items[0].urgent:
+            if not self._urgent:
+                deadline = self._items[0].enqueued + self.max_delay_s
+                while len(self._items) < self.max_batch_size and self._reserved > 0 and not self._urgent:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._closed:
+                        break
+                    self._cond.wait(left)
+            if self._urgent:
                 # Someone is waiting on these: run them now, in a small batch of their own,
                 # instead of in the next full (and slow) batch.
-                n = 0
-                while n < len(self._items) and n < self.max_batch_size and self._items[n].urgent:
-                    n += 1
-                return [self._items.popleft() for _ in range(n)]
-            deadline = self._items[0].enqueued + self.max_delay_s
-            while len(self._items) < self.max_batch_size and self._reserved > 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    break
-                self._cond.wait(left)
+                n = min(len(self._urgent), self.max_batch_size)
+                return [self._urgent.popleft() for _ in range(n)]
             n = min(len(self._items), self.max_batch_size)
             return [self._items.popleft() for _ in range(n)]
 

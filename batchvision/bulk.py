@@ -37,8 +37,10 @@ def scan(paths: list[Path]) -> Scan:
     out = Scan()
     for root in paths:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        # With several roots, paths keep the root's name so `a/x.jpg` and `b/x.jpg` differ.
+        prefix = f"{root.name}/" if len(paths) > 1 and root.is_dir() else ""
         for path in files:
-            rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+            rel = prefix + path.relative_to(root).as_posix() if root.is_dir() else path.name
             with open(path, "rb") as fh:
                 head = fh.read(16)
             (out.images.append((rel, path)) if looks_like_image(head) else out.skipped.append(rel))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,9 +17,9 @@ from batchvision.errors import ImageTooLarge, InvalidImage
 #: Formats we accept, as Pillow names them. GIFs are classified on their first frame.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})
 
-# Pillow's own bomb guard only warns up to 2x its default limit; our explicit pixel check
-# (configurable) runs first, and this turns whatever Pillow still notices into an error.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
+# Our pixel limit (configurable, checked from the header right after Image.open and before any
+# decoding) replaces Pillow's fixed one, which would otherwise refuse or only warn first.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,7 @@ class ChunkProcessor:
     top_k: int = 5
     max_pixels: int = 50_000_000
     max_attempts: int = 3
+    model_timeout_s: float = 600.0
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts], None] | None = None
 
@@ -69,11 +70,14 @@ class ChunkProcessor:
         claim = self.store.claim(job_id, indexes, f"chunk:{indexes[0]}")
         if claim is None:
             log.warning("job %s is gone (expired or deleted); dropping %d images", job_id, len(indexes))
+            self.store.forget(job_id, len(indexes))
+            self.blobs.delete_many(job_id, list(indexes))
             stats.skipped = len(indexes)
             return stats.summary()
         todo, canceled, tries = claim
         stats.skipped = len(indexes) - len(todo)
-        if not todo:
+        if not todo:  # a redelivery, or the job was canceled: only the uploads are left to clean
+            self.blobs.delete_many(job_id, list(indexes))
             return stats.summary()
         if canceled:
             self._finish(job_id, todo, {i: canceled_result() for i in todo}, stats)
@@ -119,7 +123,9 @@ class ChunkProcessor:
                 futures[i] = slot.submit(image, tag=(job_id, enqueued_at), urgent=urgent)
         for i, fut in futures.items():
             try:
-                results[i] = prediction(fut.result(), self.labels, self.top_k)
+                results[i] = prediction(fut.result(timeout=self.model_timeout_s), self.labels, self.top_k)
+            except TimeoutError:
+                results[i] = error_result("inference_timeout", "the model did not answer in time")
             except BatchvisionError as exc:
                 results[i] = error_result(exc.code, exc.message)
         return results

@@ -36,6 +36,12 @@ def parse_member(member: str) -> tuple[str, list[int]]:
     return job_id, [int(i) for i in rest.split(",") if i]
 
 
+def chunk_started(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
+    """A worker took the chunk: its age now counts from here, so a chunk that waited in a
+    long backlog is not mistaken for a lost one while it runs."""
+    client.zadd(CHUNKS_KEY, {chunk_member(job_id, indexes): time.time()}, xx=True)
+
+
 def chunk_done(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
     client.zrem(CHUNKS_KEY, chunk_member(job_id, indexes))
 
@@ -49,23 +55,26 @@ def sweep(
 ) -> int:
     """Re-send lost chunks once; returns how many were re-sent."""
     client = store.redis
-    if not client.set(SWEEP_LOCK, "1", nx=True, ex=max(5, int(older_than_s))):
-        return 0  # another worker is sweeping
     if any(client.llen(q) for q in queues):
         return 0  # a backlog: chunks may still be waiting in it
-    cutoff = time.time() - older_than_s
-    resent = 0
-    for raw in client.zrangebyscore(CHUNKS_KEY, "-inf", cutoff, start=0, num=limit):
-        member = raw.decode() if isinstance(raw, bytes) else str(raw)
-        job_id, indexes = parse_member(member)
-        if not store.exists(job_id) or not store.unresolved(job_id, indexes):
-            client.zrem(CHUNKS_KEY, member)
-            continue
-        log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
-        client.zadd(CHUNKS_KEY, {member: time.time()}, xx=True)
-        resend(job_id, indexes)
-        resent += 1
-    return resent
+    if not client.set(SWEEP_LOCK, "1", nx=True, ex=60):
+        return 0  # another worker is sweeping right now
+    try:
+        cutoff = time.time() - older_than_s
+        resent = 0
+        for raw in client.zrangebyscore(CHUNKS_KEY, "-inf", cutoff, start=0, num=limit):
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            job_id, indexes = parse_member(member)
+            if not store.exists(job_id) or not store.unresolved(job_id, indexes):
+                client.zrem(CHUNKS_KEY, member)
+                continue
+            log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
+            client.zadd(CHUNKS_KEY, {member: time.time()}, xx=True)
+            resend(job_id, indexes)
+            resent += 1
+        return resent
+    finally:
+        client.delete(SWEEP_LOCK)
 
 
 class Sweeper(threading.Thread):

@@ -68,7 +68,7 @@ def job_status(
 ) -> JobStatus:
     """Derive the status from counts, so it can never disagree with the stored results."""
     finished = sealed and done + failed + canceled >= total
-    if cancel_requested and (canceled or not finished):
+    if cancel_requested and (canceled or not finished or total == 0):
         return JobStatus.CANCELED
     if not finished:
         return JobStatus.RUNNING if done + failed + canceled else JobStatus.QUEUED

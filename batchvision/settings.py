@@ -85,7 +85,7 @@ class Settings:
     max_files_per_request: int = _field(1000, "Most files in one upload request.")
     max_archive_members: int = _field(20000, "Most members in an uploaded zip archive.")
     max_archive_bytes: int = _field(
-        1024 * 1024 * 1024, "Most uncompressed bytes in an uploaded zip (read in memory, never to disk)."
+        512 * 1024 * 1024, "Most uncompressed bytes in an uploaded zip (read in memory, never to disk)."
     )
     max_compression_ratio: float = _field(
         200.0, "Highest compression ratio of a zip member (zip-bomb guard)."

@@ -50,6 +50,7 @@ end
 
 _RECORD_LUA = (
     """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0, 0} end
 local n = {done = 0, failed = 0, canceled = 0}
 for i = 4, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]) == 1 then
@@ -64,7 +65,17 @@ if stored > 0 then redis.call('DECRBY', KEYS[9], stored) end
     + "return {n.done, n.failed, n.canceled}"
 )
 
-_SEAL_LUA = "redis.call('HSET', KEYS[1], 'sealed', '1')\n" + _FINISH_LUA + "return 1"
+# A sealed job is kept until it finishes (every image then has a result, at the latest an
+# expired-upload error): only open, abandoned uploads expire with the upload TTL.
+_SEAL_LUA = (
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'sealed', '1')
+for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+"""
+    + _FINISH_LUA
+    + "return 1"
+)
 
 _ADD_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -170,10 +181,11 @@ class JobStore:
             raise LookupError(job_id)
         if out == -2:
             raise PermissionError(job_id)
-        pipe = self.redis.pipeline()
-        for k in keys[:3]:
-            pipe.expire(k, self.open_ttl_s)
-        pipe.execute()
+        if not self.redis.hget(keys[0], "sealed") == b"1":
+            pipe = self.redis.pipeline()
+            for k in keys[:4]:
+                pipe.expire(k, self.open_ttl_s)
+            pipe.execute()
         return [(int(out[i]), bool(out[i + 1])) for i in range(0, len(out), 2)]
 
     def seal(self, job_id: str) -> None:
@@ -243,6 +255,14 @@ class JobStore:
             return None
         todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
         return todo, cancel == b"1", int(tries)
+
+    def forget(self, job_id: str, images: int) -> None:
+        """A job vanished (an abandoned upload expired) with ``images`` never classified:
+        release them from the global counters."""
+        pipe = self.redis.pipeline()
+        pipe.decrby(PENDING_KEY, images)
+        pipe.srem(ACTIVE_KEY, job_id)
+        pipe.execute()
 
     def file_keys(self, job_id: str) -> list[str]:
         """Every file key (relative path) the job has."""

@@ -66,3 +66,11 @@ def test_too_many_members_and_garbage() -> None:
         )
     with pytest.raises(ArchiveRejected):
         read_zip(b"PK\x03\x04 definitely not a zip", **LIMITS)
+
+
+def test_corrupt_member_is_a_clear_refusal() -> None:
+    name, data, _ = next(labelled_files(1, seed=2))
+    raw = bytearray(_zip([(name, data)]))
+    raw[60:80] = b"\0" * 20  # damage the compressed data: CRC or inflate fails
+    with pytest.raises(ArchiveRejected):
+        read_zip(bytes(raw), **LIMITS)

@@ -17,6 +17,9 @@ import requests
 
 from batchvision.bulk import submit_folder
 from batchvision.client import Client
+from batchvision.services import connect_redis
+from batchvision.settings import Settings
+from batchvision.store import JobStore
 from batchvision.synthetic import labelled_files
 
 pytestmark = pytest.mark.integration
@@ -135,6 +138,20 @@ def test_resending_a_part_changes_nothing(api_url: str) -> None:
     status = client.wait(job_id, timeout=60)
     assert (status["total"], status["done"]) == (4, 4)
     assert [r["filename"] for r in client.results(job_id)] == [n for n, _ in files]
+
+
+def test_a_part_that_failed_half_way_is_completed_by_its_retry(api_url: str, settings: Settings) -> None:
+    """A request died after indexing its files but before storing blobs and tasks: the
+    retry (same relative paths) must still get every image classified."""
+    client = Client(api_url)
+    job_id = client.open_job(3)["job_id"]
+    files = [(f"dir/{n}", d) for n, d, _ in labelled_files(3, seed=43)]
+    store = JobStore(connect_redis(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
+    store.add_files(job_id, [(n, n) for n, _ in files])  # indexed, nothing else stored
+    client.add_part(job_id, files)
+    client.seal(job_id)
+    status = client.wait(job_id, timeout=60)
+    assert (status["total"], status["done"]) == (3, 3)
 
 
 def _zip_folder(root: Path) -> bytes:

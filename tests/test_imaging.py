@@ -169,3 +169,11 @@ def test_normalize_modes() -> None:
     assert caffe[0, 0, 0, 0] == pytest.approx(255 - 103.939)
     with pytest.raises(ValueError):
         normalize(batch, "nope")
+
+
+def test_the_configured_pixel_limit_is_the_one_that_applies() -> None:
+    # 95 MP is above Pillow's own default guard; with a higher configured limit it passes.
+    big = _png_header_only(10000, 9500)
+    assert inspect_image(big, max_bytes=10**6, max_pixels=200_000_000).width == 10000
+    with pytest.raises(ImageTooLarge):
+        inspect_image(big, max_bytes=10**6, max_pixels=90_000_000)

@@ -66,7 +66,8 @@ def start_sweeper(settings: Settings, app: Celery) -> None:
 
     def run() -> int:
         queues = (settings.queue, interactive_queue(settings))
-        return sweep(runtime.processor.store, queues, vt + max(2.0, vt / 10), resend)
+        # Twice the visibility timeout: kombu's own restore gets the first chance.
+        return sweep(runtime.processor.store, queues, 2 * vt + 2.0, resend)
 
     runtime.sweeper = Sweeper(max(1.0, min(60.0, vt / 3)), run)
     runtime.sweeper.start()
@@ -114,6 +115,7 @@ def _build(settings: Settings) -> Runtime:
         top_k=settings.top_k,
         max_pixels=settings.max_image_pixels,
         max_attempts=settings.max_attempts,
+        model_timeout_s=float(settings.task_time_limit_s),
         on_decode=metrics.DECODE.observe,
         on_recorded=metrics.observe_recorded,
     )

@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from batchvision.queue import CLASSIFY_TASK
-from batchvision.recovery import chunk_done
+from batchvision.recovery import chunk_done, chunk_started
 from workers.celery_app import app, settings
 from workers.runtime import get_runtime
 
@@ -28,6 +28,7 @@ def classify(
 ) -> dict[str, Any]:
     """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
     runtime = get_runtime(settings)
+    chunk_started(runtime.processor.store.redis, job_id, indexes)
     summary = runtime.processor.process(job_id, indexes, enqueued_at, urgent=interactive)
     chunk_done(runtime.processor.store.redis, job_id, indexes)
     return summary
