@@ -9,10 +9,11 @@ For one task (a job id and a chunk of image indexes): skip what already has a re
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ class ChunkProcessor:
     model_timeout_s: float = 600.0
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts], None] | None = None
+    _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def process(
         self, job_id: str, indexes: Sequence[int], enqueued_at: float | None = None, urgent: bool = False
@@ -87,16 +89,19 @@ class ChunkProcessor:
         else:
             # A redelivered chunk: the last delivery may have died on one of these images.
             # Go one image at a time, each with its own attempt count, so a poison image ends
-            # as a per-image error after max_attempts while the others complete.
+            # as a per-image error after max_attempts while the others complete. Suspects run
+            # one at a time in this process, so a death is blamed on the image that was really
+            # in flight, not on suspects of other chunks that happened to run beside it.
             log.warning("job %s chunk %d delivered %d times: isolating images", job_id, indexes[0], tries)
             for i in todo:
-                # The first, whole-chunk delivery counts as this image's first attempt too.
-                if self.store.attempt(job_id, f"image:{i}") + 1 > self.max_attempts:
-                    message = f"the worker died processing this image {self.max_attempts} times"
-                    results = {i: error_result("poison_image", message)}
-                else:
-                    results = self._classify(job_id, [i], enqueued_at, urgent)
-                self._finish(job_id, [i], results, stats)
+                with self._isolation:
+                    # The first, whole-chunk delivery counts as this image's first attempt too.
+                    if self.store.attempt(job_id, f"image:{i}") + 1 > self.max_attempts:
+                        message = f"the worker died processing this image {self.max_attempts} times"
+                        results = {i: error_result("poison_image", message)}
+                    else:
+                        results = self._classify(job_id, [i], enqueued_at, urgent)
+                    self._finish(job_id, [i], results, stats)
         return stats.summary()
 
     def _classify(
