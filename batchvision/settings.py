@@ -64,7 +64,11 @@ class Settings:
     )
     intra_op_threads: int = _field(0, "TensorFlow intra-op threads (0: TensorFlow's default).")
     inter_op_threads: int = _field(0, "TensorFlow inter-op threads (0: TensorFlow's default).")
-    task_time_limit_s: int = _field(600, "Hard limit for one chunk task.")
+    task_time_limit_s: int = _field(
+        600,
+        "Longest one chunk may take: bounds the wait on the model (Celery's threads pool enforces "
+        "no hard limit) and must stay below the visibility timeout.",
+    )
     visibility_timeout_s: int = _field(
         3600,
         "Redis visibility timeout: an unacknowledged task is redelivered after this; "
