@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ class BlobStore(Protocol):
     def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None: ...
     def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]: ...
     def delete_many(self, job_id: str, indexes: Sequence[int]) -> None: ...
-    def delete_job(self, job_id: str) -> None: ...
 
 
 class RedisBlobs:
@@ -55,11 +53,6 @@ class RedisBlobs:
     def delete_many(self, job_id: str, indexes: Sequence[int]) -> None:
         if indexes:
             self.redis.unlink(*[self.key(job_id, i) for i in indexes])
-
-    def delete_job(self, job_id: str) -> None:
-        keys = list(self.redis.scan_iter(match=f"bv:blob:{{{job_id}}}:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            self.redis.unlink(*keys[start : start + 1000])
 
 
 class FileBlobs:
@@ -94,9 +87,6 @@ class FileBlobs:
         for index in indexes:
             with contextlib.suppress(FileNotFoundError):
                 self._path(job_id, index).unlink()
-
-    def delete_job(self, job_id: str) -> None:
-        shutil.rmtree(self.root / job_id, ignore_errors=True)
 
 
 def open_blobs(url: str, client: redis.Redis, ttl_s: int) -> BlobStore:

@@ -18,13 +18,6 @@ class BatchvisionError(Exception):
             self.code = code
         self.details = details
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON body ``{"code", "message"[, "details"]}``."""
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            body["details"] = self.details
-        return body
-
 
 class InvalidImage(BatchvisionError):
     """An upload that is not an image we accept (format, truncation, limits)."""

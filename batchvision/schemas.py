@@ -25,10 +25,6 @@ class JobStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
 
-    @property
-    def final(self) -> bool:
-        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
-
 
 class Score(TypedDict):
     label: str
