@@ -66,7 +66,7 @@ def _add(
     svc: Services, job_id: str | None, *, seal: bool, interactive: bool = False
 ) -> tuple[str, dict[str, Any]]:
     """Validate the request's files and add them to ``job_id`` (a new job if ``None``)."""
-    uploads, skipped = read_uploads(request, svc.settings)
+    uploads, skipped = read_uploads(request, svc.settings, adding=job_id is not None)
     ensure_nonempty(uploads, skipped)
     problems = check(svc, uploads)
     require_some_valid(uploads, problems)

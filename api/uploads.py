@@ -31,7 +31,9 @@ class Upload:
     data: bytes
 
 
-def read_uploads(request: Request, settings: Settings) -> tuple[list[Upload], list[dict[str, str]]]:
+def read_uploads(
+    request: Request, settings: Settings, adding: bool = False
+) -> tuple[list[Upload], list[dict[str, str]]]:
     """Files of a request, and archive members skipped as not images.
 
     Accepts a multipart form (parts named ``files``, or a zip in a part named ``archive``),
@@ -61,7 +63,14 @@ def read_uploads(request: Request, settings: Settings) -> tuple[list[Upload], li
         contents = _unzip(request.get_data(), settings)
         raw, skipped = contents.images, contents.skipped
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        raw = [(request.args.get("filename") or "image", request.get_data())]
+        name = request.args.get("filename")
+        if adding and not name:
+            # In a job built from parts the name is the file's identity: without one, every
+            # raw part would look like a re-send of the first.
+            raise BadRequest(
+                "a raw image added to a job needs ?filename=<relative path>", code="filename_required"
+            )
+        raw = [(name or "image", request.get_data())]
     else:
         raise BadRequest(
             f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with "

@@ -87,6 +87,8 @@ class FileBlobs:
         for index in indexes:
             with contextlib.suppress(FileNotFoundError):
                 self._path(job_id, index).unlink()
+        with contextlib.suppress(OSError):  # the job's folder goes with its last upload
+            (self.root / job_id).rmdir()
 
 
 def open_blobs(url: str, client: redis.Redis, ttl_s: int) -> BlobStore:

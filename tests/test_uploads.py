@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from api import create_app
 from api.uploads import _unique_keys
 from batchvision.bulk import scan
+from batchvision.settings import Settings
 from batchvision.synthetic import labelled_files
 
 
@@ -26,3 +28,13 @@ def test_several_roots_keep_their_names(tmp_path: Path) -> None:
     assert [rel for rel, _ in found.images] == ["a/x/1.jpg", "b/x/1.jpg"]
     assert found.skipped == ["a/notes.txt"]
     assert [rel for rel, _ in scan([tmp_path / "a"]).images] == ["x/1.jpg"]
+
+
+def test_raw_part_added_to_a_job_needs_a_filename(settings: Settings) -> None:
+    client = create_app(settings).test_client()
+    job = client.post("/v1/jobs", json={"expected": 2}).get_json()
+    _, data, _ = next(labelled_files(1, seed=3))
+    resp = client.post(f"/v1/jobs/{job['job_id']}/files", data=data, content_type="image/jpeg")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "filename_required"
+    ok = client.post(f"/v1/jobs/{job['job_id']}/files?filename=a/b.jpg", data=data, content_type="image/jpeg")
+    assert ok.status_code == 202 and ok.get_json()["accepted"] == 1
