@@ -65,7 +65,12 @@ class ChunkProcessor:
     _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def process(
-        self, job_id: str, indexes: Sequence[int], enqueued_at: float | None = None, urgent: bool = False
+        self,
+        job_id: str,
+        indexes: Sequence[int],
+        enqueued_at: float | None = None,
+        urgent: bool = False,
+        retries: int = 0,
     ) -> dict[str, Any]:
         """Give every image of the chunk exactly one stored result."""
         stats = ChunkStats(job_id)
@@ -84,7 +89,7 @@ class ChunkProcessor:
         if canceled:
             self._finish(job_id, todo, {i: canceled_result() for i in todo}, stats)
             return stats.summary()
-        if tries == 1:
+        if tries - retries <= 1:  # first delivery, or only retried by ourselves
             self._finish(job_id, todo, self._classify(job_id, todo, enqueued_at, urgent), stats)
         else:
             # A redelivered chunk: the last delivery may have died on one of these images.

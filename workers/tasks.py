@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from celery import Task
 
 from batchvision.queue import CLASSIFY_TASK
 from batchvision.recovery import chunk_done, chunk_started
@@ -13,6 +14,7 @@ from workers.runtime import get_runtime
 
 
 @app.task(
+    bind=True,
     name=CLASSIFY_TASK,
     acks_late=True,
     ignore_result=True,
@@ -24,11 +26,18 @@ from workers.runtime import get_runtime
     max_retries=8,
 )
 def classify(
-    job_id: str, indexes: list[int], enqueued_at: float | None = None, interactive: bool = False
+    self: Task,
+    job_id: str,
+    indexes: list[int],
+    enqueued_at: float | None = None,
+    interactive: bool = False,
 ) -> dict[str, Any]:
     """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
     runtime = get_runtime(settings)
     chunk_started(runtime.processor.store.redis, job_id, indexes)
-    summary = runtime.processor.process(job_id, indexes, enqueued_at, urgent=interactive)
+    # Our own retries (a Redis hiccup) are not deaths: they must not make images suspects.
+    summary = runtime.processor.process(
+        job_id, indexes, enqueued_at, urgent=interactive, retries=self.request.retries or 0
+    )
     chunk_done(runtime.processor.store.redis, job_id, indexes)
     return summary
