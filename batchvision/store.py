@@ -83,7 +83,7 @@ local flags = redis.call('HMGET', KEYS[1], 'sealed', 'cancel')
 if flags[1] == '1' or flags[2] == '1' then return -2 end
 local out = {}
 local added = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local idx = redis.call('HGET', KEYS[3], ARGV[i])
   if idx then
     table.insert(out, tonumber(idx)); table.insert(out, 0)
@@ -96,6 +96,8 @@ for i = 1, #ARGV, 2 do
   end
 end
 if added > 0 then redis.call('INCRBY', KEYS[4], added) end
+-- an open upload lives as long as its blobs; seal makes the job permanent until it finishes
+for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[5]}) do redis.call('EXPIRE', k, ARGV[1]) end
 return out
 """
 
@@ -175,17 +177,12 @@ class JobStore:
         ``PermissionError`` for a sealed or canceled one.
         """
         keys = self.keys(job_id)
-        args: list[str] = [arg for pair in files for arg in pair]
-        out = self._add(keys=[keys[0], keys[1], keys[2], PENDING_KEY], args=args)
+        args: list[Any] = [self.open_ttl_s, *(arg for pair in files for arg in pair)]
+        out = self._add(keys=[keys[0], keys[1], keys[2], PENDING_KEY, keys[3]], args=args)
         if out == -1:
             raise LookupError(job_id)
         if out == -2:
             raise PermissionError(job_id)
-        if not self.redis.hget(keys[0], "sealed") == b"1":
-            pipe = self.redis.pipeline()
-            for k in keys[:4]:
-                pipe.expire(k, self.open_ttl_s)
-            pipe.execute()
         return [(int(out[i]), bool(out[i + 1])) for i in range(0, len(out), 2)]
 
     def seal(self, job_id: str) -> None:
