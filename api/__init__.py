@@ -7,8 +7,8 @@ from typing import IO
 
 from flask import Flask, Request
 
-from batchvision.queue import interactive_queue
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
+from batchvision.server.queue import interactive_queue
 
 
 class UploadRequest(Request):
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     svc = Services.create(settings)
     app.extensions["batchvision"] = svc
     errors.register(app)
-    metrics.init_app(app, svc.store, (settings.queue, interactive_queue(settings)))
+    metrics.init_app(app, svc.telemetry, (settings.queue, interactive_queue(settings)))
     auth.init_app(app, settings.api_keys)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)

@@ -16,7 +16,8 @@ import time
 from flask import Flask, g, request
 
 from api.services import services
-from batchvision.errors import TooManyRequests, Unauthorized
+from batchvision.core.errors import TooManyRequests, Unauthorized
+from batchvision.server import keys
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -70,7 +71,7 @@ def _rate_limit(owner: str) -> None:
         return
     now = time.time()
     window = int(now // 60)
-    key = f"bv:rate:{owner}:{window}"
+    key = keys.rate(owner, window)
     pipe = svc.redis.pipeline()
     pipe.incr(key)
     pipe.expire(key, 120)

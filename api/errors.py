@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from batchvision.errors import BatchvisionError, TooManyRequests, Unauthorized
+from batchvision.core.errors import BatchvisionError, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from flask import Blueprint
 
 from api.openapi import document
 from api.services import services
-from batchvision.errors import ServiceUnavailable
+from batchvision.core.errors import ServiceUnavailable
 
 bp = Blueprint("health", __name__)
 
@@ -26,7 +26,7 @@ def readyz() -> dict[str, Any]:
         services().redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         raise ServiceUnavailable(f"Redis is unreachable: {exc}", code="redis_unreachable") from exc
-    return {"status": "ready", "pending_images": services().store.pending_images()}
+    return {"status": "ready", "pending_images": services().telemetry.pending_images()}
 
 
 @bp.get("/openapi.json")

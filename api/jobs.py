@@ -9,12 +9,11 @@ from typing import Any
 from flask import Blueprint, Response, request, stream_with_context, url_for
 
 from api.auth import current_owner, digest
-from api.metrics import JOBS_CREATED
+from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED, JOBS_CREATED
 from api.services import Services, services
-from api.uploads import check, ensure_nonempty, ingest, read_uploads, require_some_valid
-from batchvision.errors import BadRequest, Conflict, Gone, NotFound, TooManyRequests
-from batchvision.schemas import csv_lines, jsonl_lines
-from batchvision.store import new_job_id
+from api.uploads import read_uploads
+from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
+from batchvision.core.schemas import csv_lines, jsonl_lines
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -48,39 +47,26 @@ def _job_or_404(svc: Services, job_id: str) -> dict[str, Any]:
     return job
 
 
-def _backpressure(svc: Services) -> None:
-    limit = svc.settings.max_queued_images
-    if limit and svc.store.pending_images() >= limit:
-        raise TooManyRequests(f"{limit} images are already waiting; retry later", code="queue_full")
+def _submit(
+    svc: Services, job_id: str | None, *, seal: bool, interactive: bool = False
+) -> tuple[str, dict[str, Any]]:
+    """Add the request's files to ``job_id`` (a new job if ``None``)."""
+    uploads, skipped = read_uploads(request, svc.settings, adding=job_id is not None)
+    job_id_out, summary = svc.intake.submit(
+        job_id, current_owner(), uploads, skipped, seal=seal, interactive=interactive
+    )
+    if job_id is None:
+        JOBS_CREATED.inc()
+    IMAGES_ACCEPTED.inc(summary.pop("queued"))
+    for item in summary["rejected"]:
+        IMAGES_REJECTED.labels(item["code"]).inc()
+    return job_id_out, summary
 
 
 def _new_job(svc: Services) -> str:
-    _backpressure(svc)
-    job_id = new_job_id()
-    svc.store.create(job_id, model=svc.settings.model, owner=current_owner())
+    job_id = svc.intake.new_job(current_owner())
     JOBS_CREATED.inc()
     return job_id
-
-
-def _add(
-    svc: Services, job_id: str | None, *, seal: bool, interactive: bool = False
-) -> tuple[str, dict[str, Any]]:
-    """Validate the request's files and add them to ``job_id`` (a new job if ``None``)."""
-    uploads, skipped = read_uploads(request, svc.settings, adding=job_id is not None)
-    ensure_nonempty(uploads, skipped)
-    problems = check(svc, uploads)
-    require_some_valid(uploads, problems)
-    if job_id is None:
-        job_id = _new_job(svc)
-    else:
-        _backpressure(svc)
-    # A small job sent whole is someone waiting: it goes ahead of bulk work.
-    interactive = interactive or (seal and len(uploads) <= svc.settings.interactive_max_images)
-    summary = ingest(svc, job_id, uploads, problems, interactive)
-    summary["skipped"] = skipped
-    if seal:
-        svc.store.seal(job_id)
-    return job_id, summary
 
 
 def _accepted(
@@ -105,29 +91,16 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
             if not isinstance(body, dict):
                 raise BadRequest('JSON body must be an object like {"expected": 100}', code="bad_request")
             return _new_job(svc), {"expected": body.get("expected")}
-        return _add(svc, None, seal=request.args.get("seal", "true") != "false")
+        return _submit(svc, None, seal=request.args.get("seal", "true") != "false")
 
     key = request.headers.get("Idempotency-Key")
     if not key:
         return _accepted(svc, *create())
     # The same key (per API key) returns the same job instead of creating a second one.
-    slot = f"bv:idem:{current_owner()}:{digest(key)}"
-    ttl = svc.settings.idempotency_ttl_s
-    # "pending" lives only as long as a request can: a crashed request does not block the key.
-    if not svc.redis.set(slot, "pending", nx=True, ex=int(svc.settings.sync_timeout_s) + 60):
-        existing = svc.redis.get(slot)
-        if existing in (None, b"pending"):
-            raise Conflict(
-                "a request with this Idempotency-Key is still in progress", code="idempotency_conflict"
-            )
-        job = _public(_job_or_404(svc, existing.decode() if isinstance(existing, bytes) else str(existing)))
+    job_id, extra = svc.idempotency.run(current_owner(), digest(key), create)
+    if extra is None:
+        job = _public(_job_or_404(svc, job_id))
         return {**job, "idempotent_replay": True}, 200, {"Location": job["status_url"]}
-    try:
-        job_id, extra = create()
-    except BaseException:
-        svc.redis.delete(slot)
-        raise
-    svc.redis.set(slot, job_id, ex=ttl)
     return _accepted(svc, job_id, extra)
 
 
@@ -137,7 +110,7 @@ def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     svc = services()
     _job_or_404(svc, job_id)
     try:
-        job_id, summary = _add(svc, job_id, seal=False)
+        job_id, summary = _submit(svc, job_id, seal=False)
     except PermissionError as exc:
         raise Conflict(f"job {job_id} is sealed or canceled: no more files", code="job_sealed") from exc
     except LookupError as exc:  # expired between the check and the write
@@ -167,7 +140,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     """Submit and wait up to ``?timeout=`` seconds; ``200`` with results or ``202`` with the job."""
     svc = services()
     timeout = max(0.0, min(_float_arg("timeout", svc.settings.sync_timeout_s), svc.settings.sync_timeout_s))
-    job_id, summary = _add(svc, None, seal=True, interactive=True)
+    job_id, summary = _submit(svc, None, seal=True, interactive=True)
     if not svc.store.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
     job = _public(_job_or_404(svc, job_id))

@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
-from batchvision.store import JobStore
+from batchvision.server.telemetry import Telemetry
 
 JOBS_CREATED = Counter("batchvision_jobs_created_total", "Jobs created.")
 IMAGES_ACCEPTED = Counter("batchvision_images_accepted_total", "Images accepted and queued.")
@@ -33,30 +33,32 @@ class StoreCollector(Collector):
 
     NAMES = ("batchvision_queue_depth_images", "batchvision_jobs_in_progress", "batchvision_queue_tasks")
 
-    def __init__(self, store: JobStore, queues: tuple[str, ...]) -> None:
-        self.store = store
+    def __init__(self, telemetry: Telemetry, queues: tuple[str, ...]) -> None:
+        self.telemetry = telemetry
         self.queues = queues
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
             "batchvision_queue_depth_images",
             "Accepted images without a result yet (all jobs).",
-            value=self.store.pending_images(),
+            value=self.telemetry.pending_images(),
         )
         yield GaugeMetricFamily(
-            "batchvision_jobs_in_progress", "Jobs created and not finished.", value=self.store.active_jobs()
+            "batchvision_jobs_in_progress",
+            "Jobs created and not finished.",
+            value=self.telemetry.active_jobs(),
         )
         yield GaugeMetricFamily(
             "batchvision_queue_tasks",
             "Celery messages waiting in the Redis queue lists, bulk and interactive (what KEDA scales on).",
-            value=sum(int(self.store.redis.llen(q)) for q in self.queues),
+            value=sum(int(self.telemetry.redis.llen(q)) for q in self.queues),
         )
 
 
-def init_app(app: Flask, store: JobStore, queues: tuple[str, ...]) -> None:
+def init_app(app: Flask, telemetry: Telemetry, queues: tuple[str, ...]) -> None:
     """Time every request and serve ``/metrics``."""
     store_registry = CollectorRegistry(auto_describe=False)
-    store_registry.register(StoreCollector(store, queues))
+    store_registry.register(StoreCollector(telemetry, queues))
 
     @app.before_request
     def _start() -> None:

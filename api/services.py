@@ -1,4 +1,4 @@
-"""What request handlers share: settings, Redis, the job and blob stores, the producer."""
+"""What request handlers share: settings, Redis, the stores, the intake, the producer."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import redis
 from celery import Celery
 from flask import current_app
 
-from batchvision.blobs import BlobStore, open_blobs
-from batchvision.queue import create_celery
-from batchvision.services import connect_redis
-from batchvision.settings import Settings
-from batchvision.store import JobStore
+from batchvision.core.settings import Settings
+from batchvision.server.blobs import BlobStore, open_blobs
+from batchvision.server.connect import connect_redis
+from batchvision.server.idempotency import Idempotency
+from batchvision.server.intake import Intake
+from batchvision.server.queue import create_celery
+from batchvision.server.store import JobStore
+from batchvision.server.telemetry import Telemetry
 
 
 @dataclass
@@ -21,7 +24,10 @@ class Services:
     redis: redis.Redis
     store: JobStore
     blobs: BlobStore
+    telemetry: Telemetry
     celery: Celery
+    intake: Intake
+    idempotency: Idempotency
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -34,12 +40,20 @@ class Services:
             "interval_step": 0.2,
             "interval_max": 0.5,
         }
+        store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
+        blobs = open_blobs(settings.blob_url, client, settings.blob_ttl_s)
+        telemetry = Telemetry(client)
         return cls(
             settings=settings,
             redis=client,
-            store=JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s),
-            blobs=open_blobs(settings.blob_url, client, settings.blob_ttl_s),
+            store=store,
+            blobs=blobs,
+            telemetry=telemetry,
             celery=celery,
+            intake=Intake(settings, client, store, blobs, telemetry, celery),
+            idempotency=Idempotency(
+                client, ttl_s=settings.idempotency_ttl_s, pending_ttl_s=int(settings.sync_timeout_s) + 60
+            ),
         )
 
 

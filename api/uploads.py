@@ -1,34 +1,16 @@
-"""Turn a request into uploads and uploads into queued images.
+"""Turn an HTTP request into uploads: multipart files, a zip archive, or a raw image body.
 
-Every file is checked from its header before anything is queued; a bad file becomes a
-per-image error in the job, and the rest is processed.
+What happens to the uploads (checks, blobs, queueing) is :mod:`batchvision.server.intake`.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any
-
 from flask import Request
 
-from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED
-from api.services import Services
-from batchvision.archive import ArchiveContents, read_zip
-from batchvision.errors import BadRequest, BatchvisionError, ImageTooLarge, InvalidImage
-from batchvision.imaging import inspect_image
-from batchvision.queue import enqueue
-from batchvision.schemas import error_result
-from batchvision.settings import Settings
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One file of a request: ``key`` identifies it within the job (its relative path)."""
-
-    key: str
-    filename: str
-    data: bytes
+from batchvision.core.archive import ArchiveContents, read_zip
+from batchvision.core.errors import BadRequest
+from batchvision.core.settings import Settings
+from batchvision.server.intake import Upload, unique_keys
 
 
 def read_uploads(
@@ -77,7 +59,7 @@ def read_uploads(
             "'files' parts or a raw image/* body",
             code="unsupported_media_type",
         )
-    return _unique_keys(raw), skipped
+    return unique_keys(raw), skipped
 
 
 def _unzip(data: bytes, settings: Settings) -> ArchiveContents:
@@ -87,92 +69,3 @@ def _unzip(data: bytes, settings: Settings) -> ArchiveContents:
         max_total_bytes=settings.max_archive_bytes,
         max_ratio=settings.max_compression_ratio,
     )
-
-
-def _unique_keys(raw: list[tuple[str, bytes]]) -> list[Upload]:
-    # Within one request, two files may share a name (two 'image.jpg' from different
-    # folders); they are different images, so they get distinct keys. Across requests the
-    # same key means a re-sent file (idempotent bulk parts).
-    used: set[str] = set()
-    seen: Counter[str] = Counter()
-    out = []
-    for name, data in raw:
-        key = name
-        while key in used:
-            seen[name] += 1
-            key = f"{name}#{seen[name] + 1}"
-        used.add(key)
-        out.append(Upload(key, name, data))
-    return out
-
-
-def check(svc: Services, uploads: list[Upload]) -> list[BatchvisionError | None]:
-    """Validate each upload from its header; ``None`` where it is fine."""
-    out: list[BatchvisionError | None] = []
-    s = svc.settings
-    for up in uploads:
-        try:
-            inspect_image(up.data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-            out.append(None)
-        except BatchvisionError as exc:
-            out.append(exc)
-    return out
-
-
-def rejection(up: Upload, err: BatchvisionError) -> dict[str, Any]:
-    return {"filename": up.filename, "code": err.code, "message": err.message}
-
-
-def require_some_valid(uploads: list[Upload], problems: list[BatchvisionError | None]) -> None:
-    """A request in which no file is usable is refused whole, saying why for each file:
-    413 if every file was over a limit, else 422."""
-    if not uploads or any(p is None for p in problems):
-        return
-    details = [rejection(u, p) for u, p in zip(uploads, problems, strict=True) if p]
-    message = f"none of the {len(uploads)} files is an image we can classify"
-    if all(isinstance(p, ImageTooLarge) for p in problems):
-        raise ImageTooLarge(message, code="no_valid_images", details=details)
-    raise InvalidImage(message, code="no_valid_images", details=details)
-
-
-def ingest(
-    svc: Services,
-    job_id: str,
-    uploads: list[Upload],
-    problems: list[BatchvisionError | None],
-    interactive: bool = False,
-) -> dict[str, Any]:
-    """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name."""
-    indexed = svc.store.add_files(job_id, [(u.key, u.filename) for u in uploads])
-    # A file the job already has but that never got a result may be the victim of a request
-    # that failed half-way (before its blob or task was stored): store and queue it again.
-    # Results are idempotent, so at worst an in-flight image is classified twice, counted once.
-    known = [index for index, new in indexed if not new]
-    redo = set(svc.store.unresolved(job_id, known))
-    blobs: dict[int, bytes] = {}
-    errors: list[tuple[int, dict[str, Any]]] = []
-    rejected: list[dict[str, Any]] = []
-    duplicates = 0
-    for (index, new), up, err in zip(indexed, uploads, problems, strict=True):
-        if not new:
-            duplicates += 1
-            if index in redo and err is None:
-                blobs[index] = up.data
-        elif err is not None:
-            errors.append((index, error_result(err.code, err.message)))
-            rejected.append({"index": index, **rejection(up, err)})
-        else:
-            blobs[index] = up.data
-    svc.blobs.put_many(job_id, blobs)
-    svc.store.record(job_id, errors)
-    enqueue(svc.celery, svc.settings, svc.redis, job_id, sorted(blobs), interactive)
-    IMAGES_ACCEPTED.inc(len(blobs))
-    for item in rejected:
-        IMAGES_REJECTED.labels(item["code"]).inc()
-    return {"accepted": len(blobs) - len(redo & blobs.keys()), "rejected": rejected, "duplicates": duplicates}
-
-
-def ensure_nonempty(uploads: list[Upload], skipped: list[dict[str, str]]) -> None:
-    if not uploads:
-        details = {"skipped": skipped} if skipped else None
-        raise InvalidImage("the request holds no image files", code="no_images", details=details)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+# Workers the benchmarks start load the stand-in models (bench/standins.py) from here.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
 
-from batchvision.local import stack, wait_for_workers  # noqa: E402
-from batchvision.redis_server import RedisServer, free_port  # noqa: E402, F401
-from batchvision.runner import Supervisor  # noqa: E402
-from batchvision.settings import Settings  # noqa: E402
-from batchvision.synthetic import photo_like  # noqa: E402
+from batchvision.cli.local import stack, wait_for_workers  # noqa: E402
+from batchvision.cli.redis_server import RedisServer, free_port  # noqa: E402, F401
+from batchvision.cli.runner import Supervisor  # noqa: E402
+from batchvision.core.settings import Settings  # noqa: E402
+from batchvision.core.synthetic import photo_like  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 

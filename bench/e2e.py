@@ -22,8 +22,8 @@ from pathlib import Path
 from common import pct, photo_set, running_stack, table
 
 from batchvision.client import Client
-from batchvision.imaging import decode_image
-from batchvision.settings import Settings
+from batchvision.core.imaging import decode_image
+from batchvision.core.settings import Settings
 
 
 def ceiling(folder: Path, settings: Settings, batch: int = 32) -> float:

@@ -20,8 +20,8 @@ import requests
 from common import running_stack, table
 
 from batchvision.client import Client
-from batchvision.settings import Settings
-from batchvision.synthetic import labelled_files
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
 
 
 def main() -> None:

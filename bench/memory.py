@@ -20,8 +20,8 @@ from common import running_stack, table
 from null_model import small_jpegs
 
 from batchvision.client import Client
-from batchvision.queue import create_celery
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
+from batchvision.server.queue import create_celery
 
 
 def rss_mb(pid: int) -> float:

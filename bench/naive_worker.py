@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from celery import Celery  # noqa: E402
 
-from batchvision.imaging import decode_image  # noqa: E402
-from batchvision.settings import Settings  # noqa: E402
+from batchvision.core.imaging import decode_image  # noqa: E402
+from batchvision.core.settings import Settings  # noqa: E402
 
 settings = Settings.from_env()
 app = Celery("naive", broker=settings.redis_url, backend=settings.redis_url)

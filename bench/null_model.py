@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 from common import OUT, running_stack, table
 from PIL import Image
+from standins import NULL_MODEL, SLEEPING_MODEL
 
+from batchvision.cli.local import wait_for_workers
+from batchvision.cli.redis_server import free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
-from batchvision.local import wait_for_workers
-from batchvision.redis_server import free_port
-from batchvision.runner import Service, Supervisor, cli_argv
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
 
 
 def small_jpegs(n: int) -> Path:
@@ -71,11 +73,12 @@ def main() -> None:
     args = ap.parse_args()
     folder = small_jpegs(args.images)
     rows = [("model", "workers", "images/s", "vs 1 worker")]
-    null = run(folder, "null", 1, args.chunk)
+    null = run(folder, NULL_MODEL, 1, args.chunk)
     rows.append(("null (instant)", "1", f"{null:.0f}", ""))
     base = None
     for n in (int(x) for x in args.workers.split(",")):
-        rate = run(folder, f"sleep:{args.sleep}", n, args.chunk)
+        os.environ["BATCHVISION_BENCH_SLEEP_S"] = str(args.sleep)
+        rate = run(folder, SLEEPING_MODEL, n, args.chunk)
         base = base or rate
         rows.append((f"sleep {args.sleep}s/batch", str(n), f"{rate:.0f}", f"{rate / base:.2f}x (ideal {n}x)"))
     print(f"\n{args.images} JPEGs of 224x224, chunks of {args.chunk}, batches up to 32")

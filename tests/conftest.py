@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from batchvision.local import wait_for_workers
-from batchvision.redis_server import RedisServer, free_port
-from batchvision.runner import Service, Supervisor
-from batchvision.settings import Settings
+from batchvision.cli.local import wait_for_workers
+from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.runner import Service, Supervisor
+from batchvision.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -63,7 +63,7 @@ def settings(redis_server: RedisServer, demo_model: Path) -> Settings:
 
 def start_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Supervisor:
     """Start the services `batchvision up` and compose run, and wait until they serve."""
-    from batchvision.local import stack
+    from batchvision.cli.local import stack
 
     services = [s for s in stack(settings, None) if s.name in names]
     sup = Supervisor(services)
@@ -92,7 +92,7 @@ def api_url(stack: Supervisor, settings: Settings) -> str:
 
 def worker_service(settings: Settings, **env: str) -> Service:
     """A separate worker process (for fault tests), sharing the session's Redis."""
-    from batchvision.runner import cli_argv
+    from batchvision.cli.runner import cli_argv
 
     return Service(
         "worker", cli_argv("worker", "--name", f"w{free_port()}@test"), {**settings.to_env(), **env}

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from batchvision.archive import ArchiveRejected, ArchiveTooLarge, read_zip
-from batchvision.synthetic import labelled_files
+from batchvision.core.archive import ArchiveRejected, ArchiveTooLarge, read_zip
+from batchvision.core.synthetic import labelled_files
 
 LIMITS = {"max_members": 100, "max_total_bytes": 50_000_000, "max_ratio": 100.0}
 

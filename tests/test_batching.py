@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from batchvision.batching import BatchInfo, DynamicBatcher
-from batchvision.errors import BatchError
+from batchvision.core.batching import BatchInfo, DynamicBatcher
+from batchvision.core.errors import BatchError
 
 
 def _collect() -> tuple[list[BatchInfo], DynamicBatcher[int, int]]:

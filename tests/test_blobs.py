@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from batchvision.blobs import FileBlobs, RedisBlobs, open_blobs
+from batchvision.server.blobs import FileBlobs, RedisBlobs, open_blobs
 
 
 def _roundtrip(blobs: RedisBlobs | FileBlobs) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from batchvision.bulk import submit_folder
 from batchvision.client import Client
-from batchvision.services import connect_redis
-from batchvision.settings import Settings
-from batchvision.store import JobStore
-from batchvision.synthetic import labelled_files
+from batchvision.client.bulk import submit_folder
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
+from batchvision.server.connect import connect_redis
+from batchvision.server.store import JobStore
 
 pytestmark = pytest.mark.integration
 

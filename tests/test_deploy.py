@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from batchvision.queue import interactive_queue
-from batchvision.settings import PREFIX, Settings
+from batchvision.core.settings import PREFIX, Settings
+from batchvision.server.queue import interactive_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "compose"
@@ -36,7 +36,7 @@ FIELDS = {f.name for f in dataclasses.fields(Settings)}
 DEFAULTS = Settings()
 FIXED_COMMANDS = {"api", "worker", "worker-health", "flower", "fetch-weights", "up"}
 try:
-    from batchvision import cli as _cli
+    from batchvision.cli import main as _cli
 except Exception:  # the CLI module may not exist yet (or fail to import without extras)
     _cli = None
 COMMANDS = set(getattr(_cli, "COMMANDS", FIXED_COMMANDS))

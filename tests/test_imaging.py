@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchvision.errors import ImageTooLarge, InvalidImage
-from batchvision.imaging import decode_image, inspect_image, normalize, to_rgb
-from batchvision.synthetic import encode
+from batchvision.core.errors import ImageTooLarge, InvalidImage
+from batchvision.core.imaging import decode_image, inspect_image, normalize, to_rgb
+from batchvision.core.synthetic import encode
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000}
 

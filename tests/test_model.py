@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchvision.settings import Settings
-from batchvision.synthetic import CLASSES, dataset
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import CLASSES, dataset
 
 keras = pytest.importorskip("keras")
 model_mod = pytest.importorskip("workers.model")

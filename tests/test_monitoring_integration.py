@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
-from batchvision.runner import Service, Supervisor, cli_argv
-from batchvision.settings import Settings
-from batchvision.synthetic import labelled_files
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

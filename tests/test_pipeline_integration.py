@@ -14,9 +14,11 @@ import requests
 from PIL import Image
 
 from batchvision.client import ApiError, Client
-from batchvision.settings import Settings
-from batchvision.store import JobStore
-from batchvision.synthetic import encode, labelled_files
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import encode, labelled_files
+from batchvision.server import keys
+from batchvision.server.store import JobStore
+from batchvision.server.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +51,14 @@ def test_three_concurrent_jobs_exactly_one_correct_result_each(api_url: str, set
 
     # The worker formed batches mixing several jobs' images.
     store = JobStore(redis_lib.Redis.from_url(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
+    telemetry = Telemetry(store.redis)
     ids = {s["job_id"] for s in submitted}
-    batches = [b for b in store.recent_batches() if set(b["jobs"]) & ids]
+    batches = [b for b in telemetry.recent_batches() if set(b["jobs"]) & ids]
     assert sum(b["size"] for b in batches) == total  # every image went through exactly one batch
     assert max(b["size"] for b in batches) > 1
     assert any(len(set(b["jobs"]) & ids) > 1 for b in batches), batches[:5]
     # Blobs are deleted once their result is stored.
-    assert not list(store.redis.scan_iter(match=f"bv:blob:{{{submitted[0]['job_id']}}}:*"))
+    assert not list(store.redis.scan_iter(match=keys.blob_pattern(submitted[0]["job_id"])))
 
 
 def test_bad_images_get_per_image_errors_and_the_rest_is_processed(api_url: str) -> None:
@@ -130,7 +133,7 @@ def test_results_as_csv_and_paged_json(api_url: str) -> None:
 
 
 def test_cancel_stops_the_remaining_images(api_url: str, settings: Settings) -> None:
-    from batchvision.queue import create_celery
+    from batchvision.server.queue import create_celery
 
     client = Client(api_url)
     job_id = client.open_job()["job_id"]

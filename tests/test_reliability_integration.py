@@ -18,15 +18,18 @@ import pytest
 import redis as redis_lib
 import requests
 
+from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
-from batchvision.failpoints import POISON_MARKER
-from batchvision.queue import CLASSIFY_TASK, create_celery
-from batchvision.redis_server import RedisServer, free_port
-from batchvision.runner import Service, Supervisor, cli_argv
-from batchvision.services import connect_redis
-from batchvision.settings import Settings
-from batchvision.store import JobStore
-from batchvision.synthetic import encode, labelled_files, render
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import encode, labelled_files, render
+from batchvision.server import keys
+from batchvision.server.connect import connect_redis
+from batchvision.server.failpoints import POISON_MARKER
+from batchvision.server.keys import JobKeys
+from batchvision.server.queue import CLASSIFY_TASK, create_celery
+from batchvision.server.store import JobStore
+from batchvision.server.telemetry import Telemetry
 from tests.conftest import ARTIFACTS, wait_worker
 
 pytestmark = pytest.mark.integration
@@ -79,7 +82,7 @@ class Env:
                 "unacked": r.hlen("unacked"),
                 "unacked_index": r.zrange("unacked_index", 0, -1, withscores=True),
                 "mutex": r.get("unacked_mutex"),
-                "tries": r.hgetall(f"bv:job:{{{job_id}}}:tries"),
+                "tries": r.hgetall(JobKeys.of(job_id).tries),
                 "unresolved": self.store.unresolved(job_id, range(n)),
                 "now": time.time(),
             }
@@ -89,8 +92,8 @@ class Env:
         rows = self.client.results(job_id)
         assert [r["index"] for r in rows] == list(range(n))
         assert all(r["status"] != "pending" for r in rows)
-        assert self.store.redis.hlen(f"bv:job:{{{job_id}}}:res") == n
-        assert self.store.pending_images() == 0
+        assert self.store.redis.hlen(JobKeys.of(job_id).results) == n
+        assert Telemetry(self.store.redis).pending_images() == 0
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +233,7 @@ def test_poison_image_ends_as_an_error_after_bounded_attempts(env: Env) -> None:
     assert rows[3]["filename"] == "poison.jpg"
     assert rows[3]["error"]["code"] == "poison_image"
     assert 1 <= svc.restarts <= env.settings.max_attempts  # bounded: no endless crash loop
-    assert env.store.redis.hlen(f"bv:job:{{{job['job_id']}}}:res") == 13
+    assert env.store.redis.hlen(JobKeys.of(job["job_id"]).results) == 13
 
 
 def test_expired_job_answers_410(env: Env) -> None:
@@ -277,7 +280,7 @@ def test_pickle_message_is_rejected_and_the_worker_survives(env: Env) -> None:
     job_id = env.client.open_job()["job_id"]
     name, data = _files(1, seed=9)[0]
     env.store.add_files(job_id, [(name, name)])
-    env.store.redis.set(f"bv:blob:{{{job_id}}}:0", data)
+    env.store.redis.set(keys.blob(job_id, 0), data)
     evil = create_celery(env.settings)
     evil.conf.accept_content = ["json", "pickle"]
     evil.send_task(CLASSIFY_TASK, args=[job_id, [0]], serializer="pickle", queue=env.settings.queue)

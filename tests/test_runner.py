@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchvision.runner import Service, Supervisor
+from batchvision.cli.runner import Service, Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchvision.queue import chunked
-from batchvision.schemas import CSV_COLUMNS, JobStatus, csv_lines, entry, error_result, job_status, prediction
+from batchvision.core.schemas import (
+    CSV_COLUMNS,
+    JobStatus,
+    csv_lines,
+    entry,
+    error_result,
+    job_status,
+    prediction,
+)
+from batchvision.server.queue import chunked
 
 
 def test_prediction_top_k_sorted() -> None:

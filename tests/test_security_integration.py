@@ -18,12 +18,12 @@ import pytest
 import requests
 
 from api import create_app
+from batchvision.cli.redis_server import free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
-from batchvision.queue import create_celery
-from batchvision.redis_server import free_port
-from batchvision.runner import Service, Supervisor, cli_argv
-from batchvision.settings import Settings
-from batchvision.synthetic import labelled_files
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
+from batchvision.server.queue import create_celery
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

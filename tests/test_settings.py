@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchvision.settings import Settings, env_table
+from batchvision.core.settings import Settings, env_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from api import create_app
-from api.uploads import _unique_keys
-from batchvision.bulk import scan
-from batchvision.settings import Settings
-from batchvision.synthetic import labelled_files
+from batchvision.client.bulk import scan
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
+from batchvision.server.intake import unique_keys as _unique_keys
 
 
 def test_same_names_in_one_request_get_distinct_keys() -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import signals
 
-from batchvision.checks import check_worker_settings, eviction_warning
-from batchvision.queue import create_celery
-from batchvision.services import connect_redis
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
+from batchvision.server.checks import check_worker_settings, eviction_warning
+from batchvision.server.connect import connect_redis
+from batchvision.server.queue import create_celery
 
 settings = Settings.from_env()
 app = create_celery(settings, name="batchvision-worker")

@@ -9,8 +9,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
-from batchvision.batching import BatchInfo
-from batchvision.store import Counts
+from batchvision.core.batching import BatchInfo
+from batchvision.server.store import Counts
 
 IMAGES = Counter(
     "batchvision_images_classified_total",

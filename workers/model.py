@@ -7,6 +7,7 @@ build time) or a path to a ``.keras``/``.h5`` file or a SavedModel directory plu
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from batchvision.imaging import normalize
-from batchvision.settings import Settings
+from batchvision.core.classifier import ImageClassifier
+from batchvision.core.imaging import normalize
+from batchvision.core.settings import Settings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402 - TF's log level must be set before the import
@@ -43,6 +45,12 @@ APPLICATIONS = {
     "inception_v3": _App("InceptionV3", "tf", 299),
     "convnext_tiny": _App("ConvNeXtTiny", "none", 224),
 }
+
+
+#: ``BATCHVISION_MODEL=py:package.module:factory`` loads a classifier written in Python:
+#: ``factory(settings)`` returns an :class:`~batchvision.core.classifier.ImageClassifier`.
+#: The benchmarks' stand-in models (``bench/standins.py``) come in this way.
+PLUGIN_PREFIX = "py:"
 
 
 class Classifier:
@@ -92,33 +100,11 @@ class Classifier:
         return time.perf_counter() - start
 
 
-class NullClassifier:
-    """Benchmark stand-in: ``null`` answers at once, ``sleep:SECONDS`` takes that long per
-    batch (an accelerator whose time does not depend on the host CPU). Measures the
-    orchestration's own capacity; never for real use."""
-
-    def __init__(self, name: str, labels: list[str]) -> None:
-        self.name = name
-        self.labels = labels
-        self.input_size = (224, 224)
-        self.device = "null"
-        self.delay = float(name.partition(":")[2] or 0)
-        self._probs = np.full(len(labels), 1.0 / len(labels), np.float32)
-
-    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        if self.delay:
-            time.sleep(self.delay)
-        return [self._probs] * len(images)
-
-    def warm_up(self) -> float:
-        return 0.0
-
-
-def load_classifier(settings: Settings) -> Classifier | NullClassifier:
+def load_classifier(settings: Settings) -> ImageClassifier:
     """Build the :class:`Classifier` that ``settings`` name."""
     name = settings.model
-    if name == "null" or name.startswith("sleep:"):
-        return NullClassifier(name, imagenet_labels())
+    if name.startswith(PLUGIN_PREFIX):
+        return _load_plugin(name[len(PLUGIN_PREFIX) :], settings)
     configure_runtime(settings)
     if name in APPLICATIONS:
         app = APPLICATIONS[name]
@@ -140,6 +126,15 @@ def load_classifier(settings: Settings) -> Classifier | NullClassifier:
     if settings.preprocess != "auto":
         preprocess = settings.preprocess
     return Classifier(model, labels, preprocess, name, settings.max_batch_size)
+
+
+def _load_plugin(spec: str, settings: Settings) -> ImageClassifier:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"BATCHVISION_MODEL={PLUGIN_PREFIX}{spec!r}: expected py:package.module:factory")
+    factory = getattr(importlib.import_module(module), attr)
+    classifier: ImageClassifier = factory(settings)
+    return classifier
 
 
 def fetch_weights(settings: Settings) -> Path:
@@ -205,56 +200,3 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def _device() -> str:
     gpus = tf.config.list_logical_devices("GPU")
     return gpus[0].name if gpus else "/device:CPU:0"
-
-
-def train_demo_model(
-    out: Path, *, input_size: int = 48, n_train: int = 8000, epochs: int = 18, seed: int = 0
-) -> float:
-    """Train the demo CNN on synthetic shapes; save ``out`` (.keras) and its labels file.
-
-    Returns the accuracy on a freshly generated held-out set (a different seed).
-    """
-    from batchvision.synthetic import CLASSES, dataset
-
-    keras.utils.set_random_seed(seed)
-    x, y = dataset(n_train, (input_size, input_size), seed=seed + 1)
-    xt, yt = dataset(1200, (input_size, input_size), seed=seed + 2)
-    layers = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((input_size, input_size, 3)),
-            layers.Rescaling(1 / 255.0),
-            *_conv_block(24),
-            layers.MaxPooling2D(),
-            *_conv_block(48),
-            layers.MaxPooling2D(),
-            *_conv_block(64),
-            layers.MaxPooling2D(),
-            *_conv_block(96),
-            layers.GlobalAveragePooling2D(),
-            layers.Dense(64, activation="relu"),
-            layers.Dense(len(CLASSES), activation="softmax"),
-        ],
-        name="batchvision_demo",
-    )
-    steps = epochs * -(-int(n_train * 0.9) // 64)
-    model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, steps)),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, validation_split=0.1)
-    accuracy = float(model.evaluate(xt, yt, verbose=0)[1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
-    out.with_name(out.stem + ".labels.txt").write_text("\n".join(CLASSES) + "\n")
-    return accuracy
-
-
-def _conv_block(filters: int) -> list[Any]:
-    layers = keras.layers
-    return [
-        layers.Conv2D(filters, 3, padding="same", use_bias=False),
-        layers.BatchNormalization(),
-        layers.Activation("relu"),
-    ]

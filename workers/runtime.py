@@ -10,15 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 from celery import Celery
 
-from batchvision import failpoints
-from batchvision.batching import BatchInfo, DynamicBatcher
-from batchvision.blobs import open_blobs
-from batchvision.pipeline import ChunkProcessor
-from batchvision.queue import interactive_queue, send_chunk
-from batchvision.recovery import Sweeper, sweep
-from batchvision.services import connect_redis
-from batchvision.settings import Settings
-from batchvision.store import JobStore
+from batchvision.core.batching import BatchInfo, DynamicBatcher
+from batchvision.core.settings import Settings
+from batchvision.server import failpoints
+from batchvision.server.blobs import open_blobs
+from batchvision.server.claims import Claims
+from batchvision.server.connect import connect_redis
+from batchvision.server.pipeline import ChunkProcessor
+from batchvision.server.queue import interactive_queue, send_chunk
+from batchvision.server.recovery import Sweeper, sweep
+from batchvision.server.store import JobStore
+from batchvision.server.telemetry import Telemetry
 from workers import metrics
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def shutdown() -> None:
 
 
 def start_sweeper(settings: Settings, app: Celery) -> None:
-    """Re-send chunks whose message a dead worker took with it (see batchvision.recovery)."""
+    """Re-send chunks whose message a dead worker took with it (see batchvision.server.recovery)."""
     runtime = get_runtime(settings)
     vt = settings.visibility_timeout_s
 
@@ -91,9 +93,11 @@ def _build(settings: Settings) -> Runtime:
     client = connect_redis(settings.redis_url)
     store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
 
+    telemetry = Telemetry(client)
+
     def on_batch(info: BatchInfo) -> None:
         metrics.observe_batch(info)
-        store.log_batch(info.size, [str(tag[0]) for tag in info.tags])
+        telemetry.log_batch(info.size, [str(tag[0]) for tag in info.tags])
 
     def predict(images: list[np.ndarray]) -> list[np.ndarray]:
         failpoints.before_batch()
@@ -108,6 +112,7 @@ def _build(settings: Settings) -> Runtime:
     )
     processor = ChunkProcessor(
         store=store,
+        claims=Claims(client, ttl_s=settings.blob_ttl_s),
         blobs=open_blobs(settings.blob_url, client, settings.blob_ttl_s),
         batcher=batcher,
         labels=classifier.labels,

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers over :mod:`batchvision.pipeline`."""
+"""Celery tasks: thin wrappers over :mod:`batchvision.server.pipeline`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import redis
 from celery import Task
 
-from batchvision.queue import CLASSIFY_TASK
-from batchvision.recovery import chunk_done, chunk_started
+from batchvision.server.queue import CLASSIFY_TASK
+from batchvision.server.recovery import chunk_done, chunk_started
 from workers.celery_app import app, settings
 from workers.runtime import get_runtime
 

@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from batchvision.errors import ImageTooLarge, InvalidImage
+from batchvision.core.errors import ImageTooLarge, InvalidImage
 
 #: Formats we accept, as Pillow names them. GIFs are classified on their first frame.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
-from batchvision.errors import BatchError
+from batchvision.core.errors import BatchError
 
 In = TypeVar("In")
 Out = TypeVar("Out")

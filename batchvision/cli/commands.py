@@ -1,15 +1,17 @@
-"""Client subcommands of ``batchvision``: submit, status, results, cancel."""
+"""Client subcommands of ``batchvision``: submit (with progress bars), status, results, cancel."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from batchvision.client import ApiError, Client
+from batchvision.client.bulk import scan, submit_folder
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_SUBMIT_FAILED = 0, 3, 4
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -52,6 +54,59 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Upload folders/files as one job; with --wait, wait and write the results."""
+    from tqdm import tqdm
+
+    client = Client(args.api_url, args.api_key)
+    paths = [Path(p) for p in args.paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_SUBMIT_FAILED
+    total = len(scan(paths).images)
+    quiet = args.no_progress
+    start = time.monotonic()
+    with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
+        summary = submit_folder(
+            client,
+            paths,
+            part_files=args.part_files,
+            part_bytes=int(args.part_mb * 1024 * 1024),
+            resume=args.resume,
+            on_part=bar.update,
+        )
+    job_id = summary["job_id"]
+    for rel in summary["skipped"]:
+        print(f"skipped (not an image): {rel}", file=sys.stderr)
+    uploaded = client.status(job_id)
+    print(
+        f"uploaded {summary['sent']} images in {time.monotonic() - start:.1f}s "
+        f"({uploaded['done'] + uploaded['failed']} already classified meanwhile)",
+        file=sys.stderr,
+    )
+    print(job_id)
+    if not args.wait:
+        return EXIT_OK
+    with tqdm(total=total, desc="classify", unit="img", disable=quiet, file=sys.stderr) as bar:
+
+        def progress(st: dict[str, Any]) -> None:
+            bar.total = st["total"]
+            bar.update(st["done"] + st["failed"] + st.get("canceled", 0) - bar.n)
+
+        status = client.wait(job_id, on_progress=progress)
+    if args.output:
+        out = Path(args.output)
+        client.download(job_id, out, fmt_of(out, args.format))
+        print(f"wrote {out}", file=sys.stderr)
+    print(
+        f"{status['status']}: {status['done']} classified, {status['failed']} failed "
+        f"in {time.monotonic() - start:.1f}s",
+        file=sys.stderr,
+    )
+    return exit_code(status)
+
+
 def exit_code(status: dict[str, Any]) -> int:
     """0 when every image has a prediction, EXIT_SOME_FAILED otherwise."""
     return EXIT_OK if status["status"] == "succeeded" else EXIT_SOME_FAILED
@@ -64,8 +119,6 @@ def register(sub: Any, add: AddFn) -> None:
         p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
         p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
         return p
-
-    from batchvision.bulk import cmd_submit
 
     p = common(add("submit", guarded(cmd_submit), "upload a folder or files as one job"))
     p.add_argument("paths", nargs="+", help="folders (walked recursively) and image files")

@@ -6,20 +6,21 @@ service side (files are keyed by relative path), so retries and resumes never du
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 
-from batchvision.client import ApiError, Client
-from batchvision.sniff import looks_like_image
+from batchvision.client.errors import ApiError
+from batchvision.core.sniff import looks_like_image
+
+if TYPE_CHECKING:  # the client calls into this module: no import at run time
+    from batchvision.client.http import Client
 
 RETRYABLE = {429, 500, 502, 503, 504}
 
@@ -120,58 +121,3 @@ def submit_folder(
         "skipped": found.skipped,
         "rejected": rejected,
     }
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    """Upload folders/files as one job; with --wait, wait and write the results."""
-    from tqdm import tqdm
-
-    from batchvision.commands import EXIT_OK, EXIT_SUBMIT_FAILED, exit_code, fmt_of
-
-    client = Client(args.api_url, args.api_key)
-    paths = [Path(p) for p in args.paths]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return EXIT_SUBMIT_FAILED
-    total = len(scan(paths).images)
-    quiet = args.no_progress
-    start = time.monotonic()
-    with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
-        summary = submit_folder(
-            client,
-            paths,
-            part_files=args.part_files,
-            part_bytes=int(args.part_mb * 1024 * 1024),
-            resume=args.resume,
-            on_part=bar.update,
-        )
-    job_id = summary["job_id"]
-    for rel in summary["skipped"]:
-        print(f"skipped (not an image): {rel}", file=sys.stderr)
-    uploaded = client.status(job_id)
-    print(
-        f"uploaded {summary['sent']} images in {time.monotonic() - start:.1f}s "
-        f"({uploaded['done'] + uploaded['failed']} already classified meanwhile)",
-        file=sys.stderr,
-    )
-    print(job_id)
-    if not args.wait:
-        return EXIT_OK
-    with tqdm(total=total, desc="classify", unit="img", disable=quiet, file=sys.stderr) as bar:
-
-        def progress(st: dict[str, Any]) -> None:
-            bar.total = st["total"]
-            bar.update(st["done"] + st["failed"] + st.get("canceled", 0) - bar.n)
-
-        status = client.wait(job_id, on_progress=progress)
-    if args.output:
-        out = Path(args.output)
-        client.download(job_id, out, fmt_of(out, args.format))
-        print(f"wrote {out}", file=sys.stderr)
-    print(
-        f"{status['status']}: {status['done']} classified, {status['failed']} failed "
-        f"in {time.monotonic() - start:.1f}s",
-        file=sys.stderr,
-    )
-    return exit_code(status)

@@ -10,23 +10,9 @@ from typing import Any
 
 import requests
 
-from batchvision.errors import BatchvisionError
+from batchvision.client.errors import ApiError
 
 FINAL = {"succeeded", "partial", "failed", "canceled"}
-
-
-class ApiError(BatchvisionError):
-    """The API answered with an error document."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        err = body.get("error", {}) if isinstance(body, dict) else {}
-        super().__init__(
-            err.get("message", f"HTTP {status}"),
-            code=err.get("code", "http_error"),
-            details=err.get("details"),
-        )
-        self.status = status
-        self.retry_after: str | None = None
 
 
 class Client:
@@ -79,8 +65,8 @@ class Client:
         return list(self._request("GET", f"/v1/jobs/{job_id}/files").json()["files"])
 
     def submit_folder(self, *paths: str | Path, **kw: Any) -> dict[str, Any]:
-        """Upload every image under ``paths`` to one job (see :func:`batchvision.bulk.submit_folder`)."""
-        from batchvision.bulk import submit_folder
+        """Upload every image under ``paths`` to one job (:func:`~batchvision.client.bulk.submit_folder`)."""
+        from batchvision.client.bulk import submit_folder
 
         return submit_folder(self, [Path(p) for p in paths], **kw)
 

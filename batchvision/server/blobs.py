@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 import redis
 
+from batchvision.server import keys
+
 
 class BlobStore(Protocol):
     """Bytes per (job, image index)."""
@@ -34,7 +36,7 @@ class RedisBlobs:
 
     @staticmethod
     def key(job_id: str, index: int) -> str:
-        return f"bv:blob:{{{job_id}}}:{index}"
+        return keys.blob(job_id, index)
 
     def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None:
         pipe = self.redis.pipeline(transaction=False)

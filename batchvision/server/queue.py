@@ -12,8 +12,9 @@ from typing import Any
 import redis
 from celery import Celery
 
-from batchvision.recovery import CHUNKS_KEY, chunk_member
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
+from batchvision.server.keys import CHUNKS
+from batchvision.server.recovery import chunk_member
 
 CLASSIFY_TASK = "batchvision.classify"
 
@@ -88,14 +89,14 @@ def enqueue(
 ) -> int:
     """Send one classify task per chunk of ``indexes``; returns the number of tasks.
 
-    Each chunk is recorded for :mod:`batchvision.recovery` before it is published.
+    Each chunk is recorded for :mod:`batchvision.server.recovery` before it is published.
     ``interactive`` chunks go to the interactive queue and to the front of the worker's batches.
     """
     chunks = chunked(indexes, settings.chunk_size)
     if not chunks:
         return 0
     now = round(time.time(), 3)
-    client.zadd(CHUNKS_KEY, {chunk_member(job_id, c): now for c in chunks})
+    client.zadd(CHUNKS, {chunk_member(job_id, c): now for c in chunks})
     with app.producer_or_acquire() as producer:
         for chunk in chunks:
             send_chunk(app, settings, job_id, chunk, now, producer, interactive)

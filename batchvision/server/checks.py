@@ -6,7 +6,7 @@ import logging
 
 import redis
 
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from batchvision.errors import ImageTooLarge, InvalidImage
-from batchvision.sniff import is_archive, looks_like_image
+from batchvision.core.errors import ImageTooLarge, InvalidImage
+from batchvision.core.sniff import is_archive, looks_like_image
 
 
 class ArchiveRejected(InvalidImage):

@@ -6,14 +6,15 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from batchvision.checks import ConfigError, check_worker_settings
-from batchvision.queue import interactive_queue
-from batchvision.settings import Settings
+from batchvision.core.settings import Settings
+from batchvision.server.checks import ConfigError, check_worker_settings
+from batchvision.server.queue import interactive_queue
 
 DEFAULT_DEMO_MODEL = Path("models/demo.keras")
 
@@ -90,7 +91,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_worker_health(args: argparse.Namespace) -> int:
     """Exit 0 if the worker answers a ping over the broker: it still consumes."""
-    from batchvision.queue import create_celery
+    from batchvision.server.queue import create_celery
 
     app = create_celery(Settings.from_env())
     name = args.name or f"worker@{socket.gethostname()}"
@@ -119,10 +120,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     """Download the ImageNet weights of ``BATCHVISION_MODEL`` into the Keras cache."""
-    from workers.model import fetch_weights
-
-    print(f"weights cached under {fetch_weights(Settings.from_env())}")
-    return 0
+    return _worker_tool("fetch-weights")
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -131,19 +129,25 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         print(f"{out} exists (use --force to retrain)")
         return 0
-    from workers.model import train_demo_model
+    return _worker_tool(
+        "demo-model",
+        "--out",
+        str(out),
+        "--epochs",
+        str(args.epochs),
+        "--min-accuracy",
+        str(args.min_accuracy),
+    )
 
-    accuracy = train_demo_model(out, epochs=args.epochs)
-    print(f"saved {out} and {out.with_name(out.stem + '.labels.txt')}; held-out accuracy {accuracy:.3f}")
-    if accuracy < args.min_accuracy:
-        print(f"accuracy below {args.min_accuracy}", file=sys.stderr)
-        return 1
-    return 0
+
+def _worker_tool(*argv: str) -> int:
+    # TensorFlow lives in the workers' package only: run its tools in a child interpreter.
+    return subprocess.run([sys.executable, "-m", "workers", *argv], check=False).returncode
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start the whole stack locally; see :mod:`batchvision.local`."""
-    from batchvision.local import up
+    """Start the whole stack locally; see :mod:`batchvision.cli.local`."""
+    from batchvision.cli.local import up
 
     return up(args)
 
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", help="classify this folder once the stack is up")
     p.add_argument("--demo", action="store_true", help="classify generated sample images once up")
     p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo (CI)")
-    from batchvision import commands
+    from batchvision.cli import commands
 
     commands.register(sub, add)
     return parser

@@ -3,7 +3,7 @@
 For one task (a job id and a chunk of image indexes): skip what already has a result
 (redelivery), fetch the blobs in one round trip, decode each image in the calling thread
 (Pillow releases the GIL, so task threads decode in parallel), hand the arrays to the shared
-:class:`~batchvision.batching.DynamicBatcher`, and store every result in one idempotent write.
+:class:`~batchvision.core.batching.DynamicBatcher`, and store every result in one idempotent write.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from batchvision import failpoints
-from batchvision.batching import DynamicBatcher
-from batchvision.blobs import BlobStore
-from batchvision.errors import BatchvisionError
-from batchvision.imaging import decode_image
-from batchvision.schemas import canceled_result, error_result, prediction
-from batchvision.store import Counts, JobStore
+from batchvision.core.batching import DynamicBatcher
+from batchvision.core.errors import BatchvisionError
+from batchvision.core.imaging import decode_image
+from batchvision.core.schemas import canceled_result, error_result, prediction
+from batchvision.server import failpoints
+from batchvision.server.blobs import BlobStore
+from batchvision.server.claims import Claims
+from batchvision.server.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ChunkProcessor:
     """Classifies chunks of a job's images through a shared batcher."""
 
     store: JobStore
+    claims: Claims
     blobs: BlobStore
     batcher: DynamicBatcher[np.ndarray, np.ndarray]
     labels: Sequence[str]
@@ -74,14 +76,14 @@ class ChunkProcessor:
     ) -> dict[str, Any]:
         """Give every image of the chunk exactly one stored result."""
         stats = ChunkStats(job_id)
-        claim = self.store.claim(job_id, indexes, f"chunk:{indexes[0]}")
+        claim = self.claims.claim(job_id, indexes, f"chunk:{indexes[0]}")
         if claim is None:
             log.warning("job %s is gone (expired or deleted); dropping %d images", job_id, len(indexes))
-            self.store.forget(job_id, len(indexes))
+            self.claims.forget(job_id, len(indexes))
             self.blobs.delete_many(job_id, list(indexes))
             stats.skipped = len(indexes)
             return stats.summary()
-        todo, canceled, tries = claim
+        todo, canceled, tries = claim.todo, claim.canceled, claim.deliveries
         stats.skipped = len(indexes) - len(todo)
         if not todo:  # a redelivery, or the job was canceled: only the uploads are left to clean
             self.blobs.delete_many(job_id, list(indexes))
@@ -101,7 +103,7 @@ class ChunkProcessor:
             for i in todo:
                 with self._isolation:
                     # The first, whole-chunk delivery counts as this image's first attempt too.
-                    if self.store.attempt(job_id, f"image:{i}") + 1 > self.max_attempts:
+                    if self.claims.attempt(job_id, f"image:{i}") + 1 > self.max_attempts:
                         message = f"the worker died processing this image {self.max_attempts} times"
                         results = {i: error_result("poison_image", message)}
                     else:

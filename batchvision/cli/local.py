@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batchvision.redis_server import RedisServer, free_port
-from batchvision.runner import Service, Supervisor, cli_argv
-from batchvision.settings import PREFIX, Settings
+from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.core.settings import PREFIX, Settings
 
 log = logging.getLogger("batchvision.up")
 
@@ -105,7 +105,7 @@ def wait_for_workers(
 
     import redis
 
-    from batchvision.queue import create_celery
+    from batchvision.server.queue import create_celery
 
     deadline = time.monotonic() + timeout
     while True:
@@ -121,7 +121,7 @@ def wait_for_workers(
 
 
 def _demo_folder() -> Path:
-    from batchvision.synthetic import labelled_files
+    from batchvision.core.synthetic import labelled_files
 
     folder = Path("samples")
     if not folder.exists():

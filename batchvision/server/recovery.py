@@ -19,12 +19,10 @@ from collections.abc import Callable, Sequence
 
 import redis
 
-from batchvision.store import JobStore
+from batchvision.server.keys import CHUNKS, SWEEP_LOCK
+from batchvision.server.store import JobStore
 
 log = logging.getLogger(__name__)
-
-CHUNKS_KEY = "bv:chunks"
-SWEEP_LOCK = "bv:sweep-lock"
 
 
 def chunk_member(job_id: str, indexes: Sequence[int]) -> str:
@@ -39,11 +37,11 @@ def parse_member(member: str) -> tuple[str, list[int]]:
 def chunk_started(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
     """A worker took the chunk: its age now counts from here, so a chunk that waited in a
     long backlog is not mistaken for a lost one while it runs."""
-    client.zadd(CHUNKS_KEY, {chunk_member(job_id, indexes): time.time()}, xx=True)
+    client.zadd(CHUNKS, {chunk_member(job_id, indexes): time.time()}, xx=True)
 
 
 def chunk_done(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
-    client.zrem(CHUNKS_KEY, chunk_member(job_id, indexes))
+    client.zrem(CHUNKS, chunk_member(job_id, indexes))
 
 
 def sweep(
@@ -62,14 +60,14 @@ def sweep(
     try:
         cutoff = time.time() - older_than_s
         resent = 0
-        for raw in client.zrangebyscore(CHUNKS_KEY, "-inf", cutoff, start=0, num=limit):
+        for raw in client.zrangebyscore(CHUNKS, "-inf", cutoff, start=0, num=limit):
             member = raw.decode() if isinstance(raw, bytes) else str(raw)
             job_id, indexes = parse_member(member)
             if not store.exists(job_id) or not store.unresolved(job_id, indexes):
-                client.zrem(CHUNKS_KEY, member)
+                client.zrem(CHUNKS, member)
                 continue
             log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
-            client.zadd(CHUNKS_KEY, {member: time.time()}, xx=True)
+            client.zadd(CHUNKS, {member: time.time()}, xx=True)
             resend(job_id, indexes)
             resent += 1
         return resent

@@ -1,0 +1,21 @@
+"""Errors the client raises."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchvision.core.errors import BatchvisionError
+
+
+class ApiError(BatchvisionError):
+    """The API answered with an error document."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        super().__init__(
+            err.get("message", f"HTTP {status}"),
+            code=err.get("code", "http_error"),
+            details=err.get("details"),
+        )
+        self.status = status
+        self.retry_after: str | None = None

@@ -1,0 +1,61 @@
+"""Worker bookkeeping on a job: which images of a chunk still need a result, and how many
+times a chunk or an image was delivered (the poison-image guard)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from batchvision.server import keys
+from batchvision.server.keys import JobKeys
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker starting a chunk must do: ``todo`` (indexes without a result), whether
+    the job was canceled, and how many times this chunk was delivered (this one included)."""
+
+    todo: list[int]
+    canceled: bool
+    deliveries: int
+
+
+class Claims:
+    """Delivery counts and chunk claims in the job's ``tries`` hash."""
+
+    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+
+    def claim(self, job_id: str, indexes: Sequence[int], attempt_key: str) -> Claim | None:
+        """A worker starts a chunk, in one round trip; ``None`` if the job no longer exists."""
+        k = JobKeys.of(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(k.job, "cancel")
+        pipe.hmget(k.results, [str(i) for i in indexes])
+        pipe.hincrby(k.tries, attempt_key, 1)
+        pipe.expire(k.tries, self.ttl_s)
+        cancel, have, tries, _ = pipe.execute()
+        if cancel is None:  # the job hash is gone
+            self.redis.delete(k.tries)
+            return None
+        todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
+        return Claim(todo, cancel == b"1", int(tries))
+
+    def attempt(self, job_id: str, key: str) -> int:
+        """Count one more delivery of ``key`` (a chunk or an image); returns the count."""
+        k = JobKeys.of(job_id).tries
+        pipe = self.redis.pipeline()
+        pipe.hincrby(k, key, 1)
+        pipe.expire(k, self.ttl_s)
+        return int(pipe.execute()[0])
+
+    def forget(self, job_id: str, images: int) -> None:
+        """A job vanished (an abandoned upload expired) with ``images`` never classified:
+        release them from the global counters."""
+        pipe = self.redis.pipeline()
+        pipe.decrby(keys.PENDING, images)
+        pipe.srem(keys.ACTIVE, job_id)
+        pipe.execute()

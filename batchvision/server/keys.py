@@ -1,0 +1,95 @@
+"""The Redis key space: every key batchvision reads or writes is named here, and only here.
+
+One prefix, ``bv:``. Every key of one job carries the ``{job_id}`` hash tag, so a job's keys
+live in one Redis Cluster slot and one Lua script may touch them all.
+
+==============================  ====================================================================
+key                             what it holds
+==============================  ====================================================================
+``bv:job:{id}``                 hash ``total done failed canceled sealed cancel created_at finished_at
+                                model owner``
+``bv:job:{id}:files``           hash index -> filename (display name)
+``bv:job:{id}:paths``           hash file key (relative path) -> index (idempotent parts)
+``bv:job:{id}:res``             hash index -> result JSON (written once, with ``HSETNX``)
+``bv:job:{id}:tries``           hash ``chunk:<first index>`` / ``image:<index>`` -> deliveries
+``bv:job:{id}:notify``          list pushed once when the job finishes (``POST /v1/classify`` waits)
+``bv:tomb:{id}``                the job finished and its results expired (``410 Gone``)
+``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored
+``bv:pending``                  counter: accepted images without a result, over all jobs
+``bv:active``                   set of job ids not finished yet
+``bv:batches``                  list of recent batches (size, jobs), newest first
+``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
+``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
+``bv:idem:<owner>:<digest>``    ``pending`` or the job id created under an ``Idempotency-Key``
+``bv:rate:<owner>:<minute>``    requests of one API key in one minute
+==============================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+PREFIX = "bv"
+PENDING = f"{PREFIX}:pending"
+ACTIVE = f"{PREFIX}:active"
+BATCH_LOG = f"{PREFIX}:batches"
+CHUNKS = f"{PREFIX}:chunks"
+SWEEP_LOCK = f"{PREFIX}:sweep-lock"
+
+
+def blob(job_id: str, index: int) -> str:
+    return f"{PREFIX}:blob:{{{job_id}}}:{index}"
+
+
+def blob_pattern(job_id: str) -> str:
+    """A ``SCAN`` pattern matching every blob of a job."""
+    return f"{PREFIX}:blob:{{{job_id}}}:*"
+
+
+def idempotency(owner: str, key_digest: str) -> str:
+    return f"{PREFIX}:idem:{owner}:{key_digest}"
+
+
+def rate(owner: str, minute: int) -> str:
+    return f"{PREFIX}:rate:{owner}:{minute}"
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The keys of one job. :meth:`lua` is the one ``KEYS`` order of every job script."""
+
+    job: str
+    files: str
+    paths: str
+    results: str
+    tries: str
+    notify: str
+    tomb: str
+
+    @classmethod
+    def of(cls, job_id: str) -> JobKeys:
+        base = f"{PREFIX}:job:{{{job_id}}}"
+        return cls(
+            job=base,
+            files=f"{base}:files",
+            paths=f"{base}:paths",
+            results=f"{base}:res",
+            tries=f"{base}:tries",
+            notify=f"{base}:notify",
+            tomb=f"{PREFIX}:tomb:{{{job_id}}}",
+        )
+
+    def data(self) -> tuple[str, ...]:
+        """The keys that hold the job's data (all but the tombstone), which expire together."""
+        return (self.job, self.files, self.paths, self.results, self.tries, self.notify)
+
+    def lua(self) -> list[str]:
+        """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
+        return [*astuple(self), ACTIVE, PENDING]
+
+
+#: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
+LUA_KEYS = (
+    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_NOTIFY, K_TOMB, K_ACTIVE, K_PENDING = unpack(KEYS)\n"
+    "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_NOTIFY}\n"
+)

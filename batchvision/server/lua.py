@@ -1,0 +1,83 @@
+"""The job store's Lua scripts. Each runs atomically in Redis and starts with
+:data:`~batchvision.server.keys.LUA_KEYS`, so every script names its keys the same way
+(``KEYS`` is always :meth:`JobKeys.lua() <batchvision.server.keys.JobKeys.lua>`)."""
+
+from __future__ import annotations
+
+from batchvision.server.keys import LUA_KEYS
+
+# Shared tail: finish the job if it is sealed and every image has a result (status,
+# finished_at, wake the waiters, TTLs, tombstone). ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
+_FINISH = """
+local v = redis.call('HMGET', K_JOB, 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
+if v[5] == '1' and not v[6] and
+   (tonumber(v[2] or '0') + tonumber(v[3] or '0') + tonumber(v[4] or '0')) >= tonumber(v[1] or '0') then
+  redis.call('HSET', K_JOB, 'finished_at', ARGV[2])
+  redis.call('RPUSH', K_NOTIFY, '1')
+  for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
+  redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
+  redis.call('SREM', K_ACTIVE, ARGV[3])
+end
+"""
+
+#: Store results: ARGV[4..] = (index, result JSON, counter) triples. ``HSETNX`` per image, and a
+#: counter is raised only when the write stored something: a redelivered chunk counts nothing.
+RECORD = (
+    LUA_KEYS
+    + """
+if redis.call('EXISTS', K_JOB) == 0 then return {0, 0, 0} end
+local n = {done = 0, failed = 0, canceled = 0}
+for i = 4, #ARGV, 3 do
+  if redis.call('HSETNX', K_RES, ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', K_JOB, ARGV[i + 2], 1)
+    n[ARGV[i + 2]] = n[ARGV[i + 2]] + 1
+  end
+end
+local stored = n.done + n.failed + n.canceled
+if stored > 0 then redis.call('DECRBY', K_PENDING, stored) end
+"""
+    + _FINISH
+    + "return {n.done, n.failed, n.canceled}"
+)
+
+#: Seal: no more files. A sealed job is kept until it finishes (every image then has a result,
+#: at the latest an expired-upload error): only open, abandoned uploads expire.
+SEAL = (
+    LUA_KEYS
+    + """
+if redis.call('EXISTS', K_JOB) == 0 then return 0 end
+redis.call('HSET', K_JOB, 'sealed', '1')
+for _, k in ipairs({K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}) do redis.call('PERSIST', k) end
+"""
+    + _FINISH
+    + "return 1"
+)
+
+#: Add files: ARGV[1] open-upload TTL, ARGV[2..] = (file key, filename) pairs. A key the job
+#: has keeps its index. Returns (index, is_new) pairs, -1 for an unknown job, -2 if sealed.
+ADD = (
+    LUA_KEYS
+    + """
+if redis.call('EXISTS', K_JOB) == 0 then return -1 end
+local flags = redis.call('HMGET', K_JOB, 'sealed', 'cancel')
+if flags[1] == '1' or flags[2] == '1' then return -2 end
+local out = {}
+local added = 0
+for i = 2, #ARGV, 2 do
+  local idx = redis.call('HGET', K_PATHS, ARGV[i])
+  if idx then
+    table.insert(out, tonumber(idx)); table.insert(out, 0)
+  else
+    idx = redis.call('HINCRBY', K_JOB, 'total', 1) - 1
+    redis.call('HSET', K_PATHS, ARGV[i], idx)
+    redis.call('HSET', K_FILES, idx, ARGV[i + 1])
+    table.insert(out, idx); table.insert(out, 1)
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('INCRBY', K_PENDING, added) end
+-- an open upload lives as long as its blobs; seal makes the job permanent until it finishes
+for _, k in ipairs({K_JOB, K_FILES, K_PATHS, K_RES}) do redis.call('EXPIRE', k, ARGV[1]) end
+return out
+"""
+)

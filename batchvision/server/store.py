@@ -1,0 +1,202 @@
+"""The job store: a job's lifecycle (create, add files, seal, cancel), its results, and reads.
+
+Keys are named in :mod:`batchvision.server.keys`, the scripts live in
+:mod:`batchvision.server.lua`. Exactly one result per image: results are written with
+``HSETNX`` in a Lua script that raises ``done``/``failed``/``canceled`` only when the write
+stored something, so a redelivered task never counts twice, and that finishes the job
+(status, ``finished_at``, TTLs) in the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from batchvision.core.schemas import canceled_result, entry, job_status
+from batchvision.server import keys, lua
+from batchvision.server.keys import JobKeys
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Results newly stored by one :meth:`JobStore.record` call, by outcome."""
+
+    done: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.done + self.failed + self.canceled
+
+
+def outcome(result: dict[str, Any]) -> str:
+    """``done``, ``failed`` or ``canceled``: the counter a stored result raises."""
+    err = result.get("error")
+    if err is None:
+        return "done"
+    return "canceled" if err.get("code") == "canceled" else "failed"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class JobStore:
+    """Jobs and results in Redis; every method is safe to call from many threads."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int, blob_ttl_s: int) -> None:
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self.open_ttl_s = blob_ttl_s
+        self._record = client.register_script(lua.RECORD)
+        self._seal = client.register_script(lua.SEAL)
+        self._add = client.register_script(lua.ADD)
+
+    def create(self, job_id: str, *, model: str, owner: str = "") -> None:
+        """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`."""
+        key = JobKeys.of(job_id).job
+        pipe = self.redis.pipeline()
+        pipe.hset(
+            key,
+            mapping={
+                "total": 0,
+                "done": 0,
+                "failed": 0,
+                "canceled": 0,
+                "sealed": 0,
+                "cancel": 0,
+                "created_at": f"{time.time():.3f}",
+                "model": model,
+                "owner": owner,
+            },
+        )
+        pipe.expire(key, self.open_ttl_s)
+        pipe.sadd(keys.ACTIVE, job_id)
+        pipe.execute()
+
+    def add_files(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[tuple[int, bool]]:
+        """Index ``(key, filename)`` pairs in order; a key the job already has keeps its index.
+
+        The key is the file's relative path, so a re-sent part enqueues nothing twice.
+        Returns ``(index, is_new)`` per file. Raises ``LookupError`` for an unknown job and
+        ``PermissionError`` for a sealed or canceled one.
+        """
+        args: list[Any] = [self.open_ttl_s, *(arg for pair in files for arg in pair)]
+        out = self._add(keys=JobKeys.of(job_id).lua(), args=args)
+        if out == -1:
+            raise LookupError(job_id)
+        if out == -2:
+            raise PermissionError(job_id)
+        return [(int(out[i]), bool(out[i + 1])) for i in range(0, len(out), 2)]
+
+    def seal(self, job_id: str) -> None:
+        """No more files: the job finishes once every image has a result."""
+        self._seal(keys=JobKeys.of(job_id).lua(), args=[self.result_ttl_s, f"{time.time():.3f}", job_id])
+
+    def record(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> Counts:
+        """Store results idempotently; returns how many of each kind were new (none on a redelivery)."""
+        if not results:
+            return Counts()
+        args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]
+        for index, result in results:
+            args += [index, json.dumps(result, separators=(",", ":")), outcome(result)]
+        done, failed, canceled = self._record(keys=JobKeys.of(job_id).lua(), args=args)
+        return Counts(int(done), int(failed), int(canceled))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job's public status document, or ``None`` if it does not exist."""
+        raw = self.redis.hgetall(JobKeys.of(job_id).job)
+        if not raw:
+            return None
+        h = {_text(k): _text(v) for k, v in raw.items()}
+        counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
+        status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
+        return {
+            "job_id": job_id,
+            "status": status.value,
+            **counts,
+            "sealed": h.get("sealed") == "1",
+            "created_at": float(h["created_at"]),
+            "finished_at": float(h["finished_at"]) if h.get("finished_at") else None,
+            "model": h.get("model", ""),
+            "owner": h.get("owner", ""),
+        }
+
+    def is_gone(self, job_id: str) -> bool:
+        """True if the job existed and its results expired."""
+        return bool(self.redis.exists(JobKeys.of(job_id).tomb))
+
+    def unresolved(self, job_id: str, indexes: Sequence[int] | range) -> list[int]:
+        """The indexes among ``indexes`` that have no result yet."""
+        if not indexes:
+            return []
+        have = self.redis.hmget(JobKeys.of(job_id).results, [str(i) for i in indexes])
+        return [i for i, v in zip(indexes, have, strict=True) if v is None]
+
+    def filenames(self, job_id: str, indexes: Sequence[int]) -> list[str]:
+        names = self.redis.hmget(JobKeys.of(job_id).files, [str(i) for i in indexes])
+        return [_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
+
+    def file_keys(self, job_id: str) -> list[str]:
+        """Every file key (relative path) the job has."""
+        return [_text(k) for k in self.redis.hkeys(JobKeys.of(job_id).paths)]
+
+    def cancel(self, job_id: str, page: int = 1000) -> bool:
+        """Cancel what has no result yet; results so far stay. False if the job is unknown.
+
+        The flag is persistent (workers check it before each chunk, unlike Celery's in-memory
+        revokes), and every unresolved image gets a ``canceled`` result at once, so the job
+        finishes now; a worker mid-batch loses the ``HSETNX`` race and counts nothing.
+        """
+        key = JobKeys.of(job_id).job
+        if not self.exists(job_id):
+            return False
+        self.redis.hset(key, "cancel", 1)
+        total = int(self.redis.hget(key, "total") or 0)
+        marker = canceled_result()
+        for start in range(0, total, page):
+            todo = self.unresolved(job_id, range(start, min(total, start + page)))
+            self.record(job_id, [(i, marker) for i in todo])
+        self.seal(job_id)
+        return True
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(JobKeys.of(job_id).job))
+
+    def iter_results(
+        self, job_id: str, offset: int = 0, limit: int | None = None, page: int = 500
+    ) -> Iterator[dict[str, Any]]:
+        """Result rows in upload order, read page by page so memory stays bounded."""
+        job = self.get(job_id)
+        if job is None:
+            return
+        end = job["total"] if limit is None else min(job["total"], offset + limit)
+        k = JobKeys.of(job_id)
+        for start in range(offset, end, page):
+            idx = [str(i) for i in range(start, min(end, start + page))]
+            pipe = self.redis.pipeline()
+            pipe.hmget(k.files, idx)
+            pipe.hmget(k.results, idx)
+            names, results = pipe.execute()
+            for i, name, res in zip(idx, names, results, strict=True):
+                stored = json.loads(res) if res is not None else None
+                yield entry(int(i), _text(name) if name else i, stored)
+
+    def wait(self, job_id: str, timeout_s: float) -> bool:
+        """Block until the job finishes or ``timeout_s`` passes; True if finished."""
+        k = JobKeys.of(job_id)
+        deadline = time.monotonic() + timeout_s
+        while not self.redis.hget(k.job, "finished_at"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # BLMOVE onto the same list rotates the one marker instead of consuming it, so any
+            # number of waiters wake up. Short slices stay under the client's socket timeout.
+            self.redis.blmove(k.notify, k.notify, max(0.01, min(left, 2.0)), "LEFT", "RIGHT")  # type: ignore[arg-type]
+        return True

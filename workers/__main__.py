@@ -1,0 +1,40 @@
+"""Worker-side tools that need TensorFlow, run as ``python -m workers <command>`` so the
+``batchvision`` command itself never imports it: ``demo-model`` and ``fetch-weights``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo-model", help="train the demo model on synthetic shapes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--min-accuracy", type=float, default=0.95)
+    sub.add_parser("fetch-weights", help="download the ImageNet weights of BATCHVISION_MODEL")
+    args = parser.parse_args(argv)
+    if args.command == "fetch-weights":
+        from batchvision.core.settings import Settings
+        from workers.model import fetch_weights
+
+        print(f"weights cached under {fetch_weights(Settings.from_env())}")
+        return 0
+    from workers.demo_model import train_demo_model
+
+    out = Path(args.out)
+    accuracy = train_demo_model(out, epochs=args.epochs)
+    print(f"saved {out} and {out.with_name(out.stem + '.labels.txt')}; held-out accuracy {accuracy:.3f}")
+    if accuracy < args.min_accuracy:
+        print(f"accuracy below {args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
