@@ -32,6 +32,7 @@ test: install system-deps $(MODEL)
 	$(BIN)/ruff check api workers batchvision tests bench
 	$(BIN)/ruff format --check api workers batchvision tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy --strict -p batchvision
 	$(BIN)/python -m pytest
 
 lint:
@@ -40,6 +41,7 @@ lint:
 
 typecheck:
 	$(BIN)/mypy
+	$(BIN)/mypy --strict -p batchvision
 
 bench: install
 	$(BIN)/python bench/e2e.py

@@ -141,7 +141,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     svc = services()
     timeout = max(0.0, min(_float_arg("timeout", svc.settings.sync_timeout_s), svc.settings.sync_timeout_s))
     job_id, summary = _submit(svc, None, seal=True, interactive=True)
-    if not svc.store.wait(job_id, timeout):
+    if not svc.waiter.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
     job = _public(_job_or_404(svc, job_id))
     return {**job, "results": list(svc.store.iter_results(job_id))}, 200

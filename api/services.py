@@ -13,9 +13,10 @@ from batchvision.server.blobs import BlobStore, open_blobs
 from batchvision.server.connect import connect_redis
 from batchvision.server.idempotency import Idempotency
 from batchvision.server.intake import Intake
-from batchvision.server.queue import create_celery
+from batchvision.server.queue import Enqueuer, create_celery
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
+from batchvision.server.waiter import Waiter
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Services:
     telemetry: Telemetry
     celery: Celery
     intake: Intake
+    waiter: Waiter
     idempotency: Idempotency
 
     @classmethod
@@ -50,7 +52,8 @@ class Services:
             blobs=blobs,
             telemetry=telemetry,
             celery=celery,
-            intake=Intake(settings, client, store, blobs, telemetry, celery),
+            intake=Intake(settings, client, store, blobs, telemetry, Enqueuer(celery, settings)),
+            waiter=Waiter(client, store.is_finished),
             idempotency=Idempotency(
                 client, ttl_s=settings.idempotency_ttl_s, pending_ttl_s=int(settings.sync_timeout_s) + 60
             ),

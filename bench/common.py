@@ -7,6 +7,7 @@ import statistics
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -35,9 +36,30 @@ def photo_set(n: int, folder: Path | None = None) -> Path:
     return folder
 
 
+@dataclass
+class Stack:
+    """A running benchmark stack: its settings and the processes behind it."""
+
+    settings: Settings
+    redis: RedisServer
+    supervisor: Supervisor
+
+    def pids(self) -> dict[str, int]:
+        """Pid of each running process by name: ``redis`` and the started services.
+
+        ``api`` is the gunicorn master (``batchvision api`` execs into it; its workers are its
+        children), ``worker`` the Celery worker process (``batchvision worker`` execs into it).
+        """
+        out = {"redis": self.redis.proc.pid} if self.redis.proc is not None else {}
+        for svc in self.supervisor.services:
+            if svc.proc is not None and svc.proc.poll() is None:
+                out[svc.name] = svc.proc.pid
+        return out
+
+
 @contextmanager
-def running_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Iterator[Settings]:
-    """Redis plus the named services of `batchvision up`, on free ports."""
+def stack_processes(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Iterator[Stack]:
+    """Redis plus the named services of `batchvision up`, on free ports, with their processes."""
     with RedisServer() as redis:
         ports = {"worker_metrics_port": free_port()} if settings.worker_metrics_port else {}
         s = settings.replace(redis_url=redis.url, api_port=free_port(), **ports)
@@ -47,9 +69,16 @@ def running_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")
             sup.wait_healthy(timeout=300)
             if "worker" in names:
                 wait_for_workers(s)
-            yield s
+            yield Stack(s, redis, sup)
         finally:
             sup.stop()
+
+
+@contextmanager
+def running_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Iterator[Settings]:
+    """Redis plus the named services of `batchvision up`, on free ports."""
+    with stack_processes(settings, names) as st:
+        yield st.settings
 
 
 def pct(values: list[float], p: float) -> float:
@@ -66,3 +95,45 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat_fields(int(entry))[1]) == pid:
+                    out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+    return out
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) of ``pid`` from ``/proc/<pid>/stat``.
+
+    With ``children``: plus its reaped children (``cutime + cstime``) and, recursively, its
+    live descendants (a gunicorn master's workers are live children: the kernel adds their time
+    to ``cutime`` only once they exit).
+    """
+    fields = _stat_fields(pid)
+    # After the name: state, ppid, ...; utime, stime, cutime, cstime are fields 14-17 of the line.
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    total = utime + stime
+    if children:
+        total += cutime + cstime
+        for child in _children(pid):
+            try:
+                total += round(cpu_seconds(child) * _TICKS)
+            except OSError:
+                continue
+    return total / _TICKS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from batchvision.server.blobs import open_blobs
 from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
 from batchvision.server.pipeline import ChunkProcessor
-from batchvision.server.queue import interactive_queue, send_chunk
+from batchvision.server.queue import interactive_queue, publish
 from batchvision.server.recovery import Sweeper, sweep
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
@@ -53,6 +54,7 @@ def shutdown() -> None:
     with _lock:
         if _runtime is not None:
             _runtime.batcher.close()
+            _runtime.processor.close()
             if _runtime.sweeper is not None:
                 _runtime.sweeper.stop()
             _runtime = None
@@ -64,7 +66,7 @@ def start_sweeper(settings: Settings, app: Celery) -> None:
     vt = settings.visibility_timeout_s
 
     def resend(job_id: str, indexes: list[int]) -> None:
-        send_chunk(app, settings, job_id, indexes, time.time())
+        publish(app, settings, [(job_id, indexes)], time.time())
 
     def run() -> int:
         queues = (settings.queue, interactive_queue(settings))
@@ -121,6 +123,8 @@ def _build(settings: Settings) -> Runtime:
         max_pixels=settings.max_image_pixels,
         max_attempts=settings.max_attempts,
         model_timeout_s=float(settings.task_time_limit_s),
+        max_inflight_images=settings.max_inflight_images or 4 * settings.max_batch_size,
+        decode_threads=settings.decode_threads or len(os.sched_getaffinity(0)),
         on_decode=metrics.DECODE.observe,
         on_recorded=metrics.observe_recorded,
     )

@@ -8,7 +8,6 @@ import redis
 from celery import Task
 
 from batchvision.server.queue import CLASSIFY_TASK
-from batchvision.server.recovery import chunk_done, chunk_started
 from workers.celery_app import app, settings
 from workers.runtime import get_runtime
 
@@ -27,17 +26,16 @@ from workers.runtime import get_runtime
 )
 def classify(
     self: Task,
-    job_id: str,
-    indexes: list[int],
+    chunks: list[list[Any]],
     enqueued_at: float | None = None,
     interactive: bool = False,
 ) -> dict[str, Any]:
-    """Classify images ``indexes`` of job ``job_id``; results go to the job store."""
+    """Classify ``chunks``, ``[[job_id, [index, ...]], ...]``; results go to the job store."""
     runtime = get_runtime(settings)
-    chunk_started(runtime.processor.store.redis, job_id, indexes)
     # Our own retries (a Redis hiccup) are not deaths: they must not make images suspects.
-    summary = runtime.processor.process(
-        job_id, indexes, enqueued_at, urgent=interactive, retries=self.request.retries or 0
+    return runtime.processor.process(
+        [(str(job), [int(i) for i in ix]) for job, ix in chunks],
+        enqueued_at,
+        urgent=interactive,
+        retries=self.request.retries or 0,
     )
-    chunk_done(runtime.processor.store.redis, job_id, indexes)
-    return summary

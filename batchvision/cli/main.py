@@ -37,10 +37,12 @@ def cmd_api(args: argparse.Namespace) -> int:
         f"{args.host}:{s.api_port}",
         "--workers",
         str(s.api_workers),
+        # gevent: a request waiting in POST /v1/classify is a greenlet, not a thread, so
+        # thousands of clients may wait at once (the job waiter wakes them over pub/sub).
         "--worker-class",
-        "gthread",
-        "--threads",
-        "8",
+        "gevent",
+        "--worker-connections",
+        "2000",
         "--timeout",
         str(int(s.sync_timeout_s) + 30),
         "--graceful-timeout",

@@ -177,3 +177,47 @@ class Reservation(Generic[In, Out]):
     def submit(self, value: In, tag: Any = None, urgent: bool = False) -> Future[Out]:
         """Queue one announced item."""
         return self._batcher._put(value, tag, self, urgent)
+
+
+class Admission:
+    """Bounds how many images a worker holds at once (decoded, or waiting for the model).
+
+    A task asks for as many slots as it has images before it fetches or decodes anything;
+    ``urgent`` (interactive) requests are admitted before waiting bulk ones, each class in
+    arrival order. A request larger than the whole limit is admitted when nothing else is
+    held, so it never waits forever.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self.held = 0
+        self._cond = threading.Condition()
+        self._waiting: tuple[deque[object], deque[object]] = (deque(), deque())  # urgent, bulk
+
+    @contextlib.contextmanager
+    def admit(self, n: int, urgent: bool = False) -> Iterator[None]:
+        """Hold ``n`` slots for the duration of the ``with`` block."""
+        ticket = object()
+        line = self._waiting[0 if urgent else 1]
+        with self._cond:
+            line.append(ticket)
+            try:
+                while not self._may_enter(ticket, urgent, n):
+                    self._cond.wait()
+            finally:
+                line.remove(ticket)
+                self._cond.notify_all()
+            self.held += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= n
+                self._cond.notify_all()
+
+    def _may_enter(self, ticket: object, urgent: bool, n: int) -> bool:
+        urgent_line, bulk_line = self._waiting
+        first = urgent_line[0] is ticket if urgent else (not urgent_line and bulk_line[0] is ticket)
+        return first and (self.held == 0 or self.held + n <= self.limit)

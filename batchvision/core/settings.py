@@ -60,7 +60,22 @@ class Settings:
         "queue `<QUEUE>.interactive`, which workers serve ahead of bulk work.",
     )
     worker_threads: int = _field(
-        8, "Task threads per worker process (decode in parallel, feed one model thread)."
+        32,
+        "Task threads per worker process: how many messages a worker holds at once. Waiting "
+        "threads cost nothing; `MAX_INFLIGHT_IMAGES` and `DECODE_THREADS` bound the work.",
+    )
+    max_inflight_images: int = _field(
+        0,
+        "Images a worker decodes or holds for the model at once, interactive chunks first "
+        "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued.",
+    )
+    decode_threads: int = _field(
+        0, "Images decoded at the same time in a worker (0: the CPUs the process may use)."
+    )
+    enqueue_linger_ms: float = _field(
+        5.0,
+        "Under load, how long the API collects small jobs from concurrent requests into one "
+        "Celery message (an idle service sends at once; 0: one message per request).",
     )
     intra_op_threads: int = _field(0, "TensorFlow intra-op threads (0: TensorFlow's default).")
     inter_op_threads: int = _field(0, "TensorFlow inter-op threads (0: TensorFlow's default).")

@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import redis
@@ -22,13 +22,25 @@ from batchvision.server import keys
 class BlobStore(Protocol):
     """Bytes per (job, image index)."""
 
-    def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None: ...
+    #: Whether writes and deletes can ride on a Redis pipeline (``pipe=``) with other commands.
+    pipelined: bool
+
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes], pipe: Any = None) -> None:
+        """Store blobs; with ``pipe`` (a Redis pipeline) a Redis store only queues the writes."""
+
     def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]: ...
-    def delete_many(self, job_id: str, indexes: Sequence[int]) -> None: ...
+
+    def get_batch(self, wanted: Sequence[tuple[str, Sequence[int]]]) -> list[list[bytes | None]]:
+        """:meth:`get_many` for several jobs at once (one round trip for Redis)."""
+
+    def delete_many(self, job_id: str, indexes: Sequence[int], pipe: Any = None) -> None:
+        """Delete blobs; with ``pipe`` a Redis store only queues the deletes."""
 
 
 class RedisBlobs:
     """Blobs as Redis strings ``bv:blob:{job}:index`` with a TTL."""
+
+    pipelined = True
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
@@ -38,11 +50,13 @@ class RedisBlobs:
     def key(job_id: str, index: int) -> str:
         return keys.blob(job_id, index)
 
-    def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes], pipe: Any = None) -> None:
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own else pipe
         for index, data in blobs.items():
             pipe.set(self.key(job_id, index), data, ex=self.ttl_s)
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
         if not indexes:
@@ -52,13 +66,24 @@ class RedisBlobs:
             for v in self.redis.mget([self.key(job_id, i) for i in indexes])
         ]
 
-    def delete_many(self, job_id: str, indexes: Sequence[int]) -> None:
+    def get_batch(self, wanted: Sequence[tuple[str, Sequence[int]]]) -> list[list[bytes | None]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, indexes in wanted:
+            pipe.mget([self.key(job_id, i) for i in indexes] or ["-"])
+        return [
+            [v if isinstance(v, bytes) or v is None else v.encode() for v in values][: len(ix)]
+            for values, (_, ix) in zip(pipe.execute(), wanted, strict=True)
+        ]
+
+    def delete_many(self, job_id: str, indexes: Sequence[int], pipe: Any = None) -> None:
         if indexes:
-            self.redis.unlink(*[self.key(job_id, i) for i in indexes])
+            (pipe or self.redis).unlink(*[self.key(job_id, i) for i in indexes])
 
 
 class FileBlobs:
     """Blobs as files ``<root>/<job>/<index>`` on a shared volume (written atomically)."""
+
+    pipelined = False
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -67,7 +92,7 @@ class FileBlobs:
     def _path(self, job_id: str, index: int) -> Path:
         return self.root / job_id / str(index)
 
-    def put_many(self, job_id: str, blobs: Mapping[int, bytes]) -> None:
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes], pipe: Any = None) -> None:
         folder = self.root / job_id
         folder.mkdir(exist_ok=True)
         for index, data in blobs.items():
@@ -85,7 +110,10 @@ class FileBlobs:
                 out.append(None)
         return out
 
-    def delete_many(self, job_id: str, indexes: Sequence[int]) -> None:
+    def get_batch(self, wanted: Sequence[tuple[str, Sequence[int]]]) -> list[list[bytes | None]]:
+        return [self.get_many(job_id, indexes) for job_id, indexes in wanted]
+
+    def delete_many(self, job_id: str, indexes: Sequence[int], pipe: Any = None) -> None:
         for index in indexes:
             with contextlib.suppress(FileNotFoundError):
                 self._path(job_id, index).unlink()

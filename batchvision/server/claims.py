@@ -3,8 +3,9 @@ times a chunk or an image was delivered (the poison-image guard)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -31,18 +32,36 @@ class Claims:
 
     def claim(self, job_id: str, indexes: Sequence[int], attempt_key: str) -> Claim | None:
         """A worker starts a chunk, in one round trip; ``None`` if the job no longer exists."""
-        k = JobKeys.of(job_id)
+        return self.claim_many([(job_id, indexes)], lambda ix: attempt_key)[0]
+
+    def claim_many(
+        self,
+        chunks: Sequence[tuple[str, Sequence[int]]],
+        attempt_key: Callable[[Sequence[int]], str] = lambda ix: f"chunk:{ix[0]}",
+        also: Callable[[Any], None] | None = None,
+    ) -> list[Claim | None]:
+        """:meth:`claim` for the chunks of one message, in one round trip; ``also(pipe)`` may
+        queue more commands on it (their replies are dropped). ``None`` for a vanished job."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(k.job, "cancel")
-        pipe.hmget(k.results, [str(i) for i in indexes])
-        pipe.hincrby(k.tries, attempt_key, 1)
-        pipe.expire(k.tries, self.ttl_s)
-        cancel, have, tries, _ = pipe.execute()
-        if cancel is None:  # the job hash is gone
-            self.redis.delete(k.tries)
-            return None
-        todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
-        return Claim(todo, cancel == b"1", int(tries))
+        for job_id, indexes in chunks:
+            k = JobKeys.of(job_id)
+            pipe.hget(k.job, "cancel")
+            pipe.hmget(k.results, [str(i) for i in indexes])
+            pipe.hincrby(k.tries, attempt_key(indexes), 1)
+            pipe.expire(k.tries, self.ttl_s)
+        if also is not None:
+            also(pipe)
+        replies = pipe.execute()
+        out: list[Claim | None] = []
+        for n, (job_id, indexes) in enumerate(chunks):
+            cancel, have, tries, _ = replies[4 * n : 4 * n + 4]
+            if cancel is None:  # the job hash is gone
+                self.redis.delete(JobKeys.of(job_id).tries)
+                out.append(None)
+                continue
+            todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
+            out.append(Claim(todo, cancel == b"1", int(tries)))
+        return out
 
     def attempt(self, job_id: str, key: str) -> int:
         """Count one more delivery of ``key`` (a chunk or an image); returns the count."""

@@ -7,20 +7,21 @@ is refused whole. Accepted images are stored as blobs and queued by task name.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import Celery
 
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage, TooManyRequests
 from batchvision.core.imaging import inspect_image
 from batchvision.core.schemas import error_result
 from batchvision.core.settings import Settings
 from batchvision.server.blobs import BlobStore
-from batchvision.server.queue import enqueue
+from batchvision.server.queue import Enqueuer, chunked
+from batchvision.server.recovery import ledger_add
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 
@@ -99,7 +100,7 @@ class Intake:
     store: JobStore
     blobs: BlobStore
     telemetry: Telemetry
-    celery: Celery
+    enqueuer: Enqueuer
 
     def backpressure(self) -> None:
         """Refuse new work (429) while too many accepted images wait for a result."""
@@ -133,19 +134,58 @@ class Intake:
         ensure_nonempty(uploads, skipped)
         problems = check(self.settings, uploads)
         require_some_valid(uploads, problems)
-        if job_id is None:
-            job_id = self.new_job(owner)
-        else:
-            self.backpressure()
+        self.backpressure()
         # A small job sent whole is someone waiting: it goes ahead of bulk work.
         interactive = interactive or (seal and len(uploads) <= self.settings.interactive_max_images)
-        summary = self._ingest(job_id, uploads, problems, interactive)
+        if job_id is None:
+            job_id, summary = self._create(owner, uploads, problems, seal, interactive)
+        else:
+            summary = self._add(job_id, uploads, problems, interactive)
+            if seal:
+                self.store.seal(job_id)
         summary["skipped"] = skipped
-        if seal:
-            self.store.seal(job_id)
         return job_id, summary
 
-    def _ingest(
+    def _create(
+        self,
+        owner: str,
+        uploads: list[Upload],
+        problems: list[BatchvisionError | None],
+        seal: bool,
+        interactive: bool,
+    ) -> tuple[str, dict[str, Any]]:
+        """A new job with all its files: job, files, blobs, refusals, seal and chunk ledger in
+        one ``MULTI`` round trip, then the messages. (Keys are unique within a request, so
+        file ``i`` is index ``i``.)"""
+        job_id = new_job_id()
+        blobs: dict[int, bytes] = {}
+        errors: list[tuple[int, dict[str, Any]]] = []
+        rejected: list[dict[str, Any]] = []
+        for index, (up, err) in enumerate(zip(uploads, problems, strict=True)):
+            if err is None:
+                blobs[index] = up.data
+            else:
+                errors.append((index, error_result(err.code, err.message)))
+                rejected.append({"index": index, **rejection(up, err)})
+        chunks = [(job_id, c) for c in chunked(sorted(blobs), self.settings.chunk_size)]
+        now = round(time.time(), 3)
+        pipe = self.redis.pipeline(transaction=True)
+        self.blobs.put_many(job_id, blobs, pipe=pipe)
+        self.store.create_whole(
+            pipe,
+            job_id,
+            model=self.settings.model,
+            owner=owner,
+            files=[(u.key, u.filename) for u in uploads],
+            errors=errors,
+            seal=seal,
+        )
+        ledger_add(pipe, chunks, now)
+        pipe.execute()
+        self.enqueuer.send(chunks, now, interactive)
+        return job_id, {"accepted": len(blobs), "queued": len(blobs), "rejected": rejected, "duplicates": 0}
+
+    def _add(
         self,
         job_id: str,
         uploads: list[Upload],
@@ -175,7 +215,13 @@ class Intake:
                 blobs[index] = up.data
         self.blobs.put_many(job_id, blobs)
         self.store.record(job_id, errors)
-        enqueue(self.celery, self.settings, self.redis, job_id, sorted(blobs), interactive)
+        chunks = [(job_id, c) for c in chunked(sorted(blobs), self.settings.chunk_size)]
+        if chunks:
+            now = round(time.time(), 3)
+            pipe = self.redis.pipeline(transaction=False)
+            ledger_add(pipe, chunks, now)
+            pipe.execute()
+            self.enqueuer.send(chunks, now, interactive)
         return {
             "accepted": len(blobs) - len(redo & blobs.keys()),
             "queued": len(blobs),

@@ -12,7 +12,6 @@ key                             what it holds
 ``bv:job:{id}:paths``           hash file key (relative path) -> index (idempotent parts)
 ``bv:job:{id}:res``             hash index -> result JSON (written once, with ``HSETNX``)
 ``bv:job:{id}:tries``           hash ``chunk:<first index>`` / ``image:<index>`` -> deliveries
-``bv:job:{id}:notify``          list pushed once when the job finishes (``POST /v1/classify`` waits)
 ``bv:tomb:{id}``                the job finished and its results expired (``410 Gone``)
 ``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored
 ``bv:pending``                  counter: accepted images without a result, over all jobs
@@ -20,6 +19,7 @@ key                             what it holds
 ``bv:batches``                  list of recent batches (size, jobs), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
+``bv:finished``                 pub/sub channel: a job id, once, when that job finishes
 ``bv:idem:<owner>:<digest>``    ``pending`` or the job id created under an ``Idempotency-Key``
 ``bv:rate:<owner>:<minute>``    requests of one API key in one minute
 ==============================  ====================================================================
@@ -35,6 +35,8 @@ ACTIVE = f"{PREFIX}:active"
 BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
+#: Pub/sub channel on which the job scripts announce each finished job id (API waiters listen).
+FINISHED = f"{PREFIX}:finished"
 
 
 def blob(job_id: str, index: int) -> str:
@@ -63,7 +65,6 @@ class JobKeys:
     paths: str
     results: str
     tries: str
-    notify: str
     tomb: str
 
     @classmethod
@@ -75,13 +76,12 @@ class JobKeys:
             paths=f"{base}:paths",
             results=f"{base}:res",
             tries=f"{base}:tries",
-            notify=f"{base}:notify",
             tomb=f"{PREFIX}:tomb:{{{job_id}}}",
         )
 
     def data(self) -> tuple[str, ...]:
         """The keys that hold the job's data (all but the tombstone), which expire together."""
-        return (self.job, self.files, self.paths, self.results, self.tries, self.notify)
+        return (self.job, self.files, self.paths, self.results, self.tries)
 
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
@@ -90,6 +90,7 @@ class JobKeys:
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
 LUA_KEYS = (
-    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_NOTIFY, K_TOMB, K_ACTIVE, K_PENDING = unpack(KEYS)\n"
-    "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_NOTIFY}\n"
+    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING = unpack(KEYS)\n"
+    "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}\n"
+    f"local CH_FINISHED = '{FINISHED}'\n"
 )

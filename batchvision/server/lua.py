@@ -8,12 +8,13 @@ from batchvision.server.keys import LUA_KEYS
 
 # Shared tail: finish the job if it is sealed and every image has a result (status,
 # finished_at, wake the waiters, TTLs, tombstone). ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
+# Publishing from a script is allowed: Redis replicates the script's effects, PUBLISH included.
 _FINISH = """
 local v = redis.call('HMGET', K_JOB, 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
 if v[5] == '1' and not v[6] and
    (tonumber(v[2] or '0') + tonumber(v[3] or '0') + tonumber(v[4] or '0')) >= tonumber(v[1] or '0') then
   redis.call('HSET', K_JOB, 'finished_at', ARGV[2])
-  redis.call('RPUSH', K_NOTIFY, '1')
+  redis.call('PUBLISH', CH_FINISHED, ARGV[3])
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
   redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('SREM', K_ACTIVE, ARGV[3])

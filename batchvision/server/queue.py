@@ -1,20 +1,18 @@
 """Celery configuration and enqueueing by task name (the API never imports the workers).
 
-Tasks carry a job id and a chunk of image indexes, never image bytes.
+A message carries one or more chunks (a job id and some of its image indexes), never image
+bytes.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import redis
 from celery import Celery
 
 from batchvision.core.settings import Settings
-from batchvision.server.keys import CHUNKS
-from batchvision.server.recovery import chunk_member
+from batchvision.server.dispatch import Coalescer
 
 CLASSIFY_TASK = "batchvision.classify"
 
@@ -73,51 +71,64 @@ def create_celery(settings: Settings, name: str = "batchvision") -> Celery:
     return app
 
 
+#: One unit of work in a message: a job id and some of its image indexes.
+Chunk = tuple[str, list[int]]
+
+
 def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
     """Split image indexes into task-sized chunks, in order."""
     size = max(1, size)
     return [list(indexes[i : i + size]) for i in range(0, len(indexes), size)]
 
 
-def enqueue(
+def describe(items: Sequence[Chunk]) -> str:
+    """What Flower shows instead of the raw arguments (never image bytes)."""
+    return "; ".join(f"job={job} images={ix[0]}..{ix[-1]} n={len(ix)}" for job, ix in items)
+
+
+def publish(
     app: Celery,
     settings: Settings,
-    client: redis.Redis,
-    job_id: str,
-    indexes: Sequence[int],
-    interactive: bool = False,
-) -> int:
-    """Send one classify task per chunk of ``indexes``; returns the number of tasks.
-
-    Each chunk is recorded for :mod:`batchvision.server.recovery` before it is published.
-    ``interactive`` chunks go to the interactive queue and to the front of the worker's batches.
-    """
-    chunks = chunked(indexes, settings.chunk_size)
-    if not chunks:
-        return 0
-    now = round(time.time(), 3)
-    client.zadd(CHUNKS, {chunk_member(job_id, c): now for c in chunks})
-    with app.producer_or_acquire() as producer:
-        for chunk in chunks:
-            send_chunk(app, settings, job_id, chunk, now, producer, interactive)
-    return len(chunks)
-
-
-def send_chunk(
-    app: Celery,
-    settings: Settings,
-    job_id: str,
-    chunk: list[int],
+    items: Sequence[Chunk],
     enqueued_at: float,
-    producer: Any = None,
     interactive: bool = False,
+    producer: Any = None,
 ) -> None:
-    """Publish one classify task by name (the API never imports the task)."""
+    """Publish one classify message carrying ``items`` by task name (the API never imports
+    the task). Each chunk must already be in the chunk ledger (:mod:`~batchvision.server.recovery`)."""
     app.send_task(
         CLASSIFY_TASK,
-        args=[job_id, chunk, enqueued_at, interactive],
+        args=[[[job, list(ix)] for job, ix in items], enqueued_at, interactive],
         queue=interactive_queue(settings) if interactive else settings.queue,
         producer=producer,
-        # Flower shows this instead of the raw argument list.
-        argsrepr=f"job={job_id} images={chunk[0]}..{chunk[-1]} n={len(chunk)}",
+        argsrepr=describe(items),
     )
+
+
+class Enqueuer:
+    """Sends chunks: bulk ones one message each, interactive ones coalesced across requests
+    (see :mod:`batchvision.server.dispatch`), each message carrying up to a batch of images."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.coalescer: Coalescer[tuple[Chunk, float]] = Coalescer(
+            self._send_interactive,
+            max_weight=settings.max_batch_size,
+            linger_s=settings.enqueue_linger_ms / 1000.0,
+            weight=lambda item: len(item[0][1]),
+            name="enqueue",
+        )
+
+    def send(self, chunks: Sequence[Chunk], enqueued_at: float, interactive: bool) -> None:
+        """Publish ``chunks`` (already in the ledger); returns once they are on the queue."""
+        if interactive and self.settings.enqueue_linger_ms > 0:
+            # Bounded like a publish: a broker that is down gives the caller an error, not a hang.
+            self.coalescer.submit_many([(c, enqueued_at) for c in chunks], timeout_s=30.0)
+            return
+        with self.app.producer_or_acquire() as producer:
+            for chunk in chunks:
+                publish(self.app, self.settings, [chunk], enqueued_at, interactive, producer)
+
+    def _send_interactive(self, items: list[tuple[Chunk, float]]) -> None:
+        publish(self.app, self.settings, [c for c, _ in items], min(t for _, t in items), True)

@@ -16,8 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-
-import redis
+from typing import Any
 
 from batchvision.server.keys import CHUNKS, SWEEP_LOCK
 from batchvision.server.store import JobStore
@@ -34,14 +33,21 @@ def parse_member(member: str) -> tuple[str, list[int]]:
     return job_id, [int(i) for i in rest.split(",") if i]
 
 
-def chunk_started(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
-    """A worker took the chunk: its age now counts from here, so a chunk that waited in a
+def ledger_add(pipe: Any, chunks: Sequence[tuple[str, Sequence[int]]], now: float) -> None:
+    """Record chunks about to be published (queued on ``pipe``, a Redis pipeline)."""
+    pipe.zadd(CHUNKS, {chunk_member(job, ix): now for job, ix in chunks})
+
+
+def ledger_started(pipe: Any, chunks: Sequence[tuple[str, Sequence[int]]]) -> None:
+    """A worker took the chunks: their age now counts from here, so a chunk that waited in a
     long backlog is not mistaken for a lost one while it runs."""
-    client.zadd(CHUNKS, {chunk_member(job_id, indexes): time.time()}, xx=True)
+    now = time.time()
+    pipe.zadd(CHUNKS, {chunk_member(job, ix): now for job, ix in chunks}, xx=True)
 
 
-def chunk_done(client: redis.Redis, job_id: str, indexes: Sequence[int]) -> None:
-    client.zrem(CHUNKS, chunk_member(job_id, indexes))
+def ledger_done(pipe: Any, chunks: Sequence[tuple[str, Sequence[int]]]) -> None:
+    """Every image of the chunks has a stored result."""
+    pipe.zrem(CHUNKS, *[chunk_member(job, ix) for job, ix in chunks])
 
 
 def sweep(

@@ -43,6 +43,13 @@ def outcome(result: dict[str, Any]) -> str:
     return "canceled" if err.get("code") == "canceled" else "failed"
 
 
+def _eval(pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
+    # EVAL with the source, not EVALSHA: redis-py would check a pipeline's scripts with an
+    # extra SCRIPT EXISTS round trip, and a NOSCRIPT inside MULTI (after a Redis restart
+    # emptied the script cache) would not roll back the rest. Redis caches the compiled script.
+    pipe.eval(script, len(keys), *keys, *args)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -58,10 +65,12 @@ class JobStore:
         self._seal = client.register_script(lua.SEAL)
         self._add = client.register_script(lua.ADD)
 
-    def create(self, job_id: str, *, model: str, owner: str = "") -> None:
-        """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`."""
+    def create(self, job_id: str, *, model: str, owner: str = "", pipe: Any = None) -> None:
+        """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`.
+        With ``pipe`` (a Redis pipeline) the writes are only queued on it."""
         key = JobKeys.of(job_id).job
-        pipe = self.redis.pipeline()
+        own = pipe is None
+        pipe = self.redis.pipeline() if own else pipe
         pipe.hset(
             key,
             mapping={
@@ -78,7 +87,30 @@ class JobStore:
         )
         pipe.expire(key, self.open_ttl_s)
         pipe.sadd(keys.ACTIVE, job_id)
-        pipe.execute()
+        if own:
+            pipe.execute()
+
+    def create_whole(
+        self,
+        pipe: Any,
+        job_id: str,
+        *,
+        model: str,
+        owner: str,
+        files: Sequence[tuple[str, str]],
+        errors: Sequence[tuple[int, dict[str, Any]]],
+        seal: bool,
+    ) -> None:
+        """Queue on ``pipe`` (a ``MULTI`` pipeline) a new job with all of its files, the results
+        of files refused at upload, and optionally its seal: one round trip, all or nothing.
+        The files' keys must be distinct; file ``i`` gets index ``i``."""
+        k = JobKeys.of(job_id).lua()
+        self.create(job_id, model=model, owner=owner, pipe=pipe)
+        _eval(pipe, lua.ADD, k, [self.open_ttl_s, *(a for pair in files for a in pair)])
+        if errors:
+            _eval(pipe, lua.RECORD, k, self._record_args(job_id, errors))
+        if seal:
+            _eval(pipe, lua.SEAL, k, [self.result_ttl_s, f"{time.time():.3f}", job_id])
 
     def add_files(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[tuple[int, bool]]:
         """Index ``(key, filename)`` pairs in order; a key the job already has keeps its index.
@@ -103,11 +135,24 @@ class JobStore:
         """Store results idempotently; returns how many of each kind were new (none on a redelivery)."""
         if not results:
             return Counts()
+        done, failed, canceled = self._record(
+            keys=JobKeys.of(job_id).lua(), args=self._record_args(job_id, results)
+        )
+        return Counts(int(done), int(failed), int(canceled))
+
+    def record_on(self, pipe: Any, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> bool:
+        """Queue :meth:`record` on ``pipe``; its reply ``[done, failed, canceled]`` comes back
+        with the pipeline's. Returns whether anything was queued."""
+        if not results:
+            return False
+        _eval(pipe, lua.RECORD, JobKeys.of(job_id).lua(), self._record_args(job_id, results))
+        return True
+
+    def _record_args(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> list[Any]:
         args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]
         for index, result in results:
             args += [index, json.dumps(result, separators=(",", ":")), outcome(result)]
-        done, failed, canceled = self._record(keys=JobKeys.of(job_id).lua(), args=args)
-        return Counts(int(done), int(failed), int(canceled))
+        return args
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job's public status document, or ``None`` if it does not exist."""
@@ -188,15 +233,7 @@ class JobStore:
                 stored = json.loads(res) if res is not None else None
                 yield entry(int(i), _text(name) if name else i, stored)
 
-    def wait(self, job_id: str, timeout_s: float) -> bool:
-        """Block until the job finishes or ``timeout_s`` passes; True if finished."""
-        k = JobKeys.of(job_id)
-        deadline = time.monotonic() + timeout_s
-        while not self.redis.hget(k.job, "finished_at"):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            # BLMOVE onto the same list rotates the one marker instead of consuming it, so any
-            # number of waiters wake up. Short slices stay under the client's socket timeout.
-            self.redis.blmove(k.notify, k.notify, max(0.01, min(left, 2.0)), "LEFT", "RIGHT")  # type: ignore[arg-type]
-        return True
+    def is_finished(self, job_id: str) -> bool:
+        """True once the job has finished (also when it no longer exists: nothing to wait for)."""
+        finished, total = self.redis.hmget(JobKeys.of(job_id).job, ["finished_at", "total"])
+        return finished is not None or total is None

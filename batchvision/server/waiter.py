@@ -1,0 +1,102 @@
+"""Waiting for jobs to finish without a Redis connection (or a thread) per waiting client.
+
+One listener per process subscribes to :data:`~batchvision.server.keys.FINISHED`, on which the
+job scripts publish each finished job id, and wakes the local waiters of that job. Pub/sub
+delivers at most once and only while subscribed, so a waiter never trusts it alone: it checks
+the job itself when it starts waiting (the job may already be done) and again every
+``recheck_s`` (a message lost while the listener reconnected costs at most that long).
+
+Under gunicorn's gevent workers the listener and the waiters are greenlets: thousands of
+clients can wait in ``POST /v1/classify`` at the cost of a dictionary entry each.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from batchvision.server import keys
+
+log = logging.getLogger(__name__)
+
+
+class Waiter:
+    """Per-process registry of jobs being waited on, fed by one pub/sub listener."""
+
+    def __init__(
+        self, client: redis.Redis, is_finished: Callable[[str], bool], *, recheck_s: float = 1.0
+    ) -> None:
+        self.redis = client
+        self.is_finished = is_finished
+        self.recheck_s = recheck_s
+        self._events: dict[str, list[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._subscribed = threading.Event()
+
+    def wait(self, job_id: str, timeout_s: float) -> bool:
+        """Block until ``job_id`` finishes or ``timeout_s`` passes; True if it finished."""
+        self._ensure_listener()
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(job_id, []).append(event)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                # Registered before the check: a finish published from now on sets the event.
+                if self.is_finished(job_id):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                event.wait(min(left, self.recheck_s))
+        finally:
+            with self._lock:
+                waiters = self._events.get(job_id, [])
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters:
+                    self._events.pop(job_id, None)
+
+    def waiting(self) -> int:
+        """How many waits are in progress (for tests and metrics)."""
+        with self._lock:
+            return sum(len(v) for v in self._events.values())
+
+    def _ensure_listener(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._listen, name="job-waiter", daemon=True)
+                self._thread.start()
+        # The first wait does not race the subscription (a bounded wait: the re-check covers it).
+        self._subscribed.wait(self.recheck_s)
+
+    def _listen(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
+            try:
+                pubsub.subscribe(keys.FINISHED)
+                self._subscribed.set()
+                backoff = 0.05
+                while True:
+                    msg = pubsub.get_message(timeout=5.0)
+                    if msg is not None and msg.get("type") == "message":
+                        data = msg["data"]
+                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+            except Exception as exc:  # noqa: BLE001 - Redis restarts: resubscribe, waiters re-check
+                log.warning("job waiter lost its subscription (%s); resubscribing", exc)
+                time.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+            finally:
+                pubsub.close()
+
+    def _wake(self, job_id: str) -> None:
+        with self._lock:
+            waiters = list(self._events.get(job_id, ()))
+        for event in waiters:
+            event.set()
