@@ -143,8 +143,10 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     job_id, summary = _submit(svc, None, seal=True, interactive=True)
     if not svc.waiter.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
-    job = _public(_job_or_404(svc, job_id))
-    return {**job, "results": list(svc.store.iter_results(job_id))}, 200
+    job, rows = svc.store.snapshot(job_id, rows=len(summary["rejected"]) + summary["accepted"])
+    if job is None or job["owner"] != current_owner():  # expired within the wait: as GET would
+        job = _job_or_404(svc, job_id)
+    return {**_public(job), "results": rows}, 200
 
 
 @bp.get("/jobs/<job_id>")

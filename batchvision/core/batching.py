@@ -196,6 +196,11 @@ class Admission:
         self._cond = threading.Condition()
         self._waiting: tuple[deque[object], deque[object]] = (deque(), deque())  # urgent, bulk
 
+    def waiting(self) -> tuple[int, int]:
+        """How many requests wait, ``(urgent, bulk)`` (tests, metrics)."""
+        with self._cond:
+            return len(self._waiting[0]), len(self._waiting[1])
+
     @contextlib.contextmanager
     def admit(self, n: int, urgent: bool = False) -> Iterator[None]:
         """Hold ``n`` slots for the duration of the ``with`` block."""

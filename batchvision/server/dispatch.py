@@ -75,6 +75,11 @@ class Coalescer(Generic[T]):
             if entry.error is not None:
                 raise entry.error
 
+    def pending(self) -> int:
+        """Items waiting for a message (tests, metrics)."""
+        with self._cond:
+            return len(self._pending)
+
     def _start(self) -> None:
         # Started lazily, in the process that uses it: gunicorn forks workers after import.
         if self._thread is None or not self._thread.is_alive():

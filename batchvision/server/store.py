@@ -50,6 +50,32 @@ def _eval(pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
     pipe.eval(script, len(keys), *keys, *args)
 
 
+def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
+    """A job hash as the public status document (``None`` for a missing job)."""
+    if not raw:
+        return None
+    h = {_text(k): _text(v) for k, v in raw.items()}
+    counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
+    status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
+    return {
+        "job_id": job_id,
+        "status": status.value,
+        **counts,
+        "sealed": h.get("sealed") == "1",
+        "created_at": float(h["created_at"]),
+        "finished_at": float(h["finished_at"]) if h.get("finished_at") else None,
+        "model": h.get("model", ""),
+        "owner": h.get("owner", ""),
+    }
+
+
+def _rows(idx: Sequence[str], names: Sequence[Any], results: Sequence[Any]) -> Iterator[dict[str, Any]]:
+    """Result rows from ``HMGET`` replies of the files and results hashes."""
+    for i, name, res in zip(idx, names, results, strict=False):
+        stored = json.loads(res) if res is not None else None
+        yield entry(int(i), _text(name) if name else i, stored)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -156,22 +182,23 @@ class JobStore:
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job's public status document, or ``None`` if it does not exist."""
-        raw = self.redis.hgetall(JobKeys.of(job_id).job)
-        if not raw:
-            return None
-        h = {_text(k): _text(v) for k, v in raw.items()}
-        counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
-        status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
-        return {
-            "job_id": job_id,
-            "status": status.value,
-            **counts,
-            "sealed": h.get("sealed") == "1",
-            "created_at": float(h["created_at"]),
-            "finished_at": float(h["finished_at"]) if h.get("finished_at") else None,
-            "model": h.get("model", ""),
-            "owner": h.get("owner", ""),
-        }
+        return _document(job_id, self.redis.hgetall(JobKeys.of(job_id).job))
+
+    def snapshot(self, job_id: str, rows: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The status document and the first ``rows`` result rows, in one round trip (a small
+        job's whole answer)."""
+        k = JobKeys.of(job_id)
+        idx = [str(i) for i in range(rows)]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(k.job)
+        if idx:
+            pipe.hmget(k.files, idx)
+            pipe.hmget(k.results, idx)
+        raw, *pages = pipe.execute()
+        job = _document(job_id, raw)
+        if job is None or not idx:
+            return job, []
+        return job, list(_rows(idx[: job["total"]], *pages))
 
     def is_gone(self, job_id: str) -> bool:
         """True if the job existed and its results expired."""
@@ -228,10 +255,7 @@ class JobStore:
             pipe = self.redis.pipeline()
             pipe.hmget(k.files, idx)
             pipe.hmget(k.results, idx)
-            names, results = pipe.execute()
-            for i, name, res in zip(idx, names, results, strict=True):
-                stored = json.loads(res) if res is not None else None
-                yield entry(int(i), _text(name) if name else i, stored)
+            yield from _rows(idx, *pipe.execute())
 
     def is_finished(self, job_id: str) -> bool:
         """True once the job has finished (also when it no longer exists: nothing to wait for)."""

