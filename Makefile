@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 MODEL  ?= models/demo.keras
 export BATCHVISION_MODEL ?= $(MODEL)
 
-.PHONY: run test install system-deps lint typecheck bench clean
+.PHONY: run test install system-deps lint typecheck bench bench-peers clean
 
 $(BIN)/batchvision: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ typecheck:
 
 bench: install
 	$(BIN)/python bench/e2e.py
+
+# The peers of bench/small_jobs.py (Ray Serve, BentoML), each in its own virtualenv under
+# bench/peers/, with this venv's tensorflow-cpu, keras, numpy and pillow versions. Never part
+# of `make test`; a few minutes and about 2 GB of disk each.
+bench-peers: install
+	PYTHON=$(PYTHON) VENV=$(abspath $(VENV)) ./bench/peers/install.sh
 
 clean:
 	rm -rf $(VENV) models samples .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from batchvision.core.errors import BatchvisionError, TooManyRequests, Unauthorized
+from batchvision.core.errors import BatchvisionError, ServiceUnavailable, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ def register(app: Flask) -> None:
         resp = error_response(exc.status, exc.code, exc.message, exc.details)
         if isinstance(exc, TooManyRequests):
             resp.headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, ServiceUnavailable):
+            resp.headers["Retry-After"] = "5"
         if isinstance(exc, Unauthorized):
             resp.headers["WWW-Authenticate"] = 'Bearer realm="batchvision"'
         return resp
@@ -41,7 +43,11 @@ def register(app: Flask) -> None:
         message = exc.description or exc.name
         if exc.code == 413:
             message = f"the request is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
-        return error_response(exc.code or 500, code, message)
+        resp = error_response(exc.code or 500, code, message)
+        for name, value in exc.get_headers():  # e.g. Allow on a 405 (RFC 9110)
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(redis.exceptions.ConnectionError)
     @app.errorhandler(redis.exceptions.TimeoutError)

@@ -1,27 +1,41 @@
-"""Liveness, readiness, metrics and the OpenAPI document."""
+"""Liveness, readiness and the OpenAPI document."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, current_app
 
-from api.openapi import document
+from api import contract as c
 from api.services import services
+from batchvision.core import documents as d
 from batchvision.core.errors import ServiceUnavailable
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@c.contract(
+    summary="Liveness: the process answers (no dependency checked)",
+    responses={200: c.Response("Alive", d.Health)},
+    v1=False,
+    tags=("operations",),
+)
 def healthz() -> dict[str, Any]:
-    """The process is alive (no dependencies checked)."""
     return {"status": "ok"}
 
 
 @bp.get("/readyz")
+@c.contract(
+    summary="Readiness: Redis answers (else 503, and the load balancer sends traffic elsewhere)",
+    responses={
+        200: c.Response("Ready", d.Ready),
+        503: c.Response("Redis is unreachable", d.ErrorDocument, headers=("Retry-After",)),
+    },
+    v1=False,
+    tags=("operations",),
+)
 def readyz() -> dict[str, Any]:
-    """Ready when Redis answers: otherwise 503, and the load balancer sends traffic elsewhere."""
     try:
         services().redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
@@ -30,5 +44,11 @@ def readyz() -> dict[str, Any]:
 
 
 @bp.get("/openapi.json")
+@c.contract(
+    summary="This document: OpenAPI 3.1, generated from the routes and their models",
+    responses={200: c.Response("The OpenAPI document", schema={"type": "object"})},
+    v1=False,
+    tags=("operations",),
+)
 def openapi() -> dict[str, Any]:
-    return document()
+    return c.openapi(current_app)

@@ -8,11 +8,13 @@ from typing import Any
 
 from flask import Blueprint, Response, request, stream_with_context, url_for
 
+from api import contract as c
 from api.auth import current_owner, digest
 from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED, JOBS_CREATED
 from api.services import Services, services
 from api.uploads import read_uploads
-from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
+from batchvision.core import documents as d
+from batchvision.core.errors import Conflict, Gone, NotFound
 from batchvision.core.schemas import csv_lines, jsonl_lines
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -39,7 +41,7 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 def _job_or_404(svc: Services, job_id: str) -> dict[str, Any]:
     """The job, if it exists and belongs to the caller's API key (else 404, or 410 if expired)."""
-    job = svc.store.get(job_id)
+    job = svc.store.get(c.job_id(job_id))
     if job is None or job["owner"] != current_owner():
         if job is None and svc.store.is_gone(job_id):
             raise Gone(f"job {job_id} finished and its results expired", code="job_expired")
@@ -48,10 +50,10 @@ def _job_or_404(svc: Services, job_id: str) -> dict[str, Any]:
 
 
 def _submit(
-    svc: Services, job_id: str | None, *, seal: bool, interactive: bool = False
+    svc: Services, job_id: str | None, filename: str | None, *, seal: bool, interactive: bool = False
 ) -> tuple[str, dict[str, Any]]:
     """Add the request's files to ``job_id`` (a new job if ``None``)."""
-    uploads, skipped = read_uploads(request, svc.settings, adding=job_id is not None)
+    uploads, skipped = read_uploads(request, svc.settings, filename, adding=job_id is not None)
     job_id_out, summary = svc.intake.submit(
         job_id, current_owner(), uploads, skipped, seal=seal, interactive=interactive
     )
@@ -76,28 +78,59 @@ def _accepted(
     return {**job, **extra}, 202, {"Location": job["status_url"]}
 
 
-@bp.post("/jobs")
-def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Submit images (files, a zip, a raw image): ``202`` with the job and where to poll.
+_JOB_ERRORS = {
+    404: c.Response("No such job (or another API key's)", d.ErrorDocument),
+    410: c.Response("The job finished and its results expired", d.ErrorDocument),
+}
+_UPLOAD_ERRORS = {
+    409: c.Response("The job is sealed or canceled: no more files", d.ErrorDocument),
+    413: c.Response("Request, file or archive over a limit", d.ErrorDocument),
+    415: c.Response("Unsupported Content-Type", d.ErrorDocument),
+    422: c.Response("No file of the request is an image we can classify (reason per file)", d.ErrorDocument),
+}
+_ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAccepted, links=c.JOB_LINKS)
 
-    A JSON body ``{"expected": N}``, or ``?seal=false`` with the first part, opens a job for
-    a bulk upload in parts (``POST /v1/jobs/<id>/files``, then ``POST /v1/jobs/<id>/seal``).
-    """
+
+@bp.post("/jobs")
+@c.contract(
+    summary="Submit images as a job, or open a job for an upload in parts",
+    description="Multipart parts named `files` (or one zip in a part named `archive`), a raw "
+    '`image/*` body, a raw `application/zip` body, or a JSON body `{"expected": N}` that opens '
+    "a job for an upload in parts (as does `?seal=false` with a first part).",
+    query=d.SubmitQuery,
+    body=c.upload_body(archive=True, json_model=d.OpenJob),
+    body_required=True,
+    headers=(c.IDEMPOTENCY_HEADER,),
+    schema_refs=(d.OpenJob,),
+    responses={
+        202: _ACCEPTED,
+        200: c.Response(
+            "Idempotent replay: the job created earlier with this Idempotency-Key", d.JobAccepted
+        ),
+        409: c.Response(
+            "A request with this Idempotency-Key is still in progress, or the key was used for a "
+            "different request",
+            d.ErrorDocument,
+        ),
+        **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
+    },
+    tags=("jobs",),
+)
+def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
     svc = services()
+    params = c.query(d.SubmitQuery)
+    key = c.idempotency_key()
 
     def create() -> tuple[str, dict[str, Any]]:
-        if request.is_json:
-            body = request.get_json(silent=True)
-            if not isinstance(body, dict):
-                raise BadRequest('JSON body must be an object like {"expected": 100}', code="bad_request")
-            return _new_job(svc), {"expected": body.get("expected")}
-        return _submit(svc, None, seal=request.args.get("seal", "true") != "false")
+        if request.mimetype == "application/json":
+            body = c.json_body(d.OpenJob)
+            return _new_job(svc), {"expected": body.expected}
+        return _submit(svc, None, params.filename, seal=params.seal)
 
-    key = request.headers.get("Idempotency-Key")
-    if not key:
+    if key is None:
         return _accepted(svc, *create())
     # The same key (per API key) returns the same job instead of creating a second one.
-    job_id, extra = svc.idempotency.run(current_owner(), digest(key), create)
+    job_id, extra = svc.idempotency.run(current_owner(), digest(key), c.fingerprint(), create)
     if extra is None:
         job = _public(_job_or_404(svc, job_id))
         return {**job, "idempotent_replay": True}, 200, {"Location": job["status_url"]}
@@ -105,12 +138,21 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 
 @bp.post("/jobs/<job_id>/files")
+@c.contract(
+    summary="Add a part to an open job",
+    description="Re-sending a file (same relative path) changes nothing, so a part may be retried.",
+    query=d.AddFilesQuery,
+    body=c.upload_body(archive=True),
+    body_required=True,
+    responses={202: _ACCEPTED, **_JOB_ERRORS, **_UPLOAD_ERRORS},
+    tags=("jobs",),
+)
 def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Add a part to an open job; re-sending a file (same relative path) changes nothing."""
     svc = services()
+    params = c.query(d.AddFilesQuery)
     _job_or_404(svc, job_id)
     try:
-        job_id, summary = _submit(svc, job_id, seal=False)
+        job_id, summary = _submit(svc, job_id, params.filename, seal=False)
     except PermissionError as exc:
         raise Conflict(f"job {job_id} is sealed or canceled: no more files", code="job_sealed") from exc
     except LookupError as exc:  # expired between the check and the write
@@ -119,28 +161,52 @@ def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
 
 
 @bp.post("/jobs/<job_id>/seal")
+@c.contract(
+    summary="The upload is complete: the job finishes when every image has a result",
+    query=d.NoQuery,
+    responses={200: c.Response("The job", d.Job), **_JOB_ERRORS},
+    tags=("jobs",),
+)
 def seal_job(job_id: str) -> dict[str, Any]:
-    """The upload is complete: the job finishes when every image has a result."""
     svc = services()
+    c.query(d.NoQuery)
     _job_or_404(svc, job_id)
     svc.store.seal(job_id)
     return _public(_job_or_404(svc, job_id))
 
 
 @bp.get("/jobs/<job_id>/files")
+@c.contract(
+    summary="The relative paths the job already has (to resume an interrupted upload)",
+    query=d.NoQuery,
+    responses={200: c.Response("The job's file keys", d.FileList), **_JOB_ERRORS},
+    tags=("jobs",),
+)
 def list_files(job_id: str) -> dict[str, Any]:
-    """The relative paths the job already has (to resume an interrupted upload)."""
     svc = services()
+    c.query(d.NoQuery)
     _job_or_404(svc, job_id)
     return {"job_id": job_id, "files": svc.store.file_keys(job_id)}
 
 
 @bp.post("/classify")
+@c.contract(
+    summary="Submit and wait: 200 with the results, or 202 with the job when `timeout` passes",
+    query=d.ClassifyQuery,
+    body=c.upload_body(archive=True),
+    body_required=True,
+    responses={
+        200: c.Response("Every image has a result", d.ClassifyResult),
+        202: _ACCEPTED,
+        **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
+    },
+    tags=("jobs",),
+)
 def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, dict[str, str]]:
-    """Submit and wait up to ``?timeout=`` seconds; ``200`` with results or ``202`` with the job."""
     svc = services()
-    timeout = max(0.0, min(_float_arg("timeout", svc.settings.sync_timeout_s), svc.settings.sync_timeout_s))
-    job_id, summary = _submit(svc, None, seal=True, interactive=True)
+    params = c.query(d.ClassifyQuery)
+    timeout = min(params.timeout, svc.settings.sync_timeout_s)
+    job_id, summary = _submit(svc, None, params.filename, seal=True, interactive=True)
     if not svc.waiter.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
     job, rows = svc.store.snapshot(job_id, rows=len(summary["rejected"]) + summary["accepted"])
@@ -150,38 +216,61 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
 
 
 @bp.get("/jobs/<job_id>")
+@c.contract(
+    summary="A job's status and progress",
+    query=d.NoQuery,
+    responses={200: c.Response("The job", d.Job), **_JOB_ERRORS},
+    tags=("jobs",),
+)
 def get_job(job_id: str) -> dict[str, Any]:
+    c.query(d.NoQuery)
     return _public(_job_or_404(services(), job_id))
 
 
 @bp.delete("/jobs/<job_id>")
+@c.contract(
+    summary="Cancel what is not classified yet; results so far are kept",
+    query=d.NoQuery,
+    responses={200: c.Response("The job (status canceled once nothing is left)", d.Job), **_JOB_ERRORS},
+    tags=("jobs",),
+)
 def cancel_job(job_id: str) -> dict[str, Any]:
-    """Cancel what is not classified yet; results so far are kept."""
     svc = services()
+    c.query(d.NoQuery)
     _job_or_404(svc, job_id)
     svc.store.cancel(job_id)
     return _public(_job_or_404(svc, job_id))
 
 
 @bp.get("/jobs/<job_id>/results")
+@c.contract(
+    summary="Per-image results in upload order, streamed",
+    query=d.ResultsQuery,
+    responses={
+        200: c.Response(
+            "A page of rows: JSON (`ResultsPage`), JSON Lines (one `ResultRow` per line) or CSV "
+            "(`filename,label,score,class_id,top_k,error`)",
+            d.ResultsPage,
+            alternatives={"application/x-ndjson": {"type": "string"}, "text/csv": {"type": "string"}},
+        ),
+        **_JOB_ERRORS,
+    },
+    schema_refs=(d.ResultRow,),
+    tags=("jobs",),
+)
 def get_results(job_id: str) -> Response:
-    """Per-image results in upload order, streamed: ``format=json|jsonl|csv``."""
     svc = services()
+    params = c.query(d.ResultsQuery)
     job = _job_or_404(svc, job_id)
-    fmt = request.args.get("format", "json")
-    offset = _int_arg("offset", 0)
-    limit = request.args.get("limit")
-    rows = svc.store.iter_results(job_id, offset, _int_arg("limit", 0) if limit else None)
-    if fmt == "csv":
+    rows = svc.store.iter_results(job_id, params.offset, params.limit)
+    if params.format == "csv":
         body, mime = csv_lines(rows), "text/csv"
-    elif fmt == "jsonl":
+    elif params.format == "jsonl":
         body, mime = jsonl_lines(rows), "application/x-ndjson"
-    elif fmt == "json":
-        body, mime = _json_stream(job, offset, rows), "application/json"
     else:
-        raise BadRequest(f"unknown format {fmt!r}: use json, jsonl or csv", code="bad_format")
+        body, mime = _json_stream(job, params.offset, rows), "application/json"
     resp = Response(stream_with_context(body), mimetype=mime)
-    if fmt == "csv":
+    if params.format == "csv":
         resp.headers["Content-Disposition"] = f'attachment; filename="{job_id}.csv"'
     return resp
 
@@ -192,20 +281,3 @@ def _json_stream(job: dict[str, Any], offset: int, rows: Iterator[dict[str, Any]
     for n, row in enumerate(rows):
         yield ("," if n else "") + json.dumps(row)
     yield "]}"
-
-
-def _int_arg(name: str, default: int) -> int:
-    try:
-        value = int(request.args.get(name, default))
-    except ValueError as exc:
-        raise BadRequest(f"?{name}= must be an integer", code="bad_parameter") from exc
-    if value < 0:
-        raise BadRequest(f"?{name}= must be >= 0", code="bad_parameter")
-    return value
-
-
-def _float_arg(name: str, default: float) -> float:
-    try:
-        return float(request.args.get(name, default))
-    except ValueError as exc:
-        raise BadRequest(f"?{name}= must be a number", code="bad_parameter") from exc

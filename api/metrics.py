@@ -13,6 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
+from api.contract import Response as Response_
+from api.contract import contract
 from batchvision.server.telemetry import Telemetry
 
 JOBS_CREATED = Counter("batchvision_jobs_created_total", "Jobs created.")
@@ -74,6 +76,14 @@ def init_app(app: Flask, telemetry: Telemetry, queues: tuple[str, ...]) -> None:
             )
         return resp
 
+    @contract(
+        summary="Prometheus metrics of the API (all gunicorn workers) and the queue gauges",
+        responses={
+            200: Response_("Prometheus text format", content_type="text/plain", schema={"type": "string"})
+        },
+        v1=False,
+        tags=("operations",),
+    )
     def metrics() -> Response:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()

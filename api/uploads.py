@@ -8,13 +8,13 @@ from __future__ import annotations
 from flask import Request
 
 from batchvision.core.archive import ArchiveContents, read_zip
-from batchvision.core.errors import BadRequest
+from batchvision.core.errors import BadRequest, UnsupportedMediaType
 from batchvision.core.settings import Settings
 from batchvision.server.intake import Upload, unique_keys
 
 
 def read_uploads(
-    request: Request, settings: Settings, adding: bool = False
+    request: Request, settings: Settings, filename: str | None = None, adding: bool = False
 ) -> tuple[list[Upload], list[dict[str, str]]]:
     """Files of a request, and archive members skipped as not images.
 
@@ -24,6 +24,21 @@ def read_uploads(
     ctype = request.mimetype or ""
     skipped: list[dict[str, str]] = []
     if ctype == "multipart/form-data":
+        unknown = sorted((set(request.files) | set(request.form)) - {"files", "archive"})
+        if unknown:
+            raise BadRequest(
+                f"multipart part {unknown[0]!r} is not allowed: send file parts named 'files' "
+                "(and at most one 'archive')",
+                code="bad_body",
+                details=[{"in": "body", "field": part} for part in unknown],
+            )
+        if request.form:
+            field = next(iter(request.form))
+            raise BadRequest(
+                f"multipart part {field!r} must be a file (with a filename), not a text field",
+                code="bad_body",
+                details=[{"in": "body", "field": field}],
+            )
         parts = request.files.getlist("files")
         archives = request.files.getlist("archive")
         if not parts and not archives:
@@ -45,7 +60,7 @@ def read_uploads(
         contents = _unzip(request.get_data(), settings)
         raw, skipped = contents.images, contents.skipped
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        name = request.args.get("filename")
+        name = filename
         if adding and not name:
             # In a job built from parts the name is the file's identity: without one, every
             # raw part would look like a re-send of the first.
@@ -54,10 +69,9 @@ def read_uploads(
             )
         raw = [(name or "image", request.get_data())]
     else:
-        raise BadRequest(
+        raise UnsupportedMediaType(
             f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with "
-            "'files' parts or a raw image/* body",
-            code="unsupported_media_type",
+            "'files' parts (or an 'archive' part), a raw image/* body or an application/zip body"
         )
     return unique_keys(raw), skipped
 

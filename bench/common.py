@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +58,22 @@ class Stack:
 
 
 @contextmanager
-def stack_processes(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Iterator[Stack]:
-    """Redis plus the named services of `batchvision up`, on free ports, with their processes."""
+def stack_processes(
+    settings: Settings, names: tuple[str, ...] = ("api", "worker"), log_dir: Path | None = None
+) -> Iterator[Stack]:
+    """Redis plus the named services of `batchvision up`, on free ports, with their processes.
+
+    With ``log_dir``, each service's output (gunicorn's access log among it) goes to
+    ``<log_dir>/<name>.log`` instead of this process's terminal.
+    """
     with RedisServer() as redis:
         ports = {"worker_metrics_port": free_port()} if settings.worker_metrics_port else {}
         s = settings.replace(redis_url=redis.url, api_port=free_port(), **ports)
         sup = Supervisor([svc for svc in stack(s, None, flower=False) if svc.name in names])
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            for svc in sup.services:
+                svc.log_path = str(log_dir / f"{svc.name}.log")
         sup.start()
         try:
             sup.wait_healthy(timeout=300)
@@ -86,7 +96,7 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

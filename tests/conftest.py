@@ -1,105 +1,77 @@
-"""Fixtures: a real redis-server, the real demo model, real worker and API processes.
+"""What both tiers share: the tier markers, a deadline-bound polling helper, small helpers.
 
-Nothing is mocked: the suite starts what it needs on free ports and stops it afterwards.
+``tests/unit/`` runs in seconds without processes or Redis; ``tests/integration/`` starts a
+real redis-server, worker and API processes (its fixtures are in ``integration/conftest.py``).
+Every test under ``tests/integration/`` is marked ``integration`` here, by its place, so
+``-m "not integration"`` is exactly the unit tier. Test modules never import each other:
+shared helpers are fixtures.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
+import struct
+import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
-import redis as redis_lib
 
-from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
-from batchvision.cli.runner import Service, Supervisor
-from batchvision.core.settings import Settings
+TESTS = Path(__file__).resolve().parent
+T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "tests" / "artifacts"
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    integration = TESTS / "integration"
+    for item in items:
+        if integration in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
+class WaitUntil(Protocol):
+    def __call__(
+        self, condition: Callable[[], T], timeout: float = ..., interval: float = ..., message: str = ...
+    ) -> T: ...
+
+
+def _wait_until(
+    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, message: str = ""
+) -> T:
+    """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` passes
+    (``AssertionError``). Use it instead of a fixed sleep: a slow machine only waits longer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout:.1f}s: {message or condition}; last: {value!r}")
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
+def wait_until() -> WaitUntil:
+    """``wait_until(condition, timeout=30, interval=0.05, message="")``: see :func:`_wait_until`."""
+    return _wait_until
 
 
-@pytest.fixture()
-def redis_client(redis_server: RedisServer) -> redis_lib.Redis:
-    return redis_lib.Redis.from_url(redis_server.url)
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height``: an IHDR and a tiny IDAT, no real pixel data."""
 
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model `make test` built (models/demo.keras), or one trained now."""
-    built = ROOT / "models" / "demo.keras"
-    if built.exists():
-        return built
-    out = tmp_path_factory.mktemp("model") / "demo.keras"
-    subprocess.run([sys.executable, "-m", "batchvision.cli", "demo-model", "--out", str(out)], check=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def settings(redis_server: RedisServer, demo_model: Path) -> Settings:
-    return Settings.from_env(
-        {},
-        redis_url=redis_server.url,
-        model=str(demo_model),
-        api_port=free_port(),
-        worker_metrics_port=free_port(),
-        flower_port=free_port(),
-        flower_user="admin",
-        flower_password="s3cret-test",
-        chunk_size=8,
-        max_image_pixels=4_000_000,
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
     )
 
 
-def start_stack(settings: Settings, names: tuple[str, ...] = ("api", "worker")) -> Supervisor:
-    """Start the services `batchvision up` and compose run, and wait until they serve."""
-    from batchvision.cli.local import stack
-
-    services = [s for s in stack(settings, None) if s.name in names]
-    sup = Supervisor(services)
-    sup.start()
-    sup.wait_healthy(timeout=120)
-    if "worker" in names:
-        wait_worker(settings)
-    return sup
-
-
-def wait_worker(settings: Settings, timeout: float = 120.0) -> None:
-    wait_for_workers(settings, timeout=timeout)
-
-
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Iterator[Supervisor]:
-    sup = start_stack(settings)
-    yield sup
-    sup.stop()
-
-
-@pytest.fixture(scope="session")
-def api_url(stack: Supervisor, settings: Settings) -> str:
-    return f"http://127.0.0.1:{settings.api_port}"
-
-
-def worker_service(settings: Settings, **env: str) -> Service:
-    """A separate worker process (for fault tests), sharing the session's Redis."""
-    from batchvision.cli.runner import cli_argv
-
-    return Service(
-        "worker", cli_argv("worker", "--name", f"w{free_port()}@test"), {**settings.to_env(), **env}
-    )
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _artifacts() -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def png_header_only() -> Callable[[int, int], bytes]:
+    """``png_header_only(width, height)``: a tiny PNG claiming that size (decompression bombs)."""
+    return _png_header_only

@@ -23,6 +23,16 @@ app.conf.include = ["workers.tasks"]
 
 log = logging.getLogger(__name__)
 
+# -- structured logs (issue 18): BATCHVISION_LOG_FORMAT=json replaces Celery's log setup -------
+if settings.log_format == "json":
+    from workers.logs import setup_json_logging
+
+    setup_json_logging(app)  # now: what Celery says before its logging hook is JSON too
+
+    @signals.setup_logging.connect
+    def _json_logs(loglevel: Any = None, **_: Any) -> None:
+        setup_json_logging(app, loglevel)
+
 
 @signals.worker_init.connect
 def _start(**_: Any) -> None:
@@ -34,8 +44,10 @@ def _start(**_: Any) -> None:
         warning = eviction_warning(connect_redis(settings.redis_url))
         if warning:
             log.warning(warning)
+        from batchvision.server import tracing
         from workers.runtime import get_runtime, start_sweeper
 
+        tracing.setup("batchvision-worker", settings)  # issue 18: no-op unless configured
         get_runtime(settings)
         start_sweeper(settings, app)
     except Exception:

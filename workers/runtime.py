@@ -13,7 +13,7 @@ from celery import Celery
 
 from batchvision.core.batching import BatchInfo, DynamicBatcher
 from batchvision.core.settings import Settings
-from batchvision.server import failpoints
+from batchvision.server import failpoints, tracing
 from batchvision.server.blobs import open_blobs
 from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
@@ -21,7 +21,7 @@ from batchvision.server.pipeline import ChunkProcessor
 from batchvision.server.queue import interactive_queue, publish
 from batchvision.server.recovery import Sweeper, sweep
 from batchvision.server.store import JobStore
-from batchvision.server.telemetry import Telemetry
+from batchvision.server.telemetry import BatchLog, Telemetry
 from workers import metrics
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,36 @@ def _build(settings: Settings) -> Runtime:
     store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
 
     telemetry = Telemetry(client)
+    batch_log = BatchLog(telemetry)  # the model thread never waits on Redis
 
     def on_batch(info: BatchInfo) -> None:
         metrics.observe_batch(info)
-        telemetry.log_batch(info.size, [str(tag[0]) for tag in info.tags])
+        jobs = [str(tag[0]) for tag in info.tags]
+        batch_log.put(info.size, jobs)
+        # -- tracing and logs (issue 18): the batch's span (linked to its tasks) and log line
+        tracing.record_batch(info, classifier.name)
+        unique = sorted(set(jobs))
+        log.info(
+            "batch of %d images from %d job(s): waited %.1f ms, model %.1f ms",
+            info.size,
+            len(unique),
+            info.wait_s * 1000,
+            info.run_s * 1000,
+            extra={
+                "batch_size": info.size,
+                "job_ids": unique,
+                "wait_ms": round(info.wait_s * 1000, 3),
+                "model_ms": round(info.run_s * 1000, 3),
+                "model": classifier.name,
+            },
+        )
 
     def predict(images: list[np.ndarray]) -> list[np.ndarray]:
         failpoints.before_batch()
         return classifier.predict(images)
 
-    batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
+    # With tracing on, a batcher that remembers each item's task span (issue 18).
+    batcher: DynamicBatcher[np.ndarray, np.ndarray] = tracing.batcher_class()(
         predict,
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_batch_delay_ms / 1000.0,

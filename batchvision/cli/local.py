@@ -1,17 +1,25 @@
-"""``batchvision up``: the local stack (what ``compose/docker-compose.yml`` runs), supervised."""
+"""``batchvision up``: the local stack (what ``compose/docker-compose.yml`` runs), supervised.
+
+Everything listens on loopback. Exit codes: ``0`` after ``--exit-after-demo``; ``1`` when a
+service cannot start with this configuration (it exited with a fatal code, see
+:class:`~batchvision.cli.runner.ServiceFailed`: the stack is stopped, not restarted forever);
+``128 + N`` when signal ``N`` stopped it (130 for Ctrl-C, 143 for SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from batchvision.cli.redis_server import RedisServer, free_port
-from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
 from batchvision.core.settings import PREFIX, Settings
 
 log = logging.getLogger("batchvision.up")
@@ -19,13 +27,23 @@ log = logging.getLogger("batchvision.up")
 
 def stack(settings: Settings, redis: RedisServer | None, flower: bool = True) -> list[Service]:
     """The services of the stack, in start order; the same commands as the compose file."""
-    env = settings.to_env()
+    env = settings.to_env(include_secrets=True)  # the children need the API keys and Flower login
     services = []
     if redis is not None:
-        services.append(Service("redis", redis.argv(), {}, url=redis.url))
+        ready = functools.partial(_redis_answers, redis.url)
+        services.append(Service("redis", redis.argv(), {}, url=redis.url, infrastructure=True, ready=ready))
     api = f"http://127.0.0.1:{settings.api_port}"
     services.append(
-        Service("api", cli_argv("api", "--host", "127.0.0.1"), env, url=api, health_url=f"{api}/healthz")
+        Service(
+            "api",
+            cli_argv("api", "--host", "127.0.0.1"),
+            env,
+            url=api,
+            health_url=f"{api}/healthz",
+            # gunicorn: 3 a worker cannot boot, 4 the app cannot load; both are the code's or
+            # the settings' fault, which a restart does not change.
+            fatal_exit_codes=FATAL_EXIT_CODES | {4},
+        )
     )
     services.append(
         Service(
@@ -69,25 +87,35 @@ def _port_or_free(port: int) -> int:
 def up(args: argparse.Namespace) -> int:
     """Start everything, wait until healthy, optionally classify a folder, supervise."""
     settings, redis = local_settings()
-    sup = Supervisor(stack(settings, redis))
+    sup = Supervisor(stack(settings, redis), stop_grace_s=3.0)
     sup.install_signal_handlers()
     try:
-        sup.start()
-        sup.wait_healthy()
-        wait_for_workers(settings, while_waiting=sup.check_once)
-        print("\nbatchvision is up:")
-        for svc in sup.services:
-            print(f"  {svc.name:<7} {svc.url}")
-        if settings.flower_user:
-            print(f"  flower login: {settings.flower_user} / {settings.flower_password}")
-        sample = args.sample or (_demo_folder() if args.demo else None)
-        if sample:
-            _classify_folder(settings, Path(sample))
-        if args.exit_after_demo:
-            return 0
-        print("\nCtrl-C stops every process.", flush=True)
-        sup.run_forever()
-        return 0
+        with sup.interruptible():
+            sup.start()
+            sup.wait_healthy()
+            log.info("waiting for the worker to load its model")
+            wait_for_workers(settings, while_waiting=sup.check_once)
+            print("\nbatchvision is up:")
+            for svc in sup.services:
+                print(f"  {svc.name:<7} {svc.url}")
+            if settings.flower_user:
+                print(
+                    f"  flower login: {settings.flower_user} / {settings.flower_password.get_secret_value()}"
+                )
+            sample = args.sample or (_demo_folder() if args.demo else None)
+            if sample:
+                _classify_folder(settings, Path(sample))
+            if args.exit_after_demo:
+                return 0
+            print("\nCtrl-C stops every process.", flush=True)
+            sup.run_forever()
+            return 128 + sup.signum if sup.signum else 0
+    except Stopped as stop:
+        print(f"\nstopping (signal {stop.signum})", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    except ServiceFailed as exc:
+        print(f"\nerror: {exc}\nstopping every service.", file=sys.stderr, flush=True)
+        return 1
     finally:
         sup.stop()
         if redis is not None:
@@ -118,6 +146,18 @@ def wait_for_workers(
             while_waiting()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 def _demo_folder() -> Path:

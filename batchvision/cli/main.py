@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,16 +14,75 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from batchvision.core.settings import Settings
+from batchvision.core.settings import Settings, SettingsError, unknown_variables
 from batchvision.server.checks import ConfigError, check_worker_settings
 from batchvision.server.queue import interactive_queue
 
 DEFAULT_DEMO_MODEL = Path("models/demo.keras")
+#: Exit status of a command refused by its configuration (invalid or unsafe settings).
+EXIT_CONFIG = 2
+#: Commands that run a service (and read the service settings).
+SERVICE_COMMANDS = frozenset({"api", "worker", "flower", "up"})
+
+
+def allow_anonymous(s: Settings) -> bool:
+    """``BATCHVISION_ALLOW_ANONYMOUS``: serve without API keys on a non-loopback address."""
+    return s.allow_anonymous
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, ``127.0.0.0/8`` or ``::1`` (with or without brackets)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_check(host: str, port: int, api_keys: str, anonymous_allowed: bool) -> tuple[bool, str]:
+    """May the API listen on ``host`` with these settings, and what to say about it.
+
+    Secure by default: without API keys the API serves only on loopback, unless anonymous
+    access is allowed explicitly. Returns ``(may_start, message)``; the message goes to stderr.
+    """
+    if any(k.strip() for k in api_keys.split(",")):
+        return True, ""
+    where = f"{host}:{port}"
+    if is_loopback(host):
+        return True, (
+            f"warning: the API serves without authentication (BATCHVISION_API_KEYS is empty) "
+            f"on {where}, a loopback address: only this machine can reach it."
+        )
+    if anonymous_allowed:
+        return True, (
+            f"warning: the API serves without authentication on {where} because "
+            f"BATCHVISION_ALLOW_ANONYMOUS=true: anyone who can reach it can submit jobs and read "
+            f"every result. Set BATCHVISION_API_KEYS unless this network is trusted."
+        )
+    return False, (
+        f"error: refusing to serve the API without authentication on {where}: anyone who can "
+        f"reach it could submit jobs and read every result. Set BATCHVISION_API_KEYS "
+        f"(comma-separated keys or their SHA-256 digests), or set BATCHVISION_ALLOW_ANONYMOUS=true "
+        f"to serve without keys on a trusted network, or listen on loopback (--host 127.0.0.1)."
+    )
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    """Serve the API under gunicorn (as the API container does)."""
+    """Serve the API under gunicorn (as the API container does).
+
+    Without BATCHVISION_API_KEYS it serves on loopback only, unless
+    BATCHVISION_ALLOW_ANONYMOUS=true (exit code 2 otherwise).
+    """
     s = Settings.from_env()
+    may_start, message = exposure_check(
+        args.host, s.api_port, s.api_keys.get_secret_value(), allow_anonymous(s)
+    )
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    if not may_start:
+        return 2
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Metrics of all gunicorn workers are aggregated through files in this directory;
         # it must start empty, so it belongs to this one server.
@@ -43,6 +104,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         "gevent",
         "--worker-connections",
         "2000",
+        # Long relative paths travel in ?filename=: allow gunicorn's largest request line.
+        "--limit-request-line",
+        "8190",
         "--timeout",
         str(int(s.sync_timeout_s) + 30),
         "--graceful-timeout",
@@ -50,7 +114,39 @@ def cmd_api(args: argparse.Namespace) -> int:
         "--access-logfile",
         "-",
     ]
+    argv += _gunicorn_log_args(s)
     os.execv(sys.executable, argv)
+
+
+# -- log format (issue 18) ---------------------------------------------------------------------
+
+
+def _log_format() -> str:
+    """``BATCHVISION_LOG_FORMAT`` (read alone: the client commands need no other setting)."""
+    from batchvision.core.logs import check_format
+
+    return check_format(os.environ.get("BATCHVISION_LOG_FORMAT") or "text")
+
+
+def setup_logging(service: str = "up") -> None:
+    """This process's log lines: readable text, or JSON lines with BATCHVISION_LOG_FORMAT=json."""
+    from batchvision.core.logs import configure_logging
+
+    configure_logging(_log_format(), logging.INFO, service=service)
+
+
+def _gunicorn_log_args(s: Settings) -> list[str]:
+    """JSON lines from gunicorn (error log, access log and the app's records) when asked."""
+    if s.log_format != "json":
+        return []
+    import json
+
+    from batchvision.core.logs import ACCESS_FORMAT, gunicorn_config
+
+    fd, path = tempfile.mkstemp(prefix="batchvision-gunicorn-log-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(gunicorn_config("api"), f)
+    return ["--log-config-json", path, "--access-logformat", ACCESS_FORMAT]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -88,6 +184,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--loglevel",
         args.loglevel,
     ]
+    if s.log_format == "json":
+        # Issue 18: no banner on stdout (the log lines are JSON); TensorFlow's C++ INFO lines
+        # bypass Python logging, so they are left out (its warnings and errors still show).
+        argv.insert(argv.index("worker"), "--quiet")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.execv(sys.executable, argv)
 
 
@@ -107,8 +208,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
     """Flower, with basic auth; refuses to start without credentials unless --insecure."""
     s = Settings.from_env()
     argv = [sys.executable, "-m", "celery", "--broker", s.redis_url, "flower", f"--port={s.flower_port}"]
-    if s.flower_user and s.flower_password:
-        argv.append(f"--basic-auth={s.flower_user}:{s.flower_password}")
+    password = s.flower_password.get_secret_value()
+    if s.flower_user and password:
+        argv.append(f"--basic-auth={s.flower_user}:{password}")
     elif not args.insecure:
         print(
             "refusing to start Flower without authentication: set BATCHVISION_FLOWER_USER and "
@@ -164,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("api", cmd_api, "serve the HTTP API (gunicorn)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address to listen on (default 0.0.0.0, as in a container: then API keys or "
+        "BATCHVISION_ALLOW_ANONYMOUS=true are required)",
+    )
     p = add("worker", cmd_worker, "run one classification worker")
     p.add_argument("--gpu", help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--name", help="Celery node name (default worker@HOSTNAME)")
@@ -191,9 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    setup_logging(args.command)  # issue 18: text, or JSON lines with BATCHVISION_LOG_FORMAT=json
+    try:
+        if args.command in SERVICE_COMMANDS:
+            unknown = unknown_variables(os.environ)
+            if unknown:
+                logging.getLogger("batchvision").warning(
+                    "ignoring unknown variables (typo?): %s; see the README's configuration table",
+                    ", ".join(unknown),
+                )
+        return int(args.fn(args) or 0)
+    except SettingsError as exc:
+        # A bad setting is the operator's to fix: say which and why, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        # Ctrl-C in a client command (submit, status...): no traceback, the shell's exit code.
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _commands() -> tuple[str, ...]:

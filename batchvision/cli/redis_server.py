@@ -43,13 +43,19 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` on ``127.0.0.1:port`` with AOF in ``data_dir``."""
+    """A private ``redis-server`` on ``127.0.0.1:port`` with AOF in ``data_dir``
+    (``bind``: other addresses to listen on, e.g. a test host's in :mod:`batchvision.cli.netns`)."""
 
     def __init__(
-        self, port: int | None = None, data_dir: str | Path | None = None, password: str = ""
+        self,
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        password: str = "",
+        bind: str = "127.0.0.1",
     ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.bind = bind
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="batchvision-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -65,7 +71,7 @@ class RedisServer:
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            self.bind,
             "--dir",
             str(self.data_dir),
             "--appendonly",

@@ -1,28 +1,21 @@
 """Bulk folder uploads: walk a tree, upload in bounded parts to one job, resume, retry.
 
 Classification starts as soon as the first part lands; re-sending a part is idempotent on the
-service side (files are keyed by relative path), so retries and resumes never duplicate.
+service side (files are keyed by relative path), so retries and resumes never duplicate. Every
+request is retried by the client's one policy (:mod:`batchvision.client.retry`).
 """
 
 from __future__ import annotations
 
-import functools
-import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import requests
-
-from batchvision.client.errors import ApiError
 from batchvision.core.sniff import looks_like_image
 
 if TYPE_CHECKING:  # the client calls into this module: no import at run time
     from batchvision.client.http import Client
-
-RETRYABLE = {429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -63,26 +56,6 @@ def parts(images: list[tuple[str, Path]], max_files: int, max_bytes: int) -> Ite
         yield part
 
 
-T = TypeVar("T")
-
-
-def with_retries(call: Callable[[], T], attempts: int = 6) -> T:
-    """Retry a request on connection errors, 5xx and 429 (honouring ``Retry-After``)."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except ApiError as exc:
-            if exc.status not in RETRYABLE or attempt == attempts - 1:
-                raise
-            delay = float(exc.retry_after or 0) or min(30.0, 0.5 * 2**attempt)
-        except requests.ConnectionError:
-            if attempt == attempts - 1:
-                raise
-            delay = min(30.0, 0.5 * 2**attempt)
-        time.sleep(delay * random.uniform(0.8, 1.2))
-    raise AssertionError("unreachable")
-
-
 def submit_folder(
     client: Client,
     paths: list[Path],
@@ -102,14 +75,14 @@ def submit_folder(
         job_id = resume
     else:
         have = set()
-        job_id = with_retries(lambda: client.open_job(len(found.images)))["job_id"]
+        job_id = client.open_job(len(found.images))["job_id"]
     todo = [(rel, p) for rel, p in found.images if rel not in have]
     if on_part is not None and have:
         on_part(len(found.images) - len(todo))
     rejected: list[dict[str, Any]] = []
     for part in parts(todo, part_files, part_bytes):
         files = [(rel, p.read_bytes()) for rel, p in part]
-        body = with_retries(functools.partial(client.add_part, job_id, files))
+        body = client.add_part(job_id, files)
         rejected += body.get("rejected", [])
         if on_part is not None:
             on_part(len(part))

@@ -1,68 +1,143 @@
-"""Python client for the batchvision HTTP API (the CLI is built on it)."""
+"""Python client for the batchvision HTTP API (the CLI is built on it).
+
+Every call survives a blip: the one retry policy of :mod:`batchvision.client.retry` applies
+to each of them (connection errors, ``429``/``502``/``503``/``504`` with ``Retry-After``,
+bodies cut off mid-way), for at most ``retry_for_s`` seconds per call.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from batchvision.client.errors import ApiError
+from batchvision.client.retry import Budget, RetryPolicy
 
 FINAL = {"succeeded", "partial", "failed", "canceled"}
+
+#: What a broken connection looks like once the response has started (headers received).
+BODY_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
 class Client:
     """Submit images, poll jobs, fetch results.
 
     ``api_url`` and ``api_key`` default to ``BATCHVISION_API_URL`` / ``BATCHVISION_API_KEY``.
+    ``timeout`` bounds each HTTP exchange (the read; connecting gets at most 10 s);
+    ``retry_for_s`` bounds the retries of one call (see :mod:`batchvision.client.retry`).
     """
 
-    def __init__(self, api_url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        api_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        *,
+        retry_for_s: float = 120.0,
+        policy: RetryPolicy | None = None,
+    ) -> None:
         self.api_url = (api_url or os.environ.get("BATCHVISION_API_URL") or "http://127.0.0.1:8000").rstrip(
             "/"
         )
+        self.policy = policy or RetryPolicy(retry_for_s=retry_for_s)
         self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=self.policy.transport())
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         key = api_key if api_key is not None else os.environ.get("BATCHVISION_API_KEY", "")
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, **kw: Any) -> requests.Response:
-        resp = self.session.request(
-            method, self.api_url + path, timeout=kw.pop("timeout", self.timeout), **kw
-        )
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, budget: Budget, **kw: Any) -> requests.Response:
+        """One request with the transport's retries (sharing ``budget``'s deadline); the body
+        is left unread. Raises :class:`ApiError` for an error status."""
+        read_timeout = kw.pop("timeout", self.timeout)
+        with budget.active():
+            resp = self.session.request(
+                method,
+                self.api_url + path,
+                timeout=(min(10.0, read_timeout), read_timeout),
+                stream=True,
+                **kw,
+            )
         if resp.status_code >= 400:
             try:
                 body = resp.json()
-            except ValueError:
-                body = {"error": {"code": "http_error", "message": resp.text[:200]}}
+            except (ValueError, *BODY_ERRORS):
+                body = {"error": {"code": "http_error", "message": f"HTTP {resp.status_code}"}}
+            finally:
+                resp.close()
             err = ApiError(resp.status_code, body)
             err.retry_after = resp.headers.get("Retry-After")
             raise err
+        if "Content-Length" not in resp.headers and "chunked" not in resp.headers.get(
+            "Transfer-Encoding", ""
+        ):
+            # Every answer of the API is framed; one that is not had its headers cut off, and its
+            # "body" would end wherever the connection broke (an empty results file, say).
+            resp.close()
+            raise requests.exceptions.ChunkedEncodingError("answer cut off in its headers")
         return resp
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        """A request whose JSON answer is read whole, retried under one budget."""
+        budget = self.policy.budget()
+        while True:
+            try:
+                with self._send(method, path, budget, **kw) as resp:
+                    return resp.json()
+            except ApiError as exc:
+                # An earlier try with the same Idempotency-Key is still being processed (its
+                # connection broke, the server carries on): ask again shortly.
+                if exc.code != "idempotency_conflict" or not budget.pause(_seconds(exc.retry_after)):
+                    raise
+            except (*BODY_ERRORS, ValueError):
+                # The answer broke off after its headers began: a body cut short, or headers
+                # cut before their end, which leaves a body that is not the JSON it must be.
+                if not budget.pause():
+                    raise
+
+    # -- jobs ----------------------------------------------------------------------------------
 
     def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path]) -> dict[str, Any]:
         """Submit images as one job; items are paths or ``(filename, bytes)`` pairs."""
-        return dict(self._request("POST", "/v1/jobs", files=_parts(files)).json())
+        return dict(self._json("POST", "/v1/jobs", files=_parts(files), headers=_idempotency()))
 
     def open_job(self, expected: int | None = None) -> dict[str, Any]:
         """Open a job for an upload in parts."""
-        return dict(self._request("POST", "/v1/jobs", json={"expected": expected}).json())
+        return dict(self._json("POST", "/v1/jobs", json={"expected": expected}, headers=_idempotency()))
 
     def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
         """Upload one part; file names are relative paths (the idempotency key)."""
-        return dict(self._request("POST", f"/v1/jobs/{job_id}/files", files=_parts(files)).json())
+        return dict(self._json("POST", f"/v1/jobs/{job_id}/files", files=_parts(files)))
 
     def seal(self, job_id: str) -> dict[str, Any]:
-        return dict(self._request("POST", f"/v1/jobs/{job_id}/seal").json())
+        return dict(self._json("POST", f"/v1/jobs/{job_id}/seal"))
 
     def files(self, job_id: str) -> list[str]:
         """Relative paths the service already has for ``job_id``."""
-        return list(self._request("GET", f"/v1/jobs/{job_id}/files").json()["files"])
+        return list(self._json("GET", f"/v1/jobs/{job_id}/files")["files"])
 
     def submit_folder(self, *paths: str | Path, **kw: Any) -> dict[str, Any]:
         """Upload every image under ``paths`` to one job (:func:`~batchvision.client.bulk.submit_folder`)."""
@@ -74,18 +149,32 @@ class Client:
         self, files: Iterable[tuple[str, bytes] | str | Path], timeout: float = 30.0
     ) -> dict[str, Any]:
         """Submit and wait server-side (``POST /v1/classify``)."""
-        resp = self._request(
-            "POST", "/v1/classify", params={"timeout": timeout}, files=_parts(files), timeout=timeout + 30
+        return dict(
+            self._json(
+                "POST",
+                "/v1/classify",
+                params={"timeout": timeout},
+                files=_parts(files),
+                headers=_idempotency(),
+                timeout=timeout + 30,
+            )
         )
-        return dict(resp.json())
 
     def status(self, job_id: str) -> dict[str, Any]:
-        return dict(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return dict(self._json("GET", f"/v1/jobs/{job_id}"))
 
     def wait(
-        self, job_id: str, timeout: float | None = None, poll_s: float = 0.5, on_progress: Any = None
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        poll_s: float = 0.5,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job is final (or ``timeout``); ``on_progress(status)`` each poll."""
+        """Poll until the job is final (or ``timeout``); ``on_progress(status)`` each poll.
+
+        Each poll is one call with its own retry budget: an outage shorter than
+        ``retry_for_s`` (a Redis restart behind the API, a dropped connection) only delays it.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             st = self.status(job_id)
@@ -102,25 +191,67 @@ class Client:
         return list(self.iter_results(job_id))
 
     def iter_results(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Stream rows without holding the whole result set (JSON Lines)."""
-        import json
+        """Stream rows without holding the whole result set (JSON Lines).
 
-        resp = self._request("GET", f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}, stream=True)
-        for line in resp.iter_lines():
-            if line:
-                yield json.loads(line)
+        A stream cut off mid-way is resumed after the last complete row (``offset``), so
+        every row is yielded exactly once.
+        """
+        budget = self.policy.budget()
+        offset = 0
+        path = f"/v1/jobs/{job_id}/results"
+        while True:
+            try:
+                with self._send("GET", path, budget, params={"format": "jsonl", "offset": offset}) as resp:
+                    for line in resp.iter_lines():
+                        if line:
+                            row = json.loads(line)
+                            offset += 1
+                            yield row
+                return
+            except BODY_ERRORS:
+                if not budget.pause():
+                    raise
 
     def download(self, job_id: str, out: Path, fmt: str) -> int:
-        """Write results to ``out`` in ``fmt`` (csv, jsonl or json); returns bytes written."""
-        resp = self._request("GET", f"/v1/jobs/{job_id}/results", params={"format": fmt}, stream=True)
-        n = 0
-        with open(out, "wb") as fh:
-            for chunk in resp.iter_content(64 * 1024):
-                n += fh.write(chunk)
-        return n
+        """Write results to ``out`` in ``fmt`` (csv, jsonl or json); returns bytes written.
+
+        The file is written beside ``out`` and renamed into place once complete; a stream cut
+        off mid-way is fetched again from the start.
+        """
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.part")
+        budget = self.policy.budget()
+        while True:
+            try:
+                n = 0
+                with (
+                    self._send("GET", f"/v1/jobs/{job_id}/results", budget, params={"format": fmt}) as resp,
+                    open(tmp, "wb") as fh,
+                ):
+                    for chunk in resp.iter_content(64 * 1024):
+                        n += fh.write(chunk)
+                os.replace(tmp, out)
+                return n
+            except BODY_ERRORS:
+                if not budget.pause():
+                    tmp.unlink(missing_ok=True)
+                    raise
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return dict(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+        return dict(self._json("DELETE", f"/v1/jobs/{job_id}"))
+
+
+def _idempotency() -> dict[str, str]:
+    """A fresh ``Idempotency-Key`` for one logical create: every retry of it sends the same
+    key, so the API returns the job of the first try instead of making a second one."""
+    return {"Idempotency-Key": uuid.uuid4().hex}
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    try:
+        return max(0.0, float(retry_after)) if retry_after else None
+    except ValueError:
+        return None
 
 
 def _parts(files: Iterable[tuple[str, bytes] | str | Path]) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -38,6 +38,11 @@ class BadRequest(BatchvisionError):
     code = "bad_request"
 
 
+class UnsupportedMediaType(BatchvisionError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class NotFound(BatchvisionError):
     status = 404
     code = "not_found"

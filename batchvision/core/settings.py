@@ -1,25 +1,36 @@
-"""One ``Settings`` object, read from ``BATCHVISION_*`` environment variables.
+"""One ``Settings`` object, read from ``BATCHVISION_*`` environment variables (pydantic-settings).
 
 Every field is documented here and in the README table (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "BATCHVISION_"
 
 
 def _field(default: Any, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc})
+    return Field(default, description=doc)
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Service configuration. Build it with :meth:`from_env`; tests pass overrides."""
+class Settings(BaseSettings):
+    """Service configuration. Build it with :meth:`from_env`; tests pass overrides.
+
+    Every value is validated when the settings are built (types, ranges, choices), and a bad one
+    stops the process with a :class:`SettingsError` that names the variable, its value and what
+    is allowed. Secrets are :class:`~pydantic.SecretStr`: ``repr`` and logs show ``**********``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, frozen=True, extra="forbid", env_ignore_empty=True, validate_default=True
+    )
 
     redis_url: str = _field(
         "redis://127.0.0.1:6379/0",
@@ -30,8 +41,10 @@ class Settings:
         "redis",
         "Where uploads wait for a worker: `redis` (keys with a TTL) or `file:///shared/dir`.",
     )
-    queue: str = _field("batchvision", "Celery queue the API publishes to and workers consume.")
-    model: str = _field(
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,200}$")] = _field(
+        "batchvision", "Celery queue the API publishes to and workers consume."
+    )
+    model: Annotated[str, Field(min_length=1)] = _field(
         "mobilenet_v2",
         "A `keras.applications` name (`mobilenet_v2`, `resnet50`, `efficientnet_b0`) or a path "
         "to a `.keras`/`.h5` file or SavedModel directory.",
@@ -43,118 +56,237 @@ class Settings:
     labels: str = _field(
         "", "Labels file (one per line) for a model path; ImageNet labels ship with the project."
     )
-    preprocess: str = _field(
+    preprocess: Literal["auto", "none", "tf", "caffe", "torch", "unit"] = _field(
         "auto",
         "Input scaling: `auto` (from the model family), `none` (0..255 floats), `tf` (-1..1), "
         "`caffe`, `torch`, `unit` (0..1).",
     )
-    top_k: int = _field(5, "How many classes each result lists in `top_k`.")
-    max_batch_size: int = _field(32, "Largest batch one model call takes, across jobs.")
-    max_batch_delay_ms: float = _field(
+    top_k: Annotated[int, Field(ge=1, le=1000)] = _field(5, "How many classes each result lists in `top_k`.")
+    max_batch_size: Annotated[int, Field(ge=1, le=4096)] = _field(
+        32, "Largest batch one model call takes, across jobs."
+    )
+    max_batch_delay_ms: Annotated[float, Field(ge=0, le=10_000)] = _field(
         10.0, "Longest a batch waits to fill when more images are on their way."
     )
-    chunk_size: int = _field(16, "Images per Celery task; a job is split into such chunks.")
-    interactive_max_images: int = _field(
+    chunk_size: Annotated[int, Field(ge=1, le=10_000)] = _field(
+        16, "Images per Celery task; a job is split into such chunks."
+    )
+    interactive_max_images: Annotated[int, Field(ge=0, le=10_000)] = _field(
         8,
         "Jobs of at most this many images (and every `POST /v1/classify`) go to the interactive "
         "queue `<QUEUE>.interactive`, which workers serve ahead of bulk work.",
     )
-    worker_threads: int = _field(
+    worker_threads: Annotated[int, Field(ge=1, le=1024)] = _field(
         32,
         "Task threads per worker process: how many messages a worker holds at once. Waiting "
         "threads cost nothing; `MAX_INFLIGHT_IMAGES` and `DECODE_THREADS` bound the work.",
     )
-    max_inflight_images: int = _field(
+    max_inflight_images: Annotated[int, Field(ge=0, le=1_000_000)] = _field(
         0,
         "Images a worker decodes or holds for the model at once, interactive chunks first "
         "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued.",
     )
-    decode_threads: int = _field(
+    decode_threads: Annotated[int, Field(ge=0, le=256)] = _field(
         0, "Images decoded at the same time in a worker (0: the CPUs the process may use)."
     )
-    enqueue_linger_ms: float = _field(
+    enqueue_linger_ms: Annotated[float, Field(ge=0, le=1000)] = _field(
         5.0,
         "Under load, how long the API collects small jobs from concurrent requests into one "
         "Celery message (an idle service sends at once; 0: one message per request).",
     )
-    intra_op_threads: int = _field(0, "TensorFlow intra-op threads (0: TensorFlow's default).")
-    inter_op_threads: int = _field(0, "TensorFlow inter-op threads (0: TensorFlow's default).")
-    task_time_limit_s: int = _field(
+    intra_op_threads: Annotated[int, Field(ge=0, le=1024)] = _field(
+        0, "TensorFlow intra-op threads (0: TensorFlow's default)."
+    )
+    inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = _field(
+        0, "TensorFlow inter-op threads (0: TensorFlow's default)."
+    )
+    task_time_limit_s: Annotated[int, Field(ge=1)] = _field(
         600,
         "Longest one chunk may take: bounds the wait on the model (Celery's threads pool enforces "
         "no hard limit) and must stay below the visibility timeout.",
     )
-    visibility_timeout_s: int = _field(
+    visibility_timeout_s: Annotated[int, Field(ge=1)] = _field(
         3600,
         "Redis visibility timeout: an unacknowledged task is redelivered after this; "
         "must exceed `TASK_TIME_LIMIT_S`.",
     )
-    max_attempts: int = _field(
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = _field(
         3, "Deliveries of one image before it is recorded as a per-image error (poison image)."
     )
-    result_ttl_s: int = _field(86400, "How long a finished job and its results are kept.")
-    blob_ttl_s: int = _field(172800, "How long an upload waits for classification before it expires.")
-    max_image_bytes: int = _field(25 * 1024 * 1024, "Largest accepted image file, in bytes.")
-    max_image_pixels: int = _field(
+    result_ttl_s: Annotated[int, Field(ge=1)] = _field(
+        86400, "How long a finished job and its results are kept."
+    )
+    blob_ttl_s: Annotated[int, Field(ge=1)] = _field(
+        172800, "How long an upload waits for classification before it expires."
+    )
+    max_image_bytes: Annotated[int, Field(ge=1)] = _field(
+        25 * 1024 * 1024, "Largest accepted image file, in bytes."
+    )
+    max_image_pixels: Annotated[int, Field(ge=1)] = _field(
         50_000_000, "Largest accepted image, width x height (checked from the header)."
     )
-    max_request_bytes: int = _field(
+    max_request_bytes: Annotated[int, Field(ge=1)] = _field(
         512 * 1024 * 1024, "Largest HTTP request body (Flask `MAX_CONTENT_LENGTH`)."
     )
-    max_files_per_request: int = _field(1000, "Most files in one upload request.")
-    max_archive_members: int = _field(20000, "Most members in an uploaded zip archive.")
-    max_archive_bytes: int = _field(
+    max_files_per_request: Annotated[int, Field(ge=1)] = _field(1000, "Most files in one upload request.")
+    max_archive_members: Annotated[int, Field(ge=1)] = _field(
+        20000, "Most members in an uploaded zip archive."
+    )
+    max_archive_bytes: Annotated[int, Field(ge=1)] = _field(
         512 * 1024 * 1024, "Most uncompressed bytes in an uploaded zip (read in memory, never to disk)."
     )
-    max_compression_ratio: float = _field(
+    max_compression_ratio: Annotated[float, Field(gt=1)] = _field(
         200.0, "Highest compression ratio of a zip member (zip-bomb guard)."
     )
-    sync_timeout_s: float = _field(30.0, "Longest `POST /v1/classify` may wait (`?timeout=`).")
-    api_port: int = _field(8000, "Port of the API (gunicorn) for `batchvision api` and `up`.")
-    api_workers: int = _field(2, "gunicorn worker processes of the API.")
-    worker_metrics_port: int = _field(9808, "Port of a worker's Prometheus `/metrics`.")
-    flower_port: int = _field(5555, "Port of Flower.")
+    sync_timeout_s: Annotated[float, Field(ge=0, le=3600)] = _field(
+        30.0, "Longest `POST /v1/classify` may wait (`?timeout=`)."
+    )
+    api_port: Annotated[int, Field(ge=0, le=65535)] = _field(
+        8000, "Port of the API (gunicorn) for `batchvision api` and `up`."
+    )
+    api_workers: Annotated[int, Field(ge=1, le=256)] = _field(2, "gunicorn worker processes of the API.")
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = _field(
+        9808, "Port of a worker's Prometheus `/metrics`."
+    )
+    flower_port: Annotated[int, Field(ge=0, le=65535)] = _field(5555, "Port of Flower.")
     flower_user: str = _field("", "Flower basic-auth user.")
-    flower_password: str = _field("", "Flower basic-auth password.")
-    api_keys: str = _field("", "Comma-separated API keys (or their SHA-256 hex digests); empty: no auth.")
-    max_queued_images: int = _field(0, "Images waiting above which new jobs get `429` (0: no limit).")
-    rate_limit_per_minute: int = _field(
+    flower_password: SecretStr = _field("", "Flower basic-auth password.")
+    api_keys: SecretStr = _field(
+        "", "Comma-separated API keys (or their SHA-256 hex digests); empty: no auth."
+    )
+    max_queued_images: Annotated[int, Field(ge=0)] = _field(
+        0, "Images waiting above which new jobs get `429` (0: no limit)."
+    )
+    rate_limit_per_minute: Annotated[int, Field(ge=0)] = _field(
         0, "Requests per minute per API key, shared by all API replicas through Redis (0: off)."
     )
-    idempotency_ttl_s: int = _field(86400, "How long an `Idempotency-Key` maps to its job.")
+    idempotency_ttl_s: Annotated[int, Field(ge=1)] = _field(
+        86400, "How long an `Idempotency-Key` maps to its job."
+    )
+    # -- observability (logs, traces) -------------------------------------------------------
+    log_format: Literal["text", "json"] = _field(
+        "text",
+        "Log lines of API, worker and `batchvision up`: `text` (readable) or `json` (one JSON "
+        "object per line, with `job_id`, `task_id`, batch size and timings where they apply).",
+    )
+    otlp_endpoint: str = _field(
+        "",
+        "OpenTelemetry collector (OTLP over HTTP, e.g. `http://otel-collector:4318`) that API and "
+        "workers send traces to; empty: no tracing unless `OTEL_EXPORTER_OTLP_ENDPOINT` is set. "
+        "Needs the `otel` extra.",
+    )
+    trace_file: str = _field(
+        "",
+        "Also append every finished span to this file as a JSON line (tests, debugging; needs the "
+        "`otel` extra); empty: off.",
+    )
+    allow_anonymous: bool = _field(
+        False,
+        "Let the API serve without API keys on a non-loopback address (anyone who can reach it "
+        "can submit and read jobs). Without keys and without this, `batchvision api` refuses to "
+        "listen beyond loopback.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlparse(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url(cls, value: str) -> str:
+        if value not in ("", "redis") and not (value.startswith("file://") and len(value) > len("file://")):
+            raise ValueError("must be `redis` or a file:///directory URL")
+        return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # The Redis URL may carry a password: show it masked, like the secret fields.
+        for name, value in super().__repr_args__():
+            yield name, (_mask_url(value) if name == "redis_url" else value)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every field from ``BATCHVISION_<FIELD>``; ``overrides`` win over the env."""
+        """Read every field from ``BATCHVISION_<FIELD>`` (of ``environ``, default the process
+        environment); ``overrides`` win. Raises :class:`SettingsError` naming each bad variable."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(PREFIX + f.name.upper())
+        for name in cls.model_fields:
+            raw = env.get(PREFIX + name.upper())
             if raw is not None and raw != "":
-                values[f.name] = _coerce(f.name, raw, type(f.default))
-        values.update(overrides)
-        return cls(**values)
+                values[name] = raw
+        try:
+            # model_validate, not the constructor: only ``environ`` and the overrides count.
+            return cls.model_validate({**values, **overrides})
+        except ValidationError as exc:
+            raise SettingsError.from_validation(exc, values) from None
 
     def replace(self, **changes: Any) -> Settings:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated like the original)."""
+        try:
+            return type(self).model_validate({**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise SettingsError.from_validation(exc, changes) from None
 
-    def to_env(self) -> dict[str, str]:
-        """The environment that reproduces these settings in a child process."""
-        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def to_env(self, *, include_secrets: bool = False) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process. Secrets are left
+        out unless ``include_secrets`` (then the child's environment holds them: never log it)."""
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                if not include_secrets:
+                    continue
+                value = value.get_secret_value()
+            out[PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
 
 
-def _coerce(name: str, raw: str, kind: type) -> Any:
-    try:
-        if kind is bool:
-            return raw.strip().lower() in {"1", "true", "yes", "on"}
-        return kind(raw)
-    except ValueError as exc:
-        raise ValueError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+class SettingsError(ValueError):
+    """Bad configuration: names every offending variable, its value and what is allowed."""
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, given: Mapping[str, Any]) -> SettingsError:
+        problems = []
+        for err in exc.errors(include_url=False):
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            variable = PREFIX + name.upper()
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{variable}: unknown setting")
+                continue
+            shown = "(secret)" if name in SECRETS else repr(given.get(name, err.get("input")))
+            problems.append(f"{variable}={shown}: {err['msg'].removeprefix('Value error, ')}")
+        return cls("invalid configuration: " + "; ".join(problems))
+
+
+#: Fields whose values are never shown.
+SECRETS = ("api_keys", "flower_password")
+
+
+def _mask_url(url: Any) -> Any:
+    parsed = urlparse(str(url))
+    if not parsed.password:
+        return url
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":**********@")).geturl()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``BATCHVISION_*`` variables that are no setting (a typo is otherwise silently ignored);
+    the client's own variables are known."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields} | CLIENT_VARIABLES
+    return sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+
+
+#: Variables the client and CLI read (not service settings).
+CLIENT_VARIABLES = frozenset({PREFIX + "API_URL", PREFIX + "API_KEY"})
 
 
 def env_table() -> list[tuple[str, str, str]]:
     """(variable, default, description) for each setting: the README's table."""
-    return [
-        (PREFIX + f.name.upper(), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)
-    ]
+    out = []
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = default.get_secret_value() if isinstance(default, SecretStr) else default
+        out.append((PREFIX + name.upper(), str(shown), str(info.description)))
+    return out

@@ -22,22 +22,31 @@ class Idempotency:
         # "pending" lives only as long as a request can: a crashed request does not block the key.
         self.pending_ttl_s = pending_ttl_s
 
-    def run(self, owner: str, key_digest: str, create: Callable[[], tuple[str, T]]) -> tuple[str, T | None]:
+    def run(
+        self, owner: str, key_digest: str, fingerprint: str, create: Callable[[], tuple[str, T]]
+    ) -> tuple[str, T | None]:
         """``create()`` once per key: returns ``(job_id, its result)``, or ``(job_id, None)`` when
-        an earlier request with this key created the job. Raises ``Conflict`` while that earlier
-        request is still running."""
+        an earlier request with this key and the same ``fingerprint`` (what was asked) created
+        the job. Raises ``Conflict`` while that earlier request is still running, or when the key
+        was used for a different request."""
         slot = keys.idempotency(owner, key_digest)
-        if not self.redis.set(slot, "pending", nx=True, ex=self.pending_ttl_s):
-            existing = self.redis.get(slot)
-            if existing in (None, b"pending"):
+        if not self.redis.set(slot, f"pending {fingerprint}", nx=True, ex=self.pending_ttl_s):
+            raw = self.redis.get(slot)
+            state, _, earlier = (raw.decode() if isinstance(raw, bytes) else str(raw or "")).partition(" ")
+            if earlier and earlier != fingerprint:
+                raise Conflict(
+                    "this Idempotency-Key was used for a different request; use a new key per request",
+                    code="idempotency_key_reused",
+                )
+            if state in ("", "pending"):
                 raise Conflict(
                     "a request with this Idempotency-Key is still in progress", code="idempotency_conflict"
                 )
-            return (existing.decode() if isinstance(existing, bytes) else str(existing)), None
+            return state, None
         try:
             job_id, result = create()
         except BaseException:
             self.redis.delete(slot)
             raise
-        self.redis.set(slot, job_id, ex=self.ttl_s)
+        self.redis.set(slot, f"{job_id} {fingerprint}", ex=self.ttl_s)
         return job_id, result

@@ -6,13 +6,18 @@ bytes.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
 
 from batchvision.core.settings import Settings
+from batchvision.server import tracing
 from batchvision.server.dispatch import Coalescer
+
+log = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "batchvision.classify"
 
@@ -93,15 +98,36 @@ def publish(
     enqueued_at: float,
     interactive: bool = False,
     producer: Any = None,
+    contexts: Sequence[Any] = (),
 ) -> None:
     """Publish one classify message carrying ``items`` by task name (the API never imports
-    the task). Each chunk must already be in the chunk ledger (:mod:`~batchvision.server.recovery`)."""
-    app.send_task(
-        CLASSIFY_TASK,
-        args=[[[job, list(ix)] for job, ix in items], enqueued_at, interactive],
-        queue=interactive_queue(settings) if interactive else settings.queue,
-        producer=producer,
-        argsrepr=describe(items),
+    the task). Each chunk must already be in the chunk ledger (:mod:`~batchvision.server.recovery`).
+
+    ``contexts``: the trace context of each item's request, when another thread publishes."""
+    # -- tracing and logs (issue 18): the message's headers carry the enqueue span's context.
+    queue = interactive_queue(settings) if interactive else settings.queue
+    task_id = str(uuid.uuid4())
+    jobs = [job for job, _ in items]
+    images = sum(len(ix) for _, ix in items)
+    with tracing.enqueue(jobs, images, queue, task_id, contexts) as headers:
+        app.send_task(
+            CLASSIFY_TASK,
+            args=[[[job, list(ix)] for job, ix in items], enqueued_at, interactive],
+            queue=queue,
+            producer=producer,
+            argsrepr=describe(items),
+            task_id=task_id,
+            **({"headers": headers} if headers else {}),
+        )
+    unique = sorted(set(jobs))
+    ids: dict[str, Any] = {"job_id": unique[0]} if len(unique) == 1 else {"job_ids": unique}
+    log.info(
+        "queued %d images of %s as task %s on %s",
+        images,
+        " ".join(unique),
+        task_id,
+        queue,
+        extra={**ids, "task_id": task_id, "images": images, "queue": queue},
     )
 
 
@@ -112,7 +138,8 @@ class Enqueuer:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.coalescer: Coalescer[tuple[Chunk, float]] = Coalescer(
+        # Items: (chunk, enqueued_at, the request's trace context or None).
+        self.coalescer: Coalescer[tuple[Chunk, float, Any]] = Coalescer(
             self._send_interactive,
             max_weight=settings.max_batch_size,
             linger_s=settings.enqueue_linger_ms / 1000.0,
@@ -124,11 +151,14 @@ class Enqueuer:
         """Publish ``chunks`` (already in the ledger); returns once they are on the queue."""
         if interactive and self.settings.enqueue_linger_ms > 0:
             # Bounded like a publish: a broker that is down gives the caller an error, not a hang.
-            self.coalescer.submit_many([(c, enqueued_at) for c in chunks], timeout_s=30.0)
+            context = tracing.capture()  # the coalescer's thread publishes: hand it over
+            self.coalescer.submit_many([(c, enqueued_at, context) for c in chunks], timeout_s=30.0)
             return
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:
                 publish(self.app, self.settings, [chunk], enqueued_at, interactive, producer)
 
-    def _send_interactive(self, items: list[tuple[Chunk, float]]) -> None:
-        publish(self.app, self.settings, [c for c, _ in items], min(t for _, t in items), True)
+    def _send_interactive(self, items: list[tuple[Chunk, float, Any]]) -> None:
+        chunks = [c for c, _, _ in items]
+        contexts = [x for _, _, x in items]
+        publish(self.app, self.settings, chunks, min(t for _, t, _ in items), True, contexts=contexts)

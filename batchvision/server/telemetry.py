@@ -3,7 +3,11 @@ log of recent batches (their sizes and the jobs they mixed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import queue
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +15,8 @@ from typing import Any
 import redis
 
 from batchvision.server import keys
+
+log = logging.getLogger(__name__)
 
 
 class Telemetry:
@@ -38,3 +44,30 @@ class Telemetry:
     def recent_batches(self, n: int = 1000) -> list[dict[str, Any]]:
         """The last ``n`` batches, newest first."""
         return [json.loads(x) for x in self.redis.lrange(keys.BATCH_LOG, 0, n - 1)]
+
+
+class BatchLog:
+    """:meth:`Telemetry.log_batch` from a thread of its own, for the worker's model thread,
+    which must never wait on Redis: a write stuck on an unreachable Redis (a network
+    partition) held every image behind it until ``TASK_TIME_LIMIT_S`` passed, and those
+    images were stored as ``inference_timeout`` errors once Redis was back
+    (tests/integration/test_multihost.py). While Redis is away, entries beyond ``backlog``
+    are dropped: it is a log, not work."""
+
+    def __init__(self, telemetry: Telemetry, backlog: int = 1000) -> None:
+        self.telemetry = telemetry
+        self._queue: queue.Queue[tuple[int, list[str]]] = queue.Queue(backlog)
+        threading.Thread(target=self._run, name="batch-log", daemon=True).start()
+
+    def put(self, size: int, jobs: list[str]) -> None:
+        """Queue one entry; never blocks."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait((size, jobs))
+
+    def _run(self) -> None:
+        while True:
+            size, jobs = self._queue.get()
+            try:
+                self.telemetry.log_batch(size, jobs)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the entry is lost, not the work
+                log.debug("batch log entry dropped: %s", exc)

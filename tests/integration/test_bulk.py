@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from api import create_app
 from batchvision.client import Client
 from batchvision.client.bulk import submit_folder
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.connect import connect_redis
 from batchvision.server.store import JobStore
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -236,11 +235,28 @@ def test_nested_archive_is_listed_not_expanded(api_url: str) -> None:
     assert body["skipped"] == [{"filename": "inner.zip", "reason": "nested archive (not expanded)"}]
 
 
-def test_cli_exit_codes(api_url: str, tmp_path: Path) -> None:
+def test_cli_exit_code_when_some_images_failed(api_url: str, tmp_path: Path) -> None:
     name, data, _ = next(labelled_files(1, seed=8))
     (tmp_path / name).write_bytes(data)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     proc = cli("submit", str(tmp_path), "--wait", "--no-progress", api_url=api_url)
     assert proc.returncode == 3, proc.stderr  # some images failed
+
+
+@pytest.mark.slow  # the client retries an unreachable API for its whole retry budget (120 s)
+def test_cli_exit_code_when_the_api_is_unreachable(tmp_path: Path) -> None:
+    name, data, _ = next(labelled_files(1, seed=8))
+    (tmp_path / name).write_bytes(data)
     proc = cli("submit", str(tmp_path), "--no-progress", api_url="http://127.0.0.1:9")
     assert proc.returncode == 4 and "cannot reach the API" in proc.stderr
+
+
+def test_raw_part_added_to_a_job_needs_a_filename(settings: Settings) -> None:
+    client = create_app(settings).test_client()
+    job = client.post("/v1/jobs", json={"expected": 2}).get_json()
+    _, data, _ = next(labelled_files(1, seed=3))
+    resp = client.post(f"/v1/jobs/{job['job_id']}/files", data=data, content_type="image/jpeg")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "filename_required"
+    ok = client.post(f"/v1/jobs/{job['job_id']}/files?filename=a/b.jpg", data=data, content_type="image/jpeg")
+    assert ok.status_code == 202 and ok.get_json()["accepted"] == 1
+    assert client.get(f"/v1/jobs/{job['job_id']}/results").get_json()["results"][0]["filename"] == "a/b.jpg"

@@ -17,9 +17,6 @@ from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 
-pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def scrape(url: str) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value}."""
@@ -93,7 +90,7 @@ def test_metric_names_follow_conventions(api_url: str, settings: Settings) -> No
 
 @pytest.fixture(scope="module")
 def flower(stack: Supervisor, settings: Settings) -> Iterator[str]:
-    svc = Service("flower", cli_argv("flower"), settings.to_env())
+    svc = Service("flower", cli_argv("flower"), settings.to_env(include_secrets=True))
     sup = Supervisor([svc])
     sup.start()
     url = f"http://127.0.0.1:{settings.flower_port}"
@@ -118,7 +115,9 @@ def test_flower_refuses_to_start_without_credentials(settings: Settings) -> None
     assert "refusing to start Flower without authentication" in proc.stderr
 
 
-def test_flower_requires_auth_and_lists_the_jobs_tasks(flower: str, api_url: str, settings: Settings) -> None:
+def test_flower_requires_auth_and_lists_the_jobs_tasks(
+    flower: str, api_url: str, settings: Settings, artifacts: Path
+) -> None:
     assert requests.get(f"{flower}/api/tasks", timeout=10).status_code == 401
     assert requests.get(f"{flower}/", timeout=10).status_code == 401
     auth = (settings.flower_user, settings.flower_password)
@@ -143,7 +142,8 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(flower: str, api_url: str
         pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
     from playwright.sync_api import sync_playwright
 
-    shot = ROOT / "docs" / "flower-tasks.png"
+    # Into tests/artifacts: a test run never rewrites tracked files (copy them to docs/ by hand).
+    shot = artifacts / "flower-tasks.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium,
@@ -163,7 +163,7 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(flower: str, api_url: str
         # The task's own page shows the arguments that identify the job and the images.
         page.goto(f"{flower}/task/{mine[0]['uuid']}")
         page.wait_for_selector(f"text=job={job['job_id']}", timeout=20000)
-        page.screenshot(path=str(ROOT / "docs" / "flower-task.png"))
+        page.screenshot(path=str(artifacts / "flower-task.png"))
         browser.close()
     assert text.count("batchvision.classify") >= 3
     assert shot.stat().st_size > 10_000

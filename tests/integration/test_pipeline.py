@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-import time
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,8 +20,6 @@ from batchvision.core.synthetic import encode, labelled_files
 from batchvision.server import keys
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
-
-pytestmark = pytest.mark.integration
 
 
 def _wait(api_url: str, job_id: str, timeout: float = 120) -> dict[str, Any]:
@@ -101,12 +100,15 @@ def test_request_with_no_usable_file_is_422_with_reasons(api_url: str) -> None:
     assert [d["filename"] for d in err["details"]] == ["a.jpg", "b.gif"]
 
 
-def test_unknown_job_is_404(api_url: str) -> None:
-    for path in ("/v1/jobs/nope", "/v1/jobs/nope/results"):
+def test_unknown_job_is_404_and_a_malformed_id_400(api_url: str) -> None:
+    unknown = uuid.uuid4().hex  # well formed, never created
+    for path in (f"/v1/jobs/{unknown}", f"/v1/jobs/{unknown}/results"):
         resp = requests.get(api_url + path, timeout=10)
         assert resp.status_code == 404
         assert resp.json()["error"]["code"] == "job_not_found"
-    assert requests.delete(f"{api_url}/v1/jobs/nope", timeout=10).status_code == 404
+    assert requests.delete(f"{api_url}/v1/jobs/{unknown}", timeout=10).status_code == 404
+    resp = requests.get(f"{api_url}/v1/jobs/nope", timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_job_id"
 
 
 def test_raw_image_body_and_sync_classify(api_url: str) -> None:
@@ -132,22 +134,22 @@ def test_results_as_csv_and_paged_json(api_url: str) -> None:
     assert [r["index"] for r in page["results"]] == [2, 3]
 
 
-def test_cancel_stops_the_remaining_images(api_url: str, settings: Settings) -> None:
+def test_cancel_stops_the_remaining_images(
+    api_url: str, settings: Settings, redis_client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
     from batchvision.server.queue import create_celery
 
     client = Client(api_url)
     job_id = client.open_job()["job_id"]
     first = [(n, d) for n, d, _ in labelled_files(10, seed=31)]
     client.add_part(job_id, first)
-    deadline = time.monotonic() + 60
-    while client.status(job_id)["done"] < 10:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: client.status(job_id)["done"] >= 10, timeout=60, message="first part classified")
     # Hold the queue (the worker stops consuming), so the next part is certainly waiting.
     control = create_celery(settings).control
     control.cancel_consumer(settings.queue, reply=True)
     try:
         client.add_part(job_id, [(f"later_{i}.jpg", _noise_jpeg(i)) for i in range(30)])
+        assert _ledger_of(redis_client, job_id)  # its chunks are queued, not taken
         canceled = client.cancel(job_id)
     finally:
         control.add_consumer(settings.queue, reply=True)
@@ -159,15 +161,24 @@ def test_cancel_stops_the_remaining_images(api_url: str, settings: Settings) -> 
     with pytest.raises(ApiError) as exc:
         client.add_part(job_id, first[:1])
     assert exc.value.status == 409
-    # The held tasks are consumed now and change nothing: the flag outlives Celery revokes.
-    time.sleep(1.5)
-    assert client.status(job_id) == {
-        **client.status(job_id),
-        "done": 10,
-        "canceled": 30,
-        "status": "canceled",
-    }
+    # The held messages are consumed now (the worker drops their ledger entries and the
+    # uploads once it has looked at them) and change nothing: the flag outlives Celery revokes.
+    wait_until(
+        lambda: (
+            not _ledger_of(redis_client, job_id)
+            and not list(redis_client.scan_iter(match=keys.blob_pattern(job_id)))
+        ),
+        timeout=60,
+        message="the held chunks were consumed",
+    )
+    status = client.status(job_id)
+    assert (status["done"], status["canceled"], status["status"]) == (10, 30, "canceled")
     assert client.results(job_id) == rows
+
+
+def _ledger_of(r: redis_lib.Redis, job_id: str) -> list[bytes]:
+    """The job's chunks in the chunk ledger: sent, and not yet taken by a worker to the end."""
+    return [m for m in r.zrange(keys.CHUNKS, 0, -1) if m.decode().startswith(f"{job_id}:")]
 
 
 def _noise_jpeg(seed: int) -> bytes:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from batchvision.cli.runner import Service, Supervisor
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_supervisor_restarts_a_dead_process_and_stops_all() -> None:
@@ -32,26 +34,68 @@ def test_supervisor_restarts_a_dead_process_and_stops_all() -> None:
     assert crashy.proc is not None and crashy.proc.poll() is not None
 
 
-@pytest.mark.integration
-def test_up_starts_the_stack_classifies_and_stops(demo_model: Path, tmp_path: Path) -> None:
+def _left_in_sessions(sessions: set[int]) -> list[str]:
+    """Live processes in any of ``sessions`` (each service is its own session, and whatever
+    it started stays in it unless it calls setsid itself)."""
+    left = []
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(p.pid) in sessions and p.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(f"{p.pid} {p.info['name']} (session {os.getsid(p.pid)})")
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue  # gone meanwhile
+    return left
+
+
+def test_session_check_sees_a_running_service() -> None:
+    # The check below would pass for nothing if it could not see a live service.
+    svc = Service("steady", [sys.executable, "-c", "import time; time.sleep(60)"], {})
+    svc.start()
+    assert svc.proc is not None
+    try:
+        assert _left_in_sessions({svc.proc.pid})
+    finally:
+        svc.stop()
+    assert _left_in_sessions({svc.proc.pid}) == []
+
+
+@pytest.mark.slow
+def test_up_starts_the_stack_classifies_and_stops(
+    demo_model: Path, tmp_path: Path, wait_until: Callable[..., Any]
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
     env["BATCHVISION_MODEL"] = str(demo_model)
-    proc = subprocess.run(
-        [sys.executable, "-m", "batchvision.cli", "up", "--demo", "--exit-after-demo"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    for name in ("redis", "api", "worker", "flower"):
-        assert re.search(rf"^  {name}\s+(redis|http)://127\.0\.0\.1:\d+", out, re.M), out
-    assert "succeeded, 12 classified, 0 failed" in out
-    rows = re.findall(r"^  (\w+)_\d+\.jpg\s+(\w+)\s+[0-9.]+$", out, re.M)
-    assert len(rows) == 12
-    assert sum(expected == got for expected, got in rows) >= 11
-    time.sleep(0.5)
-    leftover = subprocess.run(["pgrep", "-f", str(demo_model)], capture_output=True, text=True).stdout.split()
-    assert leftover == [], "processes left running after up stopped"
+    # Output to files, not pipes: a process left behind would hold a pipe open and hang the
+    # test instead of failing it.
+    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "batchvision.cli", "up", "--demo", "--exit-after-demo"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=err,
+            timeout=600,
+        )
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    # The runner reports the pid of each service it starts; each is its own session.
+    started = dict(re.findall(r"started (\w+) \(pid (\d+)\)", stderr))
+    sessions = {int(pid) for pid in started.values()}
+    try:
+        assert proc.returncode == 0, stderr[-3000:]
+        for name in ("redis", "api", "worker", "flower"):
+            assert re.search(rf"^  {name}\s+(redis|http)://127\.0\.0\.1:\d+", stdout, re.M), stdout
+        assert "succeeded, 12 classified, 0 failed" in stdout
+        rows = re.findall(r"^  (\w+)_\d+\.jpg\s+(\w+)\s+[0-9.]+$", stdout, re.M)
+        assert len(rows) == 12
+        assert sum(expected == got for expected, got in rows) >= 11
+        assert set(started) == {"redis", "api", "worker", "flower"}, stderr[-3000:]
+        # Every process `up` started, and everything those started, is gone.
+        try:
+            wait_until(lambda: not _left_in_sessions(sessions), timeout=15)
+        except AssertionError:
+            raise AssertionError(f"left running after up stopped: {_left_in_sessions(sessions)}") from None
+    finally:
+        for sid in sessions:  # do not leave what a failed run leaked running
+            if _left_in_sessions({sid}):
+                os.killpg(sid, signal.SIGKILL)

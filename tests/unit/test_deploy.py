@@ -18,7 +18,6 @@ list that may be empty without a check that it is not, no comparison with a valu
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -49,7 +48,7 @@ K8S = ROOT / "k8s"
 DOCKERFILES = ["Dockerfile.api", "Dockerfile.worker"]
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-FIELDS = {f.name for f in dataclasses.fields(Settings)}
+FIELDS = set(Settings.model_fields)
 DEFAULTS = Settings()
 #: The subcommands the containers, probes and docs rely on: COMMANDS must have at least these.
 SERVICE_COMMANDS = {
@@ -1339,7 +1338,7 @@ def test_env_example_is_valid_settings() -> None:
     env = _parse_env_file(ROOT / ".env.example")
     assert sum(k.startswith(PREFIX) for k in env) > 10
     settings = _settings_from({**env, **SECRETS}, ".env.example")
-    assert settings.flower_password == SECRETS["BATCHVISION_FLOWER_PASSWORD"]
+    assert settings.flower_password.get_secret_value() == SECRETS["BATCHVISION_FLOWER_PASSWORD"]
 
 
 def test_worker_model_is_known_and_the_same_everywhere() -> None:

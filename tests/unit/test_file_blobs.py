@@ -1,4 +1,5 @@
-"""Blob stores: Redis (default) and a shared directory (``file:///path``)."""
+"""The shared-directory blob store (``file:///path``) and the blob URL; Redis blobs are
+tested in ``integration/test_redis_blobs.py``."""
 
 from __future__ import annotations
 
@@ -7,32 +8,24 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from batchvision.server.blobs import FileBlobs, RedisBlobs, open_blobs
+from batchvision.server.blobs import FileBlobs, open_blobs
 
 
-def _roundtrip(blobs: RedisBlobs | FileBlobs) -> None:
-    blobs.put_many("job1", {0: b"zero", 2: b"two"})
-    assert blobs.get_many("job1", [0, 1, 2]) == [b"zero", None, b"two"]
-    blobs.delete_many("job1", [0])
-    assert blobs.get_many("job1", [0, 2]) == [None, b"two"]
-    blobs.delete_many("job1", [2, 5])  # deleting what is gone is fine
-    assert blobs.get_many("job1", [2]) == [None]
-
-
-def test_file_blobs(tmp_path: Path) -> None:
-    store = open_blobs(f"file://{tmp_path}/blobs", redis_lib.Redis(), 60)
+def test_file_blobs_round_trip(tmp_path: Path) -> None:
+    store = open_blobs(f"file://{tmp_path}/blobs", redis_lib.Redis(), 60)  # the client is never used
     assert isinstance(store, FileBlobs)
-    _roundtrip(store)
+    store.put_many("job1", {0: b"zero", 2: b"two"})
+    store.put_many("job2", {0: b"other job"})
+    assert store.get_many("job1", [0, 1, 2]) == [b"zero", None, b"two"]
+    store.put_many("job1", {0: b"zero again"})  # a re-sent part replaces the bytes
+    assert store.get_many("job1", [0]) == [b"zero again"]
+    store.delete_many("job1", [0])
+    assert store.get_many("job1", [0, 2]) == [None, b"two"]
+    store.delete_many("job1", [2, 5])  # deleting what is gone is fine
+    assert store.get_many("job1", [2]) == [None]
     assert not (tmp_path / "blobs" / "job1").exists()  # the job's folder went with its last upload
+    assert store.get_many("job2", [0]) == [b"other job"]  # other jobs untouched
     assert not list((tmp_path / "blobs").glob("**/.tmp-*"))  # writes are atomic renames
-
-
-def test_redis_blobs_expire(redis_client: redis_lib.Redis) -> None:
-    store = open_blobs("redis", redis_client, 60)
-    assert isinstance(store, RedisBlobs)
-    _roundtrip(store)
-    store.put_many("job2", {0: b"x"})
-    assert 0 < redis_client.ttl(RedisBlobs.key("job2", 0)) <= 60
 
 
 def test_unknown_blob_url() -> None:

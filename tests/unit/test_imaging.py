@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -73,23 +72,8 @@ def test_size_and_pixel_limits() -> None:
     assert exc.value.status == 413 and exc.value.code == "too_many_pixels"
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims width x height: an IHDR and a tiny IDAT, no real pixel data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-        + chunk(b"IEND", b"")
-    )
-
-
-def test_decompression_bomb_is_refused_from_the_header() -> None:
-    bomb = _png_header_only(20000, 20000)
+def test_decompression_bomb_is_refused_from_the_header(png_header_only: Callable[[int, int], bytes]) -> None:
+    bomb = png_header_only(20000, 20000)
     assert len(bomb) < 200
     with pytest.raises(ImageTooLarge) as exc:
         inspect_image(bomb, max_bytes=10**6, max_pixels=50_000_000)
@@ -171,9 +155,11 @@ def test_normalize_modes() -> None:
         normalize(batch, "nope")
 
 
-def test_the_configured_pixel_limit_is_the_one_that_applies() -> None:
+def test_the_configured_pixel_limit_is_the_one_that_applies(
+    png_header_only: Callable[[int, int], bytes],
+) -> None:
     # 95 MP is above Pillow's own default guard; with a higher configured limit it passes.
-    big = _png_header_only(10000, 9500)
+    big = png_header_only(10000, 9500)
     assert inspect_image(big, max_bytes=10**6, max_pixels=200_000_000).width == 10000
     with pytest.raises(ImageTooLarge):
         inspect_image(big, max_bytes=10**6, max_pixels=90_000_000)

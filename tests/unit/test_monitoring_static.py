@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.registry import REGISTRY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Series that come from Prometheus itself or from Flower, not from our code.
 EXTERNAL = {"up"}
 PROMQL_WORDS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from batchvision.core.schemas import (
     CSV_COLUMNS,
@@ -21,7 +22,8 @@ def test_prediction_top_k_sorted() -> None:
     p = prediction(probs, ["a", "b", "c", "d"], 3)
     assert (p["label"], p["class_id"]) == ("b", 1)
     assert [s["label"] for s in p["top_k"]] == ["b", "d", "a"]
-    assert p["score"] == p["top_k"][0]["score"] == round(0.6, 6) or abs(p["score"] - 0.6) < 1e-6
+    assert p["score"] == p["top_k"][0]["score"] == pytest.approx(0.6)
+    assert [s["score"] for s in p["top_k"]] == pytest.approx([0.6, 0.25, 0.1])
     assert len(prediction(probs, ["a", "b", "c", "d"], 99)["top_k"]) == 4
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from batchvision.core.settings import Settings, env_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_and_env_overrides() -> None:
@@ -28,7 +28,7 @@ def test_bad_value_names_the_variable() -> None:
 
 def test_round_trip_through_env() -> None:
     s = Settings.from_env({}, max_batch_size=7, model="/m/x.keras")
-    assert Settings.from_env(s.to_env()) == s
+    assert Settings.from_env(s.to_env(include_secrets=True)) == s
 
 
 def test_visibility_timeout_exceeds_task_time_limit_by_default() -> None:

@@ -1,0 +1,585 @@
+// The page: pick or drop -> scan -> upload in parts -> watch -> browse and download.
+
+import { Api, ApiError, isAbort, sleep } from "./api.js";
+import { Rate, fmtBytes, fmtDuration, fmtInt, setBar } from "./progress.js";
+import * as store from "./recent.js";
+import { fromDrop, fromInput, normalise, sniff } from "./scan.js";
+import { ResultsTable } from "./table.js";
+import { uploadJob } from "./upload.js";
+
+const FINAL = new Set(["succeeded", "partial", "failed", "canceled"]);
+const POLL_S = 1.0;
+const PAGE_RUNNING = 500;
+const PAGE_FINAL = 1000;
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  key: store.apiKey(),
+  sessions: new Map(), // job id -> upload started on this page (its files make the thumbnails)
+  view: null, // the job on screen
+};
+
+// ---------------------------------------------------------------- messages
+
+let noticeTimer = 0;
+
+function notice(n) {
+  const el = $("notice");
+  clearInterval(noticeTimer);
+  if (!n) {
+    el.hidden = true;
+    el.textContent = "";
+    return;
+  }
+  const what = n.status === 429 ? "Too many requests" : n.status ? "The API is busy" : "Network error";
+  const until = Date.now() + n.seconds * 1000;
+  const draw = () => {
+    const left = Math.max(0, Math.ceil((until - Date.now()) / 1000));
+    el.textContent = `${what} (${n.message}). Retrying in ${left} s…`;
+  };
+  draw();
+  el.dataset.status = String(n.status);
+  el.hidden = false;
+  noticeTimer = setInterval(draw, 500);
+}
+
+function alertMessage(text) {
+  const el = $("alert");
+  el.textContent = text || "";
+  el.hidden = !text;
+}
+
+function showError(err, context = "") {
+  if (isAbort(err)) return;
+  const text = err instanceof ApiError ? err.describe() : String(err?.message || err);
+  alertMessage(context ? `${context}: ${text}` : text);
+}
+
+// ---------------------------------------------------------------- API key
+
+const api = new Api({
+  getKey: () => state.key,
+  onNotice: notice,
+  onUnauthorized: (err) => {
+    showKeySection(true);
+    alertMessage(`${err.describe()}. Enter a valid API key.`);
+    $("key-input").focus();
+  },
+});
+
+function showKeySection(required) {
+  $("key-section").hidden = false;
+  $("key-help").textContent = required
+    ? "This API requires a key. It is kept in this browser's storage and sent as “Authorization: Bearer …”."
+    : "The key is kept in this browser's storage and sent as “Authorization: Bearer …”.";
+  $("key-input").value = state.key;
+}
+
+/** Ask the API whether it wants a key: a 401 for a job that cannot exist says so, its 404
+ * says the key (or none) is accepted. */
+async function probeAuth() {
+  try {
+    await api.request("GET", `/v1/jobs/${"0".repeat(32)}`, { attempts: 3 });
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return; // onUnauthorized showed the field
+    if (err instanceof ApiError && (err.status === 404 || err.status === 400)) {
+      if (state.key) showKeySection(false);
+      return;
+    }
+    showError(err, "The API did not answer");
+  }
+}
+
+$("key-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  state.key = $("key-input").value.trim();
+  store.setApiKey(state.key);
+  alertMessage("");
+  await probeAuth();
+  if (state.view && state.view.blocked) openJob(state.view.id);
+});
+
+$("key-forget").addEventListener("click", () => {
+  state.key = "";
+  store.setApiKey("");
+  $("key-input").value = "";
+  probeAuth();
+});
+
+// ---------------------------------------------------------------- picking and dropping
+
+function scanStatus(text) {
+  $("scan-status").textContent = text;
+}
+
+async function start(rawEntries) {
+  alertMessage("");
+  if (!rawEntries.length) {
+    scanStatus("Nothing to upload: the selection holds no files.");
+    return;
+  }
+  scanStatus(`Reading ${fmtInt(rawEntries.length)} files…`);
+  const { entries, root } = normalise(rawEntries);
+  const { images, skipped } = await sniff(entries, {
+    onProgress: (done, total) => scanStatus(`Reading ${fmtInt(done)} of ${fmtInt(total)} files…`),
+  });
+  const skippedRows = skipped.map((e) => ({ filename: e.path, code: "skipped", message: "not an image" }));
+  scanStatus(
+    `${fmtInt(images.length)} image${images.length === 1 ? "" : "s"} found` +
+      (skipped.length ? `, ${fmtInt(skipped.length)} skipped (not an image).` : "."),
+  );
+  if (!images.length) return;
+  let created;
+  try {
+    created = await api.request("POST", "/v1/jobs", { json: { expected: images.length } });
+  } catch (err) {
+    showError(err, "Could not create the job");
+    return;
+  }
+  const id = created.job_id;
+  const session = {
+    id,
+    images,
+    files: new Map(images.map((e) => [e.path, e.file])),
+    skipped: skippedRows,
+    bytes: images.reduce((n, e) => n + e.file.size, 0),
+    sent: { files: 0, bytes: 0 },
+    rate: new Rate(),
+    started: performance.now(),
+    finished: 0,
+    uploading: false,
+    error: "",
+    abort: null,
+  };
+  state.sessions.set(id, session);
+  const name = root || (images.length === 1 ? images[0].path : `${fmtInt(images.length)} files`);
+  store.saveJob(id, { name, count: images.length, status: "uploading", skipped: skippedRows });
+  history.pushState(null, "", `#job=${id}`);
+  openJob(id);
+  runUpload(session, images);
+}
+
+async function runUpload(session, images) {
+  session.uploading = true;
+  session.error = "";
+  session.abort = new AbortController();
+  session.started = performance.now();
+  session.rate = new Rate();
+  const base = { ...session.sent };
+  renderUpload();
+  try {
+    const { refused } = await uploadJob(api, session.id, images, {
+      signal: session.abort.signal,
+      onProgress: (p) => {
+        session.sent = { files: base.files + p.files, bytes: base.bytes + p.bytes };
+        session.rate.add(session.sent.bytes);
+        renderUpload();
+      },
+    });
+    session.finished = performance.now();
+    if (refused.length) {
+      session.skipped = [...session.skipped, ...refused];
+      store.saveJob(session.id, { skipped: session.skipped });
+      renderSkipped();
+    }
+  } catch (err) {
+    session.error = isAbort(err) ? "canceled" : err instanceof ApiError ? err.describe() : String(err);
+    if (!isAbort(err)) showError(err, "Upload stopped");
+  } finally {
+    session.uploading = false;
+    renderUpload();
+    renderActions();
+  }
+}
+
+/** Send what the job does not have yet (after an upload stopped on an error). */
+async function resumeUpload(session) {
+  alertMessage("");
+  let have;
+  try {
+    have = new Set((await api.request("GET", `/v1/jobs/${session.id}/files`)).files);
+  } catch (err) {
+    showError(err, "Could not resume");
+    return;
+  }
+  const todo = session.images.filter((e) => !have.has(e.path));
+  session.sent = { files: session.images.length - todo.length, bytes: session.bytes - todo.reduce((n, e) => n + e.file.size, 0) };
+  runUpload(session, todo);
+}
+
+$("folder-input").addEventListener("change", (e) => {
+  const entries = fromInput(e.target.files);
+  e.target.value = "";
+  start(entries);
+});
+$("files-input").addEventListener("change", (e) => {
+  const entries = fromInput(e.target.files);
+  e.target.value = "";
+  start(entries);
+});
+
+const dropzone = $("dropzone");
+let dragDepth = 0;
+document.addEventListener("dragenter", (e) => {
+  if (![...(e.dataTransfer?.types || [])].includes("Files")) return;
+  dragDepth++;
+  dropzone.classList.add("over");
+});
+document.addEventListener("dragleave", () => {
+  if (--dragDepth <= 0) {
+    dragDepth = 0;
+    dropzone.classList.remove("over");
+  }
+});
+document.addEventListener("dragover", (e) => {
+  e.preventDefault(); // the whole page takes drops; the browser must not open the file
+  if (e.dataTransfer) e.dataTransfer.dropEffect = "copy";
+});
+document.addEventListener("drop", (e) => {
+  e.preventDefault();
+  dragDepth = 0;
+  dropzone.classList.remove("over");
+  if (!e.dataTransfer) return;
+  fromDrop(e.dataTransfer).then(start, (err) => showError(err, "Could not read the dropped files"));
+});
+
+// ---------------------------------------------------------------- the job view
+
+const table = new ResultsTable({
+  scroller: $("scroller"),
+  table: $("results-table"),
+  tbody: $("rows"),
+  count: $("results-count"),
+  labelSelect: $("f-label"),
+  sortSelect: $("f-sort"),
+  onTopK: showTopK,
+});
+
+function openJob(id) {
+  if (state.view) {
+    state.view.stopped = true;
+    state.view.abort.abort();
+  }
+  const session = state.sessions.get(id) || null;
+  const view = {
+    id,
+    session,
+    job: null,
+    stopped: false,
+    blocked: false,
+    abort: new AbortController(),
+    rate: new Rate(),
+    cursor: 0, // results before this index are loaded and final
+    seen: -1, // done + failed + canceled at the last results fetch
+  };
+  state.view = view;
+  if (!store.getJob(id)) store.saveJob(id, { name: id.slice(0, 12), status: "" });
+  $("job").hidden = false;
+  $("results").hidden = false;
+  $("job-id").textContent = id;
+  $("job-status").textContent = "loading";
+  $("job-status").dataset.status = "";
+  $("job-meta").textContent = "";
+  $("upload-block").hidden = !session;
+  table.reset(session ? session.files : null);
+  renderSkipped();
+  renderUpload();
+  renderClassify();
+  renderActions();
+  renderRecent();
+  poll(view);
+}
+
+async function poll(view) {
+  const signal = view.abort.signal;
+  while (!view.stopped) {
+    try {
+      const job = await api.request("GET", `/v1/jobs/${view.id}`, { signal });
+      if (view.stopped) return;
+      view.blocked = false;
+      view.job = job;
+      view.rate.add(job.done + job.failed + job.canceled);
+      renderClassify();
+      renderActions();
+      const uploading = view.session?.uploading;
+      store.saveJob(view.id, {
+        status: uploading && !FINAL.has(job.status) ? "uploading" : job.status,
+        count: Math.max(job.total, view.session ? view.session.images.length : 0),
+        done: job.done,
+        failed: job.failed,
+      });
+      renderRecent();
+      const finished = FINAL.has(job.status) && !uploading;
+      await loadResults(view, finished);
+      if (finished) return;
+    } catch (err) {
+      if (isAbort(err) || view.stopped) return;
+      if (err instanceof ApiError && [401, 404, 410].includes(err.status)) {
+        view.blocked = true;
+        const status = { 401: "unauthorized", 404: "not found", 410: "expired" }[err.status];
+        $("job-status").textContent = status;
+        $("job-status").dataset.status = "failed";
+        if (err.status !== 401) {
+          store.saveJob(view.id, { status });
+          renderRecent();
+          showError(err, err.status === 404 ? "This job is not visible with the current key" : "");
+        }
+        return;
+      }
+      showError(err);
+      await sleep(3, signal).catch(() => {});
+      continue;
+    }
+    await sleep(POLL_S, signal).catch(() => {});
+  }
+}
+
+/**
+ * While the job runs: one page from the first pending row, when something new has a result.
+ * Once it has finished: every page not loaded yet.
+ */
+async function loadResults(view, finished) {
+  const job = view.job;
+  const resolved = job.done + job.failed + job.canceled;
+  if (!finished && resolved === view.seen) return;
+  view.seen = resolved;
+  const signal = view.abort.signal;
+  const limit = finished ? PAGE_FINAL : PAGE_RUNNING;
+  let offset = view.cursor;
+  while (offset < job.total) {
+    const page = await api.request(
+      "GET",
+      `/v1/jobs/${view.id}/results?format=json&offset=${offset}&limit=${limit}`,
+      { signal },
+    );
+    if (view.stopped) return;
+    const rows = page.results;
+    table.merge(rows, job.total);
+    const pending = rows.findIndex((r) => r.status === "pending");
+    if (pending >= 0) {
+      view.cursor = rows[pending].index;
+    } else {
+      view.cursor = offset + rows.length;
+    }
+    if (!finished || !rows.length) break;
+    offset += rows.length;
+  }
+}
+
+function renderUpload() {
+  const view = state.view;
+  const s = view?.session;
+  if (!s) return;
+  const total = s.images.length;
+  const elapsed = ((s.finished || performance.now()) - s.started) / 1000;
+  let text;
+  if (s.uploading) {
+    const rate = s.rate.perSecond();
+    text =
+      `Uploaded ${fmtInt(s.sent.files)} of ${fmtInt(total)} files · ${fmtBytes(s.sent.bytes)} of ${fmtBytes(s.bytes)}` +
+      ` · ${fmtBytes(Math.round(rate))}/s · ${fmtDuration(s.rate.timeLeft(s.bytes))} left`;
+  } else if (s.error) {
+    text = s.error === "canceled" ? `Upload canceled after ${fmtInt(s.sent.files)} files.` : `Upload stopped: ${s.error}`;
+  } else if (s.finished) {
+    text = `Upload complete: ${fmtInt(total)} files, ${fmtBytes(s.bytes)} in ${fmtDuration(elapsed)}.`;
+  } else {
+    text = "Starting the upload…";
+  }
+  $("upload-text").textContent = text;
+  setBar($("upload-bar"), {
+    fractions: [s.bytes ? s.sent.bytes / s.bytes : 0],
+    now: s.sent.files,
+    max: total,
+    text,
+  });
+  $("upload-bar").dataset.state = s.uploading ? "uploading" : s.error ? "stopped" : s.finished ? "done" : "";
+}
+
+function renderClassify() {
+  const view = state.view;
+  const job = view?.job;
+  const bar = $("classify-bar");
+  if (!job) {
+    $("classify-text").textContent = "Waiting for the job…";
+    setBar(bar, { fractions: [0, 0, 0], now: 0, max: 0, text: "waiting" });
+    return;
+  }
+  const uploading = view.session?.uploading;
+  const total = Math.max(job.total, uploading ? view.session.images.length : 0);
+  const resolved = job.done + job.failed + job.canceled;
+  const status = uploading && !FINAL.has(job.status) ? "uploading" : job.status;
+  const badge = $("job-status");
+  badge.textContent = status;
+  badge.dataset.status = status;
+  $("job").dataset.status = job.status;
+  const created = new Date(job.created_at * 1000);
+  $("job-meta").textContent = `Created ${created.toLocaleString()} · model ${job.model} · ${fmtInt(total)} images`;
+  let text = `Classified ${fmtInt(job.done)} of ${fmtInt(total)}`;
+  if (job.failed) text += ` · ${fmtInt(job.failed)} failed`;
+  if (job.canceled) text += ` · ${fmtInt(job.canceled)} canceled`;
+  if (FINAL.has(job.status) && job.finished_at) {
+    const took = Math.max(0.001, job.finished_at - job.created_at);
+    text += ` · finished in ${fmtDuration(took)} (${(resolved / took).toFixed(1)} images/s)`;
+  } else {
+    const rate = view.rate.perSecond();
+    text += ` · ${rate.toFixed(1)} images/s · ${fmtDuration(view.rate.timeLeft(total))} left`;
+  }
+  $("classify-text").textContent = text;
+  const f = (n) => (total ? n / total : 0);
+  setBar(bar, { fractions: [f(job.done), f(job.failed), f(job.canceled)], now: resolved, max: total, text });
+}
+
+function renderActions() {
+  const view = state.view;
+  const job = view?.job;
+  const uploading = view?.session?.uploading;
+  $("cancel-job").disabled = !view || view.blocked || (!uploading && (!job || FINAL.has(job.status)));
+  $("download-csv").disabled = !job;
+  $("download-jsonl").disabled = !job;
+  let resume = $("resume-upload");
+  const s = view?.session;
+  const canResume = s && !s.uploading && s.error && s.error !== "canceled" && job && !FINAL.has(job.status);
+  if (canResume && !resume) {
+    resume = document.createElement("button");
+    resume.type = "button";
+    resume.id = "resume-upload";
+    resume.textContent = "Resume upload";
+    resume.addEventListener("click", () => resumeUpload(state.view.session));
+    $("cancel-job").before(resume);
+  } else if (!canResume && resume) {
+    resume.remove();
+  }
+}
+
+function renderSkipped() {
+  const view = state.view;
+  const rows = view?.session?.skipped || store.getJob(view?.id)?.skipped || [];
+  const box = $("skipped");
+  box.hidden = !rows.length;
+  box.open = rows.length > 0 && rows.length <= 10; // a few are shown at once, many on demand
+  $("skipped-summary").textContent = `Skipped files (${fmtInt(rows.length)})`;
+  const items = rows.map((r) => {
+    const li = document.createElement("li");
+    li.dataset.filename = r.filename;
+    li.textContent = `${r.filename} — ${r.code === "skipped" ? "skipped" : r.code}: ${r.message}`;
+    return li;
+  });
+  $("skipped-list").replaceChildren(...items);
+}
+
+$("cancel-job").addEventListener("click", async () => {
+  const view = state.view;
+  if (!view) return;
+  $("cancel-job").disabled = true;
+  view.session?.abort?.abort(); // parts in flight stop; the job is sealed by the cancel
+  try {
+    const job = await api.request("DELETE", `/v1/jobs/${view.id}`);
+    if (state.view === view) {
+      view.job = job;
+      renderClassify(); // the poll loop loads the final results on its next turn
+    }
+  } catch (err) {
+    showError(err, "Could not cancel");
+  }
+  renderActions();
+});
+
+async function download(format) {
+  const view = state.view;
+  if (!view) return;
+  try {
+    const blob = await api.request("GET", `/v1/jobs/${view.id}/results?format=${format}`, { responseType: "blob" });
+    const url = URL.createObjectURL(blob);
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = `${view.id}.${format}`;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  } catch (err) {
+    showError(err, "Download failed");
+  }
+}
+$("download-csv").addEventListener("click", () => download("csv"));
+$("download-jsonl").addEventListener("click", () => download("jsonl"));
+
+// ---------------------------------------------------------------- filters and details
+
+let textTimer = 0;
+$("f-label").addEventListener("change", (e) => table.setFilter({ label: e.target.value }));
+$("f-status").addEventListener("change", (e) => table.setFilter({ status: e.target.value }));
+$("f-below").addEventListener("input", (e) => {
+  const v = e.target.value === "" ? null : Number(e.target.value);
+  table.setFilter({ below: Number.isFinite(v) ? v : null });
+});
+$("f-text").addEventListener("input", (e) => {
+  clearTimeout(textTimer);
+  textTimer = setTimeout(() => table.setFilter({ text: e.target.value }), 120);
+});
+$("filters").addEventListener("submit", (e) => e.preventDefault());
+
+function showTopK(row) {
+  if (!row) return;
+  $("topk-file").textContent = row.filename;
+  const items = (row.top_k || []).map((s) => {
+    const li = document.createElement("li");
+    li.textContent = `${s.label} — ${s.score.toFixed(4)}`;
+    const bar = document.createElement("span");
+    bar.className = "score-bar";
+    bar.style.width = `${Math.max(1, s.score * 100)}%`;
+    bar.setAttribute("aria-hidden", "true");
+    li.append(bar);
+    return li;
+  });
+  $("topk-list").replaceChildren(...items);
+  $("topk-error").textContent = row.error ? `${row.error.code}: ${row.error.message}` : "";
+  $("topk-dialog").showModal();
+}
+
+// ---------------------------------------------------------------- recent jobs
+
+function renderRecent() {
+  const list = store.jobs();
+  $("recent-empty").hidden = list.length > 0;
+  const items = list.map((j) => {
+    const li = document.createElement("li");
+    li.dataset.job = j.id;
+    if (state.view?.id === j.id) li.setAttribute("aria-current", "true");
+    const a = document.createElement("a");
+    a.href = `#job=${j.id}`;
+    a.textContent = j.name || j.id;
+    a.title = j.id;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    const when = new Date(j.created || Date.now());
+    meta.textContent = [j.status || "…", j.count ? `${fmtInt(j.count)} images` : "", when.toLocaleString()]
+      .filter(Boolean)
+      .join(" · ");
+    const forget = document.createElement("button");
+    forget.type = "button";
+    forget.className = "secondary";
+    forget.textContent = "×";
+    forget.setAttribute("aria-label", `Remove ${j.name || j.id} from recent jobs`);
+    forget.addEventListener("click", () => {
+      store.forgetJob(j.id);
+      renderRecent();
+    });
+    li.append(a, forget, meta);
+    return li;
+  });
+  $("recent").replaceChildren(...items);
+}
+
+function route() {
+  const m = /^#job=([A-Za-z0-9_-]+)$/.exec(location.hash);
+  if (m && state.view?.id !== m[1]) openJob(m[1]);
+}
+
+window.addEventListener("hashchange", route);
+window.addEventListener("popstate", route);
+
+$("key-input").value = state.key;
+renderRecent();
+probeAuth().then(route);

@@ -1,0 +1,209 @@
+"""The API's documents as typed models: what requests carry and what responses return.
+
+One definition for the server (validation), the OpenAPI document (generated from these
+models, see ``api/contract.py``) and the Python client (typed return values). Pure pydantic:
+no I/O. Results rows are built as plain dicts on the hot path and described here for the
+contract and the client.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from batchvision.core.schemas import JobStatus
+
+#: A job id: 32 lowercase hex digits (a UUID4 without dashes).
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+#: ``Idempotency-Key``: 1 to 255 visible ASCII characters.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
+
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, description="32 lowercase hex digits")]
+
+
+class Document(BaseModel):
+    """Base of every response document: unknown fields are kept (forward compatible)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    """What went wrong: a stable ``code`` to branch on and a ``message`` for people."""
+
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorDocument(BaseModel):
+    """Every 4xx and 5xx response: ``{"error": {"code", "message"[, "details"]}}``."""
+
+    error: ErrorBody
+
+
+class Job(Document):
+    """A job's status and progress (``GET /v1/jobs/{job_id}``)."""
+
+    job_id: JobId
+    status: JobStatus
+    total: int = Field(ge=0, description="images in the job")
+    done: int = Field(ge=0, description="images with a prediction")
+    failed: int = Field(ge=0, description="images with a per-image error")
+    canceled: int = Field(ge=0, description="images the cancellation reached first")
+    created_at: float = Field(description="Unix time")
+    finished_at: float | None = Field(description="Unix time, once every image has a result")
+    model: str
+    status_url: str
+    results_url: str
+
+    @property
+    def final(self) -> bool:
+        """True once the job will not change any more."""
+        return self.status in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class Rejection(BaseModel):
+    """A file refused at upload; it still has a row (an error) in the results."""
+
+    index: int = Field(ge=0)
+    filename: str
+    code: str
+    message: str
+
+
+class Skipped(BaseModel):
+    """An archive member that is not an image (listed, never classified)."""
+
+    filename: str
+    reason: str
+
+
+class JobAccepted(Job):
+    """``202`` of a submit (or ``200`` of an idempotent replay): the job and what the request added."""
+
+    accepted: int | None = Field(None, ge=0, description="new images queued by this request")
+    rejected: list[Rejection] = Field(default_factory=list)
+    duplicates: int = Field(0, ge=0, description="files the job already had (re-sent parts)")
+    skipped: list[Skipped] = Field(default_factory=list)
+    expected: int | None = Field(None, description="the announced image count of an upload in parts")
+    idempotent_replay: bool = Field(False, description="true when an Idempotency-Key returned an earlier job")
+
+
+class Score(BaseModel):
+    label: str
+    score: float
+
+
+class ResultRow(Document):
+    """One image's result, in upload order."""
+
+    index: int = Field(ge=0)
+    filename: str
+    status: Literal["ok", "error", "pending"]
+    label: str | None = None
+    class_id: int | None = None
+    score: float | None = None
+    top_k: list[Score] | None = None
+    error: ErrorBody | None = None
+
+
+class ClassifyResult(Job):
+    """``200`` of ``POST /v1/classify``: the finished job with every row."""
+
+    results: list[ResultRow]
+
+
+class ResultsPage(Document):
+    """``GET /v1/jobs/{job_id}/results?format=json``: a page of rows (``offset``, ``limit``)."""
+
+    job_id: JobId
+    status: JobStatus
+    total: int
+    done: int
+    failed: int
+    canceled: int
+    offset: int
+    results: list[ResultRow]
+
+
+class FileList(Document):
+    """The relative paths a job has (to resume an upload)."""
+
+    job_id: JobId
+    files: list[str]
+
+
+class Health(Document):
+    status: Literal["ok"]
+
+
+class Ready(Document):
+    status: Literal["ready"]
+    pending_images: int
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+#: Most images a job in parts may announce (far above any real folder; a typo guard).
+MAX_EXPECTED = 100_000_000
+
+
+class OpenJob(BaseModel):
+    """``POST /v1/jobs`` with a JSON body: open a job for an upload in parts."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    expected: int | None = Field(
+        None, ge=0, le=MAX_EXPECTED, description="how many images will follow (for progress); optional"
+    )
+
+
+class ResultsQuery(BaseModel):
+    """Query of ``GET /v1/jobs/{job_id}/results``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["json", "jsonl", "csv"] = "json"
+    offset: int = Field(0, ge=0, le=MAX_EXPECTED)
+    limit: int | None = Field(None, ge=1, le=MAX_EXPECTED)
+
+
+class SubmitQuery(BaseModel):
+    """Query of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seal: bool = Field(True, description="false: open a job for an upload in parts with this first part")
+    filename: str | None = Field(None, min_length=1, max_length=1024, description="name of a raw image body")
+
+
+class AddFilesQuery(BaseModel):
+    """Query of ``POST /v1/jobs/{job_id}/files``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str | None = Field(
+        None, min_length=1, max_length=1024, description="relative path of a raw image body (required then)"
+    )
+
+
+class ClassifyQuery(BaseModel):
+    """Query of ``POST /v1/classify``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float = Field(30.0, ge=0, le=3600, description="seconds to wait (capped by SYNC_TIMEOUT_S)")
+    filename: str | None = Field(None, min_length=1, max_length=1024, description="name of a raw image body")
+
+
+class NoQuery(BaseModel):
+    """Routes that take no query parameters refuse unknown ones."""
+
+    model_config = ConfigDict(extra="forbid")

@@ -1,0 +1,130 @@
+"""Fixtures that start real things: redis-servers, the demo model, worker and API processes.
+
+Nothing is mocked: the suite starts what it needs on free ports and stops it afterwards.
+
+Two Redis servers: ``redis_server`` is the one the session's stack (API + worker) uses;
+``scratch_redis`` is a private one, flushed before each test, for the in-process tests of the
+store, the chunk processor and the recovery sweeper (no worker reads it, so its global keys,
+the pending counter, the chunk ledger, the sweep lock, are the test's alone).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from batchvision.cli.local import stack as local_stack
+from batchvision.cli.local import wait_for_workers
+from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.runner import Supervisor
+from batchvision.core.settings import Settings
+from batchvision.server.store import JobStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Before anything imports TensorFlow (test_model imports it at collection) or starts a worker.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where worker logs and reports go (``tests/artifacts/``, ignored by git)."""
+    path = ROOT / "tests" / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def redis_client(redis_server: RedisServer) -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def scratch_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def scratch_redis(scratch_server: RedisServer) -> Iterator[redis_lib.Redis]:
+    """A client of the private Redis, emptied before the test."""
+    client = redis_lib.Redis.from_url(scratch_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def store(scratch_redis: redis_lib.Redis) -> JobStore:
+    """A job store on the private Redis: results kept 600 s, open uploads 300 s."""
+    return JobStore(scratch_redis, result_ttl_s=600, blob_ttl_s=300)
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model `make test` built (models/demo.keras), or one trained now."""
+    built = ROOT / "models" / "demo.keras"
+    if built.exists():
+        return built
+    out = tmp_path_factory.mktemp("model") / "demo.keras"
+    subprocess.run([sys.executable, "-m", "batchvision.cli", "demo-model", "--out", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: RedisServer, demo_model: Path) -> Settings:
+    return Settings.from_env(
+        {},
+        redis_url=redis_server.url,
+        model=str(demo_model),
+        api_port=free_port(),
+        worker_metrics_port=free_port(),
+        flower_port=free_port(),
+        flower_user="admin",
+        flower_password="s3cret-test",
+        chunk_size=8,
+        max_image_pixels=4_000_000,
+    )
+
+
+@pytest.fixture(scope="session")
+def wait_worker() -> Callable[[Settings], None]:
+    """``wait_worker(settings)``: block until a worker of ``settings``' broker answers a ping
+    (its model is loaded)."""
+
+    def wait(settings: Settings, timeout: float = 120.0) -> None:
+        wait_for_workers(settings, timeout=timeout)
+
+    return wait
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings, wait_worker: Callable[[Settings], None]) -> Iterator[Supervisor]:
+    """The API and one worker, as `batchvision up` and compose run them, serving."""
+    sup = Supervisor([s for s in local_stack(settings, None) if s.name in ("api", "worker")])
+    sup.start()
+    try:
+        sup.wait_healthy(timeout=120)
+        wait_worker(settings)
+        yield sup
+    finally:
+        sup.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(stack: Supervisor, settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.api_port}"

@@ -1,0 +1,298 @@
+"""The running API against its own contract: schemathesis with every check, and a table of bad
+inputs across the routes, each refused with a clear 4xx that names what is wrong."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from batchvision.core.synthetic import labelled_files
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).resolve().parent
+JPEG = next(iter(labelled_files(1, seed=3)))[1]
+UNKNOWN = "0123456789abcdef0123456789abcdef"
+
+
+def _zip(name: str, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _open_job(api: str) -> str:
+    return str(requests.post(f"{api}/v1/jobs", json={"expected": 1}, timeout=10).json()["job_id"])
+
+
+def _sealed_job(api: str) -> str:
+    job = _open_job(api)
+    requests.post(f"{api}/v1/jobs/{job}/seal", timeout=10)
+    return job
+
+
+# (name, method, path, kwargs, status, error code, text the message must contain)
+CASES: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
+    ("negative expected", "POST", "/v1/jobs", {"json": {"expected": -5}}, 400, "bad_body", "expected"),
+    ("string expected", "POST", "/v1/jobs", {"json": {"expected": "x"}}, 400, "bad_body", "expected"),
+    ("huge expected", "POST", "/v1/jobs", {"json": {"expected": 1e12}}, 400, "bad_body", "expected"),
+    ("unknown body field", "POST", "/v1/jobs", {"json": {"expected": 1, "exp": 2}}, 400, "bad_body", "exp"),
+    ("JSON array body", "POST", "/v1/jobs", {"json": [1, 2]}, 400, "bad_body", "body"),
+    (
+        "broken JSON",
+        "POST",
+        "/v1/jobs",
+        {"data": b"{", "headers": {"Content-Type": "application/json"}},
+        400,
+        "bad_body",
+        "JSON",
+    ),
+    ("no body at all", "POST", "/v1/jobs", {}, 415, "unsupported_media_type", "Content-Type"),
+    (
+        "text body",
+        "POST",
+        "/v1/jobs",
+        {"data": b"hi", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        "text/plain",
+    ),
+    (
+        "multipart part of another name",
+        "POST",
+        "/v1/jobs",
+        {"files": {"other": ("a.jpg", JPEG)}},
+        400,
+        "bad_body",
+        "other",
+    ),
+    (
+        "multipart text field",
+        "POST",
+        "/v1/jobs",
+        {"data": {"files": "not a file"}, "files": {"files": ("a.jpg", JPEG)}},
+        400,
+        "bad_body",
+        "must be a file",
+    ),
+    (
+        "seal=maybe",
+        "POST",
+        "/v1/jobs?seal=maybe",
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "seal",
+    ),
+    (
+        "unknown query parameter",
+        "POST",
+        "/v1/jobs?sael=false",
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "sael",
+    ),
+    (
+        "empty filename",
+        "POST",
+        "/v1/jobs?filename=",
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "filename",
+    ),
+    (
+        "2000-char filename",
+        "POST",
+        "/v1/jobs?filename=" + "a" * 2000,
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "filename",
+    ),
+    (
+        "Idempotency-Key with a space",
+        "POST",
+        "/v1/jobs",
+        {"json": {}, "headers": {"Idempotency-Key": "a b"}},
+        400,
+        "bad_header",
+        "Idempotency-Key",
+    ),
+    (
+        "300-char Idempotency-Key",
+        "POST",
+        "/v1/jobs",
+        {"json": {}, "headers": {"Idempotency-Key": "k" * 300}},
+        400,
+        "bad_header",
+        "Idempotency-Key",
+    ),
+    (
+        "not an image",
+        "POST",
+        "/v1/jobs",
+        {"data": b"GIF89", "headers": {"Content-Type": "image/gif"}},
+        422,
+        "no_valid_images",
+        "none of the 1 files",
+    ),
+    (
+        "zip with ../",
+        "POST",
+        "/v1/jobs",
+        {"data": _zip("../evil.jpg", JPEG), "headers": {"Content-Type": "application/zip"}},
+        422,
+        "archive_rejected",
+        "..",
+    ),
+    (
+        "two archive parts",
+        "POST",
+        "/v1/jobs",
+        {"files": [("archive", ("a.zip", _zip("a.jpg", JPEG))), ("archive", ("b.zip", _zip("b.jpg", JPEG)))]},
+        400,
+        "too_many_archives",
+        "archive",
+    ),
+    ("malformed job id", "GET", "/v1/jobs/abc", {}, 400, "bad_job_id", "32 lowercase hex"),
+    ("uppercase job id", "GET", "/v1/jobs/" + UNKNOWN.upper(), {}, 400, "bad_job_id", "job id"),
+    ("unknown job", "GET", f"/v1/jobs/{UNKNOWN}", {}, 404, "job_not_found", UNKNOWN),
+    ("status with a query", "GET", f"/v1/jobs/{UNKNOWN}?verbose=1", {}, 400, "bad_parameter", "verbose"),
+    ("format=xml", "GET", f"/v1/jobs/{UNKNOWN}/results?format=xml", {}, 400, "bad_parameter", "format"),
+    ("offset=-1", "GET", f"/v1/jobs/{UNKNOWN}/results?offset=-1", {}, 400, "bad_parameter", "offset"),
+    ("offset=abc", "GET", f"/v1/jobs/{UNKNOWN}/results?offset=abc", {}, 400, "bad_parameter", "offset"),
+    ("limit=0", "GET", f"/v1/jobs/{UNKNOWN}/results?limit=0", {}, 400, "bad_parameter", "limit"),
+    (
+        "offset twice",
+        "GET",
+        f"/v1/jobs/{UNKNOWN}/results?offset=1&offset=2",
+        {},
+        400,
+        "bad_parameter",
+        "more than once",
+    ),
+    (
+        "timeout=-1",
+        "POST",
+        "/v1/classify?timeout=-1",
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "timeout",
+    ),
+    (
+        "timeout=abc",
+        "POST",
+        "/v1/classify?timeout=abc",
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "timeout",
+    ),
+    (
+        "timeout=1e9",
+        "POST",
+        "/v1/classify?timeout=1e9",
+        {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}},
+        400,
+        "bad_parameter",
+        "timeout",
+    ),
+    ("cancel unknown job", "DELETE", f"/v1/jobs/{UNKNOWN}", {}, 404, "job_not_found", UNKNOWN),
+    ("PUT on a job", "PUT", f"/v1/jobs/{UNKNOWN}", {}, 405, "method_not_allowed", "not allowed"),
+    ("unknown route", "GET", "/v1/nothing", {}, 404, "not_found", ""),
+]
+
+
+def _send(api: str, method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+    return requests.request(method, api + path, timeout=30, **kwargs)
+
+
+def _check(resp: requests.Response, status: int, code: str, text: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text[:500]
+    assert resp.headers["Content-Type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert err["code"] == code, err
+    assert text in err["message"] or text in json.dumps(err.get("details")), err
+    return dict(err)
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "path", "kwargs", "status", "code", "text"), CASES, ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_refused_by_name(
+    api_url: str, name: str, method: str, path: str, kwargs: dict[str, Any], status: int, code: str, text: str
+) -> None:
+    _check(_send(api_url, method, path, kwargs), status, code, text)
+
+
+def test_bad_inputs_on_a_real_job(api_url: str) -> None:
+    sealed = _sealed_job(api_url)
+    opened = _open_job(api_url)
+    raw = {"data": JPEG, "headers": {"Content-Type": "image/jpeg"}}
+    _check(_send(api_url, "POST", f"/v1/jobs/{opened}/files", raw), 400, "filename_required", "filename")
+    _check(_send(api_url, "POST", f"/v1/jobs/{sealed}/files?filename=a.jpg", raw), 409, "job_sealed", sealed)
+    _check(_send(api_url, "POST", f"/v1/jobs/{opened}/seal?now=1", {}), 400, "bad_parameter", "now")
+    _check(_send(api_url, "GET", f"/v1/jobs/{opened}/results?limit=-3", {}), 400, "bad_parameter", "limit")
+    # One Idempotency-Key, two different requests: the second is refused, not replayed.
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = _send(api_url, "POST", "/v1/jobs", {"json": {"expected": 1}, "headers": key})
+    assert first.status_code == 202
+    again = _send(api_url, "POST", "/v1/jobs", {"json": {"expected": 1}, "headers": key})
+    assert again.status_code == 200 and again.json()["job_id"] == first.json()["job_id"]
+    _check(
+        _send(api_url, "POST", "/v1/jobs", {"json": {"expected": 2}, "headers": key}),
+        409,
+        "idempotency_key_reused",
+        "different request",
+    )
+    # 405 names the allowed methods (RFC 9110).
+    assert "GET" in _send(api_url, "PUT", f"/v1/jobs/{sealed}", {}).headers["Allow"]
+
+
+@pytest.mark.slow
+def test_schemathesis_every_check_finds_nothing(api_url: str, artifacts: Path) -> None:
+    report = artifacts / "schemathesis.txt"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "--config-file",
+            str(HERE / "schemathesis.toml"),
+            "run",
+            f"{api_url}/openapi.json",
+            # Every check is on by default; schemathesis.toml switches off the two that do not
+            # apply here, each with its reason (no --checks flag: it would override the file).
+            "--max-examples",
+            "100",
+            "--generation-deterministic",
+            "--request-timeout",
+            "30",
+            "--max-failures",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    report.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    cases = re.search(r"(\d+) generated", proc.stdout)
+    assert cases is not None and int(cases.group(1)) >= 1000, proc.stdout[-3000:]
+    links = re.search(r"API Links:\s+(\d+) covered", proc.stdout)
+    assert links is not None and int(links.group(1)) >= 10, proc.stdout[-3000:]  # stateful phase ran
+    for phase in ("Coverage", "Fuzzing", "Stateful"):
+        assert re.search(rf"✅ {phase}", proc.stdout), f"phase {phase} did not pass:\n{proc.stdout[-3000:]}"
+    print(f"schemathesis: {cases.group(0)}, {links.group(0)}; report in {report}")

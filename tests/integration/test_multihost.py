@@ -1,0 +1,416 @@
+"""Several hosts for real: Redis, the API and two workers each in a network namespace of its
+own (:mod:`batchvision.cli.netns`), on a private subnet, started with the compose file's
+commands and environment (services resolve ``redis`` and ``api`` by name); this process is the
+client, in the root namespace. Faults are network faults: a link cut and healed, a host
+removed for good.
+
+Every scenario keeps a job of 640 images in flight through the fault and ends with exactly one
+result per image (none lost, none counted twice, by the job store and by the workers' own
+counters) and a measured recovery time, printed and written to
+``tests/artifacts/multihost/report.json`` (the README's Reliability table comes from it).
+
+Workers run the benchmark's ``sleeping`` stand-in model (a fixed time per batch, no
+TensorFlow compute): the tests are about the network, and the 2-core machine stays free.
+Skipped where namespaces cannot be made (not root, no iproute2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis as redis_lib
+import requests
+
+from batchvision.cli import netns
+from batchvision.cli.netns import Host, HostStack, Network
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import CLASSES, encode, render
+from batchvision.server.connect import SOCKET_TIMEOUT_S
+from batchvision.server.keys import JobKeys
+from batchvision.server.queue import create_celery
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+N = 640  # images per job: 40 chunks of 16
+VISIBILITY_S = 10
+SLEEP_S = 0.25  # per batch of 16: about 64 images/s per worker
+#: The API's longest answer while Redis is unreachable: one Redis reply or connect timeout
+#: per request (the first failing command answers 503), twice for margin.
+API_BOUND_S = 2 * SOCKET_TIMEOUT_S + 2
+
+
+def _images(n: int, seed: int) -> list[tuple[str, bytes]]:
+    """Small JPEGs (64x64): cheap to send and decode, the model does not care."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = CLASSES[i % len(CLASSES)]
+        out.append((f"{label}_{i:04d}.jpg", encode(render(label, (64, 64), rng), "JPEG", quality=80)))
+    return out
+
+
+@dataclass
+class Cluster:
+    net: Network
+    stack: HostStack
+    redis: redis_lib.Redis
+    files: list[tuple[str, bytes]]
+    report: list[dict[str, Any]] = field(default_factory=list)
+    http: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def api(self) -> str:
+        return self.stack.api_url
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def submit(self, n: int = N) -> str:
+        resp = self.http.post(f"{self.api}/v1/jobs", files=[("files", f) for f in self.files[:n]], timeout=60)
+        assert resp.status_code == 202, resp.text
+        return str(resp.json()["job_id"])
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        resp = self.http.get(f"{self.api}/v1/jobs/{job_id}", timeout=30)
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    def wait_finished(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                st = self.status(job_id)
+                if st["status"] not in ("queued", "running"):
+                    return st
+            except requests.RequestException:
+                pass  # 503 while Redis is away: ask again
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} not finished after {timeout:.0f}s: {self.debug(job_id)}")
+            time.sleep(0.1)
+
+    def debug(self, job_id: str) -> dict[str, Any]:
+        r = self.redis
+        s = self.stack.settings
+        return {
+            "status": r.hgetall(JobKeys.of(job_id).job),
+            "results": r.hlen(JobKeys.of(job_id).results),
+            "queue": r.llen(s.queue),
+            "unacked": r.hlen("unacked"),
+            "ledger": r.zcard("bv:chunks"),
+            "now": time.time(),
+        }
+
+    def assert_exactly_once(self, job_id: str, n: int = N, timeout: float = 120.0) -> dict[str, Any]:
+        """The job finished with one stored classification per image; returns its status."""
+        st = self.wait_finished(job_id, timeout)
+        stored = self.redis.hlen(JobKeys.of(job_id).results)
+        assert (st["total"], st["done"], st["failed"], stored) == (n, n, 0, n), (st, stored)
+        resp = self.http.get(f"{self.api}/v1/jobs/{job_id}/results", params={"format": "jsonl"}, timeout=60)
+        rows = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+        assert [r["index"] for r in rows] == list(range(n))
+        assert {r["status"] for r in rows} == {"ok"}, [r.get("error") for r in rows if "error" in r][:3]
+        return st
+
+    def redelivered_chunks(self, job_id: str) -> int:
+        """Chunks of the job delivered more than once (duplicate deliveries absorbed)."""
+        tries = self.redis.hgetall(JobKeys.of(job_id).tries)
+        return sum(1 for k, v in tries.items() if k.startswith(b"chunk:") and int(v) > 1)
+
+    def pending(self) -> int:
+        return int(self.redis.get("bv:pending") or 0)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def classified(self, worker: Host) -> int | None:
+        """Results this worker newly stored (its own counter), or None if unreachable."""
+        try:
+            text = requests.get(self.stack.metrics_url(worker), timeout=2).text
+        except requests.RequestException:
+            return None
+        m = re.search(r'^batchvision_images_classified_total\{outcome="ok"\} (\S+)$', text, re.M)
+        return int(float(m.group(1))) if m else 0
+
+    def wait_classified(self, worker: Host, more_than: int, timeout: float = 60.0) -> float:
+        """Block until ``worker`` stored more than ``more_than`` results; returns when."""
+        deadline = time.monotonic() + timeout
+        while (self.classified(worker) or 0) <= more_than:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{worker.name} stored no more than {more_than} results in {timeout}s")
+            time.sleep(0.05)
+        return time.time()
+
+    def answers_ping(self, worker: Host) -> bool:
+        app = create_celery(self.stack.client_settings())
+        try:
+            replies = app.control.ping(destination=[f"worker@{worker.name}"], timeout=2.0)
+        finally:
+            app.close()
+        return bool(replies)
+
+    def record(self, scenario: str, recovery_s: float, lost: int, duplicated: int, **more: Any) -> None:
+        row = {"scenario": scenario, "recovery_s": round(recovery_s, 1), "lost": lost}
+        row.update(duplicated=duplicated, **more)
+        self.report.append(row)
+        print(f"\n[multihost] {json.dumps(row)}")
+
+
+@pytest.fixture(scope="module")
+def cluster(artifacts: Path) -> Iterator[Cluster]:
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(f"multi-host tests need network namespaces: {reason}")
+    logs = artifacts / "multihost"
+    settings = Settings.from_env(
+        {},
+        model="py:standins:sleeping",  # bench/standins.py, on PYTHONPATH below
+        visibility_timeout_s=VISIBILITY_S,
+        task_time_limit_s=VISIBILITY_S - 2,
+        chunk_size=16,
+        max_batch_size=16,
+        result_ttl_s=900,
+    )
+    env = {"PYTHONPATH": str(ROOT / "bench"), "BATCHVISION_BENCH_SLEEP_S": str(SLEEP_S)}
+    with Network() as net:
+        stack = HostStack(net, settings, logs, env)
+        try:
+            stack.start_redis()
+            stack.start_api()
+            client = redis_lib.Redis.from_url(stack.redis_url, socket_timeout=10)
+            c = Cluster(net, stack, client, _images(N, seed=17))
+            c.http.headers.update(stack.headers)
+            yield c
+        finally:
+            stack.close()
+    (logs / "report.json").write_text(json.dumps(c.report, indent=2))
+    print("\n[multihost] scenario | recovery s | lost | duplicated")
+    for row in c.report:
+        print(f"[multihost] {row['scenario']} | {row['recovery_s']} | {row['lost']} | {row['duplicated']}")
+
+
+@pytest.fixture()
+def two_workers(cluster: Cluster) -> Iterator[tuple[Host, Host]]:
+    """Two fresh worker hosts, serving; removed (with whatever the test left) afterwards."""
+    w1 = cluster.stack.add_worker("worker-a")
+    w2 = cluster.stack.add_worker("worker-b")
+    cluster.stack.wait_workers(2)
+    yield w1, w2
+    for w in (w1, w2):
+        if w.is_cut and w.name in cluster.stack.workers:
+            cluster.net.heal(w)
+    cluster.stack.stop_workers()
+
+
+def _mid_batch(cluster: Cluster, job_id: str, worker: Host, before: int) -> None:
+    """Return once ``worker`` stored some of the job and the job is far from done."""
+    cluster.wait_classified(worker, before + 16)
+    done = cluster.status(job_id)["done"]
+    assert done < N // 2, f"the job is nearly done before the fault ({done}/{N}): not mid-batch"
+
+
+def test_worker_link_cut_5s_then_past_visibility_timeout(
+    cluster: Cluster, two_workers: tuple[Host, Host]
+) -> None:
+    cut, steady = two_workers
+    net = cluster.net
+    start_total = {w.name: cluster.classified(w) or 0 for w in two_workers}
+
+    # 1. Cut for 5 s, shorter than the visibility timeout: the worker keeps its messages and
+    #    carries on by itself when the link returns.
+    job_a = cluster.submit()
+    _mid_batch(cluster, job_a, cut, start_total[cut.name])
+    net.cut(cut)
+    time.sleep(5)
+    before = cluster.classified(cut)
+    assert before is None  # really unreachable
+    healed = time.time()
+    net.heal(cut)
+    held = cluster.classified(cut)
+    resumed = cluster.wait_classified(cut, held or 0) - healed
+    st = cluster.assert_exactly_once(job_a)
+    cluster.record(
+        "worker link cut 5 s mid-batch",
+        st["finished_at"] - healed,
+        lost=0,
+        duplicated=0,
+        worker_resumed_s=round(resumed, 1),
+        redelivered_chunks=cluster.redelivered_chunks(job_a),
+    )
+
+    # 2. Cut for longer than the visibility timeout: the other worker restores the cut one's
+    #    unacknowledged messages and finishes them; the cut worker comes back by itself.
+    long_cut = VISIBILITY_S + 6
+    job_b = cluster.submit()
+    _mid_batch(cluster, job_b, cut, cluster.classified(cut) or 0)
+    t_cut = time.time()
+    net.cut(cut)
+    time.sleep(long_cut)
+    healed = time.time()
+    done_at_heal = cluster.status(job_b)["done"]
+    net.heal(cut)
+    st_b = cluster.assert_exactly_once(job_b)
+    reconnect = _wait(lambda: cluster.answers_ping(cut), 60, "the cut worker answers a ping") - healed
+    # ... and takes work again: the next job is shared by both workers.
+    seen = cluster.classified(cut) or 0
+    job_c = cluster.submit()
+    cluster.wait_classified(cut, seen)
+    cluster.assert_exactly_once(job_c)
+    cluster.record(
+        f"worker link cut {long_cut} s (visibility timeout {VISIBILITY_S} s) mid-batch",
+        st_b["finished_at"] - t_cut,
+        lost=0,
+        duplicated=0,
+        job_done_after_heal_s=round(st_b["finished_at"] - healed, 1),
+        done_at_heal=done_at_heal,
+        worker_reconnected_after_heal_s=round(reconnect, 1),
+        redelivered_chunks=cluster.redelivered_chunks(job_b),
+    )
+
+    # Each worker counts the results its store call reported as newly stored: never more than
+    # one per image across both. (Fewer when a reply was lost in a cut: stored, unreported.)
+    counted = sum((cluster.classified(w) or 0) - start_total[w.name] for w in two_workers)
+    assert counted <= 3 * N, f"workers stored {counted} results for {3 * N} images"
+    print(f"\n[multihost] worker counters: {counted} of {3 * N} (replies lost in cuts: {3 * N - counted})")
+    assert cluster.pending() == 0
+
+
+def _wait(condition: Callable[[], bool], timeout: float, message: str) -> float:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {message}")
+        time.sleep(0.2)
+    return time.time()
+
+
+@dataclass
+class Probe:
+    kind: str
+    started: float
+    took: float
+    code: int  # 0: no HTTP answer (timeout, connection error)
+    retry_after: str | None
+    error: str = ""
+
+
+def _probe_loop(cluster: Cluster, kind: str, job_id: str, stop: threading.Event, out: list[Probe]) -> None:
+    """One client, asking again every 0.5 s: submit, poll, readiness or liveness."""
+    small = cluster.files[:3]
+    while not stop.is_set():
+        t0 = time.time()
+        try:
+            if kind == "submit":
+                parts = [("files", f) for f in small]
+                r = cluster.http.post(f"{cluster.api}/v1/jobs", files=parts, timeout=30)
+            elif kind == "poll":
+                r = cluster.http.get(f"{cluster.api}/v1/jobs/{job_id}", timeout=30)
+            else:
+                r = cluster.http.get(f"{cluster.api}/{kind}", timeout=30)
+            error = r.json().get("job_id", "") if r.status_code == 202 else ""
+            out.append(Probe(kind, t0, time.time() - t0, r.status_code, r.headers.get("Retry-After"), error))
+        except requests.RequestException as exc:
+            out.append(Probe(kind, t0, time.time() - t0, 0, None, repr(exc)))
+        stop.wait(0.5)
+
+
+def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
+    cluster: Cluster, two_workers: tuple[Host, Host]
+) -> None:
+    net = cluster.net
+    redis_host = cluster.stack.redis
+    assert redis_host is not None
+    job = cluster.submit()
+    _mid_batch(cluster, job, two_workers[0], cluster.classified(two_workers[0]) or 0)
+
+    probes: list[Probe] = []
+    stop = threading.Event()
+    kinds = ("submit", "poll", "readyz", "healthz")
+    threads = [
+        threading.Thread(target=_probe_loop, args=(cluster, k, job, stop, probes), daemon=True) for k in kinds
+    ]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        t_cut = time.time()
+        net.cut(redis_host)  # cut off from everything: API, workers and this client
+        time.sleep(20)
+        t_heal = time.time()
+        net.heal(redis_host)
+        ready_at = _wait(
+            lambda: any(p.kind == "readyz" and p.code == 200 and p.started >= t_heal for p in probes),
+            60,
+            "/readyz answers 200 again",
+        )
+        _wait(
+            lambda: any(p.kind == "submit" and p.code == 202 and p.started >= t_heal for p in probes),
+            60,
+            "a submission is accepted again",
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+    # Never a 500, never a hang: every request got an HTTP answer within the bound.
+    odd = [p for p in probes if p.code not in (200, 202, 503)]
+    assert not odd, odd
+    slowest = max(probes, key=lambda p: p.took)
+    assert slowest.took <= API_BOUND_S, slowest
+    # While Redis was away: 503 with Retry-After from everything that needs Redis, and liveness.
+    during = [p for p in probes if p.started >= t_cut and p.started + p.took < t_heal]
+    for kind in ("submit", "poll", "readyz"):
+        answers = [p for p in during if p.kind == kind]
+        assert answers, f"no {kind} request ran during the cut"
+        assert all(p.code == 503 and p.retry_after for p in answers), answers
+    assert all(p.code == 200 for p in during if p.kind == "healthz")
+
+    # Everything resumes: the big job and every accepted submission, each exactly once.
+    st = cluster.assert_exactly_once(job, timeout=120)
+    accepted = [p.error for p in probes if p.code == 202]
+    for job_id in accepted:
+        cluster.assert_exactly_once(job_id, n=3, timeout=120)
+    _wait(lambda: cluster.pending() == 0, 90, "no image left pending")
+    cluster.record(
+        "Redis host cut off from everything for 20 s mid-batch",
+        st["finished_at"] - t_heal,
+        lost=0,
+        duplicated=0,
+        ready_after_heal_s=round(ready_at - t_heal, 1),
+        answers_503_during_cut=sum(1 for p in during if p.code == 503),
+        slowest_answer_s=round(slowest.took, 1),
+        submissions_accepted=len(accepted),
+        redelivered_chunks=cluster.redelivered_chunks(job),
+    )
+
+
+def test_worker_host_removed_for_good_the_other_finishes(
+    cluster: Cluster, two_workers: tuple[Host, Host]
+) -> None:
+    gone, survivor = two_workers
+    job = cluster.submit()
+    _mid_batch(cluster, job, gone, cluster.classified(gone) or 0)
+    t_gone = time.time()
+    # The host disappears without a goodbye: its link goes first (no FIN or RST reaches
+    # Redis), then its processes (SIGKILL) and its namespace.
+    cluster.net.cut(gone)
+    cluster.stack.remove_worker(gone)
+    assert gone.netns not in netns.namespaces()
+    st = cluster.assert_exactly_once(job, timeout=150)
+    _wait(lambda: cluster.pending() == 0, 90, "no image left pending")
+    assert cluster.answers_ping(survivor)
+    cluster.record(
+        "one of two worker hosts removed for good (namespace deleted) mid-batch",
+        st["finished_at"] - t_gone,
+        lost=0,
+        duplicated=0,
+        redelivered_chunks=cluster.redelivered_chunks(job),
+    )

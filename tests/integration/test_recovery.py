@@ -1,0 +1,115 @@
+"""The chunk ledger's sweeper (``batchvision.server.recovery.sweep``) in-process, against a real,
+private redis-server: lost chunks are re-sent once, finished ones dropped, nothing is re-sent
+while a queue still holds messages, and one sweep runs at a time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis as redis_lib
+
+from batchvision.server import keys
+from batchvision.server.recovery import chunk_member, ledger_add, parse_member, sweep
+from batchvision.server.store import JobStore
+
+QUEUES = ("bq", "bq.interactive")
+OLD = 600.0  # seconds: older than the sweep's cutoff below
+CUTOFF = 60.0
+
+
+def _ledger(r: redis_lib.Redis, job_id: str, indexes: list[int], age_s: float) -> None:
+    pipe = r.pipeline()
+    ledger_add(pipe, [(job_id, indexes)], time.time() - age_s)
+    pipe.execute()
+
+
+def _job(store: JobStore, job_id: str, n: int) -> None:
+    store.create(job_id, model="m")
+    store.add_files(job_id, [(f"{i}.jpg", f"{i}.jpg") for i in range(n)])
+    store.seal(job_id)
+
+
+@pytest.fixture()
+def resends() -> list[tuple[str, list[int]]]:
+    return []
+
+
+def _sweep(store: JobStore, resends: list[tuple[str, list[int]]]) -> int:
+    return sweep(store, QUEUES, CUTOFF, lambda job, ix: resends.append((job, ix)))
+
+
+def test_ledger_members_round_trip() -> None:
+    assert parse_member(chunk_member("abc123", [8, 9, 15])) == ("abc123", [8, 9, 15])
+
+
+def test_an_old_chunk_with_unresolved_images_is_resent_once(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    _job(store, "j", 6)
+    store.record("j", [(0, {"error": {"code": "x", "message": "y"}})])
+    _ledger(scratch_redis, "j", [0, 1, 2], age_s=OLD)  # partly done: a worker died in it
+    _ledger(scratch_redis, "j", [3, 4, 5], age_s=1.0)  # young: may still be on its way
+    assert _sweep(store, resends) == 1
+    assert resends == [("j", [0, 1, 2])]  # the whole chunk; the worker skips what is done
+    # Its age restarts: the next sweep leaves it to the re-sent message.
+    score = scratch_redis.zscore(keys.CHUNKS, chunk_member("j", [0, 1, 2]))
+    assert score is not None and time.time() - score < CUTOFF
+    assert _sweep(store, resends) == 0 and len(resends) == 1
+    assert not scratch_redis.exists(keys.SWEEP_LOCK)  # released for the next sweeper
+
+
+def test_a_chunk_whose_images_are_resolved_is_dropped(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    _job(store, "j", 2)
+    store.record("j", [(0, {"label": "a"}), (1, {"label": "b"})])
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+    _ledger(scratch_redis, "vanished", [0, 1], age_s=OLD)  # its job expired
+    assert _sweep(store, resends) == 0
+    assert resends == []
+    assert scratch_redis.zcard(keys.CHUNKS) == 0
+
+
+@pytest.mark.parametrize("queue", QUEUES)
+def test_nothing_is_resent_while_a_queue_holds_messages(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]], queue: str
+) -> None:
+    _job(store, "j", 2)
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+    scratch_redis.rpush(queue, "a message that may carry the chunk")
+    assert _sweep(store, resends) == 0
+    assert resends == []
+    assert scratch_redis.zscore(keys.CHUNKS, chunk_member("j", [0, 1])) is not None  # kept, not dropped
+    scratch_redis.delete(queue)
+    assert _sweep(store, resends) == 1  # the same sweep, once the backlog is gone
+
+
+def test_one_sweep_at_a_time(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    _job(store, "j", 4)
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+    _ledger(scratch_redis, "j", [2, 3], age_s=OLD)
+    concurrent: list[int] = []
+
+    def resend(job_id: str, indexes: list[int]) -> None:
+        # Another worker's sweeper runs while this one is mid-sweep: it must back off.
+        concurrent.append(sweep(store, QUEUES, CUTOFF, lambda j, ix: resends.append((j, ix))))
+        resends.append((job_id, indexes))
+
+    assert sweep(store, QUEUES, CUTOFF, resend) == 2
+    assert concurrent == [0, 0]
+    assert sorted(resends) == [("j", [0, 1]), ("j", [2, 3])]  # each once, by the lock holder
+    assert not scratch_redis.exists(keys.SWEEP_LOCK)
+
+
+def test_a_refused_sweep_leaves_the_holders_lock_alone(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    _job(store, "j", 2)
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+    scratch_redis.set(keys.SWEEP_LOCK, "1", ex=60)  # another worker is sweeping
+    assert _sweep(store, resends) == 0
+    assert resends == []
+    assert scratch_redis.exists(keys.SWEEP_LOCK)  # still theirs

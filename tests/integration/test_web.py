@@ -1,0 +1,533 @@
+"""The web page (``GET /``) in a real browser: Debian's Chromium under Playwright, against the
+real stack (API, worker, Redis) of the session.
+
+A folder of generated images in nested folders, plus a text file and a truncated JPEG, goes in
+through the folder picker and through a real directory drop (Chromium's own drag data, sent
+over CDP, so the page's ``webkitGetAsEntry`` walk runs); the tests wait for the job to finish
+and compare what the page shows and downloads with what the API returns. Cancel, the recent
+jobs after a reload, API keys (401 shown, key kept, a 429 retried after ``Retry-After``) and
+phone width are covered too, and the page must never request anything outside its origin.
+
+Screenshots go to ``tests/artifacts/web-*.png`` (a test run never rewrites tracked files; the
+ones in ``docs/`` are copies).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, Request, Route, sync_playwright
+
+from batchvision.cli.redis_server import free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
+from batchvision.server.queue import create_celery
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 204
+FINAL = ("succeeded", "partial", "failed", "canceled")
+KEY = "web-page-key"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=chromium,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield b
+        b.close()
+
+
+def make_folder(root: Path, n: int, seed: int) -> dict[str, str]:
+    """``n`` images spread over nested folders, a text file and a truncated JPEG; returns
+    {relative path: true label} of the images."""
+    labels = {}
+    for i, (name, data, label) in enumerate(labelled_files(n, seed=seed)):
+        rel = Path(f"set{i % 3}") / ("deep/er" if i % 4 == 1 else "deep" if i % 4 == 2 else "") / name
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        labels[rel.as_posix()] = label
+    (root / "notes.txt").write_text("a text file: skipped in the browser, never uploaded\n")
+    _, jpeg, _ = next(labelled_files(1, seed=seed + 1))
+    (root / "set1" / "broken.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return labels
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("web") / "photos"
+    return root, make_folder(root, IMAGES, seed=41)
+
+
+@pytest.fixture(scope="module")
+def keyed_api(stack: Supervisor, settings: Settings) -> Iterator[str]:
+    """A second API process of the same stack with API keys on."""
+    port = free_port()
+    sup = Supervisor(
+        [
+            Service(
+                "api-keyed",
+                cli_argv("api", "--host", "127.0.0.1"),
+                settings.replace(api_port=port, api_keys=KEY).to_env(include_secrets=True),
+                health_url=f"http://127.0.0.1:{port}/healthz",
+            )
+        ]
+    )
+    sup.start()
+    try:
+        sup.wait_healthy(60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        sup.stop()
+
+
+class Watch:
+    """What a page asked for and complained about: every request must stay on the page's
+    origin (or be a blob: thumbnail/download), and nothing may throw."""
+
+    def __init__(self, page: Page, origin: str) -> None:
+        self.origin = origin
+        self.urls: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", self._request)
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        page.on("console", self._console)
+
+    def _request(self, req: Request) -> None:
+        self.urls.append(req.url)
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        if msg.type != "error":
+            return
+        # An API answer the page expects and shows (the key probe's 404, a 401, a 429) is
+        # logged by Chromium as a failed resource of /v1: fine. Anything else is a bug.
+        url = str(msg.location.get("url", ""))
+        if msg.text.startswith("Failed to load resource") and url.startswith(f"{self.origin}/v1/"):
+            return
+        self.errors.append(f"console: {msg.text} ({url})")
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+        outside = [u for u in self.urls if not u.startswith((f"{self.origin}/", "blob:", "data:"))]
+        assert not outside, f"requests outside the origin: {outside[:5]}"
+        assert not [u for u in self.urls if "/static/" not in u and u.endswith((".jpg", ".png"))], (
+            "thumbnails must come from the local files, never from the server"
+        )
+
+
+def open_page(browser: Browser, url: str, **context: Any) -> tuple[BrowserContext, Page, Watch]:
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True, **context)
+    page = ctx.new_page()
+    watch = Watch(page, url)
+    page.goto(f"{url}/")
+    page.wait_for_selector("#dropzone")
+    return ctx, page, watch
+
+
+class Throttle:
+    """Slow the page's uploads down with Chromium's network emulation (-1: full speed)."""
+
+    def __init__(self, page: Page) -> None:
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.send("Network.enable")
+
+    def upload(self, bytes_per_s: float) -> None:
+        self.cdp.send(
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": bytes_per_s},
+        )
+
+
+def wait_finished(page: Page, timeout_ms: int = 90_000) -> str:
+    """Wait until the job on screen is final and every result row is loaded; its status."""
+    page.wait_for_function(
+        """(final) => {
+          const job = document.getElementById('job');
+          const bar = document.getElementById('classify-bar');
+          const table = document.getElementById('results-table');
+          return final.includes(job.dataset.status) && table.dataset.loaded === bar.getAttribute('aria-valuemax')
+            && document.getElementById('job-status').dataset.status === job.dataset.status;
+        }""",
+        arg=list(FINAL),
+        timeout=timeout_ms,
+    )
+    return str(page.get_attribute("#job", "data-status"))
+
+
+def table_rows(page: Page) -> dict[str, dict[str, str]]:
+    """Every row of the virtual table, by file name, read from the DOM while scrolling through."""
+    rows: dict[str, dict[str, str]] = page.evaluate(
+        """async () => {
+          const sc = document.getElementById('scroller');
+          const frame = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+          const seen = {};
+          sc.scrollTop = 0;
+          for (;;) {
+            await frame();
+            for (const tr of document.querySelectorAll('#rows tr[data-index]')) {
+              const text = (cls) => tr.querySelector(cls).textContent;
+              const img = tr.querySelector('td.c-thumb img');
+              seen[text('.fname')] = {
+                index: tr.dataset.index, status: tr.dataset.status, label: text('td.c-label'),
+                score: text('td.c-score'), error: text('td.c-error'), thumb: img ? img.src : '',
+              };
+            }
+            if (sc.scrollTop + sc.clientHeight >= sc.scrollHeight - 1) break;
+            sc.scrollTop += sc.clientHeight / 2;
+          }
+          sc.scrollTop = 0;
+          return seen;
+        }"""
+    )
+    return rows
+
+
+def api_results(url: str, job_id: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    resp = requests.get(f"{url}/v1/jobs/{job_id}/results?format=json", headers=headers or {}, timeout=30)
+    resp.raise_for_status()
+    results: list[dict[str, Any]] = resp.json()["results"]
+    return results
+
+
+def shown_count(page: Page) -> int:
+    return int(page.get_attribute("#results-table", "data-rows") or -1)
+
+
+def download(page: Page, button: str) -> str:
+    with page.expect_download() as info:
+        page.click(button)
+    return Path(info.value.path()).read_text()
+
+
+def drop_folder(page: Page, folder: Path) -> None:
+    """Drag ``folder`` from the 'desktop' onto the drop zone: Chromium's own drag data with a
+    real path, so ``DataTransferItem.webkitGetAsEntry()`` gives a directory entry."""
+    cdp = page.context.new_cdp_session(page)
+    box = page.locator("#dropzone").bounding_box()
+    assert box is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    data = {"items": [], "files": [str(folder)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_page_and_its_files_are_served_without_external_urls(api_url: str) -> None:
+    page = requests.get(f"{api_url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+    static = Path(__file__).resolve().parents[2] / "api" / "static"
+    files = sorted(p for p in static.rglob("*") if p.is_file())
+    assert {"index.html", "app.css", "main.js", "table.js", "upload.js", "scan.js"} <= {p.name for p in files}
+    types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
+    for path in files:
+        rel = path.relative_to(static).as_posix()
+        resp = requests.get(f"{api_url}/static/{rel}", timeout=10)
+        assert resp.status_code == 200, rel
+        assert resp.headers["Content-Type"].split(";")[0] in (types[path.suffix], "application/javascript"), rel
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        text = resp.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, rel
+
+
+def test_folder_is_uploaded_classified_browsed_and_downloaded(
+    browser: Browser, api_url: str, folder: tuple[Path, dict[str, str]], artifacts: Path
+) -> None:
+    root, truth = folder
+    ctx, page, watch = open_page(browser, api_url)
+    # Slow uploads down (about 2.5 MB here at 1 MB/s) so the screenshot catches them moving.
+    throttle = Throttle(page)
+    throttle.upload(1_000_000)
+    page.set_input_files("#folder-input", str(root))
+    page.wait_for_function(
+        """() => {
+          const bar = document.getElementById('upload-bar');
+          const now = +bar.getAttribute('aria-valuenow'), max = +bar.getAttribute('aria-valuemax');
+          return max > 0 && now >= 64 && now < max;
+        }""",
+        timeout=30_000,
+    )
+    assert page.get_attribute("#job-status", "data-status") == "uploading"
+    page.screenshot(path=str(artifacts / "web-upload.png"))
+    throttle.upload(-1)
+
+    assert wait_finished(page) == "partial"  # the truncated JPEG fails, the rest is classified
+    job_id = page.inner_text("#job-id")
+    api = api_results(api_url, job_id)
+    # One row per image: the 204 images and the truncated JPEG (it starts like a JPEG, so the
+    # page sends it and the API reports it); the text file never left the browser.
+    assert sorted(r["filename"] for r in api) == sorted([*truth, "set1/broken.jpg"])
+    assert page.get_attribute("#upload-bar", "aria-valuenow") == str(IMAGES + 1)
+    assert page.get_attribute("#classify-bar", "aria-valuenow") == str(IMAGES + 1)
+    skipped = page.locator("#skipped-list li")
+    assert skipped.count() == 1
+    assert skipped.first.get_attribute("data-filename") == "notes.txt"
+    assert "notes.txt — skipped: not an image" in skipped.first.inner_text()
+
+    rows = table_rows(page)
+    assert len(rows) == len(api) == IMAGES + 1
+    for r in api:
+        shown = rows[r["filename"]]
+        assert shown["index"] == str(r["index"])
+        assert shown["thumb"].startswith("blob:"), "thumbnail from the local file"
+        if r["status"] == "ok":
+            assert (shown["label"], shown["score"], shown["error"]) == (r["label"], f"{r['score']:.3f}", "")
+        else:
+            assert shown["status"] == "error" and shown["label"] == ""
+            assert shown["error"] == f"{r['error']['code']}: {r['error']['message']}"
+    broken = rows["set1/broken.jpg"]
+    assert broken["error"].startswith("truncated: ")
+    correct = sum(rows[name]["label"] == label for name, label in truth.items())
+    assert correct >= 0.9 * IMAGES  # the demo model, for a sanity check of the labels' order
+
+    # Filters: label, errors, score below a threshold, file name; the counts are the API's.
+    page.select_option("#f-label", "circle")
+    assert shown_count(page) == sum(r.get("label") == "circle" for r in api)
+    page.select_option("#f-label", "")
+    page.select_option("#f-status", "error")
+    assert shown_count(page) == 1
+    assert table_rows(page).keys() == {"set1/broken.jpg"}
+    page.select_option("#f-status", "")
+    page.fill("#f-below", "0.99")
+    below = [r for r in api if r["status"] == "ok" and r["score"] < 0.99]
+    assert shown_count(page) == len(below)
+    page.fill("#f-below", "")
+    page.fill("#f-text", "deep/er/")
+    page.wait_for_function("() => document.getElementById('results-table').dataset.rows !== '205'")
+    assert shown_count(page) == sum("deep/er/" in r["filename"] for r in api)
+    page.fill("#f-text", "")
+    page.wait_for_function("() => document.getElementById('results-table').dataset.rows === '205'")
+
+    # Sort by score both ways (by header buttons, as a keyboard user would: focus + Enter).
+    page.focus("th button[data-sort='score']")
+    page.keyboard.press("Enter")
+    scores = sorted(r["score"] for r in api if r["status"] == "ok")
+    assert page.get_attribute("th:has(button[data-sort='score'])", "aria-sort") == "ascending"
+    assert page.inner_text("#rows tr[data-index] td.c-score >> nth=0") == f"{scores[0]:.3f}"
+    page.keyboard.press("Enter")
+    assert page.get_attribute("th:has(button[data-sort='score'])", "aria-sort") == "descending"
+    assert page.inner_text("#rows tr[data-index] td.c-score >> nth=0") == f"{scores[-1]:.3f}"
+
+    # Top-k on demand, in a dialog that Escape closes.
+    first = page.locator("#rows tr[data-index]").first
+    index = int(first.get_attribute("data-index") or -1)
+    first.locator("button.topk-btn").click()
+    assert page.locator("#topk-dialog").is_visible()
+    assert page.locator("#topk-list li").count() == len(api[index]["top_k"])
+    assert page.inner_text("#topk-file") == api[index]["filename"]
+    page.keyboard.press("Escape")
+    assert not page.locator("#topk-dialog").is_visible()
+
+    # Downloads are the API's own exports, byte for byte.
+    csv = requests.get(f"{api_url}/v1/jobs/{job_id}/results?format=csv", timeout=30).text
+    assert download(page, "#download-csv") == csv
+    jsonl = requests.get(f"{api_url}/v1/jobs/{job_id}/results?format=jsonl", timeout=30).text
+    assert download(page, "#download-jsonl") == jsonl
+
+    page.click("th button[data-sort='error']")  # errors first, for the screenshot
+    page.evaluate("() => document.getElementById('results').scrollIntoView()")
+    page.screenshot(path=str(artifacts / "web-results.png"))
+    page.click("th button[data-sort='index']")
+
+    # Phone width: the page reflows to one column; only the table scrolls sideways.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    page.evaluate("() => window.scrollTo(0, document.getElementById('results').offsetTop - 8)")
+    page.screenshot(path=str(artifacts / "web-phone.png"))
+    phone_rows = table_rows(page)  # the same rows, with two-line file cells
+    assert len(phone_rows) == IMAGES + 1
+    broken_sub = page.evaluate(
+        "() => [...document.querySelectorAll('#rows td.c-file')].map((td) => td.innerText)"
+        ".find((t) => t.includes('broken.jpg'))"
+    )
+    assert broken_sub is None or "truncated: " in broken_sub  # error under the name when in view
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    # The recent jobs survive a reload; reopening one shows its status and results (no
+    # thumbnails: the files stayed in the page that was closed).
+    page.goto(f"{api_url}/")
+    item = page.locator(f"#recent li[data-job='{job_id}']")
+    assert "partial" in item.inner_text() and "205 images" in item.inner_text()
+    assert page.locator("#job").is_hidden()
+    item.locator("a").click()
+    assert wait_finished(page) == "partial"
+    assert page.inner_text("#job-id") == job_id
+    assert page.get_attribute("#results-table", "data-loaded") == str(IMAGES + 1)
+    assert page.locator("#rows img").count() == 0
+    assert "Classified 204 of 205 · 1 failed" in page.inner_text("#classify-text")
+    assert page.locator("#upload-block").is_hidden()
+    assert page.url.endswith(f"#job={job_id}")
+    watch.check()
+    ctx.close()
+
+
+def test_cancel_stops_a_job_mid_upload(
+    browser: Browser, api_url: str, settings: Settings, folder: tuple[Path, dict[str, str]]
+) -> None:
+    root, _ = folder
+    # The worker stops taking bulk work, so the images sent so far are still waiting when the
+    # page cancels (a cancel after every sent image has its result leaves the job "partial").
+    control = create_celery(settings).control
+    control.cancel_consumer(settings.queue, reply=True)
+    try:
+        ctx, page, watch = open_page(browser, api_url)
+        Throttle(page).upload(300_000)  # the upload would take about 9 s
+        page.set_input_files("#folder-input", str(root))
+        page.wait_for_function(
+            "() => +document.getElementById('upload-bar').getAttribute('aria-valuenow') >= 64", timeout=30_000
+        )
+        job_id = page.inner_text("#job-id")
+        page.click("#cancel-job")
+        assert wait_finished(page) == "canceled"
+    finally:
+        control.add_consumer(settings.queue, reply=True)
+    job = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
+    assert job["status"] == "canceled" and job["canceled"] > 0
+    assert job["total"] < IMAGES + 1  # the rest of the folder was never sent
+    assert "Upload canceled" in page.inner_text("#upload-text")
+    assert f"{job['canceled']} canceled" in page.inner_text("#classify-text")
+    assert page.is_disabled("#cancel-job")
+    rows = table_rows(page)
+    assert len(rows) == job["total"]
+    assert sum(r["error"].startswith("canceled: ") for r in rows.values()) == job["canceled"]
+    # Nothing arrives after the cancel: the job is sealed.
+    time.sleep(1.0)
+    assert requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()["total"] == job["total"]
+    assert "canceled" in page.inner_text(f"#recent li[data-job='{job_id}']")
+    watch.check()
+    ctx.close()
+
+
+def test_a_dropped_directory_keeps_its_relative_paths(
+    browser: Browser, api_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "dropped"
+    truth = make_folder(root, 12, seed=43)
+    ctx, page, watch = open_page(browser, api_url)
+    drop_folder(page, root)
+    assert wait_finished(page) == "partial"
+    job_id = page.inner_text("#job-id")
+    names = sorted(r["filename"] for r in api_results(api_url, job_id))
+    # Relative to the dropped folder, sub-folders kept, as `batchvision submit dropped/` sends them.
+    assert names == sorted([*truth, "set1/broken.jpg"])
+    assert any(n.startswith("set1/deep/er/") for n in names)
+    assert page.get_attribute("#skipped-list li", "data-filename") == "notes.txt"
+    assert len(table_rows(page)) == 13
+    watch.check()
+    ctx.close()
+
+
+def test_api_keys_401_shown_key_kept_and_429_retried(
+    browser: Browser, keyed_api: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "keyed"
+    truth = make_folder(root, 12, seed=47)
+    (root / "set1" / "broken.jpg").unlink()
+    ctx, page, watch = open_page(browser, keyed_api)
+    # The API wants a key: the page asks for one.
+    page.wait_for_selector("#key-section:not([hidden])")
+    assert "requires a key" in page.inner_text("#key-help")
+    assert page.locator("#key-input").get_attribute("type") == "password"
+
+    # Without a key: the 401 is shown, no job is made.
+    page.set_input_files("#folder-input", str(root))
+    page.wait_for_selector("#alert:not([hidden])")
+    assert "401 unauthorized" in page.inner_text("#alert")
+    assert page.locator("#job").is_hidden()
+    # A wrong key: 401 again, with the API's reason.
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-form button[type='submit']")
+    page.wait_for_function("() => document.getElementById('alert').textContent.includes('invalid_api_key')")
+
+    page.fill("#key-input", KEY)
+    page.click("#key-form button[type='submit']")
+    page.wait_for_selector("#alert", state="hidden")
+
+    # The first part is answered 429 with Retry-After: 2 (as the rate limiter answers): the
+    # page says so and sends it again after two seconds.
+    answered: list[float] = []
+
+    def first_part_limited(route: Route) -> None:
+        if not answered:
+            answered.append(time.monotonic())
+            body = {"error": {"code": "rate_limited", "message": "rate limit of 25 requests per minute"}}
+            route.fulfill(
+                status=429, headers={"Retry-After": "2"}, content_type="application/json", body=json.dumps(body)
+            )
+        else:
+            answered.append(time.monotonic())
+            route.continue_()
+
+    page.route("**/v1/jobs/*/files", first_part_limited)
+    page.set_input_files("#folder-input", str(root))
+    page.wait_for_selector("#notice:not([hidden])")
+    text = page.inner_text("#notice")
+    assert "Too many requests" in text and "429 rate_limited" in text and "Retrying in" in text
+    assert wait_finished(page) == "succeeded"
+    assert len(answered) == 2 and answered[1] - answered[0] >= 1.9
+    assert page.locator("#notice").is_hidden()
+    job_id = page.inner_text("#job-id")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    api = api_results(keyed_api, job_id, headers)
+    assert sorted(r["filename"] for r in api) == sorted(truth)
+    assert len(table_rows(page)) == 12
+    csv = requests.get(f"{keyed_api}/v1/jobs/{job_id}/results?format=csv", headers=headers, timeout=30).text
+    assert download(page, "#download-csv") == csv
+
+    # The key is kept in the browser: after a reload the job reopens with it.
+    page.unroute("**/v1/jobs/*/files")
+    page.goto(f"{keyed_api}/")
+    page.wait_for_selector("#key-section:not([hidden])")
+    assert page.input_value("#key-input") == KEY
+    page.click(f"#recent li[data-job='{job_id}'] a")
+    assert wait_finished(page) == "succeeded"
+    assert page.get_attribute("#results-table", "data-loaded") == "12"
+    assert page.locator("#alert").is_hidden()
+    watch.check()
+    ctx.close()
+
+
+def test_controls_are_labelled_and_reachable_by_keyboard(browser: Browser, api_url: str) -> None:
+    ctx, page, watch = open_page(browser, api_url)
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, button')].filter((el) => {
+          const name = el.getAttribute('aria-label') || el.getAttribute('aria-labelledby')
+            || (el.labels && el.labels.length) || el.textContent.trim();
+          return !name;
+        }).map((el) => el.outerHTML)"""
+    )
+    assert unlabelled == []
+    bars = page.locator("[role='progressbar']")
+    assert bars.count() == 2
+    for i in range(2):
+        assert bars.nth(i).get_attribute("aria-labelledby")
+    # Tab from the top reaches the folder picker (a real, focusable file input under its label).
+    reached = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("() => document.activeElement.id || document.activeElement.tagName"))
+        if reached[-1] == "folder-input":
+            break
+    assert "folder-input" in reached, reached
+    watch.check()
+    ctx.close()

@@ -1,0 +1,82 @@
+"""Settings are validated when they are built: a bad value names the variable, the value and
+what is allowed; secrets never show in repr or in a child's environment unless asked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from batchvision.core.settings import Settings, SettingsError, unknown_variables
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("BATCHVISION_RESULT_TTL_S", "-5", "greater than or equal to 1"),
+        ("BATCHVISION_MAX_QUEUED_IMAGES", "-1", "greater than or equal to 0"),
+        ("BATCHVISION_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
+        ("BATCHVISION_TOP_K", "many", "valid integer"),
+        ("BATCHVISION_PREPROCESS", "imagenet", "'auto', 'none', 'tf', 'caffe', 'torch' or 'unit'"),
+        ("BATCHVISION_LOG_FORMAT", "xml", "'text' or 'json'"),
+        ("BATCHVISION_REDIS_URL", "http://redis:6379", "redis://, rediss:// or unix://"),
+        ("BATCHVISION_BLOB_URL", "s3://bucket", "file:///directory"),
+        ("BATCHVISION_API_PORT", "70000", "less than or equal to 65535"),
+        ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "less than or equal to 3600"),
+        ("BATCHVISION_QUEUE", "has space", "pattern"),
+        ("BATCHVISION_MAX_COMPRESSION_RATIO", "1", "greater than 1"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_what_is_allowed(variable: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: value})
+    message = str(info.value)
+    assert f"{variable}={value!r}" in message and says in message, message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"BATCHVISION_TOP_K": "0", "BATCHVISION_API_WORKERS": "0"})
+    assert "BATCHVISION_TOP_K" in str(info.value) and "BATCHVISION_API_WORKERS" in str(info.value)
+
+
+def test_overrides_and_replace_are_validated_too() -> None:
+    with pytest.raises(SettingsError, match="BATCHVISION_CHUNK_SIZE"):
+        Settings.from_env({}, chunk_size=0)
+    with pytest.raises(SettingsError, match="BATCHVISION_WORKER_THREADS"):
+        Settings.from_env({}).replace(worker_threads=-1)
+
+
+def test_secrets_are_masked_and_left_out_of_a_childs_environment_unless_asked() -> None:
+    s = Settings.from_env(
+        {"BATCHVISION_API_KEYS": "k-123", "BATCHVISION_FLOWER_PASSWORD": "pw-456"},
+        redis_url="redis://:rpw-789@redis:6379/0",
+    )
+    shown = repr(s) + str(s)
+    assert "k-123" not in shown and "pw-456" not in shown and "rpw-789" not in shown
+    assert s.api_keys.get_secret_value() == "k-123"
+    env = s.to_env()
+    assert "BATCHVISION_API_KEYS" not in env and "BATCHVISION_FLOWER_PASSWORD" not in env
+    full = s.to_env(include_secrets=True)
+    assert full["BATCHVISION_API_KEYS"] == "k-123" and full["BATCHVISION_FLOWER_PASSWORD"] == "pw-456"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"BATCHVISION_API_KEYS": "k-123", "BATCHVISION_TOP_K": "0"})
+    assert "k-123" not in str(info.value)
+
+
+def test_unknown_variables_are_found_and_client_variables_are_known() -> None:
+    env = {"BATCHVISION_TOPK": "3", "BATCHVISION_API_URL": "http://x", "BATCHVISION_TOP_K": "3", "PATH": "/"}
+    assert unknown_variables(env) == ["BATCHVISION_TOPK"]
+
+
+def test_a_service_refuses_to_start_with_a_bad_setting_and_says_why() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchvision.cli", "worker"],
+        env={"BATCHVISION_RESULT_TTL_S": "-5", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "BATCHVISION_RESULT_TTL_S='-5'" in proc.stderr and "Traceback" not in proc.stderr
