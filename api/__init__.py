@@ -28,7 +28,7 @@ class UploadRequest(Request):
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
-    from api import auth, docs, errors, health, jobs, metrics, web
+    from api import auth, docs, errors, health, jobs, metrics, models, web
     from api.services import Services
 
     settings = settings or Settings.from_env()
@@ -43,16 +43,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     svc = Services.create(settings)
     app.extensions["batchvision"] = svc
     errors.register(app)
-    metrics.init_app(app, svc.telemetry, (settings.queue, interactive_queue(settings)))
+    metrics.init_app(app, svc.telemetry, (settings.queue, interactive_queue(settings)), models.queues_of(svc))
     # -- tracing (issue 18): a no-op unless the otel extra and an OTLP endpoint/trace file --
     from api import tracing as request_spans
     from batchvision.server import tracing
 
     tracing.setup("batchvision-api", settings)
     request_spans.init_app(app)
-    auth.init_app(app, settings.api_keys.get_secret_value())
+    auth.init_app(app, models.accepted_keys(settings))  # issue 14: admin keys are API keys too
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(models.bp)  # issue 14: GET /v1/models, POST /v1/models/<name>/reload
     app.register_blueprint(web.bp)  # GET / (the page); its files are the app's /static
     app.register_blueprint(docs.bp)
     return app

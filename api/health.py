@@ -10,6 +10,7 @@ from api import contract as c
 from api.services import services
 from batchvision.core import documents as d
 from batchvision.core.errors import ServiceUnavailable
+from batchvision.server.queue import check_broker
 
 bp = Blueprint("health", __name__)
 
@@ -27,10 +28,11 @@ def healthz() -> dict[str, Any]:
 
 @bp.get("/readyz")
 @c.contract(
-    summary="Readiness: Redis answers (else 503, and the load balancer sends traffic elsewhere)",
+    summary="Readiness: Redis (and a RabbitMQ broker) answer (else 503, and the load balancer "
+    "sends traffic elsewhere)",
     responses={
         200: c.Response("Ready", d.Ready),
-        503: c.Response("Redis is unreachable", d.ErrorDocument, headers=("Retry-After",)),
+        503: c.Response("Redis or the broker is unreachable", d.ErrorDocument, headers=("Retry-After",)),
     },
     v1=False,
     tags=("operations",),
@@ -40,6 +42,11 @@ def readyz() -> dict[str, Any]:
         services().redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         raise ServiceUnavailable(f"Redis is unreachable: {exc}", code="redis_unreachable") from exc
+    # -- issue 16: a broker other than Redis (RabbitMQ) must accept a connection too ---------
+    try:
+        check_broker(services().settings)
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        raise ServiceUnavailable(f"the broker is unreachable: {exc}", code="broker_unreachable") from exc
     return {"status": "ready", "pending_images": services().telemetry.pending_images()}
 
 

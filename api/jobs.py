@@ -14,8 +14,12 @@ from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED, JOBS_CREATED
 from api.services import Services, services
 from api.uploads import read_uploads
 from batchvision.core import documents as d
-from batchvision.core.errors import Conflict, Gone, NotFound
+from batchvision.core import manifest
+from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
+from batchvision.core.models import JobOptions
 from batchvision.core.schemas import csv_lines, jsonl_lines
+from batchvision.server import webhooks
+from batchvision.server.intake import JOB_ID_SLOT
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -29,6 +33,9 @@ PUBLIC_FIELDS = (
     "created_at",
     "finished_at",
     "model",
+    "model_version",
+    "top_k",
+    "min_score",
 )
 
 
@@ -50,12 +57,28 @@ def _job_or_404(svc: Services, job_id: str) -> dict[str, Any]:
 
 
 def _submit(
-    svc: Services, job_id: str | None, filename: str | None, *, seal: bool, interactive: bool = False
+    svc: Services,
+    job_id: str | None,
+    filename: str | None,
+    *,
+    seal: bool,
+    interactive: bool = False,
+    callback: str | None = None,
+    options: JobOptions | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Add the request's files to ``job_id`` (a new job if ``None``)."""
+    """Add the request's files to ``job_id`` (a new job if ``None``, with ``callback`` and the
+    per-job ``options``)."""
+    fields = _callback(svc, callback)
     uploads, skipped = read_uploads(request, svc.settings, filename, adding=job_id is not None)
     job_id_out, summary = svc.intake.submit(
-        job_id, current_owner(), uploads, skipped, seal=seal, interactive=interactive
+        job_id,
+        current_owner(),
+        uploads,
+        skipped,
+        seal=seal,
+        interactive=interactive,
+        callback=fields,
+        options=options,
     )
     if job_id is None:
         JOBS_CREATED.inc()
@@ -65,10 +88,75 @@ def _submit(
     return job_id_out, summary
 
 
-def _new_job(svc: Services) -> str:
-    job_id = svc.intake.new_job(current_owner())
+def _options(svc: Services, params: d.OptionsQuery) -> JobOptions:
+    """The per-job options of the query (issue 14), checked against the models the workers
+    serve: ``422 invalid_option`` names the option and what is allowed."""
+    return svc.intake.options(params.model, params.top_k, params.min_score)
+
+
+def _new_job(svc: Services, callback: dict[str, str] | None = None, options: JobOptions | None = None) -> str:
+    job_id = svc.intake.new_job(current_owner(), callback, options)
     JOBS_CREATED.inc()
     return job_id
+
+
+# -- issue 15: images by URL (a JSON body or a manifest) and completion webhooks ----------------
+
+#: A placeholder job id: its status URL, with the id's place marked, is what the webhook shows.
+_SLOT_ID = "0" * 32
+
+
+def _callback(svc: Services, url: str | None) -> dict[str, str] | None:
+    """A ``callback_url`` checked (422 ``bad_callback_url``) as job-hash fields."""
+    if url is None:
+        return None
+    status_url = url_for("v1.get_job", job_id=_SLOT_ID, _external=True).replace(_SLOT_ID, JOB_ID_SLOT)
+    return svc.intake.callback(url, status_url)
+
+
+def _submit_urls(
+    svc: Services,
+    entries: list[manifest.UrlEntry],
+    callback: dict[str, str] | None,
+    options: JobOptions | None = None,
+) -> tuple[str, dict[str, Any]]:
+    job_id, summary = svc.intake.submit_urls(current_owner(), entries, callback=callback, options=options)
+    JOBS_CREATED.inc()
+    IMAGES_ACCEPTED.inc(summary.pop("queued"))
+    for item in summary["rejected"]:
+        IMAGES_REJECTED.labels(item["code"]).inc()
+    summary["skipped"] = []
+    return job_id, summary
+
+
+def _url_job(svc: Services, params: d.SubmitQuery) -> tuple[str, dict[str, Any]] | None:
+    """A URL job from a JSON body with ``urls`` or a manifest body; ``None`` for other bodies."""
+    kind = manifest.kind_of_media_type(request.mimetype or "")
+    limit = svc.settings.max_urls_per_job
+    if kind is not None:
+        if not params.seal or params.filename is not None:
+            raise BadRequest(
+                "a manifest makes a whole job: it takes neither seal=false nor filename",
+                code="bad_parameter",
+            )
+        entries = manifest.parse(request.get_data(), kind, max_entries=limit)
+        return _submit_urls(svc, entries, _callback(svc, params.callback_url), _options(svc, params))
+    raw = request.get_json(silent=True) if request.mimetype == "application/json" else None
+    if isinstance(raw, dict) and "urls" in raw:
+        body = c.json_body(d.UrlJob)
+        items = [i if isinstance(i, str) else i.model_dump(exclude_none=True) for i in body.urls]
+        entries = manifest.entries_from_json(items, max_entries=limit)
+        callback = _callback(svc, _one_callback(body.callback_url, params))
+        return _submit_urls(svc, entries, callback, _options(svc, params))
+    return None
+
+
+def _one_callback(in_body: str | None, params: d.SubmitQuery) -> str | None:
+    if in_body is not None and params.callback_url is not None:
+        raise BadRequest(
+            "callback_url is given twice (body and query): send it in the body", code="bad_parameter"
+        )
+    return in_body if in_body is not None else params.callback_url
 
 
 def _accepted(
@@ -90,18 +178,31 @@ _UPLOAD_ERRORS = {
 }
 _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAccepted, links=c.JOB_LINKS)
 
+# The submit body: the upload forms, plus (issue 15) a JSON body naming images by URL (either
+# JSON document: `urls` makes it a UrlJob) and manifests (CSV, JSON Lines, URI list).
+_SUBMIT_BODY = c.upload_body(archive=True, json_model=d.OpenJob)
+_SUBMIT_BODY["application/json"] = {
+    "schema": {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (d.OpenJob, d.UrlJob)]}
+}
+_SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_TYPES})
+
 
 @bp.post("/jobs")
 @c.contract(
     summary="Submit images as a job, or open a job for an upload in parts",
     description="Multipart parts named `files` (or one zip in a part named `archive`), a raw "
     '`image/*` body, a raw `application/zip` body, or a JSON body `{"expected": N}` that opens '
-    "a job for an upload in parts (as does `?seal=false` with a first part).",
+    "a job for an upload in parts (as does `?seal=false` with a first part). Images by URL: a "
+    'JSON body `{"urls": [...]}` (`UrlJob`) or a manifest body: `text/csv` with a `url` and an '
+    "optional `filename` column, JSON Lines (`application/x-ndjson`) of URL strings or "
+    "`{url, filename}` objects, or `text/uri-list`; the workers fetch them. Any new job may "
+    "carry a `callback_url` (in the JSON body, else in the query) that gets one signed POST "
+    "when the job is final.",
     query=d.SubmitQuery,
-    body=c.upload_body(archive=True, json_model=d.OpenJob),
+    body=_SUBMIT_BODY,
     body_required=True,
     headers=(c.IDEMPOTENCY_HEADER,),
-    schema_refs=(d.OpenJob,),
+    schema_refs=(d.OpenJob, d.UrlJob),
     responses={
         202: _ACCEPTED,
         200: c.Response(
@@ -112,7 +213,14 @@ _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAcc
             "different request",
             d.ErrorDocument,
         ),
-        **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
+        **{k: v for k, v in _UPLOAD_ERRORS.items() if k not in (409, 413, 422)},
+        413: c.Response("Request, file, archive or URL list over a limit", d.ErrorDocument),
+        422: c.Response(
+            "No file (or URL) of the request is an image we can classify (reason per file), "
+            "the callback_url is refused, or a per-job option (model, top_k, min_score) is "
+            "invalid (`invalid_option`, naming the option and what is allowed)",
+            d.ErrorDocument,
+        ),
     },
     tags=("jobs",),
 )
@@ -122,10 +230,17 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
     key = c.idempotency_key()
 
     def create() -> tuple[str, dict[str, Any]]:
+        by_url = _url_job(svc, params)
+        if by_url is not None:
+            return by_url
         if request.mimetype == "application/json":
             body = c.json_body(d.OpenJob)
-            return _new_job(svc), {"expected": body.expected}
-        return _submit(svc, None, params.filename, seal=params.seal)
+            callback = _callback(svc, _one_callback(body.callback_url, params))
+            return _new_job(svc, callback, _options(svc, params)), {"expected": body.expected}
+        options = _options(svc, params)
+        return _submit(
+            svc, None, params.filename, seal=params.seal, callback=params.callback_url, options=options
+        )
 
     if key is None:
         return _accepted(svc, *create())
@@ -199,6 +314,11 @@ def list_files(job_id: str) -> dict[str, Any]:
         200: c.Response("Every image has a result", d.ClassifyResult),
         202: _ACCEPTED,
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
+        422: c.Response(
+            "No file of the request is an image we can classify (reason per file), or a per-job "
+            "option (model, top_k, min_score) is invalid (`invalid_option`)",
+            d.ErrorDocument,
+        ),
     },
     tags=("jobs",),
 )
@@ -206,7 +326,8 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     svc = services()
     params = c.query(d.ClassifyQuery)
     timeout = min(params.timeout, svc.settings.sync_timeout_s)
-    job_id, summary = _submit(svc, None, params.filename, seal=True, interactive=True)
+    options = _options(svc, params)
+    job_id, summary = _submit(svc, None, params.filename, seal=True, interactive=True, options=options)
     if not svc.waiter.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
     job, rows = svc.store.snapshot(job_id, rows=len(summary["rejected"]) + summary["accepted"])
@@ -224,7 +345,32 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
 )
 def get_job(job_id: str) -> dict[str, Any]:
     c.query(d.NoQuery)
-    return _public(_job_or_404(services(), job_id))
+    svc = services()
+    doc = _public(_job_or_404(svc, job_id))
+    callback = webhooks.callback_state(svc.redis, job_id)  # issue 15: the webhook's delivery
+    if callback is not None:
+        doc["callback"] = callback
+    return doc
+
+
+@bp.get("/webhook-secret")
+@c.contract(
+    summary="The secret that signs this API key's completion webhooks",
+    description="Each webhook POST carries `Batchvision-Signature: t=<unix seconds>,v1=<hex>` "
+    "where `v1` is HMAC-SHA256 under this secret of `<t>.` followed by the raw body. The secret "
+    "is per API key (derived from the server's `BATCHVISION_WEBHOOK_SECRET`).",
+    query=d.NoQuery,
+    responses={200: c.Response("The signing secret", d.WebhookSecret)},
+    tags=("webhooks",),
+)
+def webhook_secret() -> dict[str, Any]:
+    svc = services()
+    c.query(d.NoQuery)
+    return {
+        "secret": webhooks.owner_secret(svc.redis, svc.settings, current_owner()),
+        "header": webhooks.SIGNATURE_HEADER,
+        "scheme": "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, '<t>.' + body)>",
+    }
 
 
 @bp.delete("/jobs/<job_id>")

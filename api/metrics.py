@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -35,9 +35,15 @@ class StoreCollector(Collector):
 
     NAMES = ("batchvision_queue_depth_images", "batchvision_jobs_in_progress", "batchvision_queue_tasks")
 
-    def __init__(self, telemetry: Telemetry, queues: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        queues: tuple[str, ...],
+        model_queues: Callable[[], dict[str, tuple[str, ...]]] | None = None,
+    ) -> None:
         self.telemetry = telemetry
         self.queues = queues
+        self.model_queues = model_queues  # issue 14: one series per model
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -50,17 +56,37 @@ class StoreCollector(Collector):
             "Jobs created and not finished.",
             value=self.telemetry.active_jobs(),
         )
-        yield GaugeMetricFamily(
-            "batchvision_queue_tasks",
-            "Celery messages waiting in the Redis queue lists, bulk and interactive (what KEDA scales on).",
-            value=sum(int(self.telemetry.redis.llen(q)) for q in self.queues),
+        help_text = (
+            "Celery messages waiting in the Redis queue lists, bulk and interactive (what KEDA scales on)."
         )
+        if self.model_queues is None:
+            yield GaugeMetricFamily(
+                "batchvision_queue_tasks",
+                help_text,
+                value=sum(int(self.telemetry.redis.llen(q)) for q in self.queues),
+            )
+            return
+        by_model = self.model_queues()
+        pipe = self.telemetry.redis.pipeline(transaction=False)
+        for queues in by_model.values():
+            for q in queues:
+                pipe.llen(q)
+        lengths = iter(pipe.execute())
+        family = GaugeMetricFamily("batchvision_queue_tasks", help_text + " By model.", labels=["model"])
+        for model, queues in by_model.items():
+            family.add_metric([model], sum(int(next(lengths)) for _ in queues))
+        yield family
 
 
-def init_app(app: Flask, telemetry: Telemetry, queues: tuple[str, ...]) -> None:
-    """Time every request and serve ``/metrics``."""
+def init_app(
+    app: Flask,
+    telemetry: Telemetry,
+    queues: tuple[str, ...],
+    model_queues: Callable[[], dict[str, tuple[str, ...]]] | None = None,
+) -> None:
+    """Time every request and serve ``/metrics`` (``model_queues``: the queue gauge by model)."""
     store_registry = CollectorRegistry(auto_describe=False)
-    store_registry.register(StoreCollector(telemetry, queues))
+    store_registry.register(StoreCollector(telemetry, queues, model_queues))
 
     @app.before_request
     def _start() -> None:

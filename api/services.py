@@ -13,6 +13,7 @@ from batchvision.server.blobs import BlobStore, open_blobs
 from batchvision.server.connect import connect_redis
 from batchvision.server.idempotency import Idempotency
 from batchvision.server.intake import Intake
+from batchvision.server.models import ModelRegistry
 from batchvision.server.queue import Enqueuer, create_celery
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
@@ -30,6 +31,7 @@ class Services:
     intake: Intake
     waiter: Waiter
     idempotency: Idempotency
+    models: ModelRegistry  # issue 14: what the workers serve (GET /v1/models, submit checks)
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -45,6 +47,7 @@ class Services:
         store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
         blobs = open_blobs(settings.blob_url, client, settings.blob_ttl_s)
         telemetry = Telemetry(client)
+        models = ModelRegistry(client)
         return cls(
             settings=settings,
             redis=client,
@@ -52,11 +55,12 @@ class Services:
             blobs=blobs,
             telemetry=telemetry,
             celery=celery,
-            intake=Intake(settings, client, store, blobs, telemetry, Enqueuer(celery, settings)),
+            intake=Intake(settings, client, store, blobs, telemetry, Enqueuer(celery, settings), models),
             waiter=Waiter(client, store.is_finished),
             idempotency=Idempotency(
                 client, ttl_s=settings.idempotency_ttl_s, pending_ttl_s=int(settings.sync_timeout_s) + 60
             ),
+            models=models,
         )
 
 

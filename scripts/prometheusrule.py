@@ -40,13 +40,17 @@ def render(source: Path = SOURCE) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if stale")
     args = parser.parse_args(argv)
     text = render()
     if args.check:
         if TARGET.read_text() != text:
-            print(f"{TARGET.relative_to(ROOT)} is stale: run python scripts/prometheusrule.py", file=sys.stderr)
+            print(
+                f"{TARGET.relative_to(ROOT)} is stale: run python scripts/prometheusrule.py", file=sys.stderr
+            )
             return 1
         return 0
     TARGET.write_text(text)

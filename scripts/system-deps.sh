@@ -4,6 +4,10 @@ set -euo pipefail
 need=()
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# prometheus and promtool: the alert rules' unit tests and the real-Prometheus test.
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need+=(prometheus)
+# ip (iproute2): the multi-host tests build network namespaces.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "system-deps: missing ${need[*]}; install them to run every test" >&2

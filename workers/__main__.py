@@ -12,9 +12,10 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo-model", help="train the demo model on synthetic shapes")
+    p = sub.add_parser("demo-model", help="train a demo model on synthetic shapes (or colours)")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--kind", choices=("shapes", "colours"), default="shapes")
+    p.add_argument("--epochs", type=int, default=None, help="default: 18 for shapes, 8 for colours")
     p.add_argument("--min-accuracy", type=float, default=0.95)
     sub.add_parser("fetch-weights", help="download the ImageNet weights of BATCHVISION_MODEL")
     args = parser.parse_args(argv)
@@ -24,10 +25,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"weights cached under {fetch_weights(Settings.from_env())}")
         return 0
-    from workers.demo_model import train_demo_model
+    from workers.demo_model import train_colour_model, train_demo_model
 
     out = Path(args.out)
-    accuracy = train_demo_model(out, epochs=args.epochs)
+    if args.kind == "colours":  # issue 14: the second demo model
+        accuracy = train_colour_model(out, epochs=args.epochs or 8)
+    else:
+        accuracy = train_demo_model(out, epochs=args.epochs or 18)
     print(f"saved {out} and {out.with_name(out.stem + '.labels.txt')}; held-out accuracy {accuracy:.3f}")
     if accuracy < args.min_accuracy:
         print(f"accuracy below {args.min_accuracy}", file=sys.stderr)

@@ -61,3 +61,41 @@ def _conv_block(filters: int) -> list[Any]:
         layers.BatchNormalization(),
         layers.Activation("relu"),
     ]
+
+
+# -- the second demo model (issue 14): colours ----------------------------------------------------
+
+
+def train_colour_model(
+    out: Path, *, input_size: int = 32, n_train: int = 3000, epochs: int = 8, seed: int = 0
+) -> float:
+    """Train the colour demo CNN (six colours, :data:`~batchvision.core.synthetic.COLOURS`);
+    save ``out`` (.keras) and its labels file. Seconds on a CPU. Returns the held-out accuracy."""
+    from batchvision.core.synthetic import COLOUR_CLASSES, colour_dataset
+
+    keras.utils.set_random_seed(seed)
+    x, y = colour_dataset(n_train, (input_size, input_size), seed=seed + 1)
+    xt, yt = colour_dataset(600, (input_size, input_size), seed=seed + 2)
+    layers = keras.layers
+    model = keras.Sequential(
+        [
+            keras.Input((input_size, input_size, 3)),
+            layers.Rescaling(1 / 255.0),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.GlobalMaxPooling2D(),
+            layers.Dense(32, activation="relu"),
+            layers.Dense(len(COLOUR_CLASSES), activation="softmax"),
+        ],
+        name="batchvision_colours",
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=2, validation_split=0.1)
+    accuracy = float(model.evaluate(xt, yt, verbose=0)[1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    out.with_name(out.stem + ".labels.txt").write_text("\n".join(COLOUR_CLASSES) + "\n")
+    return accuracy

@@ -14,17 +14,19 @@ from batchvision.server.store import Counts
 
 IMAGES = Counter(
     "batchvision_images_classified_total",
-    "Images given a stored result by this worker, by outcome (ok, error, canceled).",
-    ["outcome"],
+    "Images given a stored result by this worker, by model and outcome (ok, error, canceled).",
+    ["model", "outcome"],
 )
 BATCH_SIZE = Histogram(
     "batchvision_batch_size",
-    "Images per model call.",
+    "Images per model call, by model.",
+    ["model"],
     buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128),
 )
 INFERENCE = Histogram(
     "batchvision_inference_seconds",
-    "Seconds per model call (one batch).",
+    "Seconds per model call (one batch), by model.",
+    ["model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 DECODE = Histogram(
@@ -34,36 +36,67 @@ DECODE = Histogram(
 )
 QUEUE_WAIT = Histogram(
     "batchvision_queue_wait_seconds",
-    "Seconds from upload (enqueue) to the start of the image's batch.",
+    "Seconds from upload (enqueue) to the start of the image's batch, by model.",
+    ["model"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
-MODEL_LOAD = Gauge("batchvision_model_load_seconds", "Seconds it took to load and warm up the model.")
-MODEL = Info("batchvision_model", "The model this worker serves and the device it runs on.")
+MODEL_LOAD = Gauge(
+    "batchvision_model_load_seconds", "Seconds it took to load and warm up the models at start."
+)
+MODEL = Info("batchvision_model", "A model this worker serves and the device it runs on.", ["model"])
+# -- versions and reloads (issue 14) -----------------------------------------------------------
+LIVE_VERSION = Gauge(
+    "batchvision_model_live_version", "The version of each model this worker has live.", ["model"]
+)
+RELOADS = Counter(
+    "batchvision_model_reloads_total",
+    "Versions loaded to go live (ok) or refused (failed), by model.",
+    ["model", "outcome"],
+)
+RELOAD_SECONDS = Gauge(
+    "batchvision_model_reload_seconds",
+    "Seconds the last version to go live took to load and check.",
+    ["model"],
+)
 
 
-def observe_batch(info: BatchInfo) -> None:
+def observe_batch(info: BatchInfo, model: str = "") -> None:
     """Batcher hook: size, model time and the queue wait of every image in the batch."""
-    BATCH_SIZE.observe(info.size)
-    INFERENCE.observe(info.run_s)
+    BATCH_SIZE.labels(model).observe(info.size)
+    INFERENCE.labels(model).observe(info.run_s)
     started = time.time() - info.run_s
     for tag in info.tags:
         enqueued_at = tag[1] if isinstance(tag, tuple) and len(tag) > 1 else None
         if enqueued_at:
-            QUEUE_WAIT.observe(max(0.0, started - float(enqueued_at)))
+            QUEUE_WAIT.labels(model).observe(max(0.0, started - float(enqueued_at)))
 
 
-def observe_recorded(counts: Counts) -> None:
+def observe_recorded(counts: Counts, model: str = "") -> None:
     """Count only results that were newly stored: exact under redelivery."""
     for outcome, n in (("ok", counts.done), ("error", counts.failed), ("canceled", counts.canceled)):
         if n:
-            IMAGES.labels(outcome).inc(n)
+            IMAGES.labels(model, outcome).inc(n)
 
 
-def serve(port: int, model: str, device: str, load_s: float) -> None:
-    """Start the ``/metrics`` endpoint (a daemon thread) with the model's info set."""
-    MODEL.info({"model": model, "device": device})
+def observe_switch(model: str, version: int, load_s: float | None) -> None:
+    """A version went live after ``load_s`` seconds (``None``: it was refused)."""
+    if load_s is None:
+        RELOADS.labels(model, "failed").inc()
+        return
+    RELOADS.labels(model, "ok").inc()
+    RELOAD_SECONDS.labels(model).set(load_s)
+    LIVE_VERSION.labels(model).set(version)
+
+
+def serve(port: int, devices: dict[str, str], load_s: float) -> None:
+    """Start the ``/metrics`` endpoint (a daemon thread) with each model's info set
+    (``devices``: model -> device)."""
+    for model, device in devices.items():
+        MODEL.labels(model).info({"device": device})
+        for outcome in ("ok", "error", "canceled"):
+            IMAGES.labels(model, outcome)
+        for outcome in ("ok", "failed"):
+            RELOADS.labels(model, outcome)
     MODEL_LOAD.set(load_s)
-    for outcome in ("ok", "error", "canceled"):
-        IMAGES.labels(outcome)
     if port:
         start_http_server(port)

@@ -21,6 +21,7 @@ import numpy as np
 from batchvision.core.classifier import ImageClassifier
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
+from batchvision.server.repository import VersionDir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402 - TF's log level must be set before the import
@@ -57,10 +58,25 @@ class Classifier:
     """A loaded model: a list of uint8 images in, a list of probability vectors out."""
 
     def __init__(
-        self, model: Any, labels: list[str], preprocess: str, name: str, max_batch_size: int = 32
+        self,
+        model: Any,
+        labels: list[str],
+        preprocess: str,
+        name: str,
+        max_batch_size: int = 32,
+        input_size: tuple[int, int] | None = None,
     ) -> None:
         shape = model.inputs[0].shape
-        self.input_size = (int(shape[2]), int(shape[1]))  # (width, height), as Pillow wants
+        if shape[1] is None or shape[2] is None:
+            if input_size is None:
+                raise ValueError(
+                    f"model {name}: its input size {tuple(shape)} is open; set input_size [width, "
+                    "height] in its config.json"
+                )
+        elif input_size is not None and input_size != (int(shape[2]), int(shape[1])):
+            raise ValueError(f"model {name}: config input_size {list(input_size)}, model input {shape}")
+        # (width, height), as Pillow wants
+        self.input_size = input_size or (int(shape[2]), int(shape[1]))
         self.labels = labels
         self.preprocess = preprocess
         self.name = name
@@ -200,3 +216,61 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def _device() -> str:
     gpus = tf.config.list_logical_devices("GPU")
     return gpus[0].name if gpus else "/device:CPU:0"
+
+
+# -- several models, versions (issue 14) -------------------------------------------------------
+
+
+class ModelMismatch(ValueError):
+    """A model whose outputs do not fit its labels: refused, never served."""
+
+
+def load_version(version: VersionDir, settings: Settings) -> ImageClassifier:
+    """Load one version of a repository model (:mod:`batchvision.server.repository`) and check
+    it: one forward pass must give one probability per label. Raises with the reason."""
+    if version.kind == "shortcut":
+        classifier = load_classifier(settings)  # BATCHVISION_MODEL, as it always loaded
+    else:
+        configure_runtime(settings)
+        if version.kind == "application":
+            if version.source not in APPLICATIONS:
+                raise ValueError(
+                    f"unknown application {version.source!r}: known are {', '.join(sorted(APPLICATIONS))}"
+                )
+            app = APPLICATIONS[version.source]
+            wanted = version.weights or settings.weights
+            weights = None if wanted.lower() in ("", "none") else wanted
+            model = getattr(keras.applications, app.constructor)(weights=weights)
+            labels = _read_labels(Path(version.labels)) if version.labels else imagenet_labels()
+            family = app.preprocess
+        else:
+            if version.labels is None:
+                raise ValueError(f"{version.source}: no labels file")
+            labels = _read_labels(Path(version.labels))
+            model = _load_path(Path(version.source))
+            family = "none"
+        preprocess = family if version.preprocess == "auto" else version.preprocess
+        classifier = Classifier(
+            model, labels, preprocess, version.model, settings.max_batch_size, input_size=version.input_size
+        )
+    classifier.name = version.model
+    check_outputs(classifier)
+    return classifier
+
+
+def check_outputs(classifier: ImageClassifier) -> None:
+    """One image through the model: its output must have one value per label."""
+    w, h = classifier.input_size
+    (out,) = classifier.predict([np.zeros((h, w, 3), np.uint8)])
+    classes = int(np.asarray(out).reshape(-1).shape[0])
+    if classes != len(classifier.labels):
+        raise ModelMismatch(
+            f"the model outputs {classes} classes but its labels file has {len(classifier.labels)} labels"
+        )
+
+
+def _read_labels(path: Path) -> list[str]:
+    labels = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    if not labels:
+        raise ValueError(f"{path}: no labels")
+    return labels

@@ -12,6 +12,8 @@ from typing import Any
 
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import scan, submit_folder
+from batchvision.core import manifest
+from batchvision.core.errors import BatchvisionError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_SUBMIT_FAILED = 0, 3, 4
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -59,6 +61,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     client = Client(args.api_url, args.api_key)
+    if args.urls is not None:  # issue 15: images named by URL, fetched by the workers
+        if args.paths or args.resume:
+            print("error: --urls takes no folders or --resume", file=sys.stderr)
+            return EXIT_SUBMIT_FAILED
+        try:
+            entries = manifest.read_file(args.urls)
+        except (BatchvisionError, OSError) as exc:
+            print(f"error: {args.urls}: {exc}", file=sys.stderr)
+            return EXIT_SUBMIT_FAILED
+        start = time.monotonic()
+        job = client.submit_urls(
+            [(e.url, e.filename) for e in entries], callback_url=args.callback_url, **job_options(args)
+        )
+        for item in job.get("rejected", []):
+            print(f"refused: {item['filename']}: {item['code']}: {item['message']}", file=sys.stderr)
+        print(f"submitted {len(entries)} URLs", file=sys.stderr)
+        print(job["job_id"])
+        return _wait_and_write(client, args, job["job_id"], len(entries), start) if args.wait else EXIT_OK
+    if not args.paths:
+        print("error: give folders or files to upload, or --urls MANIFEST", file=sys.stderr)
+        return EXIT_SUBMIT_FAILED
     paths = [Path(p) for p in args.paths]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -67,14 +90,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     total = len(scan(paths).images)
     quiet = args.no_progress
     start = time.monotonic()
+    resume = args.resume
+    if args.callback_url and not resume:  # the job is opened with its callback, then filled
+        resume = client.open_job(total, callback_url=args.callback_url, **job_options(args))["job_id"]
     with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
         summary = submit_folder(
             client,
             paths,
             part_files=args.part_files,
             part_bytes=int(args.part_mb * 1024 * 1024),
-            resume=args.resume,
+            resume=resume,
             on_part=bar.update,
+            options=job_options(args),
         )
     job_id = summary["job_id"]
     for rel in summary["skipped"]:
@@ -86,8 +113,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     print(job_id)
-    if not args.wait:
-        return EXIT_OK
+    return _wait_and_write(client, args, job_id, total, start) if args.wait else EXIT_OK
+
+
+def job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model``, ``--top-k``, ``--min-score`` as the client's per-job options."""
+    given = {"model": args.model, "top_k": args.top_k, "min_score": args.min_score}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _wait_and_write(client: Client, args: argparse.Namespace, job_id: str, total: int, start: float) -> int:
+    """``--wait``: a progress bar until the job is final, then the results file (``-o``)."""
+    from tqdm import tqdm
+
+    quiet = args.no_progress
     with tqdm(total=total, desc="classify", unit="img", disable=quiet, file=sys.stderr) as bar:
 
         def progress(st: dict[str, Any]) -> None:
@@ -121,7 +160,18 @@ def register(sub: Any, add: AddFn) -> None:
         return p
 
     p = common(add("submit", guarded(cmd_submit), "upload a folder or files as one job"))
-    p.add_argument("paths", nargs="+", help="folders (walked recursively) and image files")
+    p.add_argument("paths", nargs="*", help="folders (walked recursively) and image files")
+    p.add_argument(
+        "--urls",
+        metavar="MANIFEST",
+        help="submit the images a manifest names by URL instead (.csv with a url column and an "
+        "optional filename column, .jsonl, or .txt with one URL a line); the workers fetch them",
+    )
+    p.add_argument("--callback-url", help="URL that gets one signed POST when the job is final")
+    # Per-job options (issue 14); the service checks them (422 names what is allowed).
+    p.add_argument("--model", help="model name, or NAME:VERSION (default: the service's default model)")
+    p.add_argument("--top-k", type=int, help="classes each result lists (1 to the model's classes)")
+    p.add_argument("--min-score", type=float, help="leave classes scoring below this out of top_k (0 to 1)")
     p.add_argument("--wait", action="store_true", help="wait for the end and write the results")
     p.add_argument("-o", "--output", help="results file (with --wait): .csv, .jsonl or .json")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])

@@ -2,7 +2,8 @@
 
 It forwards ``127.0.0.1:<port>`` to a target and counts HTTP/1.1 requests by the direction of
 the traffic (the client speaks after the server answered: a new request, also on a kept-alive
-connection). Every ``every``-th request meets a fault, in turn:
+connection). Every ``every``-th request meets a fault, in turn (and request ``n`` meets
+``faults_at[n]``, when given):
 
 - ``request``: half of what the client sent so far reaches the server, then both sides are
   closed (the server sees a truncated request and does nothing);
@@ -28,7 +29,7 @@ import selectors
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 MODES = ("request", "response", "midway")
@@ -47,10 +48,12 @@ class FaultProxy:
         midway_max: int = 20_000,
         seed: int = 0,
         on_request: Callable[[int, bytes], None] | None = None,
+        faults_at: Mapping[int, str] | None = None,
     ) -> None:
         """``on_request(n, head)`` runs in the connection's thread before request ``n`` (its
         first bytes: ``head``) goes on: a test may break something else at that moment."""
-        unknown = set(modes) - set(MODES)
+        self.faults_at = dict(faults_at or {})
+        unknown = (set(modes) | set(self.faults_at.values())) - set(MODES)
         if unknown:
             raise ValueError(f"unknown fault modes {sorted(unknown)}: use {MODES}")
         self.target = target
@@ -100,7 +103,9 @@ class FaultProxy:
             self.requests += 1
             n = self.requests
             fault: tuple[str | None, int] = (None, 0)
-            if self.every and n % self.every == 0:
+            if n in self.faults_at:
+                fault = self.faults_at[n], self._random.randint(1, self.midway_max)
+            elif self.every and n % self.every == 0:
                 fault = next(self._modes), self._random.randint(1, self.midway_max)
         if self.on_request is not None:
             self.on_request(n, head)
@@ -159,7 +164,7 @@ class FaultProxy:
                     if sock is client:
                         if server_spoke:
                             server_spoke = False
-                            fault, cut_at = self._next_request(data[:200])
+                            fault, cut_at = self._next_request(data[:2048])
                             answered = 0
                         if fault == "request":
                             upstream.sendall(data[: len(data) // 2])

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from batchvision.cli.rabbitmq_server import RabbitMQServer, amqp_answers
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
 from batchvision.core.settings import PREFIX, Settings
@@ -25,13 +26,26 @@ from batchvision.core.settings import PREFIX, Settings
 log = logging.getLogger("batchvision.up")
 
 
-def stack(settings: Settings, redis: RedisServer | None, flower: bool = True) -> list[Service]:
-    """The services of the stack, in start order; the same commands as the compose file."""
+def stack(
+    settings: Settings,
+    redis: RedisServer | None,
+    flower: bool = True,
+    rabbitmq: RabbitMQServer | None = None,
+) -> list[Service]:
+    """The services of the stack, in start order; the same commands as the compose file
+    (``rabbitmq``: our own RabbitMQ node as the broker, see :func:`local_broker`)."""
     env = settings.to_env(include_secrets=True)  # the children need the API keys and Flower login
     services = []
     if redis is not None:
         ready = functools.partial(_redis_answers, redis.url)
         services.append(Service("redis", redis.argv(), {}, url=redis.url, infrastructure=True, ready=ready))
+    if rabbitmq is not None:  # -- issue 16
+        rabbitmq.prepare()
+        shown = f"amqp://{rabbitmq.user}:***@127.0.0.1:{rabbitmq.port}//"
+        ready = functools.partial(amqp_answers, rabbitmq.url)
+        services.append(
+            Service("rabbitmq", rabbitmq.argv(), rabbitmq.env(), url=shown, infrastructure=True, ready=ready)
+        )
     api = f"http://127.0.0.1:{settings.api_port}"
     services.append(
         Service(
@@ -56,9 +70,13 @@ def stack(settings: Settings, redis: RedisServer | None, flower: bool = True) ->
     return services
 
 
-def local_settings() -> tuple[Settings, RedisServer | None]:
-    """Settings for a local run: free ports, an embedded Redis unless one is configured."""
+def local_settings(broker: str | None = None) -> tuple[Settings, RedisServer | None, RabbitMQServer | None]:
+    """Settings for a local run: free ports, an embedded Redis unless one is configured, and
+    the broker :func:`local_broker` picks."""
     overrides: dict[str, Any] = {}
+    rabbitmq, broker_url = local_broker(broker, os.environ.get(PREFIX + "BROKER_URL", ""))
+    if rabbitmq is not None or broker_url != os.environ.get(PREFIX + "BROKER_URL", ""):
+        overrides["broker_url"] = broker_url
     redis = None
     if not os.environ.get(PREFIX + "REDIS_URL"):
         redis = RedisServer(data_dir=Path(tempfile.mkdtemp(prefix="batchvision-redis-")))
@@ -70,7 +88,28 @@ def local_settings() -> tuple[Settings, RedisServer | None]:
     if not settings.flower_user:
         # A local run is on loopback only; still, Flower never runs without credentials.
         settings = settings.replace(flower_user="admin", flower_password=os.urandom(9).hex())
-    return settings, redis
+    return settings, redis, rabbitmq
+
+
+#: ``BATCHVISION_BROKER_URL`` values that ask ``up`` for a RabbitMQ without naming a server.
+START_RABBITMQ = ("amqp", "amqp://", "rabbitmq")
+
+
+def local_broker(choice: str | None, configured: str) -> tuple[RabbitMQServer | None, str]:
+    """The broker of a local run: (our own RabbitMQ node to start or ``None``, the broker URL).
+
+    ``--broker redis`` (or nothing): the Redis URL, unless ``BATCHVISION_BROKER_URL`` names a
+    broker. ``--broker rabbitmq``, or ``BATCHVISION_BROKER_URL=amqp://`` without a host: the
+    RabbitMQ that ``BATCHVISION_BROKER_URL`` names (the machine's own, a cluster), else a
+    private ``rabbitmq-server`` on a free port (see :mod:`batchvision.cli.rabbitmq_server`)."""
+    if configured in START_RABBITMQ:
+        choice, configured = "rabbitmq", ""
+    if choice == "redis":
+        return None, ""
+    if choice == "rabbitmq" and not configured.startswith("amqp"):
+        server = RabbitMQServer()
+        return server, server.url
+    return None, configured
 
 
 def _port_or_free(port: int) -> int:
@@ -86,8 +125,8 @@ def _port_or_free(port: int) -> int:
 
 def up(args: argparse.Namespace) -> int:
     """Start everything, wait until healthy, optionally classify a folder, supervise."""
-    settings, redis = local_settings()
-    sup = Supervisor(stack(settings, redis), stop_grace_s=3.0)
+    settings, redis, rabbitmq = local_settings(getattr(args, "broker", None))
+    sup = Supervisor(stack(settings, redis, rabbitmq=rabbitmq), stop_grace_s=3.0)
     sup.install_signal_handlers()
     try:
         with sup.interruptible():
@@ -98,6 +137,7 @@ def up(args: argparse.Namespace) -> int:
             print("\nbatchvision is up:")
             for svc in sup.services:
                 print(f"  {svc.name:<7} {svc.url}")
+            print(f"  {'page':<7} http://127.0.0.1:{settings.api_port}/   (drop a folder, watch it classify)")
             if settings.flower_user:
                 print(
                     f"  flower login: {settings.flower_user} / {settings.flower_password.get_secret_value()}"
@@ -120,6 +160,8 @@ def up(args: argparse.Namespace) -> int:
         sup.stop()
         if redis is not None:
             redis.close()
+        if rabbitmq is not None:
+            rabbitmq.close()
 
 
 def wait_for_workers(
@@ -132,20 +174,27 @@ def wait_for_workers(
     import time
 
     import redis
+    from kombu.exceptions import OperationalError
 
     from batchvision.server.queue import create_celery
 
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if len(create_celery(settings).control.ping(timeout=1.0)) >= count:
-                return
-        except (OSError, redis.exceptions.ConnectionError):
-            pass  # Redis is (re)starting: ask again on a fresh connection
-        if while_waiting is not None:
-            while_waiting()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
+    app = create_celery(settings)
+    try:
+        while True:
+            try:
+                if len(app.control.ping(timeout=1.0)) >= count:
+                    return
+            except (OSError, redis.exceptions.ConnectionError, OperationalError):
+                # The broker is (re)starting: ask again on a fresh connection (the pool stays
+                # usable: a closed pool would refuse the next ping).
+                app.pool.force_close_all(close_pool=False)
+            if while_waiting is not None:
+                while_waiting()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
+    finally:
+        app.close()  # its broker connections, now rather than whenever they are collected
 
 
 def _redis_answers(url: str) -> bool:

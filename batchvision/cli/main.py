@@ -16,7 +16,8 @@ from pathlib import Path
 
 from batchvision.core.settings import Settings, SettingsError, unknown_variables
 from batchvision.server.checks import ConfigError, check_worker_settings
-from batchvision.server.queue import interactive_queue
+from batchvision.server.repository import RepositoryError
+from batchvision.server.routing import worker_queues
 
 DEFAULT_DEMO_MODEL = Path("models/demo.keras")
 #: Exit status of a command refused by its configuration (invalid or unsafe settings).
@@ -157,6 +158,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Issue 14: the models this worker serves (--models, else BATCHVISION_WORKER_MODELS, else
+    # every model of the repository) decide the queues it consumes; the worker process reads
+    # BATCHVISION_WORKER_MODELS to load the same ones.
+    try:
+        models = worker_models(s, args.models)
+    except (RepositoryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ["BATCHVISION_WORKER_MODELS"] = ",".join(models)
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     # glibc gives each decoding thread its own malloc arena; their fragmentation shows up as
@@ -175,7 +185,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--concurrency",
         str(s.worker_threads),
         "--queues",
-        f"{interactive_queue(s)},{s.queue}",
+        ",".join(worker_queues(s, models)),
         "--hostname",
         name,
         "--task-events",
@@ -185,11 +195,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
         args.loglevel,
     ]
     if s.log_format == "json":
-        # Issue 18: no banner on stdout (the log lines are JSON); TensorFlow's C++ INFO lines
-        # bypass Python logging, so they are left out (its warnings and errors still show).
+        # Issue 18: no banner on stdout (every line is a JSON log record; native output of
+        # TensorFlow is turned into records by workers.logs).
         argv.insert(argv.index("worker"), "--quiet")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     os.execv(sys.executable, argv)
+
+
+def worker_models(s: Settings, given: str | None) -> list[str]:
+    """The models a worker serves: ``given`` (``--models``), else ``BATCHVISION_WORKER_MODELS``,
+    else every model of the repository; each checked against the repository (no TensorFlow:
+    the folders are read, not loaded)."""
+    from batchvision.server.repository import parse_model_list, repository, select
+
+    wanted = parse_model_list(given if given is not None else s.worker_models)
+    return sorted(select(repository(s), wanted))
 
 
 def cmd_worker_health(args: argparse.Namespace) -> int:
@@ -207,7 +226,9 @@ def cmd_worker_health(args: argparse.Namespace) -> int:
 def cmd_flower(args: argparse.Namespace) -> int:
     """Flower, with basic auth; refuses to start without credentials unless --insecure."""
     s = Settings.from_env()
-    argv = [sys.executable, "-m", "celery", "--broker", s.redis_url, "flower", f"--port={s.flower_port}"]
+    from batchvision.server.queue import broker_url
+
+    argv = [sys.executable, "-m", "celery", "--broker", broker_url(s), "flower", f"--port={s.flower_port}"]
     password = s.flower_password.get_secret_value()
     if s.flower_user and password:
         argv.append(f"--basic-auth={s.flower_user}:{password}")
@@ -219,6 +240,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
         )
         return 2
     os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "false")
+    if s.log_format == "json":  # issue 18: Flower's (tornado's) log lines as JSON too
+        argv[1:3] = ["-m", "batchvision.cli.logexec", "flower", "celery"]
     os.execv(sys.executable, argv)
 
 
@@ -237,8 +260,9 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
         "demo-model",
         "--out",
         str(out),
-        "--epochs",
-        str(args.epochs),
+        "--kind",
+        args.kind,
+        *(["--epochs", str(args.epochs)] if args.epochs is not None else []),
         "--min-accuracy",
         str(args.min_accuracy),
     )
@@ -274,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("worker", cmd_worker, "run one classification worker")
     p.add_argument("--gpu", help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument(
+        "--models",
+        help="comma-separated models this worker serves and whose queues it consumes (default: "
+        "BATCHVISION_WORKER_MODELS, else every model of BATCHVISION_MODELS_DIR and BATCHVISION_MODEL)",
+    )
     p.add_argument("--name", help="Celery node name (default worker@HOSTNAME)")
     p.add_argument("--loglevel", default="INFO")
     p = add("worker-health", cmd_worker_health, "probe: does the local worker still consume?")
@@ -284,16 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("fetch-weights", cmd_fetch_weights, "download the model's ImageNet weights")
     p = add("demo-model", cmd_demo_model, "train the demo model on synthetic shapes")
     p.add_argument("--out", default=str(DEFAULT_DEMO_MODEL))
-    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument(
+        "--kind",
+        choices=("shapes", "colours"),
+        default="shapes",
+        help="shapes (the demo model) or colours (the second demo model of the repository)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="default: 18 for shapes, 8 for colours")
     p.add_argument("--min-accuracy", type=float, default=0.95)
     p.add_argument("--force", action="store_true")
     p = add("up", cmd_up, "run Redis, API, worker and Flower locally, supervised")
     p.add_argument("--sample", help="classify this folder once the stack is up")
     p.add_argument("--demo", action="store_true", help="classify generated sample images once up")
     p.add_argument("--exit-after-demo", action="store_true", help="stop after the demo (CI)")
-    from batchvision.cli import commands
+    p.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        default=None,
+        help="Celery broker: redis (default) or rabbitmq (our own rabbitmq-server, unless "
+        "BATCHVISION_BROKER_URL names one)",
+    )
+    from batchvision.cli import commands, model_commands
 
     commands.register(sub, add)
+    model_commands.register(sub, add)  # issue 14: models, reload
     return parser
 
 

@@ -191,6 +191,8 @@ class Network:
         for link in reversed(self._made_links):
             _ip("link", "delete", link, check=False)
         (STATE_DIR / f"{self.run_id}.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            STATE_DIR.rmdir()  # only if no other run is recorded
         _unregister(self)
 
     def __enter__(self) -> Network:
@@ -288,6 +290,11 @@ class Network:
 def namespaces() -> list[str]:
     """Names of the network namespaces that exist now."""
     return [line.split(" ")[0] for line in _ip("netns", "list", check=False).splitlines() if line.strip()]
+
+
+def link_exists(name: str) -> bool:
+    """Whether the root namespace has a link called ``name``."""
+    return bool(_ip("link", "show", name, check=False).strip())
 
 
 def _free_subnet() -> str:

@@ -7,7 +7,7 @@ request is retried by the client's one policy (:mod:`batchvision.client.retry`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,10 +64,12 @@ def submit_folder(
     part_bytes: int = 32 * 1024 * 1024,
     resume: str | None = None,
     on_part: Callable[[int], None] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Upload every image under ``paths`` to one job and seal it; returns a summary.
 
-    With ``resume``, files the job already has are not sent again.
+    With ``resume``, files the job already has are not sent again. ``options``: the new job's
+    ``model``, ``top_k``, ``min_score`` (a resumed job keeps its own).
     """
     found = scan(paths)
     if resume:
@@ -75,7 +77,7 @@ def submit_folder(
         job_id = resume
     else:
         have = set()
-        job_id = client.open_job(len(found.images))["job_id"]
+        job_id = client.open_job(len(found.images), **(options or {}))["job_id"]
     todo = [(rel, p) for rel, p in found.images if rel not in have]
     if on_part is not None and have:
         on_part(len(found.images) - len(todo))

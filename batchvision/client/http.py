@@ -120,13 +120,45 @@ class Client:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path]) -> dict[str, Any]:
-        """Submit images as one job; items are paths or ``(filename, bytes)`` pairs."""
-        return dict(self._json("POST", "/v1/jobs", files=_parts(files), headers=_idempotency()))
+    def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path], **options: Any) -> dict[str, Any]:
+        """Submit images as one job; items are paths or ``(filename, bytes)`` pairs.
+        ``options``: ``model`` (``name`` or ``name:version``), ``top_k``, ``min_score``."""
+        params = job_options(**options)
+        return dict(
+            self._json("POST", "/v1/jobs", params=params, files=_parts(files), headers=_idempotency())
+        )
 
-    def open_job(self, expected: int | None = None) -> dict[str, Any]:
-        """Open a job for an upload in parts."""
-        return dict(self._json("POST", "/v1/jobs", json={"expected": expected}, headers=_idempotency()))
+    def open_job(
+        self, expected: int | None = None, callback_url: str | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Open a job for an upload in parts (``callback_url``: see :meth:`submit_urls`;
+        ``options``: see :meth:`submit_files`)."""
+        body: dict[str, Any] = {"expected": expected}
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        params = job_options(**options)
+        return dict(self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency()))
+
+    # -- issue 15: images by URL, completion webhooks ---------------------------------------------
+
+    def submit_urls(
+        self, urls: Iterable[str | tuple[str, str | None]], callback_url: str | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Submit images by URL as one job (the workers fetch them); items are URLs or
+        ``(url, filename)`` pairs. ``callback_url`` gets one signed POST when the job is final
+        (check it with the secret of :meth:`webhook_secret`)."""
+        items = [
+            u if isinstance(u, str) else {"url": u[0], **({"filename": u[1]} if u[1] else {})} for u in urls
+        ]
+        body: dict[str, Any] = {"urls": items}
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        params = job_options(**options)
+        return dict(self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency()))
+
+    def webhook_secret(self) -> str:
+        """The secret that signs this API key's webhooks (``Batchvision-Signature``)."""
+        return str(self._json("GET", "/v1/webhook-secret")["secret"])
 
     def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
         """Upload one part; file names are relative paths (the idempotency key)."""
@@ -146,14 +178,14 @@ class Client:
         return submit_folder(self, [Path(p) for p in paths], **kw)
 
     def classify(
-        self, files: Iterable[tuple[str, bytes] | str | Path], timeout: float = 30.0
+        self, files: Iterable[tuple[str, bytes] | str | Path], timeout: float = 30.0, **options: Any
     ) -> dict[str, Any]:
-        """Submit and wait server-side (``POST /v1/classify``)."""
+        """Submit and wait server-side (``POST /v1/classify``); ``options``: see :meth:`submit_files`."""
         return dict(
             self._json(
                 "POST",
                 "/v1/classify",
-                params={"timeout": timeout},
+                params={"timeout": timeout, **job_options(**options)},
                 files=_parts(files),
                 headers=_idempotency(),
                 timeout=timeout + 30,
@@ -237,8 +269,29 @@ class Client:
                     tmp.unlink(missing_ok=True)
                     raise
 
+    # -- issue 14: models ------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the default model and every model's versions, live version,
+        input size, classes and workers."""
+        return dict(self._json("GET", "/v1/models"))
+
+    def reload_model(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+        """Ask the workers to load ``name``'s new version, or make ``version`` live (a number,
+        or ``"latest"``); needs an admin key. Returns at once: see :meth:`models`."""
+        body = {} if version is None else {"version": version}
+        return dict(self._json("POST", f"/v1/models/{name}/reload", json=body))
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._json("DELETE", f"/v1/jobs/{job_id}"))
+
+
+def job_options(
+    model: str | None = None, top_k: int | None = None, min_score: float | None = None
+) -> dict[str, Any]:
+    """The query parameters of per-job options (issue 14); unknown names are a ``TypeError``."""
+    given = {"model": model, "top_k": top_k, "min_score": min_score}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _idempotency() -> dict[str, str]:

@@ -127,13 +127,19 @@ class DynamicBatcher(Generic[In, Out]):
                 if self._closed:
                     return None
                 self._cond.wait()
-            if not self._urgent:
-                deadline = self._items[0].enqueued + self.max_delay_s
-                while len(self._items) < self.max_batch_size and self._reserved > 0 and not self._urgent:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._closed:
-                        break
-                    self._cond.wait(left)
+            # Wait (at most max_delay after the oldest item of the line that goes next) while
+            # more images are announced and the batch is not full: the images of a message
+            # still in decode join this batch instead of the next one. Nothing is announced for
+            # a lone image at idle, so it runs at once. Urgent items arriving end the wait of a
+            # bulk batch: they go next.
+            urgent = bool(self._urgent)
+            line = self._urgent if urgent else self._items
+            deadline = line[0].enqueued + self.max_delay_s
+            while len(line) < self.max_batch_size and self._reserved > 0 and urgent == bool(self._urgent):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
             if self._urgent:
                 # Someone is waiting on these: run them now, in a small batch of their own,
                 # instead of in the next full (and slow) batch.

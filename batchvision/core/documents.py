@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from batchvision.core.models import MAX_TOP_K, REF_PATTERN
 from batchvision.core.schemas import JobStatus
 
 #: A job id: 32 lowercase hex digits (a UUID4 without dashes).
@@ -45,6 +46,34 @@ class ErrorDocument(BaseModel):
     error: ErrorBody
 
 
+# -- images by URL and completion webhooks (issue 15) -----------------------------------------
+
+#: Longest image or callback URL (the same limit as batchvision.core.manifest.MAX_URL_LENGTH).
+MAX_URL_LENGTH = 2048
+
+
+class CallbackState(Document):
+    """Where a job's completion webhook stands (``waiting`` until the job is final)."""
+
+    url: str
+    state: Literal["waiting", "pending", "retrying", "delivered", "failed"]
+    attempts: int = Field(ge=0)
+    last_status: int | None = Field(None, description="HTTP status of the last attempt")
+    last_error: str | None = Field(
+        None, description="why the last attempt failed (`http_503`, `fetch_timeout`...)"
+    )
+    last_attempt_at: float | None = Field(None, description="Unix time")
+    delivered_at: float | None = Field(None, description="Unix time of the accepted delivery")
+
+
+class WebhookSecret(Document):
+    """``GET /v1/webhook-secret``: the secret that signs this API key's webhooks."""
+
+    secret: str
+    header: str = Field(description="the header that carries the signature")
+    scheme: str = Field(description="how the signature is made")
+
+
 class Job(Document):
     """A job's status and progress (``GET /v1/jobs/{job_id}``)."""
 
@@ -57,8 +86,16 @@ class Job(Document):
     created_at: float = Field(description="Unix time")
     finished_at: float | None = Field(description="Unix time, once every image has a result")
     model: str
+    model_version: int | None = Field(
+        None, description="the version the job is pinned to (null: the live one)"
+    )
+    top_k: int | None = Field(None, description="classes each result lists (at most the model's)")
+    min_score: float | None = Field(None, description="classes scoring below it are left out of top_k")
     status_url: str
     results_url: str
+    callback: CallbackState | None = Field(
+        None, description="the completion webhook's delivery, for a job created with a callback_url"
+    )
 
     @property
     def final(self) -> bool:
@@ -112,6 +149,8 @@ class ResultRow(Document):
     score: float | None = None
     top_k: list[Score] | None = None
     error: ErrorBody | None = None
+    model: str | None = Field(None, description="the model that classified the image")
+    version: int | None = Field(None, description="the version of the model that classified it")
 
 
 class ClassifyResult(Job):
@@ -163,6 +202,38 @@ class OpenJob(BaseModel):
     expected: int | None = Field(
         None, ge=0, le=MAX_EXPECTED, description="how many images will follow (for progress); optional"
     )
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http(s) URL that gets one signed POST when the job is final (issue 15)",
+    )
+
+
+class UrlItem(BaseModel):
+    """One image of a URL job, with the name its result row shows (default: the URL)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
+    filename: str | None = Field(None, min_length=1, max_length=1024)
+
+
+class UrlJob(BaseModel):
+    """``POST /v1/jobs`` with a JSON body that names images by URL; the workers fetch them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    urls: list[Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH)] | UrlItem] = Field(
+        min_length=1,
+        description="http(s) URLs, or {url, filename} objects; at most BATCHVISION_MAX_URLS_PER_JOB",
+    )
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http(s) URL that gets one signed POST when the job is final",
+    )
 
 
 class ResultsQuery(BaseModel):
@@ -175,13 +246,46 @@ class ResultsQuery(BaseModel):
     limit: int | None = Field(None, ge=1, le=MAX_EXPECTED)
 
 
-class SubmitQuery(BaseModel):
+class OptionsQuery(BaseModel):
+    """Per-job options (issue 14), in the query of every route that creates a job. Their
+    ranges are checked against the model at submit time: ``422 invalid_option`` names the
+    option and what is allowed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None,
+        description="model name, or NAME:VERSION to pin a version (default: the configured default "
+        "model); GET /v1/models lists them",
+        json_schema_extra={"pattern": REF_PATTERN, "maxLength": 74},
+    )
+    top_k: int | None = Field(
+        None,
+        description="classes each result lists, 1 to the model's number of classes (default "
+        "BATCHVISION_TOP_K, at most the model's classes)",
+        json_schema_extra={"minimum": 1, "maximum": MAX_TOP_K},
+    )
+    min_score: float | None = Field(
+        None,
+        description="classes scoring below it are left out of top_k (0 to 1; default 0)",
+        json_schema_extra={"minimum": 0, "maximum": 1},
+    )
+
+
+class SubmitQuery(OptionsQuery):
     """Query of ``POST /v1/jobs``."""
 
     model_config = ConfigDict(extra="forbid")
 
     seal: bool = Field(True, description="false: open a job for an upload in parts with this first part")
     filename: str | None = Field(None, min_length=1, max_length=1024, description="name of a raw image body")
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http(s) URL that gets one signed POST when the job is final (a JSON body "
+        "carries it in the body instead)",
+    )
 
 
 class AddFilesQuery(BaseModel):
@@ -194,7 +298,7 @@ class AddFilesQuery(BaseModel):
     )
 
 
-class ClassifyQuery(BaseModel):
+class ClassifyQuery(OptionsQuery):
     """Query of ``POST /v1/classify``."""
 
     model_config = ConfigDict(extra="forbid")

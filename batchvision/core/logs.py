@@ -145,21 +145,18 @@ def configure_logging(
 
 def gunicorn_config(service: str = "api", level: str = "INFO") -> dict[str, Any]:
     """A ``logging.config.dictConfig`` document for gunicorn (``--log-config-json``) that
-    writes JSON lines: its error log and the application's records to stderr, the access
-    log to stdout."""
-    json_formatter = {"()": f"{__name__}.JsonFormatter", "static": {"service": service}}
-
-    def stream(name: str) -> dict[str, Any]:
-        return {"class": "logging.StreamHandler", "formatter": "json", "stream": f"ext://sys.{name}"}
-
+    writes JSON lines to stderr: its error log, its access log and the application's records
+    (stdout stays free of logs, as in the worker and ``batchvision up``)."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": json_formatter},
-        "handlers": {"stderr": stream("stderr"), "stdout": stream("stdout")},
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter", "static": {"service": service}}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
         "root": {"level": level, "handlers": ["stderr"]},
         "loggers": {
             "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["stdout"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
         },
     }

@@ -31,8 +31,9 @@ class Score(TypedDict):
     score: float
 
 
-def prediction(probs: np.ndarray, labels: Sequence[str], k: int) -> dict[str, Any]:
-    """The stored result for one image from its class probabilities."""
+def prediction(probs: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0) -> dict[str, Any]:
+    """The stored result for one image from its class probabilities: the best class, and the
+    ``k`` best (at most the number of classes) that score at least ``min_score``."""
     k = max(1, min(k, probs.shape[-1]))
     top = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[-1] else np.arange(probs.shape[-1])
     top = top[np.argsort(-probs[top], kind="stable")]
@@ -41,7 +42,11 @@ def prediction(probs: np.ndarray, labels: Sequence[str], k: int) -> dict[str, An
         "label": label_of(labels, best),
         "class_id": best,
         "score": round(float(probs[best]), 6),
-        "top_k": [{"label": label_of(labels, int(i)), "score": round(float(probs[i]), 6)} for i in top],
+        "top_k": [
+            {"label": label_of(labels, int(i)), "score": round(float(probs[i]), 6)}
+            for i in top
+            if min_score <= 0 or probs[i] >= min_score
+        ],
     }
 
 

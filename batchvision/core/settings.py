@@ -62,6 +62,28 @@ class Settings(BaseSettings):
         "`caffe`, `torch`, `unit` (0..1).",
     )
     top_k: Annotated[int, Field(ge=1, le=1000)] = _field(5, "How many classes each result lists in `top_k`.")
+    # -- several models, versions, live reload (issue 14) --------------------------------------
+    models_dir: str = _field(
+        "",
+        "Model repository: `<dir>/<name>/<version>/` with a `.keras`/`.h5` file or a SavedModel, "
+        "`labels.txt` and an optional `config.json` (see the README). `BATCHVISION_MODEL` names "
+        "the default model; empty: `BATCHVISION_MODEL` is the only model.",
+    )
+    worker_models: str = _field(
+        "",
+        "Models a worker serves, comma-separated (`batchvision worker --models` sets it); empty: "
+        "every model of the repository.",
+    )
+    model_poll_s: Annotated[float, Field(ge=0, le=3600)] = _field(
+        5.0,
+        "How often a worker looks for new versions in `MODELS_DIR` (0: only when "
+        "`POST /v1/models/<name>/reload` asks).",
+    )
+    admin_keys: SecretStr = _field(
+        "",
+        "Comma-separated admin keys (or SHA-256 hex digests) for `POST /v1/models/<name>/reload`; "
+        "empty: reloads come from new version folders only. Admin keys are API keys too.",
+    )
     max_batch_size: Annotated[int, Field(ge=1, le=4096)] = _field(
         32, "Largest batch one model call takes, across jobs."
     )
@@ -186,12 +208,71 @@ class Settings(BaseSettings):
         "can submit and read jobs). Without keys and without this, `batchvision api` refuses to "
         "listen beyond loopback.",
     )
+    # -- images by URL and completion webhooks (issue 15) -----------------------------------
+    fetch_allow: str = _field(
+        "",
+        "Hosts and networks that image and callback URLs may reach although the address rules "
+        "refuse them (loopback, private, link-local, multicast, reserved): comma-separated CIDRs "
+        "or addresses (`10.1.0.0/16`, `127.0.0.1`) and host names (`images.internal`, "
+        "`*.corp.example`). Cloud metadata addresses stay refused. Empty: public addresses only.",
+    )
+    max_urls_per_job: Annotated[int, Field(ge=1, le=1_000_000)] = _field(
+        10000, "Most URLs in one job (a JSON body or an uploaded CSV / JSON Lines manifest)."
+    )
+    fetch_timeout_s: Annotated[float, Field(gt=0, le=3600)] = _field(
+        30.0,
+        "Longest the fetch of one image URL may take in all: name resolution, connections, "
+        "redirects and the body (`fetch_timeout`).",
+    )
+    fetch_connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = _field(
+        5.0, "Longest one connection to an image or callback host may take to open."
+    )
+    fetch_max_redirects: Annotated[int, Field(ge=0, le=20)] = _field(
+        5, "Redirects followed per image URL, each checked like the first URL (`too_many_redirects`)."
+    )
+    fetch_threads: Annotated[int, Field(ge=1, le=1024)] = _field(
+        16, "Image URLs a worker process fetches at the same time (connections are kept per host)."
+    )
+    webhook_secret: SecretStr = _field(
+        "",
+        "Server secret from which each API key's webhook signing secret is derived "
+        "(`GET /v1/webhook-secret`); empty: a random one is made once and kept in Redis.",
+    )
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=300)] = _field(
+        10.0, "Longest one webhook delivery may take (connect, send, answer)."
+    )
+    webhook_retry_for_s: Annotated[int, Field(ge=0, le=30 * 86400)] = _field(
+        3600,
+        "How long a webhook is retried (exponential backoff with jitter, on connection errors, "
+        "timeouts, `429` and `5xx`) after its job finished; capped by `RESULT_TTL_S`.",
+    )
+
+    # -- broker (issue 16) ------------------------------------------------------------------
+    broker_url: str = _field(
+        "",
+        "Celery broker: empty for the Redis of `REDIS_URL`, or `amqp://user:password@host:5672/vhost` "
+        "for RabbitMQ (quorum queues; see \"Choosing a broker\"). Redis stays the job store and "
+        "blob store either way. `batchvision up --broker rabbitmq` starts its own "
+        "`rabbitmq-server` when this is unset.",
+    )
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         if urlparse(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if value == "":
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in ("redis", "rediss", "unix", "amqp", "amqps"):
+            raise ValueError("must be empty (the Redis URL), or a redis:// or amqp:// (amqps://) URL")
+        if parsed.scheme.startswith("amqp") and not parsed.hostname:
+            raise ValueError("an amqp:// URL must name its host: amqp://user:password@host:5672/vhost")
         return value
 
     @field_validator("blob_url")
@@ -202,9 +283,9 @@ class Settings(BaseSettings):
         return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        # The Redis URL may carry a password: show it masked, like the secret fields.
+        # The Redis and broker URLs may carry a password: show them masked, like the secret fields.
         for name, value in super().__repr_args__():
-            yield name, (_mask_url(value) if name == "redis_url" else value)
+            yield name, (_mask_url(value) if name in ("redis_url", "broker_url") else value)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -261,7 +342,7 @@ class SettingsError(ValueError):
 
 
 #: Fields whose values are never shown.
-SECRETS = ("api_keys", "flower_password")
+SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys")
 
 
 def _mask_url(url: Any) -> Any:

@@ -121,3 +121,61 @@ def photo_like(size: tuple[int, int], seed: int, quality: int = 90) -> bytes:
     base = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC), np.float32)
     texture = rng.normal(0, 18, (h, w, 3))
     return encode(Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8)), quality=quality)
+
+
+# -- the second demo model (issue 14): colours ---------------------------------------------------
+
+#: The classes of the colour demo model, with their hue in degrees.
+COLOURS = {"red": 0, "orange": 30, "yellow": 58, "green": 120, "blue": 225, "purple": 280}
+COLOUR_CLASSES = tuple(COLOURS)
+
+
+def render_colour(label: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """A patch (ellipse or rectangle) of colour ``label`` (hue jittered, any brightness and
+    saturation that still reads as the colour) on a greyish background, with noise."""
+    w, h = size
+    grey = int(rng.integers(20, 236))
+    tint = rng.integers(-12, 13, 3)
+    bg = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)
+    hue = (COLOURS[label] + rng.uniform(-7, 7)) % 360 / 360.0
+    rgb = _hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.7, 1.0))
+    img = Image.new("RGB", size, bg)
+    draw = ImageDraw.Draw(img)
+    side = min(w, h)
+    rx, ry = side * rng.uniform(0.25, 0.45), side * rng.uniform(0.25, 0.45)
+    cx, cy = rng.uniform(rx, w - rx), rng.uniform(ry, h - ry)
+    box = [cx - rx, cy - ry, cx + rx, cy + ry]
+    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=rgb)
+    arr = np.asarray(img, dtype=np.float32)
+    arr += rng.normal(0, rng.uniform(2, 10), arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def colour_dataset(n: int, input_size: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` colour images resized to ``input_size``, with balanced labels."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, input_size[1], input_size[0], 3), np.uint8)
+    y = np.arange(n) % len(COLOUR_CLASSES)
+    rng.shuffle(y)
+    for i, cls in enumerate(y):
+        size = (int(rng.integers(32, 128)), int(rng.integers(32, 128)))
+        img = render_colour(COLOUR_CLASSES[cls], size, rng).resize(input_size, Image.Resampling.BILINEAR)
+        x[i] = np.asarray(img)
+    return x, y
+
+
+def colour_files(n: int, seed: int, fmt: str = "JPEG") -> Iterator[tuple[str, bytes, str]]:
+    """``(filename, bytes, label)`` for ``n`` random images of the colour classes."""
+    rng = np.random.default_rng(seed)
+    ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+    for i in range(n):
+        label = COLOUR_CLASSES[i % len(COLOUR_CLASSES)]
+        size = (int(rng.integers(48, 160)), int(rng.integers(48, 160)))
+        yield f"{label}_{i:05d}.{ext}", encode(render_colour(label, size, rng), fmt, quality=92), label
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)

@@ -3,12 +3,13 @@ times a chunk or an image was delivered (the poison-image guard)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from batchvision.core.models import OPTION_FIELDS
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
 
@@ -16,11 +17,13 @@ from batchvision.server.keys import JobKeys
 @dataclass(frozen=True)
 class Claim:
     """What a worker starting a chunk must do: ``todo`` (indexes without a result), whether
-    the job was canceled, and how many times this chunk was delivered (this one included)."""
+    the job was canceled, how many times this chunk was delivered (this one included), and the
+    job's options (its model, pinned version, ``top_k``, ``min_score``: fields of the job hash)."""
 
     todo: list[int]
     canceled: bool
     deliveries: int
+    options: Mapping[str, str] = field(default_factory=dict)
 
 
 class Claims:
@@ -45,7 +48,7 @@ class Claims:
         pipe = self.redis.pipeline(transaction=False)
         for job_id, indexes in chunks:
             k = JobKeys.of(job_id)
-            pipe.hget(k.job, "cancel")
+            pipe.hmget(k.job, ["cancel", *OPTION_FIELDS])
             pipe.hmget(k.results, [str(i) for i in indexes])
             pipe.hincrby(k.tries, attempt_key(indexes), 1)
             pipe.expire(k.tries, self.ttl_s)
@@ -54,14 +57,20 @@ class Claims:
         replies = pipe.execute()
         out: list[Claim | None] = []
         for n, (job_id, indexes) in enumerate(chunks):
-            cancel, have, tries, _ = replies[4 * n : 4 * n + 4]
+            (cancel, *options), have, tries, _ = replies[4 * n : 4 * n + 4]
             if cancel is None:  # the job hash is gone
                 self.redis.delete(JobKeys.of(job_id).tries)
                 out.append(None)
                 continue
             todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
-            out.append(Claim(todo, cancel == b"1", int(tries)))
+            fields = {k: v.decode() for k, v in zip(OPTION_FIELDS, options, strict=True) if v is not None}
+            out.append(Claim(todo, cancel == b"1", int(tries), fields))
         return out
+
+    def unclaim(self, job_id: str, indexes: Sequence[int]) -> None:
+        """Take back a chunk's delivery count (a worker that does not serve the job's model hands
+        the chunk on: that was no delivery)."""
+        self.redis.hincrby(JobKeys.of(job_id).tries, f"chunk:{indexes[0]}", -1)
 
     def attempt(self, job_id: str, key: str) -> int:
         """Count one more delivery of ``key`` (a chunk or an image); returns the count."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,23 @@ import redis
 
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage, TooManyRequests
 from batchvision.core.imaging import inspect_image
+from batchvision.core.manifest import UrlEntry
+from batchvision.core.models import JobOptions, resolve_options
 from batchvision.core.schemas import error_result
 from batchvision.core.settings import Settings
 from batchvision.server.blobs import BlobStore
+from batchvision.server.fetch import AllowList, FetchError, url_blob, url_problem
+from batchvision.server.keys import JobKeys
+from batchvision.server.models import ModelRegistry
 from batchvision.server.queue import Enqueuer, chunked
 from batchvision.server.recovery import ledger_add
+from batchvision.server.routing import default_model
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
+from batchvision.server.webhooks import callback_fields
+
+#: Where a job's status URL puts its id, in the template :meth:`Intake.callback` takes.
+JOB_ID_SLOT = "{job_id}"
 
 
 def new_job_id() -> str:
@@ -101,6 +112,8 @@ class Intake:
     blobs: BlobStore
     telemetry: Telemetry
     enqueuer: Enqueuer
+    #: The worker registry: the models a submit may name (issue 14); ``None``: the default only.
+    models: ModelRegistry | None = None
 
     def backpressure(self) -> None:
         """Refuse new work (429) while too many accepted images wait for a result."""
@@ -108,12 +121,86 @@ class Intake:
         if limit and self.telemetry.pending_images() >= limit:
             raise TooManyRequests(f"{limit} images are already waiting; retry later", code="queue_full")
 
-    def new_job(self, owner: str) -> str:
-        """Open an empty job for ``owner``; raises ``TooManyRequests`` under backpressure."""
+    def options(
+        self, model: str | None = None, top_k: int | None = None, min_score: float | None = None
+    ) -> JobOptions:
+        """A job's options checked against the models the workers announced (issue 14):
+        :class:`~batchvision.core.models.InvalidOption` (422) names what is wrong."""
+        return resolve_options(
+            model=model,
+            top_k=top_k,
+            min_score=min_score,
+            default_model=default_model(self.settings),
+            default_top_k=self.settings.top_k,
+            known=self.models.facts() if self.models is not None else {},
+        )
+
+    def new_job(
+        self, owner: str, callback: Mapping[str, str] | None = None, options: JobOptions | None = None
+    ) -> str:
+        """Open an empty job for ``owner``; raises ``TooManyRequests`` under backpressure.
+        ``callback``: :meth:`callback` fields, written with the job; ``options``: :meth:`options`."""
         self.backpressure()
         job_id = new_job_id()
-        self.store.create(job_id, model=self.settings.model, owner=owner)
+        pipe = self.redis.pipeline(transaction=True)
+        self._callback_on(pipe, job_id, callback)
+        opts = options or self.options()
+        self.store.create(job_id, model=opts.model, owner=owner, pipe=pipe, options=opts.to_hash())
+        pipe.execute()
         return job_id
+
+    # -- issue 15: completion webhooks and images by URL -----------------------------------------
+
+    def callback(self, url: str | None, status_url: str = "") -> dict[str, str] | None:
+        """The job-hash fields of a ``callback_url`` (``status_url``: the API's status URL of
+        the job, with :data:`JOB_ID_SLOT` where the id goes), checked by the fetch rules as far as they
+        go without the network (syntax; an address literal against the address rules); the
+        deliverer checks the resolved address at each attempt. ``FetchError`` (422
+        ``bad_callback_url``) when refused."""
+        if url is None:
+            return None
+        problem = url_problem(url, AllowList.parse(self.settings.fetch_allow))
+        if problem is not None:
+            raise FetchError(
+                f"callback_url refused: {problem.message}",
+                code="bad_callback_url",
+                details=[{"in": "body", "field": "callback_url", "reason": problem.code}],
+            )
+        return callback_fields(url, status_url or None)
+
+    @staticmethod
+    def _callback_on(pipe: Any, job_id: str, callback: Mapping[str, str] | None) -> None:
+        # Before the job's own fields, in the same MULTI: HSET merges, and a job that finishes
+        # within this MULTI (every file refused) already has its callback when the seal runs.
+        if callback:
+            fields = dict(callback)
+            if "cb_status_url" in fields:
+                fields["cb_status_url"] = fields["cb_status_url"].replace(JOB_ID_SLOT, job_id)
+            pipe.hset(JobKeys.of(job_id).job, mapping=fields)
+
+    def submit_urls(
+        self,
+        owner: str,
+        entries: list[UrlEntry],
+        *,
+        callback: Mapping[str, str] | None = None,
+        options: JobOptions | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """A new, sealed job of images named by URL: the same single MULTI as an upload, where
+        an image's blob is its URL (``BV-URL\\n<url>``) and the worker fetches it. A URL the
+        API can already refuse (syntax, a blocked address literal) is a per-image error; a
+        request in which every URL is refused gets 422."""
+        allow = AllowList.parse(self.settings.fetch_allow)
+        uploads = unique_keys([(e.name, url_blob(e.url)) for e in entries])
+        problems: list[BatchvisionError | None] = [url_problem(e.url, allow) for e in entries]
+        if uploads and all(p is not None for p in problems):
+            details = [rejection(u, p) for u, p in zip(uploads, problems, strict=True) if p]
+            raise InvalidImage(
+                f"none of the {len(uploads)} URLs can be fetched", code="no_valid_urls", details=details
+            )
+        self.backpressure()
+        interactive = len(uploads) <= self.settings.interactive_max_images
+        return self._create(owner, uploads, problems, True, interactive, callback, options)
 
     def submit(
         self,
@@ -124,8 +211,11 @@ class Intake:
         *,
         seal: bool,
         interactive: bool = False,
+        callback: Mapping[str, str] | None = None,
+        options: JobOptions | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """Validate ``uploads`` and add them to ``job_id`` (a new job if ``None``).
+        """Validate ``uploads`` and add them to ``job_id`` (a new job if ``None``, with the
+        ``callback`` fields of :meth:`callback` and the ``options`` of :meth:`options` if given).
 
         Returns the job id and a summary: ``accepted``, ``queued``, ``rejected``,
         ``duplicates``, ``skipped``. Raises ``LookupError`` for an unknown job and
@@ -138,7 +228,7 @@ class Intake:
         # A small job sent whole is someone waiting: it goes ahead of bulk work.
         interactive = interactive or (seal and len(uploads) <= self.settings.interactive_max_images)
         if job_id is None:
-            job_id, summary = self._create(owner, uploads, problems, seal, interactive)
+            job_id, summary = self._create(owner, uploads, problems, seal, interactive, callback, options)
         else:
             summary = self._add(job_id, uploads, problems, interactive)
             if seal:
@@ -153,6 +243,8 @@ class Intake:
         problems: list[BatchvisionError | None],
         seal: bool,
         interactive: bool,
+        callback: Mapping[str, str] | None = None,
+        options: JobOptions | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """A new job with all its files: job, files, blobs, refusals, seal and chunk ledger in
         one ``MULTI`` round trip, then the messages. (Keys are unique within a request, so
@@ -170,19 +262,22 @@ class Intake:
         chunks = [(job_id, c) for c in chunked(sorted(blobs), self.settings.chunk_size)]
         now = round(time.time(), 3)
         pipe = self.redis.pipeline(transaction=True)
+        self._callback_on(pipe, job_id, callback)
         self.blobs.put_many(job_id, blobs, pipe=pipe)
+        opts = options or self.options()
         self.store.create_whole(
             pipe,
             job_id,
-            model=self.settings.model,
+            model=opts.model,
             owner=owner,
             files=[(u.key, u.filename) for u in uploads],
             errors=errors,
             seal=seal,
+            options=opts.to_hash(),
         )
         ledger_add(pipe, chunks, now)
         pipe.execute()
-        self.enqueuer.send(chunks, now, interactive)
+        self.enqueuer.send(chunks, now, interactive, model=opts.model)
         return job_id, {"accepted": len(blobs), "queued": len(blobs), "rejected": rejected, "duplicates": 0}
 
     def _add(
@@ -221,7 +316,7 @@ class Intake:
             pipe = self.redis.pipeline(transaction=False)
             ledger_add(pipe, chunks, now)
             pipe.execute()
-            self.enqueuer.send(chunks, now, interactive)
+            self.enqueuer.send(chunks, now, interactive, model=self.store.model_of(job_id))
         return {
             "accepted": len(blobs) - len(redo & blobs.keys()),
             "queued": len(blobs),

@@ -7,21 +7,34 @@ live in one Redis Cluster slot and one Lua script may touch them all.
 key                             what it holds
 ==============================  ====================================================================
 ``bv:job:{id}``                 hash ``total done failed canceled sealed cancel created_at finished_at
-                                model owner``
+                                model owner``, and for a job with a completion webhook ``cb_url
+                                cb_status_url cb_state cb_attempts cb_last_status cb_last_error
+                                cb_last_attempt_at cb_delivered_at``, options ``version top_k min_score``
 ``bv:job:{id}:files``           hash index -> filename (display name)
 ``bv:job:{id}:paths``           hash file key (relative path) -> index (idempotent parts)
 ``bv:job:{id}:res``             hash index -> result JSON (written once, with ``HSETNX``)
 ``bv:job:{id}:tries``           hash ``chunk:<first index>`` / ``image:<index>`` -> deliveries
 ``bv:tomb:{id}``                the job finished and its results expired (``410 Gone``)
-``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored
+``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored; for an
+                                image named by URL, ``BV-URL\n<url>`` (the worker fetches it)
 ``bv:pending``                  counter: accepted images without a result, over all jobs
 ``bv:active``                   set of job ids not finished yet
-``bv:batches``                  list of recent batches (size, jobs), newest first
+``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
 ``bv:finished``                 pub/sub channel: a job id, once, when that job finishes
 ``bv:idem:<owner>:<digest>``    ``pending`` or the job id created under an ``Idempotency-Key``
 ``bv:rate:<owner>:<minute>``    requests of one API key in one minute
+``bv:webhooks``                 sorted set job id -> when its webhook is due (ms); the finish step
+                                adds it, a deliverer's lease moves it, delivery or giving up
+                                removes it (see ``batchvision/server/webhooks.py``)
+``bv:webhook-secret``           the server's webhook secret when ``WEBHOOK_SECRET`` is unset
+``bv:models``                   hash model name -> JSON: versions (loaded or refused, with the reason),
+                                live version, input size, classes (written by the workers)
+``bv:models:live:<name>``       the live version an operator chose (rollback); absent: the newest
+``bv:models:workers:<name>``    sorted set worker -> last heartbeat, of the workers serving a model
+``bv:models:served:<name>``     hash worker -> the version it has live
+``bv:models:control``           pub/sub channel: reload requests for the workers
 ==============================  ====================================================================
 """
 
@@ -37,6 +50,27 @@ CHUNKS = f"{PREFIX}:chunks"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 #: Pub/sub channel on which the job scripts announce each finished job id (API waiters listen).
 FINISHED = f"{PREFIX}:finished"
+#: Pending webhook deliveries: job id -> due time in milliseconds (a lease while one is sent).
+WEBHOOKS = f"{PREFIX}:webhooks"
+#: The generated server webhook secret (only when ``BATCHVISION_WEBHOOK_SECRET`` is unset).
+WEBHOOK_SECRET = f"{PREFIX}:webhook-secret"
+
+
+#: Several models (issue 14): the registry the workers write and the API reads.
+MODELS = f"{PREFIX}:models"
+MODELS_CONTROL = f"{PREFIX}:models:control"
+
+
+def model_live(name: str) -> str:
+    return f"{PREFIX}:models:live:{name}"
+
+
+def model_workers(name: str) -> str:
+    return f"{PREFIX}:models:workers:{name}"
+
+
+def model_served(name: str) -> str:
+    return f"{PREFIX}:models:served:{name}"
 
 
 def blob(job_id: str, index: int) -> str:
@@ -85,12 +119,12 @@ class JobKeys:
 
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
-        return [*astuple(self), ACTIVE, PENDING]
+        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS]
 
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
 LUA_KEYS = (
-    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING = unpack(KEYS)\n"
+    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING, K_WEBHOOKS = unpack(KEYS)\n"
     "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}\n"
     f"local CH_FINISHED = '{FINISHED}'\n"
 )

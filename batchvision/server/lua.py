@@ -7,7 +7,8 @@ from __future__ import annotations
 from batchvision.server.keys import LUA_KEYS
 
 # Shared tail: finish the job if it is sealed and every image has a result (status,
-# finished_at, wake the waiters, TTLs, tombstone). ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
+# finished_at, wake the waiters, TTLs, tombstone, the completion webhook if the job has one).
+# ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
 # Publishing from a script is allowed: Redis replicates the script's effects, PUBLISH included.
 _FINISH = """
 local v = redis.call('HMGET', K_JOB, 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
@@ -18,6 +19,11 @@ if v[5] == '1' and not v[6] and
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
   redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('SREM', K_ACTIVE, ARGV[3])
+  -- issue 15: a completion webhook is queued in the same step (durable: no process holds it)
+  if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
+    redis.call('HSET', K_JOB, 'cb_state', 'pending')
+    redis.call('ZADD', K_WEBHOOKS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
+  end
 end
 """
 

@@ -6,16 +6,22 @@ bytes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from celery.app.amqp import Queues
+from kombu.entity import Exchange, Queue
 
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
 from batchvision.server.dispatch import Coalescer
+from batchvision.server.routing import default_model, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +33,160 @@ def interactive_queue(settings: Settings) -> str:
     return f"{settings.queue}.interactive"
 
 
+# -- broker selection (issue 16): Redis (default) or RabbitMQ ------------------------------
+
+#: URL schemes of RabbitMQ (kombu's py-amqp transport).
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+#: Longest a publish waits for RabbitMQ's confirm before it counts as failed (the API answers
+#: 503; a publisher blocked by a broker alarm does not hang a request forever).
+CONFIRM_TIMEOUT_S = 10.0
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker's URL: ``BATCHVISION_BROKER_URL``, or the Redis URL when that is empty."""
+    return settings.broker_url or settings.redis_url
+
+
+def uses_amqp(settings: Settings) -> bool:
+    """Whether the broker is RabbitMQ (rather than Redis)."""
+    return broker_url(settings).split(":", 1)[0].lower() in AMQP_SCHEMES
+
+
+def dead_letter_queue(settings: Settings) -> str:
+    """RabbitMQ: where a message goes that failed or was delivered too often. Two dots: no
+    model's queue (``<QUEUE>.<model>``, model names have no dots) can be named so."""
+    return f"{settings.queue}.dead.letters"
+
+
+def delivery_limit(settings: Settings) -> int:
+    """RabbitMQ's ``x-delivery-limit`` of the task queues: how many times a message may come
+    back (its worker died or lost the connection) before it is dead-lettered.
+
+    Above what the poison-image path needs: a message of ``n`` images in which every image
+    kills the worker comes back once for the whole message and ``MAX_ATTEMPTS - 1`` times per
+    image while the pipeline isolates them (the last attempt stores ``poison_image``), so
+    ``1 + n * (MAX_ATTEMPTS - 1)`` returns, with ``n`` the largest message (a chunk, or
+    interactive chunks coalesced up to a batch), plus 10 for returns that are no image's fault
+    (rolling restarts, connection cuts while a message waited in a worker's prefetch)."""
+    images = max(settings.chunk_size, settings.max_batch_size)
+    return 1 + images * (settings.max_attempts - 1) + 10
+
+
+def task_queue(settings: Settings, name: str) -> Queue:
+    """One task queue on RabbitMQ: a durable quorum queue (replicated with Raft, acknowledged
+    per message) bound by its name to a direct exchange named after ``BATCHVISION_QUEUE``.
+    A message that failed or came back more than :func:`delivery_limit` times is
+    dead-lettered, at least once, to :func:`dead_letter_queue`, which every worker drains
+    (:mod:`batchvision.server.deadletter`)."""
+    arguments = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit(settings),
+        "x-dead-letter-exchange": "",  # the default exchange: routed by queue name
+        "x-dead-letter-routing-key": dead_letter_queue(settings),
+        # At-least-once dead-lettering (RabbitMQ >= 3.10) requires reject-publish overflow;
+        # without a length limit nothing is ever rejected for length.
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    exchange = Exchange(settings.queue, type="direct", durable=True)  # type: ignore[no-untyped-call, unused-ignore]
+    return Queue(name, exchange, routing_key=name, durable=True, queue_arguments=arguments)  # type: ignore[no-untyped-call, unused-ignore]
+
+
+def amqp_queues(settings: Settings) -> list[Queue]:
+    """The task queues every app knows up front (interactive first); any other queue name it
+    meets (another model's) gets the same declaration, see :class:`_TaskQueues`."""
+    return [task_queue(settings, name) for name in (interactive_queue(settings), settings.queue)]
+
+
+class _TaskQueues(Queues):  # type: ignore[misc, unused-ignore]
+    """Celery's queue map, where a queue it does not know yet (``--queues`` of a worker, a
+    publish to another model's queue) is declared like the others, not as a classic queue."""
+
+    def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        self.settings = settings
+        super().__init__(*args, **kwargs)
+
+    def new_missing(self, name: str) -> Queue:
+        return task_queue(self.settings, name)
+
+
+def dead_letter_queue_object(settings: Settings) -> Queue:
+    """The dead-letter queue (quorum, durable, reached through the default exchange)."""
+    return Queue(  # type: ignore[no-untyped-call, unused-ignore]
+        dead_letter_queue(settings),
+        Exchange(""),  # type: ignore[no-untyped-call, unused-ignore]
+        routing_key=dead_letter_queue(settings),
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def check_broker(settings: Settings, timeout_s: float = 2.0) -> None:
+    """Raise if a broker other than Redis does not accept a connection within ``timeout_s``
+    (``/readyz``; Redis is checked by its own ping)."""
+    if not uses_amqp(settings):
+        return
+    from kombu.connection import Connection
+
+    conn = Connection(broker_url(settings), connect_timeout=timeout_s)  # type: ignore[no-untyped-call, unused-ignore]
+    try:
+        conn.ensure_connection(max_retries=0, timeout=timeout_s)  # type: ignore[no-untyped-call, unused-ignore]
+    finally:
+        conn.release()  # type: ignore[no-untyped-call, unused-ignore]
+
+
+def amqp_backlog(settings: Settings, queues: Sequence[str], timeout_s: float = 5.0) -> int:
+    """RabbitMQ: messages waiting in ``queues`` (ready, not yet handed to a consumer), from a
+    passive declare of each; a queue that does not exist yet counts 0."""
+    from kombu.connection import Connection
+
+    total = 0
+    conn = Connection(broker_url(settings), connect_timeout=timeout_s)  # type: ignore[no-untyped-call, unused-ignore]
+    try:
+        for name in queues:
+            channel = conn.channel()
+            try:
+                total += int(channel.queue_declare(queue=name, passive=True).message_count)
+            except conn.channel_errors:  # 404: not declared yet (the channel is closed by it)
+                continue
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    finally:
+        conn.release()  # type: ignore[no-untyped-call, unused-ignore]
+    return total
+
+
+def _amqp_config(settings: Settings) -> dict[str, Any]:
+    """What RabbitMQ changes in :func:`celery_config`."""
+    return {
+        "broker_url": broker_url(settings),
+        # Every publish waits for RabbitMQ's confirm (the message is on the quorum queue's
+        # majority): a 202 means the task is stored, as with Redis' LPUSH reply.
+        "broker_transport_options": {"confirm_publish": True},
+        "broker_heartbeat": 30,  # a silent partition is noticed within a minute
+        "task_queues": amqp_queues(settings),
+        "task_default_exchange": settings.queue,
+        "task_default_exchange_type": "direct",
+        "task_routes": {CLASSIFY_TASK: {"queue": settings.queue, "confirm_timeout": CONFIRM_TIMEOUT_S}},
+        # A task that raised (after its own retries) is rejected, not acknowledged: RabbitMQ
+        # dead-letters it and the dead-letter handler re-sends it or stores per-image errors.
+        # (On Redis the chunk ledger's sweeper re-sends it.)
+        "task_acks_on_failure_or_timeout": False,
+        # Quorum queues have no global QoS: per-consumer prefetch (each queue its own credit).
+        "worker_detect_quorum_queues": True,
+        # Celery declares its native delayed-delivery queues whenever quorum queues are used;
+        # our direct exchanges never route ETA tasks through them, so keep them cheap.
+        "broker_native_delayed_delivery_queue_type": "classic",
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The settings both sides of the queue share. Chosen so that nothing is lost or run
-    twice: late acks, requeue on a lost worker, prefetch 1 (the backlog stays in Redis,
-    visible to autoscalers), JSON only, and a visibility timeout above the longest task."""
-    return {
+    twice: late acks, requeue on a lost worker, prefetch 1 (the backlog stays in the broker,
+    visible to autoscalers), JSON only, and a visibility timeout above the longest task.
+    With RabbitMQ (``BATCHVISION_BROKER_URL=amqp://...``) see :func:`_amqp_config`."""
+    config = {
         "broker_url": settings.redis_url,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout_s,
@@ -67,12 +222,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
     }
+    if uses_amqp(settings):
+        config.update(_amqp_config(settings))
+    return config
 
 
 def create_celery(settings: Settings, name: str = "batchvision") -> Celery:
     """A Celery app configured for ``settings`` (workers add the tasks)."""
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
+    if uses_amqp(settings):
+        app.amqp.queues_cls = functools.partial(_TaskQueues, settings)
     return app
 
 
@@ -99,13 +259,16 @@ def publish(
     interactive: bool = False,
     producer: Any = None,
     contexts: Sequence[Any] = (),
+    model: str | None = None,
 ) -> None:
     """Publish one classify message carrying ``items`` by task name (the API never imports
     the task). Each chunk must already be in the chunk ledger (:mod:`~batchvision.server.recovery`).
 
-    ``contexts``: the trace context of each item's request, when another thread publishes."""
+    ``contexts``: the trace context of each item's request, when another thread publishes.
+    ``model``: the items' model (all of one model), whose queues the message goes to
+    (:mod:`~batchvision.server.routing`; ``None``: the default model)."""
     # -- tracing and logs (issue 18): the message's headers carry the enqueue span's context.
-    queue = interactive_queue(settings) if interactive else settings.queue
+    queue = queue_for(settings, model, interactive)
     task_id = str(uuid.uuid4())
     jobs = [job for job, _ in items]
     images = sum(len(ix) for _, ix in items)
@@ -133,32 +296,46 @@ def publish(
 
 class Enqueuer:
     """Sends chunks: bulk ones one message each, interactive ones coalesced across requests
-    (see :mod:`batchvision.server.dispatch`), each message carrying up to a batch of images."""
+    (see :mod:`batchvision.server.dispatch`), each message carrying up to a batch of images.
+    Each model has its own queues and its own coalescer: a message never carries two models."""
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        # Items: (chunk, enqueued_at, the request's trace context or None).
-        self.coalescer: Coalescer[tuple[Chunk, float, Any]] = Coalescer(
-            self._send_interactive,
-            max_weight=settings.max_batch_size,
-            linger_s=settings.enqueue_linger_ms / 1000.0,
-            weight=lambda item: len(item[0][1]),
-            name="enqueue",
-        )
+        self._lock = threading.Lock()
+        self._coalescers: dict[str, Coalescer[tuple[Chunk, float, Any]]] = {}
+        self.coalescer = self._coalescer(default_model(settings))  # the default model's
 
-    def send(self, chunks: Sequence[Chunk], enqueued_at: float, interactive: bool) -> None:
-        """Publish ``chunks`` (already in the ledger); returns once they are on the queue."""
+    def _coalescer(self, model: str) -> Coalescer[tuple[Chunk, float, Any]]:
+        with self._lock:
+            if model not in self._coalescers:
+                # Items: (chunk, enqueued_at, the request's trace context or None).
+                self._coalescers[model] = Coalescer(
+                    functools.partial(self._send_interactive, model),
+                    max_weight=self.settings.max_batch_size,
+                    linger_s=self.settings.enqueue_linger_ms / 1000.0,
+                    weight=lambda item: len(item[0][1]),
+                    name=f"enqueue-{model}",
+                )
+            return self._coalescers[model]
+
+    def send(
+        self, chunks: Sequence[Chunk], enqueued_at: float, interactive: bool, model: str | None = None
+    ) -> None:
+        """Publish ``chunks`` (already in the ledger) to ``model``'s queues (``None``: the default
+        model's); returns once they are on the queue."""
         if interactive and self.settings.enqueue_linger_ms > 0:
             # Bounded like a publish: a broker that is down gives the caller an error, not a hang.
             context = tracing.capture()  # the coalescer's thread publishes: hand it over
-            self.coalescer.submit_many([(c, enqueued_at, context) for c in chunks], timeout_s=30.0)
+            coalescer = self._coalescer(model or default_model(self.settings))
+            coalescer.submit_many([(c, enqueued_at, context) for c in chunks], timeout_s=30.0)
             return
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:
-                publish(self.app, self.settings, [chunk], enqueued_at, interactive, producer)
+                publish(self.app, self.settings, [chunk], enqueued_at, interactive, producer, model=model)
 
-    def _send_interactive(self, items: list[tuple[Chunk, float, Any]]) -> None:
+    def _send_interactive(self, model: str, items: list[tuple[Chunk, float, Any]]) -> None:
         chunks = [c for c, _, _ in items]
         contexts = [x for _, _, x in items]
-        publish(self.app, self.settings, chunks, min(t for _, t, _ in items), True, contexts=contexts)
+        first = min(t for _, t, _ in items)
+        publish(self.app, self.settings, chunks, first, True, contexts=contexts, model=model)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from batchvision.core.models import NAME_RE as MODEL_NAME_RE
 from batchvision.core.schemas import canceled_result, entry, job_status
 from batchvision.server import keys, lua
 from batchvision.server.keys import JobKeys
@@ -65,6 +66,9 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
         "created_at": float(h["created_at"]),
         "finished_at": float(h["finished_at"]) if h.get("finished_at") else None,
         "model": h.get("model", ""),
+        "model_version": int(h["version"]) if h.get("version") else None,
+        "top_k": int(h["top_k"]) if h.get("top_k") else None,
+        "min_score": float(h["min_score"]) if h.get("min_score") else None,
         "owner": h.get("owner", ""),
     }
 
@@ -91,9 +95,19 @@ class JobStore:
         self._seal = client.register_script(lua.SEAL)
         self._add = client.register_script(lua.ADD)
 
-    def create(self, job_id: str, *, model: str, owner: str = "", pipe: Any = None) -> None:
+    def create(
+        self,
+        job_id: str,
+        *,
+        model: str,
+        owner: str = "",
+        pipe: Any = None,
+        options: Mapping[str, str] | None = None,
+    ) -> None:
         """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`.
-        With ``pipe`` (a Redis pipeline) the writes are only queued on it."""
+        With ``pipe`` (a Redis pipeline) the writes are only queued on it. ``options``: the
+        job's per-job options (:meth:`JobOptions.to_hash <batchvision.core.models.JobOptions.to_hash>`),
+        which set ``model`` too."""
         key = JobKeys.of(job_id).job
         own = pipe is None
         pipe = self.redis.pipeline() if own else pipe
@@ -109,6 +123,7 @@ class JobStore:
                 "created_at": f"{time.time():.3f}",
                 "model": model,
                 "owner": owner,
+                **(options or {}),
             },
         )
         pipe.expire(key, self.open_ttl_s)
@@ -126,12 +141,13 @@ class JobStore:
         files: Sequence[tuple[str, str]],
         errors: Sequence[tuple[int, dict[str, Any]]],
         seal: bool,
+        options: Mapping[str, str] | None = None,
     ) -> None:
         """Queue on ``pipe`` (a ``MULTI`` pipeline) a new job with all of its files, the results
         of files refused at upload, and optionally its seal: one round trip, all or nothing.
         The files' keys must be distinct; file ``i`` gets index ``i``."""
         k = JobKeys.of(job_id).lua()
-        self.create(job_id, model=model, owner=owner, pipe=pipe)
+        self.create(job_id, model=model, owner=owner, pipe=pipe, options=options)
         _eval(pipe, lua.ADD, k, [self.open_ttl_s, *(a for pair in files for a in pair)])
         if errors:
             _eval(pipe, lua.RECORD, k, self._record_args(job_id, errors))
@@ -237,6 +253,12 @@ class JobStore:
             self.record(job_id, [(i, marker) for i in todo])
         self.seal(job_id)
         return True
+
+    def model_of(self, job_id: str) -> str | None:
+        """The job's model name (``None``: unknown job, or one from before models had names)."""
+        raw = self.redis.hget(JobKeys.of(job_id).job, "model")
+        name = _text(raw) if raw else ""
+        return name if MODEL_NAME_RE.match(name) else None
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(JobKeys.of(job_id).job))

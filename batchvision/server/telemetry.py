@@ -33,9 +33,20 @@ class Telemetry:
         """Accepted images that have no result yet, over all jobs."""
         return int(self.redis.get(keys.PENDING) or 0)
 
-    def log_batch(self, size: int, jobs: Sequence[str], keep: int = 1000) -> None:
-        """Remember a recent batch (size and the jobs it mixed), for operators and tests."""
-        doc = json.dumps({"size": size, "jobs": sorted(set(jobs)), "at": round(time.time(), 3)})
+    def log_batch(
+        self,
+        size: int,
+        jobs: Sequence[str],
+        keep: int = 1000,
+        model: str | None = None,
+        version: int | None = None,
+    ) -> None:
+        """Remember a recent batch (size, the jobs it mixed, the model and version that ran it),
+        for operators and tests."""
+        entry: dict[str, Any] = {"size": size, "jobs": sorted(set(jobs)), "at": round(time.time(), 3)}
+        if model is not None:
+            entry.update(model=model, version=version)
+        doc = json.dumps(entry)
         pipe = self.redis.pipeline()
         pipe.lpush(keys.BATCH_LOG, doc)
         pipe.ltrim(keys.BATCH_LOG, 0, keep - 1)
@@ -56,18 +67,18 @@ class BatchLog:
 
     def __init__(self, telemetry: Telemetry, backlog: int = 1000) -> None:
         self.telemetry = telemetry
-        self._queue: queue.Queue[tuple[int, list[str]]] = queue.Queue(backlog)
+        self._queue: queue.Queue[tuple[int, list[str], str | None, int | None]] = queue.Queue(backlog)
         threading.Thread(target=self._run, name="batch-log", daemon=True).start()
 
-    def put(self, size: int, jobs: list[str]) -> None:
+    def put(self, size: int, jobs: list[str], model: str | None = None, version: int | None = None) -> None:
         """Queue one entry; never blocks."""
         with contextlib.suppress(queue.Full):
-            self._queue.put_nowait((size, jobs))
+            self._queue.put_nowait((size, jobs, model, version))
 
     def _run(self) -> None:
         while True:
-            size, jobs = self._queue.get()
+            size, jobs, model, version = self._queue.get()
             try:
-                self.telemetry.log_batch(size, jobs)
+                self.telemetry.log_batch(size, jobs, model=model, version=version)
             except Exception as exc:  # noqa: BLE001 - Redis away: the entry is lost, not the work
                 log.debug("batch log entry dropped: %s", exc)

@@ -50,17 +50,20 @@ def enabled() -> bool:
     return _tracer is not None
 
 
+def _otlp_configured(settings: Settings, env: Mapping[str, str]) -> bool:
+    return bool(
+        settings.otlp_endpoint
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
 def wanted(settings: Settings, environ: Mapping[str, str] | None = None) -> bool:
     """Does the configuration ask for traces (an OTLP endpoint or a trace file)?"""
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    return bool(
-        settings.otlp_endpoint
-        or settings.trace_file
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
+    return _otlp_configured(settings, env) or bool(settings.trace_file)
 
 
 def traces_url(endpoint: str) -> str:
@@ -69,13 +72,27 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"
 
 
+class _AppendLines:
+    """A file that several processes append spans to: one ``write()`` system call per line
+    (``O_APPEND``), so lines never interleave."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text: str) -> int:
+        return os.write(self.fd, text.encode())
+
+    def flush(self) -> None:
+        pass
+
+
 def setup(service: str, settings: Settings) -> bool:
     """Start tracing in this process if the configuration asks for it (once; later calls
     change nothing). Returns whether tracing is on."""
-    global _tracer, _provider
     with _lock:
         if _tracer is not None or not wanted(settings):
             return _tracer is not None
+        otlp = _otlp_configured(settings, os.environ)
         try:
             from opentelemetry import trace
             from opentelemetry.sdk.resources import Resource
@@ -85,19 +102,16 @@ def setup(service: str, settings: Settings) -> bool:
                 ConsoleSpanExporter,
                 SimpleSpanProcessor,
             )
+
+            if otlp:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError:
             log.warning(
                 "tracing is configured but the otel extra is missing: pip install 'batchvision[otel]'"
             )
             return False
         provider = TracerProvider(resource=Resource.create({"service.name": service}))
-        if (
-            settings.otlp_endpoint
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        ):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+        if otlp:
             exporter = (
                 OTLPSpanExporter(endpoint=traces_url(settings.otlp_endpoint))
                 if settings.otlp_endpoint
@@ -105,9 +119,8 @@ def setup(service: str, settings: Settings) -> bool:
             )
             provider.add_span_processor(BatchSpanProcessor(exporter))
         if settings.trace_file:
-            # The SDK's own JSON of a span, one line each, appended as it ends (several
-            # processes may share the file: each line is one write).
-            out = open(settings.trace_file, "a", buffering=1)  # noqa: SIM115 - lives with the process
+            # The SDK's own JSON of each span, one line, appended as the span ends.
+            out: Any = _AppendLines(settings.trace_file)
             provider.add_span_processor(
                 SimpleSpanProcessor(
                     ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")

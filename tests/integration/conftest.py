@@ -6,6 +6,12 @@ Two Redis servers: ``redis_server`` is the one the session's stack (API + worker
 ``scratch_redis`` is a private one, flushed before each test, for the in-process tests of the
 store, the chunk processor and the recovery sweeper (no worker reads it, so its global keys,
 the pending counter, the chunk ledger, the sweep lock, are the test's alone).
+
+Brokers (issue 16): ``broker`` is ``"redis"`` unless a test is parametrised over it
+(``@pytest.mark.parametrize("broker", [...], indirect=True, scope="module")``, the RabbitMQ
+variant marked ``rabbitmq``); ``start_rabbitmq()`` starts a private ``rabbitmq-server`` on free
+ports, stopped after the module. Without Debian's ``rabbitmq-server`` (which `make test`
+installs) the RabbitMQ variants skip, saying so.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import redis as redis_lib
 
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
+from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import Supervisor
 from batchvision.core.settings import Settings
@@ -38,6 +45,39 @@ def artifacts() -> Path:
     path = ROOT / "tests" / "artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _require_rabbitmq() -> None:
+    if not have_rabbitmq():
+        # Listed by -ra in the summary: a machine without it runs only the Redis variants.
+        pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server; make test does)")
+
+
+@pytest.fixture(scope="module")
+def broker(request: pytest.FixtureRequest) -> str:
+    """The Celery broker of the module's stack: ``"redis"`` (default) or ``"rabbitmq"`` when
+    the test is parametrised over it (indirectly, with module scope)."""
+    name = str(getattr(request, "param", "redis"))
+    if name == "rabbitmq":
+        _require_rabbitmq()
+    return name
+
+
+@pytest.fixture(scope="module")
+def start_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], RabbitMQServer]]:
+    """``start_rabbitmq()``: a private, started rabbitmq-server (own node, free ports, own data
+    directory); every one is stopped when the module ends."""
+    started: list[RabbitMQServer] = []
+
+    def start() -> RabbitMQServer:
+        _require_rabbitmq()
+        server = RabbitMQServer(data_dir=tmp_path_factory.mktemp("rabbitmq"))
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.close()
 
 
 @pytest.fixture(scope="session")

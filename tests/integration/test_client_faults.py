@@ -98,6 +98,7 @@ class RedisBlips:
         self.parts = self.polls = 0
         self.sealed = False
         self.restarts: list[str] = []
+        self.creates: list[bytes] = []  # the request heads of POST /v1/jobs
         self.errors: list[BaseException] = []
         self.timers: list[threading.Timer] = []
         self.lock = threading.Lock()
@@ -105,7 +106,9 @@ class RedisBlips:
     def __call__(self, _n: int, head: bytes) -> None:
         line = head.split(b"\r\n", 1)[0]
         with self.lock:
-            if re.match(rb"POST /v1/jobs/[0-9a-f]+/files", line):
+            if line.startswith(b"POST /v1/jobs "):
+                self.creates.append(head)
+            elif re.match(rb"POST /v1/jobs/[0-9a-f]+/files", line):
                 self.parts += 1
                 if self.parts == 3:
                     self._blip("upload")
@@ -144,7 +147,9 @@ def test_submit_wait_survives_dropped_connections_and_redis_restarts(
     blips = RedisBlips(faulty_stack.redis)
     out = tmp_path / "results.csv"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
-    with FaultProxy(("127.0.0.1", s.api_port), every=4, seed=7, on_request=blips) as proxy:
+    # Request 1 is the job's creation: the API creates it, its answer is lost on the way back.
+    faults = {1: "response"}
+    with FaultProxy(("127.0.0.1", s.api_port), every=4, seed=7, on_request=blips, faults_at=faults) as proxy:
         start = time.monotonic()
         proc = subprocess.run(
             [
@@ -178,6 +183,10 @@ def test_submit_wait_survives_dropped_connections_and_redis_restarts(
     assert set(proxy.faults) == {"request", "response", "midway"}, proxy.faults
     assert blips.restarts == ["upload", "polling"]
     assert proxy.statuses[503] >= 1, proxy.statuses
+    # The creation was sent again with the same Idempotency-Key (the API replays the job).
+    keys = [re.search(rb"(?i)\r\nidempotency-key: *(\S+)", head) for head in blips.creates]
+    assert len(keys) >= 2 and all(keys), blips.creates
+    assert len({k.group(1) for k in keys if k}) == 1
 
     # Exactly one job, the one the CLI printed, complete.
     r = redis_lib.Redis.from_url(faulty_stack.redis.url, decode_responses=True)

@@ -28,6 +28,19 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def series(scraped: dict[str, float], key: str) -> float:
+    """The sum of the series ``key`` names, ``name`` or ``name{label="value",...}``, whatever
+    other labels they have."""
+    name, _, wanted = key.partition("{")
+    labels = set(wanted.rstrip("}").split(",")) - {""}
+    total = 0.0
+    for k, v in scraped.items():
+        kname, _, have = k.partition("{")
+        if kname == name and labels <= set(have.rstrip("}").split(",")):
+            total += v
+    return total
+
+
 def wait_idle(api_url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while scrape(f"{api_url}/metrics").get("batchvision_queue_depth_images", 1) != 0:
@@ -47,7 +60,8 @@ def test_metrics_move_by_exactly_the_job(api_url: str, settings: Settings) -> No
     after_w, after_a = scrape(worker_url), scrape(f"{api_url}/metrics")
 
     def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        # Summed over the series of other labels too (issue 14: worker metrics are by model).
+        return series(after, key) - series(before, key)
 
     assert delta(after_w, before_w, 'batchvision_images_classified_total{outcome="ok"}') == 40
     assert delta(after_w, before_w, "batchvision_batch_size_sum") == 40  # every image in one batch
@@ -120,7 +134,7 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(
 ) -> None:
     assert requests.get(f"{flower}/api/tasks", timeout=10).status_code == 401
     assert requests.get(f"{flower}/", timeout=10).status_code == 401
-    auth = (settings.flower_user, settings.flower_password)
+    auth = (settings.flower_user, settings.flower_password.get_secret_value())
     client = Client(api_url)
     job = client.submit_files([(n, d) for n, d, _ in labelled_files(20, seed=5)])
     client.wait(job["job_id"], timeout=120)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -122,8 +124,11 @@ class Cluster:
 
     def redelivered_chunks(self, job_id: str) -> int:
         """Chunks of the job delivered more than once (duplicate deliveries absorbed)."""
-        tries = self.redis.hgetall(JobKeys.of(job_id).tries)
-        return sum(1 for k, v in tries.items() if k.startswith(b"chunk:") and int(v) > 1)
+        count = 0
+        for key, value in self.redis.hgetall(JobKeys.of(job_id).tries).items():
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            count += name.startswith("chunk:") and int(value) > 1
+        return count
 
     def pending(self) -> int:
         return int(self.redis.get("bv:pending") or 0)
@@ -197,10 +202,12 @@ def cluster(artifacts: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture()
-def two_workers(cluster: Cluster) -> Iterator[tuple[Host, Host]]:
-    """Two fresh worker hosts, serving; removed (with whatever the test left) afterwards."""
-    w1 = cluster.stack.add_worker("worker-a")
-    w2 = cluster.stack.add_worker("worker-b")
+def two_workers(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[tuple[Host, Host]]:
+    """Two fresh worker hosts, serving; removed (with whatever the test left) afterwards.
+    Named after the test (``test_worker_link_cut...`` -> ``wlc-1``, ``wlc-2``), each its own log."""
+    prefix = "".join(word[0] for word in request.node.name.removeprefix("test_").split("_")[:3])
+    w1 = cluster.stack.add_worker(f"{prefix}-1")
+    w2 = cluster.stack.add_worker(f"{prefix}-2")
     cluster.stack.wait_workers(2)
     yield w1, w2
     for w in (w1, w2):
@@ -414,3 +421,49 @@ def test_worker_host_removed_for_good_the_other_finishes(
         duplicated=0,
         redelivered_chunks=cluster.redelivered_chunks(job),
     )
+
+
+def _crashed_run(action: str) -> tuple[str, str]:
+    """A child process makes a network with one host, then ``action`` ends it: returns its
+    namespace and bridge (which must be gone once the harness cleaned up)."""
+    code = (
+        "import sys, time\n"
+        "from batchvision.cli.netns import Network\n"
+        "net = Network().create()\n"
+        "host = net.add_host('probe')\n"
+        "print(host.netns, net.bridge, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ns, bridge = proc.stdout.readline().split()
+    assert ns in netns.namespaces() and netns.link_exists(bridge)
+    if action == "kill":
+        proc.kill()
+    else:
+        proc.terminate()
+    proc.wait(30)
+    proc.stdout.close()
+    return ns, bridge
+
+
+def test_harness_cleans_up_on_sigterm_and_after_a_crashed_run() -> None:
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(f"multi-host tests need network namespaces: {reason}")
+    # SIGTERM: the guard deletes the run's namespaces, links and hosts files on the way out.
+    ns, bridge = _crashed_run("terminate")
+    assert ns not in netns.namespaces() and not netns.link_exists(bridge)
+    assert not (netns.NETNS_ETC / ns).exists()
+    # SIGKILL leaves them behind; the next run deletes them before it starts.
+    ns, bridge = _crashed_run("kill")
+    assert ns in netns.namespaces()
+    with Network() as net:
+        assert ns not in netns.namespaces() and not netns.link_exists(bridge)
+        host = net.add_host("probe")
+        assert host.netns in netns.namespaces()
+    # A normal exit (here after an exception in the block) deletes everything too.
+    with pytest.raises(RuntimeError), Network() as net:
+        host = net.add_host("probe")
+        raise RuntimeError("a failing test")
+    assert host.netns not in netns.namespaces() and not netns.link_exists(net.bridge)

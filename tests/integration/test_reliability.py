@@ -3,6 +3,10 @@ a poison image, result expiry, start-up checks, a pickle message pushed into the
 
 This module runs its own Redis, API and workers with a short visibility timeout, so it can
 kill and restart them without disturbing the rest of the suite.
+
+Issue 16: the faults that concern the queue run on both brokers (``@on_both_brokers``): Redis,
+and RabbitMQ (a private ``rabbitmq-server``, marked ``rabbitmq``). With RabbitMQ, "the broker"
+restarts and goes down as well as Redis, which stays the job store.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pytest
 import redis as redis_lib
 import requests
 
+from batchvision.cli.rabbitmq_server import RabbitMQServer
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
@@ -36,9 +41,17 @@ from batchvision.server.telemetry import Telemetry
 # Every test here injects a fault and waits out a recovery (visibility timeouts, restarts).
 pytestmark = pytest.mark.slow
 
+#: Run a test once per broker (the module's stack is built per broker: ``env`` needs ``broker``).
+on_both_brokers = pytest.mark.parametrize(
+    "broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)], indirect=True, scope="module"
+)
+#: A test whose fault does not concern the broker: once, on the Redis stack.
+on_redis = pytest.mark.parametrize("broker", ["redis"], indirect=True, scope="module")
+
 
 class Env:
-    """A private stack: Redis (AOF on), the API, and workers started on demand."""
+    """A private stack: Redis (AOF on), the API, workers started on demand, and with RabbitMQ
+    as the broker a private RabbitMQ node."""
 
     def __init__(
         self,
@@ -48,9 +61,11 @@ class Env:
         logs: Path,
         wait_worker: Callable[[Settings], None],
         wait_until: Callable[..., Any],
+        rabbitmq: RabbitMQServer | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
+        self.rabbitmq = rabbitmq
         self.api = api
         self.logs = logs
         self.wait_worker = wait_worker
@@ -60,6 +75,14 @@ class Env:
         self.client = Client(self.url)
         self.store = JobStore(connect_redis(redis.url), result_ttl_s=60, blob_ttl_s=60)
         self.workers: list[Service] = []
+
+    def servers(self) -> list[tuple[RedisServer | RabbitMQServer, str]]:
+        """The servers the stack depends on, the broker first, each with the ``/readyz`` error
+        code its outage gives."""
+        out: list[tuple[RedisServer | RabbitMQServer, str]] = []
+        if self.rabbitmq is not None:
+            out.append((self.rabbitmq, "broker_unreachable"))
+        return [*out, (self.redis, "redis_unreachable")]
 
     def worker(self, failpoints: str = "", wait: bool = True, **env: str) -> Service:
         self.started += 1
@@ -78,7 +101,8 @@ class Env:
 
     def log(self, name: str) -> Path:
         """A fresh log file for a process of this run (what an earlier run wrote is gone)."""
-        path = self.logs / f"{name}.log"
+        prefix = "rabbitmq-" if self.rabbitmq is not None else ""
+        path = self.logs / f"{prefix}{name}.log"
         path.unlink(missing_ok=True)
         return path
 
@@ -123,6 +147,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(
     settings: Settings,
+    broker: str,
+    start_rabbitmq: Callable[[], RabbitMQServer],
     tmp_path_factory: pytest.TempPathFactory,
     artifacts: Path,
     wait_worker: Callable[[Settings], None],
@@ -130,8 +156,10 @@ def env(
 ) -> Iterator[Env]:
     data = tmp_path_factory.mktemp("redis-aof")
     redis = RedisServer(data_dir=data).start()
+    rabbitmq = start_rabbitmq() if broker == "rabbitmq" else None
     s = settings.replace(
         redis_url=redis.url,
+        broker_url=rabbitmq.url if rabbitmq is not None else "",
         api_port=free_port(),
         worker_metrics_port=0,  # several workers on one machine
         visibility_timeout_s=6,
@@ -154,7 +182,7 @@ def env(
     api.wait_healthy(60)
     logs = artifacts / "reliability"
     logs.mkdir(exist_ok=True)
-    e = Env(s, redis, api, logs, wait_worker, wait_until)
+    e = Env(s, redis, api, logs, wait_worker, wait_until, rabbitmq)
     yield e
     e.stop_workers()
     api.stop()
@@ -172,6 +200,7 @@ def _files(n: int, seed: int) -> list[tuple[str, bytes]]:
     return [(name, data) for name, data, _ in labelled_files(n, seed=seed)]
 
 
+@on_both_brokers
 def test_kill_9_mid_batch_loses_nothing_and_doubles_nothing(env: Env) -> None:
     victim = env.worker(failpoints="slow-batch=0.4")
     job = env.client.submit_files(_files(96, seed=1))
@@ -187,6 +216,7 @@ def test_kill_9_mid_batch_loses_nothing_and_doubles_nothing(env: Env) -> None:
     env.stop_workers()
 
 
+@on_both_brokers
 def test_sigterm_mid_batch_finishes_or_requeues(env: Env) -> None:
     w = env.worker(failpoints="slow-batch=0.4")
     job = env.client.submit_files(_files(96, seed=2))
@@ -200,37 +230,63 @@ def test_sigterm_mid_batch_finishes_or_requeues(env: Env) -> None:
     env.stop_workers()
 
 
+@on_both_brokers
 def test_redis_restart_keeps_accepted_work_and_everyone_reconnects(env: Env) -> None:
-    # Accepted while no worker runs, then Redis restarts: the job and its queue survive (AOF).
+    # Accepted while no worker runs, then Redis restarts (with RabbitMQ as the broker, RabbitMQ
+    # first): the job and its queue survive (AOF; durable quorum queues).
     job = env.client.submit_files(_files(20, seed=3))
-    env.redis.restart()
+    for server, _ in env.servers():
+        server.restart()
     assert env.client.status(job["job_id"])["total"] == 20  # the API reconnected by itself
     env.worker()
     env.assert_exactly_once(job["job_id"], 20)
-    # Restart Redis under a running, idle worker: it reconnects and keeps consuming.
-    env.redis.restart()
+    # Restart them under a running, idle worker: it reconnects and keeps consuming.
+    for server, _ in env.servers():
+        server.restart()
     job2 = env.client.submit_files(_files(12, seed=4))
     env.assert_exactly_once(job2["job_id"], 12)
     env.stop_workers()
 
 
+@on_both_brokers
 def test_redis_down_gives_503_never_202_and_recovers(env: Env) -> None:
-    env.redis.stop()
-    try:
+    # Each server the stack needs goes down in turn (with RabbitMQ: the broker, then Redis).
+    # Small (coalesced) and bulk submissions get 503, never 202; once the server is back
+    # everything that got a 202, before, between and after the outages, completes exactly once.
+    accepted = [(env.client.submit_files(_files(6, seed=5))["job_id"], 6)]
+    for server, code in env.servers():
+        server.stop()
+        try:
+            for n in (2, 12):  # the interactive (coalesced) and the bulk publish paths
+                resp = requests.post(
+                    f"{env.url}/v1/jobs", files=[("files", f) for f in _files(n, seed=5)], timeout=30
+                )
+                assert resp.status_code == 503, (code, n, resp.text)
+                assert resp.json()["error"]["code"] == "unavailable"
+                assert resp.headers["Retry-After"]
+            ready = requests.get(f"{env.url}/readyz", timeout=30)
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == code
+            assert requests.get(f"{env.url}/healthz", timeout=10).status_code == 200
+        finally:
+            server.start()
+        assert requests.get(f"{env.url}/readyz", timeout=30).status_code == 200
         resp = requests.post(
-            f"{env.url}/v1/jobs", files=[("files", f) for f in _files(2, seed=5)], timeout=30
+            f"{env.url}/v1/jobs", files=[("files", f) for f in _files(2, seed=6)], timeout=30
         )
-        assert resp.status_code == 503
-        assert resp.json()["error"]["code"] == "unavailable"
-        assert resp.headers["Retry-After"]
-        ready = requests.get(f"{env.url}/readyz", timeout=30)
-        assert ready.status_code == 503 and ready.json()["error"]["code"] == "redis_unreachable"
-        assert requests.get(f"{env.url}/healthz", timeout=10).status_code == 200
-    finally:
-        env.redis.start()
-    assert requests.get(f"{env.url}/readyz", timeout=30).status_code == 200
-    resp = requests.post(f"{env.url}/v1/jobs", files=[("files", f) for f in _files(2, seed=5)], timeout=30)
-    assert resp.status_code == 202
+        assert resp.status_code == 202
+        accepted.append((resp.json()["job_id"], 2))
+    env.worker()
+    # A request refused while RabbitMQ was down had stored its job before the publish failed:
+    # the chunk ledger's sweep sends it once the queues are idle, so no image stays pending.
+    env.wait_until(
+        lambda: Telemetry(env.store.redis).pending_images() == 0,
+        timeout=90,
+        interval=0.5,
+        message="no image left pending (the refused requests' chunks swept too)",
+    )
+    for job_id, n in accepted:
+        env.assert_exactly_once(job_id, n)
+    env.stop_workers()
 
 
 def _poison_jpeg() -> bytes:
@@ -240,6 +296,7 @@ def _poison_jpeg() -> bytes:
     return encode(img, "JPEG", comment=POISON_MARKER)
 
 
+@on_both_brokers
 def test_poison_image_ends_as_an_error_after_bounded_attempts(env: Env) -> None:
     files = _files(12, seed=6)
     files.insert(3, ("poison.jpg", _poison_jpeg()))
@@ -268,6 +325,7 @@ def test_poison_image_ends_as_an_error_after_bounded_attempts(env: Env) -> None:
     assert env.store.redis.hlen(JobKeys.of(job["job_id"]).results) == 13
 
 
+@on_redis
 def test_expired_job_answers_410(env: Env) -> None:
     s = env.settings.replace(result_ttl_s=1)
     store = JobStore(redis_lib.Redis.from_url(s.redis_url), result_ttl_s=1, blob_ttl_s=60)
@@ -278,16 +336,18 @@ def test_expired_job_answers_410(env: Env) -> None:
     store.seal(job_id)  # finishes now, with a one-second result TTL
     assert requests.get(f"{env.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
     for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/results"):
-        resp = env.wait_until(
-            lambda path=path: (r := requests.get(env.url + path, timeout=10)).status_code != 200 and r,
+        env.wait_until(
+            lambda path=path: requests.get(env.url + path, timeout=10).status_code != 200,
             timeout=30,
             interval=0.2,
             message=f"{path} stops answering 200",
         )
+        resp = requests.get(env.url + path, timeout=10)
         assert resp.status_code == 410
         assert resp.json()["error"]["code"] == "job_expired"
 
 
+@on_redis
 def test_worker_refuses_a_visibility_timeout_below_the_time_limit(env: Env) -> None:
     bad = {
         **env.settings.to_env(),
@@ -299,6 +359,7 @@ def test_worker_refuses_a_visibility_timeout_below_the_time_limit(env: Env) -> N
     assert "BATCHVISION_VISIBILITY_TIMEOUT_S=5 must be longer than" in proc.stderr
 
 
+@on_redis
 def test_worker_warns_when_redis_may_evict(env: Env) -> None:
     client = redis_lib.Redis.from_url(env.redis.url)
     client.config_set("maxmemory-policy", "allkeys-lru")
@@ -314,6 +375,7 @@ def test_worker_warns_when_redis_may_evict(env: Env) -> None:
         env.stop_workers()
 
 
+@on_both_brokers
 def test_pickle_message_is_rejected_and_the_worker_survives(env: Env) -> None:
     w = env.worker()
     job_id = env.client.open_job()["job_id"]
@@ -332,6 +394,7 @@ def test_pickle_message_is_rejected_and_the_worker_survives(env: Env) -> None:
     assert w.proc is not None and w.proc.poll() is None  # the worker is unharmed
     # The same message as JSON runs: the refusal was the serializer's, not the arguments'.
     app.send_task(CLASSIFY_TASK, args=args, serializer="json", queue=env.settings.queue)
+    app.close()  # its broker connections (RabbitMQ's are not closed by the GC)
     env.wait_until(lambda: not env.store.unresolved(job_id, [0]), timeout=60, message="the JSON message ran")
     assert env.store.unresolved(job_id, [0]) == []
     env.client.seal(job_id)

@@ -162,7 +162,8 @@ def wait_finished(page: Page, timeout_ms: int = 90_000) -> str:
           const job = document.getElementById('job');
           const bar = document.getElementById('classify-bar');
           const table = document.getElementById('results-table');
-          return final.includes(job.dataset.status) && table.dataset.loaded === bar.getAttribute('aria-valuemax')
+          return final.includes(job.dataset.status)
+            && table.dataset.loaded === bar.getAttribute('aria-valuemax')
             && document.getElementById('job-status').dataset.status === job.dataset.status;
         }""",
         arg=list(FINAL),
@@ -183,10 +184,10 @@ def table_rows(page: Page) -> dict[str, dict[str, str]]:
             await frame();
             for (const tr of document.querySelectorAll('#rows tr[data-index]')) {
               const text = (cls) => tr.querySelector(cls).textContent;
-              const img = tr.querySelector('td.c-thumb img');
+              const thumb = tr.querySelector('td.c-thumb canvas');
               seen[text('.fname')] = {
                 index: tr.dataset.index, status: tr.dataset.status, label: text('td.c-label'),
-                score: text('td.c-score'), error: text('td.c-error'), thumb: img ? img.src : '',
+                score: text('td.c-score'), error: text('td.c-error'), thumb: thumb ? 'canvas' : '',
               };
             }
             if (sc.scrollTop + sc.clientHeight >= sc.scrollHeight - 1) break;
@@ -208,6 +209,16 @@ def api_results(url: str, job_id: str, headers: dict[str, str] | None = None) ->
 
 def shown_count(page: Page) -> int:
     return int(page.get_attribute("#results-table", "data-rows") or -1)
+
+
+def first_score_is(page: Page, score: str) -> None:
+    """Wait until the table's first row (redrawn on the next animation frame) shows ``score``."""
+    page.wait_for_function(
+        "(s) => { const td = document.querySelector('#rows tr[data-index] td.c-score');"
+        " return td && td.textContent === s; }",
+        arg=score,
+        timeout=5_000,
+    )
 
 
 def download(page: Page, button: str) -> str:
@@ -244,7 +255,8 @@ def test_page_and_its_files_are_served_without_external_urls(api_url: str) -> No
         rel = path.relative_to(static).as_posix()
         resp = requests.get(f"{api_url}/static/{rel}", timeout=10)
         assert resp.status_code == 200, rel
-        assert resp.headers["Content-Type"].split(";")[0] in (types[path.suffix], "application/javascript"), rel
+        mime = resp.headers["Content-Type"].split(";")[0]
+        assert mime in (types[path.suffix], "application/javascript"), rel
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
         text = resp.text.replace('xmlns="http://www.w3.org/2000/svg"', "")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, rel
@@ -289,7 +301,7 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
     for r in api:
         shown = rows[r["filename"]]
         assert shown["index"] == str(r["index"])
-        assert shown["thumb"].startswith("blob:"), "thumbnail from the local file"
+        assert shown["thumb"] == "canvas", "a thumbnail, from the local file"
         if r["status"] == "ok":
             assert (shown["label"], shown["score"], shown["error"]) == (r["label"], f"{r['score']:.3f}", "")
         else:
@@ -297,6 +309,13 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
             assert shown["error"] == f"{r['error']['code']}: {r['error']['message']}"
     broken = rows["set1/broken.jpg"]
     assert broken["error"].startswith("truncated: ")
+    # The thumbnails in view are drawn, decoded from the local files (no image request left);
+    # the truncated JPEG may have none.
+    page.wait_for_function(
+        "() => { const c = [...document.querySelectorAll('#rows canvas.thumb')];"
+        " return c.filter((x) => x.dataset.state === 'drawn').length >= c.length - 1 && c.length > 5; }",
+        timeout=10_000,
+    )
     correct = sum(rows[name]["label"] == label for name, label in truth.items())
     assert correct >= 0.9 * IMAGES  # the demo model, for a sanity check of the labels' order
 
@@ -307,6 +326,10 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
     page.select_option("#f-status", "error")
     assert shown_count(page) == 1
     assert table_rows(page).keys() == {"set1/broken.jpg"}
+    page.click("#rows tr[data-index] button.topk-btn")  # the whole error, also at phone width
+    err = next(r["error"] for r in api if r["filename"] == "set1/broken.jpg")
+    assert page.inner_text("#topk-error") == f"{err['code']}: {err['message']}"
+    page.keyboard.press("Escape")
     page.select_option("#f-status", "")
     page.fill("#f-below", "0.99")
     below = [r for r in api if r["status"] == "ok" and r["score"] < 0.99]
@@ -323,10 +346,10 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
     page.keyboard.press("Enter")
     scores = sorted(r["score"] for r in api if r["status"] == "ok")
     assert page.get_attribute("th:has(button[data-sort='score'])", "aria-sort") == "ascending"
-    assert page.inner_text("#rows tr[data-index] td.c-score >> nth=0") == f"{scores[0]:.3f}"
+    first_score_is(page, f"{scores[0]:.3f}")
     page.keyboard.press("Enter")
     assert page.get_attribute("th:has(button[data-sort='score'])", "aria-sort") == "descending"
-    assert page.inner_text("#rows tr[data-index] td.c-score >> nth=0") == f"{scores[-1]:.3f}"
+    first_score_is(page, f"{scores[-1]:.3f}")
 
     # Top-k on demand, in a dialog that Escape closes.
     first = page.locator("#rows tr[data-index]").first
@@ -354,6 +377,10 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
     page.evaluate("() => window.scrollTo(0, document.getElementById('results').offsetTop - 8)")
     page.screenshot(path=str(artifacts / "web-phone.png"))
+    assert page.evaluate(
+        "() => document.getElementById('results-table').offsetWidth"
+        " >= document.getElementById('scroller').clientWidth - 1"
+    )
     phone_rows = table_rows(page)  # the same rows, with two-line file cells
     assert len(phone_rows) == IMAGES + 1
     broken_sub = page.evaluate(
@@ -373,7 +400,7 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
     assert wait_finished(page) == "partial"
     assert page.inner_text("#job-id") == job_id
     assert page.get_attribute("#results-table", "data-loaded") == str(IMAGES + 1)
-    assert page.locator("#rows img").count() == 0
+    assert page.locator("#rows canvas").count() == 0
     assert "Classified 204 of 205 · 1 failed" in page.inner_text("#classify-text")
     assert page.locator("#upload-block").is_hidden()
     assert page.url.endswith(f"#job={job_id}")
@@ -418,9 +445,7 @@ def test_cancel_stops_a_job_mid_upload(
     ctx.close()
 
 
-def test_a_dropped_directory_keeps_its_relative_paths(
-    browser: Browser, api_url: str, tmp_path: Path
-) -> None:
+def test_a_dropped_directory_keeps_its_relative_paths(browser: Browser, api_url: str, tmp_path: Path) -> None:
     root = tmp_path / "dropped"
     truth = make_folder(root, 12, seed=43)
     ctx, page, watch = open_page(browser, api_url)
@@ -472,7 +497,10 @@ def test_api_keys_401_shown_key_kept_and_429_retried(
             answered.append(time.monotonic())
             body = {"error": {"code": "rate_limited", "message": "rate limit of 25 requests per minute"}}
             route.fulfill(
-                status=429, headers={"Retry-After": "2"}, content_type="application/json", body=json.dumps(body)
+                status=429,
+                headers={"Retry-After": "2"},
+                content_type="application/json",
+                body=json.dumps(body),
             )
         else:
             answered.append(time.monotonic())

@@ -194,3 +194,18 @@ def test_urgent_items_jump_the_queue_in_a_batch_of_their_own() -> None:
     b.close()
     assert [i.tags for i in seen[:2]] == [("bulk",), ("user",)]  # right after the running batch, alone
     assert [i.size for i in seen[2:]] == [4, 4]
+
+
+def test_urgent_images_of_one_message_share_a_batch_and_a_lone_one_does_not_wait() -> None:
+    seen: list[BatchInfo] = []
+    # A delay far above the test's timeouts: only announced images may hold a batch back.
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        lambda xs: xs, max_batch_size=8, max_delay_s=30.0, on_batch=seen.append
+    )
+    with b.reserve(3) as slot:
+        futures = [slot.submit(i, tag="m", urgent=True) for i in range(3)]
+    assert [f.result(5) for f in futures] == [0, 1, 2]
+    assert [i.size for i in seen] == [3]  # the first image waited for the two announced ones
+    lone = b.submit(7, tag="lone", urgent=True)
+    assert lone.result(5) == 7  # nothing announced: no wait for the 30 s delay
+    b.close()

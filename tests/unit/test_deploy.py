@@ -641,7 +641,7 @@ ALERTS = {
     ),
     "BatchvisionSmallBatches": (
         "histogram_quantile(0.5, sum(rate(batchvision_batch_size_bucket[10m])) by (le)) < 4 "
-        "and batchvision_queue_depth_images > 500",
+        "and max(batchvision_queue_depth_images) > 500",
         "15m",
     ),
 }

@@ -3,9 +3,9 @@
 import { Api, ApiError, isAbort, sleep } from "./api.js";
 import { Rate, fmtBytes, fmtDuration, fmtInt, setBar } from "./progress.js";
 import * as store from "./recent.js";
-import { fromDrop, fromInput, normalise, sniff } from "./scan.js";
+import { fromDrop, fromInput, normalise } from "./scan.js";
 import { ResultsTable } from "./table.js";
-import { uploadJob } from "./upload.js";
+import { uploadFolder } from "./upload.js";
 
 const FINAL = new Set(["succeeded", "partial", "failed", "canceled"]);
 const POLL_S = 1.0;
@@ -113,37 +113,27 @@ function scanStatus(text) {
   $("scan-status").textContent = text;
 }
 
+/** Images of a local upload, as far as known: its files less those found not to be images. */
+function expected(s) {
+  return s.entries.length - s.notImages - s.refused;
+}
+
 async function start(rawEntries) {
   alertMessage("");
   if (!rawEntries.length) {
     scanStatus("Nothing to upload: the selection holds no files.");
     return;
   }
-  scanStatus(`Reading ${fmtInt(rawEntries.length)} files…`);
   const { entries, root } = normalise(rawEntries);
-  const { images, skipped } = await sniff(entries, {
-    onProgress: (done, total) => scanStatus(`Reading ${fmtInt(done)} of ${fmtInt(total)} files…`),
-  });
-  const skippedRows = skipped.map((e) => ({ filename: e.path, code: "skipped", message: "not an image" }));
-  scanStatus(
-    `${fmtInt(images.length)} image${images.length === 1 ? "" : "s"} found` +
-      (skipped.length ? `, ${fmtInt(skipped.length)} skipped (not an image).` : "."),
-  );
-  if (!images.length) return;
-  let created;
-  try {
-    created = await api.request("POST", "/v1/jobs", { json: { expected: images.length } });
-  } catch (err) {
-    showError(err, "Could not create the job");
-    return;
-  }
-  const id = created.job_id;
   const session = {
-    id,
-    images,
-    files: new Map(images.map((e) => [e.path, e.file])),
-    skipped: skippedRows,
-    bytes: images.reduce((n, e) => n + e.file.size, 0),
+    id: null,
+    name: root || (entries.length === 1 ? entries[0].path : `${fmtInt(entries.length)} files`),
+    entries,
+    files: new Map(entries.map((e) => [e.path, e.file])),
+    skipped: [], // {filename, code, message}: not images, or refused by the API
+    notImages: 0,
+    refused: 0,
+    bytes: entries.reduce((n, e) => n + e.file.size, 0),
     sent: { files: 0, bytes: 0 },
     rate: new Rate(),
     started: performance.now(),
@@ -152,25 +142,68 @@ async function start(rawEntries) {
     error: "",
     abort: null,
   };
-  state.sessions.set(id, session);
-  const name = root || (images.length === 1 ? images[0].path : `${fmtInt(images.length)} files`);
-  store.saveJob(id, { name, count: images.length, status: "uploading", skipped: skippedRows });
-  history.pushState(null, "", `#job=${id}`);
-  openJob(id);
-  runUpload(session, images);
+  const jobId = await runUpload(session, entries);
+  if (!jobId && !session.error) {
+    const names = session.skipped.slice(0, 5).map((r) => r.filename);
+    scanStatus(
+      `No images: ${fmtInt(entries.length)} file${entries.length === 1 ? "" : "s"} skipped (not an image): ` +
+        names.join(", ") +
+        (session.skipped.length > names.length ? ", …" : "."),
+    );
+  }
 }
 
-async function runUpload(session, images) {
+function scanSummary(s) {
+  const images = expected(s);
+  const skipped = s.notImages ? `${fmtInt(s.notImages)} skipped (not an image)` : "";
+  if (s.uploading) {
+    // Files are recognised part by part, just before each part is sent.
+    scanStatus(`${fmtInt(s.entries.length)} files, read as they are sent${skipped ? `; so far ${skipped}` : ""}.`);
+  } else {
+    scanStatus(`${fmtInt(s.entries.length)} files: ${fmtInt(images)} image${images === 1 ? "" : "s"}${skipped ? `, ${skipped}` : ""}.`);
+  }
+}
+
+/** Upload `entries` (all of the session's files, or what a resumed job lacks); the job id. */
+async function runUpload(session, entries) {
   session.uploading = true;
   session.error = "";
   session.abort = new AbortController();
   session.started = performance.now();
+  session.finished = 0;
   session.rate = new Rate();
   const base = { ...session.sent };
+  const seen = new Set(session.skipped.map((r) => r.filename));
+  const skip = (rows) => {
+    const fresh = rows.filter((r) => !seen.has(r.filename));
+    fresh.forEach((r) => seen.add(r.filename));
+    session.skipped.push(...fresh);
+    return fresh.length;
+  };
+  scanSummary(session);
   renderUpload();
   try {
-    const { refused } = await uploadJob(api, session.id, images, {
+    const result = await uploadFolder(api, entries, {
+      jobId: session.id,
       signal: session.abort.signal,
+      createJob: async () =>
+        (await api.request("POST", "/v1/jobs", { json: { expected: expected(session) }, signal: session.abort.signal }))
+          .job_id,
+      onJob: (id) => {
+        session.id = id;
+        state.sessions.set(id, session);
+        store.saveJob(id, { name: session.name, count: expected(session), status: "uploading" });
+        history.pushState(null, "", `#job=${id}`);
+        openJob(id);
+      },
+      onSkipped: (found) => {
+        const fresh = found.filter((e) => !seen.has(e.path));
+        session.bytes -= fresh.reduce((n, e) => n + e.file.size, 0); // the bar counts images only
+        session.notImages += skip(fresh.map((e) => ({ filename: e.path, code: "skipped", message: "not an image" })));
+        scanSummary(session);
+        if (session.id) store.saveJob(session.id, { skipped: session.skipped, count: expected(session) });
+        if (state.view?.session === session) renderSkipped();
+      },
       onProgress: (p) => {
         session.sent = { files: base.files + p.files, bytes: base.bytes + p.bytes };
         session.rate.add(session.sent.bytes);
@@ -178,17 +211,18 @@ async function runUpload(session, images) {
       },
     });
     session.finished = performance.now();
-    if (refused.length) {
-      session.skipped = [...session.skipped, ...refused];
-      store.saveJob(session.id, { skipped: session.skipped });
-      renderSkipped();
-    }
+    if (result.refused.length) session.refused += skip(result.refused);
+    if (session.id) store.saveJob(session.id, { skipped: session.skipped, count: expected(session) });
+    return result.jobId;
   } catch (err) {
     session.error = isAbort(err) ? "canceled" : err instanceof ApiError ? err.describe() : String(err);
-    if (!isAbort(err)) showError(err, "Upload stopped");
+    if (!isAbort(err)) showError(err, session.id ? "Upload stopped" : "Could not create the job");
+    return session.id;
   } finally {
     session.uploading = false;
+    scanSummary(session);
     renderUpload();
+    renderSkipped();
     renderActions();
   }
 }
@@ -203,8 +237,10 @@ async function resumeUpload(session) {
     showError(err, "Could not resume");
     return;
   }
-  const todo = session.images.filter((e) => !have.has(e.path));
-  session.sent = { files: session.images.length - todo.length, bytes: session.bytes - todo.reduce((n, e) => n + e.file.size, 0) };
+  const skipped = new Set(session.skipped.map((r) => r.filename));
+  const todo = session.entries.filter((e) => !have.has(e.path) && !skipped.has(e.path));
+  const sent = session.entries.filter((e) => have.has(e.path));
+  session.sent = { files: sent.length, bytes: sent.reduce((n, e) => n + e.file.size, 0) };
   runUpload(session, todo);
 }
 
@@ -305,7 +341,7 @@ async function poll(view) {
       const uploading = view.session?.uploading;
       store.saveJob(view.id, {
         status: uploading && !FINAL.has(job.status) ? "uploading" : job.status,
-        count: Math.max(job.total, view.session ? view.session.images.length : 0),
+        count: Math.max(job.total, view.session ? expected(view.session) : 0),
         done: job.done,
         failed: job.failed,
       });
@@ -371,18 +407,18 @@ function renderUpload() {
   const view = state.view;
   const s = view?.session;
   if (!s) return;
-  const total = s.images.length;
+  const total = expected(s);
   const elapsed = ((s.finished || performance.now()) - s.started) / 1000;
   let text;
   if (s.uploading) {
     const rate = s.rate.perSecond();
     text =
-      `Uploaded ${fmtInt(s.sent.files)} of ${fmtInt(total)} files · ${fmtBytes(s.sent.bytes)} of ${fmtBytes(s.bytes)}` +
+      `Uploaded ${fmtInt(s.sent.files)} of ${fmtInt(total)} images · ${fmtBytes(s.sent.bytes)} of ${fmtBytes(s.bytes)}` +
       ` · ${fmtBytes(Math.round(rate))}/s · ${fmtDuration(s.rate.timeLeft(s.bytes))} left`;
   } else if (s.error) {
-    text = s.error === "canceled" ? `Upload canceled after ${fmtInt(s.sent.files)} files.` : `Upload stopped: ${s.error}`;
+    text = s.error === "canceled" ? `Upload canceled after ${fmtInt(s.sent.files)} images.` : `Upload stopped: ${s.error}`;
   } else if (s.finished) {
-    text = `Upload complete: ${fmtInt(total)} files, ${fmtBytes(s.bytes)} in ${fmtDuration(elapsed)}.`;
+    text = `Upload complete: ${fmtInt(s.sent.files)} images, ${fmtBytes(s.sent.bytes)} in ${fmtDuration(elapsed)}.`;
   } else {
     text = "Starting the upload…";
   }
@@ -406,7 +442,7 @@ function renderClassify() {
     return;
   }
   const uploading = view.session?.uploading;
-  const total = Math.max(job.total, uploading ? view.session.images.length : 0);
+  const total = Math.max(job.total, uploading ? expected(view.session) : 0);
   const resolved = job.done + job.failed + job.canceled;
   const status = uploading && !FINAL.has(job.status) ? "uploading" : job.status;
   const badge = $("job-status");
@@ -522,6 +558,7 @@ $("filters").addEventListener("submit", (e) => e.preventDefault());
 
 function showTopK(row) {
   if (!row) return;
+  $("topk-title").textContent = row.top_k?.length ? `Top ${row.top_k.length}` : "Error";
   $("topk-file").textContent = row.filename;
   const items = (row.top_k || []).map((s) => {
     const li = document.createElement("li");

@@ -1,10 +1,11 @@
 // The results table: filter and sort over the loaded rows, and a virtual list, so that only
 // the rows in view (plus a few) are in the DOM and 10,000 rows scroll as smoothly as 10.
 //
-// Thumbnails come from the local File (an object URL), never from the server; an URL is
-// revoked as soon as its row leaves the DOM. A job reopened without its files has none.
+// Thumbnails are made from the local File (thumbs.js), never fetched from the server; a job
+// reopened without its files (another page, after a reload) has none.
 
 import { fmtInt } from "./progress.js";
+import { THUMB_SIZE, Thumbnails } from "./thumbs.js";
 
 const OVERSCAN = 8;
 const COLUMNS = 7;
@@ -53,7 +54,7 @@ export class ResultsTable {
     this.view = [];
     this.sort = { key: "index", dir: 1 };
     this.filter = { label: "", status: "", below: null, text: "" };
-    this.urls = new Map(); // filename -> object URL, for rows in the DOM
+    this.thumbs = new Thumbnails();
     this.range = null;
     this.labels = "";
     this.rowH = 0;
@@ -78,7 +79,8 @@ export class ResultsTable {
 
   /** A new job: no rows, thumbnails from `files` (filename -> File) when given. */
   reset(files = null) {
-    this.releaseThumbnails();
+    this.thumbs.clear();
+    this.tbody.replaceChildren();
     this.rows = [];
     this.loaded = 0;
     this.expected = 0;
@@ -189,14 +191,13 @@ export class ResultsTable {
     const last = Math.min(this.view.length, Math.ceil((top + this.scroller.clientHeight) / h) + OVERSCAN);
     if (this.range && this.range[0] === first && this.range[1] === last) return;
     this.range = [first, last];
+    // A spacer spanning more columns than are shown (phone width hides some) would add empty ones.
+    const cols = [...this.table.tHead.rows[0].cells].filter((th) => th.offsetWidth > 0).length || COLUMNS;
     const frag = document.createDocumentFragment();
-    frag.append(spacer(first * h));
-    const keep = new Map();
-    for (let i = first; i < last; i++) frag.append(this.rowElement(this.view[i], i, keep));
-    frag.append(spacer((this.view.length - last) * h));
+    frag.append(spacer(first * h, cols));
+    for (let i = first; i < last; i++) frag.append(this.rowElement(this.view[i], i));
+    frag.append(spacer((this.view.length - last) * h, cols));
     this.tbody.replaceChildren(frag);
-    for (const [name, url] of this.urls) if (!keep.has(name)) URL.revokeObjectURL(url);
-    this.urls = keep;
     // The spacers assume every row is `h` tall: measure a real one (borders, zoom, fonts).
     const sample = this.tbody.querySelector("tr:not(.spacer)");
     const real = sample ? sample.getBoundingClientRect().height : 0;
@@ -206,7 +207,7 @@ export class ResultsTable {
     }
   }
 
-  rowElement(row, i, keep) {
+  rowElement(row, i) {
     const tr = document.createElement("tr");
     tr.dataset.index = String(row.index);
     tr.dataset.status = row.status;
@@ -214,15 +215,13 @@ export class ResultsTable {
     const thumb = document.createElement("td");
     const local = this.files?.get(row.filename);
     if (local) {
-      let url = keep.get(row.filename) || this.urls.get(row.filename);
-      if (!url) url = URL.createObjectURL(local);
-      keep.set(row.filename, url);
-      const img = document.createElement("img");
-      img.className = "thumb";
-      img.alt = "";
-      img.decoding = "async";
-      img.src = url;
-      thumb.append(img);
+      const canvas = document.createElement("canvas");
+      canvas.className = "thumb";
+      canvas.width = THUMB_SIZE;
+      canvas.height = THUMB_SIZE;
+      canvas.setAttribute("aria-hidden", "true"); // decorative: the file name is beside it
+      thumb.append(canvas);
+      this.thumbs.draw(canvas, row.filename, local);
     }
     thumb.className = "c-thumb";
     const err = errorText(row);
@@ -251,24 +250,18 @@ export class ResultsTable {
   topkCell(row) {
     const td = document.createElement("td");
     td.className = "c-topk";
-    if (row.top_k && row.top_k.length) {
+    const k = row.top_k ? row.top_k.length : 0;
+    if (k || row.error) {
+      // Top-k on demand; for a failed image the same dialog shows the whole error message.
       const b = document.createElement("button");
       b.type = "button";
       b.className = "topk-btn secondary";
       b.dataset.topk = String(row.index);
-      b.textContent = `Top ${row.top_k.length}`;
-      b.setAttribute("aria-label", `Top ${row.top_k.length} classes of ${row.filename}`);
+      b.textContent = k ? `Top ${k}` : "Error";
+      b.setAttribute("aria-label", k ? `Top ${k} classes of ${row.filename}` : `Error of ${row.filename}`);
       td.append(b);
     }
     return td;
-  }
-
-  /** Drop every thumbnail URL (when the job view changes). */
-  releaseThumbnails() {
-    for (const url of this.urls.values()) URL.revokeObjectURL(url);
-    this.urls = new Map();
-    this.tbody.replaceChildren();
-    this.range = null;
   }
 }
 
@@ -280,12 +273,12 @@ function cell(text, cls = "", title = "") {
   return td;
 }
 
-function spacer(height) {
+function spacer(height, cols) {
   const tr = document.createElement("tr");
   tr.className = "spacer";
   tr.setAttribute("aria-hidden", "true");
   const td = document.createElement("td");
-  td.colSpan = COLUMNS;
+  td.colSpan = cols;
   td.style.height = `${height}px`;
   tr.append(td);
   return tr;

@@ -1,0 +1,55 @@
+"""``batchvision models`` and ``batchvision reload``: the models the workers serve (issue 14)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from batchvision.cli.commands import EXIT_OK, AddFn, guarded
+from batchvision.client import Client
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models: versions (and why one was refused), the live one, input size, classes,
+    and how many workers serve each."""
+    listing = Client(args.api_url, args.api_key).models()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return EXIT_OK
+    for m in listing["models"]:
+        default = " (default)" if m["default"] else ""
+        size = "x".join(str(v) for v in m.get("input_size") or []) or "?"
+        print(
+            f"{m['name']}{default}: live version {m['live_version']}, input {size}, "
+            f"{m.get('classes')} classes, {m['workers']} worker(s) {m['workers_by_version']}"
+        )
+        for v in m["versions"]:
+            why = f": {v['error']}" if v.get("error") else ""
+            print(f"  version {v['version']}: {v['status']}{why}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the workers serving a model to load its new version, or make a version live
+    (``--version N``; ``--version latest`` undoes that). Needs an admin key."""
+    version: int | str | None = args.version
+    if isinstance(version, str) and version != "latest":
+        version = int(version)
+    print(json.dumps(Client(args.api_url, args.api_key).reload_model(args.name, version), indent=2))
+    return EXIT_OK
+
+
+def register(sub: Any, add: AddFn) -> None:
+    """Add ``models`` and ``reload`` to the ``batchvision`` parser."""
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
+        p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
+        return p
+
+    p = common(add("models", guarded(cmd_models), "list the models, their versions and workers"))
+    p.add_argument("--json", action="store_true", help="print the API's document")
+    p = common(add("reload", guarded(cmd_reload), "load a model's new version, or make a version live"))
+    p.add_argument("name")
+    p.add_argument("--version", help="a version number to make live, or `latest`")

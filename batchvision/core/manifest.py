@@ -1,0 +1,215 @@
+"""Manifests: lists of image URLs a job names instead of carrying the images (issue 15).
+
+Pure parsing, no network: the API reads a manifest body with it, the CLI a local file. Three
+forms, each up to a configured number of entries:
+
+- CSV with a header row that has a ``url`` column and optionally a ``filename`` column
+  (``text/csv``; other columns are ignored, blank rows skipped);
+- JSON Lines, one entry per line: a JSON string (the URL) or an object ``{"url", "filename"?}``
+  (``application/x-ndjson``, ``application/jsonl``);
+- a URI list, one URL per line, ``#`` comments (``text/uri-list``, RFC 2483).
+
+Whether a URL may be fetched (scheme, host, address rules) is decided later, per entry, by
+:mod:`batchvision.server.fetch`: a bad URL is a per-image error, not a refused manifest. A
+manifest that cannot be read at all is refused with ``400 bad_manifest`` naming the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from batchvision.core.errors import BadRequest, BatchvisionError
+
+#: Longest URL an entry may have (what browsers and CDNs reliably carry).
+MAX_URL_LENGTH = 2048
+#: Longest display name of an entry.
+MAX_FILENAME_LENGTH = 1024
+
+Kind = Literal["csv", "jsonl", "urilist"]
+
+#: Content types of a manifest body, by kind.
+MEDIA_TYPES: Mapping[str, Kind] = {
+    "text/csv": "csv",
+    "application/csv": "csv",
+    "application/x-ndjson": "jsonl",
+    "application/jsonl": "jsonl",
+    "application/x-jsonlines": "jsonl",
+    "text/uri-list": "urilist",
+}
+#: File extensions of a manifest file (the CLI), by kind.
+EXTENSIONS: Mapping[str, Kind] = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".txt": "urilist",
+    ".uris": "urilist",
+}
+
+
+class ManifestError(BadRequest):
+    """The manifest cannot be read (``400``); the message names the line."""
+
+    code = "bad_manifest"
+
+
+class TooManyUrls(BatchvisionError):
+    """More entries than ``BATCHVISION_MAX_URLS_PER_JOB`` (``413``)."""
+
+    status = 413
+    code = "too_many_urls"
+
+
+@dataclass(frozen=True)
+class UrlEntry:
+    """One image of a URL job: where it is, and the name its result row shows (the URL when
+    none is given)."""
+
+    url: str
+    filename: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.filename or self.url
+
+
+def kind_of_media_type(media_type: str) -> Kind | None:
+    return MEDIA_TYPES.get(media_type.strip().lower())
+
+
+def kind_of_path(path: str | Path) -> Kind | None:
+    return EXTENSIONS.get(Path(path).suffix.lower())
+
+
+def parse(data: bytes | str, kind: Kind, *, max_entries: int) -> list[UrlEntry]:
+    """The entries of a manifest of ``kind``; raises :class:`ManifestError` or
+    :class:`TooManyUrls`."""
+    text = _text(data)
+    if kind == "csv":
+        entries = _csv(text, max_entries)
+    elif kind == "jsonl":
+        entries = _lines(text, max_entries, _jsonl_entry)
+    else:
+        entries = _lines(text, max_entries, _uri_entry)
+    if not entries:
+        raise ManifestError("the manifest lists no URL")
+    return entries
+
+
+def entries_from_json(items: Iterable[str | Mapping[str, Any]], *, max_entries: int) -> list[UrlEntry]:
+    """Entries of a JSON body's ``urls`` list: URL strings or ``{"url", "filename"?}`` objects
+    (shapes are checked by the request model; this applies the count limit)."""
+    out: list[UrlEntry] = []
+    for item in items:
+        _room(out, max_entries)
+        if isinstance(item, str):
+            out.append(UrlEntry(item))
+        else:
+            out.append(UrlEntry(str(item["url"]), item.get("filename")))
+    return out
+
+
+def read_file(path: str | Path, *, max_entries: int = 1_000_000) -> list[UrlEntry]:
+    """A manifest file, its kind from the extension (``.csv``, ``.jsonl``/``.ndjson``,
+    ``.txt``/``.uris``)."""
+    kind = kind_of_path(path)
+    if kind is None:
+        raise ManifestError(
+            f"{Path(path).name}: unknown manifest type; use .csv (url[,filename]), .jsonl or .txt"
+        )
+    return parse(Path(path).read_bytes(), kind, max_entries=max_entries)
+
+
+# -- the forms --------------------------------------------------------------------------------
+
+
+def _text(data: bytes | str) -> str:
+    if isinstance(data, str):
+        return data.removeprefix("\ufeff")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"the manifest is not UTF-8 text (byte {exc.start})") from exc
+
+
+def _room(out: list[UrlEntry], max_entries: int) -> None:
+    if len(out) >= max_entries:
+        raise TooManyUrls(f"the job lists more than {max_entries} URLs (BATCHVISION_MAX_URLS_PER_JOB)")
+
+
+def _entry(url: Any, filename: Any, where: str) -> UrlEntry:
+    if not isinstance(url, str) or not url.strip():
+        raise ManifestError(f"{where}: no URL")
+    url = url.strip()
+    if len(url) > MAX_URL_LENGTH:
+        raise ManifestError(f"{where}: the URL is longer than {MAX_URL_LENGTH} characters")
+    if filename is not None and not isinstance(filename, str):
+        raise ManifestError(f"{where}: filename must be a string")
+    name = (filename or "").strip() or None
+    if name is not None and len(name) > MAX_FILENAME_LENGTH:
+        raise ManifestError(f"{where}: the filename is longer than {MAX_FILENAME_LENGTH} characters")
+    return UrlEntry(url, name)
+
+
+def _csv(text: str, max_entries: int) -> list[UrlEntry]:
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            raise ManifestError("the CSV manifest is empty")
+        columns = [h.strip().lower() for h in header]
+        if "url" not in columns:
+            raise ManifestError(f"the CSV manifest has no 'url' column (header: {header[:10]!r})")
+        url_col = columns.index("url")
+        name_col = columns.index("filename") if "filename" in columns else None
+        out: list[UrlEntry] = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where = f"line {reader.line_num}"
+            if len(row) <= url_col:
+                raise ManifestError(f"{where}: no value in the 'url' column")
+            _room(out, max_entries)
+            name = row[name_col] if name_col is not None and name_col < len(row) else None
+            out.append(_entry(row[url_col], name, where))
+        return out
+    except csv.Error as exc:
+        raise ManifestError(f"the CSV manifest cannot be read: {exc}") from exc
+
+
+def _lines(text: str, max_entries: int, read: Any) -> list[UrlEntry]:
+    out: list[UrlEntry] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = read(line.strip(), f"line {number}")
+        if entry is not None:
+            _room(out, max_entries)
+            out.append(entry)
+    return out
+
+
+def _jsonl_entry(line: str, where: str) -> UrlEntry | None:
+    if not line:
+        return None
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: not JSON ({exc.args[0]})") from exc
+    if isinstance(item, str):
+        return _entry(item, None, where)
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - {"url", "filename"})
+        if unknown:
+            raise ManifestError(f"{where}: unknown field {unknown[0]!r} (allowed: url, filename)")
+        return _entry(item.get("url"), item.get("filename"), where)
+    raise ManifestError(f'{where}: expected a URL string or {{"url": ..., "filename": ...}}')
+
+
+def _uri_entry(line: str, where: str) -> UrlEntry | None:
+    if not line or line.startswith("#"):
+        return None
+    return _entry(line, None, where)

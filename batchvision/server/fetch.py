@@ -1,0 +1,589 @@
+"""Fetching what users name by URL: image URLs (workers) and webhook receivers (deliverer).
+
+Every URL here is hostile input. The rules, each enforced on every hop:
+
+- ``http`` and ``https`` only, no credentials in the URL, at most
+  :data:`~batchvision.core.manifest.MAX_URL_LENGTH` characters (``bad_url``);
+- the host is resolved here, and **every** address it resolves to must pass the address rules
+  (:func:`address_problem`: loopback, private, link-local, multicast, reserved, unspecified,
+  shared and other non-global ranges, IPv4-mapped and IPv4-embedding IPv6 forms, and cloud
+  metadata addresses are refused, ``blocked_address``) unless ``BATCHVISION_FETCH_ALLOW``
+  lists the host or the address (metadata addresses stay refused whatever it says);
+- the connection is opened **to the checked address**, never to the name again (a name that
+  answers a public address to the check and a private one to the connection, DNS rebinding,
+  gets nowhere); the name is sent as ``Host`` and as TLS SNI, and the certificate is verified
+  against the name;
+- redirects are followed by hand, at most ``FETCH_MAX_REDIRECTS``, each one parsed, resolved
+  and checked like the first URL (``too_many_redirects``, ``blocked_address``, ``bad_url``);
+- one deadline covers resolution, connections, redirects and the body (``fetch_timeout``),
+  connecting has its own shorter limit; the body is read in pieces and the download stops the
+  moment it passes the byte cap (``too_large``; a ``Content-Length`` over the cap stops it
+  before any byte); the first bytes must look like an image, and the whole body then passes
+  the same header checks as an upload (``not_an_image``, ``truncated``, ``too_many_pixels``...);
+- anything but 2xx (after redirects) is ``http_<status>``; refused or reset connections are
+  ``connection_failed``, certificate problems ``tls_error``, names that do not resolve
+  ``dns_error``. No proxy from the environment is used, and content is asked for and read
+  without transfer compression (no decompression bombs).
+
+Connection reuse: one urllib3 pool per (scheme, host, port, checked address), kept across
+fetches, so the images of one host reuse keep-alive connections (and TLS sessions) as long as
+the host keeps resolving to the same address; a new address gets its own, checked, pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from batchvision import __version__
+from batchvision.core.errors import BatchvisionError
+from batchvision.core.imaging import inspect_image
+from batchvision.core.manifest import MAX_URL_LENGTH
+from batchvision.core.settings import Settings
+from batchvision.core.sniff import looks_like_image
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: ``(host, port) -> addresses``; the default asks the system (``getaddrinfo``).
+Resolver = Callable[[str, int], list[str]]
+
+USER_AGENT = f"batchvision/{__version__} (+fetch)"
+#: Cloud instance-metadata endpoints: refused even when the allow-list covers them.
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, Oracle...
+        "169.254.170.2",  # AWS ECS task metadata
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "100.100.100.200",  # Alibaba Cloud
+        "168.63.129.16",  # Azure WireServer
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_PIECE = 64 * 1024
+
+
+class FetchError(BatchvisionError):
+    """A URL that could not be fetched; ``code`` says why (the per-image error code)."""
+
+    status = 422
+    code = "fetch_failed"
+
+
+# -- the rules (pure) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """``BATCHVISION_FETCH_ALLOW``: networks and host names exempt from the address rules."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    hosts: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: str) -> AllowList:
+        networks = []
+        hosts = set()
+        suffixes = []
+        for item in (i.strip().lower() for i in raw.split(",")):
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+                continue
+            except ValueError:
+                pass
+            if item.startswith("*."):
+                suffixes.append(item[1:])
+            else:
+                hosts.add(item.rstrip("."))
+        return cls(tuple(networks), frozenset(hosts), tuple(suffixes))
+
+    def host_allowed(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return host in self.hosts or any(host.endswith(s) for s in self.suffixes)
+
+    def address_allowed(self, ip: IPAddress) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.networks)
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo server, NAT64), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[0]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def _kind(ip: IPAddress) -> str | None:
+    """Why ``ip`` is not a public address (``None`` if it is)."""
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:
+        return "non-public"
+    return None
+
+
+def address_problem(
+    ip: IPAddress | str, allow: AllowList = AllowList(), *, trusted: bool = False
+) -> str | None:
+    """Why a connection to ``ip`` is refused, or ``None`` when it may be made. ``trusted``: the
+    host name is on the allow-list (only metadata addresses are refused then)."""
+    ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        ip = ipaddress.IPv6Address(str(ip).split("%")[0])
+    inner = _embedded_v4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d
+        ip, inner = ip.ipv4_mapped, None
+    for candidate in (ip, inner):
+        if candidate in METADATA_ADDRESSES:
+            return f"{candidate} is a cloud metadata address"
+    if trusted or allow.address_allowed(ip):
+        return None
+    kind = _kind(ip)
+    if kind is not None:
+        return f"{ip} is a {kind} address"
+    if inner is not None and not allow.address_allowed(inner):
+        kind = _kind(inner)
+        if kind is not None:
+            return f"{ip} carries {inner}, a {kind} address"
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL, split for a request."""
+
+    url: str
+    scheme: str
+    host: str  # lowercase, IDNA-encoded, no brackets
+    port: int
+    path: str  # path and query, percent-encoded
+
+    @property
+    def literal(self) -> IPAddress | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_url(url: str) -> Target:
+    """Split ``url`` or raise ``FetchError(bad_url)``: http(s), a host, no credentials, no
+    control characters or whitespace, a valid port, at most MAX_URL_LENGTH characters."""
+
+    def bad(why: str) -> FetchError:
+        return FetchError(f"{why}: {url[:200]!r}", code="bad_url")
+
+    if not isinstance(url, str) or not url:
+        raise bad("empty URL")
+    if len(url) > MAX_URL_LENGTH:
+        raise bad(f"URL longer than {MAX_URL_LENGTH} characters")
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        raise bad("URL with whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError as exc:
+        raise bad(f"malformed URL ({exc})") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise bad(f"scheme {scheme or '(none)'!r} is not allowed (http and https only)")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise bad("URL with credentials")
+    if not host:
+        raise bad("URL without a host")
+    try:
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError as exc:
+        raise bad("host name that is not valid IDNA") from exc
+    if port == 0:
+        raise bad("port 0")
+    path = parts.path or "/"
+    path = quote(path, safe="/%:@!$&'()*+,;=-._~")
+    if parts.query:
+        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+    return Target(url, scheme, host.lower().rstrip("."), port or (443 if scheme == "https" else 80), path)
+
+
+def url_problem(url: str, allow: AllowList = AllowList()) -> FetchError | None:
+    """What the API can tell about ``url`` without the network: its syntax, and the address
+    rules when the host is an address literal (names are resolved and checked when fetched)."""
+    try:
+        target = parse_url(url)
+    except FetchError as exc:
+        return exc
+    ip = target.literal
+    if ip is None:
+        return None
+    problem = address_problem(ip, allow, trusted=allow.host_allowed(target.host))
+    return FetchError(f"refused: {problem}", code="blocked_address") if problem else None
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, in the system's order of preference."""
+    out: list[str] = []
+    for *_, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        ip = str(addr[0])
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+# -- connections to checked addresses ----------------------------------------------------------
+
+
+class Deadline:
+    """One time budget for a whole exchange (redirects included)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise FetchError(f"no answer within {self.seconds:g}s", code="fetch_timeout")
+        return left
+
+
+class SafeHTTP:
+    """HTTP(S) to checked addresses only, with pooled keep-alive connections.
+
+    Thread-safe; one per process (``FETCH_THREADS`` fetches and the webhook deliverer share it).
+    """
+
+    def __init__(
+        self,
+        allow: AllowList = AllowList(),
+        *,
+        connect_timeout_s: float = 5.0,
+        resolver: Resolver | None = None,
+        per_host: int = 16,
+        max_pools: int = 256,
+        ca_certs: str | None = None,
+    ) -> None:
+        self.allow = allow
+        self.connect_timeout_s = connect_timeout_s
+        self.resolver = resolver or system_resolver
+        self.per_host = per_host
+        self.max_pools = max_pools
+        self.ca_certs = ca_certs
+        self._pools: OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = OrderedDict()
+        self._lock = threading.Lock()
+        # getaddrinfo cannot be interrupted: it runs here, so a hung resolver costs a thread of
+        # this bounded pool and a fetch_timeout, never a stuck task.
+        self._dns = ThreadPoolExecutor(8, thread_name_prefix="resolve")
+
+    def close(self) -> None:
+        with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+        for pool in pools:
+            pool.close()
+        self._dns.shutdown(wait=False, cancel_futures=True)
+
+    def address(self, target: Target, deadline: Deadline) -> str:
+        """The checked address to connect to for ``target`` (every resolved one must pass)."""
+        literal = target.literal
+        if literal is not None:
+            ips = [str(literal)]
+        else:
+            future = self._dns.submit(self.resolver, target.host, target.port)
+            try:
+                ips = future.result(timeout=deadline.left())
+            except FutureTimeout as exc:
+                raise FetchError(f"resolving {target.host} took too long", code="fetch_timeout") from exc
+            except (OSError, UnicodeError) as exc:
+                raise FetchError(f"{target.host} does not resolve: {exc}", code="dns_error") from exc
+            if not ips:
+                raise FetchError(f"{target.host} does not resolve", code="dns_error")
+        trusted = self.allow.host_allowed(target.host)
+        for ip in ips:
+            problem = address_problem(ip, self.allow, trusted=trusted)
+            if problem:
+                via = "" if literal is not None else f"{target.host} resolves to {ip}; "
+                raise FetchError(f"refused: {via}{problem}", code="blocked_address")
+        return ips[0]
+
+    def _pool(self, target: Target, ip: str) -> urllib3.HTTPConnectionPool:
+        key = (target.scheme, target.host, target.port, ip)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)
+                return pool
+            common: dict[str, Any] = {"maxsize": self.per_host, "block": False, "retries": False}
+            if target.scheme == "https":
+                name = None if target.literal is not None else target.host
+                pool = urllib3.HTTPSConnectionPool(
+                    ip,
+                    target.port,
+                    cert_reqs="CERT_REQUIRED",
+                    ca_certs=self.ca_certs or _default_ca(),
+                    server_hostname=name,
+                    assert_hostname=target.host,
+                    **common,
+                )
+            else:
+                pool = urllib3.HTTPConnectionPool(ip, target.port, **common)
+            self._pools[key] = pool
+            while len(self._pools) > self.max_pools:
+                _, old = self._pools.popitem(last=False)
+                old.close()
+            return pool
+
+    def open(
+        self,
+        method: str,
+        target: Target,
+        deadline: Deadline,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send one request to ``target``'s checked address; the response body is unread.
+        Raises :class:`FetchError` (``blocked_address``, ``fetch_timeout``, ...)."""
+        ip = self.address(target, deadline)
+        pool = self._pool(target, ip)
+        sent = {
+            "Host": target.host_header,
+            "User-Agent": USER_AGENT,
+            "Accept-Encoding": "identity",
+            **(headers or {}),
+        }
+        for attempt in (1, 2):
+            left = deadline.left()
+            timeout = urllib3.Timeout(connect=min(self.connect_timeout_s, left), read=left)
+            try:
+                return pool.urlopen(
+                    method,
+                    target.path,
+                    body=body,
+                    headers=sent,
+                    redirect=False,
+                    retries=False,
+                    timeout=timeout,
+                    preload_content=False,
+                    decode_content=False,
+                    assert_same_host=False,
+                )
+            except ProtocolError as exc:
+                # A kept-alive connection the server had closed: one fresh try (never for a
+                # request with a body, which the server may have taken).
+                if attempt == 1 and body is None:
+                    continue
+                raise _fetch_error(exc, target) from exc
+            except HTTPError as exc:
+                raise _fetch_error(exc, target) from exc
+        raise AssertionError("unreachable")
+
+
+def _default_ca() -> str | None:
+    try:
+        import certifi
+
+        return str(certifi.where())
+    except ImportError:  # pragma: no cover - certifi comes with requests
+        return None
+
+
+def _fetch_error(exc: Exception, target: Target) -> FetchError:
+    where = target.host_header
+    if isinstance(exc, NewConnectionError):  # (a subclass of ConnectTimeoutError in urllib3 2)
+        return FetchError(f"cannot connect to {where}: {exc}", code="connection_failed")
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError) or isinstance(exc, TimeoutError):
+        return FetchError(f"{where} did not answer in time", code="fetch_timeout")
+    if isinstance(exc, SSLError):
+        return FetchError(f"TLS with {where} failed: {exc}", code="tls_error")
+    return FetchError(f"connection to {where} failed: {exc}", code="connection_failed")
+
+
+def read_body(
+    resp: urllib3.BaseHTTPResponse, limit: int, deadline: Deadline, *, image: bool = False
+) -> bytes:
+    """Read ``resp``'s body, at most ``limit`` bytes, before ``deadline``. The cap and the
+    deadline are enforced while reading: past either, the connection is closed at once.
+    With ``image``, the first bytes must look like an image (else ``not_an_image``)."""
+    ok = False
+    try:
+        declared = resp.headers.get("Content-Length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise FetchError(f"the body is {int(declared)} bytes, the limit is {limit}", code="too_large")
+        buf = bytearray()
+        sniffed = not image
+        while True:
+            _read_timeout(resp, deadline.left())
+            try:
+                piece = resp.read1(_PIECE)
+            except (ReadTimeoutError, TimeoutError) as exc:
+                deadline.left()
+                raise FetchError("the body did not arrive in time", code="fetch_timeout") from exc
+            except (ProtocolError, HTTPError, OSError) as exc:
+                raise FetchError(f"the body broke off: {exc}", code="connection_failed") from exc
+            if not piece:
+                break
+            buf += piece
+            if len(buf) > limit:
+                raise FetchError(f"the body is over the limit of {limit} bytes", code="too_large")
+            if not sniffed and len(buf) >= 16:
+                sniffed = True
+                if not looks_like_image(bytes(buf[:16])):
+                    raise FetchError("the body is not an image (by content)", code="not_an_image")
+            deadline.left()
+        ok = True
+        return bytes(buf)
+    finally:
+        if not ok:
+            resp.close()  # never return a half-read connection to the pool
+        resp.release_conn()
+
+
+def _read_timeout(resp: urllib3.BaseHTTPResponse, left: float) -> None:
+    """Bound the next socket read by what is left of the deadline (a body dripped one byte at
+    a time would otherwise reset the read timeout forever)."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(max(0.01, left))
+
+
+# -- image URLs ---------------------------------------------------------------------------------
+
+
+class Fetcher:
+    """Fetch image URLs under the rules of this module; thread-safe."""
+
+    def __init__(
+        self,
+        http: SafeHTTP,
+        *,
+        max_bytes: int,
+        max_pixels: int,
+        timeout_s: float = 30.0,
+        max_redirects: int = 5,
+    ) -> None:
+        self.http = http
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.timeout_s = timeout_s
+        self.max_redirects = max_redirects
+
+    @classmethod
+    def from_settings(cls, s: Settings, resolver: Resolver | None = None) -> Fetcher:
+        http = SafeHTTP(
+            AllowList.parse(s.fetch_allow),
+            connect_timeout_s=s.fetch_connect_timeout_s,
+            resolver=resolver,
+            per_host=s.fetch_threads,
+        )
+        return cls(
+            http,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            timeout_s=s.fetch_timeout_s,
+            max_redirects=s.fetch_max_redirects,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def fetch(self, url: str) -> bytes:
+        """The image at ``url``: its bytes, checked like an upload. Raises
+        :class:`~batchvision.core.errors.BatchvisionError` with the per-image code."""
+        deadline = Deadline(self.timeout_s)
+        target = parse_url(url)
+        for hop in range(self.max_redirects + 1):
+            resp = self.http.open("GET", target, deadline, headers={"Accept": "image/*"})
+            if resp.status in _REDIRECTS and resp.headers.get("Location"):
+                location = resp.headers["Location"]
+                if _small(resp):  # read it, so the connection can be reused
+                    read_body(resp, _PIECE, deadline)
+                else:
+                    _discard(resp)
+                if hop == self.max_redirects:
+                    raise FetchError(
+                        f"more than {self.max_redirects} redirects (last to {location[:200]!r})",
+                        code="too_many_redirects",
+                    )
+                try:
+                    target = parse_url(urljoin(target.url, location))
+                except FetchError as exc:
+                    raise FetchError(f"redirect refused: {exc.message}", code=exc.code) from exc
+                continue
+            if not 200 <= resp.status < 300:
+                _discard(resp)
+                raise FetchError(
+                    f"{target.host_header} answered HTTP {resp.status}", code=f"http_{resp.status}"
+                )
+            data = read_body(resp, self.max_bytes, deadline, image=True)
+            inspect_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            return data
+        raise AssertionError("unreachable")
+
+
+def _small(resp: urllib3.BaseHTTPResponse) -> bool:
+    declared = resp.headers.get("Content-Length", "")
+    return declared.strip().isdigit() and int(declared) <= _PIECE
+
+
+def _discard(resp: urllib3.BaseHTTPResponse) -> None:
+    resp.close()
+    resp.release_conn()
+
+
+# -- URL blobs ------------------------------------------------------------------------------------
+
+#: What a URL image's blob starts with (an upload never does: uploads are checked images).
+URL_BLOB_PREFIX = b"BV-URL\n"
+
+
+def url_blob(url: str) -> bytes:
+    """The blob a URL image waits as: the marker and the URL (fetched by the worker)."""
+    return URL_BLOB_PREFIX + url.encode()
+
+
+def blob_url(blob: bytes) -> str | None:
+    """The URL of a URL image's blob, ``None`` for an uploaded image."""
+    return blob[len(URL_BLOB_PREFIX) :].decode() if blob.startswith(URL_BLOB_PREFIX) else None

@@ -1,0 +1,207 @@
+"""The model registry in Redis: what the workers serve, written by the workers, read by the API.
+
+Workers announce each model they serve and each version they find, load or refuse (with the
+reason), and send a heartbeat per model with the version they have live. The API reads it to
+list the models (``GET /v1/models``) and to check a submit's options (an unknown model, version
+or ``top_k`` is refused at submit time, not discovered by a worker). A reload request
+(``POST /v1/models/<name>/reload``) moves the operator's live pointer, if it names a version,
+and is published to the workers on :data:`~batchvision.server.keys.MODELS_CONTROL`.
+
+Layout (keys in :mod:`batchvision.server.keys`): ``bv:models`` is one hash, so the API reads
+everything in one round trip; its field ``<name>`` holds the model's JSON (``live``: the version
+the workers switched to last, ``updated_at``) and ``<name>:<version>`` each version's
+(``status`` ``found`` / ``ready`` / ``failed``, ``error``, ``classes``, ``input_size``,
+``labels``, ``load_s``). Each worker writes only the fields it knows about, so workers of one
+model never overwrite each other's news.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+
+from batchvision.core.models import ModelFacts
+from batchvision.server import keys
+
+#: A worker whose heartbeat is older than this no longer counts as serving a model.
+HEARTBEAT_TTL_S = 30.0
+READY, FAILED, FOUND = "ready", "failed", "found"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class ModelRegistry:
+    """Reads and writes of the registry; safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, cache_s: float = 1.0) -> None:
+        self.redis = client
+        self.cache_s = cache_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, Any]] | None = None
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def announce_model(self, name: str, live: int | None) -> None:
+        """The model exists and ``live`` is the version the workers serve now."""
+        doc = {"name": name, "live": live, "updated_at": round(time.time(), 3)}
+        self.redis.hset(keys.MODELS, name, json.dumps(doc))
+
+    def announce_version(
+        self, name: str, version: int, status: str, only_new: bool = False, **facts: Any
+    ) -> None:
+        """A version's state: ``found`` (on disk), ``ready`` (loaded and checked: ``classes``,
+        ``input_size``, ``labels``, ``load_s``) or ``failed`` (``error``). ``only_new``: write
+        it only if the registry knows nothing of this version yet."""
+        doc = {"version": version, "status": status, **facts, "updated_at": round(time.time(), 3)}
+        write = self.redis.hsetnx if only_new else self.redis.hset
+        write(keys.MODELS, f"{name}:{version}", json.dumps(doc))
+
+    def forget_versions(self, name: str, versions: Iterable[int]) -> None:
+        """Versions removed from disk."""
+        fields = [f"{name}:{v}" for v in versions]
+        if fields:
+            self.redis.hdel(keys.MODELS, *fields)
+
+    def heartbeat(self, worker: str, served: Mapping[str, int | None]) -> None:
+        """``worker`` serves these models, each with this version live."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for name, version in served.items():
+            pipe.zadd(keys.model_workers(name), {worker: now})
+            pipe.zremrangebyscore(keys.model_workers(name), 0, now - 10 * HEARTBEAT_TTL_S)
+            pipe.hset(keys.model_served(name), worker, "" if version is None else str(version))
+        pipe.execute()
+
+    def leave(self, worker: str, models: Iterable[str]) -> None:
+        """``worker`` stops (a clean shutdown): it no longer counts as serving ``models``."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in models:
+            pipe.zrem(keys.model_workers(name), worker)
+            pipe.hdel(keys.model_served(name), worker)
+        pipe.execute()
+
+    def live_pointer(self, name: str) -> int | None:
+        """The live version an operator chose, if any."""
+        raw = self.redis.get(keys.model_live(name))
+        return int(raw) if raw else None
+
+    def subscribe(self) -> Any:
+        """A pub/sub subscription to reload requests (``get_message()`` on it)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
+        pubsub.subscribe(keys.MODELS_CONTROL)
+        return pubsub
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def raw(self, fresh: bool = False) -> dict[str, Any]:
+        """``{name: {"model": doc, "versions": {version: doc}}}``, cached ``cache_s`` seconds."""
+        with self._lock:
+            if not fresh and self._cached is not None and time.monotonic() - self._cached[0] < self.cache_s:
+                return self._cached[1]
+        out: dict[str, Any] = {}
+        for field, value in self.redis.hgetall(keys.MODELS).items():
+            name, _, version = _text(field).partition(":")
+            try:
+                doc = json.loads(value)
+            except ValueError:
+                continue
+            entry = out.setdefault(name, {"model": None, "versions": {}})
+            if version:
+                entry["versions"][int(version)] = doc
+            else:
+                entry["model"] = doc
+        out = {n: e for n, e in out.items() if e["model"] is not None}
+        with self._lock:
+            self._cached = (time.monotonic(), out)
+        return out
+
+    def facts(self) -> dict[str, ModelFacts]:
+        """What submit checks need: each model's live version and usable versions' classes."""
+        out = {}
+        for name, entry in self.raw().items():
+            versions = {
+                v: (doc.get("classes") if doc.get("status") == READY else None)
+                for v, doc in entry["versions"].items()
+                if doc.get("status") != FAILED
+            }
+            out[name] = ModelFacts(name, entry["model"].get("live"), versions)
+        return out
+
+    def listing(self, default: str) -> list[dict[str, Any]]:
+        """``GET /v1/models``: every model with its versions, live version, input size,
+        classes, and the workers serving it (by the version they have live)."""
+        entries = self.raw(fresh=True)
+        names = sorted(entries)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.zrangebyscore(keys.model_workers(name), now - HEARTBEAT_TTL_S, "+inf")
+            pipe.hgetall(keys.model_served(name))
+            pipe.get(keys.model_live(name))
+        replies = pipe.execute()
+        out = []
+        for n, name in enumerate(names):
+            alive_raw, served_raw, pointer = replies[3 * n : 3 * n + 3]
+            alive = {_text(w) for w in alive_raw}
+            served = {_text(w): _text(v) for w, v in served_raw.items() if _text(w) in alive}
+            by_version: dict[str, int] = {}
+            for version in served.values():
+                by_version[version or "none"] = by_version.get(version or "none", 0) + 1
+            model = entries[name]["model"]
+            live = model.get("live")
+            versions = [_version_doc(v, doc) for v, doc in sorted(entries[name]["versions"].items())]
+            current = entries[name]["versions"].get(live, {}) if live is not None else {}
+            out.append(
+                {
+                    "name": name,
+                    "default": name == default,
+                    "live_version": live,
+                    "pinned_live_version": int(pointer) if pointer else None,
+                    "input_size": current.get("input_size"),
+                    "classes": current.get("classes"),
+                    "labels": current.get("labels"),
+                    "versions": versions,
+                    "workers": len(served),
+                    "workers_by_version": by_version,
+                    "updated_at": model.get("updated_at"),
+                }
+            )
+        return out
+
+    def request_reload(self, name: str, version: int | None, latest: bool) -> dict[str, Any]:
+        """Point the live version at ``version`` (or back at the newest with ``latest``) and ask
+        the workers serving ``name`` to look again; returns the request."""
+        pipe = self.redis.pipeline(transaction=True)
+        if version is not None:
+            pipe.set(keys.model_live(name), str(version))
+        elif latest:
+            pipe.delete(keys.model_live(name))
+        request = {"id": uuid.uuid4().hex, "model": name, "version": version, "latest": latest}
+        pipe.publish(keys.MODELS_CONTROL, json.dumps(request))
+        receivers = pipe.execute()[-1]
+        with self._lock:
+            self._cached = None
+        return {**request, "receivers": int(receivers)}
+
+    def model_names(self) -> list[str]:
+        """The models the workers have announced."""
+        return sorted(self.raw())
+
+
+def _version_doc(version: int, doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "version": version,
+        "status": doc.get("status", FOUND),
+        "error": doc.get("error"),
+        "input_size": doc.get("input_size"),
+        "classes": doc.get("classes"),
+        "load_s": doc.get("load_s"),
+    }

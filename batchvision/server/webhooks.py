@@ -1,0 +1,350 @@
+"""Completion webhooks: one signed POST per job when it reaches a final status, at least once.
+
+**Durable.** A job created with a ``callback_url`` keeps it in its hash (``cb_url``). The Lua
+step that finishes the job (:data:`~batchvision.server.lua._FINISH`, the same atomic step that
+stores the last result) adds the job id to the pending-deliveries sorted set
+(:data:`~batchvision.server.keys.WEBHOOKS`, score: when it is due, in milliseconds). Nothing
+is held in a process's memory: a worker killed at any point loses no delivery.
+
+**Delivered** by a :class:`Deliverer` thread in every worker process. It takes due entries
+with a lease (one Lua step moves their score to ``now + lease``, so no other deliverer takes
+them meanwhile), POSTs, and records the attempt on the job (``cb_attempts``, ``cb_last_status``,
+``cb_last_error``, ``cb_delivered_at``, ``cb_state``) in one Lua step that checks the lease is
+still its own. A deliverer that dies mid-delivery leaves the entry to come due again when the
+lease runs out, and another process sends it: at least once. Receivers deduplicate on the
+``Batchvision-Delivery`` header (the job id, the same on every attempt).
+
+**Retried** with exponential backoff and jitter (:func:`backoff`) on connection errors,
+timeouts, ``408``, ``429`` and ``5xx``, until ``WEBHOOK_RETRY_FOR_S`` after the job finished
+(capped by the result TTL, after which the job is gone); any other answer (``3xx``, ``4xx``) and
+a refused address end it as ``failed``. The receiver's address passes the same rules as image
+URLs (:mod:`batchvision.server.fetch`), checked on every attempt.
+
+**Signed** like Stripe's webhooks: ``Batchvision-Signature: t=<unix seconds>,v1=<hex
+HMAC-SHA256(secret, "<t>." + body)>``. The secret is per API key, derived from
+``WEBHOOK_SECRET`` and the key's owner id (:func:`signing_secret`); ``GET /v1/webhook-secret``
+tells a key its own. :func:`verify` is the receiver's check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+
+from batchvision.core.schemas import job_status
+from batchvision.core.settings import Settings
+from batchvision.server import keys
+from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
+from batchvision.server.keys import JobKeys
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "Batchvision-Signature"
+DELIVERY_HEADER = "Batchvision-Delivery"
+EVENT_HEADER = "Batchvision-Event"
+ATTEMPT_HEADER = "Batchvision-Attempt"
+EVENT = "job.finished"
+#: How old a signature a receiver should accept (replay window), in seconds.
+TOLERANCE_S = 300
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 300.0
+#: Codes of failed attempts that are retried (plus 408, 429 and 5xx answers).
+RETRIED = frozenset({"fetch_timeout", "connection_failed", "dns_error"})
+#: The job hash fields of a callback (all ``cb_``-prefixed).
+FIELDS = (
+    "cb_url",
+    "cb_state",
+    "cb_attempts",
+    "cb_last_status",
+    "cb_last_error",
+    "cb_last_attempt_at",
+    "cb_delivered_at",
+)
+
+
+# -- signing (pure) ------------------------------------------------------------------------------
+
+
+def signing_secret(server_secret: bytes, owner: str) -> str:
+    """The signing secret of one API key (``owner``: its id, ``""`` without keys)."""
+    digest = hmac.new(server_secret, b"batchvision-webhook\0" + owner.encode(), hashlib.sha256)
+    return "whsec_" + digest.hexdigest()
+
+
+def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    """The ``Batchvision-Signature`` header value for ``body``."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(
+    secret: str, body: bytes, header: str, tolerance_s: float = TOLERANCE_S, now: float | None = None
+) -> bool:
+    """The receiver's check: a ``v1`` signature of ``body`` under ``secret``, at most
+    ``tolerance_s`` old (constant-time comparison)."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        t = int(parts["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs((time.time() if now is None else now) - t) > tolerance_s:
+        return False
+    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def backoff(attempt: int, first_s: float = FIRST_BACKOFF_S, cap_s: float = MAX_BACKOFF_S) -> float:
+    """Seconds before retry number ``attempt`` (1, 2, ...): doubling from ``first_s`` up to
+    ``cap_s``, with "equal jitter" (between half and all of it) so retries of many jobs
+    spread out."""
+    ceiling = min(cap_s, first_s * 2.0 ** max(0, attempt - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+# -- state in Redis -------------------------------------------------------------------------------
+
+_secret_cache: dict[tuple[int, str], bytes] = {}
+
+
+def server_secret(client: redis.Redis, configured: str) -> bytes:
+    """``WEBHOOK_SECRET``, or (unset) a random secret made once and shared through Redis."""
+    if configured:
+        return configured.encode()
+    key = (id(client.connection_pool), configured)
+    if key not in _secret_cache:
+        client.set(keys.WEBHOOK_SECRET, secrets.token_hex(32), nx=True)
+        value = client.get(keys.WEBHOOK_SECRET)
+        _secret_cache[key] = value if isinstance(value, bytes) else str(value).encode()
+    return _secret_cache[key]
+
+
+def owner_secret(client: redis.Redis, settings: Settings, owner: str) -> str:
+    """The signing secret of ``owner`` (an API key's id)."""
+    return signing_secret(server_secret(client, settings.webhook_secret.get_secret_value()), owner)
+
+
+def callback_fields(url: str, status_url: str | None) -> dict[str, str]:
+    """What a new job's hash gets for its callback (the intake writes them with the job)."""
+    fields = {"cb_url": url, "cb_state": "waiting", "cb_attempts": "0"}
+    if status_url:
+        fields["cb_status_url"] = status_url
+    return fields
+
+
+def callback_state(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    """The job's ``callback`` document (``None`` for a job without one)."""
+    raw = client.hmget(JobKeys.of(job_id).job, list(FIELDS))
+    values = [v.decode() if isinstance(v, bytes) else v for v in raw]
+    if not values[0]:
+        return None
+    h = dict(zip(FIELDS, values, strict=True))
+    return {
+        "url": h["cb_url"],
+        "state": h["cb_state"] or "waiting",
+        "attempts": int(h["cb_attempts"] or 0),
+        "last_status": int(h["cb_last_status"]) if h["cb_last_status"] else None,
+        "last_error": h["cb_last_error"] or None,
+        "last_attempt_at": float(h["cb_last_attempt_at"]) if h["cb_last_attempt_at"] else None,
+        "delivered_at": float(h["cb_delivered_at"]) if h["cb_delivered_at"] else None,
+    }
+
+
+#: Take up to ARGV[3] due deliveries (score <= ARGV[1], ms) and lease them until ARGV[1] + ARGV[2].
+CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', lease, id) end
+return due
+"""
+
+#: Record an attempt, only while the lease (ARGV[2]) is still ours. KEYS: pending set, job hash.
+#: ARGV: job id, lease, state (delivered, retrying, failed; gone: drop the entry), next due (ms),
+#: now, status, error.
+RECORD = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == 'gone' or redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return -1
+end
+redis.call('HINCRBY', KEYS[2], 'cb_attempts', 1)
+redis.call('HSET', KEYS[2], 'cb_state', ARGV[3], 'cb_last_attempt_at', ARGV[5],
+           'cb_last_status', ARGV[6], 'cb_last_error', ARGV[7])
+if ARGV[3] == 'delivered' then redis.call('HSET', KEYS[2], 'cb_delivered_at', ARGV[5]) end
+if ARGV[3] == 'retrying' then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
+    """The POSTed document: the job as ``GET /v1/jobs/{id}`` shows it (without ``callback``)."""
+    counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
+    status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
+    doc: dict[str, Any] = {
+        "job_id": job_id,
+        "status": status.value,
+        **counts,
+        "created_at": float(h["created_at"]) if h.get("created_at") else None,
+        "finished_at": float(h["finished_at"]) if h.get("finished_at") else None,
+        "model": h.get("model", ""),
+    }
+    if h.get("cb_status_url"):
+        doc["status_url"] = h["cb_status_url"]
+        doc["results_url"] = h["cb_status_url"] + "/results"
+    return doc
+
+
+class Deliverer:
+    """Sends due webhooks; one per worker process, any number of processes."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        http: SafeHTTP,
+        *,
+        poll_s: float = 0.5,
+        concurrency: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = client
+        self.settings = settings
+        self.http = http
+        self.poll_s = poll_s
+        self.concurrency = concurrency
+        self.clock = clock
+        self.timeout_s = settings.webhook_timeout_s
+        self.lease_ms = int((settings.webhook_timeout_s + 5.0) * 1000)
+        self._claim = client.register_script(CLAIM)
+        self._record = client.register_script(RECORD)
+        self._slots = threading.Semaphore(concurrency)
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="webhook-deliverer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                started = self.run_once()
+            except redis.RedisError as exc:
+                log.warning("webhook deliverer: Redis unavailable (%s); retrying", exc)
+                started = 0
+            self._stop.wait(0.05 if started else self.poll_s)
+
+    def run_once(self) -> int:
+        """Lease the due deliveries this process has room for and start them; returns how many."""
+        free = 0
+        while free < self.concurrency and self._slots.acquire(blocking=False):
+            free += 1
+        if not free:
+            return 0
+        now_ms = int(self.clock() * 1000)
+        try:
+            due = [_text(j) for j in self._claim(keys=[keys.WEBHOOKS], args=[now_ms, self.lease_ms, free])]
+        except BaseException:
+            for _ in range(free):
+                self._slots.release()
+            raise
+        for _ in range(free - len(due)):
+            self._slots.release()
+        lease = now_ms + self.lease_ms
+        for job_id in due:
+            self._pool.submit(self._deliver_then_release, job_id, lease)
+        return len(due)
+
+    def _deliver_then_release(self, job_id: str, lease: int) -> None:
+        try:
+            self.deliver(job_id, lease)
+        except Exception:
+            log.exception("webhook of job %s: delivery failed unexpectedly; retried after the lease", job_id)
+        finally:
+            self._slots.release()
+
+    # -- one delivery -------------------------------------------------------------------------
+
+    def deliver(self, job_id: str, lease: int) -> str:
+        """One attempt for ``job_id`` under ``lease``; returns the state it recorded."""
+        raw = self.redis.hgetall(JobKeys.of(job_id).job)
+        h = {_text(k): _text(v) for k, v in raw.items()}
+        if not h.get("cb_url") or h.get("cb_state") in ("delivered", "failed"):
+            self._write(job_id, lease, "gone", 0, "", "")  # expired, or already final
+            return "gone"
+        attempt = int(h.get("cb_attempts") or 0) + 1
+        body = json.dumps(payload(job_id, h), separators=(",", ":")).encode()
+        secret = owner_secret(self.redis, self.settings, h.get("owner", ""))
+        status, error = self._post(h["cb_url"], body, secret, job_id, attempt)
+        now = self.clock()
+        if 200 <= status < 300:
+            state, due_ms = "delivered", 0
+        elif error in RETRIED or status in (408, 429) or status >= 500:
+            finished = float(h.get("finished_at") or now)
+            give_up = finished + min(self.settings.webhook_retry_for_s, self.settings.result_ttl_s)
+            wait = backoff(attempt)
+            state = "retrying" if now + wait <= give_up else "failed"
+            due_ms = int((now + wait) * 1000)
+        else:
+            state, due_ms = "failed", 0
+        self._write(job_id, lease, state, due_ms, str(status or ""), error)
+        log.info(
+            "webhook of job %s, attempt %d: %s (%s)",
+            job_id,
+            attempt,
+            state,
+            status or error,
+            extra={"job_id": job_id, "attempt": attempt, "state": state},
+        )
+        return state
+
+    def _post(self, url: str, body: bytes, secret: str, job_id: str, attempt: int) -> tuple[int, str]:
+        """POST ``body``; ``(HTTP status, "")`` or ``(0, error code)``."""
+        deadline = Deadline(self.timeout_s)
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(secret, body),
+            DELIVERY_HEADER: job_id,
+            EVENT_HEADER: EVENT,
+            ATTEMPT_HEADER: str(attempt),
+        }
+        try:
+            resp = self.http.open("POST", parse_url(url), deadline, body=body, headers=headers)
+        except FetchError as exc:
+            return 0, exc.code
+        try:
+            read_body(resp, 64 * 1024, deadline)  # the answer's body is not used: its status is
+        except FetchError:
+            pass
+        return resp.status, "" if 200 <= resp.status < 300 else f"http_{resp.status}"
+
+    def _write(self, job_id: str, lease: int, state: str, due_ms: int, status: str, error: str) -> None:
+        args: list[str | int] = [job_id, lease, state, due_ms, f"{self.clock():.3f}", status, error]
+        self._record(keys=[keys.WEBHOOKS, JobKeys.of(job_id).job], args=args)

@@ -1,0 +1,510 @@
+"""Several models, versions and live reloads (issue 14), with real processes: a model
+repository of two demo models (shapes, colours), the API, and a worker that serves both.
+
+- Jobs for both models, submitted concurrently, get each model's own labels and never share
+  a batch (the worker's batch log says so); ``top_k`` and ``min_score`` shape the results, and
+  invalid options are refused at submit time with a 422 that names them.
+- A new version that appears in the middle of a 2,000-image job goes live between two batches:
+  every image ends with exactly one result, tagged with the version that produced it, and no
+  batch holds two versions. A broken version is refused with the reason while jobs go on.
+- Pinning a version, rolling back, the admin key of reloads, the metrics by model, and a
+  second worker that serves (and consumes the queues of) one model only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis as redis_lib
+import requests
+
+from batchvision.cli.local import wait_for_workers
+from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.client import Client
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import CLASSES, COLOUR_CLASSES, colour_files, encode, labelled_files, render
+from batchvision.server.telemetry import Telemetry
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN = "admin-test-key"
+SLOW_BATCH_S = 0.02  # widens "in the middle of a job" a little, for every batch of this module
+
+
+@dataclass
+class ModelsStack:
+    settings: Settings
+    url: str
+    repo: Path
+    redis: redis_lib.Redis
+    worker: Service
+    artifacts: Path
+
+    def client(self, key: str | None = None) -> Client:
+        return Client(self.url, key or "")
+
+    def models(self) -> dict[str, Any]:
+        return {m["name"]: m for m in requests.get(f"{self.url}/v1/models", timeout=10).json()["models"]}
+
+    def reload(
+        self, name: str, body: dict[str, Any] | None = None, key: str | None = ADMIN
+    ) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.post(f"{self.url}/v1/models/{name}/reload", json=body, headers=headers, timeout=10)
+
+    def batches(self) -> list[dict[str, Any]]:
+        return Telemetry(self.redis).recent_batches()
+
+    def worker_metrics(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.settings.worker_metrics_port}/metrics", timeout=10).text
+
+    def add_version(self, name: str, version: int, edit: Callable[[Path], None] | None = None) -> Path:
+        """A copy of version 1 as ``version``, written under a temporary name and renamed in
+        (a rename is atomic: no worker ever sees half a version)."""
+        tmp = self.repo / name / f".{version}.tmp"
+        shutil.copytree(self.repo / name / "1", tmp)
+        if edit is not None:
+            edit(tmp)
+        final = self.repo / name / str(version)
+        os.rename(tmp, final)
+        return final
+
+
+def _model_file(repo_model: Path, demo_model: Path | None, kind: str, tmp: Path) -> None:
+    """Version 1 of a demo model in the repository: `make` builds models/repo; else make it."""
+    built = ROOT / "models" / "repo" / kind / "1"
+    target = repo_model / "1"
+    if built.is_dir():
+        shutil.copytree(built, target)
+        return
+    target.mkdir(parents=True)
+    if kind == "shapes":
+        assert demo_model is not None
+        shutil.copy(demo_model, target / "model.keras")
+        shutil.copy(demo_model.with_name(demo_model.stem + ".labels.txt"), target / "labels.txt")
+        return
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchvision.cli",
+            "demo-model",
+            "--kind",
+            kind,
+            "--out",
+            str(target / "model.keras"),
+        ],
+        check=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def models_stack(
+    tmp_path_factory: pytest.TempPathFactory, demo_model: Path, artifacts: Path
+) -> Iterator[ModelsStack]:
+    tmp = tmp_path_factory.mktemp("models")
+    repo = tmp / "repo"
+    for kind in ("shapes", "colours"):
+        _model_file(repo / kind, demo_model, kind, tmp)
+    with RedisServer() as server:
+        settings = Settings.from_env(
+            {},
+            redis_url=server.url,
+            models_dir=str(repo),
+            model="shapes",
+            api_port=free_port(),
+            worker_metrics_port=free_port(),
+            admin_keys=ADMIN,
+            model_poll_s=0.5,
+            chunk_size=16,
+            max_batch_size=16,
+        )
+        env = settings.to_env(include_secrets=True)
+        api = Service("api", cli_argv("api", "--host", "127.0.0.1"), env)
+        api.health_url = f"http://127.0.0.1:{settings.api_port}/healthz"
+        worker_log = artifacts / "models-worker.log"
+        worker_log.unlink(missing_ok=True)
+        worker = Service(
+            "worker",
+            cli_argv("worker"),
+            {**env, "BV_FAILPOINTS": f"slow-batch={SLOW_BATCH_S}"},
+            log_path=str(worker_log),
+        )
+        sup = Supervisor([api, worker])
+        sup.start()
+        client = redis_lib.Redis.from_url(server.url)
+        try:
+            sup.wait_healthy(timeout=120)
+            wait_for_workers(settings, timeout=180)
+            stack = ModelsStack(
+                settings, f"http://127.0.0.1:{settings.api_port}", repo, client, worker, artifacts
+            )
+            deadline = time.monotonic() + 60
+            while not (len(stack.models()) == 2 and all(m["workers"] for m in stack.models().values())):
+                assert time.monotonic() < deadline, (
+                    f"the worker did not announce both models: {stack.models()}"
+                )
+                time.sleep(0.2)
+            yield stack
+        finally:
+            sup.stop()
+            client.close()
+
+
+def _shapes(n: int, seed: int, size: int = 40) -> list[tuple[str, bytes, str]]:
+    """``n`` small JPEGs of the shape classes (cheap to make, decode and upload)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = CLASSES[i % len(CLASSES)]
+        out.append((f"{label}_{i:05d}.jpg", encode(render(label, (size, size), rng), quality=90), label))
+    return out
+
+
+def _results(client: Client, job_id: str) -> list[dict[str, Any]]:
+    client.wait(job_id, timeout=300, poll_s=0.2)
+    return client.results(job_id)
+
+
+def _accuracy(rows: list[dict[str, Any]], truth: dict[str, str]) -> float:
+    return sum(r["label"] == truth[r["filename"]] for r in rows) / len(rows)
+
+
+# -- the models and the submit options ------------------------------------------------------------
+
+
+def test_the_models_are_listed_with_versions_input_size_classes_and_workers(
+    models_stack: ModelsStack,
+) -> None:
+    doc = requests.get(f"{models_stack.url}/v1/models", timeout=10).json()
+    assert doc["default"] == "shapes"
+    models = {m["name"]: m for m in doc["models"]}
+    shapes, colours = models["shapes"], models["colours"]
+    assert shapes["default"] and not colours["default"]
+    assert (shapes["input_size"], shapes["classes"], shapes["labels"]) == ([48, 48], 6, list(CLASSES))
+    assert (colours["input_size"], colours["classes"], colours["labels"]) == (
+        [32, 32],
+        6,
+        list(COLOUR_CLASSES),
+    )
+    for m in (shapes, colours):
+        assert m["live_version"] == 1 and m["workers"] == 1 and m["workers_by_version"] == {"1": 1}
+        (v1,) = m["versions"]
+        assert v1["version"] == 1 and v1["status"] == "ready" and v1["load_s"] > 0
+
+
+def test_jobs_for_both_models_get_their_own_labels_and_never_share_a_batch(models_stack: ModelsStack) -> None:
+    client = models_stack.client()
+    shapes = [(n, d, lbl) for n, d, lbl in labelled_files(48, seed=11)]
+    colours = list(colour_files(48, seed=12))
+    jobs: dict[str, tuple[str, dict[str, str]]] = {}
+    lock = threading.Lock()
+
+    def submit(model: str, files: list[tuple[str, bytes, str]]) -> None:
+        job = client.submit_files([(n, d) for n, d, _ in files], model=model)
+        with lock:
+            jobs[job["job_id"]] = (model, {n: lbl for n, _, lbl in files})
+
+    # Concurrently, in parts of 16 (several jobs per model, all in flight at once).
+    threads = [
+        threading.Thread(target=submit, args=(model, files[i : i + 16]))
+        for model, files in (("shapes", shapes), ("colours", colours))
+        for i in range(0, 48, 16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(jobs) == 6
+    for job_id, (model, truth) in jobs.items():
+        rows = _results(client, job_id)
+        assert client.status(job_id)["model"] == model
+        own = set(CLASSES if model == "shapes" else COLOUR_CLASSES)
+        assert {r["label"] for r in rows} <= own, f"{model} job got another model's labels"
+        assert all(r["model"] == model and r["version"] == 1 for r in rows)
+        assert all({s["label"] for s in r["top_k"]} <= own for r in rows)
+        assert _accuracy(rows, truth) >= 0.9
+    # The batch log: every batch that ran these jobs is of one model, and holds only its jobs.
+    model_of = {job_id: model for job_id, (model, _) in jobs.items()}
+
+    def logged() -> list[dict[str, Any]]:
+        return [b for b in models_stack.batches() if set(b["jobs"]) & set(model_of)]
+
+    # (The log is written by a thread of its own, just after each batch's results are out.)
+    _until(lambda: sum(b["size"] for b in logged()) == 96, "the batch log has every image")
+    batches = logged()
+    for batch in batches:
+        assert {model_of[j] for j in batch["jobs"]} == {batch["model"]}, batch
+        assert batch["version"] == 1
+    assert {b["model"] for b in batches} == {"shapes", "colours"}
+    assert any(len(b["jobs"]) > 1 for b in batches), "batches still mix jobs (of one model)"
+    log = Path(models_stack.worker.log_path).read_text()
+    assert "model colours version 1" in log and "model shapes version 1" in log
+
+
+def test_top_k_and_min_score_shape_the_results(models_stack: ModelsStack) -> None:
+    client = models_stack.client()
+    files = [(n, d) for n, d, _ in labelled_files(12, seed=21)]
+    job = client.submit_files(files, top_k=2)
+    assert (job["top_k"], job["min_score"], job["model_version"]) == (2, 0.0, None)
+    rows = _results(client, job["job_id"])
+    assert all(len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"] for r in rows)
+    every = _results(client, client.submit_files(files, model="shapes", top_k=6)["job_id"])
+    assert all(len(r["top_k"]) == 6 for r in every)
+    some = _results(client, client.submit_files(files, top_k=6, min_score=0.2)["job_id"])
+    for full, cut in zip(every, some, strict=True):
+        assert [s for s in full["top_k"] if s["score"] >= 0.2] == cut["top_k"]
+        assert cut["label"] == full["label"]  # the best class is still the prediction
+    assert sum(len(r["top_k"]) for r in some) < sum(len(r["top_k"]) for r in every)
+    # POST /v1/classify takes the options too
+    out = client.classify([("c.jpg", d) for _, d, _ in colour_files(1, seed=5)], model="colours", top_k=3)
+    (row,) = out["results"]
+    assert row["model"] == "colours" and len(row["top_k"]) == 3 and row["label"] in COLOUR_CLASSES
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "field", "text"),
+    [
+        ("top_k=7", 422, "top_k", "1 to 6"),
+        ("top_k=0", 422, "top_k", "1 to 6"),
+        ("model=colours&top_k=7", 422, "top_k", "1 to 6"),
+        ("model=squares", 422, "model", "colours, shapes"),
+        ("model=shapes:9", 422, "model", "shapes:1"),
+        ("model=a.b", 422, "model", "colours, shapes"),
+        ("min_score=1.5", 422, "min_score", "0 to 1"),
+        ("min_score=nan", 422, "min_score", "0 to 1"),
+        ("top_k=abc", 400, "top_k", "integer"),
+    ],
+)
+def test_invalid_options_are_refused_at_submit_time(
+    models_stack: ModelsStack, query: str, status: int, field: str, text: str
+) -> None:
+    _, data, _ = next(iter(labelled_files(1, seed=3)))
+    for path in ("/v1/jobs", "/v1/classify"):
+        resp = requests.post(
+            f"{models_stack.url}{path}?{query}", data=data, headers={"Content-Type": "image/jpeg"}, timeout=10
+        )
+        assert resp.status_code == status, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == ("invalid_option" if status == 422 else "bad_parameter")
+        assert field in err["message"] and text in json.dumps(err)
+    assert int(models_stack.redis.get("bv:pending") or 0) == 0, "nothing was queued"
+
+
+# -- versions and reloads --------------------------------------------------------------------------
+
+
+def test_a_reload_in_the_middle_of_a_2000_image_job(models_stack: ModelsStack, artifacts: Path) -> None:
+    client = models_stack.client()
+    files = _shapes(2000, seed=31)
+    before = _metric_values(models_stack.worker_metrics())
+    job_id = client.open_job(len(files))["job_id"]
+    for i in range(0, len(files), 500):
+        client.add_part(job_id, [(n, d) for n, d, _ in files[i : i + 500]])
+    client.seal(job_id)
+    deadline = time.monotonic() + 120
+    while (st := client.status(job_id))["done"] < 200:
+        assert st["status"] != "succeeded" and time.monotonic() < deadline, st
+        time.sleep(0.05)
+    # Version 2 appears (the watcher would find it); the reload request loads it at once.
+    models_stack.add_version("shapes", 2)
+    asked = time.monotonic()
+    resp = models_stack.reload("shapes")
+    assert resp.status_code == 202 and resp.json()["workers"] == 1, resp.text
+    while models_stack.models()["shapes"]["live_version"] != 2:
+        assert time.monotonic() - asked < 60, models_stack.models()["shapes"]
+        time.sleep(0.05)
+    switch_s = time.monotonic() - asked
+    at_switch = client.status(job_id)
+    rows = _results(client, job_id)
+    # Exactly one result per image, each tagged with the version that produced it.
+    assert [r["index"] for r in rows] == list(range(2000))
+    assert all(r["status"] == "ok" and r["model"] == "shapes" for r in rows)
+    versions = [r["version"] for r in rows]
+    assert set(versions) == {1, 2}, "the switch happened in the middle of the job"
+    assert at_switch["done"] < 2000, at_switch
+    assert _accuracy(rows, {n: lbl for n, _, lbl in files}) >= 0.9
+
+    # No image was classified twice: the model saw exactly 2000 images, stored once each.
+    def seen() -> float:
+        return _delta(
+            _metric_values(models_stack.worker_metrics()),
+            before,
+            'batchvision_batch_size_sum{model="shapes"}',
+        )
+
+    _until(lambda: seen() >= 2000, "the batch metrics count every image")
+    time.sleep(0.5)
+    after = _metric_values(models_stack.worker_metrics())
+    assert _delta(after, before, 'batchvision_batch_size_sum{model="shapes"}') == 2000
+    assert _delta(after, before, 'batchvision_images_classified_total{model="shapes",outcome="ok"}') == 2000
+
+    # The batch log: no batch holds two versions; version 1 until the switch, then 2.
+    def mine() -> list[dict[str, Any]]:
+        return [b for b in reversed(models_stack.batches()) if job_id in b["jobs"]]
+
+    _until(lambda: sum(b["size"] for b in mine()) == 2000, "the batch log has every image of the job")
+    order = [b["version"] for b in mine()]
+    assert order == sorted(order) and set(order) == {1, 2}
+    shapes = models_stack.models()["shapes"]
+    v2 = next(v for v in shapes["versions"] if v["version"] == 2)
+    assert v2["status"] == "ready" and shapes["workers_by_version"] == {"2": 1}
+    (artifacts / "models-reload.txt").write_text(
+        f"reload of shapes v2 during a 2000-image job: live {switch_s:.2f}s after the request; "
+        f"load+warm-up+check {v2['load_s']:.2f}s; images by version: 1: {versions.count(1)}, "
+        f"2: {versions.count(2)}\n"
+    )
+
+
+def test_a_broken_version_is_refused_and_the_job_goes_on(models_stack: ModelsStack) -> None:
+    client = models_stack.client()
+    files = _shapes(300, seed=41)
+    job = client.submit_files([(n, d) for n, d, _ in files])
+
+    def few_labels(path: Path) -> None:
+        (path / "labels.txt").write_text("circle\nsquare\ntriangle\ncross\n")
+
+    def garbage(path: Path) -> None:
+        (path / "model.keras").write_bytes(b"this is not a Keras file")
+
+    models_stack.add_version("shapes", 3, few_labels)
+    models_stack.add_version("shapes", 4, garbage)
+    assert models_stack.reload("shapes").status_code == 202
+    deadline = time.monotonic() + 60
+    while True:
+        versions = {v["version"]: v for v in models_stack.models()["shapes"]["versions"]}
+        if versions.get(3, {}).get("status") == "failed" and versions.get(4, {}).get("status") == "failed":
+            break
+        assert time.monotonic() < deadline, versions
+        time.sleep(0.1)
+    assert "outputs 6 classes but its labels file has 4 labels" in versions[3]["error"]
+    assert versions[4]["error"]
+    assert models_stack.models()["shapes"]["live_version"] == 2, "the live version stays"
+    rows = _results(client, job["job_id"])
+    assert len(rows) == 300 and {r["version"] for r in rows} == {2}
+    log = Path(models_stack.worker.log_path).read_text()
+    assert "version 3 refused" in log and "version 4 refused" in log
+
+
+def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
+    client = models_stack.client()
+    files = [(n, d) for n, d, _ in labelled_files(8, seed=51)]
+    pinned = _results(client, client.submit_files(files, model="shapes:1")["job_id"])
+    assert {r["version"] for r in pinned} == {1}
+    assert client.status(client.submit_files(files, model="shapes:1")["job_id"])["model_version"] == 1
+    refused = requests.post(
+        f"{models_stack.url}/v1/jobs?model=shapes:3", files={"files": ("a.jpg", files[0][1])}, timeout=10
+    )
+    assert refused.status_code == 422 and "shapes:1, shapes:2" in refused.text  # 3 and 4 were refused
+    # Reloads are for admin keys only.
+    assert models_stack.reload("shapes", key=None).status_code == 401
+    assert models_stack.reload("shapes", key="someone-else").status_code == 403
+    assert models_stack.reload("squares").status_code == 404
+    bad = models_stack.reload("shapes", {"version": 9})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_option"
+    # Roll back to version 1, and forward to the newest again.
+    assert models_stack.reload("shapes", {"version": 1}).status_code == 202
+    _until(lambda: models_stack.models()["shapes"]["live_version"] == 1, "rolled back to 1")
+    assert models_stack.models()["shapes"]["pinned_live_version"] == 1
+    time.sleep(1.5)  # the watcher keeps the operator's choice
+    assert models_stack.models()["shapes"]["live_version"] == 1
+    rows = _results(client, client.submit_files(files)["job_id"])
+    assert {r["version"] for r in rows} == {1}
+    assert models_stack.reload("shapes", {"version": "latest"}).status_code == 202
+    _until(lambda: models_stack.models()["shapes"]["live_version"] == 2, "back to the newest that loads")
+    assert models_stack.models()["shapes"]["pinned_live_version"] is None
+
+
+def test_metrics_are_by_model(models_stack: ModelsStack) -> None:
+    worker = _metric_values(models_stack.worker_metrics())
+    for model in ("shapes", "colours"):
+        assert worker[f'batchvision_batch_size_count{{model="{model}"}}'] > 0
+        assert worker[f'batchvision_images_classified_total{{model="{model}",outcome="ok"}}'] > 0
+        assert worker[f'batchvision_inference_seconds_count{{model="{model}"}}'] > 0
+        assert any(k.startswith("batchvision_model_info{") and f'model="{model}"' in k for k in worker)
+    assert worker['batchvision_model_live_version{model="shapes"}'] == 2
+    assert worker['batchvision_model_reloads_total{model="shapes",outcome="failed"}'] >= 2
+    api = _metric_values(requests.get(f"{models_stack.url}/metrics", timeout=10).text)
+    assert api['batchvision_queue_tasks{model="shapes"}'] == 0
+    assert api['batchvision_queue_tasks{model="colours"}'] == 0
+
+
+def test_a_worker_serves_only_the_models_it_is_started_with(models_stack: ModelsStack) -> None:
+    settings = models_stack.settings.replace(worker_metrics_port=free_port())
+    log = models_stack.artifacts / "models-worker-colours.log"
+    log.unlink(missing_ok=True)
+    name = "colours-only@test"
+    svc = Service(
+        "worker-colours",
+        cli_argv("worker", "--models", "colours", "--name", name),
+        settings.to_env(include_secrets=True),
+        log_path=str(log),
+    )
+    sup = Supervisor([svc])
+    sup.start()
+    try:
+        _until(lambda: models_stack.models()["colours"]["workers"] == 2, "a second colours worker", 180)
+        assert models_stack.models()["shapes"]["workers"] == 1
+        app = _celery(models_stack.settings)
+        queues = app.control.inspect(destination=[name], timeout=5).active_queues() or {}
+        assert sorted(q["name"] for q in queues[name]) == [
+            "batchvision.colours",
+            "batchvision.colours.interactive",
+        ]
+        text = log.read_text()
+        assert "model colours version 1 loaded" in text and "model shapes" not in text
+        one, both = _rss_mb(svc), _rss_mb(models_stack.worker)
+        (models_stack.artifacts / "models-memory.txt").write_text(
+            f"worker RSS, colours only: {one:.0f} MB; colours and shapes: {both:.0f} MB\n"
+        )
+    finally:
+        sup.stop()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true after {timeout:.0f}s: {what}"
+        time.sleep(0.1)
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def _rss_mb(svc: Service) -> float:
+    assert svc.proc is not None
+    for line in Path(f"/proc/{svc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _celery(settings: Settings) -> Any:
+    from batchvision.server.queue import create_celery
+
+    return create_celery(settings)

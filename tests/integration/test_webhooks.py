@@ -1,0 +1,244 @@
+"""Completion webhooks (issue 15) with real processes: a receiver on loopback that refuses the
+first deliveries with 503, or holds the first one while its worker is killed with SIGKILL, must
+end with exactly one accepted delivery carrying a valid signature; a delivery pending while no
+worker runs at all is sent once one starts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.client import Client
+from batchvision.core.settings import Settings
+from batchvision.core.synthetic import labelled_files
+from batchvision.server import keys, webhooks
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+IMAGES = [data for _, data, _ in labelled_files(4, seed=16)]
+KEY_A, KEY_B = "key-a-for-webhook-tests", "key-b-for-webhook-tests"
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    answered: int = 0
+
+
+@dataclass
+class Receiver:
+    """What the receiver does with each POST (``fail_first`` 503s, or ``hold_first`` until
+    ``release``), and what it got."""
+
+    fail_first: int = 0
+    hold_first: bool = False
+    release: threading.Event = field(default_factory=threading.Event)
+    got: list[Delivery] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def accepted(self) -> list[Delivery]:
+        with self.lock:
+            return [d for d in self.got if d.answered == 200]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    receiver = Receiver()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - the images of the jobs
+        self._answer(200, IMAGES[int(self.path.rsplit("/", 1)[1].split(".")[0])], "image/jpeg")
+
+    def do_POST(self) -> None:  # noqa: N802 - the webhook
+        r = Handler.receiver
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        delivery = Delivery({k.lower(): v for k, v in self.headers.items()}, body)
+        with r.lock:
+            r.got.append(delivery)
+            n = len(r.got)
+        if r.hold_first and n == 1:
+            r.release.wait(60)
+            status = 503
+        else:
+            status = 503 if n <= r.fail_first else 200
+        try:
+            self._answer(status, b"ok" if status == 200 else b"try later")
+            delivery.answered = status
+        except OSError:  # the sender is gone (killed): nothing was accepted
+            pass
+
+
+@pytest.fixture(scope="module")
+def receiver_url() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class Env:
+    def __init__(self, settings: Settings, logs: Path, wait_worker: Callable[[Settings], None]) -> None:
+        self.settings = settings
+        self.logs = logs
+        self.wait_worker = wait_worker
+        self.url = f"http://127.0.0.1:{settings.api_port}"
+        self.client = Client(self.url, api_key=KEY_A)
+        self.redis = redis_lib.Redis.from_url(settings.redis_url)
+        self.workers: list[Service] = []
+        self.started = 0
+
+    def worker(self) -> Service:
+        self.started += 1
+        n = self.started
+        log = self.logs / f"worker-{n}.log"
+        log.unlink(missing_ok=True)
+        svc = Service(
+            "worker",
+            cli_argv("worker", "--name", f"hook{n}@{free_port()}"),
+            self.settings.to_env(include_secrets=True),
+            log_path=str(log),
+        )
+        svc.start()
+        self.workers.append(svc)
+        self.wait_worker(self.settings)
+        return svc
+
+    def submit(self, receiver_url: str, n: int) -> str:
+        urls = [f"{receiver_url}/img/{i}.jpg" for i in range(n)]
+        return str(self.client.submit_urls(urls, callback_url=f"{receiver_url}/hook")["job_id"])
+
+
+@pytest.fixture(scope="module")
+def env(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings], None]) -> Iterator[Env]:
+    redis = RedisServer().start()
+    s = settings.replace(
+        redis_url=redis.url,
+        api_port=free_port(),
+        worker_metrics_port=0,
+        api_keys=f"{KEY_A},{KEY_B}",
+        fetch_allow="127.0.0.1/32",
+        webhook_secret="server-secret-of-the-webhook-tests",
+        webhook_timeout_s=5.0,  # a delivery's lease: 10 s
+        webhook_retry_for_s=120,
+    )
+    api = Supervisor(
+        [
+            Service(
+                "api",
+                cli_argv("api", "--host", "127.0.0.1"),
+                s.to_env(include_secrets=True),
+                health_url=f"http://127.0.0.1:{s.api_port}/healthz",
+            )
+        ]
+    )
+    api.start()
+    api.wait_healthy(60)
+    logs = artifacts / "webhooks"
+    logs.mkdir(exist_ok=True)
+    e = Env(s, logs, wait_worker)
+    yield e
+    for w in e.workers:
+        w.stop(timeout=30)
+    api.stop()
+    redis.close()
+
+
+def _check_signed(env: Env, delivery: Delivery, job_id: str) -> dict[str, Any]:
+    secret = env.client.webhook_secret()
+    other = Client(env.url, api_key=KEY_B).webhook_secret()
+    assert secret != other
+    header = delivery.headers["batchvision-signature"]
+    assert webhooks.verify(secret, delivery.body, header)
+    assert not webhooks.verify(other, delivery.body, header)  # another key's secret does not fit
+    assert delivery.headers["batchvision-delivery"] == job_id
+    assert delivery.headers["batchvision-event"] == "job.finished"
+    doc = json.loads(delivery.body)
+    assert doc["job_id"] == job_id and doc["status_url"].endswith(f"/v1/jobs/{job_id}")
+    return dict(doc)
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_delivery_pending_while_no_worker_runs_is_sent_once_one_starts(env: Env, receiver_url: str) -> None:
+    Handler.receiver = Receiver()
+    job_id = env.submit(receiver_url, 2)
+    assert env.client.status(job_id)["callback"]["state"] == "waiting"
+    env.client.cancel(job_id)  # final now, with no worker anywhere: the delivery waits in Redis
+    assert env.redis.zscore(keys.WEBHOOKS, job_id) is not None
+    assert env.client.status(job_id)["callback"]["state"] == "pending"
+    env.worker()
+    delivered = _wait(lambda: Handler.receiver.accepted(), 60, "the pending delivery")
+    assert len(delivered) == 1 and len(Handler.receiver.got) == 1
+    assert _check_signed(env, delivered[0], job_id)["status"] == "canceled"
+    cb = _wait(lambda: (c := env.client.status(job_id)["callback"])["delivered_at"] and c, 10, "delivered_at")
+    assert (cb["state"], cb["attempts"], cb["last_status"]) == ("delivered", 1, 200)
+
+
+def test_two_503s_then_exactly_one_accepted_signed_delivery(env: Env, receiver_url: str) -> None:
+    Handler.receiver = Receiver(fail_first=2)
+    job_id = env.submit(receiver_url, 3)
+    status = env.client.wait(job_id, timeout=60, poll_s=0.2)
+    assert status["status"] == "succeeded"
+    _wait(lambda: Handler.receiver.accepted(), 30, "an accepted delivery after two 503s")
+    time.sleep(2.0)  # nothing more comes
+    got = Handler.receiver.got
+    assert [d.answered for d in got] == [503, 503, 200]
+    assert [d.headers["batchvision-attempt"] for d in got] == ["1", "2", "3"]
+    for d in got:
+        doc = _check_signed(env, d, job_id)
+    assert (doc["status"], doc["total"], doc["done"]) == ("succeeded", 3, 3)
+    cb = env.client.status(job_id)["callback"]
+    assert (cb["state"], cb["attempts"], cb["last_status"]) == ("delivered", 3, 200)
+    assert cb["delivered_at"] >= status["finished_at"]
+    assert env.redis.zcard(keys.WEBHOOKS) == 0
+
+
+def test_worker_killed_mid_delivery_the_delivery_still_arrives_once(env: Env, receiver_url: str) -> None:
+    Handler.receiver = Receiver(hold_first=True)
+    victim = env.workers[-1]
+    job_id = env.submit(receiver_url, 3)
+    _wait(lambda: Handler.receiver.got, 60, "the first delivery attempt")  # the job is final
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)  # between completion and a successful delivery
+    victim.proc.wait()
+    env.workers.remove(victim)
+    Handler.receiver.release.set()  # the held attempt ends with 503, to a dead sender
+    assert env.client.status(job_id)["callback"]["state"] == "pending"  # still owed, in Redis
+    env.worker()  # picks the delivery up once the dead worker's lease has run out
+    delivered = _wait(lambda: Handler.receiver.accepted(), 60, "the delivery after the kill")
+    time.sleep(2.0)
+    assert len(Handler.receiver.accepted()) == 1 and len(Handler.receiver.got) == 2
+    assert _check_signed(env, delivered[0], job_id)["status"] == "succeeded"
+    cb = env.client.status(job_id)["callback"]
+    assert (cb["state"], cb["last_status"]) == ("delivered", 200)
+    assert env.redis.zcard(keys.WEBHOOKS) == 0

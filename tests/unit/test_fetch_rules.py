@@ -1,0 +1,390 @@
+"""The hostile-URL rules of ``batchvision.server.fetch``: the address rules, URL syntax, and the
+fetcher against a hostile HTTP server on loopback (in-process threads, an injectable resolver
+for names: no DNS, no other process)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from batchvision.core.errors import BatchvisionError
+from batchvision.core.synthetic import labelled_files
+from batchvision.server import webhooks
+from batchvision.server.fetch import (
+    AllowList,
+    Fetcher,
+    SafeHTTP,
+    address_problem,
+    blob_url,
+    parse_url,
+    url_blob,
+    url_problem,
+)
+
+JPEG = next(iter(labelled_files(1, seed=11)))[1]
+LOOPBACK = AllowList.parse("127.0.0.1/32")
+
+
+# -- address rules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.5.6.7", "loopback"),
+        ("::1", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.3.4", "private"),
+        ("192.168.1.1", "private"),
+        ("fc00::1", "private"),
+        ("fd12:3456::1", "private"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "private"),  # reserved 240/4 (Python counts it private)
+        ("100.64.0.1", "non-public"),  # shared address space (carrier-grade NAT)
+        ("198.18.0.1", "private"),  # benchmarking
+        ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"),
+        ("100.100.100.200", "metadata"),
+        ("168.63.129.16", "metadata"),  # Azure WireServer: a public address, refused all the same
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped
+        ("::ffff:169.254.169.254", "metadata"),
+        ("::ffff:10.0.0.1", "private"),
+        ("2002:a00:1::1", "10.0.0.1"),  # 6to4 carrying 10.0.0.1
+        ("64:ff9b::a9fe:a9fe", "metadata"),  # NAT64 of 169.254.169.254
+        ("64:ff9b::7f00:1", "reserved"),  # NAT64 (of 127.0.0.1): refused as a range
+    ],
+)
+def test_non_public_addresses_are_refused_with_the_reason(address: str, kind: str) -> None:
+    problem = address_problem(address)
+    assert problem is not None and kind in problem, problem
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"])
+def test_public_addresses_pass(address: str) -> None:
+    assert address_problem(address) is None
+
+
+def test_the_allow_list_takes_networks_and_host_names_but_never_metadata() -> None:
+    allow = AllowList.parse(" 10.1.0.0/16 , 127.0.0.1, images.internal, *.corp.example, [::1] ")
+    assert address_problem("10.1.2.3", allow) is None
+    assert address_problem("10.2.0.1", allow) is not None
+    assert address_problem("127.0.0.1", allow) is None and address_problem("127.0.0.2", allow) is not None
+    assert address_problem("::1", allow) is None
+    assert address_problem("::ffff:127.0.0.1", allow) is None  # the same address, mapped
+    assert allow.host_allowed("images.internal") and allow.host_allowed("IMAGES.internal.")
+    assert allow.host_allowed("a.b.corp.example") and not allow.host_allowed("corp.example.evil")
+    assert address_problem("192.168.0.9", allow, trusted=True) is None  # an allow-listed name
+    everything = AllowList.parse("0.0.0.0/0,::/0")
+    assert "metadata" in str(address_problem("169.254.169.254", everything))
+    assert "metadata" in str(address_problem("169.254.169.254", allow, trusted=True))
+
+
+# -- URL syntax ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("", "empty"),
+        ("file:///etc/passwd", "scheme 'file'"),
+        ("gopher://127.0.0.1:6379/_FLUSHALL", "scheme 'gopher'"),
+        ("ftp://example.com/a.jpg", "scheme 'ftp'"),
+        ("//example.com/a.jpg", "scheme '(none)'"),
+        ("http://user:pw@example.com/a.jpg", "credentials"),
+        ("http://example.com@127.0.0.1/a.jpg", "credentials"),
+        ("http:///a.jpg", "without a host"),
+        ("http://example.com:99999/", "malformed"),
+        ("http://example.com:0/", "port 0"),
+        ("http://example.com/a b.jpg", "whitespace"),
+        ("http://example.com/a.jpg\r\nX-Injected: 1", "control"),
+        ("http://[::1/", "malformed"),
+        ("http://example.com/" + "a" * 2100, "longer than"),
+    ],
+)
+def test_bad_urls_are_refused(url: str, says: str) -> None:
+    err = url_problem(url)
+    assert err is not None and err.code == "bad_url" and says in err.message, err
+
+
+def test_url_parts_host_header_and_literals() -> None:
+    t = parse_url("HTTPS://Example.COM./p/ä.jpg?x=1 2".replace(" ", "%20"))
+    assert (t.scheme, t.host, t.port, t.host_header) == ("https", "example.com", 443, "example.com")
+    assert t.path == "/p/%C3%A4.jpg?x=1%202"
+    assert parse_url("http://[::1]:8080/x").host_header == "[::1]:8080"
+    assert parse_url("http://bücher.example/").host == "xn--bcher-kva.example"
+    # What the API can tell without the network: literals are checked, names wait for the worker.
+    assert url_problem("http://127.0.0.1:9/x.jpg").code == "blocked_address"  # type: ignore[union-attr]
+    assert url_problem("http://[::ffff:a9fe:a9fe]/").code == "blocked_address"  # type: ignore[union-attr]
+    assert url_problem("http://127.0.0.1:9/x.jpg", LOOPBACK) is None
+    assert url_problem("http://2852039166/latest/meta-data/") is None  # a "name": resolved later
+    assert url_problem("http://images.example/x.jpg") is None
+
+
+def test_url_blobs_are_told_apart_from_uploads() -> None:
+    assert blob_url(url_blob("http://a.example/x.jpg")) == "http://a.example/x.jpg"
+    assert blob_url(JPEG) is None
+
+
+# -- the fetcher against a hostile server ----------------------------------------------------------
+
+
+class Hostile(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, str]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str = "image/jpeg", **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        Hostile.seen.append((url.path, self.headers.get("Host", "")))
+        try:
+            self._route(url.path, q)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _route(self, path: str, q: dict[str, str]) -> None:
+        if path == "/ok.jpg":
+            self._send(200, JPEG)
+        elif path == "/slow":
+            time.sleep(float(q.get("s", "3")))
+            self._send(200, JPEG)
+        elif path == "/drip":  # headers at once, then a byte every 50 ms, for ever
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(JPEG[:3])
+            while True:
+                time.sleep(0.05)
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+        elif path == "/huge-declared":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**10))
+            self.end_headers()
+            self.wfile.write(JPEG)
+        elif path == "/huge-stream":  # no length: read until the cap
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(JPEG[:-2])
+            for _ in range(10_000):
+                self.wfile.write(b"\0" * 65536)
+        elif path == "/page.jpg":
+            self._send(200, b"<html><body>" + b"x" * 100 + b"</body></html>", "image/jpeg")
+        elif path == "/truncated.jpg":
+            self._send(200, JPEG[: len(JPEG) // 2])
+        elif path == "/gzip.jpg":
+            self._send(200, gzip.compress(JPEG), Content_Encoding="gzip")
+        elif path == "/redirect":
+            self._send(302, b"", "text/plain", Location=q["to"])
+        elif path == "/loop":
+            self._send(301, b"", "text/plain", Location="/loop")
+        elif path.startswith("/status/"):
+            self._send(int(path.rsplit("/", 1)[1]), b"nope", "text/plain")
+        else:
+            self._send(404, b"no", "text/plain")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _fetcher(allow: AllowList = LOOPBACK, resolver: Any = None, **kw: Any) -> Fetcher:
+    http = SafeHTTP(allow, connect_timeout_s=0.5, resolver=resolver)
+    opts: dict[str, Any] = {"max_bytes": 2_000_000, "max_pixels": 4_000_000, "timeout_s": 1.5, **kw}
+    return Fetcher(http, **opts)
+
+
+def _code(fetcher: Fetcher, url: str) -> str:
+    try:
+        fetcher.fetch(url)
+    except BatchvisionError as exc:
+        return exc.code
+    return "ok"
+
+
+def test_a_good_image_is_fetched_and_connections_are_reused(server: str) -> None:
+    f = _fetcher()
+    for _ in range(5):
+        assert f.fetch(f"http://{server}/ok.jpg") == JPEG
+    pool = next(iter(f.http._pools.values()))
+    assert pool.num_connections == 1  # five requests, one kept-alive connection
+    f.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/slow?s=3", "fetch_timeout"),  # no headers in time
+        ("/drip", "fetch_timeout"),  # a body dripped byte by byte: the total deadline holds
+        ("/huge-declared", "too_large"),  # Content-Length over the cap: refused before the body
+        ("/huge-stream", "too_large"),  # no length: stopped while streaming, at the cap
+        ("/page.jpg", "not_an_image"),  # named .jpg, typed image/jpeg, HTML by content
+        ("/truncated.jpg", "truncated"),
+        ("/gzip.jpg", "not_an_image"),  # compressed transfer is never decoded
+        ("/missing.jpg", "http_404"),
+        ("/status/500", "http_500"),
+        ("/status/204", "empty_file"),
+        ("/loop", "too_many_redirects"),
+        ("/redirect?to=file:///etc/passwd", "bad_url"),
+        ("/redirect?to=http://169.254.169.254/latest/meta-data/", "blocked_address"),
+        ("/redirect?to=http://10.0.0.1/x.jpg", "blocked_address"),
+        ("/redirect?to=http://[::1]/x.jpg", "blocked_address"),
+        ("/redirect?to=/ok.jpg", "ok"),  # a relative redirect on the same host is fine
+        ("/redirect?to=http://127.0.0.1:1/x.jpg", "connection_failed"),  # nothing listens there
+    ],
+)
+def test_hostile_urls_end_with_their_error_code(server: str, path: str, code: str) -> None:
+    start = time.monotonic()
+    assert _code(_fetcher(), f"http://{server}{path}") == code
+    assert time.monotonic() - start < 1.5 + 1.0  # within the deadline (plus slack)
+
+
+def test_without_the_allow_list_loopback_is_refused_before_connecting(server: str) -> None:
+    Hostile.seen.clear()
+    f = _fetcher(AllowList())
+    assert _code(f, f"http://{server}/ok.jpg") == "blocked_address"
+    assert _code(f, "http://localhost:1/ok.jpg") == "blocked_address"
+    assert Hostile.seen == []
+
+
+def test_names_are_resolved_once_per_hop_and_every_address_is_checked(server: str) -> None:
+    host, port = server.split(":")
+    answers = {
+        "private.test": ["10.0.0.7"],
+        "mixed.test": ["93.184.216.34", "127.0.0.1"],  # one bad address is enough to refuse
+        "meta.test": ["169.254.169.254"],
+        "loop.test": ["127.0.0.1"],
+    }
+    asked: list[str] = []
+
+    def resolver(name: str, _port: int) -> list[str]:
+        asked.append(name)
+        if name not in answers:
+            raise OSError("Name or service not known")
+        return answers[name]
+
+    f = _fetcher(AllowList(), resolver)
+    for name in ("private.test", "mixed.test", "meta.test", "loop.test"):
+        assert _code(f, f"http://{name}:{port}/ok.jpg") == "blocked_address"
+    assert _code(f, f"http://nowhere.test:{port}/ok.jpg") == "dns_error"
+    # The redirect's target is resolved and checked too: its name points at a private address.
+    assert _code(_fetcher(LOOPBACK, resolver), f"http://{server}/redirect?to=http://private.test/") == (
+        "blocked_address"
+    )
+    # Allowed by address (or by name), the connection goes to the checked address and the name
+    # travels as the Host header.
+    Hostile.seen.clear()
+    assert _fetcher(LOOPBACK, resolver).fetch(f"http://loop.test:{port}/ok.jpg") == JPEG
+    assert _fetcher(AllowList.parse("loop.test"), resolver).fetch(f"http://loop.test:{port}/ok.jpg") == JPEG
+    assert Hostile.seen == [("/ok.jpg", f"loop.test:{port}")] * 2
+    assert host == "127.0.0.1"
+
+
+def test_dns_rebinding_gets_nowhere(server: str) -> None:
+    # The name answers a public address to the check, loopback afterwards: the fetcher never
+    # asks twice and connects to what it checked (here unreachable), never to the server.
+    _, port = server.split(":")
+    calls = iter([["192.0.2.1"], ["127.0.0.1"], ["127.0.0.1"]])
+    Hostile.seen.clear()
+    f = _fetcher(AllowList.parse("192.0.2.0/24"), lambda _n, _p: next(calls), timeout_s=1.0)
+    assert _code(f, f"http://rebind.test:{port}/ok.jpg") in ("fetch_timeout", "connection_failed")
+    assert Hostile.seen == []
+
+
+def test_webhook_signatures_verify_and_reject_tampering() -> None:
+    secret = webhooks.signing_secret(b"server-secret", "owner-1")
+    assert secret.startswith("whsec_") and secret != webhooks.signing_secret(b"server-secret", "owner-2")
+    body = b'{"job_id": "x"}'
+    header = webhooks.sign(secret, body, timestamp=1_700_000_000)
+    t, v1 = (p.split("=", 1)[1] for p in header.split(","))
+    expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    assert v1 == expected
+    assert webhooks.verify(secret, body, header, now=1_700_000_100)
+    assert not webhooks.verify(secret, body + b" ", header, now=1_700_000_100)
+    assert not webhooks.verify(secret, body, header, now=1_700_001_000)  # too old: a replay
+    assert not webhooks.verify("whsec_other", body, header, now=1_700_000_100)
+    assert not webhooks.verify(secret, body, "garbage", now=1_700_000_100)
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    delays = [[webhooks.backoff(n) for _ in range(200)] for n in (1, 2, 3, 12)]
+    assert all(0.5 <= d <= 1.0 for d in delays[0])
+    assert all(1.0 <= d <= 2.0 for d in delays[1])
+    assert all(2.0 <= d <= 4.0 for d in delays[2])
+    assert max(delays[3]) <= webhooks.MAX_BACKOFF_S and len(set(delays[0])) > 100
+
+
+def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_certificate(
+    tmp_path: Path,
+) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=secure.test"]
+        + ["-addext", "subjectAltName=DNS:secure.test", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    httpd.daemon_threads = True
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sni: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    names = {"secure.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
+    try:
+        http = SafeHTTP(LOOPBACK, connect_timeout_s=1, resolver=lambda n, _p: names[n], ca_certs=str(cert))
+        f = Fetcher(http, max_bytes=2_000_000, max_pixels=4_000_000, timeout_s=3)
+        assert f.fetch(f"https://secure.test:{port}/ok.jpg") == JPEG
+        assert sni and sni[-1] == "secure.test"
+        # The same address under a name the certificate does not carry: refused.
+        assert _code(f, f"https://other.test:{port}/ok.jpg") == "tls_error"
+        # A certificate no trusted authority signed: refused.
+        assert _code(_fetcher(resolver=lambda n, _p: names[n]), f"https://secure.test:{port}/ok.jpg") == (
+            "tls_error"
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

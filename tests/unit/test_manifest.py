@@ -1,0 +1,104 @@
+"""Manifests of image URLs (``batchvision.core.manifest``): CSV, JSON Lines, URI lists; limits and
+errors that name the line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchvision.core.manifest import (
+    ManifestError,
+    TooManyUrls,
+    UrlEntry,
+    entries_from_json,
+    kind_of_media_type,
+    parse,
+    read_file,
+)
+
+
+def test_csv_with_url_and_filename_columns_in_any_order_and_extra_columns() -> None:
+    text = '\ufeffid,Filename,URL\n1,a.jpg,http://h/a.jpg\n\n2,,https://h/b.png\n3,"c, d.jpg",http://h/c\n'
+    assert parse(text.encode(), "csv", max_entries=10) == [
+        UrlEntry("http://h/a.jpg", "a.jpg"),
+        UrlEntry("https://h/b.png", None),
+        UrlEntry("http://h/c", "c, d.jpg"),
+    ]
+    assert UrlEntry("https://h/b.png").name == "https://h/b.png"  # the URL names a nameless entry
+
+
+def test_csv_with_only_a_url_column() -> None:
+    assert parse("url\nhttp://h/1\nhttp://h/2\n", "csv", max_entries=10) == [
+        UrlEntry("http://h/1"),
+        UrlEntry("http://h/2"),
+    ]
+
+
+def test_json_lines_take_strings_and_objects() -> None:
+    text = '"http://h/1"\n\n{"url": "http://h/2", "filename": "two.jpg"}\n{"url": "http://h/3"}\n'
+    assert parse(text, "jsonl", max_entries=10) == [
+        UrlEntry("http://h/1"),
+        UrlEntry("http://h/2", "two.jpg"),
+        UrlEntry("http://h/3"),
+    ]
+
+
+def test_uri_lists_skip_comments() -> None:
+    assert parse("# mine\nhttp://h/1\r\n\nhttp://h/2\n", "urilist", max_entries=10) == [
+        UrlEntry("http://h/1"),
+        UrlEntry("http://h/2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "says"),
+    [
+        ("csv", "name,link\na,http://h/a\n", "no 'url' column"),
+        ("csv", "", "empty"),
+        ("csv", "url\n\n", "lists no URL"),
+        ("csv", "filename,url\na.jpg\n", "line 2: no value in the 'url' column"),
+        ("csv", "url\n" + "http://h/" + "a" * 2100 + "\n", "line 2: the URL is longer than 2048"),
+        ("jsonl", '"http://h/1"\n{"url": 5}\n', "line 2: no URL"),
+        ("jsonl", '"http://h/1"\nnot json\n', "line 2: not JSON"),
+        ("jsonl", '{"url": "http://h", "size": 3}\n', "unknown field 'size'"),
+        ("jsonl", "[1, 2]\n", "line 1: expected a URL string"),
+        ("jsonl", '{"url": "http://h", "filename": 7}\n', "filename must be a string"),
+    ],
+)
+def test_unreadable_manifests_name_the_problem(kind: str, text: str, says: str) -> None:
+    with pytest.raises(ManifestError, match=says) as info:
+        parse(text, kind, max_entries=10)  # type: ignore[arg-type]
+    assert info.value.status == 400 and info.value.code == "bad_manifest"
+
+
+def test_not_utf8_is_refused() -> None:
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        parse(b"url\nhttp://h/\xff\n", "csv", max_entries=10)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "urilist"])
+def test_the_entry_limit_stops_reading(kind: str) -> None:
+    lines = [f"http://h/{i}" for i in range(6)]
+    body = {"csv": "url\n" + "\n".join(lines), "jsonl": "\n".join(f'"{u}"' for u in lines)}.get(
+        kind, "\n".join(lines)
+    )
+    assert len(parse(body, kind, max_entries=6)) == 6  # type: ignore[arg-type]
+    with pytest.raises(TooManyUrls) as info:
+        parse(body, kind, max_entries=5)  # type: ignore[arg-type]
+    assert info.value.status == 413 and info.value.code == "too_many_urls"
+
+
+def test_json_bodies_and_files_and_media_types(tmp_path: Path) -> None:
+    items = ["http://h/1", {"url": "http://h/2", "filename": "b.jpg"}]
+    expected = [UrlEntry("http://h/1"), UrlEntry("http://h/2", "b.jpg")]
+    assert entries_from_json(items, max_entries=2) == expected
+    with pytest.raises(TooManyUrls):
+        entries_from_json(items, max_entries=1)
+    (tmp_path / "m.csv").write_text("url,filename\nhttp://h/1,one.jpg\n")
+    assert read_file(tmp_path / "m.csv") == [UrlEntry("http://h/1", "one.jpg")]
+    (tmp_path / "m.xlsx").write_bytes(b"PK")
+    with pytest.raises(ManifestError, match="unknown manifest type"):
+        read_file(tmp_path / "m.xlsx")
+    assert kind_of_media_type("Text/CSV") == "csv" and kind_of_media_type("application/x-ndjson") == "jsonl"
+    assert kind_of_media_type("text/plain") is None

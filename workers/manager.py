@@ -1,0 +1,543 @@
+"""The models of one worker process (issue 14): the live version of each model it serves, new
+versions loaded in the background and switched in between two batches.
+
+- Each model has its own lane (:class:`ModelLane`): a batcher whose model thread takes the live
+  version once, at the start of each batch, and tags every output with it. A switch is one
+  assignment (``served.live = new``): the batch running keeps the version it started with, the
+  next one runs on the new one, so no batch mixes versions and none is lost or run twice. A job
+  pinned to a version (``model=name:3``) gets a lane of that version.
+- A new version is loaded, warmed up and checked (one probability per label) in the loader
+  thread before it may go live; a version that fails is refused with the reason (in the
+  registry and the log) and the live one stays. It is retried only once its files change.
+- Triggers: a new version folder (the watcher looks every ``BATCHVISION_MODEL_POLL_S``), a
+  reload request from the API (pub/sub), and the operator's live pointer (rollback).
+- The registry (:mod:`batchvision.server.models`) learns each version's state, each model's live
+  version, and (every few seconds) which worker serves which version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from batchvision.core.batching import BatchInfo, DynamicBatcher
+from batchvision.core.classifier import ImageClassifier
+from batchvision.core.errors import BatchvisionError
+from batchvision.core.models import JobOptions
+from batchvision.core.schemas import prediction
+from batchvision.core.settings import Settings
+from batchvision.server import failpoints, tracing
+from batchvision.server.models import FAILED, FOUND, READY, ModelRegistry
+from batchvision.server.repository import ModelEntry, VersionDir, parse_model_list, repository, select
+from batchvision.server.routing import default_model
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[VersionDir, Settings], ImageClassifier]
+#: A version folder changed less than this long ago may still be being written: the watcher
+#: leaves it for its next look (a reload request does not wait).
+SETTLE_S = 1.0
+HEARTBEAT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One loaded, checked version of a model."""
+
+    model: str
+    version: int
+    classifier: ImageClassifier
+    load_s: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's output, with the model version that produced it."""
+
+    probs: np.ndarray
+    model: str
+    version: int
+    labels: Sequence[str]
+
+
+def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at ``size`` (width, height): images decoded for the version live before a
+    switch that changed the input size."""
+    w, h = size
+    if image.shape[0] == h and image.shape[1] == w:
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+
+
+class ModelLane:
+    """One batcher over one model: the live lane reads the live version at the start of every
+    batch, a pinned lane always runs its one version."""
+
+    def __init__(
+        self,
+        model: str,
+        current: Callable[[], Loaded],
+        settings: Settings,
+        on_batch_for: Callable[[ModelLane], Callable[[BatchInfo], None]] | None = None,
+        pinned: int | None = None,
+    ) -> None:
+        self.model = model
+        self.pinned = pinned
+        self._current = current
+        #: The version of the batch running or run last (read by the batch hook).
+        self.last: Loaded | None = None
+        name = f"model-{model}" if pinned is None else f"model-{model}-v{pinned}"
+        self.batcher: DynamicBatcher[np.ndarray, Scored] = tracing.batcher_class()(
+            self._predict,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            on_batch=on_batch_for(self) if on_batch_for is not None else None,
+            name=name,
+        )
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._current().classifier.input_size
+
+    @property
+    def version(self) -> int:
+        return self._current().version
+
+    def _predict(self, images: list[np.ndarray]) -> list[Scored]:
+        loaded = self._current()  # once per batch: the whole batch runs on this version
+        self.last = loaded
+        failpoints.before_batch()
+        size = loaded.classifier.input_size
+        probs = loaded.classifier.predict([fit(image, size) for image in images])
+        labels = loaded.classifier.labels
+        return [Scored(p, loaded.model, loaded.version, labels) for p in probs]
+
+    def result(self, output: Scored, options: JobOptions) -> dict[str, Any]:
+        doc = prediction(output.probs, output.labels, options.top_k, options.min_score)
+        return {**doc, "model": output.model, "version": output.version}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+@dataclass
+class ServedModel:
+    """A model this worker serves."""
+
+    name: str
+    entry: ModelEntry
+    live: Loaded
+    lane: ModelLane | None = None
+    pinned: dict[int, ModelLane] = field(default_factory=dict)
+    #: version -> (the files' signature when it failed, the reason)
+    failed: dict[int, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
+    #: version -> what the registry shows of a version that loaded
+    ready: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: version -> (status, error) last written to the registry
+    announced: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    model_announced: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _live_of(served: ServedModel) -> Callable[[], Loaded]:
+    return lambda: served.live
+
+
+def _default_loader(version: VersionDir, settings: Settings) -> ImageClassifier:
+    from workers.model import load_version
+
+    return load_version(version, settings)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+class ModelManager:
+    """The models of this worker, their lanes, their versions; see the module doc."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry | None = None,
+        *,
+        on_batch_for: Callable[[ModelLane], Callable[[BatchInfo], None]] | None = None,
+        on_switch: Callable[[str, int, float | None], None] | None = None,
+        loader: Loader | None = None,
+        worker: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self._loader = loader or _default_loader
+        self._on_batch_for = on_batch_for
+        self._on_switch = on_switch
+        self.models: dict[str, ServedModel] = {}
+        self._cond = threading.Condition()
+        self._pending: dict[str, bool] = {}  # model -> may wait for its files to settle
+        self._busy = False
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- start and stop --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load every model this worker serves (the live version; the next lower one if that
+        fails) and start the loader, watcher, reload listener and heartbeat threads. Raises if
+        a model has no version that loads."""
+        entries = select(repository(self.settings), parse_model_list(self.settings.worker_models))
+        for name, entry in entries.items():
+            served = self._first_load(entry)
+            served.lane = ModelLane(name, _live_of(served), self.settings, self._on_batch_for)
+            self.models[name] = served
+            self._announce(served)
+        self._heartbeat()
+        self._spawn("model-loader", self._loader_loop)
+        if self.registry is not None:
+            self._spawn("model-heartbeat", self._heartbeat_loop)
+            self._spawn("model-reloads", self._listen_loop)
+        if self.settings.model_poll_s > 0:
+            self._spawn("model-watcher", self._watch_loop)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self.registry is not None:
+            try:
+                self.registry.leave(self.worker, self.models)
+            except Exception as exc:  # noqa: BLE001 - Redis away at shutdown: heartbeats expire
+                log.debug("could not leave the registry: %s", exc)
+        for served in self.models.values():
+            for lane in [served.lane, *served.pinned.values()]:
+                if lane is not None:
+                    lane.close()
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- what the pipeline asks -------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def default_lane(self) -> ModelLane:
+        """The default model's lane, or the first model's when this worker does not serve it."""
+        name = default_model(self.settings)
+        served = self.models.get(name) or self.models[self.names()[0]]
+        assert served.lane is not None
+        return served.lane
+
+    def lanes(self) -> list[ModelLane]:
+        return [lane for s in self.models.values() for lane in [s.lane, *s.pinned.values()] if lane]
+
+    def lane(self, options: JobOptions) -> ModelLane | None:
+        """The lane of a job's options; ``None`` for a model this worker does not serve.
+        A pinned version is loaded on first use (``model_version_unavailable`` if it cannot)."""
+        served = self.models.get(options.model)
+        if served is None:
+            return None
+        if options.version is None:
+            return served.lane
+        return self._pinned(served, options.version)
+
+    def _pinned(self, served: ServedModel, version: int) -> ModelLane:
+        with served.lock:
+            lane = served.pinned.get(version)
+            if lane is not None:
+                return lane
+            live = served.live
+            if live.version == version:
+                loaded = live
+            else:
+                loaded = self._load_pinned(served, version)
+            lane = ModelLane(served.name, lambda: loaded, self.settings, self._on_batch_for, pinned=version)
+            served.pinned[version] = lane
+            return lane
+
+    def _load_pinned(self, served: ServedModel, version: int) -> Loaded:
+        vdir = served.entry.versions.get(version)
+        if vdir is None:  # perhaps new since the last look
+            entry = repository(self.settings).get(served.name)
+            vdir = entry.versions.get(version) if entry is not None else None
+        if vdir is None:
+            raise BatchvisionError(
+                f"model {served.name!r} has no version {version}", code="model_version_unavailable"
+            )
+        failed = served.failed.get(version)
+        if failed is not None and failed[0] == vdir.signature:
+            raise BatchvisionError(
+                f"model {served.name} version {version} was refused: {failed[1]}",
+                code="model_version_unavailable",
+            )
+        try:
+            loaded = self._load(vdir)
+        except Exception as exc:  # noqa: BLE001 - refused with the reason, per image
+            reason = _reason(exc)
+            served.failed[version] = (vdir.signature, reason)
+            self._set_version(served, version, FAILED, error=reason)
+            raise BatchvisionError(
+                f"model {served.name} version {version} cannot be loaded: {reason}",
+                code="model_version_unavailable",
+            ) from exc
+        served.ready[version] = _facts(loaded)
+        self._set_version(served, version, READY, **served.ready[version])
+        return loaded
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _load(self, vdir: VersionDir) -> Loaded:
+        start = time.perf_counter()
+        classifier = self._loader(vdir, self.settings)
+        classifier.warm_up()
+        load_s = time.perf_counter() - start
+        return Loaded(vdir.model, vdir.version, classifier, load_s)
+
+    def _first_load(self, entry: ModelEntry) -> ServedModel:
+        pointer = self._pointer(entry.name)
+        order = sorted(entry.versions, reverse=True)
+        if pointer in entry.versions:
+            order.remove(pointer)
+            order.insert(0, pointer)
+        failed: dict[int, tuple[tuple[Any, ...], str]] = {}
+        for version in order:
+            vdir = entry.versions[version]
+            try:
+                loaded = self._load(vdir)
+            except Exception as exc:  # noqa: BLE001 - refused; an older version may load
+                failed[version] = (vdir.signature, _reason(exc))
+                log.warning("model %s version %d refused: %s", entry.name, version, failed[version][1])
+                continue
+            served = ServedModel(entry.name, entry, loaded, failed=failed)
+            served.ready[version] = _facts(loaded)
+            log.info(
+                "model %s version %d loaded on %s in %.2fs, input %s, %d classes",
+                entry.name,
+                version,
+                loaded.classifier.device,
+                loaded.load_s,
+                loaded.classifier.input_size,
+                len(loaded.classifier.labels),
+            )
+            if self._on_switch is not None:
+                self._on_switch(entry.name, version, loaded.load_s)
+            return served
+        problems = {**entry.problems, **{v: why for v, (_, why) in failed.items()}}
+        detail = "; ".join(f"version {v}: {why}" for v, why in sorted(problems.items())) or "no versions"
+        raise RuntimeError(f"model {entry.name}: no version can be loaded ({detail})")
+
+    def request(self, name: str, settle: bool = False) -> None:
+        """Ask the loader thread to look at ``name`` again (a reload request, or the watcher
+        with ``settle``); returns at once."""
+        if name not in self.models:
+            return
+        with self._cond:
+            self._pending[name] = self._pending.get(name, True) and settle
+            self._cond.notify_all()
+
+    def idle(self) -> bool:
+        """Nothing to load (tests)."""
+        with self._cond:
+            return not self._pending and not self._busy
+
+    def _loader_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while not self._pending and not self._stop.is_set():
+                    self._cond.wait()
+                if self._stop.is_set():
+                    return
+                name, settle = next(iter(self._pending.items()))
+                del self._pending[name]
+                self._busy = True
+            try:
+                self.refresh(name, settle)
+            except Exception:  # noqa: BLE001 - the next look tries again
+                log.exception("model %s: looking for a new version failed", name)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def refresh(self, name: str, settle: bool = False) -> bool:
+        """Look at ``name``'s versions; load and switch to the one that should be live. Returns
+        whether the live version changed."""
+        served = self.models[name]
+        entry = repository(self.settings).get(name)
+        if entry is None:
+            log.warning(
+                "model %s is gone from the repository; version %d stays live", name, served.live.version
+            )
+            return False
+        served.entry = entry
+        self._announce(served)
+        target = self._target(served)
+        if target is None or target == served.live.version:
+            return False
+        vdir = entry.versions[target]
+        failed = served.failed.get(target)
+        if failed is not None and failed[0] == vdir.signature:
+            return False  # refused already, and its files did not change
+        if settle and time.time() - vdir.mtime < SETTLE_S:
+            return False  # still being written: the watcher looks again
+        log.info(
+            "model %s: loading version %d (version %d stays live meanwhile)",
+            name,
+            target,
+            served.live.version,
+        )
+        try:
+            loaded = self._load(vdir)
+        except Exception as exc:  # noqa: BLE001 - refused with the reason; the live one stays
+            reason = _reason(exc)
+            served.failed[target] = (vdir.signature, reason)
+            self._set_version(served, target, FAILED, error=reason)
+            log.warning(
+                "model %s version %d refused, version %d stays live: %s",
+                name,
+                target,
+                served.live.version,
+                reason,
+            )
+            if self._on_switch is not None:
+                self._on_switch(name, target, None)
+            return False
+        old = served.live
+        served.live = loaded  # the switch: the next batch of this model runs on it
+        served.failed.pop(target, None)
+        served.ready[target] = _facts(loaded)
+        self._set_version(served, target, READY, **served.ready[target])
+        self._registry_call("announce_model", name, target)
+        self._heartbeat()
+        log.info(
+            "model %s: version %d live (was %d), loaded and checked in %.2fs",
+            name,
+            target,
+            old.version,
+            loaded.load_s,
+            extra={"model": name, "model_version": target, "load_ms": round(loaded.load_s * 1000, 3)},
+        )
+        if self._on_switch is not None:
+            self._on_switch(name, target, loaded.load_s)
+        return True
+
+    def _target(self, served: ServedModel) -> int | None:
+        """The version that should be live: the operator's pointer, else the newest version
+        not refused (with the same files)."""
+        pointer = self._pointer(served.name)
+        if pointer is not None:
+            if pointer in served.entry.versions:
+                return pointer
+            log.warning(
+                "model %s: live version %d is not in the repository; ignoring it", served.name, pointer
+            )
+        for version in sorted(served.entry.versions, reverse=True):
+            failed = served.failed.get(version)
+            if failed is None or failed[0] != served.entry.versions[version].signature:
+                return version
+        return None
+
+    def _pointer(self, name: str) -> int | None:
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.live_pointer(name)
+        except Exception as exc:  # noqa: BLE001 - Redis away: keep what is live
+            log.debug("live pointer of %s unreadable: %s", name, exc)
+            return None
+
+    # -- registry ----------------------------------------------------------------------------------
+
+    def _registry_call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.registry is None:
+            return
+        try:
+            getattr(self.registry, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the registry is news, not work
+            log.warning("model registry not updated (%s): %s", method, exc)
+
+    def _announce(self, served: ServedModel) -> None:
+        """Tell the registry what changed about the model's versions: new ones (found), loaded
+        ones (ready), refused ones (failed, with the reason); forget versions gone from disk."""
+        entry = served.entry
+        for version in sorted(set(served.announced) - set(entry.versions) - set(entry.problems)):
+            self._registry_call("forget_versions", served.name, [version])
+            del served.announced[version]
+        for version in sorted(set(entry.versions) | set(entry.problems)):
+            failed = served.failed.get(version)
+            if version in entry.problems:
+                self._set_version(served, version, FAILED, error=entry.problems[version])
+            elif failed is not None and failed[0] == entry.versions[version].signature:
+                self._set_version(served, version, FAILED, error=failed[1])
+            elif version in served.ready:
+                self._set_version(served, version, READY, **served.ready[version])
+            else:
+                self._set_version(served, version, FOUND)
+        if not served.model_announced:
+            self._registry_call("announce_model", served.name, served.live.version)
+            served.model_announced = True
+
+    def _set_version(self, served: ServedModel, version: int, status: str, **facts: Any) -> None:
+        key = (status, facts.get("error"))
+        if served.announced.get(version) == key:
+            return
+        # "found" never overwrites what another worker of this model learnt (ready, failed).
+        self._registry_call(
+            "announce_version", served.name, version, status, only_new=status == FOUND, **facts
+        )
+        served.announced[version] = key
+
+    def _heartbeat(self) -> None:
+        self._registry_call("heartbeat", self.worker, {n: s.live.version for n, s in self.models.items()})
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._heartbeat()
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(self.settings.model_poll_s):
+            for name in self.models:
+                self.request(name, settle=True)
+
+    def _listen_loop(self) -> None:
+        assert self.registry is not None
+        while not self._stop.is_set():
+            try:
+                pubsub = self.registry.subscribe()
+                try:
+                    while not self._stop.is_set():
+                        message = pubsub.get_message(timeout=1.0)
+                        if message is None or message.get("type") != "message":
+                            continue
+                        name = json.loads(message["data"]).get("model")
+                        if name in self.models:
+                            log.info("model %s: reload requested", name)
+                            self.request(str(name))
+                finally:
+                    pubsub.close()
+            except Exception as exc:  # noqa: BLE001 - Redis restarting: subscribe again
+                log.debug("reload listener: %s", exc)
+                self._stop.wait(2.0)
+
+
+def _facts(loaded: Loaded) -> dict[str, Any]:
+    clf = loaded.classifier
+    return {
+        "classes": len(clf.labels),
+        "input_size": list(clf.input_size),
+        "labels": list(clf.labels)[:1000],
+        "load_s": round(loaded.load_s, 3),
+        "device": clf.device,
+    }
