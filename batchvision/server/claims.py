@@ -3,6 +3,7 @@ times a chunk or an image was delivered (the poison-image guard)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import redis
 
 from batchvision.core.models import OPTION_FIELDS
-from batchvision.server import keys
+from batchvision.server import keys, lua
 from batchvision.server.keys import JobKeys
 
 
@@ -32,6 +33,7 @@ class Claims:
     def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self._release = client.register_script(lua.RELEASE)
 
     def claim(self, job_id: str, indexes: Sequence[int], attempt_key: str) -> Claim | None:
         """A worker starts a chunk, in one round trip; ``None`` if the job no longer exists."""
@@ -80,10 +82,7 @@ class Claims:
         pipe.expire(k, self.ttl_s)
         return int(pipe.execute()[0])
 
-    def forget(self, job_id: str, images: int) -> None:
-        """A job vanished (an abandoned upload expired) with ``images`` never classified:
-        release them from the global counters."""
-        pipe = self.redis.pipeline()
-        pipe.decrby(keys.PENDING, images)
-        pipe.srem(keys.ACTIVE, job_id)
-        pipe.execute()
+    def forget(self, job_id: str) -> None:
+        """A job vanished (an abandoned upload expired): release the images it still counted
+        from the global counters, once, however many workers meet it."""
+        self._release(keys=[keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING], args=[time.time(), job_id, 0])

@@ -158,7 +158,7 @@ class DeadLetters:
         for job_id, indexes in chunks:
             claim = self.claims.claim(job_id, indexes, f"dead:{indexes[0] if indexes else 0}")
             if claim is None:  # the job expired or was deleted
-                self.claims.forget(job_id, len(indexes))
+                self.claims.forget(job_id)
             elif claim.todo:
                 outcome = canceled_result() if claim.canceled else result
                 stored += self.store.record(job_id, [(i, outcome) for i in claim.todo]).total

@@ -18,7 +18,9 @@ key                             what it holds
 ``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored; for an
                                 image named by URL, ``BV-URL\n<url>`` (the worker fetches it)
 ``bv:pending``                  counter: accepted images without a result, over all jobs
-``bv:active``                   set of job ids not finished yet
+``bv:active``                   sorted set: job ids not finished yet -> when an open upload expires
+                                (``+inf`` once sealed), so expired uploads are found and released
+``bv:active:pending``           hash job id -> its images without a result
 ``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
@@ -45,6 +47,8 @@ from dataclasses import astuple, dataclass
 PREFIX = "bv"
 PENDING = f"{PREFIX}:pending"
 ACTIVE = f"{PREFIX}:active"
+#: Images without a result, per active job (so an expired upload releases exactly its own).
+ACTIVE_PENDING = f"{PREFIX}:active:pending"
 BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
@@ -119,12 +123,13 @@ class JobKeys:
 
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
-        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS]
+        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING]
 
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
 LUA_KEYS = (
-    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING, K_WEBHOOKS = unpack(KEYS)\n"
+    "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING, K_WEBHOOKS,"
+    " K_JOBPENDING = unpack(KEYS)\n"
     "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}\n"
     f"local CH_FINISHED = '{FINISHED}'\n"
 )

@@ -18,7 +18,8 @@ if v[5] == '1' and not v[6] and
   redis.call('PUBLISH', CH_FINISHED, ARGV[3])
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
   redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
-  redis.call('SREM', K_ACTIVE, ARGV[3])
+  redis.call('ZREM', K_ACTIVE, ARGV[3])
+  redis.call('HDEL', K_JOBPENDING, ARGV[3])
   -- issue 15: a completion webhook is queued in the same step (durable: no process holds it)
   if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
     redis.call('HSET', K_JOB, 'cb_state', 'pending')
@@ -41,7 +42,13 @@ for i = 4, #ARGV, 3 do
   end
 end
 local stored = n.done + n.failed + n.canceled
-if stored > 0 then redis.call('DECRBY', K_PENDING, stored) end
+if stored > 0 then
+  redis.call('DECRBY', K_PENDING, stored)
+  redis.call('HINCRBY', K_JOBPENDING, ARGV[3], -stored)
+end
+-- an open upload's results expire with it (the hash may have been created just now)
+local ttl = redis.call('TTL', K_JOB)
+if ttl > 0 then redis.call('EXPIRE', K_RES, ttl) end
 """
     + _FINISH
     + "return {n.done, n.failed, n.canceled}"
@@ -53,15 +60,19 @@ SEAL = (
     LUA_KEYS
     + """
 if redis.call('EXISTS', K_JOB) == 0 then return 0 end
+-- a finished job keeps its result TTL: sealing (or canceling) it again changes nothing
+if redis.call('HEXISTS', K_JOB, 'finished_at') == 1 then return 1 end
 redis.call('HSET', K_JOB, 'sealed', '1')
 for _, k in ipairs({K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}) do redis.call('PERSIST', k) end
+redis.call('ZADD', K_ACTIVE, '+inf', ARGV[3])
 """
     + _FINISH
     + "return 1"
 )
 
-#: Add files: ARGV[1] open-upload TTL, ARGV[2..] = (file key, filename) pairs. A key the job
-#: has keeps its index. Returns (index, is_new) pairs, -1 for an unknown job, -2 if sealed.
+#: Add files: ARGV[1] open-upload TTL, ARGV[2] now, ARGV[3] job id, ARGV[4..] = (file key,
+#: filename) pairs. A key the job has keeps its index. Returns (index, is_new) pairs, -1 for an
+#: unknown job, -2 if sealed.
 ADD = (
     LUA_KEYS
     + """
@@ -70,7 +81,7 @@ local flags = redis.call('HMGET', K_JOB, 'sealed', 'cancel')
 if flags[1] == '1' or flags[2] == '1' then return -2 end
 local out = {}
 local added = 0
-for i = 2, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local idx = redis.call('HGET', K_PATHS, ARGV[i])
   if idx then
     table.insert(out, tonumber(idx)); table.insert(out, 0)
@@ -82,9 +93,34 @@ for i = 2, #ARGV, 2 do
     added = added + 1
   end
 end
-if added > 0 then redis.call('INCRBY', K_PENDING, added) end
+if added > 0 then
+  redis.call('INCRBY', K_PENDING, added)
+  redis.call('HINCRBY', K_JOBPENDING, ARGV[3], added)
+end
 -- an open upload lives as long as its blobs; seal makes the job permanent until it finishes
 for _, k in ipairs({K_JOB, K_FILES, K_PATHS, K_RES}) do redis.call('EXPIRE', k, ARGV[1]) end
+redis.call('ZADD', K_ACTIVE, tonumber(ARGV[2]) + tonumber(ARGV[1]), ARGV[3])
 return out
 """
 )
+
+#: Release jobs that will never finish: KEYS = active, pending, per-job pending; ARGV[1] is now
+#: and ARGV[2] a job id (release that job now: the worker found it gone) or "" (release every
+#: open upload whose expiry passed, at most ARGV[3] of them). Each job's own count of images
+#: without a result leaves the global counter exactly once. Returns how many jobs it released.
+RELEASE = """
+local ids
+if ARGV[2] ~= '' then
+  ids = {ARGV[2]}
+else
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+end
+local released = 0
+for _, id in ipairs(ids) do
+  local n = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+  if n > 0 then redis.call('DECRBY', KEYS[2], n) end
+  released = released + redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[3], id)
+end
+return released
+"""

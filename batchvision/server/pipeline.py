@@ -138,7 +138,7 @@ class ChunkProcessor:
             job_id, indexes = chunk
             if claim is None:
                 log.warning("job %s is gone (expired or deleted); dropping %d images", job_id, len(indexes))
-                self.claims.forget(job_id, len(indexes))
+                self.claims.forget(job_id)
                 stats.skipped += len(indexes)
                 done.append(_Outcome(job_id, indexes))
                 continue

@@ -127,7 +127,7 @@ class JobStore:
             },
         )
         pipe.expire(key, self.open_ttl_s)
-        pipe.sadd(keys.ACTIVE, job_id)
+        pipe.zadd(keys.ACTIVE, {job_id: time.time() + self.open_ttl_s})
         if own:
             pipe.execute()
 
@@ -148,7 +148,7 @@ class JobStore:
         The files' keys must be distinct; file ``i`` gets index ``i``."""
         k = JobKeys.of(job_id).lua()
         self.create(job_id, model=model, owner=owner, pipe=pipe, options=options)
-        _eval(pipe, lua.ADD, k, [self.open_ttl_s, *(a for pair in files for a in pair)])
+        _eval(pipe, lua.ADD, k, self._add_args(job_id, files))
         if errors:
             _eval(pipe, lua.RECORD, k, self._record_args(job_id, errors))
         if seal:
@@ -161,8 +161,7 @@ class JobStore:
         Returns ``(index, is_new)`` per file. Raises ``LookupError`` for an unknown job and
         ``PermissionError`` for a sealed or canceled one.
         """
-        args: list[Any] = [self.open_ttl_s, *(arg for pair in files for arg in pair)]
-        out = self._add(keys=JobKeys.of(job_id).lua(), args=args)
+        out = self._add(keys=JobKeys.of(job_id).lua(), args=self._add_args(job_id, files))
         if out == -1:
             raise LookupError(job_id)
         if out == -2:
@@ -189,6 +188,9 @@ class JobStore:
             return False
         _eval(pipe, lua.RECORD, JobKeys.of(job_id).lua(), self._record_args(job_id, results))
         return True
+
+    def _add_args(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[Any]:
+        return [self.open_ttl_s, f"{time.time():.3f}", job_id, *(a for pair in files for a in pair)]
 
     def _record_args(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> list[Any]:
         args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from batchvision.server import keys
+from batchvision.server import keys, lua
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,27 @@ class Telemetry:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._release = client.register_script(lua.RELEASE)
 
     def active_jobs(self) -> int:
-        """Jobs created and not finished yet."""
-        return int(self.redis.scard(keys.ACTIVE))
+        """Jobs created and not finished yet (open uploads that expired are released first)."""
+        self.release_expired()
+        return int(self.redis.zcard(keys.ACTIVE))
 
     def pending_images(self) -> int:
-        """Accepted images that have no result yet, over all jobs."""
+        """Accepted images that have no result yet, over all jobs (open uploads that expired
+        are released first: their images will never get one)."""
+        self.release_expired()
         return int(self.redis.get(keys.PENDING) or 0)
+
+    def release_expired(self, limit: int = 1000) -> int:
+        """Release open uploads whose expiry passed (a cheap range query when there are none);
+        returns how many."""
+        return int(
+            self._release(
+                keys=[keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING], args=[time.time(), "", limit]
+            )
+        )
 
     def log_batch(
         self,

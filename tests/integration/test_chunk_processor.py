@@ -256,3 +256,13 @@ def test_a_vanished_job_releases_its_images_from_the_counters(rig: Rig) -> None:
     assert rig.model_calls() == []
     assert rig.r.keys("*{j}*") == []  # no blobs, no delivery count, nothing brought back
     assert not rig.in_ledger("j", ix) and rig.in_ledger("other", other)
+
+
+def test_a_vanished_job_releases_each_image_once(rig: Rig) -> None:
+    telemetry = Telemetry(rig.r)
+    ix = rig.job("j", [jpeg("red"), jpeg("blue")], seal=False)
+    rig.processor.process([("j", ix)])  # stored (and counted); the worker dies before its ack
+    assert telemetry.pending_images() == 0
+    rig.r.delete(*JobKeys.of("j").data())  # the abandoned upload expires
+    rig.processor.process([("j", ix)])  # the redelivery
+    assert telemetry.pending_images() == 0

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+import requests
 
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
@@ -242,3 +243,37 @@ def test_worker_killed_mid_delivery_the_delivery_still_arrives_once(env: Env, re
     cb = env.client.status(job_id)["callback"]
     assert (cb["state"], cb["last_status"]) == ("delivered", 200)
     assert env.redis.zcard(keys.WEBHOOKS) == 0
+
+
+def test_uploads_and_jobs_in_parts_carry_callbacks_and_bad_ones_are_refused(
+    env: Env, receiver_url: str
+) -> None:
+    Handler.receiver = Receiver()
+    hook = f"{receiver_url}/hook"
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    resp = requests.post(
+        f"{env.url}/v1/jobs",
+        params={"callback_url": hook},
+        files=[("files", ("a.jpg", IMAGES[0], "image/jpeg"))],
+        headers=auth,
+        timeout=30,
+    )
+    assert resp.status_code == 202, resp.text
+    uploaded = resp.json()["job_id"]
+    parts = env.client.open_job(1, callback_url=hook)["job_id"]
+    env.client.add_part(parts, [("b.jpg", IMAGES[1])])
+    env.client.seal(parts)
+    _wait(lambda: len(Handler.receiver.accepted()) == 2, 60, "both deliveries")
+    assert sorted(d.headers["batchvision-delivery"] for d in Handler.receiver.accepted()) == sorted(
+        [uploaded, parts]
+    )
+    for bad, reason in (
+        ("http://10.0.0.1/hook", "blocked_address"),
+        ("http://[::1]/hook", "blocked_address"),
+        ("http://169.254.169.254/", "blocked_address"),
+        ("ftp://hooks.example/x", "bad_url"),
+    ):
+        resp = requests.post(f"{env.url}/v1/jobs", json={"callback_url": bad}, headers=auth, timeout=30)
+        assert resp.status_code == 422, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == "bad_callback_url" and err["details"][0]["reason"] == reason, err
