@@ -346,10 +346,10 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
 def get_job(job_id: str) -> dict[str, Any]:
     c.query(d.NoQuery)
     svc = services()
-    doc = _public(_job_or_404(svc, job_id))
-    callback = webhooks.callback_state(svc.redis, job_id)  # issue 15: the webhook's delivery
-    if callback is not None:
-        doc["callback"] = callback
+    job = _job_or_404(svc, job_id)
+    doc = _public(job)
+    if job["callback"] is not None:  # the webhook's delivery state, read with the job
+        doc["callback"] = job["callback"]
     return doc
 
 

@@ -64,12 +64,12 @@ def full_stack(folder: Path, settings: Settings, latency_jobs: int) -> tuple[flo
     with running_stack(settings) as s:
         client = Client(f"http://127.0.0.1:{s.api_port}")
         warm = sorted(folder.glob("*.jpg"))[:8]
-        client.wait(client.submit_files(warm)["job_id"], timeout=300)  # warm the worker's graph
+        client.wait(client.submit_files(warm).job_id, timeout=300)  # warm the worker's graph
         start = time.perf_counter()
         job = client.submit_folder(folder, part_files=32)
-        status = client.wait(job["job_id"], poll_s=0.05, timeout=900)
+        status = client.wait(job.job_id, poll_s=0.05, timeout=900)
         elapsed = time.perf_counter() - start
-        assert status["done"] == job["images"], status
+        assert status.done == job.images, status
         one = warm[0].read_bytes()
         idle = single_latencies(client, one, latency_jobs)
         # The same single-image jobs while bulk uploads keep the worker busy.
@@ -86,7 +86,7 @@ def full_stack(folder: Path, settings: Settings, latency_jobs: int) -> tuple[flo
         loaded = single_latencies(client, one, latency_jobs)
         stop.set()
         loader.join()
-        return job["images"] / elapsed, idle, loaded
+        return job.images / elapsed, idle, loaded
 
 
 def single_latencies(client: Client, image: bytes, n: int) -> list[float]:
@@ -96,7 +96,7 @@ def single_latencies(client: Client, image: bytes, n: int) -> list[float]:
         t0 = time.perf_counter()
         body = client.classify([("one.jpg", image)], timeout=30)
         out.append(time.perf_counter() - t0)
-        assert body["status"] == "succeeded"
+        assert body.status == "succeeded"
         time.sleep(0.05)
     return out
 

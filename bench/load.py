@@ -71,8 +71,8 @@ def main() -> None:
             status = client.wait(job_id, timeout=600, poll_s=0.2)
             rows = client.results(job_id)
             images += n
-            lost += n - sum(1 for r in rows if r["status"] != "pending")
-            lost += abs(status["done"] + status["failed"] - n)
+            lost += n - sum(1 for r in rows if r.status != "pending")
+            lost += abs(status.done + status.failed - n)
     total = sum(codes.values())
     errors = total - codes[202] - codes[429]
     print(

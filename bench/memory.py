@@ -60,7 +60,7 @@ def main() -> None:
         start = time.perf_counter()
         for n in range(args.images // args.per_job):
             job = client.submit_folder(folder, part_files=250)
-            client.wait(job["job_id"], poll_s=0.2, timeout=1800)
+            client.wait(job.job_id, poll_s=0.2, timeout=1800)
             samples.append(((n + 1) * args.per_job, rss_mb(pid)))
         elapsed = time.perf_counter() - start
 
@@ -72,7 +72,7 @@ def main() -> None:
         job = client.submit_folder(folder, part_files=250)
         after = int(r.info("memory")["used_memory"])
         control.add_consumer(s.queue, reply=True)
-        client.wait(job["job_id"], timeout=600)
+        client.wait(job.job_id, timeout=600)
     avg_bytes = sum(f.stat().st_size for f in files) / len(files)
     per_image = (after - before) / len(files)
     warm = samples[0][1]

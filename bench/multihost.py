@@ -37,7 +37,7 @@ def measure(stack: HostStack, folder: Path, workers: int) -> tuple[float, float]
         stack.wait_workers(workers)
         client = Client(stack.api_url, api_key=stack.api_key)
         warm = client.submit_files(sorted(folder.iterdir())[:64])  # connections, model warm-up
-        client.wait(warm["job_id"], timeout=120)
+        client.wait(warm.job_id, timeout=120)
         processes = [svc.proc for host in hosts for svc in host.services if svc.proc is not None]
         for proc in processes:
             os.killpg(proc.pid, signal.SIGSTOP)
@@ -49,10 +49,10 @@ def measure(stack: HostStack, folder: Path, workers: int) -> tuple[float, float]
             began = time.time()
             for proc in processes:
                 os.killpg(proc.pid, signal.SIGCONT)
-        status = client.wait(job["job_id"], poll_s=0.05, timeout=900)
-        assert status["done"] == job["images"], status
+        status = client.wait(job.job_id, poll_s=0.05, timeout=900)
+        assert status.done == job.images, status
         client.close()
-        return float(job["images"]) / (float(status["finished_at"]) - began), upload_s
+        return float(job.images) / (float(status.finished_at or 0.0) - began), upload_s
     finally:
         stack.stop_workers()
 

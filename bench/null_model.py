@@ -53,13 +53,13 @@ def run(folder: Path, model: str, workers: int, chunk: int) -> float:
         try:
             wait_for_workers(s, count=workers)
             client = Client(f"http://127.0.0.1:{s.api_port}")
-            client.wait(client.submit_files(sorted(folder.iterdir())[:64])["job_id"], timeout=120)
+            client.wait(client.submit_files(sorted(folder.iterdir())[:64]).job_id, timeout=120)
             start = time.perf_counter()
             job = client.submit_folder(folder, part_files=256)
-            status = client.wait(job["job_id"], poll_s=0.05, timeout=600)
+            status = client.wait(job.job_id, poll_s=0.05, timeout=600)
             elapsed = time.perf_counter() - start
-            assert status["done"] == job["images"], status
-            return float(job["images"]) / elapsed
+            assert status.done == job.images, status
+            return float(job.images) / elapsed
         finally:
             sup.stop()
 

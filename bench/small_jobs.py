@@ -217,9 +217,9 @@ def bulk_job(url: str, folder: Path, timeout_s: float) -> LoadResult:
     images = 0
     try:
         job = client.submit_folder(folder)
-        st = client.wait(job["job_id"], timeout=timeout_s, poll_s=0.1)
-        images = int(st["done"])
-        statuses[200 if images == job["images"] else NO_PREDICTION] += 1
+        st = client.wait(job.job_id, timeout=timeout_s, poll_s=0.1)
+        images = st.done
+        statuses[200 if images == job.images else NO_PREDICTION] += 1
     except ApiError as exc:
         statuses[exc.status] += 1
     except TimeoutError:

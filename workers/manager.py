@@ -505,6 +505,23 @@ class ModelManager:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             self._heartbeat()
+            self._restore_if_lost()
+
+    def _restore_if_lost(self) -> None:
+        """Write the registry again if Redis lost it (restarted without its data, flushed):
+        the API refuses a model the registry does not know."""
+        assert self.registry is not None
+        try:
+            known = set(self.registry.model_names(fresh=True))
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next heartbeat tries again
+            log.debug("registry unreadable: %s", exc)
+            return
+        for name, served in self.models.items():
+            if name not in known:
+                log.warning("model %s is missing from the registry: announcing it again", name)
+                served.announced.clear()
+                served.model_announced = False
+                self._announce(served)
 
     def _watch_loop(self) -> None:
         while not self._stop.wait(self.settings.model_poll_s):

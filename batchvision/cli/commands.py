@@ -10,17 +10,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import scan, submit_folder
 from batchvision.core import manifest
+from batchvision.core.documents import Job
 from batchvision.core.errors import BatchvisionError
+from batchvision.core.schemas import JobStatus
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_SUBMIT_FAILED = 0, 3, 4
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.api_url, args.api_key)
+    return Client(args.api_url, args.api_key, retry_for_s=args.retry_for)
 
 
 def fmt_of(path: Path, explicit: str | None) -> str:
@@ -33,7 +37,7 @@ def fmt_of(path: Path, explicit: str | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a job's status document."""
-    print(json.dumps(_client(args).status(args.job_id), indent=2))
+    print(_document(_client(args).status(args.job_id)))
     return EXIT_OK
 
 
@@ -46,13 +50,13 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"wrote {out}", file=sys.stderr)
     else:
         for row in client.iter_results(args.job_id):
-            print(json.dumps(row))
+            print(row.model_dump_json(exclude_unset=True))
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel what a job has not classified yet."""
-    print(json.dumps(_client(args).cancel(args.job_id), indent=2))
+    print(_document(_client(args).cancel(args.job_id)))
     return EXIT_OK
 
 
@@ -60,7 +64,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Upload folders/files as one job; with --wait, wait and write the results."""
     from tqdm import tqdm
 
-    client = Client(args.api_url, args.api_key)
+    client = _client(args)
     if args.urls is not None:  # issue 15: images named by URL, fetched by the workers
         if args.paths or args.resume:
             print("error: --urls takes no folders or --resume", file=sys.stderr)
@@ -74,11 +78,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job = client.submit_urls(
             [(e.url, e.filename) for e in entries], callback_url=args.callback_url, **job_options(args)
         )
-        for item in job.get("rejected", []):
-            print(f"refused: {item['filename']}: {item['code']}: {item['message']}", file=sys.stderr)
+        for item in job.rejected:
+            print(f"refused: {item.filename}: {item.code}: {item.message}", file=sys.stderr)
         print(f"submitted {len(entries)} URLs", file=sys.stderr)
-        print(job["job_id"])
-        return _wait_and_write(client, args, job["job_id"], len(entries), start) if args.wait else EXIT_OK
+        print(job.job_id)
+        return _wait_and_write(client, args, job.job_id, len(entries), start) if args.wait else EXIT_OK
     if not args.paths:
         print("error: give folders or files to upload, or --urls MANIFEST", file=sys.stderr)
         return EXIT_SUBMIT_FAILED
@@ -92,7 +96,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     start = time.monotonic()
     resume = args.resume
     if args.callback_url and not resume:  # the job is opened with its callback, then filled
-        resume = client.open_job(total, callback_url=args.callback_url, **job_options(args))["job_id"]
+        resume = client.open_job(total, callback_url=args.callback_url, **job_options(args)).job_id
     with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
         summary = submit_folder(
             client,
@@ -103,13 +107,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
             on_part=bar.update,
             options=job_options(args),
         )
-    job_id = summary["job_id"]
-    for rel in summary["skipped"]:
+    job_id = summary.job_id
+    for rel in summary.skipped:
         print(f"skipped (not an image): {rel}", file=sys.stderr)
     uploaded = client.status(job_id)
     print(
-        f"uploaded {summary['sent']} images in {time.monotonic() - start:.1f}s "
-        f"({uploaded['done'] + uploaded['failed']} already classified meanwhile)",
+        f"uploaded {summary.sent} images in {time.monotonic() - start:.1f}s "
+        f"({uploaded.done + uploaded.failed} already classified meanwhile)",
         file=sys.stderr,
     )
     print(job_id)
@@ -129,9 +133,9 @@ def _wait_and_write(client: Client, args: argparse.Namespace, job_id: str, total
     quiet = args.no_progress
     with tqdm(total=total, desc="classify", unit="img", disable=quiet, file=sys.stderr) as bar:
 
-        def progress(st: dict[str, Any]) -> None:
-            bar.total = st["total"]
-            bar.update(st["done"] + st["failed"] + st.get("canceled", 0) - bar.n)
+        def progress(st: Job) -> None:
+            bar.total = st.total
+            bar.update(st.done + st.failed + st.canceled - bar.n)
 
         status = client.wait(job_id, on_progress=progress)
     if args.output:
@@ -139,16 +143,21 @@ def _wait_and_write(client: Client, args: argparse.Namespace, job_id: str, total
         client.download(job_id, out, fmt_of(out, args.format))
         print(f"wrote {out}", file=sys.stderr)
     print(
-        f"{status['status']}: {status['done']} classified, {status['failed']} failed "
+        f"{status.status}: {status.done} classified, {status.failed} failed "
         f"in {time.monotonic() - start:.1f}s",
         file=sys.stderr,
     )
     return exit_code(status)
 
 
-def exit_code(status: dict[str, Any]) -> int:
+def exit_code(status: Job) -> int:
     """0 when every image has a prediction, EXIT_SOME_FAILED otherwise."""
-    return EXIT_OK if status["status"] == "succeeded" else EXIT_SOME_FAILED
+    return EXIT_OK if status.status == JobStatus.SUCCEEDED else EXIT_SOME_FAILED
+
+
+def _document(doc: BaseModel) -> str:
+    """A response document as the API sent it (fields it left out stay out), indented."""
+    return json.dumps(doc.model_dump(mode="json", exclude_unset=True), indent=2)
 
 
 def register(sub: Any, add: AddFn) -> None:
@@ -157,6 +166,13 @@ def register(sub: Any, add: AddFn) -> None:
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
         p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
+        p.add_argument(
+            "--retry-for",
+            type=float,
+            default=120.0,
+            metavar="SECONDS",
+            help="retry each request through connection errors, 429 and 502-504 this long (default 120)",
+        )
         return p
 
     p = common(add("submit", guarded(cmd_submit), "upload a folder or files as one job"))

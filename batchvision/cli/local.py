@@ -179,22 +179,21 @@ def wait_for_workers(
     from batchvision.server.queue import create_celery
 
     deadline = time.monotonic() + timeout
-    app = create_celery(settings)
-    try:
-        while True:
-            try:
-                if len(app.control.ping(timeout=1.0)) >= count:
-                    return
-            except (OSError, redis.exceptions.ConnectionError, OperationalError):
-                # The broker is (re)starting: ask again on a fresh connection (the pool stays
-                # usable: a closed pool would refuse the next ping).
-                app.pool.force_close_all(close_pool=False)
-            if while_waiting is not None:
-                while_waiting()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
-    finally:
-        app.close()  # its broker connections, now rather than whenever they are collected
+    while True:
+        # A fresh app (and connection) each round: a broker that restarted leaves the pooled
+        # connections of the last one broken, and a force-closed kombu pool can block forever.
+        app = create_celery(settings)
+        try:
+            if len(app.control.ping(timeout=1.0)) >= count:
+                return
+        except (OSError, redis.exceptions.ConnectionError, OperationalError):
+            pass  # the broker is (re)starting: ask again
+        finally:
+            app.close()  # its broker connections, now rather than whenever they are collected
+        if while_waiting is not None:
+            while_waiting()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
 
 
 def _redis_answers(url: str) -> bool:
@@ -223,15 +222,13 @@ def _demo_folder() -> Path:
 def _classify_folder(settings: Settings, folder: Path) -> None:
     from batchvision.client import Client
 
-    client = Client(f"http://127.0.0.1:{settings.api_port}")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    job = client.submit_files(files)
-    status = client.wait(job["job_id"], timeout=300)
-    print(
-        f"\njob {job['job_id']}: {status['status']}, {status['done']} classified, {status['failed']} failed"
-    )
-    for row in client.results(job["job_id"]):
-        if "error" in row:
-            print(f"  {row['filename']:<28} error: {row['error']['message']}")
-        else:
-            print(f"  {row['filename']:<28} {row['label']:<12} {row['score']:.3f}")
+    with Client(f"http://127.0.0.1:{settings.api_port}") as client:
+        job = client.submit_files(files)
+        status = client.wait(job.job_id, timeout=300)
+        print(f"\njob {job.job_id}: {status.status}, {status.done} classified, {status.failed} failed")
+        for row in client.results(job.job_id):
+            if row.error is not None:
+                print(f"  {row.filename:<28} error: {row.error.message}")
+            else:
+                print(f"  {row.filename:<28} {row.label:<12} {row.score or 0.0:.3f}")

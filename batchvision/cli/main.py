@@ -26,11 +26,6 @@ EXIT_CONFIG = 2
 SERVICE_COMMANDS = frozenset({"api", "worker", "flower", "up"})
 
 
-def allow_anonymous(s: Settings) -> bool:
-    """``BATCHVISION_ALLOW_ANONYMOUS``: serve without API keys on a non-loopback address."""
-    return s.allow_anonymous
-
-
 def is_loopback(host: str) -> bool:
     """``localhost``, ``127.0.0.0/8`` or ``::1`` (with or without brackets)."""
     host = host.strip().strip("[]")
@@ -78,12 +73,12 @@ def cmd_api(args: argparse.Namespace) -> int:
     """
     s = Settings.from_env()
     may_start, message = exposure_check(
-        args.host, s.api_port, s.api_keys.get_secret_value(), allow_anonymous(s)
+        args.host, s.api_port, s.api_keys.get_secret_value(), s.allow_anonymous
     )
     if message:
         print(message, file=sys.stderr, flush=True)
     if not may_start:
-        return 2
+        return EXIT_CONFIG
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Metrics of all gunicorn workers are aggregated through files in this directory;
         # it must start empty, so it belongs to this one server.

@@ -12,10 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchvision.core.documents import Rejection
 from batchvision.core.sniff import looks_like_image
 
 if TYPE_CHECKING:  # the client calls into this module: no import at run time
     from batchvision.client.http import Client
+
+
+@dataclass(frozen=True)
+class FolderUpload:
+    """What :func:`submit_folder` did: the job, and what was sent, skipped and refused."""
+
+    job_id: str
+    images: int  #: image files found
+    sent: int  #: files uploaded by this call (a resumed job had the others)
+    skipped: list[str]  #: files that are not images (relative paths), never sent
+    rejected: list[Rejection]  #: images the API refused (each also has an error row)
 
 
 @dataclass
@@ -65,34 +77,27 @@ def submit_folder(
     resume: str | None = None,
     on_part: Callable[[int], None] | None = None,
     options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Upload every image under ``paths`` to one job and seal it; returns a summary.
+) -> FolderUpload:
+    """Upload every image under ``paths`` to one job and seal it; returns what it did.
 
     With ``resume``, files the job already has are not sent again. ``options``: the new job's
     ``model``, ``top_k``, ``min_score`` (a resumed job keeps its own).
     """
     found = scan(paths)
     if resume:
-        have = set(client.files(resume))
+        have = set(client.files(resume).files)
         job_id = resume
     else:
         have = set()
-        job_id = client.open_job(len(found.images), **(options or {}))["job_id"]
+        job_id = client.open_job(len(found.images), **(options or {})).job_id
     todo = [(rel, p) for rel, p in found.images if rel not in have]
     if on_part is not None and have:
         on_part(len(found.images) - len(todo))
-    rejected: list[dict[str, Any]] = []
+    rejected: list[Rejection] = []
     for part in parts(todo, part_files, part_bytes):
         files = [(rel, p.read_bytes()) for rel, p in part]
-        body = client.add_part(job_id, files)
-        rejected += body.get("rejected", [])
+        rejected += client.add_part(job_id, files).rejected
         if on_part is not None:
             on_part(len(part))
     client.seal(job_id)
-    return {
-        "job_id": job_id,
-        "images": len(found.images),
-        "sent": len(todo),
-        "skipped": found.skipped,
-        "rejected": rejected,
-    }
+    return FolderUpload(job_id, len(found.images), len(todo), found.skipped, rejected)

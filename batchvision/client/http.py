@@ -3,25 +3,40 @@
 Every call survives a blip: the one retry policy of :mod:`batchvision.client.retry` applies
 to each of them (connection errors, ``429``/``502``/``503``/``504`` with ``Retry-After``,
 bodies cut off mid-way), for at most ``retry_for_s`` seconds per call.
+
+Answers are typed: the pydantic documents of :mod:`batchvision.core.documents`, the same
+definitions the API validates with and its OpenAPI document is generated from (``Job``,
+``JobAccepted``, ``ResultRow``, ``FileList``, ``ClassifyResult``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from batchvision.client.errors import ApiError
 from batchvision.client.retry import Budget, RetryPolicy
+from batchvision.core.documents import (
+    FINAL_STATUSES,
+    ClassifyResult,
+    FileList,
+    Job,
+    JobAccepted,
+    ResultRow,
+)
 
-FINAL = {"succeeded", "partial", "failed", "canceled"}
+if TYPE_CHECKING:  # bulk calls into this module: no import at run time
+    from batchvision.client.bulk import FolderUpload
+
+#: The final job statuses (also ``Job.final``).
+FINAL = frozenset(str(s) for s in FINAL_STATUSES)
 
 #: What a broken connection looks like once the response has started (headers received).
 BODY_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
@@ -120,30 +135,31 @@ class Client:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path], **options: Any) -> dict[str, Any]:
+    def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path], **options: Any) -> JobAccepted:
         """Submit images as one job; items are paths or ``(filename, bytes)`` pairs.
         ``options``: ``model`` (``name`` or ``name:version``), ``top_k``, ``min_score``."""
         params = job_options(**options)
-        return dict(
-            self._json("POST", "/v1/jobs", params=params, files=_parts(files), headers=_idempotency())
-        )
+        body = self._json("POST", "/v1/jobs", params=params, files=_parts(files), headers=_idempotency())
+        return JobAccepted.model_validate(body)
 
     def open_job(
         self, expected: int | None = None, callback_url: str | None = None, **options: Any
-    ) -> dict[str, Any]:
+    ) -> JobAccepted:
         """Open a job for an upload in parts (``callback_url``: see :meth:`submit_urls`;
         ``options``: see :meth:`submit_files`)."""
         body: dict[str, Any] = {"expected": expected}
         if callback_url is not None:
             body["callback_url"] = callback_url
         params = job_options(**options)
-        return dict(self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency()))
+        return JobAccepted.model_validate(
+            self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency())
+        )
 
     # -- issue 15: images by URL, completion webhooks ---------------------------------------------
 
     def submit_urls(
         self, urls: Iterable[str | tuple[str, str | None]], callback_url: str | None = None, **options: Any
-    ) -> dict[str, Any]:
+    ) -> JobAccepted:
         """Submit images by URL as one job (the workers fetch them); items are URLs or
         ``(url, filename)`` pairs. ``callback_url`` gets one signed POST when the job is final
         (check it with the secret of :meth:`webhook_secret`)."""
@@ -154,24 +170,27 @@ class Client:
         if callback_url is not None:
             body["callback_url"] = callback_url
         params = job_options(**options)
-        return dict(self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency()))
+        return JobAccepted.model_validate(
+            self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency())
+        )
 
     def webhook_secret(self) -> str:
         """The secret that signs this API key's webhooks (``Batchvision-Signature``)."""
         return str(self._json("GET", "/v1/webhook-secret")["secret"])
 
-    def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
+    def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> JobAccepted:
         """Upload one part; file names are relative paths (the idempotency key)."""
-        return dict(self._json("POST", f"/v1/jobs/{job_id}/files", files=_parts(files)))
+        return JobAccepted.model_validate(self._json("POST", f"/v1/jobs/{job_id}/files", files=_parts(files)))
 
-    def seal(self, job_id: str) -> dict[str, Any]:
-        return dict(self._json("POST", f"/v1/jobs/{job_id}/seal"))
+    def seal(self, job_id: str) -> Job:
+        """The upload is complete (sealing again changes nothing)."""
+        return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/seal"))
 
-    def files(self, job_id: str) -> list[str]:
-        """Relative paths the service already has for ``job_id``."""
-        return list(self._json("GET", f"/v1/jobs/{job_id}/files")["files"])
+    def files(self, job_id: str) -> FileList:
+        """Relative paths the service already has for ``job_id`` (``.files``)."""
+        return FileList.model_validate(self._json("GET", f"/v1/jobs/{job_id}/files"))
 
-    def submit_folder(self, *paths: str | Path, **kw: Any) -> dict[str, Any]:
+    def submit_folder(self, *paths: str | Path, **kw: Any) -> FolderUpload:
         """Upload every image under ``paths`` to one job (:func:`~batchvision.client.bulk.submit_folder`)."""
         from batchvision.client.bulk import submit_folder
 
@@ -179,29 +198,32 @@ class Client:
 
     def classify(
         self, files: Iterable[tuple[str, bytes] | str | Path], timeout: float = 30.0, **options: Any
-    ) -> dict[str, Any]:
-        """Submit and wait server-side (``POST /v1/classify``); ``options``: see :meth:`submit_files`."""
-        return dict(
-            self._json(
-                "POST",
-                "/v1/classify",
-                params={"timeout": timeout, **job_options(**options)},
-                files=_parts(files),
-                headers=_idempotency(),
-                timeout=timeout + 30,
-            )
+    ) -> ClassifyResult | JobAccepted:
+        """Submit and wait server-side (``POST /v1/classify``): the finished job with its
+        ``results``, or, past ``timeout``, the accepted job to poll. ``options``: see
+        :meth:`submit_files`."""
+        body = self._json(
+            "POST",
+            "/v1/classify",
+            params={"timeout": timeout, **job_options(**options)},
+            files=_parts(files),
+            headers=_idempotency(),
+            timeout=timeout + 30,
         )
+        if isinstance(body, dict) and "results" in body:
+            return ClassifyResult.model_validate(body)
+        return JobAccepted.model_validate(body)
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        return dict(self._json("GET", f"/v1/jobs/{job_id}"))
+    def status(self, job_id: str) -> Job:
+        return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
 
     def wait(
         self,
         job_id: str,
         timeout: float | None = None,
         poll_s: float = 0.5,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> Job:
         """Poll until the job is final (or ``timeout``); ``on_progress(status)`` each poll.
 
         Each poll is one call with its own retry budget: an outage shorter than
@@ -212,17 +234,17 @@ class Client:
             st = self.status(job_id)
             if on_progress is not None:
                 on_progress(st)
-            if st["status"] in FINAL:
+            if st.final:
                 return st
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not finished after {timeout}s: {st}")
             time.sleep(poll_s)
 
-    def results(self, job_id: str) -> list[dict[str, Any]]:
+    def results(self, job_id: str) -> list[ResultRow]:
         """Every result row, in upload order."""
         return list(self.iter_results(job_id))
 
-    def iter_results(self, job_id: str) -> Iterator[dict[str, Any]]:
+    def iter_results(self, job_id: str) -> Iterator[ResultRow]:
         """Stream rows without holding the whole result set (JSON Lines).
 
         A stream cut off mid-way is resumed after the last complete row (``offset``), so
@@ -236,7 +258,7 @@ class Client:
                 with self._send("GET", path, budget, params={"format": "jsonl", "offset": offset}) as resp:
                     for line in resp.iter_lines():
                         if line:
-                            row = json.loads(line)
+                            row = ResultRow.model_validate_json(line)
                             offset += 1
                             yield row
                 return
@@ -282,8 +304,9 @@ class Client:
         body = {} if version is None else {"version": version}
         return dict(self._json("POST", f"/v1/models/{name}/reload", json=body))
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        return dict(self._json("DELETE", f"/v1/jobs/{job_id}"))
+    def cancel(self, job_id: str) -> Job:
+        """Cancel what is not classified yet (cancelling again changes nothing)."""
+        return Job.model_validate(self._json("DELETE", f"/v1/jobs/{job_id}"))
 
 
 def job_options(

@@ -78,6 +78,19 @@ def job_status(
     return JobStatus.FAILED if done == 0 else JobStatus.PARTIAL
 
 
+def status_of(fields: dict[str, str]) -> tuple[JobStatus, dict[str, int]]:
+    """The status and counts of a job hash's fields (``cancel`` is ``1``, or ``open`` when the
+    job was canceled during its upload: that job is canceled even if every image it received
+    had a result, since the rest of the upload never came)."""
+    counts = {k: int(fields.get(k, 0) or 0) for k in ("total", "done", "failed", "canceled")}
+    if fields.get("cancel") == "open":
+        return JobStatus.CANCELED, counts
+    status = job_status(
+        **counts, sealed=fields.get("sealed") == "1", cancel_requested=fields.get("cancel") == "1"
+    )
+    return status, counts
+
+
 def entry(index: int, filename: str, stored: dict[str, Any] | None) -> dict[str, Any]:
     """One row of ``/results``: the stored result with its index and filename."""
     row: dict[str, Any] = {"index": index, "filename": filename}

@@ -66,7 +66,7 @@ class Claims:
                 continue
             todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
             fields = {k: v.decode() for k, v in zip(OPTION_FIELDS, options, strict=True) if v is not None}
-            out.append(Claim(todo, cancel == b"1", int(tries), fields))
+            out.append(Claim(todo, cancel in (b"1", b"open"), int(tries), fields))
         return out
 
     def unclaim(self, job_id: str, indexes: Sequence[int]) -> None:

@@ -112,7 +112,7 @@ class DeadLetters:
             return self._count("dropped")
         try:
             chunks = chunks_of(message.decode())  # type: ignore[no-untyped-call, unused-ignore]
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - not JSON, or not a classify message's arguments
             log.error("dropping a dead-lettered classify message: %s", exc)
             return self._count("dropped")
         reason, queue = death(headers)

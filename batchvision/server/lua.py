@@ -78,7 +78,7 @@ ADD = (
     + """
 if redis.call('EXISTS', K_JOB) == 0 then return -1 end
 local flags = redis.call('HMGET', K_JOB, 'sealed', 'cancel')
-if flags[1] == '1' or flags[2] == '1' then return -2 end
+if flags[1] == '1' or (flags[2] and flags[2] ~= '0') then return -2 end
 local out = {}
 local added = 0
 for i = 4, #ARGV, 2 do

@@ -191,9 +191,9 @@ class ModelRegistry:
             self._cached = None
         return {**request, "receivers": int(receivers)}
 
-    def model_names(self) -> list[str]:
+    def model_names(self, fresh: bool = False) -> list[str]:
         """The models the workers have announced."""
-        return sorted(self.raw())
+        return sorted(self.raw(fresh))
 
 
 def _version_doc(version: int, doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,9 +17,11 @@ from typing import Any
 from celery import Celery
 from celery.app.amqp import Queues
 from kombu.entity import Exchange, Queue
+from kombu.exceptions import OperationalError
 
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
+from batchvision.server.connect import SOCKET_TIMEOUT_S
 from batchvision.server.dispatch import Coalescer
 from batchvision.server.routing import default_model, queue_for
 
@@ -200,6 +202,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # A worker killed while it holds the restore lock would block every other
             # worker's sweep for the lock's lifetime (kombu's default: 300 s).
             "unacked_mutex_expire": max(5, min(60, settings.visibility_timeout_s // 2)),
+            # Without a socket timeout a publish (or an ack) sent while the network silently
+            # drops packets waits until TCP gives up: an API request hung for the whole of a
+            # Redis partition (tests/integration/test_multihost.py). BRPOP is not affected: it
+            # is read by the event loop, and answers within its own 1 s timeout.
+            "socket_timeout": SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": SOCKET_TIMEOUT_S,
             "socket_keepalive": True,
             "health_check_interval": 10,
         },
@@ -328,7 +336,11 @@ class Enqueuer:
             # Bounded like a publish: a broker that is down gives the caller an error, not a hang.
             context = tracing.capture()  # the coalescer's thread publishes: hand it over
             coalescer = self._coalescer(model or default_model(self.settings))
-            coalescer.submit_many([(c, enqueued_at, context) for c in chunks], timeout_s=30.0)
+            try:
+                coalescer.submit_many([(c, enqueued_at, context) for c in chunks], timeout_s=30.0)
+            except TimeoutError as exc:
+                # The broker's failure, like a failed publish: a 503, not a 500.
+                raise OperationalError(f"the broker did not take the task in time: {exc}") from exc
             return
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:

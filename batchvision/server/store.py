@@ -18,9 +18,10 @@ from typing import Any
 import redis
 
 from batchvision.core.models import NAME_RE as MODEL_NAME_RE
-from batchvision.core.schemas import canceled_result, entry, job_status
+from batchvision.core.schemas import canceled_result, entry, status_of
 from batchvision.server import keys, lua
 from batchvision.server.keys import JobKeys
+from batchvision.server.webhooks import callback_document
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
     if not raw:
         return None
     h = {_text(k): _text(v) for k, v in raw.items()}
-    counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
-    status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
+    status, counts = status_of(h)
     return {
         "job_id": job_id,
         "status": status.value,
@@ -70,6 +70,7 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
         "top_k": int(h["top_k"]) if h.get("top_k") else None,
         "min_score": float(h["min_score"]) if h.get("min_score") else None,
         "owner": h.get("owner", ""),
+        "callback": callback_document(h),
     }
 
 
@@ -245,9 +246,13 @@ class JobStore:
         finishes now; a worker mid-batch loses the ``HSETNX`` race and counts nothing.
         """
         key = JobKeys.of(job_id).job
-        if not self.exists(job_id):
+        finished, sealed = self.redis.hmget(key, ["finished_at", "sealed"])
+        if sealed is None:
             return False
-        self.redis.hset(key, "cancel", 1)
+        if finished is not None:
+            return True  # nothing left to cancel
+        # "open": the upload itself was cut short, so the job is canceled whatever it received.
+        self.redis.hset(key, "cancel", "1" if sealed == b"1" else "open")
         total = int(self.redis.hget(key, "total") or 0)
         marker = canceled_result()
         for start in range(0, total, page):

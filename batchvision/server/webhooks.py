@@ -42,7 +42,7 @@ from typing import Any
 
 import redis
 
-from batchvision.core.schemas import job_status
+from batchvision.core.schemas import status_of
 from batchvision.core.settings import Settings
 from batchvision.server import keys
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
@@ -147,9 +147,14 @@ def callback_state(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     """The job's ``callback`` document (``None`` for a job without one)."""
     raw = client.hmget(JobKeys.of(job_id).job, list(FIELDS))
     values = [v.decode() if isinstance(v, bytes) else v for v in raw]
-    if not values[0]:
+    return callback_document({k: v for k, v in zip(FIELDS, values, strict=True) if v is not None})
+
+
+def callback_document(fields: dict[str, str]) -> dict[str, Any] | None:
+    """The ``callback`` document from a job hash's ``cb_*`` fields (``None`` without a callback)."""
+    if not fields.get("cb_url"):
         return None
-    h = dict(zip(FIELDS, values, strict=True))
+    h = {name: fields.get(name, "") for name in FIELDS}
     return {
         "url": h["cb_url"],
         "state": h["cb_state"] or "waiting",
@@ -198,8 +203,7 @@ def _text(value: Any) -> str:
 
 def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
     """The POSTed document: the job as ``GET /v1/jobs/{id}`` shows it (without ``callback``)."""
-    counts = {k: int(h.get(k, 0)) for k in ("total", "done", "failed", "canceled")}
-    status = job_status(**counts, sealed=h.get("sealed") == "1", cancel_requested=h.get("cancel") == "1")
+    status, counts = status_of(h)
     doc: dict[str, Any] = {
         "job_id": job_id,
         "status": status.value,

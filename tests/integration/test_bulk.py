@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -99,11 +100,11 @@ def test_interrupted_upload_resumes_without_duplicates_or_gaps(
         if len(sent) == 3:
             raise Interrupted
 
-    job_id = client.open_job(len(labels))["job_id"]
+    job_id = client.open_job(len(labels)).job_id
     with pytest.raises(Interrupted):  # the connection dies after three parts
         submit_folder(client, [root], part_files=20, resume=job_id, on_part=stop_after_three_parts)
-    assert len(client.files(job_id)) == 60
-    assert client.status(job_id)["status"] != "succeeded"  # not sealed: never final
+    assert len(client.files(job_id).files) == 60
+    assert client.status(job_id).status != "succeeded"  # not sealed: never final
     out = tmp_path / "resumed.csv"
     proc = cli(
         "submit",
@@ -122,35 +123,35 @@ def test_interrupted_upload_resumes_without_duplicates_or_gaps(
     rows = read_csv(out)
     assert [r["filename"] for r in rows] == sorted(labels)
     status = client.status(job_id)
-    assert (status["total"], status["done"]) == (301, 301)
+    assert (status.total, status.done) == (301, 301)
 
 
 def test_resending_a_part_changes_nothing(api_url: str) -> None:
     client = Client(api_url)
-    job_id = client.open_job(4)["job_id"]
+    job_id = client.open_job(4).job_id
     files = [(f"dir/{n}", d) for n, d, _ in labelled_files(4, seed=41)]
     first = client.add_part(job_id, files)
     again = client.add_part(job_id, files)
-    assert (first["accepted"], first["duplicates"]) == (4, 0)
-    assert (again["accepted"], again["duplicates"]) == (0, 4)
+    assert (first.accepted, first.duplicates) == (4, 0)
+    assert (again.accepted, again.duplicates) == (0, 4)
     client.seal(job_id)
     status = client.wait(job_id, timeout=60)
-    assert (status["total"], status["done"]) == (4, 4)
-    assert [r["filename"] for r in client.results(job_id)] == [n for n, _ in files]
+    assert (status.total, status.done) == (4, 4)
+    assert [r.filename for r in client.results(job_id)] == [n for n, _ in files]
 
 
 def test_a_part_that_failed_half_way_is_completed_by_its_retry(api_url: str, settings: Settings) -> None:
     """A request died after indexing its files but before storing blobs and tasks: the
     retry (same relative paths) must still get every image classified."""
     client = Client(api_url)
-    job_id = client.open_job(3)["job_id"]
+    job_id = client.open_job(3).job_id
     files = [(f"dir/{n}", d) for n, d, _ in labelled_files(3, seed=43)]
     store = JobStore(connect_redis(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
     store.add_files(job_id, [(n, n) for n, _ in files])  # indexed, nothing else stored
     client.add_part(job_id, files)
     client.seal(job_id)
     status = client.wait(job_id, timeout=60)
-    assert (status["total"], status["done"]) == (3, 3)
+    assert (status.total, status.done) == (3, 3)
 
 
 def _zip_folder(root: Path) -> bytes:
@@ -174,8 +175,8 @@ def test_zip_of_the_folder_gives_the_same_rows(tree: tuple[Path, dict[str, str]]
     client = Client(api_url)
     client.wait(body["job_id"], timeout=300)
     rows = client.results(body["job_id"])
-    assert sorted(r["filename"] for r in rows) == sorted(labels)
-    assert sum(r["label"] == labels[r["filename"]] for r in rows) / len(rows) >= 0.95
+    assert sorted(r.filename for r in rows) == sorted(labels)
+    assert sum(r.label == labels[r.filename] for r in rows) / len(rows) >= 0.95
 
 
 def _hostile(kind: str) -> bytes:
@@ -247,8 +248,10 @@ def test_cli_exit_code_when_some_images_failed(api_url: str, tmp_path: Path) -> 
 def test_cli_exit_code_when_the_api_is_unreachable(tmp_path: Path) -> None:
     name, data, _ = next(labelled_files(1, seed=8))
     (tmp_path / name).write_bytes(data)
-    proc = cli("submit", str(tmp_path), "--no-progress", api_url="http://127.0.0.1:9")
+    start = time.monotonic()
+    proc = cli("submit", str(tmp_path), "--no-progress", "--retry-for", "2", api_url="http://127.0.0.1:9")
     assert proc.returncode == 4 and "cannot reach the API" in proc.stderr
+    assert time.monotonic() - start < 30  # retried for about 2 s, then gave up
 
 
 def test_raw_part_added_to_a_job_needs_a_filename(settings: Settings) -> None:

@@ -34,6 +34,7 @@ from batchvision.cli.local import wait_for_workers
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
+from batchvision.core.documents import ClassifyResult
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import CLASSES, COLOUR_CLASSES, colour_files, encode, labelled_files, render
 from batchvision.server.telemetry import Telemetry
@@ -175,7 +176,7 @@ def _shapes(n: int, seed: int, size: int = 40) -> list[tuple[str, bytes, str]]:
 
 def _results(client: Client, job_id: str) -> list[dict[str, Any]]:
     client.wait(job_id, timeout=300, poll_s=0.2)
-    return client.results(job_id)
+    return [row.model_dump(mode="json", exclude_unset=True) for row in client.results(job_id)]
 
 
 def _accuracy(rows: list[dict[str, Any]], truth: dict[str, str]) -> float:
@@ -215,7 +216,7 @@ def test_jobs_for_both_models_get_their_own_labels_and_never_share_a_batch(model
     def submit(model: str, files: list[tuple[str, bytes, str]]) -> None:
         job = client.submit_files([(n, d) for n, d, _ in files], model=model)
         with lock:
-            jobs[job["job_id"]] = (model, {n: lbl for n, _, lbl in files})
+            jobs[job.job_id] = (model, {n: lbl for n, _, lbl in files})
 
     # Concurrently, in parts of 16 (several jobs per model, all in flight at once).
     threads = [
@@ -230,7 +231,7 @@ def test_jobs_for_both_models_get_their_own_labels_and_never_share_a_batch(model
     assert len(jobs) == 6
     for job_id, (model, truth) in jobs.items():
         rows = _results(client, job_id)
-        assert client.status(job_id)["model"] == model
+        assert client.status(job_id).model == model
         own = set(CLASSES if model == "shapes" else COLOUR_CLASSES)
         assert {r["label"] for r in rows} <= own, f"{model} job got another model's labels"
         assert all(r["model"] == model and r["version"] == 1 for r in rows)
@@ -257,20 +258,21 @@ def test_top_k_and_min_score_shape_the_results(models_stack: ModelsStack) -> Non
     client = models_stack.client()
     files = [(n, d) for n, d, _ in labelled_files(12, seed=21)]
     job = client.submit_files(files, top_k=2)
-    assert (job["top_k"], job["min_score"], job["model_version"]) == (2, 0.0, None)
-    rows = _results(client, job["job_id"])
+    assert (job.top_k, job.min_score, job.model_version) == (2, 0.0, None)
+    rows = _results(client, job.job_id)
     assert all(len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"] for r in rows)
-    every = _results(client, client.submit_files(files, model="shapes", top_k=6)["job_id"])
+    every = _results(client, client.submit_files(files, model="shapes", top_k=6).job_id)
     assert all(len(r["top_k"]) == 6 for r in every)
-    some = _results(client, client.submit_files(files, top_k=6, min_score=0.2)["job_id"])
+    some = _results(client, client.submit_files(files, top_k=6, min_score=0.2).job_id)
     for full, cut in zip(every, some, strict=True):
         assert [s for s in full["top_k"] if s["score"] >= 0.2] == cut["top_k"]
         assert cut["label"] == full["label"]  # the best class is still the prediction
     assert sum(len(r["top_k"]) for r in some) < sum(len(r["top_k"]) for r in every)
     # POST /v1/classify takes the options too
     out = client.classify([("c.jpg", d) for _, d, _ in colour_files(1, seed=5)], model="colours", top_k=3)
-    (row,) = out["results"]
-    assert row["model"] == "colours" and len(row["top_k"]) == 3 and row["label"] in COLOUR_CLASSES
+    assert isinstance(out, ClassifyResult)
+    (row,) = out.results
+    assert row.model == "colours" and len(row.top_k or []) == 3 and row.label in COLOUR_CLASSES
 
 
 @pytest.mark.parametrize(
@@ -309,13 +311,13 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(models_stack: ModelsStack, a
     client = models_stack.client()
     files = _shapes(2000, seed=31)
     before = _metric_values(models_stack.worker_metrics())
-    job_id = client.open_job(len(files))["job_id"]
+    job_id = client.open_job(len(files)).job_id
     for i in range(0, len(files), 500):
         client.add_part(job_id, [(n, d) for n, d, _ in files[i : i + 500]])
     client.seal(job_id)
     deadline = time.monotonic() + 120
-    while (st := client.status(job_id))["done"] < 200:
-        assert st["status"] != "succeeded" and time.monotonic() < deadline, st
+    while (st := client.status(job_id)).done < 200:
+        assert st.status != "succeeded" and time.monotonic() < deadline, st
         time.sleep(0.05)
     # Version 2 appears (the watcher would find it); the reload request loads it at once.
     models_stack.add_version("shapes", 2)
@@ -333,7 +335,7 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(models_stack: ModelsStack, a
     assert all(r["status"] == "ok" and r["model"] == "shapes" for r in rows)
     versions = [r["version"] for r in rows]
     assert set(versions) == {1, 2}, "the switch happened in the middle of the job"
-    assert at_switch["done"] < 2000, at_switch
+    assert at_switch.done < 2000, at_switch
     assert _accuracy(rows, {n: lbl for n, _, lbl in files}) >= 0.9
 
     # No image was classified twice: the model saw exactly 2000 images, stored once each.
@@ -391,7 +393,7 @@ def test_a_broken_version_is_refused_and_the_job_goes_on(models_stack: ModelsSta
     assert "outputs 6 classes but its labels file has 4 labels" in versions[3]["error"]
     assert versions[4]["error"]
     assert models_stack.models()["shapes"]["live_version"] == 2, "the live version stays"
-    rows = _results(client, job["job_id"])
+    rows = _results(client, job.job_id)
     assert len(rows) == 300 and {r["version"] for r in rows} == {2}
     log = Path(models_stack.worker.log_path).read_text()
     assert "version 3 refused" in log and "version 4 refused" in log
@@ -400,9 +402,9 @@ def test_a_broken_version_is_refused_and_the_job_goes_on(models_stack: ModelsSta
 def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
     client = models_stack.client()
     files = [(n, d) for n, d, _ in labelled_files(8, seed=51)]
-    pinned = _results(client, client.submit_files(files, model="shapes:1")["job_id"])
+    pinned = _results(client, client.submit_files(files, model="shapes:1").job_id)
     assert {r["version"] for r in pinned} == {1}
-    assert client.status(client.submit_files(files, model="shapes:1")["job_id"])["model_version"] == 1
+    assert client.status(client.submit_files(files, model="shapes:1").job_id).model_version == 1
     refused = requests.post(
         f"{models_stack.url}/v1/jobs?model=shapes:3", files={"files": ("a.jpg", files[0][1])}, timeout=10
     )
@@ -419,7 +421,7 @@ def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
     assert models_stack.models()["shapes"]["pinned_live_version"] == 1
     time.sleep(1.5)  # the watcher keeps the operator's choice
     assert models_stack.models()["shapes"]["live_version"] == 1
-    rows = _results(client, client.submit_files(files)["job_id"])
+    rows = _results(client, client.submit_files(files).job_id)
     assert {r["version"] for r in rows} == {1}
     assert models_stack.reload("shapes", {"version": "latest"}).status_code == 202
     _until(lambda: models_stack.models()["shapes"]["live_version"] == 2, "back to the newest that loads")

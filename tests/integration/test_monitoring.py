@@ -55,7 +55,7 @@ def test_metrics_move_by_exactly_the_job(api_url: str, settings: Settings) -> No
     files = [(n, d) for n, d, _ in labelled_files(40, seed=77)] + [("bad.jpg", b"not an image")]
     client = Client(api_url)
     job = client.submit_files(files)
-    assert client.wait(job["job_id"], timeout=120)["status"] == "partial"
+    assert client.wait(job.job_id, timeout=120).status == "partial"
     wait_idle(api_url)
     after_w, after_a = scrape(worker_url), scrape(f"{api_url}/metrics")
 
@@ -137,18 +137,18 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(
     auth = (settings.flower_user, settings.flower_password.get_secret_value())
     client = Client(api_url)
     job = client.submit_files([(n, d) for n, d, _ in labelled_files(20, seed=5)])
-    client.wait(job["job_id"], timeout=120)
+    client.wait(job.job_id, timeout=120)
     deadline = time.monotonic() + 30
     while True:
         tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=10).json()
-        mine = [t for t in tasks.values() if job["job_id"] in str(t.get("args"))]
+        mine = [t for t in tasks.values() if job.job_id in str(t.get("args"))]
         if len(mine) == 3 and all(t["state"] == "SUCCESS" for t in mine):  # 20 images, chunks of 8
             break
         assert time.monotonic() < deadline, f"flower lists {len(mine)} tasks of the job"
         time.sleep(0.5)
     for t in mine:
         assert t["name"] == "batchvision.classify"
-        assert re.fullmatch(rf"job={job['job_id']} images=\d+\.\.\d+ n=\d+", t["args"])
+        assert re.fullmatch(rf"job={job.job_id} images=\d+\.\.\d+ n=\d+", t["args"])
         assert len(t["args"]) < 200  # identifiers only, never image bytes
 
     chromium = shutil.which("chromium")
@@ -176,7 +176,7 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(
         text = page.content()
         # The task's own page shows the arguments that identify the job and the images.
         page.goto(f"{flower}/task/{mine[0]['uuid']}")
-        page.wait_for_selector(f"text=job={job['job_id']}", timeout=20000)
+        page.wait_for_selector(f"text=job={job.job_id}", timeout=20000)
         page.screenshot(path=str(artifacts / "flower-task.png"))
         browser.close()
     assert text.count("batchvision.classify") >= 3

@@ -17,7 +17,6 @@ Skipped where namespaces cannot be made (not root, no iproute2).
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -31,12 +30,13 @@ import numpy as np
 import pytest
 import redis as redis_lib
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from batchvision.cli import netns
 from batchvision.cli.netns import Host, HostStack, Network
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import CLASSES, encode, render
-from batchvision.server.connect import SOCKET_TIMEOUT_S
+from batchvision.server.connect import SOCKET_TIMEOUT_S, connect_redis
 from batchvision.server.keys import JobKeys
 from batchvision.server.queue import create_celery
 
@@ -46,9 +46,13 @@ ROOT = Path(__file__).resolve().parents[2]
 N = 640  # images per job: 40 chunks of 16
 VISIBILITY_S = 10
 SLEEP_S = 0.25  # per batch of 16: about 64 images/s per worker
-#: The API's longest answer while Redis is unreachable: one Redis reply or connect timeout
-#: per request (the first failing command answers 503), twice for margin.
-API_BOUND_S = 2 * SOCKET_TIMEOUT_S + 2
+#: The API's longest answer while Redis is unreachable. A request that needs Redis fails on
+#: its first command, after one reply or connect timeout (SOCKET_TIMEOUT_S); a submission
+#: whose job was stored just before the cut fails in its publish, which the API retries
+#: twice (up to three timeouts); a small one waits for the shared publisher (dispatch.py) at
+#: most 30 s. Clients wait 60 s (batchvision.Client's default, the API's gunicorn timeout).
+API_BOUND_S = 30 + 2 * SOCKET_TIMEOUT_S
+CLIENT_TIMEOUT_S = 60
 
 
 def _images(n: int, seed: int) -> list[tuple[str, bytes]]:
@@ -112,14 +116,23 @@ class Cluster:
         }
 
     def assert_exactly_once(self, job_id: str, n: int = N, timeout: float = 120.0) -> dict[str, Any]:
-        """The job finished with one stored classification per image; returns its status."""
+        """The job finished with one stored classification per image. Returns its status, with
+        ``lost`` (images without a classification: no result, or an error result, which would
+        be a loss dressed up as an answer) and ``duplicated`` (results counted beyond the ones
+        stored: an image counted twice), both 0 by then."""
         st = self.wait_finished(job_id, timeout)
         stored = self.redis.hlen(JobKeys.of(job_id).results)
-        assert (st["total"], st["done"], st["failed"], stored) == (n, n, 0, n), (st, stored)
         resp = self.http.get(f"{self.api}/v1/jobs/{job_id}/results", params={"format": "jsonl"}, timeout=60)
         rows = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+        ok = {r["index"] for r in rows if r["status"] == "ok"}
+        st["lost"] = n - len(ok & set(range(n)))
+        st["duplicated"] = st["done"] + st["failed"] - stored + len(rows) - len({r["index"] for r in rows})
+        assert (st["lost"], st["duplicated"]) == (0, 0), (
+            st,
+            [r.get("error") for r in rows if "error" in r][:3],
+        )
+        assert (st["total"], st["done"], st["failed"], stored) == (n, n, 0, n), (st, stored)
         assert [r["index"] for r in rows] == list(range(n))
-        assert {r["status"] for r in rows} == {"ok"}, [r.get("error") for r in rows if "error" in r][:3]
         return st
 
     def redelivered_chunks(self, job_id: str) -> int:
@@ -141,8 +154,15 @@ class Cluster:
             text = requests.get(self.stack.metrics_url(worker), timeout=2).text
         except requests.RequestException:
             return None
-        m = re.search(r'^batchvision_images_classified_total\{outcome="ok"\} (\S+)$', text, re.M)
-        return int(float(m.group(1))) if m else 0
+        return int(
+            sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "batchvision_images_classified_total"
+                and sample.labels.get("outcome") == "ok"
+            )
+        )
 
     def wait_classified(self, worker: Host, more_than: int, timeout: float = 60.0) -> float:
         """Block until ``worker`` stored more than ``more_than`` results; returns when."""
@@ -189,7 +209,7 @@ def cluster(artifacts: Path) -> Iterator[Cluster]:
         try:
             stack.start_redis()
             stack.start_api()
-            client = redis_lib.Redis.from_url(stack.redis_url, socket_timeout=10)
+            client = connect_redis(stack.redis_url)  # reconnects after the Redis cut
             c = Cluster(net, stack, client, _images(N, seed=17))
             c.http.headers.update(stack.headers)
             yield c
@@ -234,21 +254,20 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     #    carries on by itself when the link returns.
     job_a = cluster.submit()
     _mid_batch(cluster, job_a, cut, start_total[cut.name])
+    held = cluster.classified(cut) or 0  # nothing more is stored while the link is down
     net.cut(cut)
     time.sleep(5)
-    before = cluster.classified(cut)
-    assert before is None  # really unreachable
+    assert cluster.classified(cut) is None  # really unreachable
     healed = time.time()
     net.heal(cut)
-    held = cluster.classified(cut)
-    resumed = cluster.wait_classified(cut, held or 0) - healed
+    resumed = cluster.wait_classified(cut, held) - healed  # its next stored result
     st = cluster.assert_exactly_once(job_a)
     cluster.record(
         "worker link cut 5 s mid-batch",
         st["finished_at"] - healed,
-        lost=0,
-        duplicated=0,
-        worker_resumed_s=round(resumed, 1),
+        lost=st["lost"],
+        duplicated=st["duplicated"],
+        worker_resumed_after_heal_s=round(resumed, 1),
         redelivered_chunks=cluster.redelivered_chunks(job_a),
     )
 
@@ -273,8 +292,8 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     cluster.record(
         f"worker link cut {long_cut} s (visibility timeout {VISIBILITY_S} s) mid-batch",
         st_b["finished_at"] - t_cut,
-        lost=0,
-        duplicated=0,
+        lost=st_b["lost"],
+        duplicated=st_b["duplicated"],
         job_done_after_heal_s=round(st_b["finished_at"] - healed, 1),
         done_at_heal=done_at_heal,
         worker_reconnected_after_heal_s=round(reconnect, 1),
@@ -298,6 +317,12 @@ def _wait(condition: Callable[[], bool], timeout: float, message: str) -> float:
     return time.time()
 
 
+#: The API's publish retries (api/services.py): a broker that is away fails a request fast.
+PUBLISH_RETRIES = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+SMALL = 3  # images of a probe's small job (interactive: at most INTERACTIVE_MAX_IMAGES)
+BULK = 24  # images of a probe's bulk job
+
+
 @dataclass
 class Probe:
     kind: str
@@ -305,24 +330,26 @@ class Probe:
     took: float
     code: int  # 0: no HTTP answer (timeout, connection error)
     retry_after: str | None
-    error: str = ""
+    detail: str = ""  # the job id of a 202, the exception of a request that got no answer
 
 
 def _probe_loop(cluster: Cluster, kind: str, job_id: str, stop: threading.Event, out: list[Probe]) -> None:
     """One client, asking again every 0.5 s: submit, poll, readiness or liveness."""
-    small = cluster.files[:3]
+    # A small job goes to the interactive queue through the shared publisher, a bigger one
+    # is published by the request itself: both paths are probed.
+    files = cluster.files[: SMALL if kind == "submit" else BULK]
     while not stop.is_set():
         t0 = time.time()
         try:
-            if kind == "submit":
-                parts = [("files", f) for f in small]
-                r = cluster.http.post(f"{cluster.api}/v1/jobs", files=parts, timeout=30)
+            if kind.startswith("submit"):
+                parts = [("files", f) for f in files]
+                r = cluster.http.post(f"{cluster.api}/v1/jobs", files=parts, timeout=CLIENT_TIMEOUT_S)
             elif kind == "poll":
-                r = cluster.http.get(f"{cluster.api}/v1/jobs/{job_id}", timeout=30)
+                r = cluster.http.get(f"{cluster.api}/v1/jobs/{job_id}", timeout=CLIENT_TIMEOUT_S)
             else:
-                r = cluster.http.get(f"{cluster.api}/{kind}", timeout=30)
-            error = r.json().get("job_id", "") if r.status_code == 202 else ""
-            out.append(Probe(kind, t0, time.time() - t0, r.status_code, r.headers.get("Retry-After"), error))
+                r = cluster.http.get(f"{cluster.api}/{kind}", timeout=CLIENT_TIMEOUT_S)
+            job = r.json().get("job_id", "") if r.status_code == 202 else ""
+            out.append(Probe(kind, t0, time.time() - t0, r.status_code, r.headers.get("Retry-After"), job))
         except requests.RequestException as exc:
             out.append(Probe(kind, t0, time.time() - t0, 0, None, repr(exc)))
         stop.wait(0.5)
@@ -339,16 +366,32 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
 
     probes: list[Probe] = []
     stop = threading.Event()
-    kinds = ("submit", "poll", "readyz", "healthz")
+    kinds = ("submit", "submit-bulk", "poll", "readyz", "healthz")
     threads = [
         threading.Thread(target=_probe_loop, args=(cluster, k, job, stop, probes), daemon=True) for k in kinds
     ]
+    # A publisher whose broker connection was open before the cut, configured as the API's
+    # (celery_config, the API's publish retries): its publish must fail in bounded time.
+    publisher = create_celery(cluster.stack.client_settings())
+    publisher.conf.task_publish_retry_policy = PUBLISH_RETRIES
+    publisher.send_task("multihost.noop", queue="multihost-probe")
+    published: list[tuple[float, str]] = []
+
+    def publish_during_cut() -> None:
+        t0 = time.monotonic()
+        try:
+            publisher.send_task("multihost.noop", queue="multihost-probe")
+            published.append((time.monotonic() - t0, "published"))
+        except Exception as exc:  # noqa: BLE001 - what it raised is the finding
+            published.append((time.monotonic() - t0, type(exc).__name__))
+
     for t in threads:
         t.start()
     try:
         time.sleep(1.0)
-        t_cut = time.time()
         net.cut(redis_host)  # cut off from everything: API, workers and this client
+        t_cut = time.time()  # after: a request that started before the cut may still succeed
+        threading.Thread(target=publish_during_cut, daemon=True).start()
         time.sleep(20)
         t_heal = time.time()
         net.heal(redis_host)
@@ -367,6 +410,10 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
         for t in threads:
             t.join(60)
 
+    publisher.close()
+    # A publish on a connection the partition left open fails (503 in the API), never hangs.
+    assert published and published[0][1] != "published", published
+    assert published[0][0] <= API_BOUND_S, published
     # Never a 500, never a hang: every request got an HTTP answer within the bound.
     odd = [p for p in probes if p.code not in (200, 202, 503)]
     assert not odd, odd
@@ -374,7 +421,7 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
     assert slowest.took <= API_BOUND_S, slowest
     # While Redis was away: 503 with Retry-After from everything that needs Redis, and liveness.
     during = [p for p in probes if p.started >= t_cut and p.started + p.took < t_heal]
-    for kind in ("submit", "poll", "readyz"):
+    for kind in ("submit", "submit-bulk", "poll", "readyz"):
         answers = [p for p in during if p.kind == kind]
         assert answers, f"no {kind} request ran during the cut"
         assert all(p.code == 503 and p.retry_after for p in answers), answers
@@ -382,18 +429,20 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
 
     # Everything resumes: the big job and every accepted submission, each exactly once.
     st = cluster.assert_exactly_once(job, timeout=120)
-    accepted = [p.error for p in probes if p.code == 202]
-    for job_id in accepted:
-        cluster.assert_exactly_once(job_id, n=3, timeout=120)
+    accepted = [(p.detail, SMALL if p.kind == "submit" else BULK) for p in probes if p.code == 202]
+    for job_id, n in accepted:
+        cluster.assert_exactly_once(job_id, n=n, timeout=120)
     _wait(lambda: cluster.pending() == 0, 90, "no image left pending")
     cluster.record(
         "Redis host cut off from everything for 20 s mid-batch",
         st["finished_at"] - t_heal,
-        lost=0,
-        duplicated=0,
+        lost=st["lost"],
+        duplicated=st["duplicated"],
         ready_after_heal_s=round(ready_at - t_heal, 1),
         answers_503_during_cut=sum(1 for p in during if p.code == 503),
         slowest_answer_s=round(slowest.took, 1),
+        publish_failed_after_s=round(published[0][0], 1),
+        publish_error=published[0][1],
         submissions_accepted=len(accepted),
         redelivered_chunks=cluster.redelivered_chunks(job),
     )
@@ -417,8 +466,8 @@ def test_worker_host_removed_for_good_the_other_finishes(
     cluster.record(
         "one of two worker hosts removed for good (namespace deleted) mid-batch",
         st["finished_at"] - t_gone,
-        lost=0,
-        duplicated=0,
+        lost=st["lost"],
+        duplicated=st["duplicated"],
         redelivered_chunks=cluster.redelivered_chunks(job),
     )
 

@@ -228,8 +228,8 @@ def job(obs_stack: Stack, prometheus: str, wait_until: Callable[..., Any]) -> Jo
     client = Client(obs_stack.api_url, api_key=API_KEY)
     submitted = time.time()
     created = client.submit_files([(n, d) for n, d, _ in labelled_files(IMAGES, seed=18)])
-    status = client.wait(created["job_id"], timeout=180)
-    assert status["status"] == "succeeded" and status["done"] == IMAGES
+    status = client.wait(created.job_id, timeout=180)
+    assert status.status == "succeeded" and status.done == IMAGES
     finished = time.time()
     # Two more scrapes: the last results and the empty queue are in Prometheus.
     wait_until(
@@ -237,7 +237,7 @@ def job(obs_stack: Stack, prometheus: str, wait_until: Callable[..., Any]) -> Jo
         timeout=30,
         message="Prometheus sees the queue empty again",
     )
-    return Job(created["job_id"], submitted, finished)
+    return Job(created.job_id, submitted, finished)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

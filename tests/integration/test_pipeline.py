@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 from batchvision.client import ApiError, Client
+from batchvision.core.documents import Job
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode, labelled_files
 from batchvision.server import keys
@@ -22,7 +23,7 @@ from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 
 
-def _wait(api_url: str, job_id: str, timeout: float = 120) -> dict[str, Any]:
+def _wait(api_url: str, job_id: str, timeout: float = 120) -> Job:
     return Client(api_url).wait(job_id, timeout=timeout, poll_s=0.2)
 
 
@@ -31,19 +32,19 @@ def test_three_concurrent_jobs_exactly_one_correct_result_each(api_url: str, set
     client = Client(api_url)
     with ThreadPoolExecutor(3) as pool:
         submitted = list(pool.map(lambda files: client.submit_files([(n, d) for n, d, _ in files]), jobs))
-    assert all(s["total"] == len(f) for s, f in zip(submitted, jobs, strict=True))
+    assert all(s.total == len(f) for s, f in zip(submitted, jobs, strict=True))
     correct = total = 0
     for sub, files in zip(submitted, jobs, strict=True):
-        status = _wait(api_url, sub["job_id"])
-        assert status["status"] == "succeeded", status
-        assert status["done"] == len(files) and status["failed"] == 0
-        rows = client.results(sub["job_id"])
-        assert [r["index"] for r in rows] == list(range(len(files)))  # one per image, upload order
-        assert [r["filename"] for r in rows] == [n for n, _, _ in files]
+        status = _wait(api_url, sub.job_id)
+        assert status.status == "succeeded", status
+        assert status.done == len(files) and status.failed == 0
+        rows = client.results(sub.job_id)
+        assert [r.index for r in rows] == list(range(len(files)))  # one per image, upload order
+        assert [r.filename for r in rows] == [n for n, _, _ in files]
         for row, (_, _, label) in zip(rows, files, strict=True):
-            assert set(row) >= {"label", "class_id", "score", "top_k"}
-            assert len(row["top_k"]) == min(settings.top_k, 6)
-            correct += row["label"] == label
+            assert set(row.model_dump(exclude_unset=True)) >= {"label", "class_id", "score", "top_k"}
+            assert len(row.top_k) == min(settings.top_k, 6)
+            correct += row.label == label
             total += 1
     assert total >= 150
     assert correct / total >= 0.95, f"accuracy {correct}/{total}"
@@ -51,13 +52,13 @@ def test_three_concurrent_jobs_exactly_one_correct_result_each(api_url: str, set
     # The worker formed batches mixing several jobs' images.
     store = JobStore(redis_lib.Redis.from_url(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
     telemetry = Telemetry(store.redis)
-    ids = {s["job_id"] for s in submitted}
+    ids = {s.job_id for s in submitted}
     batches = [b for b in telemetry.recent_batches() if set(b["jobs"]) & ids]
     assert sum(b["size"] for b in batches) == total  # every image went through exactly one batch
     assert max(b["size"] for b in batches) > 1
     assert any(len(set(b["jobs"]) & ids) > 1 for b in batches), batches[:5]
     # Blobs are deleted once their result is stored.
-    assert not list(store.redis.scan_iter(match=keys.blob_pattern(submitted[0]["job_id"])))
+    assert not list(store.redis.scan_iter(match=keys.blob_pattern(submitted[0].job_id)))
 
 
 def test_bad_images_get_per_image_errors_and_the_rest_is_processed(api_url: str) -> None:
@@ -82,13 +83,13 @@ def test_bad_images_get_per_image_errors_and_the_rest_is_processed(api_url: str)
         "huge.png": "too_many_pixels",
     }
     status = _wait(api_url, body["job_id"])
-    assert (status["status"], status["done"], status["failed"]) == ("partial", 3, 3)
+    assert (status.status, status.done, status.failed) == ("partial", 3, 3)
     rows = Client(api_url).results(body["job_id"])
-    by_name = {r["filename"]: r for r in rows}
+    by_name = {r.filename: r for r in rows}
     for name, _, label in good[:3]:
-        assert by_name[name]["label"] == label
+        assert by_name[name].label == label
     for bad in ("truncated.jpg", "notes.jpg", "huge.png"):
-        assert by_name[bad]["status"] == "error" and by_name[bad]["error"]["message"]
+        assert by_name[bad].status == "error" and by_name[bad].error.message
 
 
 def test_request_with_no_usable_file_is_422_with_reasons(api_url: str) -> None:
@@ -125,12 +126,12 @@ def test_raw_image_body_and_sync_classify(api_url: str) -> None:
 def test_results_as_csv_and_paged_json(api_url: str) -> None:
     files = list(labelled_files(5, seed=21))
     job = Client(api_url).submit_files([(n, d) for n, d, _ in files])
-    _wait(api_url, job["job_id"])
-    csv_text = requests.get(f"{api_url}/v1/jobs/{job['job_id']}/results?format=csv", timeout=10).text
+    _wait(api_url, job.job_id)
+    csv_text = requests.get(f"{api_url}/v1/jobs/{job.job_id}/results?format=csv", timeout=10).text
     lines = csv_text.strip().splitlines()
     assert lines[0] == "filename,label,score,class_id,top_k,error"
     assert [ln.split(",")[0] for ln in lines[1:]] == [n for n, _, _ in files]
-    page = requests.get(f"{api_url}/v1/jobs/{job['job_id']}/results?offset=2&limit=2", timeout=10).json()
+    page = requests.get(f"{api_url}/v1/jobs/{job.job_id}/results?offset=2&limit=2", timeout=10).json()
     assert [r["index"] for r in page["results"]] == [2, 3]
 
 
@@ -140,10 +141,10 @@ def test_cancel_stops_the_remaining_images(
     from batchvision.server.queue import create_celery
 
     client = Client(api_url)
-    job_id = client.open_job()["job_id"]
+    job_id = client.open_job().job_id
     first = [(n, d) for n, d, _ in labelled_files(10, seed=31)]
     client.add_part(job_id, first)
-    wait_until(lambda: client.status(job_id)["done"] >= 10, timeout=60, message="first part classified")
+    wait_until(lambda: client.status(job_id).done >= 10, timeout=60, message="first part classified")
     # Hold the queue (the worker stops consuming), so the next part is certainly waiting.
     control = create_celery(settings).control
     control.cancel_consumer(settings.queue, reply=True)
@@ -153,11 +154,11 @@ def test_cancel_stops_the_remaining_images(
         canceled = client.cancel(job_id)
     finally:
         control.add_consumer(settings.queue, reply=True)
-    assert canceled["status"] == "canceled"
-    assert (canceled["done"], canceled["canceled"], canceled["total"]) == (10, 30, 40)
+    assert canceled.status == "canceled"
+    assert (canceled.done, canceled.canceled, canceled.total) == (10, 30, 40)
     rows = client.results(job_id)
-    assert [r["status"] for r in rows] == ["ok"] * 10 + ["error"] * 30  # results so far are kept
-    assert {r["error"]["code"] for r in rows[10:]} == {"canceled"}
+    assert [r.status for r in rows] == ["ok"] * 10 + ["error"] * 30  # results so far are kept
+    assert {r.error.code for r in rows[10:]} == {"canceled"}
     with pytest.raises(ApiError) as exc:
         client.add_part(job_id, first[:1])
     assert exc.value.status == 409
@@ -172,7 +173,7 @@ def test_cancel_stops_the_remaining_images(
         message="the held chunks were consumed",
     )
     status = client.status(job_id)
-    assert (status["done"], status["canceled"], status["status"]) == (10, 30, "canceled")
+    assert (status.done, status.canceled, status.status) == (10, 30, "canceled")
     assert client.results(job_id) == rows
 
 

@@ -113,7 +113,7 @@ class Env:
 
     def wait_progress(self, job_id: str, at_least: int, timeout: float = 60) -> None:
         self.wait_until(
-            lambda: self.client.status(job_id)["done"] >= at_least,
+            lambda: self.client.status(job_id).done >= at_least,
             timeout=timeout,
             interval=0.02,
             message=f"{at_least} images of the job classified",
@@ -136,10 +136,10 @@ class Env:
                 "now": time.time(),
             }
             raise AssertionError(f"job did not finish: {debug}") from None
-        assert (status["total"], status["done"], status["failed"]) == (n, n, 0), status
+        assert (status.total, status.done, status.failed) == (n, n, 0), status
         rows = self.client.results(job_id)
-        assert [r["index"] for r in rows] == list(range(n))
-        assert [r["status"] for r in rows] == ["ok"] * n, [r.get("error") for r in rows if "error" in r]
+        assert [r.index for r in rows] == list(range(n))
+        assert [r.status for r in rows] == ["ok"] * n, [r.error for r in rows if r.error is not None]
         assert self.store.redis.hlen(JobKeys.of(job_id).results) == n
         assert Telemetry(self.store.redis).pending_images() == 0
 
@@ -204,15 +204,15 @@ def _files(n: int, seed: int) -> list[tuple[str, bytes]]:
 def test_kill_9_mid_batch_loses_nothing_and_doubles_nothing(env: Env) -> None:
     victim = env.worker(failpoints="slow-batch=0.4")
     job = env.client.submit_files(_files(96, seed=1))
-    env.wait_progress(job["job_id"], 8)
+    env.wait_progress(job.job_id, 8)
     assert victim.proc is not None
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
-    done_at_kill = env.client.status(job["job_id"])["done"]
+    done_at_kill = env.client.status(job.job_id).done
     assert done_at_kill < 96  # really mid-job
     env.workers.remove(victim)
     env.worker()  # a fresh worker takes over after the visibility timeout
-    env.assert_exactly_once(job["job_id"], 96)
+    env.assert_exactly_once(job.job_id, 96)
     env.stop_workers()
 
 
@@ -220,13 +220,13 @@ def test_kill_9_mid_batch_loses_nothing_and_doubles_nothing(env: Env) -> None:
 def test_sigterm_mid_batch_finishes_or_requeues(env: Env) -> None:
     w = env.worker(failpoints="slow-batch=0.4")
     job = env.client.submit_files(_files(96, seed=2))
-    env.wait_progress(job["job_id"], 8)
+    env.wait_progress(job.job_id, 8)
     assert w.proc is not None
     w.proc.send_signal(signal.SIGTERM)  # a rolling deploy: warm shutdown
     assert w.proc.wait(60) == 0
     env.workers.remove(w)
     env.worker()  # whatever the stopped worker did not finish was requeued for this one
-    env.assert_exactly_once(job["job_id"], 96)
+    env.assert_exactly_once(job.job_id, 96)
     env.stop_workers()
 
 
@@ -237,14 +237,14 @@ def test_redis_restart_keeps_accepted_work_and_everyone_reconnects(env: Env) -> 
     job = env.client.submit_files(_files(20, seed=3))
     for server, _ in env.servers():
         server.restart()
-    assert env.client.status(job["job_id"])["total"] == 20  # the API reconnected by itself
+    assert env.client.status(job.job_id).total == 20  # the API reconnected by itself
     env.worker()
-    env.assert_exactly_once(job["job_id"], 20)
+    env.assert_exactly_once(job.job_id, 20)
     # Restart them under a running, idle worker: it reconnects and keeps consuming.
     for server, _ in env.servers():
         server.restart()
     job2 = env.client.submit_files(_files(12, seed=4))
-    env.assert_exactly_once(job2["job_id"], 12)
+    env.assert_exactly_once(job2.job_id, 12)
     env.stop_workers()
 
 
@@ -253,7 +253,7 @@ def test_redis_down_gives_503_never_202_and_recovers(env: Env) -> None:
     # Each server the stack needs goes down in turn (with RabbitMQ: the broker, then Redis).
     # Small (coalesced) and bulk submissions get 503, never 202; once the server is back
     # everything that got a 202, before, between and after the outages, completes exactly once.
-    accepted = [(env.client.submit_files(_files(6, seed=5))["job_id"], 6)]
+    accepted = [(env.client.submit_files(_files(6, seed=5)).job_id, 6)]
     for server, code in env.servers():
         server.stop()
         try:
@@ -314,15 +314,15 @@ def test_poison_image_ends_as_an_error_after_bounded_attempts(env: Env) -> None:
     runner.start()
     try:
         job = env.client.submit_files(files)
-        status = env.client.wait(job["job_id"], timeout=150, poll_s=0.5)
+        status = env.client.wait(job.job_id, timeout=150, poll_s=0.5)
     finally:
         sup.stop()
-    assert (status["status"], status["done"], status["failed"]) == ("partial", 12, 1)
-    rows = env.client.results(job["job_id"])
-    assert rows[3]["filename"] == "poison.jpg"
-    assert rows[3]["error"]["code"] == "poison_image"
+    assert (status.status, status.done, status.failed) == ("partial", 12, 1)
+    rows = env.client.results(job.job_id)
+    assert rows[3].filename == "poison.jpg"
+    assert rows[3].error.code == "poison_image"
     assert 1 <= svc.restarts <= env.settings.max_attempts  # bounded: no endless crash loop
-    assert env.store.redis.hlen(JobKeys.of(job["job_id"]).results) == 13
+    assert env.store.redis.hlen(JobKeys.of(job.job_id).results) == 13
 
 
 @on_redis
@@ -378,7 +378,7 @@ def test_worker_warns_when_redis_may_evict(env: Env) -> None:
 @on_both_brokers
 def test_pickle_message_is_rejected_and_the_worker_survives(env: Env) -> None:
     w = env.worker()
-    job_id = env.client.open_job()["job_id"]
+    job_id = env.client.open_job().job_id
     name, data = _files(1, seed=9)[0]
     env.store.add_files(job_id, [(name, name)])
     env.store.redis.set(keys.blob(job_id, 0), data)
@@ -398,5 +398,5 @@ def test_pickle_message_is_rejected_and_the_worker_survives(env: Env) -> None:
     env.wait_until(lambda: not env.store.unresolved(job_id, [0]), timeout=60, message="the JSON message ran")
     assert env.store.unresolved(job_id, [0]) == []
     env.client.seal(job_id)
-    assert env.client.wait(job_id, timeout=60)["status"] == "succeeded"
+    assert env.client.wait(job_id, timeout=60).status == "succeeded"
     env.stop_workers()

@@ -64,19 +64,19 @@ def test_keys_are_required_and_jobs_are_private(keyed: list[str]) -> None:
 
     alpha = Client(url, api_key="alpha-key")
     job = alpha.submit_files([(n, d) for _, (n, d) in _image()])
-    assert alpha.wait(job["job_id"], timeout=60)["status"] == "succeeded"
+    assert alpha.wait(job.job_id, timeout=60).status == "succeeded"
     # beta (configured by digest) authenticates, but alpha's job does not exist for it
-    beta = requests.get(f"{keyed[1]}/v1/jobs/{job['job_id']}", headers={"X-API-Key": "beta-key"}, timeout=10)
+    beta = requests.get(f"{keyed[1]}/v1/jobs/{job.job_id}", headers={"X-API-Key": "beta-key"}, timeout=10)
     assert beta.status_code == 404
     assert (
         requests.get(
-            f"{keyed[1]}/v1/jobs/{job['job_id']}/results", headers={"X-API-Key": "beta-key"}, timeout=10
+            f"{keyed[1]}/v1/jobs/{job.job_id}/results", headers={"X-API-Key": "beta-key"}, timeout=10
         ).status_code
         == 404
     )
     assert (
         requests.delete(
-            f"{keyed[1]}/v1/jobs/{job['job_id']}", headers={"X-API-Key": "beta-key"}, timeout=10
+            f"{keyed[1]}/v1/jobs/{job.job_id}", headers={"X-API-Key": "beta-key"}, timeout=10
         ).status_code
         == 404
     )
@@ -130,7 +130,7 @@ def test_backpressure_429_and_the_client_waits_it_out(
         start = time.monotonic()
         summary = Client(url).submit_folder(tmp_path)
         assert time.monotonic() - start >= 1.0
-        assert Client(url).wait(summary["job_id"], timeout=60)["done"] == 6
+        assert Client(url).wait(summary.job_id, timeout=60).done == 6
     finally:
         resumed.cancel()
         control.add_consumer(settings.queue, reply=True)

@@ -265,3 +265,21 @@ def test_an_expired_open_upload_leaves_the_active_jobs(
     assert Telemetry(scratch_redis).active_jobs() == 2
     wait_until(lambda: not store.exists("empty") and not store.exists("done"), timeout=15)
     assert Telemetry(scratch_redis).active_jobs() == 0
+
+
+def test_a_job_canceled_during_its_upload_is_canceled_even_if_all_it_got_is_done(
+    scratch_redis: redis_lib.Redis,
+) -> None:
+    store = JobStore(scratch_redis, result_ttl_s=600, blob_ttl_s=600)
+    _job(store, "cut", 2)  # an upload in parts: two images so far, not sealed
+    store.record("cut", [(0, OK), (1, OK)])
+    assert store.cancel("cut")
+    job = store.get("cut")
+    assert job is not None and job["status"] == "canceled" and job["finished_at"] is not None
+    with pytest.raises(PermissionError):  # the rest of the upload is refused
+        store.add_files("cut", [("late.jpg", "late.jpg")])
+    # A finished job is not canceled after the fact.
+    _job(store, "whole", 1)
+    store.record("whole", [(0, OK)])
+    store.seal("whole")
+    assert store.cancel("whole") and store.get("whole")["status"] == "succeeded"  # type: ignore[index]

@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,11 +22,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
+from pydantic import ValidationError
 
 from batchvision.cli.faultproxy import FaultProxy
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import submit_folder
 from batchvision.client.retry import RetryPolicy
+from batchvision.core.documents import ClassifyResult, JobAccepted, ResultRow
 
 JOB_ID = "0123456789abcdef0123456789abcdef"
 #: Fast retries for tests: the waits are real, only short.
@@ -185,7 +187,7 @@ def job(**extra: Any) -> dict[str, Any]:
 def test_503_with_retry_after_is_waited_out_then_answered(api: FakeApi, client: Client) -> None:
     api.on("GET", f"/v1/jobs/{JOB_ID}", unavailable("1"), unavailable("1"), reply(200, job()))
     start = time.monotonic()
-    assert client.status(JOB_ID)["job_id"] == JOB_ID
+    assert client.status(JOB_ID).job_id == JOB_ID
     elapsed = time.monotonic() - start
     assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 3
     assert 2.0 <= elapsed < 4.0, "waited what Retry-After asked, twice, and not much more"
@@ -194,7 +196,7 @@ def test_503_with_retry_after_is_waited_out_then_answered(api: FakeApi, client: 
 @pytest.mark.parametrize("status", [429, 502, 503, 504])
 def test_each_retryable_status_is_retried(api: FakeApi, client: Client, status: int) -> None:
     api.on("DELETE", f"/v1/jobs/{JOB_ID}", unavailable(status=status), reply(200, job(status="canceled")))
-    assert client.cancel(JOB_ID)["status"] == "canceled"
+    assert client.cancel(JOB_ID).status == "canceled"
     assert len(api.called("DELETE", f"/v1/jobs/{JOB_ID}")) == 2
 
 
@@ -225,7 +227,7 @@ def test_job_creation_survives_a_dropped_connection_with_one_idempotency_key(
         reply(200, job(idempotent_replay=True, expected=3)),
     )
     opened = client.open_job(3)
-    assert opened["job_id"] == JOB_ID
+    assert opened.job_id == JOB_ID
     tries = api.called("POST", "/v1/jobs")
     assert len(tries) == 3
     keys = {c.headers.get("Idempotency-Key") for c in tries}
@@ -240,7 +242,7 @@ def test_job_creation_survives_a_dropped_connection_with_one_idempotency_key(
 def test_a_multipart_upload_is_resent_whole_after_a_drop(api: FakeApi, client: Client) -> None:
     api.on("POST", f"/v1/jobs/{JOB_ID}/files", drop(), drop(), reply(202, job(accepted=2)))
     files = [("a/x.jpg", b"\xff\xd8\xff" + b"x" * 5000), ("b/y.jpg", b"\xff\xd8\xff" + b"y" * 7000)]
-    assert client.add_part(JOB_ID, files)["accepted"] == 2
+    assert client.add_part(JOB_ID, files).accepted == 2
     bodies = [c.body for c in api.called("POST", f"/v1/jobs/{JOB_ID}/files")]
     assert len(bodies) == 3
     for body in bodies:
@@ -250,7 +252,7 @@ def test_a_multipart_upload_is_resent_whole_after_a_drop(api: FakeApi, client: C
 def test_idempotency_conflict_means_the_first_try_is_still_running(api: FakeApi, client: Client) -> None:
     conflict = {"error": {"code": "idempotency_conflict", "message": "still in progress"}}
     api.on("POST", "/v1/jobs", drop(), reply(409, conflict), reply(409, conflict), reply(200, job()))
-    assert client.submit_files([("a.jpg", b"\xff\xd8\xff")])["job_id"] == JOB_ID
+    assert client.submit_files([("a.jpg", b"\xff\xd8\xff")]).job_id == JOB_ID
     tries = api.called("POST", "/v1/jobs")
     assert len(tries) == 4
     assert len({c.headers["Idempotency-Key"] for c in tries}) == 1
@@ -258,7 +260,7 @@ def test_idempotency_conflict_means_the_first_try_is_still_running(api: FakeApi,
 
 def test_a_body_cut_off_after_the_headers_is_fetched_again(api: FakeApi, client: Client) -> None:
     api.on("GET", f"/v1/jobs/{JOB_ID}", cut(200, job(), send_bytes=20), reply(200, job(done=3)))
-    assert client.status(JOB_ID)["done"] == 3
+    assert client.status(JOB_ID).done == 3
     assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 2
 
 
@@ -281,7 +283,7 @@ def test_nobody_listening_yet_is_retried_until_the_server_comes(tmp_path: Path) 
     thread.start()
     try:
         with Client(fake.url, api_key="", policy=FAST) as c:
-            assert c.status(JOB_ID)["job_id"] == JOB_ID
+            assert c.status(JOB_ID).job_id == JOB_ID
     finally:
         while not servers:
             time.sleep(0.01)
@@ -340,9 +342,14 @@ def test_wait_polls_through_an_outage(api: FakeApi, client: Client) -> None:
         reply(200, job(status="succeeded", done=3, finished_at=2.0)),
     )
     seen: list[int] = []
-    final = client.wait(JOB_ID, timeout=10, poll_s=0.01, on_progress=lambda st: seen.append(st["done"]))
-    assert final["status"] == "succeeded"
+    final = client.wait(JOB_ID, timeout=10, poll_s=0.01, on_progress=lambda st: seen.append(st.done))
+    assert final.status == "succeeded"
     assert seen == [1, 2, 3]
+
+
+def _plain(rows: Iterable[ResultRow]) -> list[dict[str, Any]]:
+    """Typed rows back as the documents the server sent."""
+    return [row.model_dump(exclude_unset=True) for row in rows]
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
@@ -374,7 +381,7 @@ def results_stream(rows: list[dict[str, Any]], cut_at_rows: list[int]) -> Action
 def test_results_stream_resumes_after_the_last_complete_row(api: FakeApi, client: Client) -> None:
     rows = _rows(50)
     api.on("GET", f"/v1/jobs/{JOB_ID}/results", results_stream(rows, [7, 20]))
-    assert list(client.iter_results(JOB_ID)) == rows  # every row once, in order
+    assert _plain(client.iter_results(JOB_ID)) == rows  # every row once, in order
     offsets = [int(c.query["offset"][0]) for c in api.called("GET", f"/v1/jobs/{JOB_ID}/results")]
     # Resumed twice, each time after the rows it had whole (a row in a half-read chunk is
     # asked for again, never yielded twice).
@@ -397,13 +404,13 @@ def test_an_answer_cut_in_its_headers_is_not_taken_for_an_empty_one(
 ) -> None:
     rows = _rows(5)
     api.on("GET", f"/v1/jobs/{JOB_ID}/results", cut_headers(), results_stream(rows, []))
-    assert client.results(JOB_ID) == rows
+    assert _plain(client.results(JOB_ID)) == rows
     api.on("GET", f"/v1/jobs/{JOB_ID}/results", cut_headers(), results_stream(rows, []))
     out = tmp_path / "r.jsonl"
     client.download(JOB_ID, out, "jsonl")
     assert len(out.read_text().splitlines()) == 5
     api.on("GET", f"/v1/jobs/{JOB_ID}", cut_headers(), reply(200, job()))
-    assert client.status(JOB_ID)["job_id"] == JOB_ID
+    assert client.status(JOB_ID).job_id == JOB_ID
 
 
 def test_submit_folder_through_a_flaky_api_opens_one_job(
@@ -424,7 +431,7 @@ def test_submit_folder_through_a_flaky_api_opens_one_job(
     )
     api.on("POST", f"/v1/jobs/{JOB_ID}/seal", unavailable("0", status=504), reply(200, job()))
     summary = submit_folder(client, [tmp_path], part_files=2)
-    assert summary["job_id"] == JOB_ID and summary["sent"] == 5
+    assert summary.job_id == JOB_ID and summary.sent == 5
     assert len({c.headers["Idempotency-Key"] for c in api.called("POST", "/v1/jobs")}) == 1
     sent = [c.body for c in api.called("POST", f"/v1/jobs/{JOB_ID}/files")]
     assert len(sent) == 5
@@ -443,11 +450,41 @@ def test_every_call_survives_a_proxy_that_breaks_every_third_request(api: FakeAp
     assert host is not None and port is not None
     with FaultProxy((host, port), every=3, midway_max=3000) as proxy, Client(proxy.url, policy=FAST) as c:
         for _ in range(10):
-            assert c.status(JOB_ID)["job_id"] == JOB_ID
-            assert c.open_job(1)["job_id"] == JOB_ID
-            assert c.add_part(JOB_ID, [("a/b.jpg", b"\xff\xd8\xff" + b"z" * 4000)])["accepted"] == 1
-            assert list(c.iter_results(JOB_ID)) == rows
+            assert c.status(JOB_ID).job_id == JOB_ID
+            assert c.open_job(1).job_id == JOB_ID
+            assert c.add_part(JOB_ID, [("a/b.jpg", b"\xff\xd8\xff" + b"z" * 4000)]).accepted == 1
+            assert _plain(c.iter_results(JOB_ID)) == rows
         assert set(proxy.faults) == {"request", "response", "midway"}, proxy.faults
     # One key per open_job (a request the proxy cut inside its headers may lack the key).
     keys = {call.headers.get("Idempotency-Key") for call in api.called("POST", "/v1/jobs")}
     assert len(keys - {None}) == 10
+
+
+def test_answers_are_the_typed_documents_of_the_contract(api: FakeApi, client: Client) -> None:
+    ok = {"index": 0, "filename": "a.jpg", "status": "ok", "label": "circle", "class_id": 0, "score": 0.9}
+    bad = {
+        "index": 1,
+        "filename": "b.jpg",
+        "status": "error",
+        "error": {"code": "invalid_image", "message": "x"},
+    }
+    done = job(status="succeeded", total=2, done=1, failed=1, finished_at=2.0)
+    api.on("POST", "/v1/classify", reply(200, {**done, "results": [ok, bad]}), reply(202, job(accepted=2)))
+    finished = client.classify([("a.jpg", b"\xff\xd8\xff"), ("b.jpg", b"\xff\xd8\xff")])
+    assert isinstance(finished, ClassifyResult) and finished.final
+    assert [r.label for r in finished.results] == ["circle", None]
+    assert finished.results[1].error is not None and finished.results[1].error.code == "invalid_image"
+    pending = client.classify([("a.jpg", b"\xff\xd8\xff")], timeout=0)
+    assert isinstance(pending, JobAccepted) and pending.accepted == 2 and not pending.final
+    api.on("GET", f"/v1/jobs/{JOB_ID}/files", reply(200, {"job_id": JOB_ID, "files": ["a/x.jpg"]}))
+    assert client.files(JOB_ID).files == ["a/x.jpg"]
+    api.on("GET", f"/v1/jobs/{JOB_ID}/results", lambda h, _c: h.send(200, (json.dumps(bad) + "\n").encode()))
+    (row,) = client.results(JOB_ID)
+    assert isinstance(row, ResultRow) and row.status == "error" and row.error is not None
+
+
+def test_an_answer_outside_the_contract_is_an_error_not_a_retry(api: FakeApi, client: Client) -> None:
+    api.on("GET", f"/v1/jobs/{JOB_ID}", reply(200, {"job_id": JOB_ID, "status": "exploded"}))
+    with pytest.raises(ValidationError):
+        client.status(JOB_ID)
+    assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 1

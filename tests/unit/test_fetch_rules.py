@@ -147,6 +147,14 @@ def test_url_blobs_are_told_apart_from_uploads() -> None:
 # -- the fetcher against a hostile server ----------------------------------------------------------
 
 
+class Server(ThreadingHTTPServer):
+    """A loopback test server with a real listen backlog (the default of 5 drops the SYNs of a
+    burst of parallel fetches, which then wait out TCP's one-second retransmission)."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class Hostile(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list[tuple[str, str]] = []
@@ -217,7 +225,7 @@ class Hostile(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    httpd = Server(("127.0.0.1", 0), Hostile)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{httpd.server_address[1]}"
@@ -364,7 +372,7 @@ def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_cert
         check=True,
         capture_output=True,
     )
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    httpd = Server(("127.0.0.1", 0), Hostile)
     httpd.daemon_threads = True
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)

@@ -133,9 +133,9 @@ async function start(rawEntries) {
     skipped: [], // {filename, code, message}: not images, or refused by the API
     notImages: 0,
     refused: 0,
-    bytes: entries.reduce((n, e) => n + e.file.size, 0),
-    sent: { files: 0, bytes: 0 },
-    rate: new Rate(),
+    sent: { files: 0, bytes: 0, acked: 0 }, // files: fractional, counting parts in flight
+    rate: new Rate(), // images per second
+    byteRate: new Rate(),
     started: performance.now(),
     finished: 0,
     uploading: false,
@@ -172,6 +172,7 @@ async function runUpload(session, entries) {
   session.started = performance.now();
   session.finished = 0;
   session.rate = new Rate();
+  session.byteRate = new Rate();
   const base = { ...session.sent };
   const seen = new Set(session.skipped.map((r) => r.filename));
   const skip = (rows) => {
@@ -198,15 +199,19 @@ async function runUpload(session, entries) {
       },
       onSkipped: (found) => {
         const fresh = found.filter((e) => !seen.has(e.path));
-        session.bytes -= fresh.reduce((n, e) => n + e.file.size, 0); // the bar counts images only
         session.notImages += skip(fresh.map((e) => ({ filename: e.path, code: "skipped", message: "not an image" })));
         scanSummary(session);
         if (session.id) store.saveJob(session.id, { skipped: session.skipped, count: expected(session) });
         if (state.view?.session === session) renderSkipped();
       },
       onProgress: (p) => {
-        session.sent = { files: base.files + p.files, bytes: base.bytes + p.bytes };
-        session.rate.add(session.sent.bytes);
+        session.sent = {
+          files: base.files + p.files,
+          bytes: base.bytes + p.bytes,
+          acked: base.acked + p.acknowledged,
+        };
+        session.rate.add(session.sent.files);
+        session.byteRate.add(session.sent.bytes);
         renderUpload();
       },
     });
@@ -239,8 +244,8 @@ async function resumeUpload(session) {
   }
   const skipped = new Set(session.skipped.map((r) => r.filename));
   const todo = session.entries.filter((e) => !have.has(e.path) && !skipped.has(e.path));
-  const sent = session.entries.filter((e) => have.has(e.path));
-  session.sent = { files: sent.length, bytes: sent.reduce((n, e) => n + e.file.size, 0) };
+  const sent = session.entries.length - todo.length - skipped.size;
+  session.sent = { files: sent, bytes: 0, acked: sent }; // bytes: of this run only
   runUpload(session, todo);
 }
 
@@ -257,8 +262,9 @@ $("files-input").addEventListener("change", (e) => {
 
 const dropzone = $("dropzone");
 let dragDepth = 0;
+const carriesFiles = (e) => [...(e.dataTransfer?.types || [])].includes("Files");
 document.addEventListener("dragenter", (e) => {
-  if (![...(e.dataTransfer?.types || [])].includes("Files")) return;
+  if (!carriesFiles(e)) return;
   dragDepth++;
   dropzone.classList.add("over");
 });
@@ -269,10 +275,12 @@ document.addEventListener("dragleave", () => {
   }
 });
 document.addEventListener("dragover", (e) => {
-  e.preventDefault(); // the whole page takes drops; the browser must not open the file
+  if (!carriesFiles(e)) return; // text dragged into a field keeps its default
+  e.preventDefault(); // the whole page takes files; the browser must not open them
   if (e.dataTransfer) e.dataTransfer.dropEffect = "copy";
 });
 document.addEventListener("drop", (e) => {
+  if (!carriesFiles(e)) return;
   e.preventDefault();
   dragDepth = 0;
   dropzone.classList.remove("over");
@@ -411,24 +419,21 @@ function renderUpload() {
   const elapsed = ((s.finished || performance.now()) - s.started) / 1000;
   let text;
   if (s.uploading) {
-    const rate = s.rate.perSecond();
+    const moving = Math.floor(s.sent.files - s.sent.acked);
     text =
-      `Uploaded ${fmtInt(s.sent.files)} of ${fmtInt(total)} images · ${fmtBytes(s.sent.bytes)} of ${fmtBytes(s.bytes)}` +
-      ` · ${fmtBytes(Math.round(rate))}/s · ${fmtDuration(s.rate.timeLeft(s.bytes))} left`;
+      `Uploaded ${fmtInt(s.sent.acked)} of ${fmtInt(total)} images` +
+      (moving > 0 ? ` (about ${fmtInt(moving)} more on the way)` : "") +
+      ` · ${fmtBytes(Math.round(s.sent.bytes))} · ${fmtBytes(Math.round(s.byteRate.perSecond()))}/s` +
+      ` · ${fmtDuration(s.rate.timeLeft(total))} left`;
   } else if (s.error) {
-    text = s.error === "canceled" ? `Upload canceled after ${fmtInt(s.sent.files)} images.` : `Upload stopped: ${s.error}`;
+    text = s.error === "canceled" ? `Upload canceled after ${fmtInt(s.sent.acked)} images.` : `Upload stopped: ${s.error}`;
   } else if (s.finished) {
-    text = `Upload complete: ${fmtInt(s.sent.files)} images, ${fmtBytes(s.sent.bytes)} in ${fmtDuration(elapsed)}.`;
+    text = `Upload complete: ${fmtInt(s.sent.acked)} images, ${fmtBytes(Math.round(s.sent.bytes))} in ${fmtDuration(elapsed)}.`;
   } else {
     text = "Starting the upload…";
   }
   $("upload-text").textContent = text;
-  setBar($("upload-bar"), {
-    fractions: [s.bytes ? s.sent.bytes / s.bytes : 0],
-    now: s.sent.files,
-    max: total,
-    text,
-  });
+  setBar($("upload-bar"), { fractions: [total ? s.sent.files / total : 0], now: s.sent.acked, max: total, text });
   $("upload-bar").dataset.state = s.uploading ? "uploading" : s.error ? "stopped" : s.finished ? "done" : "";
 }
 

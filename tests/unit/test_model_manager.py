@@ -1,0 +1,211 @@
+"""The worker's model manager (issue 14) with stand-in models (no TensorFlow, no Redis): a new
+version goes live between two batches while images stream through, so no batch holds two
+versions and every output names its version; a version that fails is refused and the live one
+stays; pinned versions, the operator's live pointer, and the fallback at start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchvision.core.batching import BatchInfo
+from batchvision.core.errors import BatchvisionError
+from batchvision.core.models import JobOptions
+from batchvision.core.settings import Settings
+from batchvision.server.repository import VersionDir
+from workers.manager import ModelLane, ModelManager, Scored
+
+LABELS = ["a", "b", "c"]
+
+
+class StandIn:
+    """A 'model' whose output says which version it is (the class ``version % 3`` wins)."""
+
+    def __init__(self, version: int, labels: list[str], delay_s: float) -> None:
+        self.name = "m"
+        self.labels = labels
+        self.input_size = (8, 8)
+        self.device = "stand-in"
+        self.version = version
+        self.delay_s = delay_s
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(self.delay_s)
+        out = np.full(len(self.labels), 0.1, np.float32)
+        out[self.version % len(self.labels)] = 1.0
+        return [out / out.sum()] * len(images)
+
+    def warm_up(self) -> float:
+        return 0.0
+
+
+class Loader:
+    """Loads stand-ins; a version folder holding a file named BROKEN fails to load."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+
+    def __call__(self, vdir: VersionDir, settings: Settings) -> StandIn:
+        self.calls.append(vdir.version)
+        if (Path(vdir.source).parent / "BROKEN").exists():
+            raise ValueError("the model outputs 6 classes but its labels file has 3 labels")
+        labels = Path(str(vdir.labels)).read_text().split()
+        return StandIn(vdir.version, labels, self.delay_s)
+
+
+def _version(repo: Path, version: int, broken: bool = False) -> None:
+    tmp = repo / "m" / f".{version}.tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "model.keras").write_bytes(b"stand-in")
+    (tmp / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    if broken:
+        (tmp / "BROKEN").write_text("")
+    os.rename(tmp, repo / "m" / str(version))
+
+
+def _manager(repo: Path, loader: Loader, **kw: Any) -> ModelManager:
+    settings = Settings.from_env({}, models_dir=str(repo), model="m", model_poll_s=0, max_batch_size=8)
+    manager = ModelManager(settings, None, loader=loader, **kw)
+    manager.start()
+    return manager
+
+
+def test_a_new_version_goes_live_between_two_batches(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    batches: list[tuple[int | None, tuple[Any, ...]]] = []
+
+    def on_batch_for(lane: ModelLane) -> Any:
+        def hook(info: BatchInfo) -> None:
+            batches.append((lane.last.version if lane.last else None, info.tags))
+
+        return hook
+
+    manager = _manager(tmp_path, Loader(delay_s=0.002), on_batch_for=on_batch_for)
+    try:
+        lane = manager.lane(JobOptions("m"))
+        assert lane is not None and lane.version == 1
+        outputs: dict[int, Future[Scored]] = {}
+        lock = threading.Lock()
+        switched = threading.Event()
+
+        def feed(start: int) -> None:
+            # Images stream in until the switch, and 100 more from each thread after it.
+            i, after = start, 0
+            while after < 100:
+                fut = lane.batcher.submit(np.zeros((8, 8, 3), np.uint8), tag=(f"img{i}", None))
+                with lock:
+                    outputs[i] = fut
+                i += 1
+                after += switched.is_set()
+                time.sleep(0.0005)
+
+        threads = [threading.Thread(target=feed, args=(n * 100_000,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        while sum(f.done() for f in list(outputs.values())) < 60:
+            time.sleep(0.01)
+        _version(tmp_path, 2)
+        assert manager.refresh("m") is True
+        switched.set()
+        for t in threads:
+            t.join()
+        results = {i: f.result(timeout=10) for i, f in outputs.items()}
+    finally:
+        manager.close()
+    versions = {f"img{i}": r.version for i, r in results.items()}
+    assert set(versions.values()) == {1, 2}, "the switch happened while images streamed"
+    for r in results.values():  # every output says which version made it, and it did
+        assert r.probs.argmax() == r.version % 3 and r.model == "m"
+    seen = [v for v, _ in batches]
+    assert seen == sorted(seen), "version 1 until the switch, then 2"
+    for version, tags in batches:
+        assert {versions[t[0]] for t in tags} == {version}, "no batch holds two versions"
+    assert sum(len(tags) for _, tags in batches) == len(results), "every image once"
+    doc = lane.result(results[0], JobOptions("m", top_k=2))
+    assert doc["model"] == "m" and doc["version"] in (1, 2) and len(doc["top_k"]) == 2
+
+
+def test_a_broken_version_is_refused_and_retried_only_when_its_files_change(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    loader = Loader()
+    manager = _manager(tmp_path, loader)
+    try:
+        _version(tmp_path, 2, broken=True)
+        assert manager.refresh("m") is False
+        served = manager.models["m"]
+        assert served.live.version == 1
+        assert "labels file has 3 labels" in served.failed[2][1]
+        calls = len(loader.calls)
+        assert manager.refresh("m") is False and len(loader.calls) == calls, "not tried again"
+        (tmp_path / "m" / "2" / "BROKEN").unlink()  # fixed in place: its files changed
+        assert manager.refresh("m") is True and served.live.version == 2
+        assert 2 not in served.failed
+    finally:
+        manager.close()
+
+
+def test_pinned_versions_run_on_their_own_version(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    manager = _manager(tmp_path, Loader())
+    try:
+        assert manager.models["m"].live.version == 2
+        pinned = manager.lane(JobOptions("m", version=1))
+        assert pinned is not None and pinned is manager.lane(JobOptions("m", version=1))
+        out = pinned.batcher.submit(np.zeros((8, 8, 3), np.uint8)).result(timeout=10)
+        assert out.version == 1
+        assert manager.lane(JobOptions("other")) is None, "not served here: handed on"
+        with pytest.raises(BatchvisionError) as info:
+            manager.lane(JobOptions("m", version=9))
+        assert info.value.code == "model_version_unavailable"
+    finally:
+        manager.close()
+
+
+def test_start_falls_back_to_an_older_version_and_follows_the_live_pointer(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    _version(tmp_path, 3, broken=True)
+
+    class Pointer:
+        live: int | None = None
+
+        def live_pointer(self, name: str) -> int | None:
+            return self.live
+
+    pointer = Pointer()
+    settings = Settings.from_env({}, models_dir=str(tmp_path), model="m", model_poll_s=0)
+    manager = ModelManager(settings, pointer, loader=Loader())  # type: ignore[arg-type]
+    manager.start()
+    try:
+        served = manager.models["m"]
+        assert served.live.version == 2 and 3 in served.failed
+        pointer.live = 1  # rollback
+        assert manager.refresh("m") is True and served.live.version == 1
+        pointer.live = None  # back to the newest that loads
+        assert manager.refresh("m") is True and served.live.version == 2
+    finally:
+        manager.close()
+
+
+def test_a_model_without_a_loadable_version_stops_the_worker(tmp_path: Path) -> None:
+    _version(tmp_path, 1, broken=True)
+    with pytest.raises(RuntimeError, match="no version can be loaded.*version 1"):
+        _manager(tmp_path, Loader())
+
+
+def test_the_live_lane_fits_images_decoded_for_another_input_size(tmp_path: Path) -> None:
+    from workers.manager import fit
+
+    assert fit(np.zeros((8, 8, 3), np.uint8), (8, 8)).shape == (8, 8, 3)
+    assert fit(np.zeros((8, 8, 3), np.uint8), (16, 4)).shape == (4, 16, 3)
+    shutil.rmtree(tmp_path)
