@@ -82,12 +82,12 @@ def run(models: list[str], images: int) -> dict[str, float]:
                 )
                 resp.raise_for_status()
                 while True:
-                    shapes = next(m for m in client.models()["models"] if m["name"] == "shapes")
-                    if shapes["live_version"] == 2:
+                    shapes = next(m for m in client.models().models if m.name == "shapes")
+                    if shapes.live_version == 2:
                         break
                     time.sleep(0.02)
                 out["reload_wall_s"] = time.monotonic() - start
-                out["reload_load_s"] = next(v["load_s"] for v in shapes["versions"] if v["version"] == 2)
+                out["reload_load_s"] = next(v.load_s or 0.0 for v in shapes.versions if v.version == 2)
                 out["rss_after_reload_mb"] = rss_mb(worker.proc.pid)
             return out
         finally:

@@ -69,7 +69,7 @@ def main() -> None:
         raise SystemExit(f"cannot run: {reason}")
     folder = small_jpegs(args.images)
     settings = Settings.from_env({}, model=SLEEPING_MODEL)
-    env = {"PYTHONPATH": str(BENCH), "BATCHVISION_BENCH_SLEEP_S": str(args.sleep)}
+    env = {"PYTHONPATH": str(BENCH), "BENCH_SLEEP_S": str(args.sleep)}
     counts = [int(x) for x in args.workers.split(",")]
     rates: dict[int, float] = {}
     with Network() as net:

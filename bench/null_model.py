@@ -77,7 +77,7 @@ def main() -> None:
     rows.append(("null (instant)", "1", f"{null:.0f}", ""))
     base = None
     for n in (int(x) for x in args.workers.split(",")):
-        os.environ["BATCHVISION_BENCH_SLEEP_S"] = str(args.sleep)
+        os.environ["BENCH_SLEEP_S"] = str(args.sleep)
         rate = run(folder, SLEEPING_MODEL, n, args.chunk)
         base = base or rate
         rows.append((f"sleep {args.sleep}s/batch", str(n), f"{rate:.0f}", f"{rate / base:.2f}x (ideal {n}x)"))

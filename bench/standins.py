@@ -1,7 +1,7 @@
 """Benchmark stand-in models, loaded by workers through the plugin hook
 (``BATCHVISION_MODEL=py:standins:null``, with this folder on ``PYTHONPATH``).
 
-``null`` answers at once; ``sleeping`` takes ``BATCHVISION_BENCH_SLEEP_S`` seconds per batch
+``null`` answers at once; ``sleeping`` takes ``BENCH_SLEEP_S`` seconds per batch
 (an accelerator whose time does not depend on the host CPU). They measure the orchestration's
 own capacity and are never for real use.
 """
@@ -45,5 +45,5 @@ def null(settings: Settings) -> StandIn:
 
 
 def sleeping(settings: Settings) -> StandIn:
-    delay = float(os.environ.get("BATCHVISION_BENCH_SLEEP_S", "0.25"))
+    delay = float(os.environ.get("BENCH_SLEEP_S", "0.25"))
     return StandIn(f"sleep:{delay}", delay)

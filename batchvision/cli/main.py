@@ -48,17 +48,17 @@ def exposure_check(host: str, port: int, api_keys: str, anonymous_allowed: bool)
     where = f"{host}:{port}"
     if is_loopback(host):
         return True, (
-            f"warning: the API serves without authentication (BATCHVISION_API_KEYS is empty) "
+            f"the API serves without authentication (BATCHVISION_API_KEYS is empty) "
             f"on {where}, a loopback address: only this machine can reach it."
         )
     if anonymous_allowed:
         return True, (
-            f"warning: the API serves without authentication on {where} because "
+            f"the API serves without authentication on {where} because "
             f"BATCHVISION_ALLOW_ANONYMOUS=true: anyone who can reach it can submit jobs and read "
             f"every result. Set BATCHVISION_API_KEYS unless this network is trusted."
         )
     return False, (
-        f"error: refusing to serve the API without authentication on {where}: anyone who can "
+        f"refusing to serve the API without authentication on {where}: anyone who can "
         f"reach it could submit jobs and read every result. Set BATCHVISION_API_KEYS "
         f"(comma-separated keys or their SHA-256 digests), or set BATCHVISION_ALLOW_ANONYMOUS=true "
         f"to serve without keys on a trusted network, or listen on loopback (--host 127.0.0.1)."
@@ -76,7 +76,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         args.host, s.api_port, s.api_keys.get_secret_value(), s.allow_anonymous
     )
     if message:
-        print(message, file=sys.stderr, flush=True)
+        # Through logging: one line in the configured format (JSON lines too), on stderr.
+        log = logging.getLogger("batchvision.api")
+        (log.warning if may_start else log.error)(message)
     if not may_start:
         return EXIT_CONFIG
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -103,6 +105,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         # Long relative paths travel in ?filename=: allow gunicorn's largest request line.
         "--limit-request-line",
         "8190",
+        # gunicorn's control socket (one path per user) is not used, and two APIs on one host
+        # would fight over it.
+        "--no-control-socket",
         "--timeout",
         str(int(s.sync_timeout_s) + 30),
         "--graceful-timeout",

@@ -15,18 +15,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     and how many workers serve each."""
     listing = Client(args.api_url, args.api_key).models()
     if args.json:
-        print(json.dumps(listing, indent=2))
+        print(json.dumps(listing.model_dump(mode="json"), indent=2))
         return EXIT_OK
-    for m in listing["models"]:
-        default = " (default)" if m["default"] else ""
-        size = "x".join(str(v) for v in m.get("input_size") or []) or "?"
+    for m in listing.models:
+        default = " (default)" if m.default else ""
+        size = "x".join(str(v) for v in m.input_size or []) or "?"
         print(
-            f"{m['name']}{default}: live version {m['live_version']}, input {size}, "
-            f"{m.get('classes')} classes, {m['workers']} worker(s) {m['workers_by_version']}"
+            f"{m.name}{default}: live version {m.live_version}, input {size}, "
+            f"{m.classes} classes, {m.workers} worker(s) {m.workers_by_version}"
         )
-        for v in m["versions"]:
-            why = f": {v['error']}" if v.get("error") else ""
-            print(f"  version {v['version']}: {v['status']}{why}")
+        for v in m.versions:
+            why = f": {v.error}" if v.error else ""
+            print(f"  version {v.version}: {v.status}{why}")
     return EXIT_OK
 
 
@@ -36,7 +36,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     version: int | str | None = args.version
     if isinstance(version, str) and version != "latest":
         version = int(version)
-    print(json.dumps(Client(args.api_url, args.api_key).reload_model(args.name, version), indent=2))
+    accepted = Client(args.api_url, args.api_key).reload_model(args.name, version)
+    print(json.dumps(accepted.model_dump(mode="json"), indent=2))
     return EXIT_OK
 
 

@@ -42,7 +42,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import redis
 
@@ -214,6 +213,8 @@ class Network:
         assert self.network is not None, "create() the network first"
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name) or name in self.hosts:
             raise ValueError(f"bad or duplicate host name {name!r}")
+        if self._next >= self.network.num_addresses - 1:
+            raise NetnsError(f"no address left in {self.network}")
         self._links += 1
         host = Host(
             name=name,
@@ -236,8 +237,9 @@ class Network:
         return host
 
     def cut(self, host: Host) -> None:
-        """Take ``host``'s link down: nothing reaches it, it reaches nothing (no RST, no
-        ICMP: packets are dropped, as when a cable or a switch port goes)."""
+        """Take ``host``'s link down: nothing reaches it, it reaches nothing. Packets are
+        dropped, as when a cable or a switch port goes: open connections get no reset (they
+        wait on their timeouts), a new one fails once ARP gives up (``No route to host``)."""
         _ip("link", "set", host.link, "down")
         host.is_cut = True
 
@@ -415,7 +417,7 @@ class HostStack:
     redis: Host | None = None
     api: Host | None = None
     workers: dict[str, Host] = field(default_factory=dict)
-    _redis_dir: Any = None
+    _redis_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def service_settings(self) -> Settings:
         """What every service is configured with (compose: ``x-batchvision-env``)."""

@@ -31,6 +31,7 @@ from batchvision.core.documents import (
     JobAccepted,
     ResultRow,
 )
+from batchvision.core.model_documents import ModelList, ReloadAccepted
 
 if TYPE_CHECKING:  # bulk calls into this module: no import at run time
     from batchvision.client.bulk import FolderUpload
@@ -293,16 +294,16 @@ class Client:
 
     # -- issue 14: models ------------------------------------------------------------------------
 
-    def models(self) -> dict[str, Any]:
+    def models(self) -> ModelList:
         """``GET /v1/models``: the default model and every model's versions, live version,
         input size, classes and workers."""
-        return dict(self._json("GET", "/v1/models"))
+        return ModelList.model_validate(self._json("GET", "/v1/models"))
 
-    def reload_model(self, name: str, version: int | str | None = None) -> dict[str, Any]:
+    def reload_model(self, name: str, version: int | str | None = None) -> ReloadAccepted:
         """Ask the workers to load ``name``'s new version, or make ``version`` live (a number,
         or ``"latest"``); needs an admin key. Returns at once: see :meth:`models`."""
         body = {} if version is None else {"version": version}
-        return dict(self._json("POST", f"/v1/models/{name}/reload", json=body))
+        return ReloadAccepted.model_validate(self._json("POST", f"/v1/models/{name}/reload", json=body))
 
     def cancel(self, job_id: str) -> Job:
         """Cancel what is not classified yet (cancelling again changes nothing)."""

@@ -146,7 +146,7 @@ def amqp_backlog(settings: Settings, queues: Sequence[str], timeout_s: float = 5
     conn = Connection(broker_url(settings), connect_timeout=timeout_s)  # type: ignore[no-untyped-call, unused-ignore]
     try:
         for name in queues:
-            channel = conn.channel()
+            channel = conn.channel()  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 total += int(channel.queue_declare(queue=name, passive=True).message_count)
             except conn.channel_errors:  # 404: not declared yet (the channel is closed by it)

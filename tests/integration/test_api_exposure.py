@@ -86,7 +86,7 @@ def test_anonymous_access_allowed_explicitly_serves_and_warns(
 ) -> None:
     api = start_api(BATCHVISION_ALLOW_ANONYMOUS="true")
     wait_until(api.serves, timeout=60, interval=0.2, message="the API answers /healthz")
-    assert "warning: the API serves without authentication on 0.0.0.0" in api.output()
+    assert "WARNING" in api.output() and "the API serves without authentication on 0.0.0.0" in api.output()
     assert requests.get(f"{api.url}/v1/jobs/{JOB_ID}", timeout=10).status_code == 404  # no key needed
 
 

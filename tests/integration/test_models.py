@@ -206,6 +206,20 @@ def test_the_models_are_listed_with_versions_input_size_classes_and_workers(
         assert v1["version"] == 1 and v1["status"] == "ready" and v1["load_s"] > 0
 
 
+def test_the_client_and_the_cli_list_the_models(models_stack: ModelsStack) -> None:
+    listing = models_stack.client().models()
+    assert listing.default == "shapes" and {m.name for m in listing.models} == {"shapes", "colours"}
+    out = subprocess.run(
+        [sys.executable, "-m", "batchvision.cli", "models", "--api-url", models_stack.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "shapes (default): live version 1, input 48x48, 6 classes, 1 worker(s)" in out
+    assert "colours: live version 1, input 32x32, 6 classes" in out
+
+
 def test_jobs_for_both_models_get_their_own_labels_and_never_share_a_batch(models_stack: ModelsStack) -> None:
     client = models_stack.client()
     shapes = [(n, d, lbl) for n, d, lbl in labelled_files(48, seed=11)]
@@ -423,7 +437,8 @@ def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
     assert models_stack.models()["shapes"]["live_version"] == 1
     rows = _results(client, client.submit_files(files).job_id)
     assert {r["version"] for r in rows} == {1}
-    assert models_stack.reload("shapes", {"version": "latest"}).status_code == 202
+    accepted = models_stack.client(ADMIN).reload_model("shapes", "latest")  # the client, typed
+    assert (accepted.model, accepted.latest, accepted.workers) == ("shapes", True, 1)
     _until(lambda: models_stack.models()["shapes"]["live_version"] == 2, "back to the newest that loads")
     assert models_stack.models()["shapes"]["pinned_live_version"] is None
 

@@ -203,7 +203,7 @@ def cluster(artifacts: Path) -> Iterator[Cluster]:
         max_batch_size=16,
         result_ttl_s=900,
     )
-    env = {"PYTHONPATH": str(ROOT / "bench"), "BATCHVISION_BENCH_SLEEP_S": str(SLEEP_S)}
+    env = {"PYTHONPATH": str(ROOT / "bench"), "BENCH_SLEEP_S": str(SLEEP_S)}
     with Network() as net:
         stack = HostStack(net, settings, logs, env)
         try:

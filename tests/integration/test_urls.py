@@ -245,8 +245,8 @@ def test_manifests_csv_jsonl_and_the_cli(
     assert resp.status_code == 202, resp.text
     job = resp.json()
     client = Client(api)
-    assert client.wait(job.job_id, timeout=60).status == "succeeded"
-    assert [r.filename for r in client.results(job.job_id)] == [f"photo-{n}.jpg" for n in range(10)]
+    assert client.wait(job["job_id"], timeout=60).status == "succeeded"
+    assert [r.filename for r in client.results(job["job_id"])] == [f"photo-{n}.jpg" for n in range(10)]
     lines = [json.dumps(f"{origin}/img/20.jpg"), json.dumps({"url": f"{origin}/nope", "filename": "x"})]
     resp = requests.post(
         f"{api}/v1/jobs",

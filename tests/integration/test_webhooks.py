@@ -210,7 +210,7 @@ def test_a_delivery_pending_while_no_worker_runs_is_sent_once_one_starts(env: En
     assert len(delivered) == 1 and len(Handler.receiver.got) == 1
     assert _check_signed(env, delivered[0], job_id)["status"] == "canceled"
     cb = _wait(lambda: (c := env.client.status(job_id).callback).delivered_at and c, 10, "delivered_at")
-    assert (cb["state"], cb["attempts"], cb["last_status"]) == ("delivered", 1, 200)
+    assert (cb.state, cb.attempts, cb.last_status) == ("delivered", 1, 200)
 
 
 def test_two_503s_then_exactly_one_accepted_signed_delivery(env: Env, receiver_url: str) -> None:
