@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-from io import BytesIO
-from typing import IO
+from typing import TYPE_CHECKING
 
-from flask import Flask, Request
+if TYPE_CHECKING:
+    from flask import Flask
 
-from batchvision.core.settings import Settings
-from batchvision.server.queue import interactive_queue
+    from batchvision.core.settings import Settings
 
-
-class UploadRequest(Request):
-    """Keeps multipart file parts in memory: werkzeug would write every part of a large
-    request to a temporary file, only for us to read it back and store it in Redis. The
-    request size is bounded by ``MAX_CONTENT_LENGTH``."""
-
-    def _get_file_stream(
-        self,
-        total_content_length: int | None,
-        content_type: str | None,
-        filename: str | None = None,
-        content_length: int | None = None,
-    ) -> IO[bytes]:
-        return BytesIO()
+# Nothing heavy is imported here: gunicorn's master imports this package (for
+# api.gunicorn_conf) before the gevent workers monkey-patch, and a Redis or SSL module imported
+# that early would be left unpatched.
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
+    from flask import Flask
+
     from api import auth, docs, errors, health, jobs, metrics, models, web
     from api.services import Services
+    from api.uploads import UploadRequest
+    from batchvision.core.settings import Settings
+    from batchvision.server.queue import interactive_queue
 
     settings = settings or Settings.from_env()
     app = Flask(__name__)

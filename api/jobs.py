@@ -310,9 +310,15 @@ def list_files(job_id: str) -> dict[str, Any]:
     query=d.ClassifyQuery,
     body=c.upload_body(archive=True),
     body_required=True,
+    headers=(c.IDEMPOTENCY_HEADER,),
     responses={
         200: c.Response("Every image has a result", d.ClassifyResult),
         202: _ACCEPTED,
+        409: c.Response(
+            "A request with this Idempotency-Key is still in progress, or the key was used for a "
+            "different request",
+            d.ErrorDocument,
+        ),
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
         422: c.Response(
             "No file of the request is an image we can classify (reason per file), or a per-job "
@@ -327,10 +333,23 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     params = c.query(d.ClassifyQuery)
     timeout = min(params.timeout, svc.settings.sync_timeout_s)
     options = _options(svc, params)
-    job_id, summary = _submit(svc, None, params.filename, seal=True, interactive=True, options=options)
+    key = c.idempotency_key()
+
+    def create() -> tuple[str, dict[str, Any]]:
+        return _submit(svc, None, params.filename, seal=True, interactive=True, options=options)
+
+    if key is None:
+        job_id, summary = create()
+        count: int | None = len(summary["rejected"]) + summary["accepted"]
+    else:  # a retried classify waits for the job its first try created instead of a second one
+        job_id, first = svc.idempotency.run(current_owner(), digest(key), c.fingerprint(), create)
+        summary = first if first is not None else {"idempotent_replay": True}
+        count = None if first is None else len(first["rejected"]) + first["accepted"]
     if not svc.waiter.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
-    job, rows = svc.store.snapshot(job_id, rows=len(summary["rejected"]) + summary["accepted"])
+    if count is None:
+        count = int(_job_or_404(svc, job_id)["total"])
+    job, rows = svc.store.snapshot(job_id, rows=count)
     if job is None or job["owner"] != current_owner():  # expired within the wait: as GET would
         job = _job_or_404(svc, job_id)
     return {**_public(job), "results": rows}, 200

@@ -5,12 +5,30 @@ What happens to the uploads (checks, blobs, queueing) is :mod:`batchvision.serve
 
 from __future__ import annotations
 
+from io import BytesIO
+from typing import IO
+
 from flask import Request
 
 from batchvision.core.archive import ArchiveContents, read_zip
 from batchvision.core.errors import BadRequest, UnsupportedMediaType
 from batchvision.core.settings import Settings
 from batchvision.server.intake import Upload, unique_keys
+
+
+class UploadRequest(Request):
+    """Keeps multipart file parts in memory: werkzeug would write every part of a large
+    request to a temporary file, only for us to read it back and store it in Redis. The
+    request size is bounded by ``MAX_CONTENT_LENGTH``."""
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return BytesIO()
 
 
 def read_uploads(

@@ -8,6 +8,11 @@ Same generated photo-like JPEG set (640x480 and 1440x1080 mixed) and the same mo
 (``mobilenet_v2`` with ``weights=None``: real compute, no download) throughout.
 
     python bench/e2e.py [--images 256] [--model mobilenet_v2] [--latency-jobs 30]
+                        [--broker redis --broker rabbitmq]
+
+``--broker`` (issue 16, repeatable): run (b) and (c) once per broker, side by side, with the CPU
+seconds the broker process used during (b) (with RabbitMQ, Redis still holds jobs and uploads:
+its CPU is shown too). RabbitMQ is a private ``rabbitmq-server`` (Debian's package).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from common import pct, photo_set, running_stack, table
+from common import cpu_seconds, pct, photo_set, stack_processes, table
 
+from batchvision.cli.rabbitmq_server import RabbitMQServer
 from batchvision.client import Client
 from batchvision.core.imaging import decode_image
 from batchvision.core.settings import Settings
@@ -60,33 +67,54 @@ def batch1_latency(settings: Settings, n: int = 50) -> float:
     return pct(times, 50)
 
 
-def full_stack(folder: Path, settings: Settings, latency_jobs: int) -> tuple[float, list[float], list[float]]:
-    with running_stack(settings) as s:
-        client = Client(f"http://127.0.0.1:{s.api_port}")
-        warm = sorted(folder.glob("*.jpg"))[:8]
-        client.wait(client.submit_files(warm).job_id, timeout=300)  # warm the worker's graph
-        start = time.perf_counter()
-        job = client.submit_folder(folder, part_files=32)
-        status = client.wait(job.job_id, poll_s=0.05, timeout=900)
-        elapsed = time.perf_counter() - start
-        assert status.done == job.images, status
-        one = warm[0].read_bytes()
-        idle = single_latencies(client, one, latency_jobs)
-        # The same single-image jobs while bulk uploads keep the worker busy.
-        stop = threading.Event()
+def full_stack(
+    folder: Path, settings: Settings, latency_jobs: int, broker: str = "redis"
+) -> tuple[float, list[float], list[float], dict[str, float]]:
+    """(b) images/s, idle and loaded latencies, and CPU seconds during (b): ``broker`` (its
+    process) and ``redis`` (the job store; the same process when Redis is the broker)."""
+    rabbitmq = RabbitMQServer().start() if broker == "rabbitmq" else None
+    try:
+        s = settings.replace(broker_url=rabbitmq.url) if rabbitmq is not None else settings
+        with stack_processes(s) as st:
+            pids = st.pids()
+            broker_pid = rabbitmq.pid() if rabbitmq is not None else pids["redis"]
+            assert broker_pid is not None
+            return _measure(folder, st.settings, latency_jobs, {"broker": broker_pid, "redis": pids["redis"]})
+    finally:
+        if rabbitmq is not None:
+            rabbitmq.close()
 
-        def bulk() -> None:
-            while not stop.is_set():
-                client.submit_folder(folder, part_files=32)
-                time.sleep(1.0)
 
-        loader = threading.Thread(target=bulk, daemon=True)
-        loader.start()
-        time.sleep(2.0)
-        loaded = single_latencies(client, one, latency_jobs)
-        stop.set()
-        loader.join()
-        return job.images / elapsed, idle, loaded
+def _measure(
+    folder: Path, s: Settings, latency_jobs: int, pids: dict[str, int]
+) -> tuple[float, list[float], list[float], dict[str, float]]:
+    client = Client(f"http://127.0.0.1:{s.api_port}")
+    warm = sorted(folder.glob("*.jpg"))[:8]
+    client.wait(client.submit_files(warm).job_id, timeout=300)  # warm the worker's graph
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start = time.perf_counter()
+    job = client.submit_folder(folder, part_files=32)
+    status = client.wait(job.job_id, poll_s=0.05, timeout=900)
+    elapsed = time.perf_counter() - start
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    assert status.done == job.images, status
+    one = warm[0].read_bytes()
+    idle = single_latencies(client, one, latency_jobs)
+    # The same single-image jobs while bulk uploads keep the worker busy.
+    stop = threading.Event()
+
+    def bulk() -> None:
+        while not stop.is_set():
+            client.submit_folder(folder, part_files=32)
+            time.sleep(1.0)
+
+    loader = threading.Thread(target=bulk, daemon=True)
+    loader.start()
+    time.sleep(2.0)
+    loaded = single_latencies(client, one, latency_jobs)
+    stop.set()
+    loader.join()
+    return job.images / elapsed, idle, loaded, cpu
 
 
 def single_latencies(client: Client, image: bytes, n: int) -> list[float]:
@@ -137,13 +165,17 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--model", default="mobilenet_v2")
     ap.add_argument("--latency-jobs", type=int, default=30)
+    ap.add_argument(
+        "--broker", action="append", choices=("redis", "rabbitmq"), help="repeat to compare (default: redis)"
+    )
     args = ap.parse_args()
+    brokers = list(dict.fromkeys(args.broker or ["redis"]))
     folder = photo_set(args.images)
     settings = Settings.from_env(model=args.model, weights="none")
     os.environ["BATCHVISION_WEIGHTS"] = "none"
     # The full stack runs first: once this process has loaded TensorFlow (for the ceiling),
     # its idle thread pools still cost the stack a little CPU on a 2-core machine.
-    b, lat, loaded = full_stack(folder, settings, args.latency_jobs)
+    runs = {broker: full_stack(folder, settings, args.latency_jobs, broker) for broker in brokers}
     a = ceiling(folder, settings)
     c = naive(folder, settings)
     batch1 = batch1_latency(settings)
@@ -151,20 +183,34 @@ def main() -> None:
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; "
         f"model {args.model} (weights=None); {args.images} JPEGs"
     )
+
+    def row(
+        label: str, value: Callable[[tuple[float, list[float], list[float], dict[str, float]]], str]
+    ) -> tuple[str, ...]:
+        return (label, *(value(runs[b]) for b in brokers))
+
+    def ms(values: list[float], p: float) -> str:
+        return f"{pct(values, p) * 1000:.0f} ms"
+
     print(
         table(
             [
-                ("measure", "value"),
-                ("(a) in-process ceiling", f"{a:.1f} img/s"),
-                ("(b) full stack (HTTP bulk upload -> results)", f"{b:.1f} img/s"),
-                ("(c) naive: one Celery task per image, bytes in message", f"{c:.1f} img/s"),
-                ("(b)/(a)", f"{b / a:.2f}"),
-                ("(b)/(c)", f"{b / c:.2f}"),
-                ("bare model, batch 1, p50", f"{batch1 * 1000:.0f} ms"),
-                ("single-image job latency p50", f"{pct(lat, 50) * 1000:.0f} ms"),
-                ("single-image job latency p95", f"{pct(lat, 95) * 1000:.0f} ms"),
-                ("same, under steady bulk load, p50", f"{pct(loaded, 50) * 1000:.0f} ms"),
-                ("same, under steady bulk load, p95", f"{pct(loaded, 95) * 1000:.0f} ms"),
+                ("measure", *(f"broker: {b}" for b in brokers)),
+                row("(a) in-process ceiling", lambda r: f"{a:.1f} img/s"),
+                row("(b) full stack (HTTP bulk upload -> results)", lambda r: f"{r[0]:.1f} img/s"),
+                row("(c) naive: one Celery task per image, bytes in message", lambda r: f"{c:.1f} img/s"),
+                row("(b)/(a)", lambda r: f"{r[0] / a:.2f}"),
+                row("(b)/(c)", lambda r: f"{r[0] / c:.2f}"),
+                row("bare model, batch 1, p50", lambda r: f"{batch1 * 1000:.0f} ms"),
+                row("single-image job latency p50", lambda r: ms(r[1], 50)),
+                row("single-image job latency p95", lambda r: ms(r[1], 95)),
+                row("same, under steady bulk load, p50", lambda r: ms(r[2], 50)),
+                row("same, under steady bulk load, p95", lambda r: ms(r[2], 95)),
+                row("broker CPU during (b)", lambda r: f"{r[3]['broker']:.2f} s"),
+                row(
+                    "Redis CPU during (b) (job store, and broker if Redis)",
+                    lambda r: f"{r[3]['redis']:.2f} s",
+                ),
             ]
         )
     )

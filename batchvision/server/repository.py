@@ -161,7 +161,8 @@ def scan(root: Path) -> dict[str, ModelEntry]:
 def select(entries: Mapping[str, ModelEntry], wanted: Iterable[str]) -> dict[str, ModelEntry]:
     """The entries a worker serves: ``wanted`` names (all when empty); an unknown name is a
     :class:`RepositoryError` that lists the known ones."""
-    names = [w for w in wanted if w]
+    # A name, or what BATCHVISION_MODEL says (a path, an application): the model it is served as.
+    names = [w if w in entries else model_name_of(w) for w in wanted if w]
     if not names:
         return dict(entries)
     unknown = [n for n in names if n not in entries]

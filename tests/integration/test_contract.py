@@ -296,3 +296,14 @@ def test_schemathesis_every_check_finds_nothing(api_url: str, artifacts: Path) -
     for phase in ("Coverage", "Fuzzing", "Stateful"):
         assert re.search(rf"✅ {phase}", proc.stdout), f"phase {phase} did not pass:\n{proc.stdout[-3000:]}"
     print(f"schemathesis: {cases.group(0)}, {links.group(0)}; report in {report}")
+
+
+def test_a_retried_classify_with_its_key_returns_the_first_job(api_url: str) -> None:
+    key = {"Idempotency-Key": uuid.uuid4().hex, "Content-Type": "image/jpeg"}
+    first = requests.post(f"{api_url}/v1/classify?timeout=30", data=JPEG, headers=key, timeout=60)
+    again = requests.post(f"{api_url}/v1/classify?timeout=30", data=JPEG, headers=key, timeout=60)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json()["job_id"] == first.json()["job_id"]
+    assert again.json()["results"] == first.json()["results"] and len(first.json()["results"]) == 1
+    other = requests.post(f"{api_url}/v1/classify", data=JPEG + b"\0", headers=key, timeout=60)
+    _check(other, 409, "idempotency_key_reused", "different request")

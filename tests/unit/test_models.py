@@ -232,6 +232,8 @@ def test_a_worker_selects_its_models(tmp_path: Path) -> None:
     entries = repository(Settings.from_env({}, models_dir=str(tmp_path), model="shapes"))
     assert sorted(select(entries, [])) == ["colours", "shapes"]
     assert list(select(entries, parse_model_list(" colours, "))) == ["colours"]
+    alone = repository(Settings.from_env({}, model="/srv/models/demo.keras"))
+    assert list(select(alone, ["/srv/models/demo.keras"])) == ["demo"], "BATCHVISION_MODEL's spec names it"
     with pytest.raises(RepositoryError, match="no model 'squares'.*colours, shapes"):
         select(entries, ["squares"])
 
