@@ -35,6 +35,10 @@ compare within one run.
 
     python bench/small_jobs.py [--images 256] [--rounds 3] [--model mobilenet_v2]
                                [--skip-peers] [--quick] [--json bench/out/small_jobs.json]
+                               [--broker redis --broker rabbitmq]
+
+``--broker`` (issue 16, repeatable): parts 2 and 3 run once per broker in each round, side by
+side; with RabbitMQ (a private ``rabbitmq-server``) part 3 also counts its CPU per job.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +77,7 @@ from null_model import small_jpegs
 from peers.launch import INSTALL_HINT, PEERS, PeerSpec, running_peer
 from standins import NULL_MODEL
 
+from batchvision.cli.rabbitmq_server import RabbitMQServer
 from batchvision.client import Client
 from batchvision.client.errors import ApiError
 from batchvision.core.settings import Settings
@@ -99,6 +105,7 @@ class Config:
     request_timeout_s: float
     skip_peers: bool
     ray_max_ongoing: int
+    brokers: tuple[str, ...] = ("redis",)
 
 
 # --- units of work --------------------------------------------------------------------------
@@ -243,10 +250,30 @@ def ceiling_round(folder: Path, cfg: Config) -> Figures:
     return {"images_per_s": raw["images_per_s"], "single_p50_s": pct(raw["single_s"], 50)}
 
 
-def ours_round(folder: Path, images: Images, ceiling: float, cfg: Config, log_dir: Path) -> Figures:
+@contextmanager
+def with_broker(settings: Settings, broker: str) -> Iterator[tuple[Settings, RabbitMQServer | None]]:
+    """``settings`` for ``broker``: Redis as is, or a private RabbitMQ node started for it."""
+    if broker != "rabbitmq":
+        yield settings, None
+        return
+    with RabbitMQServer() as rabbitmq:
+        yield settings.replace(broker_url=rabbitmq.url), rabbitmq
+
+
+def key_of(part: str, broker: str) -> str:
+    """Figures of ``part`` with ``broker``: the Redis ones keep their names (``ours``)."""
+    return part if broker == "redis" else f"{part}-{broker}"
+
+
+def ours_round(
+    folder: Path, images: Images, ceiling: float, cfg: Config, log_dir: Path, broker: str = "redis"
+) -> Figures:
     """Workloads (a)-(d) and the idle latency against our stack."""
-    settings = Settings.from_env(model=cfg.model, weights="none", sync_timeout_s=cfg.request_timeout_s)
-    with stack_processes(settings, log_dir=log_dir / "ours") as st:
+    plain = Settings.from_env(model=cfg.model, weights="none", sync_timeout_s=cfg.request_timeout_s)
+    with (
+        with_broker(plain, broker) as (settings, _),
+        stack_processes(settings, log_dir=log_dir / key_of("ours", broker)) as st,
+    ):
         s = st.settings
         host, port = "127.0.0.1", s.api_port
 
@@ -290,17 +317,22 @@ def ours_round(folder: Path, images: Images, ceiling: float, cfg: Config, log_di
         return fig
 
 
-def capacity_round(cfg: Config, log_dir: Path) -> Figures:
+def capacity_round(cfg: Config, log_dir: Path, broker: str = "redis") -> Figures:
     """Jobs/s and CPU per job of each process with the null model (the orchestration alone)."""
     folder = small_jpegs(64)
     images = [(f.name, f.read_bytes()) for f in sorted(folder.glob("*.jpg"))]
-    settings = Settings.from_env(model=NULL_MODEL, sync_timeout_s=cfg.request_timeout_s)
-    with stack_processes(settings, log_dir=log_dir / "null") as st:
+    plain = Settings.from_env(model=NULL_MODEL, sync_timeout_s=cfg.request_timeout_s)
+    with (
+        with_broker(plain, broker) as (settings, rabbitmq),
+        stack_processes(settings, log_dir=log_dir / key_of("null", broker)) as st,
+    ):
         s = st.settings
         unit = classify_unit(images, cfg.request_timeout_s)
         run_load("127.0.0.1", s.api_port, unit, 100, cfg.capacity_clients, cfg.request_timeout_s)  # warm
         pids = st.pids()
         components = {"api": pids["api"], "redis": pids["redis"], "worker": pids["worker"]}
+        if rabbitmq is not None and rabbitmq.pid() is not None:
+            components["rabbitmq"] = int(rabbitmq.pid() or 0)
 
         def sample() -> dict[str, float]:
             usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -413,7 +445,13 @@ def report(rounds: list[Figures], cfg: Config) -> str:
     ]
     thr.append(("in-process ceiling (decode, batches of 32)", spread(col(["ceiling", "images_per_s"])),
                 "1.00", "32", "", "", ""))  # fmt: skip
-    targets: list[tuple[str, str, tuple[str, ...]]] = [("ours", "ours", ("a", "b", "c", "d"))]
+
+    def titled(broker: str) -> str:
+        return "ours" if cfg.brokers == ("redis",) else f"ours ({broker})"
+
+    targets: list[tuple[str, str, tuple[str, ...]]] = [
+        (key_of("ours", b), titled(b), ("a", "b", "c", "d")) for b in cfg.brokers
+    ]
     if not cfg.skip_peers:
         targets += [(spec.name, spec.title, ("a", "b")) for spec in PEERS]
     for key, title, names in targets:
@@ -453,22 +491,35 @@ def report(rounds: list[Figures], cfg: Config) -> str:
         ))  # fmt: skip
     lines.append(table(lat))
 
+    caps = [key_of("capacity", b) for b in cfg.brokers]
     cap: list[tuple[str, ...]] = [
-        (f"orchestration capacity: null model, 1 API + 1 worker, {cfg.capacity_clients} clients", "value")
+        (
+            f"orchestration capacity: null model, 1 API + 1 worker, {cfg.capacity_clients} clients",
+            *(f"broker: {b}" for b in cfg.brokers),
+        )
     ]
-    cap.append(("single-image classify jobs/s (224x224 JPEGs)", spread(col(["capacity", "jobs_per_s"]))))
-    for comp, what in (
+    cap.append(
+        ("single-image classify jobs/s (224x224 JPEGs)", *(spread(col([k, "jobs_per_s"])) for k in caps))
+    )
+    components = [
         ("api", "API: gunicorn master + workers"),
         ("redis", "redis-server"),
         ("worker", "worker process (Celery, decode, batcher)"),
         ("client", "load generator (this process)"),
-    ):
-        cap.append((f"CPU ms per job: {what}", spread(col(["capacity", "cpu_ms_per_job", comp]), digits=2)))
+    ]
+    if "rabbitmq" in cfg.brokers:
+        components.insert(2, ("rabbitmq", "rabbitmq-server (Erlang VM)"))
+    for comp, what in components:
+        cap.append(
+            (f"CPU ms per job: {what}", *(spread(col([k, "cpu_ms_per_job", comp]), digits=2) for k in caps))
+        )
     cap.append(
-        ("CPU ms per job: all of the above", spread(col(["capacity", "cpu_ms_per_job_total"]), digits=2))
+        (
+            "CPU ms per job: all of the above",
+            *(spread(col([k, "cpu_ms_per_job_total"]), digits=2) for k in caps),
+        )
     )
-    errors, limited = failures(col(["capacity"]))
-    cap.append(("errors / 429 (intended)", f"{errors} / {limited}"))
+    cap.append(("errors / 429 (intended)", *("{} / {}".format(*failures(col([k]))) for k in caps)))
     lines.append(table(cap))
     return "\n\n".join(lines)
 
@@ -490,6 +541,9 @@ def main() -> None:
         help="Ray Serve max_ongoing_requests (Ray's advice: at least the batch size; its default is 5)",
     )
     ap.add_argument("--json", type=Path, help="also write the raw figures of every round here")
+    ap.add_argument(
+        "--broker", action="append", choices=("redis", "rabbitmq"), help="repeat to compare (default: redis)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.images, args.rounds = min(args.images, 32), 1
@@ -509,6 +563,7 @@ def main() -> None:
         request_timeout_s=60.0,
         skip_peers=args.skip_peers,
         ray_max_ongoing=args.ray_max_ongoing,
+        brokers=tuple(dict.fromkeys(args.broker or ["redis"])),
     )
     folder = photo_set(cfg.images)
     images = [(f.name, f.read_bytes()) for f in sorted(folder.glob("*.jpg"))]
@@ -519,10 +574,13 @@ def main() -> None:
         print(f"round {r + 1}/{cfg.rounds}: in-process ceiling", file=sys.stderr, flush=True)
         fig["ceiling"] = ceiling_round(folder, cfg)
         ceiling = fig["ceiling"]["images_per_s"]
-        print(f"round {r + 1}/{cfg.rounds}: our stack", file=sys.stderr, flush=True)
-        fig["ours"] = ours_round(folder, images, ceiling, cfg, log_dir / f"round{r + 1}")
-        print(f"round {r + 1}/{cfg.rounds}: null-model capacity", file=sys.stderr, flush=True)
-        fig["capacity"] = capacity_round(cfg, log_dir / f"round{r + 1}")
+        for broker in cfg.brokers:
+            print(f"round {r + 1}/{cfg.rounds}: our stack ({broker})", file=sys.stderr, flush=True)
+            fig[key_of("ours", broker)] = ours_round(
+                folder, images, ceiling, cfg, log_dir / f"round{r + 1}", broker
+            )
+            print(f"round {r + 1}/{cfg.rounds}: null-model capacity ({broker})", file=sys.stderr, flush=True)
+            fig[key_of("capacity", broker)] = capacity_round(cfg, log_dir / f"round{r + 1}", broker)
         if not cfg.skip_peers:
             for spec in PEERS:
                 print(f"round {r + 1}/{cfg.rounds}: {spec.title}", file=sys.stderr, flush=True)

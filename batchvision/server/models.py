@@ -71,12 +71,20 @@ class ModelRegistry:
             self.redis.hdel(keys.MODELS, *fields)
 
     def heartbeat(self, worker: str, served: Mapping[str, int | None]) -> None:
-        """``worker`` serves these models, each with this version live."""
+        """``worker`` serves these models, each with this version live. Workers silent for
+        long (gone without a clean stop) are forgotten on the way."""
         now = time.time()
+        names = list(served)
         pipe = self.redis.pipeline(transaction=False)
-        for name, version in served.items():
+        for name in names:
+            pipe.zrangebyscore(keys.model_workers(name), 0, now - 10 * HEARTBEAT_TTL_S)
+        gone = [[_text(w) for w in ws] for ws in pipe.execute()]
+        for name, stale in zip(names, gone, strict=True):
+            if stale:
+                pipe.zrem(keys.model_workers(name), *stale)
+                pipe.hdel(keys.model_served(name), *stale)
+            version = served[name]
             pipe.zadd(keys.model_workers(name), {worker: now})
-            pipe.zremrangebyscore(keys.model_workers(name), 0, now - 10 * HEARTBEAT_TTL_S)
             pipe.hset(keys.model_served(name), worker, "" if version is None else str(version))
         pipe.execute()
 

@@ -165,7 +165,9 @@ def _amqp_config(settings: Settings) -> dict[str, Any]:
         "broker_url": broker_url(settings),
         # Every publish waits for RabbitMQ's confirm (the message is on the quorum queue's
         # majority): a 202 means the task is stored, as with Redis' LPUSH reply.
-        "broker_transport_options": {"confirm_publish": True},
+        # A write that stalls (a silent partition, a broker alarm blocking publishers) fails
+        # after the same timeout as Redis commands instead of hanging the request.
+        "broker_transport_options": {"confirm_publish": True, "write_timeout": SOCKET_TIMEOUT_S},
         "broker_heartbeat": 30,  # a silent partition is noticed within a minute
         "task_queues": amqp_queues(settings),
         "task_default_exchange": settings.queue,

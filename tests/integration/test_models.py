@@ -158,6 +158,7 @@ def models_stack(
                     f"the worker did not announce both models: {stack.models()}"
                 )
                 time.sleep(0.2)
+            time.sleep(1.1)  # every API process's registry cache (1 s) has seen both models
             yield stack
         finally:
             sup.stop()
@@ -419,10 +420,16 @@ def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
     pinned = _results(client, client.submit_files(files, model="shapes:1").job_id)
     assert {r["version"] for r in pinned} == {1}
     assert client.status(client.submit_files(files, model="shapes:1").job_id).model_version == 1
-    refused = requests.post(
-        f"{models_stack.url}/v1/jobs?model=shapes:3", files={"files": ("a.jpg", files[0][1])}, timeout=10
-    )
-    assert refused.status_code == 422 and "shapes:1, shapes:2" in refused.text  # 3 and 4 were refused
+
+    # 3 and 4 were refused (each API process reads the registry at most once a second: ask until
+    # the one that answers has seen it)
+    def refused() -> bool:
+        resp = requests.post(
+            f"{models_stack.url}/v1/jobs?model=shapes:3", files={"files": ("a.jpg", files[0][1])}, timeout=10
+        )
+        return resp.status_code == 422 and "shapes:1, shapes:2" in resp.text
+
+    _until(refused, "a refused version cannot be pinned", 10)
     # Reloads are for admin keys only.
     assert models_stack.reload("shapes", key=None).status_code == 401
     assert models_stack.reload("shapes", key="someone-else").status_code == 403

@@ -58,7 +58,8 @@ def test_rabbitmq_gets_quorum_queues_confirms_and_dead_lettering() -> None:
     s = Settings.from_env({"BATCHVISION_BROKER_URL": AMQP})
     config = celery_config(s)
     assert config["broker_url"] == AMQP
-    assert config["broker_transport_options"] == {"confirm_publish": True}
+    assert config["broker_transport_options"]["confirm_publish"] is True
+    assert config["broker_transport_options"]["write_timeout"] > 0
     assert config["task_routes"][CLASSIFY_TASK]["confirm_timeout"] > 0  # a blocked broker: 503
     # As on Redis: late acks, requeue on a lost worker, one message per task thread, JSON only.
     assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
