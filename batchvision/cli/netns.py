@@ -37,7 +37,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from types import FrameType
 import redis
 
 from batchvision.cli.redis_server import RedisServer
-from batchvision.cli.runner import Service, cli_argv
+from batchvision.cli.runner import Service, cli_argv, http_ok
 from batchvision.core.settings import Settings
 
 #: Every namespace is ``bv<run>-<host>``, every link ``bv<run>h<n>``, the bridge ``bvbr<run>``.
@@ -490,7 +489,7 @@ class HostStack:
             health_url=f"{self.api_url}/healthz",
         )
         deadline = time.monotonic() + timeout
-        while not _ok(svc.health_url):
+        while not http_ok(svc.health_url):
             if svc.proc is not None and svc.proc.poll() is not None:
                 raise RuntimeError(f"the API exited with {svc.proc.returncode}: see {svc.log_path}")
             if time.monotonic() > deadline:
@@ -540,11 +539,3 @@ class HostStack:
                 self.net.remove(host)
         if self._redis_dir is not None:
             self._redis_dir.cleanup()
-
-
-def _ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False

@@ -227,7 +227,7 @@ class Supervisor:
         """Wait until every service with a health URL answers 200."""
         deadline = time.monotonic() + timeout
         for svc in self.services:
-            while svc.health_url and not _ok(svc.health_url):
+            while svc.health_url and not http_ok(svc.health_url):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{svc.name} not healthy at {svc.health_url}")
                 self.check_once()
@@ -289,7 +289,8 @@ class Supervisor:
             svc.kill()  # the group too: what a killed leader started must not outlive it
 
 
-def _ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """True if ``url`` answers 200 within 2 s."""
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return bool(resp.status == 200)

@@ -251,7 +251,7 @@ class Settings(BaseSettings):
     broker_url: str = _field(
         "",
         "Celery broker: empty for the Redis of `REDIS_URL`, or `amqp://user:password@host:5672/vhost` "
-        "for RabbitMQ (quorum queues; see \"Choosing a broker\"). Redis stays the job store and "
+        'for RabbitMQ (quorum queues; see "Choosing a broker"). Redis stays the job store and '
         "blob store either way. `batchvision up --broker rabbitmq` starts its own "
         "`rabbitmq-server` when this is unset.",
     )

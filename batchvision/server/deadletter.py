@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 MAX_RESENDS = 10
 #: Message header counting the resends of one message.
 RESENDS_HEADER = "bv-resends"
+#: Heartbeat of the dead-letter consumer's connection, seconds.
+HEARTBEAT_S = 60
 
 Chunk = tuple[str, list[int]]
 
@@ -214,8 +216,10 @@ class DeadLetterConsumer(threading.Thread):
 
     def _consume(self) -> None:
         settings = self.handler.settings
+        # Heartbeats: a silent partition closes the connection, so RabbitMQ hands a message this
+        # consumer held to another worker's (checked every second below; a pause is <= 30 s).
         with Connection(  # type: ignore[no-untyped-call, unused-ignore]
-            broker_url(settings), heartbeat=0, transport_options={"confirm_publish": True}
+            broker_url(settings), heartbeat=HEARTBEAT_S, transport_options={"confirm_publish": True}
         ) as conn:
             conn.ensure_connection(max_retries=1)
             channel = conn.channel()
@@ -238,7 +242,7 @@ class DeadLetterConsumer(threading.Thread):
                     try:
                         conn.drain_events(timeout=1.0)
                     except TimeoutError:  # socket.timeout: nothing arrived this second
-                        continue
+                        conn.heartbeat_check()  # type: ignore[no-untyped-call, unused-ignore]
 
     def stop(self) -> None:
         self._stop.set()
