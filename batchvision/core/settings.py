@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "BATCHVISION_"
 
@@ -286,6 +286,19 @@ class Settings(BaseSettings):
         # The Redis and broker URLs may carry a password: show them masked, like the secret fields.
         for name, value in super().__repr_args__():
             yield name, (_mask_url(value) if name in ("redis_url", "broker_url") else value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # ``Settings()`` is the defaults (plus keyword arguments); the environment is read only
+        # by :meth:`from_env`, explicitly, so a library caller never picks up stray variables.
+        return (init_settings,)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
