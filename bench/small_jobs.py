@@ -178,11 +178,11 @@ def batch_counter(port: int) -> tuple[float, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("batchvision_batch_size_sum "):
-            total = float(line.split()[-1])
-        elif line.startswith("batchvision_batch_size_count "):
-            count = float(line.split()[-1])
+    for line in text.splitlines():  # summed over the model label (one series per model)
+        if line.startswith(("batchvision_batch_size_sum ", "batchvision_batch_size_sum{")):
+            total += float(line.split()[-1])
+        elif line.startswith(("batchvision_batch_size_count ", "batchvision_batch_size_count{")):
+            count += float(line.split()[-1])
     return total, count
 
 
