@@ -19,11 +19,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from batchvision.cli.local_server import LocalServer
 from batchvision.cli.redis_server import free_port
 
 #: Where Debian's package puts the server script that runs as the calling user (the one in
@@ -68,7 +68,7 @@ def amqp_answers(url: str, timeout: float = 2.0) -> bool:
         conn.release()  # type: ignore[no-untyped-call, unused-ignore]
 
 
-class RabbitMQServer:
+class RabbitMQServer(LocalServer):
     """A private RabbitMQ node on ``127.0.0.1:port`` with everything in ``data_dir``.
 
     ``url``: reuse that running server instead (nothing is started or stopped).
@@ -87,8 +87,7 @@ class RabbitMQServer:
         self.dist_port = free_port()
         self.user = user
         self.password = password or os.urandom(12).hex()
-        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="batchvision-rabbitmq-")
-        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        super().__init__(data_dir, "batchvision-rabbitmq-")
         self.node = f"bv{self.port}@localhost"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -239,19 +238,3 @@ class RabbitMQServer:
                 if s.connect_ex(("127.0.0.1", self.port)) != 0:
                     return
             time.sleep(0.1)
-
-    def restart(self) -> None:
-        """Stop and start on the same ports and data: durable queues and their messages stay."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> RabbitMQServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -11,11 +11,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from batchvision.cli.local_server import LocalServer
 
 
 def find_redis_server() -> str:
@@ -42,7 +43,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RedisServer:
+class RedisServer(LocalServer):
     """A private ``redis-server`` on ``127.0.0.1:port`` with AOF in ``data_dir``
     (``bind``: other addresses to listen on, e.g. a test host's in :mod:`batchvision.cli.netns`)."""
 
@@ -56,8 +57,7 @@ class RedisServer:
         self.port = port or free_port()
         self.password = password
         self.bind = bind
-        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="batchvision-redis-")
-        self.data_dir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        super().__init__(data_dir, "batchvision-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -99,6 +99,12 @@ class RedisServer:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            self._ping_until_ready(client, timeout)
+        finally:
+            client.close()  # an unclosed probe connection would be a ResourceWarning (an error in tests)
+
+    def _ping_until_ready(self, client: redis.Redis, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -127,19 +133,3 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
-
-    def restart(self) -> None:
-        """Stop and start on the same port and data: the AOF brings the data back."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
