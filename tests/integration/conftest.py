@@ -16,12 +16,15 @@ installs) the RabbitMQ variants skip, saying so.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import pytest
 import redis as redis_lib
 
@@ -30,6 +33,7 @@ from batchvision.cli.local import wait_for_workers
 from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import Supervisor
+from batchvision.core.imaging import decode_image
 from batchvision.core.settings import Settings
 from batchvision.server.store import JobStore
 
@@ -168,3 +172,30 @@ def stack(settings: Settings, wait_worker: Callable[[Settings], None]) -> Iterat
 @pytest.fixture(scope="session")
 def api_url(stack: Supervisor, settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.api_port}"
+
+
+class ReferenceLabels(Protocol):
+    def __call__(self, model: Path, files: Sequence[tuple[str, bytes]]) -> list[str]: ...
+
+
+@pytest.fixture(scope="session")
+def reference_labels() -> ReferenceLabels:
+    """``reference_labels(model_file, [(name, data), ...])``: the labels the same model file gives
+    in this process, one image at a time, through the worker's own loader and decoder.
+
+    Service results are checked against the model itself, never against how well it happened to
+    train: the trained weights depend on the machine's numerics, the pipeline must not."""
+    model_mod = importlib.import_module("workers.model")
+    loaded: dict[Path, Any] = {}
+
+    def labels(model: Path, files: Sequence[tuple[str, bytes]]) -> list[str]:
+        if model not in loaded:
+            loaded[model] = model_mod.load_classifier(Settings(model=str(model)))
+        clf = loaded[model]
+        out = []
+        for _, data in files:
+            (probs,) = clf.predict([decode_image(data, clf.input_size, max_pixels=50_000_000)])
+            out.append(clf.labels[int(np.argmax(probs))])
+        return out
+
+    return labels

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,13 +28,15 @@ def _wait(api_url: str, job_id: str, timeout: float = 120) -> Job:
     return Client(api_url).wait(job_id, timeout=timeout, poll_s=0.2)
 
 
-def test_three_concurrent_jobs_exactly_one_correct_result_each(api_url: str, settings: Settings) -> None:
+def test_three_concurrent_jobs_exactly_one_correct_result_each(
+    api_url: str, settings: Settings, demo_model: Path, reference_labels: Callable[..., list[str]]
+) -> None:
     jobs = [list(labelled_files(n, seed=100 + k)) for k, n in enumerate((60, 50, 45))]
     client = Client(api_url)
     with ThreadPoolExecutor(3) as pool:
         submitted = list(pool.map(lambda files: client.submit_files([(n, d) for n, d, _ in files]), jobs))
     assert all(s.total == len(f) for s, f in zip(submitted, jobs, strict=True))
-    correct = total = 0
+    total = 0
     for sub, files in zip(submitted, jobs, strict=True):
         status = _wait(api_url, sub.job_id)
         assert status.status == "succeeded", status
@@ -41,13 +44,13 @@ def test_three_concurrent_jobs_exactly_one_correct_result_each(api_url: str, set
         rows = client.results(sub.job_id)
         assert [r.index for r in rows] == list(range(len(files)))  # one per image, upload order
         assert [r.filename for r in rows] == [n for n, _, _ in files]
-        for row, (_, _, label) in zip(rows, files, strict=True):
+        for row in rows:
             assert set(row.model_dump(exclude_unset=True)) >= {"label", "class_id", "score", "top_k"}
             assert len(row.top_k) == min(settings.top_k, 6)
-            correct += row.label == label
             total += 1
+        # Correct: the label the same model file gives each image in this process.
+        assert [r.label for r in rows] == reference_labels(demo_model, [(n, d) for n, d, _ in files])
     assert total >= 150
-    assert correct / total >= 0.95, f"accuracy {correct}/{total}"
 
     # The worker formed batches mixing several jobs' images.
     store = JobStore(redis_lib.Redis.from_url(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
