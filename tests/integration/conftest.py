@@ -190,7 +190,10 @@ def reference_labels() -> ReferenceLabels:
 
     def labels(model: Path, files: Sequence[tuple[str, bytes]]) -> list[str]:
         if model not in loaded:
-            loaded[model] = model_mod.load_classifier(Settings(model=str(model)))
+            # A repository version keeps its labels beside the model as labels.txt.
+            beside = model.parent / "labels.txt"
+            labels_file = str(beside) if beside.exists() else ""
+            loaded[model] = model_mod.load_classifier(Settings(model=str(model), labels=labels_file))
         clf = loaded[model]
         out = []
         for _, data in files:
