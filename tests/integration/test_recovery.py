@@ -54,7 +54,7 @@ def test_an_old_chunk_with_unresolved_images_is_resent_once(
     assert _sweep(store, resends) == 1
     assert resends == [("j", [0, 1, 2])]  # the whole chunk; the worker skips what is done
     # Its age restarts: the next sweep leaves it to the re-sent message.
-    score = scratch_redis.zscore(keys.CHUNKS, chunk_member("j", [0, 1, 2]))
+    score = scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [0, 1, 2])))
     assert score is not None and time.time() - score < CUTOFF
     assert _sweep(store, resends) == 0 and len(resends) == 1
     assert not scratch_redis.exists(keys.SWEEP_LOCK)  # released for the next sweeper
@@ -81,7 +81,9 @@ def test_nothing_is_resent_while_a_queue_holds_messages(
     scratch_redis.rpush(queue, "a message that may carry the chunk")
     assert _sweep(store, resends) == 0
     assert resends == []
-    assert scratch_redis.zscore(keys.CHUNKS, chunk_member("j", [0, 1])) is not None  # kept, not dropped
+    assert (
+        scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [0, 1]))) is not None
+    )  # kept, not dropped
     scratch_redis.delete(queue)
     assert _sweep(store, resends) == 1  # the same sweep, once the backlog is gone
 
