@@ -86,4 +86,17 @@ class Claims:
     def forget(self, job_id: str) -> None:
         """A job vanished (an abandoned upload expired): release the images it still counted
         from the global counters, once, however many workers meet it."""
-        self._release(keys=[keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING], args=[time.time(), job_id, 0])
+        try:
+            counters = [keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING]
+            self._release(keys=counters, args=[time.time(), job_id, 0])
+        except redis.exceptions.ResponseError as exc:
+            raise out_of_memory(exc) from None
+
+
+def out_of_memory(exc: Exception) -> Exception:
+    """A script's error as Redis' own out-of-memory error when that is what it is: Redis 7 reports
+    an OOM inside a script as ``ERR Error running script ... -OOM ...``, which the worker must
+    retry like any out-of-memory answer."""
+    if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "-OOM " in str(exc):
+        return redis.exceptions.OutOfMemoryError(str(exc))
+    return exc

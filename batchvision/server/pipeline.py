@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis
 
 from batchvision.core.batching import Admission
 from batchvision.core.errors import BatchvisionError
@@ -31,7 +30,7 @@ from batchvision.core.schemas import canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
-from batchvision.server.claims import Claim, Claims
+from batchvision.server.claims import Claim, Claims, out_of_memory
 from batchvision.server.fetch import Fetcher, FetchError, blob_url
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
@@ -360,7 +359,7 @@ class ChunkProcessor:
                 continue
             reply = next(replies)
             if isinstance(reply, Exception):
-                refused = refused or _out_of_memory(reply)
+                refused = refused or out_of_memory(reply)
                 continue
             stored.append(o)
             counts = Counts(*(int(x) for x in reply))
@@ -382,15 +381,6 @@ class ChunkProcessor:
         if refused is not None:
             log.warning("results not stored, kept for a retry: %s", refused)
             raise refused
-
-
-def _out_of_memory(exc: Exception) -> Exception:
-    """A script's error as Redis' own out-of-memory error when that is what it is: Redis 7 reports
-    an OOM inside a script as ``ERR Error running script ... -OOM ...``, which the worker must
-    retry like any out-of-memory answer."""
-    if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "-OOM " in str(exc):
-        return redis.exceptions.OutOfMemoryError(str(exc))
-    return exc
 
 
 def _relay(source: Future[Any], target: Future[Any]) -> None:
