@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -183,6 +183,78 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
+class PinnedLanes:
+    """The lanes of pinned versions (``model=name:N``), kept in each model's
+    :attr:`ServedModel.pinned`: made on first use, at most ``max_pinned`` per model (the least
+    recently used is unloaded to make room; a new one is refused while every one was asked for
+    within :data:`PINNED_GRACE_S`, as a chunk may be decoding for it), and unloaded when unused
+    for ``idle_s``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[ServedModel, int], Loaded],
+        on_batch_for: Callable[[ModelLane], Callable[[BatchInfo], None]] | None,
+        max_pinned: int,
+        idle_s: float,
+    ) -> None:
+        self.settings = settings
+        self._load = load
+        self._on_batch_for = on_batch_for
+        self.max_pinned = max(1, max_pinned)
+        self.idle_s = max(idle_s, PINNED_GRACE_S)
+
+    def lane(self, served: ServedModel, version: int) -> ModelLane:
+        with served.lock:
+            lane = served.pinned.get(version)
+            if lane is None:
+                self._make_room(served)
+                live = served.live
+                loaded = live if live.version == version else self._load(served, version)
+                lane = ModelLane(
+                    served.name, _fixed(loaded), self.settings, self._on_batch_for, pinned=version
+                )
+                served.pinned[version] = lane
+            served.pinned.move_to_end(version)
+            lane.used = time.monotonic()
+            return lane
+
+    def _make_room(self, served: ServedModel) -> None:
+        now = time.monotonic()
+        while len(served.pinned) >= self.max_pinned:
+            version, lane = next(iter(served.pinned.items()))
+            if now - lane.used < PINNED_GRACE_S:
+                raise BatchvisionError(
+                    f"this worker already serves {len(served.pinned)} pinned versions of model "
+                    f"{served.name} in use (at most {self.max_pinned}); try again later",
+                    code="model_version_unavailable",
+                )
+            self._unload(served, version, "limit")
+
+    def unload_idle(self, models: Iterable[ServedModel], now: float | None = None) -> list[tuple[str, int]]:
+        """Unload the lanes unused for ``idle_s``; returns ``(model, version)`` of each."""
+        now = time.monotonic() if now is None else now
+        gone: list[tuple[str, int]] = []
+        for served in models:
+            with served.lock:
+                for version, lane in list(served.pinned.items()):
+                    if now - lane.used >= self.idle_s:
+                        self._unload(served, version, "idle")
+                        gone.append((served.name, version))
+        return gone
+
+    @staticmethod
+    def _unload(served: ServedModel, version: int, why: str) -> None:
+        # The batcher runs what it holds before its thread ends: no queued image is lost.
+        lane = served.pinned.pop(version)
+        lane.close()
+        log.info("model %s: pinned version %d unloaded (%s)", served.name, version, why)
+
+
+def _fixed(loaded: Loaded) -> Callable[[], Loaded]:
+    return lambda: loaded
+
+
 class ModelManager:
     """The models of this worker, their lanes, their versions; see the module doc."""
 
@@ -203,8 +275,7 @@ class ModelManager:
         self._loader = loader or _default_loader
         self._on_batch_for = on_batch_for
         self._on_switch = on_switch
-        self.max_pinned = max(1, max_pinned)
-        self.pinned_idle_s = pinned_idle_s
+        self.pinned = PinnedLanes(settings, self._load_pinned, on_batch_for, max_pinned, pinned_idle_s)
         self.models: dict[str, ServedModel] = {}
         self.listeners: list[ModelEvents] = []
         self._cond = threading.Condition()
@@ -249,55 +320,11 @@ class ModelManager:
             return None
         if options.version is None:
             return served.lane
-        return self._pinned(served, options.version)
-
-    def _pinned(self, served: ServedModel, version: int) -> ModelLane:
-        with served.lock:
-            lane = served.pinned.get(version)
-            if lane is None:
-                self._make_room(served)
-                live = served.live
-                loaded = live if live.version == version else self._load_pinned(served, version)
-                lane = ModelLane(
-                    served.name, _fixed(loaded), self.settings, self._on_batch_for, pinned=version
-                )
-                served.pinned[version] = lane
-            served.pinned.move_to_end(version)
-            lane.used = time.monotonic()
-            return lane
-
-    def _make_room(self, served: ServedModel) -> None:
-        # Called with served.lock held, before a new pinned lane. The least recently used lane
-        # goes, unless it was asked for within the grace period (a chunk may be decoding for
-        # it): then the new version is refused, so the bound holds.
-        now = time.monotonic()
-        while len(served.pinned) >= self.max_pinned:
-            version, lane = next(iter(served.pinned.items()))
-            if now - lane.used < PINNED_GRACE_S:
-                raise BatchvisionError(
-                    f"this worker already serves {len(served.pinned)} pinned versions of model "
-                    f"{served.name} in use (at most {self.max_pinned}); try again later",
-                    code="model_version_unavailable",
-                )
-            self._unload(served, version, "limit")
+        return self.pinned.lane(served, options.version)
 
     def unload_idle(self, now: float | None = None) -> list[tuple[str, int]]:
-        """Unload the pinned lanes unused for :attr:`pinned_idle_s`; returns what went."""
-        now = time.monotonic() if now is None else now
-        gone: list[tuple[str, int]] = []
-        for served in self.models.values():
-            with served.lock:
-                for version, lane in list(served.pinned.items()):
-                    if now - lane.used >= max(self.pinned_idle_s, PINNED_GRACE_S):
-                        self._unload(served, version, "idle")
-                        gone.append((served.name, version))
-        return gone
-
-    def _unload(self, served: ServedModel, version: int, why: str) -> None:
-        # The batcher runs what it holds before its thread ends: no queued image is lost.
-        lane = served.pinned.pop(version)
-        lane.close()
-        log.info("model %s: pinned version %d unloaded (%s)", served.name, version, why)
+        """Unload the pinned lanes unused for the idle limit; returns what went."""
+        return self.pinned.unload_idle(self.models.values(), now)
 
     def _load_pinned(self, served: ServedModel, version: int) -> Loaded:
         vdir = served.entry.versions.get(version)
@@ -394,6 +421,7 @@ class ModelManager:
         while not self._stop.is_set():
             with self._cond:
                 while not self._pending and not self._stop.is_set():
+                    # Nothing to load for a while: time to unload unused pinned versions.
                     if not self._cond.wait(timeout=PINNED_GRACE_S / 2):
                         self.unload_idle()
                 if self._stop.is_set():
@@ -496,10 +524,6 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001 - Redis away: keep what is live
             log.debug("live pointer of %s unreadable: %s", name, exc)
             return None
-
-
-def _fixed(loaded: Loaded) -> Callable[[], Loaded]:
-    return lambda: loaded
 
 
 def _facts(loaded: Loaded) -> dict[str, Any]:
