@@ -148,7 +148,7 @@ class ChunkProcessor:
         chunks, urgent, enqueued_at = message.chunks, message.interactive, message.enqueued_at
         stats = ChunkStats(message.jobs)
         claims = self.claims.claim_many(chunks, also=lambda pipe: ledger_started(pipe, chunks))
-        done: list[_Outcome] = []  # stored in the last round trip
+        done: list[_Outcome] = []  # stored, then their blobs and ledger entries deleted
         fresh: list[tuple[_Outcome, list[int], Route]] = []  # to classify together
         suspects: list[tuple[Chunk, list[int], Route]] = []
         for chunk, claim in zip(chunks, claims, strict=True):
