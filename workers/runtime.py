@@ -41,7 +41,7 @@ from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
 from batchvision.server.messages import Chunk
 from batchvision.server.models import ModelRegistry
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
-from batchvision.server.queue import amqp_backlog, create_celery, publish, uses_amqp
+from batchvision.server.queue import amqp_backlog, create_celery, dead_letter_queue, publish, uses_amqp
 from batchvision.server.recovery import Sweeper, sweep
 from batchvision.server.routing import default_model, model_queues
 from batchvision.server.store import JobStore
@@ -313,7 +313,8 @@ class DeadLettersStep:
 class SweeperStep:
     """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`).
     On RabbitMQ no message is lost that way; the sweep still re-sends chunks whose publish
-    failed after their job was stored, and only while no queue has a backlog."""
+    failed after their job was stored, and only while no queue (the dead-letter queue
+    included) has a backlog."""
 
     name = "sweeper"
 
@@ -336,7 +337,8 @@ class SweeperStep:
         known = {default_model(self.settings), *registry.model_names()}
         queues = [q for pair in model_queues(self.settings, known).values() for q in pair]
         if uses_amqp(self.settings):
-            if amqp_backlog(self.settings, queues):
+            # Messages waiting in the dead-letter queue are its consumer's to re-send.
+            if amqp_backlog(self.settings, [*queues, dead_letter_queue(self.settings)]):
                 return 0
             queues = []
         # Twice the visibility timeout: kombu's own restore gets the first chance.

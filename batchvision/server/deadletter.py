@@ -123,7 +123,6 @@ class DeadLetters:
         resends = int(headers.get(RESENDS_HEADER) or 0)
         described = "; ".join(c.describe() for c in chunks)
         if reason == "rejected" and resends < MAX_RESENDS and queue.startswith(self.settings.queue):
-            self.pause(min(30.0, 2.0**resends))
             log.warning(
                 "re-sending failed task %s (%s) to %s, resend %d of %d",
                 headers.get("id"),
@@ -132,6 +131,7 @@ class DeadLetters:
                 resends + 1,
                 MAX_RESENDS,
             )
+            self.pause(min(30.0, 2.0**resends))
             self._resend(message, headers, queue, resends + 1, producer)
             return self._count("resent")
         if reason == "rejected":
