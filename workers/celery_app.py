@@ -2,6 +2,9 @@
 
 Run with ``--pool threads`` (``batchvision worker`` does): one process holds TensorFlow and
 the model, never forked; task threads decode in parallel and feed one model thread.
+
+The app holds the worker's components (:class:`workers.runtime.Worker`) while the Celery worker
+runs: started before it consumes, stopped in reverse when it shuts down.
 """
 
 from __future__ import annotations
@@ -10,20 +13,32 @@ import logging
 import os
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 
 from batchvision.core.settings import Settings
-from batchvision.server.checks import check_worker_settings, eviction_warning
-from batchvision.server.connect import connect_redis
 from batchvision.server.queue import create_celery
-
-settings = Settings.from_env()
-app = create_celery(settings, name="batchvision-worker")
-app.conf.include = ["workers.tasks"]
+from workers.runtime import Worker
 
 log = logging.getLogger(__name__)
 
-# -- structured logs (issue 18): BATCHVISION_LOG_FORMAT=json replaces Celery's log setup -------
+
+class WorkerApp(Celery):  # type: ignore[misc, unused-ignore]
+    """The workers' Celery app, which holds the running :class:`Worker`."""
+
+    runtime: Worker | None = None
+
+    def worker(self) -> Worker:
+        """The running worker's components (raises before the worker started)."""
+        if self.runtime is None:
+            raise RuntimeError("the worker has not started (worker_init did not run)")
+        return self.runtime
+
+
+settings = Settings.from_env()
+app: WorkerApp = create_celery(settings, name="batchvision-worker", cls=WorkerApp)  # type: ignore[assignment, unused-ignore]
+app.conf.include = ["workers.tasks"]
+
+# -- structured logs: BATCHVISION_LOG_FORMAT=json replaces Celery's log setup -----------------
 if settings.log_format == "json":
     from workers.logs import setup_json_logging
 
@@ -36,27 +51,20 @@ if settings.log_format == "json":
 
 @signals.worker_init.connect
 def _start(**_: Any) -> None:
-    # Load (and warm up) the model before the worker consumes: a task never pays for it, and
-    # a worker that cannot start (bad settings, missing model, metrics port taken) exits at
-    # once, visibly, instead of consuming tasks it cannot run.
+    # Start every component (the models loaded and warmed up) before the worker consumes: a
+    # task never pays for it, and a worker that cannot start (bad settings, missing model,
+    # metrics port taken) exits at once, visibly, instead of consuming tasks it cannot run.
+    worker = Worker(settings, app)
     try:
-        check_worker_settings(settings)
-        warning = eviction_warning(connect_redis(settings.redis_url))
-        if warning:
-            log.warning(warning)
-        from batchvision.server import tracing
-        from workers.runtime import get_runtime, start_sweeper
-
-        tracing.setup("batchvision-worker", settings)  # issue 18: no-op unless configured
-        get_runtime(settings)
-        start_sweeper(settings, app)
+        worker.start()  # on failure, what started is stopped again, in reverse
     except Exception:
         log.critical("worker cannot start", exc_info=True)
         os._exit(3)
+    app.runtime = worker
 
 
 @signals.worker_shutdown.connect
 def _close(**_: Any) -> None:
-    from workers.runtime import shutdown
-
-    shutdown()
+    worker, app.runtime = app.runtime, None
+    if worker is not None:
+        worker.stop()

@@ -1,5 +1,7 @@
-"""The models of one worker process (issue 14): the live version of each model it serves, new
-versions loaded in the background and switched in between two batches.
+"""Serving the models of one worker process: the live version of each model it serves, new
+versions loaded in the background and switched in between two batches. What the worker tells
+the registry and hears from it (announcements, heartbeat, watcher, reload requests) is
+:mod:`workers.reporting`, which follows this manager through :class:`ModelEvents`.
 
 - Each model has its own lane (:class:`ModelLane`): a batcher whose model thread takes the live
   version once, at the start of each batch, and tags every output with it. A switch is one
@@ -9,23 +11,21 @@ versions loaded in the background and switched in between two batches.
 - A new version is loaded, warmed up and checked (one probability per label) in the loader
   thread before it may go live; a version that fails is refused with the reason (in the
   registry and the log) and the live one stays. It is retried only once its files change.
-- Triggers: a new version folder (the watcher looks every ``BATCHVISION_MODEL_POLL_S``), a
-  reload request from the API (pub/sub), and the operator's live pointer (rollback).
-- The registry (:mod:`batchvision.server.models`) learns each version's state, each model's live
-  version, and (every few seconds) which worker serves which version.
+- Triggers: :meth:`ModelManager.request` (the watcher and reload requests of
+  :mod:`workers.reporting`), and the operator's live pointer (rollback), read at each look.
+- Pinned lanes are unloaded when unused: at most :data:`MAX_PINNED` per model, the least
+  recently used closed first, and any idle for :data:`PINNED_IDLE_S`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -37,9 +37,8 @@ from batchvision.core.models import JobOptions
 from batchvision.core.schemas import prediction
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints, tracing
-from batchvision.server.models import FAILED, FOUND, READY, ModelRegistry
+from batchvision.server.models import FAILED, READY
 from batchvision.server.repository import ModelEntry, VersionDir, parse_model_list, repository, select
-from batchvision.server.routing import default_model
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,13 @@ Loader = Callable[[VersionDir, Settings], ImageClassifier]
 #: A version folder changed less than this long ago may still be being written: the watcher
 #: leaves it for its next look (a reload request does not wait).
 SETTLE_S = 1.0
-HEARTBEAT_S = 10.0
+#: Pinned versions (``model=name:N``) kept loaded per model; the least recently used goes first.
+MAX_PINNED = 2
+#: A pinned version unused this long is unloaded.
+PINNED_IDLE_S = 300.0
+#: A pinned lane asked for less than this long ago may still be about to get images: it is
+#: not unloaded to make room (a new pinned version is refused instead while all are this fresh).
+PINNED_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,15 @@ class ModelLane:
         self._current = current
         #: The version of the batch running or run last (read by the batch hook).
         self.last: Loaded | None = None
+        #: When the lane was last asked for (pinned lanes are unloaded when unused).
+        self.used = time.monotonic()
         name = f"model-{model}" if pinned is None else f"model-{model}-v{pinned}"
-        self.batcher: DynamicBatcher[np.ndarray, Scored] = tracing.batcher_class()(
+        self.batcher: DynamicBatcher[np.ndarray, Scored] = DynamicBatcher(
             self._predict,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
             on_batch=on_batch_for(self) if on_batch_for is not None else None,
+            on_submit=tracing.submit_hook(),
             name=name,
         )
 
@@ -138,15 +146,26 @@ class ServedModel:
     entry: ModelEntry
     live: Loaded
     lane: ModelLane | None = None
-    pinned: dict[int, ModelLane] = field(default_factory=dict)
+    #: version -> its lane, least recently used first
+    pinned: OrderedDict[int, ModelLane] = field(default_factory=OrderedDict)
     #: version -> (the files' signature when it failed, the reason)
     failed: dict[int, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
     #: version -> what the registry shows of a version that loaded
     ready: dict[int, dict[str, Any]] = field(default_factory=dict)
-    #: version -> (status, error) last written to the registry
-    announced: dict[int, tuple[str, Any]] = field(default_factory=dict)
-    model_announced: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ModelEvents(Protocol):
+    """What the serving side tells whoever reports it (:class:`workers.reporting.ModelReporter`)."""
+
+    def versions_seen(self, served: ServedModel) -> None:
+        """The model's version folders were looked at (new, changed or gone ones)."""
+
+    def version_state(self, served: ServedModel, version: int, status: str, facts: dict[str, Any]) -> None:
+        """A version loaded (``ready``, with its facts) or was refused (``failed``, ``error``)."""
+
+    def live_changed(self, served: ServedModel) -> None:
+        """Another version went live."""
 
 
 def _live_of(served: ServedModel) -> Callable[[], Loaded]:
@@ -164,82 +183,131 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
+class PinnedLanes:
+    """The lanes of pinned versions (``model=name:N``), kept in each model's
+    :attr:`ServedModel.pinned`: made on first use, at most ``max_pinned`` per model (the least
+    recently used is unloaded to make room; a new one is refused while every one was asked for
+    within :data:`PINNED_GRACE_S`, as a chunk may be decoding for it), and unloaded when unused
+    for ``idle_s``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[ServedModel, int], Loaded],
+        on_batch_for: Callable[[ModelLane], Callable[[BatchInfo], None]] | None,
+        max_pinned: int,
+        idle_s: float,
+    ) -> None:
+        self.settings = settings
+        self._load = load
+        self._on_batch_for = on_batch_for
+        self.max_pinned = max(1, max_pinned)
+        self.idle_s = max(idle_s, PINNED_GRACE_S)
+
+    def lane(self, served: ServedModel, version: int) -> ModelLane:
+        with served.lock:
+            lane = served.pinned.get(version)
+            if lane is None:
+                self._make_room(served)
+                live = served.live
+                loaded = live if live.version == version else self._load(served, version)
+                lane = ModelLane(
+                    served.name, _fixed(loaded), self.settings, self._on_batch_for, pinned=version
+                )
+                served.pinned[version] = lane
+            served.pinned.move_to_end(version)
+            lane.used = time.monotonic()
+            return lane
+
+    def _make_room(self, served: ServedModel) -> None:
+        now = time.monotonic()
+        while len(served.pinned) >= self.max_pinned:
+            version, lane = next(iter(served.pinned.items()))
+            if now - lane.used < PINNED_GRACE_S:
+                raise BatchvisionError(
+                    f"this worker already serves {len(served.pinned)} pinned versions of model "
+                    f"{served.name} in use (at most {self.max_pinned}); try again later",
+                    code="model_version_unavailable",
+                )
+            self._unload(served, version, "limit")
+
+    def unload_idle(self, models: Iterable[ServedModel], now: float | None = None) -> list[tuple[str, int]]:
+        """Unload the lanes unused for ``idle_s``; returns ``(model, version)`` of each."""
+        now = time.monotonic() if now is None else now
+        gone: list[tuple[str, int]] = []
+        for served in models:
+            with served.lock:
+                for version, lane in list(served.pinned.items()):
+                    if now - lane.used >= self.idle_s:
+                        self._unload(served, version, "idle")
+                        gone.append((served.name, version))
+        return gone
+
+    @staticmethod
+    def _unload(served: ServedModel, version: int, why: str) -> None:
+        # The batcher runs what it holds before its thread ends: no queued image is lost.
+        lane = served.pinned.pop(version)
+        lane.close()
+        log.info("model %s: pinned version %d unloaded (%s)", served.name, version, why)
+
+
+def _fixed(loaded: Loaded) -> Callable[[], Loaded]:
+    return lambda: loaded
+
+
 class ModelManager:
     """The models of this worker, their lanes, their versions; see the module doc."""
 
     def __init__(
         self,
         settings: Settings,
-        registry: ModelRegistry | None = None,
         *,
+        pointer: Callable[[str], int | None] | None = None,
         on_batch_for: Callable[[ModelLane], Callable[[BatchInfo], None]] | None = None,
         on_switch: Callable[[str, int, float | None], None] | None = None,
         loader: Loader | None = None,
-        worker: str | None = None,
+        max_pinned: int = MAX_PINNED,
+        pinned_idle_s: float = PINNED_IDLE_S,
     ) -> None:
+        """``pointer(name)``: the live version the operator chose (``None``: the newest)."""
         self.settings = settings
-        self.registry = registry
-        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self._pointer_of = pointer
         self._loader = loader or _default_loader
         self._on_batch_for = on_batch_for
         self._on_switch = on_switch
+        self.pinned = PinnedLanes(settings, self._load_pinned, on_batch_for, max_pinned, pinned_idle_s)
         self.models: dict[str, ServedModel] = {}
+        self.listeners: list[ModelEvents] = []
         self._cond = threading.Condition()
         self._pending: dict[str, bool] = {}  # model -> may wait for its files to settle
         self._busy = False
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
 
     # -- start and stop --------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load every model this worker serves (the live version; the next lower one if that
-        fails) and start the loader, watcher, reload listener and heartbeat threads. Raises if
-        a model has no version that loads."""
+        fails) and start the loader thread. Raises if a model has no version that loads."""
         entries = select(repository(self.settings), parse_model_list(self.settings.worker_models))
         for name, entry in entries.items():
             served = self._first_load(entry)
             served.lane = ModelLane(name, _live_of(served), self.settings, self._on_batch_for)
             self.models[name] = served
-            self._announce(served)
-        self._heartbeat()
-        self._spawn("model-loader", self._loader_loop)
-        if self.registry is not None:
-            self._spawn("model-heartbeat", self._heartbeat_loop)
-            self._spawn("model-reloads", self._listen_loop)
-        if self.settings.model_poll_s > 0:
-            self._spawn("model-watcher", self._watch_loop)
+        self._thread = threading.Thread(target=self._loader_loop, name="model-loader", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self.registry is not None:
-            try:
-                self.registry.leave(self.worker, self.models)
-            except Exception as exc:  # noqa: BLE001 - Redis away at shutdown: heartbeats expire
-                log.debug("could not leave the registry: %s", exc)
-        for served in self.models.values():
-            for lane in [served.lane, *served.pinned.values()]:
-                if lane is not None:
-                    lane.close()
-
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        for lane in self.lanes():
+            lane.close()
 
     # -- what the pipeline asks -------------------------------------------------------------------
 
     def names(self) -> list[str]:
         return sorted(self.models)
-
-    def default_lane(self) -> ModelLane:
-        """The default model's lane, or the first model's when this worker does not serve it."""
-        name = default_model(self.settings)
-        served = self.models.get(name) or self.models[self.names()[0]]
-        assert served.lane is not None
-        return served.lane
 
     def lanes(self) -> list[ModelLane]:
         return [lane for s in self.models.values() for lane in [s.lane, *s.pinned.values()] if lane]
@@ -252,21 +320,11 @@ class ModelManager:
             return None
         if options.version is None:
             return served.lane
-        return self._pinned(served, options.version)
+        return self.pinned.lane(served, options.version)
 
-    def _pinned(self, served: ServedModel, version: int) -> ModelLane:
-        with served.lock:
-            lane = served.pinned.get(version)
-            if lane is not None:
-                return lane
-            live = served.live
-            if live.version == version:
-                loaded = live
-            else:
-                loaded = self._load_pinned(served, version)
-            lane = ModelLane(served.name, lambda: loaded, self.settings, self._on_batch_for, pinned=version)
-            served.pinned[version] = lane
-            return lane
+    def unload_idle(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Unload the pinned lanes unused for the idle limit; returns what went."""
+        return self.pinned.unload_idle(self.models.values(), now)
 
     def _load_pinned(self, served: ServedModel, version: int) -> Loaded:
         vdir = served.entry.versions.get(version)
@@ -288,14 +346,20 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001 - refused with the reason, per image
             reason = _reason(exc)
             served.failed[version] = (vdir.signature, reason)
-            self._set_version(served, version, FAILED, error=reason)
+            self._emit_state(served, version, FAILED, {"error": reason})
             raise BatchvisionError(
                 f"model {served.name} version {version} cannot be loaded: {reason}",
                 code="model_version_unavailable",
             ) from exc
         served.ready[version] = _facts(loaded)
-        self._set_version(served, version, READY, **served.ready[version])
+        self._emit_state(served, version, READY, served.ready[version])
         return loaded
+
+    # -- events for the reporting side -------------------------------------------------------------
+
+    def _emit_state(self, served: ServedModel, version: int, status: str, facts: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            listener.version_state(served, version, status, facts)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -357,7 +421,9 @@ class ModelManager:
         while not self._stop.is_set():
             with self._cond:
                 while not self._pending and not self._stop.is_set():
-                    self._cond.wait()
+                    # Nothing to load for a while: time to unload unused pinned versions.
+                    if not self._cond.wait(timeout=PINNED_GRACE_S / 2):
+                        self.unload_idle()
                 if self._stop.is_set():
                     return
                 name, settle = next(iter(self._pending.items()))
@@ -382,7 +448,8 @@ class ModelManager:
             )
             return False
         served.entry = entry
-        self._announce(served)
+        for listener in self.listeners:
+            listener.versions_seen(served)
         target = self._target(served)
         if target is None or target == served.live.version:
             return False
@@ -403,7 +470,7 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001 - refused with the reason; the live one stays
             reason = _reason(exc)
             served.failed[target] = (vdir.signature, reason)
-            self._set_version(served, target, FAILED, error=reason)
+            self._emit_state(served, target, FAILED, {"error": reason})
             log.warning(
                 "model %s version %d refused, version %d stays live: %s",
                 name,
@@ -418,9 +485,9 @@ class ModelManager:
         served.live = loaded  # the switch: the next batch of this model runs on it
         served.failed.pop(target, None)
         served.ready[target] = _facts(loaded)
-        self._set_version(served, target, READY, **served.ready[target])
-        self._registry_call("announce_model", name, target)
-        self._heartbeat()
+        self._emit_state(served, target, READY, served.ready[target])
+        for listener in self.listeners:
+            listener.live_changed(served)
         log.info(
             "model %s: version %d live (was %d), loaded and checked in %.2fs",
             name,
@@ -450,103 +517,13 @@ class ModelManager:
         return None
 
     def _pointer(self, name: str) -> int | None:
-        if self.registry is None:
+        if self._pointer_of is None:
             return None
         try:
-            return self.registry.live_pointer(name)
+            return self._pointer_of(name)
         except Exception as exc:  # noqa: BLE001 - Redis away: keep what is live
             log.debug("live pointer of %s unreadable: %s", name, exc)
             return None
-
-    # -- registry ----------------------------------------------------------------------------------
-
-    def _registry_call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self.registry is None:
-            return
-        try:
-            getattr(self.registry, method)(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the registry is news, not work
-            log.warning("model registry not updated (%s): %s", method, exc)
-
-    def _announce(self, served: ServedModel) -> None:
-        """Tell the registry what changed about the model's versions: new ones (found), loaded
-        ones (ready), refused ones (failed, with the reason); forget versions gone from disk."""
-        entry = served.entry
-        for version in sorted(set(served.announced) - set(entry.versions) - set(entry.problems)):
-            self._registry_call("forget_versions", served.name, [version])
-            del served.announced[version]
-        for version in sorted(set(entry.versions) | set(entry.problems)):
-            failed = served.failed.get(version)
-            if version in entry.problems:
-                self._set_version(served, version, FAILED, error=entry.problems[version])
-            elif failed is not None and failed[0] == entry.versions[version].signature:
-                self._set_version(served, version, FAILED, error=failed[1])
-            elif version in served.ready:
-                self._set_version(served, version, READY, **served.ready[version])
-            else:
-                self._set_version(served, version, FOUND)
-        if not served.model_announced:
-            self._registry_call("announce_model", served.name, served.live.version)
-            served.model_announced = True
-
-    def _set_version(self, served: ServedModel, version: int, status: str, **facts: Any) -> None:
-        key = (status, facts.get("error"))
-        if served.announced.get(version) == key:
-            return
-        # "found" never overwrites what another worker of this model learnt (ready, failed).
-        self._registry_call(
-            "announce_version", served.name, version, status, only_new=status == FOUND, **facts
-        )
-        served.announced[version] = key
-
-    def _heartbeat(self) -> None:
-        self._registry_call("heartbeat", self.worker, {n: s.live.version for n, s in self.models.items()})
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            self._heartbeat()
-            self._restore_if_lost()
-
-    def _restore_if_lost(self) -> None:
-        """Write the registry again if Redis lost it (restarted without its data, flushed):
-        the API refuses a model the registry does not know."""
-        assert self.registry is not None
-        try:
-            known = set(self.registry.model_names(fresh=True))
-        except Exception as exc:  # noqa: BLE001 - Redis away: the next heartbeat tries again
-            log.debug("registry unreadable: %s", exc)
-            return
-        for name, served in self.models.items():
-            if name not in known:
-                log.warning("model %s is missing from the registry: announcing it again", name)
-                served.announced.clear()
-                served.model_announced = False
-                self._announce(served)
-
-    def _watch_loop(self) -> None:
-        while not self._stop.wait(self.settings.model_poll_s):
-            for name in self.models:
-                self.request(name, settle=True)
-
-    def _listen_loop(self) -> None:
-        assert self.registry is not None
-        while not self._stop.is_set():
-            try:
-                pubsub = self.registry.subscribe()
-                try:
-                    while not self._stop.is_set():
-                        message = pubsub.get_message(timeout=1.0)
-                        if message is None or message.get("type") != "message":
-                            continue
-                        name = json.loads(message["data"]).get("model")
-                        if name in self.models:
-                            log.info("model %s: reload requested", name)
-                            self.request(str(name))
-                finally:
-                    pubsub.close()
-            except Exception as exc:  # noqa: BLE001 - Redis restarting: subscribe again
-                log.debug("reload listener: %s", exc)
-                self._stop.wait(2.0)
 
 
 def _facts(loaded: Loaded) -> dict[str, Any]:

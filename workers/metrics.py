@@ -6,6 +6,7 @@ One worker is one process (threads pool), so the default registry is exact here.
 from __future__ import annotations
 
 import time
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
@@ -88,9 +89,9 @@ def observe_switch(model: str, version: int, load_s: float | None) -> None:
     LIVE_VERSION.labels(model).set(version)
 
 
-def serve(port: int, devices: dict[str, str], load_s: float) -> None:
+def serve(port: int, devices: dict[str, str], load_s: float) -> WSGIServer | None:
     """Start the ``/metrics`` endpoint (a daemon thread) with each model's info set
-    (``devices``: model -> device)."""
+    (``devices``: model -> device); returns its server (``None`` without a port)."""
     for model, device in devices.items():
         MODEL.labels(model).info({"device": device})
         for outcome in ("ok", "error", "canceled"):
@@ -98,5 +99,7 @@ def serve(port: int, devices: dict[str, str], load_s: float) -> None:
         for outcome in ("ok", "failed"):
             RELOADS.labels(model, outcome)
     MODEL_LOAD.set(load_s)
-    if port:
-        start_http_server(port)
+    if not port:
+        return None
+    server, _ = start_http_server(port)
+    return server

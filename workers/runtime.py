@@ -1,138 +1,121 @@
-"""Per-process worker state: the model, the batcher and the store, created once."""
+"""The worker process as an ordered list of components (see :mod:`workers.lifecycle`):
+
+====================  ==============================================  ===========================
+component             start                                           stop
+====================  ==============================================  ===========================
+``tracing``           OpenTelemetry, when configured                  flush the spans
+``redis``             connect; check settings, warn about eviction    close the connections
+``models``            load and warm up every model served, its lane   close every lane's batcher
+``model-reporting``   registry, heartbeat, watcher, reload listener   leave the registry
+``hand-on``           the publisher for chunks of other models        close it
+``processor``         the chunk processor (decode and fetch pools)    shut the pools down
+``metrics``           ``/metrics`` with each model's device           shut the server down
+``webhooks``          the completion webhook deliverer                stop delivering
+``dead-letters``      RabbitMQ only: the dead-letter queue consumer   stop consuming
+``sweeper``           re-sends chunks whose message was lost          stop sweeping
+====================  ==============================================  ===========================
+
+Started in this order when the Celery worker starts (before it consumes), stopped in reverse
+when it shuts down, or at once if a start fails. :class:`Worker` is the composition root; the
+Celery app holds it (:mod:`workers.celery_app`).
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 from celery import Celery
 
-from batchvision.core.batching import BatchInfo, DynamicBatcher
+from batchvision.core.batching import BatchInfo
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
-from batchvision.server.blobs import open_blobs
+from batchvision.server.blobs import BlobStore, open_blobs
+from batchvision.server.checks import check_worker_settings, eviction_warning
 from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import DeadLetterConsumer, DeadLetters
 from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
+from batchvision.server.messages import Chunk
 from batchvision.server.models import ModelRegistry
-from batchvision.server.pipeline import ChunkProcessor
-from batchvision.server.queue import amqp_backlog, create_celery, publish, uses_amqp
+from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
+from batchvision.server.queue import amqp_backlog, create_celery, dead_letter_queue, publish, uses_amqp
 from batchvision.server.recovery import Sweeper, sweep
 from batchvision.server.routing import default_model, model_queues
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import BatchLog, Telemetry
 from batchvision.server.webhooks import Deliverer
 from workers import metrics
-
-if TYPE_CHECKING:
-    from workers.manager import ModelLane, ModelManager
+from workers.lifecycle import Component, Lifecycle, NotStarted
+from workers.manager import ModelLane, ModelManager
+from workers.reporting import ModelReporter
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Runtime:
-    processor: ChunkProcessor
-    batcher: DynamicBatcher[np.ndarray, Any]
-    model_name: str
-    device: str
-    sweeper: Sweeper | None = None
-    dead_letters: DeadLetterConsumer | None = None  # issue 16: RabbitMQ's dead-letter queue
-    deliverer: Deliverer | None = None  # issue 15: completion webhooks
-    models: ModelManager | None = None  # issue 14: the models, their lanes and versions
+def _made(value: Any, component: str) -> Any:
+    if value is None:
+        raise NotStarted(f"the {component} component has not started")
+    return value
 
 
-_lock = threading.Lock()
-_runtime: Runtime | None = None
+class TracingStep:
+    name = "tracing"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def start(self) -> None:
+        tracing.setup("batchvision-worker", self.settings)  # a no-op unless configured
+
+    def stop(self) -> None:
+        tracing.flush()
 
 
-def get_runtime(settings: Settings) -> Runtime:
-    """The process's runtime, built on first use (model loaded exactly once)."""
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            _runtime = _build(settings)
-        return _runtime
+class RedisStep:
+    """The Redis client and what is built on it alone: job store, claims, blobs."""
+
+    name = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: Any = None
+        self.store: JobStore | None = None
+        self.claims: Claims | None = None
+        self.blobs: BlobStore | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        check_worker_settings(s)
+        client = connect_redis(s.redis_url)
+        warning = eviction_warning(client)
+        if warning:
+            log.warning(warning)
+        self._client = client
+        self.store = JobStore(client, result_ttl_s=s.result_ttl_s, blob_ttl_s=s.blob_ttl_s)
+        self.claims = Claims(client, ttl_s=s.blob_ttl_s)
+        self.blobs = open_blobs(s.blob_url, client, s.blob_ttl_s)
+
+    @property
+    def client(self) -> Any:
+        return _made(self._client, self.name)
+
+    def stop(self) -> None:
+        self._client.close()
 
 
-def shutdown() -> None:
-    global _runtime
-    with _lock:
-        if _runtime is not None:
-            if _runtime.models is not None:
-                _runtime.models.close()  # every lane's batcher (the default one's too)
-            _runtime.batcher.close()
-            _runtime.processor.close()
-            if _runtime.sweeper is not None:
-                _runtime.sweeper.stop()
-            if _runtime.dead_letters is not None:
-                _runtime.dead_letters.stop()
-            if _runtime.deliverer is not None:
-                _runtime.deliverer.stop()
-            _runtime = None
-
-
-def start_sweeper(settings: Settings, app: Celery) -> None:
-    """Re-send chunks whose message a dead worker took with it (see batchvision.server.recovery).
-
-    On RabbitMQ (issue 16) no message is lost that way; the sweep still re-sends chunks whose
-    publish failed after their job was stored (the broker was down: the client got a 503), and
-    the consumer of the dead-letter queue handles failed and over-limit messages
-    (see batchvision.server.deadletter)."""
-    runtime = get_runtime(settings)
-    amqp = uses_amqp(settings)
-    if amqp:
-        p = runtime.processor
-        runtime.dead_letters = DeadLetterConsumer(DeadLetters(settings, p.store, p.claims, p.blobs))
-        runtime.dead_letters.start()
-    vt = settings.visibility_timeout_s
-
-    def resend(job_id: str, indexes: list[int]) -> None:
-        model = runtime.processor.store.model_of(job_id)  # issue 14: to its model's queue
-        publish(app, settings, [(job_id, indexes)], time.time(), model=model)
-
-    def run() -> int:
-        # Every model's queues (issue 14): a backlog of any model may still hold the chunks.
-        registry = runtime.models.registry if runtime.models is not None else None
-        known = {default_model(settings), *(registry.model_names() if registry is not None else [])}
-        queues = [q for pair in model_queues(settings, known).values() for q in pair]
-        if amqp:  # issue 16: the queues are RabbitMQ's; sweep only while none has a backlog
-            if amqp_backlog(settings, queues):
-                return 0
-            queues = []
-        # Twice the visibility timeout: kombu's own restore gets the first chance.
-        return sweep(runtime.processor.store, queues, 2 * vt + 2.0, resend)
-
-    runtime.sweeper = Sweeper(max(1.0, min(60.0, vt / 3)), run)
-    runtime.sweeper.start()
-
-
-def _build(settings: Settings) -> Runtime:
-    from workers.manager import ModelManager
-
-    start = time.perf_counter()
-    client = connect_redis(settings.redis_url)
-    store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
-
-    telemetry = Telemetry(client)
-    batch_log = BatchLog(telemetry)  # the model thread never waits on Redis
+def batch_hook(batch_log: BatchLog) -> Callable[[ModelLane], Callable[[BatchInfo], None]]:
+    """The batch hook of each model's lane: metrics, the recent-batches log, the batch's span
+    (linked to its tasks) and a log line."""
 
     def on_batch_for(lane: ModelLane) -> Callable[[BatchInfo], None]:
-        """The batch hook of one model's lane (issue 14: each model has its own batcher)."""
-
         def on_batch(info: BatchInfo) -> None:
             version = lane.last.version if lane.last is not None else None
             metrics.observe_batch(info, lane.model)
             jobs = [str(tag[0]) for tag in info.tags]
             batch_log.put(info.size, jobs, lane.model, version)
-            # -- tracing and logs (issue 18): the batch's span (linked to its tasks) and log line
             tracing.record_batch(info, lane.model)
             unique = sorted(set(jobs))
             log.info(
@@ -155,60 +138,257 @@ def _build(settings: Settings) -> Runtime:
 
         return on_batch
 
-    # Issue 14: the models this worker serves (BATCHVISION_WORKER_MODELS, default every model
-    # of the repository), each with its lane; new versions load in the background and go live
-    # between two batches. Raises (the worker does not start) if a model cannot load at all.
-    manager = ModelManager(
-        settings, ModelRegistry(client), on_batch_for=on_batch_for, on_switch=metrics.observe_switch
-    )
-    manager.start()
-    load_s = time.perf_counter() - start
-    lane = manager.default_lane()
-    batcher = lane.batcher
-    live = manager.models[lane.model].live.classifier
-    devices = {name: served.live.classifier.device for name, served in manager.models.items()}
+    return on_batch_for
 
-    publisher: list[Celery] = []  # created on first use: a chunk of another model is rare
 
-    def hand_on(job_id: str, indexes: list[int], model: str, urgent: bool) -> None:
-        if not publisher:
-            publisher.append(create_celery(settings, name="batchvision-worker-hand-on"))
-        publish(publisher[0], settings, [(job_id, indexes)], time.time(), urgent, model=model)
+class ModelsStep:
+    """The models this worker serves (``BATCHVISION_WORKER_MODELS``, default every model of
+    the repository), each with its lane. Raises if a model cannot load at all."""
 
-    processor = ChunkProcessor(
-        store=store,
-        claims=Claims(client, ttl_s=settings.blob_ttl_s),
-        blobs=open_blobs(settings.blob_url, client, settings.blob_ttl_s),
-        batcher=batcher,
-        labels=live.labels,
-        input_size=live.input_size,
-        top_k=settings.top_k,
-        max_pixels=settings.max_image_pixels,
-        max_attempts=settings.max_attempts,
-        model_timeout_s=float(settings.task_time_limit_s),
-        max_inflight_images=settings.max_inflight_images or 4 * settings.max_batch_size,
-        decode_threads=settings.decode_threads or len(os.sched_getaffinity(0)),
-        on_decode=metrics.DECODE.observe,
-        lanes=manager,
-        default_model=default_model(settings),
-        hand_on=hand_on,
-        on_recorded_model=metrics.observe_recorded,
-        fetcher=Fetcher.from_settings(settings),  # issue 15: images named by URL
-        fetch_threads=settings.fetch_threads,
-    )
-    metrics.serve(settings.worker_metrics_port, devices, load_s)
-    # Issue 15: every worker process delivers completion webhooks; pending ones live in Redis,
-    # so a worker killed mid-delivery leaves its lease to expire and another one sends it.
-    webhook_http = SafeHTTP(
-        AllowList.parse(settings.fetch_allow), connect_timeout_s=settings.fetch_connect_timeout_s
-    )
-    deliverer = Deliverer(client, settings, webhook_http)
-    deliverer.start()
-    return Runtime(
-        processor,
-        batcher,
-        ",".join(manager.names()),
-        ",".join(sorted(set(devices.values()))),
-        deliverer=deliverer,
-        models=manager,
-    )
+    name = "models"
+
+    def __init__(self, settings: Settings, redis: RedisStep) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._manager: ModelManager | None = None
+        self.load_s = 0.0
+
+    def start(self) -> None:
+        begin = time.perf_counter()
+        hook = batch_hook(BatchLog(Telemetry(self.redis.client)))  # the model thread never waits on Redis
+        manager = ModelManager(
+            self.settings,
+            pointer=ModelRegistry(self.redis.client).live_pointer,  # the operator's rollback
+            on_batch_for=hook,
+            on_switch=metrics.observe_switch,
+        )
+        manager.start()
+        self._manager = manager
+        self.load_s = time.perf_counter() - begin
+
+    @property
+    def manager(self) -> ModelManager:
+        manager: ModelManager = _made(self._manager, self.name)
+        return manager
+
+    def stop(self) -> None:
+        self.manager.close()
+
+
+class ReportingStep:
+    """What the worker tells the model registry and hears from it: versions, heartbeats,
+    new version folders (the watcher) and reload requests (pub/sub)."""
+
+    name = "model-reporting"
+
+    def __init__(self, redis: RedisStep, models: ModelsStep) -> None:
+        self.redis = redis
+        self.models = models
+        self.reporter: ModelReporter | None = None
+
+    def start(self) -> None:
+        self.reporter = ModelReporter(self.models.manager, ModelRegistry(self.redis.client))
+        self.reporter.start()
+
+    def stop(self) -> None:
+        _made(self.reporter, self.name).close()
+
+
+class HandOnStep:
+    """Publishes a chunk of a model this worker does not serve to that model's queues."""
+
+    name = "hand-on"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._app: Celery | None = None
+
+    def start(self) -> None:
+        # No connection yet: the broker is reached on the first hand-on, which is rare.
+        self._app = create_celery(self.settings, name="batchvision-worker-hand-on")
+
+    def __call__(self, chunk: Chunk, model: str, urgent: bool) -> None:
+        app = _made(self._app, self.name)
+        publish(app, self.settings, [chunk], time.time(), urgent, model=model)
+
+    def stop(self) -> None:
+        _made(self._app, self.name).close()
+
+
+class ProcessorStep:
+    name = "processor"
+
+    def __init__(self, settings: Settings, redis: RedisStep, models: ModelsStep, hand_on: HandOnStep) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.models = models
+        self.hand_on = hand_on
+        self._processor: ChunkProcessor | None = None
+
+    def start(self) -> None:
+        r = self.redis
+        self._processor = ChunkProcessor(
+            store=_made(r.store, r.name),
+            claims=_made(r.claims, r.name),
+            blobs=_made(r.blobs, r.name),
+            lanes=self.models.manager,
+            default_model=default_model(self.settings),
+            limits=ProcessorLimits.from_settings(self.settings),
+            fetcher=Fetcher.from_settings(self.settings),
+            hand_on=self.hand_on,
+            on_decode=metrics.DECODE.observe,
+            on_recorded=metrics.observe_recorded,
+        )
+
+    @property
+    def processor(self) -> ChunkProcessor:
+        processor: ChunkProcessor = _made(self._processor, self.name)
+        return processor
+
+    def stop(self) -> None:
+        self.processor.close()
+
+
+class MetricsStep:
+    name = "metrics"
+
+    def __init__(self, settings: Settings, models: ModelsStep) -> None:
+        self.settings = settings
+        self.models = models
+        self._server: Any = None
+
+    def start(self) -> None:
+        devices = {name: s.live.classifier.device for name, s in self.models.manager.models.items()}
+        self._server = metrics.serve(self.settings.worker_metrics_port, devices, self.models.load_s)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class WebhooksStep:
+    """Every worker process delivers completion webhooks; pending ones live in Redis, so a
+    worker killed mid-delivery leaves its lease to expire and another one sends it."""
+
+    name = "webhooks"
+
+    def __init__(self, settings: Settings, redis: RedisStep) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._deliverer: Deliverer | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        http = SafeHTTP(AllowList.parse(s.fetch_allow), connect_timeout_s=s.fetch_connect_timeout_s)
+        self._deliverer = Deliverer(self.redis.client, s, http)
+        self._deliverer.start()
+
+    def stop(self) -> None:
+        _made(self._deliverer, self.name).stop()
+
+
+class DeadLettersStep:
+    """RabbitMQ only: the consumer of the dead-letter queue (failed, over-limit messages)."""
+
+    name = "dead-letters"
+
+    def __init__(self, settings: Settings, redis: RedisStep) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._consumer: DeadLetterConsumer | None = None
+
+    def start(self) -> None:
+        r = self.redis
+        handler = DeadLetters(
+            self.settings, _made(r.store, r.name), _made(r.claims, r.name), _made(r.blobs, r.name)
+        )
+        self._consumer = DeadLetterConsumer(handler)
+        self._consumer.start()
+
+    def stop(self) -> None:
+        _made(self._consumer, self.name).stop()
+
+
+class SweeperStep:
+    """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`).
+    On RabbitMQ no message is lost that way; the sweep still re-sends chunks whose publish
+    failed after their job was stored, and only while no queue (the dead-letter queue
+    included) has a backlog."""
+
+    name = "sweeper"
+
+    def __init__(self, settings: Settings, app: Celery, redis: RedisStep) -> None:
+        self.settings = settings
+        self.app = app
+        self.redis = redis
+        self._sweeper: Sweeper | None = None
+        self._registry: ModelRegistry | None = None
+
+    def _resend(self, chunk: Chunk) -> None:
+        store = _made(self.redis.store, self.redis.name)
+        model = store.model_of(chunk.job_id)  # to its model's queues
+        publish(self.app, self.settings, [chunk], time.time(), model=model)
+
+    def _run(self) -> int:
+        store: JobStore = _made(self.redis.store, self.redis.name)
+        # Every model's queues: a backlog of any model may still hold the chunks.
+        registry: ModelRegistry = _made(self._registry, self.name)
+        known = {default_model(self.settings), *registry.model_names()}
+        queues = [q for pair in model_queues(self.settings, known).values() for q in pair]
+        if uses_amqp(self.settings):
+            # Messages waiting in the dead-letter queue are its consumer's to re-send.
+            if amqp_backlog(self.settings, [*queues, dead_letter_queue(self.settings)]):
+                return 0
+            queues = []
+        # Twice the visibility timeout: kombu's own restore gets the first chance.
+        return sweep(store, queues, 2 * self.settings.visibility_timeout_s + 2.0, self._resend)
+
+    def start(self) -> None:
+        self._registry = ModelRegistry(self.redis.client)
+        self._sweeper = Sweeper(max(1.0, min(60.0, self.settings.visibility_timeout_s / 3)), self._run)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        _made(self._sweeper, self.name).stop()
+
+
+class Worker:
+    """The composition root of one worker process: its components, in start order."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self.redis = RedisStep(settings)
+        self.models = ModelsStep(settings, self.redis)
+        hand_on = HandOnStep(settings)
+        self._processor = ProcessorStep(settings, self.redis, self.models, hand_on)
+        components: list[Component] = [
+            TracingStep(settings),
+            self.redis,
+            self.models,
+            ReportingStep(self.redis, self.models),
+            hand_on,
+            self._processor,
+            MetricsStep(settings, self.models),
+            WebhooksStep(settings, self.redis),
+        ]
+        if uses_amqp(settings):
+            components.append(DeadLettersStep(settings, self.redis))
+        components.append(SweeperStep(settings, app, self.redis))
+        self.lifecycle = Lifecycle(components)
+
+    def start(self) -> None:
+        self.lifecycle.start()
+        log.info("worker started: %s", ", ".join(self.lifecycle.started))
+
+    def stop(self) -> None:
+        self.lifecycle.stop()
+
+    @property
+    def processor(self) -> ChunkProcessor:
+        return self._processor.processor
+
+    @property
+    def model_names(self) -> str:
+        """The models served, comma-separated (span attribute)."""
+        return ",".join(self.models.manager.names())

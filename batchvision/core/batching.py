@@ -58,14 +58,20 @@ class DynamicBatcher(Generic[In, Out]):
         max_batch_size: int = 32,
         max_delay_s: float = 0.01,
         on_batch: Callable[[BatchInfo], None] | None = None,
+        on_submit: Callable[[Any], Any] | None = None,
         name: str = "batcher",
     ) -> None:
+        """``on_batch``: called in the model thread after each model call. ``on_submit``:
+        called in the submitting thread with each item's tag, returns the tag the item keeps
+        (what the submitting thread knows, e.g. its trace span, travels with the item into
+        :attr:`BatchInfo.tags`)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self._on_batch = on_batch
+        self._on_submit = on_submit
         self._items: deque[_Item[In, Out]] = deque()
         self._urgent: deque[_Item[In, Out]] = deque()  # served first, in arrival order
         self._reserved = 0
@@ -101,6 +107,8 @@ class DynamicBatcher(Generic[In, Out]):
         self, value: In, tag: Any, slot: Reservation[In, Out] | None, urgent: bool = False
     ) -> Future[Out]:
         fut: Future[Out] = Future()
+        if self._on_submit is not None:
+            tag = self._on_submit(tag)
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")

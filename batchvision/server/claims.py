@@ -13,6 +13,7 @@ import redis
 from batchvision.core.models import OPTION_FIELDS
 from batchvision.server import keys, lua
 from batchvision.server.keys import JobKeys
+from batchvision.server.messages import Chunk
 
 
 @dataclass(frozen=True)
@@ -35,44 +36,44 @@ class Claims:
         self.ttl_s = ttl_s
         self._release = client.register_script(lua.RELEASE)
 
-    def claim(self, job_id: str, indexes: Sequence[int], attempt_key: str) -> Claim | None:
+    def claim(self, chunk: Chunk, attempt_key: str) -> Claim | None:
         """A worker starts a chunk, in one round trip; ``None`` if the job no longer exists."""
-        return self.claim_many([(job_id, indexes)], lambda ix: attempt_key)[0]
+        return self.claim_many([chunk], lambda c: attempt_key)[0]
 
     def claim_many(
         self,
-        chunks: Sequence[tuple[str, Sequence[int]]],
-        attempt_key: Callable[[Sequence[int]], str] = lambda ix: f"chunk:{ix[0]}",
+        chunks: Sequence[Chunk],
+        attempt_key: Callable[[Chunk], str] = lambda c: f"chunk:{c.first}",
         also: Callable[[Any], None] | None = None,
     ) -> list[Claim | None]:
         """:meth:`claim` for the chunks of one message, in one round trip; ``also(pipe)`` may
         queue more commands on it (their replies are dropped). ``None`` for a vanished job."""
         pipe = self.redis.pipeline(transaction=False)
-        for job_id, indexes in chunks:
-            k = JobKeys.of(job_id)
+        for chunk in chunks:
+            k = JobKeys.of(chunk.job_id)
             pipe.hmget(k.job, ["cancel", *OPTION_FIELDS])
-            pipe.hmget(k.results, [str(i) for i in indexes])
-            pipe.hincrby(k.tries, attempt_key(indexes), 1)
+            pipe.hmget(k.results, [str(i) for i in chunk.indexes])
+            pipe.hincrby(k.tries, attempt_key(chunk), 1)
             pipe.expire(k.tries, self.ttl_s)
         if also is not None:
             also(pipe)
         replies = pipe.execute()
         out: list[Claim | None] = []
-        for n, (job_id, indexes) in enumerate(chunks):
+        for n, chunk in enumerate(chunks):
             (cancel, *options), have, tries, _ = replies[4 * n : 4 * n + 4]
             if cancel is None:  # the job hash is gone
-                self.redis.delete(JobKeys.of(job_id).tries)
+                self.redis.delete(JobKeys.of(chunk.job_id).tries)
                 out.append(None)
                 continue
-            todo = [i for i, v in zip(indexes, have, strict=True) if v is None]
+            todo = [i for i, v in zip(chunk.indexes, have, strict=True) if v is None]
             fields = {k: v.decode() for k, v in zip(OPTION_FIELDS, options, strict=True) if v is not None}
             out.append(Claim(todo, cancel in (b"1", b"open"), int(tries), fields))
         return out
 
-    def unclaim(self, job_id: str, indexes: Sequence[int]) -> None:
+    def unclaim(self, chunk: Chunk) -> None:
         """Take back a chunk's delivery count (a worker that does not serve the job's model hands
         the chunk on: that was no delivery)."""
-        self.redis.hincrby(JobKeys.of(job_id).tries, f"chunk:{indexes[0]}", -1)
+        self.redis.hincrby(JobKeys.of(chunk.job_id).tries, f"chunk:{chunk.first}", -1)
 
     def attempt(self, job_id: str, key: str) -> int:
         """Count one more delivery of ``key`` (a chunk or an image); returns the count."""
@@ -85,4 +86,17 @@ class Claims:
     def forget(self, job_id: str) -> None:
         """A job vanished (an abandoned upload expired): release the images it still counted
         from the global counters, once, however many workers meet it."""
-        self._release(keys=[keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING], args=[time.time(), job_id, 0])
+        try:
+            counters = [keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING]
+            self._release(keys=counters, args=[time.time(), job_id, 0])
+        except redis.exceptions.ResponseError as exc:
+            raise out_of_memory(exc) from None
+
+
+def out_of_memory(exc: Exception) -> Exception:
+    """A script's error as Redis' own out-of-memory error when that is what it is: Redis 7 reports
+    an OOM inside a script as ``ERR Error running script ... -OOM ...``, which the worker must
+    retry like any out-of-memory answer."""
+    if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "-OOM " in str(exc):
+        return redis.exceptions.OutOfMemoryError(str(exc))
+    return exc

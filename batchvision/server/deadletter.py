@@ -41,6 +41,7 @@ from batchvision.core.schemas import canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server.blobs import BlobStore
 from batchvision.server.claims import Claims
+from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.queue import (
     CLASSIFY_TASK,
     broker_url,
@@ -60,17 +61,18 @@ RESENDS_HEADER = "bv-resends"
 #: Heartbeat of the dead-letter consumer's connection, seconds.
 HEARTBEAT_S = 60
 
-Chunk = tuple[str, list[int]]
-
 
 def chunks_of(body: Any) -> list[Chunk]:
     """The chunks of a classify message's body (Celery protocol 2: ``[args, kwargs, embed]``,
-    ``args[0]`` is ``[[job_id, [index, ...]], ...]``); raises ``ValueError`` if it is not one."""
+    ``args`` read by :meth:`ClassifyMessage.from_args`); raises ``ValueError``
+    (:class:`~batchvision.server.messages.MessageError`) if it is not one."""
     try:
-        args = body[0]
-        return [(str(job), [int(i) for i in ix]) for job, ix in args[0]]
-    except (TypeError, IndexError, KeyError, ValueError) as exc:
-        raise ValueError(f"not a classify message body: {exc}") from None
+        args, kwargs = body[0], body[1] if len(body) > 1 else {}
+    except (TypeError, IndexError, KeyError) as exc:
+        raise ValueError(f"not a classify message body: {exc!r}") from None
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError(f"not a classify message body: args {type(args).__name__}")
+    return list(ClassifyMessage.from_args(args, kwargs).chunks)
 
 
 def death(headers: dict[str, Any]) -> tuple[str, str]:
@@ -119,9 +121,8 @@ class DeadLetters:
             return self._count("dropped")
         reason, queue = death(headers)
         resends = int(headers.get(RESENDS_HEADER) or 0)
-        described = " ".join(f"{job}:{ix[0]}..{ix[-1]}" for job, ix in chunks if ix)
+        described = "; ".join(c.describe() for c in chunks)
         if reason == "rejected" and resends < MAX_RESENDS and queue.startswith(self.settings.queue):
-            self.pause(min(30.0, 2.0**resends))
             log.warning(
                 "re-sending failed task %s (%s) to %s, resend %d of %d",
                 headers.get("id"),
@@ -130,6 +131,7 @@ class DeadLetters:
                 resends + 1,
                 MAX_RESENDS,
             )
+            self.pause(min(30.0, 2.0**resends))
             self._resend(message, headers, queue, resends + 1, producer)
             return self._count("resent")
         if reason == "rejected":
@@ -157,14 +159,14 @@ class DeadLetters:
         """Give every image of ``chunks`` without a result ``result`` (``canceled`` in a
         canceled job), exactly once; returns how many were stored."""
         stored = 0
-        for job_id, indexes in chunks:
-            claim = self.claims.claim(job_id, indexes, f"dead:{indexes[0] if indexes else 0}")
+        for chunk in chunks:
+            claim = self.claims.claim(chunk, f"dead:{chunk.first}")
             if claim is None:  # the job expired or was deleted
-                self.claims.forget(job_id)
+                self.claims.forget(chunk.job_id)
             elif claim.todo:
                 outcome = canceled_result() if claim.canceled else result
-                stored += self.store.record(job_id, [(i, outcome) for i in claim.todo]).total
-            self.blobs.delete_many(job_id, indexes)
+                stored += self.store.record(chunk.job_id, [(i, outcome) for i in claim.todo]).total
+            self.blobs.delete_many(chunk.job_id, list(chunk.indexes))
         pipe = self.store.redis.pipeline(transaction=False)
         ledger_done(pipe, chunks)
         pipe.execute()

@@ -25,8 +25,9 @@ from batchvision.core.settings import Settings
 from batchvision.server.blobs import BlobStore
 from batchvision.server.fetch import AllowList, FetchError, url_blob, url_problem
 from batchvision.server.keys import JobKeys
+from batchvision.server.messages import split
 from batchvision.server.models import ModelRegistry
-from batchvision.server.queue import Enqueuer, chunked
+from batchvision.server.queue import Enqueuer
 from batchvision.server.recovery import ledger_add
 from batchvision.server.routing import default_model
 from batchvision.server.store import JobStore
@@ -259,7 +260,7 @@ class Intake:
             else:
                 errors.append((index, error_result(err.code, err.message)))
                 rejected.append({"index": index, **rejection(up, err)})
-        chunks = [(job_id, c) for c in chunked(sorted(blobs), self.settings.chunk_size)]
+        chunks = split(job_id, sorted(blobs), self.settings.chunk_size)
         now = round(time.time(), 3)
         pipe = self.redis.pipeline(transaction=True)
         self._callback_on(pipe, job_id, callback)
@@ -310,7 +311,7 @@ class Intake:
                 blobs[index] = up.data
         self.blobs.put_many(job_id, blobs)
         self.store.record(job_id, errors)
-        chunks = [(job_id, c) for c in chunked(sorted(blobs), self.settings.chunk_size)]
+        chunks = split(job_id, sorted(blobs), self.settings.chunk_size)
         if chunks:
             now = round(time.time(), 3)
             pipe = self.redis.pipeline(transaction=False)

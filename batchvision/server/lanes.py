@@ -7,15 +7,12 @@ only asks for the lane of a job's options and turns each output into the stored 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from batchvision.core.batching import DynamicBatcher
 from batchvision.core.models import JobOptions
-from batchvision.core.schemas import prediction
 
 
 class Lane(Protocol):
@@ -41,15 +38,3 @@ class Lanes(Protocol):
         """The lane for a job's options; ``None`` when this worker does not serve the model.
         Raises :class:`~batchvision.core.errors.BatchvisionError` for a version it cannot load."""
         ...
-
-
-@dataclass
-class SingleLane:
-    """One model and its labels (a processor built without lanes: tests, benchmarks)."""
-
-    batcher: DynamicBatcher[np.ndarray, Any]
-    labels: Sequence[str]
-    input_size: tuple[int, int]
-
-    def result(self, output: Any, options: JobOptions) -> dict[str, Any]:
-        return prediction(np.asarray(output), self.labels, options.top_k, options.min_score)

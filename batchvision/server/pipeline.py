@@ -1,15 +1,17 @@
 """The worker's per-chunk work, free of Celery and TensorFlow so it is tested on its own.
 
-For one task (a job id and a chunk of image indexes): skip what already has a result
-(redelivery), fetch the blobs in one round trip, decode each image in the calling thread
-(Pillow releases the GIL, so task threads decode in parallel), hand the arrays to the shared
-:class:`~batchvision.core.batching.DynamicBatcher`, and store every result in one idempotent write.
+For one message (:class:`~batchvision.server.messages.ClassifyMessage`: chunks, each a job id
+and some of its image indexes): skip what already has a result (redelivery), fetch the blobs in
+one round trip, decode on the decode pool (Pillow releases the GIL), hand the arrays to the
+:class:`~batchvision.core.batching.DynamicBatcher` of each job's lane (its model, or a pinned
+version), store every result in one idempotent write, then delete what the results replace.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -20,25 +22,55 @@ from typing import Any
 
 import numpy as np
 
-from batchvision.core.batching import Admission, DynamicBatcher
+from batchvision.core.batching import Admission
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
 from batchvision.core.models import JobOptions
 from batchvision.core.schemas import canceled_result, error_result
+from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
-from batchvision.server.claims import Claim, Claims
+from batchvision.server.claims import Claim, Claims, out_of_memory
 from batchvision.server.fetch import Fetcher, FetchError, blob_url
-from batchvision.server.lanes import Lane, Lanes, SingleLane
+from batchvision.server.lanes import Lane, Lanes
+from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.recovery import ledger_done, ledger_started
 from batchvision.server.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
 
 
-Chunk = tuple[str, Sequence[int]]
-#: Where a chunk's images go (issue 14): the lane of its job's model, and the job's options.
+#: Where a chunk's images go: the lane of its job's model (or pinned version), and the job's options.
 Route = tuple[Lane, JobOptions]
+
+
+@dataclass(frozen=True)
+class ProcessorLimits:
+    """The limits of a :class:`ChunkProcessor`, from the worker's settings."""
+
+    top_k: int = 5
+    max_pixels: int = 50_000_000
+    #: Deliveries of one image before it is stored as ``poison_image``.
+    max_attempts: int = 3
+    model_timeout_s: float = 600.0
+    #: Images held at once (decoded or waiting for the model), see :class:`Admission`.
+    max_inflight_images: int = 128
+    decode_threads: int = 2
+    #: Images named by URL are fetched in a bounded pool of their own, then decoded in the
+    #: decode pool, so fetching overlaps decoding and inference like decoding does.
+    fetch_threads: int = 16
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProcessorLimits:
+        return cls(
+            top_k=settings.top_k,
+            max_pixels=settings.max_image_pixels,
+            max_attempts=settings.max_attempts,
+            model_timeout_s=float(settings.task_time_limit_s),
+            max_inflight_images=settings.max_inflight_images or 4 * settings.max_batch_size,
+            decode_threads=settings.decode_threads or len(os.sched_getaffinity(0)),
+            fetch_threads=settings.fetch_threads,
+        )
 
 
 @dataclass
@@ -63,50 +95,38 @@ class ChunkStats:
 class _Outcome:
     """Results to store for one chunk, and the blobs to delete with them."""
 
-    job_id: str
-    indexes: Sequence[int]
+    chunk: Chunk
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     model: str = ""
 
 
 @dataclass
 class ChunkProcessor:
-    """Classifies messages of chunks through a shared batcher."""
+    """Classifies messages of chunks, each image in the lane of its job's model.
+
+    ``hand_on(chunk, model, urgent)``: where a chunk of a model this worker does not serve
+    goes (its model's queues). ``on_recorded(counts, model)``: results newly stored (metrics).
+    """
 
     store: JobStore
     claims: Claims
     blobs: BlobStore
-    batcher: DynamicBatcher[np.ndarray, Any]
-    labels: Sequence[str]
-    input_size: tuple[int, int]
-    top_k: int = 5
-    max_pixels: int = 50_000_000
-    max_attempts: int = 3
-    model_timeout_s: float = 600.0
-    max_inflight_images: int = 128
-    decode_threads: int = 2
-    on_decode: Callable[[float], None] | None = None
-    on_recorded: Callable[[Counts], None] | None = None
-    #: Images named by URL (issue 15): fetched in a bounded pool of their own, then decoded in
-    #: the decode pool, so fetching overlaps decoding and inference like decoding does.
+    lanes: Lanes
+    default_model: str
+    limits: ProcessorLimits = field(default_factory=ProcessorLimits)
     fetcher: Fetcher | None = None
-    fetch_threads: int = 16
-    # -- several models (issue 14): the worker's lanes, the model of a job that names none,
-    # where a chunk of a model this worker does not serve is handed on (job, indexes, model,
-    # urgent), and newly stored results by model (metrics).
-    lanes: Lanes | None = None
-    default_model: str = ""
-    hand_on: Callable[[str, list[int], str, bool], None] | None = None
-    on_recorded_model: Callable[[Counts, str], None] | None = None
+    hand_on: Callable[[Chunk, str, bool], None] | None = None
+    on_decode: Callable[[float], None] | None = None
+    on_recorded: Callable[[Counts, str], None] | None = None
     _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _admission: Admission = field(init=False, repr=False)
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
     _fetch_pool: ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._admission = Admission(max(1, self.max_inflight_images))
-        self._decoder = ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="decode")
-        self._fetch_pool = ThreadPoolExecutor(max(1, self.fetch_threads), thread_name_prefix="fetch")
+        self._admission = Admission(max(1, self.limits.max_inflight_images))
+        self._decoder = ThreadPoolExecutor(max(1, self.limits.decode_threads), thread_name_prefix="decode")
+        self._fetch_pool = ThreadPoolExecutor(max(1, self.limits.fetch_threads), thread_name_prefix="fetch")
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -114,94 +134,88 @@ class ChunkProcessor:
         if self.fetcher is not None:
             self.fetcher.close()
 
-    def process(
-        self,
-        chunks: Sequence[Chunk],
-        enqueued_at: float | None = None,
-        urgent: bool = False,
-        retries: int = 0,
-    ) -> dict[str, Any]:
-        """Give every image of every chunk exactly one stored result."""
-        with self._admission.admit(sum(len(ix) for _, ix in chunks), urgent):
-            return self._process(chunks, enqueued_at, urgent, retries)
+    def process(self, message: ClassifyMessage, retries: int = 0) -> ChunkStats:
+        """Give every image of every chunk of ``message`` exactly one stored result.
+        ``retries``: the task's own retries so far (not deaths of a worker).
 
-    def _process(
-        self, chunks: Sequence[Chunk], enqueued_at: float | None, urgent: bool, retries: int
-    ) -> dict[str, Any]:
-        stats = ChunkStats(sorted({job for job, _ in chunks}))
+        Raises :class:`redis.exceptions.OutOfMemoryError` (among Redis' errors) when Redis
+        refused to store results: nothing of the refused chunks was deleted, so a retry, or
+        the sweeper, finishes them."""
+        with self._admission.admit(message.images, message.interactive):
+            return self._process(message, retries)
+
+    def _process(self, message: ClassifyMessage, retries: int) -> ChunkStats:
+        chunks, urgent, enqueued_at = message.chunks, message.interactive, message.enqueued_at
+        stats = ChunkStats(message.jobs)
         claims = self.claims.claim_many(chunks, also=lambda pipe: ledger_started(pipe, chunks))
-        done: list[_Outcome] = []  # stored in the last round trip
+        done: list[_Outcome] = []  # stored, then their blobs and ledger entries deleted
         fresh: list[tuple[_Outcome, list[int], Route]] = []  # to classify together
         suspects: list[tuple[Chunk, list[int], Route]] = []
-        handed: list[Chunk] = []  # another model's: neither stored nor finished here
         for chunk, claim in zip(chunks, claims, strict=True):
-            job_id, indexes = chunk
             if claim is None:
-                log.warning("job %s is gone (expired or deleted); dropping %d images", job_id, len(indexes))
-                self.claims.forget(job_id)
-                stats.skipped += len(indexes)
-                done.append(_Outcome(job_id, indexes))
+                log.warning(
+                    "job %s is gone (expired or deleted); dropping %d images", chunk.job_id, len(chunk)
+                )
+                self.claims.forget(chunk.job_id)
+                stats.skipped += len(chunk)
+                done.append(_Outcome(chunk))
                 continue
-            stats.skipped += len(indexes) - len(claim.todo)
-            outcome = _Outcome(job_id, indexes)
-            done.append(outcome)
+            stats.skipped += len(chunk) - len(claim.todo)
+            outcome = _Outcome(chunk)
             if not claim.todo:  # a redelivery, or the job was canceled: only the uploads are left
+                done.append(outcome)
                 continue
-            options = JobOptions.from_hash(claim.options, self.default_model, self.top_k)
+            options = JobOptions.from_hash(claim.options, self.default_model, self.limits.top_k)
             outcome.model = options.model
-            route = None if claim.canceled else self._route(options)
             if claim.canceled:
                 outcome.results = {i: canceled_result() for i in claim.todo}
-            elif isinstance(route, BatchvisionError):  # a pinned version that cannot be loaded
+                done.append(outcome)
+                continue
+            route = self._route(options)
+            if isinstance(route, BatchvisionError):  # a pinned version that cannot be loaded
                 outcome.results = {i: error_result(route.code, route.message) for i in claim.todo}
+                done.append(outcome)
             elif route is None:  # a model this worker does not serve: to its own queues
-                done.pop()
-                handed.append(chunk)
                 self._hand_on(chunk, outcome.model, urgent)
             elif self._first_delivery(claim, retries):
+                done.append(outcome)
                 fresh.append((outcome, claim.todo, route))
             else:
-                done.pop()
                 suspects.append((chunk, claim.todo, route))
                 log.warning(
                     "job %s chunk %d delivered %d times: isolating images",
-                    job_id,
-                    indexes[0],
+                    chunk.job_id,
+                    chunk.first,
                     claim.deliveries,
                 )
         if fresh:
-            wanted = [(o.job_id, todo) for o, todo, _ in fresh]
+            wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
             results = self._classify(wanted, enqueued_at, urgent, [r for _, _, r in fresh])
             for (outcome, _, _), res in zip(fresh, results, strict=True):
                 outcome.results = res
-        isolated = [id(chunk) for chunk, _, _ in suspects] + [id(chunk) for chunk in handed]
-        self._store(done, [c for c in chunks if id(c) not in isolated], stats)
+        self._store(done, [o.chunk for o in done], stats)
         for chunk, todo, route in suspects:
             self._isolate(chunk, todo, enqueued_at, urgent, stats, route)
-        return stats.summary()
+        return stats
 
     def _route(self, options: JobOptions) -> Route | BatchvisionError | None:
         """The lane for a job's options (``None``: the model is not served here)."""
-        if self.lanes is None:
-            return self._single_lane(), options
         try:
             lane = self.lanes.lane(options)
         except BatchvisionError as exc:
             return exc
         return None if lane is None else (lane, options)
 
-    def _single_lane(self) -> SingleLane:
-        return SingleLane(self.batcher, self.labels, self.input_size)
-
     def _hand_on(self, chunk: Chunk, model: str, urgent: bool) -> None:
         # The chunk reached a worker of another model (the default model changed while it
         # waited, or the sweeper re-sent it): this was no delivery, and it stays in the ledger.
-        job_id, indexes = chunk
-        log.warning("job %s is for model %s, which this worker does not serve: handing it on", job_id, model)
-        self.claims.unclaim(job_id, indexes)
+        log.warning(
+            "job %s is for model %s, which this worker does not serve: handing it on", chunk.job_id, model
+        )
+        self.claims.unclaim(chunk)
         if self.hand_on is None:
             raise BatchvisionError(f"no worker here serves model {model!r}", code="model_not_served")
-        self.hand_on(job_id, list(indexes), model, urgent)
+        self.hand_on(chunk, model, urgent)
 
     @staticmethod
     def _first_delivery(claim: Claim, retries: int) -> bool:
@@ -215,44 +229,40 @@ class ChunkProcessor:
         enqueued_at: float | None,
         urgent: bool,
         stats: ChunkStats,
-        route: Route | None = None,
+        route: Route,
     ) -> None:
         # A redelivered chunk: the last delivery may have died on one of these images. Go one
         # image at a time, each with its own attempt count, so a poison image ends as a
         # per-image error after max_attempts while the others complete. Suspects run one at a
         # time in this process, so a death is blamed on the image that was really in flight,
         # not on suspects of other chunks that happened to run beside it.
-        job_id = chunk[0]
+        max_attempts = self.limits.max_attempts
         for i in todo:
+            one = Chunk(chunk.job_id, (i,))
             with self._isolation:
                 # The first, whole-chunk delivery counts as this image's first attempt too.
-                if self.claims.attempt(job_id, f"image:{i}") + 1 > self.max_attempts:
-                    message = f"the worker died processing this image {self.max_attempts} times"
+                if self.claims.attempt(chunk.job_id, f"image:{i}") + 1 > max_attempts:
+                    message = f"the worker died processing this image {max_attempts} times"
                     results = {i: error_result("poison_image", message)}
                 else:
-                    routes = [route] if route is not None else None
-                    results = self._classify([(job_id, [i])], enqueued_at, urgent, routes)[0]
-                model = route[1].model if route is not None else ""
-                self._store([_Outcome(job_id, [i], results, model)], [], stats)
+                    results = self._classify([one], enqueued_at, urgent, [route])[0]
+                self._store([_Outcome(one, results, route[1].model)], [], stats)
         self._store([], [chunk], stats)
 
     def _classify(
         self,
-        wanted: list[tuple[str, list[int]]],
+        wanted: Sequence[Chunk],
         enqueued_at: float | None,
         urgent: bool,
-        routes: Sequence[Route] | None = None,
+        routes: Sequence[Route],
     ) -> list[dict[int, dict[str, Any]]]:
-        """Decode and classify ``(job, indexes)`` pairs together; one result dict per pair.
-        ``routes``: each pair's lane and options (default: the processor's one model)."""
-        if routes is None:
-            single: Route = (self._single_lane(), JobOptions(self.default_model, top_k=self.top_k))
-            routes = [single] * len(wanted)
+        """Decode and classify the images of ``wanted`` together, each chunk in its route's
+        lane with its options; one result dict per chunk."""
         results: list[dict[int, dict[str, Any]]] = [{} for _ in wanted]
-        blobs = self.blobs.get_batch(wanted)
+        blobs = self.blobs.get_batch([(c.job_id, c.indexes) for c in wanted])
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
-        for n, ((_, todo), data) in enumerate(zip(wanted, blobs, strict=True)):
-            for i, blob in zip(todo, data, strict=True):
+        for n, (chunk, data) in enumerate(zip(wanted, blobs, strict=True)):
+            for i, blob in zip(chunk.indexes, data, strict=True):
                 if blob is None:
                     results[n][i] = error_result(
                         "upload_expired", "the upload expired before it was classified"
@@ -276,23 +286,20 @@ class ChunkProcessor:
                 if isinstance(image, BatchvisionError):
                     results[n][i] = error_result(image.code, image.message)
                     continue
-                tag = (wanted[n][0], enqueued_at)
+                tag = (wanted[n].job_id, enqueued_at)
                 predicted.append((n, i, slots[id(routes[n][0])].submit(image, tag=tag, urgent=urgent)))
         for n, i, out in predicted:
             lane, options = routes[n]
             try:
-                results[n][i] = lane.result(out.result(timeout=self.model_timeout_s), options)
+                results[n][i] = lane.result(out.result(timeout=self.limits.model_timeout_s), options)
             except TimeoutError:
                 results[n][i] = error_result("inference_timeout", "the model did not answer in time")
             except BatchvisionError as exc:
                 results[n][i] = error_result(exc.code, exc.message)
         return results
 
-    def _prepare(
-        self, blob: bytes, size: tuple[int, int] | None = None
-    ) -> Future[np.ndarray | BatchvisionError]:
-        """Decode an uploaded image; fetch, then decode, an image named by URL (to ``size``,
-        default the processor's input size)."""
+    def _prepare(self, blob: bytes, size: tuple[int, int]) -> Future[np.ndarray | BatchvisionError]:
+        """Decode an uploaded image; fetch, then decode, an image named by URL (to ``size``)."""
         url = blob_url(blob)
         if url is None:
             return self._decoder.submit(self._decode, blob, size)
@@ -322,11 +329,11 @@ class ChunkProcessor:
             log.warning("fetching %s failed unexpectedly", url[:200], exc_info=True)
             return FetchError(f"fetch failed: {exc}", code="fetch_failed")
 
-    def _decode(self, data: bytes, size: tuple[int, int] | None = None) -> np.ndarray | BatchvisionError:
+    def _decode(self, data: bytes, size: tuple[int, int]) -> np.ndarray | BatchvisionError:
         failpoints.before_decode(data)
         start = time.perf_counter()
         try:
-            return decode_image(data, size or self.input_size, max_pixels=self.max_pixels)
+            return decode_image(data, size, max_pixels=self.limits.max_pixels)
         except BatchvisionError as exc:
             return exc
         finally:
@@ -334,30 +341,46 @@ class ChunkProcessor:
                 self.on_decode(time.perf_counter() - start)
 
     def _store(self, outcomes: list[_Outcome], finished: Sequence[Chunk], stats: ChunkStats) -> None:
-        """One round trip: results, blob deletes (Redis blobs) and ledger entries of
-        ``finished`` chunks. File blobs are deleted after the results are stored."""
+        """Store results, then delete what they replace: the blobs of every outcome whose
+        results are recorded, and the ledger entries of ``finished`` chunks.
+
+        Deletes come only after the record succeeded: Redis refuses a script when it is out of
+        memory (``noeviction``) but still runs deletions, which free memory. A refused record
+        raises (after the deletes of what was recorded) and leaves its blobs and every ledger
+        entry in place, so a retry or the sweeper stores it later: no image is lost."""
         pipe = self.store.redis.pipeline(transaction=False)
-        recorded = [self.store.record_on(pipe, o.job_id, sorted(o.results.items())) for o in outcomes]
-        if self.blobs.pipelined:
-            for o in outcomes:
-                self.blobs.delete_many(o.job_id, list(o.indexes), pipe=pipe)
-        if finished:
-            ledger_done(pipe, finished)
-        replies = iter(pipe.execute())
+        recorded = [self.store.record_on(pipe, o.chunk.job_id, sorted(o.results.items())) for o in outcomes]
+        replies = iter(pipe.execute(raise_on_error=False) if any(recorded) else [])
+        stored: list[_Outcome] = []
+        refused: Exception | None = None
         for was_recorded, o in zip(recorded, outcomes, strict=True):
             if not was_recorded:
+                stored.append(o)
                 continue
-            done, failed, canceled = (int(x) for x in next(replies))
-            counts = Counts(done, failed, canceled)
+            reply = next(replies)
+            if isinstance(reply, Exception):
+                refused = refused or out_of_memory(reply)
+                continue
+            stored.append(o)
+            counts = Counts(*(int(x) for x in reply))
             stats.classified += counts.done
             stats.failed += counts.failed + counts.canceled
             if self.on_recorded is not None:
-                self.on_recorded(counts)
-            if self.on_recorded_model is not None:
-                self.on_recorded_model(counts, o.model or self.default_model)
+                self.on_recorded(counts, o.model or self.default_model)
+        pipe = self.store.redis.pipeline(transaction=False)
+        if self.blobs.pipelined:
+            for o in stored:
+                self.blobs.delete_many(o.chunk.job_id, list(o.chunk.indexes), pipe=pipe)
+        if refused is None:
+            ledger_done(pipe, finished)
+        if len(pipe):
+            pipe.execute()
         if not self.blobs.pipelined:
-            for o in outcomes:
-                self.blobs.delete_many(o.job_id, list(o.indexes))
+            for o in stored:
+                self.blobs.delete_many(o.chunk.job_id, list(o.chunk.indexes))
+        if refused is not None:
+            log.warning("results not stored, kept for a retry: %s", refused)
+            raise refused
 
 
 def _relay(source: Future[Any], target: Future[Any]) -> None:

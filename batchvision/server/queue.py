@@ -23,6 +23,7 @@ from batchvision.core.settings import Settings
 from batchvision.server import tracing
 from batchvision.server.connect import SOCKET_TIMEOUT_S
 from batchvision.server.dispatch import Coalescer
+from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.routing import default_model, queue_for
 
 log = logging.getLogger(__name__)
@@ -237,17 +238,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def create_celery(settings: Settings, name: str = "batchvision") -> Celery:
-    """A Celery app configured for ``settings`` (workers add the tasks)."""
-    app = Celery(name, set_as_current=False)
+def create_celery(settings: Settings, name: str = "batchvision", cls: type[Celery] = Celery) -> Celery:
+    """A Celery app (of class ``cls``) configured for ``settings`` (workers add the tasks)."""
+    app = cls(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     if uses_amqp(settings):
         app.amqp.queues_cls = functools.partial(_TaskQueues, settings)
     return app
-
-
-#: One unit of work in a message: a job id and some of its image indexes.
-Chunk = tuple[str, list[int]]
 
 
 def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
@@ -258,7 +255,7 @@ def chunked(indexes: Sequence[int], size: int) -> list[list[int]]:
 
 def describe(items: Sequence[Chunk]) -> str:
     """What Flower shows instead of the raw arguments (never image bytes)."""
-    return "; ".join(f"job={job} images={ix[0]}..{ix[-1]} n={len(ix)}" for job, ix in items)
+    return "; ".join(c.describe() for c in items)
 
 
 def publish(
@@ -280,12 +277,13 @@ def publish(
     # -- tracing and logs (issue 18): the message's headers carry the enqueue span's context.
     queue = queue_for(settings, model, interactive)
     task_id = str(uuid.uuid4())
-    jobs = [job for job, _ in items]
-    images = sum(len(ix) for _, ix in items)
+    message = ClassifyMessage(tuple(items), enqueued_at, interactive)
+    jobs = [c.job_id for c in items]
+    images = message.images
     with tracing.enqueue(jobs, images, queue, task_id, contexts) as headers:
         app.send_task(
             CLASSIFY_TASK,
-            args=[[[job, list(ix)] for job, ix in items], enqueued_at, interactive],
+            args=message.to_args(),
             queue=queue,
             producer=producer,
             argsrepr=describe(items),
@@ -324,7 +322,7 @@ class Enqueuer:
                     functools.partial(self._send_interactive, model),
                     max_weight=self.settings.max_batch_size,
                     linger_s=self.settings.enqueue_linger_ms / 1000.0,
-                    weight=lambda item: len(item[0][1]),
+                    weight=lambda item: len(item[0]),
                     name=f"enqueue-{model}",
                 )
             return self._coalescers[model]

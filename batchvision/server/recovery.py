@@ -19,42 +19,45 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchvision.server.keys import CHUNKS, SWEEP_LOCK
+from batchvision.server.messages import Chunk
 from batchvision.server.store import JobStore
 
 log = logging.getLogger(__name__)
 
 
-def chunk_member(job_id: str, indexes: Sequence[int]) -> str:
-    return f"{job_id}:{','.join(str(i) for i in indexes)}"
+def chunk_member(chunk: Chunk) -> str:
+    """The chunk's member in the ledger: ``<job>:<i,j,..>``."""
+    return f"{chunk.job_id}:{','.join(str(i) for i in chunk.indexes)}"
 
 
-def parse_member(member: str) -> tuple[str, list[int]]:
+def parse_member(member: str) -> Chunk:
     job_id, _, rest = member.partition(":")
-    return job_id, [int(i) for i in rest.split(",") if i]
+    return Chunk.of(job_id, [int(i) for i in rest.split(",") if i])
 
 
-def ledger_add(pipe: Any, chunks: Sequence[tuple[str, Sequence[int]]], now: float) -> None:
+def ledger_add(pipe: Any, chunks: Sequence[Chunk], now: float) -> None:
     """Record chunks about to be published (queued on ``pipe``, a Redis pipeline)."""
-    pipe.zadd(CHUNKS, {chunk_member(job, ix): now for job, ix in chunks})
+    pipe.zadd(CHUNKS, {chunk_member(c): now for c in chunks})
 
 
-def ledger_started(pipe: Any, chunks: Sequence[tuple[str, Sequence[int]]]) -> None:
+def ledger_started(pipe: Any, chunks: Sequence[Chunk]) -> None:
     """A worker took the chunks: their age now counts from here, so a chunk that waited in a
     long backlog is not mistaken for a lost one while it runs."""
     now = time.time()
-    pipe.zadd(CHUNKS, {chunk_member(job, ix): now for job, ix in chunks}, xx=True)
+    pipe.zadd(CHUNKS, {chunk_member(c): now for c in chunks}, xx=True)
 
 
-def ledger_done(pipe: Any, chunks: Sequence[tuple[str, Sequence[int]]]) -> None:
+def ledger_done(pipe: Any, chunks: Sequence[Chunk]) -> None:
     """Every image of the chunks has a stored result."""
-    pipe.zrem(CHUNKS, *[chunk_member(job, ix) for job, ix in chunks])
+    if chunks:
+        pipe.zrem(CHUNKS, *[chunk_member(c) for c in chunks])
 
 
 def sweep(
     store: JobStore,
     queues: Sequence[str],
     older_than_s: float,
-    resend: Callable[[str, list[int]], None],
+    resend: Callable[[Chunk], None],
     limit: int = 1000,
 ) -> int:
     """Re-send lost chunks once; returns how many were re-sent."""
@@ -68,13 +71,13 @@ def sweep(
         resent = 0
         for raw in client.zrangebyscore(CHUNKS, "-inf", cutoff, start=0, num=limit):
             member = raw.decode() if isinstance(raw, bytes) else str(raw)
-            job_id, indexes = parse_member(member)
-            if not store.exists(job_id) or not store.unresolved(job_id, indexes):
+            chunk = parse_member(member)
+            if not store.exists(chunk.job_id) or not store.unresolved(chunk.job_id, chunk.indexes):
                 client.zrem(CHUNKS, member)
                 continue
             log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
             client.zadd(CHUNKS, {member: time.time()}, xx=True)
-            resend(job_id, indexes)
+            resend(chunk)
             resent += 1
         return resent
     finally:

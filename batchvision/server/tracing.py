@@ -29,17 +29,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from batchvision.core.batching import BatchInfo, DynamicBatcher, Reservation
+from batchvision.core.batching import BatchInfo
 from batchvision.core.settings import Settings
+from batchvision.server.messages import Chunk
 
 log = logging.getLogger(__name__)
 
-In = TypeVar("In")
-Out = TypeVar("Out")
 
 _lock = threading.Lock()
 _tracer: Any = None  # an opentelemetry Tracer once set up; None: tracing is off
@@ -311,7 +309,7 @@ HEADERS = ("traceparent", "tracestate")
 def task(
     header: Callable[[str], Any],
     task_id: str,
-    chunks: Sequence[tuple[str, Sequence[int]]],
+    chunks: Sequence[Chunk],
     interactive: bool,
     model: str,
 ) -> Iterator[None]:
@@ -324,8 +322,8 @@ def task(
 
     carrier = {name: str(value) for name in HEADERS if (value := header(name))}
     attributes = {
-        **_jobs([job for job, _ in chunks]),
-        "batchvision.images": sum(len(ix) for _, ix in chunks),
+        **_jobs([c.job_id for c in chunks]),
+        "batchvision.images": sum(len(c) for c in chunks),
         "batchvision.task_id": task_id,
         "batchvision.interactive": interactive,
         "batchvision.model": model,
@@ -348,24 +346,22 @@ class SpanTag(tuple[Any, ...]):
     span_context: Any = None
 
 
-class TracedBatcher(DynamicBatcher[In, Out]):
-    """A :class:`DynamicBatcher` that keeps, with each item, the span of the task thread that
-    submitted it, so that :func:`record_batch` can link the batch to the tasks it served."""
+def span_tag(tag: Any) -> Any:
+    """The batcher's ``on_submit`` hook: a tag ``(job_id, enqueued_at)`` that also remembers the
+    span of the task thread that submitted it, so that :func:`record_batch` can link the batch
+    to the tasks it served. Any other tag, or tracing off: the tag as it is."""
+    if _tracer is None or not isinstance(tag, tuple):
+        return tag
+    from opentelemetry import trace
 
-    def _put(
-        self, value: In, tag: Any, slot: Reservation[In, Out] | None, urgent: bool = False
-    ) -> Future[Out]:
-        if _tracer is not None and isinstance(tag, tuple):
-            from opentelemetry import trace
-
-            tag = SpanTag(tag)
-            tag.span_context = trace.get_current_span().get_span_context()
-        return super()._put(value, tag, slot, urgent)
+    tagged = SpanTag(tag)
+    tagged.span_context = trace.get_current_span().get_span_context()
+    return tagged
 
 
-def batcher_class() -> type[DynamicBatcher[Any, Any]]:
-    """The batcher to build: one that remembers spans when tracing is on."""
-    return TracedBatcher if _tracer is not None else DynamicBatcher
+def submit_hook() -> Callable[[Any], Any] | None:
+    """The ``on_submit`` hook a batcher gets: :func:`span_tag` when tracing is on."""
+    return span_tag if _tracer is not None else None
 
 
 def record_batch(info: BatchInfo, model: str) -> None:

@@ -16,6 +16,8 @@ installs) the RabbitMQ variants skip, saying so.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -27,15 +29,27 @@ from typing import Any, Protocol
 import numpy as np
 import pytest
 import redis as redis_lib
+from PIL import Image
 
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
 from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
 from batchvision.cli.redis_server import RedisServer, free_port
 from batchvision.cli.runner import Supervisor
+from batchvision.core.batching import BatchInfo, DynamicBatcher
+from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
+from batchvision.core.models import JobOptions
+from batchvision.core.schemas import prediction
 from batchvision.core.settings import Settings
-from batchvision.server.store import JobStore
+from batchvision.core.synthetic import encode
+from batchvision.server import keys
+from batchvision.server.blobs import RedisBlobs
+from batchvision.server.claims import Claims
+from batchvision.server.messages import Chunk, ClassifyMessage
+from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
+from batchvision.server.recovery import chunk_member, ledger_add
+from batchvision.server.store import Counts, JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,3 +216,150 @@ def reference_labels() -> ReferenceLabels:
         return out
 
     return labels
+
+
+# -- the chunk processor in-process (test_chunk_processor, test_model_lanes, test_redis_full) ---
+
+#: Two stand-in models: the mean colour of an image decides its class, under each model's own
+#: class names (the model is not what those tests test).
+COLOUR_MODELS = {"colours": ("red", "green", "blue"), "rgb": ("R", "G", "B")}
+COLOUR_RGB = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+
+
+def colour_model(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Class probabilities from each image's mean colour: red, green or blue."""
+    out = []
+    for img in images:
+        means = img.reshape(-1, 3).astype(np.float64).mean(axis=0) + 1.0
+        out.append((means / means.sum()).astype(np.float32))
+    return out
+
+
+class ColourLane:
+    """One stand-in model behind its own batcher (a :class:`~batchvision.server.lanes.Lane`)."""
+
+    def __init__(self, name: str, labels: Sequence[str], on_batch: Callable[[BatchInfo], None]) -> None:
+        self.name = name
+        self.labels = labels
+        self.input_size = (16, 16)
+        self.batcher: DynamicBatcher[np.ndarray, Any] = DynamicBatcher(
+            colour_model, max_batch_size=8, max_delay_s=5.0, on_batch=on_batch
+        )
+
+    def result(self, output: Any, options: JobOptions) -> dict[str, Any]:
+        doc = prediction(np.asarray(output), self.labels, options.top_k, options.min_score)
+        return {**doc, "model": self.name, "version": 7}
+
+
+class ColourLanes:
+    """The lanes of :data:`COLOUR_MODELS`; version 99 of any model cannot be loaded."""
+
+    def __init__(self, on_batch: Callable[[BatchInfo], None]) -> None:
+        self.served = {name: ColourLane(name, labels, on_batch) for name, labels in COLOUR_MODELS.items()}
+
+    def lane(self, options: JobOptions) -> ColourLane | None:
+        if options.version == 99:
+            raise BatchvisionError(
+                f"model {options.model} version 99 cannot be loaded", code="model_version_unavailable"
+            )
+        return self.served.get(options.model)
+
+
+@dataclasses.dataclass
+class ProcessorRig:
+    """A :class:`ChunkProcessor` over a private redis-server, with what the API would do
+    (:meth:`job`) and what the tests look at."""
+
+    r: redis_lib.Redis
+    store: JobStore
+    claims: Claims
+    blobs: RedisBlobs
+    processor: ChunkProcessor
+    batches: list[BatchInfo]
+    recorded: list[tuple[Counts, str]]
+    handed: list[tuple[Chunk, str, bool]]
+
+    @staticmethod
+    def jpeg(colour: str) -> bytes:
+        return encode(Image.new("RGB", (40, 30), COLOUR_RGB[colour]), "JPEG", quality=90)
+
+    def job(
+        self, job_id: str, images: Sequence[bytes], seal: bool = True, options: JobOptions | None = None
+    ) -> list[int]:
+        """What the API does: the job, its files, their blobs, the chunk in the ledger."""
+        if options is None:
+            self.store.create(job_id, model="colours")  # the processor's own defaults
+        else:
+            self.store.create(job_id, model=options.model, options=options.to_hash())
+        indexed = self.store.add_files(job_id, [(f"{i}.jpg", f"{i}.jpg") for i in range(len(images))])
+        indexes = [i for i, _ in indexed]
+        self.blobs.put_many(job_id, dict(zip(indexes, images, strict=True)))
+        pipe = self.r.pipeline()
+        ledger_add(pipe, [Chunk.of(job_id, indexes)], 0.0)
+        pipe.execute()
+        if seal:
+            self.store.seal(job_id)
+        return indexes
+
+    def process(
+        self,
+        *chunks: tuple[str, Sequence[int]],
+        enqueued_at: float | None = None,
+        urgent: bool = False,
+        retries: int = 0,
+    ) -> dict[str, Any]:
+        message = ClassifyMessage(tuple(Chunk.of(j, ix) for j, ix in chunks), enqueued_at, urgent)
+        return self.processor.process(message, retries=retries).summary()
+
+    def rows(self, job_id: str) -> list[dict[str, Any]]:
+        return list(self.store.iter_results(job_id))
+
+    def labels(self, job_id: str) -> list[str]:
+        return [row.get("label") or row["error"]["code"] for row in self.rows(job_id)]
+
+    def blobs_left(self, job_id: str) -> list[bytes]:
+        return sorted(self.r.scan_iter(match=keys.blob_pattern(job_id)))
+
+    def in_ledger(self, job_id: str, indexes: Sequence[int]) -> bool:
+        return self.r.zscore(keys.CHUNKS, chunk_member(Chunk.of(job_id, indexes))) is not None
+
+    def model_calls(self) -> list[int]:
+        return [b.size for b in self.batches]
+
+
+def processor_rig(client: redis_lib.Redis, **limits: Any) -> Iterator[ProcessorRig]:
+    """A :class:`ProcessorRig` on ``client`` (``limits``: :class:`ProcessorLimits` fields)."""
+    batches: list[BatchInfo] = []
+    recorded: list[tuple[Counts, str]] = []
+    handed: list[tuple[Chunk, str, bool]] = []
+    lanes = ColourLanes(batches.append)
+    store = JobStore(client, result_ttl_s=3600, blob_ttl_s=3600)
+    claims = Claims(client, ttl_s=300)
+    blobs = RedisBlobs(client, ttl_s=300)
+    processor = ChunkProcessor(
+        store=store,
+        claims=claims,
+        blobs=blobs,
+        lanes=lanes,
+        default_model="colours",
+        limits=ProcessorLimits(**{"top_k": 2, "max_attempts": 2, "model_timeout_s": 30.0, **limits}),
+        hand_on=lambda chunk, model, urgent: handed.append((chunk, model, urgent)),
+        on_recorded=lambda counts, model: recorded.append((counts, model)),
+    )
+    yield ProcessorRig(client, store, claims, blobs, processor, batches, recorded, handed)
+    processor.close()
+    for lane in lanes.served.values():
+        lane.batcher.close()
+
+
+@pytest.fixture()
+def rig(scratch_redis: redis_lib.Redis) -> Iterator[ProcessorRig]:
+    """The chunk processor over the scratch redis-server, serving :data:`COLOUR_MODELS`."""
+    yield from processor_rig(scratch_redis)
+
+
+@pytest.fixture()
+def rig_on() -> Iterator[Callable[[redis_lib.Redis], ProcessorRig]]:
+    """``rig_on(client)``: the ``rig`` over another redis-server (closed after the test)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda client: stack.enter_context(contextlib.contextmanager(processor_rig)(client))

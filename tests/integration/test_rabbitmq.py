@@ -51,6 +51,7 @@ from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import MAX_RESENDS, RESENDS_HEADER, DeadLetters
 from batchvision.server.keys import JobKeys
+from batchvision.server.messages import Chunk
 from batchvision.server.queue import (
     CLASSIFY_TASK,
     amqp_backlog,
@@ -463,7 +464,7 @@ def test_over_the_limit_every_image_without_a_result_gets_one_error_once(
     _job(store, "j", 4)
     store.record("j", [(1, {"label": "cat", "class_id": 0, "score": 1.0, "top_k": []})])
     pipe = scratch_redis.pipeline()
-    ledger_add(pipe, [("j", [0, 1, 2, 3])], time.time())
+    ledger_add(pipe, [Chunk.of("j", [0, 1, 2, 3])], time.time())
     pipe.execute()
     scratch_redis.set(RedisBlobs.key("j", 0), b"x")
     producer = FakeProducer()
@@ -474,7 +475,7 @@ def test_over_the_limit_every_image_without_a_result_gets_one_error_once(
     assert sorted(rows) == [0, 1, 2, 3] and rows[1]["label"] == "cat"
     assert {rows[i]["error"]["code"] for i in (0, 2, 3)} == {"delivery_limit"}
     assert store.get("j")["failed"] == 3 and store.is_finished("j")  # type: ignore[index]
-    assert scratch_redis.zscore("bv:chunks", chunk_member("j", [0, 1, 2, 3])) is None
+    assert scratch_redis.zscore("bv:chunks", chunk_member(Chunk.of("j", [0, 1, 2, 3]))) is None
     assert not scratch_redis.exists(RedisBlobs.key("j", 0)) and producer.published == []
 
 

@@ -10,6 +10,7 @@ import pytest
 import redis as redis_lib
 
 from batchvision.server import keys
+from batchvision.server.messages import Chunk
 from batchvision.server.recovery import chunk_member, ledger_add, parse_member, sweep
 from batchvision.server.store import JobStore
 
@@ -20,7 +21,7 @@ CUTOFF = 60.0
 
 def _ledger(r: redis_lib.Redis, job_id: str, indexes: list[int], age_s: float) -> None:
     pipe = r.pipeline()
-    ledger_add(pipe, [(job_id, indexes)], time.time() - age_s)
+    ledger_add(pipe, [Chunk.of(job_id, indexes)], time.time() - age_s)
     pipe.execute()
 
 
@@ -36,11 +37,11 @@ def resends() -> list[tuple[str, list[int]]]:
 
 
 def _sweep(store: JobStore, resends: list[tuple[str, list[int]]]) -> int:
-    return sweep(store, QUEUES, CUTOFF, lambda job, ix: resends.append((job, ix)))
+    return sweep(store, QUEUES, CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes))))
 
 
 def test_ledger_members_round_trip() -> None:
-    assert parse_member(chunk_member("abc123", [8, 9, 15])) == ("abc123", [8, 9, 15])
+    assert parse_member(chunk_member(Chunk.of("abc123", [8, 9, 15]))) == Chunk("abc123", (8, 9, 15))
 
 
 def test_an_old_chunk_with_unresolved_images_is_resent_once(
@@ -53,7 +54,7 @@ def test_an_old_chunk_with_unresolved_images_is_resent_once(
     assert _sweep(store, resends) == 1
     assert resends == [("j", [0, 1, 2])]  # the whole chunk; the worker skips what is done
     # Its age restarts: the next sweep leaves it to the re-sent message.
-    score = scratch_redis.zscore(keys.CHUNKS, chunk_member("j", [0, 1, 2]))
+    score = scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [0, 1, 2])))
     assert score is not None and time.time() - score < CUTOFF
     assert _sweep(store, resends) == 0 and len(resends) == 1
     assert not scratch_redis.exists(keys.SWEEP_LOCK)  # released for the next sweeper
@@ -80,7 +81,9 @@ def test_nothing_is_resent_while_a_queue_holds_messages(
     scratch_redis.rpush(queue, "a message that may carry the chunk")
     assert _sweep(store, resends) == 0
     assert resends == []
-    assert scratch_redis.zscore(keys.CHUNKS, chunk_member("j", [0, 1])) is not None  # kept, not dropped
+    assert (
+        scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [0, 1]))) is not None
+    )  # kept, not dropped
     scratch_redis.delete(queue)
     assert _sweep(store, resends) == 1  # the same sweep, once the backlog is gone
 
@@ -93,10 +96,10 @@ def test_one_sweep_at_a_time(
     _ledger(scratch_redis, "j", [2, 3], age_s=OLD)
     concurrent: list[int] = []
 
-    def resend(job_id: str, indexes: list[int]) -> None:
+    def resend(chunk: Chunk) -> None:
         # Another worker's sweeper runs while this one is mid-sweep: it must back off.
-        concurrent.append(sweep(store, QUEUES, CUTOFF, lambda j, ix: resends.append((j, ix))))
-        resends.append((job_id, indexes))
+        concurrent.append(sweep(store, QUEUES, CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes)))))
+        resends.append((chunk.job_id, list(chunk.indexes)))
 
     assert sweep(store, QUEUES, CUTOFF, resend) == 2
     assert concurrent == [0, 0]

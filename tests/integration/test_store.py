@@ -16,6 +16,7 @@ from batchvision.core.schemas import error_result
 from batchvision.server import keys
 from batchvision.server.claims import Claims
 from batchvision.server.keys import JobKeys
+from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts, JobStore
 from batchvision.server.telemetry import Telemetry
 
@@ -155,7 +156,9 @@ def test_the_last_result_of_a_sealed_job_finishes_it_once(
     r = scratch_redis
     k = JobKeys.of("j")
     _job(store, "j", 3)
-    Claims(r, ttl_s=300).claim("j", [0, 1, 2], "chunk:0")  # a worker's delivery count (the tries hash)
+    Claims(r, ttl_s=300).claim(
+        Chunk.of("j", [0, 1, 2]), "chunk:0"
+    )  # a worker's delivery count (the tries hash)
     assert r.zscore(keys.ACTIVE, "j") is not None
     store.seal("j")
     for key in (k.job, k.files, k.paths):
@@ -244,7 +247,7 @@ def test_an_abandoned_open_upload_expires_whole(
     store = JobStore(r, result_ttl_s=600, blob_ttl_s=2)  # open uploads live 2 s
     k = JobKeys.of("j")
     _job(store, "j", 3)
-    Claims(r, ttl_s=2).claim("j", [0, 1, 2], "chunk:0")
+    Claims(r, ttl_s=2).claim(Chunk.of("j", [0, 1, 2]), "chunk:0")
     store.record("j", [(0, OK)])  # a worker stored a result; the client never sealed
     present = [key for key in k.data() if r.exists(key)]
     assert set(present) >= {k.job, k.files, k.paths, k.results, k.tries}

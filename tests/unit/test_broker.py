@@ -11,6 +11,7 @@ import pytest
 from batchvision.cli.local import local_broker
 from batchvision.core.settings import Settings, SettingsError
 from batchvision.server.deadletter import chunks_of, death
+from batchvision.server.messages import Chunk
 from batchvision.server.queue import (
     CLASSIFY_TASK,
     broker_url,
@@ -120,7 +121,7 @@ def test_up_starts_its_own_rabbitmq_only_when_asked_and_none_is_named() -> None:
 
 def test_a_dead_lettered_message_is_read_from_its_body_and_x_death() -> None:
     body = [[[["job1", [0, 1, 2]], ["job2", [7]]], 1.5, True], {}, {"callbacks": None}]
-    assert chunks_of(body) == [("job1", [0, 1, 2]), ("job2", [7])]
+    assert chunks_of(body) == [Chunk.of("job1", [0, 1, 2]), Chunk.of("job2", [7])]
     for bad in ([], [[]], [[[["job", ["x"]]]]], {"a": 1}, None):
         with pytest.raises(ValueError):
             chunks_of(bad)

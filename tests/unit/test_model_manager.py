@@ -74,7 +74,7 @@ def _version(repo: Path, version: int, broken: bool = False) -> None:
 
 def _manager(repo: Path, loader: Loader, **kw: Any) -> ModelManager:
     settings = Settings.from_env({}, models_dir=str(repo), model="m", model_poll_s=0, max_batch_size=8)
-    manager = ModelManager(settings, None, loader=loader, **kw)
+    manager = ModelManager(settings, loader=loader, **kw)
     manager.start()
     return manager
 
@@ -171,6 +171,39 @@ def test_pinned_versions_run_on_their_own_version(tmp_path: Path) -> None:
         manager.close()
 
 
+def test_pinned_versions_are_unloaded_when_unused_and_bounded_per_model(tmp_path: Path) -> None:
+    for version in (1, 2, 3, 4):
+        _version(tmp_path, version)
+    manager = _manager(tmp_path, Loader(), max_pinned=2, pinned_idle_s=300.0)
+    try:
+        served = manager.models["m"]
+        one = manager.lane(JobOptions("m", version=1))
+        assert one is not None
+        two = manager.lane(JobOptions("m", version=2))
+        assert two is not None
+        # A third while both were asked for just now: refused, so the bound holds and no lane a
+        # chunk may be decoding for is pulled away.
+        with pytest.raises(BatchvisionError, match="at most 2") as info:
+            manager.lane(JobOptions("m", version=3))
+        assert info.value.code == "model_version_unavailable"
+        assert sorted(served.pinned) == [1, 2]
+        # Version 1 unused for long: the least recently used makes room for version 3.
+        one.used -= 3600
+        three = manager.lane(JobOptions("m", version=3))
+        assert three is not None and sorted(served.pinned) == [2, 3]
+        with pytest.raises(RuntimeError, match="closed"):
+            one.batcher.submit(np.zeros((8, 8, 3), np.uint8))
+        out = three.batcher.submit(np.zeros((8, 8, 3), np.uint8)).result(timeout=10)
+        assert out.version == 3
+        # Unused for longer than the idle limit: unloaded; a later job loads it again.
+        assert manager.unload_idle(now=time.monotonic() + 3600) == [("m", 2), ("m", 3)]
+        assert served.pinned == {} and served.lane is not None, "the live lane stays"
+        again = manager.lane(JobOptions("m", version=3))
+        assert again is not None and again is not three
+    finally:
+        manager.close()
+
+
 def test_start_falls_back_to_an_older_version_and_follows_the_live_pointer(tmp_path: Path) -> None:
     _version(tmp_path, 1)
     _version(tmp_path, 2)
@@ -184,7 +217,7 @@ def test_start_falls_back_to_an_older_version_and_follows_the_live_pointer(tmp_p
 
     pointer = Pointer()
     settings = Settings.from_env({}, models_dir=str(tmp_path), model="m", model_poll_s=0)
-    manager = ModelManager(settings, pointer, loader=Loader())  # type: ignore[arg-type]
+    manager = ModelManager(settings, pointer=pointer.live_pointer, loader=Loader())
     manager.start()
     try:
         served = manager.models["m"]

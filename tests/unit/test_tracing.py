@@ -15,6 +15,7 @@ import pytest
 from batchvision.core.batching import DynamicBatcher
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
+from batchvision.server.messages import Chunk
 from batchvision.server.queue import Enqueuer, publish
 
 otel = pytest.importorskip(
@@ -70,12 +71,12 @@ def test_off_by_default_no_spans_no_headers() -> None:
     )
     assert not tracing.enabled()
     app = FakeCelery()
-    publish(app, SETTINGS, [("job1", [0, 1])], 1.0)  # type: ignore[arg-type]
+    publish(app, SETTINGS, [Chunk.of("job1", [0, 1])], 1.0)
     (message,) = app.sent
     assert "headers" not in message and message["task_id"]
-    with tracing.task(lambda _: None, "t", [("job1", [0])], False, "m"):
+    with tracing.task(lambda _: None, "t", [Chunk.of("job1", [0])], False, "m"):
         pass
-    assert tracing.batcher_class() is DynamicBatcher
+    assert tracing.submit_hook() is None
     assert tracing.capture() is None
 
 
@@ -87,14 +88,14 @@ def test_traces_url() -> None:
 def test_request_enqueue_and_task_form_one_trace(spans: InMemorySpanExporter) -> None:
     app = FakeCelery()
     handle = tracing.start_request("POST", "/v1/jobs", "/v1/jobs", {})
-    publish(app, SETTINGS, [("job1", [0, 1, 2])], 1.0)  # type: ignore[arg-type]
+    publish(app, SETTINGS, [Chunk.of("job1", [0, 1, 2])], 1.0)
     tracing.annotate_request(handle, 202, "job1", 3)
     tracing.end_request(handle)
     (message,) = app.sent
     headers = message["headers"]
     assert headers["traceparent"].startswith("00-")
     # the worker side: the task reads the message's headers
-    with tracing.task(headers.get, message["task_id"], [("job1", [0, 1, 2])], False, "demo"):
+    with tracing.task(headers.get, message["task_id"], [Chunk.of("job1", [0, 1, 2])], False, "demo"):
         pass
     (request,) = by_name(spans, "POST /v1/jobs")
     (enqueue,) = by_name(spans, "enqueue batchvision")
@@ -128,13 +129,13 @@ def test_a_coalesced_message_is_a_child_of_the_first_request_and_links_the_other
     spans: InMemorySpanExporter,
 ) -> None:
     app = FakeCelery()
-    enqueuer = Enqueuer(app, SETTINGS)  # type: ignore[arg-type]
+    enqueuer = Enqueuer(app, SETTINGS)
     release = threading.Barrier(3)
 
     def request(job: str) -> None:
         handle = tracing.start_request("POST", "/v1/classify", "/v1/classify", {})
         release.wait()
-        enqueuer.send([(job, [0])], 1.0, interactive=True)  # the coalescer's thread publishes
+        enqueuer.send([Chunk.of(job, [0])], 1.0, interactive=True)  # the coalescer's thread publishes
         tracing.end_request(handle)
 
     threads = [threading.Thread(target=request, args=(f"job{n}",)) for n in range(3)]
@@ -145,7 +146,7 @@ def test_a_coalesced_message_is_a_child_of_the_first_request_and_links_the_other
     request_spans = {s.context.span_id: s for s in by_name(spans, "POST /v1/classify") if s.context}
     assert len(request_spans) == 3
     enqueues = by_name(spans, "enqueue batchvision.interactive")
-    assert sum(len(e.attributes["batchvision.job_ids"]) for e in enqueues if e.attributes) == 3  # type: ignore[arg-type]
+    assert sum(len(e.attributes["batchvision.job_ids"]) for e in enqueues if e.attributes) == 3
     reached = set()
     for enqueue in enqueues:
         assert enqueue.parent is not None and enqueue.parent.span_id in request_spans
@@ -160,8 +161,8 @@ def test_a_coalesced_message_is_a_child_of_the_first_request_and_links_the_other
 
 
 def test_a_batch_links_to_the_task_spans_of_its_images(spans: InMemorySpanExporter) -> None:
-    cls = tracing.batcher_class()
-    assert cls is tracing.TracedBatcher
+    hook = tracing.submit_hook()
+    assert hook is tracing.span_tag
     batches: list[Any] = []
     gate = threading.Event()
 
@@ -169,11 +170,13 @@ def test_a_batch_links_to_the_task_spans_of_its_images(spans: InMemorySpanExport
         gate.wait(5)
         return [x * 2 for x in items]
 
-    batcher = cls(predict, max_batch_size=8, max_delay_s=0.5, on_batch=lambda info: batches.append(info))
+    batcher = DynamicBatcher(
+        predict, max_batch_size=8, max_delay_s=0.5, on_batch=lambda info: batches.append(info), on_submit=hook
+    )
     headers: dict[str, str] = {}
 
     def task(task_id: str, job: str, n: int, ready: threading.Barrier) -> None:
-        with tracing.task(headers.get, task_id, [(job, list(range(n)))], False, "demo"):
+        with tracing.task(headers.get, task_id, [Chunk.of(job, range(n))], False, "demo"):
             with batcher.reserve(n) as slot:
                 ready.wait()
                 futures = [slot.submit(i, tag=(job, 1.0)) for i in range(n)]
@@ -209,7 +212,7 @@ def test_a_batch_links_to_the_task_spans_of_its_images(spans: InMemorySpanExport
             ]
             assert link.attributes is not None
             assert link.attributes["batchvision.job_id"] == {"t1": "jobA", "t2": "jobB"}[task_id]
-            linked[task_id] = linked.get(task_id, 0) + int(link.attributes["batchvision.images"])  # type: ignore[arg-type]
+            linked[task_id] = linked.get(task_id, 0) + int(link.attributes["batchvision.images"])
     assert linked == {"t1": 3, "t2": 2}, "every image's batch links to its task"
 
 
