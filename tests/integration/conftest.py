@@ -30,12 +30,12 @@ import redis as redis_lib
 
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor
 from batchvision.core.imaging import decode_image
 from batchvision.core.settings import Settings
 from batchvision.server.store import JobStore
+from batchvision.testing.servers import RabbitMQServer, RedisServer, have_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,13 +31,14 @@ import redis as redis_lib
 import requests
 
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.documents import ClassifyResult
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import CLASSES, COLOUR_CLASSES, colour_files, encode, labelled_files, render
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin-test-key"

@@ -1,5 +1,5 @@
 """Several hosts for real: Redis, the API and two workers each in a network namespace of its
-own (:mod:`batchvision.cli.netns`), on a private subnet, started with the compose file's
+own (:mod:`batchvision.testing.netns`), on a private subnet, started with the compose file's
 commands and environment (services resolve ``redis`` and ``api`` by name); this process is the
 client, in the root namespace. Faults are network faults: a link cut and healed, a host
 removed for good.
@@ -32,13 +32,13 @@ import redis as redis_lib
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchvision.cli import netns
-from batchvision.cli.netns import Host, HostStack, Network
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import CLASSES, encode, render
 from batchvision.server.connect import SOCKET_TIMEOUT_S, connect_redis
 from batchvision.server.keys import JobKeys
 from batchvision.server.queue import create_celery
+from batchvision.testing import netns
+from batchvision.testing.netns import Host, HostStack, Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -477,7 +477,7 @@ def _crashed_run(action: str) -> tuple[str, str]:
     namespace and bridge (which must be gone once the harness cleaned up)."""
     code = (
         "import sys, time\n"
-        "from batchvision.cli.netns import Network\n"
+        "from batchvision.testing.netns import Network\n"
         "net = Network().create()\n"
         "host = net.add_host('probe')\n"
         "print(host.netns, net.bridge, flush=True)\n"

@@ -40,11 +40,12 @@ import yaml
 
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
+from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -40,8 +40,7 @@ import requests
 from kombu.connection import Connection
 from kombu.message import Message
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
@@ -64,6 +63,7 @@ from batchvision.server.queue import (
 from batchvision.server.recovery import chunk_member, ledger_add
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RabbitMQServer, RedisServer, have_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,8 +24,7 @@ import pytest
 import redis as redis_lib
 import requests
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
@@ -37,6 +36,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.queue import CLASSIFY_TASK, create_celery
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RabbitMQServer, RedisServer
 
 # Every test here injects a fault and waits out a recovery (visibility timeouts, restarts).
 pytestmark = pytest.mark.slow

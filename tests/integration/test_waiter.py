@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis as redis_lib
 
-from batchvision.cli.redis_server import RedisServer
 from batchvision.server.intake import new_job_id
 from batchvision.server.keys import JobKeys
 from batchvision.server.store import JobStore
 from batchvision.server.waiter import Waiter
+from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

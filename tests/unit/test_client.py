@@ -24,11 +24,11 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-from batchvision.cli.faultproxy import FaultProxy
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import submit_folder
 from batchvision.client.retry import RetryPolicy
 from batchvision.core.documents import ClassifyResult, JobAccepted, ResultRow
+from batchvision.testing.faultproxy import FaultProxy
 
 JOB_ID = "0123456789abcdef0123456789abcdef"
 #: Fast retries for tests: the waits are real, only short.

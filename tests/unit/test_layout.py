@@ -6,8 +6,11 @@ moved without the other, and a circle of them is still a circle).
 - ``batchvision.core`` imports nothing of the project: pure code every role shares.
 - ``batchvision.client`` imports only ``core`` (and itself): the client library ships alone.
 - ``batchvision.server`` never imports ``api``, ``workers``, ``cli`` or ``client``.
-- ``batchvision.cli`` is imported by nothing else in the package (RQ's rule for its CLI), and
-  starts ``api`` and ``workers`` as processes rather than importing them.
+- ``batchvision.cli`` is imported by nothing else in the package (RQ's rule for its CLI) but
+  the test support, and starts ``api`` and ``workers`` as processes rather than importing them.
+- ``batchvision.testing`` (test support, not in the wheel) may import the rest of
+  ``batchvision``; nothing of the product (``api``, ``workers``, the rest of ``batchvision``)
+  imports it, and outside the product only ``tests/`` and ``bench/`` do.
 - Nothing outside ``workers/`` imports TensorFlow or Keras, and ``batchvision`` never imports
   Flask: the API image has no TensorFlow, the workers' no Flask.
 - No import circles between the project's modules.
@@ -81,6 +84,7 @@ def violations(rule: str) -> list[str]:
 
 
 PROJECT = ("api", "workers", "batchvision")
+TESTING = "batchvision.testing"
 RULES = {
     "core imports nothing of the project": lambda m, d: (
         _in(m, "batchvision.core") and _in(d, *PROJECT) and not _in(d, "batchvision.core")
@@ -93,7 +97,13 @@ RULES = {
     "server never imports api, workers, cli or client": lambda m, d: (
         _in(m, "batchvision.server") and _in(d, "api", "workers", "batchvision.cli", "batchvision.client")
     ),
-    "nothing but cli imports cli": lambda m, d: _in(d, "batchvision.cli") and not _in(m, "batchvision.cli"),
+    "nothing but cli and the test support import cli": lambda m, d: (
+        _in(d, "batchvision.cli") and not _in(m, "batchvision.cli", TESTING)
+    ),
+    "the product never imports the test support": lambda m, d: _in(d, TESTING) and not _in(m, TESTING),
+    "the test support starts api and workers, never imports them": lambda m, d: (
+        _in(m, TESTING) and _in(d, "api", "workers")
+    ),
     "cli starts api and workers, never imports them": lambda m, d: (
         _in(m, "batchvision.cli") and _in(d, "api", "workers")
     ),
@@ -130,6 +140,28 @@ def test_no_import_cycles() -> None:
         if mod not in state:
             visit(mod, [mod])
     assert cycles == []
+
+
+def _repository_sources() -> Iterator[Path]:
+    """Every Python file of the repository (not the virtualenv, caches or the models)."""
+    for top in sorted(ROOT.iterdir()):
+        if top.name.startswith(".") or top.name in ("models", "venv", "build", "dist"):
+            continue
+        yield from [top] if top.suffix == ".py" else sorted(top.rglob("*.py")) if top.is_dir() else []
+
+
+def test_only_tests_and_benchmarks_import_the_test_support() -> None:
+    # The rules above cover the packages; this covers every other file (scripts, ...): what the
+    # wheel, which leaves the test support out, or the repository's tooling runs never needs it.
+    known = set(GRAPH)
+    users, bad = [], []
+    for path in _repository_sources():
+        rel = path.relative_to(ROOT)
+        if any(_in(d, TESTING) for d in imports_of(path.read_text(), module_name(path), known)):
+            allowed = rel.parts[0] in ("tests", "bench") or _in(module_name(path), TESTING)
+            (users if allowed else bad).append(rel.as_posix())
+    assert bad == []
+    assert len(users) > 5  # the scan sees the tests and benchmarks that use it
 
 
 def test_the_graph_sees_the_whole_tree() -> None:
