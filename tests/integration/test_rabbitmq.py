@@ -312,7 +312,14 @@ def test_a_failed_task_is_dead_lettered_and_sent_again(fresh: Rig) -> None:
         assert _take_all(conn, task_queue(s, s.queue), lambda m: m.reject(requeue=False)) == 3
     w = fresh.worker("rmq-resend")
     fresh.exactly_once(job_id, 12)  # re-sent by the dead-letter consumer, then classified
-    log = Path(w.log_path).read_text()
+
+    # Each of the three is re-sent once. On a slow start the recovery sweeper may re-send a
+    # chunk first and the job end before the consumer has logged its own re-send: wait for it.
+    def resent() -> str | None:
+        log = Path(w.log_path).read_text()
+        return log if log.count("re-sending failed task") >= 3 else None
+
+    log = fresh.wait_until(resent, timeout=60, interval=0.2, message="three failed tasks re-sent")
     assert log.count("re-sending failed task") == 3 and "resend 1 of" in log
     # A real failing task: its arguments make the task raise. The worker rejects it, RabbitMQ
     # dead-letters it, and the consumer drops it (no chunk to resolve), saying so.
