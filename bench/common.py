@@ -16,10 +16,11 @@ sys.path.insert(0, str(BENCH.parent))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
 
 from batchvision.cli.local import stack, wait_for_workers  # noqa: E402
-from batchvision.cli.redis_server import RedisServer, free_port  # noqa: E402, F401
+from batchvision.cli.redis_server import free_port  # noqa: E402, F401
 from batchvision.cli.runner import Supervisor  # noqa: E402
 from batchvision.core.settings import Settings  # noqa: E402
 from batchvision.core.synthetic import photo_like  # noqa: E402
+from batchvision.testing.servers import RedisServer  # noqa: E402, F401
 
 OUT = Path(__file__).resolve().parent / "out"
 

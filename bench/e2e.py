@@ -27,10 +27,10 @@ from pathlib import Path
 
 from common import cpu_seconds, pct, photo_set, stack_processes, table
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer
 from batchvision.client import Client
 from batchvision.core.imaging import decode_image
 from batchvision.core.settings import Settings
+from batchvision.testing.servers import RabbitMQServer
 
 
 def ceiling(folder: Path, settings: Settings, batch: int = 32) -> float:

@@ -21,11 +21,12 @@ from pathlib import Path
 import requests
 
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import colour_files, labelled_files
+from batchvision.testing.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "bench-admin"

@@ -1,5 +1,5 @@
 """Scale-out across hosts: the API, Redis and 1, 2, 4 worker hosts, each host a network
-namespace of its own on a private subnet (:mod:`batchvision.cli.netns`), started with the
+namespace of its own on a private subnet (:mod:`batchvision.testing.netns`), started with the
 compose file's commands and environment. Workers run the sleeping stand-in model (a fixed
 time per batch, standing for an accelerator), so the figure is the orchestration's: how many
 images/s each added worker host brings. Needs root (``ip netns``).
@@ -20,10 +20,10 @@ from common import OUT, table
 from null_model import small_jpegs
 from standins import SLEEPING_MODEL
 
-from batchvision.cli import netns
-from batchvision.cli.netns import HostStack, Network
 from batchvision.client import Client
 from batchvision.core.settings import Settings
+from batchvision.testing import netns
+from batchvision.testing.netns import HostStack, Network
 
 BENCH = Path(__file__).resolve().parent
 

@@ -77,10 +77,10 @@ from null_model import small_jpegs
 from peers.launch import INSTALL_HINT, PEERS, PeerSpec, running_peer
 from standins import NULL_MODEL
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer
 from batchvision.client import Client
 from batchvision.client.errors import ApiError
 from batchvision.core.settings import Settings
+from batchvision.testing.servers import RabbitMQServer
 
 FINAL = {"succeeded", "partial", "failed", "canceled"}
 HERE = Path(__file__).resolve().parent

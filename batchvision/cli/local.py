@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer, amqp_answers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.rabbitmq_server import RabbitMQNode, amqp_answers
+from batchvision.cli.redis_server import RedisNode, free_port, redis_answers
 from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
 from batchvision.core.settings import PREFIX, Settings
 
@@ -28,16 +28,16 @@ log = logging.getLogger("batchvision.up")
 
 def stack(
     settings: Settings,
-    redis: RedisServer | None,
+    redis: RedisNode | None,
     flower: bool = True,
-    rabbitmq: RabbitMQServer | None = None,
+    rabbitmq: RabbitMQNode | None = None,
 ) -> list[Service]:
     """The services of the stack, in start order; the same commands as the compose file
     (``rabbitmq``: our own RabbitMQ node as the broker, see :func:`local_broker`)."""
     env = settings.to_env(include_secrets=True)  # the children need the API keys and Flower login
     services = []
     if redis is not None:
-        ready = functools.partial(_redis_answers, redis.url)
+        ready = functools.partial(redis_answers, redis.url)
         services.append(Service("redis", redis.argv(), {}, url=redis.url, infrastructure=True, ready=ready))
     if rabbitmq is not None:  # -- issue 16
         rabbitmq.prepare()
@@ -70,7 +70,7 @@ def stack(
     return services
 
 
-def local_settings(broker: str | None = None) -> tuple[Settings, RedisServer | None, RabbitMQServer | None]:
+def local_settings(broker: str | None = None) -> tuple[Settings, RedisNode | None, RabbitMQNode | None]:
     """Settings for a local run: free ports, an embedded Redis unless one is configured, and
     the broker :func:`local_broker` picks."""
     overrides: dict[str, Any] = {}
@@ -79,7 +79,7 @@ def local_settings(broker: str | None = None) -> tuple[Settings, RedisServer | N
         overrides["broker_url"] = broker_url
     redis = None
     if not os.environ.get(PREFIX + "REDIS_URL"):
-        redis = RedisServer(data_dir=Path(tempfile.mkdtemp(prefix="batchvision-redis-")))
+        redis = RedisNode(data_dir=Path(tempfile.mkdtemp(prefix="batchvision-redis-")))
         overrides["redis_url"] = redis.url
     for field, default in (("api_port", 8000), ("worker_metrics_port", 9808), ("flower_port", 5555)):
         if not os.environ.get(PREFIX + field.upper()):
@@ -95,7 +95,7 @@ def local_settings(broker: str | None = None) -> tuple[Settings, RedisServer | N
 START_RABBITMQ = ("amqp", "amqp://", "rabbitmq")
 
 
-def local_broker(choice: str | None, configured: str) -> tuple[RabbitMQServer | None, str]:
+def local_broker(choice: str | None, configured: str) -> tuple[RabbitMQNode | None, str]:
     """The broker of a local run: (our own RabbitMQ node to start or ``None``, the broker URL).
 
     ``--broker redis`` (or nothing): the Redis URL, unless ``BATCHVISION_BROKER_URL`` names a
@@ -107,7 +107,7 @@ def local_broker(choice: str | None, configured: str) -> tuple[RabbitMQServer | 
     if choice == "redis":
         return None, ""
     if choice == "rabbitmq" and not configured.startswith("amqp"):
-        server = RabbitMQServer()
+        server = RabbitMQNode()
         return server, server.url
     return None, configured
 
@@ -194,18 +194,6 @@ def wait_for_workers(
             while_waiting()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{count} worker(s) did not answer within {timeout:.0f}s")
-
-
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.exceptions.RedisError:
-        return False
-    finally:
-        client.close()
 
 
 def _demo_folder() -> Path:

@@ -1,27 +1,23 @@
-"""A private ``rabbitmq-server`` for local runs and tests (the RabbitMQ twin of
-:mod:`batchvision.cli.redis_server`).
+"""The private ``rabbitmq-server`` that ``batchvision up --broker rabbitmq`` runs (the RabbitMQ
+twin of :mod:`batchvision.cli.redis_server`).
 
 Uses Debian's ``rabbitmq-server`` package (``apt-get install rabbitmq-server``; `make test`
 installs it through ``scripts/system-deps.sh``) but none of the machine's configuration: its own
 node name, AMQP and distribution ports (free ones), data, log and config files under one
 directory, and its own Erlang cookie (``HOME`` is that directory). No plugin is enabled (no
-management UI, so no HTTP port to collide). Data survives a restart of this server (durable
-quorum queues), which the tests do on purpose.
+management UI, so no HTTP port to collide). Data survives a restart (durable quorum queues).
 
-``RabbitMQServer(url=...)`` instead reuses a server that already runs (the machine's own, or a
-cluster): ``start`` only waits for it to answer, ``stop`` does nothing.
+The supervisor of ``up`` runs :meth:`RabbitMQNode.argv` with :meth:`RabbitMQNode.env`; a node
+started, restarted and killed from Python (the tests, the benchmarks) is
+:class:`batchvision.testing.servers.RabbitMQServer`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from batchvision.cli.local_server import LocalServer
 from batchvision.cli.redis_server import free_port
@@ -42,16 +38,8 @@ def find_rabbitmq_server() -> Path:
             return folder
     raise FileNotFoundError(
         "no rabbitmq-server: `apt-get install rabbitmq-server` (scripts/system-deps.sh does it), "
-        "or point BV_RABBITMQ_URL at a running server"
+        "or name a running RabbitMQ in BATCHVISION_BROKER_URL"
     )
-
-
-def have_rabbitmq() -> bool:
-    try:
-        find_rabbitmq_server()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def amqp_answers(url: str, timeout: float = 2.0) -> bool:
@@ -68,11 +56,8 @@ def amqp_answers(url: str, timeout: float = 2.0) -> bool:
         conn.release()  # type: ignore[no-untyped-call, unused-ignore]
 
 
-class RabbitMQServer(LocalServer):
-    """A private RabbitMQ node on ``127.0.0.1:port`` with everything in ``data_dir``.
-
-    ``url``: reuse that running server instead (nothing is started or stopped).
-    """
+class RabbitMQNode(LocalServer):
+    """A private RabbitMQ node on ``127.0.0.1:port`` with everything in ``data_dir``."""
 
     def __init__(
         self,
@@ -80,21 +65,16 @@ class RabbitMQServer(LocalServer):
         data_dir: str | Path | None = None,
         user: str = "batchvision",
         password: str | None = None,
-        url: str | None = None,
     ) -> None:
-        self.external = url or ""
-        self.port = port or (urlparse(url).port or 5672 if url else free_port())
+        self.port = port or free_port()
         self.dist_port = free_port()
         self.user = user
         self.password = password or os.urandom(12).hex()
         super().__init__(data_dir, "batchvision-rabbitmq-")
         self.node = f"bv{self.port}@localhost"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        if self.external:
-            return self.external
         # `//` at the end: the default virtual host "/".
         return f"amqp://{quote(self.user)}:{quote(self.password)}@127.0.0.1:{self.port}//"
 
@@ -103,8 +83,7 @@ class RabbitMQServer(LocalServer):
         return self.data_dir / "log" / f"{self.node}.log"
 
     def prepare(self) -> None:
-        """Write its configuration (``start`` does; a supervisor that runs ``argv()`` with
-        ``env()`` itself calls it first)."""
+        """Write its configuration files: call it before running ``argv()`` with ``env()``."""
         (self.data_dir / "log").mkdir(parents=True, exist_ok=True)
         conf = [
             f"listeners.tcp.default = 127.0.0.1:{self.port}",
@@ -153,88 +132,3 @@ class RabbitMQServer(LocalServer):
 
     def argv(self) -> list[str]:
         return [str(find_rabbitmq_server() / "rabbitmq-server")]
-
-    def start(self, timeout: float = 90.0) -> RabbitMQServer:
-        """Start the node (or find the external one) and wait until it accepts AMQP logins."""
-        if not self.external:
-            self.prepare()
-            out = open(self.data_dir / "server.out", "ab")  # noqa: SIM115 - owned by the child
-            try:
-                # Its own process group: the shell wrapper and the Erlang VM stop together.
-                self.proc = subprocess.Popen(
-                    self.argv(),
-                    env={**os.environ, **self.env()},
-                    cwd=self.data_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    start_new_session=True,
-                )
-            finally:
-                out.close()
-        self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not amqp_answers(self.url, timeout=1.0):
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"rabbitmq-server exited ({self.proc.returncode}): see {self.diagnose()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rabbitmq-server on port {self.port} is not up: see {self.diagnose()}")
-            time.sleep(0.2)
-
-    def diagnose(self) -> str:
-        return f"{self.log_file} and {self.data_dir / 'server.out'}"
-
-    def ctl(self, *args: str, timeout: float = 60.0) -> str:
-        """Run ``rabbitmqctl`` against this node; returns its output."""
-        if self.external:
-            raise RuntimeError("rabbitmqctl is only run against a server this object started")
-        proc = subprocess.run(
-            [str(find_rabbitmq_server() / "rabbitmqctl"), "-n", self.node, *args],
-            env={**os.environ, **self.env()},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {proc.stderr or proc.stdout}")
-        return proc.stdout
-
-    def pid(self) -> int | None:
-        """The Erlang VM's pid (for CPU accounting), if this object started it."""
-        try:
-            return int((self.data_dir / "rabbitmq.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the node (``kill``: SIGKILL to the VM, no clean shutdown)."""
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        if kill:
-            try:  # the shell wrapper exits first; make sure the VM is gone too
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._wait_port_free()
-        self.proc = None
-
-    def _wait_port_free(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.1)

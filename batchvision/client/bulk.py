@@ -10,13 +10,34 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from batchvision.core.documents import Rejection
+from batchvision.core.documents import FileList, Job, JobAccepted, Rejection
 from batchvision.core.sniff import looks_like_image
 
-if TYPE_CHECKING:  # the client calls into this module: no import at run time
-    from batchvision.client.http import Client
+
+class PartUploader(Protocol):
+    """The calls :func:`submit_folder` makes (:class:`~batchvision.client.http.Client` has
+    them): described here so that this module does not depend on the HTTP client, which
+    calls into it."""
+
+    def open_job(
+        self, expected: int | None = None, callback_url: str | None = None, **options: Any
+    ) -> JobAccepted:
+        """Open a job for an upload in parts."""
+        ...
+
+    def files(self, job_id: str) -> FileList:
+        """Relative paths the service already has for ``job_id``."""
+        ...
+
+    def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> JobAccepted:
+        """Upload one part."""
+        ...
+
+    def seal(self, job_id: str) -> Job:
+        """The upload is complete."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +90,7 @@ def parts(images: list[tuple[str, Path]], max_files: int, max_bytes: int) -> Ite
 
 
 def submit_folder(
-    client: Client,
+    client: PartUploader,
     paths: list[Path],
     *,
     part_files: int = 64,

@@ -16,11 +16,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
+from batchvision.client.bulk import FolderUpload, submit_folder
 from batchvision.client.errors import ApiError
 from batchvision.client.retry import Budget, RetryPolicy
 from batchvision.core.documents import (
@@ -32,9 +33,6 @@ from batchvision.core.documents import (
     ResultRow,
 )
 from batchvision.core.model_documents import ModelList, ReloadAccepted
-
-if TYPE_CHECKING:  # bulk calls into this module: no import at run time
-    from batchvision.client.bulk import FolderUpload
 
 #: The final job statuses (also ``Job.final``).
 FINAL = frozenset(str(s) for s in FINAL_STATUSES)
@@ -193,8 +191,6 @@ class Client:
 
     def submit_folder(self, *paths: str | Path, **kw: Any) -> FolderUpload:
         """Upload every image under ``paths`` to one job (:func:`~batchvision.client.bulk.submit_folder`)."""
-        from batchvision.client.bulk import submit_folder
-
         return submit_folder(self, [Path(p) for p in paths], **kw)
 
     def classify(

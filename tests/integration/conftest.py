@@ -1,13 +1,24 @@
 """Fixtures that start real things: redis-servers, the demo model, worker and API processes.
 
 Nothing is mocked: the suite starts what it needs on free ports and stops it afterwards.
+The servers come from :mod:`batchvision.testing.servers` (test support, not in the wheel).
+The fixture API below is stable; other modules' rigs belong here once two modules need them.
+
+- ``redis_server``, ``redis_client``, ``scratch_server``, ``scratch_redis``, ``store``: below.
+- ``settings``, ``stack``, ``api_url``: the session's API and worker (``batchvision up``'s
+  commands) on ``redis_server``; ``wait_worker(settings)``: until a worker answers a ping.
+- ``broker``, ``start_rabbitmq()``: below.
+- ``start_private_stack(logs, broker="redis", **overrides)``: a :class:`PrivateStack` of the
+  module's own (Redis, the broker, the API; workers on demand) for tests that kill, stop and
+  restart things; closed when the module ends.
+- ``demo_model``, ``reference_labels(model, files)``, ``artifacts``: below.
 
 Two Redis servers: ``redis_server`` is the one the session's stack (API + worker) uses;
 ``scratch_redis`` is a private one, flushed before each test, for the in-process tests of the
 store, the chunk processor and the recovery sweeper (no worker reads it, so its global keys,
 the pending counter, the chunk ledger, the sweep lock, are the test's alone).
 
-Brokers (issue 16): ``broker`` is ``"redis"`` unless a test is parametrised over it
+Brokers: ``broker`` is ``"redis"`` unless a test is parametrised over it
 (``@pytest.mark.parametrize("broker", [...], indirect=True, scope="module")``, the RabbitMQ
 variant marked ``rabbitmq``); ``start_rabbitmq()`` starts a private ``rabbitmq-server`` on free
 ports, stopped after the module. Without Debian's ``rabbitmq-server`` (which `make test`
@@ -33,9 +44,9 @@ from PIL import Image
 
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
-from batchvision.cli.redis_server import RedisServer, free_port
-from batchvision.cli.runner import Supervisor
+from batchvision.cli.redis_server import free_port
+from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.client import Client
 from batchvision.core.batching import BatchInfo, DynamicBatcher
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
@@ -46,10 +57,12 @@ from batchvision.core.synthetic import encode
 from batchvision.server import keys
 from batchvision.server.blobs import RedisBlobs
 from batchvision.server.claims import Claims
+from batchvision.server.connect import connect_redis
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
 from batchvision.server.recovery import chunk_member, ledger_add
 from batchvision.server.store import Counts, JobStore
+from batchvision.testing.servers import RabbitMQServer, RedisServer, have_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -363,3 +376,139 @@ def rig_on() -> Iterator[Callable[[redis_lib.Redis], ProcessorRig]]:
     """``rig_on(client)``: the ``rig`` over another redis-server (closed after the test)."""
     with contextlib.ExitStack() as stack:
         yield lambda client: stack.enter_context(contextlib.contextmanager(processor_rig)(client))
+
+
+class PrivateStack:
+    """A stack of a module's own, for tests that kill, stop and restart its parts: a private
+    Redis (AOF in its own data directory: ``restart()`` keeps the data), a private RabbitMQ
+    node as the broker when asked, the API, and workers started on demand.
+
+    ``settings`` (what every process runs with, secrets included), ``redis`` (a
+    :class:`~batchvision.testing.servers.RedisServer`), ``rabbitmq`` (a
+    :class:`~batchvision.testing.servers.RabbitMQServer` or ``None``), ``api`` (its
+    :class:`~batchvision.cli.runner.Supervisor`), ``url``, ``client``, ``store`` (a job store on
+    its Redis), ``logs`` (the folder of the process logs), ``workers`` (running ones).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: RedisServer,
+        rabbitmq: RabbitMQServer | None,
+        api: Supervisor,
+        logs: Path,
+        wait_worker: Callable[[Settings], None],
+        wait_until: Callable[..., Any],
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.rabbitmq = rabbitmq
+        self.api = api
+        self.logs = logs
+        self.url = f"http://127.0.0.1:{settings.api_port}"
+        self.client = Client(self.url)
+        self.store = JobStore(connect_redis(redis.url), result_ttl_s=600, blob_ttl_s=600)
+        self.workers: list[Service] = []
+        self._started = 0
+        self._wait_worker = wait_worker
+        self._wait_until = wait_until
+
+    def log(self, name: str) -> Path:
+        """A fresh log file for a process of this run (what an earlier run wrote is gone)."""
+        path = self.logs / f"{name}.log"
+        path.unlink(missing_ok=True)
+        return path
+
+    def worker(self, name: str = "", failpoints: str = "", wait: bool = True, **env: str) -> Service:
+        """Start a worker (``name``: its log file, default ``worker-<n>`` counting from 1;
+        ``failpoints``: ``BV_FAILPOINTS``; ``env``: more variables, e.g.
+        ``BATCHVISION_BROKER_URL``); with ``wait``, return once a worker answers a ping."""
+        self._started += 1
+        name = name or f"worker-{self._started}"
+        svc = Service(
+            "worker",
+            cli_argv("worker", "--name", f"{name}@{free_port()}"),
+            {**self.settings.to_env(include_secrets=True), "BV_FAILPOINTS": failpoints, **env},
+            log_path=str(self.log(name)),
+        )
+        svc.start()
+        self.workers.append(svc)
+        if wait:
+            self._wait_worker(self.settings)
+        return svc
+
+    def wait_ready(self, svc: Service, timeout: float = 120) -> None:
+        """Until the worker ``svc`` logs that it is ready (it may reach the broker by another
+        route than ``settings``, e.g. a proxy, so a ping would not tell)."""
+
+        def ready() -> bool:
+            text = Path(svc.log_path).read_text(errors="replace")
+            assert svc.proc is not None and svc.proc.poll() is None, text[-3000:]
+            return "ready." in text
+
+        self._wait_until(ready, timeout=timeout, interval=0.2, message=f"{svc.log_path}: ready.")
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            w.stop(timeout=30)
+        self.workers = []
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.api.stop()
+        self.store.redis.close()
+        self.redis.close()
+
+
+class StartPrivateStack(Protocol):
+    def __call__(self, logs: str, broker: str = ..., **overrides: Any) -> PrivateStack: ...
+
+
+@pytest.fixture(scope="module")
+def start_private_stack(
+    settings: Settings,
+    start_rabbitmq: Callable[[], RabbitMQServer],
+    tmp_path_factory: pytest.TempPathFactory,
+    artifacts: Path,
+    wait_worker: Callable[[Settings], None],
+    wait_until: Callable[..., Any],
+) -> Iterator[StartPrivateStack]:
+    """``start_private_stack(logs, broker="redis", **overrides)``: a started
+    :class:`PrivateStack`, its process logs in ``tests/artifacts/<logs>/``, its settings the
+    session's with ``overrides`` (and its own Redis, broker and ports: ``worker_metrics_port=0``
+    since several workers share the machine); ``broker="rabbitmq"``: a private RabbitMQ node as
+    the broker. Each is closed when the module ends."""
+    started: list[PrivateStack] = []
+
+    def start(logs: str, broker: str = "redis", **overrides: Any) -> PrivateStack:
+        rabbitmq = start_rabbitmq() if broker == "rabbitmq" else None
+        redis = RedisServer(data_dir=tmp_path_factory.mktemp(f"redis-{logs}")).start()
+        s = settings.replace(
+            **{
+                "broker_url": rabbitmq.url if rabbitmq is not None else "",
+                "worker_metrics_port": 0,
+                **overrides,
+                "redis_url": redis.url,
+                "api_port": free_port(),
+            }
+        )
+        api = Supervisor(
+            [
+                Service(
+                    "api",
+                    cli_argv("api", "--host", "127.0.0.1"),
+                    s.to_env(include_secrets=True),
+                    health_url=f"http://127.0.0.1:{s.api_port}/healthz",
+                )
+            ]
+        )
+        (artifacts / logs).mkdir(exist_ok=True)
+        stack = PrivateStack(s, redis, rabbitmq, api, artifacts / logs, wait_worker, wait_until)
+        started.append(stack)
+        api.start()
+        api.wait_healthy(60)
+        return stack
+
+    yield start
+    for stack in started:
+        stack.close()

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import requests
 
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
+from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -22,13 +22,14 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from batchvision.cli.faultproxy import FaultProxy
 from batchvision.cli.local import stack as local_stack
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.keys import JobKeys
+from batchvision.testing.faultproxy import FaultProxy
+from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

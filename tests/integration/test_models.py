@@ -31,13 +31,14 @@ import redis as redis_lib
 import requests
 
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.documents import ClassifyResult
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import CLASSES, COLOUR_CLASSES, colour_files, encode, labelled_files, render
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "admin-test-key"
@@ -113,7 +114,10 @@ def _model_file(repo_model: Path, demo_model: Path | None, kind: str, tmp: Path)
 
 @pytest.fixture(scope="module")
 def models_stack(
-    tmp_path_factory: pytest.TempPathFactory, demo_model: Path, artifacts: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_model: Path,
+    artifacts: Path,
+    wait_until: Callable[..., Any],
 ) -> Iterator[ModelsStack]:
     tmp = tmp_path_factory.mktemp("models")
     repo = tmp / "repo"
@@ -152,12 +156,12 @@ def models_stack(
             stack = ModelsStack(
                 settings, f"http://127.0.0.1:{settings.api_port}", repo, client, worker, artifacts
             )
-            deadline = time.monotonic() + 60
-            while not (len(stack.models()) == 2 and all(m["workers"] for m in stack.models().values())):
-                assert time.monotonic() < deadline, (
-                    f"the worker did not announce both models: {stack.models()}"
-                )
-                time.sleep(0.2)
+            wait_until(
+                lambda: len(ms := stack.models()) == 2 and all(m["workers"] for m in ms.values()),
+                timeout=60,
+                interval=0.2,
+                message="the worker announces both models",
+            )
             time.sleep(1.1)  # every API process's registry cache (1 s) has seen both models
             yield stack
         finally:
@@ -218,7 +222,7 @@ def test_the_client_and_the_cli_list_the_models(models_stack: ModelsStack) -> No
 
 
 def test_jobs_for_both_models_get_their_own_labels_and_never_share_a_batch(
-    models_stack: ModelsStack, reference_labels: Callable[..., list[str]]
+    models_stack: ModelsStack, reference_labels: Callable[..., list[str]], wait_until: Callable[..., Any]
 ) -> None:
     client = models_stack.client()
     shapes = [(n, d, lbl) for n, d, lbl in labelled_files(48, seed=11)]
@@ -261,7 +265,9 @@ def test_jobs_for_both_models_get_their_own_labels_and_never_share_a_batch(
         return [b for b in models_stack.batches() if set(b["jobs"]) & set(model_of)]
 
     # (The log is written by a thread of its own, just after each batch's results are out.)
-    _until(lambda: sum(b["size"] for b in logged()) == 96, "the batch log has every image")
+    wait_until(
+        lambda: sum(b["size"] for b in logged()) == 96, timeout=60, message="the batch log has every image"
+    )
     batches = logged()
     for batch in batches:
         assert {model_of[j] for j in batch["jobs"]} == {batch["model"]}, batch
@@ -325,7 +331,10 @@ def test_invalid_options_are_refused_at_submit_time(
 
 
 def test_a_reload_in_the_middle_of_a_2000_image_job(
-    models_stack: ModelsStack, artifacts: Path, reference_labels: Callable[..., list[str]]
+    models_stack: ModelsStack,
+    artifacts: Path,
+    reference_labels: Callable[..., list[str]],
+    wait_until: Callable[..., Any],
 ) -> None:
     client = models_stack.client()
     files = _shapes(2000, seed=31)
@@ -334,18 +343,14 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(
     for i in range(0, len(files), 500):
         client.add_part(job_id, [(n, d) for n, d, _ in files[i : i + 500]])
     client.seal(job_id)
-    deadline = time.monotonic() + 120
-    while (st := client.status(job_id)).done < 200:
-        assert st.status != "succeeded" and time.monotonic() < deadline, st
-        time.sleep(0.05)
+    st = wait_until(lambda: (st := client.status(job_id)).done >= 200 and st, timeout=120)
+    assert st.status != "succeeded", st
     # Version 2 appears (the watcher would find it); the reload request loads it at once.
     models_stack.add_version("shapes", 2)
     asked = time.monotonic()
     resp = models_stack.reload("shapes")
     assert resp.status_code == 202 and resp.json()["workers"] == 1, resp.text
-    while models_stack.models()["shapes"]["live_version"] != 2:
-        assert time.monotonic() - asked < 60, models_stack.models()["shapes"]
-        time.sleep(0.05)
+    wait_until(lambda: models_stack.models()["shapes"]["live_version"] == 2, timeout=60, message="v2 live")
     switch_s = time.monotonic() - asked
     at_switch = client.status(job_id)
     rows = _results(client, job_id)
@@ -356,25 +361,27 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(
     assert set(versions) == {1, 2}, "the switch happened in the middle of the job"
     assert at_switch.done < 2000, at_switch
 
-    # No image was classified twice: the model saw exactly 2000 images, stored once each.
-    def seen() -> float:
-        return _delta(
-            _metric_values(models_stack.worker_metrics()),
-            before,
-            'batchvision_batch_size_sum{model="shapes"}',
-        )
-
-    _until(lambda: seen() >= 2000, "the batch metrics count every image")
-    time.sleep(0.5)
-    after = _metric_values(models_stack.worker_metrics())
-    assert _delta(after, before, 'batchvision_batch_size_sum{model="shapes"}') == 2000
-    assert _delta(after, before, 'batchvision_images_classified_total{model="shapes",outcome="ok"}') == 2000
+    # No image was classified twice: the model saw exactly the 2000 images of the job and the
+    # sample of the rerun, stored once each. The rerun came after the job was final, and its
+    # results are in: an image of the job classified twice would be counted by now.
+    want = 2000 + len(sample)
+    key = 'batchvision_batch_size_sum{model="shapes"}'
+    after = wait_until(
+        lambda: (m := _metric_values(models_stack.worker_metrics())) and _delta(m, before, key) >= want and m,
+        timeout=60,
+        message="the batch metrics count every image",
+    )
+    assert _delta(after, before, key) == want
+    assert _delta(after, before, 'batchvision_images_classified_total{model="shapes",outcome="ok"}') == want
 
     # The batch log: no batch holds two versions; version 1 until the switch, then 2.
     def mine() -> list[dict[str, Any]]:
         return [b for b in reversed(models_stack.batches()) if job_id in b["jobs"]]
 
-    _until(lambda: sum(b["size"] for b in mine()) == 2000, "the batch log has every image of the job")
+    wait_until(
+        lambda: sum(b["size"] for b in mine()) >= 2000, timeout=60, message="the batch log has the job"
+    )
+    assert sum(b["size"] for b in mine()) == 2000
     order = [b["version"] for b in mine()]
     assert order == sorted(order) and set(order) == {1, 2}
     shapes = models_stack.models()["shapes"]
@@ -401,7 +408,9 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(
     )
 
 
-def test_a_broken_version_is_refused_and_the_job_goes_on(models_stack: ModelsStack) -> None:
+def test_a_broken_version_is_refused_and_the_job_goes_on(
+    models_stack: ModelsStack, wait_until: Callable[..., Any]
+) -> None:
     client = models_stack.client()
     files = _shapes(300, seed=41)
     job = client.submit_files([(n, d) for n, d, _ in files])
@@ -415,13 +424,12 @@ def test_a_broken_version_is_refused_and_the_job_goes_on(models_stack: ModelsSta
     models_stack.add_version("shapes", 3, few_labels)
     models_stack.add_version("shapes", 4, garbage)
     assert models_stack.reload("shapes").status_code == 202
-    deadline = time.monotonic() + 60
-    while True:
+
+    def refused_both() -> dict[int, dict[str, Any]] | None:
         versions = {v["version"]: v for v in models_stack.models()["shapes"]["versions"]}
-        if versions.get(3, {}).get("status") == "failed" and versions.get(4, {}).get("status") == "failed":
-            break
-        assert time.monotonic() < deadline, versions
-        time.sleep(0.1)
+        return versions if all(versions.get(n, {}).get("status") == "failed" for n in (3, 4)) else None
+
+    versions = wait_until(refused_both, timeout=60, interval=0.1, message="versions 3 and 4 refused")
     assert "outputs 6 classes but its labels file has 4 labels" in versions[3]["error"]
     assert versions[4]["error"]
     assert models_stack.models()["shapes"]["live_version"] == 2, "the live version stays"
@@ -431,7 +439,9 @@ def test_a_broken_version_is_refused_and_the_job_goes_on(models_stack: ModelsSta
     assert "version 3 refused" in log and "version 4 refused" in log
 
 
-def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
+def test_pinning_a_version_and_rolling_back(
+    models_stack: ModelsStack, wait_until: Callable[..., Any]
+) -> None:
     client = models_stack.client()
     files = [(n, d) for n, d, _ in labelled_files(8, seed=51)]
     pinned = _results(client, client.submit_files(files, model="shapes:1").job_id)
@@ -446,7 +456,7 @@ def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
         )
         return resp.status_code == 422 and "shapes:1, shapes:2" in resp.text
 
-    _until(refused, "a refused version cannot be pinned", 10)
+    wait_until(refused, timeout=10, message="a refused version cannot be pinned")
     # Reloads are for admin keys only.
     assert models_stack.reload("shapes", key=None).status_code == 401
     assert models_stack.reload("shapes", key="someone-else").status_code == 403
@@ -455,15 +465,31 @@ def test_pinning_a_version_and_rolling_back(models_stack: ModelsStack) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_option"
     # Roll back to version 1, and forward to the newest again.
     assert models_stack.reload("shapes", {"version": 1}).status_code == 202
-    _until(lambda: models_stack.models()["shapes"]["live_version"] == 1, "rolled back to 1")
+    wait_until(
+        lambda: models_stack.models()["shapes"]["live_version"] == 1, timeout=60, message="rolled back"
+    )
     assert models_stack.models()["shapes"]["pinned_live_version"] == 1
-    time.sleep(1.5)  # the watcher keeps the operator's choice
-    assert models_stack.models()["shapes"]["live_version"] == 1
+    # The watcher keeps the operator's choice. It looks (and would switch) in one thread, and
+    # announces each new version folder it finds: once it has announced two (empty folders,
+    # refused, never loaded), the look that found the first has ended, and 1 is still live.
+    for marker in (5, 6):
+        (models_stack.repo / "shapes" / str(marker)).mkdir()
+
+        def announced(marker: int = marker) -> dict[str, Any] | None:
+            shapes: dict[str, Any] = models_stack.models()["shapes"]
+            return shapes if any(v["version"] == marker for v in shapes["versions"]) else None
+
+        shapes = wait_until(announced, timeout=30, message=f"the watcher finds version {marker}")
+    assert shapes["live_version"] == 1, shapes
+    for marker in (5, 6):
+        (models_stack.repo / "shapes" / str(marker)).rmdir()
     rows = _results(client, client.submit_files(files).job_id)
     assert {r["version"] for r in rows} == {1}
     accepted = models_stack.client(ADMIN).reload_model("shapes", "latest")  # the client, typed
     assert (accepted.model, accepted.latest, accepted.workers) == ("shapes", True, 1)
-    _until(lambda: models_stack.models()["shapes"]["live_version"] == 2, "back to the newest that loads")
+    wait_until(
+        lambda: models_stack.models()["shapes"]["live_version"] == 2, timeout=60, message="back to the newest"
+    )
     assert models_stack.models()["shapes"]["pinned_live_version"] is None
 
 
@@ -481,7 +507,9 @@ def test_metrics_are_by_model(models_stack: ModelsStack) -> None:
     assert api['batchvision_queue_tasks{model="colours"}'] == 0
 
 
-def test_a_worker_serves_only_the_models_it_is_started_with(models_stack: ModelsStack) -> None:
+def test_a_worker_serves_only_the_models_it_is_started_with(
+    models_stack: ModelsStack, wait_until: Callable[..., Any]
+) -> None:
     settings = models_stack.settings.replace(worker_metrics_port=free_port())
     log = models_stack.artifacts / "models-worker-colours.log"
     log.unlink(missing_ok=True)
@@ -495,7 +523,11 @@ def test_a_worker_serves_only_the_models_it_is_started_with(models_stack: Models
     sup = Supervisor([svc])
     sup.start()
     try:
-        _until(lambda: models_stack.models()["colours"]["workers"] == 2, "a second colours worker", 180)
+        wait_until(
+            lambda: models_stack.models()["colours"]["workers"] == 2,
+            timeout=180,
+            message="a second colours worker",
+        )
         assert models_stack.models()["shapes"]["workers"] == 1
         app = _celery(models_stack.settings)
         queues: dict[str, Any] = {}
@@ -504,7 +536,7 @@ def test_a_worker_serves_only_the_models_it_is_started_with(models_stack: Models
             queues.update(app.control.inspect(destination=[name], timeout=2).active_queues() or {})
             return name in queues
 
-        _until(consuming, "the colours worker consumes", 120)
+        wait_until(consuming, timeout=120, message="the colours worker consumes")
         assert sorted(q["name"] for q in queues[name]) == [
             "batchvision.colours",
             "batchvision.colours.interactive",
@@ -522,13 +554,6 @@ def test_a_worker_serves_only_the_models_it_is_started_with(models_stack: Models
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not true after {timeout:.0f}s: {what}"
-        time.sleep(0.1)
 
 
 def _metric_values(text: str) -> dict[str, float]:

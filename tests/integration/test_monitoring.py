@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -41,22 +41,26 @@ def series(scraped: dict[str, float], key: str) -> float:
     return total
 
 
-def wait_idle(api_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while scrape(f"{api_url}/metrics").get("batchvision_queue_depth_images", 1) != 0:
-        assert time.monotonic() < deadline, "queue never drained"
-        time.sleep(0.2)
-
-
-def test_metrics_move_by_exactly_the_job(api_url: str, settings: Settings) -> None:
+def test_metrics_move_by_exactly_the_job(
+    api_url: str, settings: Settings, wait_until: Callable[..., Any]
+) -> None:
     worker_url = f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"
-    wait_idle(api_url)
+
+    def wait_idle() -> None:
+        wait_until(
+            lambda: scrape(f"{api_url}/metrics").get("batchvision_queue_depth_images", 1) == 0,
+            timeout=60,
+            interval=0.2,
+            message="the queue drains",
+        )
+
+    wait_idle()
     before_w, before_a = scrape(worker_url), scrape(f"{api_url}/metrics")
     files = [(n, d) for n, d, _ in labelled_files(40, seed=77)] + [("bad.jpg", b"not an image")]
     client = Client(api_url)
     job = client.submit_files(files)
     assert client.wait(job.job_id, timeout=120).status == "partial"
-    wait_idle(api_url)
+    wait_idle()
     after_w, after_a = scrape(worker_url), scrape(f"{api_url}/metrics")
 
     def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
@@ -103,19 +107,20 @@ def test_metric_names_follow_conventions(api_url: str, settings: Settings) -> No
 
 
 @pytest.fixture(scope="module")
-def flower(stack: Supervisor, settings: Settings) -> Iterator[str]:
+def flower(stack: Supervisor, settings: Settings, wait_until: Callable[..., Any]) -> Iterator[str]:
     svc = Service("flower", cli_argv("flower"), settings.to_env(include_secrets=True))
     sup = Supervisor([svc])
     sup.start()
     url = f"http://127.0.0.1:{settings.flower_port}"
-    deadline = time.monotonic() + 60
-    while True:
+
+    def answers() -> bool:
         try:
             requests.get(f"{url}/healthcheck", timeout=2)
-            break
         except requests.ConnectionError:
-            assert time.monotonic() < deadline, "flower did not start"
-            time.sleep(0.3)
+            return False
+        return True
+
+    wait_until(answers, timeout=60, interval=0.3, message="flower starts")
     yield url
     sup.stop()
 
@@ -130,7 +135,7 @@ def test_flower_refuses_to_start_without_credentials(settings: Settings) -> None
 
 
 def test_flower_requires_auth_and_lists_the_jobs_tasks(
-    flower: str, api_url: str, settings: Settings, artifacts: Path
+    flower: str, api_url: str, settings: Settings, artifacts: Path, wait_until: Callable[..., Any]
 ) -> None:
     assert requests.get(f"{flower}/api/tasks", timeout=10).status_code == 401
     assert requests.get(f"{flower}/", timeout=10).status_code == 401
@@ -138,14 +143,14 @@ def test_flower_requires_auth_and_lists_the_jobs_tasks(
     client = Client(api_url)
     job = client.submit_files([(n, d) for n, d, _ in labelled_files(20, seed=5)])
     client.wait(job.job_id, timeout=120)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def listed() -> list[dict[str, Any]] | None:
         tasks = requests.get(f"{flower}/api/tasks", auth=auth, timeout=10).json()
         mine = [t for t in tasks.values() if job.job_id in str(t.get("args"))]
-        if len(mine) == 3 and all(t["state"] == "SUCCESS" for t in mine):  # 20 images, chunks of 8
-            break
-        assert time.monotonic() < deadline, f"flower lists {len(mine)} tasks of the job"
-        time.sleep(0.5)
+        done = len(mine) == 3 and all(t["state"] == "SUCCESS" for t in mine)  # 20 images, chunks of 8
+        return mine if done else None
+
+    mine = wait_until(listed, timeout=30, interval=0.5, message="flower lists the job's 3 tasks, done")
     for t in mine:
         assert t["name"] == "batchvision.classify"
         assert re.fullmatch(rf"job={job.job_id} images=\d+\.\.\d+ n=\d+", t["args"])

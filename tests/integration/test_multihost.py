@@ -1,5 +1,5 @@
 """Several hosts for real: Redis, the API and two workers each in a network namespace of its
-own (:mod:`batchvision.cli.netns`), on a private subnet, started with the compose file's
+own (:mod:`batchvision.testing.netns`), on a private subnet, started with the compose file's
 commands and environment (services resolve ``redis`` and ``api`` by name); this process is the
 client, in the root namespace. Faults are network faults: a link cut and healed, a host
 removed for good.
@@ -32,13 +32,13 @@ import redis as redis_lib
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchvision.cli import netns
-from batchvision.cli.netns import Host, HostStack, Network
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import CLASSES, encode, render
 from batchvision.server.connect import SOCKET_TIMEOUT_S, connect_redis
 from batchvision.server.keys import JobKeys
 from batchvision.server.queue import create_celery
+from batchvision.testing import netns
+from batchvision.testing.netns import Host, HostStack, Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -71,6 +71,7 @@ class Cluster:
     stack: HostStack
     redis: redis_lib.Redis
     files: list[tuple[str, bytes]]
+    wait_until: Callable[..., Any]
     report: list[dict[str, Any]] = field(default_factory=list)
     http: requests.Session = field(default_factory=requests.Session)
 
@@ -91,17 +92,20 @@ class Cluster:
         return dict(resp.json())
 
     def wait_finished(self, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
+        def finished() -> dict[str, Any] | None:
             try:
                 st = self.status(job_id)
-                if st["status"] not in ("queued", "running"):
-                    return st
             except requests.RequestException:
-                pass  # 503 while Redis is away: ask again
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} not finished after {timeout:.0f}s: {self.debug(job_id)}")
-            time.sleep(0.1)
+                return None  # 503 while Redis is away: ask again
+            return st if st["status"] not in ("queued", "running") else None
+
+        try:
+            st: dict[str, Any] = self.wait_until(finished, timeout=timeout, interval=0.1)
+        except AssertionError:
+            raise AssertionError(
+                f"job {job_id} not finished after {timeout:.0f}s: {self.debug(job_id)}"
+            ) from None
+        return st
 
     def debug(self, job_id: str) -> dict[str, Any]:
         r = self.redis
@@ -166,11 +170,11 @@ class Cluster:
 
     def wait_classified(self, worker: Host, more_than: int, timeout: float = 60.0) -> float:
         """Block until ``worker`` stored more than ``more_than`` results; returns when."""
-        deadline = time.monotonic() + timeout
-        while (self.classified(worker) or 0) <= more_than:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{worker.name} stored no more than {more_than} results in {timeout}s")
-            time.sleep(0.05)
+        self.wait_until(
+            lambda: (self.classified(worker) or 0) > more_than,
+            timeout=timeout,
+            message=f"{worker.name} stores more than {more_than} results",
+        )
         return time.time()
 
     def answers_ping(self, worker: Host) -> bool:
@@ -189,7 +193,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(artifacts: Path) -> Iterator[Cluster]:
+def cluster(artifacts: Path, wait_until: Callable[..., Any]) -> Iterator[Cluster]:
     reason = netns.unavailable()
     if reason:
         pytest.skip(f"multi-host tests need network namespaces: {reason}")
@@ -210,7 +214,7 @@ def cluster(artifacts: Path) -> Iterator[Cluster]:
             stack.start_redis()
             stack.start_api()
             client = connect_redis(stack.redis_url)  # reconnects after the Redis cut
-            c = Cluster(net, stack, client, _images(N, seed=17))
+            c = Cluster(net, stack, client, _images(N, seed=17), wait_until)
             c.http.headers.update(stack.headers)
             yield c
         finally:
@@ -256,8 +260,8 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     _mid_batch(cluster, job_a, cut, start_total[cut.name])
     held = cluster.classified(cut) or 0  # nothing more is stored while the link is down
     net.cut(cut)
-    time.sleep(5)
     assert cluster.classified(cut) is None  # really unreachable
+    time.sleep(5)  # the cut lasts 5 s
     healed = time.time()
     net.heal(cut)
     resumed = cluster.wait_classified(cut, held) - healed  # its next stored result
@@ -283,7 +287,8 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     done_at_heal = cluster.status(job_b)["done"]
     net.heal(cut)
     st_b = cluster.assert_exactly_once(job_b)
-    reconnect = _wait(lambda: cluster.answers_ping(cut), 60, "the cut worker answers a ping") - healed
+    cluster.wait_until(lambda: cluster.answers_ping(cut), timeout=60, interval=0.2, message="a ping answered")
+    reconnect = time.time() - healed
     # ... and takes work again: the next job is shared by both workers.
     seen = cluster.classified(cut) or 0
     job_c = cluster.submit()
@@ -306,15 +311,6 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     assert counted <= 3 * N, f"workers stored {counted} results for {3 * N} images"
     print(f"\n[multihost] worker counters: {counted} of {3 * N} (replies lost in cuts: {3 * N - counted})")
     assert cluster.pending() == 0
-
-
-def _wait(condition: Callable[[], bool], timeout: float, message: str) -> float:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {message}")
-        time.sleep(0.2)
-    return time.time()
 
 
 #: The API's publish retries (api/services.py): a broker that is away fails a request fast.
@@ -395,15 +391,18 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
         time.sleep(20)
         t_heal = time.time()
         net.heal(redis_host)
-        ready_at = _wait(
+        cluster.wait_until(
             lambda: any(p.kind == "readyz" and p.code == 200 and p.started >= t_heal for p in probes),
-            60,
-            "/readyz answers 200 again",
+            timeout=60,
+            interval=0.2,
+            message="/readyz answers 200 again",
         )
-        _wait(
+        ready_at = time.time()
+        cluster.wait_until(
             lambda: any(p.kind == "submit" and p.code == 202 and p.started >= t_heal for p in probes),
-            60,
-            "a submission is accepted again",
+            timeout=60,
+            interval=0.2,
+            message="a submission is accepted again",
         )
     finally:
         stop.set()
@@ -432,7 +431,9 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
     accepted = [(p.detail, SMALL if p.kind == "submit" else BULK) for p in probes if p.code == 202]
     for job_id, n in accepted:
         cluster.assert_exactly_once(job_id, n=n, timeout=120)
-    _wait(lambda: cluster.pending() == 0, 90, "no image left pending")
+    cluster.wait_until(
+        lambda: cluster.pending() == 0, timeout=90, interval=0.2, message="no image left pending"
+    )
     cluster.record(
         "Redis host cut off from everything for 20 s mid-batch",
         st["finished_at"] - t_heal,
@@ -461,7 +462,9 @@ def test_worker_host_removed_for_good_the_other_finishes(
     cluster.stack.remove_worker(gone)
     assert gone.netns not in netns.namespaces()
     st = cluster.assert_exactly_once(job, timeout=150)
-    _wait(lambda: cluster.pending() == 0, 90, "no image left pending")
+    cluster.wait_until(
+        lambda: cluster.pending() == 0, timeout=90, interval=0.2, message="no image left pending"
+    )
     assert cluster.answers_ping(survivor)
     cluster.record(
         "one of two worker hosts removed for good (namespace deleted) mid-batch",
@@ -477,7 +480,7 @@ def _crashed_run(action: str) -> tuple[str, str]:
     namespace and bridge (which must be gone once the harness cleaned up)."""
     code = (
         "import sys, time\n"
-        "from batchvision.cli.netns import Network\n"
+        "from batchvision.testing.netns import Network\n"
         "net = Network().create()\n"
         "host = net.add_host('probe')\n"
         "print(host.netns, net.bridge, flush=True)\n"

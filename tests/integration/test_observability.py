@@ -40,11 +40,12 @@ import yaml
 
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
+from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -327,14 +328,16 @@ def test_alert_rules_are_loaded_evaluated_and_select_real_series(prometheus: str
             assert query(prometheus, f"count({selector})"), f"{rule['alert']}: {selector} selects nothing"
 
 
-def test_screenshot_of_the_jobs_throughput(prometheus: str, job: Job, artifacts: Path) -> None:
+def test_screenshot_of_the_jobs_throughput(
+    prometheus: str, job: Job, artifacts: Path, wait_until: Callable[..., Any]
+) -> None:
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
     from playwright.sync_api import sync_playwright
 
     # The job's images per second over 10 s windows: wait until the window has passed the job.
-    time.sleep(max(0.0, job.finished + 11 - time.time()))
+    wait_until(lambda: time.time() > job.finished + 11, timeout=30, interval=0.2, message="the window passed")
     expr = "sum(rate(batchvision_images_classified_total[10s]))"
     assert query(prometheus, expr, at=job.finished - 1)[0]["value"][1] != "0"
     params = {"g0.expr": expr, "g0.tab": "0", "g0.range_input": "30s", "g0.stacked": "0"}

@@ -40,15 +40,12 @@ import requests
 from kombu.connection import Connection
 from kombu.message import Message
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer, have_rabbitmq
-from batchvision.cli.redis_server import RedisServer, free_port
-from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.cli.runner import Service
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
 from batchvision.server.blobs import RedisBlobs
 from batchvision.server.claims import Claims
-from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import MAX_RESENDS, RESENDS_HEADER, DeadLetters
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
@@ -65,6 +62,7 @@ from batchvision.server.queue import (
 from batchvision.server.recovery import chunk_member, ledger_add
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RabbitMQServer, have_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,39 +138,30 @@ class CutProxy:
 
 
 class Rig:
-    """Redis, a private RabbitMQ node, the API; workers on demand (stopped after each test)."""
+    """The module's private stack (``start_private_stack`` in ``conftest.py``: Redis, a private
+    RabbitMQ node as the broker, the API; workers on demand) and the checks these tests share."""
 
-    def __init__(self, settings: Settings, rabbitmq: RabbitMQServer, logs: Path) -> None:
-        self.settings = settings
-        self.rabbitmq = rabbitmq
-        self.logs = logs
-        self.url = f"http://127.0.0.1:{settings.api_port}"
-        self.redis = connect_redis(settings.redis_url)
-        self.store = JobStore(self.redis, result_ttl_s=600, blob_ttl_s=600)
-        self.workers: list[Service] = []
+    def __init__(self, stack: Any, wait_until: Callable[..., Any]) -> None:
+        self.stack = stack
+        self.settings: Settings = stack.settings
+        self.rabbitmq: RabbitMQServer = stack.rabbitmq
+        self.url: str = stack.url
+        self.store: JobStore = stack.store
+        self.redis: redis_lib.Redis = stack.store.redis
+        self.wait_until = wait_until
 
     def worker(self, name: str, failpoints: str = "", broker_url: str = "") -> Service:
-        log = self.logs / f"{name}.log"
-        log.unlink(missing_ok=True)
-        env = {**self.settings.to_env(), "BV_FAILPOINTS": failpoints}
-        if broker_url:
-            env["BATCHVISION_BROKER_URL"] = broker_url
-        svc = Service("worker", cli_argv("worker", "--name", f"{name}@{free_port()}"), env, log_path=str(log))
-        svc.start()
-        self.workers.append(svc)
+        """A worker (not waited for: :meth:`wait_worker`), reaching the broker at ``broker_url``
+        when given (a proxy)."""
+        env = {"BATCHVISION_BROKER_URL": broker_url} if broker_url else {}
+        svc: Service = self.stack.worker(name, failpoints=failpoints, wait=False, **env)
         return svc
 
     def wait_worker(self, svc: Service, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while "ready." not in Path(svc.log_path).read_text(errors="replace"):
-            assert svc.proc is not None and svc.proc.poll() is None, Path(svc.log_path).read_text()[-3000:]
-            assert time.monotonic() < deadline, "the worker did not start"
-            time.sleep(0.2)
+        self.stack.wait_ready(svc, timeout)
 
     def stop_workers(self) -> None:
-        for w in self.workers:
-            w.stop(timeout=30)
-        self.workers = []
+        self.stack.stop_workers()
 
     def submit(self, n: int, seed: int) -> str:
         files = [("files", (name, data)) for name, data, _ in labelled_files(n, seed=seed)]
@@ -195,13 +184,14 @@ class Rig:
         return rows
 
     def wait_final(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
+        def final() -> dict[str, Any] | None:
             status = self.status(job_id)
-            if status["status"] in ("succeeded", "partial", "failed", "canceled"):
-                return status
-            assert time.monotonic() < deadline, f"job not final: {status}"
-            time.sleep(0.2)
+            return status if status["status"] in ("succeeded", "partial", "failed", "canceled") else None
+
+        status: dict[str, Any] = self.wait_until(
+            final, timeout=timeout, interval=0.2, message=f"{job_id} final"
+        )
+        return status
 
     def exactly_once(self, job_id: str, n: int, code: str | None = None) -> None:
         """Every image has one stored result: a classification, or the error ``code``."""
@@ -233,19 +223,10 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(
-    settings: Settings,
-    start_rabbitmq: Callable[[], RabbitMQServer],
-    artifacts: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Rig]:
-    rabbitmq = start_rabbitmq()
-    redis = RedisServer(data_dir=tmp_path_factory.mktemp("redis-rmq")).start()
-    s = settings.replace(
-        redis_url=redis.url,
-        broker_url=rabbitmq.url,
-        api_port=free_port(),
-        worker_metrics_port=0,
+def rig(start_private_stack: Callable[..., Any], wait_until: Callable[..., Any]) -> Rig:
+    stack = start_private_stack(
+        "rabbitmq",
+        broker="rabbitmq",
         queue=f"rmq{uuid.uuid4().hex[:6]}",
         max_attempts=2,
         chunk_size=4,
@@ -254,25 +235,7 @@ def rig(
         task_time_limit_s=5,
         result_ttl_s=600,
     )
-    api = Supervisor(
-        [
-            Service(
-                "api",
-                cli_argv("api", "--host", "127.0.0.1"),
-                s.to_env(),
-                health_url=f"http://127.0.0.1:{s.api_port}/healthz",
-            )
-        ]
-    )
-    api.start()
-    api.wait_healthy(60)
-    logs = artifacts / "rabbitmq"
-    logs.mkdir(exist_ok=True)
-    r = Rig(s, rabbitmq, logs)
-    yield r
-    r.stop_workers()
-    api.stop()
-    redis.close()
+    return Rig(stack, wait_until)
 
 
 @pytest.fixture()
@@ -350,17 +313,26 @@ def test_a_failed_task_is_dead_lettered_and_sent_again(fresh: Rig) -> None:
         assert _take_all(conn, task_queue(s, s.queue), lambda m: m.reject(requeue=False)) == 3
     w = fresh.worker("rmq-resend")
     fresh.exactly_once(job_id, 12)  # re-sent by the dead-letter consumer, then classified
-    log = Path(w.log_path).read_text()
+
+    # Each of the three is re-sent once. On a slow start the recovery sweeper may re-send a
+    # chunk first and the job end before the consumer has logged its own re-send: wait for it.
+    def resent() -> str | None:
+        log = Path(w.log_path).read_text()
+        return log if log.count("re-sending failed task") >= 3 else None
+
+    log = fresh.wait_until(resent, timeout=60, interval=0.2, message="three failed tasks re-sent")
     assert log.count("re-sending failed task") == 3 and "resend 1 of" in log
     # A real failing task: its arguments make the task raise. The worker rejects it, RabbitMQ
     # dead-letters it, and the consumer drops it (no chunk to resolve), saying so.
     app = create_celery(s)
     app.send_task(CLASSIFY_TASK, args=[[[job_id, ["not-an-index"]]], time.time(), False], queue=s.queue)
     app.close()
-    deadline = time.monotonic() + 60
-    while "dropping a dead-lettered classify message" not in Path(w.log_path).read_text():
-        assert time.monotonic() < deadline, Path(w.log_path).read_text()[-3000:]
-        time.sleep(0.2)
+    fresh.wait_until(
+        lambda: "dropping a dead-lettered classify message" in Path(w.log_path).read_text(),
+        timeout=60,
+        interval=0.2,
+        message=f"the dead-letter consumer drops the message: see {w.log_path}",
+    )
     assert w.proc is not None and w.proc.poll() is None
 
 
@@ -373,10 +345,7 @@ def test_a_connection_cut_mid_batch_loses_nothing_and_doubles_nothing(fresh: Rig
         w = fresh.worker("rmq-cut", failpoints="slow-batch=0.3", broker_url=via)
         fresh.wait_worker(w)
         job_id = fresh.submit(48, seed=33)
-        deadline = time.monotonic() + 120
-        while fresh.status(job_id)["done"] < 8:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        fresh.wait_until(lambda: fresh.status(job_id)["done"] >= 8, timeout=120, interval=0.02)
         assert proxy.cut() >= 1  # the worker's connections to RabbitMQ (consumer, pidbox, ...)
         assert fresh.status(job_id)["done"] < 48  # really mid-job
         # RabbitMQ puts the unacknowledged messages back at once; the worker reconnects

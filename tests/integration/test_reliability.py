@@ -24,19 +24,18 @@ import pytest
 import redis as redis_lib
 import requests
 
-from batchvision.cli.rabbitmq_server import RabbitMQServer
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode, labelled_files, render
 from batchvision.server import keys
-from batchvision.server.connect import connect_redis
 from batchvision.server.failpoints import POISON_MARKER
 from batchvision.server.keys import JobKeys
 from batchvision.server.queue import CLASSIFY_TASK, create_celery
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RabbitMQServer, RedisServer
 
 # Every test here injects a fault and waits out a recovery (visibility timeouts, restarts).
 pytestmark = pytest.mark.slow
@@ -50,31 +49,30 @@ on_redis = pytest.mark.parametrize("broker", ["redis"], indirect=True, scope="mo
 
 
 class Env:
-    """A private stack: Redis (AOF on), the API, workers started on demand, and with RabbitMQ
-    as the broker a private RabbitMQ node."""
+    """The module's private stack (``start_private_stack`` in ``conftest.py``: Redis with AOF,
+    the API, workers started on demand, and with RabbitMQ as the broker a private RabbitMQ
+    node) and the checks these tests share."""
 
     def __init__(
-        self,
-        settings: Settings,
-        redis: RedisServer,
-        api: Supervisor,
-        logs: Path,
-        wait_worker: Callable[[Settings], None],
-        wait_until: Callable[..., Any],
-        rabbitmq: RabbitMQServer | None = None,
+        self, stack: Any, wait_until: Callable[..., Any], wait_worker: Callable[[Settings], None]
     ) -> None:
-        self.settings = settings
-        self.redis = redis
-        self.rabbitmq = rabbitmq
-        self.api = api
-        self.logs = logs
-        self.wait_worker = wait_worker
+        self.stack = stack
+        self.settings: Settings = stack.settings
+        self.redis: RedisServer = stack.redis
+        self.rabbitmq: RabbitMQServer | None = stack.rabbitmq
+        self.url: str = stack.url
+        self.client: Client = stack.client
+        self.store: JobStore = stack.store
+        self.worker: Callable[..., Service] = stack.worker
+        self.log: Callable[[str], Path] = stack.log
+        self.stop_workers: Callable[[], None] = stack.stop_workers
         self.wait_until = wait_until
-        self.started = 0
-        self.url = f"http://127.0.0.1:{settings.api_port}"
-        self.client = Client(self.url)
-        self.store = JobStore(connect_redis(redis.url), result_ttl_s=60, blob_ttl_s=60)
-        self.workers: list[Service] = []
+        self.wait_worker = wait_worker
+
+    @property
+    def workers(self) -> list[Service]:
+        workers: list[Service] = self.stack.workers
+        return workers
 
     def servers(self) -> list[tuple[RedisServer | RabbitMQServer, str]]:
         """The servers the stack depends on, the broker first, each with the ``/readyz`` error
@@ -83,33 +81,6 @@ class Env:
         if self.rabbitmq is not None:
             out.append((self.rabbitmq, "broker_unreachable"))
         return [*out, (self.redis, "redis_unreachable")]
-
-    def worker(self, failpoints: str = "", wait: bool = True, **env: str) -> Service:
-        self.started += 1
-        log = self.log(f"worker-{self.started}")
-        svc = Service(
-            "worker",
-            cli_argv("worker", "--name", f"w{self.started}@{free_port()}"),
-            {**self.settings.to_env(), "BV_FAILPOINTS": failpoints, **env},
-            log_path=str(log),
-        )
-        svc.start()
-        self.workers.append(svc)
-        if wait:
-            self.wait_worker(self.settings)
-        return svc
-
-    def log(self, name: str) -> Path:
-        """A fresh log file for a process of this run (what an earlier run wrote is gone)."""
-        prefix = "rabbitmq-" if self.rabbitmq is not None else ""
-        path = self.logs / f"{prefix}{name}.log"
-        path.unlink(missing_ok=True)
-        return path
-
-    def stop_workers(self) -> None:
-        for w in self.workers:
-            w.stop(timeout=30)
-        self.workers = []
 
     def wait_progress(self, job_id: str, at_least: int, timeout: float = 60) -> None:
         self.wait_until(
@@ -146,47 +117,21 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(
-    settings: Settings,
     broker: str,
-    start_rabbitmq: Callable[[], RabbitMQServer],
-    tmp_path_factory: pytest.TempPathFactory,
-    artifacts: Path,
+    start_private_stack: Callable[..., Any],
     wait_worker: Callable[[Settings], None],
     wait_until: Callable[..., Any],
-) -> Iterator[Env]:
-    data = tmp_path_factory.mktemp("redis-aof")
-    redis = RedisServer(data_dir=data).start()
-    rabbitmq = start_rabbitmq() if broker == "rabbitmq" else None
-    s = settings.replace(
-        redis_url=redis.url,
-        broker_url=rabbitmq.url if rabbitmq is not None else "",
-        api_port=free_port(),
-        worker_metrics_port=0,  # several workers on one machine
+) -> Env:
+    stack = start_private_stack(
+        f"reliability-{broker}",
+        broker=broker,
         visibility_timeout_s=6,
         task_time_limit_s=5,
         max_attempts=2,
         chunk_size=8,
         result_ttl_s=600,
     )
-    api = Supervisor(
-        [
-            Service(
-                "api",
-                cli_argv("api", "--host", "127.0.0.1"),
-                s.to_env(),
-                health_url=f"http://127.0.0.1:{s.api_port}/healthz",
-            )
-        ]
-    )
-    api.start()
-    api.wait_healthy(60)
-    logs = artifacts / "reliability"
-    logs.mkdir(exist_ok=True)
-    e = Env(s, redis, api, logs, wait_worker, wait_until, rabbitmq)
-    yield e
-    e.stop_workers()
-    api.stop()
-    redis.close()
+    return Env(stack, wait_until, wait_worker)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,17 @@ import pytest
 from batchvision.cli.runner import Service, Supervisor
 
 
-def test_supervisor_restarts_a_dead_process_and_stops_all() -> None:
+def test_supervisor_restarts_a_dead_process_and_stops_all(wait_until: Callable[..., Any]) -> None:
     crashy = Service("crashy", [sys.executable, "-c", "import time; time.sleep(0.2)"], {})
     steady = Service("steady", [sys.executable, "-c", "import time; time.sleep(60)"], {})
     sup = Supervisor([crashy, steady], max_backoff_s=0.1)
     sup.start()
-    deadline = time.monotonic() + 10
-    while crashy.restarts < 2:
+
+    def restarted_twice() -> bool:
         sup.check_once()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+        return crashy.restarts >= 2
+
+    wait_until(restarted_twice, timeout=10, message="crashy restarted twice")
     assert steady.restarts == 0
     sup.stop()
     assert steady.proc is not None and steady.proc.poll() is not None

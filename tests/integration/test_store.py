@@ -5,7 +5,6 @@ sealing, canceling, and the expiry of an abandoned upload."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,8 +106,9 @@ class Announcements:
     publishes itself: Redis delivers a channel's messages in order, so everything published
     before the marker has arrived when the marker does (no waiting on a quiet channel)."""
 
-    def __init__(self, r: redis_lib.Redis) -> None:
+    def __init__(self, r: redis_lib.Redis, wait_until: Callable[..., Any]) -> None:
         self.redis = r
+        self.wait_until = wait_until
         self.pubsub = r.pubsub(ignore_subscribe_messages=True)
         self.pubsub.subscribe(keys.FINISHED)
         self.marks = 0
@@ -118,21 +118,23 @@ class Announcements:
         mark = f"test-marker-{self.marks}"
         self.redis.publish(keys.FINISHED, mark)
         out: list[str] = []
-        deadline = time.monotonic() + 10
-        while True:
-            assert time.monotonic() < deadline, f"the marker never arrived; got {out}"
-            msg = self.pubsub.get_message(timeout=1)
+
+        def marker() -> bool:
+            msg = self.pubsub.get_message(timeout=0.5)
             if msg is None:  # nothing yet, or the (ignored) subscribe confirmation
-                continue
+                return False
             data = msg["data"].decode()
-            if data == mark:
-                return out
-            out.append(data)
+            if data != mark:
+                out.append(data)
+            return data == mark
+
+        self.wait_until(marker, timeout=10, interval=0, message="the marker arrives")
+        return out
 
 
 @pytest.fixture()
-def announcements(scratch_redis: redis_lib.Redis) -> Iterator[Announcements]:
-    a = Announcements(scratch_redis)
+def announcements(scratch_redis: redis_lib.Redis, wait_until: Callable[..., Any]) -> Iterator[Announcements]:
+    a = Announcements(scratch_redis, wait_until)
     yield a
     a.pubsub.close()
 

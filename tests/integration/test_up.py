@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 class Up:
     """A running ``batchvision up`` with its output in files (no pipe to fill up)."""
 
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(self, cwd: Path, env: dict[str, str], wait_until: Callable[..., Any]) -> None:
+        self.wait_until = wait_until
         self.out = cwd / "up.out"
         self.err = cwd / "up.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
@@ -45,13 +46,17 @@ class Up:
         return {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", self.output())}
 
     def wait_for(self, pattern: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.output()):
+        def logged() -> bool:
+            if re.search(pattern, self.output()):
+                return True
             if self.proc.poll() is not None:
                 raise AssertionError(f"up exited ({self.proc.returncode}) before {pattern!r}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {pattern!r} after {timeout:.0f}s:\n{self.tail()}")
-            time.sleep(0.05)
+            return False
+
+        try:
+            self.wait_until(logged, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
 
     def tail(self) -> str:
         return self.output()[-4000:]
@@ -80,12 +85,12 @@ def _left_in_sessions(sessions: set[int]) -> list[str]:
 
 
 @pytest.fixture()
-def run_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+def run_up(tmp_path: Path, wait_until: Callable[..., Any]) -> Iterator[Callable[..., Up]]:
     runs: list[Up] = []
 
     def start(**env: str) -> Up:
         base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
-        up = Up(tmp_path, {**base, **env})
+        up = Up(tmp_path, {**base, **env}, wait_until)
         runs.append(up)
         return up
 

@@ -8,25 +8,24 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 import redis as redis_lib
 import requests
 
 from batchvision.cli.local import stack as local_stack
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.keys import JobKeys
+from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,94 +34,15 @@ FETCH_TIMEOUT_S = 2.0
 MAX_BYTES = 1_000_000
 
 
-class Server(ThreadingHTTPServer):
-    """A loopback test server with a real listen backlog (the default of 5 drops the SYNs of a
-    burst of parallel fetches, which then wait out TCP's one-second retransmission)."""
-
-    request_queue_size = 128
-    daemon_threads = True
-
-
-class Hostile(BaseHTTPRequestHandler):
-    """Good images under /img/<n>.jpg, and every bad answer the issue lists."""
-
-    protocol_version = "HTTP/1.1"
-    hits: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, ctype: str = "image/jpeg", **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
-        with Hostile.lock:
-            Hostile.hits[url.path] = Hostile.hits.get(url.path, 0) + 1
-        q = {k: v[0] for k, v in parse_qs(url.query).items()}
-        try:
-            self._route(url.path, q)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _route(self, path: str, q: dict[str, str]) -> None:
-        if path.startswith("/img/"):
-            self._send(200, IMAGES[int(path[5:].split(".")[0])][1])
-        elif path == "/slow":
-            time.sleep(FETCH_TIMEOUT_S * 3)
-            self._send(200, IMAGES[0][1])
-        elif path == "/drip":
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(IMAGES[0][1][:20])
-            for _ in range(int(FETCH_TIMEOUT_S * 40)):
-                time.sleep(0.05)
-                self.wfile.write(b"\0")
-                self.wfile.flush()
-        elif path == "/huge-declared":
-            self.send_response(200)
-            self.send_header("Content-Length", str(50 * MAX_BYTES))
-            self.end_headers()
-            self.wfile.write(IMAGES[0][1])
-        elif path == "/huge-stream":
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(IMAGES[0][1][:-2])
-            for _ in range(200):
-                self.wfile.write(b"\0" * 65536)
-        elif path == "/page.jpg":
-            self._send(200, b"<!doctype html><title>not an image</title>" + b" " * 64, "image/jpeg")
-        elif path == "/text":
-            self._send(200, b"just some text, served as text/plain", "text/plain")
-        elif path == "/truncated.jpg":
-            self._send(200, IMAGES[1][1][: len(IMAGES[1][1]) * 2 // 3])
-        elif path == "/redirect":
-            self._send(302, b"", "text/plain", Location=q["to"])
-        elif path == "/loop":
-            self._send(301, b"", "text/plain", Location="/loop")
-        elif path.startswith("/status/"):
-            self._send(int(path.rsplit("/", 1)[1]), b"nope", "text/plain")
-        else:
-            self._send(404, b"not here", "text/plain")
+@pytest.fixture(scope="module")
+def hostile(hostile_origin: Callable[..., Any]) -> Any:
+    """The hostile server (``tests/conftest.py``), serving :data:`IMAGES` as ``/img/<n>.jpg``."""
+    return hostile_origin([data for _, data, _ in IMAGES])
 
 
 @pytest.fixture(scope="module")
-def origin() -> Iterator[str]:
-    httpd = Server(("127.0.0.1", 0), Hostile)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def origin(hostile: Any) -> str:
+    return str(hostile.url)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +77,7 @@ def _cases(origin: str) -> dict[str, str]:
     r = f"{origin}/redirect?to="
     return {
         # Timeouts, size caps (both while streaming and from the declared length), content.
-        f"{origin}/slow": "fetch_timeout",
+        f"{origin}/slow?s={FETCH_TIMEOUT_S * 3}": "fetch_timeout",
         f"{origin}/drip": "fetch_timeout",
         f"{origin}/huge-declared": "too_large",
         f"{origin}/huge-stream": "too_large",
@@ -197,7 +117,7 @@ def _cases(origin: str) -> dict[str, str]:
 
 
 def test_300_images_and_every_hostile_url_end_with_exactly_one_result(
-    url_stack: tuple[Settings, str], origin: str, artifacts: Path
+    url_stack: tuple[Settings, str], origin: str, hostile: Any, artifacts: Path
 ) -> None:
     s, api = url_stack
     cases = _cases(origin)
@@ -231,7 +151,7 @@ def test_300_images_and_every_hostile_url_end_with_exactly_one_result(
     # Fetching overlapped: 300 images plus several multi-second stalls in far less than serial.
     print(f"{len(urls)} URLs in {took:.1f}s; {correct}/300 labels right\n{report}")
     # Private targets behind the redirects were never reached; each good image was fetched once.
-    assert all(Hostile.hits.get(f"/img/{n}.jpg", 0) >= 1 for n in range(300))
+    assert all(hostile.hits(f"/img/{n}.jpg") >= 1 for n in range(300))
 
 
 def test_manifests_csv_jsonl_and_the_cli(

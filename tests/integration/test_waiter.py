@@ -6,24 +6,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis as redis_lib
 
-from batchvision.cli.redis_server import RedisServer
 from batchvision.server.intake import new_job_id
 from batchvision.server.keys import JobKeys
 from batchvision.server.store import JobStore
 from batchvision.server.waiter import Waiter
+from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,9 @@ def finish(store: JobStore, job_id: str) -> None:
     store.record(job_id, [(0, {"label": "x", "score": 1.0, "class_id": 0, "top_k": []})])
 
 
-def test_a_finish_wakes_the_waiter_over_pub_sub(client: redis_lib.Redis) -> None:
+def test_a_finish_wakes_the_waiter_over_pub_sub(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     # A re-check period far beyond the timeout: only the pub/sub message can end this wait.
     waiter = Waiter(client, store.is_finished, recheck_s=60.0)
@@ -78,7 +74,9 @@ def test_an_unfinished_job_times_out(client: redis_lib.Redis) -> None:
     waiter.close()
 
 
-def test_a_lost_announcement_is_caught_by_the_recheck(client: redis_lib.Redis) -> None:
+def test_a_lost_announcement_is_caught_by_the_recheck(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     waiter = Waiter(client, store.is_finished, recheck_s=0.2)
     job_id = one_image_job(store)
@@ -94,7 +92,9 @@ def test_a_lost_announcement_is_caught_by_the_recheck(client: redis_lib.Redis) -
     waiter.close()
 
 
-def test_the_listener_resubscribes_after_its_connection_is_cut(client: redis_lib.Redis) -> None:
+def test_the_listener_resubscribes_after_its_connection_is_cut(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     waiter = Waiter(client, store.is_finished, recheck_s=60.0)
     assert waiter.wait(one_image_job(store), timeout_s=0.05) is False  # starts the listener

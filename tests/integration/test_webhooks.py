@@ -8,19 +8,16 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_lib
 import requests
 
-from batchvision.cli.redis_server import RedisServer, free_port
-from batchvision.cli.runner import Service, Supervisor, cli_argv
+from batchvision.cli.runner import Service
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
@@ -110,70 +107,44 @@ def receiver_url() -> Iterator[str]:
 
 
 class Env:
-    def __init__(self, settings: Settings, logs: Path, wait_worker: Callable[[Settings], None]) -> None:
-        self.settings = settings
-        self.logs = logs
-        self.wait_worker = wait_worker
-        self.url = f"http://127.0.0.1:{settings.api_port}"
-        self.client = Client(self.url, api_key=KEY_A)
-        self.redis = redis_lib.Redis.from_url(settings.redis_url)
-        self.workers: list[Service] = []
-        self.started = 0
+    """The module's private stack (``start_private_stack`` in ``conftest.py``: its own Redis,
+    the API with two keys, workers on demand), a client with key A, and job submission."""
 
-    def worker(self) -> Service:
-        self.started += 1
-        n = self.started
-        log = self.logs / f"worker-{n}.log"
-        log.unlink(missing_ok=True)
-        svc = Service(
-            "worker",
-            cli_argv("worker", "--name", f"hook{n}@{free_port()}"),
-            self.settings.to_env(include_secrets=True),
-            log_path=str(log),
-        )
-        svc.start()
-        self.workers.append(svc)
-        self.wait_worker(self.settings)
-        return svc
+    def __init__(self, stack: Any) -> None:
+        self.stack = stack
+        self.settings: Settings = stack.settings
+        self.url: str = stack.url
+        self.client = Client(self.url, api_key=KEY_A)
+        self.redis: redis_lib.Redis = stack.store.redis
+        self.worker: Callable[[], Service] = stack.worker
+
+    @property
+    def workers(self) -> list[Service]:
+        workers: list[Service] = self.stack.workers
+        return workers
 
     def submit(self, receiver_url: str, n: int) -> str:
         urls = [f"{receiver_url}/img/{i}.jpg" for i in range(n)]
         return str(self.client.submit_urls(urls, callback_url=f"{receiver_url}/hook").job_id)
 
+    def settled(self, job_id: str) -> bool:
+        """The job's delivery is recorded as delivered and no longer owed (nothing sends it
+        again): the positive signal that any unwanted extra delivery would have come before."""
+        cb = self.client.status(job_id).callback
+        return cb is not None and cb.state == "delivered" and self.redis.zscore(keys.WEBHOOKS, job_id) is None
+
 
 @pytest.fixture(scope="module")
-def env(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings], None]) -> Iterator[Env]:
-    redis = RedisServer().start()
-    s = settings.replace(
-        redis_url=redis.url,
-        api_port=free_port(),
-        worker_metrics_port=0,
+def env(start_private_stack: Callable[..., Any]) -> Env:
+    stack = start_private_stack(
+        "webhooks",
         api_keys=f"{KEY_A},{KEY_B}",
         fetch_allow="127.0.0.1/32",
         webhook_secret="server-secret-of-the-webhook-tests",
         webhook_timeout_s=5.0,  # a delivery's lease: 10 s
         webhook_retry_for_s=120,
     )
-    api = Supervisor(
-        [
-            Service(
-                "api",
-                cli_argv("api", "--host", "127.0.0.1"),
-                s.to_env(include_secrets=True),
-                health_url=f"http://127.0.0.1:{s.api_port}/healthz",
-            )
-        ]
-    )
-    api.start()
-    api.wait_healthy(60)
-    logs = artifacts / "webhooks"
-    logs.mkdir(exist_ok=True)
-    e = Env(s, logs, wait_worker)
-    yield e
-    for w in e.workers:
-        w.stop(timeout=30)
-    api.stop()
-    redis.close()
+    return Env(stack)
 
 
 def _check_signed(env: Env, delivery: Delivery, job_id: str) -> dict[str, Any]:
@@ -190,15 +161,9 @@ def _check_signed(env: Env, delivery: Delivery, job_id: str) -> dict[str, Any]:
     return dict(doc)
 
 
-def _wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.05)
-    return value
-
-
-def test_a_delivery_pending_while_no_worker_runs_is_sent_once_one_starts(env: Env, receiver_url: str) -> None:
+def test_a_delivery_pending_while_no_worker_runs_is_sent_once_one_starts(
+    env: Env, receiver_url: str, wait_until: Callable[..., Any]
+) -> None:
     Handler.receiver = Receiver()
     job_id = env.submit(receiver_url, 2)
     assert env.client.status(job_id).callback.state == "waiting"
@@ -206,20 +171,25 @@ def test_a_delivery_pending_while_no_worker_runs_is_sent_once_one_starts(env: En
     assert env.redis.zscore(keys.WEBHOOKS, job_id) is not None
     assert env.client.status(job_id).callback.state == "pending"
     env.worker()
-    delivered = _wait(lambda: Handler.receiver.accepted(), 60, "the pending delivery")
+    delivered = wait_until(lambda: Handler.receiver.accepted(), timeout=60, message="the pending delivery")
     assert len(delivered) == 1 and len(Handler.receiver.got) == 1
     assert _check_signed(env, delivered[0], job_id)["status"] == "canceled"
-    cb = _wait(lambda: (c := env.client.status(job_id).callback).delivered_at and c, 10, "delivered_at")
+    cb = wait_until(
+        lambda: (c := env.client.status(job_id).callback).delivered_at and c,
+        timeout=10,
+        message="delivered_at",
+    )
     assert (cb.state, cb.attempts, cb.last_status) == ("delivered", 1, 200)
 
 
-def test_two_503s_then_exactly_one_accepted_signed_delivery(env: Env, receiver_url: str) -> None:
+def test_two_503s_then_exactly_one_accepted_signed_delivery(
+    env: Env, receiver_url: str, wait_until: Callable[..., Any]
+) -> None:
     Handler.receiver = Receiver(fail_first=2)
     job_id = env.submit(receiver_url, 3)
     status = env.client.wait(job_id, timeout=60, poll_s=0.2)
     assert status.status == "succeeded"
-    _wait(lambda: Handler.receiver.accepted(), 30, "an accepted delivery after two 503s")
-    time.sleep(2.0)  # nothing more comes
+    wait_until(lambda: env.settled(job_id), timeout=30, message="an accepted delivery after two 503s")
     got = Handler.receiver.got
     assert [d.answered for d in got] == [503, 503, 200]
     assert [d.headers["batchvision-attempt"] for d in got] == ["1", "2", "3"]
@@ -232,11 +202,14 @@ def test_two_503s_then_exactly_one_accepted_signed_delivery(env: Env, receiver_u
     assert env.redis.zcard(keys.WEBHOOKS) == 0
 
 
-def test_worker_killed_mid_delivery_the_delivery_still_arrives_once(env: Env, receiver_url: str) -> None:
+def test_worker_killed_mid_delivery_the_delivery_still_arrives_once(
+    env: Env, receiver_url: str, wait_until: Callable[..., Any]
+) -> None:
     Handler.receiver = Receiver(hold_first=True)
     victim = env.workers[-1]
     job_id = env.submit(receiver_url, 3)
-    _wait(lambda: Handler.receiver.got, 60, "the first delivery attempt")  # the job is final
+    # The first attempt arrives: the job is final.
+    wait_until(lambda: Handler.receiver.got, timeout=60, message="the first delivery attempt")
     assert victim.proc is not None
     victim.proc.send_signal(signal.SIGKILL)  # between completion and a successful delivery
     victim.proc.wait()
@@ -244,8 +217,10 @@ def test_worker_killed_mid_delivery_the_delivery_still_arrives_once(env: Env, re
     Handler.receiver.release.set()  # the held attempt ends with 503, to a dead sender
     assert env.client.status(job_id).callback.state == "pending"  # still owed, in Redis
     env.worker()  # picks the delivery up once the dead worker's lease has run out
-    delivered = _wait(lambda: Handler.receiver.accepted(), 60, "the delivery after the kill")
-    time.sleep(2.0)
+    delivered = wait_until(
+        lambda: Handler.receiver.accepted(), timeout=60, message="the delivery after the kill"
+    )
+    wait_until(lambda: env.settled(job_id), timeout=30, message="the delivery recorded, no longer owed")
     assert len(Handler.receiver.accepted()) == 1 and len(Handler.receiver.got) == 2
     assert _check_signed(env, delivered[0], job_id)["status"] == "succeeded"
     cb = env.client.status(job_id).callback
@@ -254,7 +229,7 @@ def test_worker_killed_mid_delivery_the_delivery_still_arrives_once(env: Env, re
 
 
 def test_uploads_and_jobs_in_parts_carry_callbacks_and_bad_ones_are_refused(
-    env: Env, receiver_url: str
+    env: Env, receiver_url: str, wait_until: Callable[..., Any]
 ) -> None:
     Handler.receiver = Receiver()
     hook = f"{receiver_url}/hook"
@@ -271,7 +246,7 @@ def test_uploads_and_jobs_in_parts_carry_callbacks_and_bad_ones_are_refused(
     parts = env.client.open_job(1, callback_url=hook).job_id
     env.client.add_part(parts, [("b.jpg", IMAGES[1])])
     env.client.seal(parts)
-    _wait(lambda: len(Handler.receiver.accepted()) == 2, 60, "both deliveries")
+    wait_until(lambda: len(Handler.receiver.accepted()) == 2, timeout=60, message="both deliveries")
     assert sorted(d.headers["batchvision-delivery"] for d in Handler.receiver.accepted()) == sorted(
         [uploaded, parts]
     )

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from batchvision.core.batching import Admission
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def _hold(adm: Admission, n: int, urgent: bool, entered: threading.Event, leave: threading.Event) -> None:
@@ -24,7 +17,7 @@ def _hold(adm: Admission, n: int, urgent: bool, entered: threading.Event, leave:
         assert leave.wait(10)
 
 
-def test_urgent_requests_overtake_waiting_bulk_ones() -> None:
+def test_urgent_requests_overtake_waiting_bulk_ones(wait_until: Callable[..., Any]) -> None:
     adm = Admission(limit=2)
     events = {name: (threading.Event(), threading.Event()) for name in ("first", "bulk", "urgent")}
     threads = {}

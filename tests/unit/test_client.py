@@ -24,11 +24,11 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-from batchvision.cli.faultproxy import FaultProxy
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import submit_folder
 from batchvision.client.retry import RetryPolicy
 from batchvision.core.documents import ClassifyResult, JobAccepted, ResultRow
+from batchvision.testing.faultproxy import FaultProxy
 
 JOB_ID = "0123456789abcdef0123456789abcdef"
 #: Fast retries for tests: the waits are real, only short.
@@ -264,7 +264,9 @@ def test_a_body_cut_off_after_the_headers_is_fetched_again(api: FakeApi, client:
     assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 2
 
 
-def test_nobody_listening_yet_is_retried_until_the_server_comes(tmp_path: Path) -> None:
+def test_nobody_listening_yet_is_retried_until_the_server_comes(
+    tmp_path: Path, wait_until: Callable[..., Any]
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -285,8 +287,7 @@ def test_nobody_listening_yet_is_retried_until_the_server_comes(tmp_path: Path) 
         with Client(fake.url, api_key="", policy=FAST) as c:
             assert c.status(JOB_ID).job_id == JOB_ID
     finally:
-        while not servers:
-            time.sleep(0.01)
+        wait_until(lambda: servers, timeout=10, interval=0.01, message="the late server is up")
         servers[0].shutdown()
         servers[0].server_close()
         thread.join(5)

@@ -335,6 +335,10 @@ def _packages_on_disk() -> set[str]:
     return found
 
 
+#: The one package of the tree the wheel leaves out.
+TEST_SUPPORT = "batchvision.testing"
+
+
 def test_pyproject_ships_every_package() -> None:
     """`pip install ./[api]` in the images is a non-editable install: a subpackage that the
     setuptools config leaves out is missing from the image (ModuleNotFoundError at start)."""
@@ -359,8 +363,10 @@ def test_pyproject_ships_every_package() -> None:
     else:
         pytest.fail("pyproject.toml: declare [tool.setuptools] packages (a list or packages.find)")
     on_disk = _packages_on_disk()
-    assert {"batchvision", "batchvision.core", "batchvision.cli"} <= on_disk
-    missing = on_disk - shipped
+    assert {"batchvision", "batchvision.core", "batchvision.cli", TEST_SUPPORT} <= on_disk
+    # The test support is left out on purpose (production never imports it: test_layout.py).
+    assert TEST_SUPPORT not in shipped, "the wheel would carry the test tooling"
+    missing = on_disk - shipped - {TEST_SUPPORT}
     assert not missing, f"packages the wheel (and so the images) would not contain: {sorted(missing)}"
     for package, globs in setuptools_cfg.get("package-data", {}).items():
         base = ROOT.joinpath(*package.split("."))

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from batchvision.server.dispatch import Coalescer
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 def test_an_idle_submit_is_sent_at_once_even_with_a_long_linger() -> None:
@@ -25,7 +18,7 @@ def test_an_idle_submit_is_sent_at_once_even_with_a_long_linger() -> None:
     assert sent == [["a"]]
 
 
-def test_items_arriving_while_a_message_is_sent_share_the_next_one() -> None:
+def test_items_arriving_while_a_message_is_sent_share_the_next_one(wait_until: Callable[..., Any]) -> None:
     sent: list[list[str]] = []
     release = threading.Event()
     first_started = threading.Event()
@@ -53,7 +46,7 @@ def test_items_arriving_while_a_message_is_sent_share_the_next_one() -> None:
     assert (c.messages, c.items) == (2, 4)
 
 
-def test_weights_bound_a_message_and_a_heavy_item_goes_alone() -> None:
+def test_weights_bound_a_message_and_a_heavy_item_goes_alone(wait_until: Callable[..., Any]) -> None:
     sent: list[list[int]] = []
     gate = threading.Event()
     started = threading.Event()

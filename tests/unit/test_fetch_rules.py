@@ -4,19 +4,15 @@ for names: no DNS, no other process)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import hmac
 import shutil
 import ssl
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -147,90 +143,17 @@ def test_url_blobs_are_told_apart_from_uploads() -> None:
 # -- the fetcher against a hostile server ----------------------------------------------------------
 
 
-class Server(ThreadingHTTPServer):
-    """A loopback test server with a real listen backlog (the default of 5 drops the SYNs of a
-    burst of parallel fetches, which then wait out TCP's one-second retransmission)."""
-
-    request_queue_size = 128
-    daemon_threads = True
-
-
-class Hostile(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, str]] = []
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, ctype: str = "image/jpeg", **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k.replace("_", "-"), v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:  # noqa: N802
-        url = urlsplit(self.path)
-        q = {k: v[0] for k, v in parse_qs(url.query).items()}
-        Hostile.seen.append((url.path, self.headers.get("Host", "")))
-        try:
-            self._route(url.path, q)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _route(self, path: str, q: dict[str, str]) -> None:
-        if path == "/ok.jpg":
-            self._send(200, JPEG)
-        elif path == "/slow":
-            time.sleep(float(q.get("s", "3")))
-            self._send(200, JPEG)
-        elif path == "/drip":  # headers at once, then a byte every 50 ms, for ever
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(JPEG[:3])
-            while True:
-                time.sleep(0.05)
-                self.wfile.write(b"\0")
-                self.wfile.flush()
-        elif path == "/huge-declared":
-            self.send_response(200)
-            self.send_header("Content-Length", str(10**10))
-            self.end_headers()
-            self.wfile.write(JPEG)
-        elif path == "/huge-stream":  # no length: read until the cap
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(JPEG[:-2])
-            for _ in range(10_000):
-                self.wfile.write(b"\0" * 65536)
-        elif path == "/page.jpg":
-            self._send(200, b"<html><body>" + b"x" * 100 + b"</body></html>", "image/jpeg")
-        elif path == "/truncated.jpg":
-            self._send(200, JPEG[: len(JPEG) // 2])
-        elif path == "/gzip.jpg":
-            self._send(200, gzip.compress(JPEG), Content_Encoding="gzip")
-        elif path == "/redirect":
-            self._send(302, b"", "text/plain", Location=q["to"])
-        elif path == "/loop":
-            self._send(301, b"", "text/plain", Location="/loop")
-        elif path.startswith("/status/"):
-            self._send(int(path.rsplit("/", 1)[1]), b"nope", "text/plain")
-        else:
-            self._send(404, b"no", "text/plain")
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    httpd = Server(("127.0.0.1", 0), Hostile)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def origin(hostile_origin: Callable[..., Any]) -> Any:
+    """The hostile server (``tests/conftest.py``), serving :data:`JPEG`."""
+    return hostile_origin([JPEG])
+
+
+@pytest.fixture()
+def server(origin: Any) -> str:
+    """Its ``127.0.0.1:<port>``, with no request seen yet."""
+    origin.seen.clear()
+    return str(origin.address)
 
 
 def _fetcher(allow: AllowList = LOOPBACK, resolver: Any = None, **kw: Any) -> Fetcher:
@@ -284,15 +207,14 @@ def test_hostile_urls_end_with_their_error_code(server: str, path: str, code: st
     assert time.monotonic() - start < 1.5 + 1.0  # within the deadline (plus slack)
 
 
-def test_without_the_allow_list_loopback_is_refused_before_connecting(server: str) -> None:
-    Hostile.seen.clear()
+def test_without_the_allow_list_loopback_is_refused_before_connecting(server: str, origin: Any) -> None:
     f = _fetcher(AllowList())
     assert _code(f, f"http://{server}/ok.jpg") == "blocked_address"
     assert _code(f, "http://localhost:1/ok.jpg") == "blocked_address"
-    assert Hostile.seen == []
+    assert origin.seen == []
 
 
-def test_names_are_resolved_once_per_hop_and_every_address_is_checked(server: str) -> None:
+def test_names_are_resolved_once_per_hop_and_every_address_is_checked(server: str, origin: Any) -> None:
     host, port = server.split(":")
     answers = {
         "private.test": ["10.0.0.7"],
@@ -318,22 +240,21 @@ def test_names_are_resolved_once_per_hop_and_every_address_is_checked(server: st
     )
     # Allowed by address (or by name), the connection goes to the checked address and the name
     # travels as the Host header.
-    Hostile.seen.clear()
+    origin.seen.clear()
     assert _fetcher(LOOPBACK, resolver).fetch(f"http://loop.test:{port}/ok.jpg") == JPEG
     assert _fetcher(AllowList.parse("loop.test"), resolver).fetch(f"http://loop.test:{port}/ok.jpg") == JPEG
-    assert Hostile.seen == [("/ok.jpg", f"loop.test:{port}")] * 2
+    assert origin.seen == [("/ok.jpg", f"loop.test:{port}")] * 2
     assert host == "127.0.0.1"
 
 
-def test_dns_rebinding_gets_nowhere(server: str) -> None:
+def test_dns_rebinding_gets_nowhere(server: str, origin: Any) -> None:
     # The name answers a public address to the check, loopback afterwards: the fetcher never
     # asks twice and connects to what it checked (here unreachable), never to the server.
     _, port = server.split(":")
     calls = iter([["192.0.2.1"], ["127.0.0.1"], ["127.0.0.1"]])
-    Hostile.seen.clear()
     f = _fetcher(AllowList.parse("192.0.2.0/24"), lambda _n, _p: next(calls), timeout_s=1.0)
     assert _code(f, f"http://rebind.test:{port}/ok.jpg") in ("fetch_timeout", "connection_failed")
-    assert Hostile.seen == []
+    assert origin.seen == []
 
 
 def test_webhook_signatures_verify_and_reject_tampering() -> None:
@@ -360,7 +281,7 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 
 
 def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_certificate(
-    tmp_path: Path,
+    tmp_path: Path, hostile_origin: Callable[..., Any]
 ) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -372,27 +293,19 @@ def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_cert
         check=True,
         capture_output=True,
     )
-    httpd = Server(("127.0.0.1", 0), Hostile)
-    httpd.daemon_threads = True
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     sni: list[str | None] = []
     context.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    port = httpd.server_address[1]
+    port = hostile_origin([JPEG], ssl_context=context).port
     names = {"secure.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
-    try:
-        http = SafeHTTP(LOOPBACK, connect_timeout_s=1, resolver=lambda n, _p: names[n], ca_certs=str(cert))
-        f = Fetcher(http, max_bytes=2_000_000, max_pixels=4_000_000, timeout_s=3)
-        assert f.fetch(f"https://secure.test:{port}/ok.jpg") == JPEG
-        assert sni and sni[-1] == "secure.test"
-        # The same address under a name the certificate does not carry: refused.
-        assert _code(f, f"https://other.test:{port}/ok.jpg") == "tls_error"
-        # A certificate no trusted authority signed: refused.
-        assert _code(_fetcher(resolver=lambda n, _p: names[n]), f"https://secure.test:{port}/ok.jpg") == (
-            "tls_error"
-        )
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    http = SafeHTTP(LOOPBACK, connect_timeout_s=1, resolver=lambda n, _p: names[n], ca_certs=str(cert))
+    f = Fetcher(http, max_bytes=2_000_000, max_pixels=4_000_000, timeout_s=3)
+    assert f.fetch(f"https://secure.test:{port}/ok.jpg") == JPEG
+    assert sni and sni[-1] == "secure.test"
+    # The same address under a name the certificate does not carry: refused.
+    assert _code(f, f"https://other.test:{port}/ok.jpg") == "tls_error"
+    # A certificate no trusted authority signed: refused.
+    assert _code(_fetcher(resolver=lambda n, _p: names[n]), f"https://secure.test:{port}/ok.jpg") == (
+        "tls_error"
+    )

@@ -1,12 +1,16 @@
 """The architecture's import rules, read from every ``import`` statement of every module with
-``ast`` (lazy imports inside functions included; ``if TYPE_CHECKING:`` blocks excluded, they
-never run).
+``ast``: lazy imports inside functions and type-only imports in ``if TYPE_CHECKING:`` blocks
+included (a type-only import is still a dependency: the module cannot be read, type-checked or
+moved without the other, and a circle of them is still a circle).
 
 - ``batchvision.core`` imports nothing of the project: pure code every role shares.
 - ``batchvision.client`` imports only ``core`` (and itself): the client library ships alone.
 - ``batchvision.server`` never imports ``api``, ``workers``, ``cli`` or ``client``.
-- ``batchvision.cli`` is imported by nothing else in the package (RQ's rule for its CLI), and
-  starts ``api`` and ``workers`` as processes rather than importing them.
+- ``batchvision.cli`` is imported by nothing else in the package (RQ's rule for its CLI) but
+  the test support, and starts ``api`` and ``workers`` as processes rather than importing them.
+- ``batchvision.testing`` (test support, not in the wheel) may import the rest of
+  ``batchvision``; nothing of the product (``api``, ``workers``, the rest of ``batchvision``)
+  imports it, and outside the product only ``tests/`` and ``bench/`` do.
 - Nothing outside ``workers/`` imports TensorFlow or Keras, and ``batchvision`` never imports
   Flask: the API image has no TensorFlow, the workers' no Flask.
 - No import circles between the project's modules.
@@ -32,15 +36,6 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _type_checking_block(node: ast.AST) -> bool:
-    if not isinstance(node, ast.If):
-        return False
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def imports_of(source: str, module: str, known: set[str]) -> Iterator[str]:
     """Every module ``source`` imports, anywhere in the file; ``from a import b`` yields
     ``a.b`` where that is one of the ``known`` modules, else ``a``."""
@@ -49,8 +44,6 @@ def imports_of(source: str, module: str, known: set[str]) -> Iterator[str]:
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
-        if _type_checking_block(node):
-            continue
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -91,6 +84,7 @@ def violations(rule: str) -> list[str]:
 
 
 PROJECT = ("api", "workers", "batchvision")
+TESTING = "batchvision.testing"
 RULES = {
     "core imports nothing of the project": lambda m, d: (
         _in(m, "batchvision.core") and _in(d, *PROJECT) and not _in(d, "batchvision.core")
@@ -103,7 +97,13 @@ RULES = {
     "server never imports api, workers, cli or client": lambda m, d: (
         _in(m, "batchvision.server") and _in(d, "api", "workers", "batchvision.cli", "batchvision.client")
     ),
-    "nothing but cli imports cli": lambda m, d: _in(d, "batchvision.cli") and not _in(m, "batchvision.cli"),
+    "nothing but cli and the test support import cli": lambda m, d: (
+        _in(d, "batchvision.cli") and not _in(m, "batchvision.cli", TESTING)
+    ),
+    "the product never imports the test support": lambda m, d: _in(d, TESTING) and not _in(m, TESTING),
+    "the test support starts api and workers, never imports them": lambda m, d: (
+        _in(m, TESTING) and _in(d, "api", "workers")
+    ),
     "cli starts api and workers, never imports them": lambda m, d: (
         _in(m, "batchvision.cli") and _in(d, "api", "workers")
     ),
@@ -142,16 +142,39 @@ def test_no_import_cycles() -> None:
     assert cycles == []
 
 
+def _repository_sources() -> Iterator[Path]:
+    """Every Python file of the repository (not the virtualenv, caches or the models)."""
+    for top in sorted(ROOT.iterdir()):
+        if top.name.startswith(".") or top.name in ("models", "venv", "build", "dist"):
+            continue
+        yield from [top] if top.suffix == ".py" else sorted(top.rglob("*.py")) if top.is_dir() else []
+
+
+def test_only_tests_and_benchmarks_import_the_test_support() -> None:
+    # The rules above cover the packages; this covers every other file (scripts, ...): what the
+    # wheel, which leaves the test support out, or the repository's tooling runs never needs it.
+    known = set(GRAPH)
+    users, bad = [], []
+    for path in _repository_sources():
+        rel = path.relative_to(ROOT)
+        if any(_in(d, TESTING) for d in imports_of(path.read_text(), module_name(path), known)):
+            allowed = rel.parts[0] in ("tests", "bench") or _in(module_name(path), TESTING)
+            (users if allowed else bad).append(rel.as_posix())
+    assert bad == []
+    assert len(users) > 5  # the scan sees the tests and benchmarks that use it
+
+
 def test_the_graph_sees_the_whole_tree() -> None:
     # Each role exists and its known edges are seen, lazy ones included: a rule over an
     # empty or blind graph would pass for nothing.
     assert {"batchvision.core.settings", "batchvision.server.keys", "batchvision.client.http"} <= GRAPH.keys()
     assert "batchvision.cli.main" in GRAPH and "workers.model" in GRAPH and "api.jobs" in GRAPH
     assert "tensorflow" in GRAPH["workers.model"]
-    assert "batchvision.client.bulk" in GRAPH["batchvision.client.http"]  # imported inside a method
+    assert "batchvision.cli.local" in GRAPH["batchvision.cli.main"]  # imported inside a function
+    assert "urllib3.connectionpool" in GRAPH["batchvision.client.retry"]  # imported for type checking
 
 
-def test_the_parser_catches_lazy_imports_and_skips_type_checking() -> None:
+def test_the_parser_catches_lazy_and_type_only_imports() -> None:
     src = (
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    import flask\n"
@@ -160,8 +183,7 @@ def test_the_parser_catches_lazy_imports_and_skips_type_checking() -> None:
     )
     known = {"batchvision.server.keys", "batchvision.core.sibling"}
     found = set(imports_of(src, "batchvision.core.x", known))
-    assert {"tensorflow", "batchvision.server.keys", "batchvision.core.sibling"} <= found
-    assert "flask" not in found
+    assert {"flask", "tensorflow", "batchvision.server.keys", "batchvision.core.sibling"} <= found
     bad = {"batchvision.core.x": found}
     assert any(
         RULES["core imports nothing of the project"]("batchvision.core.x", d)

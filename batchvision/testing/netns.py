@@ -1,4 +1,5 @@
-"""Several hosts on one Linux machine: network namespaces on a private bridge.
+"""Several hosts on one Linux machine: network namespaces on a private bridge (test and
+benchmark tooling: the multi-host tests and ``bench/multihost.py``).
 
 :class:`Network` makes a bridge in the root namespace with the first address of a private
 ``/24`` (the root namespace is the "client" host: tests and benchmarks run there), and one
@@ -44,7 +45,8 @@ from types import FrameType
 
 import redis
 
-from batchvision.cli.redis_server import RedisServer
+from batchvision.cli.local import wait_for_workers
+from batchvision.cli.redis_server import RedisNode
 from batchvision.cli.runner import Service, cli_argv, http_ok
 from batchvision.core.settings import Settings
 
@@ -461,7 +463,7 @@ class HostStack:
     def start_redis(self, timeout: float = 20.0) -> Host:
         host = self.redis = self.net.add_host("redis")
         self._redis_dir = tempfile.TemporaryDirectory(prefix="batchvision-redis-")
-        server = RedisServer(
+        server = RedisNode(
             port=REDIS_PORT, data_dir=self._redis_dir.name, password=self.password, bind="0.0.0.0"
         )
         host.start("redis", [*server.argv(), "--maxmemory", "1gb"], {}, url=self.redis_url)
@@ -515,8 +517,6 @@ class HostStack:
 
     def wait_workers(self, count: int | None = None, timeout: float = 240.0) -> None:
         """Block until ``count`` (default: every started) workers answer a ping."""
-        from batchvision.cli.local import wait_for_workers
-
         wait_for_workers(self.client_settings(), count=count or len(self.workers), timeout=timeout)
 
     def remove_worker(self, host: Host) -> None:
