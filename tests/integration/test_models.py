@@ -361,6 +361,20 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(
     assert set(versions) == {1, 2}, "the switch happened in the middle of the job"
     assert at_switch.done < 2000, at_switch
 
+    # Version 2 is a copy of version 1: the same images give the same labels under both, and
+    # those are the labels the model file gives in this process.
+    by_name = {n: d for n, d, _ in files}
+    sample = [r for r in rows if r["version"] == 1][:64]
+    again = client.submit_files([(r["filename"], by_name[r["filename"]]) for r in sample])
+    rerun = _results(client, again.job_id)
+    assert {r["version"] for r in rerun} == {2}
+    assert [r["label"] for r in rerun] == [r["label"] for r in sample]
+    model_file = models_stack.repo / "shapes" / "1" / "model.keras"
+    checked = sample[:32] + [r for r in rows if r["version"] == 2][:32]
+    assert [r["label"] for r in checked] == reference_labels(
+        model_file, [(r["filename"], by_name[r["filename"]]) for r in checked]
+    )
+
     # No image was classified twice: the model saw exactly the 2000 images of the job and the
     # sample of the rerun, stored once each. The rerun came after the job was final, and its
     # results are in: an image of the job classified twice would be counted by now.
@@ -387,20 +401,6 @@ def test_a_reload_in_the_middle_of_a_2000_image_job(
     shapes = models_stack.models()["shapes"]
     v2 = next(v for v in shapes["versions"] if v["version"] == 2)
     assert v2["status"] == "ready" and shapes["workers_by_version"] == {"2": 1}
-    # Version 2 is a copy of version 1: the same images give the same labels under both, and
-    # those are the labels the model file gives in this process.
-    by_name = {n: d for n, d, _ in files}
-    sample = [r for r in rows if r["version"] == 1][:64]
-    again = client.submit_files([(r["filename"], by_name[r["filename"]]) for r in sample])
-    rerun = _results(client, again.job_id)
-    assert {r["version"] for r in rerun} == {2}
-    assert [r["label"] for r in rerun] == [r["label"] for r in sample]
-    model_file = models_stack.repo / "shapes" / "1" / "model.keras"
-    checked = sample[:32] + [r for r in rows if r["version"] == 2][:32]
-    assert [r["label"] for r in checked] == reference_labels(
-        model_file, [(r["filename"], by_name[r["filename"]]) for r in checked]
-    )
-
     (artifacts / "models-reload.txt").write_text(
         f"reload of shapes v2 during a 2000-image job: live {switch_s:.2f}s after the request; "
         f"load+warm-up+check {v2['load_s']:.2f}s; images by version: 1: {versions.count(1)}, "
