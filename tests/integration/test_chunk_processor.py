@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from batchvision.cli.redis_server import RedisServer
 from batchvision.core.imaging import decode_image
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts
 from batchvision.server.telemetry import Telemetry
+from batchvision.testing.servers import RedisServer
 
 INPUT = (16, 16)
 MAX_ATTEMPTS = 2  # the rig's
