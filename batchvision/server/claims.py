@@ -85,4 +85,4 @@ class Claims:
     def forget(self, job_id: str) -> None:
         """A job vanished (an abandoned upload expired): release the images it still counted
         from the global counters, once, however many workers meet it."""
-        self._release(keys=[keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING], args=[time.time(), job_id, 0])
+        self._release(keys=keys.RELEASE_KEYS, args=[time.time(), job_id, 0])
