@@ -61,16 +61,22 @@ def register(app: Flask) -> None:
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         return resp
 
-    @app.errorhandler(redis.exceptions.OutOfMemoryError)
-    def _full(exc: Exception) -> Response:
-        # Redis refuses writes at maxmemory (noeviction) until workers drain the queue: a wait,
-        # not a fault, so the client retries it like any other 503.
-        log.warning("job store full: %s", exc)
-        resp = error_response(503, "store_full", "the job store (Redis) is full; retry later")
-        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return resp
-
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        if out_of_memory(exc):
+            # Redis refuses writes at maxmemory (noeviction) until workers drain the queue: a
+            # wait, not a fault, so the client retries it like any other 503.
+            log.warning("job store full: %s", exc)
+            resp = error_response(503, "store_full", "the job store (Redis) is full; retry later")
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return resp
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a write for want of memory: a command's ``OutOfMemoryError``, or a
+    Lua script's error that carries the refusal of a write inside it (a plain ``ResponseError``)."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and "OOM command not allowed" in str(exc)

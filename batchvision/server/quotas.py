@@ -101,6 +101,12 @@ class Quotas:
         self._never_fits(
             images, s.max_queued_images_per_key, "BATCHVISION_MAX_QUEUED_IMAGES_PER_KEY", "images"
         )
+        if self.redis_blobs:  # first: reading the counters releases expired uploads, a write
+            mem = self.memory()
+            if mem.maxmemory and mem.used > MEMORY_CEILING * mem.maxmemory:
+                self._wait(
+                    f"the job store is {mem.used * 100 // mem.maxmemory}% full; retry later", "queue_full"
+                )
         load = self.load(owner)
         if s.max_queued_images and load.images >= s.max_queued_images:
             self._wait(f"{s.max_queued_images} images are already waiting; retry later", "queue_full")
@@ -110,12 +116,6 @@ class Quotas:
                 f"holds {budget}: retry later",
                 "queue_full",
             )
-        if self.redis_blobs:
-            mem = self.memory()
-            if mem.maxmemory and mem.used > MEMORY_CEILING * mem.maxmemory:
-                self._wait(
-                    f"the job store is {mem.used * 100 // mem.maxmemory}% full; retry later", "queue_full"
-                )
         if s.max_queued_images_per_key and load.key_images + images > s.max_queued_images_per_key:
             self._wait(
                 f"this API key has {load.key_images} images waiting and may have "
