@@ -28,7 +28,6 @@ from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import failpoints, keys
 from batchvision.server.intake import Upload
-from batchvision.server.store import JobStore
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
 
@@ -51,7 +50,9 @@ def _images(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
 
 def _post_images(client: FlaskClient, key: str, files: list[tuple[str, bytes]], **headers: str) -> Any:
     data = {"files": [(io.BytesIO(b), n) for n, b in files]}
-    return client.post("/v1/jobs", data=data, headers=_auth(key, **headers), content_type="multipart/form-data")
+    return client.post(
+        "/v1/jobs", data=data, headers=_auth(key, **headers), content_type="multipart/form-data"
+    )
 
 
 def _accounts(r: redis_lib.Redis) -> dict[str, int]:
@@ -91,7 +92,9 @@ def test_an_out_of_memory_redis_is_a_503_with_retry_after(
     assert upload.status_code == 429 and upload.get_json()["error"]["code"] == "queue_full"
 
 
-def test_the_byte_budget_is_half_of_maxmemory_unless_set(scratch_server: RedisServer, flush: redis_lib.Redis) -> None:
+def test_the_byte_budget_is_half_of_maxmemory_unless_set(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
     flush.config_set("maxmemory", 64 * 2**20)
     derived = Services.create(_settings(scratch_server)).intake.quotas
     assert derived.byte_budget() == 32 * 2**20
@@ -121,7 +124,10 @@ def test_over_the_byte_budget_uploads_get_429_and_get_in_once_room_is_made(
     assert too_big.status_code == 413 and too_big.get_json()["error"]["code"] == "over_quota"
 
 
-def test_one_key_cannot_take_the_whole_queue(scratch_server: RedisServer, flush: redis_lib.Redis) -> None:
+def test_one_key_cannot_take_the_whole_queue(
+    scratch_server: RedisServer,
+    flush: redis_lib.Redis,
+) -> None:
     client = _app(scratch_server, max_queued_images_per_key=4).test_client()
     job = _post_images(client, KEY_A, _images(3)).get_json()["job_id"]
     refused = _post_images(client, KEY_A, _images(2, seed=2))
@@ -135,7 +141,9 @@ def test_one_key_cannot_take_the_whole_queue(scratch_server: RedisServer, flush:
     assert _post_images(client, KEY_A, _images(2, seed=2)).status_code == 202
 
 
-def test_results_give_back_exactly_what_their_images_held(scratch_server: RedisServer, flush: redis_lib.Redis) -> None:
+def test_results_give_back_exactly_what_their_images_held(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
     """Stored results lower the counters by their own images' bytes; a redelivered result
     changes nothing; a refused file (no blob) holds no bytes."""
     svc = Services.create(_settings(scratch_server))
@@ -144,7 +152,13 @@ def test_results_give_back_exactly_what_their_images_held(scratch_server: RedisS
     done = svc.intake.submit(None, "owner", uploads, [], seal=True)
     assert [r.filename for r in done.rejected] == ["bad.jpg"]
     sizes = [len(b) for _, b in files]
-    assert _accounts(flush) == {"pending": 3, "bytes": sum(sizes), "jobs": 1, "i:owner": 3, "b:owner": sum(sizes)}
+    assert _accounts(flush) == {
+        "pending": 3,
+        "bytes": sum(sizes),
+        "jobs": 1,
+        "i:owner": 3,
+        "b:owner": sum(sizes),
+    }
     ok = {"label": "x", "class_id": 0, "score": 1.0, "top_k": []}
     svc.store.record(done.job_id, [(0, ok)])
     svc.store.record(done.job_id, [(0, ok)])  # a redelivery
@@ -173,7 +187,9 @@ def test_an_expired_upload_gives_back_what_it_held(
     ["[" * 20_000 + "]" * 20_000, '{"urls": ' + "[" * 20_000 + "]" * 20_000 + "}"],
     ids=["array", "urls"],
 )
-def test_a_json_body_nested_too_deep_is_a_400(scratch_server: RedisServer, flush: redis_lib.Redis, body: str) -> None:
+def test_a_json_body_nested_too_deep_is_a_400(
+    scratch_server: RedisServer, flush: redis_lib.Redis, body: str
+) -> None:
     client = _app(scratch_server).test_client()
     resp = client.post("/v1/jobs", data=body, content_type="application/json", headers=_auth(KEY_A))
     assert resp.status_code == 400, resp.get_json()
@@ -181,12 +197,16 @@ def test_a_json_body_nested_too_deep_is_a_400(scratch_server: RedisServer, flush
     assert "nested deeper" in resp.get_json()["error"]["message"]
 
 
-def test_url_lists_over_the_limit_are_refused_whole(scratch_server: RedisServer, flush: redis_lib.Redis) -> None:
+def test_url_lists_over_the_limit_are_refused_whole(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
     client = _app(scratch_server, max_urls_per_job=50).test_client()
     urls = [f"https://example.com/{i}.jpg" for i in range(51)]
     as_json = client.post("/v1/jobs", json={"urls": urls}, headers=_auth(KEY_A))
     assert as_json.status_code == 413 and as_json.get_json()["error"]["code"] == "too_many_urls"
-    listing = client.post("/v1/jobs", data="\n".join(urls), content_type="text/uri-list", headers=_auth(KEY_A))
+    listing = client.post(
+        "/v1/jobs", data="\n".join(urls), content_type="text/uri-list", headers=_auth(KEY_A)
+    )
     assert listing.status_code == 413 and listing.get_json()["error"]["code"] == "too_many_urls"
     fits = client.post("/v1/jobs", json={"urls": urls[:50]}, headers=_auth(KEY_A))
     assert fits.status_code == 202 and fits.get_json()["total"] == 50
@@ -199,7 +219,9 @@ def _jobs(r: redis_lib.Redis) -> int:
     return sum(1 for k in r.scan_iter(f"{keys.PREFIX}:job:*", count=1000) if k.endswith(b"}"))
 
 
-def test_a_failed_publish_keeps_the_key_on_the_stored_job(scratch_server: RedisServer, flush: redis_lib.Redis) -> None:
+def test_a_failed_publish_keeps_the_key_on_the_stored_job(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
     client = _app(scratch_server).test_client()
     files = _images(2)
     failpoints.ACTIVE["publish-fail"] = ""
@@ -294,6 +316,8 @@ def test_the_submit_summary_is_typed_and_the_reply_is_the_document(
     files = [*_images(1), ("bad.jpg", b"nope")]
     reply = _post_images(client, KEY_A, files).get_json()
     assert reply["accepted"] == 1 and reply["duplicates"] == 0 and reply["skipped"] == []
-    assert [(r["index"], r["filename"], r["code"]) for r in reply["rejected"]] == [(1, "bad.jpg", "not_an_image")]
+    assert [(r["index"], r["filename"], r["code"]) for r in reply["rejected"]] == [
+        (1, "bad.jpg", "not_an_image")
+    ]
     assert "queued" not in reply
     json.dumps(reply)
