@@ -13,6 +13,9 @@ from batchvision.core.errors import BatchvisionError, ServiceUnavailable, TooMan
 
 log = logging.getLogger(__name__)
 
+#: Seconds a client is asked to wait before retrying a 503.
+RETRY_AFTER_S = 5
+
 
 def error_response(status: int, code: str, message: str, details: object = None) -> Response:
     body: dict[str, object] = {"code": code, "message": message}
@@ -32,7 +35,7 @@ def register(app: Flask) -> None:
         if isinstance(exc, TooManyRequests):
             resp.headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, ServiceUnavailable):
-            resp.headers["Retry-After"] = "5"
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         if isinstance(exc, Unauthorized):
             resp.headers["WWW-Authenticate"] = 'Bearer realm="batchvision"'
         return resp
@@ -55,10 +58,25 @@ def register(app: Flask) -> None:
     def _unavailable(exc: Exception) -> Response:
         log.warning("backend unavailable: %s", exc)
         resp = error_response(503, "unavailable", "the job store (Redis) is unreachable; retry later")
-        resp.headers["Retry-After"] = "5"
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
+        if out_of_memory(exc):
+            # Redis refuses writes at maxmemory (noeviction) until workers drain the queue: a
+            # wait, not a fault, so the client retries it like any other 503.
+            log.warning("job store full: %s", exc)
+            resp = error_response(503, "store_full", "the job store (Redis) is full; retry later")
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return resp
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a write for want of memory: a command's ``OutOfMemoryError``, or a
+    Lua script's error that carries the refusal of a write inside it (a plain ``ResponseError``)."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and "OOM command not allowed" in str(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 from flask import Blueprint, Response, request, stream_with_context, url_for
@@ -12,14 +13,15 @@ from api import contract as c
 from api.auth import current_owner, digest
 from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED, JOBS_CREATED
 from api.services import Services, services
-from api.uploads import read_uploads
+from api.uploads import UploadRequest, read_uploads
 from batchvision.core import documents as d
 from batchvision.core import manifest
 from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
 from batchvision.core.models import JobOptions
 from batchvision.core.schemas import csv_lines, jsonl_lines
 from batchvision.server import webhooks
-from batchvision.server.intake import JOB_ID_SLOT
+from batchvision.server.idempotency import Claim
+from batchvision.server.intake import JOB_ID_SLOT, Submitted
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -65,12 +67,13 @@ def _submit(
     interactive: bool = False,
     callback: str | None = None,
     options: JobOptions | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """Add the request's files to ``job_id`` (a new job if ``None``, with ``callback`` and the
-    per-job ``options``)."""
+    claim: Claim | None = None,
+) -> Submitted:
+    """Add the request's files to ``job_id`` (a new job if ``None``, with ``callback``, the
+    per-job ``options`` and the ``Idempotency-Key`` ``claim``)."""
     fields = _callback(svc, callback)
     uploads, skipped = read_uploads(request, svc.settings, filename, adding=job_id is not None)
-    job_id_out, summary = svc.intake.submit(
+    submitted = svc.intake.submit(
         job_id,
         current_owner(),
         uploads,
@@ -79,13 +82,28 @@ def _submit(
         interactive=interactive,
         callback=fields,
         options=options,
+        claim=claim,
     )
     if job_id is None:
         JOBS_CREATED.inc()
-    IMAGES_ACCEPTED.inc(summary.pop("queued"))
-    for item in summary["rejected"]:
-        IMAGES_REJECTED.labels(item["code"]).inc()
-    return job_id_out, summary
+    _count(submitted)
+    return submitted
+
+
+def _count(submitted: Submitted) -> None:
+    IMAGES_ACCEPTED.inc(submitted.queued)
+    for item in submitted.rejected:
+        IMAGES_REJECTED.labels(item.code).inc()
+
+
+def _added(submitted: Submitted) -> dict[str, Any]:
+    """What a submit did, as the fields of the public ``JobAccepted`` document."""
+    return {
+        "accepted": submitted.accepted,
+        "rejected": [d.Rejection.model_validate(asdict(r)).model_dump() for r in submitted.rejected],
+        "duplicates": submitted.duplicates,
+        "skipped": [d.Skipped.model_validate(asdict(s)).model_dump() for s in submitted.skipped],
+    }
 
 
 def _options(svc: Services, params: d.OptionsQuery) -> JobOptions:
@@ -94,8 +112,13 @@ def _options(svc: Services, params: d.OptionsQuery) -> JobOptions:
     return svc.intake.options(params.model, params.top_k, params.min_score)
 
 
-def _new_job(svc: Services, callback: dict[str, str] | None = None, options: JobOptions | None = None) -> str:
-    job_id = svc.intake.new_job(current_owner(), callback, options)
+def _new_job(
+    svc: Services,
+    callback: dict[str, str] | None = None,
+    options: JobOptions | None = None,
+    claim: Claim | None = None,
+) -> str:
+    job_id = svc.intake.new_job(current_owner(), callback, options, claim=claim)
     JOBS_CREATED.inc()
     return job_id
 
@@ -119,17 +142,17 @@ def _submit_urls(
     entries: list[manifest.UrlEntry],
     callback: dict[str, str] | None,
     options: JobOptions | None = None,
-) -> tuple[str, dict[str, Any]]:
-    job_id, summary = svc.intake.submit_urls(current_owner(), entries, callback=callback, options=options)
+    claim: Claim | None = None,
+) -> Submitted:
+    submitted = svc.intake.submit_urls(
+        current_owner(), entries, callback=callback, options=options, claim=claim
+    )
     JOBS_CREATED.inc()
-    IMAGES_ACCEPTED.inc(summary.pop("queued"))
-    for item in summary["rejected"]:
-        IMAGES_REJECTED.labels(item["code"]).inc()
-    summary["skipped"] = []
-    return job_id, summary
+    _count(submitted)
+    return submitted
 
 
-def _url_job(svc: Services, params: d.SubmitQuery) -> tuple[str, dict[str, Any]] | None:
+def _url_job(svc: Services, params: d.SubmitQuery, claim: Claim | None) -> Submitted | None:
     """A URL job from a JSON body with ``urls`` or a manifest body; ``None`` for other bodies."""
     kind = manifest.kind_of_media_type(request.mimetype or "")
     limit = svc.settings.max_urls_per_job
@@ -140,14 +163,14 @@ def _url_job(svc: Services, params: d.SubmitQuery) -> tuple[str, dict[str, Any]]
                 code="bad_parameter",
             )
         entries = manifest.parse(request.get_data(), kind, max_entries=limit)
-        return _submit_urls(svc, entries, _callback(svc, params.callback_url), _options(svc, params))
+        return _submit_urls(svc, entries, _callback(svc, params.callback_url), _options(svc, params), claim)
     raw = request.get_json(silent=True) if request.mimetype == "application/json" else None
     if isinstance(raw, dict) and "urls" in raw:
         body = c.json_body(d.UrlJob)
         items = [i if isinstance(i, str) else i.model_dump(exclude_none=True) for i in body.urls]
         entries = manifest.entries_from_json(items, max_entries=limit)
         callback = _callback(svc, _one_callback(body.callback_url, params))
-        return _submit_urls(svc, entries, callback, _options(svc, params))
+        return _submit_urls(svc, entries, callback, _options(svc, params), claim)
     return None
 
 
@@ -229,18 +252,25 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
     params = c.query(d.SubmitQuery)
     key = c.idempotency_key()
 
-    def create() -> tuple[str, dict[str, Any]]:
-        by_url = _url_job(svc, params)
+    def create(claim: Claim | None = None) -> tuple[str, dict[str, Any]]:
+        by_url = _url_job(svc, params, claim)
         if by_url is not None:
-            return by_url
+            return by_url.job_id, _added(by_url)
         if request.mimetype == "application/json":
             body = c.json_body(d.OpenJob)
             callback = _callback(svc, _one_callback(body.callback_url, params))
-            return _new_job(svc, callback, _options(svc, params)), {"expected": body.expected}
+            return _new_job(svc, callback, _options(svc, params), claim), {"expected": body.expected}
         options = _options(svc, params)
-        return _submit(
-            svc, None, params.filename, seal=params.seal, callback=params.callback_url, options=options
+        submitted = _submit(
+            svc,
+            None,
+            params.filename,
+            seal=params.seal,
+            callback=params.callback_url,
+            options=options,
+            claim=claim,
         )
+        return submitted.job_id, _added(submitted)
 
     if key is None:
         return _accepted(svc, *create())
@@ -267,12 +297,12 @@ def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     params = c.query(d.AddFilesQuery)
     _job_or_404(svc, job_id)
     try:
-        job_id, summary = _submit(svc, job_id, params.filename, seal=False)
+        submitted = _submit(svc, job_id, params.filename, seal=False)
     except PermissionError as exc:
         raise Conflict(f"job {job_id} is sealed or canceled: no more files", code="job_sealed") from exc
     except LookupError as exc:  # expired between the check and the write
         raise NotFound(f"no job {job_id}", code="job_not_found") from exc
-    return _accepted(svc, job_id, summary)
+    return _accepted(svc, job_id, _added(submitted))
 
 
 @bp.post("/jobs/<job_id>/seal")
@@ -335,16 +365,21 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     options = _options(svc, params)
     key = c.idempotency_key()
 
-    def create() -> tuple[str, dict[str, Any]]:
-        return _submit(svc, None, params.filename, seal=True, interactive=True, options=options)
+    def create(claim: Claim | None = None) -> tuple[str, Submitted]:
+        submitted = _submit(
+            svc, None, params.filename, seal=True, interactive=True, options=options, claim=claim
+        )
+        return submitted.job_id, submitted
 
+    first: Submitted | None
     if key is None:
-        job_id, summary = create()
-        count: int | None = len(summary["rejected"]) + summary["accepted"]
+        job_id, first = create()
     else:  # a retried classify waits for the job its first try created instead of a second one
         job_id, first = svc.idempotency.run(current_owner(), digest(key), c.fingerprint(), create)
-        summary = first if first is not None else {"idempotent_replay": True}
-        count = None if first is None else len(first["rejected"]) + first["accepted"]
+    summary = _added(first) if first is not None else {"idempotent_replay": True}
+    count = first.files if first is not None else None
+    if isinstance(request, UploadRequest):  # the images are in Redis now; the wait needs none
+        request.release_body()
     if not svc.waiter.wait(job_id, timeout):
         return _accepted(svc, job_id, summary)
     if count is None:

@@ -6,12 +6,13 @@ What happens to the uploads (checks, blobs, queueing) is :mod:`batchvision.serve
 from __future__ import annotations
 
 from io import BytesIO
-from typing import IO
+from typing import IO, Any
 
-from flask import Request
+from flask import Request, current_app
 
 from batchvision.core.archive import ArchiveContents, read_zip
 from batchvision.core.errors import BadRequest, UnsupportedMediaType
+from batchvision.core.manifest import scan_json
 from batchvision.core.settings import Settings
 from batchvision.server.intake import Upload, unique_keys
 
@@ -29,6 +30,24 @@ class UploadRequest(Request):
         content_length: int | None = None,
     ) -> IO[bytes]:
         return BytesIO()
+
+    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any | None:
+        """The JSON body, scanned before it is parsed (:func:`~batchvision.core.manifest.scan_json`):
+        a body nested too deep is a ``400``, and a body over the URL limit a ``413``, before
+        the parser's recursion or its objects are reached."""
+        if (force or self.is_json) and self._cached_json[silent] is Ellipsis:
+            settings: Settings = current_app.extensions["batchvision"].settings
+            scan_json(self.get_data(cache=cache), max_entries=settings.max_urls_per_job)
+        return super().get_json(force=force, silent=silent, cache=cache)
+
+    def release_body(self) -> None:
+        """Drop the body and everything parsed from it, for a request that goes on waiting
+        (``POST /v1/classify``): what it waits for is in Redis, not in its memory."""
+        for part in self.__dict__.get("files", {}).values():
+            part.close()
+        for cached in ("files", "form", "values", "_cached_data"):
+            self.__dict__.pop(cached, None)
+        self._cached_json = (Ellipsis, Ellipsis)
 
 
 def read_uploads(

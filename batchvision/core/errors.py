@@ -81,3 +81,11 @@ class BatchError(BatchvisionError):
     """A model call failed: every image in that batch gets this error."""
 
     code = "inference_failed"
+
+
+class OverQuota(BatchvisionError):
+    """A request larger than a queue limit allows even when the queue is empty (``413``): no
+    wait would let it in, so it is not a ``429``."""
+
+    status = 413
+    code = "over_quota"

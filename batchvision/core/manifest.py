@@ -19,7 +19,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,10 @@ from batchvision.core.errors import BadRequest, BatchvisionError
 MAX_URL_LENGTH = 2048
 #: Longest display name of an entry.
 MAX_FILENAME_LENGTH = 1024
+#: Deepest nesting a JSON request body may have (the deepest document of the API has 4 levels).
+MAX_JSON_DEPTH = 32
+#: JSON tokens per URL a body may hold: an entry ``{"url": .., "filename": ..},`` is 10.
+TOKENS_PER_URL = 12
 
 Kind = Literal["csv", "jsonl", "urilist"]
 
@@ -86,10 +91,54 @@ def kind_of_path(path: str | Path) -> Kind | None:
     return EXTENSIONS.get(Path(path).suffix.lower())
 
 
+# A JSON token: a string (escapes included), or one of the structural characters. Numbers,
+# true, false and null are not tokens of their own; they sit between two of these.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
+
+
+def scan_json(data: bytes, *, max_entries: int, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a JSON body before it is parsed: nested deeper than ``max_depth`` (``400
+    bad_body``), a top-level ``urls`` array of more than ``max_entries`` items, or more tokens
+    than such a job can have (``413 too_many_urls``). One pass over the bytes that stops at the
+    first excess, so neither the parser's recursion nor its objects (eight times the body for a
+    list of URLs) are ever reached by a body over a limit. Invalid JSON passes: the parser
+    reports it."""
+    depth = 0
+    items = 0
+    in_urls = False
+    key: bytes | None = None
+    budget = TOKENS_PER_URL * max_entries + 64
+    for count, match in enumerate(_JSON_TOKEN.finditer(data)):
+        if count > budget:
+            raise TooManyUrls(
+                f"the JSON body is larger than a job of {max_entries} URLs can be "
+                "(BATCHVISION_MAX_URLS_PER_JOB)"
+            )
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels", code="bad_body")
+            if depth == 2:
+                in_urls = token == b"[" and key == b'"urls"'
+                items = 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif token == b"," and depth == 2 and in_urls:
+            items += 1
+            if items > max_entries:
+                raise TooManyUrls(
+                    f"the job lists more than {max_entries} URLs (BATCHVISION_MAX_URLS_PER_JOB)"
+                )
+        elif depth == 1 and token.startswith(b'"'):
+            key = token
+
+
 def parse(data: bytes | str, kind: Kind, *, max_entries: int) -> list[UrlEntry]:
     """The entries of a manifest of ``kind``; raises :class:`ManifestError` or
-    :class:`TooManyUrls`."""
-    text = _text(data)
+    :class:`TooManyUrls` (at the first entry over ``max_entries``: lines are read one at a
+    time, never all split up front)."""
+    text = _stream(data)
     if kind == "csv":
         entries = _csv(text, max_entries)
     elif kind == "jsonl":
@@ -128,18 +177,29 @@ def read_file(path: str | Path, *, max_entries: int = 1_000_000) -> list[UrlEntr
 # -- the forms --------------------------------------------------------------------------------
 
 
-def _text(data: bytes | str) -> str:
+def _stream(data: bytes | str) -> io.TextIOBase:
+    """The manifest as text read a line at a time (decoded as it is read, not copied whole)."""
     if isinstance(data, str):
-        return data.removeprefix("\ufeff")
+        return io.StringIO(data.removeprefix("\ufeff"), newline="")
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+
+
+def _read_lines(text: io.TextIOBase) -> Iterator[str]:
+    number = 0
     try:
-        return data.decode("utf-8-sig")
+        for number, line in enumerate(text, start=1):  # noqa: B007 - the error names the line
+            yield line
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"the manifest is not UTF-8 text (byte {exc.start})") from exc
+        raise ManifestError(f"the manifest is not UTF-8 text (near line {number + 1})") from exc
 
 
 def _room(out: list[UrlEntry], max_entries: int) -> None:
     if len(out) >= max_entries:
-        raise TooManyUrls(f"the job lists more than {max_entries} URLs (BATCHVISION_MAX_URLS_PER_JOB)")
+        _room_for(max_entries)
+
+
+def _room_for(max_entries: int) -> None:
+    raise TooManyUrls(f"the job lists more than {max_entries} URLs (BATCHVISION_MAX_URLS_PER_JOB)")
 
 
 def _entry(url: Any, filename: Any, where: str) -> UrlEntry:
@@ -156,9 +216,9 @@ def _entry(url: Any, filename: Any, where: str) -> UrlEntry:
     return UrlEntry(url, name)
 
 
-def _csv(text: str, max_entries: int) -> list[UrlEntry]:
+def _csv(text: io.TextIOBase, max_entries: int) -> list[UrlEntry]:
     try:
-        reader = csv.reader(io.StringIO(text, newline=""))
+        reader = csv.reader(_read_lines(text))
         header = next(reader, None)
         if header is None:
             raise ManifestError("the CSV manifest is empty")
@@ -182,9 +242,11 @@ def _csv(text: str, max_entries: int) -> list[UrlEntry]:
         raise ManifestError(f"the CSV manifest cannot be read: {exc}") from exc
 
 
-def _lines(text: str, max_entries: int, read: Any) -> list[UrlEntry]:
+def _lines(
+    text: io.TextIOBase, max_entries: int, read: Callable[[str, str], UrlEntry | None]
+) -> list[UrlEntry]:
     out: list[UrlEntry] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_read_lines(text), start=1):
         entry = read(line.strip(), f"line {number}")
         if entry is not None:
             _room(out, max_entries)

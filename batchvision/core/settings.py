@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PREFIX = "BATCHVISION_"
@@ -179,6 +179,21 @@ class Settings(BaseSettings):
     max_queued_images: Annotated[int, Field(ge=0)] = _field(
         0, "Images waiting above which new jobs get `429` (0: no limit)."
     )
+    max_queued_bytes: Annotated[int, Field(ge=0, le=1 << 50)] = _field(
+        0,
+        "Bytes of uploads waiting for a worker above which new uploads get `429` with "
+        "`Retry-After` (0: `QUEUED_BYTES_SHARE` of Redis `maxmemory` when Redis has one, else no "
+        "limit), so Redis never fills up and refuses writes.",
+    )
+    queued_bytes_share: Annotated[float, Field(gt=0, le=0.9)] = _field(
+        0.5, "The share of Redis `maxmemory` waiting uploads may use when `MAX_QUEUED_BYTES` is 0."
+    )
+    max_queued_images_per_key: Annotated[int, Field(ge=0, le=100_000_000)] = _field(
+        0, "Images one API key may have waiting; more get `429` (0: no limit)."
+    )
+    max_queued_bytes_per_key: Annotated[int, Field(ge=0, le=1 << 50)] = _field(
+        0, "Bytes of uploads one API key may have waiting; more get `429` (0: no limit)."
+    )
     rate_limit_per_minute: Annotated[int, Field(ge=0)] = _field(
         0, "Requests per minute per API key, shared by all API replicas through Redis (0: off)."
     )
@@ -282,6 +297,22 @@ class Settings(BaseSettings):
             raise ValueError("must be `redis` or a file:///directory URL")
         return value
 
+    @model_validator(mode="after")
+    def _quotas(self) -> Self:
+        # A key's share of the queue above the whole queue would never bind: a typo, not a choice.
+        pairs = (
+            ("max_queued_images_per_key", "max_queued_images"),
+            ("max_queued_bytes_per_key", "max_queued_bytes"),
+        )
+        for per_key, whole in pairs:
+            mine, total = getattr(self, per_key), getattr(self, whole)
+            if mine and total and mine > total:
+                raise ValueError(
+                    f"{PREFIX}{per_key.upper()} ({mine}) is above {PREFIX}{whole.upper()} ({total}): "
+                    "a key's quota must be at most the whole queue's"
+                )
+        return self
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # The Redis and broker URLs may carry a password: show them masked, like the secret fields.
         for name, value in super().__repr_args__():
@@ -344,7 +375,10 @@ class SettingsError(ValueError):
     def from_validation(cls, exc: ValidationError, given: Mapping[str, Any]) -> SettingsError:
         problems = []
         for err in exc.errors(include_url=False):
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across fields: its message names them
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             variable = PREFIX + name.upper()
             if err["type"] == "extra_forbidden":
                 problems.append(f"{variable}: unknown setting")

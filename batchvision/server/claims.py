@@ -87,8 +87,7 @@ class Claims:
         """A job vanished (an abandoned upload expired): release the images it still counted
         from the global counters, once, however many workers meet it."""
         try:
-            counters = [keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING]
-            self._release(keys=counters, args=[time.time(), job_id, 0])
+            self._release(keys=keys.RELEASE_KEYS, args=[time.time(), job_id, 0])
         except redis.exceptions.ResponseError as exc:
             raise out_of_memory(exc) from None
 

@@ -5,6 +5,10 @@
 - ``poison-kill``: a worker that decodes an upload containing :data:`POISON_MARKER` kills its
   own process with SIGKILL (an image that crashes the worker every time).
 - ``slow-batch=SECONDS``: every model call takes that much longer (widens "mid-batch").
+- ``publish-fail``: the API stores a new job, then fails to publish its messages (a broker
+  outage at the worst moment).
+- ``crash-after-store``: the API process kills itself with SIGKILL between storing a new job
+  and publishing its messages.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ ACTIVE = _active()
 def before_decode(data: bytes) -> None:
     if "poison-kill" in ACTIVE and POISON_MARKER in data:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_store() -> None:
+    if "crash-after-store" in ACTIVE:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if "publish-fail" in ACTIVE:
+        from kombu.exceptions import OperationalError
+
+        raise OperationalError("failpoint publish-fail: the broker refused the message")
 
 
 def before_batch() -> None:

@@ -10,24 +10,27 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage, TooManyRequests
+from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
 from batchvision.core.imaging import inspect_image
 from batchvision.core.manifest import UrlEntry
 from batchvision.core.models import JobOptions, resolve_options
 from batchvision.core.schemas import error_result
 from batchvision.core.settings import Settings
+from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
 from batchvision.server.fetch import AllowList, FetchError, url_blob, url_problem
+from batchvision.server.idempotency import Claim, commit
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import split
 from batchvision.server.models import ModelRegistry
 from batchvision.server.queue import Enqueuer
+from batchvision.server.quotas import Quotas
 from batchvision.server.recovery import ledger_add
 from batchvision.server.routing import default_model
 from batchvision.server.store import JobStore
@@ -50,6 +53,44 @@ class Upload:
     key: str
     filename: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A file refused at upload (it still gets a result row: this error)."""
+
+    index: int
+    filename: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An archive member that is not an image: listed, never classified."""
+
+    filename: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What one submit did to its job."""
+
+    job_id: str
+    #: New images queued for a result by this request.
+    accepted: int
+    #: Images handed to the queue (also re-sent files that never got a result).
+    queued: int
+    rejected: tuple[Rejection, ...] = ()
+    #: Files the job already had (re-sent parts).
+    duplicates: int = 0
+    skipped: tuple[Skipped, ...] = ()
+
+    @property
+    def files(self) -> int:
+        """The files of the request that now have a place in the job (accepted or refused)."""
+        return self.accepted + len(self.rejected)
 
 
 def unique_keys(raw: list[tuple[str, bytes]]) -> list[Upload]:
@@ -81,8 +122,14 @@ def check(s: Settings, uploads: list[Upload]) -> list[BatchvisionError | None]:
     return out
 
 
-def rejection(up: Upload, err: BatchvisionError) -> dict[str, Any]:
+def rejection(up: Upload, err: BatchvisionError) -> dict[str, str]:
+    """A refused file as it is listed in an error's details."""
     return {"filename": up.filename, "code": err.code, "message": err.message}
+
+
+def skipped_members(skipped: Sequence[Mapping[str, str]]) -> tuple[Skipped, ...]:
+    """Archive members skipped as not images (from :mod:`batchvision.core.archive`)."""
+    return tuple(Skipped(s["filename"], s["reason"]) for s in skipped)
 
 
 def require_some_valid(uploads: list[Upload], problems: list[BatchvisionError | None]) -> None:
@@ -97,9 +144,9 @@ def require_some_valid(uploads: list[Upload], problems: list[BatchvisionError | 
     raise InvalidImage(message, code="no_valid_images", details=details)
 
 
-def ensure_nonempty(uploads: list[Upload], skipped: list[dict[str, str]]) -> None:
+def ensure_nonempty(uploads: list[Upload], skipped: Sequence[Mapping[str, str]]) -> None:
     if not uploads:
-        details = {"skipped": skipped} if skipped else None
+        details = {"skipped": list(skipped)} if skipped else None
         raise InvalidImage("the request holds no image files", code="no_images", details=details)
 
 
@@ -113,19 +160,22 @@ class Intake:
     blobs: BlobStore
     telemetry: Telemetry
     enqueuer: Enqueuer
-    #: The worker registry: the models a submit may name (issue 14); ``None``: the default only.
+    #: The worker registry: the models a submit may name; ``None``: the default only.
     models: ModelRegistry | None = None
 
-    def backpressure(self) -> None:
-        """Refuse new work (429) while too many accepted images wait for a result."""
-        limit = self.settings.max_queued_images
-        if limit and self.telemetry.pending_images() >= limit:
-            raise TooManyRequests(f"{limit} images are already waiting; retry later", code="queue_full")
+    def __post_init__(self) -> None:
+        self.quotas = Quotas(self.redis, self.settings, self.telemetry, redis_blobs=self.blobs.pipelined)
+
+    def backpressure(self, owner: str, images: int = 0, nbytes: int = 0) -> None:
+        """Refuse new work when ``images`` images of ``nbytes`` bytes from ``owner`` do not fit
+        the queue now (``429``, with ``Retry-After``) or ever (``413``): see
+        :class:`~batchvision.server.quotas.Quotas`."""
+        self.quotas.admit(owner, images, nbytes)
 
     def options(
         self, model: str | None = None, top_k: int | None = None, min_score: float | None = None
     ) -> JobOptions:
-        """A job's options checked against the models the workers announced (issue 14):
+        """A job's options checked against the models the workers announced:
         :class:`~batchvision.core.models.InvalidOption` (422) names what is wrong."""
         return resolve_options(
             model=model,
@@ -137,20 +187,28 @@ class Intake:
         )
 
     def new_job(
-        self, owner: str, callback: Mapping[str, str] | None = None, options: JobOptions | None = None
+        self,
+        owner: str,
+        callback: Mapping[str, str] | None = None,
+        options: JobOptions | None = None,
+        *,
+        claim: Claim | None = None,
     ) -> str:
         """Open an empty job for ``owner``; raises ``TooManyRequests`` under backpressure.
-        ``callback``: :meth:`callback` fields, written with the job; ``options``: :meth:`options`."""
-        self.backpressure()
+        ``callback``: :meth:`callback` fields, written with the job; ``options``: :meth:`options`;
+        ``claim``: the request's ``Idempotency-Key``, written with the job."""
+        self.backpressure(owner)
         job_id = new_job_id()
-        pipe = self.redis.pipeline(transaction=True)
-        self._callback_on(pipe, job_id, callback)
         opts = options or self.options()
-        self.store.create(job_id, model=opts.model, owner=owner, pipe=pipe, options=opts.to_hash())
-        pipe.execute()
+
+        def writes(pipe: Any) -> None:
+            self._callback_on(pipe, job_id, callback)
+            self.store.create(job_id, model=opts.model, owner=owner, pipe=pipe, options=opts.to_hash())
+
+        commit(self.redis, claim, job_id, writes)
         return job_id
 
-    # -- issue 15: completion webhooks and images by URL -----------------------------------------
+    # -- completion webhooks and images by URL -----------------------------------------------------
 
     def callback(self, url: str | None, status_url: str = "") -> dict[str, str] | None:
         """The job-hash fields of a ``callback_url`` (``status_url``: the API's status URL of
@@ -186,7 +244,8 @@ class Intake:
         *,
         callback: Mapping[str, str] | None = None,
         options: JobOptions | None = None,
-    ) -> tuple[str, dict[str, Any]]:
+        claim: Claim | None = None,
+    ) -> Submitted:
         """A new, sealed job of images named by URL: the same single MULTI as an upload, where
         an image's blob is its URL (``BV-URL\\n<url>``) and the worker fetches it. A URL the
         API can already refuse (syntax, a blocked address literal) is a per-image error; a
@@ -199,43 +258,46 @@ class Intake:
             raise InvalidImage(
                 f"none of the {len(uploads)} URLs can be fetched", code="no_valid_urls", details=details
             )
-        self.backpressure()
+        self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
         interactive = len(uploads) <= self.settings.interactive_max_images
-        return self._create(owner, uploads, problems, True, interactive, callback, options)
+        return self._create(owner, uploads, problems, True, interactive, callback, options, claim)
 
     def submit(
         self,
         job_id: str | None,
         owner: str,
         uploads: list[Upload],
-        skipped: list[dict[str, str]],
+        skipped: Sequence[Mapping[str, str]],
         *,
         seal: bool,
         interactive: bool = False,
         callback: Mapping[str, str] | None = None,
         options: JobOptions | None = None,
-    ) -> tuple[str, dict[str, Any]]:
+        claim: Claim | None = None,
+    ) -> Submitted:
         """Validate ``uploads`` and add them to ``job_id`` (a new job if ``None``, with the
-        ``callback`` fields of :meth:`callback` and the ``options`` of :meth:`options` if given).
+        ``callback`` fields of :meth:`callback` and the ``options`` of :meth:`options` if given;
+        ``claim``: the request's ``Idempotency-Key``, written with the new job).
 
-        Returns the job id and a summary: ``accepted``, ``queued``, ``rejected``,
-        ``duplicates``, ``skipped``. Raises ``LookupError`` for an unknown job and
-        ``PermissionError`` for a sealed or canceled one.
+        Raises ``LookupError`` for an unknown job and ``PermissionError`` for a sealed or
+        canceled one.
         """
         ensure_nonempty(uploads, skipped)
         problems = check(self.settings, uploads)
         require_some_valid(uploads, problems)
-        self.backpressure()
+        valid = [u for u, p in zip(uploads, problems, strict=True) if p is None]
+        self.backpressure(owner, len(valid), sum(len(u.data) for u in valid))
         # A small job sent whole is someone waiting: it goes ahead of bulk work.
         interactive = interactive or (seal and len(uploads) <= self.settings.interactive_max_images)
         if job_id is None:
-            job_id, summary = self._create(owner, uploads, problems, seal, interactive, callback, options)
+            done = self._create(owner, uploads, problems, seal, interactive, callback, options, claim)
         else:
-            summary = self._add(job_id, uploads, problems, interactive)
+            done = self._add(job_id, uploads, problems, interactive)
             if seal:
                 self.store.seal(job_id)
-        summary["skipped"] = skipped
-        return job_id, summary
+        return Submitted(
+            done.job_id, done.accepted, done.queued, done.rejected, done.duplicates, skipped_members(skipped)
+        )
 
     def _create(
         self,
@@ -246,40 +308,48 @@ class Intake:
         interactive: bool,
         callback: Mapping[str, str] | None = None,
         options: JobOptions | None = None,
-    ) -> tuple[str, dict[str, Any]]:
-        """A new job with all its files: job, files, blobs, refusals, seal and chunk ledger in
-        one ``MULTI`` round trip, then the messages. (Keys are unique within a request, so
-        file ``i`` is index ``i``.)"""
+        claim: Claim | None = None,
+    ) -> Submitted:
+        """A new job with all its files: job, files, blobs, refusals, seal, chunk ledger (and
+        the ``Idempotency-Key``'s job) in one ``MULTI`` round trip, then the messages. (Keys are
+        unique within a request, so file ``i`` is index ``i``.)"""
         job_id = new_job_id()
         blobs: dict[int, bytes] = {}
         errors: list[tuple[int, dict[str, Any]]] = []
-        rejected: list[dict[str, Any]] = []
+        rejected: list[Rejection] = []
         for index, (up, err) in enumerate(zip(uploads, problems, strict=True)):
             if err is None:
                 blobs[index] = up.data
             else:
                 errors.append((index, error_result(err.code, err.message)))
-                rejected.append({"index": index, **rejection(up, err)})
+                rejected.append(Rejection(index, up.filename, err.code, err.message))
         chunks = split(job_id, sorted(blobs), self.settings.chunk_size)
         now = round(time.time(), 3)
-        pipe = self.redis.pipeline(transaction=True)
-        self._callback_on(pipe, job_id, callback)
-        self.blobs.put_many(job_id, blobs, pipe=pipe)
         opts = options or self.options()
-        self.store.create_whole(
-            pipe,
-            job_id,
-            model=opts.model,
-            owner=owner,
-            files=[(u.key, u.filename) for u in uploads],
-            errors=errors,
-            seal=seal,
-            options=opts.to_hash(),
-        )
-        ledger_add(pipe, chunks, now)
-        pipe.execute()
+        if not self.blobs.pipelined:  # files on a volume: written before the job that names them
+            self.blobs.put_many(job_id, blobs)
+
+        def writes(pipe: Any) -> None:
+            self._callback_on(pipe, job_id, callback)
+            if self.blobs.pipelined:
+                self.blobs.put_many(job_id, blobs, pipe=pipe)
+            self.store.create_whole(
+                pipe,
+                job_id,
+                model=opts.model,
+                owner=owner,
+                files=[(u.key, u.filename) for u in uploads],
+                errors=errors,
+                seal=seal,
+                options=opts.to_hash(),
+                sizes=[len(blobs[i]) if i in blobs else 0 for i in range(len(uploads))],
+            )
+            ledger_add(pipe, chunks, now)
+
+        commit(self.redis, claim, job_id, writes)
+        failpoints.after_store()
         self.enqueuer.send(chunks, now, interactive, model=opts.model)
-        return job_id, {"accepted": len(blobs), "queued": len(blobs), "rejected": rejected, "duplicates": 0}
+        return Submitted(job_id, len(blobs), len(blobs), tuple(rejected))
 
     def _add(
         self,
@@ -287,9 +357,10 @@ class Intake:
         uploads: list[Upload],
         problems: list[BatchvisionError | None],
         interactive: bool = False,
-    ) -> dict[str, Any]:
+    ) -> Submitted:
         """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name."""
-        indexed = self.store.add_files(job_id, [(u.key, u.filename) for u in uploads])
+        sizes = [len(u.data) if p is None else 0 for u, p in zip(uploads, problems, strict=True)]
+        indexed = self.store.add_files(job_id, [(u.key, u.filename) for u in uploads], sizes)
         # A file the job already has but that never got a result may be the victim of a request
         # that failed half-way (before its blob or task was stored): store and queue it again.
         # Results are idempotent, so at worst an in-flight image is classified twice, counted once.
@@ -297,7 +368,7 @@ class Intake:
         redo = set(self.store.unresolved(job_id, known))
         blobs: dict[int, bytes] = {}
         errors: list[tuple[int, dict[str, Any]]] = []
-        rejected: list[dict[str, Any]] = []
+        rejected: list[Rejection] = []
         duplicates = 0
         for (index, new), up, err in zip(indexed, uploads, problems, strict=True):
             if not new:
@@ -306,7 +377,7 @@ class Intake:
                     blobs[index] = up.data
             elif err is not None:
                 errors.append((index, error_result(err.code, err.message)))
-                rejected.append({"index": index, **rejection(up, err)})
+                rejected.append(Rejection(index, up.filename, err.code, err.message))
             else:
                 blobs[index] = up.data
         self.blobs.put_many(job_id, blobs)
@@ -318,9 +389,6 @@ class Intake:
             ledger_add(pipe, chunks, now)
             pipe.execute()
             self.enqueuer.send(chunks, now, interactive, model=self.store.model_of(job_id))
-        return {
-            "accepted": len(blobs) - len(redo & blobs.keys()),
-            "queued": len(blobs),
-            "rejected": rejected,
-            "duplicates": duplicates,
-        }
+        return Submitted(
+            job_id, len(blobs) - len(redo & blobs.keys()), len(blobs), tuple(rejected), duplicates
+        )

@@ -10,7 +10,8 @@ key                             what it holds
                                 model owner``, and for a job with a completion webhook ``cb_url
                                 cb_status_url cb_state cb_attempts cb_last_status cb_last_error
                                 cb_last_attempt_at cb_delivered_at``, options ``version top_k min_score``
-``bv:job:{id}:files``           hash index -> filename (display name)
+``bv:job:{id}:files``           hash index -> filename (display name); ``s:<index>`` -> the bytes of
+                                its blob, while it waits for a result
 ``bv:job:{id}:paths``           hash file key (relative path) -> index (idempotent parts)
 ``bv:job:{id}:res``             hash index -> result JSON (written once, with ``HSETNX``)
 ``bv:job:{id}:tries``           hash ``chunk:<first index>`` / ``image:<index>`` -> deliveries
@@ -20,7 +21,11 @@ key                             what it holds
 ``bv:pending``                  counter: accepted images without a result, over all jobs
 ``bv:active``                   sorted set: job ids not finished yet -> when an open upload expires
                                 (``+inf`` once sealed), so expired uploads are found and released
-``bv:active:pending``           hash job id -> its images without a result
+``bv:active:pending``           hash job id -> its images without a result, ``<id>:b`` -> their bytes,
+                                ``<id>:o`` -> the job's owner (what a release gives back, once)
+``bv:pending:bytes``            counter: bytes of accepted images without a result, over all jobs
+``bv:quota``                    hash ``i:<owner>`` / ``b:<owner>`` -> one API key's images / bytes
+                                without a result (per-key quotas)
 ``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
@@ -49,6 +54,12 @@ PENDING = f"{PREFIX}:pending"
 ACTIVE = f"{PREFIX}:active"
 #: Images without a result, per active job (so an expired upload releases exactly its own).
 ACTIVE_PENDING = f"{PREFIX}:active:pending"
+#: Bytes of accepted images without a result, over all jobs (the byte budget).
+PENDING_BYTES = f"{PREFIX}:pending:bytes"
+#: Per API key: ``i:<owner>`` images and ``b:<owner>`` bytes without a result.
+QUOTA = f"{PREFIX}:quota"
+#: ``KEYS`` of the release script (:data:`batchvision.server.lua.RELEASE`).
+RELEASE_KEYS = [ACTIVE, PENDING, ACTIVE_PENDING, PENDING_BYTES, QUOTA]
 BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
@@ -123,13 +134,13 @@ class JobKeys:
 
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
-        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING]
+        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA]
 
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
 LUA_KEYS = (
     "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING, K_WEBHOOKS,"
-    " K_JOBPENDING = unpack(KEYS)\n"
+    " K_JOBPENDING, K_PENDING_BYTES, K_QUOTA = unpack(KEYS)\n"
     "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}\n"
     f"local CH_FINISHED = '{FINISHED}'\n"
 )

@@ -6,11 +6,35 @@ from __future__ import annotations
 
 from batchvision.server.keys import LUA_KEYS
 
+# What the queue holds for whom: images and bytes without a result, over all jobs (pending,
+# pending bytes), per job (hash fields <id>, <id>:b, and <id>:o its owner) and per owner (quota
+# hash fields i:<owner>, b:<owner>). ADD raises them, RECORD lowers them by the results it
+# stores, and release_job gives back whatever a job still holds when it finishes or expires,
+# then forgets the job: each image leaves every counter exactly once.
+_ACCOUNTS = """
+local function quota_add(k_quota, owner, images, bytes)
+  for field, by in pairs({['i:' .. owner] = images, ['b:' .. owner] = bytes}) do
+    if by ~= 0 and redis.call('HINCRBY', k_quota, field, by) <= 0 then redis.call('HDEL', k_quota, field) end
+  end
+end
+local function release_job(k_pending, k_jobpending, k_pending_bytes, k_quota, id)
+  local v = redis.call('HMGET', k_jobpending, id, id .. ':b', id .. ':o')
+  local n, b = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  if n > 0 then redis.call('DECRBY', k_pending, n) end
+  if b > 0 then redis.call('DECRBY', k_pending_bytes, b) end
+  if v[3] then quota_add(k_quota, v[3], -math.max(n, 0), -math.max(b, 0)) end
+  redis.call('HDEL', k_jobpending, id, id .. ':b', id .. ':o')
+end
+"""
+
 # Shared tail: finish the job if it is sealed and every image has a result (status,
 # finished_at, wake the waiters, TTLs, tombstone, the completion webhook if the job has one).
 # ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
 # Publishing from a script is allowed: Redis replicates the script's effects, PUBLISH included.
-_FINISH = """
+# (It carries its own copy of the accounting functions, so any script may end with it.)
+_FINISH = (
+    _ACCOUNTS
+    + """
 local v = redis.call('HMGET', K_JOB, 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
 if v[5] == '1' and not v[6] and
    (tonumber(v[2] or '0') + tonumber(v[3] or '0') + tonumber(v[4] or '0')) >= tonumber(v[1] or '0') then
@@ -19,7 +43,7 @@ if v[5] == '1' and not v[6] and
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
   redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('ZREM', K_ACTIVE, ARGV[3])
-  redis.call('HDEL', K_JOBPENDING, ARGV[3])
+  release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
   -- issue 15: a completion webhook is queued in the same step (durable: no process holds it)
   if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
     redis.call('HSET', K_JOB, 'cb_state', 'pending')
@@ -27,24 +51,37 @@ if v[5] == '1' and not v[6] and
   end
 end
 """
-
+)
 #: Store results: ARGV[4..] = (index, result JSON, counter) triples. ``HSETNX`` per image, and a
 #: counter is raised only when the write stored something: a redelivered chunk counts nothing.
 RECORD = (
     LUA_KEYS
+    + _ACCOUNTS
     + """
 if redis.call('EXISTS', K_JOB) == 0 then return {0, 0, 0} end
 local n = {done = 0, failed = 0, canceled = 0}
+local bytes = 0
 for i = 4, #ARGV, 3 do
   if redis.call('HSETNX', K_RES, ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('HINCRBY', K_JOB, ARGV[i + 2], 1)
     n[ARGV[i + 2]] = n[ARGV[i + 2]] + 1
+    local size = redis.call('HGET', K_FILES, 's:' .. ARGV[i])
+    if size then
+      bytes = bytes + tonumber(size)
+      redis.call('HDEL', K_FILES, 's:' .. ARGV[i])
+    end
   end
 end
 local stored = n.done + n.failed + n.canceled
 if stored > 0 then
   redis.call('DECRBY', K_PENDING, stored)
   redis.call('HINCRBY', K_JOBPENDING, ARGV[3], -stored)
+  if bytes > 0 then
+    redis.call('DECRBY', K_PENDING_BYTES, bytes)
+    redis.call('HINCRBY', K_JOBPENDING, ARGV[3] .. ':b', -bytes)
+  end
+  local owner = redis.call('HGET', K_JOBPENDING, ARGV[3] .. ':o')
+  if owner then quota_add(K_QUOTA, owner, -stored, -bytes) end
 end
 -- an open upload's results expire with it (the hash may have been created just now)
 local ttl = redis.call('TTL', K_JOB)
@@ -71,17 +108,18 @@ redis.call('ZADD', K_ACTIVE, '+inf', ARGV[3])
 )
 
 #: Add files: ARGV[1] open-upload TTL, ARGV[2] now, ARGV[3] job id, ARGV[4..] = (file key,
-#: filename) pairs. A key the job has keeps its index. Returns (index, is_new) pairs, -1 for an
-#: unknown job, -2 if sealed.
+#: filename, bytes of its blob: 0 for a file refused at upload) triples. A key the job has keeps
+#: its index. Returns (index, is_new) pairs, -1 for an unknown job, -2 if sealed.
 ADD = (
     LUA_KEYS
+    + _ACCOUNTS
     + """
 if redis.call('EXISTS', K_JOB) == 0 then return -1 end
 local flags = redis.call('HMGET', K_JOB, 'sealed', 'cancel')
 if flags[1] == '1' or (flags[2] and flags[2] ~= '0') then return -2 end
 local out = {}
-local added = 0
-for i = 4, #ARGV, 2 do
+local added, bytes = 0, 0
+for i = 4, #ARGV, 3 do
   local idx = redis.call('HGET', K_PATHS, ARGV[i])
   if idx then
     table.insert(out, tonumber(idx)); table.insert(out, 0)
@@ -89,13 +127,23 @@ for i = 4, #ARGV, 2 do
     idx = redis.call('HINCRBY', K_JOB, 'total', 1) - 1
     redis.call('HSET', K_PATHS, ARGV[i], idx)
     redis.call('HSET', K_FILES, idx, ARGV[i + 1])
+    local size = tonumber(ARGV[i + 2])
+    if size > 0 then
+      redis.call('HSET', K_FILES, 's:' .. idx, size)
+      bytes = bytes + size
+    end
     table.insert(out, idx); table.insert(out, 1)
     added = added + 1
   end
 end
 if added > 0 then
+  local owner = redis.call('HGET', K_JOB, 'owner') or ''
   redis.call('INCRBY', K_PENDING, added)
+  redis.call('INCRBY', K_PENDING_BYTES, bytes)
   redis.call('HINCRBY', K_JOBPENDING, ARGV[3], added)
+  redis.call('HINCRBY', K_JOBPENDING, ARGV[3] .. ':b', bytes)
+  redis.call('HSET', K_JOBPENDING, ARGV[3] .. ':o', owner)
+  quota_add(K_QUOTA, owner, added, bytes)
 end
 -- an open upload lives as long as its blobs; seal makes the job permanent until it finishes
 for _, k in ipairs({K_JOB, K_FILES, K_PATHS, K_RES}) do redis.call('EXPIRE', k, ARGV[1]) end
@@ -104,11 +152,14 @@ return out
 """
 )
 
-#: Release jobs that will never finish: KEYS = active, pending, per-job pending; ARGV[1] is now
-#: and ARGV[2] a job id (release that job now: the worker found it gone) or "" (release every
-#: open upload whose expiry passed, at most ARGV[3] of them). Each job's own count of images
-#: without a result leaves the global counter exactly once. Returns how many jobs it released.
-RELEASE = """
+#: Release jobs that will never finish: KEYS = :data:`~batchvision.server.keys.RELEASE_KEYS`
+#: (active, pending, per-job pending, pending bytes, quota); ARGV[1] is now and ARGV[2] a job id
+#: (release that job now: the worker found it gone) or "" (release every open upload whose
+#: expiry passed, at most ARGV[3] of them). What each job still holds (images, bytes, its
+#: owner's share) leaves the counters exactly once. Returns how many jobs it released.
+RELEASE = (
+    _ACCOUNTS
+    + """
 local ids
 if ARGV[2] ~= '' then
   ids = {ARGV[2]}
@@ -117,10 +168,9 @@ else
 end
 local released = 0
 for _, id in ipairs(ids) do
-  local n = tonumber(redis.call('HGET', KEYS[3], id) or '0')
-  if n > 0 then redis.call('DECRBY', KEYS[2], n) end
+  release_job(KEYS[2], KEYS[3], KEYS[4], KEYS[5], id)
   released = released + redis.call('ZREM', KEYS[1], id)
-  redis.call('HDEL', KEYS[3], id)
 end
 return released
 """
+)

@@ -143,26 +143,32 @@ class JobStore:
         errors: Sequence[tuple[int, dict[str, Any]]],
         seal: bool,
         options: Mapping[str, str] | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> None:
         """Queue on ``pipe`` (a ``MULTI`` pipeline) a new job with all of its files, the results
         of files refused at upload, and optionally its seal: one round trip, all or nothing.
-        The files' keys must be distinct; file ``i`` gets index ``i``."""
+        The files' keys must be distinct; file ``i`` gets index ``i``. ``sizes``: the bytes
+        each file's blob holds (0 for a refused file), counted against the queue's byte budget
+        and the owner's quota until the file has a result."""
         k = JobKeys.of(job_id).lua()
         self.create(job_id, model=model, owner=owner, pipe=pipe, options=options)
-        _eval(pipe, lua.ADD, k, self._add_args(job_id, files))
+        _eval(pipe, lua.ADD, k, self._add_args(job_id, files, sizes))
         if errors:
             _eval(pipe, lua.RECORD, k, self._record_args(job_id, errors))
         if seal:
             _eval(pipe, lua.SEAL, k, [self.result_ttl_s, f"{time.time():.3f}", job_id])
 
-    def add_files(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[tuple[int, bool]]:
+    def add_files(
+        self, job_id: str, files: Sequence[tuple[str, str]], sizes: Sequence[int] | None = None
+    ) -> list[tuple[int, bool]]:
         """Index ``(key, filename)`` pairs in order; a key the job already has keeps its index.
 
         The key is the file's relative path, so a re-sent part enqueues nothing twice.
+        ``sizes``: as for :meth:`create_whole` (counted for new files only).
         Returns ``(index, is_new)`` per file. Raises ``LookupError`` for an unknown job and
         ``PermissionError`` for a sealed or canceled one.
         """
-        out = self._add(keys=JobKeys.of(job_id).lua(), args=self._add_args(job_id, files))
+        out = self._add(keys=JobKeys.of(job_id).lua(), args=self._add_args(job_id, files, sizes))
         if out == -1:
             raise LookupError(job_id)
         if out == -2:
@@ -190,8 +196,13 @@ class JobStore:
         _eval(pipe, lua.RECORD, JobKeys.of(job_id).lua(), self._record_args(job_id, results))
         return True
 
-    def _add_args(self, job_id: str, files: Sequence[tuple[str, str]]) -> list[Any]:
-        return [self.open_ttl_s, f"{time.time():.3f}", job_id, *(a for pair in files for a in pair)]
+    def _add_args(
+        self, job_id: str, files: Sequence[tuple[str, str]], sizes: Sequence[int] | None
+    ) -> list[str | int]:
+        args: list[str | int] = [self.open_ttl_s, f"{time.time():.3f}", job_id]
+        for (key, filename), size in zip(files, sizes or [0] * len(files), strict=True):
+            args += [key, filename, size]
+        return args
 
     def _record_args(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> list[Any]:
         args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]

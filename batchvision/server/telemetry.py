@@ -40,11 +40,11 @@ class Telemetry:
     def release_expired(self, limit: int = 1000) -> int:
         """Release open uploads whose expiry passed (a cheap range query when there are none);
         returns how many."""
-        return int(
-            self._release(
-                keys=[keys.ACTIVE, keys.PENDING, keys.ACTIVE_PENDING], args=[time.time(), "", limit]
-            )
-        )
+        return int(self._release(keys=keys.RELEASE_KEYS, args=[time.time(), "", limit]))
+
+    def pending_bytes(self) -> int:
+        """Bytes of accepted images that have no result yet, over all jobs."""
+        return int(self.redis.get(keys.PENDING_BYTES) or 0)
 
     def log_batch(
         self,

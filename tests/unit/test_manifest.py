@@ -3,10 +3,12 @@ errors that name the line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from batchvision.core.errors import BadRequest
 from batchvision.core.manifest import (
     ManifestError,
     TooManyUrls,
@@ -15,6 +17,7 @@ from batchvision.core.manifest import (
     kind_of_media_type,
     parse,
     read_file,
+    scan_json,
 )
 
 
@@ -102,3 +105,41 @@ def test_json_bodies_and_files_and_media_types(tmp_path: Path) -> None:
         read_file(tmp_path / "m.xlsx")
     assert kind_of_media_type("Text/CSV") == "csv" and kind_of_media_type("application/x-ndjson") == "jsonl"
     assert kind_of_media_type("text/plain") is None
+
+
+# -- counted while reading -------------------------------------------------------------------
+
+
+def test_a_json_body_over_the_url_limit_is_refused_before_it_is_parsed() -> None:
+    body = json.dumps({"callback_url": "https://h/cb", "urls": [f"https://h/{i}" for i in range(11)]})
+    with pytest.raises(TooManyUrls, match="more than 10 URLs"):
+        scan_json(body.encode(), max_entries=10)
+    scan_json(body.encode(), max_entries=11)  # exactly the limit passes
+    objects = json.dumps({"urls": [{"url": f"https://h/{i}", "filename": f"{i}.jpg"} for i in range(11)]})
+    scan_json(objects.encode(), max_entries=11)  # commas inside entries are not entries
+    with pytest.raises(TooManyUrls):
+        scan_json(objects.encode(), max_entries=10)
+
+
+def test_a_json_body_nested_too_deep_is_a_bad_body_whatever_its_shape() -> None:
+    for body in (b"[" * 40 + b"]" * 40, b'{"a": ' * 40 + b"1" + b"}" * 40, b"[" * 20_000):
+        with pytest.raises(BadRequest, match="nested deeper than 32") as caught:
+            scan_json(body, max_entries=10)
+        assert caught.value.code == "bad_body"
+    scan_json(b'{"urls": [{"url": "https://h/[[[[{{{{\\"", "filename": "a"}]}', max_entries=1)  # in strings
+
+
+def test_a_json_body_with_more_tokens_than_a_url_job_is_refused() -> None:
+    with pytest.raises(TooManyUrls, match="larger than a job of 10 URLs"):
+        scan_json(json.dumps({"other": list(range(10_000))}).encode(), max_entries=10)
+
+
+def test_a_manifest_stops_at_the_first_entry_over_the_limit() -> None:
+    # the bytes after the limit are not even valid UTF-8: reading stopped before them
+    body = "".join(f"https://h/{i}\n" for i in range(2000)).encode() + b"\xff\xfe" * 10
+    with pytest.raises(TooManyUrls):
+        parse(body, "urilist", max_entries=10)
+    with pytest.raises(TooManyUrls):
+        parse(b"url\n" + body, "csv", max_entries=10)
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        parse(body, "urilist", max_entries=10_000)

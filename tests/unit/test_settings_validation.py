@@ -80,3 +80,20 @@ def test_a_service_refuses_to_start_with_a_bad_setting_and_says_why() -> None:
     )
     assert proc.returncode == 2
     assert "BATCHVISION_RESULT_TTL_S='-5'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_queue_quotas_have_ranges_and_a_key_quota_stays_within_the_whole_queue() -> None:
+    with pytest.raises(SettingsError, match=r"BATCHVISION_QUEUED_BYTES_SHARE='0.95'"):
+        Settings.from_env({"BATCHVISION_QUEUED_BYTES_SHARE": "0.95"})
+    with pytest.raises(SettingsError, match=r"BATCHVISION_MAX_QUEUED_BYTES_PER_KEY='-1'"):
+        Settings.from_env({"BATCHVISION_MAX_QUEUED_BYTES_PER_KEY": "-1"})
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {"BATCHVISION_MAX_QUEUED_BYTES": "1000", "BATCHVISION_MAX_QUEUED_BYTES_PER_KEY": "2000"}
+        )
+    assert "BATCHVISION_MAX_QUEUED_BYTES_PER_KEY (2000) is above BATCHVISION_MAX_QUEUED_BYTES (1000)" in str(
+        info.value
+    )
+    assert "BATCHVISION_?" not in str(info.value)
+    fine = Settings.from_env({"BATCHVISION_MAX_QUEUED_IMAGES_PER_KEY": "50"})  # no global limit: any quota
+    assert fine.max_queued_images_per_key == 50 and fine.max_queued_bytes == 0
