@@ -46,7 +46,7 @@ print(json.dumps({"case": case, "body_mib": round(len(body) / 2**20, 1), "status
 
 
 def main() -> None:
-    from batchvision.cli.redis_server import RedisServer
+    from batchvision.testing.servers import RedisServer
 
     with RedisServer() as server:
         for case in CASES:

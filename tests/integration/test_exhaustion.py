@@ -23,11 +23,11 @@ from flask.testing import FlaskClient
 
 from api import create_app
 from api.services import Services
-from batchvision.cli.redis_server import RedisServer
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import failpoints, keys
 from batchvision.server.intake import Upload
+from batchvision.testing.servers import RedisServer
 
 KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
 

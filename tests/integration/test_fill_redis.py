@@ -24,10 +24,11 @@ import requests
 from PIL import Image
 
 from batchvision.cli.local import stack as local_stack
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor
 from batchvision.core.settings import Settings
 from batchvision.server import keys
+from batchvision.testing.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MAXMEMORY = 64 * 2**20
