@@ -18,7 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
     from flask import Flask
 
-    from api import auth, docs, errors, health, jobs, metrics, models, web
+    from api import auth, docs, errors, health, inference, jobs, metrics, models, web
     from api.services import Services
     from api.uploads import UploadRequest
     from batchvision.core.settings import Settings
@@ -49,4 +49,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(models.bp)  # issue 14: GET /v1/models, POST /v1/models/<name>/reload
     app.register_blueprint(web.bp)  # GET / (the page); its files are the app's /static
     app.register_blueprint(docs.bp)
+    app.register_blueprint(inference.bp)  # /v2: the Open Inference Protocol
     return app
