@@ -148,7 +148,10 @@ def live() -> dict[str, Any]:
 def ready() -> dict[str, Any]:
     svc = services()
     name = default_model(svc.settings)
-    _ready_version(svc, name, None, unavailable=True)
+    try:
+        _ready_version(svc, name, None, unavailable=True)
+    except NotFound as exc:  # no worker has announced it yet
+        raise ServiceUnavailable(exc.message) from exc
     return {"ready": True}
 
 
