@@ -5,9 +5,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 MODEL  ?= models/demo.keras
 export BATCHVISION_MODEL ?= $(MODEL)
-# The demo model repository (issue 14): two models, `shapes` (the demo model) and `colours`.
+# The demo model repository: `shapes` (the demo model), `colours`, and `shapes-onnx` (shapes in ONNX).
 REPO   ?= models/repo
-REPO_MODELS = $(REPO)/shapes/1/model.keras $(REPO)/colours/1/model.keras
+REPO_MODELS = $(REPO)/shapes/1/model.keras $(REPO)/colours/1/model.keras $(REPO)/shapes-onnx/1/model.onnx
 
 .PHONY: run test install models system-deps lint typecheck bench bench-peers clean
 
@@ -30,6 +30,10 @@ $(REPO)/shapes/1/model.keras: $(MODEL)
 
 $(REPO)/colours/1/model.keras: | $(BIN)/batchvision
 	$(BIN)/batchvision demo-model --kind colours --out $@
+
+# shapes-onnx: the demo model exported to ONNX offline (workers/onnx_export.py), run by ONNX Runtime.
+$(REPO)/shapes-onnx/1/model.onnx: $(MODEL)
+	$(BIN)/python -m workers.onnx_export $(MODEL) $@
 
 models: $(MODEL) $(REPO_MODELS)
 

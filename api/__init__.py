@@ -18,7 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
     from flask import Flask
 
-    from api import auth, docs, errors, health, jobs, metrics, models, web
+    from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, web
     from api.services import Services
     from api.uploads import UploadRequest
     from batchvision.core.settings import Settings
@@ -46,7 +46,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.init_app(app, models.accepted_keys(settings))  # issue 14: admin keys are API keys too
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(job_list.bp)  # GET /v1/jobs: the caller's jobs
     app.register_blueprint(models.bp)  # issue 14: GET /v1/models, POST /v1/models/<name>/reload
     app.register_blueprint(web.bp)  # GET / (the page); its files are the app's /static
     app.register_blueprint(docs.bp)
+    app.register_blueprint(inference.bp)  # /v2: the Open Inference Protocol
     return app

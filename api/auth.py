@@ -49,7 +49,7 @@ def init_app(app: Flask, api_keys: str) -> None:
 
     @app.before_request
     def _authenticate() -> None:
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith(("/v1/", "/v2/models")):  # /v2/health stays open
             return
         g.bv_owner = ""
         if not allowed:

@@ -24,8 +24,33 @@ from batchvision.core.settings import Settings
 from batchvision.server.repository import VersionDir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402 - TF's log level must be set before the import
-import tensorflow as tf  # noqa: E402
+
+
+class _Lazy:
+    """A module imported on first use: a worker that serves only ONNX models (workers.onnx_model)
+    never imports TensorFlow."""
+
+    def __init__(self, load: Any) -> None:
+        self._load = load
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._load(), name)
+
+
+def _keras() -> Any:
+    import keras  # TF's log level is set above, before the first import
+
+    return keras
+
+
+def _tf() -> Any:
+    import tensorflow
+
+    return tensorflow
+
+
+keras: Any = _Lazy(_keras)
+tf: Any = _Lazy(_tf)
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +253,11 @@ class ModelMismatch(ValueError):
 def load_version(version: VersionDir, settings: Settings) -> ImageClassifier:
     """Load one version of a repository model (:mod:`batchvision.server.repository`) and check
     it: one forward pass must give one probability per label. Raises with the reason."""
-    if version.kind == "shortcut":
+    if version.kind == "onnx":  # ONNX Runtime, without TensorFlow
+        from workers.onnx_model import load_onnx
+
+        classifier = load_onnx(version, settings)
+    elif version.kind == "shortcut":
         classifier = load_classifier(settings)  # BATCHVISION_MODEL, as it always loaded
     else:
         configure_runtime(settings)

@@ -41,6 +41,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List this API key's jobs, newest first: a page (``--cursor`` for the next), or all."""
+    client = _client(args)
+    cursor = args.cursor
+    while True:
+        page = client.jobs(
+            status=args.status,
+            created_after=args.created_after,
+            created_before=args.created_before,
+            limit=args.limit,
+            cursor=cursor,
+        )
+        for job in page.jobs:
+            if args.json:
+                print(job.model_dump_json())
+            else:
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+                finished = job.done + job.failed + job.canceled
+                print(f"{job.job_id}  {job.status.value:<9}  {finished}/{job.total}  {created}  {job.model}")
+        cursor = page.next_cursor
+        if cursor is None or not args.all:
+            break
+    if cursor is not None:
+        print(f"more: --cursor {cursor}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     """Write a job's results (format from the extension, or --format); stdout without -o."""
     client = _client(args)
@@ -197,6 +224,14 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--no-progress", action="store_true")
     p = common(add("status", guarded(cmd_status), "show a job's status"))
     p.add_argument("job_id")
+    p = common(add("jobs", guarded(cmd_jobs), "list this API key's jobs, newest first"))
+    p.add_argument("--status", choices=[s.value for s in JobStatus])
+    p.add_argument("--created-after", type=float, metavar="UNIX_TIME")
+    p.add_argument("--created-before", type=float, metavar="UNIX_TIME")
+    p.add_argument("--limit", type=int, help="jobs a page (1 to 200; default 20)")
+    p.add_argument("--cursor", help="the page after the one that printed it")
+    p.add_argument("--all", action="store_true", help="every page")
+    p.add_argument("--json", action="store_true", help="one job document a line")
     p = common(add("results", guarded(cmd_results), "fetch a job's results"))
     p.add_argument("job_id")
     p.add_argument("-o", "--output")

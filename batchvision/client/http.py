@@ -32,6 +32,7 @@ from batchvision.core.documents import (
     JobAccepted,
     ResultRow,
 )
+from batchvision.core.job_list import JobList
 from batchvision.core.model_documents import ModelList, ReloadAccepted
 
 #: The final job statuses (also ``Job.final``).
@@ -213,6 +214,27 @@ class Client:
 
     def status(self, job_id: str) -> Job:
         return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
+
+    def jobs(
+        self,
+        *,
+        status: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobList:
+        """``GET /v1/jobs``: a page of this key's jobs, newest first; pass ``next_cursor`` of a
+        page as ``cursor`` for the next one (``None`` once no job is left)."""
+        query = {
+            "status": status,
+            "created_after": created_after,
+            "created_before": created_before,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        params = {k: v for k, v in query.items() if v is not None}
+        return JobList.model_validate(self._json("GET", "/v1/jobs", params=params))
 
     def wait(
         self,

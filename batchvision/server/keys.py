@@ -76,6 +76,11 @@ MODELS = f"{PREFIX}:models"
 MODELS_CONTROL = f"{PREFIX}:models:control"
 
 
+def owner_jobs(owner: str) -> str:
+    """An API key's jobs: a sorted set of job ids scored by creation time (``GET /v1/jobs``)."""
+    return f"{PREFIX}:owner-jobs:{owner}"
+
+
 def model_live(name: str) -> str:
     return f"{PREFIX}:models:live:{name}"
 

@@ -6,7 +6,7 @@ nothing here imports TensorFlow; the workers load what it finds, the CLI reads i
         labels.txt             optional: labels shared by every version
         config.json            optional: settings shared by every version
         1/
-          model.keras          one .keras / .h5 file, or a SavedModel (saved_model.pb here or
+          model.keras          one .keras / .h5 / .onnx file, or a SavedModel (saved_model.pb here or
           labels.txt           in one subfolder), or a config.json naming an application
         2/ ...
       mobilenet_v2/
@@ -39,7 +39,7 @@ from typing import Any
 from batchvision.core.models import NAME_RE, RESERVED_NAMES, model_name_of
 from batchvision.core.settings import Settings
 
-MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx")
 PREPROCESS = ("auto", "none", "tf", "caffe", "torch", "unit")
 CONFIG_KEYS = frozenset({"preprocess", "input_size", "application", "weights"})
 
@@ -50,7 +50,8 @@ class VersionDir:
 
     model: str
     version: int
-    #: ``file`` (.keras/.h5), ``savedmodel``, ``application`` (keras.applications), or
+    #: ``file`` (.keras/.h5), ``onnx`` (model.onnx, run by ONNX Runtime), ``savedmodel``,
+    #: ``application`` (keras.applications), or
     #: ``shortcut`` (``BATCHVISION_MODEL``, loaded as the one-model setting always was).
     kind: str
     #: What the loader opens: a file or folder path, an application name, a ``py:`` spec.
@@ -198,14 +199,14 @@ def _version(name: str, version: int, path: Path, shared: dict[str, Any]) -> Ver
     if len(model_files) + len(saved) != 1:
         found = ", ".join(p.name for p in [*model_files, *saved]) or "none"
         raise ValueError(
-            f"{path}: expected exactly one model (a .keras/.h5 file, a SavedModel folder, or a "
+            f"{path}: expected exactly one model (a .keras/.h5/.onnx file, a SavedModel folder, or a "
             f"config.json with an application); found {found}"
         )
     if model_files:
-        source, kind = model_files[0], "file"
+        source, kind = model_files[0], "onnx" if model_files[0].suffix == ".onnx" else "file"
     else:
         source, kind = saved[0], "savedmodel"
-    labels = _labels(path, source if kind == "file" else None)
+    labels = _labels(path, source if kind != "savedmodel" else None)
     if labels is None:
         raise ValueError(f"{path}: no labels.txt (one label per line) for this version or its model")
     return VersionDir(kind=kind, source=str(source), labels=labels, **common)

@@ -20,6 +20,7 @@ import redis
 from batchvision.core.models import NAME_RE as MODEL_NAME_RE
 from batchvision.core.schemas import canceled_result, entry, status_of
 from batchvision.server import keys, lua
+from batchvision.server.job_list import index_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.webhooks import callback_document
 
@@ -112,6 +113,7 @@ class JobStore:
         key = JobKeys.of(job_id).job
         own = pipe is None
         pipe = self.redis.pipeline() if own else pipe
+        created = round(time.time(), 3)
         pipe.hset(
             key,
             mapping={
@@ -121,7 +123,7 @@ class JobStore:
                 "canceled": 0,
                 "sealed": 0,
                 "cancel": 0,
-                "created_at": f"{time.time():.3f}",
+                "created_at": f"{created:.3f}",
                 "model": model,
                 "owner": owner,
                 **(options or {}),
@@ -129,6 +131,7 @@ class JobStore:
         )
         pipe.expire(key, self.open_ttl_s)
         pipe.zadd(keys.ACTIVE, {job_id: time.time() + self.open_ttl_s})
+        index_job(pipe, owner, job_id, created, self.result_ttl_s + self.open_ttl_s)
         if own:
             pipe.execute()
 
@@ -213,6 +216,13 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The job's public status document, or ``None`` if it does not exist."""
         return _document(job_id, self.redis.hgetall(JobKeys.of(job_id).job))
+
+    def get_many(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """:meth:`get` for several jobs, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(JobKeys.of(job_id).job)
+        return [_document(j, raw) for j, raw in zip(job_ids, pipe.execute(), strict=True)]
 
     def snapshot(self, job_id: str, rows: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The status document and the first ``rows`` result rows, in one round trip (a small

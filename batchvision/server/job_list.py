@@ -1,0 +1,104 @@
+"""An API key's jobs (``GET /v1/jobs``): each job is indexed at creation in a sorted set per
+owner scored by its creation time (:func:`batchvision.server.keys.owner_jobs`), read newest
+first a page at a time. Jobs whose records expired are dropped from the index as pages meet them.
+
+The cursor is the creation time and id of the last job of a page: the next page starts right
+after it in the index's order (time descending, then id descending), so a page boundary never
+skips or repeats a job, even among jobs created in the same millisecond or while new jobs
+arrive.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from batchvision.core.errors import BadRequest
+from batchvision.core.job_list import CURSOR_PATTERN
+from batchvision.server import keys
+
+_CURSOR_RE = re.compile(CURSOR_PATTERN)
+
+
+def index_job(pipe: Any, owner: str, job_id: str, created: float, ttl_s: int) -> None:
+    """Queue on ``pipe`` the index entry of a new job; the index lives as long as its newest job."""
+    key = keys.owner_jobs(owner)
+    pipe.zadd(key, {job_id: created})
+    pipe.expire(key, ttl_s)
+
+
+def cursor_of(created: float, job_id: str) -> str:
+    return f"{created:.3f}-{job_id}"
+
+
+def parse_cursor(text: str) -> tuple[float, str]:
+    """``400 bad_parameter`` for a cursor this service did not write."""
+    if not _CURSOR_RE.match(text):
+        raise BadRequest(
+            f"query parameter 'cursor': {text[:60]!r} is not a cursor; pass next_cursor of the previous page",
+            code="bad_parameter",
+            details=[{"in": "query parameter", "field": "cursor", "value": text[:300]}],
+        )
+    created, _, job_id = text.partition("-")
+    return float(created), job_id
+
+
+@dataclass
+class Page:
+    jobs: list[dict[str, Any]]
+    #: Where the next page starts; ``None`` when no job is left (a full last page may still
+    #: carry one, and the page after it is empty).
+    next_cursor: str | None
+
+
+def list_jobs(
+    client: redis.Redis,
+    get_many: Callable[[Sequence[str]], list[dict[str, Any] | None]],
+    owner: str,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    status: str | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+) -> Page:
+    """A page of ``owner``'s jobs, newest first (``get_many``: the job store's documents)."""
+    key = keys.owner_jobs(owner)
+    after = parse_cursor(cursor) if cursor is not None else None
+    high: str | float = "+inf"
+    if created_before is not None:
+        high = f"({created_before}"
+    if after is not None and (created_before is None or after[0] < created_before):
+        high = after[0]
+    low: str | float = created_after if created_after is not None else "-inf"
+    out: list[dict[str, Any]] = []
+    offset, batch = 0, max(limit, 50)
+    while True:
+        raw: list[tuple[Any, Any]] = list(
+            client.zrevrangebyscore(key, high, low, start=offset, num=batch, withscores=True)  # type: ignore[arg-type]
+        )
+        if not raw:
+            return Page(out, None)
+        offset += len(raw)
+        ids: list[tuple[str, float]] = [
+            (m.decode() if isinstance(m, bytes) else str(m), round(float(s), 3)) for m, s in raw
+        ]
+        if after is not None:  # the same creation time as the cursor: only ids after it
+            ids = [(j, s) for j, s in ids if s < after[0] or j < after[1]]
+        docs = get_many([j for j, _ in ids])
+        gone = [j for (j, _), doc in zip(ids, docs, strict=True) if doc is None]
+        if gone:  # expired: out of the index (the entries after them move up as many places)
+            client.zrem(key, *gone)
+            offset -= len(gone)
+        for (job_id, created), doc in zip(ids, docs, strict=True):
+            if doc is None or (status is not None and doc["status"] != status):
+                continue
+            out.append(doc)
+            if len(out) == limit:
+                return Page(out, cursor_of(created, job_id))
+        if len(raw) < batch:
+            return Page(out, None)

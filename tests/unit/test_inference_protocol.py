@@ -1,0 +1,141 @@
+"""The Open Inference Protocol's request parsing and output tensors
+(:mod:`batchvision.server.inference`), without a server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchvision.core.imaging import decode_image
+from batchvision.server import inference as v2
+
+MODEL = v2.ModelShape("shapes", 3, (4, 2), ["a", "b", "c"])
+
+
+def _parse(doc: dict[str, Any], binary: bytes = b"") -> v2.InferRequest:
+    return v2.parse_request(json.dumps(doc).encode(), binary, MODEL, max_batch=8)
+
+
+def _pixels(values: Any, shape: list[int]) -> dict[str, Any]:
+    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": shape, "data": values}]}
+
+
+def test_bytes_round_trip_and_binary_images() -> None:
+    items = [b"\x89PNG...", b"", b"x" * 300]
+    assert v2.deserialize_bytes(v2.serialize_bytes(items)) == items
+    raw = v2.serialize_bytes(items[:2])
+    tensor = {
+        "name": "images",
+        "datatype": "BYTES",
+        "shape": [2],
+        "parameters": {"binary_data_size": len(raw)},
+    }
+    req = _parse({"inputs": [tensor], "parameters": {"top_k": 2}}, raw)
+    assert (req.images, req.top_k, req.outputs) == (items[:2], 2, {"scores": False, "labels": False})
+
+
+def test_pixels_become_lossless_pngs_of_the_same_values() -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(2, 2, 4, 3)).astype(np.float32)
+    req = _parse(_pixels(arr.tolist(), [2, 2, 4, 3]))
+    for img, png in zip(arr, req.images, strict=True):
+        assert np.array_equal(decode_image(png, (4, 2), max_pixels=100), img.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("doc", "binary", "text"),
+    [
+        (_pixels([0] * 24, [1, 2, 4]), b"", "shape must be [N, 2, 4, 3]"),
+        (_pixels([0] * 24, [1, 4, 2, 3]), b"", "shape must be [N, 2, 4, 3]"),
+        (_pixels([0.25] + [0] * 23, [1, 2, 4, 3]), b"", "element [0, 0, 0, 0] is 0.25"),
+        (_pixels([256] + [0] * 23, [1, 2, 4, 3]), b"", "whole numbers from 0 to 255"),
+        (_pixels([0] * 23, [1, 2, 4, 3]), b"", "says 24 values"),
+        (
+            {"inputs": [{"name": "pixels", "datatype": "INT8", "shape": [1, 2, 4, 3], "data": []}]},
+            b"",
+            "FP32",
+        ),
+        ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [1]}]}, b"", "BYTES"),
+        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": ["AA=="]}]}, b"", "has 1"),
+        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [9], "data": []}]}, b"", "1 to 8"),
+        (
+            {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]},
+            b"",
+            "unknown input",
+        ),
+        ({"inputs": []}, b"", "exactly one tensor"),
+        (
+            {
+                "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
+                "outputs": [{"name": "z"}],
+            },
+            b"",
+            "unknown output 'z'",
+        ),
+        (
+            {
+                "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
+                "parameters": {"top_k": 4},
+            },
+            b"",
+            "1 to 3",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 9},
+                    }
+                ]
+            },
+            b"\0\0\0\0",
+            "does not match",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ]
+            },
+            b"\x09\x00\x00\x00",
+            "ends inside",
+        ),
+    ],
+)
+def test_bad_requests_name_the_problem(doc: dict[str, Any], binary: bytes, text: str) -> None:
+    with pytest.raises(v2.ProtocolError, match=None) as err:
+        _parse(doc, binary)
+    assert text in err.value.message and err.value.status == 400
+
+
+def test_outputs_from_rows_in_label_order_json_and_binary() -> None:
+    rows = [
+        {"top_k": [{"label": "c", "score": 0.7}, {"label": "a", "score": 0.2}, {"label": "b", "score": 0.1}]}
+    ]
+    req = v2.InferRequest(
+        id="r1", input="images", images=[b""], top_k=2, outputs={"scores": False, "labels": True}
+    )
+    head, tail = v2.response(req, MODEL, 3, rows, "j" * 32)
+    assert head["id"] == "r1" and head["model_version"] == "3"
+    scores, labels = head["outputs"]
+    assert scores["data"] == pytest.approx([0.2, 0.1, 0.7]) and scores["shape"] == [1, 3]
+    assert labels["parameters"]["binary_data_size"] == len(tail)
+    assert v2.deserialize_bytes(tail) == [b"c", b"a"]
+
+
+def test_repeated_labels_keep_each_class_score() -> None:
+    out = v2.score_matrix(
+        [{"top_k": [{"label": "x", "score": 0.6}, {"label": "x", "score": 0.4}]}], ["x", "x"]
+    )
+    assert sorted(out[0].tolist()) == pytest.approx([0.4, 0.6])
