@@ -290,9 +290,9 @@ def _infer(name: str, version: str | None) -> Response:
     # Every class's score comes back (top_k = the classes), for the scores tensor.
     ref = name if version is None else f"{name}:{shape.version}"
     options = svc.intake.options(ref, top_k=len(shape.labels))
-    job_id, _ = svc.intake.submit(
+    job_id = svc.intake.submit(
         None, current_owner(), uploads, [], seal=True, interactive=True, options=options
-    )
+    ).job_id
     if not svc.waiter.wait(job_id, svc.settings.sync_timeout_s):
         svc.store.cancel(job_id)  # nobody will ask for it: free the workers
         raise ServiceUnavailable(f"no result within {svc.settings.sync_timeout_s:g} s; retry later")

@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from batchvision.cli.local import wait_for_workers  # noqa: E402
-from batchvision.cli.redis_server import RedisServer, free_port  # noqa: E402
+from batchvision.cli.redis_server import free_port  # noqa: E402
 from batchvision.cli.runner import Service, Supervisor, cli_argv  # noqa: E402
 from batchvision.client import Client  # noqa: E402
 from batchvision.core.imaging import decode_image  # noqa: E402
 from batchvision.core.settings import Settings  # noqa: E402
 from batchvision.core.synthetic import labelled_files  # noqa: E402
 from batchvision.server.repository import scan  # noqa: E402
+from batchvision.testing.servers import RedisServer  # noqa: E402
 
 LANES = ("shapes", "shapes-onnx")
 

@@ -16,11 +16,12 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.core.imaging import decode_image
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
+from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,14 @@ import pytest
 import redis as redis_lib
 import requests
 
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
+from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -20,13 +20,14 @@ import pytest
 import requests
 
 from batchvision.cli.local import wait_for_workers
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.imaging import decode_image
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.repository import scan
+from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
