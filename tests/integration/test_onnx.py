@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,16 +93,12 @@ class OnnxStack:
         return {m["name"]: m for m in requests.get(f"{self.url}/v1/models", timeout=10).json()["models"]}
 
 
-def _until(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def onnx_stack(
-    onnx_file: Path, tmp_path_factory: pytest.TempPathFactory, artifacts: Path
+    onnx_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    artifacts: Path,
+    wait_until: Callable[..., Any],
 ) -> Iterator[OnnxStack]:
     """The API and a worker serving only the ONNX model, TensorFlow unimportable in the worker."""
     repo = tmp_path_factory.mktemp("onnx-repo")
@@ -130,8 +125,11 @@ def onnx_stack(
             sup.wait_healthy(timeout=120)
             wait_for_workers(settings, timeout=120)
             stack = OnnxStack(f"http://127.0.0.1:{settings.api_port}", repo, worker)
-            _until(
-                lambda: NAME in stack.models() and stack.models()[NAME]["live_version"] == 1, "the ONNX model"
+            wait_until(
+                lambda: NAME in (ms := stack.models()) and ms[NAME]["live_version"] == 1,
+                timeout=120,
+                interval=0.2,
+                message="the ONNX model is live",
             )
             yield stack
         finally:
@@ -171,7 +169,9 @@ def _tensor_model(path: Path) -> None:
     save(model, path / "model.onnx")
 
 
-def test_a_bad_onnx_file_is_refused_and_the_previous_version_stays(onnx_stack: OnnxStack) -> None:
+def test_a_bad_onnx_file_is_refused_and_the_previous_version_stays(
+    onnx_stack: OnnxStack, wait_until: Callable[..., Any]
+) -> None:
     def add(version: int, write: Callable[[Path], None]) -> None:
         tmp = onnx_stack.repo / NAME / f".{version}.tmp"
         shutil.copytree(onnx_stack.repo / NAME / "1", tmp)
@@ -185,7 +185,7 @@ def test_a_bad_onnx_file_is_refused_and_the_previous_version_stays(onnx_stack: O
         versions = {v["version"]: v for v in onnx_stack.models()[NAME]["versions"]}
         return all(versions.get(v, {}).get("status") == "failed" for v in (2, 3))
 
-    _until(refused, "versions 2 and 3 refused", 60)
+    wait_until(refused, timeout=60, interval=0.2, message="versions 2 and 3 refused")
     versions = {v["version"]: v for v in onnx_stack.models()[NAME]["versions"]}
     assert "not an ONNX model ONNX Runtime can load" in versions[2]["error"]
     assert "input 'x' is tensor(float) ['batch', 10]" in versions[3]["error"]
