@@ -43,7 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     tracing.setup("batchvision-api", settings)
     request_spans.init_app(app)
-    auth.init_app(app, models.accepted_keys(settings))  # issue 14: admin keys are API keys too
+    auth.init_app(
+        app, models.accepted_keys(settings), settings.allowed_hosts
+    )  # issue 14: admin keys are API keys too
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(models.bp)  # issue 14: GET /v1/models, POST /v1/models/<name>/reload

@@ -88,7 +88,7 @@ def observe_switch(model: str, version: int, load_s: float | None) -> None:
     LIVE_VERSION.labels(model).set(version)
 
 
-def serve(port: int, devices: dict[str, str], load_s: float) -> None:
+def serve(port: int, devices: dict[str, str], load_s: float, host: str = "0.0.0.0") -> None:
     """Start the ``/metrics`` endpoint (a daemon thread) with each model's info set
     (``devices``: model -> device)."""
     for model, device in devices.items():
@@ -99,4 +99,4 @@ def serve(port: int, devices: dict[str, str], load_s: float) -> None:
             RELOADS.labels(model, outcome)
     MODEL_LOAD.set(load_s)
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=host)

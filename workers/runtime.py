@@ -195,12 +195,13 @@ def _build(settings: Settings) -> Runtime:
         on_recorded_model=metrics.observe_recorded,
         fetcher=Fetcher.from_settings(settings),  # issue 15: images named by URL
         fetch_threads=settings.fetch_threads,
+        fetch_per_key=settings.fetch_per_key,
     )
-    metrics.serve(settings.worker_metrics_port, devices, load_s)
+    metrics.serve(settings.worker_metrics_port, devices, load_s, settings.worker_metrics_host)
     # Issue 15: every worker process delivers completion webhooks; pending ones live in Redis,
     # so a worker killed mid-delivery leaves its lease to expire and another one sends it.
     webhook_http = SafeHTTP(
-        AllowList.parse(settings.fetch_allow), connect_timeout_s=settings.fetch_connect_timeout_s
+        AllowList.parse(settings.webhook_allow), connect_timeout_s=settings.fetch_connect_timeout_s
     )
     deliverer = Deliverer(client, settings, webhook_http)
     deliverer.start()

@@ -28,7 +28,8 @@ from batchvision.core.schemas import canceled_result, error_result
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
 from batchvision.server.claims import Claim, Claims
-from batchvision.server.fetch import Fetcher, FetchError, blob_url
+from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
+from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes, SingleLane
 from batchvision.server.recovery import ledger_done, ledger_started
 from batchvision.server.store import Counts, JobStore
@@ -91,6 +92,8 @@ class ChunkProcessor:
     #: the decode pool, so fetching overlaps decoding and inference like decoding does.
     fetcher: Fetcher | None = None
     fetch_threads: int = 16
+    #: URL fetches of one API key at the same time (the keys take turns for the threads).
+    fetch_per_key: int = 4
     # -- several models (issue 14): the worker's lanes, the model of a job that names none,
     # where a chunk of a model this worker does not serve is handed on (job, indexes, model,
     # urgent), and newly stored results by model (metrics).
@@ -101,16 +104,16 @@ class ChunkProcessor:
     _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _admission: Admission = field(init=False, repr=False)
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
-    _fetch_pool: ThreadPoolExecutor = field(init=False, repr=False)
+    _fetch_pool: FairPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._admission = Admission(max(1, self.max_inflight_images))
         self._decoder = ThreadPoolExecutor(max(1, self.decode_threads), thread_name_prefix="decode")
-        self._fetch_pool = ThreadPoolExecutor(max(1, self.fetch_threads), thread_name_prefix="fetch")
+        self._fetch_pool = FairPool(self.fetch_threads, self.fetch_per_key)
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
-        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._fetch_pool.shutdown()
         if self.fetcher is not None:
             self.fetcher.close()
 
@@ -250,6 +253,7 @@ class ChunkProcessor:
             routes = [single] * len(wanted)
         results: list[dict[int, dict[str, Any]]] = [{} for _ in wanted]
         blobs = self.blobs.get_batch(wanted)
+        owners = self._owners(wanted, blobs)
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
         for n, ((_, todo), data) in enumerate(zip(wanted, blobs, strict=True)):
             for i, blob in zip(todo, data, strict=True):
@@ -258,7 +262,7 @@ class ChunkProcessor:
                         "upload_expired", "the upload expired before it was classified"
                     )
                 else:
-                    decoded.append((n, i, self._prepare(blob, routes[n][0].input_size)))
+                    decoded.append((n, i, self._prepare(blob, routes[n][0].input_size, owners[n])))
         predicted: list[tuple[int, int, Future[Any]]] = []
         where = {fut: (n, i) for n, i, fut in decoded}
         # One reservation per lane (a message holds one model's chunks; pinned versions of it
@@ -288,11 +292,26 @@ class ChunkProcessor:
                 results[n][i] = error_result(exc.code, exc.message)
         return results
 
+    def _owners(
+        self, wanted: list[tuple[str, list[int]]], blobs: Sequence[Sequence[bytes | None]]
+    ) -> list[str]:
+        """The API key (owner id) of each job that has an image named by URL (one round trip;
+        ``""`` for the others): fetches are shared fairly between keys."""
+        urls = [n for n, data in enumerate(blobs) if any(b is not None and blob_url(b) for b in data)]
+        owners = [""] * len(wanted)
+        if urls:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for n in urls:
+                pipe.hget(JobKeys.of(wanted[n][0]).job, "owner")
+            for n, owner in zip(urls, pipe.execute(), strict=True):
+                owners[n] = owner.decode() if isinstance(owner, bytes) else str(owner or "")
+        return owners
+
     def _prepare(
-        self, blob: bytes, size: tuple[int, int] | None = None
+        self, blob: bytes, size: tuple[int, int] | None = None, owner: str = ""
     ) -> Future[np.ndarray | BatchvisionError]:
         """Decode an uploaded image; fetch, then decode, an image named by URL (to ``size``,
-        default the processor's input size)."""
+        default the processor's input size; ``owner``: the key whose turn the fetch takes)."""
         url = blob_url(blob)
         if url is None:
             return self._decoder.submit(self._decode, blob, size)
@@ -308,7 +327,7 @@ class ChunkProcessor:
             except BaseException as exc:  # canceled at shutdown, or a pool already closed
                 out.set_exception(exc)
 
-        self._fetch_pool.submit(self._fetch, url).add_done_callback(fetched)
+        self._fetch_pool.submit(owner, self._fetch, url).add_done_callback(fetched)
         return out
 
     def _fetch(self, url: str) -> bytes | BatchvisionError:
