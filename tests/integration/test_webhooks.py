@@ -150,6 +150,7 @@ def env(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings], N
         worker_metrics_port=0,
         api_keys=f"{KEY_A},{KEY_B}",
         fetch_allow="127.0.0.1/32",
+        webhook_allow="127.0.0.1/32",  # callbacks have their own allow-list
         webhook_secret="server-secret-of-the-webhook-tests",
         webhook_timeout_s=5.0,  # a delivery's lease: 10 s
         webhook_retry_for_s=120,
