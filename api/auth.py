@@ -57,7 +57,7 @@ class Forbidden(BatchvisionError):
 
 #: Routes that answer whatever the ``Host``: probes from the orchestrator use the pod's address.
 HOST_EXEMPT = frozenset({"/healthz", "/readyz"})
-WEBHOOK_SECRET_PATH = "/v1/webhook-secret"
+WEBHOOK_SECRET_ENDPOINT = "v1.webhook_secret"
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def init_app(app: Flask, api_keys: str, allowed_hosts: str = "") -> None:
             return
         g.bv_owner = ""
         if not allowed:
-            if request.path == WEBHOOK_SECRET_PATH:
+            if request.endpoint == WEBHOOK_SECRET_ENDPOINT:  # (a method it lacks: 405 as usual)
                 raise Forbidden(
                     "without API keys the webhook signing secret is not served over HTTP (anyone "
                     "could read it and forge webhooks): read it on the server with "

@@ -266,12 +266,13 @@ class Settings(BaseSettings):
     fetch_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
         4,
         "Image URLs of one API key that a worker process fetches at the same time; the key's "
-        "other URLs wait, so slow servers of one key never hold every fetch thread.",
+        "other URLs wait, so slow servers of one key never hold every fetch thread (without API "
+        "keys there is one tenant and no limit).",
     )
     webhook_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
         2,
         "Webhook deliveries of one API key that a worker process makes at the same time (of its "
-        "4 slots); callbacks that hang hold no more than this.",
+        "4 slots); callbacks that hang hold no more than this (without API keys: no limit).",
     )
     webhook_allow: str = _field(
         "",

@@ -5,10 +5,12 @@ Every URL here is hostile input. The rules, each enforced on every hop:
 - ``http`` and ``https`` only, no credentials in the URL, at most
   :data:`~batchvision.core.manifest.MAX_URL_LENGTH` characters (``bad_url``);
 - the host is resolved here, and **every** address it resolves to must pass the address rules
-  (:func:`address_problem`: loopback, private, link-local, multicast, reserved, unspecified,
-  shared and other non-global ranges, IPv4-mapped and IPv4-embedding IPv6 forms, and cloud
-  metadata addresses are refused, ``blocked_address``) unless ``BATCHVISION_FETCH_ALLOW``
-  lists the host or the address (metadata addresses stay refused whatever it says);
+  (:func:`address_problem`: loopback, private, link-local, site-local, multicast, reserved,
+  unspecified, shared and other non-global ranges from the explicit tables :data:`IPV4_TABLE`
+  and :data:`IPV6_TABLE`; IPv4-mapped, NAT64 and 6to4 forms judged by the IPv4 address they
+  carry; cloud metadata addresses: ``blocked_address``) unless the allow-list lists the host or
+  the address: ``BATCHVISION_FETCH_ALLOW`` for image URLs, ``BATCHVISION_WEBHOOK_ALLOW`` for
+  callbacks (metadata addresses stay refused whatever they say);
 - the connection is opened **to the checked address**, never to the name again (a name that
   answers a public address to the check and a private one to the connection, DNS rebinding,
   gets nowhere); the name is sent as ``Host`` and as TLS SNI, and the certificate is verified
@@ -24,6 +26,9 @@ Every URL here is hostile input. The rules, each enforced on every hop:
   ``connection_failed``, certificate problems ``tls_error``, names that do not resolve
   ``dns_error``. No proxy from the environment is used, and content is asked for and read
   without transfer compression (no decompression bombs).
+
+Fairness: :class:`FairPool` runs the fetches of many API keys on a fixed set of threads, at
+most ``FETCH_PER_KEY`` of one key at a time.
 
 Connection reuse: one urllib3 pool per (scheme, host, port, checked address), kept across
 fetches, so the images of one host reuse keep-alive connections (and TLS sessions) as long as
@@ -626,7 +631,8 @@ class FairPool:
     one key at a time, the keys taking turns (round robin).
 
     A key whose URLs point at servers that never answer holds ``per_key`` threads for a fetch
-    timeout each, never all of them: the other keys' fetches start on the rest at once.
+    timeout each, never all of them: the other keys' fetches start on the rest at once. The key
+    ``""`` (jobs of an API without keys: one tenant, no one to be fair to) has no limit.
     """
 
     def __init__(self, threads: int, per_key: int, name: str = "fetch") -> None:
@@ -669,7 +675,7 @@ class FairPool:
 
     def _take(self) -> tuple[str, _Task] | None:
         for key in list(self._queues):
-            if self._running[key] >= self.per_key:
+            if key and self._running[key] >= self.per_key:
                 continue
             queue = self._queues[key]
             task = queue.popleft()

@@ -177,7 +177,8 @@ def callback_document(fields: dict[str, str]) -> dict[str, Any] | None:
 
 #: Take up to ARGV[3] due deliveries (score <= ARGV[1], ms) and lease them until ARGV[1] + ARGV[2],
 #: at most ARGV[4] per owner (API key) counting the ARGV[7..] pairs (owner, deliveries this
-#: process has in flight). Among the first ARGV[5] due entries, those of an owner at its limit are
+#: process has in flight; the owner ``""`` of an API without keys has no limit). Among the first
+#: ARGV[5] due entries, those of an owner at its limit are
 #: due again ARGV[6] ms later, so the entries of other owners behind them come up. Returns
 #: {id, owner, id, owner, ...}.
 CLAIM = """
@@ -192,7 +193,7 @@ for _, id in ipairs(due) do
   if taken >= free then break end
   local owner = redis.call('HGET', '@JOB@{' .. id .. '}', 'owner') or ''
   local n = busy[owner] or 0
-  if n < per_key then
+  if owner == '' or n < per_key then
     busy[owner] = n + 1
     taken = taken + 1
     redis.call('ZADD', KEYS[1], 'XX', lease, id)

@@ -378,6 +378,19 @@ def test_a_key_that_floods_holds_at_most_its_share_of_the_fetch_threads() -> Non
     assert all(f.result(timeout=10) for f in hung[:2])
 
 
+def test_without_api_keys_there_is_one_tenant_and_no_per_key_limit(wait_until: Any) -> None:
+    pool = FairPool(threads=4, per_key=1)
+    release = threading.Event()
+    try:
+        held = [pool.submit("", release.wait, 30) for _ in range(4)]
+        # all four threads, where a key would get one
+        wait_until(lambda: pool.running("") == 4, timeout=10, message="four fetches of key ''")
+    finally:
+        release.set()
+        pool.shutdown()
+    assert all(f.result(timeout=10) for f in held)
+
+
 def test_keys_take_turns_for_the_threads(wait_until: Any) -> None:
     pool = FairPool(threads=1, per_key=1)
     gate = threading.Event()
