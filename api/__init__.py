@@ -25,6 +25,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     from batchvision.server.queue import interactive_queue
 
     settings = settings or Settings.from_env()
+    from batchvision.core.imaging import warm_up
+
+    warm_up()  # Pillow's plugins, before the first upload rather than inside it
     app = Flask(__name__)
     app.request_class = UploadRequest
     app.config.update(
@@ -34,6 +37,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     svc = Services.create(settings)
+    # Celery imports its result backend on the first publish (about 0.3 s of imports that
+    # would block this worker's event loop inside the first request): do it now.
+    _ = svc.celery.backend
     app.extensions["batchvision"] = svc
     errors.register(app)
     metrics.init_app(app, svc.telemetry, (settings.queue, interactive_queue(settings)), models.queues_of(svc))
@@ -43,7 +49,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     tracing.setup("batchvision-api", settings)
     request_spans.init_app(app)
-    auth.init_app(app, models.accepted_keys(settings))  # issue 14: admin keys are API keys too
+    auth.init_app(
+        app, models.accepted_keys(settings), settings.allowed_hosts
+    )  # issue 14: admin keys are API keys too
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(job_list.bp)  # GET /v1/jobs: the caller's jobs

@@ -5,6 +5,11 @@ kept in memory and compared, so a leaked config or memory dump does not leak usa
 When keys are configured every ``/v1`` route needs one (``Authorization: Bearer <key>`` or
 ``X-API-Key``), and a job is visible only to the key that created it. Rate limits are a
 fixed window per key and minute in Redis, so all API replicas share them.
+
+Two exposure guards run before any route: the ``Host`` header must be one of
+``BATCHVISION_ALLOWED_HOSTS`` when that is set (a page on another site that rebinds its DNS
+name to 127.0.0.1 still sends its own name as ``Host``, and gets ``400 bad_host``), and without
+keys ``GET /v1/webhook-secret`` is refused (``403``): the secret would go to anyone who asks.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from dataclasses import dataclass
 
 from flask import Flask, g, request
 
 from api.services import services
-from batchvision.core.errors import TooManyRequests, Unauthorized
+from batchvision.core.errors import BadRequest, BatchvisionError, TooManyRequests, Unauthorized
 from batchvision.server import keys
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -44,8 +50,80 @@ def current_owner() -> str:
     return str(g.get("bv_owner", ""))
 
 
-def init_app(app: Flask, api_keys: str) -> None:
+class Forbidden(BatchvisionError):
+    status = 403
+    code = "forbidden"
+
+
+#: Routes that answer whatever the ``Host``: probes from the orchestrator use the pod's address.
+HOST_EXEMPT = frozenset({"/healthz", "/readyz"})
+WEBHOOK_SECRET_ENDPOINT = "v1.webhook_secret"
+
+
+@dataclass(frozen=True)
+class HostAllowList:
+    """``BATCHVISION_ALLOWED_HOSTS``: ``name`` (any port), ``name:port``, ``*.suffix``; IPv6 in
+    brackets (``[::1]``). Empty: every ``Host`` is answered."""
+
+    names: frozenset[str] = frozenset()
+    with_port: frozenset[str] = frozenset()
+    suffixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: str) -> HostAllowList:
+        names, with_port, suffixes = set(), set(), []
+        for item in (i.strip().lower().rstrip(".") for i in raw.split(",")):
+            if not item:
+                continue
+            if item.startswith("*."):
+                suffixes.append(item[1:])
+            elif _split_host(item)[1]:
+                with_port.add(item)
+            else:
+                names.add(item)
+        return cls(frozenset(names), frozenset(with_port), tuple(suffixes))
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.with_port or self.suffixes)
+
+    def allows(self, header: str) -> bool:
+        host = header.strip().lower()
+        name, port = _split_host(host)
+        name = name.rstrip(".")
+        if not name:
+            return False
+        full = f"{name}:{port}" if port else name
+        return name in self.names or full in self.with_port or any(name.endswith(s) for s in self.suffixes)
+
+
+def _split_host(host: str) -> tuple[str, str]:
+    """``(name, port)`` of a Host header value (``[v6]:port`` keeps its brackets)."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return "", ""
+        rest = host[end + 1 :]
+        return host[: end + 1], rest[1:] if rest.startswith(":") else ""
+    name, _, port = host.partition(":")
+    return name, port
+
+
+def init_app(app: Flask, api_keys: str, allowed_hosts: str = "") -> None:
     allowed = parse_keys(api_keys)
+    hosts = HostAllowList.parse(allowed_hosts)
+
+    @app.before_request
+    def _check_host() -> None:
+        if not hosts or request.path in HOST_EXEMPT:
+            return
+        given = request.headers.get("Host", "")
+        if not hosts.allows(given):
+            raise BadRequest(
+                f"Host {given[:100]!r} is not served here (BATCHVISION_ALLOWED_HOSTS lists the "
+                "names this API answers to)",
+                code="bad_host",
+                details=[{"in": "header", "field": "Host", "value": given[:100]}],
+            )
 
     @app.before_request
     def _authenticate() -> None:
@@ -53,6 +131,13 @@ def init_app(app: Flask, api_keys: str) -> None:
             return
         g.bv_owner = ""
         if not allowed:
+            if request.endpoint == WEBHOOK_SECRET_ENDPOINT:  # (a method it lacks: 405 as usual)
+                raise Forbidden(
+                    "without API keys the webhook signing secret is not served over HTTP (anyone "
+                    "could read it and forge webhooks): read it on the server with "
+                    "`batchvision webhook-secret`, or configure BATCHVISION_API_KEYS",
+                    code="webhook_secret_needs_keys",
+                )
             return
         key = presented_key()
         if key is None:

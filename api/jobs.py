@@ -414,7 +414,10 @@ def get_job(job_id: str) -> dict[str, Any]:
     "where `v1` is HMAC-SHA256 under this secret of `<t>.` followed by the raw body. The secret "
     "is per API key (derived from the server's `BATCHVISION_WEBHOOK_SECRET`).",
     query=d.NoQuery,
-    responses={200: c.Response("The signing secret", d.WebhookSecret)},
+    responses={
+        200: c.Response("The signing secret", d.WebhookSecret),
+        403: c.Response("No API keys configured: the secret is not served over HTTP", d.ErrorDocument),
+    },
     tags=("webhooks",),
 )
 def webhook_secret() -> dict[str, Any]:

@@ -15,21 +15,16 @@ from typing import Any
 from flask import Blueprint, request
 
 from api import contract as c
-from api.auth import digest, parse_keys, presented_key
+from api.auth import Forbidden, digest, parse_keys, presented_key
 from api.services import Services, services
 from batchvision.core import documents as d
 from batchvision.core import model_documents as md
-from batchvision.core.errors import BatchvisionError, NotFound, Unauthorized, UnsupportedMediaType
+from batchvision.core.errors import NotFound, Unauthorized, UnsupportedMediaType
 from batchvision.core.models import InvalidOption
 from batchvision.core.settings import Settings
 from batchvision.server.routing import default_model, model_queues
 
 bp = Blueprint("models", __name__, url_prefix="/v1")
-
-
-class Forbidden(BatchvisionError):
-    status = 403
-    code = "forbidden"
 
 
 def accepted_keys(settings: Settings) -> str:

@@ -119,4 +119,6 @@ def _unzip(data: bytes, settings: Settings) -> ArchiveContents:
         max_members=settings.max_archive_members,
         max_total_bytes=settings.max_archive_bytes,
         max_ratio=settings.max_compression_ratio,
+        max_pixels=settings.max_image_pixels,
+        max_total_pixels=settings.max_archive_pixels,
     )

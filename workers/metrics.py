@@ -89,7 +89,7 @@ def observe_switch(model: str, version: int, load_s: float | None) -> None:
     LIVE_VERSION.labels(model).set(version)
 
 
-def serve(port: int, devices: dict[str, str], load_s: float) -> WSGIServer | None:
+def serve(port: int, devices: dict[str, str], load_s: float, host: str = "0.0.0.0") -> WSGIServer | None:
     """Start the ``/metrics`` endpoint (a daemon thread) with each model's info set
     (``devices``: model -> device); returns its server (``None`` without a port)."""
     for model, device in devices.items():
@@ -101,5 +101,5 @@ def serve(port: int, devices: dict[str, str], load_s: float) -> WSGIServer | Non
     MODEL_LOAD.set(load_s)
     if not port:
         return None
-    server, _ = start_http_server(port)
+    server, _ = start_http_server(port, addr=host)
     return server

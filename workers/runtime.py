@@ -259,7 +259,9 @@ class MetricsStep:
 
     def start(self) -> None:
         devices = {name: s.live.classifier.device for name, s in self.models.manager.models.items()}
-        self._server = metrics.serve(self.settings.worker_metrics_port, devices, self.models.load_s)
+        self._server = metrics.serve(
+            self.settings.worker_metrics_port, devices, self.models.load_s, self.settings.worker_metrics_host
+        )
 
     def stop(self) -> None:
         if self._server is not None:
@@ -280,7 +282,7 @@ class WebhooksStep:
 
     def start(self) -> None:
         s = self.settings
-        http = SafeHTTP(AllowList.parse(s.fetch_allow), connect_timeout_s=s.fetch_connect_timeout_s)
+        http = SafeHTTP(AllowList.parse(s.webhook_allow), connect_timeout_s=s.fetch_connect_timeout_s)
         self._deliverer = Deliverer(self.redis.client, s, http)
         self._deliverer.start()
 

@@ -66,7 +66,15 @@ def stack(
     )
     if flower:
         fl = f"http://127.0.0.1:{settings.flower_port}"
-        services.append(Service("flower", cli_argv("flower"), env, url=fl, health_url=f"{fl}/healthcheck"))
+        services.append(
+            Service(
+                "flower",
+                cli_argv("flower", "--host", "127.0.0.1"),
+                env,
+                url=fl,
+                health_url=f"{fl}/healthcheck",
+            )
+        )
     return services
 
 
@@ -84,12 +92,21 @@ def local_settings(broker: str | None = None) -> tuple[Settings, RedisNode | Non
     for field, default in (("api_port", 8000), ("worker_metrics_port", 9808), ("flower_port", 5555)):
         if not os.environ.get(PREFIX + field.upper()):
             overrides[field] = _port_or_free(default)
+    # Everything of a local run listens on loopback only, and the API answers loopback names
+    # only (a web page that rebinds its own name to 127.0.0.1 gets 400 bad_host).
+    if not os.environ.get(PREFIX + "WORKER_METRICS_HOST"):
+        overrides["worker_metrics_host"] = "127.0.0.1"
+    if not os.environ.get(PREFIX + "ALLOWED_HOSTS"):
+        overrides["allowed_hosts"] = LOOPBACK_NAMES
     settings = Settings.from_env(**overrides)
     if not settings.flower_user:
         # A local run is on loopback only; still, Flower never runs without credentials.
         settings = settings.replace(flower_user="admin", flower_password=os.urandom(9).hex())
     return settings, redis, rabbitmq
 
+
+#: The ``Host`` names a local run's API answers (any port).
+LOOPBACK_NAMES = "localhost,127.0.0.1,[::1]"
 
 #: ``BATCHVISION_BROKER_URL`` values that ask ``up`` for a RabbitMQ without naming a server.
 START_RABBITMQ = ("amqp", "amqp://", "rabbitmq")

@@ -224,14 +224,20 @@ def cmd_worker_health(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    """Flower, with basic auth; refuses to start without credentials unless --insecure."""
+    """Flower, with basic auth; refuses to start without credentials unless --insecure.
+
+    The broker URL (with its password) and the login travel in the environment Celery and
+    Flower read (``CELERY_BROKER_URL``, ``FLOWER_BASIC_AUTH``), never on the command line,
+    where every user of the machine could read them (``ps``, ``/proc/<pid>/cmdline``).
+    """
     s = Settings.from_env()
     from batchvision.server.queue import broker_url
 
-    argv = [sys.executable, "-m", "celery", "--broker", broker_url(s), "flower", f"--port={s.flower_port}"]
+    argv = [sys.executable, "-m", "celery", "flower", f"--port={s.flower_port}", f"--address={args.host}"]
+    os.environ["CELERY_BROKER_URL"] = broker_url(s)
     password = s.flower_password.get_secret_value()
     if s.flower_user and password:
-        argv.append(f"--basic-auth={s.flower_user}:{password}")
+        os.environ["FLOWER_BASIC_AUTH"] = f"{s.flower_user}:{password}"
     elif not args.insecure:
         print(
             "refusing to start Flower without authentication: set BATCHVISION_FLOWER_USER and "
@@ -243,6 +249,18 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if s.log_format == "json":  # issue 18: Flower's (tornado's) log lines as JSON too
         argv[1:3] = ["-m", "batchvision.cli.logexec", "flower", "celery"]
     os.execv(sys.executable, argv)
+
+
+def cmd_webhook_secret(args: argparse.Namespace) -> int:
+    """Print the webhook signing secret of the installation without API keys (the API does not
+    serve it over HTTP then); with ``--owner``, that of one API key's owner id."""
+    import redis
+
+    from batchvision.server.webhooks import owner_secret
+
+    s = Settings.from_env()
+    print(owner_secret(redis.Redis.from_url(s.redis_url), s, args.owner))
+    return 0
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
@@ -310,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0)
     p = add("flower", cmd_flower, "run Flower (task monitor) with basic auth")
     p.add_argument("--insecure", action="store_true", help="allow running without credentials")
+    p.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0, as in a container)"
+    )
+    p = add("webhook-secret", cmd_webhook_secret, "print the webhook signing secret (read from Redis)")
+    p.add_argument("--owner", default="", help="an API key's owner id (default: the anonymous installation)")
     add("fetch-weights", cmd_fetch_weights, "download the model's ImageNet weights")
     p = add("demo-model", cmd_demo_model, "train the demo model on synthetic shapes")
     p.add_argument("--out", default=str(DEFAULT_DEMO_MODEL))

@@ -4,7 +4,8 @@ Hostile members (absolute paths, ``..`` parts, symlinks, encryption) refuse the 
 archive; zip bombs are stopped by limits on member count, total uncompressed size and
 compression ratio, checked from the directory first and enforced again while reading
 (a forged header cannot make us read more than the limit). Nested archives are listed as
-skipped, never expanded.
+skipped, never expanded. The pixels the image members claim in their headers (nothing is
+decoded) may add up to at most ``max_total_pixels``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from batchvision.core.errors import ImageTooLarge, InvalidImage
+from batchvision.core.imaging import YIELD_EVERY, header_pixels, pause
 from batchvision.core.sniff import is_archive, looks_like_image
 
 
@@ -36,8 +38,21 @@ class ArchiveContents:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def read_zip(data: bytes, *, max_members: int, max_total_bytes: int, max_ratio: float) -> ArchiveContents:
-    """Read image members of a zip archive held in memory."""
+def read_zip(
+    data: bytes,
+    *,
+    max_members: int,
+    max_total_bytes: int,
+    max_ratio: float,
+    max_pixels: int | None = None,
+    max_total_pixels: int | None = None,
+) -> ArchiveContents:
+    """Read image members of a zip archive held in memory.
+
+    With ``max_total_pixels``, the members' header sizes (those within ``max_pixels``, the
+    per-image limit: the others are refused on their own and never decoded) may add up to at
+    most that, else the archive is refused (:class:`ArchiveTooLarge`).
+    """
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError) as exc:
@@ -52,7 +67,9 @@ def read_zip(data: bytes, *, max_members: int, max_total_bytes: int, max_ratio: 
         _check_member(info, max_ratio)
     out = ArchiveContents()
     budget = max_total_bytes
-    for info in infos:
+    for n, info in enumerate(infos):
+        if n % YIELD_EVERY == YIELD_EVERY - 1:
+            pause()  # a zip of 20,000 members: other requests run in between
         name = info.filename
         try:
             with zf.open(info) as fh:
@@ -68,7 +85,24 @@ def read_zip(data: bytes, *, max_members: int, max_total_bytes: int, max_ratio: 
             out.skipped.append({"filename": name, "reason": "not an image"})
         else:
             out.images.append((name, blob))
+    if max_total_pixels is not None:
+        _check_pixels(out.images, max_pixels, max_total_pixels)
     return out
+
+
+def _check_pixels(images: list[tuple[str, bytes]], max_pixels: int | None, limit: int) -> None:
+    total = 0
+    for n, (_, blob) in enumerate(images):
+        if n % YIELD_EVERY == YIELD_EVERY - 1:
+            pause()
+        pixels = header_pixels(blob)
+        if pixels is not None and (max_pixels is None or pixels <= max_pixels):
+            total += pixels
+    if total > limit:
+        raise ArchiveTooLarge(
+            f"the archive's images add up to {total} pixels; the limit is {limit} per archive "
+            "(send them in several archives)"
+        )
 
 
 def _check_member(info: zipfile.ZipInfo, max_ratio: float) -> None:

@@ -105,26 +105,39 @@ def entry(index: int, filename: str, stored: dict[str, Any] | None) -> dict[str,
 CSV_COLUMNS = ("filename", "label", "score", "class_id", "top_k", "error")
 
 
+#: First characters that make a spreadsheet read a cell as a formula (or hide one behind them).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``,
+    ``-``, ``@``, a tab or a carriage return) gets a leading ``'``, which spreadsheets show as
+    text; numbers and other text pass unchanged. JSON and JSON Lines keep the raw value."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
-    """Stream ``/results`` rows as CSV, header first; top_k as ``label:score;...``."""
+    """Stream ``/results`` rows as CSV, header first; top_k as ``label:score;...``. Text cells
+    that would start a formula are neutralised (:func:`csv_cell`)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     yield _drain(buf)
     for row in rows:
         err = row.get("error")
-        writer.writerow(
-            [
-                row["filename"],
-                row.get("label", ""),
-                row.get("score", ""),
-                row.get("class_id", ""),
-                ";".join(f"{s['label']}:{s['score']}" for s in row.get("top_k", [])),
-                f"{err['code']}: {err['message']}"
-                if err
-                else ("pending" if row.get("status") == "pending" else ""),
-            ]
-        )
+        cells = [
+            row["filename"],
+            row.get("label", ""),
+            row.get("score", ""),
+            row.get("class_id", ""),
+            ";".join(f"{s['label']}:{s['score']}" for s in row.get("top_k", [])),
+            f"{err['code']}: {err['message']}"
+            if err
+            else ("pending" if row.get("status") == "pending" else ""),
+        ]
+        writer.writerow([csv_cell(c) for c in cells])
         yield _drain(buf)
 
 

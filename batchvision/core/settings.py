@@ -226,7 +226,7 @@ class Settings(BaseSettings):
     # -- images by URL and completion webhooks (issue 15) -----------------------------------
     fetch_allow: str = _field(
         "",
-        "Hosts and networks that image and callback URLs may reach although the address rules "
+        "Hosts and networks that image URLs may reach although the address rules "
         "refuse them (loopback, private, link-local, multicast, reserved): comma-separated CIDRs "
         "or addresses (`10.1.0.0/16`, `127.0.0.1`) and host names (`images.internal`, "
         "`*.corp.example`). Cloud metadata addresses stay refused. Empty: public addresses only.",
@@ -260,6 +260,50 @@ class Settings(BaseSettings):
         3600,
         "How long a webhook is retried (exponential backoff with jitter, on connection errors, "
         "timeouts, `429` and `5xx`) after its job finished; capped by `RESULT_TTL_S`.",
+    )
+
+    # -- decoding budgets, per-key fairness of fetches and webhooks, exposure ----------------
+    max_image_frames: Annotated[int, Field(ge=1, le=1_000_000)] = _field(
+        1000,
+        "Most frames of an animated image (GIF, WebP, APNG; counted from the header, only the "
+        "first frame is classified); more: `too_many_frames`.",
+    )
+    max_request_pixels: Annotated[int, Field(ge=1)] = _field(
+        20_000_000_000,
+        "Most pixels (width x height, from the headers) the accepted images of one upload "
+        "request may add up to; files past it get their own `pixel_budget` error.",
+    )
+    max_archive_pixels: Annotated[int, Field(ge=1)] = _field(
+        20_000_000_000,
+        "Most pixels (from the headers) the image members of one zip archive may add up to; "
+        "more refuses the archive (`413 archive_too_large`) before any member is checked.",
+    )
+    fetch_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
+        4,
+        "Image URLs of one API key that a worker process fetches at the same time; the key's "
+        "other URLs wait, so slow servers of one key never hold every fetch thread (without API "
+        "keys there is one tenant and no limit).",
+    )
+    webhook_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
+        2,
+        "Webhook deliveries of one API key that a worker process makes at the same time (of its "
+        "4 slots); callbacks that hang hold no more than this (without API keys: no limit).",
+    )
+    webhook_allow: str = _field(
+        "",
+        "Hosts and networks that callback URLs (webhook POSTs) may reach although the address "
+        "rules refuse them; the same syntax as `FETCH_ALLOW`, which covers image URLs only. "
+        "Cloud metadata addresses stay refused. Empty: public addresses only.",
+    )
+    allowed_hosts: str = _field(
+        "",
+        "Host header names the API answers (comma-separated, `name` or `name:port`; `*.example.com` "
+        "for subdomains); any other gets `400 bad_host` (against DNS rebinding). Empty: any. "
+        "`batchvision up` sets loopback names (`localhost`, `127.0.0.1`, `[::1]`).",
+    )
+    worker_metrics_host: str = _field(
+        "0.0.0.0",
+        "Address a worker's Prometheus `/metrics` listens on (`batchvision up`: `127.0.0.1`).",
     )
 
     # -- broker (issue 16) ------------------------------------------------------------------

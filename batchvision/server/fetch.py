@@ -5,10 +5,12 @@ Every URL here is hostile input. The rules, each enforced on every hop:
 - ``http`` and ``https`` only, no credentials in the URL, at most
   :data:`~batchvision.core.manifest.MAX_URL_LENGTH` characters (``bad_url``);
 - the host is resolved here, and **every** address it resolves to must pass the address rules
-  (:func:`address_problem`: loopback, private, link-local, multicast, reserved, unspecified,
-  shared and other non-global ranges, IPv4-mapped and IPv4-embedding IPv6 forms, and cloud
-  metadata addresses are refused, ``blocked_address``) unless ``BATCHVISION_FETCH_ALLOW``
-  lists the host or the address (metadata addresses stay refused whatever it says);
+  (:func:`address_problem`: loopback, private, link-local, site-local, multicast, reserved,
+  unspecified, shared and other non-global ranges from the explicit tables :data:`IPV4_TABLE`
+  and :data:`IPV6_TABLE`; IPv4-mapped, NAT64 and 6to4 forms judged by the IPv4 address they
+  carry; cloud metadata addresses: ``blocked_address``) unless the allow-list lists the host or
+  the address: ``BATCHVISION_FETCH_ALLOW`` for image URLs, ``BATCHVISION_WEBHOOK_ALLOW`` for
+  callbacks (metadata addresses stay refused whatever they say);
 - the connection is opened **to the checked address**, never to the name again (a name that
   answers a public address to the check and a private one to the connection, DNS rebinding,
   gets nowhere); the name is sent as ``Host`` and as TLS SNI, and the certificate is verified
@@ -25,6 +27,9 @@ Every URL here is hostile input. The rules, each enforced on every hop:
   ``dns_error``. No proxy from the environment is used, and content is asked for and read
   without transfer compression (no decompression bombs).
 
+Fairness: :class:`FairPool` runs the fetches of many API keys on a fixed set of threads, at
+most ``FETCH_PER_KEY`` of one key at a time.
+
 Connection reuse: one urllib3 pool per (scheme, host, port, checked address), kept across
 fetches, so the images of one host reuse keep-alive connections (and TLS sessions) as long as
 the host keeps resolving to the same address; a new address gets its own, checked, pool.
@@ -36,9 +41,9 @@ import ipaddress
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +61,7 @@ from urllib3.exceptions import (
 
 from batchvision import __version__
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.imaging import inspect_image
+from batchvision.core.imaging import DEFAULT_MAX_FRAMES, inspect_image
 from batchvision.core.manifest import MAX_URL_LENGTH
 from batchvision.core.settings import Settings
 from batchvision.core.sniff import looks_like_image
@@ -127,35 +132,72 @@ class AllowList:
         return any(ip.version == n.version and ip in n for n in self.networks)
 
 
+def _nets(*pairs: tuple[str, str]) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]:
+    return tuple((ipaddress.ip_network(net), kind) for net, kind in pairs)
+
+
+#: IPv4 ranges that are not public unicast, from the IANA special-purpose address registry
+#: (RFC 6890 and its updates), written out here rather than taken from the running Python's
+#: ``ipaddress`` flags, which differ between versions (192.0.0.8 passed on some). First match.
+IPV4_TABLE = _nets(
+    ("0.0.0.0/32", "unspecified"),
+    ("0.0.0.0/8", "reserved"),  # "this network"
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "non-public"),  # shared address space (carrier-grade NAT)
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "reserved"),  # IETF protocol assignments (192.0.0.8 among them)
+    ("192.0.2.0/24", "reserved"),  # documentation
+    ("192.88.99.0/24", "reserved"),  # former 6to4 relay anycast
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "private"),  # benchmarking
+    ("198.51.100.0/24", "reserved"),  # documentation
+    ("203.0.113.0/24", "reserved"),  # documentation
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),  # future use, and the broadcast address
+)
+#: IPv6: only global unicast (2000::/3) may be public at all; inside it, these ranges are not.
+#: NAT64 (64:ff9b::/96), IPv4-mapped and 6to4 addresses are judged by the IPv4 address they
+#: carry (see :func:`_embedded_v4`), outside this table.
+IPV6_TABLE = _nets(
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),  # deprecated by RFC 3879, still routed inside some networks
+    ("fc00::/7", "private"),  # unique local
+    ("ff00::/8", "multicast"),
+    ("2001::/23", "reserved"),  # IETF protocol assignments (Teredo, ORCHID, benchmarking...)
+    ("2001:db8::/32", "reserved"),  # documentation
+    ("3fff::/20", "reserved"),  # documentation (2024)
+)
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+
+
 def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo server, NAT64), if any."""
+    """The IPv4 address an IPv6 one stands for (mapped, NAT64 well-known prefix, 6to4), if any;
+    such an address is judged by the IPv4 one alone."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[0]
     if ip in _NAT64:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF)
     return None
 
 
 def _kind(ip: IPAddress) -> str | None:
-    """Why ``ip`` is not a public address (``None`` if it is)."""
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "non-public"
+    """Why ``ip`` is not a public address (``None`` if it is), from the tables above."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip not in _GLOBAL_UNICAST:
+        for net, kind in IPV6_TABLE:
+            if ip in net:
+                return kind
+        return "reserved"  # outside global unicast: unassigned or special
+    table = IPV4_TABLE if ip.version == 4 else IPV6_TABLE
+    for net, kind in table:
+        if ip.version == net.version and ip in net:
+            return kind
     return None
 
 
@@ -175,13 +217,14 @@ def address_problem(
             return f"{candidate} is a cloud metadata address"
     if trusted or allow.address_allowed(ip):
         return None
+    if inner is not None:
+        if allow.address_allowed(inner):
+            return None
+        kind = _kind(inner)
+        return f"{ip} carries {inner}, a {kind} address" if kind is not None else None
     kind = _kind(ip)
     if kind is not None:
         return f"{ip} is a {kind} address"
-    if inner is not None and not allow.address_allowed(inner):
-        kind = _kind(inner)
-        if kind is not None:
-            return f"{ip} carries {inner}, a {kind} address"
     return None
 
 
@@ -503,10 +546,12 @@ class Fetcher:
         max_pixels: int,
         timeout_s: float = 30.0,
         max_redirects: int = 5,
+        max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> None:
         self.http = http
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.max_frames = max_frames
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
 
@@ -524,6 +569,7 @@ class Fetcher:
             max_pixels=s.max_image_pixels,
             timeout_s=s.fetch_timeout_s,
             max_redirects=s.fetch_max_redirects,
+            max_frames=s.max_image_frames,
         )
 
     def close(self) -> None:
@@ -558,7 +604,9 @@ class Fetcher:
                     f"{target.host_header} answered HTTP {resp.status}", code=f"http_{resp.status}"
                 )
             data = read_body(resp, self.max_bytes, deadline, image=True)
-            inspect_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            inspect_image(
+                data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, max_frames=self.max_frames
+            )
             return data
         raise AssertionError("unreachable")
 
@@ -571,6 +619,96 @@ def _small(resp: urllib3.BaseHTTPResponse) -> bool:
 def _discard(resp: urllib3.BaseHTTPResponse) -> None:
     resp.close()
     resp.release_conn()
+
+
+# -- fair scheduling of fetches ------------------------------------------------------------------
+
+_Task = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+class FairPool:
+    """``threads`` threads that run the tasks of many keys (API keys), at most ``per_key`` of
+    one key at a time, the keys taking turns (round robin).
+
+    A key whose URLs point at servers that never answer holds ``per_key`` threads for a fetch
+    timeout each, never all of them: the other keys' fetches start on the rest at once. The key
+    ``""`` (jobs of an API without keys: one tenant, no one to be fair to) has no limit.
+    """
+
+    def __init__(self, threads: int, per_key: int, name: str = "fetch") -> None:
+        self.per_key = max(1, per_key)
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[str, deque[_Task]] = OrderedDict()
+        self._running: Counter[str] = Counter()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{name}-{n}", daemon=True)
+            for n in range(max(1, threads))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, key: str, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` when a thread is free and ``key`` is under its limit."""
+        fut: Future[Any] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the fetch pool is shut down")
+            self._queues.setdefault(key, deque()).append((fut, fn, args))
+            self._cond.notify()
+        return fut
+
+    def running(self, key: str) -> int:
+        """Tasks of ``key`` running now."""
+        with self._cond:
+            return self._running[key]
+
+    def shutdown(self) -> None:
+        """Cancel what waits; running tasks finish on their own (daemon threads)."""
+        with self._cond:
+            self._closed = True
+            waiting = [task[0] for q in self._queues.values() for task in q]
+            self._queues.clear()
+            self._cond.notify_all()
+        for fut in waiting:
+            fut.cancel()
+
+    def _take(self) -> tuple[str, _Task] | None:
+        for key in list(self._queues):
+            if key and self._running[key] >= self.per_key:
+                continue
+            queue = self._queues[key]
+            task = queue.popleft()
+            if queue:
+                self._queues.move_to_end(key)  # the next free thread serves another key first
+            else:
+                del self._queues[key]
+            self._running[key] += 1
+            return key, task
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                picked = self._take()
+                while picked is None:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                    picked = self._take()
+            key, (fut, fn, args) = picked
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args))
+                    except BaseException as exc:  # the caller's future carries it
+                        fut.set_exception(exc)
+            finally:
+                with self._cond:
+                    self._running[key] -= 1
+                    if not self._running[key]:
+                        del self._running[key]
+                    self._cond.notify_all()
 
 
 # -- URL blobs ------------------------------------------------------------------------------------

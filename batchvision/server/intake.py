@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
-from batchvision.core.imaging import inspect_image
+from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import UrlEntry
 from batchvision.core.models import JobOptions, resolve_options
 from batchvision.core.schemas import error_result
@@ -111,15 +111,15 @@ def unique_keys(raw: list[tuple[str, bytes]]) -> list[Upload]:
 
 
 def check(s: Settings, uploads: list[Upload]) -> list[BatchvisionError | None]:
-    """Validate each upload from its header; ``None`` where it is fine."""
-    out: list[BatchvisionError | None] = []
-    for up in uploads:
-        try:
-            inspect_image(up.data, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
-            out.append(None)
-        except BatchvisionError as exc:
-            out.append(exc)
-    return out
+    """Validate each upload from its header (one pixel budget for the request); ``None`` where
+    it is fine."""
+    return inspect_images(
+        [up.data for up in uploads],
+        max_bytes=s.max_image_bytes,
+        max_pixels=s.max_image_pixels,
+        max_frames=s.max_image_frames,
+        max_total_pixels=s.max_request_pixels,
+    )
 
 
 def rejection(up: Upload, err: BatchvisionError) -> dict[str, str]:
@@ -218,7 +218,7 @@ class Intake:
         ``bad_callback_url``) when refused."""
         if url is None:
             return None
-        problem = url_problem(url, AllowList.parse(self.settings.fetch_allow))
+        problem = url_problem(url, AllowList.parse(self.settings.webhook_allow))
         if problem is not None:
             raise FetchError(
                 f"callback_url refused: {problem.message}",

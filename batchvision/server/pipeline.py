@@ -31,7 +31,8 @@ from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
 from batchvision.server.claims import Claim, Claims, out_of_memory
-from batchvision.server.fetch import Fetcher, FetchError, blob_url
+from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
+from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.recovery import ledger_done, ledger_started
@@ -59,6 +60,8 @@ class ProcessorLimits:
     #: Images named by URL are fetched in a bounded pool of their own, then decoded in the
     #: decode pool, so fetching overlaps decoding and inference like decoding does.
     fetch_threads: int = 16
+    #: URL fetches of one API key at the same time (the keys take turns for the threads).
+    fetch_per_key: int = 4
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProcessorLimits:
@@ -70,6 +73,7 @@ class ProcessorLimits:
             max_inflight_images=settings.max_inflight_images or 4 * settings.max_batch_size,
             decode_threads=settings.decode_threads or len(os.sched_getaffinity(0)),
             fetch_threads=settings.fetch_threads,
+            fetch_per_key=settings.fetch_per_key,
         )
 
 
@@ -121,16 +125,16 @@ class ChunkProcessor:
     _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _admission: Admission = field(init=False, repr=False)
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
-    _fetch_pool: ThreadPoolExecutor = field(init=False, repr=False)
+    _fetch_pool: FairPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._admission = Admission(max(1, self.limits.max_inflight_images))
         self._decoder = ThreadPoolExecutor(max(1, self.limits.decode_threads), thread_name_prefix="decode")
-        self._fetch_pool = ThreadPoolExecutor(max(1, self.limits.fetch_threads), thread_name_prefix="fetch")
+        self._fetch_pool = FairPool(self.limits.fetch_threads, self.limits.fetch_per_key)
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
-        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._fetch_pool.shutdown()
         if self.fetcher is not None:
             self.fetcher.close()
 
@@ -260,6 +264,7 @@ class ChunkProcessor:
         lane with its options; one result dict per chunk."""
         results: list[dict[int, dict[str, Any]]] = [{} for _ in wanted]
         blobs = self.blobs.get_batch([(c.job_id, c.indexes) for c in wanted])
+        owners = self._owners(wanted, blobs)
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
         for n, (chunk, data) in enumerate(zip(wanted, blobs, strict=True)):
             for i, blob in zip(chunk.indexes, data, strict=True):
@@ -268,7 +273,7 @@ class ChunkProcessor:
                         "upload_expired", "the upload expired before it was classified"
                     )
                 else:
-                    decoded.append((n, i, self._prepare(blob, routes[n][0].input_size)))
+                    decoded.append((n, i, self._prepare(blob, routes[n][0].input_size, owners[n])))
         predicted: list[tuple[int, int, Future[Any]]] = []
         where = {fut: (n, i) for n, i, fut in decoded}
         # One reservation per lane (a message holds one model's chunks; pinned versions of it
@@ -298,8 +303,24 @@ class ChunkProcessor:
                 results[n][i] = error_result(exc.code, exc.message)
         return results
 
-    def _prepare(self, blob: bytes, size: tuple[int, int]) -> Future[np.ndarray | BatchvisionError]:
-        """Decode an uploaded image; fetch, then decode, an image named by URL (to ``size``)."""
+    def _owners(self, wanted: Sequence[Chunk], blobs: Sequence[Sequence[bytes | None]]) -> list[str]:
+        """The API key (owner id) of each job that has an image named by URL (one round trip;
+        ``""`` for the others): fetches are shared fairly between keys."""
+        urls = [n for n, data in enumerate(blobs) if any(b is not None and blob_url(b) for b in data)]
+        owners = [""] * len(wanted)
+        if urls:
+            pipe = self.store.redis.pipeline(transaction=False)
+            for n in urls:
+                pipe.hget(JobKeys.of(wanted[n].job_id).job, "owner")
+            for n, owner in zip(urls, pipe.execute(), strict=True):
+                owners[n] = owner.decode() if isinstance(owner, bytes) else str(owner or "")
+        return owners
+
+    def _prepare(
+        self, blob: bytes, size: tuple[int, int], owner: str = ""
+    ) -> Future[np.ndarray | BatchvisionError]:
+        """Decode an uploaded image; fetch, then decode, an image named by URL (to ``size``;
+        ``owner``: the key whose turn the fetch takes)."""
         url = blob_url(blob)
         if url is None:
             return self._decoder.submit(self._decode, blob, size)
@@ -315,7 +336,7 @@ class ChunkProcessor:
             except BaseException as exc:  # canceled at shutdown, or a pool already closed
                 out.set_exception(exc)
 
-        self._fetch_pool.submit(self._fetch, url).add_done_callback(fetched)
+        self._fetch_pool.submit(owner, self._fetch, url).add_done_callback(fetched)
         return out
 
     def _fetch(self, url: str) -> bytes | BatchvisionError:

@@ -24,6 +24,10 @@ URLs (:mod:`batchvision.server.fetch`), checked on every attempt.
 HMAC-SHA256(secret, "<t>." + body)>``. The secret is per API key, derived from
 ``WEBHOOK_SECRET`` and the key's owner id (:func:`signing_secret`); ``GET /v1/webhook-secret``
 tells a key its own. :func:`verify` is the receiver's check.
+
+**Fair.** A process makes at most ``WEBHOOK_PER_KEY`` deliveries of one API key at a time (of its
+``concurrency`` slots): callbacks of one key that hang hold that many slots for a timeout each,
+and the due deliveries of other keys are taken past them (:data:`CLAIM`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import random
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -93,16 +98,20 @@ def verify(
     secret: str, body: bytes, header: str, tolerance_s: float = TOLERANCE_S, now: float | None = None
 ) -> bool:
     """The receiver's check: a ``v1`` signature of ``body`` under ``secret``, at most
-    ``tolerance_s`` old (constant-time comparison)."""
+    ``tolerance_s`` old (constant-time comparison). Any malformed header (missing, not text,
+    not ASCII, without ``t`` or ``v1``) is ``False``, never an exception."""
+    if not isinstance(header, str) or not header.isascii():
+        return False
     try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
+        parts = dict(item.strip().split("=", 1) for item in header.split(","))
         t = int(parts["t"])
+        given = parts["v1"]
     except (ValueError, KeyError):
         return False
     if abs((time.time() if now is None else now) - t) > tolerance_s:
         return False
     expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def backoff(attempt: int, first_s: float = FIRST_BACKOFF_S, cap_s: float = MAX_BACKOFF_S) -> float:
@@ -166,13 +175,39 @@ def callback_document(fields: dict[str, str]) -> dict[str, Any] | None:
     }
 
 
-#: Take up to ARGV[3] due deliveries (score <= ARGV[1], ms) and lease them until ARGV[1] + ARGV[2].
+#: Take up to ARGV[3] due deliveries (score <= ARGV[1], ms) and lease them until ARGV[1] + ARGV[2],
+#: at most ARGV[4] per owner (API key) counting the ARGV[7..] pairs (owner, deliveries this
+#: process has in flight; the owner ``""`` of an API without keys has no limit). Among the first
+#: ARGV[5] due entries, those of an owner at its limit are
+#: due again ARGV[6] ms later, so the entries of other owners behind them come up. Returns
+#: {id, owner, id, owner, ...}.
 CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', lease, id) end
-return due
-"""
+local busy = {}
+for i = 7, #ARGV, 2 do busy[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local now, free, per_key = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+local lease = now + tonumber(ARGV[2])
+local out = {}
+local taken = 0
+for _, id in ipairs(due) do
+  if taken >= free then break end
+  local owner = redis.call('HGET', '@JOB@{' .. id .. '}', 'owner') or ''
+  local n = busy[owner] or 0
+  if owner == '' or n < per_key then
+    busy[owner] = n + 1
+    taken = taken + 1
+    redis.call('ZADD', KEYS[1], 'XX', lease, id)
+    out[#out + 1] = id
+    out[#out + 1] = owner
+  else
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[6]), id)
+  end
+end
+return out
+""".replace("@JOB@", f"{keys.PREFIX}:job:")
+#: Due entries one claim looks at, and how long an entry of an owner at its limit waits.
+CLAIM_SCAN = 1000
+BUSY_DEFER_MS = 1000
 
 #: Record an attempt, only while the lease (ARGV[2]) is still ours. KEYS: pending set, job hash.
 #: ARGV: job id, lease, state (delivered, retrying, failed; gone: drop the entry), next due (ms),
@@ -242,6 +277,9 @@ class Deliverer:
         self._claim = client.register_script(CLAIM)
         self._record = client.register_script(RECORD)
         self._slots = threading.Semaphore(concurrency)
+        self.per_key = settings.webhook_per_key
+        self._inflight: Counter[str] = Counter()  # owner -> deliveries running here
+        self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="webhook")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -273,25 +311,40 @@ class Deliverer:
         if not free:
             return 0
         now_ms = int(self.clock() * 1000)
+        with self._inflight_lock:
+            busy = [str(v) for owner, n in self._inflight.items() for v in (owner, n)]
+        args: list[str | int] = [now_ms, self.lease_ms, free, self.per_key, CLAIM_SCAN, BUSY_DEFER_MS, *busy]
         try:
-            due = [_text(j) for j in self._claim(keys=[keys.WEBHOOKS], args=[now_ms, self.lease_ms, free])]
+            raw = [_text(v) for v in self._claim(keys=[keys.WEBHOOKS], args=args)]
         except BaseException:
             for _ in range(free):
                 self._slots.release()
             raise
+        due = list(zip(raw[::2], raw[1::2], strict=True))
         for _ in range(free - len(due)):
             self._slots.release()
         lease = now_ms + self.lease_ms
-        for job_id in due:
-            self._pool.submit(self._deliver_then_release, job_id, lease)
+        with self._inflight_lock:
+            self._inflight.update(owner for _, owner in due)
+        for job_id, owner in due:
+            self._pool.submit(self._deliver_then_release, job_id, lease, owner)
         return len(due)
 
-    def _deliver_then_release(self, job_id: str, lease: int) -> None:
+    def inflight(self, owner: str) -> int:
+        """Deliveries of ``owner`` this process is making now."""
+        with self._inflight_lock:
+            return self._inflight[owner]
+
+    def _deliver_then_release(self, job_id: str, lease: int, owner: str = "") -> None:
         try:
             self.deliver(job_id, lease)
         except Exception:
             log.exception("webhook of job %s: delivery failed unexpectedly; retried after the lease", job_id)
         finally:
+            with self._inflight_lock:
+                self._inflight[owner] -= 1
+                if self._inflight[owner] <= 0:
+                    del self._inflight[owner]
             self._slots.release()
 
     # -- one delivery -------------------------------------------------------------------------

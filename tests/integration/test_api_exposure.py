@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 import requests
 
 from batchvision.cli.redis_server import free_port
+from batchvision.server import keys, webhooks
 from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -102,3 +104,44 @@ def test_with_api_keys_it_serves_and_asks_for_a_key(
         f"{api.url}/v1/jobs/{JOB_ID}", headers={"Authorization": "Bearer s3cret-key"}, timeout=10
     )
     assert with_key.status_code == 404
+
+
+def test_without_keys_the_webhook_secret_stays_on_the_server(
+    start_api: Callable[..., Api], redis_server: RedisServer, wait_until: Callable[..., Any]
+) -> None:
+    api = start_api(BATCHVISION_ALLOW_ANONYMOUS="true")
+    wait_until(api.serves, timeout=60, interval=0.2, message="the API answers /healthz")
+    resp = requests.get(f"{api.url}/v1/webhook-secret", timeout=10)
+    assert resp.status_code == 403, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "webhook_secret_needs_keys" and "batchvision webhook-secret" in error["message"]
+    # On the server, the CLI prints the per-installation secret (made once, atomically, in Redis).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
+    printed = [
+        subprocess.run(
+            [sys.executable, "-m", "batchvision.cli", "webhook-secret"],
+            env={**env, "BATCHVISION_REDIS_URL": redis_server.url},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    client = redis_lib.Redis.from_url(redis_server.url)
+    stored = client.get(keys.WEBHOOK_SECRET)
+    assert stored and printed[0] == printed[1] == webhooks.signing_secret(stored, "")
+
+
+def test_the_host_allow_list_refuses_other_names(
+    start_api: Callable[..., Api], wait_until: Callable[..., Any]
+) -> None:
+    api = start_api(BATCHVISION_API_KEYS="s3cret-key", BATCHVISION_ALLOWED_HOSTS="api.example.com,127.0.0.1")
+    wait_until(api.serves, timeout=60, interval=0.2, message="the API answers /healthz")
+    key = {"Authorization": "Bearer s3cret-key"}
+    job = f"{api.url}/v1/jobs/{JOB_ID}"
+    assert requests.get(job, headers=key, timeout=10).status_code == 404
+    assert requests.get(job, headers={**key, "Host": "api.example.com"}, timeout=10).status_code == 404
+    evil = requests.get(job, headers={**key, "Host": "evil.example"}, timeout=10)
+    assert evil.status_code == 400 and evil.json()["error"]["code"] == "bad_host"
+    probe = requests.get(f"{api.url}/healthz", headers={"Host": "10.0.0.7:8000"}, timeout=10)
+    assert probe.status_code == 200  # the orchestrator's probes use the pod's address

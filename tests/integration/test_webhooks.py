@@ -140,6 +140,7 @@ def env(start_private_stack: Callable[..., Any]) -> Env:
         "webhooks",
         api_keys=f"{KEY_A},{KEY_B}",
         fetch_allow="127.0.0.1/32",
+        webhook_allow="127.0.0.1/32",  # callbacks have their own allow-list
         webhook_secret="server-secret-of-the-webhook-tests",
         webhook_timeout_s=5.0,  # a delivery's lease: 10 s
         webhook_retry_for_s=120,

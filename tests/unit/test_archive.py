@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import stat
 import zipfile
+from collections.abc import Callable
 
 import pytest
 
@@ -74,3 +75,16 @@ def test_corrupt_member_is_a_clear_refusal() -> None:
     raw[60:80] = b"\0" * 20  # damage the compressed data: CRC or inflate fails
     with pytest.raises(ArchiveRejected):
         read_zip(bytes(raw), **LIMITS)
+
+
+def test_the_members_pixels_add_up_to_at_most_the_archive_limit(
+    png_header_only: Callable[[int, int], bytes],
+) -> None:
+    members = [(f"m{n}.png", png_header_only(1000, 1000)) for n in range(5)]  # 1 MP each
+    members.append(("huge.png", png_header_only(5000, 5000)))  # over the per-image limit: not counted
+    data = _zip(members)
+    limits = {**LIMITS, "max_pixels": 2_000_000}
+    assert len(read_zip(data, **limits, max_total_pixels=5_000_000).images) == 6
+    with pytest.raises(ArchiveTooLarge) as exc:
+        read_zip(data, **limits, max_total_pixels=4_999_999)
+    assert "5000000 pixels" in exc.value.message and exc.value.status == 413

@@ -37,3 +37,24 @@ def test_anonymous_access_on_a_public_address_needs_the_setting_and_is_announced
 
 def test_with_keys_any_address_serves_quietly() -> None:
     assert exposure_check("0.0.0.0", 8000, "k1,k2", anonymous_allowed=False) == (True, "")
+
+
+def test_host_allow_list() -> None:
+    from api.auth import HostAllowList
+
+    loopback = HostAllowList.parse("localhost,127.0.0.1,[::1]")
+    for ok in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST."):
+        assert loopback.allows(ok), ok
+    for bad in (
+        "evil.example",
+        "evil.example:8000",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io",
+        "",
+        "[::1",
+    ):
+        assert not loopback.allows(bad), bad
+    pinned = HostAllowList.parse("api.example.com:443,*.corp.example")
+    assert pinned.allows("api.example.com:443") and not pinned.allows("api.example.com:80")
+    assert pinned.allows("x.corp.example") and not pinned.allows("corp.example.evil")
+    assert not HostAllowList.parse(" , ")  # empty: no check

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from batchvision.core.synthetic import labelled_files
 from batchvision.server import webhooks
 from batchvision.server.fetch import (
     AllowList,
+    FairPool,
     Fetcher,
     SafeHTTP,
     address_problem,
@@ -54,7 +57,19 @@ LOOPBACK = AllowList.parse("127.0.0.1/32")
         ("ff02::1", "multicast"),
         ("0.0.0.0", "unspecified"),
         ("::", "unspecified"),
-        ("240.0.0.1", "private"),  # reserved 240/4 (Python counts it private)
+        ("240.0.0.1", "reserved"),  # future use 240/4
+        ("255.255.255.255", "reserved"),  # broadcast
+        ("192.0.0.8", "reserved"),  # IETF protocol assignments (passed on some Pythons)
+        ("192.0.0.170", "reserved"),
+        ("192.0.2.1", "reserved"),  # documentation
+        ("fec0::1", "site-local"),  # deprecated site-local (taken as public by Python's flags)
+        ("feff::1", "site-local"),
+        ("3fff::1", "reserved"),  # documentation (2024)
+        ("2001:db8::1", "reserved"),
+        ("2001::1", "reserved"),  # Teredo, inside the IETF protocol assignments
+        ("100::1", "reserved"),  # discard-only, outside global unicast
+        ("4000::1", "reserved"),  # unassigned, outside global unicast
+        ("64:ff9b:1::a00:1", "reserved"),  # local-use NAT64 prefix
         ("100.64.0.1", "non-public"),  # shared address space (carrier-grade NAT)
         ("198.18.0.1", "private"),  # benchmarking
         ("169.254.169.254", "metadata"),
@@ -66,7 +81,9 @@ LOOPBACK = AllowList.parse("127.0.0.1/32")
         ("::ffff:10.0.0.1", "private"),
         ("2002:a00:1::1", "10.0.0.1"),  # 6to4 carrying 10.0.0.1
         ("64:ff9b::a9fe:a9fe", "metadata"),  # NAT64 of 169.254.169.254
-        ("64:ff9b::7f00:1", "reserved"),  # NAT64 (of 127.0.0.1): refused as a range
+        ("64:ff9b::7f00:1", "carries 127.0.0.1, a loopback"),  # NAT64: judged by the IPv4 inside
+        ("64:ff9b::c000:8", "carries 192.0.0.8, a reserved"),
+        ("64:ff9b::a00:1", "carries 10.0.0.1, a private"),
     ],
 )
 def test_non_public_addresses_are_refused_with_the_reason(address: str, kind: str) -> None:
@@ -74,7 +91,18 @@ def test_non_public_addresses_are_refused_with_the_reason(address: str, kind: st
     assert problem is not None and kind in problem, problem
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "93.184.216.34",
+        "8.8.8.8",
+        "2606:4700::1111",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: public, as the README promises
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
+        "192.0.1.1",  # next to 192.0.0.0/24, outside it
+    ],
+)
 def test_public_addresses_pass(address: str) -> None:
     assert address_problem(address) is None
 
@@ -257,6 +285,67 @@ def test_dns_rebinding_gets_nowhere(server: str, origin: Any) -> None:
     assert origin.seen == []
 
 
+def test_a_key_that_floods_holds_at_most_its_share_of_the_fetch_threads() -> None:
+    # One key's fetches hang (a server that never answers); another key's start at once.
+    pool = FairPool(threads=4, per_key=2)
+    release = threading.Event()
+    try:
+        hung = [pool.submit("flood", release.wait, 30) for _ in range(50)]
+        quick = [pool.submit("small", lambda n: n * 2, n) for n in range(10)]
+        assert [f.result(timeout=10) for f in quick] == [n * 2 for n in range(10)]
+        assert pool.running("flood") == 2 and not any(f.done() for f in hung)
+    finally:
+        release.set()
+        pool.shutdown()
+    assert all(f.result(timeout=10) for f in hung[:2])
+
+
+def test_without_api_keys_there_is_one_tenant_and_no_per_key_limit(wait_until: Any) -> None:
+    pool = FairPool(threads=4, per_key=1)
+    release = threading.Event()
+    try:
+        held = [pool.submit("", release.wait, 30) for _ in range(4)]
+        # all four threads, where a key would get one
+        wait_until(lambda: pool.running("") == 4, timeout=10, message="four fetches of key ''")
+    finally:
+        release.set()
+        pool.shutdown()
+    assert all(f.result(timeout=10) for f in held)
+
+
+def test_keys_take_turns_for_the_threads(wait_until: Any) -> None:
+    pool = FairPool(threads=1, per_key=1)
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        first = pool.submit("a", gate.wait, 10)  # holds the one thread while the queues fill
+        wait_until(lambda: pool.running("a") == 1)
+        futures = [pool.submit(key, order.append, key) for key in ("a", "a", "a", "b", "b", "c")]
+        gate.set()
+        first.result(timeout=10)
+        for f in futures:
+            f.result(timeout=10)
+    finally:
+        pool.shutdown()
+    assert order[:3] == ["a", "b", "c"] and sorted(order) == ["a", "a", "a", "b", "b", "c"]
+
+
+def test_the_rules_come_from_tables_not_from_this_pythons_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whatever the running Python's ipaddress believes, the verdicts stay the same.
+    for flag in ("is_private", "is_reserved", "is_global", "is_link_local", "is_site_local"):
+        for cls in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+            monkeypatch.setattr(cls, flag, property(lambda _self: False), raising=False)
+    assert address_problem("192.0.0.8") is not None
+    assert address_problem("fec0::1") is not None
+    assert address_problem("10.0.0.1") is not None
+    assert address_problem("8.8.8.8") is None
+
+
+def test_nat64_is_opened_by_the_allow_list_of_its_ipv4_address() -> None:
+    assert address_problem("64:ff9b::7f00:1", LOOPBACK) is None
+    assert address_problem("64:ff9b::7f00:2", LOOPBACK) is not None
+
+
 def test_webhook_signatures_verify_and_reject_tampering() -> None:
     secret = webhooks.signing_secret(b"server-secret", "owner-1")
     assert secret.startswith("whsec_") and secret != webhooks.signing_secret(b"server-secret", "owner-2")
@@ -270,6 +359,33 @@ def test_webhook_signatures_verify_and_reject_tampering() -> None:
     assert not webhooks.verify(secret, body, header, now=1_700_001_000)  # too old: a replay
     assert not webhooks.verify("whsec_other", body, header, now=1_700_000_100)
     assert not webhooks.verify(secret, body, "garbage", now=1_700_000_100)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t=1700000000,v1=\u00e9\u00e9",  # non-ASCII signature: compare_digest would raise TypeError
+        "t=1700000000,v1=\u0663",
+        "t=\u0661\u0667,v1=ab",  # a non-ASCII digit that int() would take
+        "t=1700000000",  # no v1
+        "v1=ab",  # no t
+        "t=1700000000,v1",  # a field without '='
+        "t=soon,v1=ab",
+        "",
+        None,
+        b"t=1700000000,v1=ab",
+    ],
+)
+def test_verify_says_false_to_malformed_headers_and_the_readme_example_too(header: Any) -> None:
+    secret = webhooks.signing_secret(b"server-secret", "owner-1")
+    assert webhooks.verify(secret, b"{}", header, now=1_700_000_100) is False
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = readme.split("```python\nimport hashlib, hmac, time\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec("import hashlib, hmac, time\n" + snippet, scope)  # the README's receiver example
+    assert scope["verify"](secret, b"{}", header) is False
+    good = webhooks.sign(secret, b"{}")
+    assert scope["verify"](secret, b"{}", good) is True and webhooks.verify(secret, b"{}", good)
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:

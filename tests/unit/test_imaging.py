@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from batchvision.core.errors import ImageTooLarge, InvalidImage
-from batchvision.core.imaging import decode_image, inspect_image, normalize, to_rgb
+from batchvision.core.imaging import decode_image, inspect_image, inspect_images, normalize, to_rgb
 from batchvision.core.synthetic import encode
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000}
@@ -163,3 +163,78 @@ def test_the_configured_pixel_limit_is_the_one_that_applies(
     assert inspect_image(big, max_bytes=10**6, max_pixels=200_000_000).width == 10000
     with pytest.raises(ImageTooLarge):
         inspect_image(big, max_bytes=10**6, max_pixels=90_000_000)
+
+
+# -- no decoding while checking; truncation from structure; frames and pixel budgets ----------
+
+
+def _big(fmt: str, size: tuple[int, int] = (4000, 4000), **kw: object) -> bytes:
+    return encode(_img("P" if fmt == "GIF" else "RGB", size), fmt, **kw)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kw"),
+    [("WEBP", {"lossless": True}), ("WEBP", {}), ("GIF", {}), ("BMP", {}), ("PNG", {}), ("JPEG", {})],
+)
+def test_checking_decodes_no_pixel_of_any_format(
+    fmt: str, kw: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 678-byte lossless WebP of 4000x4000 used to be decoded in the API's event loop (61 MiB).
+    data = _big(fmt, **kw)
+    from PIL import ImageFile
+
+    def no_decode(self: object) -> None:
+        raise AssertionError(f"{fmt}: pixels decoded while checking")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    monkeypatch.setattr(Image.Image, "load", no_decode)
+    info = inspect_image(data, max_bytes=100_000_000, max_pixels=16_000_000)
+    assert (info.width, info.height, info.frames) == (4000, 4000, 1)
+    with pytest.raises(ImageTooLarge) as exc:
+        inspect_image(data, max_bytes=100_000_000, max_pixels=15_999_999)
+    assert exc.value.code == "too_many_pixels"
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "BMP"])
+def test_truncated_gif_webp_and_bmp_are_refused_from_structure(fmt: str) -> None:
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 255, (120, 160, 3), np.uint8))
+    data = encode(picture.convert("P") if fmt == "GIF" else picture, fmt)
+    assert inspect_image(data, **LIMITS).format == fmt
+    for cut in (len(data) // 2, len(data) - 1):
+        with pytest.raises(InvalidImage) as exc:
+            inspect_image(data[:cut], **LIMITS)
+        assert exc.value.code in ("truncated", "corrupt_image"), (cut, exc.value.message)
+
+
+def _animation(fmt: str, frames: int) -> bytes:
+    images = [_img("RGB", (8, 8), (n * 7 % 256, 0, 0)) for n in range(frames)]
+    if fmt == "GIF":
+        images = [i.convert("P") for i in images]
+    buf = io.BytesIO()
+    images[0].save(buf, fmt, save_all=True, append_images=images[1:], duration=10)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_frames_are_counted_from_the_header_and_limited(fmt: str) -> None:
+    data = _animation(fmt, 12)
+    assert inspect_image(data, **LIMITS, max_frames=12).frames == 12
+    with pytest.raises(ImageTooLarge) as exc:
+        inspect_image(data, **LIMITS, max_frames=11)
+    assert exc.value.code == "too_many_frames" and "12 frames" in exc.value.message
+
+
+def test_a_request_has_one_pixel_budget_and_each_file_past_it_gets_its_own_error(
+    png_header_only: Callable[[int, int], bytes],
+) -> None:
+    at_limit = png_header_only(2000, 2000)  # 4 MP each, the per-image limit
+    over = png_header_only(2001, 2000)
+    files = [at_limit, over, at_limit, at_limit, b"text", at_limit]
+    problems = inspect_images(
+        files, max_bytes=10**6, max_pixels=4_000_000, max_frames=10, max_total_pixels=10_000_000
+    )
+    codes = [p.code if p else None for p in problems]
+    # the refused ones spend nothing: two fit (8 MP), the third and fourth at the limit do not
+    assert codes == [None, "too_many_pixels", None, "pixel_budget", "not_an_image", "pixel_budget"]
+    assert "10000000 pixels" in str(problems[3])
