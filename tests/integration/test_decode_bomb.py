@@ -20,9 +20,10 @@ import pytest
 import requests
 from PIL import Image
 
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.core.settings import Settings
+from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration]
 

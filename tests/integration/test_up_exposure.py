@@ -18,7 +18,8 @@ import psutil
 import pytest
 import requests
 
-from batchvision.cli.redis_server import RedisServer, free_port
+from batchvision.cli.redis_server import free_port
+from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
