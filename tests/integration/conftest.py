@@ -203,7 +203,10 @@ def reference_labels() -> ReferenceLabels:
 
     def labels(model: Path, files: Sequence[tuple[str, bytes]]) -> list[str]:
         if model not in loaded:
-            loaded[model] = model_mod.load_classifier(Settings(model=str(model)))
+            # A repository version folder names its labels `labels.txt`, beside the model file.
+            folder_labels = model.parent / "labels.txt"
+            labels = str(folder_labels) if folder_labels.exists() else ""
+            loaded[model] = model_mod.load_classifier(Settings(model=str(model), labels=labels))
         clf = loaded[model]
         out = []
         for _, data in files:
