@@ -4,14 +4,13 @@ per-key quotas of waiting images and bytes, so one key cannot fill the queue for
 The counters are kept by the job scripts (:mod:`batchvision.server.lua`): ``ADD`` raises them in
 the same atomic step that accepts the files, ``RECORD`` lowers them by the results it stores,
 and a job that finishes or expires gives back whatever it still holds, once. Admission reads
-them in one round trip before a request writes anything, and answers ``429`` with
+them, with Redis' memory figures, in one round trip of reads before a request writes, and answers ``429`` with
 ``Retry-After`` long before Redis would refuse writes; a request that no wait would let in
 gets ``413``.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
@@ -24,11 +23,11 @@ from batchvision.server.telemetry import Telemetry
 
 #: Seconds a refused upload is asked to wait: about what a worker needs to drain some room.
 RETRY_AFTER_S = 3
+#: How long one reading of Redis' ``maxmemory`` is trusted (it changes with CONFIG SET only).
+MAXMEMORY_TTL_S = 5.0
 #: Above this share of ``maxmemory`` in use, uploads wait whatever the counters say (results,
 #: job hashes and the broker's messages use memory the byte budget does not count).
 MEMORY_CEILING = 0.85
-#: How long one reading of Redis' ``INFO memory`` is trusted.
-MEMORY_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,17 +58,17 @@ class Quotas:
         #: Whether uploads wait in Redis (the default); a budget derived from ``maxmemory``
         #: only means something then.
         self.redis_blobs = redis_blobs
-        self._memory: tuple[float, Memory] | None = None
-        self._lock = threading.Lock()
+        self._maxmemory: tuple[float, int] | None = None
 
-    def memory(self) -> Memory:
-        """Redis' memory figures, read at most once per :data:`MEMORY_TTL_S`."""
-        with self._lock:
-            if self._memory is None or time.monotonic() - self._memory[0] > MEMORY_TTL_S:
-                info = self.redis.info("memory")
-                mem = Memory(int(info.get("maxmemory", 0) or 0), int(info.get("used_memory", 0) or 0))
-                self._memory = (time.monotonic(), mem)
-            return self._memory[1]
+    def maxmemory(self) -> int:
+        """Redis' ``maxmemory`` (0: none), read again at most every :data:`MAXMEMORY_TTL_S`.
+        (Two requests may both read it when it is stale: harmless.)"""
+        cached = self._maxmemory
+        if cached is None or time.monotonic() - cached[0] > MAXMEMORY_TTL_S:
+            info = self.redis.info("memory")
+            cached = (time.monotonic(), int(info.get("maxmemory", 0) or 0))
+            self._maxmemory = cached
+        return cached[1]
 
     def byte_budget(self) -> int:
         """Bytes of uploads that may wait (0: no limit): ``MAX_QUEUED_BYTES``, else
@@ -78,17 +77,18 @@ class Quotas:
             return self.settings.max_queued_bytes
         if not self.redis_blobs:
             return 0
-        return int(self.memory().maxmemory * self.settings.queued_bytes_share)
+        return int(self.maxmemory() * self.settings.queued_bytes_share)
 
-    def load(self, owner: str) -> Load:
-        """What waits now (expired open uploads released first)."""
-        self.telemetry.release_expired()
+    def read(self, owner: str) -> tuple[Load, Memory]:
+        """What waits now, and Redis' memory figures: one round trip, reads only."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(keys.PENDING)
         pipe.get(keys.PENDING_BYTES)
         pipe.hmget(keys.QUOTA, [f"i:{owner}", f"b:{owner}"])
-        images, nbytes, (key_images, key_bytes) = pipe.execute()
-        return Load(int(images or 0), int(nbytes or 0), int(key_images or 0), int(key_bytes or 0))
+        pipe.info("memory")
+        images, nbytes, (key_images, key_bytes), info = pipe.execute()
+        load = Load(int(images or 0), int(nbytes or 0), int(key_images or 0), int(key_bytes or 0))
+        return load, Memory(int(info.get("maxmemory", 0) or 0), int(info.get("used_memory", 0) or 0))
 
     def admit(self, owner: str, images: int, nbytes: int) -> None:
         """Raise :class:`TooManyRequests` (``429``, retry later) when ``images`` images of
@@ -96,38 +96,53 @@ class Quotas:
         (``413``) when they would even on an empty queue."""
         s = self.settings
         budget = self.byte_budget()
-        self._never_fits(nbytes, budget, "BATCHVISION_MAX_QUEUED_BYTES (or its share of Redis maxmemory)")
-        self._never_fits(nbytes, s.max_queued_bytes_per_key, "BATCHVISION_MAX_QUEUED_BYTES_PER_KEY")
-        self._never_fits(
-            images, s.max_queued_images_per_key, "BATCHVISION_MAX_QUEUED_IMAGES_PER_KEY", "images"
-        )
-        if self.redis_blobs:  # first: reading the counters releases expired uploads, a write
-            mem = self.memory()
-            if mem.maxmemory and mem.used > MEMORY_CEILING * mem.maxmemory:
-                self._wait(
-                    f"the job store is {mem.used * 100 // mem.maxmemory}% full; retry later", "queue_full"
-                )
-        load = self.load(owner)
+        never = self._never_fits
+        never(nbytes, budget, "BATCHVISION_MAX_QUEUED_BYTES (or its share of Redis maxmemory)")
+        never(nbytes, s.max_queued_bytes_per_key, "BATCHVISION_MAX_QUEUED_BYTES_PER_KEY")
+        never(images, s.max_queued_images_per_key, "BATCHVISION_MAX_QUEUED_IMAGES_PER_KEY", "images")
+        limits = (budget, s.max_queued_images, s.max_queued_images_per_key, s.max_queued_bytes_per_key)
+        if not any(limits) and not (self.redis_blobs and self.maxmemory()):
+            return  # nothing to hold the request to: no round trip
+        load, mem = self.read(owner)
+        problem = self._problem(load, mem, budget, images, nbytes)
+        # Open uploads that expired still count until released (a write): only worth it now.
+        if problem is not None and problem[1] != "memory" and self.telemetry.release_expired():
+            load, mem = self.read(owner)
+            problem = self._problem(load, mem, budget, images, nbytes)
+        if problem is not None:
+            message, code = problem
+            raise TooManyRequests(
+                message, code="queue_full" if code == "memory" else code, retry_after=RETRY_AFTER_S
+            )
+
+    def _problem(
+        self, load: Load, mem: Memory, budget: int, images: int, nbytes: int
+    ) -> tuple[str, str] | None:
+        """Why the request must wait, and the error code (``memory`` for a nearly full Redis)."""
+        s = self.settings
+        if self.redis_blobs and mem.maxmemory and mem.used > MEMORY_CEILING * mem.maxmemory:
+            return f"the job store is {mem.used * 100 // mem.maxmemory}% full; retry later", "memory"
         if s.max_queued_images and load.images >= s.max_queued_images:
-            self._wait(f"{s.max_queued_images} images are already waiting; retry later", "queue_full")
+            return f"{s.max_queued_images} images are already waiting; retry later", "queue_full"
         if budget and load.bytes + nbytes > budget:
-            self._wait(
+            return (
                 f"{load.bytes} bytes of uploads are waiting and this request adds {nbytes}; the queue "
                 f"holds {budget}: retry later",
                 "queue_full",
             )
         if s.max_queued_images_per_key and load.key_images + images > s.max_queued_images_per_key:
-            self._wait(
+            return (
                 f"this API key has {load.key_images} images waiting and may have "
                 f"{s.max_queued_images_per_key}; retry when some are done",
                 "key_quota",
             )
         if s.max_queued_bytes_per_key and load.key_bytes + nbytes > s.max_queued_bytes_per_key:
-            self._wait(
+            return (
                 f"this API key has {load.key_bytes} bytes of uploads waiting and may have "
                 f"{s.max_queued_bytes_per_key}; retry when some are done",
                 "key_quota",
             )
+        return None
 
     @staticmethod
     def _never_fits(amount: int, limit: int, setting: str, unit: str = "bytes") -> None:
@@ -136,7 +151,3 @@ class Quotas:
                 f"this request holds {amount} {unit}, more than the queue takes at once ({limit}, "
                 f"{setting}): send it in smaller parts"
             )
-
-    @staticmethod
-    def _wait(message: str, code: str) -> None:
-        raise TooManyRequests(message, code=code, retry_after=RETRY_AFTER_S)
