@@ -174,7 +174,9 @@ class Settings(BaseSettings):
     flower_user: str = _field("", "Flower basic-auth user.")
     flower_password: SecretStr = _field("", "Flower basic-auth password.")
     api_keys: SecretStr = _field(
-        "", "Comma-separated API keys (or their SHA-256 hex digests); empty: no auth."
+        "",
+        "Comma-separated API keys (or their SHA-256 hex digests). Empty: no key is asked for, "
+        "and so `batchvision api` serves only on loopback unless `BATCHVISION_ALLOW_ANONYMOUS=true`.",
     )
     max_queued_images: Annotated[int, Field(ge=0)] = _field(
         0, "Images waiting above which new jobs get `429` (0: no limit)."
