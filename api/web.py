@@ -13,6 +13,7 @@ from flask.blueprints import BlueprintSetupState
 
 from api.auth import digest, parse_keys, presented_key
 from api.contract import undocumented
+from api.models import accepted_keys
 from api.services import services
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -43,7 +44,7 @@ def auth() -> dict[str, Any]:
     """Does this API want a key, and is the one sent (if any) accepted? Always ``200``: the page
     asks before its first request, and a browser logs every 4xx answer as a failed resource, so
     the answer is in the body. It tells no more than any ``/v1`` route's ``401`` would."""
-    allowed = parse_keys(services().settings.api_keys.get_secret_value())
+    allowed = parse_keys(accepted_keys(services().settings))  # admin keys are API keys too
     if not allowed:
         return {"keys_required": False, "key_accepted": True, "reason": None}
     key = presented_key()
