@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = unknown_variables(os.environ)
             if unknown:
                 logging.getLogger("batchvision").warning(
-                    "ignoring unknown variables (typo?): %s; see the README's configuration table",
+                    "ignoring unknown variables (typo?): %s; see docs/reference/configuration.md",
                     ", ".join(unknown),
                 )
         return int(args.fn(args) or 0)
