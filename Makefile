@@ -63,15 +63,15 @@ run: install-run $(MODEL) $(REPO_MODELS)
 	BATCHVISION_MODELS_DIR=$(REPO) BATCHVISION_MODEL=shapes $(BIN)/batchvision up --demo
 
 test: install system-deps $(MODEL) $(REPO_MODELS)
-	$(BIN)/ruff check api workers batchvision tests bench
-	$(BIN)/ruff format --check api workers batchvision tests bench
+	$(BIN)/ruff check api workers batchvision tests bench docs/hooks
+	$(BIN)/ruff format --check api workers batchvision tests bench docs/hooks
 	$(BIN)/mypy
 	$(BIN)/mypy --strict -p batchvision
 	$(BIN)/python -m pytest
 
 lint:
-	$(BIN)/ruff check api workers batchvision tests bench
-	$(BIN)/ruff format --check api workers batchvision tests bench
+	$(BIN)/ruff check api workers batchvision tests bench docs/hooks
+	$(BIN)/ruff format --check api workers batchvision tests bench docs/hooks
 
 typecheck:
 	$(BIN)/mypy

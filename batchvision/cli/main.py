@@ -274,7 +274,9 @@ def _worker_tool(*argv: str) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start the whole stack locally; see :mod:`batchvision.cli.local`."""
+    """Run Redis, the API, a worker and Flower locally, supervised: a service that dies is
+    restarted, one that exits with a fatal error stops the stack (exit code 1), Ctrl-C stops
+    everything."""
     from batchvision.cli.local import up
 
     return up(args)

@@ -24,8 +24,17 @@ MARKER = re.compile(r"^<!-- generated: (?P<name>[a-z]+) -->$", re.M)
 
 
 def _cell(text: object) -> str:
-    """A value fit for one markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ").strip()
+    """A value fit for one markdown table cell (docstring markup made markdown, one line)."""
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"`\1`", str(text))  # :mod:`x` -> `x`
+    text = text.replace("``", "`")
+    return re.sub(r"\s+", " ", text.replace("|", "\\|")).strip()
+
+
+def _sentence(text: str, more: str) -> str:
+    """``text`` followed by the sentence ``more``."""
+    if not text:
+        return more
+    return text + ("" if text.endswith(".") else ".") + " " + more
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -57,13 +66,13 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def _help(action: argparse.Action) -> str:
-    text = action.help or ""
+    text = _cell(action.help or "")
     if action.choices is not None:
-        text += (" " if text else "") + "One of " + ", ".join(f"`{c}`" for c in action.choices) + "."
+        text = _sentence(text, "One of " + ", ".join(f"`{c}`" for c in action.choices) + ".")
     default = action.default
     if default not in (None, False, argparse.SUPPRESS) and "default" not in text.lower():
-        text += (" " if text else "") + f"Default `{default}`."
-    return _cell(text) or " "
+        text = _sentence(text, f"Default `{default}`.")
+    return text or " "
 
 
 def cli_markdown() -> str:
@@ -184,11 +193,11 @@ def openapi_markdown() -> str:
             out.append("One of " + ", ".join(f"`{v}`" for v in schema["enum"]) + ".\n")
         props = schema.get("properties", {})
         if props:
-            required = set(schema.get("required", []))
+            fields_required = set(schema.get("required", []))
             out += ["| Field | Type | Meaning |", "|---|---|---|"]
             for field, sub in props.items():
                 meaning = " ".join(x for x in (sub.get("description", ""), _limits(sub)) if x)
-                mark = " (required)" if field in required else ""
+                mark = " (required)" if field in fields_required else ""
                 out.append(f"| `{field}`{mark} | {_type(sub)} | {_cell(meaning)} |")
             out.append("")
     return "\n".join(out)
