@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.services import Services
     from api.uploads import UploadRequest
     from batchvision.core.settings import Settings
-    from batchvision.server.queue import interactive_queue
+    from batchvision.server.queue import interactive_queue, uses_amqp
 
     settings = settings or Settings.from_env()
     from batchvision.core.imaging import warm_up
@@ -42,7 +42,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     _ = svc.celery.backend
     app.extensions["batchvision"] = svc
     errors.register(app)
-    metrics.init_app(app, svc.telemetry, (settings.queue, interactive_queue(settings)), models.queues_of(svc))
+    metrics.init_app(
+        app,
+        svc.telemetry,
+        (settings.queue, interactive_queue(settings)),
+        models.queues_of(svc),
+        amqp=settings if uses_amqp(settings) else None,
+    )
     # -- tracing (issue 18): a no-op unless the otel extra and an OTLP endpoint/trace file --
     from api import tracing as request_spans
     from batchvision.server import tracing

@@ -15,6 +15,8 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from api.contract import Response as Response_
 from api.contract import contract
+from batchvision.core.settings import Settings
+from batchvision.server.queue import amqp_lengths
 from batchvision.server.telemetry import Telemetry
 
 JOBS_CREATED = Counter("batchvision_jobs_created_total", "Jobs created.")
@@ -40,10 +42,21 @@ class StoreCollector(Collector):
         telemetry: Telemetry,
         queues: tuple[str, ...],
         model_queues: Callable[[], dict[str, tuple[str, ...]]] | None = None,
+        amqp: Settings | None = None,
     ) -> None:
         self.telemetry = telemetry
         self.queues = queues
-        self.model_queues = model_queues  # issue 14: one series per model
+        self.model_queues = model_queues  # one series per model
+        self.amqp = amqp  # RabbitMQ is the broker: its queues, not Redis lists, hold the messages
+
+    def _lengths(self, queues: list[str]) -> list[int]:
+        """Messages waiting in each queue: Redis list lengths, or RabbitMQ's ready messages."""
+        if self.amqp is not None:
+            return amqp_lengths(self.amqp, queues)
+        pipe = self.telemetry.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        return [int(n) for n in pipe.execute()]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
@@ -57,24 +70,19 @@ class StoreCollector(Collector):
             value=self.telemetry.active_jobs(),
         )
         help_text = (
-            "Celery messages waiting in the Redis queue lists, bulk and interactive (what KEDA scales on)."
+            "Celery messages waiting in the broker's queues (Redis lists or RabbitMQ queues), bulk "
+            "and interactive, not yet taken by a worker (what KEDA scales on)."
         )
         if self.model_queues is None:
             yield GaugeMetricFamily(
-                "batchvision_queue_tasks",
-                help_text,
-                value=sum(int(self.telemetry.redis.llen(q)) for q in self.queues),
+                "batchvision_queue_tasks", help_text, value=sum(self._lengths(list(self.queues)))
             )
             return
         by_model = self.model_queues()
-        pipe = self.telemetry.redis.pipeline(transaction=False)
-        for queues in by_model.values():
-            for q in queues:
-                pipe.llen(q)
-        lengths = iter(pipe.execute())
+        lengths = iter(self._lengths([q for queues in by_model.values() for q in queues]))
         family = GaugeMetricFamily("batchvision_queue_tasks", help_text + " By model.", labels=["model"])
         for model, queues in by_model.items():
-            family.add_metric([model], sum(int(next(lengths)) for _ in queues))
+            family.add_metric([model], sum(next(lengths) for _ in queues))
         yield family
 
 
@@ -83,10 +91,12 @@ def init_app(
     telemetry: Telemetry,
     queues: tuple[str, ...],
     model_queues: Callable[[], dict[str, tuple[str, ...]]] | None = None,
+    amqp: Settings | None = None,
 ) -> None:
-    """Time every request and serve ``/metrics`` (``model_queues``: the queue gauge by model)."""
+    """Time every request and serve ``/metrics`` (``model_queues``: the queue gauge by model;
+    ``amqp``: the settings of a RabbitMQ broker, whose queues the gauge reads)."""
     store_registry = CollectorRegistry(auto_describe=False)
-    store_registry.register(StoreCollector(telemetry, queues, model_queues))
+    store_registry.register(StoreCollector(telemetry, queues, model_queues, amqp))
 
     @app.before_request
     def _start() -> None:

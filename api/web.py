@@ -1,15 +1,20 @@
 """The web page: ``GET /`` serves ``api/static/index.html``; its CSS and JavaScript modules are
-plain files served by Flask's static route (``/static/...``). No build step, no CDN: the page
+plain files served by Flask's static route (``/static/...``); ``GET /auth`` tells the page whether
+it needs an API key. No build step, no CDN: the page
 talks to ``/v1`` on its own origin, and its Content-Security-Policy allows nothing else."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, Response, request, send_from_directory
 from flask.blueprints import BlueprintSetupState
 
+from api.auth import digest, parse_keys, presented_key
 from api.contract import undocumented
+from api.models import accepted_keys
+from api.services import services
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -31,6 +36,25 @@ def index() -> Response:
     resp.headers["X-Frame-Options"] = "DENY"
     resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
+
+
+@bp.get("/auth")
+@undocumented
+def auth() -> dict[str, Any]:
+    """Does this API want a key, and is the one sent (if any) accepted? Always ``200``: the page
+    asks before its first request, and a browser logs every 4xx answer as a failed resource, so
+    the answer is in the body. It tells no more than any ``/v1`` route's ``401`` would."""
+    allowed = parse_keys(accepted_keys(services().settings))  # admin keys are API keys too
+    if not allowed:
+        return {"keys_required": False, "key_accepted": True, "reason": None}
+    key = presented_key()
+    if key is None:
+        reason = {"code": "unauthorized", "message": "an API key is required"}
+    elif digest(key) not in allowed:
+        reason = {"code": "invalid_api_key", "message": "invalid API key"}
+    else:
+        return {"keys_required": True, "key_accepted": True, "reason": None}
+    return {"keys_required": True, "key_accepted": False, "reason": reason}
 
 
 @bp.after_app_request

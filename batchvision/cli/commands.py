@@ -1,8 +1,10 @@
-"""Client subcommands of ``batchvision``: submit (with progress bars), status, results, cancel."""
+"""Client subcommands of ``batchvision``: submit (with progress bars), status, results, cancel;
+and the exit codes of every client subcommand."""
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import sys
 import time
@@ -19,7 +21,26 @@ from batchvision.core.documents import Job
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.schemas import JobStatus
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_SUBMIT_FAILED = 0, 3, 4
+
+class ExitCode(enum.IntEnum):
+    """Exit status of the client commands (``submit``, ``status``, ``results``, ``cancel``,
+    ``models``, ``reload``); the service commands use ``USAGE`` for a refused configuration."""
+
+    #: Done; for ``submit --wait``: every image has a prediction.
+    OK = 0
+    #: A bad argument (from argparse too), or arguments that do not fit together.
+    USAGE = 2
+    #: ``submit --wait``: the job ended, but not every image has a prediction.
+    SOME_FAILED = 3
+    #: ``submit``: the job could not be submitted (the API refused it, or stayed unreachable).
+    SUBMIT_FAILED = 4
+    #: Any other request (``status``, ``results``, ``cancel``, ``models``, ``reload``, waiting
+    #: after a submit) was refused by the API, or the API stayed unreachable.
+    REQUEST_FAILED = 5
+
+
+EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = ExitCode.OK, ExitCode.USAGE, ExitCode.SOME_FAILED
+EXIT_SUBMIT_FAILED, EXIT_REQUEST_FAILED = ExitCode.SUBMIT_FAILED, ExitCode.REQUEST_FAILED
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
@@ -92,15 +113,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     client = _client(args)
-    if args.urls is not None:  # issue 15: images named by URL, fetched by the workers
+    if args.output and not args.wait:
+        print(
+            "error: -o/--output writes the results once the job is done: add --wait, or fetch "
+            "them later with `batchvision results JOB_ID -o FILE`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.urls is not None:  # images named by URL, fetched by the workers
         if args.paths or args.resume:
             print("error: --urls takes no folders or --resume", file=sys.stderr)
-            return EXIT_SUBMIT_FAILED
+            return EXIT_USAGE
         try:
             entries = manifest.read_file(args.urls)
         except (BatchvisionError, OSError) as exc:
             print(f"error: {args.urls}: {exc}", file=sys.stderr)
-            return EXIT_SUBMIT_FAILED
+            return EXIT_USAGE
         start = time.monotonic()
         job = client.submit_urls(
             [(e.url, e.filename) for e in entries], callback_url=args.callback_url, **job_options(args)
@@ -112,12 +140,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _wait_and_write(client, args, job.job_id, len(entries), start) if args.wait else EXIT_OK
     if not args.paths:
         print("error: give folders or files to upload, or --urls MANIFEST", file=sys.stderr)
-        return EXIT_SUBMIT_FAILED
+        return EXIT_USAGE
     paths = [Path(p) for p in args.paths]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return EXIT_SUBMIT_FAILED
+        return EXIT_USAGE
     total = len(scan(paths).images)
     quiet = args.no_progress
     start = time.monotonic()
@@ -154,7 +182,14 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _wait_and_write(client: Client, args: argparse.Namespace, job_id: str, total: int, start: float) -> int:
-    """``--wait``: a progress bar until the job is final, then the results file (``-o``)."""
+    """``--wait``: a progress bar until the job is final, then the results file (``-o``). The job
+    is submitted by now: a failure from here on is EXIT_REQUEST_FAILED, not EXIT_SUBMIT_FAILED."""
+    return _request_failed_on_error(lambda: _wait_and_write_unguarded(client, args, job_id, total, start))
+
+
+def _wait_and_write_unguarded(
+    client: Client, args: argparse.Namespace, job_id: str, total: int, start: float
+) -> int:
     from tqdm import tqdm
 
     quiet = args.no_progress
@@ -175,6 +210,17 @@ def _wait_and_write(client: Client, args: argparse.Namespace, job_id: str, total
         file=sys.stderr,
     )
     return exit_code(status)
+
+
+def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST_FAILED) -> int:
+    """``call()``, with an API or connection error turned into a message and ``failed``."""
+    try:
+        return call()
+    except ApiError as exc:
+        print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: cannot reach the API: {exc}", file=sys.stderr)
+    return failed
 
 
 def exit_code(status: Job) -> int:
@@ -202,7 +248,7 @@ def register(sub: Any, add: AddFn) -> None:
         )
         return p
 
-    p = common(add("submit", guarded(cmd_submit), "upload a folder or files as one job"))
+    p = common(add("submit", guarded(cmd_submit, EXIT_SUBMIT_FAILED), "upload a folder or files as one job"))
     p.add_argument("paths", nargs="*", help="folders (walked recursively) and image files")
     p.add_argument(
         "--urls",
@@ -211,12 +257,12 @@ def register(sub: Any, add: AddFn) -> None:
         "optional filename column, .jsonl, or .txt with one URL a line); the workers fetch them",
     )
     p.add_argument("--callback-url", help="URL that gets one signed POST when the job is final")
-    # Per-job options (issue 14); the service checks them (422 names what is allowed).
+    # Per-job options; the service checks them (422 names what is allowed).
     p.add_argument("--model", help="model name, or NAME:VERSION (default: the service's default model)")
     p.add_argument("--top-k", type=int, help="classes each result lists (1 to the model's classes)")
     p.add_argument("--min-score", type=float, help="leave classes scoring below this out of top_k (0 to 1)")
     p.add_argument("--wait", action="store_true", help="wait for the end and write the results")
-    p.add_argument("-o", "--output", help="results file (with --wait): .csv, .jsonl or .json")
+    p.add_argument("-o", "--output", help="results file (needs --wait): .csv, .jsonl or .json")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
     p.add_argument("--part-files", type=int, default=64, help="most files per upload request")
     p.add_argument("--part-mb", type=float, default=32.0, help="most megabytes per upload request")
@@ -240,17 +286,14 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("job_id")
 
 
-def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn API and connection errors into a message and EXIT_SUBMIT_FAILED."""
+def guarded(
+    fn: Callable[[argparse.Namespace], int], failed: int = EXIT_REQUEST_FAILED
+) -> Callable[[argparse.Namespace], int]:
+    """Turn API and connection errors into a message and ``failed`` (EXIT_REQUEST_FAILED, or
+    EXIT_SUBMIT_FAILED for ``submit``)."""
 
     def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except ApiError as exc:
-            print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
-        except OSError as exc:
-            print(f"error: cannot reach the API: {exc}", file=sys.stderr)
-        return EXIT_SUBMIT_FAILED
+        return _request_failed_on_error(lambda: fn(args), failed)
 
     run.__doc__ = fn.__doc__
     return run

@@ -119,7 +119,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     os.execv(sys.executable, argv)
 
 
-# -- log format (issue 18) ---------------------------------------------------------------------
+# -- log format ----------------------------------------------------------------------------------
 
 
 def _log_format() -> str:
@@ -158,7 +158,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Issue 14: the models this worker serves (--models, else BATCHVISION_WORKER_MODELS, else
+    # The models this worker serves (--models, else BATCHVISION_WORKER_MODELS, else
     # every model of the repository) decide the queues it consumes; the worker process reads
     # BATCHVISION_WORKER_MODELS to load the same ones.
     try:
@@ -195,7 +195,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         args.loglevel,
     ]
     if s.log_format == "json":
-        # Issue 18: no banner on stdout (every line is a JSON log record; native output of
+        # No banner on stdout (every line is a JSON log record; native output of
         # TensorFlow is turned into records by workers.logs).
         argv.insert(argv.index("worker"), "--quiet")
     os.execv(sys.executable, argv)
@@ -246,7 +246,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
         )
         return 2
     os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "false")
-    if s.log_format == "json":  # issue 18: Flower's (tornado's) log lines as JSON too
+    if s.log_format == "json":  # Flower's (tornado's) log lines as JSON too
         argv[1:3] = ["-m", "batchvision.cli.logexec", "flower", "celery"]
     os.execv(sys.executable, argv)
 
@@ -292,7 +292,9 @@ def _worker_tool(*argv: str) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start the whole stack locally; see :mod:`batchvision.cli.local`."""
+    """Run Redis, the API, a worker and Flower locally, supervised: a service that dies is
+    restarted, one that exits with a fatal error stops the stack (exit code 1), Ctrl-C stops
+    everything."""
     from batchvision.cli.local import up
 
     return up(args)
@@ -322,10 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         "BATCHVISION_WORKER_MODELS, else every model of BATCHVISION_MODELS_DIR and BATCHVISION_MODEL)",
     )
     p.add_argument("--name", help="Celery node name (default worker@HOSTNAME)")
-    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--loglevel", default="INFO", help="Celery's log level (default INFO)")
     p = add("worker-health", cmd_worker_health, "probe: does the local worker still consume?")
-    p.add_argument("--name")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--name", help="the worker's Celery node name (default worker@HOSTNAME)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)")
     p = add("flower", cmd_flower, "run Flower (task monitor) with basic auth")
     p.add_argument("--insecure", action="store_true", help="allow running without credentials")
     p.add_argument(
@@ -335,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", default="", help="an API key's owner id (default: the anonymous installation)")
     add("fetch-weights", cmd_fetch_weights, "download the model's ImageNet weights")
     p = add("demo-model", cmd_demo_model, "train the demo model on synthetic shapes")
-    p.add_argument("--out", default=str(DEFAULT_DEMO_MODEL))
+    p.add_argument("--out", default=str(DEFAULT_DEMO_MODEL), help="the .keras file to write")
     p.add_argument(
         "--kind",
         choices=("shapes", "colours"),
@@ -343,8 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="shapes (the demo model) or colours (the second demo model of the repository)",
     )
     p.add_argument("--epochs", type=int, default=None, help="default: 18 for shapes, 8 for colours")
-    p.add_argument("--min-accuracy", type=float, default=0.95)
-    p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "--min-accuracy", type=float, default=0.95, help="fail unless a fresh held-out set reaches it"
+    )
+    p.add_argument("--force", action="store_true", help="train again even if the file exists")
     p = add("up", cmd_up, "run Redis, API, worker and Flower locally, supervised")
     p.add_argument("--sample", help="classify this folder once the stack is up")
     p.add_argument("--demo", action="store_true", help="classify generated sample images once up")
@@ -359,19 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     from batchvision.cli import commands, model_commands
 
     commands.register(sub, add)
-    model_commands.register(sub, add)  # issue 14: models, reload
+    model_commands.register(sub, add)  # models, reload
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.command)  # issue 18: text, or JSON lines with BATCHVISION_LOG_FORMAT=json
+    setup_logging(args.command)  # text, or JSON lines with BATCHVISION_LOG_FORMAT=json
     try:
         if args.command in SERVICE_COMMANDS:
             unknown = unknown_variables(os.environ)
             if unknown:
                 logging.getLogger("batchvision").warning(
-                    "ignoring unknown variables (typo?): %s; see the README's configuration table",
+                    "ignoring unknown variables (typo?): %s; see docs/reference/configuration.md",
                     ", ".join(unknown),
                 )
         return int(args.fn(args) or 0)

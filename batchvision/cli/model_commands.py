@@ -1,4 +1,4 @@
-"""``batchvision models`` and ``batchvision reload``: the models the workers serve (issue 14)."""
+"""``batchvision models`` and ``batchvision reload``: the models the workers serve."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """One ``Settings`` object, read from ``BATCHVISION_*`` environment variables (pydantic-settings).
 
-Every field is documented here and in the README table (a test keeps the two equal).
+Every field is documented here; the configuration reference of the docs site is generated from
+these fields (docs/reference/configuration.md).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Settings(BaseSettings):
     models_dir: str = _field(
         "",
         "Model repository: `<dir>/<name>/<version>/` with a `.keras`/`.h5` file or a SavedModel, "
-        "`labels.txt` and an optional `config.json` (see the README). `BATCHVISION_MODEL` names "
+        "`labels.txt` and an optional `config.json` (see docs/guides/models.md). `BATCHVISION_MODEL` names "
         "the default model; empty: `BATCHVISION_MODEL` is the only model.",
     )
     worker_models: str = _field(
@@ -174,7 +175,9 @@ class Settings(BaseSettings):
     flower_user: str = _field("", "Flower basic-auth user.")
     flower_password: SecretStr = _field("", "Flower basic-auth password.")
     api_keys: SecretStr = _field(
-        "", "Comma-separated API keys (or their SHA-256 hex digests); empty: no auth."
+        "",
+        "Comma-separated API keys (or their SHA-256 hex digests). Empty: no key is asked for, "
+        "and so `batchvision api` serves only on loopback unless `BATCHVISION_ALLOW_ANONYMOUS=true`.",
     )
     max_queued_images: Annotated[int, Field(ge=0)] = _field(
         0, "Images waiting above which new jobs get `429` (0: no limit)."
@@ -455,7 +458,7 @@ CLIENT_VARIABLES = frozenset({PREFIX + "API_URL", PREFIX + "API_KEY"})
 
 
 def env_table() -> list[tuple[str, str, str]]:
-    """(variable, default, description) for each setting: the README's table."""
+    """(variable, default, description) for each setting: the configuration reference's table."""
     out = []
     for name, info in Settings.model_fields.items():
         default = info.default

@@ -141,23 +141,29 @@ def check_broker(settings: Settings, timeout_s: float = 2.0) -> None:
 def amqp_backlog(settings: Settings, queues: Sequence[str], timeout_s: float = 5.0) -> int:
     """RabbitMQ: messages waiting in ``queues`` (ready, not yet handed to a consumer), from a
     passive declare of each; a queue that does not exist yet counts 0."""
+    return sum(amqp_lengths(settings, queues, timeout_s))
+
+
+def amqp_lengths(settings: Settings, queues: Sequence[str], timeout_s: float = 5.0) -> list[int]:
+    """RabbitMQ: the ready messages of each of ``queues``, over one connection (0 for a queue
+    that does not exist yet)."""
     from kombu.connection import Connection
 
-    total = 0
+    lengths = []
     conn = Connection(broker_url(settings), connect_timeout=timeout_s)  # type: ignore[no-untyped-call, unused-ignore]
     try:
         for name in queues:
             channel = conn.channel()  # type: ignore[no-untyped-call, unused-ignore]
             try:
-                total += int(channel.queue_declare(queue=name, passive=True).message_count)
+                lengths.append(int(channel.queue_declare(queue=name, passive=True).message_count))
             except conn.channel_errors:  # 404: not declared yet (the channel is closed by it)
-                continue
+                lengths.append(0)
             finally:
                 with contextlib.suppress(Exception):
                     channel.close()
     finally:
         conn.release()  # type: ignore[no-untyped-call, unused-ignore]
-    return total
+    return lengths
 
 
 def _amqp_config(settings: Settings) -> dict[str, Any]:

@@ -360,6 +360,25 @@ def test_a_connection_cut_mid_batch_loses_nothing_and_doubles_nothing(fresh: Rig
 
 @pytest.mark.rabbitmq
 @pytest.mark.slow
+def test_the_queue_gauge_counts_rabbitmq_messages(fresh: Rig) -> None:
+    """``batchvision_queue_tasks`` (the dashboard's waiting-tasks panel) reads RabbitMQ's queues
+    when RabbitMQ is the broker, not the Redis lists, which then stay empty."""
+    s = fresh.settings
+    api = f"http://127.0.0.1:{s.api_port}"
+    files = [("files", (name, data, "image/jpeg")) for name, data, _ in labelled_files(12, seed=5)]
+    assert requests.post(f"{api}/v1/jobs", files=files, timeout=30).status_code == 202  # no worker runs
+
+    def gauge() -> float:
+        text = requests.get(f"{api}/metrics", timeout=10).text
+        rows = [line for line in text.splitlines() if line.startswith("batchvision_queue_tasks")]
+        assert rows, text[-2000:]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in rows)
+
+    waiting = amqp_backlog(s, [s.queue, interactive_queue(s)])
+    assert waiting > 0
+    assert gauge() == waiting
+
+
 def test_up_starts_its_own_rabbitmq(tmp_path: Path, demo_model: Path) -> None:
     if not have_rabbitmq():
         pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server; make test does)")

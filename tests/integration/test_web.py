@@ -116,7 +116,7 @@ class Watch:
     def _console(self, msg: ConsoleMessage) -> None:
         if msg.type != "error":
             return
-        # An API answer the page expects and shows (the key probe's 404, a 401, a 429) is
+        # An API answer the page expects and shows (a 401, a 429) is
         # logged by Chromium as a failed resource of /v1: fine. Anything else is a bug.
         url = str(msg.location.get("url", ""))
         if msg.text.startswith("Failed to load resource") and url.startswith(f"{self.origin}/v1/"):

@@ -305,13 +305,34 @@ def test_pyproject_extras_fit_the_images() -> None:
     # very same distribution (else pip installs a second TensorFlow) in a version range that
     # contains the pin.
     pin = _arg_default((ROOT / "Dockerfile.worker").read_text(), "TF_VERSION")
+    # The images are linux/amd64: the requirements whose environment marker holds there (on
+    # ARM the `worker` extra asks for `tensorflow` instead of `tensorflow-cpu`).
+    image_env = {"platform_machine": "x86_64", "sys_platform": "linux", "platform_system": "Linux"}
     for variant, (tf, extra) in WORKER_VARIANTS.items():
         want = Requirement(tf)
-        reqs = [Requirement(r) for r in extras[extra] if Requirement(r).name.startswith("tensorflow")]
+        reqs = [
+            req
+            for req in map(Requirement, extras[extra])
+            if req.name.startswith("tensorflow") and (req.marker is None or req.marker.evaluate(image_env))
+        ]
         assert reqs, f"extra {extra} ({variant} image) lists no TensorFlow"
         for req in reqs:
             assert (req.name, req.extras) == (want.name, want.extras), (variant, str(req))
             assert req.specifier.contains(pin), (variant, str(req), pin)
+
+
+def test_worker_extra_has_tensorflow_on_every_linux_machine() -> None:
+    """`tensorflow-cpu` has wheels for x86-64 only: elsewhere (aarch64) the `worker` extra must
+    ask for `tensorflow`, which has them; exactly one of the two on each machine."""
+    worker = [Requirement(r) for r in _pyproject()["project"]["optional-dependencies"]["worker"]]
+    for machine, want in {"x86_64": "tensorflow-cpu", "aarch64": "tensorflow", "arm64": "tensorflow"}.items():
+        env = {"platform_machine": machine, "sys_platform": "linux", "platform_system": "Linux"}
+        chosen = [
+            r.name
+            for r in worker
+            if r.name.startswith("tensorflow") and (not r.marker or r.marker.evaluate(env))
+        ]
+        assert chosen == [want], (machine, chosen)
 
 
 def test_console_script_resolves() -> None:
@@ -834,12 +855,16 @@ def test_k8s_every_manifest_is_rendered() -> None:
 def test_k8s_images_entries_apply() -> None:
     """kustomize ignores an `images` entry that matches no container (a typo'd name)."""
     checked = 0
+    everywhere = {c["image"] for name in ["base", *OVERLAYS] for o in render(name) for c in _containers(o)}
     for kustomization in KUSTOMIZATIONS:
         spec = yaml.safe_load(kustomization.read_text())
         if not spec.get("images"):
             continue
-        name = "base" if kustomization.parent == K8S / "base" else kustomization.parent.name
-        images = {c["image"] for o in render(name) for c in _containers(o)}
+        if spec.get("kind") == "Component":  # used by several overlays: one of them must match
+            images = everywhere
+        else:
+            name = "base" if kustomization.parent == K8S / "base" else kustomization.parent.name
+            images = {c["image"] for o in render(name) for c in _containers(o)}
         for entry in spec["images"]:
             image = entry.get("newName", entry["name"])
             if "digest" in entry:
@@ -849,6 +874,26 @@ def test_k8s_images_entries_apply() -> None:
             assert image in images, f"{kustomization.relative_to(ROOT)}: {entry} -> {image} not in {images}"
             checked += 1
     assert checked >= 4
+
+
+def test_k8s_images_are_set_in_one_place(tmp_path: Path) -> None:
+    """The operator points the images at a registry in k8s/components/images only, and every
+    overlay follows, the CPU workers included (they once kept the example registry's name)."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    component = copy / "components" / "images" / "kustomization.yaml"
+    text = component.read_text().replace("ghcr.io/example/", "registry.test/team/")
+    component.write_text(text)
+    for name in ["base", *OVERLAYS]:
+        directory = copy / "base" if name == "base" else copy / "overlays" / name
+        objects = [d for d in yaml.load_all(_kustomize(directory), Loader=YAML_LOADER) if d]
+        images = {c["image"] for o in objects for c in _containers(o)}
+        ours = {i for i in images if "batchvision" in i and not i.startswith("rabbitmq")}
+        assert all(i.startswith("registry.test/team/") for i in ours), (name, ours)
+        if name == "cpu":
+            assert "registry.test/team/batchvision-worker:0.1.0-cpu" in images, images
+    others = [p for p in K8S.rglob("kustomization.yaml") if "ghcr.io/example" in p.read_text()]
+    assert others == [K8S / "components" / "images" / "kustomization.yaml"], others
 
 
 # Fields of the custom resources (none of them is known to kubernetes-validate), from the KEDA
@@ -1091,11 +1136,36 @@ def test_k8s_workloads_are_hardened(overlay: str, rendered: _Rendered) -> None:
                     assert ref["key"] in _get(objects, "Secret", ref["name"])["stringData"], (name, ref)
     ns = _get(objects, "Namespace", "batchvision")
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    for name in ("batchvision-api", "batchvision-worker", "batchvision-flower"):
-        containers = _containers(_get(objects, "Deployment", name))
-        assert [c["name"] for c in containers] and all(
-            {"configMapRef", "secretRef"} <= {k for ref in c["envFrom"] for k in ref} for c in containers
-        ), f"{name}: envFrom ConfigMap + Secret"
+    for name, keys in SECRET_KEYS.items():
+        (c,) = _containers(_get(objects, "Deployment", name))
+        assert [ref for ref in c["envFrom"] if "configMapRef" in ref], f"{name}: envFrom the ConfigMap"
+        assert _secret_keys(c) == keys, f"{name}: exactly the secret keys it needs"
+
+
+#: Each component gets only these keys of the Secret `batchvision-secrets`, one by one (never the
+#: whole Secret through envFrom, which would hand the API keys and passwords to every pod).
+SECRET_KEYS = {
+    "batchvision-api": {
+        "BATCHVISION_REDIS_URL",
+        "BATCHVISION_API_KEYS",
+        "BATCHVISION_ADMIN_KEYS",
+        "BATCHVISION_WEBHOOK_SECRET",
+    },
+    "batchvision-worker": {"BATCHVISION_REDIS_URL", "BATCHVISION_WEBHOOK_SECRET"},
+    "batchvision-flower": {"BATCHVISION_REDIS_URL", "BATCHVISION_FLOWER_USER", "BATCHVISION_FLOWER_PASSWORD"},
+}
+
+
+def _secret_keys(container: dict[str, Any], secret: str = "batchvision-secrets") -> set[str]:
+    """The keys of ``secret`` a container reads; fails if it takes the whole Secret."""
+    assert not [r for r in container.get("envFrom", []) if r.get("secretRef", {}).get("name") == secret]
+    keys = set()
+    for var in container.get("env", []):
+        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+        if ref and ref["name"] == secret:
+            assert var["name"] == ref["key"], var
+            keys.add(ref["key"])
+    return keys
 
 
 def _pod_labels(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, str]]]:
@@ -1196,9 +1266,17 @@ def test_k8s_api_and_worker_probes(rendered: _Rendered) -> None:
     worker_deploy = _get(objects, "Deployment", "batchvision-worker")
     (worker,) = _containers(worker_deploy)
     assert worker["command"] == ["batchvision", "worker"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert worker[probe]["exec"]["command"] == ["batchvision", "worker-health"], probe
-        assert worker[probe]["timeoutSeconds"] >= 10, "a Celery ping over the broker is slow"
+    # Liveness (and startup) ask the worker process itself, never the broker: a broker outage
+    # must not restart every worker. Readiness is the Celery ping over the broker.
+    for probe in ("startupProbe", "livenessProbe"):
+        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+        assert "exec" not in worker[probe], probe
+    assert {"name": "metrics", "containerPort": DEFAULTS.worker_metrics_port} in worker["ports"]
+    assert worker["readinessProbe"]["exec"]["command"] == ["batchvision", "worker-health"]
+    assert worker["readinessProbe"]["timeoutSeconds"] >= 10, "a Celery ping over the broker is slow"
+    # The model loads before the metrics endpoint answers: the startup probe waits 10 minutes.
+    startup = worker["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     grace = worker_deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace == 660 and grace > int(config["BATCHVISION_TASK_TIME_LIMIT_S"])
     assert int(config["BATCHVISION_VISIBILITY_TIMEOUT_S"]) > int(config["BATCHVISION_TASK_TIME_LIMIT_S"])
@@ -1461,3 +1539,139 @@ def test_paths_named_in_deploy_files_exist() -> None:
             named += 1
             assert (ROOT / ref).exists(), f"{path.relative_to(ROOT)} names {ref}, which does not exist"
     assert named >= 5, "the scan found the paths"
+
+
+def _policies_for(objects: list[dict[str, Any]], workload: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The NetworkPolicies of ``kind`` (Ingress or Egress) that select ``workload``'s pods."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    out = []
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        if kind not in policy["spec"]["policyTypes"]:
+            continue
+        selector = policy["spec"]["podSelector"]
+        ok = selector.get("matchLabels", {}).items() <= labels.items()
+        for expr in selector.get("matchExpressions", []):
+            ok = ok and labels.get(expr["key"]) in expr["values"]
+        if ok:
+            out.append(policy)
+    return out
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu", "keda", "models", "rabbitmq"])
+def test_k8s_network_policies_cover_every_component(overlay: str, rendered: _Rendered) -> None:
+    objects = rendered[overlay]
+    deny = _get(objects, "NetworkPolicy", "default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+    for workload in _workloads(objects):
+        name = workload["metadata"]["name"]
+        # Beyond the default deny and DNS, each component has a policy of its own both ways
+        # (Redis: ingress only, it opens no connection; RabbitMQ nodes: each other).
+        own_in = [p for p in _policies_for(objects, workload, "Ingress") if p["spec"]["podSelector"]]
+        own_out = [
+            p
+            for p in _policies_for(objects, workload, "Egress")
+            if p["metadata"]["name"] not in ("default-deny", "dns")
+        ]
+        assert own_in, f"{overlay}: {name} admits nothing (no ingress policy of its own)"
+        if workload["metadata"]["name"] != "redis":
+            assert own_out, f"{overlay}: {name} can reach nothing (no egress policy of its own)"
+
+
+def test_k8s_worker_egress_is_the_broker_redis_and_public_addresses(rendered: _Rendered) -> None:
+    """Workers fetch user URLs: their egress must not reach private ranges or cloud metadata."""
+    import ipaddress
+
+    for overlay in ("gpu", "rabbitmq"):
+        objects = rendered[overlay]
+        worker = _get(objects, "Deployment", "batchvision-worker")
+        allowed_pods: set[str] = set()
+        blocks = []
+        for policy in _policies_for(objects, worker, "Egress"):
+            for rule in policy["spec"].get("egress", []):
+                for peer in rule["to"]:
+                    if "ipBlock" in peer:
+                        blocks.append(peer["ipBlock"])
+                    elif "namespaceSelector" in peer:
+                        assert peer["namespaceSelector"]["matchLabels"] == {
+                            "kubernetes.io/metadata.name": "kube-system"
+                        }
+                        assert {p["port"] for p in rule["ports"]} == {53}
+                    else:
+                        allowed_pods.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
+        want = {"redis", "rabbitmq"} if overlay == "rabbitmq" else {"redis"}
+        assert allowed_pods == want, (overlay, allowed_pods)
+        for probe in (
+            "169.254.169.254",
+            "10.0.0.1",
+            "172.16.5.4",
+            "192.168.1.1",
+            "127.0.0.1",
+            "100.64.0.1",
+            "::1",
+            "fd00:ec2::254",
+        ):
+            address = ipaddress.ip_address(probe)
+            reachable = [
+                b
+                for b in blocks
+                if address in ipaddress.ip_network(b["cidr"])
+                and not any(address in ipaddress.ip_network(e) for e in b.get("except", []))
+            ]
+            assert not reachable, (overlay, probe, reachable)
+        assert any(ipaddress.ip_address("93.184.215.14") in ipaddress.ip_network(b["cidr"]) for b in blocks)
+
+
+def test_k8s_ingress_fits_the_clients(rendered: _Rendered) -> None:
+    """ingress-nginx refuses bodies over 1 MB and cuts answers after 60 s by default: the CLI
+    sends parts of up to 32 MB, and POST /v1/classify waits up to SYNC_TIMEOUT_S."""
+    from batchvision.cli.main import build_parser
+
+    objects = rendered["gpu"]
+    (ingress,) = [o for o in objects if o["kind"] == "Ingress"]
+    notes = ingress["metadata"]["annotations"]
+    size = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size.endswith("m") and int(size[:-1]) * 2**20 > 32 * 2**20 + 2**20  # a part plus headers
+    submit = build_parser().parse_args(["submit", "x"])
+    assert submit.part_mb * 2**20 < int(size[:-1]) * 2**20
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(notes[f"nginx.ingress.kubernetes.io/{key}"]) > DEFAULTS.sync_timeout_s + 30, key
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = _get(objects, "Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert _selected(
+        objects, service["spec"]["selector"] and {"matchLabels": service["spec"]["selector"]}
+    ) == [_get(objects, "Deployment", "batchvision-api")]
+    # The API's policy admits the ingress controller's namespace.
+    api = _get(objects, "Deployment", "batchvision-api")
+    sources = [
+        peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+        for policy in _policies_for(objects, api, "Ingress")
+        for rule in policy["spec"].get("ingress", [])
+        for peer in rule["from"]
+    ]
+    assert "ingress-nginx" in sources
+
+
+@pytest.mark.parametrize("overlay", ["keda", "models", "rabbitmq"])
+def test_k8s_keda_sees_every_message_no_worker_is_working_on(overlay: str, rendered: _Rendered) -> None:
+    """A worker reserves WORKER_THREADS messages (Celery: prefetch multiplier 1 times the
+    concurrency), and KEDA's queue length never sees them. So a worker must not reserve more
+    than its admission lets it work on at once; else a backlog hides inside one worker and
+    KEDA never scales out."""
+    from batchvision.core.settings import Settings
+
+    config = _get(rendered[overlay], "ConfigMap", "batchvision-config")["data"]
+    s = Settings.from_env(config)
+    inflight = s.max_inflight_images or 4 * s.max_batch_size
+    assert s.worker_threads * s.chunk_size <= inflight, (s.worker_threads, s.chunk_size, inflight)
+    prefetch = _celery_prefetch_multiplier()
+    assert prefetch == 1, "KEDA's arithmetic above assumes one message per task thread"
+
+
+def _celery_prefetch_multiplier() -> int:
+    from batchvision.core.settings import Settings
+    from batchvision.server.queue import create_celery
+
+    return int(create_celery(Settings()).conf.worker_prefetch_multiplier)

@@ -147,8 +147,10 @@ def test_k8s_api_workers_and_flower_get_the_broker_url_from_a_secret() -> None:
     )
     for name in ("batchvision-api", "batchvision-worker", "batchvision-flower"):
         (container,) = _get("Deployment", name)["spec"]["template"]["spec"]["containers"]
-        refs = [r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r]
-        assert refs == ["batchvision-secrets", "batchvision-broker"], name  # the patch appended it
+        assert not [r for r in container["envFrom"] if "secretRef" in r], f"{name}: no whole Secret"
+        broker = [v for v in container["env"] if v["name"] == "BATCHVISION_BROKER_URL"]
+        ref = {"name": "batchvision-broker", "key": "BATCHVISION_BROKER_URL"}
+        assert [v["valueFrom"]["secretKeyRef"] for v in broker] == [ref], name  # the patch appended it
         assert "BATCHVISION_BROKER_URL" not in str(_get("ConfigMap", "batchvision-config")["data"])
     # The Erlang cookie and the password stay with the RabbitMQ pods.
     assert "batchvision-rabbitmq" not in str([_get("Deployment", n) for n in ("batchvision-api",)])

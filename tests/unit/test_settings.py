@@ -1,13 +1,13 @@
-"""Settings from the environment, and the README table that documents them."""
+"""Settings from the environment (the configuration reference generated from them is checked
+by tests/unit/test_docs.py)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from batchvision.core.settings import Settings, env_table
+from batchvision.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,10 +34,3 @@ def test_round_trip_through_env() -> None:
 def test_visibility_timeout_exceeds_task_time_limit_by_default() -> None:
     s = Settings()
     assert s.visibility_timeout_s > s.task_time_limit_s
-
-
-def test_readme_table_lists_every_setting_with_its_default() -> None:
-    readme = (ROOT / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `(BATCHVISION_[A-Z0-9_]+)` \| `([^`]*)` \|", readme, re.M))
-    expected = {name: default for name, default, _ in env_table()}
-    assert rows == expected

@@ -76,18 +76,21 @@ function showKeySection(required) {
   $("key-input").value = state.key;
 }
 
-/** Ask the API whether it wants a key: a 401 for a job that cannot exist says so, its 404
- * says the key (or none) is accepted. */
+/** Ask the API whether it wants a key and takes the one kept here. `GET /auth` answers 200
+ * either way (a 4xx would be logged by the browser as a failed resource). */
 async function probeAuth() {
+  let answer;
   try {
-    await api.request("GET", `/v1/jobs/${"0".repeat(32)}`, { attempts: 3 });
+    answer = await api.request("GET", "/auth", { attempts: 3 });
   } catch (err) {
-    if (err instanceof ApiError && err.status === 401) return; // onUnauthorized showed the field
-    if (err instanceof ApiError && (err.status === 404 || err.status === 400)) {
-      if (state.key) showKeySection(false);
-      return;
-    }
     showError(err, "The API did not answer");
+    return;
+  }
+  if (answer.keys_required && !answer.key_accepted) {
+    const { code, message } = answer.reason || { code: "unauthorized", message: "an API key is required" };
+    api.onUnauthorized(new ApiError(401, code, message));
+  } else if (state.key) {
+    showKeySection(false);
   }
 }
 

@@ -1,0 +1,87 @@
+"""The client commands' exit codes, as the documentation's table gives them: a real (tiny) HTTP
+server answers each request with an API error document, and the command's exit status names
+what failed."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from batchvision.cli.commands import ExitCode
+from batchvision.cli.main import main
+
+JOB = "0" * 32
+
+
+class _Refuses(BaseHTTPRequestHandler):
+    """Every request gets ``404 not_found`` (GET) or ``422 no_valid_images`` (anything else)."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        status, code = (404, "not_found") if self.command == "GET" else (422, "no_valid_images")
+        body = json.dumps({"error": {"code": code, "message": "refused by the test", "details": []}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def api_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuses)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    from batchvision.core.synthetic import labelled_files
+
+    name, data, _ = next(labelled_files(1, seed=1))
+    (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["status", JOB], ["results", JOB], ["cancel", JOB], ["models"], ["reload", "shapes"]],
+    ids=lambda a: a[0],
+)
+def test_a_refused_request_is_request_failed(api_url: str, argv: list[str]) -> None:
+    assert main([*argv, "--api-url", api_url]) == ExitCode.REQUEST_FAILED == 5
+
+
+def test_a_refused_submission_is_submit_failed(api_url: str, image: Path) -> None:
+    code = main(["submit", str(image), "--no-progress", "--api-url", api_url, "--retry-for", "0"])
+    assert code == ExitCode.SUBMIT_FAILED == 4
+
+
+def test_output_without_wait_is_a_usage_error(
+    api_url: str, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["submit", str(image), "-o", str(image / "out.csv"), "--api-url", api_url])
+    assert code == ExitCode.USAGE == 2
+    assert "--wait" in capsys.readouterr().err
+
+
+def test_a_missing_folder_is_a_usage_error(api_url: str, tmp_path: Path) -> None:
+    assert main(["submit", str(tmp_path / "nope"), "--api-url", api_url]) == ExitCode.USAGE
+
+
+def test_the_codes_are_distinct() -> None:
+    assert len({int(c) for c in ExitCode}) == len(ExitCode)
