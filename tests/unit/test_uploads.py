@@ -35,3 +35,23 @@ def test_several_roots_keep_their_names(tmp_path: Path) -> None:
     assert [rel for rel, _ in found.images] == ["a/x/1.jpg", "b/x/1.jpg"]
     assert found.skipped == ["a/notes.txt"]
     assert [rel for rel, _ in scan([tmp_path / "a"]).images] == ["x/1.jpg"]
+
+
+def test_a_request_that_goes_on_waiting_lets_go_of_its_body() -> None:
+    from io import BytesIO
+
+    from werkzeug.test import EnvironBuilder
+
+    from api.uploads import UploadRequest
+
+    payload = b"x" * 100_000
+    environ = EnvironBuilder(method="POST", data={"files": (BytesIO(payload), "a.jpg")}).get_environ()
+    request = UploadRequest(environ)
+    part = request.files["files"]
+    assert part.read() == payload
+    raw = UploadRequest(EnvironBuilder(method="POST", data=payload, content_type="image/jpeg").get_environ())
+    assert raw.get_data() == payload
+    for req in (request, raw):
+        req.release_body()
+        assert not {"files", "form", "_cached_data"} & set(req.__dict__)
+    assert part.stream.closed  # the in-memory copy of the part is freed
