@@ -22,7 +22,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.services import Services
     from api.uploads import UploadRequest
     from batchvision.core.settings import Settings
-    from batchvision.server.queue import interactive_queue, uses_amqp
+    from batchvision.server.queue import uses_amqp
+    from batchvision.server.routing import interactive_queue
 
     settings = settings or Settings.from_env()
     from batchvision.core.imaging import warm_up
@@ -49,19 +50,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         models.queues_of(svc),
         amqp=settings if uses_amqp(settings) else None,
     )
-    # -- tracing (issue 18): a no-op unless the otel extra and an OTLP endpoint/trace file --
+    # -- tracing: a no-op unless the otel extra and an OTLP endpoint/trace file --
     from api import tracing as request_spans
     from batchvision.server import tracing
 
     tracing.setup("batchvision-api", settings)
     request_spans.init_app(app)
-    auth.init_app(
-        app, models.accepted_keys(settings), settings.allowed_hosts
-    )  # issue 14: admin keys are API keys too
+    auth.init_app(app, models.accepted_keys(settings), settings.allowed_hosts)  # admin keys are API keys too
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(job_list.bp)  # GET /v1/jobs: the caller's jobs
-    app.register_blueprint(models.bp)  # issue 14: GET /v1/models, POST /v1/models/<name>/reload
+    app.register_blueprint(models.bp)  # GET /v1/models, POST /v1/models/<name>/reload
     app.register_blueprint(web.bp)  # GET / (the page); its files are the app's /static
     app.register_blueprint(docs.bp)
     app.register_blueprint(inference.bp)  # /v2: the Open Inference Protocol

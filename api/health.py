@@ -42,7 +42,7 @@ def readyz() -> dict[str, Any]:
         services().redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         raise ServiceUnavailable(f"Redis is unreachable: {exc}", code="redis_unreachable") from exc
-    # -- issue 16: a broker other than Redis (RabbitMQ) must accept a connection too ---------
+    # -- a broker other than Redis (RabbitMQ) must accept a connection too ---------
     try:
         check_broker(services().settings)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready

@@ -24,7 +24,7 @@ from batchvision import __version__
 from batchvision.core.errors import BatchvisionError, NotFound, ServiceUnavailable, TooManyRequests
 from batchvision.server import inference as v2
 from batchvision.server.intake import Upload, check
-from batchvision.server.models import READY
+from batchvision.server.registry import READY
 from batchvision.server.routing import default_model
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")

@@ -17,8 +17,8 @@ from api.uploads import UploadRequest, read_uploads
 from batchvision.core import documents as d
 from batchvision.core import manifest
 from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
-from batchvision.core.models import JobOptions
-from batchvision.core.schemas import csv_lines, jsonl_lines
+from batchvision.core.model_refs import JobOptions
+from batchvision.core.results import csv_lines, jsonl_lines
 from batchvision.server import webhooks
 from batchvision.server.idempotency import Claim
 from batchvision.server.intake import JOB_ID_SLOT, Submitted
@@ -107,7 +107,7 @@ def _added(submitted: Submitted) -> dict[str, Any]:
 
 
 def _options(svc: Services, params: d.OptionsQuery) -> JobOptions:
-    """The per-job options of the query (issue 14), checked against the models the workers
+    """The per-job options of the query, checked against the models the workers
     serve: ``422 invalid_option`` names the option and what is allowed."""
     return svc.intake.options(params.model, params.top_k, params.min_score)
 
@@ -123,7 +123,7 @@ def _new_job(
     return job_id
 
 
-# -- issue 15: images by URL (a JSON body or a manifest) and completion webhooks ----------------
+# -- images by URL (a JSON body or a manifest) and completion webhooks ----------------
 
 #: A placeholder job id: its status URL, with the id's place marked, is what the webhook shows.
 _SLOT_ID = "0" * 32
@@ -201,7 +201,7 @@ _UPLOAD_ERRORS = {
 }
 _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAccepted, links=c.JOB_LINKS)
 
-# The submit body: the upload forms, plus (issue 15) a JSON body naming images by URL (either
+# The submit body: the upload forms, plus a JSON body naming images by URL (either
 # JSON document: `urls` makes it a UrlJob) and manifests (CSV, JSON Lines, URI list).
 _SUBMIT_BODY = c.upload_body(archive=True, json_model=d.OpenJob)
 _SUBMIT_BODY["application/json"] = {

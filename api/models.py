@@ -1,7 +1,7 @@
-"""``/v1/models``: the models the workers serve, their versions, and reloads (issue 14).
+"""``/v1/models``: the models the workers serve, their versions, and reloads.
 
 The API holds no model: it reads the registry the workers write
-(:mod:`batchvision.server.models`). A reload is for admin keys only
+(:mod:`batchvision.server.registry`). A reload is for admin keys only
 (``BATCHVISION_ADMIN_KEYS``); it moves the live pointer when it names a version and asks the
 workers serving the model to look again, then answers ``202`` at once: ``GET /v1/models`` shows
 the outcome (the live version, or a refused version with its reason).
@@ -20,7 +20,7 @@ from api.services import Services, services
 from batchvision.core import documents as d
 from batchvision.core import model_documents as md
 from batchvision.core.errors import NotFound, Unauthorized, UnsupportedMediaType
-from batchvision.core.models import InvalidOption
+from batchvision.core.model_refs import InvalidOption
 from batchvision.core.settings import Settings
 from batchvision.server.routing import default_model, model_queues
 

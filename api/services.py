@@ -13,8 +13,8 @@ from batchvision.server.blobs import BlobStore, open_blobs
 from batchvision.server.connect import connect_redis
 from batchvision.server.idempotency import Idempotency
 from batchvision.server.intake import Intake
-from batchvision.server.models import ModelRegistry
 from batchvision.server.queue import Enqueuer, create_celery
+from batchvision.server.registry import ModelRegistry
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.waiter import Waiter
@@ -31,7 +31,7 @@ class Services:
     intake: Intake
     waiter: Waiter
     idempotency: Idempotency
-    models: ModelRegistry  # issue 14: what the workers serve (GET /v1/models, submit checks)
+    models: ModelRegistry  # what the workers serve (GET /v1/models, submit checks)
 
     @classmethod
     def create(cls, settings: Settings) -> Services:

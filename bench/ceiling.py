@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--latency-images", type=int, default=50)
     args = ap.parse_args()
 
-    from workers.model import load_classifier
+    from workers.keras_model import load_classifier
 
     clf = load_classifier(Settings.from_env(model=args.model, weights=args.weights))
     clf.warm_up()

@@ -10,7 +10,7 @@ Same generated photo-like JPEG set (640x480 and 1440x1080 mixed) and the same mo
     python bench/e2e.py [--images 256] [--model mobilenet_v2] [--latency-jobs 30]
                         [--broker redis --broker rabbitmq]
 
-``--broker`` (issue 16, repeatable): run (b) and (c) once per broker, side by side, with the CPU
+``--broker`` (repeatable): run (b) and (c) once per broker, side by side, with the CPU
 seconds the broker process used during (b) (with RabbitMQ, Redis still holds jobs and uploads:
 its CPU is shown too). RabbitMQ is a private ``rabbitmq-server`` (Debian's package).
 """
@@ -35,7 +35,7 @@ from batchvision.testing.servers import RabbitMQServer
 
 def ceiling(folder: Path, settings: Settings, batch: int = 32) -> float:
     """Images/s of decode-then-predict in this process, no queue."""
-    from workers.model import load_classifier
+    from workers.keras_model import load_classifier
 
     clf = load_classifier(settings)
     clf.warm_up()
@@ -53,7 +53,7 @@ def batch1_latency(settings: Settings, n: int = 50) -> float:
     """p50 seconds of one bare model call on one image (the latency floor)."""
     import numpy as np
 
-    from workers.model import load_classifier
+    from workers.keras_model import load_classifier
 
     clf = load_classifier(settings)
     w, h = clf.input_size

@@ -30,7 +30,7 @@ _model: Any = None
 def classify(image_b64: str) -> str:
     global _model
     if _model is None:
-        from workers.model import load_classifier
+        from workers.keras_model import load_classifier
 
         _model = load_classifier(settings)
     image = decode_image(base64.b64decode(image_b64), _model.input_size, max_pixels=10**8)

@@ -52,7 +52,7 @@ def build_repo(keras_file: Path, root: Path) -> Path:
 
 def model_only(repo: Path, images: int, batch: int) -> dict[str, float]:
     """images/s of predict() alone, per lane."""
-    from workers.model import load_version
+    from workers.keras_model import load_version
 
     entries = scan(repo)
     out = {}

@@ -37,7 +37,7 @@ compare within one run.
                                [--skip-peers] [--quick] [--json bench/out/small_jobs.json]
                                [--broker redis --broker rabbitmq]
 
-``--broker`` (issue 16, repeatable): parts 2 and 3 run once per broker in each round, side by
+``--broker`` (repeatable): parts 2 and 3 run once per broker in each round, side by
 side; with RabbitMQ (a private ``rabbitmq-server``) part 3 also counts its CPU per job.
 """
 

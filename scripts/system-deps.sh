@@ -8,7 +8,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need+=(prometheus)
 # ip (iproute2): the multi-host tests build network namespaces.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
-# rabbitmq-server: the RabbitMQ variants of the reliability suite (issue 16) start their own
+# rabbitmq-server: the RabbitMQ variants of the reliability suite start their own
 # node from Debian's package (batchvision/cli/rabbitmq_server.py), never the system's service.
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

@@ -21,14 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "fetch-weights":
         from batchvision.core.settings import Settings
-        from workers.model import fetch_weights
+        from workers.keras_model import fetch_weights
 
         print(f"weights cached under {fetch_weights(Settings.from_env())}")
         return 0
     from workers.demo_model import train_colour_model, train_demo_model
 
     out = Path(args.out)
-    if args.kind == "colours":  # issue 14: the second demo model
+    if args.kind == "colours":  # the second demo model
         accuracy = train_colour_model(out, epochs=args.epochs or 8)
     else:
         accuracy = train_demo_model(out, epochs=args.epochs or 18)

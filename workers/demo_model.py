@@ -63,7 +63,7 @@ def _conv_block(filters: int) -> list[Any]:
     ]
 
 
-# -- the second demo model (issue 14): colours ----------------------------------------------------
+# -- the second demo model: colours ----------------------------------------------------
 
 
 def train_colour_model(

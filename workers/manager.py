@@ -33,11 +33,11 @@ from PIL import Image
 from batchvision.core.batching import BatchInfo, DynamicBatcher
 from batchvision.core.classifier import ImageClassifier
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.models import JobOptions
-from batchvision.core.schemas import prediction
+from batchvision.core.model_refs import JobOptions
+from batchvision.core.results import prediction
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints, tracing
-from batchvision.server.models import FAILED, READY
+from batchvision.server.registry import FAILED, READY
 from batchvision.server.repository import ModelEntry, VersionDir, parse_model_list, repository, select
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def _live_of(served: ServedModel) -> Callable[[], Loaded]:
 
 
 def _default_loader(version: VersionDir, settings: Settings) -> ImageClassifier:
-    from workers.model import load_version
+    from workers.keras_model import load_version
 
     return load_version(version, settings)
 

@@ -45,7 +45,7 @@ MODEL_LOAD = Gauge(
     "batchvision_model_load_seconds", "Seconds it took to load and warm up the models at start."
 )
 MODEL = Info("batchvision_model", "A model this worker serves and the device it runs on.", ["model"])
-# -- versions and reloads (issue 14) -----------------------------------------------------------
+# -- versions and reloads -----------------------------------------------------------
 LIVE_VERSION = Gauge(
     "batchvision_model_live_version", "The version of each model this worker has live.", ["model"]
 )

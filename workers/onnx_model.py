@@ -1,7 +1,7 @@
 """ONNX models, run by ONNX Runtime: ``MODELS_DIR/<name>/<version>/model.onnx`` with its labels.
 
 Served in the same lanes, batching, versions and reloads as Keras models (this is only the
-loader :func:`workers.model.load_version` calls for them). Nothing here imports TensorFlow: a
+loader :func:`workers.keras_model.load_version` calls for them). Nothing here imports TensorFlow: a
 worker that serves only ONNX models needs the ``onnx`` install extra (ONNX Runtime), not
 TensorFlow. The CUDA execution provider is used where ONNX Runtime has it (the
 ``onnxruntime-gpu`` wheel on a GPU host), the CPU one otherwise.

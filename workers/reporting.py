@@ -1,4 +1,4 @@
-"""What a worker tells the model registry (:mod:`batchvision.server.models`) about the models it
+"""What a worker tells the model registry (:mod:`batchvision.server.registry`) about the models it
 serves, and what it hears: each version's state (found, ready, failed with the reason), each
 model's live version, a heartbeat of which worker serves which version (and the registry written
 again if Redis lost it), the watcher of new version folders, and reload requests (pub/sub).
@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from batchvision.server.models import FAILED, FOUND, READY, ModelRegistry
+from batchvision.server.registry import FAILED, FOUND, READY, ModelRegistry
 from workers.manager import ModelManager, ServedModel
 
 log = logging.getLogger(__name__)

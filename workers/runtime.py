@@ -39,10 +39,10 @@ from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import DeadLetterConsumer, DeadLetters
 from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
 from batchvision.server.messages import Chunk
-from batchvision.server.models import ModelRegistry
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
 from batchvision.server.queue import amqp_backlog, create_celery, dead_letter_queue, publish, uses_amqp
 from batchvision.server.recovery import Sweeper, sweep
+from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import BatchLog, Telemetry

@@ -19,7 +19,7 @@ from batchvision.client.bulk import scan, submit_folder
 from batchvision.core import manifest
 from batchvision.core.documents import Job
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.schemas import JobStatus
+from batchvision.core.results import JobStatus
 
 
 class ExitCode(enum.IntEnum):

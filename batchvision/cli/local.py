@@ -39,7 +39,7 @@ def stack(
     if redis is not None:
         ready = functools.partial(redis_answers, redis.url)
         services.append(Service("redis", redis.argv(), {}, url=redis.url, infrastructure=True, ready=ready))
-    if rabbitmq is not None:  # -- issue 16
+    if rabbitmq is not None:
         rabbitmq.prepare()
         shown = f"amqp://{rabbitmq.user}:***@127.0.0.1:{rabbitmq.port}//"
         ready = functools.partial(amqp_answers, rabbitmq.url)

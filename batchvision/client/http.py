@@ -155,7 +155,7 @@ class Client:
             self._json("POST", "/v1/jobs", params=params, json=body, headers=_idempotency())
         )
 
-    # -- issue 15: images by URL, completion webhooks ---------------------------------------------
+    # -- images by URL, completion webhooks ---------------------------------------------
 
     def submit_urls(
         self, urls: Iterable[str | tuple[str, str | None]], callback_url: str | None = None, **options: Any
@@ -310,7 +310,7 @@ class Client:
                     tmp.unlink(missing_ok=True)
                     raise
 
-    # -- issue 14: models ------------------------------------------------------------------------
+    # -- models ------------------------------------------------------------------------
 
     def models(self) -> ModelList:
         """``GET /v1/models``: the default model and every model's versions, live version,
@@ -331,7 +331,7 @@ class Client:
 def job_options(
     model: str | None = None, top_k: int | None = None, min_score: float | None = None
 ) -> dict[str, Any]:
-    """The query parameters of per-job options (issue 14); unknown names are a ``TypeError``."""
+    """The query parameters of per-job options; unknown names are a ``TypeError``."""
     given = {"model": model, "top_k": top_k, "min_score": min_score}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from batchvision.core.models import MAX_TOP_K, REF_PATTERN
-from batchvision.core.schemas import JobStatus
+from batchvision.core.model_refs import MAX_TOP_K, REF_PATTERN
+from batchvision.core.results import JobStatus
 
 #: A job id: 32 lowercase hex digits (a UUID4 without dashes).
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -46,7 +46,7 @@ class ErrorDocument(BaseModel):
     error: ErrorBody
 
 
-# -- images by URL and completion webhooks (issue 15) -----------------------------------------
+# -- images by URL and completion webhooks -----------------------------------------
 
 #: Longest image or callback URL (the same limit as batchvision.core.manifest.MAX_URL_LENGTH).
 MAX_URL_LENGTH = 2048
@@ -206,7 +206,7 @@ class OpenJob(BaseModel):
         None,
         min_length=1,
         max_length=MAX_URL_LENGTH,
-        description="http(s) URL that gets one signed POST when the job is final (issue 15)",
+        description="http(s) URL that gets one signed POST when the job is final",
     )
 
 
@@ -247,7 +247,7 @@ class ResultsQuery(BaseModel):
 
 
 class OptionsQuery(BaseModel):
-    """Per-job options (issue 14), in the query of every route that creates a job. Their
+    """Per-job options, in the query of every route that creates a job. Their
     ranges are checked against the model at submit time: ``422 invalid_option`` names the
     option and what is allowed."""
 

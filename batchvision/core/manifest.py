@@ -1,4 +1,4 @@
-"""Manifests: lists of image URLs a job names instead of carrying the images (issue 15).
+"""Manifests: lists of image URLs a job names instead of carrying the images.
 
 Pure parsing, no network: the API reads a manifest body with it, the CLI a local file. Three
 forms, each up to a configured number of entries:

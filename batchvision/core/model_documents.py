@@ -1,4 +1,4 @@
-"""The documents of the model routes (issue 14): ``GET /v1/models`` and
+"""The documents of the model routes: ``GET /v1/models`` and
 ``POST /v1/models/{name}/reload``. Pure pydantic, like :mod:`batchvision.core.documents`."""
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
         "`caffe`, `torch`, `unit` (0..1).",
     )
     top_k: Annotated[int, Field(ge=1, le=1000)] = _field(5, "How many classes each result lists in `top_k`.")
-    # -- several models, versions, live reload (issue 14) --------------------------------------
+    # -- several models, versions, live reload --------------------------------------
     models_dir: str = _field(
         "",
         "Model repository: `<dir>/<name>/<version>/` with a `.keras`/`.h5` file or a SavedModel, "
@@ -226,7 +226,7 @@ class Settings(BaseSettings):
         "can submit and read jobs). Without keys and without this, `batchvision api` refuses to "
         "listen beyond loopback.",
     )
-    # -- images by URL and completion webhooks (issue 15) -----------------------------------
+    # -- images by URL and completion webhooks -----------------------------------
     fetch_allow: str = _field(
         "",
         "Hosts and networks that image URLs may reach although the address rules "
@@ -309,7 +309,7 @@ class Settings(BaseSettings):
         "Address a worker's Prometheus `/metrics` listens on (`batchvision up`: `127.0.0.1`).",
     )
 
-    # -- broker (issue 16) ------------------------------------------------------------------
+    # -- broker ------------------------------------------------------------------
     broker_url: str = _field(
         "",
         "Celery broker: empty for the Redis of `REDIS_URL`, or `amqp://user:password@host:5672/vhost` "

@@ -123,7 +123,7 @@ def photo_like(size: tuple[int, int], seed: int, quality: int = 90) -> bytes:
     return encode(Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8)), quality=quality)
 
 
-# -- the second demo model (issue 14): colours ---------------------------------------------------
+# -- the second demo model: colours ---------------------------------------------------
 
 #: The classes of the colour demo model, with their hue in degrees.
 COLOURS = {"red": 0, "orange": 30, "yellow": 58, "green": 120, "blue": 225, "purple": 280}

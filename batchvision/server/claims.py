@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from batchvision.core.models import OPTION_FIELDS
+from batchvision.core.model_refs import OPTION_FIELDS
 from batchvision.server import keys, lua
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk

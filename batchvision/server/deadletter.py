@@ -37,7 +37,7 @@ from kombu.entity import Exchange
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
-from batchvision.core.schemas import canceled_result, error_result
+from batchvision.core.results import canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server.blobs import BlobStore
 from batchvision.server.claims import Claims

@@ -19,8 +19,8 @@ import redis
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
 from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import UrlEntry
-from batchvision.core.models import JobOptions, resolve_options
-from batchvision.core.schemas import error_result
+from batchvision.core.model_refs import JobOptions, resolve_options
+from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
@@ -28,10 +28,10 @@ from batchvision.server.fetch import AllowList, FetchError, url_blob, url_proble
 from batchvision.server.idempotency import Claim, commit
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import split
-from batchvision.server.models import ModelRegistry
 from batchvision.server.queue import Enqueuer
 from batchvision.server.quotas import Quotas
 from batchvision.server.recovery import ledger_add
+from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
@@ -176,7 +176,7 @@ class Intake:
         self, model: str | None = None, top_k: int | None = None, min_score: float | None = None
     ) -> JobOptions:
         """A job's options checked against the models the workers announced:
-        :class:`~batchvision.core.models.InvalidOption` (422) names what is wrong."""
+        :class:`~batchvision.core.model_refs.InvalidOption` (422) names what is wrong."""
         return resolve_options(
             model=model,
             top_k=top_k,

@@ -71,7 +71,7 @@ WEBHOOKS = f"{PREFIX}:webhooks"
 WEBHOOK_SECRET = f"{PREFIX}:webhook-secret"
 
 
-#: Several models (issue 14): the registry the workers write and the API reads.
+#: Several models: the registry the workers write and the API reads.
 MODELS = f"{PREFIX}:models"
 MODELS_CONTROL = f"{PREFIX}:models:control"
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from batchvision.core.batching import DynamicBatcher
-from batchvision.core.models import JobOptions
+from batchvision.core.model_refs import JobOptions
 
 
 class Lane(Protocol):

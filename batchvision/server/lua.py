@@ -44,7 +44,7 @@ if v[5] == '1' and not v[6] and
   redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('ZREM', K_ACTIVE, ARGV[3])
   release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
-  -- issue 15: a completion webhook is queued in the same step (durable: no process holds it)
+  -- a completion webhook is queued in the same step (durable: no process holds it)
   if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
     redis.call('HSET', K_JOB, 'cb_state', 'pending')
     redis.call('ZADD', K_WEBHOOKS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])

@@ -25,8 +25,8 @@ import numpy as np
 from batchvision.core.batching import Admission
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
-from batchvision.core.models import JobOptions
-from batchvision.core.schemas import canceled_result, error_result
+from batchvision.core.model_refs import JobOptions
+from batchvision.core.results import canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore

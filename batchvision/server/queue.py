@@ -21,22 +21,17 @@ from kombu.exceptions import OperationalError
 
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
+from batchvision.server.coalescer import Coalescer
 from batchvision.server.connect import SOCKET_TIMEOUT_S
-from batchvision.server.dispatch import Coalescer
 from batchvision.server.messages import Chunk, ClassifyMessage
-from batchvision.server.routing import default_model, queue_for
+from batchvision.server.routing import default_model, interactive_queue, queue_for
 
 log = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "batchvision.classify"
 
 
-def interactive_queue(settings: Settings) -> str:
-    """The queue of small jobs, served ahead of bulk chunks."""
-    return f"{settings.queue}.interactive"
-
-
-# -- broker selection (issue 16): Redis (default) or RabbitMQ ------------------------------
+# -- broker selection: Redis (default) or RabbitMQ ------------------------------
 
 #: URL schemes of RabbitMQ (kombu's py-amqp transport).
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -280,7 +275,7 @@ def publish(
     ``contexts``: the trace context of each item's request, when another thread publishes.
     ``model``: the items' model (all of one model), whose queues the message goes to
     (:mod:`~batchvision.server.routing`; ``None``: the default model)."""
-    # -- tracing and logs (issue 18): the message's headers carry the enqueue span's context.
+    # -- tracing and logs: the message's headers carry the enqueue span's context.
     queue = queue_for(settings, model, interactive)
     task_id = str(uuid.uuid4())
     message = ClassifyMessage(tuple(items), enqueued_at, interactive)
@@ -310,7 +305,7 @@ def publish(
 
 class Enqueuer:
     """Sends chunks: bulk ones one message each, interactive ones coalesced across requests
-    (see :mod:`batchvision.server.dispatch`), each message carrying up to a batch of images.
+    (see :mod:`batchvision.server.coalescer`), each message carrying up to a batch of images.
     Each model has its own queues and its own coalescer: a message never carries two models."""
 
     def __init__(self, app: Celery, settings: Settings) -> None:

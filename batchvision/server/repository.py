@@ -21,7 +21,7 @@ model folder's ``labels.txt``; an application defaults to the ImageNet labels.
 
 ``BATCHVISION_MODEL`` keeps working as a one-model shortcut: a ``keras.applications`` name or a
 path (or a ``py:`` plugin) is served as version 1 of a model named after it
-(:func:`batchvision.core.models.model_name_of`). When it is the name of a repository model, it
+(:func:`batchvision.core.model_refs.model_name_of`). When it is the name of a repository model, it
 only says which model is the default.
 
 To add a version without a worker ever seeing half of it, copy it under a temporary name (say
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchvision.core.models import NAME_RE, RESERVED_NAMES, model_name_of
+from batchvision.core.model_refs import NAME_RE, RESERVED_NAMES, model_name_of
 from batchvision.core.settings import Settings
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx")
@@ -118,7 +118,7 @@ def shortcut_entry(settings: Settings) -> ModelEntry:
     name = model_name_of(spec)
     path = Path(spec)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    # Loaded exactly as before the repository existed (workers.model.load_classifier(settings)).
+    # Loaded exactly as before the repository existed (workers.keras_model.load_classifier(settings)).
     version = VersionDir(
         model=name,
         version=1,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from batchvision.core.models import model_name_of
+from batchvision.core.model_refs import model_name_of
 from batchvision.core.settings import Settings
 
 
@@ -26,22 +26,22 @@ def bulk_queue(settings: Settings, model: str | None = None) -> str:
     return f"{settings.queue}.{model}"
 
 
-def interactive_queue_of(settings: Settings, model: str | None = None) -> str:
+def interactive_queue(settings: Settings, model: str | None = None) -> str:
     """The queue of ``model``'s small jobs, served ahead of its bulk chunks."""
     return f"{bulk_queue(settings, model)}.interactive"
 
 
 def queue_for(settings: Settings, model: str | None, interactive: bool) -> str:
-    return interactive_queue_of(settings, model) if interactive else bulk_queue(settings, model)
+    return interactive_queue(settings, model) if interactive else bulk_queue(settings, model)
 
 
 def worker_queues(settings: Settings, models: Iterable[str]) -> list[str]:
     """What a worker serving ``models`` consumes, in the order it reads them: every interactive
     queue first, then the bulk ones."""
     names = list(dict.fromkeys(models))
-    return [interactive_queue_of(settings, m) for m in names] + [bulk_queue(settings, m) for m in names]
+    return [interactive_queue(settings, m) for m in names] + [bulk_queue(settings, m) for m in names]
 
 
 def model_queues(settings: Settings, models: Iterable[str]) -> dict[str, tuple[str, str]]:
     """``{model: (bulk, interactive)}`` for gauges and the chunk sweeper."""
-    return {m: (bulk_queue(settings, m), interactive_queue_of(settings, m)) for m in models}
+    return {m: (bulk_queue(settings, m), interactive_queue(settings, m)) for m in models}

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-from batchvision.core.models import NAME_RE as MODEL_NAME_RE
-from batchvision.core.schemas import canceled_result, entry, status_of
+from batchvision.core.model_refs import NAME_RE as MODEL_NAME_RE
+from batchvision.core.results import canceled_result, entry, status_of
 from batchvision.server import keys, lua
 from batchvision.server.job_list import index_job
 from batchvision.server.keys import JobKeys
@@ -108,7 +108,7 @@ class JobStore:
     ) -> None:
         """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`.
         With ``pipe`` (a Redis pipeline) the writes are only queued on it. ``options``: the
-        job's per-job options (:meth:`JobOptions.to_hash <batchvision.core.models.JobOptions.to_hash>`),
+        job's per-job options (:meth:`JobOptions.to_hash <batchvision.core.model_refs.JobOptions.to_hash>`),
         which set ``model`` too."""
         key = JobKeys.of(job_id).job
         own = pipe is None

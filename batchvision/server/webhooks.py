@@ -47,7 +47,7 @@ from typing import Any
 
 import redis
 
-from batchvision.core.schemas import status_of
+from batchvision.core.results import status_of
 from batchvision.core.settings import Settings
 from batchvision.server import keys
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body

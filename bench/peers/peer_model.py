@@ -5,7 +5,7 @@ equal to batchvision's (bench/small_jobs.py compares them with it):
   (as ``batchvision.core.imaging.decode_image``);
 - model: Keras ``MobileNetV2(weights=None)`` (real compute, no download), ``tf`` input scaling
   (-1..1), called through one ``tf.function`` with a dynamic batch dimension: one model call per
-  batch (as ``workers.model.Classifier``, minus its padding to fixed batch sizes).
+  batch (as ``workers.keras_model.Classifier``, minus its padding to fixed batch sizes).
 
 Runs inside the peers' virtualenvs (bench/peers/.venv-*), which do not have batchvision: it only
 reads the ImageNet labels file that ships with the project.

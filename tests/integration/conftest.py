@@ -50,8 +50,8 @@ from batchvision.client import Client
 from batchvision.core.batching import BatchInfo, DynamicBatcher
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
-from batchvision.core.models import JobOptions
-from batchvision.core.schemas import prediction
+from batchvision.core.model_refs import JobOptions
+from batchvision.core.results import prediction
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode
 from batchvision.server import keys
@@ -212,7 +212,7 @@ def reference_labels() -> ReferenceLabels:
 
     Service results are checked against the model itself, never against how well it happened to
     train: the trained weights depend on the machine's numerics, the pipeline must not."""
-    model_mod = importlib.import_module("workers.model")
+    model_mod = importlib.import_module("workers.keras_model")
     loaded: dict[Path, Any] = {}
 
     def labels(model: Path, files: Sequence[tuple[str, bytes]]) -> list[str]:

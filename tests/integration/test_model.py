@@ -16,9 +16,9 @@ from batchvision.core.synthetic import CLASSES, dataset
 
 @pytest.fixture(scope="module")
 def model_mod() -> ModuleType:
-    """``workers.model``, imported by the first test that needs it: TensorFlow takes seconds to
+    """``workers.keras_model``, imported by the first test that needs it: TensorFlow takes seconds to
     import, which collecting the suite (``-m "not integration"`` included) must not pay."""
-    return importlib.import_module("workers.model")
+    return importlib.import_module("workers.keras_model")
 
 
 def _predict(model_mod: ModuleType, settings: Settings) -> tuple[Any, np.ndarray]:

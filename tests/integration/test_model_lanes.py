@@ -1,4 +1,4 @@
-"""The chunk processor with several models (issue 14), in-process against a private
+"""The chunk processor with several models, in-process against a private
 redis-server: each job's images go to the lane of its model with its own options; a chunk of a
 model this worker does not serve is handed on untouched (no result, no delivery counted, still
 in the ledger); a pinned version that cannot be loaded is a per-image error."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchvision.core.models import JobOptions
+from batchvision.core.model_refs import JobOptions
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk

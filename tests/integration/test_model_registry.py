@@ -1,4 +1,4 @@
-"""The model registry (issue 14) against a private redis-server: what workers announce is what
+"""The model registry against a private redis-server: what workers announce is what
 the API lists and checks submits against; heartbeats count the workers serving each model and
 forget the silent ones; a reload request moves the live pointer and reaches the subscribers."""
 
@@ -9,9 +9,9 @@ import time
 
 import redis as redis_lib
 
-from batchvision.core.models import ModelFacts
+from batchvision.core.model_refs import ModelFacts
 from batchvision.server import keys
-from batchvision.server.models import FAILED, FOUND, HEARTBEAT_TTL_S, READY, ModelRegistry
+from batchvision.server.registry import FAILED, FOUND, HEARTBEAT_TTL_S, READY, ModelRegistry
 
 
 def test_announcements_make_the_listing_and_the_submit_facts(scratch_redis: redis_lib.Redis) -> None:

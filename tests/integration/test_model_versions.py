@@ -1,4 +1,4 @@
-"""Loading repository versions (issue 14) with TensorFlow: a .keras file with its labels, a
+"""Loading repository versions with TensorFlow: a .keras file with its labels, a
 SavedModel with the model folder's labels, a keras.applications entry, and the checks that
 refuse a version (outputs that do not match the labels, an input size that contradicts the
 model)."""
@@ -21,7 +21,7 @@ from batchvision.server.repository import scan
 
 @pytest.fixture(scope="module")
 def model_mod() -> ModuleType:
-    return importlib.import_module("workers.model")
+    return importlib.import_module("workers.keras_model")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Several models, versions and live reloads (issue 14), with real processes: a model
+"""Several models, versions and live reloads, with real processes: a model
 repository of two demo models (shapes, colours), the API, and a worker that serves both.
 
 - Jobs for both models, submitted concurrently, get each model's own labels and never share

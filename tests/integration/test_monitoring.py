@@ -64,7 +64,7 @@ def test_metrics_move_by_exactly_the_job(
     after_w, after_a = scrape(worker_url), scrape(f"{api_url}/metrics")
 
     def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
-        # Summed over the series of other labels too (issue 14: worker metrics are by model).
+        # Summed over the series of other labels too (worker metrics are by model).
         return series(after, key) - series(before, key)
 
     assert delta(after_w, before_w, 'batchvision_images_classified_total{outcome="ok"}') == 40

@@ -49,7 +49,7 @@ SLEEP_S = 0.25  # per batch of 16: about 64 images/s per worker
 #: The API's longest answer while Redis is unreachable. A request that needs Redis fails on
 #: its first command, after one reply or connect timeout (SOCKET_TIMEOUT_S); a submission
 #: whose job was stored just before the cut fails in its publish, which the API retries
-#: twice (up to three timeouts); a small one waits for the shared publisher (dispatch.py) at
+#: twice (up to three timeouts); a small one waits for the shared publisher (coalescer.py) at
 #: most 30 s. Clients wait 60 s (batchvision.Client's default, the API's gunicorn timeout).
 API_BOUND_S = 30 + 2 * SOCKET_TIMEOUT_S
 CLIENT_TIMEOUT_S = 60

@@ -65,7 +65,7 @@ def _version(root: Path, name: str, model_file: Path) -> None:
 def test_the_onnx_export_gives_the_keras_models_labels(
     demo_model: Path, onnx_file: Path, tmp_path: Path
 ) -> None:
-    model_mod = __import__("workers.model", fromlist=["load_version"])
+    model_mod = __import__("workers.keras_model", fromlist=["load_version"])
     _version(tmp_path, "shapes", demo_model)
     _version(tmp_path, NAME, onnx_file)
     entries = scan(tmp_path)

@@ -1,4 +1,4 @@
-"""RabbitMQ as the broker (issue 16): what only RabbitMQ has. The faults both brokers share
+"""RabbitMQ as the broker: what only RabbitMQ has. The faults both brokers share
 (kill -9, SIGTERM, restarts, outages, poison image, pickle) are in test_reliability.py.
 
 With real processes (marked ``rabbitmq``; a private rabbitmq-server on free ports, Redis, the API,
@@ -56,10 +56,10 @@ from batchvision.server.queue import (
     dead_letter_queue,
     dead_letter_queue_object,
     delivery_limit,
-    interactive_queue,
     task_queue,
 )
 from batchvision.server.recovery import chunk_member, ledger_add
+from batchvision.server.routing import interactive_queue
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 from batchvision.testing.servers import RabbitMQServer, have_rabbitmq

@@ -4,7 +4,7 @@ a poison image, result expiry, start-up checks, a pickle message pushed into the
 This module runs its own Redis, API and workers with a short visibility timeout, so it can
 kill and restart them without disturbing the rest of the suite.
 
-Issue 16: the faults that concern the queue run on both brokers (``@on_both_brokers``): Redis,
+the faults that concern the queue run on both brokers (``@on_both_brokers``): Redis,
 and RabbitMQ (a private ``rabbitmq-server``, marked ``rabbitmq``). With RabbitMQ, "the broker"
 restarts and goes down as well as Redis, which stays the job store.
 """

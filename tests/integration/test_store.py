@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from batchvision.core.schemas import error_result
+from batchvision.core.results import error_result
 from batchvision.server import keys
 from batchvision.server.claims import Claims
 from batchvision.server.keys import JobKeys

@@ -1,4 +1,4 @@
-"""Images by URL (issue 15), end to end with real processes: a hostile HTTP server on loopback
+"""Images by URL, end to end with real processes: a hostile HTTP server on loopback
 serves 300 images and every kind of bad answer; a private stack (Redis, API, worker) whose
 allow-list lets it reach 127.0.0.1 and nothing else private fetches them. Every URL must end with
 exactly one result: a classification, or the error code its hostility deserves."""

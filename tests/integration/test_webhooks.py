@@ -1,4 +1,4 @@
-"""Completion webhooks (issue 15) with real processes: a receiver on loopback that refuses the
+"""Completion webhooks with real processes: a receiver on loopback that refuses the
 first deliveries with 503, or holds the first one while its worker is killed with SIGKILL, must
 end with exactly one accepted delivery carrying a valid signature; a delivery pending while no
 worker runs at all is sent once one starts."""

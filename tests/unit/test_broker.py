@@ -1,4 +1,4 @@
-"""The broker choice (issue 16) without any process: settings, the Celery configuration each
+"""The broker choice without any process: settings, the Celery configuration each
 broker gets, the delivery limit against the poison-image path, `batchvision up`'s choice, and
 how a dead-lettered message is read."""
 
@@ -19,9 +19,9 @@ from batchvision.server.queue import (
     create_celery,
     dead_letter_queue,
     delivery_limit,
-    interactive_queue,
     uses_amqp,
 )
+from batchvision.server.routing import interactive_queue
 
 AMQP = "amqp://batchvision:pw@rabbit.example:5672/"
 
@@ -81,7 +81,7 @@ def test_rabbitmq_gets_quorum_queues_confirms_and_dead_lettering() -> None:
 
 
 def test_any_other_queue_is_declared_like_the_task_queues() -> None:
-    # Another model's queues (issue 14), a worker's --queues: never a classic queue, which would
+    # Another model's queues, a worker's --queues: never a classic queue, which would
     # also clash with the quorum queue of that name (PRECONDITION_FAILED).
     s = Settings.from_env({"BATCHVISION_BROKER_URL": AMQP})
     app = create_celery(s)

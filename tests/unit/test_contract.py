@@ -12,7 +12,7 @@ from openapi_spec_validator import validate
 from api import contract as c
 from api import create_app
 from batchvision.core import documents as d
-from batchvision.core.schemas import JobStatus
+from batchvision.core.results import JobStatus
 from batchvision.core.settings import Settings
 
 

@@ -40,7 +40,7 @@ from packaging.version import Version
 
 from batchvision.cli.main import COMMANDS
 from batchvision.core.settings import PREFIX, Settings
-from batchvision.server.queue import interactive_queue
+from batchvision.server.routing import interactive_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -125,8 +125,8 @@ def _pyproject() -> dict[str, Any]:
 
 
 def _known_models() -> set[str]:
-    """Keys of workers/model.py's APPLICATIONS, read with ast (importing it loads TensorFlow)."""
-    tree = ast.parse((ROOT / "workers" / "model.py").read_text())
+    """Keys of workers/keras_model.py's APPLICATIONS, read with ast (importing it loads TensorFlow)."""
+    tree = ast.parse((ROOT / "workers" / "keras_model.py").read_text())
     for node in tree.body:
         if (
             isinstance(node, ast.Assign)
@@ -134,7 +134,7 @@ def _known_models() -> set[str]:
             and isinstance(node.value, ast.Dict)
         ):
             return {ast.literal_eval(k) for k in node.value.keys if k is not None}
-    raise AssertionError("workers/model.py: no APPLICATIONS dict")
+    raise AssertionError("workers/keras_model.py: no APPLICATIONS dict")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1429,7 +1429,7 @@ def test_worker_model_is_known_and_the_same_everywhere() -> None:
     """The worker image bakes in one model's weights: the Dockerfile's default, the compose
     defaults, .env.example, the ConfigMap and Settings must name the same model, and the
     worker must know it."""
-    assert DEFAULTS.model in _known_models(), f"{DEFAULTS.model} is not in workers/model.py"
+    assert DEFAULTS.model in _known_models(), f"{DEFAULTS.model} is not in workers/keras_model.py"
     assert _arg_default((ROOT / "Dockerfile.worker").read_text(), "BATCHVISION_MODEL") == DEFAULTS.model
     compose = set()
     for text in _compose_sources().values():

@@ -1,4 +1,4 @@
-"""RabbitMQ in the deployment files (issue 16): the compose profile `rabbitmq` and the Kubernetes
+"""RabbitMQ in the deployment files: the compose profile `rabbitmq` and the Kubernetes
 overlay k8s/overlays/rabbitmq (a 3-node StatefulSet, KEDA's RabbitMQ scaler).
 
 The generic checks of every compose file and every overlay (schemas, strict validation, wiring
@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from batchvision.core.settings import PREFIX, Settings
-from batchvision.server.queue import interactive_queue, uses_amqp
+from batchvision.server.queue import uses_amqp
+from batchvision.server.routing import interactive_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAY = ROOT / "k8s" / "overlays" / "rabbitmq"

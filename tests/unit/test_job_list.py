@@ -8,7 +8,7 @@ import pytest
 
 from batchvision.core.errors import BadRequest
 from batchvision.core.job_list import JobListQuery
-from batchvision.core.schemas import JobStatus
+from batchvision.core.results import JobStatus
 from batchvision.server.job_list import cursor_of, parse_cursor
 
 

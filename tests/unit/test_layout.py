@@ -168,8 +168,8 @@ def test_the_graph_sees_the_whole_tree() -> None:
     # Each role exists and its known edges are seen, lazy ones included: a rule over an
     # empty or blind graph would pass for nothing.
     assert {"batchvision.core.settings", "batchvision.server.keys", "batchvision.client.http"} <= GRAPH.keys()
-    assert "batchvision.cli.main" in GRAPH and "workers.model" in GRAPH and "api.jobs" in GRAPH
-    assert "tensorflow" in GRAPH["workers.model"]
+    assert "batchvision.cli.main" in GRAPH and "workers.keras_model" in GRAPH and "api.jobs" in GRAPH
+    assert "tensorflow" in GRAPH["workers.keras_model"]
     assert "batchvision.cli.local" in GRAPH["batchvision.cli.main"]  # imported inside a function
     assert "urllib3.connectionpool" in GRAPH["batchvision.client.retry"]  # imported for type checking
 

@@ -1,4 +1,4 @@
-"""The worker's model manager (issue 14) with stand-in models (no TensorFlow, no Redis): a new
+"""The worker's model manager with stand-in models (no TensorFlow, no Redis): a new
 version goes live between two batches while images stream through, so no batch holds two
 versions and every output names its version; a version that fails is refused and the live one
 stays; pinned versions, the operator's live pointer, and the fallback at start."""
@@ -18,7 +18,7 @@ import pytest
 
 from batchvision.core.batching import BatchInfo
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.models import JobOptions
+from batchvision.core.model_refs import JobOptions
 from batchvision.core.settings import Settings
 from batchvision.server.repository import VersionDir
 from workers.manager import ModelLane, ModelManager, Scored

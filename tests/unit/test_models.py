@@ -1,4 +1,4 @@
-"""Several models (issue 14), without processes: names and references, per-job options and
+"""Several models, without processes: names and references, per-job options and
 their checks, the repository on disk, the per-model queues, the client's and CLI's options."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchvision.core.models import (
+from batchvision.core.model_refs import (
     InvalidOption,
     JobOptions,
     ModelFacts,
@@ -18,10 +18,10 @@ from batchvision.core.models import (
     model_name_of,
     resolve_options,
 )
-from batchvision.core.schemas import prediction
+from batchvision.core.results import prediction
 from batchvision.core.settings import Settings
 from batchvision.server.repository import RepositoryError, parse_model_list, repository, scan, select
-from batchvision.server.routing import bulk_queue, interactive_queue_of, model_queues, worker_queues
+from batchvision.server.routing import bulk_queue, interactive_queue, model_queues, worker_queues
 
 KNOWN = {
     "shapes": ModelFacts("shapes", live=2, versions={1: 6, 2: 6, 3: None}),
@@ -243,12 +243,12 @@ def test_a_worker_selects_its_models(tmp_path: Path) -> None:
 
 def test_the_default_model_keeps_the_queue_names_and_others_get_their_own() -> None:
     s = Settings.from_env({}, model="shapes")
-    assert (bulk_queue(s), interactive_queue_of(s)) == ("batchvision", "batchvision.interactive")
-    assert (bulk_queue(s, "shapes"), interactive_queue_of(s, "shapes")) == (
+    assert (bulk_queue(s), interactive_queue(s)) == ("batchvision", "batchvision.interactive")
+    assert (bulk_queue(s, "shapes"), interactive_queue(s, "shapes")) == (
         "batchvision",
         "batchvision.interactive",
     )
-    assert (bulk_queue(s, "colours"), interactive_queue_of(s, "colours")) == (
+    assert (bulk_queue(s, "colours"), interactive_queue(s, "colours")) == (
         "batchvision.colours",
         "batchvision.colours.interactive",
     )

@@ -1,4 +1,4 @@
-"""Several models in the deployment files (issue 14): compose and Kubernetes run one worker
+"""Several models in the deployment files: compose and Kubernetes run one worker
 deployment per model, each consuming (and, with KEDA, scaled on) its own model's queues only,
 all reading one model repository; the Grafana dashboard shows the worker metrics by model.
 
@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from batchvision.core.settings import PREFIX, Settings
-from batchvision.server.routing import bulk_queue, interactive_queue_of, worker_queues
+from batchvision.server.routing import bulk_queue, interactive_queue, worker_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = Settings()
@@ -154,7 +154,7 @@ def test_k8s_runs_one_worker_deployment_per_model_each_scaled_on_its_queues() ->
     assert set(scaled) == set(deployments)
     for name, model in served.items():
         lists = [t["metadata"]["listName"] for t in scaled[name]["spec"]["triggers"]]
-        assert lists == [bulk_queue(settings, model), interactive_queue_of(settings, model)], name
+        assert lists == [bulk_queue(settings, model), interactive_queue(settings, model)], name
     assert any(
         o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "batchvision-models"
         for o in objects

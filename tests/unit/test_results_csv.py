@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from batchvision.core.schemas import csv_cell, csv_lines, entry, error_result, jsonl_lines
+from batchvision.core.results import csv_cell, csv_lines, entry, error_result, jsonl_lines
 
 
 @pytest.mark.parametrize("name", ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchvision.core.schemas import (
+from batchvision.core.results import (
     CSV_COLUMNS,
     JobStatus,
     csv_lines,

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from batchvision.core.models import ModelFacts
+from batchvision.core.model_refs import ModelFacts
 from batchvision.server import keys
 
 #: A worker whose heartbeat is older than this no longer counts as serving a model.

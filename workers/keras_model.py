@@ -243,7 +243,7 @@ def _device() -> str:
     return gpus[0].name if gpus else "/device:CPU:0"
 
 
-# -- several models, versions (issue 14) -------------------------------------------------------
+# -- several models, versions -------------------------------------------------------
 
 
 class ModelMismatch(ValueError):

@@ -1,5 +1,5 @@
-"""Several models (issue 14): a worker's memory with one and with two models loaded, and the
-time a reload takes (``python bench/models.py``; needs ``make models``).
+"""Several models: a worker's memory with one and with two models loaded, and the
+time a reload takes (``python bench/model_reload.py``; needs ``make models``).
 
 For each configuration it starts Redis, the API and one worker on a copy of models/repo,
 classifies 500 images per model served, reads the worker's RSS, then adds a version 2 of

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from batchvision.server.dispatch import Coalescer
+from batchvision.server.coalescer import Coalescer
 
 
 def test_an_idle_submit_is_sent_at_once_even_with_a_long_linger() -> None:
