@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -182,15 +183,19 @@ def test_docker_kill_of_a_worker_mid_job_loses_nothing(stack: Any, wait_until: A
 def test_compose_stop_of_the_workers_finishes_or_requeues(stack: Any, wait_until: Any) -> None:
     _wait_healthy(stack, wait_until, {WORKER})
     client = _client(stack)
-    job = client.submit_files(_files(480, seed=13))
-    wait_until(_progress(client, job.job_id, 16), timeout=120, interval=0.1, message="the job started")
-    stack.compose("stop", WORKER)
-    assert client.status(job.job_id).done < 480, "the stop came after the job ended"
-    for name in stack.containers(WORKER, all_states=True):
-        state = stack.docker.inspect(name)["State"]
-        assert (state["Running"], state["ExitCode"]) == (False, 0), (name, state)
-    stack.compose("start", WORKER)
-    _assert_exactly_once(client, job.job_id, 480)
+    job = client.submit_files(_files(960, seed=13))
+    started = wait_until(
+        _progress(client, job.job_id, 8), timeout=120, interval=0.05, message="the job started"
+    )
+    assert started.done < 960, "the job ended before the stop"
+    try:
+        stack.compose("stop", WORKER)
+        for name in stack.containers(WORKER, all_states=True):
+            state = stack.docker.inspect(name)["State"]
+            assert (state["Running"], state["ExitCode"]) == (False, 0), (name, state)
+    finally:
+        stack.compose("start", WORKER)
+    _assert_exactly_once(client, job.job_id, 960)
 
 
 def test_redis_restart_mid_job_loses_nothing(stack: Any, wait_until: Any) -> None:
@@ -243,3 +248,20 @@ def test_down_keeps_results_and_down_v_removes_them(stack: Any, wait_until: Any)
         f"{stack.api_url}/v1/jobs/{job.job_id}", headers={"X-API-Key": stack.api_key}, timeout=10
     )
     assert gone.status_code == 404, gone.text
+
+
+def test_rabbitmq_profile_is_the_broker(stack: Any, wait_until: Any) -> None:
+    password = secrets.token_hex(16)
+    stack.env.update(
+        RABBITMQ_PASSWORD=password,
+        BATCHVISION_BROKER_URL=f"amqp://batchvision:{password}@rabbitmq:5672/",
+    )
+    stack.compose("--profile", "rabbitmq", "up", "-d", "--scale", f"{WORKER}=1")
+    _wait_healthy(stack, wait_until, {"rabbitmq", "api", WORKER})
+    client = _client(stack)
+    job = client.submit_files(_files(32, seed=16))
+    _assert_exactly_once(client, job.job_id, 32)
+    # The tasks went through RabbitMQ: the workers declared their quorum queue there.
+    (node,) = stack.containers("rabbitmq")
+    queues = stack.docker.run("exec", node, "rabbitmqctl", "-q", "list_queues", "name", "type").stdout
+    assert re.search(r"^batchvision\s+quorum$", queues, re.M), queues
