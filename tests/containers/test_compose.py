@@ -210,6 +210,7 @@ def test_redis_restart_mid_job_loses_nothing(stack: Any, wait_until: Any) -> Non
 def test_prometheus_scrapes_api_and_workers_with_every_rule(stack: Any, wait_until: Any) -> None:
     stack.compose("--profile", "monitoring", "up", "-d", "prometheus")
     url = f"http://127.0.0.1:{stack.env['PROMETHEUS_PUBLISH_PORT']}"
+    workers = len(stack.containers(WORKER))
 
     def targets() -> Any:
         try:
@@ -219,10 +220,10 @@ def test_prometheus_scrapes_api_and_workers_with_every_rule(stack: Any, wait_unt
         up = {}
         for t in active:
             up.setdefault(t["labels"]["job"], []).append(t["health"])
-        ok = up.get("batchvision-api") == ["up"] and up.get("batchvision-worker", []).count("up") == 3
+        ok = up.get("batchvision-api") == ["up"] and up.get("batchvision-worker", []).count("up") == workers
         return up if ok else None
 
-    wait_until(targets, timeout=120, interval=2, message="api and the 3 workers scraped")
+    wait_until(targets, timeout=120, interval=2, message=f"api and the {workers} workers scraped")
     groups = requests.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
     loaded = {r["name"] for g in groups for r in g["rules"]}
     import yaml
