@@ -46,6 +46,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if integration in item.path.parents:
             item.add_marker(pytest.mark.integration)
+        if TESTS / "containers" in item.path.parents:
+            item.add_marker(pytest.mark.containers)
 
 
 class WaitUntil(Protocol):

@@ -23,7 +23,22 @@ def main(argv: list[str] | None = None) -> int:
         from batchvision.core.settings import Settings
         from workers.keras_model import fetch_weights
 
-        print(f"weights cached under {fetch_weights(Settings.from_env())}")
+        settings = Settings.from_env()
+        try:
+            cached = fetch_weights(settings)
+        except Exception as exc:  # Keras raises a bare Exception for "URL fetch failure"
+            print(
+                f"could not download the ImageNet weights of BATCHVISION_MODEL={settings.model}: {exc}\n"
+                "This step needs the internet (storage.googleapis.com). Offline, serve a model of a "
+                "repository instead: BATCHVISION_MODEL=<its name> with the repository mounted at "
+                "BATCHVISION_MODELS_DIR (compose/docker-compose.cpu.yml mounts ../models/repo).",
+                file=sys.stderr,
+            )
+            return 1
+        if cached is None:
+            print(f"BATCHVISION_MODEL={settings.model} is no Keras application: no weights to download")
+        else:
+            print(f"weights cached under {cached}")
         return 0
     from workers.demo_model import train_colour_model, train_demo_model
 

@@ -178,8 +178,11 @@ def _load_plugin(spec: str, settings: Settings) -> ImageClassifier:
     return classifier
 
 
-def fetch_weights(settings: Settings) -> Path:
-    """Download the ImageNet weights of an application model into the Keras cache."""
+def fetch_weights(settings: Settings) -> Path | None:
+    """Download the ImageNet weights of an application model into the Keras cache; ``None``
+    when ``BATCHVISION_MODEL`` is no application (a file or a repository model: nothing to fetch)."""
+    if settings.model not in APPLICATIONS:
+        return None
     load_classifier(settings.replace(weights="imagenet"))
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
 
