@@ -98,7 +98,7 @@ def test_non_public_addresses_are_refused_with_the_reason(address: str, kind: st
         "8.8.8.8",
         "2606:4700::1111",
         "::ffff:8.8.8.8",
-        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: public, as the README promises
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: public, as the docs promise
         "2002:808:808::1",  # 6to4 of 8.8.8.8
         "192.0.1.1",  # next to 192.0.0.0/24, outside it
     ],
@@ -376,13 +376,13 @@ def test_webhook_signatures_verify_and_reject_tampering() -> None:
         b"t=1700000000,v1=ab",
     ],
 )
-def test_verify_says_false_to_malformed_headers_and_the_readme_example_too(header: Any) -> None:
+def test_verify_says_false_to_malformed_headers_and_the_documented_example_too(header: Any) -> None:
     secret = webhooks.signing_secret(b"server-secret", "owner-1")
     assert webhooks.verify(secret, b"{}", header, now=1_700_000_100) is False
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    snippet = readme.split("```python\nimport hashlib, hmac, time\n", 1)[1].split("```", 1)[0]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "urls-webhooks.md").read_text()
+    snippet = page.split("```python\nimport hashlib, hmac, time\n", 1)[1].split("```", 1)[0]
     scope: dict[str, Any] = {}
-    exec("import hashlib, hmac, time\n" + snippet, scope)  # the README's receiver example
+    exec("import hashlib, hmac, time\n" + snippet, scope)  # the documented receiver example
     assert scope["verify"](secret, b"{}", header) is False
     good = webhooks.sign(secret, b"{}")
     assert scope["verify"](secret, b"{}", good) is True and webhooks.verify(secret, b"{}", good)
