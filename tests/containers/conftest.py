@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,7 @@ def _reset(docker: Docker) -> None:
 
 
 @pytest.fixture(scope="module")
-def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
+def docker(tmp_path_factory: pytest.TempPathFactory, wait_until: Callable[..., Any]) -> Iterator[Docker]:
     reason = why_docker_cannot_run()
     if reason:
         pytest.skip(f"container tier skipped: {reason}")
@@ -168,10 +168,9 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
         finally:
             pid = int((state / "dockerd.pid").read_text())
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                time.sleep(0.2)
-            if Path(f"/proc/{pid}").exists():
+            try:
+                wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=60, interval=0.2)
+            except AssertionError:  # dockerd did not stop within a minute
                 os.kill(pid, signal.SIGKILL)
             _unmount_below(state)
             shutil.rmtree(state, ignore_errors=True)
