@@ -224,7 +224,9 @@ def test_dockerfile_api() -> None:
     assert _arg_default(text, "EXTRAS") == "api"
     installs = [a for w, a in instrs if w == "RUN" and "pip install" in a]
     project = [a for a in installs if "./[" in a or ".[" in a]
-    assert project == ['pip install --no-cache-dir "./[${EXTRAS}]"'], installs
+    assert project == ['pip install --no-cache-dir -c requirements.lock "./[${EXTRAS}]"'], installs
+    # Every package comes at the version of the lock (pip itself is pinned by PIP_VERSION).
+    assert all("-c requirements.lock" in a for a in installs if '"pip==' not in a), installs
     for line in installs:
         assert not re.search(r"tensorflow|keras|worker|gpu", line, re.I), line
     final = _final_stage(instrs)
@@ -245,8 +247,18 @@ def test_dockerfile_worker() -> None:
     assert _arg_default(text, "WORKER_VARIANT") == "gpu", "GPU build by default"
     assert re.fullmatch(r"\d+\.\d+\.\d+", _arg_default(text, "TF_VERSION")), "TensorFlow pinned"
     installs = [a for w, a in instrs if w == "RUN" and "pip install" in a]
-    assert any('pip install --no-cache-dir "${tf}==${TF_VERSION}"' in a for a in installs)
-    assert any('pip install --no-cache-dir "./[${extra}]"' in a for a in installs)
+    lock = "-c /tmp/requirements.lock"
+    assert any(f'pip install --no-cache-dir {lock} "${{tf}}==${{TF_VERSION}}"' in a for a in installs)
+    assert any(f'pip install --no-cache-dir {lock} "./[${{extra}}]"' in a for a in installs)
+    assert all(
+        lock in line
+        for a in installs
+        for line in a.split("&&")
+        if "pip install" in line and '"pip==' not in line
+    ), installs
+    # TF_VERSION is the lock's: an image never differs from what the tests ran.
+    locked = re.search(r"^tensorflow-cpu==(\S+)", (ROOT / "requirements.lock").read_text(), re.M)
+    assert locked and locked.group(1) == _arg_default(text, "TF_VERSION")
     for variant, (tf, _extra) in WORKER_VARIANTS.items():
         assert f'{variant}) tf="{tf}"' in text, variant
     assert "extra=worker" in text and "= gpu ]; then extra=gpu; fi" in text
@@ -276,7 +288,15 @@ def test_dockerignore_keeps_sources_out_of_junk() -> None:
         for p in (ROOT / ".dockerignore").read_text().splitlines()
         if p.strip() and not p.startswith("#")
     ]
-    for needed in [".git", ".venv", "tests", "**/__pycache__", ".pytest_cache", "bench"]:
+    for needed in [
+        ".git",
+        ".venv",
+        "tests",
+        "batchvision/testing",
+        "**/__pycache__",
+        ".pytest_cache",
+        "bench",
+    ]:
         assert needed in patterns, needed
     # What `pip install .` needs must stay in the context.
     for kept in ["pyproject.toml", "api", "workers", "batchvision", "README.md", "*"]:
