@@ -296,7 +296,8 @@ def _infer(name: str, version: str | None) -> Response:
     if not svc.waiter.wait(job_id, svc.settings.sync_timeout_s):
         svc.store.cancel(job_id)  # nobody will ask for it: free the workers
         raise ServiceUnavailable(f"no result within {svc.settings.sync_timeout_s:g} s; retry later")
-    _, rows = svc.store.snapshot(job_id, rows=len(uploads))
+    _, stored = svc.store.snapshot(job_id, rows=len(uploads))
+    rows = [row.document() for row in stored]
     for row in rows:
         if row["status"] != "ok":
             err = row.get("error") or {"code": row["status"], "message": row["status"]}

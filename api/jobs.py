@@ -18,7 +18,7 @@ from batchvision.core import documents as d
 from batchvision.core import manifest
 from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
 from batchvision.core.model_refs import JobOptions
-from batchvision.core.results import csv_lines, jsonl_lines
+from batchvision.core.results import Row, csv_lines, jsonl_lines
 from batchvision.server import webhooks
 from batchvision.server.idempotency import Claim
 from batchvision.server.intake import JOB_ID_SLOT, Submitted
@@ -387,7 +387,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     job, rows = svc.store.snapshot(job_id, rows=count)
     if job is None or job["owner"] != current_owner():  # expired within the wait: as GET would
         job = _job_or_404(svc, job_id)
-    return {**_public(job), "results": rows}, 200
+    return {**_public(job), "results": [row.document() for row in rows]}, 200
 
 
 @bp.get("/jobs/<job_id>")
@@ -478,9 +478,9 @@ def get_results(job_id: str) -> Response:
     return resp
 
 
-def _json_stream(job: dict[str, Any], offset: int, rows: Iterator[dict[str, Any]]) -> Iterator[str]:
+def _json_stream(job: dict[str, Any], offset: int, rows: Iterator[Row]) -> Iterator[str]:
     head = {k: job[k] for k in ("job_id", "status", "total", "done", "failed", "canceled")}
     yield json.dumps(head)[:-1] + f', "offset": {offset}, "results": ['
     for n, row in enumerate(rows):
-        yield ("," if n else "") + json.dumps(row)
+        yield ("," if n else "") + json.dumps(row.document())
     yield "]}"

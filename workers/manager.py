@@ -34,7 +34,7 @@ from batchvision.core.batching import BatchInfo, DynamicBatcher
 from batchvision.core.classifier import ImageClassifier
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.model_refs import JobOptions
-from batchvision.core.results import prediction
+from batchvision.core.results import Prediction, prediction
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints, tracing
 from batchvision.server.registry import FAILED, READY
@@ -130,9 +130,9 @@ class ModelLane:
         labels = loaded.classifier.labels
         return [Scored(p, loaded.model, loaded.version, labels) for p in probs]
 
-    def result(self, output: Scored, options: JobOptions) -> dict[str, Any]:
+    def result(self, output: Scored, options: JobOptions) -> Prediction:
         doc = prediction(output.probs, output.labels, options.top_k, options.min_score)
-        return {**doc, "model": output.model, "version": output.version}
+        return doc.with_model(output.model, output.version)
 
     def close(self) -> None:
         self.batcher.close()

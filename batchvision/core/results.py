@@ -1,6 +1,8 @@
 """Result and job schemas: what is stored per image and what the API returns.
 
-Pure functions over plain dicts, so API, workers, client and tests share one definition.
+The result of one image travels as a typed, frozen :data:`ImageResult` (a :class:`Prediction`
+or a :class:`Failure`); :func:`encode`/:func:`decode` are the one codec of its JSON in Redis,
+and :class:`Row` becomes the public ``/results`` row (or CSV/JSON Lines) only at the API edge.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import enum
 import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypedDict
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 
@@ -31,33 +34,123 @@ class Score(TypedDict):
     score: float
 
 
-def prediction(probs: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TopScore:
+    """One of the best classes of an image."""
+
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The stored result of a classified image; ``model`` and ``version`` name what made it."""
+
+    label: str
+    class_id: int
+    score: float
+    top_k: tuple[TopScore, ...]
+    model: str | None = None
+    version: int | None = None
+
+    @property
+    def outcome(self) -> Literal["done"]:
+        """The job counter this result raises."""
+        return "done"
+
+    def with_model(self, model: str, version: int) -> Prediction:
+        """This prediction tagged with the model version that made it."""
+        return Prediction(self.label, self.class_id, self.score, self.top_k, model, version)
+
+    def document(self) -> dict[str, Any]:
+        """The JSON object stored and served, keys in their stored order."""
+        doc: dict[str, Any] = {
+            "label": self.label,
+            "class_id": self.class_id,
+            "score": self.score,
+            "top_k": [{"label": s.label, "score": s.score} for s in self.top_k],
+        }
+        if self.model is not None:
+            doc["model"] = self.model
+        if self.version is not None:
+            doc["version"] = self.version
+        return doc
+
+
+#: The error code of an image its job's cancellation reached first.
+CANCELED = "canceled"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The stored result of an image that could not be classified (or was canceled)."""
+
+    code: str
+    message: str
+
+    @property
+    def outcome(self) -> Literal["failed", "canceled"]:
+        """The job counter this result raises."""
+        return "canceled" if self.code == CANCELED else "failed"
+
+    def document(self) -> dict[str, Any]:
+        """The JSON object stored and served."""
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+#: The stored result of one image.
+ImageResult = Prediction | Failure
+
+
+def encode(result: ImageResult) -> str:
+    """The JSON a result is stored as in Redis (compact, keys in a fixed order)."""
+    return json.dumps(result.document(), separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> ImageResult:
+    """A stored result from its JSON (:func:`encode`'s, or an older row without ``model`` and
+    ``version``)."""
+    doc = json.loads(text)
+    err = doc.get("error")
+    if err is not None:
+        return Failure(str(err.get("code", "")), str(err.get("message", "")))
+    return Prediction(
+        label=doc.get("label", ""),
+        class_id=doc.get("class_id", -1),
+        score=doc.get("score", 0.0),
+        top_k=tuple(TopScore(s["label"], s["score"]) for s in doc.get("top_k", ())),
+        model=doc.get("model"),
+        version=doc.get("version"),
+    )
+
+
+def prediction(probs: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0) -> Prediction:
     """The stored result for one image from its class probabilities: the best class, and the
     ``k`` best (at most the number of classes) that score at least ``min_score``."""
     k = max(1, min(k, probs.shape[-1]))
     top = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[-1] else np.arange(probs.shape[-1])
     top = top[np.argsort(-probs[top], kind="stable")]
     best = int(top[0])
-    return {
-        "label": label_of(labels, best),
-        "class_id": best,
-        "score": round(float(probs[best]), 6),
-        "top_k": [
-            {"label": label_of(labels, int(i)), "score": round(float(probs[i]), 6)}
+    return Prediction(
+        label=label_of(labels, best),
+        class_id=best,
+        score=round(float(probs[best]), 6),
+        top_k=tuple(
+            TopScore(label_of(labels, int(i)), round(float(probs[i]), 6))
             for i in top
             if min_score <= 0 or probs[i] >= min_score
-        ],
-    }
+        ),
+    )
 
 
-def error_result(code: str, message: str) -> dict[str, Any]:
+def error_result(code: str, message: str) -> Failure:
     """The stored result for an image that could not be classified."""
-    return {"error": {"code": code, "message": message}}
+    return Failure(code, message)
 
 
-def canceled_result() -> dict[str, Any]:
+def canceled_result() -> Failure:
     """The stored result of an image its job's cancellation reached first."""
-    return error_result("canceled", "the job was canceled before this image was classified")
+    return Failure(CANCELED, "the job was canceled before this image was classified")
 
 
 def label_of(labels: Sequence[str], class_id: int) -> str:
@@ -91,14 +184,28 @@ def status_of(fields: dict[str, str]) -> tuple[JobStatus, dict[str, int]]:
     return status, counts
 
 
-def entry(index: int, filename: str, stored: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Row:
+    """One image of a job as read from the store: its index, filename and result (``None``
+    while pending)."""
+
+    index: int
+    filename: str
+    result: ImageResult | None
+
+    def document(self) -> dict[str, Any]:
+        """The public ``/results`` row (:class:`~batchvision.core.documents.ResultRow`)."""
+        return entry(self.index, self.filename, self.result)
+
+
+def entry(index: int, filename: str, stored: ImageResult | None) -> dict[str, Any]:
     """One row of ``/results``: the stored result with its index and filename."""
     row: dict[str, Any] = {"index": index, "filename": filename}
     if stored is None:
         row["status"] = "pending"
     else:
-        row["status"] = "error" if "error" in stored else "ok"
-        row.update(stored)
+        row["status"] = "error" if isinstance(stored, Failure) else "ok"
+        row.update(stored.document())
     return row
 
 
@@ -118,7 +225,7 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
-def csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+def csv_lines(rows: Iterable[Row]) -> Iterator[str]:
     """Stream ``/results`` rows as CSV, header first; top_k as ``label:score;...``. Text cells
     that would start a formula are neutralised (:func:`csv_cell`)."""
     buf = io.StringIO()
@@ -126,25 +233,24 @@ def csv_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     writer.writerow(CSV_COLUMNS)
     yield _drain(buf)
     for row in rows:
-        err = row.get("error")
-        cells = [
-            row["filename"],
-            row.get("label", ""),
-            row.get("score", ""),
-            row.get("class_id", ""),
-            ";".join(f"{s['label']}:{s['score']}" for s in row.get("top_k", [])),
-            f"{err['code']}: {err['message']}"
-            if err
-            else ("pending" if row.get("status") == "pending" else ""),
-        ]
-        writer.writerow([csv_cell(c) for c in cells])
+        writer.writerow([csv_cell(c) for c in (row.filename, *_csv_cells(row.result))])
         yield _drain(buf)
 
 
-def jsonl_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+def _csv_cells(result: ImageResult | None) -> tuple[object, ...]:
+    """The ``label, score, class_id, top_k, error`` cells of a result."""
+    if result is None:
+        return ("", "", "", "", "pending")
+    if isinstance(result, Failure):
+        return ("", "", "", "", f"{result.code}: {result.message}")
+    top_k = ";".join(f"{s.label}:{s.score}" for s in result.top_k)
+    return (result.label, result.score, result.class_id, top_k, "")
+
+
+def jsonl_lines(rows: Iterable[Row]) -> Iterator[str]:
     """Stream rows as JSON Lines."""
     for row in rows:
-        yield json.dumps(row, separators=(",", ":")) + "\n"
+        yield json.dumps(row.document(), separators=(",", ":")) + "\n"
 
 
 def _drain(buf: io.StringIO) -> str:

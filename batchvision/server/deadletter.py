@@ -37,7 +37,7 @@ from kombu.entity import Exchange
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
-from batchvision.core.results import canceled_result, error_result
+from batchvision.core.results import Failure, canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server.blobs import BlobStore
 from batchvision.server.claims import Claims
@@ -155,7 +155,7 @@ class DeadLetters:
         )
         return self._count(code)
 
-    def resolve(self, chunks: Sequence[Chunk], result: dict[str, Any]) -> int:
+    def resolve(self, chunks: Sequence[Chunk], result: Failure) -> int:
         """Give every image of ``chunks`` without a result ``result`` (``canceled`` in a
         canceled job), exactly once; returns how many were stored."""
         stored = 0

@@ -20,7 +20,7 @@ from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImag
 from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import UrlEntry
 from batchvision.core.model_refs import JobOptions, resolve_options
-from batchvision.core.results import error_result
+from batchvision.core.results import Failure, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
@@ -315,7 +315,7 @@ class Intake:
         unique within a request, so file ``i`` is index ``i``.)"""
         job_id = new_job_id()
         blobs: dict[int, bytes] = {}
-        errors: list[tuple[int, dict[str, Any]]] = []
+        errors: list[tuple[int, Failure]] = []
         rejected: list[Rejection] = []
         for index, (up, err) in enumerate(zip(uploads, problems, strict=True)):
             if err is None:
@@ -367,7 +367,7 @@ class Intake:
         known = [index for index, new in indexed if not new]
         redo = set(self.store.unresolved(job_id, known))
         blobs: dict[int, bytes] = {}
-        errors: list[tuple[int, dict[str, Any]]] = []
+        errors: list[tuple[int, Failure]] = []
         rejected: list[Rejection] = []
         duplicates = 0
         for (index, new), up, err in zip(indexed, uploads, problems, strict=True):

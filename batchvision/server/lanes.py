@@ -13,6 +13,7 @@ import numpy as np
 
 from batchvision.core.batching import DynamicBatcher
 from batchvision.core.model_refs import JobOptions
+from batchvision.core.results import ImageResult
 
 
 class Lane(Protocol):
@@ -26,7 +27,7 @@ class Lane(Protocol):
         """``(width, height)`` the images are decoded to."""
         ...
 
-    def result(self, output: Any, options: JobOptions) -> dict[str, Any]:
+    def result(self, output: Any, options: JobOptions) -> ImageResult:
         """The stored result of one image from its batcher output."""
         ...
 

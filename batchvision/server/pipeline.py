@@ -26,7 +26,7 @@ from batchvision.core.batching import Admission
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
 from batchvision.core.model_refs import JobOptions
-from batchvision.core.results import canceled_result, error_result
+from batchvision.core.results import ImageResult, canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
@@ -100,7 +100,7 @@ class _Outcome:
     """Results to store for one chunk, and the blobs to delete with them."""
 
     chunk: Chunk
-    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    results: dict[int, ImageResult] = field(default_factory=dict)
     model: str = ""
 
 
@@ -247,7 +247,7 @@ class ChunkProcessor:
                 # The first, whole-chunk delivery counts as this image's first attempt too.
                 if self.claims.attempt(chunk.job_id, f"image:{i}") + 1 > max_attempts:
                     message = f"the worker died processing this image {max_attempts} times"
-                    results = {i: error_result("poison_image", message)}
+                    results: dict[int, ImageResult] = {i: error_result("poison_image", message)}
                 else:
                     results = self._classify([one], enqueued_at, urgent, [route])[0]
                 self._store([_Outcome(one, results, route[1].model)], [], stats)
@@ -259,10 +259,10 @@ class ChunkProcessor:
         enqueued_at: float | None,
         urgent: bool,
         routes: Sequence[Route],
-    ) -> list[dict[int, dict[str, Any]]]:
+    ) -> list[dict[int, ImageResult]]:
         """Decode and classify the images of ``wanted`` together, each chunk in its route's
         lane with its options; one result dict per chunk."""
-        results: list[dict[int, dict[str, Any]]] = [{} for _ in wanted]
+        results: list[dict[int, ImageResult]] = [{} for _ in wanted]
         blobs = self.blobs.get_batch([(c.job_id, c.indexes) for c in wanted])
         owners = self._owners(wanted, blobs)
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []

@@ -9,7 +9,6 @@ stored something, so a redelivered task never counts twice, and that finishes th
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import redis
 
 from batchvision.core.model_refs import NAME_RE as MODEL_NAME_RE
-from batchvision.core.results import canceled_result, entry, status_of
+from batchvision.core.results import ImageResult, Row, canceled_result, decode, encode, status_of
 from batchvision.server import keys, lua
 from batchvision.server.job_list import index_job
 from batchvision.server.keys import JobKeys
@@ -36,14 +35,6 @@ class Counts:
     @property
     def total(self) -> int:
         return self.done + self.failed + self.canceled
-
-
-def outcome(result: dict[str, Any]) -> str:
-    """``done``, ``failed`` or ``canceled``: the counter a stored result raises."""
-    err = result.get("error")
-    if err is None:
-        return "done"
-    return "canceled" if err.get("code") == "canceled" else "failed"
 
 
 def _eval(pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
@@ -75,11 +66,10 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
     }
 
 
-def _rows(idx: Sequence[str], names: Sequence[Any], results: Sequence[Any]) -> Iterator[dict[str, Any]]:
+def _rows(idx: Sequence[str], names: Sequence[Any], results: Sequence[Any]) -> Iterator[Row]:
     """Result rows from ``HMGET`` replies of the files and results hashes."""
     for i, name, res in zip(idx, names, results, strict=False):
-        stored = json.loads(res) if res is not None else None
-        yield entry(int(i), _text(name) if name else i, stored)
+        yield Row(int(i), _text(name) if name else i, decode(res) if res is not None else None)
 
 
 def _text(value: bytes | str) -> str:
@@ -143,7 +133,7 @@ class JobStore:
         model: str,
         owner: str,
         files: Sequence[tuple[str, str]],
-        errors: Sequence[tuple[int, dict[str, Any]]],
+        errors: Sequence[tuple[int, ImageResult]],
         seal: bool,
         options: Mapping[str, str] | None = None,
         sizes: Sequence[int] | None = None,
@@ -182,7 +172,7 @@ class JobStore:
         """No more files: the job finishes once every image has a result."""
         self._seal(keys=JobKeys.of(job_id).lua(), args=[self.result_ttl_s, f"{time.time():.3f}", job_id])
 
-    def record(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> Counts:
+    def record(self, job_id: str, results: Sequence[tuple[int, ImageResult]]) -> Counts:
         """Store results idempotently; returns how many of each kind were new (none on a redelivery)."""
         if not results:
             return Counts()
@@ -191,7 +181,7 @@ class JobStore:
         )
         return Counts(int(done), int(failed), int(canceled))
 
-    def record_on(self, pipe: Any, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> bool:
+    def record_on(self, pipe: Any, job_id: str, results: Sequence[tuple[int, ImageResult]]) -> bool:
         """Queue :meth:`record` on ``pipe``; its reply ``[done, failed, canceled]`` comes back
         with the pipeline's. Returns whether anything was queued."""
         if not results:
@@ -207,10 +197,10 @@ class JobStore:
             args += [key, filename, size]
         return args
 
-    def _record_args(self, job_id: str, results: Sequence[tuple[int, dict[str, Any]]]) -> list[Any]:
+    def _record_args(self, job_id: str, results: Sequence[tuple[int, ImageResult]]) -> list[Any]:
         args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]
         for index, result in results:
-            args += [index, json.dumps(result, separators=(",", ":")), outcome(result)]
+            args += [index, encode(result), result.outcome]
         return args
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -224,7 +214,7 @@ class JobStore:
             pipe.hgetall(JobKeys.of(job_id).job)
         return [_document(j, raw) for j, raw in zip(job_ids, pipe.execute(), strict=True)]
 
-    def snapshot(self, job_id: str, rows: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    def snapshot(self, job_id: str, rows: int) -> tuple[dict[str, Any] | None, list[Row]]:
         """The status document and the first ``rows`` result rows, in one round trip (a small
         job's whole answer)."""
         k = JobKeys.of(job_id)
@@ -293,7 +283,7 @@ class JobStore:
 
     def iter_results(
         self, job_id: str, offset: int = 0, limit: int | None = None, page: int = 500
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Row]:
         """Result rows in upload order, read page by page so memory stays bounded."""
         job = self.get(job_id)
         if job is None:

@@ -51,7 +51,7 @@ from batchvision.core.batching import BatchInfo, DynamicBatcher
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
 from batchvision.core.model_refs import JobOptions
-from batchvision.core.results import prediction
+from batchvision.core.results import Prediction, prediction
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode
 from batchvision.server import keys
@@ -259,9 +259,9 @@ class ColourLane:
             colour_model, max_batch_size=8, max_delay_s=5.0, on_batch=on_batch
         )
 
-    def result(self, output: Any, options: JobOptions) -> dict[str, Any]:
+    def result(self, output: Any, options: JobOptions) -> Prediction:
         doc = prediction(np.asarray(output), self.labels, options.top_k, options.min_score)
-        return {**doc, "model": self.name, "version": 7}
+        return doc.with_model(self.name, 7)
 
 
 class ColourLanes:
@@ -325,7 +325,7 @@ class ProcessorRig:
         return self.processor.process(message, retries=retries).summary()
 
     def rows(self, job_id: str) -> list[dict[str, Any]]:
-        return list(self.store.iter_results(job_id))
+        return [row.document() for row in self.store.iter_results(job_id)]
 
     def labels(self, job_id: str) -> list[str]:
         return [row.get("label") or row["error"]["code"] for row in self.rows(job_id)]

@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 
 from api import create_app
 from api.services import Services
+from batchvision.core.results import Prediction
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import failpoints, keys
@@ -160,7 +161,7 @@ def test_results_give_back_exactly_what_their_images_held(
         "i:owner": 3,
         "b:owner": sum(sizes),
     }
-    ok = {"label": "x", "class_id": 0, "score": 1.0, "top_k": []}
+    ok = Prediction("x", 0, 1.0, ())
     svc.store.record(done.job_id, [(0, ok)])
     svc.store.record(done.job_id, [(0, ok)])  # a redelivery
     left = sum(sizes[1:])

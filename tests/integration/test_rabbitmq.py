@@ -41,6 +41,7 @@ from kombu.connection import Connection
 from kombu.message import Message
 
 from batchvision.cli.runner import Service
+from batchvision.core.results import Prediction
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
@@ -450,7 +451,7 @@ def test_over_the_limit_every_image_without_a_result_gets_one_error_once(
     handler: DeadLetters, store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
     _job(store, "j", 4)
-    store.record("j", [(1, {"label": "cat", "class_id": 0, "score": 1.0, "top_k": []})])
+    store.record("j", [(1, Prediction("cat", 0, 1.0, ()))])
     pipe = scratch_redis.pipeline()
     ledger_add(pipe, [Chunk.of("j", [0, 1, 2, 3])], time.time())
     pipe.execute()

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis as redis_lib
 
+from batchvision.core.results import Failure, Prediction
 from batchvision.server import keys
 from batchvision.server.messages import Chunk
 from batchvision.server.recovery import chunk_member, ledger_add, parse_member, sweep
@@ -48,7 +49,7 @@ def test_an_old_chunk_with_unresolved_images_is_resent_once(
     store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
 ) -> None:
     _job(store, "j", 6)
-    store.record("j", [(0, {"error": {"code": "x", "message": "y"}})])
+    store.record("j", [(0, Failure("x", "y"))])
     _ledger(scratch_redis, "j", [0, 1, 2], age_s=OLD)  # partly done: a worker died in it
     _ledger(scratch_redis, "j", [3, 4, 5], age_s=1.0)  # young: may still be on its way
     assert _sweep(store, resends) == 1
@@ -64,7 +65,7 @@ def test_a_chunk_whose_images_are_resolved_is_dropped(
     store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
 ) -> None:
     _job(store, "j", 2)
-    store.record("j", [(0, {"label": "a"}), (1, {"label": "b"})])
+    store.record("j", [(0, Prediction("a", 0, 1.0, ())), (1, Prediction("b", 1, 1.0, ()))])
     _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
     _ledger(scratch_redis, "vanished", [0, 1], age_s=OLD)  # its job expired
     assert _sweep(store, resends) == 0

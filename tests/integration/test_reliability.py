@@ -27,6 +27,7 @@ import requests
 from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
+from batchvision.core.results import Failure
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode, labelled_files, render
 from batchvision.server import keys
@@ -277,7 +278,7 @@ def test_expired_job_answers_410(env: Env) -> None:
     job_id = uuid.uuid4().hex
     store.create(job_id, model="m")
     store.add_files(job_id, [("a.jpg", "a.jpg")])
-    store.record(job_id, [(0, {"error": {"code": "x", "message": "y"}})])
+    store.record(job_id, [(0, Failure("x", "y"))])
     store.seal(job_id)  # finishes now, with a one-second result TTL
     assert requests.get(f"{env.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
     for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/results"):

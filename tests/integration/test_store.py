@@ -4,14 +4,14 @@ sealing, canceling, and the expiry of an abandoned upload."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis as redis_lib
 
-from batchvision.core.results import error_result
+from batchvision.core.results import ImageResult, Prediction, TopScore, canceled_result, decode, error_result
 from batchvision.server import keys
 from batchvision.server.claims import Claims
 from batchvision.server.keys import JobKeys
@@ -19,7 +19,7 @@ from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts, JobStore
 from batchvision.server.telemetry import Telemetry
 
-OK = {"label": "cat", "class_id": 0, "score": 0.9, "top_k": [{"label": "cat", "score": 0.9}]}
+OK = Prediction("cat", 0, 0.9, (TopScore("cat", 0.9),))
 BAD = error_result("truncated", "JPEG is truncated")
 
 
@@ -28,8 +28,8 @@ def _job(store: JobStore, job_id: str, n: int) -> None:
     store.add_files(job_id, [(f"dir/{i}.jpg", f"{i}.jpg") for i in range(n)])
 
 
-def _raw_results(r: redis_lib.Redis, job_id: str) -> dict[int, Any]:
-    return {int(k): json.loads(v) for k, v in r.hgetall(JobKeys.of(job_id).results).items()}
+def _raw_results(r: redis_lib.Redis, job_id: str) -> dict[int, ImageResult]:
+    return {int(k): decode(v) for k, v in r.hgetall(JobKeys.of(job_id).results).items()}
 
 
 def test_add_files_indexes_in_order_and_a_known_key_keeps_its_index(
@@ -81,7 +81,7 @@ def test_record_stores_and_counts_each_image_exactly_once(
     assert store.record("j", [(0, OK)]) == Counts(done=1)
     assert telemetry.pending_images() == 2
     # A redelivery, with a different answer: the first result stays, nothing is counted twice.
-    other = {**OK, "label": "dog"}
+    other = dataclasses.replace(OK, label="dog")
     assert store.record("j", [(0, other), (0, BAD)]) == Counts()
     assert _raw_results(scratch_redis, "j") == {0: OK}
     assert telemetry.pending_images() == 2
@@ -231,7 +231,7 @@ def test_cancel_gives_unresolved_images_a_canceled_result_and_keeps_the_rest(
     assert store.cancel("j") is True
     results = _raw_results(scratch_redis, "j")
     assert results[0] == OK and results[1] == BAD  # results so far are kept
-    assert {i: results[i]["error"]["code"] for i in (2, 3, 4)} == dict.fromkeys((2, 3, 4), "canceled")
+    assert {i: results[i] for i in (2, 3, 4)} == dict.fromkeys((2, 3, 4), canceled_result())
     job = store.get("j")
     assert job is not None and job["status"] == "canceled"
     assert (job["done"], job["failed"], job["canceled"], job["total"]) == (1, 1, 3, 5)

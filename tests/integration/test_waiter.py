@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from batchvision.core.results import Prediction
 from batchvision.server.intake import new_job_id
 from batchvision.server.keys import JobKeys
 from batchvision.server.store import JobStore
@@ -35,7 +36,7 @@ def one_image_job(store: JobStore) -> str:
 
 
 def finish(store: JobStore, job_id: str) -> None:
-    store.record(job_id, [(0, {"label": "x", "score": 1.0, "class_id": 0, "top_k": []})])
+    store.record(job_id, [(0, Prediction("x", 0, 1.0, ()))])
 
 
 def test_a_finish_wakes_the_waiter_over_pub_sub(

@@ -131,7 +131,7 @@ def test_a_new_version_goes_live_between_two_batches(tmp_path: Path) -> None:
         assert {versions[t[0]] for t in tags} == {version}, "no batch holds two versions"
     assert sum(len(tags) for _, tags in batches) == len(results), "every image once"
     doc = lane.result(results[0], JobOptions("m", top_k=2))
-    assert doc["model"] == "m" and doc["version"] in (1, 2) and len(doc["top_k"]) == 2
+    assert doc.model == "m" and doc.version in (1, 2) and len(doc.top_k) == 2
 
 
 def test_a_broken_version_is_refused_and_retried_only_when_its_files_change(tmp_path: Path) -> None:

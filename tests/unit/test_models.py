@@ -128,12 +128,12 @@ def test_options_round_trip_through_the_job_hash() -> None:
 def test_min_score_drops_classes_from_top_k_but_not_the_best() -> None:
     probs = np.array([0.05, 0.6, 0.3, 0.05], np.float32)
     labels = ["a", "b", "c", "d"]
-    assert [s["label"] for s in prediction(probs, labels, 3)["top_k"]] == ["b", "c", "a"]
+    assert [s.label for s in prediction(probs, labels, 3).top_k] == ["b", "c", "a"]
     doc = prediction(probs, labels, 3, min_score=0.25)
-    assert [s["label"] for s in doc["top_k"]] == ["b", "c"]
+    assert [s.label for s in doc.top_k] == ["b", "c"]
     doc = prediction(probs, labels, 3, min_score=0.9)
-    assert doc["label"] == "b" and doc["top_k"] == []
-    assert len(prediction(probs, labels, 10)["top_k"]) == 4  # never more than the classes
+    assert doc.label == "b" and doc.top_k == ()
+    assert len(prediction(probs, labels, 10).top_k) == 4  # never more than the classes
 
 
 # -- the repository on disk ----------------------------------------------------------------------

@@ -7,11 +7,18 @@ import pytest
 
 from batchvision.core.results import (
     CSV_COLUMNS,
+    Failure,
     JobStatus,
+    Prediction,
+    Row,
+    TopScore,
+    canceled_result,
     csv_lines,
-    entry,
+    decode,
+    encode,
     error_result,
     job_status,
+    jsonl_lines,
     prediction,
 )
 from batchvision.server.queue import chunked
@@ -20,11 +27,46 @@ from batchvision.server.queue import chunked
 def test_prediction_top_k_sorted() -> None:
     probs = np.array([0.1, 0.6, 0.05, 0.25], np.float32)
     p = prediction(probs, ["a", "b", "c", "d"], 3)
-    assert (p["label"], p["class_id"]) == ("b", 1)
-    assert [s["label"] for s in p["top_k"]] == ["b", "d", "a"]
-    assert p["score"] == p["top_k"][0]["score"] == pytest.approx(0.6)
-    assert [s["score"] for s in p["top_k"]] == pytest.approx([0.6, 0.25, 0.1])
-    assert len(prediction(probs, ["a", "b", "c", "d"], 99)["top_k"]) == 4
+    assert (p.label, p.class_id) == ("b", 1)
+    assert [s.label for s in p.top_k] == ["b", "d", "a"]
+    assert p.score == p.top_k[0].score == pytest.approx(0.6)
+    assert [s.score for s in p.top_k] == pytest.approx([0.6, 0.25, 0.1])
+    assert len(prediction(probs, ["a", "b", "c", "d"], 99).top_k) == 4
+
+
+#: Results as they are stored in Redis (written before the results were typed, and now).
+STORED = [
+    '{"label":"cat","class_id":0,"score":0.9,"top_k":[{"label":"cat","score":0.9},'
+    '{"label":"dog","score":0.1}],"model":"shapes","version":2}',
+    '{"label":"cat","class_id":0,"score":1.0,"top_k":[]}',
+    '{"error":{"code":"truncated","message":"JPEG is truncated"}}',
+    '{"error":{"code":"canceled","message":"the job was canceled before this image was classified"}}',
+]
+
+
+@pytest.mark.parametrize("text", STORED)
+def test_the_codec_reads_stored_results_and_writes_the_same_bytes(text: str) -> None:
+    result = decode(text.encode())
+    assert encode(result) == text
+    assert decode(encode(result)) == result
+
+
+def test_decoded_results_are_typed_and_count_as_their_outcome() -> None:
+    tagged, plain, bad, canceled = (decode(t) for t in STORED)
+    assert tagged == Prediction("cat", 0, 0.9, (TopScore("cat", 0.9), TopScore("dog", 0.1)), "shapes", 2)
+    assert plain == Prediction("cat", 0, 1.0, ())
+    assert bad == error_result("truncated", "JPEG is truncated") == Failure("truncated", "JPEG is truncated")
+    assert canceled == canceled_result()
+    assert [r.outcome for r in (tagged, plain, bad, canceled)] == ["done", "done", "failed", "canceled"]
+
+
+def test_rows_become_the_same_json_lines_as_before() -> None:
+    rows = [Row(0, "a.jpg", decode(STORED[0])), Row(1, "b.png", decode(STORED[2])), Row(2, "c.png", None)]
+    assert "".join(jsonl_lines(rows)).splitlines() == [
+        '{"index":0,"filename":"a.jpg","status":"ok",' + STORED[0][1:],
+        '{"index":1,"filename":"b.png","status":"error",' + STORED[2][1:],
+        '{"index":2,"filename":"c.png","status":"pending"}',
+    ]
 
 
 def test_job_status_derivation() -> None:
@@ -47,15 +89,15 @@ def test_job_status_derivation() -> None:
 
 def test_csv_rows() -> None:
     rows = [
-        entry(0, "a/x.jpg", {**prediction(np.array([0.9, 0.1]), ["cat", "dog"], 2)}),
-        entry(1, "b.png", error_result("truncated", "JPEG is truncated")),
-        entry(2, "c.png", None),
+        Row(0, "a/x.jpg", prediction(np.array([0.9, 0.1]), ["cat", "dog"], 2)),
+        Row(1, "b.png", error_result("truncated", "JPEG is truncated")),
+        Row(2, "c.png", None),
     ]
     text = "".join(csv_lines(rows)).splitlines()
     assert text[0] == ",".join(CSV_COLUMNS)
     assert text[1].startswith("a/x.jpg,cat,0.9,0,cat:0.9;dog:0.1,")
     assert text[2] == "b.png,,,,,truncated: JPEG is truncated"
-    assert text[3].endswith(",pending")
+    assert text[3] == "c.png,,,,,pending"
 
 
 def test_chunking_keeps_order() -> None:

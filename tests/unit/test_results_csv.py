@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from batchvision.core.results import csv_cell, csv_lines, entry, error_result, jsonl_lines
+from batchvision.core.results import Prediction, Row, csv_cell, csv_lines, error_result, jsonl_lines
 
 
 @pytest.mark.parametrize("name", ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx"])
 def test_formula_cells_get_a_leading_quote_and_json_keeps_the_raw_value(name: str) -> None:
-    rows = [entry(0, name, error_result("truncated", "=cmd|' /C calc'!A0"))]
+    rows = [Row(0, name, error_result("truncated", "=cmd|' /C calc'!A0"))]
     parsed = list(csv.reader(io.StringIO("".join(csv_lines(rows)), newline="")))
     assert parsed[1][0] == "'" + name
     assert parsed[1][5] == "truncated: =cmd|' /C calc'!A0"  # starts with the code: no formula
@@ -21,7 +21,7 @@ def test_formula_cells_get_a_leading_quote_and_json_keeps_the_raw_value(name: st
 
 
 def test_ordinary_cells_and_numbers_are_unchanged() -> None:
-    rows = [entry(0, "a/x-1.jpg", {"label": "-dash", "score": 0.5, "class_id": 3, "top_k": []})]
+    rows = [Row(0, "a/x-1.jpg", Prediction("-dash", 3, 0.5, ()))]
     parsed = list(csv.reader(io.StringIO("".join(csv_lines(rows)), newline="")))
     assert parsed[1][:4] == ["a/x-1.jpg", "'-dash", "0.5", "3"]
 
