@@ -90,6 +90,13 @@ def test_every_service_healthy_and_non_root(stack: Any, wait_until: Any) -> None
         ).stdout.split("\n")
         real = {line.split()[0] for line in uids if line.strip()}
         assert real and "0" not in real, f"{name}: processes run as uids {real}"
+    # No secret on a command line, where any process of the host can read it (`ps`).
+    env = dict(line.split("=", 1) for line in (stack.dir / ".env").read_text().splitlines() if "=" in line)
+    secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "KEYS", "SECRET")) and len(v) > 8]
+    assert secrets, "the quickstart's .env holds the secrets"
+    for name in stack.containers():
+        argv = stack.docker.run("exec", name, "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+        assert argv and not [k for k, v in env.items() if v in secrets and v in argv], name
 
 
 def test_settings_reach_the_services(stack: Any) -> None:

@@ -529,7 +529,10 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
     cmd = " ".join(redis["command"])
     for flag in ["--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"]:
         assert flag in cmd
-    assert f"--requirepass {SECRETS['REDIS_PASSWORD']}" in cmd
+    # The password is configuration on redis-server's standard input, never on its command line.
+    assert "redis-server -" in cmd and "requirepass $${REDIS_PASSWORD}" in cmd
+    assert SECRETS["REDIS_PASSWORD"] not in cmd and "--requirepass" not in cmd
+    assert redis["environment"]["REDIS_PASSWORD"] == SECRETS["REDIS_PASSWORD"]
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
     assert any(
         str(v).startswith("redis-data:") or (isinstance(v, dict) and v.get("source") == "redis-data")
@@ -1259,14 +1262,14 @@ def test_k8s_redis_statefulset(rendered: _Rendered) -> None:
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     (container,) = _containers(sts)
     assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
-    args = " ".join(container["args"])
-    for flag in [
-        "--appendonly yes",
-        "--appendfsync everysec",
-        "--maxmemory-policy noeviction",
-        "--requirepass $(REDIS_PASSWORD)",
-    ]:
+    assert "args" not in container
+    args = " ".join(container["command"])
+    for flag in ["--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"]:
         assert flag in args
+    # The password is configuration on redis-server's standard input (read by the shell from
+    # the environment), never on its command line: no `$(REDIS_PASSWORD)`, which kubelet expands.
+    assert "redis-server -" in args and "requirepass ${REDIS_PASSWORD}" in args
+    assert "$(REDIS_PASSWORD)" not in args and "--requirepass" not in args
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert "REDIS_PASSWORD" in env
     secret = _get(objects, "Secret", "batchvision-secrets")
