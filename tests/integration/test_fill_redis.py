@@ -4,7 +4,9 @@ before Redis would refuse a write; the CLI waits and resumes; nothing is lost.
 
 Real parts: a private ``redis-server`` (``maxmemory`` 64 MB, ``noeviction``), the API under
 gunicorn and a worker process (as ``batchvision up`` runs them) serving the sleeping stand-in
-model of ``bench/standins.py``, and the ``batchvision submit`` command.
+model of ``bench/standins.py``, and the ``batchvision submit`` command. Each run goes once as
+is and once with the worker killed (SIGKILL) mid-upload and a fresh one started; both on the
+Redis broker and on a private RabbitMQ node (marked ``rabbitmq``), Redis staying the job store.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,26 +27,12 @@ import redis as redis_lib
 import requests
 from PIL import Image
 
-from batchvision.cli.local import stack as local_stack
-from batchvision.cli.redis_server import free_port
-from batchvision.cli.runner import Supervisor
-from batchvision.core.settings import Settings
 from batchvision.server import keys
-from batchvision.testing.servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MAXMEMORY = 64 * 2**20
 IMAGE_SIDE = 512  # a noise PNG of 512x512 RGB: about 0.77 MiB that no compression shrinks
 IMAGES = 3 * MAXMEMORY // (3 * IMAGE_SIDE * IMAGE_SIDE) + 1
-
-
-@pytest.fixture(scope="module")
-def full_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        client = redis_lib.Redis.from_url(server.url)
-        client.config_set("maxmemory", MAXMEMORY)  # the server runs with noeviction
-        client.close()
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -63,36 +53,44 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def slow_stack(full_redis: RedisServer, monkeypatch_module: pytest.MonkeyPatch) -> Iterator[Settings]:
-    settings = Settings.from_env(
-        {},
-        redis_url=full_redis.url,
-        model="py:standins:sleeping",  # bench/standins.py, on PYTHONPATH below
-        api_port=free_port(),
-        worker_metrics_port=free_port(),
-        max_batch_size=8,
-        chunk_size=8,
-        visibility_timeout_s=60,
-        task_time_limit_s=30,
-    )
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def slow_stack(
+    broker: str, start_private_stack: Callable[..., Any], monkeypatch_module: pytest.MonkeyPatch
+) -> Any:
+    """The module's private stack (``start_private_stack`` in ``conftest.py``: its own Redis,
+    the API, workers started by each test, RabbitMQ as the broker when ``broker`` says so),
+    serving the sleeping stand-in model, its Redis' ``maxmemory`` set to :data:`MAXMEMORY`."""
     # The children import this tree and the stand-in models; 8 images per 0.4 s: 20 images a
     # second, so the queue drains slower than the CLI uploads.
     paths = [str(ROOT / "bench"), os.environ.get("PYTHONPATH", str(ROOT))]
     monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join(paths))
     monkeypatch_module.setenv("BENCH_SLEEP_S", "0.4")
-    sup = Supervisor([s for s in local_stack(settings, None, flower=False) if s.name in ("api", "worker")])
-    sup.start()
-    try:
-        sup.wait_healthy(timeout=120)
-        yield settings
-    finally:
-        sup.stop()
+    stack = start_private_stack(
+        f"fill-{broker}",
+        broker=broker,
+        model="py:standins:sleeping",  # bench/standins.py, on PYTHONPATH above
+        max_batch_size=8,
+        chunk_size=8,
+        # A killed worker's tasks go back to the queue after the visibility timeout (Redis
+        # broker); short, so the kill variant recovers within the test.
+        visibility_timeout_s=10,
+        task_time_limit_s=5,
+    )
+    with redis_lib.Redis.from_url(stack.redis.url) as r:
+        r.config_set("maxmemory", MAXMEMORY)  # the server runs with noeviction
+    return stack
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+def stack_redis(slow_stack: Any) -> Iterator[redis_lib.Redis]:
+    """A client of the stack's Redis (the job store on either broker)."""
+    with redis_lib.Redis.from_url(slow_stack.redis.url) as r:
+        yield r
 
 
 def _responses(api: str, status: str) -> int:
@@ -102,37 +100,69 @@ def _responses(api: str, status: str) -> int:
     return int(sum(float(m) for m in re.findall(pattern, text, re.M)))
 
 
+@pytest.mark.parametrize(
+    "broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)], indirect=True, scope="module"
+)
+@pytest.mark.parametrize("kill_worker", [False, True], ids=["", "kill-9-worker"])
 def test_an_upload_three_times_redis_memory_waits_and_resumes_and_loses_nothing(
-    slow_stack: Settings,
+    slow_stack: Any,
+    stack_redis: redis_lib.Redis,
     folder: Path,
-    full_redis: RedisServer,
     tmp_path: Path,
-    wait_worker: Callable[[Settings], None],
+    kill_worker: bool,
+    wait_until: Callable[..., Any],
 ) -> None:
-    settings = slow_stack
-    wait_worker(settings)
-    api = f"http://127.0.0.1:{settings.api_port}"
+    """With ``kill_worker``, the worker process is killed (SIGKILL) mid-upload, once some
+    batches are done, and a fresh one started: the same holds."""
+    stack = slow_stack
+    api = stack.url
     out = tmp_path / "results.csv"
     total_bytes = sum(p.stat().st_size for p in folder.iterdir())
     assert total_bytes > 3 * MAXMEMORY * 0.95
+    # The API outlives the variants on its stack: compare its counts with those before this run.
+    before = {status: _responses(api, status) for status in ("429", "500", "503")}
+    r = stack_redis
+    r.delete(keys.BATCH_LOG)
+    victim = stack.worker()
     env = {**os.environ, "BATCHVISION_API_URL": api}
-    proc = subprocess.run(
+    log = (tmp_path / "submit.log").open("w")
+    proc = subprocess.Popen(
         [sys.executable, "-m", "batchvision.cli", "submit", str(folder), "--wait", "-o", str(out)]
         + ["--part-mb", "4", "--no-progress"],
         env=env,
-        capture_output=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    try:
+        if kill_worker:
+            wait_until(
+                lambda: r.llen(keys.BATCH_LOG) >= 3,
+                timeout=120,
+                interval=0.05,
+                message="3 batches classified",
+            )
+            assert victim.proc is not None
+            victim.proc.send_signal(signal.SIGKILL)  # the Celery worker itself (it execs celery)
+            victim.proc.wait()
+            assert proc.poll() is None  # really mid-upload
+            stack.workers.remove(victim)
+            stack.worker()  # a fresh worker takes over what the killed one held
+        assert proc.wait(timeout=300) == 0, (tmp_path / "submit.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        stack.stop_workers()
     with out.open() as fh:
         rows = list(csv.DictReader(fh))
     assert sorted(r["filename"] for r in rows) == sorted(p.name for p in folder.iterdir())
     assert all(r["label"] and not r["error"] for r in rows), [r for r in rows if r["error"]][:3]
-    assert _responses(api, "429") > 0  # the budget held uploads back...
-    assert _responses(api, "500") == 0 and _responses(api, "503") == 0  # ...before Redis refused one
-    with redis_lib.Redis.from_url(full_redis.url) as r:
-        assert int(r.get(keys.PENDING) or 0) == 0
-        assert int(r.get(keys.PENDING_BYTES) or 0) == 0
-        assert r.hlen(keys.QUOTA) == 0
-        assert "errorstat_OOM" not in r.info("errorstats")  # Redis never had to refuse a write
+    after = {status: _responses(api, status) for status in ("429", "500", "503")}
+    assert after["429"] > before["429"]  # the budget held uploads back...
+    assert (after["500"], after["503"]) == (before["500"], before["503"])  # ...before Redis refused one
+    assert int(r.get(keys.PENDING) or 0) == 0
+    assert int(r.get(keys.PENDING_BYTES) or 0) == 0
+    assert r.hlen(keys.QUOTA) == 0
+    assert "errorstat_OOM" not in r.info("errorstats")  # Redis never had to refuse a write
