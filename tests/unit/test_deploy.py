@@ -261,7 +261,8 @@ def test_dockerfile_worker() -> None:
     assert locked and locked.group(1) == _arg_default(text, "TF_VERSION")
     for variant, (tf, _extra) in WORKER_VARIANTS.items():
         assert f'{variant}) tf="{tf}"' in text, variant
-    assert "extra=worker" in text and "= gpu ]; then extra=gpu; fi" in text
+    # Keras and ONNX models both: a repository may hold either kind.
+    assert "extra=worker,onnx" in text and "= gpu ]; then extra=gpu,onnx-gpu; fi" in text
     # Weights are fetched at build time, as the runtime user, into a KERAS_HOME it owns.
     fetch = [i for i, (w, a) in enumerate(final) if w == "RUN" and "batchvision fetch-weights" in a]
     assert len(fetch) == 1
