@@ -35,7 +35,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pytest
@@ -512,3 +512,37 @@ def start_private_stack(
     yield start
     for stack in started:
         stack.close()
+
+
+class ApiAlone(NamedTuple):
+    """An API process without a worker: its URL and its private Redis' URL."""
+
+    url: str
+    redis_url: str
+
+
+@contextlib.contextmanager
+def _api_alone(**overrides: Any) -> Iterator[ApiAlone]:
+    with RedisServer() as server:
+        settings = Settings.from_env({}, redis_url=server.url, api_port=free_port(), **overrides)
+        api = Service(
+            "api",
+            cli_argv("api", "--host", "127.0.0.1"),
+            settings.to_env(include_secrets=True),
+            health_url=f"http://127.0.0.1:{settings.api_port}/healthz",
+        )
+        sup = Supervisor([api])
+        sup.start()
+        try:
+            sup.wait_healthy(timeout=120)
+            yield ApiAlone(f"http://127.0.0.1:{settings.api_port}", server.url)
+        finally:
+            sup.stop()
+
+
+@pytest.fixture(scope="session")
+def api_alone() -> Callable[..., contextlib.AbstractContextManager[ApiAlone]]:
+    """``with api_alone(**overrides) as api:`` an API process and no worker, on a private
+    redis-server, its settings the defaults with ``overrides``: ``api.url``, ``api.redis_url``.
+    Usable from fixtures of any scope."""
+    return _api_alone

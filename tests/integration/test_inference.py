@@ -6,7 +6,8 @@ tensor, and the protocol's errors. Each request is a small job on the same queue
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,8 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from batchvision.cli.redis_server import free_port
-from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.core.imaging import decode_image
-from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
-from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -200,23 +197,16 @@ def test_the_v2_routes_are_in_the_api_document(api_url: str, tmp_path: Path) -> 
         assert path in paths
 
 
-def test_without_a_worker_the_server_is_live_but_not_ready() -> None:
-    with RedisServer() as server:
-        settings = Settings.from_env({}, redis_url=server.url, api_port=free_port())
-        api = Service("api", cli_argv("api", "--host", "127.0.0.1"), settings.to_env(include_secrets=True))
-        api.health_url = f"http://127.0.0.1:{settings.api_port}/healthz"
-        sup = Supervisor([api])
-        sup.start()
-        try:
-            sup.wait_healthy(timeout=120)
-            client = triton.InferenceServerClient(url=f"127.0.0.1:{settings.api_port}")
-            assert client.is_server_live()
-            assert not client.is_server_ready()
-            resp = requests.get(f"http://127.0.0.1:{settings.api_port}/v2/health/ready", timeout=10)
-            assert resp.status_code == 503 and "no model" in resp.json()["error"]
-            with pytest.raises(InferenceServerException) as err:
-                client.get_model_metadata("demo")
-            assert err.value.status() == "404"
-            client.close()
-        finally:
-            sup.stop()
+def test_without_a_worker_the_server_is_live_but_not_ready(
+    api_alone: Callable[..., AbstractContextManager[Any]],
+) -> None:
+    with api_alone() as api:
+        client = triton.InferenceServerClient(url=api.url.removeprefix("http://"))
+        assert client.is_server_live()
+        assert not client.is_server_ready()
+        resp = requests.get(f"{api.url}/v2/health/ready", timeout=10)
+        assert resp.status_code == 503 and "no model" in resp.json()["error"]
+        with pytest.raises(InferenceServerException) as err:
+            client.get_model_metadata("demo")
+        assert err.value.status() == "404"
+        client.close()

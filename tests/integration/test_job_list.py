@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,14 +17,10 @@ import pytest
 import redis as redis_lib
 import requests
 
-from batchvision.cli.redis_server import free_port
-from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
-from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
-from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -44,25 +41,13 @@ class ListStack:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[ListStack]:
-    with RedisServer() as server:
-        settings = Settings.from_env(
-            {}, redis_url=server.url, api_port=free_port(), api_keys=f"{KEY_A},{KEY_B}"
-        )
-        api = Service("api", cli_argv("api", "--host", "127.0.0.1"), settings.to_env(include_secrets=True))
-        api.health_url = f"http://127.0.0.1:{settings.api_port}/healthz"
-        sup = Supervisor([api])
-        sup.start()
-        try:
-            sup.wait_healthy(timeout=120)
-            url = f"http://127.0.0.1:{settings.api_port}"
-            files = [(n, d) for n, d, _ in labelled_files(7, seed=3)]
-            a, b = Client(url, KEY_A), Client(url, KEY_B)
-            jobs_a = [a.submit_files([files[i]]).job_id for i in range(5)]
-            jobs_b = [b.submit_files([files[i]]).job_id for i in range(5, 7)]
-            yield ListStack(url, redis_lib.Redis.from_url(server.url), jobs_a, jobs_b)
-        finally:
-            sup.stop()
+def stack(api_alone: Callable[..., AbstractContextManager[Any]]) -> Iterator[ListStack]:
+    with api_alone(api_keys=f"{KEY_A},{KEY_B}") as api:
+        files = [(n, d) for n, d, _ in labelled_files(7, seed=3)]
+        a, b = Client(api.url, KEY_A), Client(api.url, KEY_B)
+        jobs_a = [a.submit_files([files[i]]).job_id for i in range(5)]
+        jobs_b = [b.submit_files([files[i]]).job_id for i in range(5, 7)]
+        yield ListStack(api.url, redis_lib.Redis.from_url(api.redis_url), jobs_a, jobs_b)
 
 
 def _ids(resp: requests.Response) -> list[str]:
