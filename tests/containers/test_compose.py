@@ -48,7 +48,8 @@ def _wait_healthy(stack: Any, wait_until: Any, services: set[str], timeout: floa
 
 def _assert_exactly_once(client: Client, job_id: str, n: int) -> None:
     """Every image of the job has one stored result, a classification."""
-    status = client.wait(job_id, timeout=240, poll_s=0.5)
+    # Generous: on a loaded 2-core machine, three TensorFlow workers share the cores.
+    status = client.wait(job_id, timeout=600, poll_s=0.5)
     assert (status.total, status.done, status.failed) == (n, n, 0), status
     rows = client.results(job_id)
     assert [r.index for r in rows] == list(range(n))
@@ -179,12 +180,15 @@ def test_three_workers_share_one_job(stack: Any, wait_until: Any) -> None:
 def test_docker_kill_of_a_worker_mid_job_loses_nothing(stack: Any, wait_until: Any) -> None:
     workers = stack.containers(WORKER)
     client = _client(stack)
+    assert len(workers) > 1, "another worker finishes what the killed one held"
     job = client.submit_files(_files(480, seed=12))
     wait_until(_progress(client, job.job_id, 16), timeout=120, interval=0.1, message="the job started")
-    stack.docker.run("kill", workers[0])
-    assert client.status(job.job_id).done < 480, "the kill came after the job ended"
-    _assert_exactly_once(client, job.job_id, 480)
-    stack.compose("up", "-d", "--scale", f"{WORKER}=3")
+    try:
+        stack.docker.run("kill", workers[0])
+        assert client.status(job.job_id).done < 480, "the kill came after the job ended"
+        _assert_exactly_once(client, job.job_id, 480)
+    finally:  # the next tests find every worker running, whatever happened here
+        stack.compose("up", "-d", "--scale", f"{WORKER}=3")
 
 
 def test_compose_stop_of_the_workers_finishes_or_requeues(stack: Any, wait_until: Any) -> None:
