@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_cli_submits_a_folder_in_parts_and_writes_one_row_per_image(
-    tree: tuple[Path, dict[str, str]], api_url: str, tmp_path: Path
+    tree: tuple[Path, dict[str, str]],
+    api_url: str,
+    settings: Settings,
+    tmp_path: Path,
+    reference_labels: Callable[..., list[str]],
 ) -> None:
     root, labels = tree
     out = tmp_path / "results.csv"
@@ -76,8 +81,9 @@ def test_cli_submits_a_folder_in_parts_and_writes_one_row_per_image(
     rows = read_csv(out)
     assert [r["filename"] for r in rows] == sorted(labels)  # relative paths, upload order
     assert len({r["filename"] for r in rows}) == len(labels) == 301
-    correct = sum(r["label"] == labels[r["filename"]] for r in rows)
-    assert correct / len(rows) >= 0.95
+    # Each label is the demo model's own for that image (never how well it happened to train).
+    files = [(r["filename"], (root / r["filename"]).read_bytes()) for r in rows]
+    assert [r["label"] for r in rows] == reference_labels(Path(settings.model), files)
     assert all(r["error"] == "" and r["top_k"].count(":") >= 1 for r in rows)
     job_id = proc.stdout.strip().splitlines()[-1]
     jsonl = tmp_path / "results.jsonl"
@@ -163,7 +169,12 @@ def _zip_folder(root: Path) -> bytes:
     return buf.getvalue()
 
 
-def test_zip_of_the_folder_gives_the_same_rows(tree: tuple[Path, dict[str, str]], api_url: str) -> None:
+def test_zip_of_the_folder_gives_the_same_rows(
+    tree: tuple[Path, dict[str, str]],
+    api_url: str,
+    settings: Settings,
+    reference_labels: Callable[..., list[str]],
+) -> None:
     root, labels = tree
     resp = requests.post(
         f"{api_url}/v1/jobs", data=_zip_folder(root), headers={"Content-Type": "application/zip"}, timeout=120
@@ -176,7 +187,8 @@ def test_zip_of_the_folder_gives_the_same_rows(tree: tuple[Path, dict[str, str]]
     client.wait(body["job_id"], timeout=300)
     rows = client.results(body["job_id"])
     assert sorted(r.filename for r in rows) == sorted(labels)
-    assert sum(r.label == labels[r.filename] for r in rows) / len(rows) >= 0.95
+    files = [(r.filename, (root / r.filename).read_bytes()) for r in rows]
+    assert [r.label for r in rows] == reference_labels(Path(settings.model), files)
 
 
 def _hostile(kind: str) -> bytes:

@@ -140,7 +140,7 @@ class RedisBlips:
 
 
 def test_submit_wait_survives_dropped_connections_and_redis_restarts(
-    faulty_stack: Stack, tmp_path: Path
+    faulty_stack: Stack, tmp_path: Path, reference_labels: Callable[..., list[str]]
 ) -> None:
     folder = tmp_path / "photos"
     labels = _folder(folder)
@@ -201,12 +201,13 @@ def test_submit_wait_survives_dropped_connections_and_redis_restarts(
     finally:
         r.close()
 
-    # One row per image, each a prediction, mostly the right one (the demo model reaches ~98%).
+    # One row per image, each a prediction.
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == N_IMAGES
     assert sorted(row["filename"] for row in rows) == sorted(labels)
     assert [row["error"] for row in rows] == [""] * N_IMAGES
-    right = sum(row["label"] == labels[row["filename"]] for row in rows)
-    assert right >= 0.9 * N_IMAGES, right
+    # Each label is the demo model's own for that image (never how well it happened to train).
+    files = [(row["filename"], (folder / row["filename"]).read_bytes()) for row in rows]
+    assert [row["label"] for row in rows] == reference_labels(Path(s.model), files)
     assert not list(tmp_path.glob(".results.csv.part")), "no partial download left behind"

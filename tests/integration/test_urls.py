@@ -117,7 +117,11 @@ def _cases(origin: str) -> dict[str, str]:
 
 
 def test_300_images_and_every_hostile_url_end_with_exactly_one_result(
-    url_stack: tuple[Settings, str], origin: str, hostile: Any, artifacts: Path
+    url_stack: tuple[Settings, str],
+    origin: str,
+    hostile: Any,
+    artifacts: Path,
+    reference_labels: Callable[..., list[str]],
 ) -> None:
     s, api = url_stack
     cases = _cases(origin)
@@ -143,13 +147,14 @@ def test_300_images_and_every_hostile_url_end_with_exactly_one_result(
     assert [outcome[u] for u in good] == ["ok"] * len(good), {
         u: outcome[u] for u in good if outcome[u] != "ok"
     }
-    correct = sum(labels[u] == label for u, label in good.items())
-    assert correct >= 0.9 * len(good), f"{correct}/300 labels right"
+    # The labels are the demo model's own, image by image (never how well it happened to train).
+    by_url = {f"{origin}/img/{n}.jpg": (name, data) for n, (name, data, _) in enumerate(IMAGES)}
+    assert [labels[u] for u in good] == reference_labels(Path(s.model), [by_url[u] for u in good])
     failed = sum(want != "ok" for want in cases.values())
     assert (status.done, status.failed) == (len(urls) - failed, failed)
     assert status.status == "partial"
     # Fetching overlapped: 300 images plus several multi-second stalls in far less than serial.
-    print(f"{len(urls)} URLs in {took:.1f}s; {correct}/300 labels right\n{report}")
+    print(f"{len(urls)} URLs in {took:.1f}s\n{report}")
     # Private targets behind the redirects were never reached; each good image was fetched once.
     assert all(hostile.hits(f"/img/{n}.jpg") >= 1 for n in range(300))
 
