@@ -232,7 +232,7 @@ class Admission:
                 while not self._may_enter(ticket, n):
                     self._cond.wait()
                 if not urgent:
-                    self._turns.take(self._active())
+                    self._turns.take(self._active(), used_by=tier)
             finally:
                 line.remove(ticket)
                 self._cond.notify_all()

@@ -109,7 +109,8 @@ class WeightedTurns(Generic[K]):
         self._current = dict.fromkeys(self.weights, 0)
 
     def _choose(self, active: Iterable[K]) -> tuple[K, list[K]]:
-        keys = [k for k in self.weights if k in set(active)]
+        wanted = set(active)
+        keys = [k for k in self.weights if k in wanted]
         if not keys:
             raise ValueError("no active key")
         best = max(keys, key=lambda k: self._current[k] + self.weights[k])  # first of equals
@@ -119,9 +120,15 @@ class WeightedTurns(Generic[K]):
         """Whose turn it is among ``active`` (changes nothing)."""
         return self._choose(active)[0]
 
-    def take(self, active: Iterable[K]) -> K:
-        """Use the turn among ``active``: returns whose it was."""
+    def take(self, active: Iterable[K], used_by: K | None = None) -> K:
+        """Use the turn among ``active``: returns whose it was. ``used_by``: the key that
+        actually took it (one of ``active``), when that is not whose turn it was (its work came
+        first where the turn's owner had none); it is charged instead."""
         best, keys = self._choose(active)
+        if used_by is not None:
+            if used_by not in keys:
+                raise ValueError(f"{used_by!r} is not active")
+            best = used_by
         for k in keys:
             self._current[k] += self.weights[k]
         self._current[best] -= sum(self.weights[k] for k in keys)

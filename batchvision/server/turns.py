@@ -4,11 +4,12 @@ turns (:class:`~batchvision.core.priorities.WeightedTurns`).
 kombu's Redis transport takes the next message with one ``BRPOP`` over every queue a worker
 consumes, in the order of its queue cycle (``queue_order_strategy``); ``BRPOP`` answers from the
 first list that has a message. :class:`TierCycle` lists every interactive queue first, as
-before, then the bulk queues with the tier whose turn it is first and the others from the
-highest down; each message taken from a bulk queue uses a turn, whichever tier it came from (a
-tier with nothing waiting lets its turn pass to the next). So under a backlog of every tier
-the worker takes them in the shares of ``BATCHVISION_PRIORITY_RATIO``, and a lone tier gets
-every turn.
+before, then the bulk queues: first the tiers it last found empty (so a message that arrives
+in one is taken at once), then the tier whose turn it is, then the other tiers that have work,
+highest first. A message taken from a bulk queue uses a turn of its tier among the tiers that
+have work; the tiers listed before it had none (``BRPOP`` answers from the first list with a
+message) and sit out until they answer again. So under a backlog of several tiers the worker
+takes them in the shares of ``BATCHVISION_PRIORITY_RATIO``, and a lone tier gets every turn.
 
 kombu builds the cycle from a dotted name with no arguments, so the ratio is part of the name:
 ``batchvision.server.turns:tier_cycle_3`` (see :func:`cycle_name`).
@@ -40,7 +41,11 @@ class TierCycle:
 
     def __init__(self, it: Iterable[str] | None = None, *, ratio: int = 3) -> None:
         self.items: list[str] = list(it) if it is not None else []
-        self.turns = WeightedTurns({t: w for t, w in sorted(tier_weights(ratio).items(), reverse=True)})
+        self.turns = WeightedTurns({t: tier_weights(ratio)[t] for t in TIERS_DOWN})
+        #: Tiers a ``BRPOP`` found empty (listed before the one that answered), until one of
+        #: them answers again.
+        self.idle: set[Tier] = set()
+        self._order: list[Tier] = []  # the tiers in the order of the last consume
 
     def update(self, it: Iterable[str]) -> None:
         """The worker's queues changed (consumers added or cancelled)."""
@@ -50,22 +55,33 @@ class TierCycle:
         return {q: tier_of_queue(q) for q in self.items}
 
     def consume(self, n: int) -> list[str]:
-        """The first ``n`` queues in the order of the next ``BRPOP``."""
+        """The first ``n`` queues in the order of the next ``BRPOP``: interactive, then the idle
+        tiers (empty when last looked at: a message that arrived in one is taken at once, and
+        from then on it takes turns), then the tier whose turn it is, then the others."""
         tiers = self._tiers()
-        present = {t for t in tiers.values() if t is not None}
-        order: list[Tier] = []
-        if present:
-            first = self.turns.peek(present)
-            order = [first, *(t for t in TIERS_DOWN if t != first)]
+        present = [t for t in TIERS_DOWN if t in tiers.values()]
+        idle = [t for t in present if t in self.idle]
+        waiting = [t for t in present if t not in self.idle]
+        if waiting:
+            first = self.turns.peek(waiting)
+            waiting.remove(first)
+            waiting.insert(0, first)
+        self._order = idle + waiting
         interactive = [q for q in self.items if tiers[q] is None]
-        bulk = [q for t in order for q in self.items if tiers[q] == t]
+        bulk = [q for t in self._order for q in self.items if tiers[q] == t]
         return (interactive + bulk)[:n]
 
     def rotate(self, last_used: str) -> str:
-        """A message came from ``last_used``: from a bulk queue, it used a turn."""
-        tiers = self._tiers()
-        if tiers.get(last_used) is not None:
-            self.turns.take({t for t in tiers.values() if t is not None})
+        """A message came from ``last_used``: the tiers listed before it were empty (``BRPOP``
+        answers from the first list with a message) and are idle now; its tier used a turn
+        among the tiers that wait."""
+        tier = tier_of_queue(last_used)
+        if tier is None or tier not in self._order:
+            return last_used
+        at = self._order.index(tier)
+        self.idle.update(self._order[:at])
+        self.idle.discard(tier)
+        self.turns.take([t for t in self._order if t not in self.idle], used_by=tier)
         return last_used
 
 
