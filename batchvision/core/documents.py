@@ -93,7 +93,8 @@ class Job(Document):
     top_k: int | None = Field(None, description="classes each result lists (at most the model's)")
     min_score: float | None = Field(None, description="classes scoring below it are left out of top_k")
     priority: int = Field(
-        DEFAULT_PRIORITY, description=f"{MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest): the job's priority"
+        DEFAULT_PRIORITY,
+        description=f"{MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest): the job's priority",
     )
     status_url: str
     results_url: str

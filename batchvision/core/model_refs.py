@@ -191,7 +191,9 @@ def resolve_options(
     if min_score is not None and not (math.isfinite(min_score) and 0.0 <= min_score <= 1.0):
         raise _invalid("min_score", min_score, "0 to 1", f"min_score={min_score} is out of range")
     k = top_k if top_k is not None else min(default_top_k, limit)
-    return JobOptions(ref.name, ref.version, k, float(min_score or 0.0), check_priority(priority, max_priority))
+    return JobOptions(
+        ref.name, ref.version, k, float(min_score or 0.0), check_priority(priority, max_priority)
+    )
 
 
 def _invalid(option: str, value: Any, allowed: Sequence[str] | str, why: str) -> InvalidOption:

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from batchvision.core.batching import Admission
-from batchvision.core.priorities import tier_of
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
 from batchvision.core.model_refs import JobOptions
+from batchvision.core.priorities import tier_of
 from batchvision.core.results import ImageResult, canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints

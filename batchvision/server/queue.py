@@ -95,7 +95,10 @@ def amqp_queues(settings: Settings) -> list[Queue]:
     """The task queues every app knows up front (interactive first, then the priority tiers);
     any other queue name it meets (another model's) gets the same declaration, see
     :class:`_TaskQueues`."""
-    names = (interactive_queue(settings), *(bulk_queue(settings, tier=t) for t in (Tier.HIGH, Tier.NORMAL, Tier.LOW)))
+    names = (
+        interactive_queue(settings),
+        *(bulk_queue(settings, tier=t) for t in (Tier.HIGH, Tier.NORMAL, Tier.LOW)),
+    )
     return [task_queue(settings, name) for name in names]
 
 
@@ -372,4 +375,6 @@ class Enqueuer:
         contexts = [x for _, _, x, _ in items]
         first = min(t for _, t, _, _ in items)
         priority = max(p for _, _, _, p in items)
-        publish(self.app, self.settings, chunks, first, True, contexts=contexts, model=model, priority=priority)
+        publish(
+            self.app, self.settings, chunks, first, True, contexts=contexts, model=model, priority=priority
+        )

@@ -108,7 +108,9 @@ def _last(batches: list[set[str]], job: str) -> int:
 
 def _wait_final(stack: Any, wait_until: Callable[..., Any], *jobs: str) -> None:
     for job in jobs:
-        wait_until(lambda j=job: stack.client.status(j).final, timeout=300, interval=0.2, message=f"{job} final")
+        wait_until(
+            lambda j=job: stack.client.status(j).final, timeout=300, interval=0.2, message=f"{job} final"
+        )
         status = stack.client.status(job)
         assert status.done == status.total and status.failed == 0, status
 
@@ -124,7 +126,9 @@ def test_a_later_high_priority_job_finishes_before_the_low_backlog(
 ) -> None:
     stack.worker()
     low = _submit(stack.url, 320, 0, "low")  # 40 chunks: about 40 batches of SLEEP_S
-    wait_until(lambda: stack.client.status(low).done >= 24, timeout=120, interval=0.1, message="backlog under way")
+    wait_until(
+        lambda: stack.client.status(low).done >= 24, timeout=120, interval=0.1, message="backlog under way"
+    )
     high = _submit(stack.url, 32, 9, "high")  # 4 chunks
     _wait_final(stack, wait_until, high, low)
     batches = _batches(stack)
@@ -192,7 +196,9 @@ def test_priority_on_every_route_and_the_queue_of_each_tier(alone: Any) -> None:
     # an upload in parts: the job's priority holds for every part
     opened = requests.post(f"{url}/v1/jobs?priority=0", json={"expected": 6}, headers=b, timeout=30)
     assert opened.status_code == 202 and opened.json()["priority"] == 0
-    part = requests.post(f"{url}/v1/jobs/{opened.json()['job_id']}/files", files=_files(6, "p"), headers=b, timeout=30)
+    part = requests.post(
+        f"{url}/v1/jobs/{opened.json()['job_id']}/files", files=_files(6, "p"), headers=b, timeout=30
+    )
     assert part.status_code == 202 and part.json()["priority"] == 0
     # a zip, a URL list, a manifest
     buf = io.BytesIO()
@@ -219,7 +225,9 @@ def test_priority_on_every_route_and_the_queue_of_each_tier(alone: Any) -> None:
     # no priority: the default; /v1/classify (interactive) keeps its priority in the job
     plain = requests.post(f"{url}/v1/jobs", files=_files(6, "d"), headers=b, timeout=30)
     assert plain.status_code == 202 and plain.json()["priority"] == 5
-    sync = requests.post(f"{url}/v1/classify?timeout=0&priority=1", files=_files(1, "c"), headers=b, timeout=30)
+    sync = requests.post(
+        f"{url}/v1/classify?timeout=0&priority=1", files=_files(1, "c"), headers=b, timeout=30
+    )
     assert sync.status_code == 202 and sync.json()["priority"] == 1
     status = requests.get(f"{url}/v1/jobs/{job.json()['job_id']}", headers=a, timeout=30).json()
     assert status["priority"] == 9
@@ -258,7 +266,9 @@ def test_a_priority_out_of_range_or_above_the_keys_maximum_is_422(
         assert resp.status_code == 422, (route, resp.text)
         error = resp.json()["error"]
         assert error["code"] == code and "priority" in error["message"], error
-        assert error["details"] == [{"in": "query", "field": "priority", "value": int(priority), "allowed": allowed}]
+        assert error["details"] == [
+            {"in": "query", "field": "priority", "value": int(priority), "allowed": allowed}
+        ]
     # Not a number: the query's own check (400 naming the field).
     resp = requests.post(
         f"{alone.url}/v1/jobs?priority=high", files=_files(1, "x"), headers={"X-API-Key": key}, timeout=30

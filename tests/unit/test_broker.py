@@ -55,7 +55,12 @@ def test_redis_keeps_its_configuration() -> None:
     # kombu builds the queue cycle from the name: interactive first, then the priority tiers
     cycle = cycle_by_name(config["broker_transport_options"]["queue_order_strategy"])()
     cycle.update(["batchvision.interactive", "batchvision.high", "batchvision", "batchvision.low"])
-    assert cycle.consume(4) == ["batchvision.interactive", "batchvision.high", "batchvision", "batchvision.low"]
+    assert cycle.consume(4) == [
+        "batchvision.interactive",
+        "batchvision.high",
+        "batchvision",
+        "batchvision.low",
+    ]
     assert "task_queues" not in config and config["task_acks_on_failure_or_timeout"] is True
 
 

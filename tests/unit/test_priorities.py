@@ -232,9 +232,9 @@ def test_admission_takes_tiers_in_weighted_turns_after_urgent(wait_until: Callab
     threads = [threading.Thread(target=hold, args=(f"low{i}", False, Tier.LOW)) for i in range(3)]
     threads += [threading.Thread(target=hold, args=(f"high{i}", False, Tier.HIGH)) for i in range(12)]
     threads.append(threading.Thread(target=hold, args=("small", True)))
-    for t in threads:
+    for n, t in enumerate(threads, start=1):
         t.start()
-        wait_until(lambda n=threads.index(t) + 1: sum(adm.waiting()) == n)
+        wait_until(lambda n=n: sum(adm.waiting()) == n)
     gate.set()
     for t in [blocker, *threads]:
         t.join(10)
