@@ -289,7 +289,7 @@ def _infer(name: str, version: str | None) -> Response:
             )
     # Every class's score comes back (top_k = the classes), for the scores tensor.
     ref = name if version is None else f"{name}:{shape.version}"
-    options = svc.intake.options(ref, top_k=len(shape.labels))
+    options = svc.intake.options(ref, top_k=len(shape.labels), owner=current_owner())
     job_id = svc.intake.submit(
         None, current_owner(), uploads, [], seal=True, interactive=True, options=options
     ).job_id

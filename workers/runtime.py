@@ -207,9 +207,9 @@ class HandOnStep:
         # No connection yet: the broker is reached on the first hand-on, which is rare.
         self._app = create_celery(self.settings, name="batchvision-worker-hand-on")
 
-    def __call__(self, chunk: Chunk, model: str, urgent: bool) -> None:
+    def __call__(self, chunk: Chunk, model: str, urgent: bool, priority: int) -> None:
         app = _made(self._app, self.name)
-        publish(app, self.settings, [chunk], time.time(), urgent, model=model)
+        publish(app, self.settings, [chunk], time.time(), urgent, model=model, priority=priority)
 
     def stop(self) -> None:
         _made(self._app, self.name).close()
@@ -329,8 +329,8 @@ class SweeperStep:
 
     def _resend(self, chunk: Chunk) -> None:
         store = _made(self.redis.store, self.redis.name)
-        model = store.model_of(chunk.job_id)  # to its model's queues
-        publish(self.app, self.settings, [chunk], time.time(), model=model)
+        routing = store.routing_of(chunk.job_id)  # to its model's queue of its priority's tier
+        publish(self.app, self.settings, [chunk], time.time(), model=routing.model, priority=routing.priority)
 
     def _run(self) -> int:
         store: JobStore = _made(self.redis.store, self.redis.name)

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
 from batchvision.core.errors import BatchError
+from batchvision.core.priorities import TIERS_DOWN, Tier, WeightedTurns, tier_weights
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -197,34 +198,41 @@ class Admission:
     """Bounds how many images a worker holds at once (decoded, or waiting for the model).
 
     A task asks for as many slots as it has images before it fetches or decodes anything;
-    ``urgent`` (interactive) requests are admitted before waiting bulk ones, each class in
-    arrival order. A request larger than the whole limit is admitted when nothing else is
-    held, so it never waits forever.
+    ``urgent`` (interactive) requests are admitted before waiting bulk ones, in arrival order.
+    Bulk requests wait in their priority tier; where several tiers wait, the tiers take weighted
+    turns (:class:`~batchvision.core.priorities.WeightedTurns`, ``ratio`` times the turns of the
+    tier below), each in arrival order, so a higher tier goes first and a lower one still moves.
+    A request larger than the whole limit is admitted when nothing else is held, so it never
+    waits forever.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, ratio: int = 3) -> None:
         if limit < 1:
             raise ValueError("limit must be >= 1")
         self.limit = limit
         self.held = 0
         self._cond = threading.Condition()
-        self._waiting: tuple[deque[object], deque[object]] = (deque(), deque())  # urgent, bulk
+        self._urgent: deque[object] = deque()
+        self._tiers: dict[Tier, deque[object]] = {t: deque() for t in TIERS_DOWN}
+        self._turns = WeightedTurns({t: tier_weights(ratio)[t] for t in TIERS_DOWN})
 
     def waiting(self) -> tuple[int, int]:
         """How many requests wait, ``(urgent, bulk)`` (tests, metrics)."""
         with self._cond:
-            return len(self._waiting[0]), len(self._waiting[1])
+            return len(self._urgent), sum(len(line) for line in self._tiers.values())
 
     @contextlib.contextmanager
-    def admit(self, n: int, urgent: bool = False) -> Iterator[None]:
-        """Hold ``n`` slots for the duration of the ``with`` block."""
+    def admit(self, n: int, urgent: bool = False, tier: Tier = Tier.NORMAL) -> Iterator[None]:
+        """Hold ``n`` slots for the duration of the ``with`` block (``tier``: of a bulk request)."""
         ticket = object()
-        line = self._waiting[0 if urgent else 1]
+        line = self._urgent if urgent else self._tiers[tier]
         with self._cond:
             line.append(ticket)
             try:
-                while not self._may_enter(ticket, urgent, n):
+                while not self._may_enter(ticket, n):
                     self._cond.wait()
+                if not urgent:
+                    self._turns.take(self._active(), used_by=tier)
             finally:
                 line.remove(ticket)
                 self._cond.notify_all()
@@ -236,7 +244,15 @@ class Admission:
                 self.held -= n
                 self._cond.notify_all()
 
-    def _may_enter(self, ticket: object, urgent: bool, n: int) -> bool:
-        urgent_line, bulk_line = self._waiting
-        first = urgent_line[0] is ticket if urgent else (not urgent_line and bulk_line[0] is ticket)
-        return first and (self.held == 0 or self.held + n <= self.limit)
+    def _active(self) -> list[Tier]:
+        return [t for t, line in self._tiers.items() if line]
+
+    def _next(self) -> object:
+        """The request whose turn it is: the first urgent one, else the first of the tier whose
+        turn it is."""
+        if self._urgent:
+            return self._urgent[0]
+        return self._tiers[self._turns.peek(self._active())][0]
+
+    def _may_enter(self, ticket: object, n: int) -> bool:
+        return self._next() is ticket and (self.held == 0 or self.held + n <= self.limit)

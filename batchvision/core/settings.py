@@ -6,7 +6,9 @@ these fields (docs/reference/configuration.md).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
@@ -197,6 +199,25 @@ class Settings(BaseSettings):
     max_queued_bytes_per_key: Annotated[int, Field(ge=0, le=1 << 50)] = _field(
         0, "Bytes of uploads one API key may have waiting; more get `429` (0: no limit)."
     )
+    # -- per-job priorities (batchvision.core.priorities) ------------------------------
+    max_priority: Annotated[int, Field(ge=0, le=9)] = _field(
+        9,
+        "Highest `priority` (0 to 9) a job may ask for, for API keys not listed in "
+        "`KEY_MAX_PRIORITY`; above it: `422 priority_not_allowed`. A job that names no priority "
+        "gets 5, or this maximum if it is lower. On a shared service set it to 5 (callers may "
+        "only lower their own work) and raise it for some keys.",
+    )
+    key_max_priority: SecretStr = _field(
+        "",
+        "Per-key maximum priority, comma-separated `KEY=MAX` (the key, or its SHA-256 hex digest "
+        "as in `API_KEYS`); it overrides `MAX_PRIORITY` for that key.",
+    )
+    priority_ratio: Annotated[int, Field(ge=1, le=100)] = _field(
+        3,
+        "Where bulk work of several priority tiers waits (low 0-3, normal 4-6, high 7-9), each "
+        "tier gets this many times the turns of the tier below (3: of every 13 chunks, 9 high, "
+        "3 normal, 1 low), so lower priorities slow down but never stop; 1: equal turns.",
+    )
     rate_limit_per_minute: Annotated[int, Field(ge=0)] = _field(
         0, "Requests per minute per API key, shared by all API replicas through Redis (0: off)."
     )
@@ -344,6 +365,25 @@ class Settings(BaseSettings):
             raise ValueError("must be `redis` or a file:///directory URL")
         return value
 
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, value: str) -> str:
+        # The suffixes name a model's interactive queue and its priority tiers.
+        if value.endswith((".interactive", ".high", ".low")):
+            raise ValueError("must not end with .interactive, .high or .low (the names of its lanes)")
+        return value
+
+    @field_validator("key_max_priority")
+    @classmethod
+    def _key_max_priority(cls, value: SecretStr) -> SecretStr:
+        key_max_priorities(value.get_secret_value())  # raises ValueError saying what is wrong
+        return value
+
+    def max_priority_of(self, owner: str) -> int:
+        """The highest priority the API key ``owner`` (:func:`owner_of`) may ask for."""
+        limits = key_max_priorities(self.key_max_priority.get_secret_value())
+        return limits.get(owner, self.max_priority)
+
     @model_validator(mode="after")
     def _quotas(self) -> Self:
         # A key's share of the queue above the whole queue would never bind: a typo, not a choice.
@@ -415,6 +455,36 @@ class Settings(BaseSettings):
         return out
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+#: Hex digits of a key's SHA-256 digest that name its owner (jobs, quotas, limits).
+OWNER_CHARS = 16
+
+
+def key_digest(entry: str) -> str:
+    """The SHA-256 hex digest of a configured key (an entry of 64 hex digits is one already)."""
+    return entry if _HEX64.fullmatch(entry) else hashlib.sha256(entry.encode()).hexdigest()
+
+
+def owner_of(digest: str) -> str:
+    """The owner id of an API key with SHA-256 hex ``digest``: what its jobs are stored under."""
+    return digest[:OWNER_CHARS]
+
+
+def key_max_priorities(raw: str) -> dict[str, int]:
+    """``KEY=MAX,...`` (``BATCHVISION_KEY_MAX_PRIORITY``) as ``{owner id: max}``; ``ValueError``
+    naming the entry when one is not ``KEY=MAX`` with ``MAX`` 0 to 9. (The message never
+    shows a key.)"""
+    out = {}
+    for n, item in enumerate((i.strip() for i in raw.split(",")), start=1):
+        if not item:
+            continue
+        key, sep, value = item.rpartition("=")
+        if not sep or not key.strip() or not value.strip().isdigit() or not 0 <= int(value) <= 9:
+            raise ValueError(f"entry {n} must be KEY=MAX with MAX from 0 to 9")
+        out[owner_of(key_digest(key.strip()))] = int(value)
+    return out
+
+
 class SettingsError(ValueError):
     """Bad configuration: names every offending variable, its value and what is allowed."""
 
@@ -436,7 +506,7 @@ class SettingsError(ValueError):
 
 
 #: Fields whose values are never shown.
-SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys")
+SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys", "key_max_priority")
 
 
 def _mask_url(url: Any) -> Any:
