@@ -5,7 +5,7 @@ provider, so the documents are the same either way (compact, keys in insertion o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from flask import Response
@@ -32,8 +32,8 @@ class OrjsonProvider(DefaultJSONProvider):
     def response(self, *args: Any, **kwargs: Any) -> Response:
         obj = self._prepare_response_obj(args, kwargs)
         if self._app.debug and self.compact is None or self.compact is False:
-            return super().response(obj)  # indented, for people reading it
-        return self._app.response_class(self._encode(obj) + b"\n", mimetype=self.mimetype)
+            return cast(Response, super().response(obj))  # indented, for people reading it
+        return Response(self._encode(obj) + b"\n", mimetype=self.mimetype)
 
     def _encode(self, obj: Any) -> bytes:
         try:
