@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 import orjson
+import redis
 from flask import Blueprint, Response, jsonify, request
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict
