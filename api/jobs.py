@@ -370,6 +370,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     timeout = min(params.timeout, svc.settings.sync_timeout_s)
     options = _options(svc, params)
     key = c.idempotency_key()
+    since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
 
     def create(claim: Claim | None = None) -> tuple[str, Submitted]:
         submitted = _submit(
@@ -386,7 +387,8 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     count = first.files if first is not None else None
     if isinstance(request, UploadRequest):  # the images are in Redis now; the wait needs none
         request.release_body()
-    if not svc.waiter.wait(job_id, timeout):
+    # A replayed key names an older job: its wait asks Redis first.
+    if not svc.waiter.wait(job_id, timeout, since if first is not None else None):
         return _accepted(svc, job_id, summary)
     if count is None:
         count = int(_job_or_404(svc, job_id)["total"])

@@ -4,9 +4,11 @@ Task threads decode their images and :meth:`DynamicBatcher.submit` them; a singl
 thread takes up to ``max_batch_size`` items, runs ``predict`` once, and resolves each item's
 future. Items from different tasks (and so different jobs) share a batch.
 
-The batch waits up to ``max_delay_s`` to fill, but only while more items are known to be
-coming: a task announces its images with :meth:`reserve` before decoding them, so a lone
-one-image job is flushed as soon as its image arrives instead of sleeping out the delay.
+The batch waits up to ``max_delay_s`` to fill while more items are known to be coming: a task
+announces its images with :meth:`reserve` before decoding them, so a lone one-image job is
+flushed as soon as its image arrives instead of sleeping out the delay. With
+``adaptive_max_s``, it also waits for items nobody announced yet while the arrival rate says
+they are about to come (closed-loop clients); :mod:`batchvision.core.batch_policy` decides.
 
 The batch contract follows Ray Serve's batching module: a list in, a list of the same
 length out, checked at run time; if the call fails, every item of the batch gets the error.
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
+from batchvision.core.batch_policy import BatchPolicy, Forming
 from batchvision.core.errors import BatchError
 from batchvision.core.priorities import TIERS_DOWN, Tier, WeightedTurns, tier_weights
 
@@ -58,6 +61,7 @@ class DynamicBatcher(Generic[In, Out]):
         *,
         max_batch_size: int = 32,
         max_delay_s: float = 0.01,
+        adaptive_max_s: float = 0.0,
         on_batch: Callable[[BatchInfo], None] | None = None,
         on_submit: Callable[[Any], Any] | None = None,
         name: str = "batcher",
@@ -65,12 +69,14 @@ class DynamicBatcher(Generic[In, Out]):
         """``on_batch``: called in the model thread after each model call. ``on_submit``:
         called in the submitting thread with each item's tag, returns the tag the item keeps
         (what the submitting thread knows, e.g. its trace span, travels with the item into
-        :attr:`BatchInfo.tags`)."""
+        :attr:`BatchInfo.tags`). ``adaptive_max_s``: the longest wait for unannounced items
+        (0: none)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.policy = BatchPolicy(max_batch_size, max_delay_s, adaptive_max_s=adaptive_max_s)
         self._on_batch = on_batch
         self._on_submit = on_submit
         self._items: deque[_Item[In, Out]] = deque()
@@ -117,6 +123,7 @@ class DynamicBatcher(Generic[In, Out]):
                 slot.left -= 1
                 self._reserved -= 1
             item = _Item(value, tag, fut, time.monotonic(), urgent)
+            self.policy.arrived(item.enqueued)
             (self._urgent if urgent else self._items).append(item)
             self._cond.notify_all()
         return fut
@@ -136,17 +143,17 @@ class DynamicBatcher(Generic[In, Out]):
                 if self._closed:
                     return None
                 self._cond.wait()
-            # Wait (at most max_delay after the oldest item of the line that goes next) while
-            # more images are announced and the batch is not full: the images of a message
-            # still in decode join this batch instead of the next one. Nothing is announced for
-            # a lone image at idle, so it runs at once. Urgent items arriving end the wait of a
-            # bulk batch: they go next.
+            # Wait while the policy expects more items soon and the batch is not full: images
+            # announced (a message still in decode) for at most max_delay after the oldest item
+            # of the line that goes next; unannounced ones only while the arrival rate says
+            # they come within a share of the batch's own run time. A lone image at idle runs at
+            # once. Urgent items arriving end the wait of a bulk batch: they go next.
             urgent = bool(self._urgent)
-            line = self._urgent if urgent else self._items
-            deadline = line[0].enqueued + self.max_delay_s
-            while len(line) < self.max_batch_size and self._reserved > 0 and urgent == bool(self._urgent):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+            while not self._closed and urgent == bool(self._urgent):
+                line = self._urgent if urgent else self._items
+                now = time.monotonic()
+                left = self.policy.wait_s(Forming(now, line[0].enqueued, len(line), self._reserved))
+                if left <= 0:
                     break
                 self._cond.wait(left)
             if self._urgent:
@@ -171,6 +178,8 @@ class DynamicBatcher(Generic[In, Out]):
             else:
                 for item, out in zip(batch, outputs, strict=True):
                     item.future.set_result(out)
+            with self._cond:
+                self.policy.ran(len(batch), time.monotonic() - start)
             if self._on_batch is not None:
                 info = BatchInfo(
                     size=len(batch),

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     max_batch_delay_ms: Annotated[float, Field(ge=0, le=10_000)] = _field(
         10.0, "Longest a batch waits to fill when more images are on their way."
     )
+    adaptive_batch_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = _field(
+        50.0,
+        "Longest a batch waits for images nobody announced yet (closed-loop clients), while the "
+        "arrival rate says they are about to come; at most half the model's time for the batch. "
+        "0: never.",
+    )
     chunk_size: Annotated[int, Field(ge=1, le=10_000)] = _field(
         16, "Images per Celery task; a job is split into such chunks."
     )
