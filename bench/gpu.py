@@ -203,7 +203,9 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", default="mobilenet_v2", help="keras.applications name (random weights) or a file"
+        "--model",
+        help="keras.applications name (random weights) or a .keras file; default mobilenet_v2, with "
+        "--quick the demo model (models/demo.keras) where it is built",
     )
     ap.add_argument("--images", type=int, default=512, help="photo-like JPEGs, half 640x480, half 1440x1080")
     ap.add_argument("--batches", default="1,32,128,256")
@@ -216,9 +218,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every part on a CPU")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    demo = HERE.parent / "models" / "demo.keras"
     if args.quick:
         args.images, args.batches, args.seconds = min(args.images, 32), "1,32", 1.0
         args.capacity_requests, args.capacity_workers = 300, "1"
+        args.model = args.model or (str(demo) if demo.exists() else None)
+    args.model = args.model or "mobilenet_v2"
     os.environ.setdefault("BATCHVISION_KERAS_BACKEND", "jax")
     timeout_s = 120.0
     folder = photo_set(args.images)
