@@ -514,6 +514,28 @@ def start_private_stack(
         stack.close()
 
 
+class StartSleepingStack(Protocol):
+    def __call__(self, logs: str, broker: str, sleep_s: float, **overrides: Any) -> PrivateStack: ...
+
+
+@pytest.fixture(scope="module")
+def start_sleeping_stack(start_private_stack: StartPrivateStack) -> Iterator[StartSleepingStack]:
+    """``start_sleeping_stack(logs, broker, sleep_s, **overrides)``: a private stack (as
+    ``start_private_stack``) serving the sleeping stand-in model of ``bench/standins.py``, whose
+    batches of up to 8 images each take ``sleep_s``; the module's workers inherit the setting."""
+    with pytest.MonkeyPatch.context() as mp:
+
+        def start(logs: str, broker: str, sleep_s: float, **overrides: Any) -> PrivateStack:
+            # The children import this tree and the stand-in models.
+            paths = [str(ROOT / "bench"), os.environ.get("PYTHONPATH", str(ROOT))]
+            mp.setenv("PYTHONPATH", os.pathsep.join(paths))
+            mp.setenv("BENCH_SLEEP_S", str(sleep_s))
+            settings = {"model": "py:standins:sleeping", "max_batch_size": 8, "chunk_size": 8, **overrides}
+            return start_private_stack(logs, broker=broker, **settings)
+
+        yield start
+
+
 class ApiAlone(NamedTuple):
     """An API process without a worker: its URL and its private Redis' URL."""
 

@@ -29,7 +29,6 @@ from PIL import Image
 
 from batchvision.server import keys
 
-ROOT = Path(__file__).resolve().parents[2]
 MAXMEMORY = 64 * 2**20
 IMAGE_SIDE = 512  # a noise PNG of 512x512 RGB: about 0.77 MiB that no compression shrinks
 IMAGES = 3 * MAXMEMORY // (3 * IMAGE_SIDE * IMAGE_SIDE) + 1
@@ -53,29 +52,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-@pytest.fixture(scope="module")
-def slow_stack(
-    broker: str, start_private_stack: Callable[..., Any], monkeypatch_module: pytest.MonkeyPatch
-) -> Any:
-    """The module's private stack (``start_private_stack`` in ``conftest.py``: its own Redis,
-    the API, workers started by each test, RabbitMQ as the broker when ``broker`` says so),
-    serving the sleeping stand-in model, its Redis' ``maxmemory`` set to :data:`MAXMEMORY`."""
-    # The children import this tree and the stand-in models; 8 images per 0.4 s: 20 images a
-    # second, so the queue drains slower than the CLI uploads.
-    paths = [str(ROOT / "bench"), os.environ.get("PYTHONPATH", str(ROOT))]
-    monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join(paths))
-    monkeypatch_module.setenv("BENCH_SLEEP_S", "0.4")
-    stack = start_private_stack(
+def slow_stack(broker: str, start_sleeping_stack: Callable[..., Any]) -> Any:
+    """The module's private stack (its own Redis, the API, workers started by each test,
+    RabbitMQ as the broker when ``broker`` says so) serving the sleeping stand-in model, its
+    Redis' ``maxmemory`` set to :data:`MAXMEMORY`."""
+    # 8 images per 0.4 s: 20 images a second, so the queue drains slower than the CLI uploads.
+    stack = start_sleeping_stack(
         f"fill-{broker}",
-        broker=broker,
-        model="py:standins:sleeping",  # bench/standins.py, on PYTHONPATH above
-        max_batch_size=8,
-        chunk_size=8,
+        broker,
+        0.4,
         # A killed worker's tasks go back to the queue after the visibility timeout (Redis
         # broker); short, so the kill variant recovers within the test.
         visibility_timeout_s=10,

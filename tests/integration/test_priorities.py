@@ -42,7 +42,6 @@ from batchvision.server import keys
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 IMAGES = [data for _, data, _ in labelled_files(8, seed=41)]
 SLEEP_S = 0.1  # per batch of 8: the backlogs below take seconds, not minutes
 
@@ -63,29 +62,10 @@ def _submit(url: str, n: int, priority: int, prefix: str, key: str | None = None
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-@pytest.fixture(scope="module")
-def prio_stack(
-    broker: str, start_private_stack: Callable[..., Any], monkeypatch_module: pytest.MonkeyPatch
-) -> Any:
+def prio_stack(broker: str, start_sleeping_stack: Callable[..., Any]) -> Any:
     """The module's private stack (its own Redis, the API, workers started by each test,
     RabbitMQ as the broker when ``broker`` says so) serving the sleeping stand-in model."""
-    paths = [str(ROOT / "bench"), os.environ.get("PYTHONPATH", str(ROOT))]
-    monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join(paths))
-    monkeypatch_module.setenv("BENCH_SLEEP_S", str(SLEEP_S))
-    return start_private_stack(
-        f"priorities-{broker}",
-        broker=broker,
-        model="py:standins:sleeping",  # bench/standins.py, on PYTHONPATH above
-        max_batch_size=8,
-        chunk_size=8,
-        priority_ratio=3,
-        result_ttl_s=600,
-    )
+    return start_sleeping_stack(f"priorities-{broker}", broker, SLEEP_S, priority_ratio=3, result_ttl_s=600)
 
 
 @pytest.fixture()
