@@ -28,7 +28,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -155,7 +155,7 @@ def write_results(
     formats: Sequence[str],
     with_id: bool,
     columns: Sequence[str],
-    files: dict[str, IO[bytes]],
+    files: Mapping[str, IO[bytes]],
     on_page: Callable[[int], None] = lambda n: None,
 ) -> int:
     """Write ``rows`` once into each format's open binary file; returns the rows written.

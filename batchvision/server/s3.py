@@ -27,7 +27,7 @@ ECS and EC2 instance roles). The endpoint is ``BATCHVISION_S3_ENDPOINT_URL``, el
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -300,7 +300,7 @@ class S3:
             inner = cause if isinstance(cause, Exception) and not isinstance(exc, S3Error) else exc
             raise _error(inner, f"writing {url}") from exc
 
-    def delete(self, urls: list[S3Url]) -> None:
+    def delete(self, urls: Sequence[S3Url]) -> None:
         """Delete objects (1,000 per request); missing ones are no error."""
         by_bucket: dict[str, list[str]] = {}
         for u in urls:

@@ -218,10 +218,6 @@ class JobStore:
         _eval(pipe, lua.RECORD, JobKeys.of(job_id).lua(), self._record_args(job_id, results))
         return True
 
-    def set_fields(self, job_id: str, fields: Mapping[str, str], pipe: Any = None) -> None:
-        """Write fields of the job's hash (``pipe``: only queue the write on it)."""
-        (pipe or self.redis).hset(JobKeys.of(job_id).job, mapping=dict(fields))
-
     def _add_args(
         self, job_id: str, files: Sequence[tuple[str, str]], sizes: Sequence[int] | None
     ) -> list[str | int]:
@@ -341,7 +337,7 @@ class JobStore:
             return
         k = JobKeys.of(job_id)
         pipe.hset(k.files, mapping={f"m:{i}": p.encode() for i, p in passed})
-        fields = {"pt_columns": json.dumps(list(columns))}
+        fields: dict[str | bytes, str | bytes] = {"pt_columns": json.dumps(list(columns))}
         if any(p.id is not None for _, p in passed):
             fields["pt"] = "id"
         else:

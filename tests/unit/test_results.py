@@ -7,9 +7,9 @@ import pytest
 
 from batchvision.core.results import (
     CSV_COLUMNS,
-    Passthrough,
     Failure,
     JobStatus,
+    Passthrough,
     Prediction,
     Row,
     TopScore,
