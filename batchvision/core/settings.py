@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     )
     models_cache_dir: str = _field(
         "",
-        "Local folder a worker copies an `s3://` model repository into (checked against each "
-        "object's size and ETag before use); empty: a folder under the system's temporary directory.",
+        "Local folder a worker copies an `s3://` model repository into (each object checked "
+        "against its listed size and ETag, a version renamed into place once whole); empty: a "
+        "folder under the system's temporary directory.",
     )
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,200}$")] = _field(
         "batchvision", "Celery queue the API publishes to and workers consume."
@@ -101,8 +102,10 @@ class Settings(BaseSettings):
     models_dir: str = _field(
         "",
         "Model repository: `<dir>/<name>/<version>/` with a `.keras`/`.h5` file or a SavedModel, "
-        "`labels.txt` and an optional `config.json` (see docs/guides/models.md). `BATCHVISION_MODEL` names "
-        "the default model; empty: `BATCHVISION_MODEL` is the only model.",
+        "`labels.txt` and an optional `config.json` (see docs/guides/models.md); a folder, or "
+        "`s3://bucket/prefix/` in the same layout, copied to `BATCHVISION_MODELS_CACHE_DIR` and "
+        "checked before use. `BATCHVISION_MODEL` names the default model; empty: "
+        "`BATCHVISION_MODEL` is the only model.",
     )
     worker_models: str = _field(
         "",

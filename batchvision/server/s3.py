@@ -26,6 +26,7 @@ ECS and EC2 instance roles). The endpoint is ``BATCHVISION_S3_ENDPOINT_URL``, el
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,10 @@ class S3Url:
         return self if not self.key or self.key.endswith("/") else S3Url(self.bucket, self.key + "/")
 
 
+def _is_md5(etag: str) -> bool:
+    return len(etag) == 32 and all(c in "0123456789abcdef" for c in etag.lower())
+
+
 def is_s3_url(url: str) -> bool:
     return isinstance(url, str) and url.startswith(SCHEME)
 
@@ -106,6 +111,8 @@ class S3Object:
     key: str
     size: int
     etag: str = ""
+    #: When it was last written (seconds since the epoch; 0: unknown).
+    modified: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ def _error(exc: BaseException, what: str) -> S3Error:
         ClientError,
         ConnectionError,
         EndpointConnectionError,
+        IncompleteReadError,
         NoCredentialsError,
         ReadTimeoutError,
     )
@@ -149,6 +157,8 @@ def _error(exc: BaseException, what: str) -> S3Error:
         code = str(err.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         message = str(err.get("Message", "") or code)
+        if code == "PreconditionFailed" or status == 412:
+            return S3Error(f"{what}: the object changed while it was read", code="object_changed")
         if code == "NoSuchBucket":
             return S3Error(f"{what}: the bucket does not exist", code="bucket_not_found")
         if code in ("NoSuchKey", "NotFound") or status == 404:
@@ -163,6 +173,9 @@ def _error(exc: BaseException, what: str) -> S3Error:
         if status >= 500:
             return S3Error(f"{what}: the store answered {status} {code}", code="s3_unavailable")
         return S3Error(f"{what}: {code or status}: {message}"[:500], code="s3_error")
+    if isinstance(exc, IncompleteReadError):
+        why = f"{what}: the connection ended before the whole object ({exc})"
+        return S3Error(why, code="incomplete_download")
     if isinstance(exc, NoCredentialsError):
         return S3Error(f"{what}: no credentials (environment, ~/.aws, or a role)", code="access_denied")
     if isinstance(exc, EndpointConnectionError | ConnectionError | ReadTimeoutError):
@@ -232,7 +245,9 @@ class S3:
             for item in page.get("Contents", ()):
                 if not item["Key"].endswith("/"):
                     etag = str(item.get("ETag", "")).strip('"')
-                    yield S3Object(item["Key"], int(item.get("Size", 0)), etag)
+                    stamp = item.get("LastModified")
+                    modified = stamp.timestamp() if stamp is not None else 0.0
+                    yield S3Object(item["Key"], int(item.get("Size", 0)), etag, modified)
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -256,12 +271,42 @@ class S3:
         finally:
             body.close()
 
-    def download(self, url: S3Url, path: str | Path) -> None:
-        """Copy an object to a local file (multipart-parallel for large ones)."""
+    def download(self, url: S3Url, path: str | Path, expected: S3Object) -> None:
+        """Copy the object ``expected`` describes (as listed) to a local file, checked: the read
+        is conditional on the listed ETag (``object_changed`` when it was replaced since), the
+        bytes written must be the listed size (``incomplete_download``), and when the ETag is
+        the content's MD5 (a single-part upload without KMS or customer keys) it must match
+        (``checksum_mismatch``). A failed copy may leave a partial file behind: write to a
+        temporary name and rename it once this returns."""
+        kwargs: dict[str, Any] = {"Bucket": url.bucket, "Key": url.key}
+        if expected.etag:
+            kwargs["IfMatch"] = f'"{expected.etag}"'
         try:
-            self._client.download_file(url.bucket, url.key, str(path))
+            resp = self._client.get_object(**kwargs)
         except Exception as exc:
             raise _error(exc, str(url)) from exc
+        body = resp["Body"]
+        # SSE-KMS and SSE-C objects have ETags that are not their MD5; multipart ones "<md5>-<n>".
+        plain = resp.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in resp
+        digest = hashlib.md5(usedforsecurity=False) if plain and _is_md5(expected.etag) else None
+        written = 0
+        try:
+            with open(path, "wb") as fh:
+                for chunk in body.iter_chunks(1024 * 1024):
+                    fh.write(chunk)
+                    written += len(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+        except OSError:  # the local disk's problem (full, read-only), not the store's
+            raise
+        except Exception as exc:
+            raise _error(exc, str(url)) from exc
+        finally:
+            body.close()
+        if written != expected.size:
+            raise S3Error(f"{url}: {written} bytes read, {expected.size} listed", code="incomplete_download")
+        if digest is not None and digest.hexdigest() != expected.etag:
+            raise S3Error(f"{url}: the content does not match its ETag", code="checksum_mismatch")
 
     def head(self, url: S3Url) -> S3Object | None:
         """The object's size and ETag, ``None`` when there is none."""
