@@ -193,7 +193,7 @@ def _bucket_job(svc: Services, params: d.SubmitQuery, claim: Claim | None, body:
             raise BadRequest(
                 "manifest: unknown type; name it .csv, .jsonl/.ndjson or .txt/.uris", code="bad_manifest"
             )
-        data = svc.intake.read_manifest(body.manifest, kind)
+        data = svc.intake.read_manifest(body.manifest)
         entries = manifest.parse(data, kind, max_entries=svc.settings.max_urls_per_job)
         return _submit_urls(svc, entries, callback, options, claim, output)
     assert body.source is not None

@@ -226,7 +226,7 @@ class Intake:
             ) from exc
         return output_fields(str(prefix))
 
-    def read_manifest(self, url: str, kind: str | None) -> bytes:
+    def read_manifest(self, url: str) -> bytes:
         """The bytes of a manifest stored at an ``s3://`` URL (at most 64 MiB); the errors of
         :class:`~batchvision.server.s3.S3Error` name the bucket or key."""
         return self.s3().get(S3Url.parse(url), max_bytes=64 * 1024 * 1024)
@@ -251,7 +251,11 @@ class Intake:
         later, or passes ``MAX_OBJECTS_PER_JOB`` (``413``), cancels the job it started and
         raises."""
         url = S3Url.parse(source)
-        base = url.key if not url.key or url.key.endswith("/") else url.key + "/"
+        base = url.folder.key
+
+        def relative(key: str) -> str:
+            return key[len(base) :] if key.startswith(base) else key
+
         skipped: list[tuple[str, str]] = []
         skipped_count = [0]
 
@@ -262,9 +266,9 @@ class Intake:
                     page.append(obj.key)
                 else:
                     skipped_count[0] += 1
-                    if len(skipped) < MAX_SKIPPED_LISTED:
+                    if len(skipped) < MAX_SKIPPED_LISTED:  # named as its image would be: relative
                         skipped.append(
-                            (obj.key, "not an image file name (" + ", ".join(IMAGE_SUFFIXES) + ")")
+                            (relative(obj.key), "not an image file name (" + ", ".join(IMAGE_SUFFIXES) + ")")
                         )
                 if len(page) >= PREFIX_PAGE:
                     yield page
@@ -289,14 +293,7 @@ class Intake:
                         f"{url} has more than {self.settings.max_objects_per_job} images "
                         "(BATCHVISION_MAX_OBJECTS_PER_JOB)"
                     )
-                uploads = [
-                    Upload(
-                        key,
-                        key[len(base) :] if key.startswith(base) else key,
-                        url_blob(f"s3://{url.bucket}/{key}"),
-                    )
-                    for key in page
-                ]
+                uploads = [Upload(key, relative(key), url_blob(f"s3://{url.bucket}/{key}")) for key in page]
                 self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
                 done = self._add(job_id, uploads, [None] * len(uploads))
                 accepted += done.accepted
