@@ -147,9 +147,11 @@ def _submit_urls(
     callback: dict[str, str] | None,
     options: JobOptions | None = None,
     claim: Claim | None = None,
+    output: str | None = None,
 ) -> Submitted:
+    fields = svc.intake.output(output)
     submitted = svc.intake.submit_urls(
-        current_owner(), entries, callback=callback, options=options, claim=claim
+        current_owner(), entries, callback=callback, options=options, claim=claim, output=fields
     )
     JOBS_CREATED.inc()
     _count(submitted)
@@ -167,15 +169,57 @@ def _url_job(svc: Services, params: d.SubmitQuery, claim: Claim | None) -> Submi
                 code="bad_parameter",
             )
         entries = manifest.parse(request.get_data(), kind, max_entries=limit)
-        return _submit_urls(svc, entries, _callback(svc, params.callback_url), _options(svc, params), claim)
+        callback = _callback(svc, params.callback_url)
+        return _submit_urls(svc, entries, callback, _options(svc, params), claim, params.output_url)
     raw = request.get_json(silent=True) if request.mimetype == "application/json" else None
     if isinstance(raw, dict) and "urls" in raw:
         body = c.json_body(d.UrlJob)
         items = [i if isinstance(i, str) else i.model_dump(exclude_none=True) for i in body.urls]
         entries = manifest.entries_from_json(items, max_entries=limit)
         callback = _callback(svc, _one_callback(body.callback_url, params))
-        return _submit_urls(svc, entries, callback, _options(svc, params), claim)
+        output = _one_output(body.output_url, params)
+        return _submit_urls(svc, entries, callback, _options(svc, params), claim, output)
+    if isinstance(raw, dict) and ("source" in raw or "manifest" in raw):
+        return _bucket_job(svc, params, claim, c.json_body(d.BucketJob))
     return None
+
+
+def _bucket_job(svc: Services, params: d.SubmitQuery, claim: Claim | None, body: d.BucketJob) -> Submitted:
+    """A job from an ``s3://`` prefix (listed page by page) or a manifest in a bucket."""
+    if (body.source is None) == (body.manifest is None):
+        raise BadRequest("give exactly one of source and manifest", code="bad_body")
+    callback = _callback(svc, _one_callback(body.callback_url, params))
+    options = _options(svc, params)
+    output = _one_output(body.output_url, params)
+    if body.manifest is not None:
+        kind = manifest.kind_of_path(body.manifest)
+        if kind is None:
+            raise BadRequest(
+                "manifest: unknown type; name it .csv, .jsonl/.ndjson or .txt/.uris", code="bad_manifest"
+            )
+        data = svc.intake.read_manifest(body.manifest)
+        entries = manifest.parse(data, kind, max_entries=svc.settings.max_urls_per_job)
+        return _submit_urls(svc, entries, callback, options, claim, output)
+    assert body.source is not None
+    submitted = svc.intake.submit_prefix(
+        current_owner(),
+        body.source,
+        callback=callback,
+        output=svc.intake.output(output),
+        options=options,
+        claim=claim,
+    )
+    JOBS_CREATED.inc()
+    _count(submitted)
+    return submitted
+
+
+def _one_output(in_body: str | None, params: d.SubmitQuery) -> str | None:
+    if in_body is not None and params.output_url is not None:
+        raise BadRequest(
+            "output_url is given twice (body and query): send it in the body", code="bad_parameter"
+        )
+    return in_body if in_body is not None else params.output_url
 
 
 def _one_callback(in_body: str | None, params: d.SubmitQuery) -> str | None:
@@ -209,7 +253,9 @@ _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAcc
 # JSON document: `urls` makes it a UrlJob) and manifests (CSV, JSON Lines, URI list).
 _SUBMIT_BODY = c.upload_body(archive=True, json_model=d.OpenJob)
 _SUBMIT_BODY["application/json"] = {
-    "schema": {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (d.OpenJob, d.UrlJob)]}
+    "schema": {
+        "anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (d.OpenJob, d.UrlJob, d.BucketJob)]
+    }
 }
 _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_TYPES})
 
@@ -222,14 +268,16 @@ _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_T
     "a job for an upload in parts (as does `?seal=false` with a first part). Images by URL: a "
     'JSON body `{"urls": [...]}` (`UrlJob`) or a manifest body: `text/csv` with a `url` and an '
     "optional `filename` column, JSON Lines (`application/x-ndjson`) of URL strings or "
-    "`{url, filename}` objects, or `text/uri-list`; the workers fetch them. Any new job may "
-    "carry a `callback_url` (in the JSON body, else in the query) that gets one signed POST "
-    "when the job is final.",
+    "`{url, filename, id, columns}` objects, or `text/uri-list`; URLs are http(s):// or s3://, "
+    'and the workers fetch them. From a bucket: a JSON body `{"source": "s3://bucket/prefix/"}` '
+    '(every image under it) or `{"manifest": "s3://bucket/list.csv"}` (`BucketJob`). Any new '
+    "job may carry a `callback_url` that gets one signed POST when the job is final, and an "
+    "`output_url` (s3://) its results are written to (in the JSON body, else in the query).",
     query=d.SubmitQuery,
     body=_SUBMIT_BODY,
     body_required=True,
     headers=(c.IDEMPOTENCY_HEADER,),
-    schema_refs=(d.OpenJob, d.UrlJob),
+    schema_refs=(d.OpenJob, d.UrlJob, d.BucketJob),
     responses={
         202: _ACCEPTED,
         200: c.Response(
@@ -412,6 +460,8 @@ def get_job(job_id: str) -> dict[str, Any]:
     doc = _public(job)
     if job["callback"] is not None:  # the webhook's delivery state, read with the job
         doc["callback"] = job["callback"]
+    if job["output"] is not None:  # where writing the results to the output prefix stands
+        doc["output"] = job["output"]
     return doc
 
 

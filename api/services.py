@@ -15,6 +15,7 @@ from batchvision.server.idempotency import Idempotency
 from batchvision.server.intake import Intake
 from batchvision.server.queue import Enqueuer, create_celery
 from batchvision.server.registry import ModelRegistry
+from batchvision.server.s3 import S3Config
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.waiter import Waiter
@@ -45,7 +46,7 @@ class Services:
             "interval_max": 0.5,
         }
         store = JobStore(client, result_ttl_s=settings.result_ttl_s, blob_ttl_s=settings.blob_ttl_s)
-        blobs = open_blobs(settings.blob_url, client, settings.blob_ttl_s)
+        blobs = open_blobs(settings.blob_url, client, settings.blob_ttl_s, S3Config.from_settings(settings))
         telemetry = Telemetry(client)
         models = ModelRegistry(client)
         return cls(

@@ -40,6 +40,7 @@ from batchvision.server.checks import check_worker_settings, eviction_warning
 from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import DeadLetterConsumer, DeadLetters
+from batchvision.server.exports import Exporter
 from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
 from batchvision.server.gpus import GpuReader, NoGpus, Nvml, describe, require_gpu, visible
 from batchvision.server.messages import Chunk
@@ -48,6 +49,7 @@ from batchvision.server.queue import amqp_backlog, create_celery, dead_letter_qu
 from batchvision.server.recovery import Sweeper, sweep
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
+from batchvision.server.s3 import S3Config, shared
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import BatchLog, Telemetry
 from batchvision.server.webhooks import Deliverer
@@ -135,7 +137,7 @@ class RedisStep:
         self._client = client
         self.store = JobStore(client, result_ttl_s=s.result_ttl_s, blob_ttl_s=s.blob_ttl_s)
         self.claims = Claims(client, ttl_s=s.blob_ttl_s)
-        self.blobs = open_blobs(s.blob_url, client, s.blob_ttl_s)
+        self.blobs = open_blobs(s.blob_url, client, s.blob_ttl_s, S3Config.from_settings(s))
 
     @property
     def client(self) -> Any:
@@ -289,6 +291,7 @@ class ProcessorStep:
             default_model=default_model(self.settings),
             limits=ProcessorLimits.from_settings(self.settings),
             fetcher=Fetcher.from_settings(self.settings),
+            s3=lambda: shared(S3Config.from_settings(self.settings)),
             hand_on=self.hand_on,
             on_decode=metrics.DECODE.observe,
             on_recorded=metrics.observe_recorded,
@@ -344,6 +347,34 @@ class WebhooksStep:
 
     def stop(self) -> None:
         _made(self._deliverer, self.name).stop()
+
+
+class ExportsStep:
+    """Every worker process writes the output files of finished jobs that name an output
+    prefix; due ones live in Redis, so a worker killed mid-write leaves its lease to expire
+    and another one writes the whole output again."""
+
+    name = "exports"
+
+    def __init__(self, settings: Settings, redis: RedisStep) -> None:
+        self.settings = settings
+        self.redis = redis
+        self._exporter: Exporter | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        r = self.redis
+        self._exporter = Exporter(
+            r.client,
+            _made(r.store, r.name),
+            lambda: shared(S3Config.from_settings(s)),
+            s.output_formats.split(","),
+            retry_for_s=float(s.result_ttl_s),
+        )
+        self._exporter.start()
+
+    def stop(self) -> None:
+        _made(self._exporter, self.name).stop()
 
 
 class DeadLettersStep:
@@ -430,6 +461,7 @@ class Worker:
             self._processor,
             MetricsStep(settings, self.models),
             WebhooksStep(settings, self.redis),
+            ExportsStep(settings, self.redis),
         ]
         if uses_amqp(settings):
             components.append(DeadLettersStep(settings, self.redis))

@@ -225,7 +225,8 @@ def worker_models(s: Settings, given: str | None) -> list[str]:
     from batchvision.server.repository import parse_model_list, repository, select
 
     wanted = parse_model_list(given if given is not None else s.worker_models)
-    return sorted(select(repository(s), wanted))
+    # (An s3:// repository copies only these models to the local cache.)
+    return sorted(select(repository(s.replace(worker_models=",".join(wanted))), wanted))
 
 
 def cmd_worker_health(args: argparse.Namespace) -> int:

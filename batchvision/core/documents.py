@@ -67,6 +67,22 @@ class CallbackState(Document):
     delivered_at: float | None = Field(None, description="Unix time of the accepted delivery")
 
 
+class OutputState(Document):
+    """Where the writing of a job's results to its output prefix stands."""
+
+    url: str = Field(description="the s3:// output prefix")
+    state: Literal["pending", "written", "failed"] = Field(
+        description="pending until the job is final and its files are written (also between "
+        "retries of a throttled or unreachable store)"
+    )
+    files: dict[str, str] = Field(
+        description="format (csv, jsonl, parquet, manifest) -> s3:// URL of the object, once written"
+    )
+    attempts: int = Field(ge=0)
+    error: str | None = Field(None, description="`code: message` of the last failed attempt")
+    written_at: float | None = Field(None, description="Unix time")
+
+
 class WebhookSecret(Document):
     """``GET /v1/webhook-secret``: the secret that signs this API key's webhooks."""
 
@@ -100,6 +116,9 @@ class Job(Document):
     results_url: str
     callback: CallbackState | None = Field(
         None, description="the completion webhook's delivery, for a job created with a callback_url"
+    )
+    output: OutputState | None = Field(
+        None, description="the results written to the job's output_url, for a job created with one"
     )
 
     @property
@@ -156,6 +175,10 @@ class ResultRow(Document):
     error: ErrorBody | None = None
     model: str | None = Field(None, description="the model that classified the image")
     version: int | None = Field(None, description="the version of the model that classified it")
+    id: str | None = Field(None, description="the input's id, as given")
+    columns: dict[str, str | int | float | bool | None] | None = Field(
+        None, description="the input's pass-through columns, as given"
+    )
 
 
 class ClassifyResult(Job):
@@ -222,6 +245,10 @@ class UrlItem(BaseModel):
 
     url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
     filename: str | None = Field(None, min_length=1, max_length=1024)
+    id: str | int | None = Field(None, description="returned beside the prediction")
+    columns: dict[str, str | int | float | bool | None] | None = Field(
+        None, description="pass-through columns (at most 32), returned beside the prediction"
+    )
 
 
 class UrlJob(BaseModel):
@@ -231,7 +258,47 @@ class UrlJob(BaseModel):
 
     urls: list[Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH)] | UrlItem] = Field(
         min_length=1,
-        description="http(s) URLs, or {url, filename} objects; at most BATCHVISION_MAX_URLS_PER_JOB",
+        description="http(s):// or s3:// URLs, or {url, filename, id, columns} objects; at most "
+        "BATCHVISION_MAX_URLS_PER_JOB",
+    )
+    callback_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_URL_LENGTH,
+        description="http(s) URL that gets one signed POST when the job is final",
+    )
+    output_url: str | None = Field(
+        None,
+        pattern=r"^s3://",
+        max_length=MAX_URL_LENGTH,
+        description="s3:// prefix the results are written to (CSV, JSON Lines, Parquet, _SUCCESS)",
+    )
+
+
+class BucketJob(BaseModel):
+    """``POST /v1/jobs`` with a JSON body that names a bucket prefix or a manifest in a bucket;
+    the API lists (or reads) it, the workers fetch the images."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: str | None = Field(
+        None,
+        pattern=r"^s3://",
+        max_length=MAX_URL_LENGTH,
+        description="s3://bucket/prefix/: every image under it (recursively; the key relative to "
+        "the prefix is the filename)",
+    )
+    manifest: str | None = Field(
+        None,
+        pattern=r"^s3://",
+        max_length=MAX_URL_LENGTH,
+        description="s3:// URL of a manifest (.csv, .jsonl, .txt), entries http(s):// or s3://",
+    )
+    output_url: str | None = Field(
+        None,
+        pattern=r"^s3://",
+        max_length=MAX_URL_LENGTH,
+        description="s3:// prefix the results are written to (CSV, JSON Lines, Parquet, _SUCCESS)",
     )
     callback_url: str | None = Field(
         None,
@@ -296,6 +363,13 @@ class SubmitQuery(OptionsQuery):
         min_length=1,
         max_length=MAX_URL_LENGTH,
         description="http(s) URL that gets one signed POST when the job is final (a JSON body "
+        "carries it in the body instead)",
+    )
+    output_url: str | None = Field(
+        None,
+        pattern=r"^s3://",
+        max_length=MAX_URL_LENGTH,
+        description="s3:// prefix the results of a manifest body are written to (a JSON body "
         "carries it in the body instead)",
     )
 

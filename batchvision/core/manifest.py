@@ -3,11 +3,15 @@
 Pure parsing, no network: the API reads a manifest body with it, the CLI a local file. Three
 forms, each up to a configured number of entries:
 
-- CSV with a header row that has a ``url`` column and optionally a ``filename`` column
-  (``text/csv``; other columns are ignored, blank rows skipped);
-- JSON Lines, one entry per line: a JSON string (the URL) or an object ``{"url", "filename"?}``
-  (``application/x-ndjson``, ``application/jsonl``);
+- CSV with a header row that has a ``url`` column and optionally ``filename`` and ``id``
+  columns (``text/csv``; every other column is a pass-through column, blank rows skipped);
+- JSON Lines, one entry per line: a JSON string (the URL) or an object ``{"url", "filename"?,
+  "id"?, "columns"?}`` (``application/x-ndjson``, ``application/jsonl``);
 - a URI list, one URL per line, ``#`` comments (``text/uri-list``, RFC 2483).
+
+URLs are ``http(s)://`` or ``s3://bucket/key``. An entry's ``id`` and pass-through
+``columns`` (at most :data:`MAX_COLUMNS`, text, numbers, booleans or null) come back beside its
+prediction in every results format.
 
 Whether a URL may be fetched (scheme, host, address rules) is decided later, per entry, by
 :mod:`batchvision.server.fetch`: a bad URL is a per-image error, not a refused manifest. A
@@ -33,8 +37,17 @@ MAX_URL_LENGTH = 2048
 MAX_FILENAME_LENGTH = 1024
 #: Deepest nesting a JSON request body may have (the deepest document of the API has 4 levels).
 MAX_JSON_DEPTH = 32
+#: Pass-through columns an entry may carry, and the longest name and value of one.
+MAX_COLUMNS = 32
+MAX_COLUMN_NAME = 64
+MAX_COLUMN_VALUE = 1024
+#: Longest id of an entry.
+MAX_ID_LENGTH = 256
 #: JSON tokens per URL a body may hold: an entry ``{"url": .., "filename": ..},`` is 10.
 TOKENS_PER_URL = 12
+
+#: A pass-through column's value.
+Cell = str | int | float | bool | None
 
 Kind = Literal["csv", "jsonl", "urilist"]
 
@@ -77,6 +90,15 @@ class UrlEntry:
 
     url: str
     filename: str | None = None
+    #: The caller's id of this input, returned beside its prediction.
+    id: str | None = None
+    #: Pass-through columns, ``(name, value)`` in the order given, returned beside the prediction.
+    columns: tuple[tuple[str, Cell], ...] = ()
+
+    @property
+    def passthrough(self) -> bool:
+        """Whether this entry carries anything to return beside its prediction."""
+        return self.id is not None or bool(self.columns)
 
     @property
     def name(self) -> str:
@@ -159,7 +181,15 @@ def entries_from_json(items: Iterable[str | Mapping[str, Any]], *, max_entries: 
         if isinstance(item, str):
             out.append(UrlEntry(item))
         else:
-            out.append(UrlEntry(str(item["url"]), item.get("filename")))
+            where = f"urls[{len(out)}]"
+            out.append(
+                UrlEntry(
+                    str(item["url"]),
+                    item.get("filename"),
+                    _id(item.get("id"), where),
+                    _columns(item.get("columns"), where),
+                )
+            )
     return out
 
 
@@ -202,7 +232,44 @@ def _room_for(max_entries: int) -> None:
     raise TooManyUrls(f"the job lists more than {max_entries} URLs (BATCHVISION_MAX_URLS_PER_JOB)")
 
 
-def _entry(url: Any, filename: Any, where: str) -> UrlEntry:
+def _id(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ManifestError(f"{where}: id must be a string or an integer")
+    text = str(value).strip()
+    if len(text) > MAX_ID_LENGTH:
+        raise ManifestError(f"{where}: the id is longer than {MAX_ID_LENGTH} characters")
+    return text or None
+
+
+def _columns(value: Any, where: str) -> tuple[tuple[str, Cell], ...]:
+    """Pass-through columns checked: at most MAX_COLUMNS, names and values within limits."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ManifestError(f"{where}: columns must be an object of name -> value")
+    if len(value) > MAX_COLUMNS:
+        raise ManifestError(f"{where}: more than {MAX_COLUMNS} pass-through columns")
+    out: list[tuple[str, Cell]] = []
+    for name, cell in value.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_COLUMN_NAME:
+            raise ManifestError(f"{where}: column names are 1 to {MAX_COLUMN_NAME} characters")
+        if cell is not None and not isinstance(cell, str | int | float | bool):
+            raise ManifestError(f"{where}: column {name!r} must be text, a number, a boolean or null")
+        if isinstance(cell, str) and len(cell) > MAX_COLUMN_VALUE:
+            raise ManifestError(f"{where}: column {name!r} is longer than {MAX_COLUMN_VALUE} characters")
+        out.append((name, cell))
+    return tuple(out)
+
+
+def _entry(
+    url: Any,
+    filename: Any,
+    where: str,
+    id_: Any = None,
+    columns: Any = None,
+) -> UrlEntry:
     if not isinstance(url, str) or not url.strip():
         raise ManifestError(f"{where}: no URL")
     url = url.strip()
@@ -213,7 +280,7 @@ def _entry(url: Any, filename: Any, where: str) -> UrlEntry:
     name = (filename or "").strip() or None
     if name is not None and len(name) > MAX_FILENAME_LENGTH:
         raise ManifestError(f"{where}: the filename is longer than {MAX_FILENAME_LENGTH} characters")
-    return UrlEntry(url, name)
+    return UrlEntry(url, name, _id(id_, where), _columns(columns, where))
 
 
 def _csv(text: io.TextIOBase, max_entries: int) -> list[UrlEntry]:
@@ -227,6 +294,12 @@ def _csv(text: io.TextIOBase, max_entries: int) -> list[UrlEntry]:
             raise ManifestError(f"the CSV manifest has no 'url' column (header: {header[:10]!r})")
         url_col = columns.index("url")
         name_col = columns.index("filename") if "filename" in columns else None
+        id_col = columns.index("id") if "id" in columns else None
+        # Every other named column is passed through, under its name as written.
+        extra = [(n, h.strip()) for n, h in enumerate(header) if n not in (url_col, name_col, id_col)]
+        extra = [(n, h) for n, h in extra if h]
+        if len(extra) > MAX_COLUMNS:
+            raise ManifestError(f"the CSV manifest has more than {MAX_COLUMNS} pass-through columns")
         out: list[UrlEntry] = []
         for row in reader:
             if not any(cell.strip() for cell in row):
@@ -236,7 +309,9 @@ def _csv(text: io.TextIOBase, max_entries: int) -> list[UrlEntry]:
                 raise ManifestError(f"{where}: no value in the 'url' column")
             _room(out, max_entries)
             name = row[name_col] if name_col is not None and name_col < len(row) else None
-            out.append(_entry(row[url_col], name, where))
+            id_ = row[id_col] if id_col is not None and id_col < len(row) else None
+            cells = {h: (row[n] if n < len(row) else "") for n, h in extra} if extra else None
+            out.append(_entry(row[url_col], name, where, id_, cells))
         return out
     except csv.Error as exc:
         raise ManifestError(f"the CSV manifest cannot be read: {exc}") from exc
@@ -264,11 +339,13 @@ def _jsonl_entry(line: str, where: str) -> UrlEntry | None:
     if isinstance(item, str):
         return _entry(item, None, where)
     if isinstance(item, dict):
-        unknown = sorted(set(item) - {"url", "filename"})
+        unknown = sorted(set(item) - {"url", "filename", "id", "columns"})
         if unknown:
-            raise ManifestError(f"{where}: unknown field {unknown[0]!r} (allowed: url, filename)")
-        return _entry(item.get("url"), item.get("filename"), where)
-    raise ManifestError(f'{where}: expected a URL string or {{"url": ..., "filename": ...}}')
+            raise ManifestError(
+                f"{where}: unknown field {unknown[0]!r} (allowed: url, filename, id, columns)"
+            )
+        return _entry(item.get("url"), item.get("filename"), where, item.get("id"), item.get("columns"))
+    raise ManifestError(f'{where}: expected a URL string or {{"url": ..., "filename": ..., "id": ...}}')
 
 
 def _uri_entry(line: str, where: str) -> UrlEntry | None:

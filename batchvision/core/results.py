@@ -185,17 +185,41 @@ def status_of(fields: dict[str, str]) -> tuple[JobStatus, dict[str, int]]:
 
 
 @dataclass(frozen=True)
+class Passthrough:
+    """What an input carried to come back beside its prediction: its id and free columns."""
+
+    id: str | None = None
+    columns: tuple[tuple[str, Any], ...] = ()
+
+    def encode(self) -> str:
+        """The JSON it is stored as (beside the job's files)."""
+        return json.dumps({"id": self.id, "columns": dict(self.columns)}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> Passthrough:
+        doc = json.loads(text)
+        return cls(doc.get("id"), tuple((doc.get("columns") or {}).items()))
+
+
+@dataclass(frozen=True)
 class Row:
     """One image of a job as read from the store: its index, filename and result (``None``
-    while pending)."""
+    while pending), and what its input passed through (``None``: nothing)."""
 
     index: int
     filename: str
     result: ImageResult | None
+    passthrough: Passthrough | None = None
 
     def document(self) -> dict[str, Any]:
         """The public ``/results`` row (:class:`~batchvision.core.documents.ResultRow`)."""
-        return entry(self.index, self.filename, self.result)
+        row = entry(self.index, self.filename, self.result)
+        if self.passthrough is not None:
+            if self.passthrough.id is not None:
+                row["id"] = self.passthrough.id
+            if self.passthrough.columns:
+                row["columns"] = dict(self.passthrough.columns)
+        return row
 
 
 def entry(index: int, filename: str, stored: ImageResult | None) -> dict[str, Any]:
@@ -209,7 +233,9 @@ def entry(index: int, filename: str, stored: ImageResult | None) -> dict[str, An
     return row
 
 
-CSV_COLUMNS = ("filename", "label", "score", "class_id", "top_k", "error")
+#: The CSV header; a job whose inputs carry ids or pass-through columns gets ``id`` after
+#: ``filename`` and one column per pass-through name at the end.
+CSV_COLUMNS = ("filename", "label", "score", "class_id", "top_k", "error", "model", "version")
 
 
 #: First characters that make a spreadsheet read a cell as a formula (or hide one behind them).
@@ -225,26 +251,50 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
-def csv_lines(rows: Iterable[Row]) -> Iterator[str]:
+def csv_header(with_id: bool = False, columns: Sequence[str] = ()) -> list[str]:
+    """The CSV header of a job (``with_id``: its inputs carry ids; ``columns``: the names of
+    their pass-through columns)."""
+    head = list(CSV_COLUMNS)
+    if with_id:
+        head.insert(1, "id")
+    return head + [c for c in columns if c not in head]
+
+
+def csv_row(row: Row, with_id: bool = False, columns: Sequence[str] = ()) -> list[Any]:
+    """One row's CSV cells in :func:`csv_header`'s order, formula starts neutralised."""
+    cells: list[Any] = [row.filename, *_csv_cells(row.result)]
+    pt = row.passthrough
+    if with_id:
+        cells.insert(1, pt.id if pt is not None and pt.id is not None else "")
+    if columns:
+        given = dict(pt.columns) if pt is not None else {}
+        cells += ["" if given.get(c) is None else given[c] for c in columns if c not in CSV_COLUMNS]
+    return [csv_cell(c) for c in cells]
+
+
+def csv_lines(rows: Iterable[Row], with_id: bool = False, columns: Sequence[str] = ()) -> Iterator[str]:
     """Stream ``/results`` rows as CSV, header first; top_k as ``label:score;...``. Text cells
-    that would start a formula are neutralised (:func:`csv_cell`)."""
+    that would start a formula are neutralised (:func:`csv_cell`). ``with_id`` and ``columns``:
+    as :func:`csv_header`."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(csv_header(with_id, columns))
     yield _drain(buf)
     for row in rows:
-        writer.writerow([csv_cell(c) for c in (row.filename, *_csv_cells(row.result))])
+        writer.writerow(csv_row(row, with_id, columns))
         yield _drain(buf)
 
 
 def _csv_cells(result: ImageResult | None) -> tuple[object, ...]:
-    """The ``label, score, class_id, top_k, error`` cells of a result."""
+    """The ``label, score, class_id, top_k, error, model, version`` cells of a result."""
     if result is None:
-        return ("", "", "", "", "pending")
+        return ("", "", "", "", "pending", "", "")
     if isinstance(result, Failure):
-        return ("", "", "", "", f"{result.code}: {result.message}")
+        return ("", "", "", "", f"{result.code}: {result.message}", "", "")
     top_k = ";".join(f"{s.label}:{s.score}" for s in result.top_k)
-    return (result.label, result.score, result.class_id, top_k, "")
+    model = result.model or ""
+    version = "" if result.version is None else result.version
+    return (result.label, result.score, result.class_id, top_k, "", model, version)
 
 
 def jsonl_lines(rows: Iterable[Row]) -> Iterator[str]:

@@ -42,7 +42,42 @@ class Settings(BaseSettings):
     )
     blob_url: str = _field(
         "redis",
-        "Where uploads wait for a worker: `redis` (keys with a TTL) or `file:///shared/dir`.",
+        "Where uploads wait for a worker: `redis` (keys with a TTL), `file:///shared/dir`, or "
+        "`s3://bucket/prefix/` (objects in a bucket: API and workers share no volume, Redis holds "
+        "only metadata; give the bucket a lifecycle rule that expires the prefix).",
+    )
+    # -- object storage (s3:// URLs: inputs, outputs, blobs, the model repository) ----------
+    s3_endpoint_url: str = _field(
+        "",
+        "Endpoint of an S3-compatible store (MinIO, Ceph, R2, GCS interoperability), e.g. "
+        "`http://minio:9000`; empty: the SDK's own `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, "
+        "else AWS. Credentials are read the SDK's way (environment, `~/.aws`, pod or instance roles).",
+    )
+    s3_region: str = _field("", "Region of the buckets; empty: the SDK's (`AWS_REGION`, `~/.aws/config`).")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = _field(
+        "auto",
+        "How bucket names go into requests: `auto` (path style when an endpoint URL is set, "
+        "virtual hosts on AWS), `path` or `virtual`.",
+    )
+    s3_max_attempts: Annotated[int, Field(ge=1, le=50)] = _field(
+        8,
+        "Calls per S3 request before giving up: throttling (`SlowDown`, 503), 5xx answers and "
+        "connection errors are retried with exponential backoff and jitter.",
+    )
+    max_objects_per_job: Annotated[int, Field(ge=1, le=100_000_000)] = _field(
+        1_000_000,
+        "Most images a job made from an `s3://` prefix may have (`too_many_objects` past it).",
+    )
+    output_formats: str = _field(
+        "csv,jsonl,parquet",
+        "Files a job with an `output_url` gets, comma-separated, from `csv`, `jsonl`, `parquet` "
+        "(Parquet needs pyarrow, installed in the worker image).",
+    )
+    models_cache_dir: str = _field(
+        "",
+        "Local folder a worker copies an `s3://` model repository into (each object checked "
+        "against its listed size and ETag, a version renamed into place once whole); empty: a "
+        "folder under the system's temporary directory.",
     )
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,200}$")] = _field(
         "batchvision", "Celery queue the API publishes to and workers consume."
@@ -69,8 +104,10 @@ class Settings(BaseSettings):
     models_dir: str = _field(
         "",
         "Model repository: `<dir>/<name>/<version>/` with a `.keras`/`.h5` file or a SavedModel, "
-        "`labels.txt` and an optional `config.json` (see docs/guides/models.md). `BATCHVISION_MODEL` names "
-        "the default model; empty: `BATCHVISION_MODEL` is the only model.",
+        "`labels.txt` and an optional `config.json` (see docs/guides/models.md); a folder, or "
+        "`s3://bucket/prefix/` in the same layout, copied to `BATCHVISION_MODELS_CACHE_DIR` and "
+        "checked before use. `BATCHVISION_MODEL` names the default model; empty: "
+        "`BATCHVISION_MODEL` is the only model.",
     )
     worker_models: str = _field(
         "",
@@ -392,8 +429,12 @@ class Settings(BaseSettings):
     @field_validator("blob_url")
     @classmethod
     def _blob_url(cls, value: str) -> str:
-        if value not in ("", "redis") and not (value.startswith("file://") and len(value) > len("file://")):
-            raise ValueError("must be `redis` or a file:///directory URL")
+        if value in ("", "redis"):
+            return value
+        if value.startswith("s3://") and len(value) > len("s3://"):
+            return value
+        if not (value.startswith("file://") and len(value) > len("file://")):
+            raise ValueError("must be `redis`, a file:///directory URL or an s3://bucket/prefix/ URL")
         return value
 
     @field_validator("queue")
@@ -414,6 +455,15 @@ class Settings(BaseSettings):
         """The highest priority the API key ``owner`` (:func:`owner_of`) may ask for."""
         limits = key_max_priorities(self.key_max_priority.get_secret_value())
         return limits.get(owner, self.max_priority)
+
+    @field_validator("output_formats")
+    @classmethod
+    def _output_formats(cls, value: str) -> str:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = sorted(set(names) - {"csv", "jsonl", "parquet"})
+        if not names or unknown:
+            raise ValueError(f"must list some of csv, jsonl, parquet (not {unknown or 'nothing'})")
+        return ",".join(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _quotas(self) -> Self:

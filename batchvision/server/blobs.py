@@ -2,6 +2,9 @@
 
 ``redis`` (default): one key per image with a TTL. ``file:///dir``: one file per image on a
 volume shared by API and workers, for images too large or too many to keep in Redis memory.
+``s3://bucket/prefix/``: one object per image in a bucket, so API and workers share no volume
+and Redis holds only metadata (a bucket lifecycle rule on the prefix plays the TTL's part for
+uploads whose job was deleted before they were classified).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -17,6 +21,7 @@ from urllib.parse import urlparse
 import redis
 
 from batchvision.server import keys
+from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, shared
 
 
 class BlobStore(Protocol):
@@ -121,11 +126,53 @@ class FileBlobs:
             (self.root / job_id).rmdir()
 
 
-def open_blobs(url: str, client: redis.Redis, ttl_s: int) -> BlobStore:
-    """The blob store named by ``BATCHVISION_BLOB_URL``."""
+class S3Blobs:
+    """Blobs as objects ``<prefix><job>/<index>`` in a bucket (each ``PutObject`` is atomic);
+    reads and writes of one call go in parallel on a small pool of threads."""
+
+    pipelined = False
+
+    def __init__(self, prefix: S3Url, s3: S3, threads: int = 16) -> None:
+        self.prefix = prefix.folder
+        self.s3 = s3
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="s3-blobs")
+
+    def _url(self, job_id: str, index: int) -> S3Url:
+        return self.prefix.child(f"{job_id}/{index}")
+
+    def put_many(self, job_id: str, blobs: Mapping[int, bytes], pipe: Any = None) -> None:
+        list(self._pool.map(lambda item: self.s3.put(self._url(job_id, item[0]), item[1]), blobs.items()))
+
+    def _get(self, url: S3Url) -> bytes | None:
+        try:
+            return self.s3.get(url)
+        except S3Error as exc:
+            if exc.code == "object_not_found":
+                return None
+            raise
+
+    def get_many(self, job_id: str, indexes: Sequence[int]) -> list[bytes | None]:
+        return list(self._pool.map(self._get, [self._url(job_id, i) for i in indexes]))
+
+    def get_batch(self, wanted: Sequence[tuple[str, Sequence[int]]]) -> list[list[bytes | None]]:
+        flat = [self._url(job_id, i) for job_id, indexes in wanted for i in indexes]
+        got = iter(self._pool.map(self._get, flat))
+        return [[next(got) for _ in indexes] for _, indexes in wanted]
+
+    def delete_many(self, job_id: str, indexes: Sequence[int], pipe: Any = None) -> None:
+        if indexes:
+            self.s3.delete([self._url(job_id, i) for i in indexes])
+
+
+def open_blobs(url: str, client: redis.Redis, ttl_s: int, s3: S3Config | None = None) -> BlobStore:
+    """The blob store named by ``BATCHVISION_BLOB_URL`` (``s3``: how to reach a bucket)."""
     if url in ("", "redis"):
         return RedisBlobs(client, ttl_s)
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return FileBlobs(parsed.path)
-    raise ValueError(f"unsupported BATCHVISION_BLOB_URL {url!r}: use 'redis' or 'file:///dir'")
+    if parsed.scheme == "s3":
+        return S3Blobs(S3Url.parse(url), shared(s3 or S3Config()))
+    raise ValueError(
+        f"unsupported BATCHVISION_BLOB_URL {url!r}: use 'redis', 'file:///dir' or 's3://bucket/prefix/'"
+    )

@@ -7,10 +7,11 @@ is refused whole. Accepted images are stored as blobs and queued by task name.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImag
 from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import UrlEntry
 from batchvision.core.model_refs import JobOptions, resolve_options
-from batchvision.core.results import Failure, error_result
+from batchvision.core.results import Failure, Passthrough, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
@@ -28,14 +29,51 @@ from batchvision.server.fetch import AllowList, FetchError, url_blob, url_proble
 from batchvision.server.idempotency import Claim, commit
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import split
+from batchvision.server.outputs import output_fields
 from batchvision.server.queue import Enqueuer
 from batchvision.server.quotas import Quotas
 from batchvision.server.recovery import ledger_add
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
+from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, is_s3_url, shared
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import callback_fields
+
+#: Key suffixes of the objects a job made from an ``s3://`` prefix classifies (other keys are
+#: skipped and listed as such; a key with one of these that is not an image is a per-image error).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+#: Objects listed per step of a prefix job (one S3 page): added, stored and queued together.
+PREFIX_PAGE = 1000
+#: Skipped keys a prefix job's reply lists by name (all are counted).
+MAX_SKIPPED_LISTED = 100
+
+
+class TooManyObjects(BatchvisionError):
+    """A prefix with more images than ``BATCHVISION_MAX_OBJECTS_PER_JOB`` (``413``)."""
+
+    status = 413
+    code = "too_many_objects"
+
+
+class OutputNotWritable(BatchvisionError):
+    """The output prefix refused a test write (``422``); ``details`` has the S3 code."""
+
+    status = 422
+    code = "output_not_writable"
+
+
+def entry_problem(url: str, allow: AllowList) -> BatchvisionError | None:
+    """What the API can tell about an image URL without fetching it: an ``s3://`` URL's
+    syntax, or an ``http(s)://`` URL's (:func:`~batchvision.server.fetch.url_problem`)."""
+    if is_s3_url(url):
+        try:
+            S3Url.parse(url)
+        except S3Error as exc:
+            return exc
+        return None
+    return url_problem(url, allow)
+
 
 #: Where a job's status URL puts its id, in the template :meth:`Intake.callback` takes.
 JOB_ID_SLOT = "{job_id}"
@@ -163,6 +201,108 @@ class Intake:
     #: The worker registry: the models a submit may name; ``None``: the default only.
     models: ModelRegistry | None = None
 
+    def s3(self) -> S3:
+        """The process' S3 client (``s3://`` sources, manifests and output prefixes)."""
+        return shared(S3Config.from_settings(self.settings))
+
+    # -- object storage: sources, manifests in buckets, output prefixes ---------------------------
+
+    def output(self, url: str | None) -> dict[str, str] | None:
+        """The job-hash fields of an ``output_url``, after a test write under it (an object
+        ``.batchvision-write-check``, deleted again): ``422 output_not_writable`` naming the
+        S3 code when the prefix cannot be written (bucket missing, access denied), so a job
+        never runs to an output that cannot be stored."""
+        if url is None:
+            return None
+        try:
+            prefix = S3Url.parse(url).folder
+            probe = prefix.child(".batchvision-write-check")
+            self.s3().put(probe, b"", "text/plain")
+            self.s3().delete([probe])
+        except S3Error as exc:
+            raise OutputNotWritable(
+                f"output_url {url[:200]!r} cannot be written: {exc.message}",
+                details=[{"in": "body", "field": "output_url", "reason": exc.code}],
+            ) from exc
+        return output_fields(str(prefix))
+
+    def read_manifest(self, url: str) -> bytes:
+        """The bytes of a manifest stored at an ``s3://`` URL (at most 64 MiB); the errors of
+        :class:`~batchvision.server.s3.S3Error` name the bucket or key."""
+        return self.s3().get(S3Url.parse(url), max_bytes=64 * 1024 * 1024)
+
+    def submit_prefix(
+        self,
+        owner: str,
+        source: str,
+        *,
+        callback: Mapping[str, str] | None = None,
+        output: Mapping[str, str] | None = None,
+        options: JobOptions | None = None,
+        claim: Claim | None = None,
+    ) -> Submitted:
+        """A new, sealed job of every image under an ``s3://bucket/prefix/`` (recursively; the
+        key relative to the prefix is the filename). The listing is streamed: one page of keys
+        at a time is added to the job, stored and queued, so workers start on the first page
+        while later ones are listed and no step holds more than a page.
+
+        Refused before any job exists: a bucket that does not exist, access denied
+        (``S3Error``, 422), a prefix with no images (``422 no_images``). A listing that fails
+        later, or passes ``MAX_OBJECTS_PER_JOB`` (``413``), cancels the job it started and
+        raises."""
+        url = S3Url.parse(source)
+        base = url.folder.key
+
+        def relative(key: str) -> str:
+            return key[len(base) :] if key.startswith(base) else key
+
+        skipped: list[tuple[str, str]] = []
+        skipped_count = [0]
+
+        def pages() -> Iterator[list[str]]:
+            page: list[str] = []
+            for obj in self.s3().list(url):
+                if obj.key.lower().endswith(IMAGE_SUFFIXES):
+                    page.append(obj.key)
+                else:
+                    skipped_count[0] += 1
+                    if len(skipped) < MAX_SKIPPED_LISTED:  # named as its image would be: relative
+                        skipped.append(
+                            (relative(obj.key), "not an image file name (" + ", ".join(IMAGE_SUFFIXES) + ")")
+                        )
+                if len(page) >= PREFIX_PAGE:
+                    yield page
+                    page = []
+            if page:
+                yield page
+
+        listing = pages()
+        first = next(listing, None)
+        if first is None:
+            raise InvalidImage(
+                f"no images under {url} ({skipped_count[0]} other objects)",
+                code="no_images",
+                details=[{"filename": k, "code": "skipped", "message": why} for k, why in skipped],
+            )
+        job_id = self.new_job(owner, callback, options, claim=claim, fields=output)
+        accepted = 0
+        try:
+            for page in itertools.chain([first], listing):
+                if accepted + len(page) > self.settings.max_objects_per_job:
+                    raise TooManyObjects(
+                        f"{url} has more than {self.settings.max_objects_per_job} images "
+                        "(BATCHVISION_MAX_OBJECTS_PER_JOB)"
+                    )
+                uploads = [Upload(key, relative(key), url_blob(f"s3://{url.bucket}/{key}")) for key in page]
+                self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
+                done = self._add(job_id, uploads, [None] * len(uploads))
+                accepted += done.accepted
+        except BaseException:
+            self.store.cancel(job_id)
+            raise
+        self.store.seal(job_id)
+        return Submitted(job_id, accepted, accepted, (), 0, tuple(Skipped(k, why) for k, why in skipped))
+
     def __post_init__(self) -> None:
         self.quotas = Quotas(self.redis, self.settings, self.telemetry, redis_blobs=self.blobs.pipelined)
 
@@ -204,16 +344,18 @@ class Intake:
         options: JobOptions | None = None,
         *,
         claim: Claim | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> str:
         """Open an empty job for ``owner``; raises ``TooManyRequests`` under backpressure.
         ``callback``: :meth:`callback` fields, written with the job; ``options``: :meth:`options`;
-        ``claim``: the request's ``Idempotency-Key``, written with the job."""
+        ``claim``: the request's ``Idempotency-Key``, written with the job; ``fields``: more
+        job-hash fields (an :meth:`output`'s)."""
         self.backpressure(owner)
         job_id = new_job_id()
         opts = options or self.options()
 
         def writes(pipe: Any) -> None:
-            self._callback_on(pipe, job_id, callback)
+            self._callback_on(pipe, job_id, {**(callback or {}), **(fields or {})})
             self.store.create(job_id, model=opts.model, owner=owner, pipe=pipe, options=opts.to_hash())
 
         commit(self.redis, claim, job_id, writes)
@@ -256,14 +398,18 @@ class Intake:
         callback: Mapping[str, str] | None = None,
         options: JobOptions | None = None,
         claim: Claim | None = None,
+        output: Mapping[str, str] | None = None,
     ) -> Submitted:
-        """A new, sealed job of images named by URL: the same single MULTI as an upload, where
-        an image's blob is its URL (``BV-URL\\n<url>``) and the worker fetches it. A URL the
-        API can already refuse (syntax, a blocked address literal) is a per-image error; a
-        request in which every URL is refused gets 422."""
+        """A new, sealed job of images named by URL (``http(s)://`` or ``s3://``): the same
+        single MULTI as an upload, where an image's blob is its URL (``BV-URL\\n<url>``) and
+        the worker fetches it. A URL the API can already refuse (syntax, a blocked address
+        literal) is a per-image error; a request in which every URL is refused gets 422. What
+        entries pass through (ids, columns) and the ``output`` fields are written with the job."""
         allow = AllowList.parse(self.settings.fetch_allow)
         uploads = unique_keys([(e.name, url_blob(e.url)) for e in entries])
-        problems: list[BatchvisionError | None] = [url_problem(e.url, allow) for e in entries]
+        problems: list[BatchvisionError | None] = [entry_problem(e.url, allow) for e in entries]
+        passed = [(i, Passthrough(e.id, e.columns)) for i, e in enumerate(entries) if e.passthrough]
+        columns = list(dict.fromkeys(name for e in entries for name, _ in e.columns))
         if uploads and all(p is not None for p in problems):
             details = [rejection(u, p) for u, p in zip(uploads, problems, strict=True) if p]
             raise InvalidImage(
@@ -271,7 +417,12 @@ class Intake:
             )
         self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
         interactive = len(uploads) <= self.settings.interactive_max_images
-        return self._create(owner, uploads, problems, True, interactive, callback, options, claim)
+
+        def more(pipe: Any, job_id: str) -> None:
+            self.store.passthrough_on(pipe, job_id, passed, columns)
+
+        fields = {**(callback or {}), **(output or {})}
+        return self._create(owner, uploads, problems, True, interactive, fields, options, claim, more)
 
     def submit(
         self,
@@ -320,10 +471,12 @@ class Intake:
         callback: Mapping[str, str] | None = None,
         options: JobOptions | None = None,
         claim: Claim | None = None,
+        more: Callable[[Any, str], None] | None = None,
     ) -> Submitted:
         """A new job with all its files: job, files, blobs, refusals, seal, chunk ledger (and
         the ``Idempotency-Key``'s job) in one ``MULTI`` round trip, then the messages. (Keys are
-        unique within a request, so file ``i`` is index ``i``.)"""
+        unique within a request, so file ``i`` is index ``i``.) ``more(pipe, job_id)``: more
+        writes of the same ``MULTI``, before the job's own."""
         job_id = new_job_id()
         blobs: dict[int, bytes] = {}
         errors: list[tuple[int, Failure]] = []
@@ -342,6 +495,8 @@ class Intake:
 
         def writes(pipe: Any) -> None:
             self._callback_on(pipe, job_id, callback)
+            if more is not None:
+                more(pipe, job_id)
             if self.blobs.pipelined:
                 self.blobs.put_many(job_id, blobs, pipe=pipe)
             self.store.create_whole(

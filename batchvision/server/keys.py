@@ -35,6 +35,9 @@ key                             what it holds
 ``bv:webhooks``                 sorted set job id -> when its webhook is due (ms); the finish step
                                 adds it, a deliverer's lease moves it, delivery or giving up
                                 removes it (see ``batchvision/server/webhooks.py``)
+``bv:exports``                  sorted set job id -> when its output files are due (ms): the finish step
+                                adds a job with an ``out_url``, an exporter's lease moves it, the
+                                written files (or giving up) remove it (``batchvision/server/exports.py``)
 ``bv:webhook-secret``           the server's webhook secret when ``WEBHOOK_SECRET`` is unset
 ``bv:models``                   hash model name -> JSON: versions (loaded or refused, with the reason),
                                 live version, input size, classes (written by the workers)
@@ -67,6 +70,8 @@ SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 FINISHED = f"{PREFIX}:finished"
 #: Pending webhook deliveries: job id -> due time in milliseconds (a lease while one is sent).
 WEBHOOKS = f"{PREFIX}:webhooks"
+#: Jobs whose output files are due: id -> when (ms); see batchvision/server/exports.py.
+EXPORTS = f"{PREFIX}:exports"
 #: The generated server webhook secret (only when ``BATCHVISION_WEBHOOK_SECRET`` is unset).
 WEBHOOK_SECRET = f"{PREFIX}:webhook-secret"
 
@@ -139,13 +144,13 @@ class JobKeys:
 
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
-        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA]
+        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA, EXPORTS]
 
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
 LUA_KEYS = (
     "local K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB, K_ACTIVE, K_PENDING, K_WEBHOOKS,"
-    " K_JOBPENDING, K_PENDING_BYTES, K_QUOTA = unpack(KEYS)\n"
+    " K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, K_EXPORTS = unpack(KEYS)\n"
     "local K_DATA = {K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES}\n"
     f"local CH_FINISHED = '{FINISHED}'\n"
 )

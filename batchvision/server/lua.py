@@ -49,6 +49,10 @@ if v[5] == '1' and not v[6] and
     redis.call('HSET', K_JOB, 'cb_state', 'pending')
     redis.call('ZADD', K_WEBHOOKS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
   end
+  -- and so are its output files, when it names an output prefix
+  if redis.call('HEXISTS', K_JOB, 'out_url') == 1 then
+    redis.call('ZADD', K_EXPORTS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
+  end
 end
 """
 )

@@ -24,7 +24,7 @@ import numpy as np
 
 from batchvision.core.batching import Admission
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.imaging import decode_image
+from batchvision.core.imaging import decode_image, inspect_image
 from batchvision.core.model_refs import JobOptions
 from batchvision.core.priorities import tier_of
 from batchvision.core.results import ImageResult, canceled_result, error_result
@@ -37,6 +37,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.recovery import ledger_done, ledger_started
+from batchvision.server.s3 import S3, S3Url, is_s3_url
 from batchvision.server.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class ChunkProcessor:
     default_model: str
     limits: ProcessorLimits = field(default_factory=ProcessorLimits)
     fetcher: Fetcher | None = None
+    #: The S3 client for images named by ``s3://`` URL (made on first use).
+    s3: Callable[[], S3] | None = None
     hand_on: Callable[[Chunk, str, bool, int], None] | None = None
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts, str], None] | None = None
@@ -344,6 +347,8 @@ class ChunkProcessor:
         return out
 
     def _fetch(self, url: str) -> bytes | BatchvisionError:
+        if is_s3_url(url):
+            return self._fetch_s3(url)
         if self.fetcher is None:
             return FetchError("this worker does not fetch image URLs", code="fetch_disabled")
         try:
@@ -353,6 +358,24 @@ class ChunkProcessor:
         except Exception as exc:  # a surprise from the HTTP stack is this image's error, not the task's
             log.warning("fetching %s failed unexpectedly", url[:200], exc_info=True)
             return FetchError(f"fetch failed: {exc}", code="fetch_failed")
+
+    def _fetch_s3(self, url: str) -> bytes | BatchvisionError:
+        """An image from a bucket, checked like an upload: S3's answers are this image's error
+        (``object_not_found`` for one deleted since it was listed, ``access_denied``,
+        ``bucket_not_found``, ``s3_throttled`` after the retries...)."""
+        if self.s3 is None:
+            return FetchError("this worker does not read s3:// URLs", code="fetch_disabled")
+        try:
+            data = self.s3().get(S3Url.parse(url), max_bytes=self.fetcher.max_bytes if self.fetcher else None)
+            if self.fetcher is not None:
+                f = self.fetcher
+                inspect_image(data, max_bytes=f.max_bytes, max_pixels=f.max_pixels, max_frames=f.max_frames)
+            return data
+        except BatchvisionError as exc:
+            return exc
+        except Exception as exc:  # a surprise from the SDK is this image's error, not the task's
+            log.warning("reading %s failed unexpectedly", url[:200], exc_info=True)
+            return FetchError(f"reading failed: {exc}", code="fetch_failed")
 
     def _decode(self, data: bytes, size: tuple[int, int]) -> np.ndarray | BatchvisionError:
         failpoints.before_decode(data)

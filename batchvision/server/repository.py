@@ -26,6 +26,10 @@ only says which model is the default.
 
 To add a version without a worker ever seeing half of it, copy it under a temporary name (say
 ``.3.tmp``, which is not a version) and rename it to ``3`` (a rename is atomic).
+
+``BATCHVISION_MODELS_DIR`` may be an ``s3://bucket/prefix/`` of the same layout: each look copies
+what changed into a local cache first (:mod:`batchvision.server.model_mirror`), then reads the
+cache; a version that could not be copied is refused with the reason.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from typing import Any
 
 from batchvision.core.model_refs import NAME_RE, RESERVED_NAMES, model_name_of
 from batchvision.core.settings import Settings
+from batchvision.server.model_mirror import ModelMirror, cache_dir
+from batchvision.server.s3 import S3Config, S3Error, S3Url, is_s3_url, shared
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx")
 PREPROCESS = ("auto", "none", "tf", "caffe", "torch", "unit")
@@ -90,7 +96,12 @@ def repository(settings: Settings) -> dict[str, ModelEntry]:
     """Every model the configuration names: MODELS_DIR's models, plus ``BATCHVISION_MODEL`` as
     a one-model entry unless it is the name of one of them."""
     entries: dict[str, ModelEntry] = {}
-    if settings.models_dir:
+    if is_s3_url(settings.models_dir):
+        root, problems = _mirrored(settings)
+        entries = scan(root)
+        for name, refused in problems.items():
+            entries.setdefault(name, ModelEntry(name)).problems.update(refused)
+    elif settings.models_dir:
         root = Path(settings.models_dir)
         if not root.is_dir():
             raise RepositoryError(f"BATCHVISION_MODELS_DIR={settings.models_dir!r} is not a folder")
@@ -105,6 +116,18 @@ def repository(settings: Settings) -> dict[str, ModelEntry]:
         )
     entries[shortcut.name] = shortcut
     return entries
+
+
+def _mirrored(settings: Settings) -> tuple[Path, dict[str, dict[int, str]]]:
+    """The local copy of an ``s3://`` repository, brought up to date (only the models
+    ``BATCHVISION_WORKER_MODELS`` names, when it names some), and the versions it could not copy."""
+    only = [n for n in parse_model_list(settings.worker_models) if NAME_RE.match(n)]
+    try:
+        s3 = shared(S3Config.from_settings(settings))
+        mirror = ModelMirror(S3Url.parse(settings.models_dir), cache_dir(settings), s3)
+        return mirror.root, mirror.sync(only)
+    except S3Error as exc:
+        raise RepositoryError(f"BATCHVISION_MODELS_DIR={settings.models_dir!r}: {exc.message}") from exc
 
 
 def default_model(settings: Settings) -> str:

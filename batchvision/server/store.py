@@ -9,6 +9,7 @@ stored something, so a redelivered task never counts twice, and that finishes th
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,10 +19,19 @@ import redis
 
 from batchvision.core.model_refs import NAME_RE as MODEL_NAME_RE
 from batchvision.core.priorities import DEFAULT_PRIORITY
-from batchvision.core.results import ImageResult, Row, canceled_result, decode, encode, status_of
+from batchvision.core.results import (
+    ImageResult,
+    Passthrough,
+    Row,
+    canceled_result,
+    decode,
+    encode,
+    status_of,
+)
 from batchvision.server import keys, lua
 from batchvision.server.job_list import index_job
 from batchvision.server.keys import JobKeys
+from batchvision.server.outputs import output_document
 from batchvision.server.webhooks import callback_document
 
 
@@ -74,13 +84,32 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
         "priority": int(h["priority"]) if h.get("priority") else DEFAULT_PRIORITY,
         "owner": h.get("owner", ""),
         "callback": callback_document(h),
+        "passthrough": _passthrough_shape(h),
+        "output": output_document(h),
     }
 
 
-def _rows(idx: Sequence[str], names: Sequence[Any], results: Sequence[Any]) -> Iterator[Row]:
-    """Result rows from ``HMGET`` replies of the files and results hashes."""
-    for i, name, res in zip(idx, names, results, strict=False):
-        yield Row(int(i), _text(name) if name else i, decode(res) if res is not None else None)
+def _passthrough_shape(h: dict[str, str]) -> tuple[bool, tuple[str, ...]] | None:
+    """Whether the job's inputs carry ids, and the names of their pass-through columns
+    (``None``: they carry nothing)."""
+    if "pt" not in h:
+        return None
+    return h["pt"] == "id", tuple(json.loads(h.get("pt_columns") or "[]"))
+
+
+def _rows(
+    idx: Sequence[str], names: Sequence[Any], results: Sequence[Any], passed: Sequence[Any] | None = None
+) -> Iterator[Row]:
+    """Result rows from ``HMGET`` replies of the files and results hashes (and of the files
+    hash's ``m:<index>`` pass-through fields, for a job that has them)."""
+    for n, (i, name, res) in enumerate(zip(idx, names, results, strict=False)):
+        pt = passed[n] if passed is not None else None
+        yield Row(
+            int(i),
+            _text(name) if name else i,
+            decode(res) if res is not None else None,
+            Passthrough.decode(pt) if pt is not None else None,
+        )
 
 
 def _text(value: bytes | str) -> str:
@@ -314,7 +343,25 @@ class JobStore:
             pipe = self.redis.pipeline()
             pipe.hmget(k.files, idx)
             pipe.hmget(k.results, idx)
+            if job["passthrough"] is not None:
+                pipe.hmget(k.files, [f"m:{i}" for i in idx])
             yield from _rows(idx, *pipe.execute())
+
+    def passthrough_on(
+        self, pipe: Any, job_id: str, passed: Sequence[tuple[int, Passthrough]], columns: Sequence[str]
+    ) -> None:
+        """Queue on ``pipe`` what inputs pass through (``m:<index>`` beside their filenames) and
+        the job's shape of it: whether they carry ids, and the column names in first-seen order)."""
+        if not passed:
+            return
+        k = JobKeys.of(job_id)
+        pipe.hset(k.files, mapping={f"m:{i}": p.encode() for i, p in passed})
+        fields: dict[str | bytes, str | bytes] = {"pt_columns": json.dumps(list(columns))}
+        if any(p.id is not None for _, p in passed):
+            fields["pt"] = "id"
+        else:
+            pipe.hsetnx(k.job, "pt", "columns")
+        pipe.hset(k.job, mapping=fields)
 
     def is_finished(self, job_id: str) -> bool:
         """True once the job has finished (also when it no longer exists: nothing to wait for)."""

@@ -12,6 +12,7 @@ The fixture API below is stable; other modules' rigs belong here once two module
   module's own (Redis, the broker, the API; workers on demand) for tests that kill, stop and
   restart things; closed when the module ends.
 - ``demo_model``, ``reference_labels(model, files)``, ``artifacts``: below.
+- ``s3_server`` (moto in server mode: a real S3 HTTP endpoint), ``s3_bucket`` (a fresh bucket).
 
 Two Redis servers: ``redis_server`` is the one the session's stack (API + worker) uses;
 ``scratch_redis`` is a private one, flushed before each test, for the in-process tests of the
@@ -62,6 +63,7 @@ from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
 from batchvision.server.recovery import chunk_member, ledger_add
 from batchvision.server.store import Counts, JobStore
+from batchvision.testing.s3server import CREDENTIALS, MotoServer
 from batchvision.testing.servers import RabbitMQServer, RedisServer, have_rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +111,33 @@ def start_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     yield start
     for server in started:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """A private S3-compatible endpoint (moto in server mode, its own process, a free port);
+    the test credentials are in this process' environment, the SDK's way, for as long as it runs
+    (and in every process started with ``s3_env``)."""
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        with MotoServer() as server:
+            yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: MotoServer, request: pytest.FixtureRequest) -> str:
+    """A new, empty bucket of ``s3_server`` named after the test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{os.urandom(3).hex()}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

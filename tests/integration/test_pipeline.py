@@ -134,7 +134,7 @@ def test_results_as_csv_and_paged_json(api_url: str) -> None:
     _wait(api_url, job.job_id)
     csv_text = requests.get(f"{api_url}/v1/jobs/{job.job_id}/results?format=csv", timeout=10).text
     lines = csv_text.strip().splitlines()
-    assert lines[0] == "filename,label,score,class_id,top_k,error"
+    assert lines[0] == "filename,label,score,class_id,top_k,error,model,version"
     assert [ln.split(",")[0] for ln in lines[1:]] == [n for n, _, _ in files]
     page = requests.get(f"{api_url}/v1/jobs/{job.job_id}/results?offset=2&limit=2", timeout=10).json()
     assert [r["index"] for r in page["results"]] == [2, 3]

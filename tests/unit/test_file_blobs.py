@@ -30,4 +30,4 @@ def test_file_blobs_round_trip(tmp_path: Path) -> None:
 
 def test_unknown_blob_url() -> None:
     with pytest.raises(ValueError, match="BATCHVISION_BLOB_URL"):
-        open_blobs("s3://bucket", redis_lib.Redis(), 60)
+        open_blobs("gs://bucket", redis_lib.Redis(), 60)

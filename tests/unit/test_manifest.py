@@ -24,9 +24,9 @@ from batchvision.core.manifest import (
 def test_csv_with_url_and_filename_columns_in_any_order_and_extra_columns() -> None:
     text = '\ufeffid,Filename,URL\n1,a.jpg,http://h/a.jpg\n\n2,,https://h/b.png\n3,"c, d.jpg",http://h/c\n'
     assert parse(text.encode(), "csv", max_entries=10) == [
-        UrlEntry("http://h/a.jpg", "a.jpg"),
-        UrlEntry("https://h/b.png", None),
-        UrlEntry("http://h/c", "c, d.jpg"),
+        UrlEntry("http://h/a.jpg", "a.jpg", "1"),
+        UrlEntry("https://h/b.png", None, "2"),
+        UrlEntry("http://h/c", "c, d.jpg", "3"),
     ]
     assert UrlEntry("https://h/b.png").name == "https://h/b.png"  # the URL names a nameless entry
 
@@ -143,3 +143,20 @@ def test_a_manifest_stops_at_the_first_entry_over_the_limit() -> None:
         parse(b"url\n" + body, "csv", max_entries=10)
     with pytest.raises(ManifestError, match="not UTF-8"):
         parse(body, "urilist", max_entries=10_000)
+
+
+def test_ids_and_passthrough_columns() -> None:
+    csv_text = "url,id,shop,filename\ns3://bucket/a.jpg,sku-1,north,a\nhttp://h/b.jpg,,south,\n"
+    entries = parse(csv_text, "csv", max_entries=10)
+    assert entries[0] == UrlEntry("s3://bucket/a.jpg", "a", "sku-1", (("shop", "north"),))
+    assert entries[1].id is None and entries[1].columns == (("shop", "south"),)
+    jsonl = '{"url": "s3://b/x.jpg", "id": 7, "columns": {"k": 1.5, "ok": true}}\n'
+    (entry,) = parse(jsonl, "jsonl", max_entries=10)
+    assert entry.id == "7" and entry.columns == (("k", 1.5), ("ok", True)) and entry.passthrough
+    for bad, says in (
+        ('{"url": "http://h", "columns": [1]}\n', "columns must be an object"),
+        ('{"url": "http://h", "columns": {"k": {"x": 1}}}\n', "must be text, a number"),
+        ('{"url": "http://h", "id": true}\n', "id must be a string or an integer"),
+    ):
+        with pytest.raises(ManifestError, match=says):
+            parse(bad, "jsonl", max_entries=10)

@@ -9,6 +9,7 @@ from batchvision.core.results import (
     CSV_COLUMNS,
     Failure,
     JobStatus,
+    Passthrough,
     Prediction,
     Row,
     TopScore,
@@ -96,8 +97,25 @@ def test_csv_rows() -> None:
     text = "".join(csv_lines(rows)).splitlines()
     assert text[0] == ",".join(CSV_COLUMNS)
     assert text[1].startswith("a/x.jpg,cat,0.9,0,cat:0.9;dog:0.1,")
-    assert text[2] == "b.png,,,,,truncated: JPEG is truncated"
-    assert text[3] == "c.png,,,,,pending"
+    assert text[2] == "b.png,,,,,truncated: JPEG is truncated,,"
+    assert text[3] == "c.png,,,,,pending,,"
+
+
+def test_csv_rows_carry_model_id_and_passthrough_columns() -> None:
+    pred = prediction(np.array([0.9, 0.1]), ["cat", "dog"], 1).with_model("pets", 3)
+    rows = [
+        Row(0, "a.jpg", pred, Passthrough("sku-1", (("shop", "=evil"), ("n", 7)))),
+        Row(1, "b.jpg", error_result("not_an_image", "no"), Passthrough("sku-2", (("shop", "x"),))),
+        Row(2, "c.jpg", pred, None),
+    ]
+    text = "".join(csv_lines(rows, with_id=True, columns=["shop", "n"])).splitlines()
+    assert text[0] == "filename,id,label,score,class_id,top_k,error,model,version,shop,n"
+    assert text[1] == "a.jpg,sku-1,cat,0.9,0,cat:0.9,,pets,3,'=evil,7"
+    assert text[2] == "b.jpg,sku-2,,,,,not_an_image: no,,,x,"
+    assert text[3] == "c.jpg,,cat,0.9,0,cat:0.9,,pets,3,,"
+    doc = rows[0].document()
+    assert doc["id"] == "sku-1" and doc["columns"] == {"shop": "=evil", "n": 7}  # JSON keeps raw values
+    assert "id" not in rows[2].document()
 
 
 def test_chunking_keeps_order() -> None:

@@ -21,7 +21,7 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_PREPROCESS", "imagenet", "'auto', 'none', 'tf', 'caffe', 'torch' or 'unit'"),
         ("BATCHVISION_LOG_FORMAT", "xml", "'text' or 'json'"),
         ("BATCHVISION_REDIS_URL", "http://redis:6379", "redis://, rediss:// or unix://"),
-        ("BATCHVISION_BLOB_URL", "s3://bucket", "file:///directory"),
+        ("BATCHVISION_BLOB_URL", "gs://bucket", "s3://bucket/prefix/"),
         ("BATCHVISION_API_PORT", "70000", "less than or equal to 65535"),
         ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "less than or equal to 3600"),
         ("BATCHVISION_QUEUE", "has space", "pattern"),

@@ -1,0 +1,342 @@
+"""Results written to a job's output prefix (``s3://``) when it finishes: CSV, JSON Lines and
+Parquet (``BATCHVISION_OUTPUT_FORMATS``), then a ``_SUCCESS`` manifest.
+
+**Durable** like completion webhooks: the Lua step that finishes a job with an ``out_url``
+adds it to :data:`~batchvision.server.keys.EXPORTS` (score: when it is due). An
+:class:`Exporter` thread in every worker process leases due jobs (their score moves to
+``now + lease``, renewed while it writes), writes, and records the outcome while the lease is
+still its own. A worker killed mid-write leaves the lease to run out, and another writes the
+whole output again: the files have fixed names, so nothing is left half-written or doubled.
+
+**Atomic**: each file is streamed from the store page by page into a local temporary file (never
+the whole job in memory), then uploaded in one ``PutObject`` or a multipart upload, which S3
+shows only when complete. ``_SUCCESS`` comes last and lists every file with its size and row
+count: a reader that sees it sees whole files.
+
+**Failures**: throttling and an unreachable store are retried with backoff (``out_state``
+stays ``pending``, ``out_error`` says why) until ``OUTPUT_RETRY_FOR_S``; access denied, a
+missing bucket or any other refusal ends as ``failed`` with the code. The job's own status does
+not change: its results are still served by ``/results`` until they expire.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+import redis
+
+from batchvision.core.results import Failure, Prediction, Row, csv_header, csv_row
+from batchvision.server import keys
+from batchvision.server.keys import JobKeys
+from batchvision.server.outputs import SUCCESS
+from batchvision.server.s3 import S3, S3Error, S3Url
+from batchvision.server.store import JobStore
+from batchvision.server.webhooks import backoff
+
+log = logging.getLogger(__name__)
+
+#: Take the earliest due job and lease it: KEYS[1] the set; ARGV now (ms), lease (ms).
+LEASE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #due == 0 then return false end
+local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], 'XX', lease, due[1])
+return {due[1], tostring(lease)}
+"""
+#: Move our lease (ARGV[2]) of ARGV[1] to ARGV[3], only while it is still ours.
+RENEW = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return 1
+"""
+#: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
+#: state (written, pending: retry at ARGV[4], failed), next due, error, files JSON, now.
+RECORD = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return -1
+end
+redis.call('HINCRBY', KEYS[2], 'out_attempts', 1)
+redis.call('HSET', KEYS[2], 'out_state', ARGV[3], 'out_error', ARGV[5])
+if ARGV[3] == 'written' then
+  redis.call('HSET', KEYS[2], 'out_files', ARGV[6], 'out_written_at', ARGV[7])
+end
+if ARGV[3] == 'pending' then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 1
+"""
+
+#: File name and content type of each output format.
+FORMATS = {
+    "csv": ("results.csv", "text/csv"),
+    "jsonl": ("results.jsonl", "application/x-ndjson"),
+    "parquet": ("results.parquet", "application/vnd.apache.parquet"),
+}
+#: Rows per Parquet row group (and between lease renewals).
+PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class Written:
+    """One file of an output: where, how many bytes and rows."""
+
+    url: str
+    bytes: int
+    rows: int
+
+
+def _parquet_writer(fh: IO[bytes], columns: Sequence[str]) -> tuple[Any, Callable[[list[Row]], None]]:
+    """A pyarrow Parquet writer on ``fh`` and the function that appends a page of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [
+        pa.field("index", pa.int64()),
+        pa.field("filename", pa.string()),
+        pa.field("id", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float64()),
+        pa.field("class_id", pa.int64()),
+        pa.field("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("version", pa.int64()),
+        *(pa.field(c, pa.string()) for c in columns),
+    ]
+    schema = pa.schema(fields)
+    writer = pq.ParquetWriter(fh, schema, compression="zstd")
+
+    def append(rows: list[Row]) -> None:
+        cols: dict[str, list[Any]] = {f.name: [] for f in fields}
+        for row in rows:
+            r, pt = row.result, row.passthrough
+            given = dict(pt.columns) if pt is not None else {}
+            pred = r if isinstance(r, Prediction) else None
+            fail = r if isinstance(r, Failure) else None
+            cols["index"].append(row.index)
+            cols["filename"].append(row.filename)
+            cols["id"].append(pt.id if pt is not None else None)
+            cols["status"].append("pending" if r is None else "error" if fail else "ok")
+            cols["label"].append(pred.label if pred else None)
+            cols["score"].append(pred.score if pred else None)
+            cols["class_id"].append(pred.class_id if pred else None)
+            cols["top_k"].append([{"label": s.label, "score": s.score} for s in pred.top_k] if pred else None)
+            cols["error_code"].append(fail.code if fail else None)
+            cols["error_message"].append(fail.message if fail else None)
+            cols["model"].append(pred.model if pred else None)
+            cols["version"].append(pred.version if pred else None)
+            for c in columns:
+                v = given.get(c)
+                cols[c].append(None if v is None else str(v))
+        writer.write_table(pa.table(cols, schema=schema))
+
+    return writer, append
+
+
+def write_results(
+    rows: Iterable[Row],
+    formats: Sequence[str],
+    with_id: bool,
+    columns: Sequence[str],
+    files: Mapping[str, IO[bytes]],
+    on_page: Callable[[int], None] = lambda n: None,
+) -> int:
+    """Write ``rows`` once into each format's open binary file; returns the rows written.
+    ``on_page(rows so far)`` runs every :data:`PAGE` rows (the exporter renews its lease)."""
+    text: dict[str, io.TextIOWrapper] = {
+        f: io.TextIOWrapper(files[f], encoding="utf-8", newline="", write_through=True)
+        for f in formats
+        if f in ("csv", "jsonl")
+    }
+    writer = csv.writer(text["csv"], lineterminator="\n") if "csv" in text else None
+    if writer is not None:
+        writer.writerow(csv_header(with_id, columns))
+    parquet = _parquet_writer(files["parquet"], columns) if "parquet" in formats else None
+    page: list[Row] = []
+    count = 0
+
+    def flush() -> None:
+        if parquet is not None and page:
+            parquet[1](page)
+        page.clear()
+        on_page(count)
+
+    for row in rows:
+        count += 1
+        if writer is not None:
+            writer.writerow(csv_row(row, with_id, columns))
+        if "jsonl" in text:
+            text["jsonl"].write(json.dumps(row.document(), separators=(",", ":")) + "\n")
+        page.append(row)
+        if len(page) >= PAGE:
+            flush()
+    flush()
+    if parquet is not None:
+        parquet[0].close()
+    for t in text.values():
+        t.flush()
+        t.detach()  # the binary file stays open for the upload
+    return count
+
+
+def export_job(
+    store: JobStore,
+    s3: S3,
+    job_id: str,
+    formats: Sequence[str],
+    on_page: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
+    """Write a finished job's results under its ``out_url``; returns the ``_SUCCESS``
+    manifest (also written, last) with its own URL as ``manifest_url``. Raises
+    :class:`~batchvision.server.s3.S3Error`."""
+    job = store.get(job_id)
+    if job is None or job["output"] is None:
+        raise LookupError(job_id)
+    prefix = S3Url.parse(job["output"]["url"]).folder
+    with_id, columns = job["passthrough"] or (False, ())
+    with tempfile.TemporaryDirectory(prefix="bv-export-") as tmp:
+        files = {f: open(f"{tmp}/{FORMATS[f][0]}", "w+b") for f in formats}  # noqa: SIM115
+        try:
+            rows = write_results(store.iter_results(job_id), formats, with_id, columns, files, on_page)
+            written: dict[str, Written] = {}
+            for f, fh in files.items():
+                size = fh.tell()
+                fh.seek(0)
+                name, content_type = FORMATS[f]
+                s3.put_file(prefix.child(name), fh, content_type)
+                written[f] = Written(str(prefix.child(name)), size, rows)
+        finally:
+            for fh in files.values():
+                fh.close()
+    manifest = {
+        "job_id": job_id,
+        "status": job["status"],
+        "total": job["total"],
+        "done": job["done"],
+        "failed": job["failed"],
+        "canceled": job["canceled"],
+        "model": job["model"],
+        "rows": rows,
+        "files": {f: {"url": w.url, "bytes": w.bytes, "rows": w.rows} for f, w in written.items()},
+        "written_at": round(time.time(), 3),
+    }
+    s3.put(prefix.child(SUCCESS), json.dumps(manifest, indent=2).encode(), "application/json")
+    return {**manifest, "manifest_url": str(prefix.child(SUCCESS))}
+
+
+class Exporter:
+    """Writes due outputs, one job at a time per thread; one per worker process."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        store: JobStore,
+        s3: Callable[[], S3],
+        formats: Sequence[str],
+        *,
+        retry_for_s: float = 3600.0,
+        lease_s: float = 120.0,
+        poll_s: float = 0.5,
+    ) -> None:
+        self.redis = client
+        self.store = store
+        self.s3 = s3
+        self.formats = tuple(formats)
+        self.retry_for_s = retry_for_s
+        self.lease_ms = int(lease_s * 1000)
+        self.poll_s = poll_s
+        self._lease = client.register_script(LEASE)
+        self._renew = client.register_script(RENEW)
+        self._record = client.register_script(RECORD)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except redis.RedisError as exc:
+                log.warning("exporter: Redis unavailable (%s); retrying", exc)
+                busy = False
+            self._stop.wait(0.01 if busy else self.poll_s)
+
+    def run_once(self) -> bool:
+        """Lease and write one due output; whether there was one."""
+        now = int(time.time() * 1000)
+        taken = self._lease(keys=[keys.EXPORTS], args=[now, self.lease_ms])
+        if not taken:
+            return False
+        job_id = _text(taken[0])
+        lease = int(_text(taken[1]))
+        self.export(job_id, lease)
+        return True
+
+    def export(self, job_id: str, lease: int) -> str:
+        """Write one job's output under ``lease``; returns the state recorded."""
+        held = [lease]
+
+        def renew(_: int) -> None:
+            new = int(time.time() * 1000) + self.lease_ms
+            if self._renew(keys=[keys.EXPORTS], args=[job_id, held[0], new]):
+                held[0] = new
+
+        try:
+            manifest = export_job(self.store, self.s3(), job_id, self.formats, renew)
+        except LookupError:
+            return self._write(job_id, held[0], "gone", 0, "", "")
+        except S3Error as exc:
+            return self._failed(job_id, held[0], exc)
+        except Exception as exc:  # a surprise is this output's error, never the thread's end
+            log.exception("writing the output of job %s failed", job_id)
+            return self._failed(job_id, held[0], S3Error(f"writing failed: {exc}"[:500]))
+        files = {f: v["url"] for f, v in manifest["files"].items()}
+        files["manifest"] = manifest["manifest_url"]
+        log.info("job %s: %d rows written to %s", job_id, manifest["rows"], files["manifest"])
+        return self._write(job_id, held[0], "written", 0, "", json.dumps(files))
+
+    def _failed(self, job_id: str, lease: int, exc: S3Error) -> str:
+        raw = self.redis.hmget(JobKeys.of(job_id).job, ["out_attempts", "finished_at"])
+        attempts = int(raw[0] or 0) + 1
+        finished = float(raw[1] or time.time())
+        error = f"{exc.code}: {exc.message}"
+        if exc.transient and time.time() - finished < self.retry_for_s:
+            due = int((time.time() + backoff(attempts)) * 1000)
+            log.warning("job %s: output not written (%s); retrying", job_id, error)
+            return self._write(job_id, lease, "pending", due, error, "")
+        log.warning("job %s: output not written: %s", job_id, error)
+        return self._write(job_id, lease, "failed", 0, error, "")
+
+    def _write(self, job_id: str, lease: int, state: str, due: int, error: str, files: str) -> str:
+        self._record(
+            keys=[keys.EXPORTS, JobKeys.of(job_id).job],
+            args=[job_id, lease, state, due, error, files, f"{time.time():.3f}"],
+        )
+        return state
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,371 @@
+"""S3-compatible object storage: ``s3://bucket/key`` URLs listed, read and written.
+
+One small surface over **boto3** (the AWS SDK for Python; see docs/guides/object-storage.md for
+why boto3 rather than obstore or s3fs), used by the API (listing a prefix, the blob store), the
+workers (images, results, blobs, the model repository) and the CLI's tools:
+
+- :class:`S3Url`: ``s3://bucket/key`` parsed and checked (``bad_url``);
+- :meth:`S3.list`: every object under a prefix, **streamed** one page (1,000 keys) at a time,
+  so a prefix of millions of keys is never held at once;
+- :meth:`S3.get`: an object's bytes, refused past a byte cap before it is read (``too_large``);
+- :meth:`S3.put` / :meth:`S3.put_file`: **atomic** writes: a single ``PutObject`` or a multipart
+  upload that S3 only makes visible when it is completed (an interrupted one is aborted), so a
+  reader sees the whole object or none of it;
+- retries: botocore's ``standard`` mode, exponential backoff with jitter on throttling
+  (``SlowDown``, ``503``, ``ThrottlingException``, ``RequestLimitExceeded``), ``500``/``502``/``504``
+  and connection errors, up to ``S3_MAX_ATTEMPTS`` calls per request;
+- every failure a :class:`S3Error` whose ``code`` is the per-image or per-job error code:
+  ``bucket_not_found``, ``object_not_found``, ``access_denied``, ``s3_throttled``,
+  ``s3_unavailable``, ``s3_error``.
+
+Credentials are never configured here: the SDK's default chain reads them (environment,
+``~/.aws`` shared config and credentials files, web identity for Kubernetes service accounts,
+ECS and EC2 instance roles). The endpoint is ``BATCHVISION_S3_ENDPOINT_URL``, else the SDK's own
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from batchvision.core.errors import BatchvisionError
+from batchvision.core.manifest import MAX_URL_LENGTH
+from batchvision.core.settings import Settings
+
+SCHEME = "s3://"
+#: Error codes of S3 that mean "too many requests, slow down" (retried with backoff by botocore).
+THROTTLING = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+#: Above this size an upload goes in parts of this size (S3's minimum part is 5 MiB).
+MULTIPART_BYTES = 16 * 1024 * 1024
+
+
+class S3Error(BatchvisionError):
+    """An S3 request that failed; ``code`` is the error code a job or an image reports."""
+
+    status = 422
+    code = "s3_error"
+
+    @property
+    def transient(self) -> bool:
+        """Whether trying again later may succeed (throttled or unreachable, after the retries)."""
+        return self.code in ("s3_throttled", "s3_unavailable")
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """``s3://bucket/key``: a bucket and a key (or key prefix, possibly empty)."""
+
+    bucket: str
+    key: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> S3Url:
+        """Split ``url``; :class:`S3Error` ``bad_url`` when it is not a usable ``s3://`` URL."""
+        if not isinstance(url, str) or not url.startswith(SCHEME):
+            raise S3Error(f"not an s3:// URL: {str(url)[:200]!r}", code="bad_url")
+        if len(url) > MAX_URL_LENGTH:
+            raise S3Error(f"URL longer than {MAX_URL_LENGTH} characters", code="bad_url")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+            raise S3Error(f"URL with control characters: {url[:200]!r}", code="bad_url")
+        bucket, _, key = url[len(SCHEME) :].partition("/")
+        # S3's bucket naming rules: 3-63 of lowercase letters, digits, dots and hyphens.
+        if not 3 <= len(bucket) <= 63 or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket):
+            raise S3Error(f"not a valid bucket name: {bucket[:80]!r} (in {url[:200]!r})", code="bad_url")
+        if bucket[0] in ".-" or bucket[-1] in ".-":
+            raise S3Error(f"not a valid bucket name: {bucket!r}", code="bad_url")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}"
+
+    def child(self, name: str) -> S3Url:
+        """The object ``name`` under this URL taken as a folder."""
+        prefix = self.key if not self.key or self.key.endswith("/") else self.key + "/"
+        return S3Url(self.bucket, prefix + name)
+
+    @property
+    def folder(self) -> S3Url:
+        """This URL as a folder prefix (ending in ``/`` unless it is the bucket's root)."""
+        return self if not self.key or self.key.endswith("/") else S3Url(self.bucket, self.key + "/")
+
+
+def _is_md5(etag: str) -> bool:
+    return len(etag) == 32 and all(c in "0123456789abcdef" for c in etag.lower())
+
+
+def is_s3_url(url: str) -> bool:
+    return isinstance(url, str) and url.startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """One listed object."""
+
+    key: str
+    size: int
+    etag: str = ""
+    #: When it was last written (seconds since the epoch; 0: unknown).
+    modified: float = 0.0
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach the store (from :class:`~batchvision.core.settings.Settings`)."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    addressing_style: str = "auto"
+    max_attempts: int = 8
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_connections: int = 32
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> S3Config:
+        return cls(
+            endpoint_url=s.s3_endpoint_url,
+            region=s.s3_region,
+            addressing_style=s.s3_addressing_style,
+            max_attempts=s.s3_max_attempts,
+            connect_timeout_s=s.fetch_connect_timeout_s,
+            read_timeout_s=s.fetch_timeout_s,
+            max_connections=max(10, s.fetch_threads * 2),
+        )
+
+
+def _error(exc: BaseException, what: str) -> S3Error:
+    """The :class:`S3Error` of a botocore exception, its code the one a job or image reports."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(err.get("Message", "") or code)
+        if code == "PreconditionFailed" or status == 412:
+            return S3Error(f"{what}: the object changed while it was read", code="object_changed")
+        if code == "NoSuchBucket":
+            return S3Error(f"{what}: the bucket does not exist", code="bucket_not_found")
+        if code in ("NoSuchKey", "NotFound") or status == 404:
+            return S3Error(f"{what}: no such object", code="object_not_found")
+        if code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch") or (
+            status == 403
+        ):
+            return S3Error(f"{what}: access denied ({code or status})", code="access_denied")
+        if code in THROTTLING or status in (429, 503):
+            why = f"{what}: the store kept answering {code or status} (throttled)"
+            return S3Error(why, code="s3_throttled")
+        if status >= 500:
+            return S3Error(f"{what}: the store answered {status} {code}", code="s3_unavailable")
+        return S3Error(f"{what}: {code or status}: {message}"[:500], code="s3_error")
+    if isinstance(exc, IncompleteReadError):
+        why = f"{what}: the connection ended before the whole object ({exc})"
+        return S3Error(why, code="incomplete_download")
+    if isinstance(exc, NoCredentialsError):
+        return S3Error(f"{what}: no credentials (environment, ~/.aws, or a role)", code="access_denied")
+    if isinstance(exc, EndpointConnectionError | ConnectionError | ReadTimeoutError):
+        return S3Error(f"{what}: the store cannot be reached ({exc})"[:500], code="s3_unavailable")
+    if isinstance(exc, BotoCoreError):
+        return S3Error(f"{what}: {exc}"[:500], code="s3_error")
+    raise exc
+
+
+class S3:
+    """A thread-safe S3 client (boto3 clients are; one per process is enough)."""
+
+    def __init__(self, config: S3Config = S3Config()) -> None:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:  # the API image and the workers' have it; a bare install may not
+            raise S3Error(
+                "s3:// URLs need boto3: pip install 'batchvision[s3]'", code="s3_unsupported"
+            ) from exc
+        self.config = config
+        style = config.addressing_style
+        if style == "auto" and config.endpoint_url:
+            # S3-compatible stores (MinIO, Ceph, moto) are usually reached by path, not by a
+            # virtual host name per bucket.
+            style = "path"
+        self._client: Any = boto3.session.Session().client(
+            "s3",
+            endpoint_url=config.endpoint_url or None,
+            region_name=config.region or None,
+            config=Config(
+                retries={"mode": "standard", "total_max_attempts": config.max_attempts},
+                s3={"addressing_style": style},
+                connect_timeout=config.connect_timeout_s,
+                read_timeout=config.read_timeout_s,
+                max_pool_connections=config.max_connections,
+            ),
+        )
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> S3:
+        return cls(S3Config.from_settings(s))
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (for what this class does not wrap)."""
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def list(self, url: S3Url, *, page_size: int = 1000) -> Iterator[S3Object]:
+        """Every object under ``url``'s key prefix, in key order, one page at a time (folder
+        markers, keys ending in ``/``, left out). Raises :class:`S3Error` (``bucket_not_found``,
+        ``access_denied``...) at the page that failed."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": url.bucket, "Prefix": url.key, "MaxKeys": page_size}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                page = self._client.list_objects_v2(**kwargs)
+            except Exception as exc:
+                raise _error(exc, f"listing {url}") from exc
+            for item in page.get("Contents", ()):
+                if not item["Key"].endswith("/"):
+                    etag = str(item.get("ETag", "")).strip('"')
+                    stamp = item.get("LastModified")
+                    modified = stamp.timestamp() if stamp is not None else 0.0
+                    yield S3Object(item["Key"], int(item.get("Size", 0)), etag, modified)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def get(self, url: S3Url, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; ``too_large`` (:class:`S3Error`, 413) before reading when it is
+        larger than ``max_bytes``."""
+        try:
+            resp = self._client.get_object(Bucket=url.bucket, Key=url.key)
+        except Exception as exc:
+            raise _error(exc, str(url)) from exc
+        body = resp["Body"]
+        try:
+            size = int(resp.get("ContentLength", 0) or 0)
+            if max_bytes is not None and size > max_bytes:
+                raise S3Error(f"{url}: {size} bytes, over the limit of {max_bytes}", code="too_large")
+            try:
+                return bytes(body.read())
+            except Exception as exc:
+                raise _error(exc, str(url)) from exc
+        finally:
+            body.close()
+
+    def download(self, url: S3Url, path: str | Path, expected: S3Object) -> None:
+        """Copy the object ``expected`` describes (as listed) to a local file, checked: the read
+        is conditional on the listed ETag (``object_changed`` when it was replaced since), the
+        bytes written must be the listed size (``incomplete_download``), and when the ETag is
+        the content's MD5 (a single-part upload without KMS or customer keys) it must match
+        (``checksum_mismatch``). A failed copy may leave a partial file behind: write to a
+        temporary name and rename it once this returns."""
+        kwargs: dict[str, Any] = {"Bucket": url.bucket, "Key": url.key}
+        if expected.etag:
+            kwargs["IfMatch"] = f'"{expected.etag}"'
+        try:
+            resp = self._client.get_object(**kwargs)
+        except Exception as exc:
+            raise _error(exc, str(url)) from exc
+        body = resp["Body"]
+        # SSE-KMS and SSE-C objects have ETags that are not their MD5; multipart ones "<md5>-<n>".
+        plain = resp.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in resp
+        digest = hashlib.md5(usedforsecurity=False) if plain and _is_md5(expected.etag) else None
+        written = 0
+        try:
+            with open(path, "wb") as fh:
+                for chunk in body.iter_chunks(1024 * 1024):
+                    fh.write(chunk)
+                    written += len(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+        except OSError:  # the local disk's problem (full, read-only), not the store's
+            raise
+        except Exception as exc:
+            raise _error(exc, str(url)) from exc
+        finally:
+            body.close()
+        if written != expected.size:
+            raise S3Error(f"{url}: {written} bytes read, {expected.size} listed", code="incomplete_download")
+        if digest is not None and digest.hexdigest() != expected.etag:
+            raise S3Error(f"{url}: the content does not match its ETag", code="checksum_mismatch")
+
+    def head(self, url: S3Url) -> S3Object | None:
+        """The object's size and ETag, ``None`` when there is none."""
+        try:
+            resp = self._client.head_object(Bucket=url.bucket, Key=url.key)
+        except Exception as exc:
+            err = _error(exc, str(url))
+            if err.code == "object_not_found":
+                return None
+            raise err from exc
+        return S3Object(url.key, int(resp.get("ContentLength", 0)), str(resp.get("ETag", "")).strip('"'))
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def put(self, url: S3Url, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Write an object in one ``PutObject``: it appears whole or not at all."""
+        try:
+            self._client.put_object(Bucket=url.bucket, Key=url.key, Body=data, ContentType=content_type)
+        except Exception as exc:
+            raise _error(exc, f"writing {url}") from exc
+
+    def put_file(self, url: S3Url, fh: IO[bytes], content_type: str = "application/octet-stream") -> None:
+        """Write an object from an open file: one ``PutObject`` up to :data:`MULTIPART_BYTES`,
+        a multipart upload above (S3 shows the object only once every part is in; a failed
+        upload is aborted, its parts discarded)."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+        try:
+            self._client.upload_fileobj(
+                fh, url.bucket, url.key, ExtraArgs={"ContentType": content_type}, Config=config
+            )
+        except Exception as exc:
+            # boto3 wraps a failed upload's ClientError in S3UploadFailedError (as its context).
+            cause = exc.__cause__ or exc.__context__
+            inner = cause if isinstance(cause, Exception) and not isinstance(exc, S3Error) else exc
+            raise _error(inner, f"writing {url}") from exc
+
+    def delete(self, urls: Sequence[S3Url]) -> None:
+        """Delete objects (1,000 per request); missing ones are no error."""
+        by_bucket: dict[str, list[str]] = {}
+        for u in urls:
+            by_bucket.setdefault(u.bucket, []).append(u.key)
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):
+                objects = [{"Key": k} for k in keys[start : start + 1000]]
+                try:
+                    self._client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+                except Exception as exc:
+                    raise _error(exc, f"deleting from s3://{bucket}/") from exc
+
+
+_shared: dict[S3Config, S3] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(config: S3Config) -> S3:
+    """One :class:`S3` per configuration in this process (its connection pool is shared)."""
+    with _shared_lock:
+        if config not in _shared:
+            _shared[config] = S3(config)
+        return _shared[config]

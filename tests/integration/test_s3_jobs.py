@@ -1,0 +1,198 @@
+"""Jobs from and to buckets, against a real S3 endpoint (moto in server mode), a real API and a
+real worker: a prefix job with an output prefix (CSV, JSON Lines, Parquet, _SUCCESS), a
+manifest with ids and pass-through columns beside an http(s) entry, and each bad bucket input
+with the error it gets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from batchvision.core.synthetic import labelled_files
+from batchvision.testing.s3server import MotoServer, S3FaultProxy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def proxy(s3_server: MotoServer) -> Iterator[S3FaultProxy]:
+    """The stack reaches the store through a proxy that can throttle or deny on demand."""
+    with S3FaultProxy(s3_server.url) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def s3_stack(start_private_stack: Any, proxy: S3FaultProxy) -> Any:
+    stack = start_private_stack("s3", s3_endpoint_url=proxy.url, s3_max_attempts=3, fetch_threads=4)
+    stack.worker()
+    return stack
+
+
+def _finished(stack: Any, job_id: str, wait_until: Callable[..., Any], output: bool = True) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        doc: dict[str, Any] = requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+        final = doc["status"] in ("succeeded", "partial", "failed", "canceled")
+        written = not output or doc["output"]["state"] != "pending"
+        return doc if final and written else None
+
+    result: dict[str, Any] = wait_until(
+        done, timeout=180, interval=0.2, message=f"job {job_id} and its output"
+    )
+    return result
+
+
+def _get(s3_server: MotoServer, url: str) -> bytes:
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    body: bytes = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return body
+
+
+def test_prefix_job_writes_every_format_once_per_image(
+    s3_stack: Any,
+    s3_server: MotoServer,
+    s3_bucket: str,
+    demo_model: Any,
+    reference_labels: Any,
+    wait_until: Callable[..., Any],
+) -> None:
+    client = s3_server.client()
+    files = [(f"set/{n % 3}/{name}", data) for n, (name, data, _) in enumerate(labelled_files(14, seed=24))]
+    for key, data in files:
+        client.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
+    client.put_object(Bucket=s3_bucket, Key="in/set/broken.jpg", Body=b"not an image at all")
+    client.put_object(Bucket=s3_bucket, Key="in/README.txt", Body=b"notes")
+    resp = requests.post(
+        f"{s3_stack.url}/v1/jobs",
+        json={"source": f"s3://{s3_bucket}/in/", "output_url": f"s3://{s3_bucket}/out/run1"},
+        timeout=60,
+    )
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert body["accepted"] == len(files) + 1
+    # Named relative to the prefix, as the images are.
+    assert [s["filename"] for s in body["skipped"]] == ["README.txt"]
+    job = _finished(s3_stack, body["job_id"], wait_until)
+    assert job["status"] == "partial" and job["done"] == len(files) and job["failed"] == 1
+    out = job["output"]
+    assert out["state"] == "written", out
+    assert set(out["files"]) == {"csv", "jsonl", "parquet", "manifest"}
+
+    expected = dict(zip([k for k, _ in files], reference_labels(demo_model, files), strict=True))
+    rows = list(csv.DictReader(io.StringIO(_get(s3_server, out["files"]["csv"]).decode())))
+    assert sorted(r["filename"] for r in rows) == sorted([*expected, "set/broken.jpg"])  # one row each
+    for r in rows:
+        if r["filename"] == "set/broken.jpg":
+            assert r["error"].startswith(("not_an_image", "invalid_image")), r
+        else:
+            assert r["label"] == expected[r["filename"]] and r["model"] and r["version"] != "", r
+    lines = [json.loads(x) for x in _get(s3_server, out["files"]["jsonl"]).decode().splitlines()]
+    assert [x["filename"] for x in lines] == [r["filename"] for r in rows]
+    table = pq.read_table(io.BytesIO(_get(s3_server, out["files"]["parquet"])))
+    assert table.num_rows == len(rows)
+    assert table.column("label").to_pylist() == [r["label"] or None for r in rows]
+    manifest = json.loads(_get(s3_server, out["files"]["manifest"]))
+    assert manifest["rows"] == len(rows) and manifest["done"] == len(files)
+    assert all(manifest["files"][f]["rows"] == len(rows) for f in ("csv", "jsonl", "parquet"))
+
+
+def test_manifest_rows_carry_ids_and_columns_and_vanished_objects_are_image_errors(
+    s3_stack: Any,
+    s3_server: MotoServer,
+    s3_bucket: str,
+    demo_model: Any,
+    reference_labels: Any,
+    wait_until: Callable[..., Any],
+) -> None:
+    client = s3_server.client()
+    files = [(name, data) for name, data, _ in labelled_files(3, seed=5)]
+    for name, data in files:
+        client.put_object(Bucket=s3_bucket, Key=f"img/{name}", Body=data)
+    lines = [
+        {"url": f"s3://{s3_bucket}/img/{files[0][0]}", "id": "sku-1", "columns": {"shop": "=north", "n": 1}},
+        {"url": f"s3://{s3_bucket}/img/{files[1][0]}", "id": "sku-2", "columns": {"shop": "south"}},
+        {"url": f"s3://{s3_bucket}/img/gone.jpg", "id": "sku-3"},
+        {"url": f"s3://{s3_bucket}/img/{files[2][0]}", "id": "sku-4"},
+    ]
+    client.put_object(
+        Bucket=s3_bucket, Key="lists/m.jsonl", Body="\n".join(json.dumps(x) for x in lines).encode()
+    )
+    resp = requests.post(
+        f"{s3_stack.url}/v1/jobs",
+        json={"manifest": f"s3://{s3_bucket}/lists/m.jsonl", "output_url": f"s3://{s3_bucket}/out/m/"},
+        timeout=60,
+    )
+    assert resp.status_code == 202, resp.text
+    job = _finished(s3_stack, resp.json()["job_id"], wait_until)
+    assert job["done"] == 3 and job["failed"] == 1 and job["output"]["state"] == "written"
+    rows = requests.get(f"{s3_stack.url}/v1/jobs/{job['job_id']}/results", timeout=10).json()["results"]
+    assert [r["id"] for r in rows] == ["sku-1", "sku-2", "sku-3", "sku-4"]
+    assert rows[0]["columns"] == {"shop": "=north", "n": 1} and "columns" not in rows[3]
+    assert rows[2]["error"]["code"] == "object_not_found"
+    labels = reference_labels(demo_model, files)
+    assert [rows[i]["label"] for i in (0, 1, 3)] == labels
+    out = list(csv.DictReader(io.StringIO(_get(s3_server, job["output"]["files"]["csv"]).decode())))
+    assert [(r["id"], r["shop"], r["n"]) for r in out] == [
+        ("sku-1", "'=north", "1"),
+        ("sku-2", "south", ""),
+        ("sku-3", "", ""),
+        ("sku-4", "", ""),
+    ]
+    table = pq.read_table(io.BytesIO(_get(s3_server, job["output"]["files"]["parquet"])))
+    assert table.column("id").to_pylist() == ["sku-1", "sku-2", "sku-3", "sku-4"]
+    assert table.column("shop").to_pylist() == ["=north", "south", None, None]
+
+
+def test_bad_bucket_inputs_get_clear_errors(
+    s3_stack: Any, s3_server: MotoServer, s3_bucket: str, proxy: S3FaultProxy, wait_until: Callable[..., Any]
+) -> None:
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="docs/a.txt", Body=b"x")
+    data = next(labelled_files(1, seed=9))[1]
+    client.put_object(Bucket=s3_bucket, Key="ok/a.jpg", Body=data)
+
+    def post(body: dict[str, Any]) -> requests.Response:
+        return requests.post(f"{s3_stack.url}/v1/jobs", json=body, timeout=60)
+
+    cases = [
+        ({"source": "s3://no-such-bucket-xyz/in/"}, 422, "bucket_not_found"),
+        ({"source": f"s3://{s3_bucket}/docs/"}, 422, "no_images"),
+        ({"source": f"s3://{s3_bucket}/nothing-here/"}, 422, "no_images"),
+        (
+            {"source": f"s3://{s3_bucket}/ok/", "output_url": "s3://no-such-bucket-xyz/o/"},
+            422,
+            "output_not_writable",
+        ),
+        ({"source": f"s3://{s3_bucket}/ok/", "manifest": f"s3://{s3_bucket}/x.csv"}, 400, "bad_body"),
+        ({"manifest": f"s3://{s3_bucket}/missing.csv"}, 422, "object_not_found"),
+    ]
+    for body, status, code in cases:
+        resp = post(body)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), (body, resp.text)
+
+    proxy.fail("GET", f"/{s3_bucket}\\?list-type", 403, "AccessDenied", times=1)
+    resp = post({"source": f"s3://{s3_bucket}/ok/"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (422, "access_denied"), resp.text
+
+    # Throttled twice, then served: retried with backoff, the image classified.
+    proxy.fail("GET", f"/{s3_bucket}/ok/a.jpg", 503, "SlowDown", times=2)
+    resp = post({"source": f"s3://{s3_bucket}/ok/"})
+    job = _finished(s3_stack, resp.json()["job_id"], wait_until, output=False)
+    assert job["status"] == "succeeded", job
+
+    # An output prefix that stops accepting writes after the check: the job succeeds, its
+    # output is `failed` with the code, and the results stay readable from the API.
+    proxy.fail("PUT", f"/{s3_bucket}/locked/results", 403, "AccessDenied")  # not the test write
+    resp = post({"source": f"s3://{s3_bucket}/ok/", "output_url": f"s3://{s3_bucket}/locked/"})
+    assert resp.status_code == 202, resp.text
+    job = _finished(s3_stack, resp.json()["job_id"], wait_until)
+    proxy.clear()
+    assert job["status"] == "succeeded" and job["output"]["state"] == "failed", job
+    assert job["output"]["error"].startswith("access_denied"), job
+    assert requests.get(f"{s3_stack.url}/v1/jobs/{job['job_id']}/results", timeout=10).json()["results"]
