@@ -250,6 +250,8 @@ class JobStore:
         return [i for i, v in zip(indexes, have, strict=True) if v is None]
 
     def filenames(self, job_id: str, indexes: Sequence[int]) -> list[str]:
+        if not indexes:
+            return []
         names = self.redis.hmget(JobKeys.of(job_id).files, [str(i) for i in indexes])
         return [_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
 
