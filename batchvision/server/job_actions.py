@@ -60,7 +60,7 @@ def retry(intake: Intake, job_id: str) -> Retry:
     store, k = intake.store, JobKeys.of(job_id)
     for _ in range(_WATCH_TRIES):
         with intake.redis.pipeline() as pipe:
-            pipe.watch(k.job, k.results)
+            pipe.watch(k.job, k.results)  # type: ignore[no-untyped-call, unused-ignore]
             created, finished, cancel, owner = (
                 _text(v) for v in pipe.hmget(k.job, ["created_at", "finished_at", "cancel", "owner"])
             )
