@@ -200,6 +200,12 @@ _UPLOAD_ERRORS = {
     422: c.Response("No file of the request is an image we can classify (reason per file)", d.ErrorDocument),
 }
 _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAccepted, links=c.JOB_LINKS)
+#: A replay of an ``Idempotency-Key`` whose job is gone (and a classify whose job went while it
+#: waited).
+_REPLAY_GONE = {
+    404: c.Response("The job this Idempotency-Key created earlier was deleted", d.ErrorDocument),
+    410: c.Response("The job this Idempotency-Key created earlier finished and expired", d.ErrorDocument),
+}
 
 # The submit body: the upload forms, plus a JSON body naming images by URL (either
 # JSON document: `urls` makes it a UrlJob) and manifests (CSV, JSON Lines, URI list).
@@ -237,6 +243,7 @@ _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_T
             d.ErrorDocument,
         ),
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k not in (409, 413, 422)},
+        **_REPLAY_GONE,
         413: c.Response("Request, file, archive or URL list over a limit", d.ErrorDocument),
         422: c.Response(
             "No file (or URL) of the request is an image we can classify (reason per file), "
@@ -350,6 +357,11 @@ def list_files(job_id: str) -> dict[str, Any]:
             d.ErrorDocument,
         ),
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
+        404: c.Response(
+            "The job this Idempotency-Key created earlier, or the one this request made, was deleted",
+            d.ErrorDocument,
+        ),
+        410: _REPLAY_GONE[410],
         422: c.Response(
             "No file of the request is an image we can classify (reason per file), or a per-job "
             "option (model, top_k, min_score) is invalid (`invalid_option`)",

@@ -273,8 +273,8 @@ def test_schemathesis_every_check_finds_nothing(api_url: str, artifacts: Path) -
             str(HERE / "schemathesis.toml"),
             "run",
             f"{api_url}/openapi.json",
-            # Every check is on by default; schemathesis.toml switches off the two that do not
-            # apply here, each with its reason (no --checks flag: it would override the file).
+            # Every check is on by default; schemathesis.toml switches off the one that does not
+            # apply here, with its reason (no --checks flag: it would override the file).
             "--max-examples",
             "100",
             "--generation-deterministic",
