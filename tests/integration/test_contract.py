@@ -211,7 +211,9 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
         "bad_parameter",
         "timeout",
     ),
-    ("cancel unknown job", "DELETE", f"/v1/jobs/{UNKNOWN}", {}, 404, "job_not_found", UNKNOWN),
+    ("cancel unknown job", "POST", f"/v1/jobs/{UNKNOWN}/cancel", {}, 404, "job_not_found", UNKNOWN),
+    ("delete unknown job", "DELETE", f"/v1/jobs/{UNKNOWN}", {}, 404, "job_not_found", UNKNOWN),
+    ("retry unknown job", "POST", f"/v1/jobs/{UNKNOWN}/retry", {}, 404, "job_not_found", UNKNOWN),
     ("PUT on a job", "PUT", f"/v1/jobs/{UNKNOWN}", {}, 405, "method_not_allowed", "not allowed"),
     ("unknown route", "GET", "/v1/nothing", {}, 404, "not_found", ""),
 ]
