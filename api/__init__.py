@@ -19,6 +19,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from flask import Flask
 
     from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, web
+    from api.fastjson import OrjsonProvider
     from api.services import Services
     from api.uploads import UploadRequest
     from batchvision.core.settings import Settings
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     warm_up()  # Pillow's plugins, before the first upload rather than inside it
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.request_class = UploadRequest
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,

@@ -15,7 +15,6 @@ keys ``GET /v1/webhook-secret`` is refused (``403``): the secret would go to any
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 
@@ -23,9 +22,8 @@ from flask import Flask, g, request
 
 from api.services import services
 from batchvision.core.errors import BadRequest, BatchvisionError, TooManyRequests, Unauthorized
+from batchvision.core.settings import key_digest, owner_of
 from batchvision.server import keys
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def digest(key: str) -> str:
@@ -35,7 +33,7 @@ def digest(key: str) -> str:
 def parse_keys(raw: str) -> frozenset[str]:
     """Configured keys as SHA-256 digests (a 64-hex entry is taken as a digest already)."""
     items = [k.strip() for k in raw.split(",") if k.strip()]
-    return frozenset(k if _HEX64.fullmatch(k) else digest(k) for k in items)
+    return frozenset(key_digest(k) for k in items)
 
 
 def presented_key() -> str | None:
@@ -145,7 +143,7 @@ def init_app(app: Flask, api_keys: str, allowed_hosts: str = "") -> None:
         d = digest(key)
         if d not in allowed:
             raise Unauthorized("invalid API key", code="invalid_api_key")
-        g.bv_owner = d[:16]
+        g.bv_owner = owner_of(d)
         _rate_limit(g.bv_owner)
 
 

@@ -8,9 +8,9 @@ The protocol itself (inputs, outputs, the binary tensor extension) is
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 import redis
 from flask import Blueprint, Response, jsonify, request
 from kombu.exceptions import OperationalError
@@ -289,11 +289,12 @@ def _infer(name: str, version: str | None) -> Response:
             )
     # Every class's score comes back (top_k = the classes), for the scores tensor.
     ref = name if version is None else f"{name}:{shape.version}"
-    options = svc.intake.options(ref, top_k=len(shape.labels))
+    options = svc.intake.options(ref, top_k=len(shape.labels), owner=current_owner())
+    since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
     job_id = svc.intake.submit(
         None, current_owner(), uploads, [], seal=True, interactive=True, options=options
     ).job_id
-    if not svc.waiter.wait(job_id, svc.settings.sync_timeout_s):
+    if not svc.waiter.wait(job_id, svc.settings.sync_timeout_s, since):
         svc.store.cancel(job_id)  # nobody will ask for it: free the workers
         raise ServiceUnavailable(f"no result within {svc.settings.sync_timeout_s:g} s; retry later")
     _, stored = svc.store.snapshot(job_id, rows=len(uploads))
@@ -309,7 +310,7 @@ def _infer(name: str, version: str | None) -> Response:
     if served != shape.version:  # a reload between the lookup and the batch: that version's labels
         shape, _ = _ready_version(svc, name, str(served))
     head, tail = v2.response(req, shape, served, rows, job_id)
-    body = json.dumps(head).encode()
+    body = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     if not tail:
         return Response(body, mimetype="application/json")
     resp = Response(body + tail, mimetype="application/octet-stream")

@@ -38,6 +38,7 @@ PUBLIC_FIELDS = (
     "model_version",
     "top_k",
     "min_score",
+    "priority",
 )
 
 
@@ -107,9 +108,12 @@ def _added(submitted: Submitted) -> dict[str, Any]:
 
 
 def _options(svc: Services, params: d.OptionsQuery) -> JobOptions:
-    """The per-job options of the query, checked against the models the workers
-    serve: ``422 invalid_option`` names the option and what is allowed."""
-    return svc.intake.options(params.model, params.top_k, params.min_score)
+    """The per-job options of the query, checked against the models the workers serve and
+    the caller's maximum priority: ``422 invalid_option`` (or ``priority_not_allowed``) names
+    the option and what is allowed."""
+    return svc.intake.options(
+        params.model, params.top_k, params.min_score, priority=params.priority, owner=current_owner()
+    )
 
 
 def _new_job(
@@ -247,8 +251,9 @@ _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_T
         413: c.Response("Request, file, archive or URL list over a limit", d.ErrorDocument),
         422: c.Response(
             "No file (or URL) of the request is an image we can classify (reason per file), "
-            "the callback_url is refused, or a per-job option (model, top_k, min_score) is "
-            "invalid (`invalid_option`, naming the option and what is allowed)",
+            "the callback_url is refused, or a per-job option (model, top_k, min_score, priority) "
+            "is invalid (`invalid_option`, naming the option and what is allowed; "
+            "`priority_not_allowed` above the API key's maximum priority)",
             d.ErrorDocument,
         ),
     },
@@ -364,7 +369,8 @@ def list_files(job_id: str) -> dict[str, Any]:
         410: _REPLAY_GONE[410],
         422: c.Response(
             "No file of the request is an image we can classify (reason per file), or a per-job "
-            "option (model, top_k, min_score) is invalid (`invalid_option`)",
+            "option (model, top_k, min_score, priority) is invalid (`invalid_option`; "
+            "`priority_not_allowed` above the API key's maximum priority)",
             d.ErrorDocument,
         ),
     },
@@ -376,6 +382,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     timeout = min(params.timeout, svc.settings.sync_timeout_s)
     options = _options(svc, params)
     key = c.idempotency_key()
+    since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
 
     def create(claim: Claim | None = None) -> tuple[str, Submitted]:
         submitted = _submit(
@@ -392,7 +399,8 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     count = first.files if first is not None else None
     if isinstance(request, UploadRequest):  # the images are in Redis now; the wait needs none
         request.release_body()
-    if not svc.waiter.wait(job_id, timeout):
+    # A replayed key names an older job: its wait asks Redis first.
+    if not svc.waiter.wait(job_id, timeout, since if first is not None else None):
         return _accepted(svc, job_id, summary)
     if count is None:
         count = int(_job_or_404(svc, job_id)["total"])

@@ -14,7 +14,11 @@ Each round measures, one after the other (nothing else of the benchmark runs mea
    (c) 32 concurrent clients, each submitting 4-image jobs (``POST /v1/jobs``, multipart parts
        ``files``), polling ``GET /v1/jobs/<id>`` every ``--poll-s`` until final, then fetching
        ``GET /v1/jobs/<id>/results``;
-   (d) one bulk job of the whole set: ``Client.submit_folder`` then ``wait``.
+   (d) one bulk job of the whole set: ``Client.submit_folder`` then ``wait``;
+   (f) as (a) with 8 clients (how full batches get with few closed-loop clients);
+   (t) 32 concurrent ``tritonclient[http]`` clients, each sending single-image
+       ``POST /v2/models/<default model>/infer`` (the Open Inference Protocol, the image as one
+       BYTES element, the scores back as binary data).
    For each: images/s with a prediction, the ratio to this round's ceiling, failed units by
    HTTP status (429s apart: backpressure is intended), the mean batch size the worker ran
    (``batchvision_batch_size_sum / _count`` from its Prometheus metrics, delta over the
@@ -35,6 +39,7 @@ compare within one run.
 
     python bench/small_jobs.py [--images 256] [--rounds 3] [--model mobilenet_v2]
                                [--skip-peers] [--quick] [--json bench/out/small_jobs.json]
+                               [--part ours --part capacity --part peers] [--workloads fabcdt]
                                [--broker redis --broker rabbitmq]
 
 ``--broker`` (repeatable): parts 2 and 3 run once per broker in each round, side by
@@ -50,6 +55,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -83,6 +89,8 @@ from batchvision.core.settings import Settings
 from batchvision.testing.servers import RabbitMQServer
 
 FINAL = {"succeeded", "partial", "failed", "canceled"}
+PARTS = ("ours", "capacity", "peers")
+WORKLOADS = ("f", "a", "b", "c", "d", "t")
 HERE = Path(__file__).resolve().parent
 
 Images = list[tuple[str, bytes]]
@@ -94,6 +102,7 @@ class Config:
     images: int
     rounds: int
     model: str
+    clients_few: int
     clients_small: int
     clients_many: int
     job_images: int
@@ -106,6 +115,8 @@ class Config:
     skip_peers: bool
     ray_max_ongoing: int
     brokers: tuple[str, ...] = ("redis",)
+    parts: tuple[str, ...] = ("ours", "capacity", "peers")
+    workloads: tuple[str, ...] = ("f", "a", "b", "c", "d", "t")
 
 
 # --- units of work --------------------------------------------------------------------------
@@ -154,6 +165,41 @@ def job_unit(images: Images, per_job: int, jobs: int, poll_s: float, timeout_s: 
             return Outcome(res.status)
         ok = sum(1 for row in res.json()["results"] if row.get("status") == "ok")
         return Outcome(200 if ok == per_job else NO_PREDICTION, ok)
+
+    return unit
+
+
+def default_model(host: str, port: int) -> str:
+    """The name the stack serves its default model under (``GET /v1/models``)."""
+    with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=10) as resp:
+        return str(json.loads(resp.read())["default"])
+
+
+def triton_unit(host: str, port: int, model: str, images: Images, timeout_s: float) -> Unit:
+    """One single-image ``POST /v2/models/<model>/infer`` through ``tritonclient[http]`` (the
+    Open Inference Protocol client as a Triton user runs it: the image as one BYTES element,
+    the scores back as binary data); one client object per load thread."""
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    local = threading.local()
+    scores = [triton.InferRequestedOutput("scores", binary_data=True)]
+
+    def unit(conn: Conn, i: int) -> Outcome:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = triton.InferenceServerClient(
+                url=f"{host}:{port}", connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+        inp = triton.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([images[i % len(images)][1]], dtype=np.object_))
+        try:
+            result = client.infer(model, [inp], outputs=scores)
+        except InferenceServerException as exc:
+            status = exc.status() or ""  # the HTTP status as text; none when nothing answered
+            return Outcome(int(status) if status.isdigit() else NO_RESPONSE)
+        return Outcome(200, 1) if result.as_numpy("scores") is not None else Outcome(NO_PREDICTION)
 
     return unit
 
@@ -286,31 +332,24 @@ def ours_round(
         run_load(host, port, classify, min(n, 64), cfg.clients_small, cfg.request_timeout_s)
         bulk_job(f"http://{host}:{port}", folder, 600)
         jobs = max(1, n // cfg.job_images)
-        fig: Figures = {
-            "a": measured(
-                lambda: run_load(host, port, classify, n, cfg.clients_small, cfg.request_timeout_s),
-                counter,
-                ceiling,
+        timeout = cfg.request_timeout_s
+        v2 = triton_unit(host, port, default_model(host, port), images, timeout)
+        loads: dict[str, Callable[[], LoadResult]] = {
+            "f": lambda: run_load(host, port, classify, n, cfg.clients_few, timeout),
+            "a": lambda: run_load(host, port, classify, n, cfg.clients_small, timeout),
+            "b": lambda: run_load(host, port, classify, n, cfg.clients_many, timeout),
+            "c": lambda: run_load(
+                host,
+                port,
+                job_unit(images, cfg.job_images, jobs, cfg.poll_s, timeout),
+                jobs,
+                cfg.job_clients,
+                timeout,
             ),
-            "b": measured(
-                lambda: run_load(host, port, classify, n, cfg.clients_many, cfg.request_timeout_s),
-                counter,
-                ceiling,
-            ),
-            "c": measured(
-                lambda: run_load(
-                    host,
-                    port,
-                    job_unit(images, cfg.job_images, jobs, cfg.poll_s, cfg.request_timeout_s),
-                    jobs,
-                    cfg.job_clients,
-                    cfg.request_timeout_s,
-                ),
-                counter,
-                ceiling,
-            ),
-            "d": measured(lambda: bulk_job(f"http://{host}:{port}", folder, 600), counter, ceiling),
+            "d": lambda: bulk_job(f"http://{host}:{port}", folder, 600),
+            "t": lambda: run_load(host, port, v2, n, cfg.clients_small, timeout),
         }
+        fig: Figures = {w: measured(loads[w], counter, ceiling) for w in cfg.workloads}
         fig["latency"] = latency_figures(
             sequential_latencies(host, port, classify, cfg.latency_requests, cfg.request_timeout_s)
         )
@@ -434,10 +473,12 @@ def report(rounds: list[Figures], cfg: Config) -> str:
     b_clients = min(cfg.clients_many, n)
     jobs = max(1, n // cfg.job_images)
     workloads = {
+        "f": f"(f) {min(cfg.clients_few, n)} clients x 1-image classify",
         "a": f"(a) {a_clients} clients x 1-image classify",
         "b": f"(b) {b_clients} clients x 1-image classify",
         "c": f"(c) {min(cfg.job_clients, jobs)} clients x {cfg.job_images}-image jobs (poll)",
         "d": f"(d) one {n}-image bulk job (Client)",
+        "t": f"(t) {a_clients} tritonclient[http] clients x 1-image /v2 infer",
     }
     lines = []
     thr: list[tuple[str, ...]] = [
@@ -449,10 +490,10 @@ def report(rounds: list[Figures], cfg: Config) -> str:
     def titled(broker: str) -> str:
         return "ours" if cfg.brokers == ("redis",) else f"ours ({broker})"
 
-    targets: list[tuple[str, str, tuple[str, ...]]] = [
-        (key_of("ours", b), titled(b), ("a", "b", "c", "d")) for b in cfg.brokers
-    ]
-    if not cfg.skip_peers:
+    targets: list[tuple[str, str, tuple[str, ...]]] = []
+    if "ours" in cfg.parts:
+        targets += [(key_of("ours", b), titled(b), cfg.workloads) for b in cfg.brokers]
+    if not cfg.skip_peers and "peers" in cfg.parts:
         targets += [(spec.name, spec.title, ("a", "b")) for spec in PEERS]
     for key, title, names in targets:
         err = next((r[key]["error"] for r in rounds if "error" in r.get(key, {})), None)
@@ -473,7 +514,8 @@ def report(rounds: list[Figures], cfg: Config) -> str:
                 errors,
                 limited,
             ))  # fmt: skip
-    lines.append(table(thr))
+    if targets:
+        lines.append(table(thr))
 
     lat: list[tuple[str, ...]] = [("idle single-image latency", "p50 ms", "p95 ms", "errors")]
     lat.append(
@@ -489,7 +531,10 @@ def report(rounds: list[Figures], cfg: Config) -> str:
             spread(col([key, "latency", "p95_s"]), 1000),
             errors if limited == "0" else f"{errors}; 429: {limited}",
         ))  # fmt: skip
-    lines.append(table(lat))
+    if targets:
+        lines.append(table(lat))
+    if "capacity" not in cfg.parts:
+        return "\n\n".join(lines)
 
     caps = [key_of("capacity", b) for b in cfg.brokers]
     cap: list[tuple[str, ...]] = [
@@ -540,6 +585,18 @@ def main() -> None:
         default=64,
         help="Ray Serve max_ongoing_requests (Ray's advice: at least the batch size; its default is 5)",
     )
+    ap.add_argument(
+        "--part",
+        action="append",
+        choices=PARTS,
+        help="run only these parts (repeatable; default: all): ours (workloads a-d and idle "
+        "latency), capacity (null model), peers",
+    )
+    ap.add_argument(
+        "--workloads",
+        help="which workloads of our stack to run, as letters (default: all, fabcdt): f/a/b = 8/32/256 "
+        "clients x single-image /v1/classify, c = 4-image jobs, d = bulk, t = 32 tritonclient clients",
+    )
     ap.add_argument("--json", type=Path, help="also write the raw figures of every round here")
     ap.add_argument(
         "--broker", action="append", choices=("redis", "rabbitmq"), help="repeat to compare (default: redis)"
@@ -552,6 +609,7 @@ def main() -> None:
         images=args.images,
         rounds=args.rounds,
         model=args.model,
+        clients_few=8,
         clients_small=32,
         clients_many=256,
         job_images=4,
@@ -564,6 +622,8 @@ def main() -> None:
         skip_peers=args.skip_peers,
         ray_max_ongoing=args.ray_max_ongoing,
         brokers=tuple(dict.fromkeys(args.broker or ["redis"])),
+        parts=tuple(dict.fromkeys(args.part or PARTS)),
+        workloads=tuple(w for w in WORKLOADS if w in (args.workloads or "".join(WORKLOADS))),
     )
     folder = photo_set(cfg.images)
     images = [(f.name, f.read_bytes()) for f in sorted(folder.glob("*.jpg"))]
@@ -571,17 +631,22 @@ def main() -> None:
     rounds: list[Figures] = []
     for r in range(cfg.rounds):
         fig: Figures = {}
-        print(f"round {r + 1}/{cfg.rounds}: in-process ceiling", file=sys.stderr, flush=True)
-        fig["ceiling"] = ceiling_round(folder, cfg)
-        ceiling = fig["ceiling"]["images_per_s"]
+        ceiling = 0.0
+        if "ours" in cfg.parts or "peers" in cfg.parts:
+            print(f"round {r + 1}/{cfg.rounds}: in-process ceiling", file=sys.stderr, flush=True)
+            fig["ceiling"] = ceiling_round(folder, cfg)
+            ceiling = fig["ceiling"]["images_per_s"]
         for broker in cfg.brokers:
-            print(f"round {r + 1}/{cfg.rounds}: our stack ({broker})", file=sys.stderr, flush=True)
-            fig[key_of("ours", broker)] = ours_round(
-                folder, images, ceiling, cfg, log_dir / f"round{r + 1}", broker
-            )
-            print(f"round {r + 1}/{cfg.rounds}: null-model capacity ({broker})", file=sys.stderr, flush=True)
-            fig[key_of("capacity", broker)] = capacity_round(cfg, log_dir / f"round{r + 1}", broker)
-        if not cfg.skip_peers:
+            if "ours" in cfg.parts:
+                print(f"round {r + 1}/{cfg.rounds}: our stack ({broker})", file=sys.stderr, flush=True)
+                fig[key_of("ours", broker)] = ours_round(
+                    folder, images, ceiling, cfg, log_dir / f"round{r + 1}", broker
+                )
+            if "capacity" in cfg.parts:
+                what = f"round {r + 1}/{cfg.rounds}: null-model capacity ({broker})"
+                print(what, file=sys.stderr, flush=True)
+                fig[key_of("capacity", broker)] = capacity_round(cfg, log_dir / f"round{r + 1}", broker)
+        if not cfg.skip_peers and "peers" in cfg.parts:
             for spec in PEERS:
                 print(f"round {r + 1}/{cfg.rounds}: {spec.title}", file=sys.stderr, flush=True)
                 fig[spec.name] = peer_round(spec, images, ceiling, cfg, log_dir / f"round{r + 1}")

@@ -3,6 +3,11 @@
 ``BATCHVISION_MODEL`` is a ``keras.applications`` name (ImageNet weights from the Keras cache,
 fetched on first use where the network allows; ``batchvision fetch-weights`` does it at image
 build time) or a path to a ``.keras``/``.h5`` file or a SavedModel directory plus a labels file.
+
+Keras 3 runs the models on the backend ``BATCHVISION_KERAS_BACKEND`` names, ``tensorflow`` (the
+default) or ``jax``, chosen once per process before Keras is imported (:func:`select_backend`).
+On ``jax`` nothing here imports TensorFlow, except to read a SavedModel directory. Mixed precision
+(``BATCHVISION_PRECISION``) and XLA compilation (``BATCHVISION_XLA``) are settings too.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,7 +45,7 @@ class _Lazy:
 
 
 def _keras() -> Any:
-    import keras  # TF's log level is set above, before the first import
+    import keras  # TF's log level is set above, and the backend by select_backend, before the import
 
     return keras
 
@@ -49,8 +56,36 @@ def _tf() -> Any:
     return tensorflow
 
 
+def _jax() -> Any:
+    import jax
+
+    return jax
+
+
 keras: Any = _Lazy(_keras)
 tf: Any = _Lazy(_tf)
+jax: Any = _Lazy(_jax)
+
+
+def select_backend(backend: str) -> None:
+    """Make Keras run on ``backend`` (``tensorflow`` or ``jax``): sets ``KERAS_BACKEND`` before
+    Keras is first imported. Keras reads it once, so a process that already imported Keras with
+    another backend gets a ``RuntimeError`` naming both."""
+    loaded = sys.modules.get("keras")
+    if loaded is not None:
+        current = loaded.backend.backend()
+        if current != backend:
+            raise RuntimeError(
+                f"BATCHVISION_KERAS_BACKEND={backend}, but this process already runs Keras on "
+                f"{current}: the backend is chosen once per process, before Keras is imported"
+            )
+        return
+    os.environ["KERAS_BACKEND"] = backend
+    if backend == "jax":
+        # JAX takes 75% of a GPU's memory at its first use unless told not to: take what the
+        # batches need instead, as TensorFlow's memory growth does below.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +125,7 @@ class Classifier:
         name: str,
         max_batch_size: int = 32,
         input_size: tuple[int, int] | None = None,
+        xla: bool = False,
     ) -> None:
         shape = model.inputs[0].shape
         if shape[1] is None or shape[2] is None:
@@ -105,11 +141,9 @@ class Classifier:
         self.labels = labels
         self.preprocess = preprocess
         self.name = name
-        self.device = _device()
-        spec = tf.TensorSpec([None, shape[1], shape[2], 3], tf.float32)
-        # One traced graph with a dynamic batch dimension: no retracing per batch size, and
-        # none of predict()'s per-call overhead, which dominates small batches.
-        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        self.backend = str(keras.backend.backend())
+        self.device = _device(self.backend)
+        self._fn = _compiled(model, self.backend, xla)
         self._softmax = _ends_in_softmax(model)
         # Batches are padded to a few fixed sizes: the kernels (and oneDNN's primitive cache)
         # see at most these shapes, instead of one set per batch size, which grows memory.
@@ -124,7 +158,7 @@ class Classifier:
         batch = np.stack(images)
         if size > n:
             batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
-        out = self._fn(tf.constant(normalize(batch, self.preprocess)))
+        out = self._fn(normalize(batch, self.preprocess))
         if isinstance(out, dict):
             out = next(iter(out.values()))
         probs = np.asarray(out, dtype=np.float32).reshape(size, -1)[:n]
@@ -166,7 +200,8 @@ def load_classifier(settings: Settings) -> ImageClassifier:
         preprocess = "none"
     if settings.preprocess != "auto":
         preprocess = settings.preprocess
-    return Classifier(model, labels, preprocess, name, settings.max_batch_size)
+    model = with_precision(model, settings.precision)
+    return Classifier(model, labels, preprocess, name, settings.max_batch_size, xla=settings.xla)
 
 
 def _load_plugin(spec: str, settings: Settings) -> ImageClassifier:
@@ -188,7 +223,11 @@ def fetch_weights(settings: Settings) -> Path | None:
 
 
 def configure_runtime(settings: Settings) -> None:
-    """Thread pools and GPU memory growth: must run before TensorFlow initialises a device."""
+    """The Keras backend; on TensorFlow, thread pools and GPU memory growth: must run before
+    TensorFlow initialises a device."""
+    select_backend(settings.keras_backend)
+    if settings.keras_backend != "tensorflow":
+        return
     try:
         if settings.intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
@@ -208,6 +247,11 @@ def imagenet_labels() -> list[str]:
 
 def _load_path(path: Path) -> Any:
     if path.is_dir():
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                f"{path}: a SavedModel directory runs on the tensorflow backend only "
+                f"(BATCHVISION_KERAS_BACKEND is {keras.backend.backend()}); save the model as .keras"
+            )
         # A TF SavedModel: wrap its serving signature in a Keras model with a known input.
         sig = tf.saved_model.load(str(path)).signatures["serving_default"]
         spec = next(iter(sig.structured_input_signature[1].values()))
@@ -241,9 +285,55 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float32)
 
 
-def _device() -> str:
+def _device(backend: str) -> str:
+    if backend == "jax":
+        first = jax.devices()[0]  # where jax.jit places the computation
+        return f"{first.platform}:{first.id}"
     gpus = tf.config.list_logical_devices("GPU")
     return gpus[0].name if gpus else "/device:CPU:0"
+
+
+def _compiled(model: Any, backend: str, xla: bool) -> Callable[[np.ndarray], Any]:
+    """The model's forward pass as one compiled function of a float32 batch."""
+    if backend == "jax":
+        # The stateless call with the variables as arguments: XLA gets them as buffers rather
+        # than baking them into the program as constants. One compile per padded batch size.
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        @jax.jit
+        def forward(trainable: Any, frozen: Any, x: Any) -> Any:
+            out, _ = model.stateless_call(trainable, frozen, x, training=False)
+            return out
+
+        return lambda x: forward(trainable, frozen, x)
+    shape = model.inputs[0].shape
+    spec = tf.TensorSpec([None, shape[1], shape[2], 3], tf.float32)
+    # One traced graph with a dynamic batch dimension: no retracing per batch size, and
+    # none of predict()'s per-call overhead, which dominates small batches.
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec], jit_compile=xla)
+    return lambda x: fn(tf.constant(x))
+
+
+def with_precision(model: Any, precision: str) -> Any:
+    """``model``, its layers set to compute in ``precision`` (a Keras dtype policy such as
+    ``mixed_float16``: float16 maths, float32 weights); the last layer (the scores) stays
+    float32. ``float32`` leaves the model as it is."""
+    if precision == "float32":
+        return model
+    layers = _all_layers(model)
+    for layer in layers[:-1]:
+        if not isinstance(layer, keras.layers.InputLayer):
+            layer.dtype_policy = precision
+    return model
+
+
+def _all_layers(model: Any) -> list[Any]:
+    # Nested models (a backbone inside a functional model) hold layers of their own.
+    out = []
+    for layer in getattr(model, "layers", []):
+        out.extend([layer] if not getattr(layer, "layers", None) else _all_layers(layer))
+    return out
 
 
 # -- several models, versions -------------------------------------------------------
@@ -283,7 +373,13 @@ def load_version(version: VersionDir, settings: Settings) -> ImageClassifier:
             family = "none"
         preprocess = family if version.preprocess == "auto" else version.preprocess
         classifier = Classifier(
-            model, labels, preprocess, version.model, settings.max_batch_size, input_size=version.input_size
+            with_precision(model, settings.precision),
+            labels,
+            preprocess,
+            version.model,
+            settings.max_batch_size,
+            input_size=version.input_size,
+            xla=settings.xla,
         )
     classifier.name = version.model
     check_outputs(classifier)

@@ -108,6 +108,7 @@ class ModelLane:
             self._predict,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000.0,
+            adaptive_max_s=settings.adaptive_batch_wait_ms / 1000.0,
             on_batch=on_batch_for(self) if on_batch_for is not None else None,
             on_submit=tracing.submit_hook(),
             name=name,

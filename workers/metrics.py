@@ -5,13 +5,20 @@ One worker is one process (threads pool), so the default registry is exact here.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from batchvision.core.batching import BatchInfo
+from batchvision.server.gpus import Gpu, GpuReader, GpuSample
 from batchvision.server.store import Counts
+
+log = logging.getLogger(__name__)
 
 IMAGES = Counter(
     "batchvision_images_classified_total",
@@ -59,6 +66,55 @@ RELOAD_SECONDS = Gauge(
     "Seconds the last version to go live took to load and check.",
     ["model"],
 )
+
+
+class GpuCollector(Collector):
+    """The GPUs this worker uses, read through NVML at each scrape: utilisation and memory.
+    Registered only where a GPU is visible, so a CPU worker exports no GPU series at all."""
+
+    NAMES = (
+        "batchvision_gpu_utilization_ratio",
+        "batchvision_gpu_memory_used_bytes",
+        "batchvision_gpu_memory_total_bytes",
+    )
+    HELP = (
+        "Share of NVML's last sample period (1/6 s to 1 s) in which a kernel ran on the GPU.",
+        "GPU memory in use, by every process on the GPU.",
+        "GPU memory in all.",
+    )
+
+    def __init__(self, reader: GpuReader, gpus: list[Gpu]) -> None:
+        self.reader = reader
+        self.gpus = gpus
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = [
+            GaugeMetricFamily(n, h, labels=["gpu", "uuid"])
+            for n, h in zip(self.NAMES, self.HELP, strict=True)
+        ]
+        for gpu in self.gpus:
+            try:
+                sample: GpuSample = self.reader.sample(gpu)
+            except Exception as exc:  # noqa: BLE001 - an NVML error must not fail the whole scrape
+                log.warning("cannot read GPU %s: %s", gpu, exc)
+                continue
+            labels = [str(gpu.index), gpu.uuid]
+            families[0].add_metric(labels, sample.utilization)
+            families[1].add_metric(labels, sample.memory_used_bytes)
+            families[2].add_metric(labels, sample.memory_total_bytes)
+        yield from families
+
+
+def watch_gpus(
+    reader: GpuReader, gpus: list[Gpu], registry: CollectorRegistry = REGISTRY
+) -> GpuCollector | None:
+    """Export ``gpus`` through ``reader`` (nothing, and ``None``, without GPUs); unregister the
+    returned collector to stop."""
+    if not gpus:
+        return None
+    collector = GpuCollector(reader, gpus)
+    registry.register(collector)
+    return collector
 
 
 def observe_batch(info: BatchInfo, model: str = "") -> None:

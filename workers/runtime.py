@@ -4,8 +4,10 @@
 component             start                                           stop
 ====================  ==============================================  ===========================
 ``tracing``           OpenTelemetry, when configured                  flush the spans
+``gpu``               check the pinned GPU is visible; NVML metrics   stop the GPU metrics
 ``redis``             connect; check settings, warn about eviction    close the connections
-``models``            load and warm up every model served, its lane   close every lane's batcher
+``models``            load and warm up every model served, its lane;  close every lane's batcher
+                      pinned to a GPU: refuse models on the CPU
 ``model-reporting``   registry, heartbeat, watcher, reload listener   leave the registry
 ``hand-on``           the publisher for chunks of other models        close it
 ``processor``         the chunk processor (decode and fetch pools)    shut the pools down
@@ -23,6 +25,7 @@ Celery app holds it (:mod:`workers.celery_app`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +41,7 @@ from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import DeadLetterConsumer, DeadLetters
 from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
+from batchvision.server.gpus import GpuReader, NoGpus, Nvml, describe, require_gpu, visible
 from batchvision.server.messages import Chunk
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
 from batchvision.server.queue import amqp_backlog, create_celery, dead_letter_queue, publish, uses_amqp
@@ -72,6 +76,41 @@ class TracingStep:
 
     def stop(self) -> None:
         tracing.flush()
+
+
+class GpuStep:
+    """A worker pinned to a GPU (``BATCHVISION_GPU``, set by ``batchvision worker --gpu``) stops
+    here when that GPU is not visible, instead of running on the CPU; and the GPUs this process
+    may use (``CUDA_VISIBLE_DEVICES``) are exported as metrics where NVML shows any."""
+
+    name = "gpu"
+
+    def __init__(self, settings: Settings, open_reader: Callable[[], GpuReader] = Nvml) -> None:
+        self.settings = settings
+        self.open_reader = open_reader
+        self._reader: GpuReader | None = None
+        self._collector: metrics.GpuCollector | None = None
+
+    def start(self) -> None:
+        try:
+            reader = self.open_reader()
+        except NoGpus as exc:
+            if self.settings.gpu:
+                require_gpu(self.settings.gpu, None)  # raises, naming the GPU and why none is visible
+            log.info("no GPU metrics: %s", exc)
+            return
+        self._reader = reader
+        if self.settings.gpu:
+            require_gpu(self.settings.gpu, reader)
+        gpus = visible(reader.gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self._collector = metrics.watch_gpus(reader, gpus)
+        log.info("GPUs of this worker: %s", describe(gpus))
+
+    def stop(self) -> None:
+        if self._collector is not None:
+            metrics.REGISTRY.unregister(self._collector)
+        if self._reader is not None:
+            self._reader.close()
 
 
 class RedisStep:
@@ -141,6 +180,11 @@ def batch_hook(batch_log: BatchLog) -> Callable[[ModelLane], Callable[[BatchInfo
     return on_batch_for
 
 
+def devices(manager: ModelManager) -> dict[str, str]:
+    """The device each served model runs on (model name -> device)."""
+    return {name: s.live.classifier.device for name, s in manager.models.items()}
+
+
 class ModelsStep:
     """The models this worker serves (``BATCHVISION_WORKER_MODELS``, default every model of
     the repository), each with its lane. Raises if a model cannot load at all."""
@@ -163,8 +207,18 @@ class ModelsStep:
             on_switch=metrics.observe_switch,
         )
         manager.start()
-        self._manager = manager
         self.load_s = time.perf_counter() - begin
+        on_cpu = [
+            f"{name} ({device})" for name, device in devices(manager).items() if "cpu" in device.lower()
+        ]
+        if self.settings.gpu and on_cpu:
+            manager.close()  # a failed start is not stopped by the lifecycle
+            raise RuntimeError(
+                f"pinned to GPU {self.settings.gpu}, but these models run on the CPU: {', '.join(on_cpu)}; "
+                "is the GPU build of the backend installed "
+                f"(BATCHVISION_KERAS_BACKEND={self.settings.keras_backend})?"
+            )
+        self._manager = manager
 
     @property
     def manager(self) -> ModelManager:
@@ -207,9 +261,9 @@ class HandOnStep:
         # No connection yet: the broker is reached on the first hand-on, which is rare.
         self._app = create_celery(self.settings, name="batchvision-worker-hand-on")
 
-    def __call__(self, chunk: Chunk, model: str, urgent: bool) -> None:
+    def __call__(self, chunk: Chunk, model: str, urgent: bool, priority: int) -> None:
         app = _made(self._app, self.name)
-        publish(app, self.settings, [chunk], time.time(), urgent, model=model)
+        publish(app, self.settings, [chunk], time.time(), urgent, model=model, priority=priority)
 
     def stop(self) -> None:
         _made(self._app, self.name).close()
@@ -258,9 +312,11 @@ class MetricsStep:
         self._server: Any = None
 
     def start(self) -> None:
-        devices = {name: s.live.classifier.device for name, s in self.models.manager.models.items()}
         self._server = metrics.serve(
-            self.settings.worker_metrics_port, devices, self.models.load_s, self.settings.worker_metrics_host
+            self.settings.worker_metrics_port,
+            devices(self.models.manager),
+            self.models.load_s,
+            self.settings.worker_metrics_host,
         )
 
     def stop(self) -> None:
@@ -329,8 +385,8 @@ class SweeperStep:
 
     def _resend(self, chunk: Chunk) -> None:
         store = _made(self.redis.store, self.redis.name)
-        model = store.model_of(chunk.job_id)  # to its model's queues
-        publish(self.app, self.settings, [chunk], time.time(), model=model)
+        routing = store.routing_of(chunk.job_id)  # to its model's queue of its priority's tier
+        publish(self.app, self.settings, [chunk], time.time(), model=routing.model, priority=routing.priority)
 
     def _run(self) -> int:
         store: JobStore = _made(self.redis.store, self.redis.name)
@@ -366,6 +422,7 @@ class Worker:
         self._processor = ProcessorStep(settings, self.redis, self.models, hand_on)
         components: list[Component] = [
             TracingStep(settings),
+            GpuStep(settings),
             self.redis,
             self.models,
             ReportingStep(self.redis, self.models),

@@ -190,8 +190,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def job_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--model``, ``--top-k``, ``--min-score`` as the client's per-job options."""
-    given = {"model": args.model, "top_k": args.top_k, "min_score": args.min_score}
+    """``--model``, ``--top-k``, ``--min-score``, ``--priority`` as the client's per-job options."""
+    given = {"model": args.model, "top_k": args.top_k, "min_score": args.min_score, "priority": args.priority}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -275,6 +275,12 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--model", help="model name, or NAME:VERSION (default: the service's default model)")
     p.add_argument("--top-k", type=int, help="classes each result lists (1 to the model's classes)")
     p.add_argument("--min-score", type=float, help="leave classes scoring below this out of top_k (0 to 1)")
+    p.add_argument(
+        "--priority",
+        type=int,
+        help="0 (lowest) to 9 (highest), default 5: higher priorities are served first, lower "
+        "ones keep moving (at most the API key's maximum)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the end and write the results")
     p.add_argument("-o", "--output", help="results file (needs --wait): .csv, .jsonl or .json")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])

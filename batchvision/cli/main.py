@@ -16,6 +16,7 @@ from pathlib import Path
 
 from batchvision.core.settings import Settings, SettingsError, unknown_variables
 from batchvision.server.checks import ConfigError, check_worker_settings
+from batchvision.server.gpus import GpuNotVisible
 from batchvision.server.repository import RepositoryError
 from batchvision.server.routing import worker_queues
 
@@ -168,7 +169,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     os.environ["BATCHVISION_WORKER_MODELS"] = ",".join(models)
     if args.gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+        try:
+            pin_gpu(s, args.gpu)
+        except (SettingsError, GpuNotVisible) as exc:
+            print(f"error: --gpu {args.gpu}: {exc}", file=sys.stderr)
+            return 2
     # glibc gives each decoding thread its own malloc arena; their fragmentation shows up as
     # RSS that creeps up over hours. Two arenas keep it flat at no measurable cost here.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
@@ -199,6 +204,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # TensorFlow is turned into records by workers.logs).
         argv.insert(argv.index("worker"), "--quiet")
     os.execv(sys.executable, argv)
+
+
+def pin_gpu(s: Settings, gpu: str) -> None:
+    """Pin the worker to ``gpu`` (``--gpu``) if NVML shows it: ``CUDA_VISIBLE_DEVICES`` for the
+    frameworks, ``BATCHVISION_GPU`` for the worker's own check that its models run there. Raises
+    :class:`GpuNotVisible` (naming the GPUs that are visible) rather than run on the CPU."""
+    from batchvision.server.gpus import require_gpu
+
+    s.replace(gpu=gpu)  # its form: an index or a UUID
+    require_gpu(gpu)
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    os.environ["BATCHVISION_GPU"] = gpu
 
 
 def worker_models(s: Settings, given: str | None) -> list[str]:
@@ -317,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
         "BATCHVISION_ALLOW_ANONYMOUS=true are required)",
     )
     p = add("worker", cmd_worker, "run one classification worker")
-    p.add_argument("--gpu", help="pin to this GPU (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument(
+        "--gpu",
+        help="pin to this GPU, an index or a UUID (sets CUDA_VISIBLE_DEVICES); exit 2 if it is not visible",
+    )
     p.add_argument(
         "--models",
         help="comma-separated models this worker serves and whose queues it consumes (default: "

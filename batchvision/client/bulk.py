@@ -102,7 +102,7 @@ def submit_folder(
     """Upload every image under ``paths`` to one job and seal it; returns what it did.
 
     With ``resume``, files the job already has are not sent again. ``options``: the new job's
-    ``model``, ``top_k``, ``min_score`` (a resumed job keeps its own).
+    ``model``, ``top_k``, ``min_score``, ``priority`` (a resumed job keeps its own).
     """
     found = scan(paths)
     if resume:

@@ -138,7 +138,8 @@ class Client:
 
     def submit_files(self, files: Iterable[tuple[str, bytes] | str | Path], **options: Any) -> JobAccepted:
         """Submit images as one job; items are paths or ``(filename, bytes)`` pairs.
-        ``options``: ``model`` (``name`` or ``name:version``), ``top_k``, ``min_score``."""
+        ``options``: ``model`` (``name`` or ``name:version``), ``top_k``, ``min_score``,
+        ``priority`` (0 lowest to 9 highest, default 5; at most the API key's maximum)."""
         params = job_options(**options)
         body = self._json("POST", "/v1/jobs", params=params, files=_parts(files), headers=_idempotency())
         return JobAccepted.model_validate(body)
@@ -342,10 +343,13 @@ class Client:
 
 
 def job_options(
-    model: str | None = None, top_k: int | None = None, min_score: float | None = None
+    model: str | None = None,
+    top_k: int | None = None,
+    min_score: float | None = None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     """The query parameters of per-job options; unknown names are a ``TypeError``."""
-    given = {"model": model, "top_k": top_k, "min_score": min_score}
+    given = {"model": model, "top_k": top_k, "min_score": min_score, "priority": priority}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -4,9 +4,11 @@ Task threads decode their images and :meth:`DynamicBatcher.submit` them; a singl
 thread takes up to ``max_batch_size`` items, runs ``predict`` once, and resolves each item's
 future. Items from different tasks (and so different jobs) share a batch.
 
-The batch waits up to ``max_delay_s`` to fill, but only while more items are known to be
-coming: a task announces its images with :meth:`reserve` before decoding them, so a lone
-one-image job is flushed as soon as its image arrives instead of sleeping out the delay.
+The batch waits up to ``max_delay_s`` to fill while more items are known to be coming: a task
+announces its images with :meth:`reserve` before decoding them, so a lone one-image job is
+flushed as soon as its image arrives instead of sleeping out the delay. With
+``adaptive_max_s``, it also waits for items nobody announced yet while the arrival rate says
+they are about to come (closed-loop clients); :mod:`batchvision.core.batch_policy` decides.
 
 The batch contract follows Ray Serve's batching module: a list in, a list of the same
 length out, checked at run time; if the call fails, every item of the batch gets the error.
@@ -23,7 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
+from batchvision.core.batch_policy import BatchPolicy, Forming
 from batchvision.core.errors import BatchError
+from batchvision.core.priorities import TIERS_DOWN, Tier, WeightedTurns, tier_weights
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -57,6 +61,7 @@ class DynamicBatcher(Generic[In, Out]):
         *,
         max_batch_size: int = 32,
         max_delay_s: float = 0.01,
+        adaptive_max_s: float = 0.0,
         on_batch: Callable[[BatchInfo], None] | None = None,
         on_submit: Callable[[Any], Any] | None = None,
         name: str = "batcher",
@@ -64,12 +69,14 @@ class DynamicBatcher(Generic[In, Out]):
         """``on_batch``: called in the model thread after each model call. ``on_submit``:
         called in the submitting thread with each item's tag, returns the tag the item keeps
         (what the submitting thread knows, e.g. its trace span, travels with the item into
-        :attr:`BatchInfo.tags`)."""
+        :attr:`BatchInfo.tags`). ``adaptive_max_s``: the longest wait for unannounced items
+        (0: none)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.policy = BatchPolicy(max_batch_size, max_delay_s, adaptive_max_s=adaptive_max_s)
         self._on_batch = on_batch
         self._on_submit = on_submit
         self._items: deque[_Item[In, Out]] = deque()
@@ -116,6 +123,7 @@ class DynamicBatcher(Generic[In, Out]):
                 slot.left -= 1
                 self._reserved -= 1
             item = _Item(value, tag, fut, time.monotonic(), urgent)
+            self.policy.arrived(item.enqueued)
             (self._urgent if urgent else self._items).append(item)
             self._cond.notify_all()
         return fut
@@ -135,17 +143,17 @@ class DynamicBatcher(Generic[In, Out]):
                 if self._closed:
                     return None
                 self._cond.wait()
-            # Wait (at most max_delay after the oldest item of the line that goes next) while
-            # more images are announced and the batch is not full: the images of a message
-            # still in decode join this batch instead of the next one. Nothing is announced for
-            # a lone image at idle, so it runs at once. Urgent items arriving end the wait of a
-            # bulk batch: they go next.
+            # Wait while the policy expects more items soon and the batch is not full: images
+            # announced (a message still in decode) for at most max_delay after the oldest item
+            # of the line that goes next; unannounced ones only while the arrival rate says
+            # they come within a share of the batch's own run time. A lone image at idle runs at
+            # once. Urgent items arriving end the wait of a bulk batch: they go next.
             urgent = bool(self._urgent)
-            line = self._urgent if urgent else self._items
-            deadline = line[0].enqueued + self.max_delay_s
-            while len(line) < self.max_batch_size and self._reserved > 0 and urgent == bool(self._urgent):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+            while not self._closed and urgent == bool(self._urgent):
+                line = self._urgent if urgent else self._items
+                now = time.monotonic()
+                left = self.policy.wait_s(Forming(now, line[0].enqueued, len(line), self._reserved))
+                if left <= 0:
                     break
                 self._cond.wait(left)
             if self._urgent:
@@ -170,6 +178,8 @@ class DynamicBatcher(Generic[In, Out]):
             else:
                 for item, out in zip(batch, outputs, strict=True):
                     item.future.set_result(out)
+            with self._cond:
+                self.policy.ran(len(batch), time.monotonic() - start)
             if self._on_batch is not None:
                 info = BatchInfo(
                     size=len(batch),
@@ -197,34 +207,41 @@ class Admission:
     """Bounds how many images a worker holds at once (decoded, or waiting for the model).
 
     A task asks for as many slots as it has images before it fetches or decodes anything;
-    ``urgent`` (interactive) requests are admitted before waiting bulk ones, each class in
-    arrival order. A request larger than the whole limit is admitted when nothing else is
-    held, so it never waits forever.
+    ``urgent`` (interactive) requests are admitted before waiting bulk ones, in arrival order.
+    Bulk requests wait in their priority tier; where several tiers wait, the tiers take weighted
+    turns (:class:`~batchvision.core.priorities.WeightedTurns`, ``ratio`` times the turns of the
+    tier below), each in arrival order, so a higher tier goes first and a lower one still moves.
+    A request larger than the whole limit is admitted when nothing else is held, so it never
+    waits forever.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, ratio: int = 3) -> None:
         if limit < 1:
             raise ValueError("limit must be >= 1")
         self.limit = limit
         self.held = 0
         self._cond = threading.Condition()
-        self._waiting: tuple[deque[object], deque[object]] = (deque(), deque())  # urgent, bulk
+        self._urgent: deque[object] = deque()
+        self._tiers: dict[Tier, deque[object]] = {t: deque() for t in TIERS_DOWN}
+        self._turns = WeightedTurns({t: tier_weights(ratio)[t] for t in TIERS_DOWN})
 
     def waiting(self) -> tuple[int, int]:
         """How many requests wait, ``(urgent, bulk)`` (tests, metrics)."""
         with self._cond:
-            return len(self._waiting[0]), len(self._waiting[1])
+            return len(self._urgent), sum(len(line) for line in self._tiers.values())
 
     @contextlib.contextmanager
-    def admit(self, n: int, urgent: bool = False) -> Iterator[None]:
-        """Hold ``n`` slots for the duration of the ``with`` block."""
+    def admit(self, n: int, urgent: bool = False, tier: Tier = Tier.NORMAL) -> Iterator[None]:
+        """Hold ``n`` slots for the duration of the ``with`` block (``tier``: of a bulk request)."""
         ticket = object()
-        line = self._waiting[0 if urgent else 1]
+        line = self._urgent if urgent else self._tiers[tier]
         with self._cond:
             line.append(ticket)
             try:
-                while not self._may_enter(ticket, urgent, n):
+                while not self._may_enter(ticket, n):
                     self._cond.wait()
+                if not urgent:
+                    self._turns.take(self._active(), used_by=tier)
             finally:
                 line.remove(ticket)
                 self._cond.notify_all()
@@ -236,7 +253,15 @@ class Admission:
                 self.held -= n
                 self._cond.notify_all()
 
-    def _may_enter(self, ticket: object, urgent: bool, n: int) -> bool:
-        urgent_line, bulk_line = self._waiting
-        first = urgent_line[0] is ticket if urgent else (not urgent_line and bulk_line[0] is ticket)
-        return first and (self.held == 0 or self.held + n <= self.limit)
+    def _active(self) -> list[Tier]:
+        return [t for t, line in self._tiers.items() if line]
+
+    def _next(self) -> object:
+        """The request whose turn it is: the first urgent one, else the first of the tier whose
+        turn it is."""
+        if self._urgent:
+            return self._urgent[0]
+        return self._tiers[self._turns.peek(self._active())][0]
+
+    def _may_enter(self, ticket: object, n: int) -> bool:
+        return self._next() is ticket and (self.held == 0 or self.held + n <= self.limit)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from batchvision.core.model_refs import MAX_TOP_K, REF_PATTERN
+from batchvision.core.priorities import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from batchvision.core.results import JobStatus
 
 #: A job id: 32 lowercase hex digits (a UUID4 without dashes).
@@ -109,6 +110,10 @@ class Job(Document):
     )
     top_k: int | None = Field(None, description="classes each result lists (at most the model's)")
     min_score: float | None = Field(None, description="classes scoring below it are left out of top_k")
+    priority: int = Field(
+        DEFAULT_PRIORITY,
+        description=f"{MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest): the job's priority",
+    )
     status_url: str
     results_url: str
     callback: CallbackState | None = Field(
@@ -309,6 +314,13 @@ class OptionsQuery(BaseModel):
         None,
         description="classes scoring below it are left out of top_k (0 to 1; default 0)",
         json_schema_extra={"minimum": 0, "maximum": 1},
+    )
+    priority: int | None = Field(
+        None,
+        description=f"{MIN_PRIORITY} (lowest) to {MAX_PRIORITY} (highest), default {DEFAULT_PRIORITY}: "
+        "bulk work of higher priorities is served first, in weighted turns that keep lower ones "
+        "moving; at most the API key's maximum (`priority_not_allowed`)",
+        json_schema_extra={"minimum": MIN_PRIORITY, "maximum": MAX_PRIORITY},
     )
 
 

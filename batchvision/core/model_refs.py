@@ -2,7 +2,8 @@
 
 Pure rules that the API (checking a submit), the workers (loading a repository) and the client
 share. A model name is also part of its queue names (``<QUEUE>.<model>``), so it allows no dots;
-``interactive`` is reserved (``<QUEUE>.interactive`` is the default model's interactive queue).
+``interactive``, ``high`` and ``low`` are reserved (``<QUEUE>.interactive`` is the default
+model's interactive queue, ``<QUEUE>.high`` and ``<QUEUE>.low`` its priority tiers).
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from pathlib import PurePath
 from typing import Any
 
 from batchvision.core.errors import BatchvisionError
+from batchvision.core.priorities import DEFAULT_PRIORITY, MAX_PRIORITY, check_priority
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
 #: ``name`` or ``name:version`` (versions are positive integers).
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(:[1-9][0-9]{0,8})?$"
 REF_RE = re.compile(REF_PATTERN)
-RESERVED_NAMES = frozenset({"interactive"})
+RESERVED_NAMES = frozenset({"interactive", "high", "low"})
 #: Most classes a result may list (``top_k``), whatever the model.
 MAX_TOP_K = 1000
 #: The keys of per-job options in the job hash.
-OPTION_FIELDS = ("model", "version", "top_k", "min_score")
+OPTION_FIELDS = ("model", "version", "top_k", "min_score", "priority")
 
 
 class InvalidOption(BatchvisionError):
@@ -87,12 +89,14 @@ class ModelRef:
 @dataclass(frozen=True)
 class JobOptions:
     """What a job asked for: its model (and a pinned version, else the live one), how many
-    classes each result lists, and the score below which a class is left out of ``top_k``."""
+    classes each result lists, the score below which a class is left out of ``top_k``, and its
+    priority (:mod:`batchvision.core.priorities`)."""
 
     model: str
     version: int | None = None
     top_k: int = 5
     min_score: float = 0.0
+    priority: int = DEFAULT_PRIORITY
 
     def to_hash(self) -> dict[str, str]:
         """The job-hash fields (``version`` empty: the live version at classification time)."""
@@ -101,6 +105,7 @@ class JobOptions:
             "version": "" if self.version is None else str(self.version),
             "top_k": str(self.top_k),
             "min_score": repr(self.min_score),
+            "priority": str(self.priority),
         }
 
     @classmethod
@@ -118,11 +123,13 @@ class JobOptions:
         version = text("version")
         top_k = text("top_k")
         min_score = text("min_score")
+        priority = text("priority")
         return cls(
             model=model,
             version=int(version) if version else None,
             top_k=int(top_k) if top_k else default_top_k,
             min_score=float(min_score) if min_score else 0.0,
+            priority=int(priority) if priority else DEFAULT_PRIORITY,
         )
 
 
@@ -145,9 +152,13 @@ def resolve_options(
     default_model: str,
     default_top_k: int,
     known: Mapping[str, ModelFacts],
+    priority: int | None = None,
+    max_priority: int = MAX_PRIORITY,
 ) -> JobOptions:
     """Check a submit's options against the known models; :class:`InvalidOption` (422) names
-    the option, the value and what is allowed.
+    the option, the value and what is allowed. ``priority``: the job's, at most
+    ``max_priority`` (the caller's API key's maximum): see
+    :func:`~batchvision.core.priorities.check_priority`.
 
     A model no worker has announced yet is refused, except the default model (the deployment's
     own, whose workers may still be starting): its options are checked against the general
@@ -180,7 +191,9 @@ def resolve_options(
     if min_score is not None and not (math.isfinite(min_score) and 0.0 <= min_score <= 1.0):
         raise _invalid("min_score", min_score, "0 to 1", f"min_score={min_score} is out of range")
     k = top_k if top_k is not None else min(default_top_k, limit)
-    return JobOptions(ref.name, ref.version, k, float(min_score or 0.0))
+    return JobOptions(
+        ref.name, ref.version, k, float(min_score or 0.0), check_priority(priority, max_priority)
+    )
 
 
 def _invalid(option: str, value: Any, allowed: Sequence[str] | str, why: str) -> InvalidOption:

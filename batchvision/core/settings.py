@@ -6,7 +6,9 @@ these fields (docs/reference/configuration.md).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
@@ -91,6 +93,12 @@ class Settings(BaseSettings):
     max_batch_delay_ms: Annotated[float, Field(ge=0, le=10_000)] = _field(
         10.0, "Longest a batch waits to fill when more images are on their way."
     )
+    adaptive_batch_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = _field(
+        50.0,
+        "Longest a batch waits for images nobody announced yet (closed-loop clients), while the "
+        "arrival rate says they are about to come; at most half the model's time for the batch. "
+        "0: never.",
+    )
     chunk_size: Annotated[int, Field(ge=1, le=10_000)] = _field(
         16, "Images per Celery task; a job is split into such chunks."
     )
@@ -118,10 +126,35 @@ class Settings(BaseSettings):
         "Celery message (an idle service sends at once; 0: one message per request).",
     )
     intra_op_threads: Annotated[int, Field(ge=0, le=1024)] = _field(
-        0, "TensorFlow intra-op threads (0: TensorFlow's default)."
+        0, "TensorFlow (and ONNX Runtime) intra-op threads (0: their default; not used by `jax`)."
     )
     inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = _field(
-        0, "TensorFlow inter-op threads (0: TensorFlow's default)."
+        0, "TensorFlow inter-op threads (0: TensorFlow's default; not used by `jax`)."
+    )
+    # -- the model runtime: Keras backend, precision, compilation, GPU --------------------
+    keras_backend: Literal["tensorflow", "jax"] = _field(
+        "tensorflow",
+        "The Keras 3 backend a worker runs Keras models on: `tensorflow`, or `jax` (the `jax` "
+        "install extra; TensorFlow is then not imported for inference, though a SavedModel "
+        "directory still needs `tensorflow`). Chosen once per worker process, before Keras is imported.",
+    )
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = _field(
+        "float32",
+        "Keras models compute in `float32`, or in float16 / bfloat16 with float32 weights "
+        "(`mixed_float16` for GPUs with tensor cores, `mixed_bfloat16` for recent GPUs and CPUs); "
+        "the last layer stays `float32`. Scores then differ from `float32` by about 0.003 (float16) "
+        "to 0.04 (bfloat16) on the demo models; the labels stayed the same.",
+    )
+    xla: bool = _field(
+        False,
+        "Compile each Keras model with XLA on the `tensorflow` backend (`jit_compile`): one compile "
+        "per padded batch size at warm-up. The `jax` backend always compiles with XLA.",
+    )
+    gpu: Annotated[str, Field(pattern=r"^(|[0-9]{1,3}|(GPU|MIG)-[0-9A-Za-z/-]{1,120})$")] = _field(
+        "",
+        "The GPU a worker runs on, an index or a `GPU-<uuid>` as `CUDA_VISIBLE_DEVICES` takes it "
+        "(`batchvision worker --gpu N` sets it): the worker stops at start when that GPU is not "
+        "visible or its models would run on the CPU. Empty: whatever the process sees.",
     )
     task_time_limit_s: Annotated[int, Field(ge=1)] = _field(
         600,
@@ -196,6 +229,25 @@ class Settings(BaseSettings):
     )
     max_queued_bytes_per_key: Annotated[int, Field(ge=0, le=1 << 50)] = _field(
         0, "Bytes of uploads one API key may have waiting; more get `429` (0: no limit)."
+    )
+    # -- per-job priorities (batchvision.core.priorities) ------------------------------
+    max_priority: Annotated[int, Field(ge=0, le=9)] = _field(
+        9,
+        "Highest `priority` (0 to 9) a job may ask for, for API keys not listed in "
+        "`KEY_MAX_PRIORITY`; above it: `422 priority_not_allowed`. A job that names no priority "
+        "gets 5, or this maximum if it is lower. On a shared service set it to 5 (callers may "
+        "only lower their own work) and raise it for some keys.",
+    )
+    key_max_priority: SecretStr = _field(
+        "",
+        "Per-key maximum priority, comma-separated `KEY=MAX` (the key, or its SHA-256 hex digest "
+        "as in `API_KEYS`); it overrides `MAX_PRIORITY` for that key.",
+    )
+    priority_ratio: Annotated[int, Field(ge=1, le=100)] = _field(
+        3,
+        "Where bulk work of several priority tiers waits (low 0-3, normal 4-6, high 7-9), each "
+        "tier gets this many times the turns of the tier below (3: of every 13 chunks, 9 high, "
+        "3 normal, 1 low), so lower priorities slow down but never stop; 1: equal turns.",
     )
     rate_limit_per_minute: Annotated[int, Field(ge=0)] = _field(
         0, "Requests per minute per API key, shared by all API replicas through Redis (0: off)."
@@ -344,6 +396,25 @@ class Settings(BaseSettings):
             raise ValueError("must be `redis` or a file:///directory URL")
         return value
 
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, value: str) -> str:
+        # The suffixes name a model's interactive queue and its priority tiers.
+        if value.endswith((".interactive", ".high", ".low")):
+            raise ValueError("must not end with .interactive, .high or .low (the names of its lanes)")
+        return value
+
+    @field_validator("key_max_priority")
+    @classmethod
+    def _key_max_priority(cls, value: SecretStr) -> SecretStr:
+        key_max_priorities(value.get_secret_value())  # raises ValueError saying what is wrong
+        return value
+
+    def max_priority_of(self, owner: str) -> int:
+        """The highest priority the API key ``owner`` (:func:`owner_of`) may ask for."""
+        limits = key_max_priorities(self.key_max_priority.get_secret_value())
+        return limits.get(owner, self.max_priority)
+
     @model_validator(mode="after")
     def _quotas(self) -> Self:
         # A key's share of the queue above the whole queue would never bind: a typo, not a choice.
@@ -415,6 +486,36 @@ class Settings(BaseSettings):
         return out
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+#: Hex digits of a key's SHA-256 digest that name its owner (jobs, quotas, limits).
+OWNER_CHARS = 16
+
+
+def key_digest(entry: str) -> str:
+    """The SHA-256 hex digest of a configured key (an entry of 64 hex digits is one already)."""
+    return entry if _HEX64.fullmatch(entry) else hashlib.sha256(entry.encode()).hexdigest()
+
+
+def owner_of(digest: str) -> str:
+    """The owner id of an API key with SHA-256 hex ``digest``: what its jobs are stored under."""
+    return digest[:OWNER_CHARS]
+
+
+def key_max_priorities(raw: str) -> dict[str, int]:
+    """``KEY=MAX,...`` (``BATCHVISION_KEY_MAX_PRIORITY``) as ``{owner id: max}``; ``ValueError``
+    naming the entry when one is not ``KEY=MAX`` with ``MAX`` 0 to 9. (The message never
+    shows a key.)"""
+    out = {}
+    for n, item in enumerate((i.strip() for i in raw.split(",")), start=1):
+        if not item:
+            continue
+        key, sep, value = item.rpartition("=")
+        if not sep or not key.strip() or not value.strip().isdigit() or not 0 <= int(value) <= 9:
+            raise ValueError(f"entry {n} must be KEY=MAX with MAX from 0 to 9")
+        out[owner_of(key_digest(key.strip()))] = int(value)
+    return out
+
+
 class SettingsError(ValueError):
     """Bad configuration: names every offending variable, its value and what is allowed."""
 
@@ -436,7 +537,7 @@ class SettingsError(ValueError):
 
 
 #: Fields whose values are never shown.
-SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys")
+SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys", "key_max_priority")
 
 
 def _mask_url(url: Any) -> Any:

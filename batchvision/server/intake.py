@@ -173,10 +173,19 @@ class Intake:
         self.quotas.admit(owner, images, nbytes)
 
     def options(
-        self, model: str | None = None, top_k: int | None = None, min_score: float | None = None
+        self,
+        model: str | None = None,
+        top_k: int | None = None,
+        min_score: float | None = None,
+        *,
+        priority: int | None = None,
+        owner: str = "",
     ) -> JobOptions:
-        """A job's options checked against the models the workers announced:
-        :class:`~batchvision.core.model_refs.InvalidOption` (422) names what is wrong."""
+        """A job's options checked against the models the workers announced, and its
+        ``priority`` against the range and ``owner``'s maximum
+        (``BATCHVISION_MAX_PRIORITY``, ``BATCHVISION_KEY_MAX_PRIORITY``): a ``422`` names what
+        is wrong (:class:`~batchvision.core.model_refs.InvalidOption`,
+        :class:`~batchvision.core.priorities.PriorityNotAllowed`)."""
         return resolve_options(
             model=model,
             top_k=top_k,
@@ -184,6 +193,8 @@ class Intake:
             default_model=default_model(self.settings),
             default_top_k=self.settings.top_k,
             known=self.models.facts() if self.models is not None else {},
+            priority=priority,
+            max_priority=self.settings.max_priority_of(owner),
         )
 
     def new_job(
@@ -348,7 +359,7 @@ class Intake:
 
         commit(self.redis, claim, job_id, writes)
         failpoints.after_store()
-        self.enqueuer.send(chunks, now, interactive, model=opts.model)
+        self.enqueuer.send(chunks, now, interactive, model=opts.model, priority=opts.priority)
         return Submitted(job_id, len(blobs), len(blobs), tuple(rejected))
 
     def _add(
@@ -388,7 +399,8 @@ class Intake:
             pipe = self.redis.pipeline(transaction=False)
             ledger_add(pipe, chunks, now)
             pipe.execute()
-            self.enqueuer.send(chunks, now, interactive, model=self.store.model_of(job_id))
+            routing = self.store.routing_of(job_id)
+            self.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Submitted(
             job_id, len(blobs) - len(redo & blobs.keys()), len(blobs), tuple(rejected), duplicates
         )

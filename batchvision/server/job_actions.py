@@ -92,7 +92,8 @@ def retry(intake: Intake, job_id: str) -> Retry:
             except redis.WatchError:
                 continue  # the job changed meanwhile: read it again
         interactive = requeued <= intake.settings.interactive_max_images
-        intake.enqueuer.send(chunks, now, interactive, model=store.model_of(job_id))
+        routing = store.routing_of(job_id)  # the job's model and priority, as when it was made
+        intake.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Retry(requeued, gone)
     raise Conflict(f"job {job_id} kept changing during the retry; try again", code="job_running")
 

@@ -3,7 +3,12 @@ of a classify message, with the one codec that writes and reads it.
 
 A message body is Celery's ``args``; version 2 is one JSON object::
 
-    [{"v": 2, "chunks": [["<job id>", [0, 1, 2]], ...], "enqueued_at": 1.5, "interactive": false}]
+    [{"v": 2, "chunks": [["<job id>", [0, 1, 2]], ...], "enqueued_at": 1.5, "interactive": false,
+      "priority": 5}]
+
+``priority`` (0 to 9, :mod:`batchvision.core.priorities`) was added to version 2 without a new
+version: a body without it (an older API) has the default priority, and an older worker reads
+the body and ignores the field.
 
 Version 1 (written by APIs before the version field existed) is the positional list
 ``[[["<job id>", [0, 1, 2]], ...], enqueued_at, interactive]``; it is still read. A body of any
@@ -17,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from batchvision.core.priorities import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 
 #: The version :meth:`ClassifyMessage.to_args` writes.
 MESSAGE_VERSION = 2
@@ -62,11 +69,13 @@ def split(job_id: str, indexes: Sequence[int], size: int) -> list[Chunk]:
 @dataclass(frozen=True)
 class ClassifyMessage:
     """The body of one classify message: its chunks (all of one model), when the first of
-    them was queued, and whether they are interactive (served first)."""
+    them was queued, whether they are interactive (served first), and their priority (the
+    highest of their jobs')."""
 
     chunks: tuple[Chunk, ...]
     enqueued_at: float | None = None
     interactive: bool = False
+    priority: int = DEFAULT_PRIORITY
 
     @property
     def images(self) -> int:
@@ -85,6 +94,7 @@ class ClassifyMessage:
                 "chunks": [[c.job_id, list(c.indexes)] for c in self.chunks],
                 "enqueued_at": self.enqueued_at,
                 "interactive": self.interactive,
+                "priority": self.priority,
             }
         ]
 
@@ -111,7 +121,12 @@ class ClassifyMessage:
                 f"(it reads versions {readable}); upgrade the workers"
             )
         at = body.get("enqueued_at")
-        return cls(_chunks(body["chunks"]), None if at is None else float(at), bool(body.get("interactive")))
+        return cls(
+            _chunks(body["chunks"]),
+            None if at is None else float(at),
+            bool(body.get("interactive")),
+            _priority(body.get("priority", DEFAULT_PRIORITY)),
+        )
 
     @classmethod
     def _v1(cls, args: list[Any], kwargs: dict[str, Any]) -> ClassifyMessage:
@@ -122,6 +137,12 @@ class ClassifyMessage:
         return cls(
             _chunks(values["chunks"]), None if at is None else float(at), bool(values.get("interactive"))
         )
+
+
+def _priority(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not MIN_PRIORITY <= raw <= MAX_PRIORITY:
+        raise MessageError(f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, not {raw!r}")
+    return raw
 
 
 def _chunks(raw: Any) -> tuple[Chunk, ...]:

@@ -26,6 +26,7 @@ from batchvision.core.batching import Admission
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import decode_image
 from batchvision.core.model_refs import JobOptions
+from batchvision.core.priorities import tier_of
 from batchvision.core.results import ImageResult, canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
@@ -62,6 +63,8 @@ class ProcessorLimits:
     fetch_threads: int = 16
     #: URL fetches of one API key at the same time (the keys take turns for the threads).
     fetch_per_key: int = 4
+    #: Turns of a priority tier per turn of the tier below (see :class:`Admission`).
+    priority_ratio: int = 3
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProcessorLimits:
@@ -74,6 +77,7 @@ class ProcessorLimits:
             decode_threads=settings.decode_threads or len(os.sched_getaffinity(0)),
             fetch_threads=settings.fetch_threads,
             fetch_per_key=settings.fetch_per_key,
+            priority_ratio=settings.priority_ratio,
         )
 
 
@@ -108,8 +112,8 @@ class _Outcome:
 class ChunkProcessor:
     """Classifies messages of chunks, each image in the lane of its job's model.
 
-    ``hand_on(chunk, model, urgent)``: where a chunk of a model this worker does not serve
-    goes (its model's queues). ``on_recorded(counts, model)``: results newly stored (metrics).
+    ``hand_on(chunk, model, urgent, priority)``: where a chunk of a model this worker does not
+    serve goes (its model's queues). ``on_recorded(counts, model)``: results newly stored (metrics).
     """
 
     store: JobStore
@@ -119,7 +123,7 @@ class ChunkProcessor:
     default_model: str
     limits: ProcessorLimits = field(default_factory=ProcessorLimits)
     fetcher: Fetcher | None = None
-    hand_on: Callable[[Chunk, str, bool], None] | None = None
+    hand_on: Callable[[Chunk, str, bool, int], None] | None = None
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts, str], None] | None = None
     _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -128,7 +132,7 @@ class ChunkProcessor:
     _fetch_pool: FairPool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._admission = Admission(max(1, self.limits.max_inflight_images))
+        self._admission = Admission(max(1, self.limits.max_inflight_images), self.limits.priority_ratio)
         self._decoder = ThreadPoolExecutor(max(1, self.limits.decode_threads), thread_name_prefix="decode")
         self._fetch_pool = FairPool(self.limits.fetch_threads, self.limits.fetch_per_key)
 
@@ -145,7 +149,7 @@ class ChunkProcessor:
         Raises :class:`redis.exceptions.OutOfMemoryError` (among Redis' errors) when Redis
         refused to store results: nothing of the refused chunks was deleted, so a retry, or
         the sweeper, finishes them."""
-        with self._admission.admit(message.images, message.interactive):
+        with self._admission.admit(message.images, message.interactive, tier_of(message.priority)):
             return self._process(message, retries)
 
     def _process(self, message: ClassifyMessage, retries: int) -> ChunkStats:
@@ -180,7 +184,7 @@ class ChunkProcessor:
                 outcome.results = {i: error_result(route.code, route.message) for i in claim.todo}
                 done.append(outcome)
             elif route is None:  # a model this worker does not serve: to its own queues
-                self._hand_on(chunk, outcome.model, urgent)
+                self._hand_on(chunk, outcome.model, urgent, options.priority)
             elif self._first_delivery(claim, retries):
                 done.append(outcome)
                 fresh.append((outcome, claim.todo, route))
@@ -210,7 +214,7 @@ class ChunkProcessor:
             return exc
         return None if lane is None else (lane, options)
 
-    def _hand_on(self, chunk: Chunk, model: str, urgent: bool) -> None:
+    def _hand_on(self, chunk: Chunk, model: str, urgent: bool, priority: int) -> None:
         # The chunk reached a worker of another model (the default model changed while it
         # waited, or the sweeper re-sent it): this was no delivery, and it stays in the ledger.
         log.warning(
@@ -219,7 +223,7 @@ class ChunkProcessor:
         self.claims.unclaim(chunk)
         if self.hand_on is None:
             raise BatchvisionError(f"no worker here serves model {model!r}", code="model_not_served")
-        self.hand_on(chunk, model, urgent)
+        self.hand_on(chunk, model, urgent, priority)
 
     @staticmethod
     def _first_delivery(claim: Claim, retries: int) -> bool:

@@ -19,12 +19,13 @@ from celery.app.amqp import Queues
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 
+from batchvision.core.priorities import DEFAULT_PRIORITY, Tier
 from batchvision.core.settings import Settings
-from batchvision.server import tracing
+from batchvision.server import tracing, turns
 from batchvision.server.coalescer import Coalescer
 from batchvision.server.connect import SOCKET_TIMEOUT_S
 from batchvision.server.messages import Chunk, ClassifyMessage
-from batchvision.server.routing import default_model, interactive_queue, queue_for
+from batchvision.server.routing import bulk_queue, default_model, interactive_queue, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,14 @@ def task_queue(settings: Settings, name: str) -> Queue:
 
 
 def amqp_queues(settings: Settings) -> list[Queue]:
-    """The task queues every app knows up front (interactive first); any other queue name it
-    meets (another model's) gets the same declaration, see :class:`_TaskQueues`."""
-    return [task_queue(settings, name) for name in (interactive_queue(settings), settings.queue)]
+    """The task queues every app knows up front (interactive first, then the priority tiers);
+    any other queue name it meets (another model's) gets the same declaration, see
+    :class:`_TaskQueues`."""
+    names = (
+        interactive_queue(settings),
+        *(bulk_queue(settings, tier=t) for t in (Tier.HIGH, Tier.NORMAL, Tier.LOW)),
+    )
+    return [task_queue(settings, name) for name in names]
 
 
 class _TaskQueues(Queues):  # type: ignore[misc, unused-ignore]
@@ -201,8 +207,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
             # Take from the queues in the order the worker lists them (interactive first),
-            # not round-robin: a free worker thread always picks a waiting small job.
-            "queue_order_strategy": "priority",
+            # not round-robin: a free worker thread always picks a waiting small job. The bulk
+            # queues of the priority tiers follow in weighted turns (batchvision.server.turns).
+            "queue_order_strategy": turns.cycle_name(settings.priority_ratio),
             # A worker killed while it holds the restore lock would block every other
             # worker's sweep for the lock's lifetime (kombu's default: 300 s).
             "unacked_mutex_expire": max(5, min(60, settings.visibility_timeout_s // 2)),
@@ -268,17 +275,19 @@ def publish(
     producer: Any = None,
     contexts: Sequence[Any] = (),
     model: str | None = None,
+    priority: int = DEFAULT_PRIORITY,
 ) -> None:
     """Publish one classify message carrying ``items`` by task name (the API never imports
     the task). Each chunk must already be in the chunk ledger (:mod:`~batchvision.server.recovery`).
 
     ``contexts``: the trace context of each item's request, when another thread publishes.
     ``model``: the items' model (all of one model), whose queues the message goes to
-    (:mod:`~batchvision.server.routing`; ``None``: the default model)."""
+    (:mod:`~batchvision.server.routing`; ``None``: the default model); ``priority``: the
+    items' (a bulk message goes to the queue of its tier)."""
     # -- tracing and logs: the message's headers carry the enqueue span's context.
-    queue = queue_for(settings, model, interactive)
+    queue = queue_for(settings, model, interactive, priority)
     task_id = str(uuid.uuid4())
-    message = ClassifyMessage(tuple(items), enqueued_at, interactive)
+    message = ClassifyMessage(tuple(items), enqueued_at, interactive, priority)
     jobs = [c.job_id for c in items]
     images = message.images
     with tracing.enqueue(jobs, images, queue, task_id, contexts) as headers:
@@ -312,13 +321,13 @@ class Enqueuer:
         self.app = app
         self.settings = settings
         self._lock = threading.Lock()
-        self._coalescers: dict[str, Coalescer[tuple[Chunk, float, Any]]] = {}
+        self._coalescers: dict[str, Coalescer[tuple[Chunk, float, Any, int]]] = {}
         self.coalescer = self._coalescer(default_model(settings))  # the default model's
 
-    def _coalescer(self, model: str) -> Coalescer[tuple[Chunk, float, Any]]:
+    def _coalescer(self, model: str) -> Coalescer[tuple[Chunk, float, Any, int]]:
         with self._lock:
             if model not in self._coalescers:
-                # Items: (chunk, enqueued_at, the request's trace context or None).
+                # Items: (chunk, enqueued_at, the request's trace context or None, priority).
                 self._coalescers[model] = Coalescer(
                     functools.partial(self._send_interactive, model),
                     max_weight=self.settings.max_batch_size,
@@ -329,26 +338,43 @@ class Enqueuer:
             return self._coalescers[model]
 
     def send(
-        self, chunks: Sequence[Chunk], enqueued_at: float, interactive: bool, model: str | None = None
+        self,
+        chunks: Sequence[Chunk],
+        enqueued_at: float,
+        interactive: bool,
+        model: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> None:
-        """Publish ``chunks`` (already in the ledger) to ``model``'s queues (``None``: the default
-        model's); returns once they are on the queue."""
+        """Publish ``chunks`` (already in the ledger, of a job of ``priority``) to ``model``'s
+        queues (``None``: the default model's); returns once they are on the queue."""
         if interactive and self.settings.enqueue_linger_ms > 0:
             # Bounded like a publish: a broker that is down gives the caller an error, not a hang.
             context = tracing.capture()  # the coalescer's thread publishes: hand it over
             coalescer = self._coalescer(model or default_model(self.settings))
             try:
-                coalescer.submit_many([(c, enqueued_at, context) for c in chunks], timeout_s=30.0)
+                coalescer.submit_many([(c, enqueued_at, context, priority) for c in chunks], timeout_s=30.0)
             except TimeoutError as exc:
                 # The broker's failure, like a failed publish: a 503, not a 500.
                 raise OperationalError(f"the broker did not take the task in time: {exc}") from exc
             return
         with self.app.producer_or_acquire() as producer:
             for chunk in chunks:
-                publish(self.app, self.settings, [chunk], enqueued_at, interactive, producer, model=model)
+                publish(
+                    self.app,
+                    self.settings,
+                    [chunk],
+                    enqueued_at,
+                    interactive,
+                    producer,
+                    model=model,
+                    priority=priority,
+                )
 
-    def _send_interactive(self, model: str, items: list[tuple[Chunk, float, Any]]) -> None:
-        chunks = [c for c, _, _ in items]
-        contexts = [x for _, _, x in items]
-        first = min(t for _, t, _ in items)
-        publish(self.app, self.settings, chunks, first, True, contexts=contexts, model=model)
+    def _send_interactive(self, model: str, items: list[tuple[Chunk, float, Any, int]]) -> None:
+        chunks = [c for c, _, _, _ in items]
+        contexts = [x for _, _, x, _ in items]
+        first = min(t for _, t, _, _ in items)
+        priority = max(p for _, _, _, p in items)
+        publish(
+            self.app, self.settings, chunks, first, True, contexts=contexts, model=model, priority=priority
+        )

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from batchvision.core.model_refs import NAME_RE as MODEL_NAME_RE
+from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import (
     Failure,
     ImageResult,
@@ -30,6 +31,15 @@ from batchvision.server import keys, lua
 from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.webhooks import callback_document
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a job's chunks are queued: its model's queues (``None``: the default model's),
+    the tier of its priority."""
+
+    model: str | None
+    priority: int = DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
         "model_version": int(h["version"]) if h.get("version") else None,
         "top_k": int(h["top_k"]) if h.get("top_k") else None,
         "min_score": float(h["min_score"]) if h.get("min_score") else None,
+        "priority": int(h["priority"]) if h.get("priority") else DEFAULT_PRIORITY,
         "owner": h.get("owner", ""),
         "callback": callback_document(h),
     }
@@ -314,9 +325,17 @@ class JobStore:
 
     def model_of(self, job_id: str) -> str | None:
         """The job's model name (``None``: unknown job, or one from before models had names)."""
-        raw = self.redis.hget(JobKeys.of(job_id).job, "model")
-        name = _text(raw) if raw else ""
-        return name if MODEL_NAME_RE.match(name) else None
+        return self.routing_of(job_id).model
+
+    def routing_of(self, job_id: str) -> Routing:
+        """Where the job's chunks go: its model (``None``: unknown job, or one from before
+        models had names) and priority (the default for a job from before priorities)."""
+        raw_model, raw_priority = self.redis.hmget(JobKeys.of(job_id).job, ["model", "priority"])
+        name = _text(raw_model) if raw_model else ""
+        return Routing(
+            name if MODEL_NAME_RE.match(name) else None,
+            int(raw_priority) if raw_priority else DEFAULT_PRIORITY,
+        )
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(JobKeys.of(job_id).job))

@@ -6,6 +6,11 @@ delivers at most once and only while subscribed, so a waiter never trusts it alo
 the job itself when it starts waiting (the job may already be done) and again every
 ``recheck_s`` (a message lost while the listener reconnected costs at most that long).
 
+The first check is skipped for a job whose wait began (:meth:`Waiter.mark`) before the job was
+created, while the listener has stayed subscribed since before that mark: every finish of such
+a job is then either among the ids the listener heard in the last :data:`RECENT_S` seconds, or
+still to come and wakes the waiter. That saves a Redis round trip per ``POST /v1/classify``.
+
 Under gunicorn's gevent workers the listener and the waiters are greenlets: thousands of
 clients can wait in ``POST /v1/classify`` at the cost of a dictionary entry each.
 """
@@ -23,6 +28,11 @@ from batchvision.server import keys
 
 log = logging.getLogger(__name__)
 
+#: How long the listener remembers a finished job id (a wait marked longer ago asks Redis).
+RECENT_S = 30.0
+#: ... and at most this many ids.
+RECENT_MAX = 100_000
+
 
 class Waiter:
     """Per-process registry of jobs being waited on, fed by one pub/sub listener."""
@@ -39,31 +49,59 @@ class Waiter:
         self._subscribed = threading.Event()
         self._closed = threading.Event()
         self.subscriptions = 0  # how many times the listener (re)subscribed (tests, logs)
+        self.checks = 0  # how many times a wait asked Redis (tests)
+        #: job id -> when the listener heard it finish, oldest first
+        self._recent: dict[str, float] = {}
+        #: since when every finish published is in ``_recent`` (None: not subscribed)
+        self._complete_since: float | None = None
 
-    def wait(self, job_id: str, timeout_s: float) -> bool:
-        """Block until ``job_id`` finishes or ``timeout_s`` passes; True if it finished."""
+    def mark(self) -> float:
+        """The start of a wait for a job about to be created: pass it to :meth:`wait` as
+        ``since``, so the wait need not ask Redis whether the job already finished."""
+        self._ensure_listener()
+        return time.monotonic()
+
+    def wait(self, job_id: str, timeout_s: float, since: float | None = None) -> bool:
+        """Block until ``job_id`` finishes or ``timeout_s`` passes; True if it finished.
+
+        ``since``: a :meth:`mark` taken before the job was created."""
         self._ensure_listener()
         event = threading.Event()
         with self._lock:
             self._events.setdefault(job_id, []).append(event)
+            heard = job_id in self._recent
+            complete = self._complete_since
+        if heard:
+            return self._done(job_id, event)
+        # Every finish since the mark was heard, or is still to come and sets the event.
+        trusted = since is not None and complete is not None and complete <= since
         try:
             deadline = time.monotonic() + timeout_s
             while True:
                 # Registered before the check: a finish published from now on sets the event.
-                if self.is_finished(job_id):
+                if not trusted and self._check(job_id):
                     return True
+                trusted = False  # a re-check asks Redis: a message may have been lost since
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 if event.wait(min(left, self.recheck_s)):
                     return True  # the finish was announced: no need to ask Redis again
         finally:
-            with self._lock:
-                waiters = self._events.get(job_id, [])
-                if event in waiters:
-                    waiters.remove(event)
-                if not waiters:
-                    self._events.pop(job_id, None)
+            self._done(job_id, event)
+
+    def _check(self, job_id: str) -> bool:
+        self.checks += 1
+        return self.is_finished(job_id)
+
+    def _done(self, job_id: str, event: threading.Event) -> bool:
+        with self._lock:
+            waiters = self._events.get(job_id, [])
+            if event in waiters:
+                waiters.remove(event)
+            if not waiters:
+                self._events.pop(job_id, None)
+        return True
 
     def waiting(self) -> int:
         """How many waits are in progress (for tests and metrics)."""
@@ -85,26 +123,46 @@ class Waiter:
     def _listen(self) -> None:
         backoff = 0.05
         while not self._closed.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
+            pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(keys.FINISHED)
-                self.subscriptions += 1
-                self._subscribed.set()
                 backoff = 0.05
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "message":
+                    if msg is None:
+                        continue
+                    if msg.get("type") == "message":
                         data = msg["data"]
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                    elif msg.get("type") == "subscribe":
+                        # Confirmed: Redis delivers every publish from now on.
+                        with self._lock:
+                            self._recent.clear()
+                            self._complete_since = time.monotonic()
+                        self.subscriptions += 1
+                        self._subscribed.set()
             except Exception as exc:  # noqa: BLE001 - Redis restarts: resubscribe, waiters re-check
                 log.warning("job waiter lost its subscription (%s); resubscribing", exc)
                 self._closed.wait(backoff)
                 backoff = min(2.0, backoff * 2)
             finally:
+                with self._lock:
+                    self._complete_since = None
                 pubsub.close()
 
     def _wake(self, job_id: str) -> None:
+        now = time.monotonic()
         with self._lock:
             waiters = list(self._events.get(job_id, ()))
+            recent = self._recent
+            recent.pop(job_id, None)
+            recent[job_id] = now
+            while recent:
+                oldest, at = next(iter(recent.items()))
+                if at > now - RECENT_S and len(recent) <= RECENT_MAX:
+                    break
+                del recent[oldest]
+                if self._complete_since is not None:  # a wait marked before this asks Redis
+                    self._complete_since = max(self._complete_since, at)
         for event in waiters:
             event.set()

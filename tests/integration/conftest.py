@@ -356,7 +356,7 @@ def processor_rig(client: redis_lib.Redis, **limits: Any) -> Iterator[ProcessorR
         lanes=lanes,
         default_model="colours",
         limits=ProcessorLimits(**{"top_k": 2, "max_attempts": 2, "model_timeout_s": 30.0, **limits}),
-        hand_on=lambda chunk, model, urgent: handed.append((chunk, model, urgent)),
+        hand_on=lambda chunk, model, urgent, priority: handed.append((chunk, model, urgent)),
         on_recorded=lambda counts, model: recorded.append((counts, model)),
     )
     yield ProcessorRig(client, store, claims, blobs, processor, batches, recorded, handed)

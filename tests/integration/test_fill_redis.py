@@ -123,7 +123,6 @@ def test_an_upload_three_times_redis_memory_waits_and_resumes_and_loses_nothing(
     before = {status: _responses(api, status) for status in ("429", "500", "503")}
     r = stack_redis
     r.delete(keys.BATCH_LOG)
-    victim = stack.worker()
     env = {**os.environ, "BATCHVISION_API_URL": api}
     log = (tmp_path / "submit.log").open("w")
     proc = subprocess.Popen(
@@ -135,6 +134,10 @@ def test_an_upload_three_times_redis_memory_waits_and_resumes_and_loses_nothing(
         text=True,
     )
     try:
+        # No worker drains the queue until the budget has held an upload back: the 429 happens
+        # whatever the machine's speed, not only when the CLI uploads faster than the model.
+        wait_until(lambda: _responses(api, "429") > before["429"], timeout=300, interval=0.2, message="a 429")
+        victim = stack.worker()
         if kill_worker:
             wait_until(
                 lambda: r.llen(keys.BATCH_LOG) >= 3,
@@ -148,7 +151,7 @@ def test_an_upload_three_times_redis_memory_waits_and_resumes_and_loses_nothing(
             assert proc.poll() is None  # really mid-upload
             stack.workers.remove(victim)
             stack.worker()  # a fresh worker takes over what the killed one held
-        assert proc.wait(timeout=300) == 0, (tmp_path / "submit.log").read_text()[-3000:]
+        assert proc.wait(timeout=600) == 0, (tmp_path / "submit.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,6 +19,7 @@ import redis as redis_lib
 import requests
 
 from batchvision.core.errors import Conflict
+from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import job_actions, keys
@@ -37,10 +38,17 @@ class SentChunks:
     """What the intake publishes, recorded instead of sent (the rig processes it)."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[tuple[Chunk, ...], bool, str | None]] = []
+        self.sent: list[tuple[tuple[Chunk, ...], bool, str | None, int]] = []
 
-    def send(self, chunks: Sequence[Chunk], now: float, interactive: bool, model: str | None = None) -> None:
-        self.sent.append((tuple(chunks), interactive, model))
+    def send(
+        self,
+        chunks: Sequence[Chunk],
+        now: float,
+        interactive: bool,
+        model: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> None:
+        self.sent.append((tuple(chunks), interactive, model, priority))
 
 
 @pytest.fixture()
@@ -91,7 +99,7 @@ def test_a_retry_requeues_retryable_errors_exactly_once_even_when_retries_race(
     assert [d.requeued for d in done if d.requeued] == [1], outcomes
     assert all(o == "job_running" for o in outcomes if not isinstance(o, job_actions.Retry)), outcomes
     sent = intake.enqueuer.sent  # type: ignore[attr-defined]
-    assert sent == [((Chunk.of(JOB, [0]),), True, "colours")]
+    assert sent == [((Chunk.of(JOB, [0]),), True, "colours", DEFAULT_PRIORITY)]
     job = rig.store.get(JOB)
     assert (job["status"], job["done"], job["failed"], job["finished_at"]) == ("running", 2, 1, None)
     assert int(rig.r.get(keys.PENDING)) == 1

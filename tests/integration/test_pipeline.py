@@ -24,7 +24,7 @@ from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 
 
-def _wait(api_url: str, job_id: str, timeout: float = 120) -> Job:
+def _wait(api_url: str, job_id: str, timeout: float = 600) -> Job:
     return Client(api_url).wait(job_id, timeout=timeout, poll_s=0.2)
 
 

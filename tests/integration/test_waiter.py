@@ -111,3 +111,39 @@ def test_the_listener_resubscribes_after_its_connection_is_cut(
     t.join(30)
     assert out == [True]
     waiter.close()
+
+
+def test_a_wait_marked_before_the_job_existed_asks_redis_nothing(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    # Finished between the mark and the wait: the listener heard it.
+    since = waiter.mark()
+    early = one_image_job(store)
+    finish(store, early)
+    wait_until(lambda: early in waiter._recent)
+    assert waiter.wait(early, timeout_s=30.0, since=since) is True
+    # Finishing during the wait: the announcement alone ends it.
+    since = waiter.mark()
+    late = one_image_job(store)
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(waiter.wait(late, timeout_s=30.0, since=since)))
+    t.start()
+    wait_until(lambda: waiter.waiting() == 1)
+    finish(store, late)
+    t.join(30)
+    assert out == [True]
+    assert waiter.checks == 0
+    waiter.close()
+
+
+def test_a_wait_marked_before_the_subscription_asks_redis(client: redis_lib.Redis) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    since = time.monotonic()  # before the listener subscribed: it may have missed the finish
+    job_id = one_image_job(store)
+    finish(store, job_id)
+    assert waiter.wait(job_id, timeout_s=5.0, since=since) is True
+    assert waiter.checks == 1
+    waiter.close()

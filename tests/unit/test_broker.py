@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from kombu.utils.scheduling import cycle_by_name
 
 from batchvision.cli.local import local_broker
 from batchvision.core.settings import Settings, SettingsError
@@ -51,7 +52,15 @@ def test_a_bad_broker_url_is_refused_naming_the_variable(value: str, says: str) 
 def test_redis_keeps_its_configuration() -> None:
     config = celery_config(Settings.from_env({}))
     assert config["broker_url"].startswith("redis://")
-    assert config["broker_transport_options"]["queue_order_strategy"] == "priority"
+    # kombu builds the queue cycle from the name: interactive first, then the priority tiers
+    cycle = cycle_by_name(config["broker_transport_options"]["queue_order_strategy"])()
+    cycle.update(["batchvision.interactive", "batchvision.high", "batchvision", "batchvision.low"])
+    assert cycle.consume(4) == [
+        "batchvision.interactive",
+        "batchvision.high",
+        "batchvision",
+        "batchvision.low",
+    ]
     assert "task_queues" not in config and config["task_acks_on_failure_or_timeout"] is True
 
 
@@ -69,7 +78,7 @@ def test_rabbitmq_gets_quorum_queues_confirms_and_dead_lettering() -> None:
     assert config["task_acks_on_failure_or_timeout"] is False
     assert config["worker_detect_quorum_queues"] is True  # per-consumer prefetch
     names = [q.name for q in config["task_queues"]]
-    assert names == [interactive_queue(s), s.queue]
+    assert names == [interactive_queue(s), f"{s.queue}.high", s.queue, f"{s.queue}.low"]
     for queue in config["task_queues"]:
         args = queue.queue_arguments
         assert queue.durable and args["x-queue-type"] == "quorum"

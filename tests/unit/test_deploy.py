@@ -1348,10 +1348,12 @@ def test_k8s_keda_scaledobject(rendered: _Rendered) -> None:
     assert target.get("kind", "Deployment") == "Deployment"
     triggers = scaled["spec"]["triggers"]
     config = _get(objects, "ConfigMap", "batchvision-config")["data"]
-    # One trigger per queue list the workers consume: bulk and interactive.
+    # One trigger per queue list the workers consume: bulk, interactive, the priority tiers.
     assert [t["metadata"]["listName"] for t in triggers] == [
-        config["BATCHVISION_QUEUE"],
+        DEFAULTS.queue,
         interactive_queue(DEFAULTS),
+        f"{DEFAULTS.queue}.high",
+        f"{DEFAULTS.queue}.low",
     ]
     assert config["BATCHVISION_QUEUE"] == DEFAULTS.queue
     # The Redis Service, in the namespace everything is rendered into, on the Service's port.

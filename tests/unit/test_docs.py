@@ -163,9 +163,11 @@ def _exported_metrics() -> set[str]:
     from prometheus_client.registry import REGISTRY
 
     import api.metrics
-    import workers.metrics  # noqa: F401 - importing registers the worker's metrics
+    import workers.metrics  # importing registers the worker's metrics
 
     names: set[str] = set(api.metrics.StoreCollector.NAMES)
+    # Registered only where NVML shows a GPU: none here.
+    names |= set(workers.metrics.GpuCollector.NAMES)
     for family in REGISTRY.collect():
         if family.name.startswith("batchvision_"):
             suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")

@@ -64,6 +64,7 @@ def test_the_worker_lists_its_components_in_order() -> None:
     names = [c.name for c in redis_worker.lifecycle.components]
     assert names == [
         "tracing",
+        "gpu",
         "redis",
         "models",
         "model-reporting",

@@ -252,12 +252,17 @@ def test_the_default_model_keeps_the_queue_names_and_others_get_their_own() -> N
         "batchvision.colours",
         "batchvision.colours.interactive",
     )
-    # interactive queues first: a free worker thread takes a waiting small job of any model
+    # interactive queues first: a free worker thread takes a waiting small job of any model;
+    # then the bulk queues by priority tier, highest first (the normal tier keeps the old name)
     assert worker_queues(s, ["shapes", "colours"]) == [
         "batchvision.interactive",
         "batchvision.colours.interactive",
+        "batchvision.high",
+        "batchvision.colours.high",
         "batchvision",
         "batchvision.colours",
+        "batchvision.low",
+        "batchvision.colours.low",
     ]
     queues = [q for pair in model_queues(s, ["shapes", "colours", "a", "b_c"]).values() for q in pair]
     assert len(set(queues)) == len(queues), "no two models share a queue"

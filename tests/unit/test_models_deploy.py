@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from batchvision.core.settings import PREFIX, Settings
-from batchvision.server.routing import bulk_queue, interactive_queue, worker_queues
+from batchvision.server.routing import model_queues, worker_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = Settings()
@@ -84,7 +84,8 @@ def test_compose_runs_one_worker_per_model_on_the_repository() -> None:
     assert {m for models in served.values() for m in models} == MODELS
     assert served["worker"] == [DEFAULTS.model], "the base worker keeps the default model"
     queues = [tuple(worker_queues(DEFAULTS, models)) for models in served.values()]
-    assert len(set(q for qs in queues for q in qs)) == 2 * len(MODELS), "no two workers share a queue"
+    every = [q for qs in queues for q in qs]
+    assert len(every) == 4 * len(MODELS) == len(set(every)), "no two workers share a queue"
     for name, svc in workers.items():
         env = _env(svc)
         assert env.pop(PREFIX + "MODELS_DIR") == "/models", name
@@ -149,12 +150,12 @@ def test_k8s_runs_one_worker_deployment_per_model_each_scaled_on_its_queues() ->
             n for n, d in deployments.items() if match <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert owners == [name], f"{name}'s selector matches the pods of {owners}"
-    # KEDA: each model's Deployment scales on that model's two queue lists.
+    # KEDA: each model's Deployment scales on that model's queue lists (bulk, interactive, tiers).
     scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in objects if o["kind"] == "ScaledObject"}
     assert set(scaled) == set(deployments)
     for name, model in served.items():
         lists = [t["metadata"]["listName"] for t in scaled[name]["spec"]["triggers"]]
-        assert lists == [bulk_queue(settings, model), interactive_queue(settings, model)], name
+        assert lists == list(model_queues(settings, [model])[model]), name
     assert any(
         o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "batchvision-models"
         for o in objects

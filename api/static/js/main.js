@@ -196,8 +196,12 @@ async function runUpload(session, entries) {
       jobId: session.id,
       signal: session.abort.signal,
       createJob: async () =>
-        (await api.request("POST", "/v1/jobs", { json: { expected: expected(session) }, signal: session.abort.signal }))
-          .job_id,
+        (
+          await api.request("POST", `/v1/jobs?priority=${encodeURIComponent($("priority-select").value)}`, {
+            json: { expected: expected(session) },
+            signal: session.abort.signal,
+          })
+        ).job_id,
       onJob: (id) => {
         session.id = id;
         state.sessions.set(id, session);
@@ -465,7 +469,8 @@ function renderClassify() {
   badge.dataset.status = status;
   $("job").dataset.status = job.status;
   const created = new Date(job.created_at * 1000);
-  $("job-meta").textContent = `Created ${created.toLocaleString()} · model ${job.model} · ${fmtInt(total)} images`;
+  $("job-meta").textContent =
+    `Created ${created.toLocaleString()} · model ${job.model} · priority ${job.priority ?? 5} · ${fmtInt(total)} images`;
   let text = `Classified ${fmtInt(job.done)} of ${fmtInt(total)}`;
   if (job.failed) text += ` · ${fmtInt(job.failed)} failed`;
   if (job.canceled) text += ` · ${fmtInt(job.canceled)} canceled`;
