@@ -33,12 +33,11 @@ V1_COMMON = {
     429: "Rate limit or queue limit reached; retry after `Retry-After` seconds",
     503: "Redis or the broker is unreachable; retry after `Retry-After` seconds",
 }
-#: What gunicorn answers itself, in HTML, before a request reaches the app (request line or
-#: headers over its limits, a malformed request).
-_HTML = {"type": "string"}
+#: What gunicorn answers itself before a request reaches the app (request line or headers over
+#: its limits), as the same error document (``api/gunicorn_conf.py``).
 SERVER_COMMON = {
-    414: "Request line too long (answered by gunicorn, in HTML)",
-    431: "Request headers too large (answered by gunicorn, in HTML)",
+    414: "Request line too long (`request_line_too_long`; answered by gunicorn)",
+    431: "Request headers too large (`headers_too_large`; answered by gunicorn)",
 }
 _JSON = "application/json"
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
@@ -93,10 +92,15 @@ def undocumented(view: F) -> F:
 # -- validation -----------------------------------------------------------------------------
 
 
+#: A location part pydantic adds for a member of a union or a validated type, not a field name.
+_UNION_MEMBER = re.compile(r"^(?:function-[a-z]+\[.*\]|constrained-[a-z]+|literal\[.*\])$")
+
+
 def _problems(exc: ValidationError, where: str) -> tuple[str, list[dict[str, Any]]]:
     details = []
     for err in exc.errors(include_url=False):
-        name = ".".join(str(p) for p in err["loc"]) or "(body)"
+        parts = [str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p))]
+        name = ".".join(parts) or "(body)"
         item = {"in": where, "field": name, "message": err["msg"]}
         if err["type"] != "missing":
             item["value"] = err.get("input")
@@ -249,18 +253,7 @@ def openapi(app: Flask) -> dict[str, Any]:
             for status, text in V1_COMMON.items():
                 responses.setdefault(status, Response(text, d.ErrorDocument, headers=_retry(status)))
         for status, text in SERVER_COMMON.items():
-            responses.setdefault(status, Response(text, content_type="text/html", schema=_HTML))
-        if 400 in responses:  # a request gunicorn cannot parse gets its HTML 400
-            bad = responses[400]
-            responses[400] = Response(
-                bad.description,
-                bad.model,
-                bad.content_type,
-                bad.schema,
-                bad.headers,
-                bad.links,
-                {**bad.alternatives, "text/html": _HTML},
-            )
+            responses.setdefault(status, Response(text, d.ErrorDocument))
         for resp in responses.values():
             if resp.model is not None:
                 models.add(resp.model)
@@ -350,5 +343,7 @@ JOB_LINKS = {
     "ListFiles": {"operationId": "v1_list_files", "parameters": {"job_id": "$response.body#/job_id"}},
     "Seal": {"operationId": "v1_seal_job", "parameters": {"job_id": "$response.body#/job_id"}},
     "Cancel": {"operationId": "v1_cancel_job", "parameters": {"job_id": "$response.body#/job_id"}},
+    "Retry": {"operationId": "v1_retry_job", "parameters": {"job_id": "$response.body#/job_id"}},
+    "Delete": {"operationId": "v1_delete_job", "parameters": {"job_id": "$response.body#/job_id"}},
     "AddFiles": {"operationId": "v1_add_files", "parameters": {"job_id": "$response.body#/job_id"}},
 }

@@ -1,4 +1,4 @@
-"""``/v1``: submit jobs, poll them, read results, cancel."""
+"""``/v1``: submit jobs, poll them, read results, cancel, retry and delete them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from batchvision.core import manifest
 from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
 from batchvision.core.model_refs import JobOptions
 from batchvision.core.results import Row, csv_lines, jsonl_lines
-from batchvision.server import webhooks
+from batchvision.server import job_actions, webhooks
 from batchvision.server.idempotency import Claim
 from batchvision.server.intake import JOB_ID_SLOT, Submitted
 
@@ -248,6 +248,12 @@ _UPLOAD_ERRORS = {
     422: c.Response("No file of the request is an image we can classify (reason per file)", d.ErrorDocument),
 }
 _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAccepted, links=c.JOB_LINKS)
+#: A replay of an ``Idempotency-Key`` whose job is gone (and a classify whose job went while it
+#: waited).
+_REPLAY_GONE = {
+    404: c.Response("The job this Idempotency-Key created earlier was deleted", d.ErrorDocument),
+    410: c.Response("The job this Idempotency-Key created earlier finished and expired", d.ErrorDocument),
+}
 
 # The submit body: the upload forms, plus a JSON body naming images by URL (either
 # JSON document: `urls` makes it a UrlJob) and manifests (CSV, JSON Lines, URI list).
@@ -289,6 +295,7 @@ _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_T
             d.ErrorDocument,
         ),
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k not in (409, 413, 422)},
+        **_REPLAY_GONE,
         413: c.Response("Request, file, archive or URL list over a limit", d.ErrorDocument),
         422: c.Response(
             "No file (or URL) of the request is an image we can classify (reason per file), "
@@ -403,6 +410,11 @@ def list_files(job_id: str) -> dict[str, Any]:
             d.ErrorDocument,
         ),
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k != 409},
+        404: c.Response(
+            "The job this Idempotency-Key created earlier, or the one this request made, was deleted",
+            d.ErrorDocument,
+        ),
+        410: _REPLAY_GONE[410],
         422: c.Response(
             "No file of the request is an image we can classify (reason per file), or a per-job "
             "option (model, top_k, min_score, priority) is invalid (`invalid_option`; "
@@ -488,9 +500,9 @@ def webhook_secret() -> dict[str, Any]:
     }
 
 
-@bp.delete("/jobs/<job_id>")
+@bp.post("/jobs/<job_id>/cancel")
 @c.contract(
-    summary="Cancel what is not classified yet; results so far are kept",
+    summary="Cancel what is not classified yet; results so far are kept and the job stays readable",
     query=d.NoQuery,
     responses={200: c.Response("The job (status canceled once nothing is left)", d.Job), **_JOB_ERRORS},
     tags=("jobs",),
@@ -498,9 +510,94 @@ def webhook_secret() -> dict[str, Any]:
 def cancel_job(job_id: str) -> dict[str, Any]:
     svc = services()
     c.query(d.NoQuery)
+    return _cancel(svc, job_id)
+
+
+def _cancel(svc: Services, job_id: str) -> dict[str, Any]:
     _job_or_404(svc, job_id)
     svc.store.cancel(job_id)
     return _public(_job_or_404(svc, job_id))
+
+
+#: ``DELETE ?mode=cancel``, the meaning ``DELETE`` had before: deprecated since (RFC 9745's
+#: ``@<Unix time>``) and gone after (RFC 8594's HTTP date) these.
+CANCEL_BY_DELETE_DEPRECATED = "@1796342400"  # 2026-12-04
+CANCEL_BY_DELETE_SUNSET = "Wed, 30 Jun 2027 00:00:00 GMT"
+_DEPRECATION_HEADERS = ("Deprecation", "Sunset", "Link")
+
+
+@bp.delete("/jobs/<job_id>")
+@c.contract(
+    summary="Delete the job: cancel what is queued, then remove it, its results and its uploads",
+    description="Afterwards every route of the job answers 404. `?mode=cancel` keeps the meaning "
+    "`DELETE` had before version 0.2 (cancel only, the job stays readable) until the `Sunset` "
+    "date, answered with `Deprecation`, `Sunset` and a `Link` to `POST /v1/jobs/{job_id}/cancel`.",
+    query=d.DeleteQuery,
+    responses={
+        204: c.Response("Deleted: the job, its results and its uploads are gone"),
+        200: c.Response("`mode=cancel` (deprecated): the job, canceled", d.Job, headers=_DEPRECATION_HEADERS),
+        **_JOB_ERRORS,
+    },
+    tags=("jobs",),
+)
+def delete_job(job_id: str) -> tuple[Any, int] | tuple[dict[str, Any], int, dict[str, str]]:
+    svc = services()
+    params = c.query(d.DeleteQuery)
+    if params.mode == "cancel":
+        successor = url_for("v1.cancel_job", job_id=job_id)
+        return (
+            _cancel(svc, job_id),
+            200,
+            {
+                "Deprecation": CANCEL_BY_DELETE_DEPRECATED,
+                "Sunset": CANCEL_BY_DELETE_SUNSET,
+                "Link": f'<{successor}>; rel="successor-version"',
+            },
+        )
+    _job_or_404(svc, job_id)
+    job_actions.delete(svc.intake, job_id, current_owner())
+    return "", 204
+
+
+@bp.post("/jobs/<job_id>/retry")
+@c.contract(
+    summary="Queue again the images of a finished job whose errors are retryable",
+    description="Each image whose stored error is retryable (`retryable: true` in its result "
+    "row: fetch timeouts, unreachable hosts, `http_5xx`, workers lost past the delivery "
+    "limit, ...) loses that result and is classified again, exactly once however many retries "
+    "race. The job runs again, then finishes again (its webhook, if any, is sent again). An "
+    "image whose input is no longer held (its upload expired) keeps its error and is listed "
+    "in `not_requeued`.",
+    query=d.NoQuery,
+    responses={
+        202: c.Response("Images were queued again: the job, running", d.Retried),
+        200: c.Response("Nothing to queue again: the job, unchanged", d.Retried),
+        409: c.Response(
+            "The job is still running or open for uploads (`job_running`), or was canceled (`job_canceled`)",
+            d.ErrorDocument,
+        ),
+        **_JOB_ERRORS,
+    },
+    tags=("jobs",),
+)
+def retry_job(job_id: str) -> tuple[dict[str, Any], int]:
+    svc = services()
+    c.query(d.NoQuery)
+    _job_or_404(svc, job_id)
+    try:
+        done = job_actions.retry(svc.intake, job_id)
+    except LookupError as exc:  # deleted or expired between the check and the retry
+        raise NotFound(f"no job {job_id}", code="job_not_found") from exc
+    names = svc.store.filenames(job_id, [n.index for n in done.not_requeued])
+    doc = {
+        **_public(_job_or_404(svc, job_id)),
+        "requeued": done.requeued,
+        "not_requeued": [
+            {"index": n.index, "filename": name, "code": n.code, "reason": n.reason}
+            for n, name in zip(done.not_requeued, names, strict=True)
+        ],
+    }
+    return doc, 202 if done.requeued else 200
 
 
 @bp.get("/jobs/<job_id>/results")

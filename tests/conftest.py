@@ -107,7 +107,8 @@ class HostileOrigin(ThreadingHTTPServer):
     ``/huge-stream``: no length, 640 MiB of body; ``/page.jpg``: HTML typed ``image/jpeg``;
     ``/text``: ``text/plain``; ``/truncated.jpg``: half of ``images[0]``; ``/gzip.jpg``:
     ``images[0]`` gzip-encoded; ``/redirect?to=URL``: 302 to ``URL``; ``/loop``: 301 to itself;
-    ``/status/<code>``: that status; anything else: 404.
+    ``/status/<code>``: that status; ``/once/<code>/<n>.jpg``: that status the first time it is
+    asked, ``images[n]`` afterwards (a host that was down for a while); anything else: 404.
 
     ``url`` (``http://127.0.0.1:<port>``), ``address`` (``127.0.0.1:<port>``), ``port``;
     ``seen``: every request as ``(path, Host header)``; ``hits(path)``: how many asked it.
@@ -200,6 +201,12 @@ class _HostileHandler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain", Location=q["to"])
         elif path == "/loop":
             self._send(301, b"", "text/plain", Location="/loop")
+        elif path.startswith("/once/"):
+            _, _, code, name = path.split("/", 3)
+            if self.server.hits(path) <= 1:
+                self._send(int(code), b"try again later", "text/plain")
+            else:
+                self._send(200, self.server.images[int(name.split(".")[0])])
         elif path.startswith("/status/"):
             self._send(int(path.rsplit("/", 1)[1]), b"nope", "text/plain")
         else:

@@ -1,5 +1,5 @@
-"""Client subcommands of ``batchvision``: submit (with progress bars), status, results, cancel;
-and the exit codes of every client subcommand."""
+"""Client subcommands of ``batchvision``: submit (with progress bars), status, jobs, results,
+cancel, retry, delete; and the exit codes of every client subcommand."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from batchvision.core.results import JobStatus
 
 
 class ExitCode(enum.IntEnum):
-    """Exit status of the client commands (``submit``, ``status``, ``results``, ``cancel``,
-    ``models``, ``reload``); the service commands use ``USAGE`` for a refused configuration."""
+    """Exit status of the client commands (``submit``, ``status``, ``jobs``, ``results``,
+    ``cancel``, ``retry``, ``delete``, ``models``, ``reload``); the service commands use ``USAGE``
+    for a refused configuration."""
 
     #: Done; for ``submit --wait``: every image has a prediction.
     OK = 0
@@ -34,8 +35,8 @@ class ExitCode(enum.IntEnum):
     SOME_FAILED = 3
     #: ``submit``: the job could not be submitted (the API refused it, or stayed unreachable).
     SUBMIT_FAILED = 4
-    #: Any other request (``status``, ``results``, ``cancel``, ``models``, ``reload``, waiting
-    #: after a submit) was refused by the API, or the API stayed unreachable.
+    #: Any other request (``status``, ``results``, ``cancel``, ``retry``, ``delete``, ``models``,
+    #: ``reload``, waiting after a submit) was refused by the API, or the API stayed unreachable.
     REQUEST_FAILED = 5
 
 
@@ -105,6 +106,19 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel what a job has not classified yet."""
     print(_document(_client(args).cancel(args.job_id)))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Queue again the images of a finished job whose errors are retryable."""
+    print(_document(_client(args).retry(args.job_id)))
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete a job: cancel what is queued, remove the job, its results and its uploads."""
+    _client(args).delete(args.job_id)
+    print(f"deleted {args.job_id}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -288,7 +302,11 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("job_id")
     p.add_argument("-o", "--output")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
-    p = common(add("cancel", guarded(cmd_cancel), "cancel a job"))
+    p = common(add("cancel", guarded(cmd_cancel), "cancel what a job has not classified yet"))
+    p.add_argument("job_id")
+    p = common(add("retry", guarded(cmd_retry), "queue again a finished job's images with retryable errors"))
+    p.add_argument("job_id")
+    p = common(add("delete", guarded(cmd_delete), "delete a job, its results and its uploads"))
     p.add_argument("job_id")
 
 

@@ -31,6 +31,7 @@ from batchvision.core.documents import (
     Job,
     JobAccepted,
     ResultRow,
+    Retried,
 )
 from batchvision.core.job_list import JobList
 from batchvision.core.model_documents import ModelList, ReloadAccepted
@@ -325,8 +326,20 @@ class Client:
         return ReloadAccepted.model_validate(self._json("POST", f"/v1/models/{name}/reload", json=body))
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel what is not classified yet (cancelling again changes nothing)."""
-        return Job.model_validate(self._json("DELETE", f"/v1/jobs/{job_id}"))
+        """Cancel what is not classified yet (cancelling again changes nothing); the job and its
+        results so far stay readable."""
+        return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def retry(self, job_id: str) -> Retried:
+        """Queue again the images of a finished job whose errors are retryable; ``requeued``
+        says how many, ``not_requeued`` those whose input is gone. ``ApiError`` 409
+        (``job_running``) while the job runs."""
+        return Retried.model_validate(self._json("POST", f"/v1/jobs/{job_id}/retry"))
+
+    def delete(self, job_id: str) -> None:
+        """Delete the job: what is queued is canceled, then the job, its results and its
+        uploads are removed (every later request about it gets 404)."""
+        self._send("DELETE", f"/v1/jobs/{job_id}", self.policy.budget()).close()
 
 
 def job_options(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from batchvision.core.model_refs import MAX_TOP_K, REF_PATTERN
 from batchvision.core.priorities import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
@@ -27,6 +27,15 @@ IDEMPOTENCY_KEY_RE = re.compile(IDEMPOTENCY_KEY_PATTERN)
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, description="32 lowercase hex digits")]
 
 
+def whole_number(value: Any) -> Any:
+    """A JSON number with no fraction (``192.0``) as the integer it is: JSON Schema counts it as
+    an integer, so a strict model must too. ``192.5`` (and ``true``) pass unchanged, and the
+    integer check then refuses them, naming the field."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class Document(BaseModel):
     """Base of every response document: unknown fields are kept (forward compatible)."""
 
@@ -39,6 +48,15 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     details: Any | None = None
+
+
+class ImageError(ErrorBody):
+    """One image's error in the results (its code is listed under "Per-image errors" in the
+    HTTP API guide)."""
+
+    retryable: bool | None = Field(
+        None, description="true: a retry of the job (POST /v1/jobs/{job_id}/retry) re-queues this image"
+    )
 
 
 class ErrorDocument(BaseModel):
@@ -172,12 +190,33 @@ class ResultRow(Document):
     class_id: int | None = None
     score: float | None = None
     top_k: list[Score] | None = None
-    error: ErrorBody | None = None
+    error: ImageError | None = None
     model: str | None = Field(None, description="the model that classified the image")
     version: int | None = Field(None, description="the version of the model that classified it")
     id: str | None = Field(None, description="the input's id, as given")
     columns: dict[str, str | int | float | bool | None] | None = Field(
         None, description="the input's pass-through columns, as given"
+    )
+
+
+class NotRequeued(BaseModel):
+    """An image with a retryable error that a retry could not re-queue."""
+
+    index: int = Field(ge=0)
+    filename: str
+    code: str = Field(description="its error code (unchanged)")
+    reason: Literal["input_expired"] = Field(
+        description="input_expired: its uploaded bytes (or URL) are no longer held"
+    )
+
+
+class Retried(Job):
+    """``202`` of ``POST /v1/jobs/{job_id}/retry``: the job (running again when anything was
+    re-queued) and what the retry did."""
+
+    requeued: int = Field(ge=0, description="images whose retryable errors were removed and re-queued")
+    not_requeued: list[NotRequeued] = Field(
+        default_factory=list, description="images with a retryable error whose input is gone"
     )
 
 
@@ -227,8 +266,9 @@ class OpenJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    expected: int | None = Field(
-        None, ge=0, le=MAX_EXPECTED, description="how many images will follow (for progress); optional"
+    # (The constraints before the validator, so the schema keeps them as minimum and maximum.)
+    expected: Annotated[int, Field(ge=0, le=MAX_EXPECTED), BeforeValidator(whole_number)] | None = Field(
+        None, description="how many images will follow (for progress); optional"
     )
     callback_url: str | None = Field(
         None,
@@ -391,6 +431,18 @@ class ClassifyQuery(OptionsQuery):
 
     timeout: float = Field(30.0, ge=0, le=3600, description="seconds to wait (capped by SYNC_TIMEOUT_S)")
     filename: str | None = Field(None, min_length=1, max_length=1024, description="name of a raw image body")
+
+
+class DeleteQuery(BaseModel):
+    """Query of ``DELETE /v1/jobs/{job_id}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["delete", "cancel"] = Field(
+        "delete",
+        description="delete: remove the job, its results and uploads; cancel (deprecated, as "
+        "before version 0.2): only cancel, like POST /v1/jobs/{job_id}/cancel",
+    )
 
 
 class NoQuery(BaseModel):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from batchvision.core.documents import Document
+from batchvision.core.documents import Document, whole_number
 
 
 class ModelVersion(Document):
@@ -53,7 +53,10 @@ class ReloadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: Annotated[int, Field(ge=1, le=999_999_999)] | Literal["latest"] | None = Field(
+    # (The constraints before the validator, so the schema keeps them as minimum and maximum.)
+    version: (
+        Annotated[int, Field(ge=1, le=999_999_999), BeforeValidator(whole_number)] | Literal["latest"] | None
+    ) = Field(
         None,
         description="a version number: make it live (and keep it live: a rollback); `latest`: "
         "the newest version that loads, again; omitted: look for new versions, keep any choice",

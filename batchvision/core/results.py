@@ -80,6 +80,36 @@ class Prediction:
 #: The error code of an image its job's cancellation reached first.
 CANCELED = "canceled"
 
+#: Per-image error codes that a later try may well not meet (``POST /v1/jobs/{id}/retry``
+#: re-queues these): the URL's host timed out, was unreachable or did not resolve, the model
+#: did not answer or failed, workers were lost holding the image past the delivery limit
+#: (``poison_image`` on Redis, ``delivery_limit`` and ``task_failed`` on RabbitMQ), or Redis
+#: was full. Besides these, ``http_408``, ``http_429`` and every ``http_5xx`` (see
+#: :func:`retryable`). Every other code is about the input itself (not an image, truncated,
+#: over a limit, a refused address, a 404) or final by choice (``canceled``).
+RETRYABLE_CODES = frozenset(
+    {
+        "fetch_timeout",
+        "connection_failed",
+        "dns_error",
+        "inference_timeout",
+        "inference_failed",
+        "poison_image",
+        "delivery_limit",
+        "task_failed",
+        "store_full",
+    }
+)
+
+
+def retryable(code: str) -> bool:
+    """Whether an image that failed with ``code`` is worth trying again (:data:`RETRYABLE_CODES`,
+    and an origin's answer ``http_408``, ``http_429`` or ``http_5xx``)."""
+    if code in RETRYABLE_CODES:
+        return True
+    status = code.removeprefix("http_")
+    return status != code and status.isdigit() and (int(status) in (408, 429) or 500 <= int(status) <= 599)
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -92,6 +122,11 @@ class Failure:
     def outcome(self) -> Literal["failed", "canceled"]:
         """The job counter this result raises."""
         return "canceled" if self.code == CANCELED else "failed"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a retry of the job re-queues this image (:func:`retryable`)."""
+        return retryable(self.code)
 
     def document(self) -> dict[str, Any]:
         """The JSON object stored and served."""
@@ -230,6 +265,8 @@ def entry(index: int, filename: str, stored: ImageResult | None) -> dict[str, An
     else:
         row["status"] = "error" if isinstance(stored, Failure) else "ok"
         row.update(stored.document())
+        if isinstance(stored, Failure):  # served, never stored: the catalogue may grow
+            row["error"]["retryable"] = stored.retryable
     return row
 
 

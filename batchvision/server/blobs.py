@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from batchvision.core.results import Failure, ImageResult
 from batchvision.server import keys
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, shared
 
@@ -29,6 +30,9 @@ class BlobStore(Protocol):
 
     #: Whether writes and deletes can ride on a Redis pipeline (``pipe=``) with other commands.
     pipelined: bool
+    #: Whether a blob expires on its own (``BLOB_TTL_S`` after upload): only then do workers keep
+    #: the blobs of images that failed for a retryable reason, for a retry of their job.
+    expiring: bool
 
     def put_many(self, job_id: str, blobs: Mapping[int, bytes], pipe: Any = None) -> None:
         """Store blobs; with ``pipe`` (a Redis pipeline) a Redis store only queues the writes."""
@@ -41,11 +45,15 @@ class BlobStore(Protocol):
     def delete_many(self, job_id: str, indexes: Sequence[int], pipe: Any = None) -> None:
         """Delete blobs; with ``pipe`` a Redis store only queues the deletes."""
 
+    def sizes(self, job_id: str, indexes: Sequence[int]) -> list[int]:
+        """The bytes each blob holds, ``0`` for one that is gone (without reading them)."""
+
 
 class RedisBlobs:
     """Blobs as Redis strings ``bv:blob:{job}:index`` with a TTL."""
 
     pipelined = True
+    expiring = True
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
@@ -84,11 +92,18 @@ class RedisBlobs:
         if indexes:
             (pipe or self.redis).unlink(*[self.key(job_id, i) for i in indexes])
 
+    def sizes(self, job_id: str, indexes: Sequence[int]) -> list[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for i in indexes:
+            pipe.strlen(self.key(job_id, i))
+        return [int(n) for n in pipe.execute()] if indexes else []
+
 
 class FileBlobs:
     """Blobs as files ``<root>/<job>/<index>`` on a shared volume (written atomically)."""
 
     pipelined = False
+    expiring = False
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -124,6 +139,24 @@ class FileBlobs:
                 self._path(job_id, index).unlink()
         with contextlib.suppress(OSError):  # the job's folder goes with its last upload
             (self.root / job_id).rmdir()
+
+    def sizes(self, job_id: str, indexes: Sequence[int]) -> list[int]:
+        out = []
+        for index in indexes:
+            try:
+                out.append(self._path(job_id, index).stat().st_size)
+            except FileNotFoundError:
+                out.append(0)
+        return out
+
+
+def spent_blobs(blobs: BlobStore, indexes: Sequence[int], results: Mapping[int, ImageResult]) -> list[int]:
+    """Of ``indexes`` whose results were just stored, those whose blobs may be deleted: every one,
+    but for an expiring blob store the images that failed for a retryable reason (kept until
+    their blobs expire, for a retry of the job)."""
+    if not blobs.expiring:
+        return list(indexes)
+    return [i for i in indexes if not (isinstance(r := results.get(i), Failure) and r.retryable)]
 
 
 class S3Blobs:

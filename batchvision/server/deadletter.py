@@ -37,9 +37,9 @@ from kombu.entity import Exchange
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
-from batchvision.core.results import Failure, canceled_result, error_result
+from batchvision.core.results import Failure, ImageResult, canceled_result, error_result
 from batchvision.core.settings import Settings
-from batchvision.server.blobs import BlobStore
+from batchvision.server.blobs import BlobStore, spent_blobs
 from batchvision.server.claims import Claims
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.queue import (
@@ -161,12 +161,14 @@ class DeadLetters:
         stored = 0
         for chunk in chunks:
             claim = self.claims.claim(chunk, f"dead:{chunk.first}")
+            outcomes: dict[int, ImageResult] = {}
             if claim is None:  # the job expired or was deleted
                 self.claims.forget(chunk.job_id)
             elif claim.todo:
                 outcome = canceled_result() if claim.canceled else result
-                stored += self.store.record(chunk.job_id, [(i, outcome) for i in claim.todo]).total
-            self.blobs.delete_many(chunk.job_id, list(chunk.indexes))
+                outcomes = dict.fromkeys(claim.todo, outcome)
+                stored += self.store.record(chunk.job_id, sorted(outcomes.items())).total
+            self.blobs.delete_many(chunk.job_id, spent_blobs(self.blobs, chunk.indexes, outcomes))
         pipe = self.store.redis.pipeline(transaction=False)
         ledger_done(pipe, chunks)
         pipe.execute()

@@ -31,6 +31,11 @@ def index_job(pipe: Any, owner: str, job_id: str, created: float, ttl_s: int) ->
     pipe.expire(key, ttl_s)
 
 
+def unindex_job(pipe: Any, owner: str, job_id: str) -> None:
+    """Queue on ``pipe`` the removal of a deleted job from its owner's index."""
+    pipe.zrem(keys.owner_jobs(owner), job_id)
+
+
 def cursor_of(created: float, job_id: str) -> str:
     return f"{created:.3f}-{job_id}"
 

@@ -7,7 +7,7 @@ live in one Redis Cluster slot and one Lua script may touch them all.
 key                             what it holds
 ==============================  ====================================================================
 ``bv:job:{id}``                 hash ``total done failed canceled sealed cancel created_at finished_at
-                                model owner``, and for a job with a completion webhook ``cb_url
+                                model owner retries``, and for a job with a completion webhook ``cb_url
                                 cb_status_url cb_state cb_attempts cb_last_status cb_last_error
                                 cb_last_attempt_at cb_delivered_at``, options ``version top_k min_score``
 ``bv:job:{id}:files``           hash index -> filename (display name); ``s:<index>`` -> the bytes of
@@ -16,8 +16,9 @@ key                             what it holds
 ``bv:job:{id}:res``             hash index -> result JSON (written once, with ``HSETNX``)
 ``bv:job:{id}:tries``           hash ``chunk:<first index>`` / ``image:<index>`` -> deliveries
 ``bv:tomb:{id}``                the job finished and its results expired (``410 Gone``)
-``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored; for an
-                                image named by URL, ``BV-URL\n<url>`` (the worker fetches it)
+``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored (a
+                                retryable error's: until it expires, for a retry); for an image named
+                                by URL, ``BV-URL\n<url>`` (the worker fetches it)
 ``bv:pending``                  counter: accepted images without a result, over all jobs
 ``bv:active``                   sorted set: job ids not finished yet -> when an open upload expires
                                 (``+inf`` once sealed), so expired uploads are found and released

@@ -178,3 +178,66 @@ end
 return released
 """
 )
+
+#: Queue a finished job's failed images again: ARGV[1] (unused), ARGV[2] now, ARGV[3] job id,
+#: ARGV[4..] = (index, bytes of its blob) pairs. Each index whose result is still stored loses
+#: it (once: a second run finds none) and counts as waiting again, in the job's ``failed``
+#: counter, the queue's counters and its owner's quota, as :data:`ADD` counts a new file; the
+#: job runs again (no ``finished_at``, no expiry, no tombstone, its delivery counts reset) and
+#: its webhook waits for the new end. Returns how many were queued again; -1 for an unknown
+#: job, -2 for one not finished, -3 for a canceled one.
+RETRY = (
+    LUA_KEYS
+    + _ACCOUNTS
+    + """
+if redis.call('EXISTS', K_JOB) == 0 then return -1 end
+local v = redis.call('HMGET', K_JOB, 'finished_at', 'cancel', 'owner')
+if not v[1] then return -2 end
+if v[2] and v[2] ~= '0' then return -3 end
+local n, bytes = 0, 0
+for i = 4, #ARGV, 2 do
+  if redis.call('HDEL', K_RES, ARGV[i]) == 1 then
+    n = n + 1
+    local size = tonumber(ARGV[i + 1])
+    if size > 0 then
+      redis.call('HSET', K_FILES, 's:' .. ARGV[i], size)
+      bytes = bytes + size
+    end
+  end
+end
+if n == 0 then return 0 end
+local owner = v[3] or ''
+redis.call('HINCRBY', K_JOB, 'failed', -n)
+redis.call('HINCRBY', K_JOB, 'retries', 1)
+redis.call('HDEL', K_JOB, 'finished_at')
+redis.call('INCRBY', K_PENDING, n)
+redis.call('INCRBY', K_PENDING_BYTES, bytes)
+redis.call('HINCRBY', K_JOBPENDING, ARGV[3], n)
+redis.call('HINCRBY', K_JOBPENDING, ARGV[3] .. ':b', bytes)
+redis.call('HSET', K_JOBPENDING, ARGV[3] .. ':o', owner)
+quota_add(K_QUOTA, owner, n, bytes)
+redis.call('DEL', K_TRIES, K_TOMB)
+for _, k in ipairs(K_DATA) do redis.call('PERSIST', k) end
+redis.call('ZADD', K_ACTIVE, '+inf', ARGV[3])
+redis.call('ZREM', K_WEBHOOKS, ARGV[3])
+if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
+  redis.call('HSET', K_JOB, 'cb_state', 'waiting', 'cb_attempts', '0')
+  redis.call('HDEL', K_JOB, 'cb_last_status', 'cb_last_error', 'cb_last_attempt_at', 'cb_delivered_at')
+end
+return n
+"""
+)
+
+#: Remove a job: what it still holds leaves the queue's counters (once: nothing if its finish
+#: or a release gave it back already), its keys and tombstone go, and it leaves the active and
+#: webhook sets. ARGV[3] job id. Returns how many of its keys existed.
+REMOVE = (
+    LUA_KEYS
+    + _ACCOUNTS
+    + """
+release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
+redis.call('ZREM', K_ACTIVE, ARGV[3])
+redis.call('ZREM', K_WEBHOOKS, ARGV[3])
+return redis.call('DEL', K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB)
+"""
+)

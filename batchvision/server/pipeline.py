@@ -30,7 +30,7 @@ from batchvision.core.priorities import tier_of
 from batchvision.core.results import ImageResult, canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
-from batchvision.server.blobs import BlobStore
+from batchvision.server.blobs import BlobStore, spent_blobs
 from batchvision.server.claims import Claim, Claims, out_of_memory
 from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
 from batchvision.server.keys import JobKeys
@@ -395,7 +395,10 @@ class ChunkProcessor:
         Deletes come only after the record succeeded: Redis refuses a script when it is out of
         memory (``noeviction``) but still runs deletions, which free memory. A refused record
         raises (after the deletes of what was recorded) and leaves its blobs and every ledger
-        entry in place, so a retry or the sweeper stores it later: no image is lost."""
+        entry in place, so a retry or the sweeper stores it later: no image is lost.
+
+        An expiring blob (Redis) of an image that failed for a retryable reason stays until it
+        expires, so ``POST /v1/jobs/{id}/retry`` can queue the image again."""
         pipe = self.store.redis.pipeline(transaction=False)
         recorded = [self.store.record_on(pipe, o.chunk.job_id, sorted(o.results.items())) for o in outcomes]
         replies = iter(pipe.execute(raise_on_error=False) if any(recorded) else [])
@@ -418,17 +421,21 @@ class ChunkProcessor:
         pipe = self.store.redis.pipeline(transaction=False)
         if self.blobs.pipelined:
             for o in stored:
-                self.blobs.delete_many(o.chunk.job_id, list(o.chunk.indexes), pipe=pipe)
+                self.blobs.delete_many(o.chunk.job_id, self._spent(o), pipe=pipe)
         if refused is None:
             ledger_done(pipe, finished)
         if len(pipe):
             pipe.execute()
         if not self.blobs.pipelined:
             for o in stored:
-                self.blobs.delete_many(o.chunk.job_id, list(o.chunk.indexes))
+                self.blobs.delete_many(o.chunk.job_id, self._spent(o))
         if refused is not None:
             log.warning("results not stored, kept for a retry: %s", refused)
             raise refused
+
+    def _spent(self, outcome: _Outcome) -> list[int]:
+        """The indexes of ``outcome`` whose blobs go now: all but those kept for a retry."""
+        return spent_blobs(self.blobs, outcome.chunk.indexes, outcome.results)
 
 
 def _relay(source: Future[Any], target: Future[Any]) -> None:

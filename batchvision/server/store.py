@@ -20,6 +20,7 @@ import redis
 from batchvision.core.model_refs import NAME_RE as MODEL_NAME_RE
 from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import (
+    Failure,
     ImageResult,
     Passthrough,
     Row,
@@ -29,7 +30,7 @@ from batchvision.core.results import (
     status_of,
 )
 from batchvision.server import keys, lua
-from batchvision.server.job_list import index_job
+from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.outputs import output_document
 from batchvision.server.webhooks import callback_document
@@ -282,6 +283,8 @@ class JobStore:
         return [i for i, v in zip(indexes, have, strict=True) if v is None]
 
     def filenames(self, job_id: str, indexes: Sequence[int]) -> list[str]:
+        if not indexes:
+            return []
         names = self.redis.hmget(JobKeys.of(job_id).files, [str(i) for i in indexes])
         return [_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
 
@@ -311,6 +314,36 @@ class JobStore:
             self.record(job_id, [(i, marker) for i in todo])
         self.seal(job_id)
         return True
+
+    def retryable_failures(self, pipe: Any, job_id: str) -> dict[int, Failure]:
+        """The stored errors of ``job_id`` that a retry queues again, by index (read on
+        ``pipe``, a pipeline in immediate mode that may be watching the job)."""
+        out: dict[int, Failure] = {}
+        for index, raw in pipe.hgetall(JobKeys.of(job_id).results).items():
+            result = decode(raw)
+            if isinstance(result, Failure) and result.retryable:
+                out[int(index)] = result
+        return dict(sorted(out.items()))
+
+    def requeue(self, pipe: Any, job_id: str, images: Sequence[tuple[int, int]]) -> None:
+        """Queue on ``pipe`` (a ``MULTI`` pipeline) the removal of the results of ``images``
+        (``(index, bytes of its blob)`` pairs) of a finished job, which then runs again:
+        :data:`~batchvision.server.lua.RETRY`. Its reply is how many were removed (-1: no job,
+        -2: not finished, -3: canceled)."""
+        args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]
+        for index, size in images:
+            args += [index, size]
+        _eval(pipe, lua.RETRY, JobKeys.of(job_id).lua(), args)
+
+    def remove(self, job_id: str, owner: str) -> bool:
+        """Remove the job, its results and its place in ``owner``'s job list, after giving
+        back what it still holds in the queue's counters (its blobs are the blob store's).
+        False if it did not exist."""
+        pipe = self.redis.pipeline()
+        _eval(pipe, lua.REMOVE, JobKeys.of(job_id).lua(), [self.result_ttl_s, f"{time.time():.3f}", job_id])
+        unindex_job(pipe, owner, job_id)
+        existed, _ = pipe.execute()
+        return bool(existed)
 
     def model_of(self, job_id: str) -> str | None:
         """The job's model name (``None``: unknown job, or one from before models had names)."""

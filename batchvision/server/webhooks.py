@@ -12,7 +12,8 @@ them meanwhile), POSTs, and records the attempt on the job (``cb_attempts``, ``c
 ``cb_last_error``, ``cb_delivered_at``, ``cb_state``) in one Lua step that checks the lease is
 still its own. A deliverer that dies mid-delivery leaves the entry to come due again when the
 lease runs out, and another process sends it: at least once. Receivers deduplicate on the
-``Batchvision-Delivery`` header (the job id, the same on every attempt).
+``Batchvision-Delivery`` header (the job id, the same on every attempt; a job retried after it
+finished ends again, and that end's delivery is ``<job id>.<n>``: :func:`delivery_id`).
 
 **Retried** with exponential backoff and jitter (:func:`backoff`) on connection errors,
 timeouts, ``408``, ``429`` and ``5xx``, until ``WEBHOOK_RETRY_FOR_S`` after the job finished
@@ -253,6 +254,14 @@ def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
     return doc
 
 
+def delivery_id(job_id: str, h: dict[str, str]) -> str:
+    """The ``Batchvision-Delivery`` of a job's webhook (``h``: the job hash), the same on every
+    attempt: the job id, and ``<job id>.<n>`` for the end that follows its ``n``-th retry (each
+    end is an event of its own, which receivers must not drop as a duplicate)."""
+    retries = int(h.get("retries") or 0)
+    return f"{job_id}.{retries}" if retries else job_id
+
+
 class Deliverer:
     """Sends due webhooks; one per worker process, any number of processes."""
 
@@ -359,7 +368,7 @@ class Deliverer:
         attempt = int(h.get("cb_attempts") or 0) + 1
         body = json.dumps(payload(job_id, h), separators=(",", ":")).encode()
         secret = owner_secret(self.redis, self.settings, h.get("owner", ""))
-        status, error = self._post(h["cb_url"], body, secret, job_id, attempt)
+        status, error = self._post(h["cb_url"], body, secret, delivery_id(job_id, h), attempt)
         now = self.clock()
         if 200 <= status < 300:
             state, due_ms = "delivered", 0
@@ -382,13 +391,13 @@ class Deliverer:
         )
         return state
 
-    def _post(self, url: str, body: bytes, secret: str, job_id: str, attempt: int) -> tuple[int, str]:
-        """POST ``body``; ``(HTTP status, "")`` or ``(0, error code)``."""
+    def _post(self, url: str, body: bytes, secret: str, delivery: str, attempt: int) -> tuple[int, str]:
+        """POST ``body`` as ``delivery``; ``(HTTP status, "")`` or ``(0, error code)``."""
         deadline = Deadline(self.timeout_s)
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(secret, body),
-            DELIVERY_HEADER: job_id,
+            DELIVERY_HEADER: delivery,
             EVENT_HEADER: EVENT,
             ATTEMPT_HEADER: str(attempt),
         }

@@ -110,8 +110,8 @@ def _owner(stack: ListStack, key: str) -> str:
 
 def test_status_and_creation_time_filters(stack: ListStack) -> None:
     canceled = stack.jobs_a[1]
-    resp = requests.delete(
-        f"{stack.url}/v1/jobs/{canceled}", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=10
+    resp = requests.post(
+        f"{stack.url}/v1/jobs/{canceled}/cancel", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=10
     )
     assert resp.status_code == 200 and resp.json()["status"] == "canceled"
     assert _ids(stack.get(KEY_A, status="canceled")) == [canceled]

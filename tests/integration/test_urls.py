@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +23,7 @@ import requests
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Supervisor, cli_argv
-from batchvision.client import Client
+from batchvision.client import ApiError, Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.keys import JobKeys
@@ -208,3 +210,51 @@ def test_manifests_csv_jsonl_and_the_cli(
         written = list(csv.DictReader(fh))
     assert [r["filename"] for r in written] == [f"cli-{n}.jpg" for n in range(30, 42)]
     assert all(r["label"] and not r["error"] for r in written)
+
+
+def test_a_retry_fetches_again_what_failed_for_a_transient_reason_once(
+    url_stack: tuple[Settings, str],
+    origin: str,
+    hostile: Any,
+    reference_labels: Callable[..., list[str]],
+) -> None:
+    s, api = url_stack
+    client = Client(api)
+    flaky = [f"{origin}/once/503/{n}.jpg" for n in (50, 51, 52)]  # a host down for a while
+    urls = [f"{origin}/img/53.jpg", *flaky, f"{origin}/page.jpg", f"{origin}/once/404/54.jpg"]
+    job = client.submit_urls(urls)
+    first = client.wait(job.job_id, timeout=120, poll_s=0.2)
+    assert (first.status, first.done, first.failed) == ("partial", 1, 5)
+    errors = [(r.error.code, r.error.retryable) for r in client.results(job.job_id)[1:] if r.error]
+    assert errors == [("http_503", True)] * 3 + [("not_an_image", False), ("http_404", False)]
+
+    # Two retries at once: each flaky image is queued again once (the other retry finds the
+    # job running, or, were the worker that fast, finished with nothing retryable left).
+    def retry(_: int) -> int | str:
+        try:
+            return client.retry(job.job_id).requeued
+        except ApiError as exc:
+            return exc.code
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(retry, range(2)), key=str)
+    assert outcomes in ([0, 3], [3, "job_running"]), outcomes
+    again = client.wait(job.job_id, timeout=120, poll_s=0.2)
+    assert (again.status, again.done, again.failed) == ("partial", 4, 2)
+    rows = client.results(job.job_id)
+    by_url = {f"{origin}/once/503/{n}.jpg": IMAGES[n][:2] for n in (50, 51, 52)}
+    assert [r.label for r in rows[1:4]] == reference_labels(Path(s.model), [by_url[u] for u in flaky])
+    assert all(hostile.hits(f"/once/503/{n}.jpg") == 2 for n in (50, 51, 52))  # fetched once more
+    assert hostile.hits("/once/404/54.jpg") == 1 and hostile.hits("/page.jpg") >= 1
+    assert [r.error.code for r in rows[4:] if r.error] == ["not_an_image", "http_404"]
+
+    # `batchvision retry`: nothing retryable is left.
+    proc = subprocess.run(
+        [*cli_argv("retry"), job.job_id],
+        env={**os.environ, "BATCHVISION_API_URL": api},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["requeued"] == 0

@@ -105,6 +105,7 @@ class Watch:
     def __init__(self, page: Page, origin: str) -> None:
         self.origin = origin
         self.urls: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (method, URL)
         self.errors: list[str] = []
         page.on("request", self._request)
         page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
@@ -112,6 +113,7 @@ class Watch:
 
     def _request(self, req: Request) -> None:
         self.urls.append(req.url)
+        self.calls.append((req.method, req.url))
 
     def _console(self, msg: ConsoleMessage) -> None:
         if msg.type != "error":
@@ -460,6 +462,41 @@ def test_cancel_stops_a_job_mid_upload(
     assert late.status_code == 409
     assert requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()["total"] == sent
     assert "canceled" in page.inner_text(f"#recent li[data-job='{job_id}']")
+    # The page cancels with POST .../cancel (DELETE now deletes the job).
+    assert ("POST", f"{api_url}/v1/jobs/{job_id}/cancel") in watch.calls
+    assert not [c for c in watch.calls if c[0] == "DELETE"]
+    watch.check()
+    ctx.close()
+
+
+def test_the_page_lists_the_key_s_jobs_from_the_server(browser: Browser, keyed_api: str) -> None:
+    # Jobs another client made with the key: a browser that never saw them lists them.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    made = []
+    for seed in (61, 62):
+        name, data, _ = next(labelled_files(1, seed=seed))
+        resp = requests.post(
+            f"{keyed_api}/v1/jobs", files=[("files", (name, data))], headers=headers, timeout=30
+        )
+        assert resp.status_code == 202, resp.text
+        made.append(resp.json()["job_id"])
+    ctx, page, watch = open_page(browser, keyed_api)  # a new context: nothing in its storage
+    page.wait_for_selector("#key-section:not([hidden])")
+    assert page.locator("#recent li").count() == 0  # no key, no list (and no 401 asked for)
+    page.fill("#key-input", KEY)
+    page.click("#key-form button[type='submit']")
+    page.wait_for_selector(f"#recent li[data-job='{made[1]}']")
+    listed = page.eval_on_selector_all("#recent li", "els => els.map((e) => e.dataset.job)")
+    server = requests.get(f"{keyed_api}/v1/jobs?limit=50", headers=headers, timeout=30).json()["jobs"]
+    assert listed == [j["job_id"] for j in server]  # the server's list, newest first
+    assert listed.index(made[1]) < listed.index(made[0])
+    page.click(f"#recent li[data-job='{made[0]}'] a")
+    assert wait_finished(page) == "succeeded"
+    page.wait_for_function(
+        "(id) => document.querySelector(`#recent li[data-job='${id}']`).innerText.includes('succeeded')",
+        arg=made[0],
+    )
+    assert "1 images" in page.inner_text(f"#recent li[data-job='{made[0]}']")
     watch.check()
     ctx.close()
 

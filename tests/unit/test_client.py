@@ -195,9 +195,10 @@ def test_503_with_retry_after_is_waited_out_then_answered(api: FakeApi, client: 
 
 @pytest.mark.parametrize("status", [429, 502, 503, 504])
 def test_each_retryable_status_is_retried(api: FakeApi, client: Client, status: int) -> None:
-    api.on("DELETE", f"/v1/jobs/{JOB_ID}", unavailable(status=status), reply(200, job(status="canceled")))
+    path = f"/v1/jobs/{JOB_ID}/cancel"
+    api.on("POST", path, unavailable(status=status), reply(200, job(status="canceled")))
     assert client.cancel(JOB_ID).status == "canceled"
-    assert len(api.called("DELETE", f"/v1/jobs/{JOB_ID}")) == 2
+    assert len(api.called("POST", path)) == 2
 
 
 @pytest.mark.parametrize(

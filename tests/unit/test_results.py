@@ -65,7 +65,8 @@ def test_rows_become_the_same_json_lines_as_before() -> None:
     rows = [Row(0, "a.jpg", decode(STORED[0])), Row(1, "b.png", decode(STORED[2])), Row(2, "c.png", None)]
     assert "".join(jsonl_lines(rows)).splitlines() == [
         '{"index":0,"filename":"a.jpg","status":"ok",' + STORED[0][1:],
-        '{"index":1,"filename":"b.png","status":"error",' + STORED[2][1:],
+        # A served error also says whether a retry of the job would queue the image again.
+        '{"index":1,"filename":"b.png","status":"error",' + STORED[2][1:-2] + ',"retryable":false}}',
         '{"index":2,"filename":"c.png","status":"pending"}',
     ]
 
@@ -121,3 +122,61 @@ def test_csv_rows_carry_model_id_and_passthrough_columns() -> None:
 def test_chunking_keeps_order() -> None:
     assert chunked(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert chunked([], 3) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "retryable"),
+    [
+        ("fetch_timeout", True),
+        ("connection_failed", True),
+        ("http_503", True),
+        ("http_500", True),
+        ("http_599", True),
+        ("http_429", True),
+        ("http_408", True),
+        ("poison_image", True),
+        ("delivery_limit", True),
+        ("store_full", True),
+        ("http_404", False),
+        ("http_403", False),
+        ("http_600", False),
+        ("http_5xx", False),
+        ("not_an_image", False),
+        ("truncated", False),
+        ("too_many_pixels", False),
+        ("blocked_address", False),
+        ("upload_expired", False),
+        ("canceled", False),
+    ],
+)
+def test_which_errors_are_retryable(code: str, retryable: bool) -> None:
+    assert Failure(code, "m").retryable is retryable
+    row = Row(0, "a.jpg", Failure(code, "m")).document()
+    assert row["error"] == {"code": code, "message": "m", "retryable": retryable}
+    # What is stored stays {code, message}: the catalogue is applied when a row is served.
+    assert encode(Failure(code, "m")) == f'{{"error":{{"code":"{code}","message":"m"}}}}'
+
+
+def test_a_whole_number_is_an_integer_in_strict_bodies() -> None:
+    from pydantic import ValidationError
+
+    from batchvision.core.documents import OpenJob
+    from batchvision.core.model_documents import ReloadRequest
+
+    assert ReloadRequest.model_validate({"version": 192.0}).version == 192
+    assert OpenJob.model_validate({"expected": 5.0}).expected == 5
+    for bad in (192.5, True, "192", 0.0):
+        with pytest.raises(ValidationError):
+            ReloadRequest.model_validate({"version": bad})
+    # The schema keeps the bounds as JSON Schema's minimum and maximum.
+    version = ReloadRequest.model_json_schema()["properties"]["version"]["anyOf"][0]
+    assert (version["type"], version["minimum"], version["maximum"]) == ("integer", 1, 999_999_999)
+    expected = OpenJob.model_json_schema()["properties"]["expected"]["anyOf"][0]
+    assert (expected["minimum"], expected["maximum"]) == (0, 100_000_000)
+
+
+def test_each_end_of_a_retried_job_is_its_own_webhook_delivery() -> None:
+    from batchvision.server.webhooks import delivery_id
+
+    assert delivery_id("j" * 32, {}) == "j" * 32
+    assert delivery_id("j" * 32, {"retries": "2"}) == "j" * 32 + ".2"

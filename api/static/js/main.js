@@ -11,6 +11,7 @@ const FINAL = new Set(["succeeded", "partial", "failed", "canceled"]);
 const POLL_S = 1.0;
 const PAGE_RUNNING = 500;
 const PAGE_FINAL = 1000;
+const JOBS_LISTED = 50;
 
 const $ = (id) => document.getElementById(id);
 
@@ -18,6 +19,7 @@ const state = {
   key: store.apiKey(),
   sessions: new Map(), // job id -> upload started on this page (its files make the thumbnails)
   view: null, // the job on screen
+  serverJobs: null, // the key's jobs as GET /v1/jobs listed them last (null: not asked yet)
 };
 
 // ---------------------------------------------------------------- messages
@@ -89,9 +91,12 @@ async function probeAuth() {
   if (answer.keys_required && !answer.key_accepted) {
     const { code, message } = answer.reason || { code: "unauthorized", message: "an API key is required" };
     api.onUnauthorized(new ApiError(401, code, message));
-  } else if (state.key) {
-    showKeySection(false);
+    state.serverJobs = null; // another key's list is not this one's
+    renderRecent();
+    return;
   }
+  if (state.key) showKeySection(false);
+  await loadJobs();
 }
 
 $("key-form").addEventListener("submit", async (e) => {
@@ -201,6 +206,7 @@ async function runUpload(session, entries) {
         session.id = id;
         state.sessions.set(id, session);
         store.saveJob(id, { name: session.name, count: expected(session), status: "uploading" });
+        loadJobs(); // the new job joins the list
         history.pushState(null, "", `#job=${id}`);
         openJob(id);
       },
@@ -362,6 +368,7 @@ async function poll(view) {
       });
       renderRecent();
       const finished = FINAL.has(job.status) && !uploading;
+      if (finished) loadJobs(); // the list shows the final status
       await loadResults(view, finished);
       if (finished) return;
     } catch (err) {
@@ -523,7 +530,7 @@ $("cancel-job").addEventListener("click", async () => {
   $("cancel-job").disabled = true;
   view.session?.abort?.abort(); // parts in flight stop; the job is sealed by the cancel
   try {
-    const job = await api.request("DELETE", `/v1/jobs/${view.id}`);
+    const job = await api.request("POST", `/v1/jobs/${view.id}/cancel`);
     if (state.view === view) {
       view.job = job;
       renderClassify(); // the poll loop loads the final results on its next turn
@@ -588,10 +595,38 @@ function showTopK(row) {
   $("topk-dialog").showModal();
 }
 
-// ---------------------------------------------------------------- recent jobs
+// ---------------------------------------------------------------- your jobs
+
+/** The key's jobs from the server (`GET /v1/jobs`: made from any browser or client), newest
+ * first; this browser's records add the names it gave them. Until the server answers (or when
+ * it may not be asked: no key yet), this browser's records alone. */
+async function loadJobs() {
+  try {
+    state.serverJobs = (await api.request("GET", `/v1/jobs?limit=${JOBS_LISTED}`, { attempts: 3 })).jobs;
+  } catch (err) {
+    if (!isAbort(err)) state.serverJobs = null;
+  }
+  renderRecent();
+}
+
+function listedJobs() {
+  if (!state.serverJobs) return store.jobs();
+  return state.serverJobs.map((job) => {
+    const mine = store.getJob(job.job_id);
+    // The job on screen is polled every second: its record here is newer than the list.
+    const onView = state.view?.id === job.job_id && mine;
+    return {
+      id: job.job_id,
+      name: mine?.name,
+      created: job.created_at * 1000,
+      count: Math.max(job.total, onView ? mine.count || 0 : 0),
+      status: onView ? mine.status : job.status,
+    };
+  });
+}
 
 function renderRecent() {
-  const list = store.jobs();
+  const list = listedJobs();
   $("recent-empty").hidden = list.length > 0;
   const items = list.map((j) => {
     const li = document.createElement("li");
@@ -607,16 +642,7 @@ function renderRecent() {
     meta.textContent = [j.status || "…", j.count ? `${fmtInt(j.count)} images` : "", when.toLocaleString()]
       .filter(Boolean)
       .join(" · ");
-    const forget = document.createElement("button");
-    forget.type = "button";
-    forget.className = "secondary";
-    forget.textContent = "×";
-    forget.setAttribute("aria-label", `Remove ${j.name || j.id} from recent jobs`);
-    forget.addEventListener("click", () => {
-      store.forgetJob(j.id);
-      renderRecent();
-    });
-    li.append(a, forget, meta);
+    li.append(a, meta);
     return li;
   });
   $("recent").replaceChildren(...items);

@@ -1,4 +1,5 @@
-// This browser's recent jobs and API key, in localStorage (they survive a reload).
+// This browser's records of its jobs (the names it gave them, skipped files) and the API key,
+// in localStorage (they survive a reload). The list of jobs itself comes from the server.
 
 const JOBS = "batchvision.recentJobs.v1";
 const KEY = "batchvision.apiKey";
@@ -42,10 +43,6 @@ export function saveJob(id, fields) {
   else list.unshift(merged);
   write(list);
   return merged;
-}
-
-export function forgetJob(id) {
-  write(read().filter((j) => j.id !== id));
 }
 
 export function apiKey() {

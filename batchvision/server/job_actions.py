@@ -1,0 +1,111 @@
+"""What a caller does to a job after submitting it: retry its failed images, cancel it, delete it.
+
+**Retry** queues again the images of a finished job whose stored error is retryable
+(:func:`batchvision.core.results.retryable`), exactly once each however many retries race:
+the job's hash and results are watched (``WATCH``) while the candidates are read, and one
+``MULTI`` runs the :data:`~batchvision.server.lua.RETRY` script (results removed, counters and
+quotas raised, the job running again) with the chunk ledger entries of the new chunks, so a
+concurrent retry, a delete or a late result aborts it, and the next try sees the job running.
+Its input must still be held: the workers keep the blob of an image that failed for a
+retryable reason until it expires (Redis blobs only: ``BLOB_TTL_S`` after the upload); an image
+whose blob is gone stays as it is and is listed as ``input_expired``.
+
+**Delete** cancels what is still queued, then removes the job, its results, its place in its
+owner's job list and every blob (kept ones included); afterwards every route answers 404.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+
+from batchvision.core.errors import Conflict
+from batchvision.server.intake import Intake
+from batchvision.server.job_list import index_job
+from batchvision.server.keys import JobKeys
+from batchvision.server.messages import split
+from batchvision.server.recovery import ledger_add
+
+#: Blobs deleted per round trip when a job is deleted.
+DELETE_PAGE = 1000
+#: Tries of a retry that a concurrent change of the job aborted (the next read sees why).
+_WATCH_TRIES = 5
+
+
+@dataclass(frozen=True)
+class NotRequeued:
+    """An image with a retryable error that was not queued again, and why."""
+
+    index: int
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    """What a retry did: how many images it queued again, and those it could not."""
+
+    requeued: int
+    not_requeued: tuple[NotRequeued, ...] = ()
+
+
+def retry(intake: Intake, job_id: str) -> Retry:
+    """Queue again the images of the finished job ``job_id`` whose errors are retryable.
+
+    Raises ``LookupError`` for an unknown job, :class:`Conflict` (``409 job_running``) for a job
+    not finished (another retry may just have started it again) and ``job_canceled`` for a
+    canceled one; ``TooManyRequests`` when the queue cannot take the images now."""
+    store, k = intake.store, JobKeys.of(job_id)
+    for _ in range(_WATCH_TRIES):
+        with intake.redis.pipeline() as pipe:
+            pipe.watch(k.job, k.results)  # type: ignore[no-untyped-call, unused-ignore]
+            created, finished, cancel, owner = (
+                _text(v) for v in pipe.hmget(k.job, ["created_at", "finished_at", "cancel", "owner"])
+            )
+            if created is None:
+                raise LookupError(job_id)
+            if cancel not in (None, "0"):
+                raise Conflict(f"job {job_id} was canceled: nothing is retried", code="job_canceled")
+            if finished is None:
+                raise Conflict(
+                    f"job {job_id} is still running (or open for uploads): retry it once it has finished",
+                    code="job_running",
+                )
+            failed = store.retryable_failures(pipe, job_id)
+            sizes = dict(zip(failed, intake.blobs.sizes(job_id, list(failed)), strict=True))
+            held = [(i, n) for i, n in sizes.items() if n > 0]
+            gone = tuple(NotRequeued(i, failed[i].code, "input_expired") for i, n in sizes.items() if n == 0)
+            if not held:
+                return Retry(0, gone)
+            intake.backpressure(owner or "", len(held), sum(n for _, n in held))
+            chunks = split(job_id, [i for i, _ in held], intake.settings.chunk_size)
+            now = round(time.time(), 3)
+            pipe.multi()
+            store.requeue(pipe, job_id, held)
+            ledger_add(pipe, chunks, now)
+            # The job lives on: so does its place in the owner's list.
+            index_job(pipe, owner or "", job_id, float(created), store.result_ttl_s + store.open_ttl_s)
+            try:
+                requeued = int(pipe.execute()[0])
+            except redis.WatchError:
+                continue  # the job changed meanwhile: read it again
+        interactive = requeued <= intake.settings.interactive_max_images
+        routing = store.routing_of(job_id)  # the job's model and priority, as when it was made
+        intake.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
+        return Retry(requeued, gone)
+    raise Conflict(f"job {job_id} kept changing during the retry; try again", code="job_running")
+
+
+def delete(intake: Intake, job_id: str, owner: str) -> None:
+    """Cancel what ``job_id`` still has queued, then remove it, its results and its blobs."""
+    total = int(intake.redis.hget(JobKeys.of(job_id).job, "total") or 0)
+    intake.store.cancel(job_id)
+    intake.store.remove(job_id, owner)
+    for start in range(0, total, DELETE_PAGE):
+        intake.blobs.delete_many(job_id, list(range(start, min(total, start + DELETE_PAGE))))
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

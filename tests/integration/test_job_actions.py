@@ -1,0 +1,287 @@
+"""Retry, cancel and delete a job, against a real redis-server.
+
+The store level runs the real chunk processor (the ``rig``: stand-in colour models) so the
+blobs a retry needs are kept or deleted by the worker's own code; only publishing is replaced
+by a list of the chunks sent. The HTTP level runs the real API under gunicorn (``api_alone``):
+routes, status codes, headers, and gunicorn's own refusals as JSON.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import requests
+
+from batchvision.core.errors import Conflict
+from batchvision.core.priorities import DEFAULT_PRIORITY
+from batchvision.core.results import error_result
+from batchvision.core.settings import Settings
+from batchvision.server import job_actions, keys
+from batchvision.server.intake import Intake
+from batchvision.server.keys import JobKeys
+from batchvision.server.messages import Chunk
+from batchvision.server.telemetry import Telemetry
+from batchvision.server.webhooks import delivery_id
+
+pytestmark = pytest.mark.integration
+
+JOB = "a" * 32
+
+
+class SentChunks:
+    """What the intake publishes, recorded instead of sent (the rig processes it)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[tuple[Chunk, ...], bool, str | None, int]] = []
+
+    def send(
+        self,
+        chunks: Sequence[Chunk],
+        now: float,
+        interactive: bool,
+        model: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> None:
+        self.sent.append((tuple(chunks), interactive, model, priority))
+
+
+@pytest.fixture()
+def intake(rig: Any) -> Intake:
+    settings = Settings.from_env({}, redis_url="redis://unused/0", chunk_size=8)
+    return Intake(settings, rig.r, rig.store, rig.blobs, Telemetry(rig.r), SentChunks())  # type: ignore[arg-type]
+
+
+def _finished_with_a_poison_image(rig: Any, job_id: str = JOB) -> None:
+    """A job of four images (red, green, blue, not an image) whose first delivery died, and
+    whose image 0 already killed a worker twice: image 0 ends as ``poison_image`` (retryable),
+    image 3 as ``not_an_image``-like (not retryable)."""
+    images = [rig.jpeg("red"), rig.jpeg("green"), rig.jpeg("blue"), b"not an image at all"]
+    rig.job(job_id, images)
+    rig.r.hset(JobKeys.of(job_id).tries, mapping={"chunk:0": 1, "image:0": 2})
+    rig.process((job_id, [0, 1, 2, 3]))
+
+
+def test_a_retry_requeues_retryable_errors_exactly_once_even_when_retries_race(
+    rig: Any, intake: Intake
+) -> None:
+    _finished_with_a_poison_image(rig)
+    rows = rig.rows(JOB)
+    assert rows[0]["error"] == {**rows[0]["error"], "code": "poison_image", "retryable": True}
+    assert rows[3]["status"] == "error" and rows[3]["error"]["retryable"] is False
+    assert [r["label"] for r in rows[1:3]] == ["green", "blue"]
+    # The worker kept the blob of the retryable error only.
+    assert rig.blobs_left(JOB) == [keys.blob(JOB, 0).encode()]
+    assert rig.store.get(JOB)["status"] == "partial"
+
+    # Eight retries at once: one queues image 0, the others find the job running again.
+    start = threading.Barrier(8)
+    outcomes: list[Any] = []
+
+    def one() -> None:
+        start.wait()
+        try:
+            outcomes.append(job_actions.retry(intake, JOB))
+        except Conflict as exc:
+            outcomes.append(exc.code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [o for o in outcomes if isinstance(o, job_actions.Retry)]
+    assert [d.requeued for d in done if d.requeued] == [1], outcomes
+    assert all(o == "job_running" for o in outcomes if not isinstance(o, job_actions.Retry)), outcomes
+    sent = intake.enqueuer.sent  # type: ignore[attr-defined]
+    assert sent == [((Chunk.of(JOB, [0]),), True, "colours", DEFAULT_PRIORITY)]
+    job = rig.store.get(JOB)
+    assert (job["status"], job["done"], job["failed"], job["finished_at"]) == ("running", 2, 1, None)
+    assert int(rig.r.get(keys.PENDING)) == 1
+    assert int(rig.r.hget(keys.ACTIVE_PENDING, JOB)) == 1
+    assert rig.in_ledger(JOB, [0])
+
+    # The worker classifies it (a first delivery again: the job's delivery counts were reset).
+    rig.process((JOB, [0]))
+    job = rig.store.get(JOB)
+    assert (job["status"], job["done"], job["failed"]) == ("partial", 3, 1)
+    assert rig.labels(JOB)[:3] == ["red", "green", "blue"]
+    assert int(rig.r.get(keys.PENDING)) == 0 and rig.r.hget(keys.ACTIVE_PENDING, JOB) is None
+    assert int(rig.r.get(keys.PENDING_BYTES)) == 0
+    assert rig.blobs_left(JOB) == [] and not rig.in_ledger(JOB, [0])
+    # Nothing retryable is left: a retry changes nothing.
+    assert job_actions.retry(intake, JOB) == job_actions.Retry(0)
+    assert rig.store.get(JOB)["finished_at"] == job["finished_at"]
+
+
+def test_an_image_whose_input_expired_is_listed_not_requeued(rig: Any, intake: Intake) -> None:
+    _finished_with_a_poison_image(rig)
+    rig.blobs.delete_many(JOB, [0])
+    outcome = job_actions.retry(intake, JOB)
+    assert outcome == job_actions.Retry(0, (job_actions.NotRequeued(0, "poison_image", "input_expired"),))
+    assert rig.store.get(JOB)["status"] == "partial"
+    assert rig.rows(JOB)[0]["error"]["code"] == "poison_image"
+
+
+def test_running_canceled_and_unknown_jobs_are_refused(rig: Any, intake: Intake) -> None:
+    rig.job(JOB, [rig.jpeg("red")])
+    with pytest.raises(Conflict) as running:
+        job_actions.retry(intake, JOB)
+    assert running.value.code == "job_running" and running.value.status == 409
+    rig.store.cancel(JOB)
+    with pytest.raises(Conflict) as canceled:
+        job_actions.retry(intake, JOB)
+    assert canceled.value.code == "job_canceled"
+    with pytest.raises(LookupError):
+        job_actions.retry(intake, "b" * 32)
+
+
+def test_the_webhook_waits_for_the_new_end_under_a_new_delivery_id(rig: Any, intake: Intake) -> None:
+    rig.store.create(JOB, model="colours")
+    rig.r.hset(JobKeys.of(JOB).job, mapping={"cb_url": "http://hook.example/x", "cb_state": "waiting"})
+    indexed = rig.store.add_files(JOB, [("0.jpg", "0.jpg")])
+    rig.blobs.put_many(JOB, {indexed[0][0]: rig.jpeg("green")})
+    rig.store.record(JOB, [(0, error_result("fetch_timeout", "no answer within 2s"))])
+    rig.store.seal(JOB)
+    assert rig.r.zscore(keys.WEBHOOKS, JOB) is not None
+    # The first end was delivered.
+    rig.r.hset(JobKeys.of(JOB).job, mapping={"cb_state": "delivered", "cb_attempts": 1, "cb_delivered_at": 1})
+    rig.r.zrem(keys.WEBHOOKS, JOB)
+
+    assert job_actions.retry(intake, JOB).requeued == 1
+    callback = rig.store.get(JOB)["callback"]
+    assert (callback["state"], callback["attempts"], callback["delivered_at"]) == ("waiting", 0, None)
+    assert rig.r.zscore(keys.WEBHOOKS, JOB) is None
+    rig.process((JOB, [0]))
+    assert rig.r.zscore(keys.WEBHOOKS, JOB) is not None  # due again, for the new end
+    fields = {k.decode(): v.decode() for k, v in rig.r.hgetall(JobKeys.of(JOB).job).items()}
+    assert fields["cb_state"] == "pending" and delivery_id(JOB, fields) == f"{JOB}.1"
+
+
+def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
+    _finished_with_a_poison_image(rig)  # a kept blob
+    other = "c" * 32
+    rig.job(other, [rig.jpeg("red"), rig.jpeg("blue")])  # queued, never processed
+    assert int(rig.r.get(keys.PENDING)) == 2
+    for job_id in (JOB, other):
+        job_actions.delete(intake, job_id, "")
+        assert list(rig.r.scan_iter(match=f"*{job_id}*")) == [], job_id
+    assert int(rig.r.get(keys.PENDING)) == 0 and int(rig.r.get(keys.PENDING_BYTES)) == 0
+    assert rig.r.zcard(keys.owner_jobs("")) == 0 and rig.r.zscore(keys.ACTIVE, other) is None
+    # A worker holding the deleted job's chunk stores nothing and counts nothing.
+    rig.process((other, [0, 1]))
+    assert list(rig.r.scan_iter(match=f"*{other}*")) == []
+    assert int(rig.r.get(keys.PENDING)) == 0
+
+
+# -- over HTTP, the API under gunicorn (no worker) ------------------------------------------------
+
+ADMIN = "admin-key-of-the-job-actions-test"
+
+
+@pytest.fixture(scope="module")
+def api(api_alone: Callable[..., AbstractContextManager[Any]]) -> Iterator[Any]:
+    with api_alone(admin_keys=ADMIN, chunk_size=8) as alone:
+        yield alone
+
+
+def _job(url: str, files: int = 3) -> str:
+    parts = [("files", (f"{i}.png", _png(), "image/png")) for i in range(files)]
+    resp = requests.post(f"{url}/v1/jobs", files=parts, timeout=30)
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["job_id"])
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_http_retry_cancel_and_delete(api: Any) -> None:
+    r = redis_lib.Redis.from_url(api.redis_url)
+    job_id = _job(api.url)
+    # No worker: the job runs (queued) until canceled.
+    retry = requests.post(f"{api.url}/v1/jobs/{job_id}/retry", timeout=30)
+    assert retry.status_code == 409 and retry.json()["error"]["code"] == "job_running"
+    unknown = requests.post(f"{api.url}/v1/jobs/{'0' * 32}/retry", timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "job_not_found"
+    bad = requests.post(f"{api.url}/v1/jobs/not-a-job/retry", timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_job_id"
+
+    # POST .../cancel: canceled, still readable.
+    canceled = requests.post(f"{api.url}/v1/jobs/{job_id}/cancel", timeout=30)
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert requests.get(f"{api.url}/v1/jobs/{job_id}/files", timeout=30).status_code == 200
+    refused = requests.post(f"{api.url}/v1/jobs/{job_id}/retry", timeout=30)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_canceled"
+
+    # The old DELETE, for one more version: cancels, deprecated, points to its successor.
+    old = _job(api.url)
+    resp = requests.delete(f"{api.url}/v1/jobs/{old}?mode=cancel", timeout=30)
+    assert resp.status_code == 200 and resp.json()["status"] == "canceled"
+    assert resp.headers["Deprecation"].startswith("@") and resp.headers["Sunset"].endswith(" GMT")
+    assert resp.headers["Link"] == f'</v1/jobs/{old}/cancel>; rel="successor-version"'
+    assert requests.get(f"{api.url}/v1/jobs/{old}", timeout=30).status_code == 200
+    wrong = requests.delete(f"{api.url}/v1/jobs/{old}?mode=erase", timeout=30)
+    assert wrong.status_code == 400 and "mode" in wrong.json()["error"]["message"]
+
+    # DELETE removes the job, its results and its blobs: every route answers 404 after it.
+    queued = _job(api.url, files=5)
+    assert len(list(r.scan_iter(match=keys.blob_pattern(queued)))) == 5
+    gone = requests.delete(f"{api.url}/v1/jobs/{queued}", timeout=30)
+    assert gone.status_code == 204 and gone.content == b""
+    for method, path in [
+        ("GET", ""),
+        ("GET", "/files"),
+        ("GET", "/results"),
+        ("POST", "/cancel"),
+        ("POST", "/retry"),
+        ("DELETE", ""),
+    ]:
+        after = requests.request(method, f"{api.url}/v1/jobs/{queued}{path}", timeout=30)
+        assert after.status_code == 404 and after.json()["error"]["code"] == "job_not_found", (method, path)
+    assert list(r.scan_iter(match=f"*{queued}*")) == []
+    listed = requests.get(f"{api.url}/v1/jobs", timeout=30).json()["jobs"]
+    assert queued not in {j["job_id"] for j in listed} and job_id in {j["job_id"] for j in listed}
+    # What the queue counted for the deleted (and canceled) jobs was given back.
+    assert int(r.get(keys.PENDING) or 0) == 0 and int(r.get(keys.PENDING_BYTES) or 0) == 0
+
+
+def test_a_whole_number_version_is_an_integer_and_a_fraction_is_named(api: Any) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    url = f"{api.url}/v1/models/shapes/reload"
+    whole = requests.post(url, json={"version": 192.0}, headers=headers, timeout=30)
+    # Accepted as 192: what refuses it is that no worker serves a model named shapes here.
+    assert whole.status_code == 404 and whole.json()["error"]["code"] == "model_not_found", whole.text
+    for value in (192.5, True, "192"):
+        half = requests.post(url, json={"version": value}, headers=headers, timeout=30)
+        error = half.json()["error"]
+        assert half.status_code == 400 and error["code"] == "bad_body", half.text
+        assert (
+            error["message"].startswith("body field 'version': ")
+            and error["details"][0]["field"] == "version"
+        )
+
+
+def test_gunicorn_refusals_are_the_json_error_document(api: Any) -> None:
+    long_line = requests.get(f"{api.url}/v1/jobs?cursor={'x' * 10_000}", timeout=30)
+    assert long_line.status_code == 414
+    assert long_line.headers["Content-Type"] == "application/json"
+    error = long_line.json()["error"]
+    assert error["code"] == "request_line_too_long" and "8190" in error["message"], error
+    big_header = requests.get(f"{api.url}/healthz", headers={"X-Big": "y" * 10_000}, timeout=30)
+    assert big_header.status_code == 431 and big_header.json()["error"]["code"] == "headers_too_large"
+    # The server is fine afterwards.
+    started = time.monotonic()
+    assert requests.get(f"{api.url}/healthz", timeout=30).status_code == 200
+    assert time.monotonic() - started < 5
