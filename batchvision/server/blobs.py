@@ -164,6 +164,9 @@ class S3Blobs:
     reads and writes of one call go in parallel on a small pool of threads."""
 
     pipelined = False
+    # Objects stay until deleted (unless the bucket has a lifecycle rule the service cannot
+    # see), so no blob is kept for a retry: it would be left behind.
+    expiring = False
 
     def __init__(self, prefix: S3Url, s3: S3, threads: int = 16) -> None:
         self.prefix = prefix.folder
@@ -195,6 +198,10 @@ class S3Blobs:
     def delete_many(self, job_id: str, indexes: Sequence[int], pipe: Any = None) -> None:
         if indexes:
             self.s3.delete([self._url(job_id, i) for i in indexes])
+
+    def sizes(self, job_id: str, indexes: Sequence[int]) -> list[int]:
+        heads = self._pool.map(self.s3.head, [self._url(job_id, i) for i in indexes])
+        return [head.size if head is not None else 0 for head in heads]
 
 
 def open_blobs(url: str, client: redis.Redis, ttl_s: int, s3: S3Config | None = None) -> BlobStore:
