@@ -19,3 +19,5 @@ class ApiError(BatchvisionError):
         )
         self.status = status
         self.retry_after: str | None = None
+        #: Whether this answer came to a repeat of a request that may have arrived before.
+        self.resent = False

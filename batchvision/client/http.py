@@ -23,7 +23,7 @@ from requests.adapters import HTTPAdapter
 
 from batchvision.client.bulk import FolderUpload, submit_folder
 from batchvision.client.errors import ApiError
-from batchvision.client.retry import Budget, RetryPolicy
+from batchvision.client.retry import Budget, RetryPolicy, resent_after_arrival
 from batchvision.core.documents import (
     FINAL_STATUSES,
     ClassifyResult,
@@ -106,6 +106,8 @@ class Client:
                 resp.close()
             err = ApiError(resp.status_code, body)
             err.retry_after = resp.headers.get("Retry-After")
+            retries = getattr(resp.raw, "retries", None)
+            err.resent = retries is not None and resent_after_arrival(retries.history)
             raise err
         if "Content-Length" not in resp.headers and "chunked" not in resp.headers.get(
             "Transfer-Encoding", ""
@@ -116,9 +118,10 @@ class Client:
             raise requests.exceptions.ChunkedEncodingError("answer cut off in its headers")
         return resp
 
-    def _json(self, method: str, path: str, **kw: Any) -> Any:
-        """A request whose JSON answer is read whole, retried under one budget."""
-        budget = self.policy.budget()
+    def _json(self, method: str, path: str, *, resend: bool = True, **kw: Any) -> Any:
+        """A request whose JSON answer is read whole, retried under one budget (``resend``:
+        see :class:`~batchvision.client.retry.Budget`)."""
+        budget = self.policy.budget(resend=resend)
         while True:
             try:
                 with self._send(method, path, budget, **kw) as resp:
@@ -131,7 +134,8 @@ class Client:
             except (*BODY_ERRORS, ValueError):
                 # The answer broke off after its headers began: a body cut short, or headers
                 # cut before their end, which leaves a body that is not the JSON it must be.
-                if not budget.pause():
+                # Either way the request arrived: a call that must not repeat stops here.
+                if not budget.resend or not budget.pause():
                     raise
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -333,13 +337,24 @@ class Client:
     def retry(self, job_id: str) -> Retried:
         """Queue again the images of a finished job whose errors are retryable; ``requeued``
         says how many, ``not_requeued`` those whose input is gone. ``ApiError`` 409
-        (``job_running``) while the job runs."""
-        return Retried.model_validate(self._json("POST", f"/v1/jobs/{job_id}/retry"))
+        (``job_running``) while the job runs.
+
+        Not re-sent once a try may have reached the API (a repeat would find the job running
+        again): a lost answer raises a ``requests.RequestException``; :meth:`status` tells
+        whether the images were queued again."""
+        return Retried.model_validate(self._json("POST", f"/v1/jobs/{job_id}/retry", resend=False))
 
     def delete(self, job_id: str) -> None:
         """Delete the job: what is queued is canceled, then the job, its results and its
-        uploads are removed (every later request about it gets 404)."""
-        self._send("DELETE", f"/v1/jobs/{job_id}", self.policy.budget()).close()
+        uploads are removed (every later request about it gets 404).
+
+        A ``404`` to a repeat whose first try may have arrived (its answer was lost) means
+        that try deleted the job: that is success, not an error."""
+        try:
+            self._send("DELETE", f"/v1/jobs/{job_id}", self.policy.budget()).close()
+        except ApiError as exc:
+            if exc.status != 404 or not exc.resent:
+                raise
 
 
 def job_options(

@@ -1,8 +1,8 @@
 """The client's one retry policy: what is retried, how long to wait, when to give up.
 
-Every call of :class:`~batchvision.client.http.Client` is safe to repeat (job creation carries
-an ``Idempotency-Key``, parts are keyed by relative path, seal and cancel are idempotent, the
-rest are reads), so every call is retried the same way:
+Almost every call of :class:`~batchvision.client.http.Client` is safe to repeat (job creation
+carries an ``Idempotency-Key``, parts are keyed by relative path, seal and cancel are
+idempotent, the rest are reads), and those are retried the same way:
 
 - on a connection that could not be made or broke before the answer (any method),
 - on ``429``, ``502``, ``503`` and ``504``, waiting what ``Retry-After`` asks when it is sent,
@@ -10,6 +10,16 @@ rest are reads), so every call is retried the same way:
   ``backoff_max_s``, each wait drawn between half and all of it),
 - for at most ``retry_for_s`` seconds per call: a retry that would start later is not made
   and the last answer (or error) is what the caller gets.
+
+Two calls change the job when they arrive, so a repeat of one that arrived is not the same call:
+
+- ``DELETE /v1/jobs/{id}`` is re-sent like the others, but its repeat finds the job already
+  gone: the client takes a ``404`` as success when an earlier try may have reached the server
+  (:func:`may_have_arrived`).
+- ``POST /v1/jobs/{id}/retry`` requeues images and then answers ``409 job_running`` to a
+  repeat, so it is made with ``Budget(resend=False)``: re-sent only when no earlier try can
+  have arrived (the connection was never made, or ``429``/``503``, which the API answers
+  before doing anything); a lost answer is the caller's error to see.
 
 Two layers apply it with one clock. :class:`TransportRetry` is urllib3's ``Retry``, mounted on
 the client's ``requests`` session: it sees connection errors and status codes. :class:`Budget`
@@ -30,8 +40,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from urllib3.exceptions import MaxRetryError, ResponseError
-from urllib3.util.retry import Retry
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProxyError, ResponseError
+from urllib3.util.retry import RequestHistory, Retry
 
 if TYPE_CHECKING:
     from urllib3.connectionpool import ConnectionPool
@@ -39,11 +49,33 @@ if TYPE_CHECKING:
 
 #: Statuses that mean "not now" rather than "no": overload, a gateway or the store restarting.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-#: Every method the client uses; each call is idempotent (see the module docstring).
+#: Every method the client uses; the calls that are not safe to repeat opt out per call
+#: (``Budget(resend=False)``, see the module docstring).
 RETRY_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"})
+#: Statuses a gateway answers after the API may have done the work (it timed out, or the
+#: answer broke on its way back).
+GATEWAY_STATUSES = frozenset({502, 504})
 
 # The deadline of the call in progress in this thread, lent by Budget.active() to the transport.
 _DEADLINE: ContextVar[float | None] = ContextVar("batchvision_retry_deadline", default=None)
+# Whether the call in progress may be re-sent after a try that may have arrived (Budget.active()).
+_RESEND: ContextVar[bool] = ContextVar("batchvision_retry_resend", default=True)
+
+
+def may_have_arrived(error: Exception | None, status: int | None) -> bool:
+    """Whether a failed try may have reached the API (and done its work): anything but a
+    connection that was never made, or a "not now" status the API sends before acting."""
+    if error is not None:
+        if isinstance(error, ProxyError):
+            error = error.original_error
+        return not isinstance(error, ConnectTimeoutError)  # NewConnectionError included
+    return status in GATEWAY_STATUSES
+
+
+def resent_after_arrival(history: tuple[RequestHistory, ...]) -> bool:
+    """Whether the answer at the end of ``history`` (a urllib3 ``Retry.history``) came to a
+    repeat of a request an earlier try of which may have reached the API."""
+    return any(may_have_arrived(h.error, h.status) for h in history)
 
 
 @dataclass(frozen=True)
@@ -64,16 +96,21 @@ class RetryPolicy:
         """The urllib3 ``Retry`` to mount on a session (``HTTPAdapter(max_retries=...)``)."""
         return TransportRetry(policy=self)
 
-    def budget(self) -> Budget:
-        """A fresh time budget for one call."""
-        return Budget(self)
+    def budget(self, *, resend: bool = True) -> Budget:
+        """A fresh time budget for one call (``resend``: see :class:`Budget`)."""
+        return Budget(self, resend=resend)
 
 
 class Budget:
-    """One call's retries: a deadline ``retry_for_s`` from now and a count of waits so far."""
+    """One call's retries: a deadline ``retry_for_s`` from now and a count of waits so far.
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    ``resend=False`` is for a call that is not safe to repeat: it is re-sent only when no
+    earlier try can have reached the API (:func:`may_have_arrived`).
+    """
+
+    def __init__(self, policy: RetryPolicy, *, resend: bool = True) -> None:
         self.policy = policy
+        self.resend = resend
         self.deadline = time.monotonic() + policy.retry_for_s
         self.attempt = 0
 
@@ -92,11 +129,14 @@ class Budget:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Lend this deadline to the transport for the requests made inside the block."""
+        """Lend this deadline (and whether to re-send) to the transport for the requests made
+        inside the block."""
         token = _DEADLINE.set(self.deadline)
+        resend = _RESEND.set(self.resend)
         try:
             yield
         finally:
+            _RESEND.reset(resend)
             _DEADLINE.reset(token)
 
 
@@ -151,6 +191,11 @@ class TransportRetry(Retry):
         _pool: ConnectionPool | None = None,
         _stacktrace: TracebackType | None = None,
     ) -> Self:
+        status = response.status if response is not None else None
+        if not _RESEND.get() and may_have_arrived(error, status):
+            if error is not None:
+                raise error.with_traceback(_stacktrace)  # as urllib3 does for a method it must not repeat
+            raise MaxRetryError(_pool, url, ResponseError(f"HTTP {status}: not re-sent"))  # type: ignore[arg-type]
         new = super().increment(method, url, response, error, _pool, _stacktrace)
         now = time.monotonic()
         started = self.started if self.started is not None else now

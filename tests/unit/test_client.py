@@ -490,3 +490,51 @@ def test_an_answer_outside_the_contract_is_an_error_not_a_retry(api: FakeApi, cl
     with pytest.raises(ValidationError):
         client.status(JOB_ID)
     assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 1
+
+
+def test_a_delete_whose_answer_was_lost_is_not_an_error_when_its_repeat_finds_no_job(
+    api: FakeApi, client: Client
+) -> None:
+    path = f"/v1/jobs/{JOB_ID}"
+    gone = reply(404, {"error": {"code": "job_not_found", "message": "no such job"}})
+    api.on("DELETE", path, drop(), gone)
+    client.delete(JOB_ID)  # the first try deleted the job; its answer was lost
+    assert len(api.called("DELETE", path)) == 2
+
+
+@pytest.mark.parametrize("first", ["none", "503"])
+def test_a_delete_of_a_job_that_never_was_is_still_404(api: FakeApi, client: Client, first: str) -> None:
+    # No earlier try, or one the API answered "not now" before doing anything: the 404 is true.
+    path = f"/v1/jobs/{JOB_ID}"
+    gone = reply(404, {"error": {"code": "job_not_found", "message": "no such job"}})
+    api.on("DELETE", path, *([unavailable("0")] if first == "503" else []), gone)
+    with pytest.raises(ApiError) as err:
+        client.delete(JOB_ID)
+    assert (err.value.status, err.value.code) == (404, "job_not_found")
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [drop(), cut(200, job(requeued=2, not_requeued=[]), 5), unavailable(status=502)],
+    ids=["dropped", "body-cut", "gateway-502"],
+)
+def test_a_retry_that_may_have_arrived_is_not_sent_again(api: FakeApi, client: Client, lost: Action) -> None:
+    # A repeat would find the job running again (409 job_running) after the first try queued it.
+    path = f"/v1/jobs/{JOB_ID}/retry"
+    api.on("POST", path, lost, reply(200, job(requeued=2, not_requeued=[])))
+    with pytest.raises((requests.RequestException, ApiError)):
+        client.retry(JOB_ID)
+    assert len(api.called("POST", path)) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_refused_before_it_acted_is_sent_again(api: FakeApi, client: Client, status: int) -> None:
+    path = f"/v1/jobs/{JOB_ID}/retry"
+    api.on(
+        "POST",
+        path,
+        unavailable("0", status=status),
+        reply(200, job(requeued=2, not_requeued=[])),
+    )
+    assert client.retry(JOB_ID).requeued == 2
+    assert len(api.called("POST", path)) == 2
