@@ -17,21 +17,24 @@ owner's job list and every blob (kept ones included); afterwards every route ans
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 
 from batchvision.core.errors import Conflict
 from batchvision.server.intake import Intake
-from batchvision.server.job_list import index_job
+from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
-from batchvision.server.messages import split
-from batchvision.server.recovery import ledger_add
+from batchvision.server.messages import Chunk, split
+from batchvision.server.recovery import ledger_add, ledger_done
 
 #: Blobs deleted per round trip when a job is deleted.
 DELETE_PAGE = 1000
 #: Tries of a retry that a concurrent change of the job aborted (the next read sees why).
 _WATCH_TRIES = 5
+#: The negative replies of :data:`~batchvision.server.lua.RETRY`.
+_NO_JOB, _NOT_FINISHED, _CANCELED = -1, -2, -3
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,33 @@ def retry(intake: Intake, job_id: str) -> Retry:
                 requeued = int(pipe.execute()[0])
             except redis.WatchError:
                 continue  # the job changed meanwhile: read it again
+        if requeued <= 0:
+            # The script found nothing to requeue (its checks repeat the ones above, for a change
+            # WATCH cannot see, such as an expiry): the MULTI cannot depend on its reply, so the
+            # ledger entries it added go now, before the sweep would take them for lost chunks.
+            _undo_retry(intake, job_id, owner or "", chunks, requeued)
+            return Retry(0, gone)
         interactive = requeued <= intake.settings.interactive_max_images
         routing = store.routing_of(job_id)  # the job's model and priority, as when it was made
         intake.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Retry(requeued, gone)
     raise Conflict(f"job {job_id} kept changing during the retry; try again", code="job_running")
+
+
+def _undo_retry(intake: Intake, job_id: str, owner: str, chunks: Sequence[Chunk], reply: int) -> None:
+    """Remove what a retry's ``MULTI`` added around a :data:`~batchvision.server.lua.RETRY`
+    that requeued nothing (``reply`` <= 0), and raise what its negative reply means."""
+    with intake.redis.pipeline() as pipe:
+        ledger_done(pipe, chunks)
+        if reply == _NO_JOB:
+            unindex_job(pipe, owner, job_id)
+        pipe.execute()
+    if reply == _NO_JOB:
+        raise LookupError(job_id)
+    if reply == _NOT_FINISHED:
+        raise Conflict(f"job {job_id} is running again: retry it once it has finished", code="job_running")
+    if reply == _CANCELED:
+        raise Conflict(f"job {job_id} was canceled: nothing is retried", code="job_canceled")
 
 
 def delete(intake: Intake, job_id: str, owner: str) -> None:

@@ -22,7 +22,7 @@ from batchvision.core.errors import Conflict
 from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
-from batchvision.server import job_actions, keys
+from batchvision.server import job_actions, keys, lua
 from batchvision.server.intake import Intake
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
@@ -139,6 +139,36 @@ def test_running_canceled_and_unknown_jobs_are_refused(rig: Any, intake: Intake)
     assert canceled.value.code == "job_canceled"
     with pytest.raises(LookupError):
         job_actions.retry(intake, "b" * 32)
+
+
+_CHANGES = {
+    "results gone": "redis.call('DEL', K_RES)",
+    "running again": "redis.call('HDEL', K_JOB, 'finished_at')",
+    "canceled": "redis.call('HSET', K_JOB, 'cancel', '1')",
+    "job gone": "redis.call('DEL', K_JOB)",
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_a_retry_whose_script_requeues_nothing_sends_nothing_and_leaves_no_ledger_entry(
+    rig: Any, intake: Intake, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    # The job changes as the script starts: what WATCH cannot see (an expiry, say).
+    _finished_with_a_poison_image(rig)
+    first = "if redis.call('EXISTS', K_JOB) == 0 then return -1 end"
+    assert first in lua.RETRY
+    monkeypatch.setattr(lua, "RETRY", lua.RETRY.replace(first, _CHANGES[change] + "\n" + first))
+    if change == "results gone":
+        assert job_actions.retry(intake, JOB) == job_actions.Retry(0)
+    else:
+        with pytest.raises((Conflict, LookupError)) as refused:
+            job_actions.retry(intake, JOB)
+        expected = {"running again": "job_running", "canceled": "job_canceled"}.get(change)
+        assert getattr(refused.value, "code", None) == expected
+    assert intake.enqueuer.sent == []  # type: ignore[attr-defined]
+    assert rig.r.zrange(keys.CHUNKS, 0, -1) == []
+    if change == "job gone":
+        assert JOB.encode() not in rig.r.zrange(keys.owner_jobs(""), 0, -1)
 
 
 def test_the_webhook_waits_for_the_new_end_under_a_new_delivery_id(rig: Any, intake: Intake) -> None:
