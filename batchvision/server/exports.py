@@ -40,6 +40,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.outputs import SUCCESS
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.store import JobStore
+from batchvision.server.text import as_text
 from batchvision.server.webhooks import backoff
 
 log = logging.getLogger(__name__)
@@ -290,8 +291,8 @@ class Exporter:
         taken = self._lease(keys=[keys.EXPORTS], args=[now, self.lease_ms])
         if not taken:
             return False
-        job_id = _text(taken[0])
-        lease = int(_text(taken[1]))
+        job_id = as_text(taken[0])
+        lease = int(as_text(taken[1]))
         self.export(job_id, lease)
         return True
 
@@ -336,7 +337,3 @@ class Exporter:
             args=[job_id, lease, state, due, error, files, f"{time.time():.3f}"],
         )
         return state
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from batchvision.server.text import as_text
+
 log = logging.getLogger(__name__)
 
 
@@ -75,9 +77,9 @@ class Nvml:
         out = []
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            out.append(
-                Gpu(index, _text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)))
-            )
+            # nvidia-ml-py returned bytes before version 11.
+            uuid, name = as_text(nvml.nvmlDeviceGetUUID(handle)), as_text(nvml.nvmlDeviceGetName(handle))
+            out.append(Gpu(index, uuid, name))
         return out
 
     def sample(self, gpu: Gpu) -> GpuSample:
@@ -92,11 +94,6 @@ class Nvml:
             self._nvml.nvmlShutdown()
         except self._nvml.NVMLError as exc:
             log.debug("NVML shutdown: %s", exc)
-
-
-def _text(value: str | bytes) -> str:
-    # nvidia-ml-py returned bytes before version 11.
-    return value.decode() if isinstance(value, bytes) else value
 
 
 #: One entry of ``CUDA_VISIBLE_DEVICES``: an index, or a GPU / MIG UUID (or its prefix).

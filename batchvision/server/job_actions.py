@@ -28,6 +28,7 @@ from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk, split
 from batchvision.server.recovery import ledger_add, ledger_done
+from batchvision.server.text import as_text_or_none
 
 #: Blobs deleted per round trip when a job is deleted.
 DELETE_PAGE = 1000
@@ -64,9 +65,8 @@ def retry(intake: Intake, job_id: str) -> Retry:
     for _ in range(_WATCH_TRIES):
         with intake.redis.pipeline() as pipe:
             pipe.watch(k.job, k.results)  # type: ignore[no-untyped-call, unused-ignore]
-            created, finished, cancel, owner = (
-                _text(v) for v in pipe.hmget(k.job, ["created_at", "finished_at", "cancel", "owner"])
-            )
+            fields = pipe.hmget(k.job, ["created_at", "finished_at", "cancel", "owner"])
+            created, finished, cancel, owner = (as_text_or_none(v) for v in fields)
             if created is None:
                 raise LookupError(job_id)
             if cancel not in (None, "0"):
@@ -130,7 +130,3 @@ def delete(intake: Intake, job_id: str, owner: str) -> None:
     intake.store.remove(job_id, owner)
     for start in range(0, total, DELETE_PAGE):
         intake.blobs.delete_many(job_id, list(range(start, min(total, start + DELETE_PAGE))))
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

@@ -28,14 +28,11 @@ import redis
 
 from batchvision.core.model_refs import ModelFacts
 from batchvision.server import keys
+from batchvision.server.text import as_text
 
 #: A worker whose heartbeat is older than this no longer counts as serving a model.
 HEARTBEAT_TTL_S = 30.0
 READY, FAILED, FOUND = "ready", "failed", "found"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ModelRegistry:
@@ -78,7 +75,7 @@ class ModelRegistry:
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.zrangebyscore(keys.model_workers(name), 0, now - 10 * HEARTBEAT_TTL_S)
-        gone = [[_text(w) for w in ws] for ws in pipe.execute()]
+        gone = [[as_text(w) for w in ws] for ws in pipe.execute()]
         for name, stale in zip(names, gone, strict=True):
             if stale:
                 pipe.zrem(keys.model_workers(name), *stale)
@@ -116,7 +113,7 @@ class ModelRegistry:
                 return self._cached[1]
         out: dict[str, Any] = {}
         for field, value in self.redis.hgetall(keys.MODELS).items():
-            name, _, version = _text(field).partition(":")
+            name, _, version = as_text(field).partition(":")
             try:
                 doc = json.loads(value)
             except ValueError:
@@ -158,8 +155,8 @@ class ModelRegistry:
         out = []
         for n, name in enumerate(names):
             alive_raw, served_raw, pointer = replies[3 * n : 3 * n + 3]
-            alive = {_text(w) for w in alive_raw}
-            served = {_text(w): _text(v) for w, v in served_raw.items() if _text(w) in alive}
+            alive = {as_text(w) for w in alive_raw}
+            served = {as_text(w): as_text(v) for w, v in served_raw.items() if as_text(w) in alive}
             by_version: dict[str, int] = {}
             for version in served.values():
                 by_version[version or "none"] = by_version.get(version or "none", 0) + 1

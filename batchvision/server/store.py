@@ -33,6 +33,7 @@ from batchvision.server import keys, lua
 from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.outputs import output_document
+from batchvision.server.text import as_text
 from batchvision.server.webhooks import callback_document
 
 
@@ -69,7 +70,7 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
     """A job hash as the public status document (``None`` for a missing job)."""
     if not raw:
         return None
-    h = {_text(k): _text(v) for k, v in raw.items()}
+    h = {as_text(k): as_text(v) for k, v in raw.items()}
     status, counts = status_of(h)
     return {
         "job_id": job_id,
@@ -107,14 +108,10 @@ def _rows(
         pt = passed[n] if passed is not None else None
         yield Row(
             int(i),
-            _text(name) if name else i,
+            as_text(name) if name else i,
             decode(res) if res is not None else None,
             Passthrough.decode(pt) if pt is not None else None,
         )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class JobStore:
@@ -286,11 +283,11 @@ class JobStore:
         if not indexes:
             return []
         names = self.redis.hmget(JobKeys.of(job_id).files, [str(i) for i in indexes])
-        return [_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
+        return [as_text(n) if n is not None else str(i) for i, n in zip(indexes, names, strict=True)]
 
     def file_keys(self, job_id: str) -> list[str]:
         """Every file key (relative path) the job has."""
-        return [_text(k) for k in self.redis.hkeys(JobKeys.of(job_id).paths)]
+        return [as_text(k) for k in self.redis.hkeys(JobKeys.of(job_id).paths)]
 
     def cancel(self, job_id: str, page: int = 1000) -> bool:
         """Cancel what has no result yet; results so far stay. False if the job is unknown.
@@ -353,7 +350,7 @@ class JobStore:
         """Where the job's chunks go: its model (``None``: unknown job, or one from before
         models had names) and priority (the default for a job from before priorities)."""
         raw_model, raw_priority = self.redis.hmget(JobKeys.of(job_id).job, ["model", "priority"])
-        name = _text(raw_model) if raw_model else ""
+        name = as_text(raw_model) if raw_model else ""
         return Routing(
             name if MODEL_NAME_RE.match(name) else None,
             int(raw_priority) if raw_priority else DEFAULT_PRIORITY,

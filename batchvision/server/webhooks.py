@@ -53,6 +53,7 @@ from batchvision.core.settings import Settings
 from batchvision.server import keys
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
 from batchvision.server.keys import JobKeys
+from batchvision.server.text import as_text
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +234,6 @@ return 1
 """
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
     """The POSTed document: the job as ``GET /v1/jobs/{id}`` shows it (without ``callback``)."""
     status, counts = status_of(h)
@@ -324,7 +321,7 @@ class Deliverer:
             busy = [str(v) for owner, n in self._inflight.items() for v in (owner, n)]
         args: list[str | int] = [now_ms, self.lease_ms, free, self.per_key, CLAIM_SCAN, BUSY_DEFER_MS, *busy]
         try:
-            raw = [_text(v) for v in self._claim(keys=[keys.WEBHOOKS], args=args)]
+            raw = [as_text(v) for v in self._claim(keys=[keys.WEBHOOKS], args=args)]
         except BaseException:
             for _ in range(free):
                 self._slots.release()
@@ -361,7 +358,7 @@ class Deliverer:
     def deliver(self, job_id: str, lease: int) -> str:
         """One attempt for ``job_id`` under ``lease``; returns the state it recorded."""
         raw = self.redis.hgetall(JobKeys.of(job_id).job)
-        h = {_text(k): _text(v) for k, v in raw.items()}
+        h = {as_text(k): as_text(v) for k, v in raw.items()}
         if not h.get("cb_url") or h.get("cb_state") in ("delivered", "failed"):
             self._write(job_id, lease, "gone", 0, "", "")  # expired, or already final
             return "gone"
