@@ -8,7 +8,8 @@ key may ask for (``BATCHVISION_MAX_PRIORITY``, ``BATCHVISION_KEY_MAX_PRIORITY``)
 
 The ten values are served in three :class:`Tier` s, each a queue of its own per model (as
 kombu's Redis transport groups ten priorities into four lists): ``low`` 0-3, ``normal`` 4-6
-(the model's bulk queue as it always was), ``high`` 7-9; within a tier, arrival order. Where
+(the model's plain bulk queue, so a job that names no priority goes where every worker reads),
+``high`` 7-9; within a tier, arrival order. Where
 two tiers both have work waiting, :class:`WeightedTurns` gives each tier ``ratio`` times the
 turns of the tier below (``BATCHVISION_PRIORITY_RATIO``; 3: high 9, normal 3, low 1 of every
 13 turns), so every tier keeps moving. The interactive lane (small jobs) stays ahead of all of
@@ -39,7 +40,8 @@ class Tier(enum.IntEnum):
 
     @property
     def suffix(self) -> str:
-        """What the tier adds to a model's bulk queue name ('' for normal: the queue of old)."""
+        """What the tier adds to a model's bulk queue name: '' for normal, so the default
+        priority keeps the plain queue name that every worker consumes."""
         return "" if self is Tier.NORMAL else f".{self.name.lower()}"
 
 

@@ -3,13 +3,14 @@ turns (:class:`~batchvision.core.priorities.WeightedTurns`).
 
 kombu's Redis transport takes the next message with one ``BRPOP`` over every queue a worker
 consumes, in the order of its queue cycle (``queue_order_strategy``); ``BRPOP`` answers from the
-first list that has a message. :class:`TierCycle` lists every interactive queue first, as
-before, then the bulk queues: first the tiers it last found empty (so a message that arrives
-in one is taken at once), then the tier whose turn it is, then the other tiers that have work,
-highest first. A message taken from a bulk queue uses a turn of its tier among the tiers that
-have work; the tiers listed before it had none (``BRPOP`` answers from the first list with a
-message) and sit out until they answer again. So under a backlog of several tiers the worker
-takes them in the shares of ``BATCHVISION_PRIORITY_RATIO``, and a lone tier gets every turn.
+first list that has a message. :class:`TierCycle` lists every interactive queue first (small
+jobs stay ahead of every tier), then the bulk queues: first the tiers it last found empty (so a
+message that arrives in one is taken at once), then the tier whose turn it is, then the other
+tiers that have work, highest first. A message taken from a bulk queue uses a turn of its tier
+among the tiers that have work; the tiers listed before it had none (``BRPOP`` answers from the
+first list with a message) and sit out until they answer again. So under a backlog of several
+tiers the worker takes them in the shares of ``BATCHVISION_PRIORITY_RATIO``, and a lone tier
+gets every turn.
 
 kombu builds the cycle from a dotted name with no arguments, so the ratio is part of the name:
 ``batchvision.server.turns:tier_cycle_3`` (see :func:`cycle_name`).
