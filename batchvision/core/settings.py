@@ -6,10 +6,12 @@ these fields (docs/reference/configuration.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlparse
 
@@ -453,8 +455,7 @@ class Settings(BaseSettings):
 
     def max_priority_of(self, owner: str) -> int:
         """The highest priority the API key ``owner`` (:func:`owner_of`) may ask for."""
-        limits = key_max_priorities(self.key_max_priority.get_secret_value())
-        return limits.get(owner, self.max_priority)
+        return _key_limits(self.key_max_priority.get_secret_value()).get(owner, self.max_priority)
 
     @field_validator("output_formats")
     @classmethod
@@ -564,6 +565,14 @@ def key_max_priorities(raw: str) -> dict[str, int]:
             raise ValueError(f"entry {n} must be KEY=MAX with MAX from 0 to 9")
         out[owner_of(key_digest(key.strip()))] = int(value)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _key_limits(raw: str) -> Mapping[str, int]:
+    """:func:`key_max_priorities` of ``raw``, read-only and parsed once per value: the API asks
+    on every request that makes a job, and each entry costs a SHA-256. (Keyed by the value, not
+    held on the frozen :class:`Settings`, so a copy with another value cannot see a stale one.)"""
+    return MappingProxyType(key_max_priorities(raw))
 
 
 class SettingsError(ValueError):

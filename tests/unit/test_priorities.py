@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from batchvision.core import settings as settings_module
 from batchvision.core.batching import Admission
 from batchvision.core.model_refs import JobOptions, resolve_options
 from batchvision.core.priorities import (
@@ -82,6 +83,18 @@ def test_settings_give_each_key_its_maximum() -> None:
     assert s.max_priority_of(owner_of(key_digest("other"))) == 5
     assert s.max_priority_of("") == 5  # no API keys: the one tenant
     assert "key-a" not in repr(s)  # a secret
+
+
+def test_the_key_maxima_are_parsed_once_per_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = "key-parsed-once=8"  # a value of this test alone: nothing cached it before
+    s = Settings.from_env({"BATCHVISION_KEY_MAX_PRIORITY": raw})
+    parsed: list[str] = []
+    parse = settings_module.key_max_priorities
+    monkeypatch.setattr(settings_module, "key_max_priorities", lambda v: parsed.append(v) or parse(v))
+    owner = owner_of(key_digest("key-parsed-once"))
+    assert [s.max_priority_of(owner) for _ in range(3)] == [8, 8, 8]
+    assert s.model_copy(update={"max_priority": 4}).max_priority_of("other") == 4
+    assert parsed == [raw], "parsed on the first request only"
 
 
 @pytest.mark.parametrize("raw", ["key-a", "key-a=10", "=3", "key-a=x", "key-a=-1"])
