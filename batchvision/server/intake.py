@@ -248,8 +248,8 @@ class Intake:
 
         Refused before any job exists: a bucket that does not exist, access denied
         (``S3Error``, 422), a prefix with no images (``422 no_images``). A listing that fails
-        later, or passes ``MAX_OBJECTS_PER_JOB`` (``413``), cancels the job it started and
-        raises."""
+        later, or passes ``MAX_OBJECTS_PER_JOB`` (``413``), cancels the job it started, frees
+        the request's ``Idempotency-Key`` (a retry makes a new job) and raises."""
         url = S3Url.parse(source)
         base = url.folder.key
 
@@ -299,6 +299,10 @@ class Intake:
                 accepted += done.accepted
         except BaseException:
             self.store.cancel(job_id)
+            if claim is not None:
+                # The request fails: a retry with the same key must make a new job, not get
+                # this canceled, partial one back as a replay.
+                claim.release(self.redis, job_id)
             raise
         self.store.seal(job_id)
         return Submitted(job_id, accepted, accepted, (), 0, tuple(Skipped(k, why) for k, why in skipped))
