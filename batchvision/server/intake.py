@@ -211,7 +211,8 @@ class Intake:
         """The job-hash fields of an ``output_url``, after a test write under it (an object
         ``.batchvision-write-check``, deleted again): ``422 output_not_writable`` naming the
         S3 code when the prefix cannot be written (bucket missing, access denied), so a job
-        never runs to an output that cannot be stored."""
+        never runs to an output that cannot be stored; a throttled or unreachable store is
+        ``503`` (:class:`~batchvision.server.s3.S3Error`, with ``Retry-After``)."""
         if url is None:
             return None
         try:
@@ -220,6 +221,12 @@ class Intake:
             self.s3().put(probe, b"", "text/plain")
             self.s3().delete([probe])
         except S3Error as exc:
+            if exc.transient:  # the store is busy or down, not the prefix unwritable: 503, retry
+                raise S3Error(
+                    f"output_url {url[:200]!r} cannot be checked now: {exc.message}",
+                    code=exc.code,
+                    details=[{"in": "body", "field": "output_url", "reason": exc.code}],
+                ) from exc
             raise OutputNotWritable(
                 f"output_url {url[:200]!r} cannot be written: {exc.message}",
                 details=[{"in": "body", "field": "output_url", "reason": exc.code}],
@@ -247,9 +254,10 @@ class Intake:
         while later ones are listed and no step holds more than a page.
 
         Refused before any job exists: a bucket that does not exist, access denied
-        (``S3Error``, 422), a prefix with no images (``422 no_images``). A listing that fails
-        later, or passes ``MAX_OBJECTS_PER_JOB`` (``413``), cancels the job it started, frees
-        the request's ``Idempotency-Key`` (a retry makes a new job) and raises."""
+        (``S3Error``, 422; a throttled or unreachable store: 503), a prefix with no images
+        (``422 no_images``). A listing that fails later, or passes ``MAX_OBJECTS_PER_JOB``
+        (``413``), cancels the job it started, frees the request's ``Idempotency-Key`` (a retry
+        makes a new job) and raises."""
         url = S3Url.parse(source)
         base = url.folder.key
 

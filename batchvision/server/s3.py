@@ -46,16 +46,27 @@ THROTTLING = frozenset(
 MULTIPART_BYTES = 16 * 1024 * 1024
 
 
+#: The codes of a store that is throttling or unreachable (after botocore's retries): a wait,
+#: not a fault of the request, so the API answers ``503`` with ``Retry-After``.
+TRANSIENT_CODES = frozenset({"s3_throttled", "s3_unavailable"})
+
+
 class S3Error(BatchvisionError):
-    """An S3 request that failed; ``code`` is the error code a job or an image reports."""
+    """An S3 request that failed; ``code`` is the error code a job or an image reports. Its HTTP
+    status is ``503`` for :data:`TRANSIENT_CODES`, else ``422``."""
 
     status = 422
     code = "s3_error"
 
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message, code=code, details=details)
+        if self.code in TRANSIENT_CODES:
+            self.status = 503
+
     @property
     def transient(self) -> bool:
         """Whether trying again later may succeed (throttled or unreachable, after the retries)."""
-        return self.code in ("s3_throttled", "s3_unavailable")
+        return self.code in TRANSIENT_CODES
 
 
 @dataclass(frozen=True)
@@ -253,7 +264,7 @@ class S3:
                 return
 
     def get(self, url: S3Url, *, max_bytes: int | None = None) -> bytes:
-        """The object's bytes; ``too_large`` (:class:`S3Error`, 413) before reading when it is
+        """The object's bytes; ``too_large`` (:class:`S3Error`, 422) before reading when it is
         larger than ``max_bytes``."""
         try:
             resp = self._client.get_object(Bucket=url.bucket, Key=url.key)
