@@ -357,17 +357,43 @@ class S3:
             raise _error(inner, f"writing {url}") from exc
 
     def delete(self, urls: Sequence[S3Url]) -> None:
-        """Delete objects (1,000 per request); missing ones are no error."""
+        """Delete objects (1,000 per request); missing ones are no error. A key the store
+        refuses to delete (``Errors`` in the reply of ``DeleteObjects``, which answers ``200``
+        for the request) is an :class:`S3Error` naming the first such key, after every batch
+        was sent."""
         by_bucket: dict[str, list[str]] = {}
         for u in urls:
             by_bucket.setdefault(u.bucket, []).append(u.key)
+        failed: list[tuple[str, dict[str, Any]]] = []
         for bucket, keys in by_bucket.items():
             for start in range(0, len(keys), 1000):
                 objects = [{"Key": k} for k in keys[start : start + 1000]]
                 try:
-                    self._client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+                    reply = self._client.delete_objects(
+                        Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
                 except Exception as exc:
                     raise _error(exc, f"deleting from s3://{bucket}/") from exc
+                failed += [(bucket, err) for err in reply.get("Errors") or ()]
+        if failed:
+            bucket, first = failed[0]
+            raise _key_error(bucket, first, len(failed))
+
+
+def _key_error(bucket: str, err: dict[str, Any], count: int) -> S3Error:
+    """The :class:`S3Error` of one key's entry in a ``DeleteObjects`` reply's ``Errors``
+    (``count``: how many keys failed)."""
+    from botocore.exceptions import ClientError
+
+    code = str(err.get("Code", ""))
+    # The reply has no status per key: the codes _error maps by status get theirs back.
+    status = {"InternalError": 500, "ServiceUnavailable": 503}.get(code, 0)
+    reply: Any = {
+        "Error": {"Code": code, "Message": str(err.get("Message", ""))},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    more = f" (and {count - 1} more keys)" if count > 1 else ""
+    return _error(ClientError(reply, "DeleteObjects"), f"deleting s3://{bucket}/{err.get('Key', '')}{more}")
 
 
 _shared: dict[S3Config, S3] = {}
