@@ -88,6 +88,18 @@ EXTENSIONS: Mapping[str, Kind] = {
     ".uris": "urilist",
 }
 
+#: S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, a letter or digit
+#: at each end.
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """Why ``bucket`` is not a valid S3 bucket name (``None`` when it is): the check of an
+    ``s3://`` URL's bucket that the API, workers and settings share."""
+    if _BUCKET_RE.fullmatch(bucket) is None:
+        return f"not a valid bucket name: {bucket[:80]!r} (3-63 lowercase letters, digits, dots, hyphens)"
+    return None
+
 
 class ManifestError(BadRequest):
     """The manifest cannot be read (``400``); the message names the line."""

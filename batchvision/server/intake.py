@@ -63,6 +63,18 @@ class OutputNotWritable(BatchvisionError):
     code = "output_not_writable"
 
 
+def parse_field(url: str, field: str) -> S3Url:
+    """:meth:`S3Url.parse` of the body's ``field``: a bad URL's ``422 bad_url`` names it."""
+    try:
+        return S3Url.parse(url)
+    except S3Error as exc:
+        raise S3Error(
+            f"{field}: {exc.message}",
+            code=exc.code,
+            details=[{"in": "body", "field": field, "reason": exc.code}],
+        ) from exc
+
+
 def entry_problem(url: str, allow: AllowList) -> BatchvisionError | None:
     """What the API can tell about an image URL without fetching it: an ``s3://`` URL's
     syntax, or an ``http(s)://`` URL's (:func:`~batchvision.server.fetch.url_problem`)."""
@@ -236,7 +248,7 @@ class Intake:
     def read_manifest(self, url: str) -> bytes:
         """The bytes of a manifest stored at an ``s3://`` URL (at most 64 MiB); the errors of
         :class:`~batchvision.server.s3.S3Error` name the bucket or key."""
-        return self.s3().get(S3Url.parse(url), max_bytes=64 * 1024 * 1024)
+        return self.s3().get(parse_field(url, "manifest"), max_bytes=64 * 1024 * 1024)
 
     def submit_prefix(
         self,
@@ -258,7 +270,7 @@ class Intake:
         (``422 no_images``). A listing that fails later, or passes ``MAX_OBJECTS_PER_JOB``
         (``413``), cancels the job it started, frees the request's ``Idempotency-Key`` (a retry
         makes a new job) and raises."""
-        url = S3Url.parse(source)
+        url = parse_field(source, "source")
         base = url.folder.key
 
         def relative(key: str) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.manifest import MAX_URL_LENGTH
+from batchvision.core.manifest import MAX_URL_LENGTH, bucket_problem
 from batchvision.core.settings import Settings
 
 SCHEME = "s3://"
@@ -86,11 +86,9 @@ class S3Url:
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
             raise S3Error(f"URL with control characters: {url[:200]!r}", code="bad_url")
         bucket, _, key = url[len(SCHEME) :].partition("/")
-        # S3's bucket naming rules: 3-63 of lowercase letters, digits, dots and hyphens.
-        if not 3 <= len(bucket) <= 63 or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket):
-            raise S3Error(f"not a valid bucket name: {bucket[:80]!r} (in {url[:200]!r})", code="bad_url")
-        if bucket[0] in ".-" or bucket[-1] in ".-":
-            raise S3Error(f"not a valid bucket name: {bucket!r}", code="bad_url")
+        problem = bucket_problem(bucket)
+        if problem is not None:
+            raise S3Error(f"{problem} (in {url[:200]!r})", code="bad_url")
         return cls(bucket, key)
 
     def __str__(self) -> str:

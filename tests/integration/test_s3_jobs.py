@@ -175,6 +175,10 @@ def test_bad_bucket_inputs_get_clear_errors(
     for body, status, code in cases:
         resp = post(body)
         assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), (body, resp.text)
+    for field in ("source", "manifest"):  # a bad bucket name: the error names the field
+        resp = post({field: "s3://Bad_Bucket/x.csv"})
+        assert (resp.status_code, resp.json()["error"]["code"]) == (422, "bad_url"), resp.text
+        assert resp.json()["error"]["details"] == [{"in": "body", "field": field, "reason": "bad_url"}]
 
     proxy.fail("GET", f"/{s3_bucket}\\?list-type", 403, "AccessDenied", times=1)
     resp = post({"source": f"s3://{s3_bucket}/ok/"})
