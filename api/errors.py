@@ -34,7 +34,8 @@ def register(app: Flask) -> None:
         resp = error_response(exc.status, exc.code, exc.message, exc.details)
         if isinstance(exc, TooManyRequests):
             resp.headers["Retry-After"] = str(exc.retry_after)
-        if isinstance(exc, ServiceUnavailable):
+        elif isinstance(exc, ServiceUnavailable) or exc.status == 503:
+            # Every 503 is a wait (the store throttling or unreachable too): say how long.
             resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         if isinstance(exc, Unauthorized):
             resp.headers["WWW-Authenticate"] = 'Bearer realm="batchvision"'

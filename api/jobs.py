@@ -214,6 +214,20 @@ def _bucket_job(svc: Services, params: d.SubmitQuery, claim: Claim | None, body:
     return submitted
 
 
+def _no_output(params: d.SubmitQuery) -> None:
+    """Uploads and open jobs have no output prefix: a given ``output_url`` would be ignored."""
+    if params.output_url is not None:
+        raise BadRequest(
+            "query parameter 'output_url' is only taken by a job of URLs (a JSON body with urls, "
+            "or a manifest body) or from a bucket (source, manifest); uploads and open jobs have "
+            "no output prefix",
+            code="bad_parameter",
+            details=[
+                {"in": "query", "field": "output_url", "message": "not allowed on uploads and open jobs"}
+            ],
+        )
+
+
 def _one_output(in_body: str | None, params: d.SubmitQuery) -> str | None:
     if in_body is not None and params.output_url is not None:
         raise BadRequest(
@@ -316,6 +330,7 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
         by_url = _url_job(svc, params, claim)
         if by_url is not None:
             return by_url.job_id, _added(by_url)
+        _no_output(params)
         if request.mimetype == "application/json":
             body = c.json_body(d.OpenJob)
             callback = _callback(svc, _one_callback(body.callback_url, params))

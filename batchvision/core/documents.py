@@ -410,7 +410,7 @@ class SubmitQuery(OptionsQuery):
         pattern=r"^s3://",
         max_length=MAX_URL_LENGTH,
         description="s3:// prefix the results of a manifest body are written to (a JSON body "
-        "carries it in the body instead)",
+        "carries it in the body instead; an upload or an open job has none: 400 bad_parameter)",
     )
 
 

@@ -31,6 +31,25 @@ from typing import Any, Literal
 
 from batchvision.core.errors import BadRequest, BatchvisionError
 
+#: Names a pass-through column may not have (any case): the columns of the results themselves
+#: in CSV, JSON Lines and Parquet (``id`` too: Parquet always has it).
+RESERVED_COLUMNS = (
+    "index",
+    "filename",
+    "id",
+    "status",
+    "label",
+    "score",
+    "class_id",
+    "top_k",
+    "error",
+    "error_code",
+    "error_message",
+    "model",
+    "version",
+    "url",
+    "columns",
+)
 #: Longest URL an entry may have (what browsers and CDNs reliably carry).
 MAX_URL_LENGTH = 2048
 #: Longest display name of an entry.
@@ -68,6 +87,18 @@ EXTENSIONS: Mapping[str, Kind] = {
     ".txt": "urilist",
     ".uris": "urilist",
 }
+
+#: S3's bucket naming rules: 3-63 lowercase letters, digits, dots and hyphens, a letter or digit
+#: at each end.
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """Why ``bucket`` is not a valid S3 bucket name (``None`` when it is): the check of an
+    ``s3://`` URL's bucket that the API, workers and settings share."""
+    if _BUCKET_RE.fullmatch(bucket) is None:
+        return f"not a valid bucket name: {bucket[:80]!r} (3-63 lowercase letters, digits, dots, hyphens)"
+    return None
 
 
 class ManifestError(BadRequest):
@@ -244,7 +275,8 @@ def _id(value: Any, where: str) -> str | None:
 
 
 def _columns(value: Any, where: str) -> tuple[tuple[str, Cell], ...]:
-    """Pass-through columns checked: at most MAX_COLUMNS, names and values within limits."""
+    """Pass-through columns checked: at most MAX_COLUMNS, names and values within limits, no
+    name of :data:`RESERVED_COLUMNS`."""
     if value is None:
         return ()
     if not isinstance(value, Mapping):
@@ -255,6 +287,11 @@ def _columns(value: Any, where: str) -> tuple[tuple[str, Cell], ...]:
     for name, cell in value.items():
         if not isinstance(name, str) or not 1 <= len(name) <= MAX_COLUMN_NAME:
             raise ManifestError(f"{where}: column names are 1 to {MAX_COLUMN_NAME} characters")
+        if name.strip().lower() in RESERVED_COLUMNS:
+            raise ManifestError(
+                f"{where}: pass-through column {name!r} has the name of a result column; rename it "
+                f"(reserved, in any case: {', '.join(RESERVED_COLUMNS)})"
+            )
         if cell is not None and not isinstance(cell, str | int | float | bool):
             raise ManifestError(f"{where}: column {name!r} must be text, a number, a boolean or null")
         if isinstance(cell, str) and len(cell) > MAX_COLUMN_VALUE:

@@ -98,6 +98,9 @@ RETRYABLE_CODES = frozenset(
         "delivery_limit",
         "task_failed",
         "store_full",
+        "s3_throttled",
+        "s3_unavailable",
+        "incomplete_download",
     }
 )
 

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from batchvision.core.manifest import bucket_problem
+
 PREFIX = "BATCHVISION_"
 
 
@@ -434,6 +436,9 @@ class Settings(BaseSettings):
         if value in ("", "redis"):
             return value
         if value.startswith("s3://") and len(value) > len("s3://"):
+            problem = bucket_problem(value.removeprefix("s3://").partition("/")[0])
+            if problem is not None:
+                raise ValueError(f"{problem}; must be an s3://bucket/prefix/ URL")
             return value
         if not (value.startswith("file://") and len(value) > len("file://")):
             raise ValueError("must be `redis`, a file:///directory URL or an s3://bucket/prefix/ URL")

@@ -61,10 +61,15 @@ redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 #: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
-#: state (written, pending: retry at ARGV[4], failed), next due, error, files JSON, now.
+#: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
+#: untouched), next due, error, files JSON, now.
 RECORD = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == 'dropped' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return -1
@@ -81,6 +86,11 @@ else
 end
 return 1
 """
+
+#: What :meth:`Exporter.export` returns for a job it leaves alone (gone, or not finished): it
+#: leaves the set, and its ``out_state`` (one of :class:`~batchvision.core.documents.OutputState`'s)
+#: is not written.
+DROPPED = "dropped"
 
 #: File name and content type of each output format.
 FORMATS = {
@@ -297,7 +307,8 @@ class Exporter:
         return True
 
     def export(self, job_id: str, lease: int) -> str:
-        """Write one job's output under ``lease``; returns the state recorded."""
+        """Write one job's output under ``lease``; returns the state recorded (``written``,
+        ``pending``, ``failed``), or :data:`DROPPED` for a job that is gone or not finished."""
         held = [lease]
 
         def renew(_: int) -> None:
@@ -305,10 +316,13 @@ class Exporter:
             if self._renew(keys=[keys.EXPORTS], args=[job_id, held[0], new]):
                 held[0] = new
 
+        if not self.redis.hexists(JobKeys.of(job_id).job, "finished_at"):
+            # Gone, or running again (a retry): its output is queued anew when it finishes.
+            return self._write(job_id, held[0], DROPPED, 0, "", "")
         try:
             manifest = export_job(self.store, self.s3(), job_id, self.formats, renew)
         except LookupError:
-            return self._write(job_id, held[0], "gone", 0, "", "")
+            return self._write(job_id, held[0], DROPPED, 0, "", "")
         except S3Error as exc:
             return self._failed(job_id, held[0], exc)
         except Exception as exc:  # a surprise is this output's error, never the thread's end

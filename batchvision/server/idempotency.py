@@ -76,6 +76,24 @@ class Claim:
                 except redis.WatchError:
                     continue  # another request wrote the slot: look again
 
+    def release(self, client: redis.Redis, job_id: str) -> None:
+        """Free the slot if it names ``job_id``: a job that was stored and then canceled before
+        its request succeeded (a later listing page failed) must not be replayed to a retry."""
+        while True:
+            with client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self.slot)  # type: ignore[no-untyped-call, unused-ignore]
+                    raw = pipe.get(self.slot)
+                    value = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+                    if value.partition(" ")[0] != job_id:
+                        return  # another request's job (or nothing): not this request's to free
+                    pipe.multi()
+                    pipe.delete(self.slot)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
 
 def commit(client: redis.Redis, claim: Claim | None, job_id: str, writes: Callable[[Any], None]) -> None:
     """:meth:`Claim.commit`, or without a claim one plain ``MULTI`` of ``writes``."""

@@ -63,6 +63,18 @@ class OutputNotWritable(BatchvisionError):
     code = "output_not_writable"
 
 
+def parse_field(url: str, field: str) -> S3Url:
+    """:meth:`S3Url.parse` of the body's ``field``: a bad URL's ``422 bad_url`` names it."""
+    try:
+        return S3Url.parse(url)
+    except S3Error as exc:
+        raise S3Error(
+            f"{field}: {exc.message}",
+            code=exc.code,
+            details=[{"in": "body", "field": field, "reason": exc.code}],
+        ) from exc
+
+
 def entry_problem(url: str, allow: AllowList) -> BatchvisionError | None:
     """What the API can tell about an image URL without fetching it: an ``s3://`` URL's
     syntax, or an ``http(s)://`` URL's (:func:`~batchvision.server.fetch.url_problem`)."""
@@ -211,7 +223,8 @@ class Intake:
         """The job-hash fields of an ``output_url``, after a test write under it (an object
         ``.batchvision-write-check``, deleted again): ``422 output_not_writable`` naming the
         S3 code when the prefix cannot be written (bucket missing, access denied), so a job
-        never runs to an output that cannot be stored."""
+        never runs to an output that cannot be stored; a throttled or unreachable store is
+        ``503`` (:class:`~batchvision.server.s3.S3Error`, with ``Retry-After``)."""
         if url is None:
             return None
         try:
@@ -220,6 +233,12 @@ class Intake:
             self.s3().put(probe, b"", "text/plain")
             self.s3().delete([probe])
         except S3Error as exc:
+            if exc.transient:  # the store is busy or down, not the prefix unwritable: 503, retry
+                raise S3Error(
+                    f"output_url {url[:200]!r} cannot be checked now: {exc.message}",
+                    code=exc.code,
+                    details=[{"in": "body", "field": "output_url", "reason": exc.code}],
+                ) from exc
             raise OutputNotWritable(
                 f"output_url {url[:200]!r} cannot be written: {exc.message}",
                 details=[{"in": "body", "field": "output_url", "reason": exc.code}],
@@ -229,7 +248,7 @@ class Intake:
     def read_manifest(self, url: str) -> bytes:
         """The bytes of a manifest stored at an ``s3://`` URL (at most 64 MiB); the errors of
         :class:`~batchvision.server.s3.S3Error` name the bucket or key."""
-        return self.s3().get(S3Url.parse(url), max_bytes=64 * 1024 * 1024)
+        return self.s3().get(parse_field(url, "manifest"), max_bytes=64 * 1024 * 1024)
 
     def submit_prefix(
         self,
@@ -247,10 +266,11 @@ class Intake:
         while later ones are listed and no step holds more than a page.
 
         Refused before any job exists: a bucket that does not exist, access denied
-        (``S3Error``, 422), a prefix with no images (``422 no_images``). A listing that fails
-        later, or passes ``MAX_OBJECTS_PER_JOB`` (``413``), cancels the job it started and
-        raises."""
-        url = S3Url.parse(source)
+        (``S3Error``, 422; a throttled or unreachable store: 503), a prefix with no images
+        (``422 no_images``). A listing that fails later, or passes ``MAX_OBJECTS_PER_JOB``
+        (``413``), cancels the job it started, frees the request's ``Idempotency-Key`` (a retry
+        makes a new job) and raises."""
+        url = parse_field(source, "source")
         base = url.folder.key
 
         def relative(key: str) -> str:
@@ -299,6 +319,10 @@ class Intake:
                 accepted += done.accepted
         except BaseException:
             self.store.cancel(job_id)
+            if claim is not None:
+                # The request fails: a retry with the same key must make a new job, not get
+                # this canceled, partial one back as a replay.
+                claim.release(self.redis, job_id)
             raise
         self.store.seal(job_id)
         return Submitted(job_id, accepted, accepted, (), 0, tuple(Skipped(k, why) for k, why in skipped))

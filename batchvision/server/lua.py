@@ -184,7 +184,8 @@ return released
 #: it (once: a second run finds none) and counts as waiting again, in the job's ``failed``
 #: counter, the queue's counters and its owner's quota, as :data:`ADD` counts a new file; the
 #: job runs again (no ``finished_at``, no expiry, no tombstone, its delivery counts reset) and
-#: its webhook waits for the new end. Returns how many were queued again; -1 for an unknown
+#: its webhook and its output prefix's files (``out_state`` back to ``pending``) wait for the new
+#: end. Returns how many were queued again; -1 for an unknown
 #: job, -2 for one not finished, -3 for a canceled one.
 RETRY = (
     LUA_KEYS
@@ -220,6 +221,12 @@ redis.call('DEL', K_TRIES, K_TOMB)
 for _, k in ipairs(K_DATA) do redis.call('PERSIST', k) end
 redis.call('ZADD', K_ACTIVE, '+inf', ARGV[3])
 redis.call('ZREM', K_WEBHOOKS, ARGV[3])
+-- its output is written again at the new end (FINISH queues it): none is due before
+redis.call('ZREM', K_EXPORTS, ARGV[3])
+if redis.call('HEXISTS', K_JOB, 'out_url') == 1 then
+  redis.call('HSET', K_JOB, 'out_state', 'pending')
+  redis.call('HDEL', K_JOB, 'out_error', 'out_attempts', 'out_files', 'out_written_at')
+end
 if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
   redis.call('HSET', K_JOB, 'cb_state', 'waiting', 'cb_attempts', '0')
   redis.call('HDEL', K_JOB, 'cb_last_status', 'cb_last_error', 'cb_last_attempt_at', 'cb_delivered_at')
@@ -230,7 +237,7 @@ return n
 
 #: Remove a job: what it still holds leaves the queue's counters (once: nothing if its finish
 #: or a release gave it back already), its keys and tombstone go, and it leaves the active and
-#: webhook sets. ARGV[3] job id. Returns how many of its keys existed.
+#: webhook and export sets. ARGV[3] job id. Returns how many of its keys existed.
 REMOVE = (
     LUA_KEYS
     + _ACCOUNTS
@@ -238,6 +245,7 @@ REMOVE = (
 release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
 redis.call('ZREM', K_ACTIVE, ARGV[3])
 redis.call('ZREM', K_WEBHOOKS, ARGV[3])
+redis.call('ZREM', K_EXPORTS, ARGV[3])
 return redis.call('DEL', K_JOB, K_FILES, K_PATHS, K_RES, K_TRIES, K_TOMB)
 """
 )

@@ -87,9 +87,10 @@ class ModelMirror:
         self.s3 = s3
 
     def sync(self, only: Collection[str] = ()) -> dict[str, dict[int, str]]:
-        """Bring the cache in line with the bucket (``only``: these models; every one when
-        empty). Returns the versions that could not be copied and have no earlier copy, with
-        the reason. Raises :class:`~batchvision.server.s3.S3Error` when the listing fails."""
+        """Bring the cache in line with the bucket (``only``: these models, and only these are
+        removed from the cache when the bucket no longer has them; every one when empty).
+        Returns the versions that could not be copied and have no earlier copy, with the
+        reason. Raises :class:`~batchvision.server.s3.S3Error` when the listing fails."""
         (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
         with _locked(self.root / LOCK_FILE):
             remote = self._listing(only)
@@ -104,7 +105,12 @@ class ModelMirror:
                         problems.setdefault(name, {})[version] = why
                 self._prune_versions(name, set(model.versions), state)
                 self._save_state(name, state)
+            # Workers serving different WORKER_MODELS share one cache: a sync of some models
+            # removes only those of them that left the bucket, never another worker's.
+            wanted = set(only)
             for child in self.root.iterdir():
+                if wanted and child.name not in wanted:
+                    continue
                 if child.is_dir() and not child.name.startswith(".") and child.name not in remote:
                     log.info("model %s is gone from %s: removed from the cache", child.name, self.source)
                     shutil.rmtree(child, ignore_errors=True)

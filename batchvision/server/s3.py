@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.manifest import MAX_URL_LENGTH
+from batchvision.core.manifest import MAX_URL_LENGTH, bucket_problem
 from batchvision.core.settings import Settings
 
 SCHEME = "s3://"
@@ -46,16 +46,27 @@ THROTTLING = frozenset(
 MULTIPART_BYTES = 16 * 1024 * 1024
 
 
+#: The codes of a store that is throttling or unreachable (after botocore's retries): a wait,
+#: not a fault of the request, so the API answers ``503`` with ``Retry-After``.
+TRANSIENT_CODES = frozenset({"s3_throttled", "s3_unavailable"})
+
+
 class S3Error(BatchvisionError):
-    """An S3 request that failed; ``code`` is the error code a job or an image reports."""
+    """An S3 request that failed; ``code`` is the error code a job or an image reports. Its HTTP
+    status is ``503`` for :data:`TRANSIENT_CODES`, else ``422``."""
 
     status = 422
     code = "s3_error"
 
+    def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message, code=code, details=details)
+        if self.code in TRANSIENT_CODES:
+            self.status = 503
+
     @property
     def transient(self) -> bool:
         """Whether trying again later may succeed (throttled or unreachable, after the retries)."""
-        return self.code in ("s3_throttled", "s3_unavailable")
+        return self.code in TRANSIENT_CODES
 
 
 @dataclass(frozen=True)
@@ -75,11 +86,9 @@ class S3Url:
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
             raise S3Error(f"URL with control characters: {url[:200]!r}", code="bad_url")
         bucket, _, key = url[len(SCHEME) :].partition("/")
-        # S3's bucket naming rules: 3-63 of lowercase letters, digits, dots and hyphens.
-        if not 3 <= len(bucket) <= 63 or not all(c.islower() or c.isdigit() or c in ".-" for c in bucket):
-            raise S3Error(f"not a valid bucket name: {bucket[:80]!r} (in {url[:200]!r})", code="bad_url")
-        if bucket[0] in ".-" or bucket[-1] in ".-":
-            raise S3Error(f"not a valid bucket name: {bucket!r}", code="bad_url")
+        problem = bucket_problem(bucket)
+        if problem is not None:
+            raise S3Error(f"{problem} (in {url[:200]!r})", code="bad_url")
         return cls(bucket, key)
 
     def __str__(self) -> str:
@@ -253,7 +262,7 @@ class S3:
                 return
 
     def get(self, url: S3Url, *, max_bytes: int | None = None) -> bytes:
-        """The object's bytes; ``too_large`` (:class:`S3Error`, 413) before reading when it is
+        """The object's bytes; ``too_large`` (:class:`S3Error`, 422) before reading when it is
         larger than ``max_bytes``."""
         try:
             resp = self._client.get_object(Bucket=url.bucket, Key=url.key)
@@ -346,17 +355,43 @@ class S3:
             raise _error(inner, f"writing {url}") from exc
 
     def delete(self, urls: Sequence[S3Url]) -> None:
-        """Delete objects (1,000 per request); missing ones are no error."""
+        """Delete objects (1,000 per request); missing ones are no error. A key the store
+        refuses to delete (``Errors`` in the reply of ``DeleteObjects``, which answers ``200``
+        for the request) is an :class:`S3Error` naming the first such key, after every batch
+        was sent."""
         by_bucket: dict[str, list[str]] = {}
         for u in urls:
             by_bucket.setdefault(u.bucket, []).append(u.key)
+        failed: list[tuple[str, dict[str, Any]]] = []
         for bucket, keys in by_bucket.items():
             for start in range(0, len(keys), 1000):
                 objects = [{"Key": k} for k in keys[start : start + 1000]]
                 try:
-                    self._client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+                    reply = self._client.delete_objects(
+                        Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
                 except Exception as exc:
                     raise _error(exc, f"deleting from s3://{bucket}/") from exc
+                failed += [(bucket, err) for err in reply.get("Errors") or ()]
+        if failed:
+            bucket, first = failed[0]
+            raise _key_error(bucket, first, len(failed))
+
+
+def _key_error(bucket: str, err: dict[str, Any], count: int) -> S3Error:
+    """The :class:`S3Error` of one key's entry in a ``DeleteObjects`` reply's ``Errors``
+    (``count``: how many keys failed)."""
+    from botocore.exceptions import ClientError
+
+    code = str(err.get("Code", ""))
+    # The reply has no status per key: the codes _error maps by status get theirs back.
+    status = {"InternalError": 500, "ServiceUnavailable": 503}.get(code, 0)
+    reply: Any = {
+        "Error": {"Code": code, "Message": str(err.get("Message", ""))},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    more = f" (and {count - 1} more keys)" if count > 1 else ""
+    return _error(ClientError(reply, "DeleteObjects"), f"deleting s3://{bucket}/{err.get('Key', '')}{more}")
 
 
 _shared: dict[S3Config, S3] = {}

@@ -175,6 +175,10 @@ def test_bad_bucket_inputs_get_clear_errors(
     for body, status, code in cases:
         resp = post(body)
         assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), (body, resp.text)
+    for field in ("source", "manifest"):  # a bad bucket name: the error names the field
+        resp = post({field: "s3://Bad_Bucket/x.csv"})
+        assert (resp.status_code, resp.json()["error"]["code"]) == (422, "bad_url"), resp.text
+        assert resp.json()["error"]["details"] == [{"in": "body", "field": field, "reason": "bad_url"}]
 
     proxy.fail("GET", f"/{s3_bucket}\\?list-type", 403, "AccessDenied", times=1)
     resp = post({"source": f"s3://{s3_bucket}/ok/"})
@@ -196,3 +200,23 @@ def test_bad_bucket_inputs_get_clear_errors(
     assert job["status"] == "succeeded" and job["output"]["state"] == "failed", job
     assert job["output"]["error"].startswith("access_denied"), job
     assert requests.get(f"{s3_stack.url}/v1/jobs/{job['job_id']}/results", timeout=10).json()["results"]
+
+
+def test_failed_prefix_listing_frees_its_idempotency_key(
+    start_private_stack: Any, s3_server: MotoServer, s3_bucket: str, proxy: S3FaultProxy
+) -> None:
+    # A prefix past MAX_OBJECTS_PER_JOB fails after its job was stored: the job is canceled and
+    # a retry with the same key must fail the same way, not replay the canceled job.
+    stack = start_private_stack("s3-cap", s3_endpoint_url=proxy.url, s3_max_attempts=3, max_objects_per_job=1)
+    client = s3_server.client()
+    for name, data, _ in labelled_files(2, seed=11):
+        client.put_object(Bucket=s3_bucket, Key=f"cap/{name}", Body=data)
+    headers = {"Idempotency-Key": "prefix-over-cap"}
+    for attempt in range(2):
+        resp = requests.post(
+            f"{stack.url}/v1/jobs", json={"source": f"s3://{s3_bucket}/cap/"}, headers=headers, timeout=60
+        )
+        assert (resp.status_code, resp.json()["error"]["code"]) == (413, "too_many_objects"), (
+            attempt,
+            resp.text,
+        )

@@ -107,6 +107,27 @@ def test_the_cache_copies_checks_keeps_and_prunes(
     assert mirror.sync() == {} and not (root / "m").exists()
 
 
+def test_a_sync_of_some_models_leaves_the_others_in_the_shared_cache(
+    s3_server: MotoServer, s3_bucket: str, proxy: S3FaultProxy, tmp_path: Path
+) -> None:
+    # Workers with different WORKER_MODELS share one cache: one that serves only "a" must not
+    # remove the "b" another worker copied, but does remove its own model once it is gone.
+    put = s3_server.client().put_object
+    put(Bucket=s3_bucket, Key="models/a/1/model.onnx", Body=b"a one")
+    put(Bucket=s3_bucket, Key="models/b/1/model.onnx", Body=b"b one")
+    s3 = S3(S3Config(endpoint_url=proxy.url, max_attempts=2))
+    root = tmp_path / "cache"
+    mirror = ModelMirror(S3Url.parse(f"s3://{s3_bucket}/models"), root, s3)
+    assert mirror.sync(only={"b"}) == {}
+    assert mirror.sync(only={"a"}) == {}
+    assert (root / "a" / "1" / "model.onnx").read_bytes() == b"a one"
+    assert (root / "b" / "1" / "model.onnx").read_bytes() == b"b one"
+    s3_server.client().delete_object(Bucket=s3_bucket, Key="models/a/1/model.onnx")
+    assert mirror.sync(only={"a"}) == {}
+    assert not (root / "a").exists()
+    assert (root / "b" / "1" / "model.onnx").read_bytes() == b"b one"
+
+
 def test_the_repository_reads_a_bucket_and_names_what_it_cannot_read(
     s3_server: MotoServer, s3_bucket: str, demo_files: tuple[bytes, bytes], tmp_path: Path
 ) -> None:

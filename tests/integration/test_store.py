@@ -14,6 +14,7 @@ import redis as redis_lib
 from batchvision.core.results import ImageResult, Prediction, TopScore, canceled_result, decode, error_result
 from batchvision.server import keys
 from batchvision.server.claims import Claims
+from batchvision.server.exports import DROPPED, Exporter
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts, JobStore
@@ -288,3 +289,46 @@ def test_a_job_canceled_during_its_upload_is_canceled_even_if_all_it_got_is_done
     store.record("whole", [(0, OK)])
     store.seal("whole")
     assert store.cancel("whole") and store.get("whole")["status"] == "succeeded"  # type: ignore[index]
+
+
+def test_a_retried_job_leaves_the_export_set_until_its_new_end_and_a_removed_one_leaves_it(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    r = scratch_redis
+    job = JobKeys.of("out").job
+    _job(store, "out", 2)
+    r.hset(job, mapping={"out_url": "s3://b/o/", "out_state": "pending"})
+    store.record("out", [(0, OK), (1, error_result("fetch_timeout", "no answer"))])
+    store.seal("out")
+    assert r.zscore(keys.EXPORTS, "out") is not None
+    # As if the exporter had failed it: a retry makes its output pending and clears the attempt.
+    r.hset(job, mapping={"out_state": "failed", "out_error": "s3_error: x", "out_attempts": "3"})
+    pipe = r.pipeline(transaction=True)
+    store.requeue(pipe, "out", [(1, 0)])
+    assert pipe.execute() == [1]
+    assert r.zscore(keys.EXPORTS, "out") is None
+    assert r.hmget(job, ["out_state", "out_error", "out_attempts"]) == [b"pending", None, None]
+    store.record("out", [(1, OK)])
+    assert r.zscore(keys.EXPORTS, "out") is not None  # queued again at its new end
+    assert store.remove("out", "o")
+    assert r.zscore(keys.EXPORTS, "out") is None
+
+
+def test_the_exporter_drops_a_job_that_is_not_finished_without_touching_its_output_state(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    r = scratch_redis
+    _job(store, "running", 1)
+    r.hset(JobKeys.of("running").job, mapping={"out_url": "s3://b/o/", "out_state": "pending"})
+    r.zadd(keys.EXPORTS, {"running": 5})
+
+    def no_store() -> Any:
+        raise AssertionError("an unfinished job's output must not be written")
+
+    exporter = Exporter(r, store, no_store, ["csv"])
+    assert exporter.export("running", 5) == DROPPED
+    assert r.zscore(keys.EXPORTS, "running") is None
+    assert r.hget(JobKeys.of("running").job, "out_state") == b"pending"
+    r.zadd(keys.EXPORTS, {"vanished": 7})  # a job whose hash is gone
+    assert exporter.export("vanished", 7) == DROPPED
+    assert r.zscore(keys.EXPORTS, "vanished") is None and not r.exists(JobKeys.of("vanished").job)

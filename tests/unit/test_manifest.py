@@ -160,3 +160,19 @@ def test_ids_and_passthrough_columns() -> None:
     ):
         with pytest.raises(ManifestError, match=says):
             parse(bad, "jsonl", max_entries=10)
+
+
+@pytest.mark.parametrize("name", ["label", "Score", "id", "class_id", "error", "status", "version"])
+def test_a_passthrough_column_named_like_a_result_column_is_refused(name: str) -> None:
+    # It would collide with the result's own column in CSV, JSON Lines or Parquet.
+    jsonl = json.dumps({"url": "http://h/a.jpg", "columns": {"shop": "n", name: "x"}}) + "\n"
+    with pytest.raises(ManifestError, match=rf"line 1: pass-through column {name!r}.*reserved.*class_id"):
+        parse(jsonl, "jsonl", max_entries=10)
+    csv_text = f"url,shop,{name}\nhttp://h/a.jpg,n,x\n"
+    if name == "id":  # a CSV column named id is the entries' ids, not a pass-through column
+        assert parse(csv_text, "csv", max_entries=10)[0].id == "x"
+        return
+    with pytest.raises(ManifestError, match=rf"line 2: pass-through column {name!r}"):
+        parse(csv_text, "csv", max_entries=10)
+    with pytest.raises(ManifestError, match=rf"urls\[0\]: pass-through column {name!r}"):
+        entries_from_json([{"url": "http://h/a.jpg", "columns": {name: 1}}], max_entries=10)

@@ -22,6 +22,7 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_LOG_FORMAT", "xml", "'text' or 'json'"),
         ("BATCHVISION_REDIS_URL", "http://redis:6379", "redis://, rediss:// or unix://"),
         ("BATCHVISION_BLOB_URL", "gs://bucket", "s3://bucket/prefix/"),
+        ("BATCHVISION_BLOB_URL", "s3://My_Bucket/blobs/", "not a valid bucket name: 'My_Bucket'"),
         ("BATCHVISION_API_PORT", "70000", "less than or equal to 65535"),
         ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "less than or equal to 3600"),
         ("BATCHVISION_QUEUE", "has space", "pattern"),

@@ -1,0 +1,37 @@
+"""What the API answers for an S3 failure: a throttled or unreachable store is a wait (``503``
+with ``Retry-After``), anything else the request's own problem (``422``)."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask
+
+from api.errors import RETRY_AFTER_S, register
+from batchvision.server.s3 import S3Error
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("s3_throttled", 503),
+        ("s3_unavailable", 503),
+        ("bucket_not_found", 422),
+        ("object_not_found", 422),
+        ("access_denied", 422),
+        ("too_large", 422),
+        ("bad_url", 422),
+        ("s3_error", 422),
+    ],
+)
+def test_s3_error_status_and_retry_after(code: str, status: int) -> None:
+    app = Flask(__name__)
+    register(app)
+
+    @app.get("/fail")
+    def fail() -> str:
+        raise S3Error("listing s3://b/p/: failed", code=code)
+
+    resp = app.test_client().get("/fail")
+    assert (resp.status_code, resp.get_json()["error"]["code"]) == (status, code)
+    assert resp.headers.get("Retry-After") == (str(RETRY_AFTER_S) if status == 503 else None)
+    assert S3Error("m", code=code).transient is (status == 503)
