@@ -537,9 +537,11 @@ def test_a_worker_serves_only_the_models_it_is_started_with(
             return name in queues
 
         wait_until(consuming, timeout=120, message="the colours worker consumes")
-        assert sorted(q["name"] for q in queues[name]) == [
+        assert sorted(q["name"] for q in queues[name]) == [  # its bulk tiers and interactive lane
             "batchvision.colours",
+            "batchvision.colours.high",
             "batchvision.colours.interactive",
+            "batchvision.colours.low",
         ]
         # It holds only its model: its metrics name colours alone.
         metrics = requests.get(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics", timeout=10).text
