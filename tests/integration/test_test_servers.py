@@ -1,0 +1,46 @@
+"""The suite's own server helpers (``batchvision.testing.servers``) against a real ``redis-server``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import redis as redis_lib
+
+from batchvision.testing.servers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def _bound(port: int) -> socket.socket:
+    """A socket bound to ``port`` that does not listen: like an outgoing connection's."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def test_a_restart_waits_for_a_port_another_socket_holds_for_a_moment() -> None:
+    with RedisServer() as redis:
+        redis.stop()
+        # Something else holds the port while Redis is down (on a busy machine: an outgoing
+        # connection given that ephemeral port), and lets it go 1.5 s later.
+        holder = _bound(redis.port)
+        release = threading.Timer(1.5, holder.close)
+        release.start()
+        try:
+            redis.start()
+        finally:
+            release.join()
+        client = redis_lib.Redis.from_url(redis.url)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+
+
+def test_a_port_that_stays_taken_is_an_error_naming_the_log() -> None:
+    with RedisServer() as redis:
+        redis.stop()
+        with _bound(redis.port), pytest.raises(RuntimeError, match="redis.log"):
+            redis.start(port_busy_s=1.0)
