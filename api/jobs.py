@@ -310,6 +310,12 @@ _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_T
         ),
         **{k: v for k, v in _UPLOAD_ERRORS.items() if k not in (409, 413, 422)},
         **_REPLAY_GONE,
+        403: c.Response(
+            "The `source`, `manifest` or `output_url` names an s3:// location outside "
+            "`BATCHVISION_S3_ALLOW`, or the service's own blob store or model repository "
+            "(`s3_not_allowed`, naming the field); an s3:// image URL there is a per-image error",
+            d.ErrorDocument,
+        ),
         413: c.Response("Request, file, archive or URL list over a limit", d.ErrorDocument),
         422: c.Response(
             "No file (or URL) of the request is an image we can classify (reason per file), "

@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from batchvision.core.manifest import bucket_problem
+from batchvision.core.s3_scope import S3Scope
 
 PREFIX = "BATCHVISION_"
 
@@ -62,6 +63,14 @@ class Settings(BaseSettings):
         "auto",
         "How bucket names go into requests: `auto` (path style when an endpoint URL is set, "
         "virtual hosts on AWS), `path` or `virtual`.",
+    )
+    s3_allow: str = _field(
+        "",
+        "The `s3://` locations a job may name as its source, manifest, image URLs or output "
+        "prefix, comma-separated: `s3://bucket`, `s3://bucket/prefix/` or `*` (any bucket the "
+        "service's role can reach: single-tenant deployments). Empty: jobs may name no bucket "
+        "(`403 s3_not_allowed`). The blob store of `BLOB_URL` and the model repository of "
+        "`MODELS_DIR` are refused even under `*`.",
     )
     s3_max_attempts: Annotated[int, Field(ge=1, le=50)] = _field(
         8,
@@ -444,6 +453,16 @@ class Settings(BaseSettings):
             raise ValueError("must be `redis`, a file:///directory URL or an s3://bucket/prefix/ URL")
         return value
 
+    @field_validator("s3_allow")
+    @classmethod
+    def _s3_allow(cls, value: str) -> str:
+        S3Scope.parse(value)  # raises ValueError naming the bad entry
+        return value
+
+    def s3_scope(self) -> S3Scope:
+        """Where jobs may read and write (``S3_ALLOW``), less the service's own prefixes."""
+        return _s3_scope(self.s3_allow, self.blob_url, self.models_dir)
+
     @field_validator("queue")
     @classmethod
     def _queue(cls, value: str) -> str:
@@ -578,6 +597,14 @@ def _key_limits(raw: str) -> Mapping[str, int]:
     on every request that makes a job, and each entry costs a SHA-256. (Keyed by the value, not
     held on the frozen :class:`Settings`, so a copy with another value cannot see a stale one.)"""
     return MappingProxyType(key_max_priorities(raw))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_scope(allow: str, blob_url: str, models_dir: str) -> S3Scope:
+    """:meth:`Settings.s3_scope`, parsed once per value (asked on every job that names a bucket)."""
+    return S3Scope.parse(
+        allow, {blob_url: "the blob store of BLOB_URL", models_dir: "the model repository of MODELS_DIR"}
+    )
 
 
 class SettingsError(ValueError):

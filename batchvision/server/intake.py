@@ -22,6 +22,7 @@ from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import UrlEntry
 from batchvision.core.model_refs import JobOptions, resolve_options
 from batchvision.core.results import Failure, Passthrough, error_result
+from batchvision.core.s3_scope import S3Scope
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
@@ -63,27 +64,44 @@ class OutputNotWritable(BatchvisionError):
     code = "output_not_writable"
 
 
-def parse_field(url: str, field: str) -> S3Url:
-    """:meth:`S3Url.parse` of the body's ``field``: a bad URL's ``422 bad_url`` names it."""
+class S3NotAllowed(BatchvisionError):
+    """An ``s3://`` location outside ``BATCHVISION_S3_ALLOW``, or the service's own (``403``)."""
+
+    status = 403
+    code = "s3_not_allowed"
+
+
+def parse_field(url: str, field: str, scope: S3Scope, *, listed: bool = False) -> S3Url:
+    """:meth:`S3Url.parse` of the body's ``field``, checked against ``scope`` (``listed``: a
+    prefix whose objects are all read or written): a bad URL's ``422 bad_url`` and a location
+    the job may not name (``403 s3_not_allowed``) name the field."""
     try:
-        return S3Url.parse(url)
+        parsed = S3Url.parse(url)
     except S3Error as exc:
         raise S3Error(
             f"{field}: {exc.message}",
             code=exc.code,
             details=[{"in": "body", "field": field, "reason": exc.code}],
         ) from exc
+    problem = scope.problem(parsed.bucket, parsed.folder.key if listed else parsed.key, listed=listed)
+    if problem is not None:
+        raise S3NotAllowed(
+            f"{field}: {problem}", details=[{"in": "body", "field": field, "reason": S3NotAllowed.code}]
+        )
+    return parsed
 
 
-def entry_problem(url: str, allow: AllowList) -> BatchvisionError | None:
+def entry_problem(url: str, allow: AllowList, scope: S3Scope) -> BatchvisionError | None:
     """What the API can tell about an image URL without fetching it: an ``s3://`` URL's
-    syntax, or an ``http(s)://`` URL's (:func:`~batchvision.server.fetch.url_problem`)."""
+    syntax and whether the job may name it (``scope``), or an ``http(s)://`` URL's
+    (:func:`~batchvision.server.fetch.url_problem`)."""
     if is_s3_url(url):
         try:
-            S3Url.parse(url)
+            parsed = S3Url.parse(url)
         except S3Error as exc:
             return exc
-        return None
+        problem = scope.problem(parsed.bucket, parsed.key)
+        return None if problem is None else S3NotAllowed(problem)
     return url_problem(url, allow)
 
 
@@ -227,8 +245,8 @@ class Intake:
         ``503`` (:class:`~batchvision.server.s3.S3Error`, with ``Retry-After``)."""
         if url is None:
             return None
+        prefix = parse_field(url, "output_url", self.settings.s3_scope(), listed=True).folder
         try:
-            prefix = S3Url.parse(url).folder
             probe = prefix.child(".batchvision-write-check")
             self.s3().put(probe, b"", "text/plain")
             self.s3().delete([probe])
@@ -248,7 +266,9 @@ class Intake:
     def read_manifest(self, url: str) -> bytes:
         """The bytes of a manifest stored at an ``s3://`` URL (at most 64 MiB); the errors of
         :class:`~batchvision.server.s3.S3Error` name the bucket or key."""
-        return self.s3().get(parse_field(url, "manifest"), max_bytes=64 * 1024 * 1024)
+        return self.s3().get(
+            parse_field(url, "manifest", self.settings.s3_scope()), max_bytes=64 * 1024 * 1024
+        )
 
     def submit_prefix(
         self,
@@ -270,7 +290,7 @@ class Intake:
         (``422 no_images``). A listing that fails later, or passes ``MAX_OBJECTS_PER_JOB``
         (``413``), cancels the job it started, frees the request's ``Idempotency-Key`` (a retry
         makes a new job) and raises."""
-        url = parse_field(source, "source")
+        url = parse_field(source, "source", self.settings.s3_scope(), listed=True)
         base = url.folder.key
 
         def relative(key: str) -> str:
@@ -431,7 +451,8 @@ class Intake:
         entries pass through (ids, columns) and the ``output`` fields are written with the job."""
         allow = AllowList.parse(self.settings.fetch_allow)
         uploads = unique_keys([(e.name, url_blob(e.url)) for e in entries])
-        problems: list[BatchvisionError | None] = [entry_problem(e.url, allow) for e in entries]
+        scope = self.settings.s3_scope()
+        problems: list[BatchvisionError | None] = [entry_problem(e.url, allow, scope) for e in entries]
         passed = [(i, Passthrough(e.id, e.columns)) for i, e in enumerate(entries) if e.passthrough]
         columns = list(dict.fromkeys(name for e in entries for name, _ in e.columns))
         if uploads and all(p is not None for p in problems):

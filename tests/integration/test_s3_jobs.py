@@ -30,7 +30,10 @@ def proxy(s3_server: MotoServer) -> Iterator[S3FaultProxy]:
 
 @pytest.fixture(scope="module")
 def s3_stack(start_private_stack: Any, proxy: S3FaultProxy) -> Any:
-    stack = start_private_stack("s3", s3_endpoint_url=proxy.url, s3_max_attempts=3, fetch_threads=4)
+    # Any bucket: the tests make a new one each (the scope has a test of its own below).
+    stack = start_private_stack(
+        "s3", s3_endpoint_url=proxy.url, s3_max_attempts=3, fetch_threads=4, s3_allow="*"
+    )
     stack.worker()
     return stack
 
@@ -207,7 +210,13 @@ def test_failed_prefix_listing_frees_its_idempotency_key(
 ) -> None:
     # A prefix past MAX_OBJECTS_PER_JOB fails after its job was stored: the job is canceled and
     # a retry with the same key must fail the same way, not replay the canceled job.
-    stack = start_private_stack("s3-cap", s3_endpoint_url=proxy.url, s3_max_attempts=3, max_objects_per_job=1)
+    stack = start_private_stack(
+        "s3-cap",
+        s3_endpoint_url=proxy.url,
+        s3_max_attempts=3,
+        max_objects_per_job=1,
+        s3_allow=f"s3://{s3_bucket}/cap/",
+    )
     client = s3_server.client()
     for name, data, _ in labelled_files(2, seed=11):
         client.put_object(Bucket=s3_bucket, Key=f"cap/{name}", Body=data)
@@ -220,3 +229,64 @@ def test_failed_prefix_listing_frees_its_idempotency_key(
             attempt,
             resp.text,
         )
+
+
+def test_jobs_name_only_the_locations_of_s3_allow_and_never_the_blob_store(
+    start_private_stack: Any,
+    s3_server: MotoServer,
+    s3_bucket: str,
+    proxy: S3FaultProxy,
+    wait_until: Callable[..., Any],
+) -> None:
+    # Allowed: in/ and out/ of the test's bucket; the blob store lies inside in/ (in/uploads/).
+    b = s3_bucket
+    stack = start_private_stack(
+        "s3-allow",
+        s3_endpoint_url=proxy.url,
+        s3_allow=f"s3://{b}/in/, s3://{b}/out",
+        blob_url=f"s3://{b}/in/uploads/",
+    )
+    stack.worker()
+    client = s3_server.client()
+    files = [(name, data) for name, data, _ in labelled_files(2, seed=13)]
+    for name, data in files:
+        client.put_object(Bucket=b, Key=f"in/photos/{name}", Body=data)
+        client.put_object(Bucket=b, Key=f"secret/{name}", Body=data)
+    client.put_object(Bucket=b, Key="secret/m.csv", Body=f"url\ns3://{b}/in/photos/{files[0][0]}\n".encode())
+
+    def refused(body: dict[str, Any], field: str, why: str) -> None:
+        resp = requests.post(f"{stack.url}/v1/jobs", json=body, timeout=60)
+        error = resp.json()["error"]
+        assert (resp.status_code, error["code"]) == (403, "s3_not_allowed"), (body, resp.text)
+        assert error["details"] == [{"in": "body", "field": field, "reason": "s3_not_allowed"}], resp.text
+        assert why in error["message"], (why, error["message"])
+
+    refused({"source": f"s3://{b}/secret/"}, "source", "outside BATCHVISION_S3_ALLOW")
+    refused({"source": f"s3://{b}/"}, "source", "the blob store of BLOB_URL")  # it holds in/uploads/
+    refused({"source": "s3://another-bucket-xyz/in/"}, "source", "outside BATCHVISION_S3_ALLOW")
+    refused({"source": f"s3://{b}/outside/"}, "source", "outside BATCHVISION_S3_ALLOW")  # not out/
+    refused({"manifest": f"s3://{b}/secret/m.csv"}, "manifest", "outside BATCHVISION_S3_ALLOW")
+    refused({"source": f"s3://{b}/in/photos/", "output_url": f"s3://{b}/secret/"}, "output_url", "outside")
+    # Listing in/ would read every waiting upload of every tenant: refused although in/ is allowed.
+    refused({"source": f"s3://{b}/in/"}, "source", "the blob store of BLOB_URL")
+    refused({"source": f"s3://{b}/in/uploads/x/"}, "source", "the blob store of BLOB_URL")
+
+    # Allowed: a prefix job writing to out/, and a URL job whose one outside entry is an image
+    # error while the other image is classified.
+    resp = requests.post(
+        f"{stack.url}/v1/jobs",
+        json={"source": f"s3://{b}/in/photos/", "output_url": f"s3://{b}/out/r/"},
+        timeout=60,
+    )
+    assert resp.status_code == 202, resp.text
+    job = _finished(stack, resp.json()["job_id"], wait_until)
+    assert (job["status"], job["done"], job["output"]["state"]) == ("succeeded", 2, "written"), job
+    urls = [f"s3://{b}/in/photos/{files[0][0]}", f"s3://{b}/secret/{files[1][0]}", f"s3://{b}/in/uploads/j/0"]
+    resp = requests.post(f"{stack.url}/v1/jobs", json={"urls": urls}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    job = _finished(stack, resp.json()["job_id"], wait_until, output=False)
+    rows = requests.get(f"{stack.url}/v1/jobs/{job['job_id']}/results", timeout=10).json()["results"]
+    assert [(r.get("error") or {}).get("code") for r in rows] == [None, "s3_not_allowed", "s3_not_allowed"], (
+        rows
+    )
+    assert rows[0]["label"], rows

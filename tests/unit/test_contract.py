@@ -69,7 +69,7 @@ def test_status_enum_and_models_are_not_copied_by_hand(doc: dict[str, Any]) -> N
 @pytest.mark.parametrize(
     ("path", "method", "statuses"),
     [
-        ("/v1/jobs", "post", {200, 202, 400, 401, 404, 409, 410, 413, 414, 415, 422, 429, 431, 503}),
+        ("/v1/jobs", "post", {200, 202, 400, 401, 403, 404, 409, 410, 413, 414, 415, 422, 429, 431, 503}),
         ("/v1/classify", "post", {200, 202, 400, 401, 404, 409, 410, 413, 414, 415, 422, 429, 431, 503}),
         (
             "/v1/jobs/{job_id}/files",
