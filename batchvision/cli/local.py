@@ -150,7 +150,13 @@ def up(args: argparse.Namespace) -> int:
             sup.start()
             sup.wait_healthy()
             log.info("waiting for the worker to load its model")
-            wait_for_workers(settings, while_waiting=sup.check_once)
+
+            def between_pings() -> None:
+                sup.raise_if_stopped()
+                sup.check_once()
+
+            wait_for_workers(settings, while_waiting=between_pings)
+            sup.raise_if_stopped()
             print("\nbatchvision is up:")
             for svc in sup.services:
                 print(f"  {svc.name:<7} {svc.url}")

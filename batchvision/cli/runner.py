@@ -186,6 +186,13 @@ class Supervisor:
         finally:
             self._interruptible = False
 
+    def raise_if_stopped(self) -> None:
+        """:class:`Stopped` if a stop signal arrived. The handler raises it at once, but a
+        library on the way may catch and drop it (a bare ``except`` in a broker client, a
+        ``__del__``): a wait that loops asks here too, so a stop is never lost."""
+        if self.signum is not None:
+            raise Stopped(self.signum)
+
     @contextmanager
     def _uninterrupted(self) -> Iterator[None]:
         # Around starting a process: a Stopped raised between fork and recording the child

@@ -144,6 +144,8 @@ def test_sigterm_while_the_worker_loads_stops_everything_within_seconds(
     code = _exits_within(up, 20)  # seconds, where waiting for the model would take minutes
     print(f"stopped {time.monotonic() - signalled:.1f}s after SIGTERM")
     assert code == 128 + signal.SIGTERM, up.tail()
+    # Stopped where it waited, not once the model happened to be loaded.
+    assert "batchvision is up" not in up.output(), up.tail()
     _nothing_left(up, wait_until)
 
 
