@@ -12,11 +12,14 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import boto3
 import requests
 
+from batchvision.cli.redis_server import free_port
 from batchvision.client.http import Client
 from batchvision.core.synthetic import labelled_files
 
@@ -265,6 +268,90 @@ def test_down_keeps_results_and_down_v_removes_them(stack: Any, wait_until: Any)
         f"{stack.api_url}/v1/jobs/{job.job_id}", headers={"X-API-Key": stack.api_key}, timeout=10
     )
     assert gone.status_code == 404, gone.text
+
+
+def test_s3_profile_reads_a_prefix_writes_results_and_keeps_uploads_in_the_bucket(
+    stack: Any, wait_until: Any
+) -> None:
+    # The docs' recipe: the `s3` service, uploads waiting in its bucket, jobs scoped to in/ and out/.
+    port = free_port()
+    settings = {
+        "S3_PUBLISH_PORT": str(port),
+        "BATCHVISION_S3_ENDPOINT_URL": "http://s3:9000",
+        "BATCHVISION_BLOB_URL": "s3://batchvision/blobs/",
+        "BATCHVISION_S3_ALLOW": "s3://batchvision/in/,s3://batchvision/out/",
+        "AWS_ACCESS_KEY_ID": "compose-test",
+        "AWS_SECRET_ACCESS_KEY": "compose-test",
+    }
+    stack.env.update(settings)
+    try:
+        stack.build("s3", profile="s3")
+        started = time.monotonic()
+        stack.compose("--profile", "s3", "up", "-d", "--scale", f"{WORKER}=1")
+        _wait_healthy(stack, wait_until, {"s3", "api", WORKER})
+        stack.figure("s3 profile up s", time.monotonic() - started)
+        bucket = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id="compose-test",
+            aws_secret_access_key="compose-test",
+            region_name="us-east-1",
+        )
+        files = _files(24, seed=17)
+        for i, (name, data) in enumerate(files):
+            bucket.put_object(Bucket="batchvision", Key=f"in/set{i % 2}/{name}", Body=data)
+        bucket.put_object(Bucket="batchvision", Key="in/notes.txt", Body=b"not an image")
+        headers = {"X-API-Key": stack.api_key}
+
+        def post(body: dict[str, str]) -> requests.Response:
+            return requests.post(f"{stack.api_url}/v1/jobs", json=body, headers=headers, timeout=120)
+
+        started = time.monotonic()
+        resp = post({"source": "s3://batchvision/in/", "output_url": "s3://batchvision/out/run-1/"})
+        assert resp.status_code == 202, resp.text
+        stack.figure("s3 prefix job accepted s", time.monotonic() - started)
+
+        def written() -> Any:
+            doc = requests.get(
+                f"{stack.api_url}/v1/jobs/{resp.json()['job_id']}", headers=headers, timeout=10
+            ).json()
+            return doc if doc["status"] == "succeeded" and doc["output"]["state"] == "written" else None
+
+        job = wait_until(written, timeout=600, interval=1, message="the prefix job and its output")
+        stack.figure("s3 prefix job written s", time.monotonic() - started)
+        assert (job["total"], job["done"], job["failed"]) == (24, 24, 0), job
+        key = job["output"]["files"]["csv"].removeprefix("s3://batchvision/")
+        rows = list(
+            csv.DictReader(
+                bucket.get_object(Bucket="batchvision", Key=key)["Body"].read().decode().splitlines()
+            )
+        )
+        assert sorted(r["filename"] for r in rows) == sorted(
+            f"set{i % 2}/{name}" for i, (name, _) in enumerate(files)
+        )
+        assert all(r["label"] and not r["error"] for r in rows), rows
+
+        # An upload from the host: its images wait in the bucket (the API and the worker share
+        # no volume and Redis holds no image), and it is classified like any other.
+        client = _client(stack)
+        started = time.monotonic()
+        upload = client.submit_files(_files(8, seed=18))
+        _assert_exactly_once(client, upload.job_id, 8)
+        stack.figure("s3 blob upload job s", time.monotonic() - started)
+
+        # Outside the allowed locations, and the blob store itself: refused, naming the field.
+        for body, field in [
+            ({"source": "s3://batchvision/blobs/"}, "source"),
+            ({"source": "s3://batchvision/in/", "output_url": "s3://batchvision/elsewhere/"}, "output_url"),
+        ]:
+            refused = post(body)
+            assert (refused.status_code, refused.json()["error"]["code"]) == (403, "s3_not_allowed"), (
+                refused.text
+            )
+            assert refused.json()["error"]["details"][0]["field"] == field
+    finally:
+        for name in settings:
+            stack.env.pop(name, None)
 
 
 def test_rabbitmq_profile_is_the_broker(stack: Any, wait_until: Any) -> None:

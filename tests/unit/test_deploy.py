@@ -215,6 +215,9 @@ def test_dockerfile_common_rules(dockerfile: str) -> None:
     assert re.search(r"PATH=/opt/venv/bin:", envs), "the venv must be on PATH in the runtime stage"
     assert [w for w, _ in final].count("HEALTHCHECK") == 1
     assert [w for w, _ in final].count("CMD") == 1
+    # PID 1 passes signals on: SIGTERM during start-up stops the container at once.
+    assert [a for w, a in final if w == "ENTRYPOINT"] == ['["dumb-init", "--"]']
+    assert re.search(r'"dumb-init==\$\{DUMB_INIT_VERSION\}"', text)
 
 
 def test_dockerfile_api() -> None:
@@ -225,8 +228,10 @@ def test_dockerfile_api() -> None:
     installs = [a for w, a in instrs if w == "RUN" and "pip install" in a]
     project = [a for a in installs if "./[" in a or ".[" in a]
     assert project == ['pip install --no-cache-dir -c requirements.lock "./[${EXTRAS}]"'], installs
-    # Every package comes at the version of the lock (pip itself is pinned by PIP_VERSION).
-    assert all("-c requirements.lock" in a for a in installs if '"pip==' not in a), installs
+    # Every package comes at the version of the lock (pip and dumb-init: their version ARGs).
+    assert all("-c requirements.lock" in a for a in installs if not re.search(r'"(pip|dumb-init)==', a)), (
+        installs
+    )
     for line in installs:
         assert not re.search(r"tensorflow|keras|worker|gpu", line, re.I), line
     final = _final_stage(instrs)
@@ -254,7 +259,7 @@ def test_dockerfile_worker() -> None:
         lock in line
         for a in installs
         for line in a.split("&&")
-        if "pip install" in line and '"pip==' not in line
+        if "pip install" in line and not re.search(r'"(pip|dumb-init)==', line)
     ), installs
     # TF_VERSION is the lock's: an image never differs from what the tests ran.
     locked = re.search(r"^tensorflow-cpu==(\S+)", (ROOT / "requirements.lock").read_text(), re.M)
@@ -1284,12 +1289,14 @@ def test_k8s_api_and_worker_probes(rendered: _Rendered) -> None:
     objects = rendered["gpu"]
     config = _get(objects, "ConfigMap", "batchvision-config")["data"]
     (api,) = _containers(_get(objects, "Deployment", "batchvision-api"))
-    assert api["command"] == ["batchvision", "api"]
+    # `args`, never `command`: a command would replace the image's entrypoint (dumb-init as
+    # PID 1, which passes SIGTERM on to a process still starting up).
+    assert (api["args"], "command" in api) == (["batchvision", "api"], False)
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     worker_deploy = _get(objects, "Deployment", "batchvision-worker")
     (worker,) = _containers(worker_deploy)
-    assert worker["command"] == ["batchvision", "worker"]
+    assert (worker["args"], "command" in worker) == (["batchvision", "worker"], False)
     # Liveness (and startup) ask the worker process itself, never the broker: a broker outage
     # must not restart every worker. Readiness is the Celery ping over the broker.
     for probe in ("startupProbe", "livenessProbe"):
@@ -1305,7 +1312,7 @@ def test_k8s_api_and_worker_probes(rendered: _Rendered) -> None:
     assert grace == 660 and grace > int(config["BATCHVISION_TASK_TIME_LIMIT_S"])
     assert int(config["BATCHVISION_VISIBILITY_TIMEOUT_S"]) > int(config["BATCHVISION_TASK_TIME_LIMIT_S"])
     (flower,) = _containers(_get(objects, "Deployment", "batchvision-flower"))
-    assert flower["command"] == ["batchvision", "flower"]
+    assert (flower["args"], "command" in flower) == (["batchvision", "flower"], False)
     assert flower["livenessProbe"]["httpGet"]["path"] == "/healthcheck"
 
 

@@ -134,7 +134,7 @@ def test_k8s_runs_one_worker_deployment_per_model_each_scaled_on_its_queues() ->
     served: dict[str, str] = {}
     for name, deploy in deployments.items():
         (container,) = deploy["spec"]["template"]["spec"]["containers"]
-        models = _models_of(container["command"]) or [settings.worker_models]
+        models = _models_of(container["args"]) or [settings.worker_models]
         (served[name],) = models
         mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
         assert mount["readOnly"] is True
