@@ -493,8 +493,9 @@ def get_job(job_id: str) -> dict[str, Any]:
     doc = _public(job)
     if job["callback"] is not None:  # the webhook's delivery state, read with the job
         doc["callback"] = job["callback"]
-    if job["output"] is not None:  # where writing the results to the output prefix stands
-        doc["output"] = job["output"]
+    for member in ("output", "listing"):  # the output prefix's writing, the source's listing
+        if job[member] is not None:
+            doc[member] = job[member]
     return doc
 
 

@@ -43,9 +43,18 @@ from batchvision.server.deadletter import DeadLetterConsumer, DeadLetters
 from batchvision.server.exports import Exporter
 from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
 from batchvision.server.gpus import GpuReader, NoGpus, Nvml, describe, require_gpu, visible
+from batchvision.server.intake import Intake
+from batchvision.server.listing import Lister
 from batchvision.server.messages import Chunk
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
-from batchvision.server.queue import amqp_backlog, create_celery, dead_letter_queue, publish, uses_amqp
+from batchvision.server.queue import (
+    Enqueuer,
+    amqp_backlog,
+    create_celery,
+    dead_letter_queue,
+    publish,
+    uses_amqp,
+)
 from batchvision.server.recovery import Sweeper, sweep
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
@@ -377,6 +386,40 @@ class ExportsStep:
         _made(self._exporter, self.name).stop()
 
 
+class ListingsStep:
+    """Every worker process lists on the jobs made from an ``s3://`` prefix that has more than
+    the request listed, a page at a time (:mod:`batchvision.server.listing`)."""
+
+    name = "listings"
+
+    def __init__(self, settings: Settings, app: Celery, redis: RedisStep) -> None:
+        self.settings = settings
+        self.app = app
+        self.redis = redis
+        self._lister: Lister | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        r = self.redis
+        store = _made(r.store, r.name)
+        blobs = _made(r.blobs, r.name)
+        intake = Intake(s, r.client, store, blobs, Telemetry(r.client), Enqueuer(self.app, s))
+        self._lister = Lister(
+            r.client,
+            store,
+            lambda: shared(S3Config.from_settings(s)),
+            intake.add_listed,
+            page_size=s.list_page_size,
+            max_images=s.max_objects_per_job,
+            # A dead worker's listing moves on about when its tasks would be redelivered.
+            lease_s=min(60.0, float(s.visibility_timeout_s)),
+        )
+        self._lister.start()
+
+    def stop(self) -> None:
+        _made(self._lister, self.name).stop()
+
+
 class DeadLettersStep:
     """RabbitMQ only: the consumer of the dead-letter queue (failed, over-limit messages)."""
 
@@ -462,6 +505,7 @@ class Worker:
             MetricsStep(settings, self.models),
             WebhooksStep(settings, self.redis),
             ExportsStep(settings, self.redis),
+            ListingsStep(settings, app, self.redis),
         ]
         if uses_amqp(settings):
             components.append(DeadLettersStep(settings, self.redis))

@@ -101,6 +101,22 @@ class OutputState(Document):
     written_at: float | None = Field(None, description="Unix time")
 
 
+class ListingState(Document):
+    """How far the listing of a job made from an ``s3://`` prefix got (the request lists the
+    first page, the workers the rest)."""
+
+    url: str = Field(description="the s3:// prefix")
+    state: Literal["listing", "done", "failed"] = Field(
+        description="listing while workers list on (the job takes more images meanwhile); failed: "
+        "the job was canceled, `error` says why"
+    )
+    images: int = Field(ge=0, description="images listed so far")
+    skipped: int = Field(ge=0, description="keys listed that are not image files")
+    error: str | None = Field(
+        None, description="`code: message`: why the listing failed, or of the last retried attempt"
+    )
+
+
 class WebhookSecret(Document):
     """``GET /v1/webhook-secret``: the secret that signs this API key's webhooks."""
 
@@ -137,6 +153,9 @@ class Job(Document):
     )
     output: OutputState | None = Field(
         None, description="the results written to the job's output_url, for a job created with one"
+    )
+    listing: ListingState | None = Field(
+        None, description="the listing of the job's s3:// source prefix, for a job made from one"
     )
 
     @property

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         1_000_000,
         "Most images a job made from an `s3://` prefix may have (`too_many_objects` past it).",
     )
+    list_page_size: Annotated[int, Field(ge=1, le=100_000)] = _field(
+        1000,
+        "Images of an `s3://` prefix job listed, stored and queued together: the request lists the "
+        "first page, workers the rest, a page at a time.",
+    )
     output_formats: str = _field(
         "csv,jsonl,parquet",
         "Files a job with an `output_url` gets, comma-separated, from `csv`, `jsonl`, `parquet` "

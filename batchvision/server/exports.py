@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,29 +36,14 @@ import redis
 from batchvision.core.results import Failure, Prediction, Row, csv_header, csv_row
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
+from batchvision.server.leases import Lease, LeasedSet, LeaseLoop
 from batchvision.server.outputs import SUCCESS
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.store import JobStore
-from batchvision.server.text import as_text
 from batchvision.server.webhooks import backoff
 
 log = logging.getLogger(__name__)
 
-#: Take the earliest due job and lease it: KEYS[1] the set; ARGV now (ms), lease (ms).
-LEASE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
-if #due == 0 then return false end
-local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], 'XX', lease, due[1])
-return {due[1], tostring(lease)}
-"""
-#: Move our lease (ARGV[2]) of ARGV[1] to ARGV[3], only while it is still ours.
-RENEW = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
-return 1
-"""
 #: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
 #: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
 #: untouched), next due, error, files JSON, now.
@@ -271,67 +255,46 @@ class Exporter:
         self.s3 = s3
         self.formats = tuple(formats)
         self.retry_for_s = retry_for_s
-        self.lease_ms = int(lease_s * 1000)
-        self.poll_s = poll_s
-        self._lease = client.register_script(LEASE)
-        self._renew = client.register_script(RENEW)
+        self.leases = LeasedSet(client, keys.EXPORTS, lease_s)
         self._record = client.register_script(RECORD)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = LeaseLoop(
+            "exporter", self.leases, lambda held: self.export(held.item, held.score), poll_s=poll_s
+        )
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                busy = self.run_once()
-            except redis.RedisError as exc:
-                log.warning("exporter: Redis unavailable (%s); retrying", exc)
-                busy = False
-            self._stop.wait(0.01 if busy else self.poll_s)
+        self._loop.stop()
 
     def run_once(self) -> bool:
         """Lease and write one due output; whether there was one."""
-        now = int(time.time() * 1000)
-        taken = self._lease(keys=[keys.EXPORTS], args=[now, self.lease_ms])
-        if not taken:
-            return False
-        job_id = as_text(taken[0])
-        lease = int(as_text(taken[1]))
-        self.export(job_id, lease)
-        return True
+        return self._loop.run_once()
 
     def export(self, job_id: str, lease: int) -> str:
         """Write one job's output under ``lease``; returns the state recorded (``written``,
         ``pending``, ``failed``), or :data:`DROPPED` for a job that is gone or not finished."""
-        held = [lease]
+        held = Lease(self.leases, job_id, lease)
 
         def renew(_: int) -> None:
-            new = int(time.time() * 1000) + self.lease_ms
-            if self._renew(keys=[keys.EXPORTS], args=[job_id, held[0], new]):
-                held[0] = new
+            held.renew()
 
         if not self.redis.hexists(JobKeys.of(job_id).job, "finished_at"):
             # Gone, or running again (a retry): its output is queued anew when it finishes.
-            return self._write(job_id, held[0], DROPPED, 0, "", "")
+            return self._write(job_id, held.score, DROPPED, 0, "", "")
         try:
             manifest = export_job(self.store, self.s3(), job_id, self.formats, renew)
         except LookupError:
-            return self._write(job_id, held[0], DROPPED, 0, "", "")
+            return self._write(job_id, held.score, DROPPED, 0, "", "")
         except S3Error as exc:
-            return self._failed(job_id, held[0], exc)
+            return self._failed(job_id, held.score, exc)
         except Exception as exc:  # a surprise is this output's error, never the thread's end
             log.exception("writing the output of job %s failed", job_id)
-            return self._failed(job_id, held[0], S3Error(f"writing failed: {exc}"[:500]))
+            return self._failed(job_id, held.score, S3Error(f"writing failed: {exc}"[:500]))
         files = {f: v["url"] for f, v in manifest["files"].items()}
         files["manifest"] = manifest["manifest_url"]
         log.info("job %s: %d rows written to %s", job_id, manifest["rows"], files["manifest"])
-        return self._write(job_id, held[0], "written", 0, "", json.dumps(files))
+        return self._write(job_id, held.score, "written", 0, "", json.dumps(files))
 
     def _failed(self, job_id: str, lease: int, exc: S3Error) -> str:
         raw = self.redis.hmget(JobKeys.of(job_id).job, ["out_attempts", "finished_at"])

@@ -9,6 +9,8 @@
   outage at the worst moment).
 - ``crash-after-store``: the API process kills itself with SIGKILL between storing a new job
   and publishing its messages.
+- ``crash-mid-listing=N``: a worker kills itself with SIGKILL after adding the N-th page it
+  listed of a prefix job, before moving the listing's cursor past it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def _active() -> dict[str, str]:
 
 
 ACTIVE = _active()
+_pages_listed = [0]
 
 
 def before_decode(data: bytes) -> None:
@@ -50,3 +53,11 @@ def before_batch() -> None:
     delay = ACTIVE.get("slow-batch")
     if delay:
         time.sleep(float(delay))
+
+
+def after_listed_page() -> None:
+    limit = ACTIVE.get("crash-mid-listing")
+    if limit:
+        _pages_listed[0] += 1
+        if _pages_listed[0] >= int(limit):
+            os.kill(os.getpid(), signal.SIGKILL)

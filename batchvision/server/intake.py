@@ -7,11 +7,10 @@ is refused whole. Accepted images are stored as blobs and queued by task name.
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,8 @@ from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
 from batchvision.server.fetch import AllowList, FetchError, url_blob, url_problem
 from batchvision.server.idempotency import Claim, commit
-from batchvision.server.keys import JobKeys
+from batchvision.server.keys import LISTINGS, JobKeys
+from batchvision.server.listing import read_page
 from batchvision.server.messages import split
 from batchvision.server.outputs import output_fields
 from batchvision.server.queue import Enqueuer
@@ -37,17 +37,13 @@ from batchvision.server.recovery import ledger_add
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, is_s3_url, shared
+from batchvision.server.sources import IMAGE_SUFFIXES, listing_fields, too_many
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import callback_fields
 
-#: Key suffixes of the objects a job made from an ``s3://`` prefix classifies (other keys are
-#: skipped and listed as such; a key with one of these that is not an image is a per-image error).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-#: Objects listed per step of a prefix job (one S3 page): added, stored and queued together.
-PREFIX_PAGE = 1000
-#: Skipped keys a prefix job's reply lists by name (all are counted).
-MAX_SKIPPED_LISTED = 100
+#: Why a prefix job skips a key.
+NOT_AN_IMAGE = "not an image file name (" + ", ".join(IMAGE_SUFFIXES) + ")"
 
 
 class TooManyObjects(BatchvisionError):
@@ -280,63 +276,31 @@ class Intake:
         options: JobOptions | None = None,
         claim: Claim | None = None,
     ) -> Submitted:
-        """A new, sealed job of every image under an ``s3://bucket/prefix/`` (recursively; the
-        key relative to the prefix is the filename). The listing is streamed: one page of keys
-        at a time is added to the job, stored and queued, so workers start on the first page
-        while later ones are listed and no step holds more than a page.
+        """A new job of every image under an ``s3://bucket/prefix/`` (recursively; the key
+        relative to the prefix is the filename). The request lists, stores and queues the first
+        page (``BATCHVISION_LIST_PAGE_SIZE`` images); a prefix with more is listed on by the
+        workers, a page at a time (:mod:`batchvision.server.listing`), and the job is sealed
+        after its last page. A prefix within one page is a sealed job at once.
 
         Refused before any job exists: a bucket that does not exist, access denied
-        (``S3Error``, 422; a throttled or unreachable store: 503), a prefix with no images
-        (``422 no_images``). A listing that fails later, or passes ``MAX_OBJECTS_PER_JOB``
-        (``413``), cancels the job it started, frees the request's ``Idempotency-Key`` (a retry
-        makes a new job) and raises."""
+        (``S3Error``, 422; a throttled or unreachable store: 503), a first page without
+        images and nothing after it (``422 no_images``), a first page past
+        ``MAX_OBJECTS_PER_JOB`` (``413``). Later pages' failures cancel the job and say why in
+        its ``listing``."""
         url = parse_field(source, "source", self.settings.s3_scope(), listed=True)
-        base = url.folder.key
-
-        def relative(key: str) -> str:
-            return key[len(base) :] if key.startswith(base) else key
-
-        skipped: list[tuple[str, str]] = []
-        skipped_count = [0]
-
-        def pages() -> Iterator[list[str]]:
-            page: list[str] = []
-            for obj in self.s3().list(url):
-                if obj.key.lower().endswith(IMAGE_SUFFIXES):
-                    page.append(obj.key)
-                else:
-                    skipped_count[0] += 1
-                    if len(skipped) < MAX_SKIPPED_LISTED:  # named as its image would be: relative
-                        skipped.append(
-                            (relative(obj.key), "not an image file name (" + ", ".join(IMAGE_SUFFIXES) + ")")
-                        )
-                if len(page) >= PREFIX_PAGE:
-                    yield page
-                    page = []
-            if page:
-                yield page
-
-        listing = pages()
-        first = next(listing, None)
-        if first is None:
+        page = read_page(self.s3(), url, "", self.settings.list_page_size)
+        skipped = tuple(Skipped(url.relative(key), NOT_AN_IMAGE) for key in page.skipped)
+        if not page.images and not page.more:
             raise InvalidImage(
-                f"no images under {url} ({skipped_count[0]} other objects)",
+                f"no images under {url} ({page.skipped_count} other objects)",
                 code="no_images",
-                details=[{"filename": k, "code": "skipped", "message": why} for k, why in skipped],
+                details=[{"filename": s.filename, "code": "skipped", "message": s.reason} for s in skipped],
             )
+        if len(page.images) > self.settings.max_objects_per_job:
+            raise TooManyObjects(too_many(str(url), self.settings.max_objects_per_job))
         job_id = self.new_job(owner, callback, options, claim=claim, fields=output)
-        accepted = 0
         try:
-            for page in itertools.chain([first], listing):
-                if accepted + len(page) > self.settings.max_objects_per_job:
-                    raise TooManyObjects(
-                        f"{url} has more than {self.settings.max_objects_per_job} images "
-                        "(BATCHVISION_MAX_OBJECTS_PER_JOB)"
-                    )
-                uploads = [Upload(key, relative(key), url_blob(f"s3://{url.bucket}/{key}")) for key in page]
-                self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
-                done = self._add(job_id, uploads, [None] * len(uploads))
-                accepted += done.accepted
+            accepted = self.add_listed(job_id, owner, url, page.images) if page.images else 0
         except BaseException:
             self.store.cancel(job_id)
             if claim is not None:
@@ -344,8 +308,30 @@ class Intake:
                 # this canceled, partial one back as a replay.
                 claim.release(self.redis, job_id)
             raise
-        self.store.seal(job_id)
-        return Submitted(job_id, accepted, accepted, (), 0, tuple(Skipped(k, why) for k, why in skipped))
+        pipe: Any = self.redis.pipeline()
+        pipe.hset(JobKeys.of(job_id).job, mapping=listing_fields(str(url), page))
+        if page.more:  # the workers list the rest
+            pipe.zadd(LISTINGS, {job_id: int(time.time() * 1000)})
+        pipe.execute()
+        if not page.more:
+            self.store.seal(job_id)
+        return Submitted(job_id, accepted, accepted, (), 0, skipped)
+
+    def add_listed(self, job_id: str, owner: str, url: S3Url, keys: Sequence[str]) -> int:
+        """Add the objects ``keys`` of the prefix ``url`` to the open job ``job_id`` of
+        ``owner`` and queue them; returns how many were new to the job (a key it has is
+        neither added nor queued twice). Raises as :meth:`backpressure` does when they do not
+        fit the queue, ``PermissionError`` for a sealed or canceled job, ``LookupError`` for
+        one that is gone."""
+        base = url.folder.key
+        uploads = [
+            Upload(
+                key, key[len(base) :] if key.startswith(base) else key, url_blob(f"s3://{url.bucket}/{key}")
+            )
+            for key in keys
+        ]
+        self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
+        return self._add(job_id, uploads, [None] * len(uploads)).accepted
 
     def __post_init__(self) -> None:
         self.quotas = Quotas(self.redis, self.settings, self.telemetry, redis_blobs=self.blobs.pipelined)

@@ -73,6 +73,8 @@ FINISHED = f"{PREFIX}:finished"
 WEBHOOKS = f"{PREFIX}:webhooks"
 #: Jobs whose output files are due: id -> when (ms); see batchvision/server/exports.py.
 EXPORTS = f"{PREFIX}:exports"
+#: Jobs of an ``s3://`` prefix with more to list: id -> when (ms); see batchvision/server/listing.py.
+LISTINGS = f"{PREFIX}:listings"
 #: The generated server webhook secret (only when ``BATCHVISION_WEBHOOK_SECRET`` is unset).
 WEBHOOK_SECRET = f"{PREFIX}:webhook-secret"
 

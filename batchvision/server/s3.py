@@ -99,6 +99,11 @@ class S3Url:
         prefix = self.key if not self.key or self.key.endswith("/") else self.key + "/"
         return S3Url(self.bucket, prefix + name)
 
+    def relative(self, key: str) -> str:
+        """``key`` relative to this URL taken as a folder (a key outside it: unchanged)."""
+        base = self.folder.key
+        return key[len(base) :] if key.startswith(base) else key
+
     @property
     def folder(self) -> S3Url:
         """This URL as a folder prefix (ending in ``/`` unless it is the bucket's root)."""
@@ -238,15 +243,18 @@ class S3:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def list(self, url: S3Url, *, page_size: int = 1000) -> Iterator[S3Object]:
-        """Every object under ``url``'s key prefix, in key order, one page at a time (folder
-        markers, keys ending in ``/``, left out). Raises :class:`S3Error` (``bucket_not_found``,
-        ``access_denied``...) at the page that failed."""
+    def list(self, url: S3Url, *, page_size: int = 1000, after: str = "") -> Iterator[S3Object]:
+        """Every object under ``url``'s key prefix (those after the key ``after``, if given),
+        in key order, one page at a time (folder markers, keys ending in ``/``, left out).
+        Raises :class:`S3Error` (``bucket_not_found``, ``access_denied``...) at the page that
+        failed."""
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": url.bucket, "Prefix": url.key, "MaxKeys": page_size}
             if token:
                 kwargs["ContinuationToken"] = token
+            elif after:
+                kwargs["StartAfter"] = after
             try:
                 page = self._client.list_objects_v2(**kwargs)
             except Exception as exc:

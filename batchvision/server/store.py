@@ -33,6 +33,7 @@ from batchvision.server import keys, lua
 from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.outputs import output_document
+from batchvision.server.sources import listing_document
 from batchvision.server.text import as_text
 from batchvision.server.webhooks import callback_document
 
@@ -88,6 +89,7 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
         "callback": callback_document(h),
         "passthrough": _passthrough_shape(h),
         "output": output_document(h),
+        "listing": listing_document(h),
     }
 
 
@@ -205,6 +207,11 @@ class JobStore:
         if out == -2:
             raise PermissionError(job_id)
         return [(int(out[i]), bool(out[i + 1])) for i in range(0, len(out), 2)]
+
+    def touch(self, job_id: str) -> None:
+        """Keep an open job (and its files) alive another open-upload TTL, as an added file
+        would: raises as :meth:`add_files` does."""
+        self.add_files(job_id, [])
 
     def seal(self, job_id: str) -> None:
         """No more files: the job finishes once every image has a result."""

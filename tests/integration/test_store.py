@@ -16,6 +16,9 @@ from batchvision.server import keys
 from batchvision.server.claims import Claims
 from batchvision.server.exports import DROPPED, Exporter
 from batchvision.server.keys import JobKeys
+from batchvision.server.leases import Lease
+from batchvision.server.listing import CANCELED, Lister
+from batchvision.server.listing import DROPPED as LISTING_DROPPED
 from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts, JobStore
 from batchvision.server.telemetry import Telemetry
@@ -332,3 +335,34 @@ def test_the_exporter_drops_a_job_that_is_not_finished_without_touching_its_outp
     r.zadd(keys.EXPORTS, {"vanished": 7})  # a job whose hash is gone
     assert exporter.export("vanished", 7) == DROPPED
     assert r.zscore(keys.EXPORTS, "vanished") is None and not r.exists(JobKeys.of("vanished").job)
+
+
+def test_a_listing_step_records_only_under_its_own_lease_and_leaves_gone_or_canceled_jobs(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    r = scratch_redis
+
+    def no_store() -> Any:
+        raise AssertionError("a job that is gone, canceled or not ours must not be listed")
+
+    def no_add(*_: Any) -> int:
+        raise AssertionError("nothing may be added")
+
+    lister = Lister(r, store, no_store, no_add, page_size=10, max_images=100)
+    _job(store, "open", 2)
+    fields = {"ls_url": "s3://b/p/", "ls_after": "p/x", "ls_state": "listing", "ls_images": "2"}
+    r.hset(JobKeys.of("open").job, mapping=fields)
+    r.zadd(keys.LISTINGS, {"open": 50})
+    # Another process holds the job now (its lease is 60, ours was 50): nothing is written.
+    r.zadd(keys.LISTINGS, {"open": 60})
+    store.cancel("open")
+    assert lister.step(Lease(lister.leases, "open", 50)) == LISTING_DROPPED
+    assert r.hget(JobKeys.of("open").job, "ls_state") == b"listing"
+    assert r.zscore(keys.LISTINGS, "open") == 60
+    # Under its own lease, a canceled job's listing ends as failed, with why.
+    assert lister.step(Lease(lister.leases, "open", 60)) == "failed"
+    assert r.hmget(JobKeys.of("open").job, ["ls_state", "ls_error"]) == [b"failed", CANCELED.encode()]
+    assert r.zscore(keys.LISTINGS, "open") is None
+    r.zadd(keys.LISTINGS, {"vanished": 7})  # a job whose hash is gone leaves the set
+    assert lister.step(Lease(lister.leases, "vanished", 7)) == LISTING_DROPPED
+    assert r.zscore(keys.LISTINGS, "vanished") is None and not r.exists(JobKeys.of("vanished").job)

@@ -73,6 +73,7 @@ def test_the_worker_lists_its_components_in_order() -> None:
         "metrics",
         "webhooks",
         "exports",
+        "listings",
         "sweeper",
     ]
     amqp = Worker(Settings.from_env({}, broker_url="amqp://x//"), Celery("t", set_as_current=False))

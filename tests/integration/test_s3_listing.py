@@ -1,0 +1,184 @@
+"""Prefix jobs listed by the workers, a page at a time, against a real S3 endpoint (moto in
+server mode), a real API and real worker processes: the request lists the first page, workers
+the rest, and a worker killed with SIGKILL between adding a page and moving the cursor past it
+leaves every image of a 5,000-image prefix exactly one row in every output format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from batchvision.core.synthetic import labelled_files
+from batchvision.server import keys
+from batchvision.server.keys import JobKeys
+from batchvision.testing.s3server import MotoServer
+
+pytestmark = pytest.mark.slow
+
+PAGE = 250
+
+
+@pytest.fixture(scope="module")
+def stack(start_private_stack: Any, s3_server: MotoServer) -> Any:
+    # Small pages, so a few hundred images make several; a short visibility timeout, so a dead
+    # worker's lease and tasks move on within the test.
+    return start_private_stack(
+        "s3-listing",
+        s3_endpoint_url=s3_server.url,
+        s3_allow="*",
+        list_page_size=PAGE,
+        visibility_timeout_s=8,
+        task_time_limit_s=6,
+        fetch_threads=8,
+        chunk_size=32,
+        result_ttl_s=600,
+    )
+
+
+def _put_images(s3_server: MotoServer, bucket: str, prefix: str, n: int, extra: int = 0) -> list[str]:
+    """``n`` small JPEGs under ``prefix`` (keys in folders of 100) and ``extra`` other files
+    among them; returns the image keys relative to the prefix."""
+    images = [data for _, data, _ in labelled_files(40, seed=5)]
+    names = [f"d{i // 100:03d}/img-{i:05d}.jpg" for i in range(n)]
+    others = [f"d{i * (n // max(extra, 1)) // 100:03d}/notes-{i}.txt" for i in range(extra)]
+    client = s3_server.client()
+
+    def put(item: tuple[int, str]) -> None:
+        i, name = item
+        body = images[i % len(images)] if name.endswith(".jpg") else b"not an image"
+        client.put_object(Bucket=bucket, Key=prefix + name, Body=body)
+
+    with ThreadPoolExecutor(8) as pool:  # the client keeps 10 connections
+        list(pool.map(put, enumerate([*names, *others])))
+    return names
+
+
+def _status(stack: Any, job_id: str) -> dict[str, Any]:
+    doc: dict[str, Any] = requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+    return doc
+
+
+def _finished(stack: Any, job_id: str, wait_until: Callable[..., Any], timeout: float = 300) -> Any:
+    def done() -> dict[str, Any] | None:
+        doc = _status(stack, job_id)
+        final = doc["status"] in ("succeeded", "partial", "failed", "canceled")
+        written = doc.get("output") is None or doc["output"]["state"] != "pending"
+        return doc if final and written else None
+
+    return wait_until(done, timeout=timeout, interval=0.25, message=f"job {job_id}")
+
+
+def _get(s3_server: MotoServer, url: str) -> bytes:
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    body: bytes = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return body
+
+
+def test_the_request_lists_one_page_and_the_workers_the_rest(
+    stack: Any, s3_server: MotoServer, s3_bucket: str, wait_until: Callable[..., Any]
+) -> None:
+    names = _put_images(s3_server, s3_bucket, "many/", 3 * PAGE + 17, extra=5)
+    resp = requests.post(f"{stack.url}/v1/jobs", json={"source": f"s3://{s3_bucket}/many/"}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    job_id = body["job_id"]
+    # The request added the first page only; no worker runs yet, so the job waits, open.
+    assert body["accepted"] == PAGE, body
+    first = _status(stack, job_id)
+    assert first["listing"]["state"] == "listing" and first["listing"]["images"] == PAGE, first
+    assert first["status"] == "queued" and first["total"] == PAGE and first["finished_at"] is None
+    assert stack.store.redis.zscore(keys.LISTINGS, job_id) is not None
+
+    stack.worker()
+    job = _finished(stack, job_id, wait_until)
+    assert job["status"] == "succeeded", job
+    assert job["total"] == job["done"] == len(names)
+    assert job["listing"] == {
+        "url": f"s3://{s3_bucket}/many/",
+        "state": "done",
+        "images": len(names),
+        "skipped": 5,
+        "error": None,
+    }
+    assert stack.store.redis.zscore(keys.LISTINGS, job_id) is None
+    rows = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"format": "jsonl"}, timeout=60)
+    filenames = [json.loads(line)["filename"] for line in rows.text.splitlines()]
+    assert sorted(filenames) == sorted(names)  # each key once, named relative to the prefix
+    stack.stop_workers()
+
+
+def test_a_canceled_job_stops_its_listing(
+    stack: Any, s3_server: MotoServer, s3_bucket: str, wait_until: Callable[..., Any]
+) -> None:
+    _put_images(s3_server, s3_bucket, "stop/", 2 * PAGE + 1)
+    job_id = requests.post(
+        f"{stack.url}/v1/jobs", json={"source": f"s3://{s3_bucket}/stop/"}, timeout=60
+    ).json()["job_id"]
+    assert requests.post(f"{stack.url}/v1/jobs/{job_id}/cancel", timeout=10).status_code == 200
+    stack.worker()
+    # The worker's lister takes the job (it is due at once) and records why it stopped.
+    doc = wait_until(
+        lambda: (d := _status(stack, job_id))["listing"]["state"] != "listing" and d,
+        timeout=60,
+        message="the listing of a canceled job ends",
+    )
+    assert doc["status"] == "canceled" and doc["listing"]["state"] == "failed", doc
+    assert doc["listing"]["error"].startswith("canceled"), doc
+    assert doc["total"] == PAGE  # nothing added after the cancel
+    stack.stop_workers()
+
+
+def test_a_worker_killed_between_a_page_and_its_cursor_leaves_each_of_5000_images_one_row(
+    stack: Any, s3_server: MotoServer, s3_bucket: str, wait_until: Callable[..., Any]
+) -> None:
+    n = 5000
+    names = _put_images(s3_server, s3_bucket, "big/", n)
+    resp = requests.post(
+        f"{stack.url}/v1/jobs",
+        json={"source": f"s3://{s3_bucket}/big/", "output_url": f"s3://{s3_bucket}/out/big"},
+        timeout=60,
+    )
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    # This worker adds its third page, then SIGKILLs itself before moving the cursor past it
+    # (and with tasks of its own in flight): the worst moment for the listing.
+    victim = stack.worker(failpoints="crash-mid-listing=3", wait=False)
+    assert victim.proc is not None
+    wait_until(lambda: victim.proc.poll() is not None, timeout=120, message="the worker's crash")
+    assert victim.proc.returncode == -signal.SIGKILL
+    stack.workers.remove(victim)
+    at_crash = _status(stack, job_id)
+    assert at_crash["listing"]["state"] == "listing" and at_crash["listing"]["images"] == 3 * PAGE, at_crash
+    # The page added before the crash is in the job, and the cursor is not past it.
+    assert at_crash["total"] == 4 * PAGE
+    cursor = stack.store.redis.hget(JobKeys.of(job_id).job, "ls_after").decode()
+    assert cursor == "big/" + names[3 * PAGE - 1]
+
+    stack.worker()  # takes the listing over once the dead worker's lease runs out
+    job = _finished(stack, job_id, wait_until, timeout=600)
+    assert (job["status"], job["total"], job["done"], job["failed"]) == ("succeeded", n, n, 0), job
+    assert job["listing"]["state"] == "done" and job["listing"]["images"] == n, job
+    assert stack.store.redis.hlen(JobKeys.of(job_id).results) == n  # one stored result each
+    out = job["output"]
+    assert out["state"] == "written", out
+    rows = list(csv.DictReader(io.StringIO(_get(s3_server, out["files"]["csv"]).decode())))
+    assert sorted(r["filename"] for r in rows) == sorted(names)  # every input exactly one row
+    assert all(r["label"] and r["model"] for r in rows)
+    lines = [json.loads(x) for x in _get(s3_server, out["files"]["jsonl"]).decode().splitlines()]
+    assert [x["filename"] for x in lines] == [r["filename"] for r in rows]
+    table = pq.read_table(io.BytesIO(_get(s3_server, out["files"]["parquet"])))
+    assert table.num_rows == n
+    assert table.column("filename").to_pylist() == [r["filename"] for r in rows]
+    assert table.column("label").to_pylist() == [r["label"] for r in rows]
+    manifest = json.loads(_get(s3_server, out["files"]["manifest"]))
+    assert manifest["rows"] == n and manifest["done"] == n
+    stack.stop_workers()
