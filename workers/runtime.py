@@ -411,6 +411,7 @@ class ListingsStep:
             intake.add_listed,
             page_size=s.list_page_size,
             max_images=s.max_objects_per_job,
+            ahead=s.list_ahead,
             # A dead worker's listing moves on about when its tasks would be redelivered.
             lease_s=min(60.0, float(s.visibility_timeout_s)),
         )

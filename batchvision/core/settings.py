@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         "Images of an `s3://` prefix job listed, stored and queued together: the request lists the "
         "first page, workers the rest, a page at a time.",
     )
+    list_ahead: Annotated[int, Field(ge=1, le=100_000_000)] = _field(
+        10_000,
+        "Images of an `s3://` prefix job queued and not yet classified before its listing waits "
+        "for the workers: what one job holds in Redis and the queue stays bounded, whatever the "
+        "size of the prefix.",
+    )
     output_formats: str = _field(
         "csv,jsonl,parquet",
         "Files a job with an `output_url` gets, comma-separated, from `csv`, `jsonl`, `parquet` "

@@ -57,8 +57,10 @@ CANCELED = "canceled: the job was canceled before its listing ended"
 #: The job-hash fields a step reads.
 STEP_FIELDS = (
     *("ls_url", "ls_after", "ls_state", "ls_images", "ls_attempts"),
-    *("owner", "sealed", "cancel", "total"),
+    *("owner", "sealed", "cancel", "total", "done", "failed", "canceled"),
 )
+#: How soon a listing that waits for the workers to catch up looks again (ms).
+AHEAD_WAIT_MS = 250
 #: Record a step while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
 #: state (``listing``: due again at ARGV[4]; ``done``, ``failed``: leave the set; ``dropped``:
 #: leave the set, the job hash untouched), due, the new cursor ('' keeps it), images and
@@ -131,6 +133,7 @@ class Lister:
         *,
         page_size: int,
         max_images: int,
+        ahead: int = 10_000,
         lease_s: float = 120.0,
         poll_s: float = 0.5,
     ) -> None:
@@ -140,6 +143,7 @@ class Lister:
         self.add = add
         self.page_size = page_size
         self.max_images = max_images
+        self.ahead = ahead
         self.leases = LeasedSet(client, keys.LISTINGS, lease_s)
         self._record = client.register_script(RECORD)
         self._loop = LeaseLoop("lister", self.leases, self.step, poll_s=poll_s)
@@ -167,6 +171,11 @@ class Lister:
         if h["sealed"] == "1":  # the last page was added and sealed, its record never came
             return self._write(held, DONE, images=int(h["total"] or 0) - listed)
         url = S3Url.parse(h["ls_url"])
+        waiting = int(h["total"] or 0) - sum(int(h[k] or 0) for k in ("done", "failed", "canceled"))
+        if waiting >= self.ahead:
+            # The workers have enough of this job in hand: list on once they caught up, so the
+            # job's share of Redis and the queue stays bounded whatever the prefix holds.
+            return self._write(held, LISTING, due=now_ms() + AHEAD_WAIT_MS)
         try:
             page = read_page(self.s3(), url, h["ls_after"] or "", self.page_size)
         except S3Error as exc:

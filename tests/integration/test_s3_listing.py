@@ -116,6 +116,32 @@ def test_the_request_lists_one_page_and_the_workers_the_rest(
     stack.stop_workers()
 
 
+def test_the_listing_stays_a_bounded_step_ahead_of_the_workers(
+    stack: Any, s3_server: MotoServer, s3_bucket: str, wait_until: Callable[..., Any]
+) -> None:
+    n = 6 * PAGE
+    _put_images(s3_server, s3_bucket, "ahead/", n)
+    # Slow batches, and a listing allowed one page ahead of the classified images.
+    stack.worker(failpoints="slow-batch=0.05", BATCHVISION_LIST_AHEAD=str(PAGE))
+    job_id = requests.post(
+        f"{stack.url}/v1/jobs", json={"source": f"s3://{s3_bucket}/ahead/"}, timeout=60
+    ).json()["job_id"]
+    most_waiting = 0
+
+    def finished() -> bool:
+        nonlocal most_waiting
+        doc = _status(stack, job_id)
+        most_waiting = max(most_waiting, doc["total"] - doc["done"] - doc["failed"])
+        return doc["status"] == "succeeded"
+
+    wait_until(finished, timeout=300, interval=0.05, message=f"job {job_id}")
+    # A page is listed only while fewer than LIST_AHEAD images wait: never more than that plus
+    # one page wait at once (the whole prefix would, without the bound).
+    assert PAGE <= most_waiting < 2 * PAGE, most_waiting
+    assert _status(stack, job_id)["total"] == n
+    stack.stop_workers()
+
+
 def test_a_canceled_job_stops_its_listing(
     stack: Any, s3_server: MotoServer, s3_bucket: str, wait_until: Callable[..., Any]
 ) -> None:
