@@ -633,6 +633,11 @@ def retry_job(job_id: str) -> tuple[dict[str, Any], int]:
             d.ResultsPage,
             alternatives={"application/x-ndjson": {"type": "string"}, "text/csv": {"type": "string"}},
         ),
+        409: c.Response(
+            "`results_in_output`: the rows before `offset` went to the job's output prefix in parts "
+            "(a large prefix job) and left Redis; `details` names the first row still served",
+            d.ErrorDocument,
+        ),
         **_JOB_ERRORS,
     },
     schema_refs=(d.ResultRow,),
@@ -642,6 +647,15 @@ def get_results(job_id: str) -> Response:
     svc = services()
     params = c.query(d.ResultsQuery)
     job = _job_or_404(svc, job_id)
+    out = job["output"]
+    written = out["parts"] * out["part_rows"] if out is not None and out["parts"] else 0
+    if params.offset < written:
+        raise Conflict(
+            f"rows 0 to {written - 1} of job {job_id} were written to {out['url']} in parts and left "
+            f"Redis: read them there, or ask for offset >= {written}",
+            code="results_in_output",
+            details=[{"in": "query", "field": "offset", "first_served": written, "output": out["url"]}],
+        )
     rows = svc.store.iter_results(job_id, params.offset, params.limit)
     if params.format == "csv":
         body, mime = csv_lines(rows), "text/csv"

@@ -99,6 +99,17 @@ class OutputState(Document):
     attempts: int = Field(ge=0)
     error: str | None = Field(None, description="`code: message` of the last failed attempt")
     written_at: float | None = Field(None, description="Unix time")
+    part_rows: int | None = Field(
+        None,
+        description="rows per part file, for a job written in parts while it runs (a prefix job "
+        "with more than `BATCHVISION_OUTPUT_PART_ROWS` images); null: one file per format",
+    )
+    parts: int = Field(
+        0,
+        ge=0,
+        description="parts written while the job ran; their results left Redis (`/results` "
+        "serves the rows after them)",
+    )
 
 
 class ListingState(Document):

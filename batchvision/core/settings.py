@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         "for the workers: what one job holds in Redis and the queue stays bounded, whatever the "
         "size of the prefix.",
     )
+    output_part_rows: Annotated[int, Field(ge=0, le=10_000_000)] = _field(
+        10_000,
+        "A job made from an `s3://` prefix with an `output_url` writes its results in parts of "
+        "this many rows while it runs (`<format>/part-NNNNN.<ext>` under the output prefix) when it "
+        "has more, and each part's results then leave Redis; 0: one file per format at the end.",
+    )
     output_formats: str = _field(
         "csv,jsonl,parquet",
         "Files a job with an `output_url` gets, comma-separated, from `csv`, `jsonl`, `parquet` "

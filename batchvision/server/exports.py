@@ -36,17 +36,19 @@ import redis
 from batchvision.core.results import Failure, Prediction, Row, csv_header, csv_row
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
-from batchvision.server.leases import Lease, LeasedSet, LeaseLoop
+from batchvision.server.leases import Lease, LeasedSet, LeaseLoop, now_ms
 from batchvision.server.outputs import SUCCESS
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.store import JobStore
+from batchvision.server.text import as_text, hash_fields
 from batchvision.server.webhooks import backoff
 
 log = logging.getLogger(__name__)
 
 #: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
 #: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
-#: untouched), next due, error, files JSON, now.
+#: untouched; ``later``: a job written in parts, due again at ARGV[4]), next due, error, files
+#: JSON, now.
 RECORD = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
@@ -57,6 +59,10 @@ end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return -1
+end
+if ARGV[3] == 'later' then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+  return 1
 end
 redis.call('HINCRBY', KEYS[2], 'out_attempts', 1)
 redis.call('HSET', KEYS[2], 'out_state', ARGV[3], 'out_error', ARGV[5])
@@ -75,6 +81,30 @@ return 1
 #: leaves the set, and its ``out_state`` (one of :class:`~batchvision.core.documents.OutputState`'s)
 #: is not written.
 DROPPED = "dropped"
+#: What :meth:`Exporter.export` returns for a running job written in parts: due again soon.
+LATER = "later"
+#: The job-hash fields that say whether a running job's next part can be written.
+PART_FIELDS = ("part_rows", "spilled", "ls_url", "ls_images", "out_url", "finished_at")
+#: How soon a running job written in parts is looked at again (ms).
+PARTS_POLL_MS = 1000
+
+#: A part written: its results leave Redis, while the lease is ours and the part is the next
+#: one. KEYS: the set, the job hash, its results, files and paths hashes. ARGV: job id, lease,
+#: part, its sizes (JSON), n, then n indexes, then the paths keys of those images.
+SPILL = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+if tonumber(redis.call('HGET', KEYS[2], 'spilled') or '0') ~= tonumber(ARGV[3]) then return 0 end
+local n = tonumber(ARGV[5])
+for i = 6, 5 + n do
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('HDEL', KEYS[4], ARGV[i], 's:' .. ARGV[i], 'm:' .. ARGV[i])
+end
+for i = 6 + n, #ARGV do redis.call('HDEL', KEYS[5], ARGV[i]) end
+redis.call('HSET', KEYS[2], 'spilled', tonumber(ARGV[3]) + 1, 'op:' .. ARGV[3], ARGV[4])
+redis.call('HDEL', KEYS[2], 'p:' .. ARGV[3])
+return 1
+"""
 
 #: File name and content type of each output format.
 FORMATS = {
@@ -191,6 +221,75 @@ def write_results(
     return count
 
 
+def upload_rows(
+    s3: S3,
+    rows: Iterable[Row],
+    targets: Mapping[str, S3Url],
+    with_id: bool,
+    columns: Sequence[str],
+    on_page: Callable[[int], None] = lambda n: None,
+) -> tuple[int, dict[str, Written]]:
+    """Write ``rows`` once into a local file per format of ``targets``, then upload each to its
+    URL (whole: one ``PutObject`` or a multipart upload); returns the rows and the files."""
+    with tempfile.TemporaryDirectory(prefix="bv-export-") as tmp:
+        files = {f: open(f"{tmp}/{FORMATS[f][0]}", "w+b") for f in targets}  # noqa: SIM115
+        try:
+            count = write_results(rows, list(targets), with_id, columns, files, on_page)
+            written: dict[str, Written] = {}
+            for f, fh in files.items():
+                size = fh.tell()
+                fh.seek(0)
+                s3.put_file(targets[f], fh, FORMATS[f][1])
+                written[f] = Written(str(targets[f]), size, count)
+        finally:
+            for fh in files.values():
+                fh.close()
+    return count, written
+
+
+def part_url(prefix: S3Url, fmt: str, part: int) -> S3Url:
+    """Where part ``part`` of a job written in parts goes, in format ``fmt``."""
+    ext = FORMATS[fmt][0].rpartition(".")[2]
+    return prefix.child(f"{fmt}/part-{part:05d}.{ext}")
+
+
+def _in_parts(
+    store: JobStore, s3: S3, job: Mapping[str, Any], formats: Sequence[str], on_page: Callable[[int], None]
+) -> dict[str, Any]:
+    """The files of a finished job written in parts: the parts written while it ran (recorded
+    in ``op:<part>``) and the rest, written now from the store; per format, its folder and parts."""
+    job_id = job["job_id"]
+    out = job["output"]
+    size = int(out["part_rows"])
+    prefix = S3Url.parse(out["url"]).folder
+    with_id, columns = job["passthrough"] or (False, ())
+    parts: dict[str, list[dict[str, Any]]] = {f: [] for f in formats}
+    done = int(out["parts"])
+    recorded = store.redis.hmget(JobKeys.of(job_id).job, [f"op:{k}" for k in range(done)]) if done else []
+    for k, raw in enumerate(recorded):
+        info = json.loads(as_text(raw))
+        for f in formats:
+            parts[f].append(
+                {"url": str(part_url(prefix, f, k)), "bytes": info["bytes"][f], "rows": info["rows"]}
+            )
+    for k in range(done, -(-int(job["total"]) // size)):
+        rows = store.iter_results(job_id, k * size, size)
+        _, written = upload_rows(
+            s3, rows, {f: part_url(prefix, f, k) for f in formats}, with_id, columns, on_page
+        )
+        for f, w in written.items():
+            parts[f].append({"url": w.url, "bytes": w.bytes, "rows": w.rows})
+    return {
+        f: {
+            "url": str(prefix.child(f + "/")),
+            "bytes": sum(p["bytes"] for p in ps),
+            "rows": sum(p["rows"] for p in ps),
+            "parts": ps,
+        }
+        for f, ps in parts.items()
+    }
+
+
 def export_job(
     store: JobStore,
     s3: S3,
@@ -198,28 +297,23 @@ def export_job(
     formats: Sequence[str],
     on_page: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
-    """Write a finished job's results under its ``out_url``; returns the ``_SUCCESS``
-    manifest (also written, last) with its own URL as ``manifest_url``. Raises
+    """Write a finished job's results under its ``out_url`` (one file per format, or, for a job
+    written in parts, the parts not written yet); returns the ``_SUCCESS`` manifest (also
+    written, last) with its own URL as ``manifest_url``. Raises
     :class:`~batchvision.server.s3.S3Error`."""
     job = store.get(job_id)
     if job is None or job["output"] is None:
         raise LookupError(job_id)
-    prefix = S3Url.parse(job["output"]["url"]).folder
-    with_id, columns = job["passthrough"] or (False, ())
-    with tempfile.TemporaryDirectory(prefix="bv-export-") as tmp:
-        files = {f: open(f"{tmp}/{FORMATS[f][0]}", "w+b") for f in formats}  # noqa: SIM115
-        try:
-            rows = write_results(store.iter_results(job_id), formats, with_id, columns, files, on_page)
-            written: dict[str, Written] = {}
-            for f, fh in files.items():
-                size = fh.tell()
-                fh.seek(0)
-                name, content_type = FORMATS[f]
-                s3.put_file(prefix.child(name), fh, content_type)
-                written[f] = Written(str(prefix.child(name)), size, rows)
-        finally:
-            for fh in files.values():
-                fh.close()
+    out = job["output"]
+    prefix = S3Url.parse(out["url"]).folder
+    if out["part_rows"] and (out["parts"] or job["total"] > out["part_rows"]):
+        files = _in_parts(store, s3, job, formats, on_page)
+    else:
+        with_id, columns = job["passthrough"] or (False, ())
+        targets = {f: prefix.child(FORMATS[f][0]) for f in formats}
+        _, written = upload_rows(s3, store.iter_results(job_id), targets, with_id, columns, on_page)
+        files = {f: {"url": w.url, "bytes": w.bytes, "rows": w.rows} for f, w in written.items()}
+    rows = next(iter(files.values()))["rows"] if files else 0
     manifest = {
         "job_id": job_id,
         "status": job["status"],
@@ -229,7 +323,7 @@ def export_job(
         "canceled": job["canceled"],
         "model": job["model"],
         "rows": rows,
-        "files": {f: {"url": w.url, "bytes": w.bytes, "rows": w.rows} for f, w in written.items()},
+        "files": files,
         "written_at": round(time.time(), 3),
     }
     s3.put(prefix.child(SUCCESS), json.dumps(manifest, indent=2).encode(), "application/json")
@@ -257,6 +351,7 @@ class Exporter:
         self.retry_for_s = retry_for_s
         self.leases = LeasedSet(client, keys.EXPORTS, lease_s)
         self._record = client.register_script(RECORD)
+        self._spill = client.register_script(SPILL)
         self._loop = LeaseLoop(
             "exporter", self.leases, lambda held: self.export(held.item, held.score), poll_s=poll_s
         )
@@ -279,7 +374,11 @@ class Exporter:
         def renew(_: int) -> None:
             held.renew()
 
-        if not self.redis.hexists(JobKeys.of(job_id).job, "finished_at"):
+        finished, parted = self.redis.hmget(JobKeys.of(job_id).job, ["finished_at", "part_rows"])
+        if finished is None and parted is not None:
+            self._spill_parts(job_id, held)
+            return self._write(job_id, held.score, LATER, now_ms() + PARTS_POLL_MS, "", "")
+        if finished is None:
             # Gone, or running again (a retry): its output is queued anew when it finishes.
             return self._write(job_id, held.score, DROPPED, 0, "", "")
         try:
@@ -295,6 +394,50 @@ class Exporter:
         files["manifest"] = manifest["manifest_url"]
         log.info("job %s: %d rows written to %s", job_id, manifest["rows"], files["manifest"])
         return self._write(job_id, held.score, "written", 0, "", json.dumps(files))
+
+    def _spill_parts(self, job_id: str, held: Lease) -> int:
+        """Write the next parts of a running job written in parts that are complete (every
+        image has a result, and the listing moved past them), each leaving Redis once written;
+        returns how many. Failures are logged: the next look tries again."""
+        count = 0
+        try:
+            while self.spill(job_id, held):
+                count += 1
+        except S3Error as exc:
+            log.warning("job %s: a part was not written (%s: %s); retrying", job_id, exc.code, exc.message)
+        except Exception:  # a surprise is retried at the next look, never the thread's end
+            log.exception("writing a part of job %s failed", job_id)
+        return count
+
+    def spill(self, job_id: str, held: Lease) -> bool:
+        """Write the next part of the running job ``job_id`` if it is complete, then drop its
+        results (and filenames) from Redis while ``held`` is still ours; whether it did."""
+        k = JobKeys.of(job_id)
+        h = hash_fields(self.redis, k.job, PART_FIELDS)
+        if not h["part_rows"] or not h["out_url"] or not h["ls_url"] or h["finished_at"]:
+            return False
+        size, part = int(h["part_rows"]), int(h["spilled"] or 0)
+        # Only parts the listing is past: a page listed again after a crash adds nothing there.
+        if (part + 1) * size > int(h["ls_images"] or 0):
+            return False
+        if int(self.redis.hget(k.job, f"p:{part}") or 0) < size:
+            return False
+        rows = list(self.store.iter_results(job_id, part * size, size))
+        job = self.store.get(job_id)
+        if job is None or len(rows) < size or any(r.result is None for r in rows):
+            return False
+        with_id, columns = job["passthrough"] or (False, ())
+        prefix = S3Url.parse(h["out_url"]).folder
+        targets = {f: part_url(prefix, f, part) for f in self.formats}
+        _, written = upload_rows(self.s3(), rows, targets, with_id, columns)
+        base = S3Url.parse(h["ls_url"]).folder.key
+        info = json.dumps({"rows": size, "bytes": {f: w.bytes for f, w in written.items()}})
+        paths = [base + r.filename for r in rows]  # a prefix job's images are added by their keys
+        args: list[str | int] = [job_id, held.score, part, info, size, *(r.index for r in rows), *paths]
+        if not self._spill(keys=[keys.EXPORTS, k.job, k.results, k.files, k.paths], args=args):
+            return False
+        log.info("job %s: part %d written (%d rows), its results left Redis", job_id, part, size)
+        return held.renew()
 
     def _failed(self, job_id: str, lease: int, exc: S3Error) -> str:
         raw = self.redis.hmget(JobKeys.of(job_id).job, ["out_attempts", "finished_at"])

@@ -27,7 +27,7 @@ from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
 from batchvision.server.fetch import AllowList, FetchError, url_blob, url_problem
 from batchvision.server.idempotency import Claim, commit
-from batchvision.server.keys import LISTINGS, JobKeys
+from batchvision.server.keys import EXPORTS, LISTINGS, JobKeys
 from batchvision.server.listing import read_page
 from batchvision.server.messages import split
 from batchvision.server.outputs import output_fields
@@ -298,6 +298,9 @@ class Intake:
             )
         if len(page.images) > self.settings.max_objects_per_job:
             raise TooManyObjects(too_many(str(url), self.settings.max_objects_per_job))
+        parts = bool(output) and self.settings.output_part_rows > 0
+        if parts:  # its results are written in parts while it runs (exports.py)
+            output = {**(output or {}), "part_rows": str(self.settings.output_part_rows)}
         job_id = self.new_job(owner, callback, options, claim=claim, fields=output)
         try:
             accepted = self.add_listed(job_id, owner, url, page.images) if page.images else 0
@@ -310,8 +313,11 @@ class Intake:
             raise
         pipe: Any = self.redis.pipeline()
         pipe.hset(JobKeys.of(job_id).job, mapping=listing_fields(str(url), page))
+        now_ms = int(time.time() * 1000)
         if page.more:  # the workers list the rest
-            pipe.zadd(LISTINGS, {job_id: int(time.time() * 1000)})
+            pipe.zadd(LISTINGS, {job_id: now_ms})
+        if parts:  # and write its parts as they fill
+            pipe.zadd(EXPORTS, {job_id: now_ms})
         pipe.execute()
         if not page.more:
             self.store.seal(job_id)

@@ -39,7 +39,7 @@ from batchvision.server.leases import Lease, LeasedSet, LeaseLoop, now_ms
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.sources import DONE, FAILED, LISTING, Page, is_image_key, too_many
 from batchvision.server.store import JobStore
-from batchvision.server.text import as_text
+from batchvision.server.text import hash_fields
 from batchvision.server.webhooks import backoff
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,7 @@ class Lister:
     def step(self, held: Lease) -> str:
         """List and add the next page of the job ``held``; returns the state recorded."""
         job_id = held.item
-        raw = dict(zip(STEP_FIELDS, self.redis.hmget(JobKeys.of(job_id).job, STEP_FIELDS), strict=True))
-        h = {k: as_text(v) if v is not None else None for k, v in raw.items()}
+        h = hash_fields(self.redis, JobKeys.of(job_id).job, STEP_FIELDS)
         if h["ls_url"] is None or h["ls_state"] != LISTING:
             return self._write(held, DROPPED)
         if h["cancel"] not in (None, "0"):  # canceled by its owner, or by a failure of ours

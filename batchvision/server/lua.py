@@ -58,6 +58,8 @@ end
 )
 #: Store results: ARGV[4..] = (index, result JSON, counter) triples. ``HSETNX`` per image, and a
 #: counter is raised only when the write stored something: a redelivered chunk counts nothing.
+#: A job with ``part_rows`` (its results written in parts, :mod:`batchvision.server.exports`)
+#: stores nothing below its ``spilled`` parts and counts each part's results in ``p:<part>``.
 RECORD = (
     LUA_KEYS
     + _ACCOUNTS
@@ -65,9 +67,15 @@ RECORD = (
 if redis.call('EXISTS', K_JOB) == 0 then return {0, 0, 0} end
 local n = {done = 0, failed = 0, canceled = 0}
 local bytes = 0
+-- a job written in parts: results below the parts already written left the hash (a late copy
+-- of one must not count again), and each part counts its stored results
+local part = tonumber(redis.call('HGET', K_JOB, 'part_rows') or '0')
+local spilled = 0
+if part > 0 then spilled = tonumber(redis.call('HGET', K_JOB, 'spilled') or '0') * part end
 for i = 4, #ARGV, 3 do
-  if redis.call('HSETNX', K_RES, ARGV[i], ARGV[i + 1]) == 1 then
+  if tonumber(ARGV[i]) >= spilled and redis.call('HSETNX', K_RES, ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('HINCRBY', K_JOB, ARGV[i + 2], 1)
+    if part > 0 then redis.call('HINCRBY', K_JOB, 'p:' .. math.floor(tonumber(ARGV[i]) / part), 1) end
     n[ARGV[i + 2]] = n[ARGV[i + 2]] + 1
     local size = redis.call('HGET', K_FILES, 's:' .. ARGV[i])
     if size then

@@ -5,7 +5,10 @@ Fields (all ``out_``-prefixed): ``out_url`` (the ``s3://`` prefix the caller nam
 ``out_state`` (``pending`` until the job finishes and while the files are written, then
 ``written`` or ``failed``), ``out_error`` (``code: message`` of the last failure),
 ``out_attempts``, ``out_files`` (JSON: format -> object URL, the ``_SUCCESS`` manifest
-included), ``out_written_at``. The writing itself: :mod:`batchvision.server.exports`.
+included), ``out_written_at``. A job written in parts also has ``part_rows`` (rows per part),
+``spilled`` (parts written while it ran, whose results left Redis), ``op:<part>`` (JSON: the
+bytes of each format's file of that part) and ``p:<part>`` (results stored of a part not yet
+written). The writing itself: :mod:`batchvision.server.exports`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ FIELDS = ("out_url", "out_state", "out_error", "out_attempts", "out_files", "out
 SUCCESS = "_SUCCESS"
 
 
-def output_fields(url: str) -> dict[str, str]:
-    """The fields a new job with the output prefix ``url`` starts with."""
-    return {"out_url": url, "out_state": "pending"}
+def output_fields(url: str, part_rows: int = 0) -> dict[str, str]:
+    """The fields a new job with the output prefix ``url`` starts with (``part_rows``: written
+    in parts of that many rows while it runs; 0: at the end only)."""
+    fields = {"out_url": url, "out_state": "pending"}
+    if part_rows:
+        fields["part_rows"] = str(part_rows)
+    return fields
 
 
 def output_document(h: dict[str, str]) -> dict[str, Any] | None:
@@ -36,4 +43,6 @@ def output_document(h: dict[str, str]) -> dict[str, Any] | None:
         "attempts": int(h.get("out_attempts") or 0),
         "error": error,
         "written_at": float(h["out_written_at"]) if h.get("out_written_at") else None,
+        "part_rows": int(h["part_rows"]) if h.get("part_rows") else None,
+        "parts": int(h.get("spilled") or 0),
     }

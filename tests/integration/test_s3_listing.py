@@ -8,23 +8,30 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
 
+from batchvision.core.results import Prediction
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
+from batchvision.server.exports import LATER, Exporter
 from batchvision.server.keys import JobKeys
+from batchvision.server.outputs import output_fields
+from batchvision.server.s3 import S3Config, shared
 from batchvision.testing.s3server import MotoServer
 
 pytestmark = pytest.mark.slow
 
 PAGE = 250
+PARTS = 4 * PAGE
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +48,7 @@ def stack(start_private_stack: Any, s3_server: MotoServer) -> Any:
         fetch_threads=8,
         chunk_size=32,
         result_ttl_s=600,
+        output_part_rows=PARTS,
     )
 
 
@@ -193,18 +201,101 @@ def test_a_worker_killed_between_a_page_and_its_cursor_leaves_each_of_5000_image
     job = _finished(stack, job_id, wait_until, timeout=600)
     assert (job["status"], job["total"], job["done"], job["failed"]) == ("succeeded", n, n, 0), job
     assert job["listing"]["state"] == "done" and job["listing"]["images"] == n, job
-    assert stack.store.redis.hlen(JobKeys.of(job_id).results) == n  # one stored result each
     out = job["output"]
-    assert out["state"] == "written", out
-    rows = list(csv.DictReader(io.StringIO(_get(s3_server, out["files"]["csv"]).decode())))
+    assert out["state"] == "written" and out["part_rows"] == PARTS, out
+    manifest = json.loads(_get(s3_server, out["files"]["manifest"]))
+    assert manifest["rows"] == n and manifest["done"] == n
+    # Five parts per format, whether written while the job ran or at its end.
+    for f in ("csv", "jsonl", "parquet"):
+        parts = manifest["files"][f]["parts"]
+        assert [p["url"].rpartition("/")[2] for p in parts] == [f"part-{k:05d}.{f}" for k in range(5)]
+        assert [p["rows"] for p in parts] == [PARTS] * 5 and manifest["files"][f]["rows"] == n
+    rows = [
+        r
+        for p in manifest["files"]["csv"]["parts"]
+        for r in csv.DictReader(io.StringIO(_get(s3_server, p["url"]).decode()))
+    ]
     assert sorted(r["filename"] for r in rows) == sorted(names)  # every input exactly one row
     assert all(r["label"] and r["model"] for r in rows)
-    lines = [json.loads(x) for x in _get(s3_server, out["files"]["jsonl"]).decode().splitlines()]
+    lines = [
+        json.loads(x)
+        for p in manifest["files"]["jsonl"]["parts"]
+        for x in _get(s3_server, p["url"]).decode().splitlines()
+    ]
     assert [x["filename"] for x in lines] == [r["filename"] for r in rows]
-    table = pq.read_table(io.BytesIO(_get(s3_server, out["files"]["parquet"])))
+    # The Parquet parts are one dataset, as pyarrow reads a folder.
+    table = pa.concat_tables(
+        pq.read_table(io.BytesIO(_get(s3_server, p["url"]))) for p in manifest["files"]["parquet"]["parts"]
+    )
     assert table.num_rows == n
     assert table.column("filename").to_pylist() == [r["filename"] for r in rows]
     assert table.column("label").to_pylist() == [r["label"] for r in rows]
-    manifest = json.loads(_get(s3_server, out["files"]["manifest"]))
-    assert manifest["rows"] == n and manifest["done"] == n
     stack.stop_workers()
+
+
+def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
+    stack: Any, s3_server: MotoServer, s3_bucket: str
+) -> None:
+    # The exporter of a worker, driven by hand against the stack's Redis and the endpoint: a
+    # job of 10 images in parts of 4, whose results arrive out of order.
+    size = 4
+    r = stack.store.redis
+    store = stack.store
+    job_id = os.urandom(16).hex()
+    k = JobKeys.of(job_id)
+    store.create(job_id, model="m")
+    store.add_files(job_id, [(f"in/{i}.jpg", f"{i}.jpg") for i in range(10)])
+    fields = output_fields(f"s3://{s3_bucket}/out/", part_rows=size)
+    r.hset(
+        k.job, mapping={**fields, "ls_url": f"s3://{s3_bucket}/in/", "ls_state": "listing", "ls_images": 8}
+    )
+    r.zadd(keys.EXPORTS, {job_id: 1})
+    exporter = Exporter(
+        r, store, lambda: shared(S3Config.from_settings(stack.settings)), ["csv", "jsonl", "parquet"]
+    )
+
+    def ok(*indexes: int) -> None:
+        store.record(job_id, [(i, Prediction(f"c{i}", i, 0.9, (), "m", 1)) for i in indexes])
+
+    def export() -> str:
+        held = exporter.leases.lease()
+        assert held is not None and held.item == job_id
+        state = exporter.export(job_id, held.score)
+        r.zadd(keys.EXPORTS, {job_id: 1})  # due again at once
+        return state
+
+    ok(0, 1, 3, 5)
+    assert export() == LATER and r.hget(k.job, "spilled") is None  # part 0 lacks image 2
+    ok(2)
+    assert export() == LATER and r.hget(k.job, "spilled") == b"1"
+    part0 = s3_server.client().get_object(Bucket=s3_bucket, Key="out/csv/part-00000.csv")["Body"].read()
+    assert [row["filename"] for row in csv.DictReader(io.StringIO(part0.decode()))] == [
+        "0.jpg",
+        "1.jpg",
+        "2.jpg",
+        "3.jpg",
+    ]
+    assert r.hmget(k.results, ["0", "1", "2", "3"]) == [None] * 4  # left Redis...
+    assert r.hmget(k.paths, ["in/0.jpg", "in/3.jpg"]) == [None, None]
+    ok(1)  # ...and a late copy of a result of the part counts nothing
+    assert store.get(job_id)["done"] == 5 and r.hexists(k.results, "1") == 0
+    resp = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": 0}, timeout=10)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "results_in_output", resp.text
+    rest = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": size}, timeout=10)
+    assert [row["filename"] for row in rest.json()["results"]][:2] == ["4.jpg", "5.jpg"]
+    ok(4, 6, 7, 8, 9)
+    # Part 2 is complete, but the listing has not moved past it: a page listed again after a
+    # crash may still add to it, so it waits.
+    assert export() == LATER and r.hget(k.job, "spilled") == b"2"
+    r.hset(k.job, mapping={"ls_images": 10, "ls_state": "done"})
+    store.seal(job_id)  # every image has a result: the job finishes, the last part is written
+    assert export() == "written"
+    manifest = json.loads(_get(s3_server, f"s3://{s3_bucket}/out/_SUCCESS"))
+    assert manifest["rows"] == 10 and manifest["files"]["csv"]["url"] == f"s3://{s3_bucket}/out/csv/"
+    assert [p["rows"] for p in manifest["files"]["parquet"]["parts"]] == [4, 4, 2]
+    table = pa.concat_tables(
+        pq.read_table(io.BytesIO(_get(s3_server, p["url"]))) for p in manifest["files"]["parquet"]["parts"]
+    )
+    assert table.column("filename").to_pylist() == [f"{i}.jpg" for i in range(10)]
+    doc = requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+    assert doc["output"]["parts"] == 2 and doc["output"]["files"]["csv"] == f"s3://{s3_bucket}/out/csv/"
