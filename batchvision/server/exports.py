@@ -36,7 +36,7 @@ import redis
 from batchvision.core.results import Failure, Prediction, Row, csv_header, csv_row
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
-from batchvision.server.leases import Lease, LeasedSet, LeaseLoop, now_ms
+from batchvision.server.leases import IF_OURS, Lease, LeasedWorker, due_again_if, now_ms
 from batchvision.server.outputs import SUCCESS
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.store import JobStore
@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 #: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
 #: untouched; ``later``: a job written in parts, due again at ARGV[4]), next due, error, files
 #: JSON, now.
-RECORD = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+RECORD = (
+    IF_OURS
+    + """
 if ARGV[3] == 'dropped' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
@@ -69,13 +69,9 @@ redis.call('HSET', KEYS[2], 'out_state', ARGV[3], 'out_error', ARGV[5])
 if ARGV[3] == 'written' then
   redis.call('HSET', KEYS[2], 'out_files', ARGV[6], 'out_written_at', ARGV[7])
 end
-if ARGV[3] == 'pending' then
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 1
 """
+    + due_again_if("pending")
+)
 
 #: What :meth:`Exporter.export` returns for a job it leaves alone (gone, or not finished): it
 #: leaves the set, and its ``out_state`` (one of :class:`~batchvision.core.documents.OutputState`'s)
@@ -91,9 +87,9 @@ PARTS_POLL_MS = 1000
 #: A part written: its results leave Redis, while the lease is ours and the part is the next
 #: one. KEYS: the set, the job hash, its results, files and paths hashes. ARGV: job id, lease,
 #: part, its sizes (JSON), n, then n indexes, then the paths keys of those images.
-SPILL = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+SPILL = (
+    IF_OURS
+    + """
 if tonumber(redis.call('HGET', KEYS[2], 'spilled') or '0') ~= tonumber(ARGV[3]) then return 0 end
 local n = tonumber(ARGV[5])
 for i = 6, 5 + n do
@@ -105,6 +101,7 @@ redis.call('HSET', KEYS[2], 'spilled', tonumber(ARGV[3]) + 1, 'op:' .. ARGV[3], 
 redis.call('HDEL', KEYS[2], 'p:' .. ARGV[3])
 return 1
 """
+)
 
 #: File name and content type of each output format.
 FORMATS = {
@@ -330,7 +327,7 @@ def export_job(
     return {**manifest, "manifest_url": str(prefix.child(SUCCESS))}
 
 
-class Exporter:
+class Exporter(LeasedWorker):
     """Writes due outputs, one job at a time per thread; one per worker process."""
 
     def __init__(
@@ -344,27 +341,16 @@ class Exporter:
         lease_s: float = 120.0,
         poll_s: float = 0.5,
     ) -> None:
-        self.redis = client
+        super().__init__("exporter", client, keys.EXPORTS, lease_s=lease_s, poll_s=poll_s)
         self.store = store
         self.s3 = s3
         self.formats = tuple(formats)
         self.retry_for_s = retry_for_s
-        self.leases = LeasedSet(client, keys.EXPORTS, lease_s)
         self._record = client.register_script(RECORD)
         self._spill = client.register_script(SPILL)
-        self._loop = LeaseLoop(
-            "exporter", self.leases, lambda held: self.export(held.item, held.score), poll_s=poll_s
-        )
 
-    def start(self) -> None:
-        self._loop.start()
-
-    def stop(self) -> None:
-        self._loop.stop()
-
-    def run_once(self) -> bool:
-        """Lease and write one due output; whether there was one."""
-        return self._loop.run_once()
+    def handle(self, held: Lease) -> str:
+        return self.export(held.item, held.score)
 
     def export(self, job_id: str, lease: int) -> str:
         """Write one job's output under ``lease``; returns the state recorded (``written``,

@@ -32,11 +32,31 @@ local lease = tonumber(ARGV[1]) + tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], 'XX', lease, due[1])
 return {due[1], tostring(lease)}
 """
-#: Move our lease (ARGV[2]) of ARGV[1] to ARGV[3], only while it is still ours.
-RENEW = """
+#: The start of a script that acts only while the lease is ours (it returns 0 otherwise):
+#: KEYS[1] the set, ARGV[1] the item, ARGV[2] the lease (its score when taken or renewed).
+IF_OURS = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+"""
+#: Move our lease (ARGV[2]) of ARGV[1] to ARGV[3], only while it is still ours.
+RENEW = (
+    IF_OURS
+    + """
 redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+return 1
+"""
+)
+
+
+def due_again_if(state: str) -> str:
+    """The end of a script that records an outcome under :data:`IF_OURS`: the item stays in
+    the set, due at ARGV[4], when ARGV[3] is ``state``, and leaves it otherwise."""
+    return f"""
+if ARGV[3] == '{state}' then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
 return 1
 """
 
@@ -121,3 +141,27 @@ class LeaseLoop:
             return False
         self.handle(held)
         return True
+
+
+class LeasedWorker:
+    """Base of a component that works through the due items of the set ``key`` in a thread
+    (:meth:`handle` each, leased ``lease_s`` at a time): started, stopped, or stepped by hand."""
+
+    def __init__(self, name: str, client: redis.Redis, key: str, *, lease_s: float, poll_s: float) -> None:
+        self.redis = client
+        self.leases = LeasedSet(client, key, lease_s)
+        self._loop = LeaseLoop(name, self.leases, self.handle, poll_s=poll_s)
+
+    def handle(self, held: Lease) -> object:
+        """Work on one leased item."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def run_once(self) -> bool:
+        """Lease and handle one due item; whether there was one."""
+        return self._loop.run_once()

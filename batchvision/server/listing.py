@@ -35,7 +35,7 @@ import redis
 from batchvision.core.errors import BatchvisionError, TooManyRequests
 from batchvision.server import failpoints, keys
 from batchvision.server.keys import JobKeys
-from batchvision.server.leases import Lease, LeasedSet, LeaseLoop, now_ms
+from batchvision.server.leases import IF_OURS, Lease, LeasedWorker, due_again_if, now_ms
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.sources import DONE, FAILED, LISTING, Page, is_image_key, too_many
 from batchvision.server.store import JobStore
@@ -65,9 +65,9 @@ AHEAD_WAIT_MS = 250
 #: state (``listing``: due again at ARGV[4]; ``done``, ``failed``: leave the set; ``dropped``:
 #: leave the set, the job hash untouched), due, the new cursor ('' keeps it), images and
 #: skipped keys added, error, whether the attempt failed ('1') or not.
-RECORD = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+RECORD = (
+    IF_OURS
+    + """
 if ARGV[3] == 'dropped' or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return 1
@@ -81,13 +81,9 @@ if ARGV[9] == '1' then
 else
   redis.call('HSET', KEYS[2], 'ls_attempts', 0)
 end
-if ARGV[3] == 'listing' then
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 1
 """
+    + due_again_if(LISTING)
+)
 
 
 def read_page(s3: S3, url: S3Url, after: str, size: int, *, named: int = 100) -> Page:
@@ -121,7 +117,7 @@ def read_page(s3: S3, url: S3Url, after: str, size: int, *, named: int = 100) ->
 AddListed = Callable[[str, str, S3Url, Sequence[str]], int]
 
 
-class Lister:
+class Lister(LeasedWorker):
     """Lists due prefix jobs a page at a time; one per worker process."""
 
     def __init__(
@@ -137,26 +133,17 @@ class Lister:
         lease_s: float = 120.0,
         poll_s: float = 0.5,
     ) -> None:
-        self.redis = client
+        super().__init__("lister", client, keys.LISTINGS, lease_s=lease_s, poll_s=poll_s)
         self.store = store
         self.s3 = s3
         self.add = add
         self.page_size = page_size
         self.max_images = max_images
         self.ahead = ahead
-        self.leases = LeasedSet(client, keys.LISTINGS, lease_s)
         self._record = client.register_script(RECORD)
-        self._loop = LeaseLoop("lister", self.leases, self.step, poll_s=poll_s)
 
-    def start(self) -> None:
-        self._loop.start()
-
-    def stop(self) -> None:
-        self._loop.stop()
-
-    def run_once(self) -> bool:
-        """Lease and list one page of a due job; whether there was one."""
-        return self._loop.run_once()
+    def handle(self, held: Lease) -> str:
+        return self.step(held)
 
     def step(self, held: Lease) -> str:
         """List and add the next page of the job ``held``; returns the state recorded."""
@@ -173,7 +160,9 @@ class Lister:
         waiting = int(h["total"] or 0) - sum(int(h[k] or 0) for k in ("done", "failed", "canceled"))
         if waiting >= self.ahead:
             # The workers have enough of this job in hand: list on once they caught up, so the
-            # job's share of Redis and the queue stays bounded whatever the prefix holds.
+            # job's share of Redis and the queue stays bounded whatever the prefix holds. The
+            # open job is kept alive meanwhile, as an added page would.
+            self.store.touch(job_id)
             return self._write(held, LISTING, due=now_ms() + AHEAD_WAIT_MS)
         try:
             page = read_page(self.s3(), url, h["ls_after"] or "", self.page_size)

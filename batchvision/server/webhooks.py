@@ -53,6 +53,7 @@ from batchvision.core.settings import Settings
 from batchvision.server import keys
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
 from batchvision.server.keys import JobKeys
+from batchvision.server.leases import IF_OURS, due_again_if
 from batchvision.server.text import as_text
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,9 @@ BUSY_DEFER_MS = 1000
 #: Record an attempt, only while the lease (ARGV[2]) is still ours. KEYS: pending set, job hash.
 #: ARGV: job id, lease, state (delivered, retrying, failed; gone: drop the entry), next due (ms),
 #: now, status, error.
-RECORD = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+RECORD = (
+    IF_OURS
+    + """
 if ARGV[3] == 'gone' or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return -1
@@ -225,13 +226,9 @@ redis.call('HINCRBY', KEYS[2], 'cb_attempts', 1)
 redis.call('HSET', KEYS[2], 'cb_state', ARGV[3], 'cb_last_attempt_at', ARGV[5],
            'cb_last_status', ARGV[6], 'cb_last_error', ARGV[7])
 if ARGV[3] == 'delivered' then redis.call('HSET', KEYS[2], 'cb_delivered_at', ARGV[5]) end
-if ARGV[3] == 'retrying' then
-  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
-else
-  redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 1
 """
+    + due_again_if("retrying")
+)
 
 
 def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
