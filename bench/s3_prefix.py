@@ -1,7 +1,8 @@
 """One job per size from an ``s3://`` prefix to an output prefix, through the real stack (the
 API, one worker with the null model, a private Redis, moto in server mode as the store): the
 orchestration's images/s, and what Redis holds while the job runs (``used_memory`` sampled
-every 0.2 s, less what it held before the job) and after it finished (the job's results wait
+every 0.2 s, less what it held before the job: its peak, and when 10, 50 and 90 % of the images
+had a result) and after it finished (the job's results wait
 there for ``RESULT_TTL_S``), with the biggest keys of the job.
 
     python bench/s3_prefix.py [--sizes 10000,100000] [--page 1000] [--ahead 10000]
@@ -60,19 +61,26 @@ def upload(moto: MotoServer, prefix: str, n: int) -> float:
 
 
 class Sampler:
-    """Redis ``used_memory`` every ``period_s`` seconds, in a thread, while it runs."""
+    """Redis ``used_memory`` every ``period_s`` seconds, in a thread, while it runs, with the
+    images of ``job`` (once set) that had a result then."""
 
     def __init__(self, client: redis.Redis, period_s: float = 0.2) -> None:
         self.redis = client
         self.period_s = period_s
-        self.samples: list[int] = []
+        self.job: str | None = None
+        self.samples: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(int(self.redis.info("memory")["used_memory"]))
+            done = int(self.redis.hget(JobKeys.of(self.job).job, "done") or 0) if self.job else 0
+            self.samples.append((int(self.redis.info("memory")["used_memory"]), done))
             self._stop.wait(self.period_s)
+
+    def at(self, done: int) -> int:
+        """``used_memory`` at the first sample with at least ``done`` results."""
+        return next(used for used, d in self.samples if d >= done)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -100,6 +108,7 @@ def run(moto: MotoServer, st: Any, n: int) -> dict[str, Any]:
         answered = time.perf_counter() - start
         resp.raise_for_status()
         job_id = resp.json()["job_id"]
+        sampler.job = job_id
         finished = written = 0.0
         while True:
             doc = requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
@@ -124,7 +133,8 @@ def run(moto: MotoServer, st: Any, n: int) -> dict[str, Any]:
         "answered_s": answered,
         "finished_s": finished,
         "written_s": written,
-        "peak": max(sampler.samples) - base,
+        "peak": max(used for used, _ in sampler.samples) - base,
+        "during": [sampler.at(n * q // 10) - base for q in (1, 5, 9)],
         "after": after - base,
         "keys": biggest,
     }
@@ -165,6 +175,7 @@ def main() -> None:
                     "img/s",
                     "output written s",
                     "Redis peak MB",
+                    "Redis MB at 10 / 50 / 90 % done",
                     "Redis after MB",
                     "results / files / paths / tries MB",
                 ],
@@ -177,6 +188,7 @@ def main() -> None:
                         f"{r['n'] / r['finished_s']:.0f}",
                         f"{r['written_s']:.1f}",
                         mb(r["peak"]),
+                        " / ".join(mb(v) for v in r["during"]),
                         mb(r["after"]),
                         " / ".join(mb(v) for v in r["keys"].values()),
                     ]
