@@ -347,7 +347,8 @@ class UrlJob(BaseModel):
 
 class BucketJob(BaseModel):
     """``POST /v1/jobs`` with a JSON body that names a bucket prefix or a manifest in a bucket;
-    the API lists (or reads) it, the workers fetch the images."""
+    the API lists its first page (or reads the manifest), the workers list the rest and fetch
+    the images."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -80,7 +80,7 @@ DROPPED = "dropped"
 #: What :meth:`Exporter.export` returns for a running job written in parts: due again soon.
 LATER = "later"
 #: The job-hash fields that say whether a running job's next part can be written.
-PART_FIELDS = ("part_rows", "spilled", "ls_url", "ls_images", "out_url", "finished_at")
+PART_FIELDS = ("part_rows", "spilled", "ls_url", "ls_images", "ls_after", "out_url", "finished_at")
 #: How soon a running job written in parts is looked at again (ms).
 PARTS_POLL_MS = 1000
 
@@ -418,7 +418,10 @@ class Exporter(LeasedWorker):
         _, written = upload_rows(self.s3(), rows, targets, with_id, columns)
         base = S3Url.parse(h["ls_url"]).folder.key
         info = json.dumps({"rows": size, "bytes": {f: w.bytes for f, w in written.items()}})
-        paths = [base + r.filename for r in rows]  # a prefix job's images are added by their keys
+        # A prefix job's images are added by their keys; only keys the listing's cursor is past
+        # are forgotten (a page listed again after a crash may still name a later one).
+        after = (h["ls_after"] or "").encode()
+        paths = [p for p in (base + r.filename for r in rows) if p.encode() <= after]
         args: list[str | int] = [job_id, held.score, part, info, size, *(r.index for r in rows), *paths]
         if not self._spill(keys=[keys.EXPORTS, k.job, k.results, k.files, k.paths], args=args):
             return False

@@ -78,7 +78,7 @@ class Claim:
 
     def release(self, client: redis.Redis, job_id: str) -> None:
         """Free the slot if it names ``job_id``: a job that was stored and then canceled before
-        its request succeeded (a later listing page failed) must not be replayed to a retry."""
+        its request succeeded (storing its first page failed) must not be replayed to a retry."""
         while True:
             with client.pipeline(transaction=True) as pipe:
                 try:

@@ -304,6 +304,16 @@ class Intake:
         job_id = self.new_job(owner, callback, options, claim=claim, fields=output)
         try:
             accepted = self.add_listed(job_id, owner, url, page.images) if page.images else 0
+            pipe: Any = self.redis.pipeline()
+            pipe.hset(JobKeys.of(job_id).job, mapping=listing_fields(str(url), page))
+            now_ms = int(time.time() * 1000)
+            if page.more:  # the workers list the rest
+                pipe.zadd(LISTINGS, {job_id: now_ms})
+            if parts:  # and write its parts as they fill
+                pipe.zadd(EXPORTS, {job_id: now_ms})
+            pipe.execute()
+            if not page.more:
+                self.store.seal(job_id)
         except BaseException:
             self.store.cancel(job_id)
             if claim is not None:
@@ -311,16 +321,6 @@ class Intake:
                 # this canceled, partial one back as a replay.
                 claim.release(self.redis, job_id)
             raise
-        pipe: Any = self.redis.pipeline()
-        pipe.hset(JobKeys.of(job_id).job, mapping=listing_fields(str(url), page))
-        now_ms = int(time.time() * 1000)
-        if page.more:  # the workers list the rest
-            pipe.zadd(LISTINGS, {job_id: now_ms})
-        if parts:  # and write its parts as they fill
-            pipe.zadd(EXPORTS, {job_id: now_ms})
-        pipe.execute()
-        if not page.more:
-            self.store.seal(job_id)
         return Submitted(job_id, accepted, accepted, (), 0, skipped)
 
     def add_listed(self, job_id: str, owner: str, url: S3Url, keys: Sequence[str]) -> int:
@@ -329,13 +329,7 @@ class Intake:
         neither added nor queued twice). Raises as :meth:`backpressure` does when they do not
         fit the queue, ``PermissionError`` for a sealed or canceled job, ``LookupError`` for
         one that is gone."""
-        base = url.folder.key
-        uploads = [
-            Upload(
-                key, key[len(base) :] if key.startswith(base) else key, url_blob(f"s3://{url.bucket}/{key}")
-            )
-            for key in keys
-        ]
+        uploads = [Upload(key, url.relative(key), url_blob(f"s3://{url.bucket}/{key}")) for key in keys]
         self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
         return self._add(job_id, uploads, [None] * len(uploads)).accepted
 

@@ -94,7 +94,8 @@ def read_page(s3: S3, url: S3Url, after: str, size: int, *, named: int = 100) ->
     skipped: list[str] = []
     skipped_count = 0
     last = after
-    objects = s3.list(url, page_size=min(1000, max(size, 1)), after=after)
+    # As a folder: the allow-list admitted s3://b/photos/, never s3://b/photos-private/.
+    objects = s3.list(url.folder, page_size=min(1000, max(size, 1)), after=after)
     for seen, obj in enumerate(objects, start=1):
         if is_image_key(obj.key):
             images.append(obj.key)
@@ -183,6 +184,10 @@ class Lister(LeasedWorker):
             self.store.touch(job_id)
             due = now_ms() + max(1, exc.retry_after) * 1000
             return self._write(held, LISTING, due=due, error=f"{exc.code}: {exc.message}")
+        except S3Error as exc:  # the blob store in a bucket: throttled or down is retried
+            if exc.transient:
+                return self._retry(held, int(h["ls_attempts"] or 0) + 1, f"{exc.code}: {exc.message}")
+            return self._fail(held, f"{exc.code}: {exc.message}")
         except BatchvisionError as exc:
             return self._fail(held, f"{exc.code}: {exc.message}")
         except PermissionError:  # canceled meanwhile

@@ -1,8 +1,8 @@
 """S3-compatible object storage: ``s3://bucket/key`` URLs listed, read and written.
 
 One small surface over **boto3** (the AWS SDK for Python; see docs/guides/object-storage.md for
-why boto3 rather than obstore or s3fs), used by the API (listing a prefix, the blob store), the
-workers (images, results, blobs, the model repository) and the CLI's tools:
+why boto3 rather than obstore or s3fs), used by the API (the first page of a prefix, the blob store), the
+workers (the rest of a listing, images, results, blobs, the model repository) and the CLI's tools:
 
 - :class:`S3Url`: ``s3://bucket/key`` parsed and checked (``bad_url``);
 - :meth:`S3.list`: every object under a prefix, **streamed** one page (1,000 keys) at a time,
