@@ -14,8 +14,6 @@ from typing import Any
 #: Key suffixes of the objects a prefix job classifies (other keys are skipped and counted; a
 #: key with one of these that is not an image is a per-image error).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-#: The job-hash fields of a listing.
-FIELDS = ("ls_url", "ls_after", "ls_state", "ls_images", "ls_skipped", "ls_attempts", "ls_error")
 LISTING, DONE, FAILED = "listing", "done", "failed"
 
 

@@ -54,7 +54,7 @@ from batchvision.server import keys
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
 from batchvision.server.keys import JobKeys
 from batchvision.server.leases import IF_OURS, due_again_if
-from batchvision.server.text import as_text
+from batchvision.server.text import as_text, hash_fields
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,8 @@ def callback_fields(url: str, status_url: str | None) -> dict[str, str]:
 
 def callback_state(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     """The job's ``callback`` document (``None`` for a job without one)."""
-    raw = client.hmget(JobKeys.of(job_id).job, list(FIELDS))
-    values = [v.decode() if isinstance(v, bytes) else v for v in raw]
-    return callback_document({k: v for k, v in zip(FIELDS, values, strict=True) if v is not None})
+    fields = hash_fields(client, JobKeys.of(job_id).job, FIELDS)
+    return callback_document({k: v for k, v in fields.items() if v is not None})
 
 
 def callback_document(fields: dict[str, str]) -> dict[str, Any] | None:
