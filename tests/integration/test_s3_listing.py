@@ -145,7 +145,7 @@ def test_the_listing_stays_a_bounded_step_ahead_of_the_workers(
     wait_until(finished, timeout=300, interval=0.05, message=f"job {job_id}")
     # A page is listed only while fewer than LIST_AHEAD images wait: never more than that plus
     # one page wait at once (the whole prefix would, without the bound).
-    assert PAGE <= most_waiting < 2 * PAGE, most_waiting
+    assert most_waiting < 2 * PAGE, most_waiting
     assert _status(stack, job_id)["total"] == n
     stack.stop_workers()
 
