@@ -168,14 +168,39 @@ class Cluster:
             )
         )
 
-    def wait_classified(self, worker: Host, more_than: int, timeout: float = 60.0) -> float:
-        """Block until ``worker`` stored more than ``more_than`` results; returns when."""
-        self.wait_until(
-            lambda: (self.classified(worker) or 0) > more_than,
-            timeout=timeout,
-            message=f"{worker.name} stores more than {more_than} results",
-        )
+    def wait_classified(self, worker: Host, more_than: int, timeout: float = 60.0, job_id: str = "") -> float:
+        """Block until ``worker`` stored more than ``more_than`` results; returns when. On a
+        timeout the error says what the worker was doing (its counter or that its metrics did not
+        answer, the queues, its log's last lines): a stalled consumer and an unreachable host
+        read differently."""
+        try:
+            self.wait_until(
+                lambda: (self.classified(worker) or 0) > more_than,
+                timeout=timeout,
+                message=f"{worker.name} stores more than {more_than} results",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.explain(worker, job_id)}") from None
         return time.time()
+
+    def explain(self, worker: Host, job_id: str = "") -> str:
+        """What is known of ``worker`` and the job now, for an assertion message."""
+        svc = worker.services[0]
+        alive = svc.proc is not None and svc.proc.poll() is None
+        lines = Path(svc.log_path).read_text(errors="replace").splitlines() if svc.log_path else []
+        # The per-chunk lines say only that work went on; the rest says what went wrong.
+        quiet = ("] task ", "] batch of ", "succeeded in", "] Task batchvision.classify[")
+        tail = [line for line in lines if not any(q in line for q in quiet)][-40:]
+        counters = {w.name: self.classified(w) for w in self.stack.workers.values()}
+        return "\n".join(
+            [
+                f"{worker.name}: process alive {alive}, counters (None: metrics unreachable) {counters}, "
+                f"answers ping {self.answers_ping(worker)}",
+                f"job: {self.debug(job_id) if job_id else '-'}",
+                f"{worker.name} log, last lines other than per-chunk ones:",
+                *tail,
+            ]
+        )
 
     def answers_ping(self, worker: Host) -> bool:
         app = create_celery(self.stack.client_settings())
@@ -242,7 +267,7 @@ def two_workers(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[tu
 
 def _mid_batch(cluster: Cluster, job_id: str, worker: Host, before: int) -> None:
     """Return once ``worker`` stored some of the job and the job is far from done."""
-    cluster.wait_classified(worker, before + 16)
+    cluster.wait_classified(worker, before + 16, job_id=job_id)
     done = cluster.status(job_id)["done"]
     assert done < N // 2, f"the job is nearly done before the fault ({done}/{N}): not mid-batch"
 
@@ -264,7 +289,7 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     time.sleep(5)  # the cut lasts 5 s
     healed = time.time()
     net.heal(cut)
-    resumed = cluster.wait_classified(cut, held) - healed  # its next stored result
+    resumed = cluster.wait_classified(cut, held, job_id=job_a) - healed  # its next stored result
     st = cluster.assert_exactly_once(job_a)
     cluster.record(
         "worker link cut 5 s mid-batch",
@@ -292,7 +317,7 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     # ... and takes work again: the next job is shared by both workers.
     seen = cluster.classified(cut) or 0
     job_c = cluster.submit()
-    cluster.wait_classified(cut, seen)
+    cluster.wait_classified(cut, seen, job_id=job_c)
     cluster.assert_exactly_once(job_c)
     cluster.record(
         f"worker link cut {long_cut} s (visibility timeout {VISIBILITY_S} s) mid-batch",
