@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from batchvision.core import manifest
 from batchvision.core.errors import BadRequest, Conflict, Gone, NotFound
 from batchvision.core.model_refs import JobOptions
 from batchvision.core.results import Row, csv_lines, jsonl_lines
-from batchvision.server import job_actions, webhooks
+from batchvision.server import job_actions, served, webhooks
 from batchvision.server.idempotency import Claim
 from batchvision.server.intake import JOB_ID_SLOT, Submitted
 
@@ -634,8 +635,9 @@ def retry_job(job_id: str) -> tuple[dict[str, Any], int]:
             alternatives={"application/x-ndjson": {"type": "string"}, "text/csv": {"type": "string"}},
         ),
         409: c.Response(
-            "`results_in_output`: the rows before `offset` went to the job's output prefix in parts "
-            "(a large prefix job) and left Redis; `details` names the first row still served",
+            "`results_in_output`: rows of a job written to its output prefix in parts are served "
+            "from the parts' JSON Lines files, and one of those is missing from the bucket; "
+            "`details` names the first row served again and the prefix",
             d.ErrorDocument,
         ),
         **_JOB_ERRORS,
@@ -647,16 +649,9 @@ def get_results(job_id: str) -> Response:
     svc = services()
     params = c.query(d.ResultsQuery)
     job = _job_or_404(svc, job_id)
-    out = job["output"]
-    written = out["parts"] * out["part_rows"] if out is not None and out["parts"] else 0
-    if params.offset < written:
-        raise Conflict(
-            f"rows 0 to {written - 1} of job {job_id} were written to {out['url']} in parts and left "
-            f"Redis: read them there, or ask for offset >= {written}",
-            code="results_in_output",
-            details=[{"in": "query", "field": "offset", "first_served": written, "output": out["url"]}],
-        )
-    rows = svc.store.iter_results(job_id, params.offset, params.limit)
+    # The first row is read now: a part that cannot be read is an error answer, not a cut stream.
+    rows: Iterator[Row] = served.iter_rows(svc.store, svc.intake.s3, job_id, params.offset, params.limit)
+    rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
     if params.format == "csv":
         body, mime = csv_lines(rows), "text/csv"
     elif params.format == "jsonl":

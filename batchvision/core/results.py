@@ -148,7 +148,12 @@ def encode(result: ImageResult) -> str:
 def decode(text: str | bytes) -> ImageResult:
     """A stored result from its JSON (:func:`encode`'s, or an older row without ``model`` and
     ``version``)."""
-    doc = json.loads(text)
+    return from_document(json.loads(text))
+
+
+def from_document(doc: dict[str, Any]) -> ImageResult:
+    """A result from its JSON object (:meth:`Prediction.document`'s or
+    :meth:`Failure.document`'s; a served row's other keys are ignored)."""
     err = doc.get("error")
     if err is not None:
         return Failure(str(err.get("code", "")), str(err.get("message", "")))
@@ -258,6 +263,15 @@ class Row:
             if self.passthrough.columns:
                 row["columns"] = dict(self.passthrough.columns)
         return row
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> Row:
+        """The row a served document (:meth:`document`'s, as written to a JSON Lines part)
+        stands for."""
+        result = None if doc.get("status") == "pending" else from_document(doc)
+        given = doc.get("id"), tuple((doc.get("columns") or {}).items())
+        passthrough = Passthrough(*given) if given != (None, ()) else None
+        return cls(int(doc["index"]), str(doc["filename"]), result, passthrough)
 
 
 def entry(index: int, filename: str, stored: ImageResult | None) -> dict[str, Any]:

@@ -244,6 +244,12 @@ def upload_rows(
     return count, written
 
 
+def part_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """The formats a job written in parts gets: ``formats``, and JSON Lines in any case, since
+    ``/results`` serves the rows of a written part from it (:mod:`batchvision.server.served`)."""
+    return tuple(dict.fromkeys([*formats, "jsonl"]))
+
+
 def part_url(prefix: S3Url, fmt: str, part: int) -> S3Url:
     """Where part ``part`` of a job written in parts goes, in format ``fmt``."""
     ext = FORMATS[fmt][0].rpartition(".")[2]
@@ -304,7 +310,7 @@ def export_job(
     out = job["output"]
     prefix = S3Url.parse(out["url"]).folder
     if out["part_rows"] and (out["parts"] or job["total"] > out["part_rows"]):
-        files = _in_parts(store, s3, job, formats, on_page)
+        files = _in_parts(store, s3, job, part_formats(formats), on_page)
     else:
         with_id, columns = job["passthrough"] or (False, ())
         targets = {f: prefix.child(FORMATS[f][0]) for f in formats}
@@ -414,7 +420,7 @@ class Exporter(LeasedWorker):
             return False
         with_id, columns = job["passthrough"] or (False, ())
         prefix = S3Url.parse(h["out_url"]).folder
-        targets = {f: part_url(prefix, f, part) for f in self.formats}
+        targets = {f: part_url(prefix, f, part) for f in part_formats(self.formats)}
         _, written = upload_rows(self.s3(), rows, targets, with_id, columns)
         base = S3Url.parse(h["ls_url"]).folder.key
         info = json.dumps({"rows": size, "bytes": {f: w.bytes for f, w in written.items()}})

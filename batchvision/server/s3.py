@@ -288,6 +288,22 @@ class S3:
         finally:
             body.close()
 
+    def lines(self, url: S3Url) -> Iterator[bytes]:
+        """The object's lines (without their ends), streamed: a large text object is never
+        held whole. Raises :class:`S3Error` (``not_found``...) before the first line or where
+        the read broke off."""
+        try:
+            resp = self._client.get_object(Bucket=url.bucket, Key=url.key)
+        except Exception as exc:
+            raise _error(exc, str(url)) from exc
+        body = resp["Body"]
+        try:
+            yield from body.iter_lines()
+        except Exception as exc:
+            raise _error(exc, str(url)) from exc
+        finally:
+            body.close()
+
     def download(self, url: S3Url, path: str | Path, expected: S3Object) -> None:
         """Copy the object ``expected`` describes (as listed) to a local file, checked: the read
         is conditional on the listed ETag (``object_changed`` when it was replaced since), the

@@ -374,15 +374,24 @@ class JobStore:
         if job is None:
             return
         end = job["total"] if limit is None else min(job["total"], offset + limit)
-        k = JobKeys.of(job_id)
         for start in range(offset, end, page):
-            idx = [str(i) for i in range(start, min(end, start + page))]
-            pipe = self.redis.pipeline()
-            pipe.hmget(k.files, idx)
-            pipe.hmget(k.results, idx)
-            if job["passthrough"] is not None:
-                pipe.hmget(k.files, [f"m:{i}" for i in idx])
-            yield from _rows(idx, *pipe.execute())
+            rows, _ = self.results_page(job_id, start, min(end, start + page), job["passthrough"] is not None)
+            yield from rows
+
+    def results_page(self, job_id: str, start: int, end: int, passthrough: bool) -> tuple[list[Row], int]:
+        """Rows ``start`` to ``end - 1`` and, read in the same transaction, how many parts of
+        the job were written out (``spilled``): rows of those parts left Redis, so a caller
+        that finds ``start`` inside one reads them from the part instead."""
+        k = JobKeys.of(job_id)
+        idx = [str(i) for i in range(start, end)]
+        pipe = self.redis.pipeline()  # MULTI: a part written meanwhile is all or nothing here
+        pipe.hget(k.job, "spilled")
+        pipe.hmget(k.files, idx)
+        pipe.hmget(k.results, idx)
+        if passthrough:
+            pipe.hmget(k.files, [f"m:{i}" for i in idx])
+        spilled, *replies = pipe.execute()
+        return list(_rows(idx, *replies)), int(spilled or 0)
 
     def passthrough_on(
         self, pipe: Any, job_id: str, passed: Sequence[tuple[int, Passthrough]], columns: Sequence[str]

@@ -255,9 +255,8 @@ def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
         },
     )
     stack.stop_workers()  # no worker's exporter may take the job from this test
-    exporter = Exporter(
-        r, store, lambda: shared(S3Config.from_settings(stack.settings)), ["csv", "jsonl", "parquet"]
-    )
+    # JSON Lines is not asked for: parts get it anyway, /results reads written rows from it.
+    exporter = Exporter(r, store, lambda: shared(S3Config.from_settings(stack.settings)), ["csv", "parquet"])
 
     def ok(*indexes: int) -> None:
         store.record(job_id, [(i, Prediction(f"c{i}", i, 0.9, (), "m", 1)) for i in indexes])
@@ -281,10 +280,21 @@ def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
     assert r.hmget(k.paths, ["in/0.jpg", "in/3.jpg"]) == [None, None]
     ok(1)  # ...and a late copy of a result of the part counts nothing
     assert store.get(job_id)["done"] == 5 and r.hexists(k.results, "1") == 0
-    resp = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": 0}, timeout=10)
-    assert resp.status_code == 409 and resp.json()["error"]["code"] == "results_in_output", resp.text
-    rest = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": size}, timeout=10)
-    assert [row["filename"] for row in rest.json()["results"]][:2] == ["4.jpg", "5.jpg"]
+    # /results serves the written rows from the part, the rest from Redis, in one order.
+    served = _results(stack, job_id)
+    assert [row["filename"] for row in served] == [f"{i}.jpg" for i in range(10)]
+    assert [row.get("label") for row in served[:6]] == ["c0", "c1", "c2", "c3", None, "c5"]
+    assert [row["status"] for row in served[3:7]] == ["ok", "pending", "ok", "pending"]
+    assert served[0]["top_k"] == [] and served[0]["model"] == "m" and served[0]["version"] == 1
+    across = _results(stack, job_id, offset=2, limit=4)  # from inside the part, past its end
+    assert [row["index"] for row in across] == [2, 3, 4, 5]
+    text = requests.get(
+        f"{stack.url}/v1/jobs/{job_id}/results", params={"format": "csv", "offset": 1, "limit": 2}, timeout=10
+    ).text
+    assert [(c["filename"], c["label"]) for c in csv.DictReader(io.StringIO(text))] == [
+        ("1.jpg", "c1"),
+        ("2.jpg", "c2"),
+    ]
     ok(4, 6, 7, 8, 9)
     # Part 2 is complete, but the listing has not moved past it: a page listed again after a
     # crash may still add to it, so it waits.
@@ -301,3 +311,21 @@ def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
     assert table.column("filename").to_pylist() == [f"{i}.jpg" for i in range(10)]
     doc = requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
     assert doc["output"]["parts"] == 2 and doc["output"]["files"]["csv"] == f"s3://{s3_bucket}/out/csv/"
+    assert [p["rows"] for p in manifest["files"]["jsonl"]["parts"]] == [4, 4, 2]
+    assert [row["label"] for row in _results(stack, job_id)] == [f"c{i}" for i in range(10)]
+    # A written part's JSON Lines file gone from the bucket: a read that starts in it is
+    # refused by name (one that reaches it breaks off there), the other rows are still served.
+    s3_server.client().delete_object(Bucket=s3_bucket, Key="out/jsonl/part-00001.jsonl")
+    resp = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": 5}, timeout=10)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "results_in_output", resp.text
+    assert resp.json()["error"]["details"][0]["first_served"] == 8
+    assert [row["index"] for row in _results(stack, job_id, offset=8)] == [8, 9]
+
+
+def _results(stack: Any, job_id: str, **params: int) -> list[dict[str, Any]]:
+    """``/results`` of the job as JSON Lines."""
+    resp = requests.get(
+        f"{stack.url}/v1/jobs/{job_id}/results", params={"format": "jsonl", **params}, timeout=10
+    )
+    assert resp.status_code == 200, resp.text
+    return [json.loads(line) for line in resp.text.splitlines()]

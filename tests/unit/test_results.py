@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,23 @@ def test_rows_become_the_same_json_lines_as_before() -> None:
         '{"index":1,"filename":"b.png","status":"error",' + STORED[2][1:-2] + ',"retryable":false}}',
         '{"index":2,"filename":"c.png","status":"pending"}',
     ]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        Row(0, "a.jpg", Prediction("cat", 3, 0.8125, (TopScore("cat", 0.8125), TopScore("dog", 0.1)), "m", 2)),
+        Row(1, "b.jpg", Prediction("cat", 3, 0.5, ())),
+        Row(2, "c.jpg", Failure("not_an_image", "cannot identify image file")),
+        Row(3, "d.jpg", None),
+        Row(4, "e.jpg", Failure("http_503", "x"), Passthrough("id-4", (("site", "n"), ("n", 2)))),
+        Row(5, "f.jpg", None, Passthrough(None, (("site", "s"),))),
+    ],
+)
+def test_a_served_row_reads_back_as_the_same_row(row: Row) -> None:
+    # A job's written parts are read back for /results from their JSON Lines.
+    line = next(jsonl_lines([row]))
+    assert Row.from_document(json.loads(line)) == row
 
 
 def test_job_status_derivation() -> None:
