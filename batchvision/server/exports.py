@@ -84,9 +84,10 @@ PART_FIELDS = ("part_rows", "spilled", "ls_url", "ls_images", "ls_after", "out_u
 #: How soon a running job written in parts is looked at again (ms).
 PARTS_POLL_MS = 1000
 
-#: A part written: its results leave Redis, while the lease is ours and the part is the next
-#: one. KEYS: the set, the job hash, its results, files and paths hashes. ARGV: job id, lease,
-#: part, its sizes (JSON), n, then n indexes, then the paths keys of those images.
+#: A part written: its results leave Redis (with the delivery counts of its chunks and images),
+#: while the lease is ours and the part is the next one. KEYS: the set, the job hash, its
+#: results, files, paths and tries hashes. ARGV: job id, lease, part, its sizes (JSON), n, then n
+#: indexes, then the paths keys of those images.
 SPILL = (
     IF_OURS
     + """
@@ -95,6 +96,7 @@ local n = tonumber(ARGV[5])
 for i = 6, 5 + n do
   redis.call('HDEL', KEYS[3], ARGV[i])
   redis.call('HDEL', KEYS[4], ARGV[i], 's:' .. ARGV[i], 'm:' .. ARGV[i])
+  redis.call('HDEL', KEYS[6], 'chunk:' .. ARGV[i], 'image:' .. ARGV[i])
 end
 for i = 6 + n, #ARGV do redis.call('HDEL', KEYS[5], ARGV[i]) end
 redis.call('HSET', KEYS[2], 'spilled', tonumber(ARGV[3]) + 1, 'op:' .. ARGV[3], ARGV[4])
@@ -429,7 +431,7 @@ class Exporter(LeasedWorker):
         after = (h["ls_after"] or "").encode()
         paths = [p for p in (base + r.filename for r in rows) if p.encode() <= after]
         args: list[str | int] = [job_id, held.score, part, info, size, *(r.index for r in rows), *paths]
-        if not self._spill(keys=[keys.EXPORTS, k.job, k.results, k.files, k.paths], args=args):
+        if not self._spill(keys=[keys.EXPORTS, k.job, k.results, k.files, k.paths, k.tries], args=args):
             return False
         log.info("job %s: part %d written (%d rows), its results left Redis", job_id, part, size)
         return held.renew()

@@ -265,6 +265,7 @@ def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
         r.zadd(keys.EXPORTS, {job_id: 5})  # held by this test (the lease a worker would take)
         return exporter.export(job_id, 5)
 
+    r.hset(k.tries, mapping={"chunk:0": 2, "image:2": 1, "chunk:4": 1})  # delivery counts
     ok(0, 1, 3, 5)
     assert export() == LATER and r.hget(k.job, "spilled") is None  # part 0 lacks image 2
     ok(2)
@@ -278,6 +279,7 @@ def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
     ]
     assert r.hmget(k.results, ["0", "1", "2", "3"]) == [None] * 4  # left Redis...
     assert r.hmget(k.paths, ["in/0.jpg", "in/3.jpg"]) == [None, None]
+    assert r.hgetall(k.tries) == {b"chunk:4": b"1"}  # the part's counts went with it
     ok(1)  # ...and a late copy of a result of the part counts nothing
     assert store.get(job_id)["done"] == 5 and r.hexists(k.results, "1") == 0
     # /results serves the written rows from the part, the rest from Redis, in one order.
