@@ -183,6 +183,18 @@ class Cluster:
             raise AssertionError(f"{exc}\n{self.explain(worker, job_id)}") from None
         return time.time()
 
+    def commands_of(self, worker: Host, seconds: float) -> list[str]:
+        """The commands ``worker`` sends to Redis for ``seconds`` (``MONITOR``), deduplicated."""
+        seen: dict[str, None] = {}
+        deadline = time.monotonic() + seconds
+        with self.redis.monitor() as m:
+            for cmd in m.listen():
+                if str(cmd.get("client_address")) == worker.address:
+                    seen.setdefault(str(cmd.get("command"))[:300])
+                if time.monotonic() > deadline:
+                    break
+        return list(seen)
+
     def explain(self, worker: Host, job_id: str = "") -> str:
         """What is known of ``worker`` and the job now, for an assertion message."""
         svc = worker.services[0]
@@ -192,15 +204,38 @@ class Cluster:
         quiet = ("] task ", "] batch of ", "succeeded in", "] Task batchvision.classify[")
         tail = [line for line in lines if not any(q in line for q in quiet)][-40:]
         counters = {w.name: self.classified(w) for w in self.stack.workers.values()}
+        # Its connections as Redis sees them: a consumer waits in a BRPOP (cmd=brpop, flags=b).
+        clients = [
+            {k: c.get(k) for k in ("id", "age", "idle", "flags", "cmd")}
+            for c in self.redis.client_list()
+            if str(c.get("addr", "")).startswith(f"{worker.address}:")
+        ]
         return "\n".join(
             [
+                f"{worker.name}'s commands over 3 s: {self.commands_of(worker, 3.0)}",
                 f"{worker.name}: process alive {alive}, counters (None: metrics unreachable) {counters}, "
                 f"answers ping {self.answers_ping(worker)}",
                 f"job: {self.debug(job_id) if job_id else '-'}",
+                f"{worker.name}'s Redis connections: {clients}",
                 f"{worker.name} log, last lines other than per-chunk ones:",
                 *tail,
             ]
         )
+
+    def consuming(self, worker: Host) -> bool:
+        """Whether ``worker`` waits in a ``BRPOP`` right now (Redis sees it blocked there). Its
+        consumer sends one every second; after a cut, the one in flight is noticed lost only
+        by TCP's retransmissions or kombu's health check (up to ~11 s), and until then another
+        worker takes every message. A ping answers sooner: it travels over pub/sub."""
+        return any(
+            str(c.get("addr", "")).startswith(f"{worker.address}:")
+            and c.get("cmd") == "brpop"
+            and "b" in str(c.get("flags", ""))
+            for c in self.redis.client_list()
+        )
+
+    def wait_consuming(self, worker: Host) -> None:
+        self.wait_until(lambda: self.consuming(worker), timeout=60, message=f"{worker.name} waits in a BRPOP")
 
     def answers_ping(self, worker: Host) -> bool:
         app = create_celery(self.stack.client_settings())
@@ -291,18 +326,22 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     net.heal(cut)
     resumed = cluster.wait_classified(cut, held, job_id=job_a) - healed  # its next stored result
     st = cluster.assert_exactly_once(job_a)
+    cluster.wait_consuming(cut)
+    consuming = time.time() - healed
     cluster.record(
         "worker link cut 5 s mid-batch",
         st["finished_at"] - healed,
         lost=st["lost"],
         duplicated=st["duplicated"],
         worker_resumed_after_heal_s=round(resumed, 1),
+        worker_consuming_after_heal_s=round(consuming, 1),
         redelivered_chunks=cluster.redelivered_chunks(job_a),
     )
 
     # 2. Cut for longer than the visibility timeout: the other worker restores the cut one's
     #    unacknowledged messages and finishes them; the cut worker comes back by itself.
     long_cut = VISIBILITY_S + 6
+    cluster.wait_consuming(cut)  # or the other worker may take all of the next job
     job_b = cluster.submit()
     _mid_batch(cluster, job_b, cut, cluster.classified(cut) or 0)
     t_cut = time.time()
@@ -313,6 +352,7 @@ def test_worker_link_cut_5s_then_past_visibility_timeout(
     net.heal(cut)
     st_b = cluster.assert_exactly_once(job_b)
     cluster.wait_until(lambda: cluster.answers_ping(cut), timeout=60, interval=0.2, message="a ping answered")
+    cluster.wait_consuming(cut)
     reconnect = time.time() - healed
     # ... and takes work again: the next job is shared by both workers.
     seen = cluster.classified(cut) or 0
