@@ -636,8 +636,8 @@ def retry_job(job_id: str) -> tuple[dict[str, Any], int]:
         ),
         409: c.Response(
             "`results_in_output`: rows of a job written to its output prefix in parts are served "
-            "from the parts' JSON Lines files, and one of those is missing from the bucket; "
-            "`details` names the first row served again and the prefix",
+            "from the parts' JSON Lines files, and one of those is missing from the bucket, cut "
+            "short or not JSON Lines; `details` names the first row after that part and the prefix",
             d.ErrorDocument,
         ),
         **_JOB_ERRORS,

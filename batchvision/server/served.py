@@ -23,8 +23,9 @@ PAGE = 500
 
 
 class PartMissing(Conflict):
-    """A written part's JSON Lines file is not there (deleted from the bucket, or written by a
-    version that did not always write it): its rows can be read only where the output went.
+    """A written part's JSON Lines file is not there or not whole (deleted or changed in the
+    bucket, or written by a version that did not always write it): its rows can be read only
+    where the output went.
     ``details`` names the first row served again and the output prefix."""
 
     code = "results_in_output"
@@ -57,12 +58,12 @@ def iter_rows(
         assert out is not None  # spilled > 0 only for a job with an output in parts
         part = pos // size
         stop = min(end, (part + 1) * size)
-        yield from _part_rows(s3(), S3Url.parse(out["url"]).folder, part, pos, stop)
+        yield from _part_rows(s3(), S3Url.parse(out["url"]).folder, part, size, pos, stop)
         pos = stop
 
 
-def _part_rows(s3: S3, prefix: S3Url, part: int, start: int, stop: int) -> Iterator[Row]:
-    """Rows ``start`` to ``stop - 1`` of written part ``part``."""
+def _part_rows(s3: S3, prefix: S3Url, part: int, size: int, start: int, stop: int) -> Iterator[Row]:
+    """Rows ``start`` to ``stop - 1`` of written part ``part`` (of ``size`` rows)."""
     url = part_url(prefix, "jsonl", part)
     expected = start
     try:
@@ -77,13 +78,18 @@ def _part_rows(s3: S3, prefix: S3Url, part: int, start: int, stop: int) -> Itera
             yield row
             expected = row.index + 1
     except S3Error as exc:
-        if exc.code != "object_not_found":
+        if exc.code not in ("object_not_found", "bucket_not_found"):
             raise
-        raise PartMissing(
-            f"part {part} of the job ({url}) is not in the bucket: read the rows from "
-            f"{prefix} or ask for offset >= {stop}",
-            first_served=stop,
-            output=str(prefix),
-        ) from None
-    if expected < stop:
-        raise S3Error(f"{url} ends at row {expected}, before row {stop}", code="incomplete_download")
+        why = "is not in the bucket"
+    except (ValueError, KeyError, TypeError) as exc:
+        why = f"is not a part's JSON Lines ({type(exc).__name__}: {exc})"
+    else:
+        if expected >= stop:
+            return
+        why = f"ends at row {expected}, before row {stop}"
+    after = (part + 1) * size
+    raise PartMissing(
+        f"part {part} of the job ({url}) {why}: read the rows from {prefix} or ask for offset >= {after}",
+        first_served=after,
+        output=str(prefix),
+    )

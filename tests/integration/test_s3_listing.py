@@ -321,7 +321,17 @@ def test_a_large_prefix_job_writes_parts_as_they_fill_and_they_leave_redis(
     resp = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": 5}, timeout=10)
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "results_in_output", resp.text
     assert resp.json()["error"]["details"][0]["first_served"] == 8
+    resp = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": 5, "limit": 1}, timeout=10)
+    # The first row after the part, not after the limit.
+    assert resp.json()["error"]["details"][0]["first_served"] == 8, resp.text
     assert [row["index"] for row in _results(stack, job_id, offset=8)] == [8, 9]
+    # A part's file cut short or not JSON Lines: refused the same way, never served as pending.
+    first = _get(s3_server, f"s3://{s3_bucket}/out/jsonl/part-00000.jsonl").splitlines(keepends=True)
+    for body, why in ((b"".join(first[:2]), "ends at row 3"), (b"{not json\n", "is not a part's JSON Lines")):
+        s3_server.client().put_object(Bucket=s3_bucket, Key="out/jsonl/part-00000.jsonl", Body=body)
+        resp = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", params={"offset": 3}, timeout=10)
+        assert resp.status_code == 409 and why in resp.json()["error"]["message"], resp.text
+        assert resp.json()["error"]["details"][0]["first_served"] == 4
 
 
 def _results(stack: Any, job_id: str, **params: int) -> list[dict[str, Any]]:

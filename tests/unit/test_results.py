@@ -73,10 +73,13 @@ def test_rows_become_the_same_json_lines_as_before() -> None:
     ]
 
 
+TOP_2 = (TopScore("cat", 0.8125), TopScore("dog", 0.1))
+
+
 @pytest.mark.parametrize(
     "row",
     [
-        Row(0, "a.jpg", Prediction("cat", 3, 0.8125, (TopScore("cat", 0.8125), TopScore("dog", 0.1)), "m", 2)),
+        Row(0, "a.jpg", Prediction("cat", 3, 0.8125, TOP_2, "m", 2)),
         Row(1, "b.jpg", Prediction("cat", 3, 0.5, ())),
         Row(2, "c.jpg", Failure("not_an_image", "cannot identify image file")),
         Row(3, "d.jpg", None),
