@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from batchvision.core.batch_policy import padded_sizes
 from batchvision.core.classifier import ImageClassifier
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
@@ -147,9 +148,7 @@ class Classifier:
         self._softmax = _ends_in_softmax(model)
         # Batches are padded to a few fixed sizes: the kernels (and oneDNN's primitive cache)
         # see at most these shapes, instead of one set per batch size, which grows memory.
-        self.buckets = sorted(
-            {2**k for k in range(max_batch_size.bit_length()) if 2**k < max_batch_size} | {max_batch_size}
-        )
+        self.buckets = padded_sizes(max_batch_size)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for each image (``(h, w, 3)`` uint8 of the input size)."""

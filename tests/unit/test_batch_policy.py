@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchvision.core.batch_policy import STOPPED_GAPS, BatchPolicy, Forming
+from batchvision.core.batch_policy import STOPPED_GAPS, BatchPolicy, Forming, padded_sizes
 
 
 def _policy(adaptive_max_s: float = 0.050, max_delay_s: float = 0.010) -> BatchPolicy:
@@ -112,3 +112,26 @@ def test_run_time_scales_the_nearest_measured_size_and_follows_changes() -> None
     for _ in range(100):  # the model got slower (another process took the cores)
         p.ran(8, 0.160)
     assert p.run_time(8) == pytest.approx(0.160, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("largest", "sizes"),
+    [
+        (1, (1,)),
+        (5, (1, 2, 3, 4, 5)),
+        (32, (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)),
+        (33, (1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 33)),
+        (256, (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256)),
+    ],
+)
+def test_padded_sizes_step_by_an_eighth_of_the_largest_batch(largest: int, sizes: tuple[int, ...]) -> None:
+    assert padded_sizes(largest) == sizes
+
+
+@pytest.mark.parametrize("largest", [1, 7, 32, 100, 256, 4096])
+def test_a_batch_wastes_at_most_an_eighth_of_the_largest_in_padding(largest: int) -> None:
+    sizes = padded_sizes(largest)
+    assert sizes[-1] == largest and len(sizes) <= 8 + largest.bit_length()
+    for n in range(1, largest + 1):
+        padded = next(s for s in sizes if s >= n)
+        assert padded - n < max(1, largest // 8), (n, padded)
