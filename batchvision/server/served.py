@@ -23,9 +23,8 @@ PAGE = 500
 
 
 class PartMissing(Conflict):
-    """A written part's JSON Lines file is not there or not whole (deleted or changed in the
-    bucket, or written by a version that did not always write it): its rows can be read only
-    where the output went.
+    """A written part's JSON Lines file is not there or not whole (deleted, cut short or
+    changed in the bucket): its rows can be read only where the output went.
     ``details`` names the first row served again and the output prefix."""
 
     code = "results_in_output"
