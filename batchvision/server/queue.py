@@ -14,10 +14,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.app.amqp import Queues
 from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
+from kombu.transport import redis as kombu_redis
 
 from batchvision.core.priorities import DEFAULT_PRIORITY, Tier
 from batchvision.core.settings import Settings
@@ -244,6 +246,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if uses_amqp(settings):
         config.update(_amqp_config(settings))
     return config
+
+
+_connparams = kombu_redis.Channel._connparams
+
+
+def _connparams_of_an_open_transport(self: Any, asynchronous: bool = False) -> Any:
+    """kombu's Redis connection parameters, or a connection error once the transport is closed.
+
+    After a lost broker connection Celery 5.7 collects the connection (its transport loses its
+    client) and then closes it; closing the channel again restores its unacknowledged
+    messages, which needs the client: an ``AttributeError`` that no one catches, so a worker
+    that had a message in hand when Redis restarted shut down. As a connection error it is
+    ignored like the other errors of that close; the messages stay in Redis' unacked set and
+    come back after the visibility timeout."""
+    if self.connection.client is None:
+        raise redis.exceptions.ConnectionError("the broker connection is closed")
+    return _connparams(self, asynchronous)  # type: ignore[no-untyped-call, unused-ignore]
+
+
+kombu_redis.Channel._connparams = _connparams_of_an_open_transport  # type: ignore[method-assign]
 
 
 def create_celery(settings: Settings, name: str = "batchvision", cls: type[Celery] = Celery) -> Celery:
