@@ -255,9 +255,10 @@ def _connparams_of_an_open_transport(self: Any, asynchronous: bool = False) -> A
     """kombu's Redis connection parameters, or a connection error once the transport is closed.
 
     After a lost broker connection Celery 5.7 collects the connection (its transport loses its
-    client) and then closes it; closing the channel again restores its unacknowledged
-    messages, which needs the client: an ``AttributeError`` that no one catches, so a worker
-    that had a message in hand when Redis restarted shut down. As a connection error it is
+    client) and then closes it; closing its channel restores the unacknowledged messages,
+    which builds a new pool from that client: an ``AttributeError`` that no one catches, so a
+    worker that had a message in hand when Redis restarted shut down. Guarded here, at the one
+    call that reads the client, rather than around each close. As a connection error it is
     ignored like the other errors of that close; the messages stay in Redis' unacked set and
     come back after the visibility timeout."""
     if self.connection.client is None:
