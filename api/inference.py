@@ -8,6 +8,7 @@ The protocol itself (inputs, outputs, the binary tensor extension) is
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from api.auth import current_owner
 from api.services import Services, services
 from batchvision import __version__
 from batchvision.core.errors import BatchvisionError, NotFound, ServiceUnavailable, TooManyRequests
+from batchvision.core.results import Failure, Prediction
 from batchvision.server import inference as v2
 from batchvision.server.intake import Upload, check
 from batchvision.server.registry import READY
@@ -287,9 +289,10 @@ def _infer(name: str, version: str | None) -> Response:
             raise v2.ProtocolError(
                 f"input {req.input!r} element {i} is not an image we can classify: {problem.message}"
             )
-    # Every class's score comes back (top_k = the classes), for the scores tensor.
+    # Each result keeps every class's score as a vector: the scores tensor, and the labels
+    # tensor's best classes, come from it.
     ref = name if version is None else f"{name}:{shape.version}"
-    options = svc.intake.options(ref, top_k=len(shape.labels), owner=current_owner())
+    options = replace(svc.intake.options(ref, top_k=1, owner=current_owner()), scores=True)
     since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
     job_id = svc.intake.submit(
         None, current_owner(), uploads, [], seal=True, interactive=True, options=options
@@ -298,18 +301,19 @@ def _infer(name: str, version: str | None) -> Response:
         svc.store.cancel(job_id)  # nobody will ask for it: free the workers
         raise ServiceUnavailable(f"no result within {svc.settings.sync_timeout_s:g} s; retry later")
     _, stored = svc.store.snapshot(job_id, rows=len(uploads))
-    rows = [row.document() for row in stored]
-    for row in rows:
-        if row["status"] != "ok":
-            err = row.get("error") or {"code": row["status"], "message": row["status"]}
-            text = f"input {req.input!r} element {row['index']}: {err['message']}"
-            if err["code"] in ("corrupt_image", "not_an_image", "truncated", "too_many_pixels"):
+    predictions = []
+    for row in stored:
+        if not isinstance(row.result, Prediction):
+            err = row.result or Failure("pending", "pending")
+            text = f"input {req.input!r} element {row.index}: {err.message}"
+            if err.code in ("corrupt_image", "not_an_image", "truncated", "too_many_pixels"):
                 raise v2.ProtocolError(text)
-            raise BatchvisionError(text, code=err["code"])
-    served = int(rows[0].get("version") or shape.version)
+            raise BatchvisionError(text, code=err.code)
+        predictions.append(row.result)
+    served = predictions[0].version or shape.version
     if served != shape.version:  # a reload between the lookup and the batch: that version's labels
         shape, _ = _ready_version(svc, name, str(served))
-    head, tail = v2.response(req, shape, served, rows, job_id)
+    head, tail = v2.response(req, shape, served, predictions, job_id)
     body = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
     if not tail:
         return Response(body, mimetype="application/json")

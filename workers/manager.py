@@ -132,7 +132,7 @@ class ModelLane:
         return [Scored(p, loaded.model, loaded.version, labels) for p in probs]
 
     def result(self, output: Scored, options: JobOptions) -> Prediction:
-        doc = prediction(output.probs, output.labels, options.top_k, options.min_score)
+        doc = prediction(output.probs, output.labels, options.top_k, options.min_score, scores=options.scores)
         return doc.with_model(output.model, output.version)
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ RESERVED_NAMES = frozenset({"interactive", "high", "low"})
 #: Most classes a result may list (``top_k``), whatever the model.
 MAX_TOP_K = 1000
 #: The keys of per-job options in the job hash.
-OPTION_FIELDS = ("model", "version", "top_k", "min_score", "priority")
+OPTION_FIELDS = ("model", "version", "top_k", "min_score", "priority", "scores")
 
 
 class InvalidOption(BatchvisionError):
@@ -89,24 +89,30 @@ class ModelRef:
 @dataclass(frozen=True)
 class JobOptions:
     """What a job asked for: its model (and a pinned version, else the live one), how many
-    classes each result lists, the score below which a class is left out of ``top_k``, and its
-    priority (:mod:`batchvision.core.priorities`)."""
+    classes each result lists, the score below which a class is left out of ``top_k``, its
+    priority (:mod:`batchvision.core.priorities`), and whether each result keeps every class's
+    score as a vector (``scores``: the Open Inference Protocol's scores tensor)."""
 
     model: str
     version: int | None = None
     top_k: int = 5
     min_score: float = 0.0
     priority: int = DEFAULT_PRIORITY
+    scores: bool = False
 
     def to_hash(self) -> dict[str, str]:
-        """The job-hash fields (``version`` empty: the live version at classification time)."""
-        return {
+        """The job-hash fields (``version`` empty: the live version at classification time;
+        ``scores`` only when set)."""
+        fields = {
             "model": self.model,
             "version": "" if self.version is None else str(self.version),
             "top_k": str(self.top_k),
             "min_score": repr(self.min_score),
             "priority": str(self.priority),
         }
+        if self.scores:
+            fields["scores"] = "1"
+        return fields
 
     @classmethod
     def from_hash(cls, fields: Mapping[str, Any], default_model: str, default_top_k: int) -> JobOptions:
@@ -130,6 +136,7 @@ class JobOptions:
             top_k=int(top_k) if top_k else default_top_k,
             min_score=float(min_score) if min_score else 0.0,
             priority=int(priority) if priority else DEFAULT_PRIORITY,
+            scores=text("scores") == "1",
         )
 
 

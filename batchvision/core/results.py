@@ -7,12 +7,13 @@ and :class:`Row` becomes the public ``/results`` row (or CSV/JSON Lines) only at
 
 from __future__ import annotations
 
+import base64
 import csv
 import enum
 import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -44,7 +45,9 @@ class TopScore:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The stored result of a classified image; ``model`` and ``version`` name what made it."""
+    """The stored result of a classified image; ``model`` and ``version`` name what made it.
+    ``scores``: every class's probability as little-endian float32 (kept for a job that asked
+    for them; stored, never served on ``/v1``)."""
 
     label: str
     class_id: int
@@ -52,6 +55,7 @@ class Prediction:
     top_k: tuple[TopScore, ...]
     model: str | None = None
     version: int | None = None
+    scores: bytes | None = None
 
     @property
     def outcome(self) -> Literal["done"]:
@@ -60,7 +64,11 @@ class Prediction:
 
     def with_model(self, model: str, version: int) -> Prediction:
         """This prediction tagged with the model version that made it."""
-        return Prediction(self.label, self.class_id, self.score, self.top_k, model, version)
+        return Prediction(self.label, self.class_id, self.score, self.top_k, model, version, self.scores)
+
+    def score_vector(self) -> np.ndarray | None:
+        """Every class's probability (float32, in class order), if the result kept them."""
+        return None if self.scores is None else np.frombuffer(self.scores, dtype="<f4")
 
     def document(self) -> dict[str, Any]:
         """The JSON object stored and served, keys in their stored order."""
@@ -141,14 +149,22 @@ ImageResult = Prediction | Failure
 
 
 def encode(result: ImageResult) -> str:
-    """The JSON a result is stored as in Redis (compact, keys in a fixed order)."""
-    return json.dumps(result.document(), separators=(",", ":"))
+    """The JSON a result is stored as in Redis (compact, keys in a fixed order; a prediction's
+    score vector as base64 under ``scores``)."""
+    doc = result.document()
+    if isinstance(result, Prediction) and result.scores is not None:
+        doc["scores"] = base64.b64encode(result.scores).decode("ascii")
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def decode(text: str | bytes) -> ImageResult:
     """A stored result from its JSON (:func:`encode`'s, or an older row without ``model`` and
     ``version``)."""
-    return from_document(json.loads(text))
+    doc = json.loads(text)
+    result = from_document(doc)
+    if isinstance(result, Prediction) and "scores" in doc:
+        return replace(result, scores=base64.b64decode(doc["scores"]))
+    return result
 
 
 def from_document(doc: dict[str, Any]) -> ImageResult:
@@ -167,9 +183,12 @@ def from_document(doc: dict[str, Any]) -> ImageResult:
     )
 
 
-def prediction(probs: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0) -> Prediction:
-    """The stored result for one image from its class probabilities: the best class, and the
-    ``k`` best (at most the number of classes) that score at least ``min_score``."""
+def prediction(
+    probs: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0, *, scores: bool = False
+) -> Prediction:
+    """The stored result for one image from its class probabilities: the best class, the ``k``
+    best (at most the number of classes) that score at least ``min_score``, and with ``scores``
+    every class's probability."""
     k = max(1, min(k, probs.shape[-1]))
     top = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[-1] else np.arange(probs.shape[-1])
     top = top[np.argsort(-probs[top], kind="stable")]
@@ -183,6 +202,7 @@ def prediction(probs: np.ndarray, labels: Sequence[str], k: int, min_score: floa
             for i in top
             if min_score <= 0 or probs[i] >= min_score
         ),
+        scores=np.asarray(probs, dtype="<f4").tobytes() if scores else None,
     )
 
 

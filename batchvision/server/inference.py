@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from batchvision.core.errors import BadRequest
+from batchvision.core.results import Prediction, label_of
 
 IMAGES = "images"
 PIXELS = "pixels"
@@ -326,35 +327,54 @@ def serialize_bytes(items: Sequence[bytes]) -> bytes:
 # -- results to outputs ----------------------------------------------------------------------
 
 
-def score_matrix(rows: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> np.ndarray:
-    """``[N, classes]`` probabilities from result rows that list every class (``top_k`` of the
-    whole label set), in label order. Two classes with the same label take that label's scores
-    in the order the row lists them."""
+def score_matrix(predictions: Sequence[Prediction], labels: Sequence[str]) -> np.ndarray:
+    """``[N, classes]`` probabilities in label order: each prediction's score vector (a job
+    asks for it), or for a result stored without one, the classes its ``top_k`` lists (two
+    classes with the same label take that label's scores in the order they are listed)."""
+    out = np.zeros((len(predictions), len(labels)), dtype=np.float32)
     index: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         index.setdefault(label, []).append(i)
-    out = np.zeros((len(rows), len(labels)), dtype=np.float32)
-    for n, row in enumerate(rows):
+    for n, pred in enumerate(predictions):
+        vector = pred.score_vector()
+        if vector is not None:
+            width = min(len(vector), len(labels))
+            out[n, :width] = vector[:width]
+            continue
         taken: dict[str, int] = {}
-        for item in row.get("top_k", []):
-            slots = index.get(item["label"], [])
-            k = taken.get(item["label"], 0)
+        for item in pred.top_k:
+            slots = index.get(item.label, [])
+            k = taken.get(item.label, 0)
             if k < len(slots):
-                out[n, slots[k]] = item["score"]
-                taken[item["label"]] = k + 1
+                out[n, slots[k]] = item.score
+                taken[item.label] = k + 1
+    return out
+
+
+def best_labels(
+    predictions: Sequence[Prediction], scores: np.ndarray, labels: Sequence[str], k: int
+) -> list[list[str]]:
+    """The ``k`` best labels of each prediction, best first: from its row of ``scores`` (ties in
+    class order) when it kept a score vector, else the classes its ``top_k`` lists."""
+    out = []
+    for pred, row in zip(predictions, scores, strict=True):
+        if pred.scores is None:
+            out.append([s.label for s in pred.top_k[:k]])
+        else:
+            out.append([label_of(labels, int(i)) for i in np.argsort(-row, kind="stable")[:k]])
     return out
 
 
 def response(
-    request: InferRequest, model: ModelShape, version: int, rows: Sequence[Mapping[str, Any]], job_id: str
+    request: InferRequest, model: ModelShape, version: int, predictions: Sequence[Prediction], job_id: str
 ) -> tuple[dict[str, Any], bytes]:
     """The ``infer`` answer: its JSON part, and the binary part (empty when all is JSON)."""
-    scores = score_matrix(rows, model.labels)
-    labels = [[str(item["label"]) for item in row.get("top_k", [])[: request.top_k]] for row in rows]
+    scores = score_matrix(predictions, model.labels)
+    labels = best_labels(predictions, scores, model.labels, request.top_k)
     k = request.top_k
     tensors: dict[str, tuple[str, list[int], Any]] = {
         SCORES: ("FP32", list(scores.shape), scores),
-        LABELS: ("BYTES", [len(rows), k], labels),
+        LABELS: ("BYTES", [len(predictions), k], labels),
     }
     outputs, binary = [], b""
     for name, as_binary in request.outputs.items():

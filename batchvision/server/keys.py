@@ -9,7 +9,8 @@ key                             what it holds
 ``bv:job:{id}``                 hash ``total done failed canceled sealed cancel created_at finished_at
                                 model owner retries``, and for a job with a completion webhook ``cb_url
                                 cb_status_url cb_state cb_attempts cb_last_status cb_last_error
-                                cb_last_attempt_at cb_delivered_at``, options ``version top_k min_score``
+                                cb_last_attempt_at cb_delivered_at``, options ``version top_k min_score
+                                priority scores``
 ``bv:job:{id}:files``           hash index -> filename (display name); ``s:<index>`` -> the bytes of
                                 its blob, while it waits for a result
 ``bv:job:{id}:paths``           hash file key (relative path) -> index (idempotent parts)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from batchvision.core.imaging import decode_image
+from batchvision.core.results import Prediction, TopScore, prediction
 from batchvision.server import inference as v2
 
 MODEL = v2.ModelShape("shapes", 3, (4, 2), ["a", "b", "c"])
@@ -119,23 +120,43 @@ def test_bad_requests_name_the_problem(doc: dict[str, Any], binary: bytes, text:
     assert text in err.value.message and err.value.status == 400
 
 
-def test_outputs_from_rows_in_label_order_json_and_binary() -> None:
-    rows = [
-        {"top_k": [{"label": "c", "score": 0.7}, {"label": "a", "score": 0.2}, {"label": "b", "score": 0.1}]}
-    ]
+def _kept(probs: list[float], top_k: int = 1) -> Prediction:
+    """The result a worker stores for a ``/v2`` job: every class's score kept as a vector."""
+    return prediction(np.array(probs, dtype=np.float32), MODEL.labels, top_k, scores=True)
+
+
+def test_outputs_from_score_vectors_in_label_order_json_and_binary() -> None:
+    probs = [0.2000001, 0.1, 0.6999999]
     req = v2.InferRequest(
-        id="r1", input="images", images=[b""], top_k=2, outputs={"scores": False, "labels": True}
+        id="r1", input="images", images=[b"", b""], top_k=2, outputs={"scores": False, "labels": True}
     )
-    head, tail = v2.response(req, MODEL, 3, rows, "j" * 32)
+    head, tail = v2.response(req, MODEL, 3, [_kept(probs), _kept([0.1, 0.8, 0.1])], "j" * 32)
     assert head["id"] == "r1" and head["model_version"] == "3"
     scores, labels = head["outputs"]
-    assert scores["data"] == pytest.approx([0.2, 0.1, 0.7]) and scores["shape"] == [1, 3]
+    # The worker's float32 values, not the 6-decimal scores of /v1 rows.
+    assert scores["data"][:3] == np.array(probs, dtype=np.float32).tolist()
+    assert scores["shape"] == [2, 3]
     assert labels["parameters"]["binary_data_size"] == len(tail)
-    assert v2.deserialize_bytes(tail) == [b"c", b"a"]
+    # top_k labels from the vector, though the stored top_k holds one class.
+    assert v2.deserialize_bytes(tail) == [b"c", b"a", b"b", b"a"]
+
+
+def test_binary_scores_are_the_stored_vectors() -> None:
+    req = v2.InferRequest(id=None, input="images", images=[b""], top_k=1, outputs={"scores": True})
+    head, tail = v2.response(req, MODEL, 1, [_kept([0.25, 0.5, 0.25])], "j" * 32)
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == 12
+    assert np.frombuffer(tail, dtype="<f4").tolist() == [0.25, 0.5, 0.25]
+
+
+def test_a_result_stored_without_a_vector_gives_its_listed_classes() -> None:
+    old = Prediction("c", 2, 0.7, (TopScore("c", 0.7), TopScore("a", 0.2), TopScore("b", 0.1)))
+    req = v2.InferRequest(id=None, input="images", images=[b""], top_k=2, outputs={"labels": False})
+    head, _ = v2.response(req, MODEL, 3, [old], "j" * 32)
+    assert head["outputs"][0]["data"] == ["c", "a"]
+    assert v2.score_matrix([old], MODEL.labels)[0].tolist() == pytest.approx([0.2, 0.1, 0.7])
 
 
 def test_repeated_labels_keep_each_class_score() -> None:
-    out = v2.score_matrix(
-        [{"top_k": [{"label": "x", "score": 0.6}, {"label": "x", "score": 0.4}]}], ["x", "x"]
-    )
+    old = Prediction("x", 0, 0.6, (TopScore("x", 0.6), TopScore("x", 0.4)))
+    out = v2.score_matrix([old], ["x", "x"])
     assert sorted(out[0].tolist()) == pytest.approx([0.4, 0.6])

@@ -118,6 +118,9 @@ def test_options_round_trip_through_the_job_hash() -> None:
     opts = JobOptions("colours", 2, 3, 0.125)
     raw = {k.encode(): v.encode() for k, v in opts.to_hash().items()}
     assert JobOptions.from_hash(raw, "shapes", 5) == opts
+    assert "scores" not in raw  # kept only where asked for
+    kept = JobOptions("colours", None, 1, 0.0, scores=True)
+    assert JobOptions.from_hash(kept.to_hash(), "shapes", 5) == kept
     # a job stored before options existed: its model was BATCHVISION_MODEL itself
     assert JobOptions.from_hash({"model": "/x/models/demo.keras"}, "demo", 5) == JobOptions(
         "demo", None, 5, 0.0

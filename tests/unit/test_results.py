@@ -54,6 +54,23 @@ def test_the_codec_reads_stored_results_and_writes_the_same_bytes(text: str) -> 
     assert decode(encode(result)) == result
 
 
+def test_a_kept_score_vector_is_stored_exactly_and_never_served() -> None:
+    probs = np.array([0.1, 0.6000001, 0.05, 0.2499999], np.float32)
+    kept = prediction(probs, ["a", "b", "c", "d"], 1, scores=True).with_model("m", 3)
+    text = encode(kept)
+    many = np.full(1000, 0.001, np.float32)
+    labels = [f"class {i}" for i in range(1000)]
+    # 1000 classes: 4000 bytes of base64 (5336 characters), not a list of every class
+    assert len(encode(prediction(many, labels, 1, scores=True))) < 5500
+    back = decode(text)
+    assert back == kept and back.outcome == "done"
+    assert isinstance(back, Prediction) and back.score_vector() is not None
+    assert back.score_vector().tolist() == probs.tolist()  # float32 exactly, not rounded
+    served = Row(0, "x.jpg", back).document()
+    assert "scores" not in served and [t["label"] for t in served["top_k"]] == ["b"]
+    assert prediction(probs, ["a", "b", "c", "d"], 1).scores is None
+
+
 def test_decoded_results_are_typed_and_count_as_their_outcome() -> None:
     tagged, plain, bad, canceled = (decode(t) for t in STORED)
     assert tagged == Prediction("cat", 0, 0.9, (TopScore("cat", 0.9), TopScore("dog", 0.1)), "shapes", 2)
