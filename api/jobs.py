@@ -482,15 +482,18 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
 
 @bp.get("/jobs/<job_id>")
 @c.contract(
-    summary="A job's status and progress",
-    query=d.NoQuery,
+    summary="A job's status and progress; with `wait`, once it is final or `wait` seconds passed",
+    query=d.JobQuery,
     responses={200: c.Response("The job", d.Job), **_JOB_ERRORS},
     tags=("jobs",),
 )
 def get_job(job_id: str) -> dict[str, Any]:
-    c.query(d.NoQuery)
+    params = c.query(d.JobQuery)
     svc = services()
     job = _job_or_404(svc, job_id)
+    if params.wait > 0 and job["finished_at"] is None:  # a long poll: no client sleeps past the end
+        svc.waiter.wait(job_id, min(params.wait, svc.settings.sync_timeout_s))
+        job = _job_or_404(svc, job_id)
     doc = _public(job)
     if job["callback"] is not None:  # the webhook's delivery state, read with the job
         doc["callback"] = job["callback"]

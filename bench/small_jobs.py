@@ -14,6 +14,8 @@ Each round measures, one after the other (nothing else of the benchmark runs mea
    (c) 32 concurrent clients, each submitting 4-image jobs (``POST /v1/jobs``, multipart parts
        ``files``), polling ``GET /v1/jobs/<id>`` every ``--poll-s`` until final, then fetching
        ``GET /v1/jobs/<id>/results``;
+   (l) as (c), each poll a long poll (``?wait=<--poll-s>``: the API answers once the job is
+       final), as ``Client.wait`` polls;
    (d) one bulk job of the whole set: ``Client.submit_folder`` then ``wait``;
    (f) as (a) with 8 clients (how full batches get with few closed-loop clients);
    (t) 32 concurrent ``tritonclient[http]`` clients, each sending single-image
@@ -39,7 +41,7 @@ compare within one run.
 
     python bench/small_jobs.py [--images 256] [--rounds 3] [--model mobilenet_v2]
                                [--skip-peers] [--quick] [--json bench/out/small_jobs.json]
-                               [--part ours --part capacity --part peers] [--workloads fabcdt]
+                               [--part ours --part capacity --part peers] [--workloads fabcldt]
                                [--broker redis --broker rabbitmq]
 
 ``--broker`` (repeatable): parts 2 and 3 run once per broker in each round, side by
@@ -90,7 +92,7 @@ from batchvision.testing.servers import RabbitMQServer
 
 FINAL = {"succeeded", "partial", "failed", "canceled"}
 PARTS = ("ours", "capacity", "peers")
-WORKLOADS = ("f", "a", "b", "c", "d", "t")
+WORKLOADS = ("f", "a", "b", "c", "l", "d", "t")
 HERE = Path(__file__).resolve().parent
 
 Images = list[tuple[str, bytes]]
@@ -116,7 +118,7 @@ class Config:
     ray_max_ongoing: int
     brokers: tuple[str, ...] = ("redis",)
     parts: tuple[str, ...] = ("ours", "capacity", "peers")
-    workloads: tuple[str, ...] = ("f", "a", "b", "c", "d", "t")
+    workloads: tuple[str, ...] = WORKLOADS
 
 
 # --- units of work --------------------------------------------------------------------------
@@ -137,8 +139,12 @@ def classify_unit(images: Images, timeout_s: float) -> Unit:
     return unit
 
 
-def job_unit(images: Images, per_job: int, jobs: int, poll_s: float, timeout_s: float) -> Unit:
-    """Submit a ``per_job``-image job (multipart), poll it until final, fetch its results."""
+def job_unit(
+    images: Images, per_job: int, jobs: int, poll_s: float, timeout_s: float, long_poll: bool = False
+) -> Unit:
+    """Submit a ``per_job``-image job (multipart), poll it until final, fetch its results
+    (``long_poll``: each poll held by the API up to ``poll_s``, as ``Client.wait`` polls)."""
+    status = "/v1/jobs/{}" + (f"?wait={poll_s:g}" if long_poll else "")
     bodies = [
         multipart("files", [images[(j * per_job + k) % len(images)] for k in range(per_job)])
         for j in range(jobs)
@@ -152,14 +158,15 @@ def job_unit(images: Images, per_job: int, jobs: int, poll_s: float, timeout_s: 
         job_id = resp.json()["job_id"]
         deadline = time.monotonic() + timeout_s
         while True:
-            st = conn.request("GET", f"/v1/jobs/{job_id}")
+            st = conn.request("GET", status.format(job_id))
             if st.status != 200:
                 return Outcome(st.status)
             if st.json()["status"] in FINAL:
                 break
             if time.monotonic() > deadline:
                 return Outcome(NOT_FINISHED)
-            time.sleep(poll_s)
+            if not long_poll:
+                time.sleep(poll_s)
         res = conn.request("GET", f"/v1/jobs/{job_id}/results")
         if res.status != 200:
             return Outcome(res.status)
@@ -346,6 +353,14 @@ def ours_round(
                 cfg.job_clients,
                 timeout,
             ),
+            "l": lambda: run_load(
+                host,
+                port,
+                job_unit(images, cfg.job_images, jobs, cfg.poll_s, timeout, long_poll=True),
+                jobs,
+                cfg.job_clients,
+                timeout,
+            ),
             "d": lambda: bulk_job(f"http://{host}:{port}", folder, 600),
             "t": lambda: run_load(host, port, v2, n, cfg.clients_small, timeout),
         }
@@ -477,6 +492,7 @@ def report(rounds: list[Figures], cfg: Config) -> str:
         "a": f"(a) {a_clients} clients x 1-image classify",
         "b": f"(b) {b_clients} clients x 1-image classify",
         "c": f"(c) {min(cfg.job_clients, jobs)} clients x {cfg.job_images}-image jobs (poll)",
+        "l": f"(l) {min(cfg.job_clients, jobs)} clients x {cfg.job_images}-image jobs (long poll)",
         "d": f"(d) one {n}-image bulk job (Client)",
         "t": f"(t) {a_clients} tritonclient[http] clients x 1-image /v2 infer",
     }
@@ -594,8 +610,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--workloads",
-        help="which workloads of our stack to run, as letters (default: all, fabcdt): f/a/b = 8/32/256 "
-        "clients x single-image /v1/classify, c = 4-image jobs, d = bulk, t = 32 tritonclient clients",
+        help="which workloads of our stack to run, as letters (default: all, fabcldt): f/a/b = 8/32/256 "
+        "clients x single-image /v1/classify, c / l = 4-image jobs polled / long-polled, d = bulk, "
+        "t = 32 tritonclient clients",
     )
     ap.add_argument("--json", type=Path, help="also write the raw figures of every round here")
     ap.add_argument(

@@ -218,8 +218,14 @@ class Client:
             return ClassifyResult.model_validate(body)
         return JobAccepted.model_validate(body)
 
-    def status(self, job_id: str) -> Job:
-        return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
+    def status(self, job_id: str, wait: float = 0.0) -> Job:
+        """The job; with ``wait`` (seconds), once it is final or ``wait`` passed (a long poll)."""
+        if wait <= 0:
+            return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
+        params = {"wait": f"{wait:g}"}
+        return Job.model_validate(
+            self._json("GET", f"/v1/jobs/{job_id}", params=params, timeout=wait + self.timeout)
+        )
 
     def jobs(
         self,
@@ -251,19 +257,32 @@ class Client:
     ) -> Job:
         """Poll until the job is final (or ``timeout``); ``on_progress(status)`` each poll.
 
-        Each poll is one call with its own retry budget: an outage shorter than
-        ``retry_for_s`` (a Redis restart behind the API, a dropped connection) only delays it.
+        Each poll is a long poll of up to ``poll_s`` (``GET /v1/jobs/{id}?wait=``): the API
+        answers as soon as the job is final, so no poll sleeps past its end. (A server that
+        predates ``wait`` is polled every ``poll_s``.) Each poll is one call with its own retry
+        budget: an outage shorter than ``retry_for_s`` (a Redis restart behind the API, a
+        dropped connection) only delays it.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        long_poll = True
         while True:
-            st = self.status(job_id)
+            left = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
+            hold = max(left, 0.0) if long_poll else 0.0
+            try:
+                st = self.status(job_id, wait=hold)
+            except ApiError as exc:
+                if not (hold and exc.status == 400 and exc.code == "bad_parameter"):
+                    raise
+                long_poll = False  # an API without long polls: sleep between polls
+                continue
             if on_progress is not None:
                 on_progress(st)
             if st.final:
                 return st
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not finished after {timeout}s: {st}")
-            time.sleep(poll_s)
+            if not long_poll:
+                time.sleep(poll_s)
 
     def results(self, job_id: str) -> list[ResultRow]:
         """Every result row, in upload order."""

@@ -476,6 +476,20 @@ class DeleteQuery(BaseModel):
     )
 
 
+class JobQuery(BaseModel):
+    """Query of ``GET /v1/jobs/{job_id}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="seconds to hold the answer until the job is final (a long poll, capped by "
+        "SYNC_TIMEOUT_S); the job as it stands then. 0: answer at once",
+    )
+
+
 class NoQuery(BaseModel):
     """Routes that take no query parameters refuse unknown ones."""
 

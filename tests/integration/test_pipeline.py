@@ -117,6 +117,22 @@ def test_unknown_job_is_404_and_a_malformed_id_400(api_url: str) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_job_id"
 
 
+def test_a_long_poll_answers_when_the_job_is_final(api_url: str) -> None:
+    client = Client(api_url)
+    job_id = client.submit_files([(n, d) for n, d, _ in labelled_files(20, seed=12)]).job_id
+    # One request: the answer is held until every image has its result.
+    resp = requests.get(f"{api_url}/v1/jobs/{job_id}?wait=120", timeout=180)
+    assert resp.status_code == 200
+    assert (resp.json()["status"], resp.json()["done"]) == ("succeeded", 20)
+    # An upload still open cannot finish: the poll answers the job as it stands when `wait` ends.
+    open_id = client.open_job().job_id
+    job = client.status(open_id, wait=0.5)
+    assert (job.status, job.total) == ("queued", 0)
+    for bad in ("-1", "soon", "1e9"):
+        resp = requests.get(f"{api_url}/v1/jobs/{job_id}?wait={bad}", timeout=10)
+        assert resp.status_code == 400 and "'wait'" in resp.json()["error"]["message"], resp.text
+
+
 def test_raw_image_body_and_sync_classify(api_url: str) -> None:
     name, data, label = next(labelled_files(1, seed=11))
     resp = requests.post(

@@ -349,6 +349,43 @@ def test_wait_polls_through_an_outage(api: FakeApi, client: Client) -> None:
     assert seen == [1, 2, 3]
 
 
+def test_wait_long_polls_and_never_sleeps_between_polls(api: FakeApi, client: Client) -> None:
+    api.on(
+        "GET",
+        f"/v1/jobs/{JOB_ID}",
+        reply(200, job()),
+        reply(200, job(status="succeeded", done=3, finished_at=2.0)),
+    )
+    # A poll interval far beyond the test's patience: a sleep between polls would show.
+    started = time.monotonic()
+    final = client.wait(JOB_ID, timeout=600, poll_s=300)
+    assert final.status == "succeeded" and time.monotonic() - started < 60
+    polls = api.called("GET", f"/v1/jobs/{JOB_ID}")
+    assert [c.query["wait"] for c in polls] == [["300"], ["300"]]
+
+
+def test_wait_polls_plainly_an_api_without_long_polls(api: FakeApi, client: Client) -> None:
+    refused = {
+        "error": {
+            "code": "bad_parameter",
+            "message": "query parameter 'wait': extra inputs are not permitted; this route takes: none",
+        }
+    }
+
+    def older_api(h: Handler, call: Call) -> None:
+        if "wait" in call.query:
+            h.send(400, json.dumps(refused).encode())
+        elif len(api.called("GET", call.path)) < 3:
+            h.send(200, json.dumps(job()).encode())
+        else:
+            h.send(200, json.dumps(job(status="succeeded", done=3, finished_at=2.0)).encode())
+
+    api.on("GET", f"/v1/jobs/{JOB_ID}", older_api)
+    assert client.wait(JOB_ID, timeout=30, poll_s=0.01).status == "succeeded"
+    asked = [bool(c.query.get("wait")) for c in api.called("GET", f"/v1/jobs/{JOB_ID}")]
+    assert asked == [True, False, False]  # asked once, then polled without
+
+
 def _plain(rows: Iterable[ResultRow]) -> list[dict[str, Any]]:
     """Typed rows back as the documents the server sent."""
     return [row.model_dump(exclude_unset=True) for row in rows]
