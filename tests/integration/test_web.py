@@ -291,6 +291,9 @@ def test_folder_is_uploaded_classified_browsed_and_downloaded(
 
     assert wait_finished(page) == "partial"  # the truncated JPEG fails, the rest is classified
     job_id = page.inner_text("#job-id")
+    # The status is long-polled: the page learns of the end as the API does, not a second later.
+    polls = [u for m, u in watch.calls if m == "GET" and u.split("?")[0].endswith(f"/v1/jobs/{job_id}")]
+    assert polls and all(u.endswith("?wait=1") for u in polls), polls[:3]
     api = api_results(api_url, job_id)
     # One row per image: the 204 images and the truncated JPEG (it starts like a JPEG, so the
     # page sends it and the API reports it); the text file never left the browser.

@@ -351,8 +351,10 @@ function openJob(id) {
 async function poll(view) {
   const signal = view.abort.signal;
   while (!view.stopped) {
+    const started = performance.now();
     try {
-      const job = await api.request("GET", `/v1/jobs/${view.id}`, { signal });
+      // A long poll: the API answers at once when the job is final, else after POLL_S.
+      const job = await api.request("GET", `/v1/jobs/${view.id}?wait=${POLL_S}`, { signal });
       if (view.stopped) return;
       view.blocked = false;
       view.job = job;
@@ -389,7 +391,9 @@ async function poll(view) {
       await sleep(3, signal).catch(() => {});
       continue;
     }
-    await sleep(POLL_S, signal).catch(() => {});
+    // What the long poll did not hold (a job still uploading that has no image left to wait for).
+    const left = POLL_S - (performance.now() - started) / 1000;
+    if (left > 0) await sleep(left, signal).catch(() => {});
   }
 }
 
