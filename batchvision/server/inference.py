@@ -333,8 +333,9 @@ def score_matrix(predictions: Sequence[Prediction], labels: Sequence[str]) -> np
     classes with the same label take that label's scores in the order they are listed)."""
     out = np.zeros((len(predictions), len(labels)), dtype=np.float32)
     index: dict[str, list[int]] = {}
-    for i, label in enumerate(labels):
-        index.setdefault(label, []).append(i)
+    if any(pred.scores is None for pred in predictions):
+        for i, label in enumerate(labels):
+            index.setdefault(label, []).append(i)
     for n, pred in enumerate(predictions):
         vector = pred.score_vector()
         if vector is not None:
