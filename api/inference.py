@@ -193,7 +193,9 @@ def _ready_version(
             raise ServiceUnavailable(why)
         raise v2.ProtocolError(why)
     width, height = doc["input_size"]
-    return v2.ModelShape(name, int(number), (int(width), int(height)), list(doc["labels"])), ready
+    labels = list(doc["labels"])
+    shape = v2.ModelShape(name, int(number), (int(width), int(height)), labels, doc.get("classes"))
+    return shape, ready
 
 
 _METADATA = {
@@ -289,10 +291,11 @@ def _infer(name: str, version: str | None) -> Response:
             raise v2.ProtocolError(
                 f"input {req.input!r} element {i} is not an image we can classify: {problem.message}"
             )
-    # Each result keeps every class's score as a vector: the scores tensor, and the labels
-    # tensor's best classes, come from it.
+    # Each result keeps every class's score as a vector (the scores tensor) and the request's
+    # top_k best classes, named by the worker (the labels tensor).
     ref = name if version is None else f"{name}:{shape.version}"
-    options = replace(svc.intake.options(ref, top_k=1, owner=current_owner()), scores=True)
+    options = svc.intake.options(ref, top_k=req.top_k, owner=current_owner())
+    options = replace(options, scores=True)
     since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
     job_id = svc.intake.submit(
         None, current_owner(), uploads, [], seal=True, interactive=True, options=options

@@ -40,6 +40,9 @@ from batchvision.core.model_documents import ModelList, ReloadAccepted
 FINAL = frozenset(str(s) for s in FINAL_STATUSES)
 
 #: What a broken connection looks like once the response has started (headers received).
+#: The longest ``wait`` the API takes (``GET /v1/jobs/{id}?wait=``).
+MAX_WAIT_S = 3600.0
+
 BODY_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
@@ -266,8 +269,9 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         long_poll = True
         while True:
-            left = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
-            hold = max(left, 0.0) if long_poll else 0.0
+            started = time.monotonic()
+            left = poll_s if deadline is None else min(poll_s, deadline - started)
+            hold = min(max(left, 0.0), MAX_WAIT_S) if long_poll else 0.0
             try:
                 st = self.status(job_id, wait=hold)
             except ApiError as exc:
@@ -281,8 +285,9 @@ class Client:
                 return st
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not finished after {timeout}s: {st}")
-            if not long_poll:
-                time.sleep(poll_s)
+            # What the poll did not hold (an API without long polls, or one whose
+            # BATCHVISION_SYNC_TIMEOUT_S caps the wait): never a busy loop.
+            time.sleep(max(0.0, poll_s - (time.monotonic() - started)))
 
     def results(self, job_id: str) -> list[ResultRow]:
         """Every result row, in upload order."""

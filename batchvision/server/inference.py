@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from batchvision.core.errors import BadRequest
-from batchvision.core.results import Prediction, label_of
+from batchvision.core.errors import BadRequest, ServiceUnavailable
+from batchvision.core.model_refs import MAX_TOP_K
+from batchvision.core.results import Prediction
 
 IMAGES = "images"
 PIXELS = "pixels"
@@ -51,12 +52,19 @@ class ProtocolError(BadRequest):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the protocol needs of a model version: its name, input size and labels."""
+    """What the protocol needs of a model version: its name, input size, labels (the workers
+    publish the first 1,000) and number of classes (``None``: as many as labels)."""
 
     name: str
     version: int
     input_size: tuple[int, int]  # (width, height)
     labels: Sequence[str]
+    classes: int | None = None
+
+    @property
+    def width(self) -> int:
+        """The number of classes: the scores tensor's second dimension."""
+        return self.classes if self.classes is not None else len(self.labels)
 
     def inputs(self) -> list[dict[str, Any]]:
         """The model metadata's ``inputs``."""
@@ -69,7 +77,7 @@ class ModelShape:
     def outputs(self) -> list[dict[str, Any]]:
         """The model metadata's ``outputs``."""
         return [
-            {"name": SCORES, "datatype": "FP32", "shape": [-1, len(self.labels)]},
+            {"name": SCORES, "datatype": "FP32", "shape": [-1, self.width]},
             {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
         ]
 
@@ -140,7 +148,7 @@ def parse_request(header: bytes, binary: bytes, model: ModelShape, *, max_batch:
             f"images) or {PIXELS!r} (FP32 {model.inputs()[1]['shape']})"
         )
     top_k = params.get("top_k", 1)
-    classes = len(model.labels)
+    classes = min(model.width, MAX_TOP_K)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= classes:
         raise ProtocolError(f"parameter top_k must be a whole number from 1 to {classes}, got {top_k!r}")
     binary_default = params.get("binary_data_output") is True
@@ -327,51 +335,35 @@ def serialize_bytes(items: Sequence[bytes]) -> bytes:
 # -- results to outputs ----------------------------------------------------------------------
 
 
-def score_matrix(predictions: Sequence[Prediction], labels: Sequence[str]) -> np.ndarray:
-    """``[N, classes]`` probabilities in label order: each prediction's score vector (a job
-    asks for it), or for a result stored without one, the classes its ``top_k`` lists (two
-    classes with the same label take that label's scores in the order they are listed)."""
-    out = np.zeros((len(predictions), len(labels)), dtype=np.float32)
-    index: dict[str, list[int]] = {}
-    if any(pred.scores is None for pred in predictions):
-        for i, label in enumerate(labels):
-            index.setdefault(label, []).append(i)
+class MissingScores(ServiceUnavailable):
+    """A result without its score vector: a worker of an older version classified the image
+    (during a rolling upgrade); another try reaches an upgraded worker."""
+
+
+def score_matrix(predictions: Sequence[Prediction], classes: int) -> np.ndarray:
+    """``[N, classes]`` probabilities in class order: each prediction's score vector (a ``/v2``
+    job keeps one per image). Raises :class:`MissingScores` for a prediction without one, and
+    for one whose vector is not ``classes`` long (a version of another size answered)."""
+    out = np.zeros((len(predictions), classes), dtype=np.float32)
     for n, pred in enumerate(predictions):
         vector = pred.score_vector()
-        if vector is not None:
-            width = min(len(vector), len(labels))
-            out[n, :width] = vector[:width]
-            continue
-        taken: dict[str, int] = {}
-        for item in pred.top_k:
-            slots = index.get(item.label, [])
-            k = taken.get(item.label, 0)
-            if k < len(slots):
-                out[n, slots[k]] = item.score
-                taken[item.label] = k + 1
-    return out
-
-
-def best_labels(
-    predictions: Sequence[Prediction], scores: np.ndarray, labels: Sequence[str], k: int
-) -> list[list[str]]:
-    """The ``k`` best labels of each prediction, best first: from its row of ``scores`` (ties in
-    class order) when it kept a score vector, else the classes its ``top_k`` lists."""
-    out = []
-    for pred, row in zip(predictions, scores, strict=True):
-        if pred.scores is None:
-            out.append([s.label for s in pred.top_k[:k]])
-        else:
-            out.append([label_of(labels, int(i)) for i in np.argsort(-row, kind="stable")[:k]])
+        if vector is None or len(vector) != classes:
+            got = "no score vector" if vector is None else f"scores of {len(vector)} classes"
+            raise MissingScores(
+                f"the result of element {n} has {got}, not of the model's {classes}: a worker of an "
+                "older version classified it, or the model's output does not match its labels"
+            )
+        out[n] = vector
     return out
 
 
 def response(
     request: InferRequest, model: ModelShape, version: int, predictions: Sequence[Prediction], job_id: str
 ) -> tuple[dict[str, Any], bytes]:
-    """The ``infer`` answer: its JSON part, and the binary part (empty when all is JSON)."""
-    scores = score_matrix(predictions, model.labels)
-    labels = best_labels(predictions, scores, model.labels, request.top_k)
+    """The ``infer`` answer: its JSON part, and the binary part (empty when all is JSON). The
+    labels are each prediction's ``top_k`` (the job asked for the request's ``top_k``)."""
+    scores = score_matrix(predictions, model.width)
+    labels = [[s.label for s in pred.top_k[: request.top_k]] for pred in predictions]
     k = request.top_k
     tensors: dict[str, tuple[str, list[int], Any]] = {
         SCORES: ("FP32", list(scores.shape), scores),

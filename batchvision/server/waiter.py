@@ -71,7 +71,9 @@ class Waiter:
             self._events.setdefault(job_id, []).append(event)
             heard = job_id in self._recent
             complete = self._complete_since
-        if heard:
+        # Heard to finish since the mark: done. Without a mark, the job may have finished
+        # before and been retried since (it runs again): ask Redis.
+        if heard and since is not None:
             return self._done(job_id, event)
         # Every finish since the mark was heard, or is still to come and sets the event.
         trusted = since is not None and complete is not None and complete <= since

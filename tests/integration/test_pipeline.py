@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -126,8 +127,10 @@ def test_a_long_poll_answers_when_the_job_is_final(api_url: str) -> None:
     assert (resp.json()["status"], resp.json()["done"]) == ("succeeded", 20)
     # An upload still open cannot finish: the poll answers the job as it stands when `wait` ends.
     open_id = client.open_job().job_id
+    started = time.monotonic()
     job = client.status(open_id, wait=0.5)
     assert (job.status, job.total) == ("queued", 0)
+    assert time.monotonic() - started >= 0.5  # held for the whole wait
     for bad in ("-1", "soon", "1e9"):
         resp = requests.get(f"{api_url}/v1/jobs/{job_id}?wait={bad}", timeout=10)
         assert resp.status_code == 400 and "'wait'" in resp.json()["error"]["message"], resp.text

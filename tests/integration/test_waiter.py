@@ -68,6 +68,21 @@ def test_a_job_finished_before_the_wait_returns_at_once(client: redis_lib.Redis)
     waiter.close()
 
 
+def test_a_job_heard_to_finish_then_running_again_is_waited_for(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=0.05)
+    waiter.mark()  # the listener is subscribed
+    job_id = one_image_job(store)
+    finish(store, job_id)
+    wait_until(lambda: job_id in waiter._recent)  # heard over pub/sub
+    client.hdel(JobKeys.of(job_id).job, "finished_at")  # as a retry of the finished job does
+    # A wait without a mark (a long poll of a job that exists) asks Redis, not what it heard.
+    assert waiter.wait(job_id, timeout_s=0.3) is False
+    waiter.close()
+
+
 def test_an_unfinished_job_times_out(client: redis_lib.Redis) -> None:
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     waiter = Waiter(client, store.is_finished, recheck_s=0.05)

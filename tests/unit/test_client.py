@@ -349,19 +349,33 @@ def test_wait_polls_through_an_outage(api: FakeApi, client: Client) -> None:
     assert seen == [1, 2, 3]
 
 
-def test_wait_long_polls_and_never_sleeps_between_polls(api: FakeApi, client: Client) -> None:
+def test_wait_long_polls(api: FakeApi, client: Client) -> None:
     api.on(
         "GET",
         f"/v1/jobs/{JOB_ID}",
         reply(200, job()),
         reply(200, job(status="succeeded", done=3, finished_at=2.0)),
     )
-    # A poll interval far beyond the test's patience: a sleep between polls would show.
-    started = time.monotonic()
-    final = client.wait(JOB_ID, timeout=600, poll_s=300)
-    assert final.status == "succeeded" and time.monotonic() - started < 60
+    # Each poll asks the API to hold it up to poll_s (the fake answers at once).
+    final = client.wait(JOB_ID, timeout=600, poll_s=0.05)
+    assert final.status == "succeeded"
     polls = api.called("GET", f"/v1/jobs/{JOB_ID}")
-    assert [c.query["wait"] for c in polls] == [["300"], ["300"]]
+    assert [c.query["wait"] for c in polls] == [["0.05"], ["0.05"]]
+
+
+def test_wait_sleeps_what_a_poll_answered_early_did_not_hold(api: FakeApi, client: Client) -> None:
+    # An API that answers at once (its SYNC_TIMEOUT_S caps the wait at 0): no busy loop.
+    api.on(
+        "GET",
+        f"/v1/jobs/{JOB_ID}",
+        reply(200, job()),
+        reply(200, job()),
+        reply(200, job(status="succeeded", done=3, finished_at=2.0)),
+    )
+    started = time.monotonic()
+    assert client.wait(JOB_ID, timeout=30, poll_s=0.3).status == "succeeded"
+    assert time.monotonic() - started >= 0.55  # two polls answered early, each slept out
+    assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 3
 
 
 def test_wait_polls_plainly_an_api_without_long_polls(api: FakeApi, client: Client) -> None:

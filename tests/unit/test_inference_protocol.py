@@ -120,8 +120,9 @@ def test_bad_requests_name_the_problem(doc: dict[str, Any], binary: bytes, text:
     assert text in err.value.message and err.value.status == 400
 
 
-def _kept(probs: list[float], top_k: int = 1) -> Prediction:
-    """The result a worker stores for a ``/v2`` job: every class's score kept as a vector."""
+def _kept(probs: list[float], top_k: int = 2) -> Prediction:
+    """The result a worker stores for a ``/v2`` job: the request's top_k, every class's score
+    kept as a vector."""
     return prediction(np.array(probs, dtype=np.float32), MODEL.labels, top_k, scores=True)
 
 
@@ -137,26 +138,37 @@ def test_outputs_from_score_vectors_in_label_order_json_and_binary() -> None:
     assert scores["data"][:3] == np.array(probs, dtype=np.float32).tolist()
     assert scores["shape"] == [2, 3]
     assert labels["parameters"]["binary_data_size"] == len(tail)
-    # top_k labels from the vector, though the stored top_k holds one class.
     assert v2.deserialize_bytes(tail) == [b"c", b"a", b"b", b"a"]
 
 
 def test_binary_scores_are_the_stored_vectors() -> None:
     req = v2.InferRequest(id=None, input="images", images=[b""], top_k=1, outputs={"scores": True})
-    head, tail = v2.response(req, MODEL, 1, [_kept([0.25, 0.5, 0.25])], "j" * 32)
+    head, tail = v2.response(req, MODEL, 1, [_kept([0.25, 0.5, 0.25], 1)], "j" * 32)
     assert head["outputs"][0]["parameters"]["binary_data_size"] == 12
     assert np.frombuffer(tail, dtype="<f4").tolist() == [0.25, 0.5, 0.25]
 
 
-def test_a_result_stored_without_a_vector_gives_its_listed_classes() -> None:
-    old = Prediction("c", 2, 0.7, (TopScore("c", 0.7), TopScore("a", 0.2), TopScore("b", 0.1)))
-    req = v2.InferRequest(id=None, input="images", images=[b""], top_k=2, outputs={"labels": False})
-    head, _ = v2.response(req, MODEL, 3, [old], "j" * 32)
-    assert head["outputs"][0]["data"] == ["c", "a"]
-    assert v2.score_matrix([old], MODEL.labels)[0].tolist() == pytest.approx([0.2, 0.1, 0.7])
+def test_a_result_without_its_vector_is_a_503_not_a_guess() -> None:
+    # An older worker (a rolling upgrade) stores its top_k alone.
+    old = Prediction("c", 2, 0.7, (TopScore("c", 0.7), TopScore("a", 0.2)))
+    req = v2.InferRequest(id=None, input="images", images=[b""], top_k=2, outputs={"scores": False})
+    for stored in (old, prediction(np.array([0.5, 0.5], np.float32), ["a", "b"], 1, scores=True)):
+        with pytest.raises(v2.MissingScores) as err:
+            v2.response(req, MODEL, 3, [stored], "j" * 32)
+        assert err.value.status == 503 and "element 0" in err.value.message
 
 
-def test_repeated_labels_keep_each_class_score() -> None:
-    old = Prediction("x", 0, 0.6, (TopScore("x", 0.6), TopScore("x", 0.4)))
-    out = v2.score_matrix([old], ["x", "x"])
-    assert sorted(out[0].tolist()) == pytest.approx([0.4, 0.6])
+def test_more_classes_than_the_published_labels() -> None:
+    # Workers publish the first 1,000 labels and the number of classes.
+    big = v2.ModelShape("big", 1, (4, 2), [f"c{i}" for i in range(1000)], classes=1001)
+    assert big.outputs()[0]["shape"] == [-1, 1001]
+    probs = np.full(1001, 0.5 / 1000, np.float32)
+    probs[1000] = 0.5
+    stored = prediction(probs, [f"c{i}" for i in range(1001)], 2, scores=True)
+    req = v2.InferRequest(id=None, input="images", images=[b""], top_k=2, outputs={"scores": True})
+    head, tail = v2.response(req, big, 1, [stored], "j" * 32)
+    scores = np.frombuffer(tail, dtype="<f4")
+    assert head["outputs"][0]["shape"] == [1, 1001] and scores[1000] == 0.5
+    doc = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}
+    with pytest.raises(v2.ProtocolError, match="from 1 to 1000"):
+        v2.parse_request(json.dumps({**doc, "parameters": {"top_k": 1001}}).encode(), b"", big, max_batch=8)
