@@ -93,7 +93,8 @@ def _folder(root: Path) -> dict[str, str]:
 
 class RedisBlips:
     """Restarts Redis under the API when the proxy sees chosen requests: the 3rd upload part,
-    and the 2nd status poll after the seal. Redis stays down ``down_s`` each time."""
+    and the first status poll after the seal (a long poll: the job may well finish within it).
+    Redis stays down ``down_s`` each time."""
 
     def __init__(self, redis: RedisServer, down_s: float = 2.5) -> None:
         self.redis = redis
@@ -119,7 +120,7 @@ class RedisBlips:
                 self.sealed = True
             elif self.sealed and re.match(rb"GET /v1/jobs/[0-9a-f]+ ", line):
                 self.polls += 1
-                if self.polls == 2:
+                if self.polls == 1:
                     self._blip("polling")
 
     def _blip(self, when: str) -> None:
