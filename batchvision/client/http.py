@@ -275,7 +275,7 @@ class Client:
             try:
                 st = self.status(job_id, wait=hold)
             except ApiError as exc:
-                if not (hold and exc.status == 400 and exc.code == "bad_parameter"):
+                if not (hold and _refuses_long_polls(exc)):
                     raise
                 long_poll = False  # an API without long polls: sleep between polls
                 continue
@@ -390,6 +390,16 @@ def job_options(
     """The query parameters of per-job options; unknown names are a ``TypeError``."""
     given = {"model": model, "top_k": top_k, "min_score": min_score, "priority": priority}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _refuses_long_polls(exc: ApiError) -> bool:
+    """Whether ``exc`` is an API that predates long polls refusing ``?wait=``: a ``400
+    bad_parameter`` about that parameter (any other refusal is the caller's to see)."""
+    if exc.status != 400 or exc.code != "bad_parameter":
+        return False
+    if isinstance(exc.details, list) and exc.details:
+        return any(isinstance(d, dict) and d.get("field") == "wait" for d in exc.details)
+    return "'wait'" in str(exc)
 
 
 def _idempotency() -> dict[str, str]:

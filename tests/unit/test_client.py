@@ -383,6 +383,7 @@ def test_wait_polls_plainly_an_api_without_long_polls(api: FakeApi, client: Clie
         "error": {
             "code": "bad_parameter",
             "message": "query parameter 'wait': extra inputs are not permitted; this route takes: none",
+            "details": [{"in": "query parameter", "field": "wait", "message": "Extra inputs are forbidden"}],
         }
     }
 
@@ -398,6 +399,23 @@ def test_wait_polls_plainly_an_api_without_long_polls(api: FakeApi, client: Clie
     assert client.wait(JOB_ID, timeout=30, poll_s=0.01).status == "succeeded"
     asked = [bool(c.query.get("wait")) for c in api.called("GET", f"/v1/jobs/{JOB_ID}")]
     assert asked == [True, False, False]  # asked once, then polled without
+
+
+def test_wait_raises_a_refusal_that_is_not_about_long_polls(api: FakeApi, client: Client) -> None:
+    # Only a 400 naming `wait` means "an older API"; any other one is the caller's problem,
+    # not a reason to poll without long polls.
+    refused = {
+        "error": {
+            "code": "bad_parameter",
+            "message": "query parameter 'offset': input should be a valid integer (got 'x')",
+            "details": [{"in": "query parameter", "field": "offset", "message": "not an integer"}],
+        }
+    }
+    api.on("GET", f"/v1/jobs/{JOB_ID}", lambda h, call: h.send(400, json.dumps(refused).encode()))
+    with pytest.raises(ApiError) as err:
+        client.wait(JOB_ID, timeout=30, poll_s=0.01)
+    assert err.value.status == 400 and "offset" in str(err.value)
+    assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 1
 
 
 def _plain(rows: Iterable[ResultRow]) -> list[dict[str, Any]]:
