@@ -135,3 +135,68 @@ def test_a_batch_wastes_at_most_an_eighth_of_the_largest_in_padding(largest: int
     for n in range(1, largest + 1):
         padded = next(s for s in sizes if s >= n)
         assert padded - n < max(1, largest // 8), (n, padded)
+
+
+# -- how many of the queued items run: the padded sizes a model prefers -------------------------
+
+SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
+
+
+def _padding(per_image_s: float = 0.008, fixed_s: float = 0.0) -> BatchPolicy:
+    """A policy for a model that pads to :data:`SIZES`, each size measured: ``fixed_s`` plus
+    ``per_image_s`` per slot, padding included (as a CPU runs them)."""
+    p = _policy()
+    p.sizes = SIZES
+    for size in SIZES:
+        p.ran(size, fixed_s + per_image_s * size)
+    return p
+
+
+def test_a_batch_that_would_be_padded_runs_the_size_below_while_more_are_announced() -> None:
+    p = _padding()
+    # 13 would run as 16 (3 slots of zeros): 12 now, the 13th first in the next batch.
+    assert p.take(Forming(now=5.0, oldest=4.8, queued=13, reserved=3)) == 12
+    assert p.take(Forming(now=5.0, oldest=4.8, queued=21, reserved=1)) == 20
+    # 23 as 24 costs 4 % more per image than 20: not worth leaving three behind.
+    assert p.take(Forming(now=5.0, oldest=4.8, queued=23, reserved=1)) == 23
+    # Sizes the model runs as they are, and more than the largest batch, are not cut.
+    assert p.take(Forming(now=5.0, oldest=4.8, queued=12, reserved=3)) == 12
+    assert p.take(Forming(now=5.0, oldest=4.8, queued=40, reserved=3)) == 32
+
+
+def test_a_stream_of_arrivals_is_company_too_but_not_one_that_stopped() -> None:
+    p = _padding()
+    for i in range(251):  # an arrival every 4 ms up to 1.0
+        p.arrived(i * 0.004)
+    assert p.take(Forming(now=1.002, oldest=0.9, queued=13, reserved=0)) == 12
+    # Nothing came for two gaps: the clients all wait on this batch, so nobody would join a
+    # 13th image left behind; it runs now, padded.
+    assert p.take(Forming(now=1.0 + 3 * 0.004, oldest=0.9, queued=13, reserved=0)) == 13
+
+
+def test_where_padding_costs_little_the_whole_line_runs() -> None:
+    # A model whose batches cost mostly a fixed time (small batches, a GPU): 3 padded to 4
+    # costs less per image than 2, so nothing is left behind.
+    p = _padding(per_image_s=0.001, fixed_s=0.020)
+    assert p.take(Forming(now=5.0, oldest=4.9, queued=3, reserved=5)) == 3
+    # ... and a saving under a tenth is not worth the wait either: 17 as 20, or 16 and one later.
+    p = _padding(per_image_s=0.008, fixed_s=0.060)
+    assert p.take(Forming(now=5.0, oldest=4.9, queued=17, reserved=5)) == 17
+
+
+def test_without_padded_sizes_or_measurements_the_whole_line_runs() -> None:
+    p = _policy()
+    p.ran(16, 0.128)
+    assert p.take(Forming(now=5.0, oldest=4.9, queued=13, reserved=5)) == 13  # runs any size
+    p = _policy()
+    p.sizes = SIZES
+    assert p.take(Forming(now=5.0, oldest=4.9, queued=13, reserved=5)) == 13  # nothing measured
+
+
+def test_a_padded_batch_counts_as_the_size_it_ran_as() -> None:
+    p = _policy()
+    p.sizes = SIZES
+    p.ran(13, 0.128)  # 13 images ran as 16
+    assert p.run_time(16) == pytest.approx(0.128)
+    assert p.run_time(14) == pytest.approx(0.128)
+    assert p.run_time(8) == pytest.approx(0.064)  # unmeasured: the nearest size, scaled
