@@ -148,12 +148,12 @@ class Classifier:
         self._softmax = _ends_in_softmax(model)
         # Batches are padded to a few fixed sizes: the kernels (and oneDNN's primitive cache)
         # see at most these shapes, instead of one set per batch size, which grows memory.
-        self.padded_sizes = padded_sizes(max_batch_size)
+        self.buckets = padded_sizes(max_batch_size)
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for each image (``(h, w, 3)`` uint8 of the input size)."""
         n = len(images)
-        size = next((b for b in self.padded_sizes if b >= n), n)
+        size = next((b for b in self.buckets if b >= n), n)
         batch = np.stack(images)
         if size > n:
             batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
@@ -169,7 +169,7 @@ class Classifier:
         """Run every bucket size once, so no real batch pays for first-time setup; returns seconds."""
         start = time.perf_counter()
         w, h = self.input_size
-        for size in self.padded_sizes:
+        for size in self.buckets:
             self.predict([np.zeros((h, w, 3), np.uint8)] * size)
         return time.perf_counter() - start
 

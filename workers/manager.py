@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from batchvision.core.batching import BatchInfo, DynamicBatcher
-from batchvision.core.classifier import ImageClassifier, padded_sizes_of
+from batchvision.core.classifier import ImageClassifier
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.model_refs import JobOptions
 from batchvision.core.results import Prediction, prediction
@@ -111,7 +111,6 @@ class ModelLane:
             adaptive_max_s=settings.adaptive_batch_wait_ms / 1000.0,
             on_batch=on_batch_for(self) if on_batch_for is not None else None,
             on_submit=tracing.submit_hook(),
-            sizes=lambda: padded_sizes_of(self._current().classifier),
             name=name,
         )
 

@@ -13,12 +13,6 @@ Two reasons to wait, each within its own budget, counted from the oldest item of
   CPU model as on a fast GPU one. At idle the gap between arrivals is long, so a lone request
   runs at once; an unmeasured model gets no adaptive wait.
 
-How many of the queued items to run (:meth:`BatchPolicy.take`): all of them, unless the model
-pads batches to a few sizes (:func:`padded_sizes`) and the largest of those sizes below costs
-clearly less per image, by the run times measured, while more items are on their way to join
-the rest. A batch of 13 padded to 16 took as long as 16 on a CPU; 12 now and the 13th first in
-the next batch wastes nothing. Like Triton's preferred batch sizes.
-
 Like Triton's ``max_queue_delay`` (bounded wait for a fuller batch) and BentoML's adaptive
 batching (the model's time per batch size, learnt from the batches run). Pure and
 deterministic: the caller passes the clock's readings in, so tests need no sleeping.
@@ -35,8 +29,6 @@ PAD_STEPS = 8
 SMOOTHING = 0.1
 #: The stream of arrivals has stopped when nothing came for this many usual gaps.
 STOPPED_GAPS = 2.0
-#: A batch runs a smaller padded size only when that costs at least this share less per image.
-TRIM_GAIN = 0.1
 
 
 def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -78,9 +70,7 @@ class BatchPolicy:
         self.adaptive_fraction = adaptive_fraction
         self.gap_s: float | None = None  # moving average of the time between arrivals
         self.last_arrival: float | None = None
-        self._run_s: dict[int, float] = {}  # (padded) batch size -> moving average of its run time
-        #: The batch sizes the model pads every batch to, ascending (``None``: it runs any size).
-        self.sizes: tuple[int, ...] | None = None
+        self._run_s: dict[int, float] = {}  # batch size -> moving average of its run time
 
     # -- observations ------------------------------------------------------------------------
 
@@ -93,21 +83,15 @@ class BatchPolicy:
 
     def ran(self, size: int, run_s: float) -> None:
         """A batch of ``size`` items took ``run_s`` seconds in the model."""
-        size = self._padded(size)
         old = self._run_s.get(size)
         self._run_s[size] = run_s if old is None else old + SMOOTHING * (run_s - old)
 
     def run_time(self, size: int) -> float | None:
-        """Expected model time of a batch of ``size`` items: that of the size it is padded to,
-        else of the nearest measured size, scaled."""
+        """Expected model time of a batch of ``size``: the nearest measured size, scaled."""
         if not self._run_s:
             return None
-        size = self._padded(size)
         near = min(self._run_s, key=lambda s: (abs(s - size), -s))
         return self._run_s[near] * size / near
-
-    def _padded(self, n: int) -> int:
-        return next((s for s in self.sizes if s >= n), n) if self.sizes else n
 
     # -- the decision --------------------------------------------------------------------------
 
@@ -118,28 +102,6 @@ class BatchPolicy:
         if b.reserved > 0:
             return max(0.0, b.oldest + self.max_delay_s - b.now)
         return self._adaptive(b)
-
-    def take(self, b: Forming) -> int:
-        """How many of the ``b.queued`` items the batch runs now (the oldest first).
-
-        All of them, up to the largest batch, unless the model pads batches (:attr:`sizes`),
-        this many would be padded, and both: the largest padded size below costs at least
-        :data:`TRIM_GAIN` less per image (measured run times), and the rest has company on
-        its way (items announced, or a stream of arrivals that has not stopped), so it is not
-        left to run alone. The rest goes first in the next batch."""
-        n = min(b.queued, self.max_batch_size)
-        if not self.sizes or n in self.sizes or not (b.reserved > 0 or self._streaming(b.now)):
-            return n
-        below = max((s for s in self.sizes if s < n), default=0)
-        whole, part = self.run_time(n), self.run_time(below) if below else None
-        if whole is None or part is None or part / below > (1 - TRIM_GAIN) * whole / n:
-            return n
-        return below
-
-    def _streaming(self, now: float) -> bool:
-        """Whether arrivals are still coming: one came within :data:`STOPPED_GAPS` usual gaps."""
-        gap, last = self.gap_s, self.last_arrival
-        return gap is not None and last is not None and now < last + STOPPED_GAPS * gap
 
     def _adaptive(self, b: Forming) -> float:
         gap, last = self.gap_s, self.last_arrival

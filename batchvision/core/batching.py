@@ -8,8 +8,7 @@ The batch waits up to ``max_delay_s`` to fill while more items are known to be c
 announces its images with :meth:`reserve` before decoding them, so a lone one-image job is
 flushed as soon as its image arrives instead of sleeping out the delay. With
 ``adaptive_max_s``, it also waits for items nobody announced yet while the arrival rate says
-they are about to come (closed-loop clients); :mod:`batchvision.core.batch_policy` decides,
-and also how many of the waiting items to run when the model pads batches to a few sizes.
+they are about to come (closed-loop clients); :mod:`batchvision.core.batch_policy` decides.
 
 The batch contract follows Ray Serve's batching module: a list in, a list of the same
 length out, checked at run time; if the call fails, every item of the batch gets the error.
@@ -65,15 +64,13 @@ class DynamicBatcher(Generic[In, Out]):
         adaptive_max_s: float = 0.0,
         on_batch: Callable[[BatchInfo], None] | None = None,
         on_submit: Callable[[Any], Any] | None = None,
-        sizes: Callable[[], Sequence[int] | None] | None = None,
         name: str = "batcher",
     ) -> None:
         """``on_batch``: called in the model thread after each model call. ``on_submit``:
         called in the submitting thread with each item's tag, returns the tag the item keeps
         (what the submitting thread knows, e.g. its trace span, travels with the item into
         :attr:`BatchInfo.tags`). ``adaptive_max_s``: the longest wait for unannounced items
-        (0: none). ``sizes``: the batch sizes the model pads to now (``None``: any size runs
-        as it is), asked before each batch."""
+        (0: none)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._predict = predict
@@ -82,7 +79,6 @@ class DynamicBatcher(Generic[In, Out]):
         self.policy = BatchPolicy(max_batch_size, max_delay_s, adaptive_max_s=adaptive_max_s)
         self._on_batch = on_batch
         self._on_submit = on_submit
-        self._sizes = sizes
         self._items: deque[_Item[In, Out]] = deque()
         self._urgent: deque[_Item[In, Out]] = deque()  # served first, in arrival order
         self._reserved = 0
@@ -142,10 +138,7 @@ class DynamicBatcher(Generic[In, Out]):
     # -- model thread -------------------------------------------------------------------
 
     def _next_batch(self) -> list[_Item[In, Out]] | None:
-        # Asked outside the lock: it reads the model of the lane, which a reload may change.
-        sizes = self._sizes() if self._sizes is not None else None
         with self._cond:
-            self.policy.sizes = tuple(sorted(sizes)) if sizes else None
             while not self._items and not self._urgent:
                 if self._closed:
                     return None
@@ -163,11 +156,13 @@ class DynamicBatcher(Generic[In, Out]):
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            # Urgent items: someone is waiting on these: run them now, in a small batch of their
-            # own, instead of in the next full (and slow) batch.
-            line = self._urgent or self._items
-            n = self.policy.take(Forming(time.monotonic(), line[0].enqueued, len(line), self._reserved))
-            return [line.popleft() for _ in range(n)]
+            if self._urgent:
+                # Someone is waiting on these: run them now, in a small batch of their own,
+                # instead of in the next full (and slow) batch.
+                n = min(len(self._urgent), self.max_batch_size)
+                return [self._urgent.popleft() for _ in range(n)]
+            n = min(len(self._items), self.max_batch_size)
+            return [self._items.popleft() for _ in range(n)]
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:

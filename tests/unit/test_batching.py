@@ -209,31 +209,3 @@ def test_urgent_images_of_one_message_share_a_batch_and_a_lone_one_does_not_wait
     lone = b.submit(7, tag="lone", urgent=True)
     assert lone.result(5) == 7  # nothing announced: no wait for the 30 s delay
     b.close()
-
-
-def test_a_model_that_pads_gets_its_sizes_while_more_images_are_announced() -> None:
-    seen: list[BatchInfo] = []
-    running = threading.Event()
-    gate = threading.Event()
-
-    def padded(xs: list[int]) -> list[int]:
-        running.set()
-        assert gate.wait(10)
-        return xs
-
-    # No wait for announced images (delay 0): they only tell the batcher more are coming.
-    b: DynamicBatcher[int, int] = DynamicBatcher(
-        padded, max_batch_size=8, max_delay_s=0.0, on_batch=seen.append, sizes=lambda: (1, 2, 4, 8)
-    )
-    b.policy.ran(4, 0.040)  # measured: 10 ms an image at 4, 20 ms at 5 run as 8
-    b.policy.ran(8, 0.080)
-    first = b.submit(0)
-    assert running.wait(10)  # the first batch occupies the model
-    with b.reserve(6) as slot:
-        rest = [slot.submit(i) for i in range(1, 6)]  # five queued, one more announced
-        gate.set()
-        assert [f.result(5) for f in rest] == [1, 2, 3, 4, 5]
-    assert first.result(5) == 0
-    b.close()
-    # Five would run as eight: four ran, then the fifth (with nothing else queued).
-    assert [i.size for i in seen] == [1, 4, 1]
