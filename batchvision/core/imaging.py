@@ -166,8 +166,8 @@ def decode_image(data: bytes, size: tuple[int, int], *, max_pixels: int) -> np.n
     try:
         if img.format in {"JPEG", "MPO"}:
             img.draft("RGB", size)
-        # In place: without an orientation to undo, the copy exif_transpose returns costs as
-        # much as a tenth of the decode.
+        # In place: without an orientation to undo, exif_transpose would return a copy of the
+        # decoded image, about a sixteenth of what decoding a 224x224 JPEG costs.
         ImageOps.exif_transpose(img, in_place=True)
         img = to_rgb(img)
         if img.size != size:
