@@ -262,6 +262,15 @@ _UPLOAD_ERRORS = {
     415: c.Response("Unsupported Content-Type", d.ErrorDocument),
     422: c.Response("No file of the request is an image we can classify (reason per file)", d.ErrorDocument),
 }
+#: A part of an open job is not refused for its files: each unusable one gets its error row.
+_PART_ERRORS = {
+    **_UPLOAD_ERRORS,
+    422: c.Response(
+        "The part holds no file (`no_images`; its non-image members are listed as `skipped`). A part "
+        "whose files are all unusable is accepted: each gets its error row and is listed in `rejected`",
+        d.ErrorDocument,
+    ),
+}
 _ACCEPTED = c.Response("Accepted: the job and what this request added", d.JobAccepted, links=c.JOB_LINKS)
 #: A replay of an ``Idempotency-Key`` whose job is gone (and a classify whose job went while it
 #: waited).
@@ -367,11 +376,13 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
 @bp.post("/jobs/<job_id>/files")
 @c.contract(
     summary="Add a part to an open job",
-    description="Re-sending a file (same relative path) changes nothing, so a part may be retried.",
+    description="Re-sending a file (same relative path) changes nothing, so a part may be retried. "
+    "Files that are not images we can classify are accepted as failed rows (listed in `rejected`), "
+    "even when no file of the part is usable.",
     query=d.AddFilesQuery,
     body=c.upload_body(archive=True),
     body_required=True,
-    responses={202: _ACCEPTED, **_JOB_ERRORS, **_UPLOAD_ERRORS},
+    responses={202: _ACCEPTED, **_JOB_ERRORS, **_PART_ERRORS},
     tags=("jobs",),
 )
 def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:

@@ -11,6 +11,7 @@ definitions the API validates with and its OpenAPI document is generated from (`
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import encode_multipart_formdata
 
 from batchvision.client.bulk import FolderUpload, submit_folder
 from batchvision.client.errors import ApiError
@@ -92,6 +94,8 @@ class Client:
         """One request with the transport's retries (sharing ``budget``'s deadline); the body
         is left unread. Raises :class:`ApiError` for an error status."""
         read_timeout = kw.pop("timeout", self.timeout)
+        if "files" in kw:
+            kw = _streamed_multipart(kw)
         with budget.active():
             resp = self.session.request(
                 method,
@@ -112,8 +116,9 @@ class Client:
             retries = getattr(resp.raw, "retries", None)
             err.resent = retries is not None and resent_after_arrival(retries.history)
             raise err
-        if "Content-Length" not in resp.headers and "chunked" not in resp.headers.get(
-            "Transfer-Encoding", ""
+        if not _bodiless(method, resp.status_code) and (
+            "Content-Length" not in resp.headers
+            and "chunked" not in resp.headers.get("Transfer-Encoding", "")
         ):
             # Every answer of the API is framed; one that is not had its headers cut off, and its
             # "body" would end wherever the connection broke (an empty results file, say).
@@ -392,6 +397,12 @@ def job_options(
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _bodiless(method: str, status: int) -> bool:
+    """Whether an answer has no body by definition (RFC 9110: to ``HEAD``, ``1xx``, ``204``,
+    ``304``), and so no framing headers either: ``DELETE`` answers ``204``."""
+    return method == "HEAD" or status < 200 or status in (204, 304)
+
+
 def _refuses_long_polls(exc: ApiError) -> bool:
     """Whether ``exc`` is an API that predates long polls refusing ``?wait=``: a ``400
     bad_parameter`` about that parameter (any other refusal is the caller's to see)."""
@@ -413,6 +424,19 @@ def _seconds(retry_after: str | None) -> float | None:
         return max(0.0, float(retry_after)) if retry_after else None
     except ValueError:
         return None
+
+
+def _streamed_multipart(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with its multipart ``files`` encoded into a file object. urllib3 sends a file
+    object in blocks, so the socket's timeout (the connect timeout while a request is sent)
+    limits each stall; a ``bytes`` body goes in one ``sendall``, which would have to finish
+    within that timeout: a 32 MB part over a slow uplink could then never be sent. A new file
+    object per call: each re-send starts from the first byte."""
+    kw = dict(kw)
+    body, content_type = encode_multipart_formdata(kw.pop("files"))
+    kw["headers"] = {**(kw.get("headers") or {}), "Content-Type": content_type}
+    kw["data"] = io.BytesIO(body)
+    return kw
 
 
 def _parts(files: Iterable[tuple[str, bytes] | str | Path]) -> list[tuple[str, tuple[str, bytes, str]]]:

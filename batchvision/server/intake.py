@@ -470,14 +470,20 @@ class Intake:
     ) -> Submitted:
         """Validate ``uploads`` and add them to ``job_id`` (a new job if ``None``, with the
         ``callback`` fields of :meth:`callback` and the ``options`` of :meth:`options` if given;
-        ``claim``: the request's ``Idempotency-Key``, written with the new job).
+        ``claim``: the request's ``Idempotency-Key``, written with the new job). A new job none
+        of whose files is usable is refused whole (:func:`require_some_valid`); a part of an
+        open job records each unusable file as its row's error instead.
 
         Raises ``LookupError`` for an unknown job and ``PermissionError`` for a sealed or
         canceled one.
         """
         ensure_nonempty(uploads, skipped)
         problems = check(self.settings, uploads)
-        require_some_valid(uploads, problems)
+        if job_id is None:
+            # A part of an open job is never refused for its files: each bad one becomes its
+            # row's error, so a folder upload whose last part holds one broken image still
+            # ends, and its re-send (a resumed upload) finds the files already there.
+            require_some_valid(uploads, problems)
         valid = [u for u, p in zip(uploads, problems, strict=True) if p is None]
         self.backpressure(owner, len(valid), sum(len(u.data) for u in valid))
         # A small job sent whole is someone waiting: it goes ahead of bulk work.

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from api import create_app
-from batchvision.client import Client
+from batchvision.client import ApiError, Client
 from batchvision.client.bulk import submit_folder
 from batchvision.core.settings import Settings
-from batchvision.core.synthetic import labelled_files
+from batchvision.core.synthetic import encode, labelled_files
 from batchvision.server.connect import connect_redis
 from batchvision.server.store import JobStore
 
@@ -275,3 +276,40 @@ def test_raw_part_added_to_a_job_needs_a_filename(settings: Settings) -> None:
     ok = client.post(f"/v1/jobs/{job['job_id']}/files?filename=a/b.jpg", data=data, content_type="image/jpeg")
     assert ok.status_code == 202 and ok.get_json()["accepted"] == 1
     assert client.get(f"/v1/jobs/{job['job_id']}/results").get_json()["results"][0]["filename"] == "a/b.jpg"
+
+
+def test_client_and_cli_delete_jobs_through_the_real_server(api_url: str) -> None:
+    # gunicorn answers DELETE with a 204 and, as RFC 9110 requires, no Content-Length: the
+    # client must take that for a whole answer, not for headers cut off.
+    client = Client(api_url, retry_for_s=5)
+    first, second = client.open_job(), client.open_job()
+    client.delete(first.job_id)
+    proc = cli("delete", second.job_id, api_url=api_url)
+    assert proc.returncode == 0 and f"deleted {second.job_id}" in proc.stderr, proc.stderr
+    for job_id in (first.job_id, second.job_id):
+        with pytest.raises(ApiError) as gone:
+            client.status(job_id)
+        assert gone.value.status == 404
+
+
+def test_a_part_of_only_broken_images_is_recorded_and_the_upload_ends(api_url: str, tmp_path: Path) -> None:
+    # Parts of one file: two hold nothing but a broken image. Each must become that image's
+    # error row, not refuse the part: the upload could then never end, nor be resumed.
+    name, data, _ = next(labelled_files(1, seed=21))
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (tmp_path / "huge.png").write_bytes(encode(Image.new("RGB", (2100, 2000), (9, 9, 9)), "PNG"))  # > 4 MP
+    client = Client(api_url, retry_for_s=5)
+    job_id = client.open_job(3).job_id
+    first = client.add_part(job_id, [("broken.png", (tmp_path / "broken.png").read_bytes())])
+    assert (first.accepted, [r.filename for r in first.rejected]) == (0, ["broken.png"])
+    again = client.add_part(job_id, [("broken.png", (tmp_path / "broken.png").read_bytes())])
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 1, [])  # a re-send changes nothing
+    done = submit_folder(client, [tmp_path], part_files=1, resume=job_id)
+    assert (done.sent, [r.filename for r in done.rejected]) == (2, ["huge.png"])
+    status = client.wait(job_id, timeout=120)
+    assert (status.status, status.total, status.done, status.failed) == ("partial", 3, 1, 2)
+    rows = {r.filename: r for r in client.results(job_id)}
+    assert rows[name].status == "ok"
+    assert rows["broken.png"].error is not None and rows["huge.png"].error is not None
+    assert rows["huge.png"].error.code == "too_many_pixels"

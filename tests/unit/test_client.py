@@ -613,3 +613,54 @@ def test_a_retry_refused_before_it_acted_is_sent_again(api: FakeApi, client: Cli
     )
     assert client.retry(JOB_ID).requeued == 2
     assert len(api.called("POST", path)) == 2
+
+
+def test_an_upload_slower_than_the_connect_timeout_is_sent_whole() -> None:
+    # A reader that takes about 2 s for a 16 MB part, behind small socket buffers: the
+    # client's connect timeout (min(10 s, timeout) = 0.5 s) must bound each stall of the
+    # upload, not the whole of it. One sendall of the body would fail after 0.5 s.
+    size = 16 * 1024 * 1024
+    received: list[int] = []
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited when accepted
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            headers, _, rest = head.partition(b"\r\n\r\n")
+            length = int(
+                next(
+                    v
+                    for k, v in (ln.split(b": ", 1) for ln in headers.split(b"\r\n")[1:])
+                    if k.lower() == b"content-length"
+                )
+            )
+            got = len(rest)
+            while got < length:
+                got += len(conn.recv(65536))
+                time.sleep(0.008)  # about 8 MB/s
+            received.append(got)
+            body = json.dumps(job(accepted=1)).encode()
+            conn.sendall(
+                b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with Client(url, api_key="", timeout=0.5, policy=RetryPolicy(retry_for_s=0.0)) as client:
+            started = time.monotonic()
+            assert client.add_part(JOB_ID, [("big.jpg", b"\xff\xd8\xff" + b"x" * size)]).accepted == 1
+            took = time.monotonic() - started
+        assert received and received[0] > size
+        assert took > 1.0, f"the upload took {took:.2f} s: the reader was not slow enough to test anything"
+    finally:
+        thread.join(10)
+        listener.close()
