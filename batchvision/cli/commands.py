@@ -160,22 +160,40 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
-    total = len(scan(paths).images)
+    try:
+        total = len(scan(paths).images)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     quiet = args.no_progress
     start = time.monotonic()
     resume = args.resume
     if args.callback_url and not resume:  # the job is opened with its callback, then filled
         resume = client.open_job(total, callback_url=args.callback_url, **job_options(args)).job_id
-    with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
-        summary = submit_folder(
-            client,
-            paths,
-            part_files=args.part_files,
-            part_bytes=int(args.part_mb * 1024 * 1024),
-            resume=resume,
-            on_part=bar.update,
-            options=job_options(args),
-        )
+    opened: list[str] = []
+
+    def announce(job_id: str) -> None:
+        # At once, before any part: an upload that stops half-way (^C, an outage) can then be
+        # finished with --resume.
+        opened.append(job_id)
+        print(job_id, flush=True)
+
+    try:
+        with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
+            summary = submit_folder(
+                client,
+                paths,
+                part_files=args.part_files,
+                part_bytes=int(args.part_mb * 1024 * 1024),
+                resume=resume,
+                on_part=bar.update,
+                on_open=announce,
+                options=job_options(args),
+            )
+    except BaseException:
+        if opened:
+            print(f"the upload stopped: finish it with --resume {opened[0]}", file=sys.stderr)
+        raise
     job_id = summary.job_id
     for rel in summary.skipped:
         print(f"skipped (not an image): {rel}", file=sys.stderr)
@@ -185,7 +203,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"({uploaded.done + uploaded.failed} already classified meanwhile)",
         file=sys.stderr,
     )
-    print(job_id)
     return _wait_and_write(client, args, job_id, total, start) if args.wait else EXIT_OK
 
 

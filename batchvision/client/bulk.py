@@ -60,8 +60,13 @@ class Scan:
 
 
 def scan(paths: list[Path]) -> Scan:
-    """Find image files by content, recursively, in a stable (sorted) order."""
+    """Find image files by content, recursively, in a stable (sorted) order. Raises
+    ``ValueError`` when two files would get the same name in the job (two folders of the same
+    name, or two files of the same name given alone): the second would be taken for a re-send
+    of the first and never classified."""
     out = Scan()
+    seen: dict[str, Path] = {}
+    clashes: list[str] = []
     for root in paths:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         # With several roots, paths keep the root's name so `a/x.jpg` and `b/x.jpg` differ.
@@ -70,7 +75,17 @@ def scan(paths: list[Path]) -> Scan:
             rel = prefix + path.relative_to(root).as_posix() if root.is_dir() else path.name
             with open(path, "rb") as fh:
                 head = fh.read(16)
+            if rel in seen:
+                clashes.append(f"{rel} ({seen[rel]} and {path})")
+            seen[rel] = path
             (out.images.append((rel, path)) if looks_like_image(head) else out.skipped.append(rel))
+    if clashes:
+        raise ValueError(
+            f"{len(clashes)} files would get the same name in the job (a second file of a name "
+            f"is taken for a re-send of the first): {'; '.join(clashes[:5])}"
+            f"{' ...' if len(clashes) > 5 else ''}. Upload folders of different names, or each as "
+            "its own job"
+        )
     return out
 
 
@@ -98,11 +113,14 @@ def submit_folder(
     resume: str | None = None,
     on_part: Callable[[int], None] | None = None,
     options: Mapping[str, Any] | None = None,
+    on_open: Callable[[str], None] | None = None,
 ) -> FolderUpload:
     """Upload every image under ``paths`` to one job and seal it; returns what it did.
 
     With ``resume``, files the job already has are not sent again. ``options``: the new job's
     ``model``, ``top_k``, ``min_score``, ``priority`` (a resumed job keeps its own).
+    ``on_part(n)``: after each part (and first for the files a resumed job has);
+    ``on_open(job_id)``: once the job exists, before any part is sent.
     """
     found = scan(paths)
     if resume:
@@ -111,6 +129,8 @@ def submit_folder(
     else:
         have = set()
         job_id = client.open_job(len(found.images), **(options or {})).job_id
+    if on_open is not None:
+        on_open(job_id)
     todo = [(rel, p) for rel, p in found.images if rel not in have]
     if on_part is not None and have:
         on_part(len(found.images) - len(todo))

@@ -11,7 +11,9 @@ class ApiError(BatchvisionError):
     """The API answered with an error document."""
 
     def __init__(self, status: int, body: dict[str, Any]) -> None:
-        err = body.get("error", {}) if isinstance(body, dict) else {}
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):  # not the API's document: a proxy's, say
+            err = {"message": f"HTTP {status}: {err}"} if isinstance(err, str) and err else {}
         super().__init__(
             err.get("message", f"HTTP {status}"),
             code=err.get("code", "http_error"),

@@ -664,3 +664,32 @@ def test_an_upload_slower_than_the_connect_timeout_is_sent_whole() -> None:
     finally:
         thread.join(10)
         listener.close()
+
+
+def test_cli_submit_prints_the_job_id_before_the_upload_and_how_to_resume_it(
+    api: FakeApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchvision.cli.commands import ExitCode
+    from batchvision.cli.main import main
+
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(b"\xff\xd8\xff" + bytes([i]) * 100)
+    api.on("POST", "/v1/jobs", reply(202, job(total=0, done=0)))
+    refusal = {"error": {"code": "bad_request", "message": "refused by the test"}}
+    api.on("POST", f"/v1/jobs/{JOB_ID}/files", reply(202, job(accepted=2)), reply(400, refusal))
+    argv = ["submit", str(tmp_path), "--part-files", "2", "--no-progress", "--api-url", api.url]
+    assert main([*argv, "--retry-for", "0"]) == ExitCode.SUBMIT_FAILED
+    out, err = capsys.readouterr()
+    assert out.split() == [JOB_ID]  # printed when the job was opened, though its upload failed
+    assert f"--resume {JOB_ID}" in err and "refused by the test" in err
+    assert len(api.called("POST", f"/v1/jobs/{JOB_ID}/files")) == 2
+    assert not api.called("POST", f"/v1/jobs/{JOB_ID}/seal")
+
+
+def test_an_error_body_that_is_not_the_apis_is_still_an_api_error(api: FakeApi, client: Client) -> None:
+    # A proxy in front of the API answering with a document of its own.
+    api.on("GET", f"/v1/jobs/{JOB_ID}", reply(403, {"error": "denied by the proxy"}))
+    with pytest.raises(ApiError) as refused:
+        client.status(JOB_ID)
+    assert refused.value.status == 403 and refused.value.code == "http_error"
+    assert "denied by the proxy" in refused.value.message

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from batchvision.client.bulk import scan
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.intake import unique_keys as _unique_keys
@@ -35,6 +37,36 @@ def test_several_roots_keep_their_names(tmp_path: Path) -> None:
     assert [rel for rel, _ in found.images] == ["a/x/1.jpg", "b/x/1.jpg"]
     assert found.skipped == ["a/notes.txt"]
     assert [rel for rel, _ in scan([tmp_path / "a"]).images] == ["x/1.jpg"]
+
+
+def test_roots_or_files_that_would_share_a_name_are_refused_by_name(tmp_path: Path) -> None:
+    # /data/2023/photos and /data/2024/photos both give photos/x.jpg; two files named alone
+    # give x.jpg twice: the second would be taken for a re-send of the first.
+    _, data, _ = next(labelled_files(1, seed=1))
+    for year in ("2023", "2024"):
+        (tmp_path / year / "photos").mkdir(parents=True)
+        (tmp_path / year / "photos" / "x.jpg").write_bytes(data)
+    photos = [tmp_path / "2023" / "photos", tmp_path / "2024" / "photos"]
+    with pytest.raises(ValueError, match=r"1 files would get the same name .*photos/x\.jpg \(.*2023.*2024"):
+        scan(photos)
+    with pytest.raises(ValueError, match="x.jpg"):
+        scan([p / "x.jpg" for p in photos])
+    assert len(scan([photos[0], tmp_path / "2024"]).images) == 2  # photos/x.jpg and 2024/photos/x.jpg
+
+
+def test_cli_submit_refuses_roots_that_would_share_a_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchvision.cli.commands import ExitCode
+    from batchvision.cli.main import main
+
+    _, data, _ = next(labelled_files(1, seed=1))
+    for year in ("2023", "2024"):
+        (tmp_path / year / "photos").mkdir(parents=True)
+        (tmp_path / year / "photos" / "x.jpg").write_bytes(data)
+    argv = ["submit", str(tmp_path / "2023" / "photos"), str(tmp_path / "2024" / "photos")]
+    assert main([*argv, "--api-url", "http://127.0.0.1:9", "--retry-for", "0"]) == ExitCode.USAGE
+    assert "photos/x.jpg" in capsys.readouterr().err
 
 
 def test_a_request_that_goes_on_waiting_lets_go_of_its_body() -> None:
