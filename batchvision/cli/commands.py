@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 from pydantic import BaseModel
 
 from batchvision.client import ApiError, Client
@@ -249,8 +250,10 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
         return call()
     except ApiError as exc:
         print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
-    except OSError as exc:
+    except requests.RequestException as exc:
         print(f"error: cannot reach the API: {exc}", file=sys.stderr)
+    except OSError as exc:  # a local file: one that cannot be read, or a folder that is not there
+        print(f"error: {exc}", file=sys.stderr)
     return failed
 
 

@@ -46,6 +46,9 @@ FINAL = frozenset(str(s) for s in FINAL_STATUSES)
 MAX_WAIT_S = 3600.0
 
 BODY_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
+#: Connection errors no retry can mend (a TLS handshake refused, a proxy's refusal): the
+#: transport does not retry them, and no call here tries again.
+PERMANENT = (requests.exceptions.SSLError, requests.exceptions.ProxyError)
 
 
 class Client:
@@ -139,6 +142,8 @@ class Client:
                 # connection broke, the server carries on): ask again shortly.
                 if exc.code != "idempotency_conflict" or not budget.pause(_seconds(exc.retry_after)):
                     raise
+            except PERMANENT:
+                raise
             except (*BODY_ERRORS, ValueError):
                 # The answer broke off after its headers began: a body cut short, or headers
                 # cut before their end, which leaves a body that is not the JSON it must be.
@@ -302,10 +307,11 @@ class Client:
         """Stream rows without holding the whole result set (JSON Lines).
 
         A stream cut off mid-way is resumed after the last complete row (``offset``), so
-        every row is yielded exactly once.
+        every row is yielded exactly once. The retry budget starts again after each stream that
+        brought rows: a long stream (or a slow consumer) cut late is still resumed.
         """
         budget = self.policy.budget()
-        offset = 0
+        offset = resumed_at = 0
         path = f"/v1/jobs/{job_id}/results"
         while True:
             try:
@@ -316,7 +322,11 @@ class Client:
                             offset += 1
                             yield row
                 return
+            except PERMANENT:
+                raise
             except BODY_ERRORS:
+                if offset > resumed_at:  # progress: a fresh budget (rows are finite: this ends)
+                    budget, resumed_at = self.policy.budget(), offset
                 if not budget.pause():
                     raise
 
@@ -324,26 +334,37 @@ class Client:
         """Write results to ``out`` in ``fmt`` (csv, jsonl or json); returns bytes written.
 
         The file is written beside ``out`` and renamed into place once complete; a stream cut
-        off mid-way is fetched again from the start.
+        off mid-way is fetched again from the start, with a fresh retry budget when it got
+        further than any try before.
         """
         out = Path(out)
         tmp = out.with_name(f".{out.name}.part")
         budget = self.policy.budget()
-        while True:
-            try:
-                n = 0
-                with (
-                    self._send("GET", f"/v1/jobs/{job_id}/results", budget, params={"format": fmt}) as resp,
-                    open(tmp, "wb") as fh,
-                ):
-                    for chunk in resp.iter_content(64 * 1024):
-                        n += fh.write(chunk)
-                os.replace(tmp, out)
-                return n
-            except BODY_ERRORS:
-                if not budget.pause():
-                    tmp.unlink(missing_ok=True)
+        furthest = n = 0
+        try:
+            while True:
+                try:
+                    n = 0
+                    with (
+                        self._send(
+                            "GET", f"/v1/jobs/{job_id}/results", budget, params={"format": fmt}
+                        ) as resp,
+                        open(tmp, "wb") as fh,
+                    ):
+                        for chunk in resp.iter_content(64 * 1024):
+                            n += fh.write(chunk)
+                    os.replace(tmp, out)
+                    return n
+                except PERMANENT:
                     raise
+                except BODY_ERRORS:
+                    if n > furthest:  # progress (the file is finite: this ends)
+                        budget, furthest = self.policy.budget(), n
+                    if not budget.pause():
+                        raise
+        except BaseException:  # no partial file is left behind, whatever ended the download
+            tmp.unlink(missing_ok=True)
+            raise
 
     # -- models ------------------------------------------------------------------------
 
@@ -369,8 +390,9 @@ class Client:
         (``job_running``) while the job runs.
 
         Not re-sent once a try may have reached the API (a repeat would find the job running
-        again): a lost answer raises a ``requests.RequestException``; :meth:`status` tells
-        whether the images were queued again."""
+        again): a lost answer raises a ``requests.RequestException``, a gateway's ``502``/``504``
+        an ``ApiError``; :meth:`status` tells whether the images were queued again. A ``409
+        job_running`` after such a repeat may mean the first try did queue them."""
         return Retried.model_validate(self._json("POST", f"/v1/jobs/{job_id}/retry", resend=False))
 
     def delete(self, job_id: str) -> None:

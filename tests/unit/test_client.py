@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import submit_folder
-from batchvision.client.retry import RetryPolicy
+from batchvision.client.retry import Budget, RetryPolicy
 from batchvision.core.documents import ClassifyResult, JobAccepted, ResultRow
 from batchvision.testing.faultproxy import FaultProxy
 
@@ -466,6 +466,24 @@ def test_results_stream_resumes_after_the_last_complete_row(api: FakeApi, client
     assert 0 < offsets[1] <= 7 and offsets[1] < offsets[2] <= offsets[1] + 20
 
 
+def test_a_stream_cut_after_its_retry_budget_is_still_resumed(api: FakeApi) -> None:
+    # The consumer is slow: each cut comes after the call's first retry budget (0.5 s) ran out.
+    # Rows came since, so the stream is resumed with a fresh budget.
+    # Rows of 2 KB: the client reads in blocks of 512 bytes, so rows before a cut are yielded
+    # (a cut inside the first block would fail before any row).
+    rows = [{**r, "filename": f"{'d' * 2000}/{r['index']}.jpg"} for r in _rows(6)]
+    api.on("GET", f"/v1/jobs/{JOB_ID}/results", results_stream(rows, [2, 2]))
+    policy = RetryPolicy(retry_for_s=0.5, backoff_s=0.01, backoff_max_s=0.05)
+    got = []
+    with Client(api.url, api_key="", policy=policy) as slow:
+        for row in slow.iter_results(JOB_ID):
+            got.append(row)
+            time.sleep(0.3)
+    assert _plain(got) == rows
+    offsets = [int(c.query["offset"][0]) for c in api.called("GET", f"/v1/jobs/{JOB_ID}/results")]
+    assert len(offsets) == 3 and 0 < offsets[1] < offsets[2]  # resumed twice, each after rows
+
+
 def test_download_cut_off_is_fetched_again_whole(api: FakeApi, client: Client, tmp_path: Path) -> None:
     rows = _rows(40)
     api.on("GET", f"/v1/jobs/{JOB_ID}/results", unavailable("0"), results_stream(rows, [10]))
@@ -474,6 +492,16 @@ def test_download_cut_off_is_fetched_again_whole(api: FakeApi, client: Client, t
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     assert n == out.stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]  # no partial file left
+
+
+def test_a_download_that_ends_in_an_error_leaves_no_partial_file(
+    api: FakeApi, client: Client, tmp_path: Path
+) -> None:
+    gone = reply(404, {"error": {"code": "job_not_found", "message": "deleted meanwhile"}})
+    api.on("GET", f"/v1/jobs/{JOB_ID}/results", results_stream(_rows(40), [10]), gone)
+    with pytest.raises(ApiError):
+        client.download(JOB_ID, tmp_path / "results.jsonl", "jsonl")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_answer_cut_in_its_headers_is_not_taken_for_an_empty_one(
@@ -693,3 +721,27 @@ def test_an_error_body_that_is_not_the_apis_is_still_an_api_error(api: FakeApi, 
         client.status(JOB_ID)
     assert refused.value.status == 403 and refused.value.code == "http_error"
     assert "denied by the proxy" in refused.value.message
+
+
+def test_a_tls_handshake_refused_is_not_retried(api: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    # https:// against a plain HTTP port: no retry can mend it, so the call fails at once
+    # instead of trying again for its whole budget.
+    pauses: list[float | None] = []
+    monkeypatch.setattr(Budget, "pause", lambda self, retry_after=None: bool(pauses.append(retry_after)))
+    with Client(api.url.replace("http://", "https://"), api_key="", retry_for_s=5.0) as wrong:
+        with pytest.raises(requests.exceptions.SSLError):
+            wrong.status(JOB_ID)
+    assert pauses == []
+
+
+def test_cli_names_a_local_file_it_cannot_write_instead_of_blaming_the_api(
+    api: FakeApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchvision.cli.commands import ExitCode
+    from batchvision.cli.main import main
+
+    api.on("GET", f"/v1/jobs/{JOB_ID}/results", results_stream(_rows(3), []))
+    out = tmp_path / "no-such-folder" / "results.csv"
+    assert main(["results", JOB_ID, "-o", str(out), "--api-url", api.url]) == ExitCode.REQUEST_FAILED
+    err = capsys.readouterr().err
+    assert "no-such-folder" in err and "cannot reach the API" not in err
