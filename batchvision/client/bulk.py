@@ -7,6 +7,7 @@ request is retried by the client's one policy (:mod:`batchvision.client.retry`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +60,22 @@ class Scan:
     skipped: list[str] = field(default_factory=list)
 
 
+#: What a multipart file name loses on the way (werkzeug drops a backslash, decodes ``%22``
+#: and escapes control characters).
+_UNSENDABLE = re.compile(r"[\\\x00-\x1f\x7f]|%22")
+
+
 def scan(paths: list[Path]) -> Scan:
-    """Find image files by content, recursively, in a stable (sorted) order. Raises
-    ``ValueError`` when two files would get the same name in the job (two folders of the same
-    name, or two files of the same name given alone): the second would be taken for a re-send
-    of the first and never classified."""
+    """Find image files by content, recursively, in a stable (sorted) order.
+
+    Raises ``ValueError``, naming the files, when an image's name would not arrive as it is:
+    two images that would get the same name in the job (two folders of the same name, or two
+    files of the same name given alone; the second would be taken for a re-send of the first
+    and never classified), or a name with a backslash, a control character or ``%22``, which
+    multipart uploads change on the way (a resumed upload would then send the file again)."""
     out = Scan()
     seen: dict[str, Path] = {}
-    clashes: list[str] = []
+    problems: list[str] = []
     for root in paths:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         # With several roots, paths keep the root's name so `a/x.jpg` and `b/x.jpg` differ.
@@ -75,16 +84,20 @@ def scan(paths: list[Path]) -> Scan:
             rel = prefix + path.relative_to(root).as_posix() if root.is_dir() else path.name
             with open(path, "rb") as fh:
                 head = fh.read(16)
+            if not looks_like_image(head):
+                out.skipped.append(rel)
+                continue
             if rel in seen:
-                clashes.append(f"{rel} ({seen[rel]} and {path})")
+                problems.append(f"{rel!r} is both {seen[rel]} and {path}")
+            elif _UNSENDABLE.search(rel):
+                problems.append(f"{rel!r} has a backslash, a control character or %22")
             seen[rel] = path
-            (out.images.append((rel, path)) if looks_like_image(head) else out.skipped.append(rel))
-    if clashes:
+            out.images.append((rel, path))
+    if problems:
         raise ValueError(
-            f"{len(clashes)} files would get the same name in the job (a second file of a name "
-            f"is taken for a re-send of the first): {'; '.join(clashes[:5])}"
-            f"{' ...' if len(clashes) > 5 else ''}. Upload folders of different names, or each as "
-            "its own job"
+            f"{len(problems)} image names would not arrive as they are: {'; '.join(problems[:5])}"
+            f"{' ...' if len(problems) > 5 else ''}. Rename them, upload folders of different "
+            "names, or each as its own job"
         )
     return out
 
