@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from batchvision.cli.rabbitmq_server import RabbitMQNode, amqp_answers
 from batchvision.cli.redis_server import RedisNode, free_port, redis_answers
 from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
+from batchvision.client.errors import ApiError
 from batchvision.core.settings import PREFIX, Settings
 
 log = logging.getLogger("batchvision.up")
@@ -38,13 +38,27 @@ def stack(
     services = []
     if redis is not None:
         ready = functools.partial(redis_answers, redis.url)
-        services.append(Service("redis", redis.argv(), {}, url=redis.url, infrastructure=True, ready=ready))
+        # Its own log file, so a Redis that cannot start says why (svc.tail()).
+        log_path = str(redis.data_dir / "redis.log")
+        services.append(
+            Service(
+                "redis", redis.argv(), {}, url=redis.url, infrastructure=True, ready=ready, log_path=log_path
+            )
+        )
     if rabbitmq is not None:
         rabbitmq.prepare()
         shown = f"amqp://{rabbitmq.user}:***@127.0.0.1:{rabbitmq.port}//"
         ready = functools.partial(amqp_answers, rabbitmq.url)
         services.append(
-            Service("rabbitmq", rabbitmq.argv(), rabbitmq.env(), url=shown, infrastructure=True, ready=ready)
+            Service(
+                "rabbitmq",
+                rabbitmq.argv(),
+                rabbitmq.env(),
+                url=shown,
+                infrastructure=True,
+                ready=ready,
+                log_path=str(rabbitmq.log_file),
+            )
         )
     api = f"http://127.0.0.1:{settings.api_port}"
     services.append(
@@ -87,7 +101,7 @@ def local_settings(broker: str | None = None) -> tuple[Settings, RedisNode | Non
         overrides["broker_url"] = broker_url
     redis = None
     if not os.environ.get(PREFIX + "REDIS_URL"):
-        redis = RedisNode(data_dir=Path(tempfile.mkdtemp(prefix="batchvision-redis-")))
+        redis = RedisNode()  # its data (the uploads of the run among it) removed by close()
         overrides["redis_url"] = redis.url
     for field, default in (("api_port", 8000), ("worker_metrics_port", 9808), ("flower_port", 5555)):
         if not os.environ.get(PREFIX + field.upper()):
@@ -142,10 +156,14 @@ def _port_or_free(port: int) -> int:
 
 def up(args: argparse.Namespace) -> int:
     """Start everything, wait until healthy, optionally classify a folder, supervise."""
+    if args.sample and not Path(args.sample).is_dir():
+        print(f"error: --sample {args.sample}: no such folder", file=sys.stderr)
+        return 2
     settings, redis, rabbitmq = local_settings(getattr(args, "broker", None))
-    sup = Supervisor(stack(settings, redis, rabbitmq=rabbitmq), stop_grace_s=3.0)
+    sup = Supervisor([], stop_grace_s=3.0)
     sup.install_signal_handlers()
     try:
+        sup.services = stack(settings, redis, rabbitmq=rabbitmq)  # finds redis-server: may raise
         with sup.interruptible():
             sup.start()
             sup.wait_healthy()
@@ -167,7 +185,7 @@ def up(args: argparse.Namespace) -> int:
                 )
             sample = args.sample or (_demo_folder() if args.demo else None)
             if sample:
-                _classify_folder(settings, Path(sample))
+                _classify_folder(settings, Path(sample), between_pings)
             if args.exit_after_demo:
                 return 0
             print("\nCtrl-C stops every process.", flush=True)
@@ -177,6 +195,11 @@ def up(args: argparse.Namespace) -> int:
         print(f"\nstopping (signal {stop.signum})", file=sys.stderr, flush=True)
         return 128 + stop.signum
     except ServiceFailed as exc:
+        print(f"\nerror: {exc}\nstopping every service.", file=sys.stderr, flush=True)
+        return 1
+    except (TimeoutError, FileNotFoundError, ApiError) as exc:
+        # A service that never became ready or healthy, a server binary that is not installed,
+        # the demo job refused: the reason, not a traceback.
         print(f"\nerror: {exc}\nstopping every service.", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -230,13 +253,15 @@ def _demo_folder() -> Path:
     return folder
 
 
-def _classify_folder(settings: Settings, folder: Path) -> None:
+def _classify_folder(settings: Settings, folder: Path, supervise: Callable[[], None]) -> None:
+    """Classify ``folder`` as one job and print its rows; ``supervise()`` runs between polls
+    (a service that dies meanwhile is restarted, a stop signal heard)."""
     from batchvision.client import Client
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     with Client(f"http://127.0.0.1:{settings.api_port}") as client:
         job = client.submit_files(files)
-        status = client.wait(job.job_id, timeout=300)
+        status = client.wait(job.job_id, timeout=300, on_progress=lambda _: supervise())
         print(f"\njob {job.job_id}: {status.status}, {status.done} classified, {status.failed} failed")
         for row in client.results(job.job_id):
             if row.error is not None:

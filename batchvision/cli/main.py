@@ -159,6 +159,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # The GPU first: a worker pinned to a device it cannot see fails before it reads models.
+    if args.gpu is not None:
+        try:
+            pin_gpu(s, args.gpu)
+        except (SettingsError, GpuNotVisible) as exc:
+            print(f"error: --gpu {args.gpu}: {exc}", file=sys.stderr)
+            return 2
     # The models this worker serves (--models, else BATCHVISION_WORKER_MODELS, else
     # every model of the repository) decide the queues it consumes; the worker process reads
     # BATCHVISION_WORKER_MODELS to load the same ones.
@@ -168,12 +175,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ["BATCHVISION_WORKER_MODELS"] = ",".join(models)
-    if args.gpu is not None:
-        try:
-            pin_gpu(s, args.gpu)
-        except (SettingsError, GpuNotVisible) as exc:
-            print(f"error: --gpu {args.gpu}: {exc}", file=sys.stderr)
-            return 2
     # glibc gives each decoding thread its own malloc arena; their fragmentation shows up as
     # RSS that creeps up over hours. Two arenas keep it flat at no measurable cost here.
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
@@ -390,9 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.command)  # text, or JSON lines with BATCHVISION_LOG_FORMAT=json
+    try:
+        setup_logging(args.command)  # text, or JSON lines with BATCHVISION_LOG_FORMAT=json
+    except ValueError as exc:  # the message names the variable and the formats allowed
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         if args.command in SERVICE_COMMANDS:
+            if os.environ.get("CELERY_BROKER_URL"):
+                # Celery reads it before any setting: the services would quietly use that
+                # broker instead of BATCHVISION_BROKER_URL / BATCHVISION_REDIS_URL.
+                raise SettingsError(
+                    "CELERY_BROKER_URL is set in the environment and would override the broker "
+                    "of BATCHVISION_BROKER_URL (or BATCHVISION_REDIS_URL): unset it, and name the "
+                    "broker with BATCHVISION_BROKER_URL"
+                )
             unknown = unknown_variables(os.environ)
             if unknown:
                 logging.getLogger("batchvision").warning(

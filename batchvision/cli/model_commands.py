@@ -34,8 +34,6 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the workers serving a model to load its new version, or make a version live
     (``--version N``; ``--version latest`` undoes that). Needs an admin key."""
     version: int | str | None = args.version
-    if isinstance(version, str) and version != "latest":
-        version = int(version)
     accepted = Client(args.api_url, args.api_key).reload_model(args.name, version)
     print(json.dumps(accepted.model_dump(mode="json"), indent=2))
     return EXIT_OK
@@ -53,4 +51,13 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--json", action="store_true", help="print the API's document")
     p = common(add("reload", guarded(cmd_reload), "load a model's new version, or make a version live"))
     p.add_argument("name")
-    p.add_argument("--version", help="a version number to make live, or `latest`")
+    p.add_argument("--version", type=_version, help="a version number to make live, or `latest`")
+
+
+def _version(text: str) -> int | str:
+    """``--version``: a version number (1 or more), or ``latest``; argparse says what is wrong."""
+    if text == "latest":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a version number (1, 2, ...) nor 'latest'")
+    return int(text)

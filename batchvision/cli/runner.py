@@ -154,7 +154,7 @@ class Supervisor:
     # -- signals -------------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        """SIGINT and SIGTERM stop the stack: inside :meth:`interruptible` by raising
+        """SIGINT, SIGTERM and SIGHUP stop the stack: inside :meth:`interruptible` by raising
         :class:`Stopped` (at once), elsewhere by ending :meth:`run_forever`. A second signal
         while stopping skips the grace period."""
 
@@ -174,6 +174,9 @@ class Supervisor:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        # The terminal closed (an ssh session dropped): the services run in sessions of their
+        # own and never hear of it, so they would outlive this process.
+        signal.signal(signal.SIGHUP, handler)
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -225,7 +228,9 @@ class Supervisor:
         assert svc.ready is not None
         deadline = time.monotonic() + timeout
         while not svc.ready():
-            self._check_fatal(svc)
+            if svc.proc is not None and svc.proc.poll() is not None and not self._stop.is_set():
+                # It exited before it served (a port taken, a bad flag): waiting on cannot help.
+                raise ServiceFailed(svc, svc.proc.returncode, svc.tail())
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{svc.name} not ready after {timeout:.0f}s")
             time.sleep(0.05)
@@ -254,7 +259,7 @@ class Supervisor:
                 self._check_fatal(svc)
                 code = svc.proc.returncode
                 uptime = time.monotonic() - svc.started_at
-                delay = 0.0 if uptime > 30 else min(self.max_backoff_s, 0.5 * 2**svc.restarts)
+                delay = 0.0 if uptime > 30 else min(self.max_backoff_s, 0.5 * 2 ** min(svc.restarts, 16))
                 log.warning(
                     "%s exited with %s after %.0fs; restarting in %.1fs",
                     svc.name,

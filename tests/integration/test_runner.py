@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from batchvision.cli.runner import Service, Supervisor
+from batchvision.cli.runner import Service, ServiceFailed, Supervisor
 
 
 def test_supervisor_restarts_a_dead_process_and_stops_all(wait_until: Callable[..., Any]) -> None:
@@ -57,6 +57,87 @@ def test_session_check_sees_a_running_service() -> None:
     finally:
         svc.stop()
     assert _left_in_sessions({svc.proc.pid}) == []
+
+
+def test_a_service_that_exits_before_it_is_ready_fails_at_once_with_its_output(tmp_path: Path) -> None:
+    # Not a 60 s wait for a readiness that cannot come, and the reason in the error.
+    script = "import sys; print('port 6399 is already in use'); sys.exit(1)"
+    svc = Service("redis", [sys.executable, "-c", script], {}, ready=lambda: False)
+    svc.log_path = str(tmp_path / "redis.log")
+    sup = Supervisor([svc])
+    try:
+        with pytest.raises(ServiceFailed, match="port 6399 is already in use"):
+            sup.start(ready_timeout=120)
+    finally:
+        sup.stop()
+
+
+def test_a_service_that_crashed_thousands_of_times_is_still_restarted(wait_until: Callable[..., Any]) -> None:
+    crashy = Service("crashy", [sys.executable, "-c", "pass"], {})
+    sup = Supervisor([crashy], max_backoff_s=0.01)
+    sup.start()
+    crashy.restarts = 5000  # the backoff's exponent must not overflow
+    try:
+        wait_until(lambda: (sup.check_once(), crashy.restarts > 5000)[1], timeout=10, message="restarted")
+    finally:
+        sup.stop()
+
+
+def test_sighup_stops_the_supervisor_and_its_services(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
+    # The terminal of `batchvision up` closes: its services, in sessions of their own, must
+    # not outlive it.
+    script = (
+        "import sys, time\n"
+        "from batchvision.cli.runner import Service, Supervisor, Stopped\n"
+        "svc = Service('steady', [sys.executable, '-c', 'import time; time.sleep(120)'], {})\n"
+        "sup = Supervisor([svc], stop_grace_s=1.0)\n"
+        "sup.install_signal_handlers()\n"
+        "try:\n"
+        "    with sup.interruptible():\n"
+        "        sup.start()\n"
+        "        print('started', svc.proc.pid, flush=True)\n"
+        "        sup.run_forever()\n"
+        "except Stopped as stop:\n"
+        "    print('stopped by', stop.signum, flush=True)\n"
+        "finally:\n"
+        "    sup.stop()\n"
+    )
+    out = tmp_path / "out"
+    with out.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=fh, start_new_session=True)
+    try:
+        wait_until(lambda: "started" in out.read_text(), timeout=30, message="the supervisor started")
+        child = int(out.read_text().split()[1])
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+        assert f"stopped by {int(signal.SIGHUP)}" in out.read_text()
+        wait_until(lambda: not _left_in_sessions({child}), timeout=15, message="the service stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for sid in (proc.pid,):
+            if _left_in_sessions({sid}):
+                os.killpg(sid, signal.SIGKILL)
+
+
+def test_up_refuses_a_sample_folder_that_is_not_there_before_starting_anything(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from batchvision.cli.main import main
+
+    assert main(["up", "--sample", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_the_local_redis_data_goes_with_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its append-only file holds every image uploaded in the run.
+    from batchvision.cli.local import local_settings
+
+    monkeypatch.delenv("BATCHVISION_REDIS_URL", raising=False)
+    _, redis, _ = local_settings()
+    assert redis is not None and redis.data_dir.is_dir()
+    redis.close()
+    assert not redis.data_dir.exists()
 
 
 @pytest.mark.slow

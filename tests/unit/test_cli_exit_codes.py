@@ -85,3 +85,31 @@ def test_a_missing_folder_is_a_usage_error(api_url: str, tmp_path: Path) -> None
 
 def test_the_codes_are_distinct() -> None:
     assert len({int(c) for c in ExitCode}) == len(ExitCode)
+
+
+def test_a_bad_log_format_is_a_configuration_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BATCHVISION_LOG_FORMAT", "xml")
+    assert main(["status", JOB]) == ExitCode.USAGE
+    assert "BATCHVISION_LOG_FORMAT='xml'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "up"])
+def test_a_stray_celery_broker_url_is_refused_by_every_service(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Celery would read it before our settings and quietly use another broker.
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://elsewhere:6379/9")
+    assert main([command]) == ExitCode.USAGE
+    assert "CELERY_BROKER_URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["two", "0", "-1", "1.5"])
+def test_reload_refuses_a_version_that_is_not_a_number_or_latest(
+    version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as usage:
+        main(["reload", "shapes", "--version", version, "--api-url", "http://127.0.0.1:9"])
+    assert usage.value.code == 2
+    assert "nor 'latest'" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -231,8 +232,10 @@ def test_documented_exit_codes_are_the_cli_s() -> None:
     from batchvision.cli.main import EXIT_CONFIG
     from batchvision.cli.runner import FATAL_EXIT_CODES
 
-    # The client commands' codes, `up`'s 1, a refused configuration and the two signals.
-    assert set(rows) == {int(c) for c in ExitCode} | {1, EXIT_CONFIG, 130, 143}
+    # The client commands' codes, `up`'s 1, a refused configuration and the signals that stop
+    # `up` (128 + SIGINT, SIGTERM, SIGHUP).
+    signals = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    assert set(rows) == {int(c) for c in ExitCode} | {1, EXIT_CONFIG} | signals
     assert EXIT_CONFIG == ExitCode.USAGE and FATAL_EXIT_CODES >= {EXIT_CONFIG}
     assert "submit" in rows[ExitCode.SUBMIT_FAILED] and "status" in rows[ExitCode.REQUEST_FAILED]
     assert "--wait" in rows[ExitCode.SOME_FAILED]
