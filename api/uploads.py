@@ -85,6 +85,16 @@ def read_uploads(
                 f"{len(parts)} files in one request; the limit is {settings.max_files_per_request}",
                 code="too_many_files",
             )
+        nameless = [n for n, p in enumerate(parts) if not p.filename]
+        if adding and nameless:
+            # As for a raw image: in a job built from parts the name is the file's identity,
+            # and every nameless part would be `file0`, a re-send of the last one.
+            raise BadRequest(
+                f"'files' part {nameless[0] + 1} has no filename: a file added to a job needs one "
+                "(its relative path)",
+                code="filename_required",
+                details=[{"in": "body", "field": "files", "index": n} for n in nameless],
+            )
         raw = [(p.filename or f"file{n}", p.read()) for n, p in enumerate(parts)]
         if len(archives) > 1:
             # One archive per request: each is expanded in memory up to the archive budget.

@@ -146,7 +146,10 @@ def kind_of_path(path: str | Path) -> Kind | None:
 
 # A JSON token: a string (escapes included), or one of the structural characters. Numbers,
 # true, false and null are not tokens of their own; they sit between two of these.
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]')
+# Possessive, and a string not closed runs to the end: a body of unclosed quotes (`\"\"\"...`)
+# would otherwise rescan the rest of the body from every quote, quadratic time. Valid JSON
+# gives the same tokens either way.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{},:]', re.DOTALL)
 
 
 def scan_json(data: bytes, *, max_entries: int, max_depth: int = MAX_JSON_DEPTH) -> None:
@@ -370,7 +373,15 @@ def _jsonl_entry(line: str, where: str) -> UrlEntry | None:
     if not line:
         return None
     try:
-        item = json.loads(line)
+        item = json.loads(line, parse_constant=_no_constant)
+        # A lone surrogate (`"\ud800"`) parses, but no store or URL can take it.
+        json.dumps(item, ensure_ascii=False).encode()
+    except RecursionError as exc:
+        raise ManifestError(f"{where}: nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        raise ManifestError(
+            f"{where}: a string holds a lone surrogate ({exc.object[exc.start : exc.end]!r})"
+        ) from exc
     except ValueError as exc:
         raise ManifestError(f"{where}: not JSON ({exc.args[0]})") from exc
     if isinstance(item, str):
@@ -383,6 +394,11 @@ def _jsonl_entry(line: str, where: str) -> UrlEntry | None:
             )
         return _entry(item.get("url"), item.get("filename"), where, item.get("id"), item.get("columns"))
     raise ManifestError(f'{where}: expected a URL string or {{"url": ..., "filename": ..., "id": ...}}')
+
+
+def _no_constant(name: str) -> Any:
+    """``NaN``, ``Infinity`` and ``-Infinity``, which Python's parser takes: not JSON."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _uri_entry(line: str, where: str) -> UrlEntry | None:

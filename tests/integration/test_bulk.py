@@ -276,6 +276,14 @@ def test_raw_part_added_to_a_job_needs_a_filename(settings: Settings) -> None:
     ok = client.post(f"/v1/jobs/{job['job_id']}/files?filename=a/b.jpg", data=data, content_type="image/jpeg")
     assert ok.status_code == 202 and ok.get_json()["accepted"] == 1
     assert client.get(f"/v1/jobs/{job['job_id']}/results").get_json()["results"][0]["filename"] == "a/b.jpg"
+    # The same for a multipart part without a filename: every such part would be `file0`.
+    nameless = {"files": [(io.BytesIO(data), "c.jpg"), (io.BytesIO(data), "")]}
+    resp = client.post(f"/v1/jobs/{job['job_id']}/files", data=nameless, content_type="multipart/form-data")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "filename_required", (
+        resp.get_json()
+    )
+    assert resp.get_json()["error"]["details"] == [{"in": "body", "field": "files", "index": 1}]
+    assert client.get(f"/v1/jobs/{job['job_id']}").get_json()["total"] == 1  # nothing of the part was added
 
 
 def test_client_and_cli_delete_jobs_through_the_real_server(api_url: str) -> None:

@@ -15,6 +15,7 @@ ones in ``docs/`` are copies).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -590,6 +591,36 @@ def test_api_keys_401_shown_key_kept_and_429_retried(
     assert wait_finished(page) == "succeeded"
     assert page.get_attribute("#results-table", "data-loaded") == "12"
     assert page.locator("#alert").is_hidden()
+    watch.check()
+    ctx.close()
+
+
+def test_a_job_whose_creation_answer_was_lost_is_not_made_twice(
+    browser: Browser, api_url: str, tmp_path: Path
+) -> None:
+    # A proxy times out after the API made the job (504): the page tries again, with the same
+    # Idempotency-Key, and gets that job back instead of opening a second one.
+    root = tmp_path / "lost"
+    make_folder(root, 3, seed=48)
+    (root / "set1" / "broken.jpg").unlink(missing_ok=True)
+    ctx, page, watch = open_page(browser, api_url)
+    made: list[tuple[str, str]] = []  # (Idempotency-Key, job id the API answered)
+
+    def lose_the_first_answer(route: Route) -> None:
+        answer = route.fetch()
+        made.append((route.request.headers.get("idempotency-key", ""), answer.json()["job_id"]))
+        if len(made) == 1:
+            body = {"error": {"code": "gateway_timeout", "message": "the upstream did not answer in time"}}
+            route.fulfill(status=504, content_type="application/json", body=json.dumps(body))
+        else:
+            route.fulfill(response=answer)
+
+    page.route(re.compile(r".*/v1/jobs\?priority=\d+$"), lose_the_first_answer)
+    page.set_input_files("#folder-input", str(root))
+    assert wait_finished(page) == "succeeded"
+    assert len(made) == 2 and made[0][0] and made[0] == made[1], made
+    assert page.inner_text("#job-id") == made[0][1]
+    assert page.locator("#notice").is_hidden()
     watch.check()
     ctx.close()
 

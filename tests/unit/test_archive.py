@@ -88,3 +88,81 @@ def test_the_members_pixels_add_up_to_at_most_the_archive_limit(
     with pytest.raises(ArchiveTooLarge) as exc:
         read_zip(data, **limits, max_total_pixels=4_999_999)
     assert "5000000 pixels" in exc.value.message and exc.value.status == 413
+
+
+def _image_zip() -> bytes:
+    name, data, _ = next(labelled_files(1, seed=3))
+    return _zip([(name, data)])
+
+
+def _end_record(raw: bytes) -> int:
+    return raw.rindex(b"PK\x05\x06")
+
+
+def _central_header(raw: bytes) -> int:
+    return raw.index(b"PK\x01\x02")
+
+
+def _forged_offset(raw: bytes) -> bytes:
+    # The central directory's offset in the end record, 10 bytes too far.
+    out = bytearray(raw)
+    at = _end_record(raw) + 16
+    out[at : at + 4] = (int.from_bytes(out[at : at + 4], "little") + 10).to_bytes(4, "little")
+    return bytes(out)
+
+
+def _future_version(raw: bytes) -> bytes:
+    # "Version needed to extract" 14.1 in the central directory.
+    out = bytearray(raw)
+    at = _central_header(raw) + 6
+    out[at : at + 2] = (141).to_bytes(2, "little")
+    return bytes(out)
+
+
+def _bad_utf8_name(raw: bytes) -> bytes:
+    # The UTF-8 flag on a name that is not UTF-8, in the local header the member is read by.
+    out = bytearray(raw)
+    out[6:8] = (int.from_bytes(out[6:8], "little") | 0x800).to_bytes(2, "little")
+    out[30] = 0xFF
+    return bytes(out)
+
+
+def _nul_name() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("\0x.jpg"), b"\xff\xd8\xff")  # zipfile keeps what is before the NUL: ""
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _forged_offset(_image_zip()),
+        lambda: _future_version(_image_zip()),
+        lambda: _bad_utf8_name(_image_zip()),
+        _nul_name,
+    ],
+    ids=["forged-offset", "future-version", "bad-utf8-name", "empty-name"],
+)
+def test_a_malformed_archive_is_refused_not_a_server_error(make: Callable[[], bytes]) -> None:
+    # Each escaped the parser as NotImplementedError, IndexError, ValueError or
+    # UnicodeDecodeError: a 500.
+    with pytest.raises(ArchiveRejected):
+        read_zip(make(), **LIMITS)
+
+
+def test_entries_past_the_limit_are_refused_before_the_directory_is_read() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(201):  # folders: no member among them, yet each is an entry to parse
+            zf.writestr(f"d{i}/", b"")
+    with pytest.raises(ArchiveTooLarge, match="201 entries"):
+        read_zip(buf.getvalue(), **LIMITS)
+    small = io.BytesIO()
+    with zipfile.ZipFile(small, "w") as zf:
+        for i in range(150):  # folders count, within twice the member limit
+            zf.writestr(f"d{i}/", b"")
+        zf.writestr("d0/x.txt", b"hi")
+    assert read_zip(small.getvalue(), **LIMITS).skipped == [
+        {"filename": "d0/x.txt", "reason": "not an image"}
+    ]

@@ -176,3 +176,42 @@ def test_a_passthrough_column_named_like_a_result_column_is_refused(name: str) -
         parse(csv_text, "csv", max_entries=10)
     with pytest.raises(ManifestError, match=rf"urls\[0\]: pass-through column {name!r}"):
         entries_from_json([{"url": "http://h/a.jpg", "columns": {name: 1}}], max_entries=10)
+
+
+def test_a_body_of_unclosed_quotes_is_scanned_in_one_pass() -> None:
+    # `\"` repeated: every quote opens a string that never closes. A string token that could
+    # not run to the end would be tried again from every quote (quadratic: a 1 MB body took
+    # about an hour); it is one token, then the scan is over.
+    from batchvision.core.manifest import _JSON_TOKEN
+
+    body = b'{"urls": ["' + b'\\"' * 4
+    assert [m.group() for m in _JSON_TOKEN.finditer(body)] == [b"{", b'"urls"', b":", b"[", b'"' + b'\\"' * 4]
+    scan_json(b'{"urls": "' + b'\\"' * 2_000_000, max_entries=10)  # 4 MB: invalid JSON, left to the parser
+    valid = json.dumps({"urls": [{"url": 'https://h/"q"\\.jpg', "filename": "a\nb"}]}).encode()
+    assert [m.group() for m in _JSON_TOKEN.finditer(valid)][:6] == [
+        b"{",
+        b'"urls"',
+        b":",
+        b"[",
+        b"{",
+        b'"url"',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("[" * 100_000, "nested too deeply"),
+        ('"http://e.com/\\ud800.jpg"', "lone surrogate"),
+        ('{"url": "http://e.com/a.jpg", "filename": "\\udfff.jpg"}', "lone surrogate"),
+        ('{"url": "http://e.com/a.jpg", "columns": {"x": NaN}}', "NaN is not a JSON value"),
+        ('{"url": "http://e.com/a.jpg", "columns": {"x": -Infinity}}', "-Infinity is not a JSON value"),
+    ],
+)
+def test_a_json_lines_line_python_would_take_but_json_does_not_is_refused_by_line(
+    line: str, why: str
+) -> None:
+    # Each used to end in a 500: a RecursionError, a string no store can encode, a NaN.
+    body = '"http://e.com/fine.jpg"\n' + line + "\n"
+    with pytest.raises(ManifestError, match=f"line 2: .*{why}"):
+        parse(body.encode(), "jsonl", max_entries=10)

@@ -128,11 +128,15 @@ export class Api {
   /**
    * One API call, retried on network errors, 429 and 5xx gateways (after Retry-After, else
    * exponential backoff). Resolves to the parsed JSON body (or a Blob with responseType "blob").
+   * `opts.idempotent`: send an Idempotency-Key, the same on every try (for a POST that creates).
    */
   async request(method, path, opts = {}) {
     const { json, form, responseType = "json", onUploadProgress, signal, key } = opts;
     const attempts = opts.attempts ?? this.attempts;
     const headers = this.headers(key);
+    // The same key on every try: a retry after an answer lost on its way back (a 504 from a
+    // proxy) finds the job the first try made instead of making a second one.
+    if (opts.idempotent) headers["Idempotency-Key"] = newKey();
     let body = null;
     if (json !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -158,7 +162,10 @@ export class Api {
       }
       if (err.status === 401) this.onUnauthorized(err);
       const retryable = err.status === 0 || RETRYABLE.has(err.status);
-      if (!retryable || attempt + 1 >= attempts) throw err;
+      if (!retryable || attempt + 1 >= attempts) {
+        if (retried) this.onNotice(null); // no "Retrying in 0 s" left behind: the error says it
+        throw err;
+      }
       const backoff = Math.min(30, 0.5 * 2 ** attempt) * (0.8 + 0.4 * Math.random());
       const seconds = err.retryAfter ?? backoff;
       retried = true;
@@ -166,4 +173,11 @@ export class Api {
       await sleep(seconds, signal);
     }
   }
+}
+
+/** A random Idempotency-Key (crypto.randomUUID needs a secure context; a page on plain http
+ * in a LAN has only getRandomValues). */
+function newKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }

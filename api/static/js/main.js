@@ -200,6 +200,7 @@ async function runUpload(session, entries) {
           await api.request("POST", `/v1/jobs?priority=${encodeURIComponent($("priority-select").value)}`, {
             json: { expected: expected(session) },
             signal: session.abort.signal,
+            idempotent: true,
           })
         ).job_id,
       onJob: (id) => {
