@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.request_class = UploadRequest
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
-        MAX_FORM_PARTS=settings.max_files_per_request + 16,
+        MAX_FORM_PARTS=settings.max_files_per_request + errors.FORM_PARTS_SLACK,
         MAX_FORM_MEMORY_SIZE=1024 * 1024,
         JSON_SORT_KEYS=False,
     )

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from batchvision.core.errors import BatchvisionError, ServiceUnavailable, TooManyRequests, Unauthorized
+
+#: Parts a multipart form may hold beyond BATCHVISION_MAX_FILES_PER_REQUEST files, before
+#: werkzeug refuses it (the files themselves are counted, with a clearer error, in uploads.py).
+FORM_PARTS_SLACK = 16
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,16 @@ def register(app: Flask) -> None:
         code = (exc.name or "error").lower().replace(" ", "_")
         message = exc.description or exc.name
         if exc.code == 413:
-            message = f"the request is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            if (request.content_length or 0) > limit:
+                message = f"the request is larger than the limit of {limit} bytes"
+            else:  # werkzeug's form parser: a count of parts, or a text field's size
+                files = app.config["MAX_FORM_PARTS"] - FORM_PARTS_SLACK
+                message = (
+                    f"the multipart form holds more parts than a request may ({files} files, "
+                    f"BATCHVISION_MAX_FILES_PER_REQUEST), or a text field over "
+                    f"{app.config['MAX_FORM_MEMORY_SIZE']} bytes: send the files in several requests"
+                )
         resp = error_response(exc.code or 500, code, message)
         for name, value in exc.get_headers():  # e.g. Allow on a 405 (RFC 9110)
             if name.lower() != "content-type":

@@ -79,7 +79,13 @@ def read_uploads(
         parts = request.files.getlist("files")
         archives = request.files.getlist("archive")
         if not parts and not archives:
-            raise BadRequest("multipart upload has no parts named 'files' or 'archive'", code="no_files")
+            # werkzeug drops a whole form it cannot read (a part header that is not UTF-8, a
+            # boundary that does not match): a body with bytes in it says so.
+            why = " it can read (part headers, file names among them, must be UTF-8)"
+            why = why if request.content_length else ""
+            raise BadRequest(
+                f"multipart upload has no parts named 'files' or 'archive'{why}", code="no_files"
+            )
         if len(parts) > settings.max_files_per_request:
             raise BadRequest(
                 f"{len(parts)} files in one request; the limit is {settings.max_files_per_request}",

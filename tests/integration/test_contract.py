@@ -234,6 +234,29 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
     ("retry unknown job", "POST", f"/v1/jobs/{UNKNOWN}/retry", {}, 404, "job_not_found", UNKNOWN),
     ("PUT on a job", "PUT", f"/v1/jobs/{UNKNOWN}", {}, 405, "method_not_allowed", "not allowed"),
     ("unknown route", "GET", "/v1/nothing", {}, 404, "not_found", ""),
+    (
+        "file name not UTF-8",
+        "POST",
+        "/v1/jobs",
+        {
+            "data": b'--b\r\nContent-Disposition: form-data; name="files"; filename="\xff.jpg"\r\n\r\n'
+            + JPEG
+            + b"\r\n--b--\r\n",
+            "headers": {"Content-Type": "multipart/form-data; boundary=b"},
+        },
+        400,
+        "no_files",
+        "must be UTF-8",
+    ),
+    (
+        "more parts than files allowed",
+        "POST",
+        "/v1/jobs",
+        {"files": [("files", (f"{i}.jpg", b"x")) for i in range(1000 + 17)]},
+        413,
+        "request_entity_too_large",
+        "more parts than a request may (1000 files",
+    ),
 ]
 
 
