@@ -625,6 +625,20 @@ def test_a_job_whose_creation_answer_was_lost_is_not_made_twice(
     ctx.close()
 
 
+def test_a_link_to_an_id_that_is_no_job_stops_polling(browser: Browser, api_url: str) -> None:
+    # `#job=ABC` passes the page's pattern; the API answers 400 bad_job_id, which asking
+    # again every few seconds cannot change: the page says so and stops.
+    ctx, page, watch = open_page(browser, api_url)
+    page.goto(f"{api_url}/#job=ABC")
+    page.wait_for_function(
+        "() => document.getElementById('job-status').textContent === 'bad_job_id'"
+        " && document.getElementById('job-status').dataset.status === 'failed'"
+    )
+    assert "bad_job_id" in page.inner_text("#alert")
+    watch.check()
+    ctx.close()
+
+
 def test_controls_are_labelled_and_reachable_by_keyboard(browser: Browser, api_url: str) -> None:
     ctx, page, watch = open_page(browser, api_url)
     unlabelled = page.evaluate(

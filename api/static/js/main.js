@@ -376,9 +376,11 @@ async function poll(view) {
       if (finished) return;
     } catch (err) {
       if (isAbort(err) || view.stopped) return;
-      if (err instanceof ApiError && [401, 404, 410].includes(err.status)) {
+      // A refusal asking again cannot change (a 400 for an id that is not a job's, a 404...):
+      // stop. api.request has already retried what can pass (429, 5xx, the network).
+      if (err instanceof ApiError && err.status >= 400 && err.status < 500) {
         view.blocked = true;
-        const status = { 401: "unauthorized", 404: "not found", 410: "expired" }[err.status];
+        const status = { 401: "unauthorized", 404: "not found", 410: "expired" }[err.status] ?? err.code;
         $("job-status").textContent = status;
         $("job-status").dataset.status = "failed";
         if (err.status !== 401) {
