@@ -114,8 +114,10 @@ def local_settings(broker: str | None = None) -> tuple[Settings, RedisNode | Non
         overrides["allowed_hosts"] = LOOPBACK_NAMES
     settings = Settings.from_env(**overrides)
     if not settings.flower_user:
-        # A local run is on loopback only; still, Flower never runs without credentials.
-        settings = settings.replace(flower_user="admin", flower_password=os.urandom(9).hex())
+        # A local run is on loopback only; still, Flower never runs without credentials (a
+        # password set without a user is kept, for the user "admin").
+        password = settings.flower_password.get_secret_value() or os.urandom(9).hex()
+        settings = settings.replace(flower_user="admin", flower_password=password)
     return settings, redis, rabbitmq
 
 
@@ -129,14 +131,15 @@ START_RABBITMQ = ("amqp", "amqp://", "rabbitmq")
 def local_broker(choice: str | None, configured: str) -> tuple[RabbitMQNode | None, str]:
     """The broker of a local run: (our own RabbitMQ node to start or ``None``, the broker URL).
 
-    ``--broker redis`` (or nothing): the Redis URL, unless ``BATCHVISION_BROKER_URL`` names a
-    broker. ``--broker rabbitmq``, or ``BATCHVISION_BROKER_URL=amqp://`` without a host: the
-    RabbitMQ that ``BATCHVISION_BROKER_URL`` names (the machine's own, a cluster), else a
-    private ``rabbitmq-server`` on a free port (see :mod:`batchvision.cli.rabbitmq_server`)."""
+    ``--broker redis``: the Redis URL, whatever ``BATCHVISION_BROKER_URL`` says; nothing: the
+    same, unless ``BATCHVISION_BROKER_URL`` names a broker. ``--broker rabbitmq``, or
+    ``BATCHVISION_BROKER_URL=amqp://`` without a host: the RabbitMQ that
+    ``BATCHVISION_BROKER_URL`` names (the machine's own, a cluster), else a private
+    ``rabbitmq-server`` on a free port (see :mod:`batchvision.cli.rabbitmq_server`)."""
+    if choice == "redis":  # the flag is the last word, over the environment
+        return None, ""
     if configured in START_RABBITMQ:
         choice, configured = "rabbitmq", ""
-    if choice == "redis":
-        return None, ""
     if choice == "rabbitmq" and not configured.startswith("amqp"):
         server = RabbitMQNode()
         return server, server.url

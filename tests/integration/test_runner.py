@@ -180,3 +180,15 @@ def test_up_starts_the_stack_classifies_and_stops(
         for sid in sessions:  # do not leave what a failed run leaked running
             if _left_in_sessions({sid}):
                 os.killpg(sid, signal.SIGKILL)
+
+
+def test_a_flower_password_without_a_user_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchvision.cli.local import local_settings
+
+    monkeypatch.setenv("BATCHVISION_FLOWER_PASSWORD", "chosen-by-the-operator")
+    monkeypatch.delenv("BATCHVISION_FLOWER_USER", raising=False)
+    settings, redis, _ = local_settings()
+    if redis is not None:
+        redis.close()
+    assert settings.flower_user == "admin"
+    assert settings.flower_password.get_secret_value() == "chosen-by-the-operator"

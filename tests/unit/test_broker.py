@@ -119,6 +119,7 @@ def test_the_delivery_limit_leaves_room_for_the_poison_image_path(
 def test_up_starts_its_own_rabbitmq_only_when_asked_and_none_is_named() -> None:
     assert local_broker(None, "") == (None, "")  # Redis
     assert local_broker("redis", AMQP) == (None, "")  # the flag wins
+    assert local_broker("redis", "amqp://") == (None, "")  # ... also over "start your own"
     assert local_broker(None, AMQP) == (None, AMQP)  # a named broker is used as it is
     assert local_broker("rabbitmq", AMQP) == (None, AMQP)  # ... also the machine's own
     for asked in [("rabbitmq", ""), (None, "amqp://"), (None, "rabbitmq")]:
