@@ -51,7 +51,7 @@ def register(app: Flask) -> None:
         message = exc.description or exc.name
         if exc.code == 413:
             limit = app.config["MAX_CONTENT_LENGTH"]
-            if (request.content_length or 0) > limit:
+            if request.mimetype != "multipart/form-data" or (request.content_length or 0) > limit:
                 message = f"the request is larger than the limit of {limit} bytes"
             else:  # werkzeug's form parser: a count of parts, or a text field's size
                 files = app.config["MAX_FORM_PARTS"] - FORM_PARTS_SLACK

@@ -266,8 +266,9 @@ _UPLOAD_ERRORS = {
 _PART_ERRORS = {
     **_UPLOAD_ERRORS,
     422: c.Response(
-        "The part holds no file (`no_images`; its non-image members are listed as `skipped`). A part "
-        "whose files are all unusable is accepted: each gets its error row and is listed in `rejected`",
+        "The part holds no file (`no_images`; its non-image members are listed as `skipped`), or its "
+        "zip is refused (`archive_rejected`). A part whose files are all unusable is accepted: each "
+        "gets its error row and is listed in `rejected`",
         d.ErrorDocument,
     ),
 }

@@ -96,8 +96,8 @@ def read_uploads(
             # As for a raw image: in a job built from parts the name is the file's identity,
             # and every nameless part would be `file0`, a re-send of the last one.
             raise BadRequest(
-                f"'files' part {nameless[0] + 1} has no filename: a file added to a job needs one "
-                "(its relative path)",
+                f"the 'files' part at index {nameless[0]} has no filename: a file added to a job "
+                "needs one (its relative path)",
                 code="filename_required",
                 details=[{"in": "body", "field": "files", "index": n} for n in nameless],
             )

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,9 +201,9 @@ def up(args: argparse.Namespace) -> int:
     except ServiceFailed as exc:
         print(f"\nerror: {exc}\nstopping every service.", file=sys.stderr, flush=True)
         return 1
-    except (TimeoutError, FileNotFoundError, ApiError) as exc:
+    except (TimeoutError, ApiError, OSError) as exc:
         # A service that never became ready or healthy, a server binary that is not installed,
-        # the demo job refused: the reason, not a traceback.
+        # the demo job refused or the API unreachable for good: the reason, not a traceback.
         print(f"\nerror: {exc}\nstopping every service.", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -220,8 +221,6 @@ def wait_for_workers(
     while_waiting: Callable[[], None] | None = None,
 ) -> None:
     """Block until ``count`` workers answer a ping over the broker (their model is loaded)."""
-    import time
-
     import redis
     from kombu.exceptions import OperationalError
 
@@ -259,12 +258,24 @@ def _demo_folder() -> Path:
 def _classify_folder(settings: Settings, folder: Path, supervise: Callable[[], None]) -> None:
     """Classify ``folder`` as one job and print its rows; ``supervise()`` runs between polls
     (a service that dies meanwhile is restarted, a stop signal heard)."""
+    import requests
+
     from batchvision.client import Client
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    with Client(f"http://127.0.0.1:{settings.api_port}") as client:
+    deadline = time.monotonic() + 300
+    # Short retries, then supervise: an API that died meanwhile is restarted by us, not waited for.
+    with Client(f"http://127.0.0.1:{settings.api_port}", retry_for_s=5) as client:
         job = client.submit_files(files)
-        status = client.wait(job.job_id, timeout=300, on_progress=lambda _: supervise())
+        while True:
+            try:
+                left = deadline - time.monotonic()
+                status = client.wait(job.job_id, timeout=max(left, 0.1), on_progress=lambda _: supervise())
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise
+                supervise()
         print(f"\njob {job.job_id}: {status.status}, {status.done} classified, {status.failed} failed")
         for row in client.results(job.job_id):
             if row.error is not None:

@@ -175,8 +175,11 @@ class Supervisor:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
         # The terminal closed (an ssh session dropped): the services run in sessions of their
-        # own and never hear of it, so they would outlive this process.
-        signal.signal(signal.SIGHUP, handler)
+        # own and never hear of it, so they would outlive this process. Not under nohup (or a
+        # supervisor) that asked for hangups to be ignored: there the stack is meant to stay.
+        hup = getattr(signal, "SIGHUP", None)
+        if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+            signal.signal(hup, handler)
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:

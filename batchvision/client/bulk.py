@@ -65,6 +65,15 @@ class Scan:
 _UNSENDABLE = re.compile(r"[\\\x00-\x1f\x7f]|%22")
 
 
+def _utf8(name: str) -> bool:
+    """A name the upload can carry (Linux hands over undecodable bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def scan(paths: list[Path]) -> Scan:
     """Find image files by content, recursively, in a stable (sorted) order.
 
@@ -87,8 +96,12 @@ def scan(paths: list[Path]) -> Scan:
             if not looks_like_image(head):
                 out.skipped.append(rel)
                 continue
+            if rel in seen and seen[rel].resolve() == path.resolve():
+                continue  # the same file named twice (a.jpg a.jpg, overlapping globs): once
             if rel in seen:
                 problems.append(f"{rel!r} is both {seen[rel]} and {path}")
+            elif not _utf8(rel):
+                problems.append(f"{rel!r} is not UTF-8")
             elif _UNSENDABLE.search(rel):
                 problems.append(f"{rel!r} has a backslash, a control character or %22")
             seen[rel] = path

@@ -46,9 +46,16 @@ FINAL = frozenset(str(s) for s in FINAL_STATUSES)
 MAX_WAIT_S = 3600.0
 
 BODY_ERRORS = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
-#: Connection errors no retry can mend (a TLS handshake refused, a proxy's refusal): the
-#: transport does not retry them, and no call here tries again.
-PERMANENT = (requests.exceptions.SSLError, requests.exceptions.ProxyError)
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A connection error no retry can mend: a certificate that does not verify, TLS spoken
+    to a port that does not (``WRONG_VERSION_NUMBER``). Other TLS errors, such as a handshake
+    a restarting proxy cut (``UNEXPECTED_EOF``), pass: they are retried."""
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return False
+    text = str(exc)
+    return "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text
 
 
 class Client:
@@ -142,9 +149,9 @@ class Client:
                 # connection broke, the server carries on): ask again shortly.
                 if exc.code != "idempotency_conflict" or not budget.pause(_seconds(exc.retry_after)):
                     raise
-            except PERMANENT:
-                raise
-            except (*BODY_ERRORS, ValueError):
+            except (*BODY_ERRORS, ValueError) as exc:
+                if _permanent(exc):
+                    raise
                 # The answer broke off after its headers began: a body cut short, or headers
                 # cut before their end, which leaves a body that is not the JSON it must be.
                 # Either way the request arrived: a call that must not repeat stops here.
@@ -322,9 +329,9 @@ class Client:
                             offset += 1
                             yield row
                 return
-            except PERMANENT:
-                raise
-            except BODY_ERRORS:
+            except BODY_ERRORS as exc:
+                if _permanent(exc):
+                    raise
                 if offset > resumed_at:  # progress: a fresh budget (rows are finite: this ends)
                     budget, resumed_at = self.policy.budget(), offset
                 if not budget.pause():
@@ -355,9 +362,9 @@ class Client:
                             n += fh.write(chunk)
                     os.replace(tmp, out)
                     return n
-                except PERMANENT:
-                    raise
-                except BODY_ERRORS:
+                except BODY_ERRORS as exc:
+                    if _permanent(exc):
+                        raise
                     if n > furthest:  # progress (the file is finite: this ends)
                         budget, furthest = self.policy.budget(), n
                     if not budget.pause():
@@ -454,6 +461,8 @@ def _streamed_multipart(kw: dict[str, Any]) -> dict[str, Any]:
     limits each stall; a ``bytes`` body goes in one ``sendall``, which would have to finish
     within that timeout: a 32 MB part over a slow uplink could then never be sent. A new file
     object per call: each re-send starts from the first byte."""
+    if "data" in kw:
+        raise TypeError("a multipart request takes files= or data=, not both")
     kw = dict(kw)
     body, content_type = encode_multipart_formdata(kw.pop("files"))
     kw["headers"] = {**(kw.get("headers") or {}), "Content-Type": content_type}

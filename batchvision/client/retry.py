@@ -9,7 +9,10 @@ idempotent, the rest are reads), and those are retried the same way:
 - otherwise after an exponential backoff with jitter (``backoff_s`` doubling up to
   ``backoff_max_s``, each wait drawn between half and all of it),
 - for at most ``retry_for_s`` seconds per call: a retry that would start later is not made
-  and the last answer (or error) is what the caller gets.
+  and the last answer (or error) is what the caller gets. A stream of results (or a
+  download) that made progress before it broke starts a fresh ``retry_for_s``;
+- never on a certificate that does not verify or TLS spoken to a plain port (no retry mends
+  those).
 
 Two calls change the job when they arrive, so a repeat of one that arrived is not the same call:
 
@@ -19,7 +22,8 @@ Two calls change the job when they arrive, so a repeat of one that arrived is no
 - ``POST /v1/jobs/{id}/retry`` requeues images and then answers ``409 job_running`` to a
   repeat, so it is made with ``Budget(resend=False)``: re-sent only when no earlier try can
   have arrived (the connection was never made, or ``429``/``503``, which the API answers
-  before doing anything); a lost answer is the caller's error to see.
+  before doing anything; a ``503`` that comes after the requeue reads the same); a lost
+  answer is the caller's error to see.
 
 Two layers apply it with one clock. :class:`TransportRetry` is urllib3's ``Retry``, mounted on
 the client's ``requests`` session: it sees connection errors and status codes. :class:`Budget`

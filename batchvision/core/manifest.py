@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -299,6 +300,8 @@ def _columns(value: Any, where: str) -> tuple[tuple[str, Cell], ...]:
             raise ManifestError(f"{where}: column {name!r} must be text, a number, a boolean or null")
         if isinstance(cell, str) and len(cell) > MAX_COLUMN_VALUE:
             raise ManifestError(f"{where}: column {name!r} is longer than {MAX_COLUMN_VALUE} characters")
+        if isinstance(cell, float) and not math.isfinite(cell):  # 1e400 parses as inf
+            raise ManifestError(f"{where}: column {name!r} is {cell}: numbers must be finite")
         out.append((name, cell))
     return tuple(out)
 

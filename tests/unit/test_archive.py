@@ -158,6 +158,11 @@ def test_entries_past_the_limit_are_refused_before_the_directory_is_read() -> No
             zf.writestr(f"d{i}/", b"")
     with pytest.raises(ArchiveTooLarge, match="201 entries"):
         read_zip(buf.getvalue(), **LIMITS)
+    forged = bytearray(buf.getvalue())  # the end record declares 1 entry: zipfile reads 201
+    at = _end_record(bytes(forged))
+    forged[at + 8 : at + 12] = (1).to_bytes(2, "little") * 2
+    with pytest.raises(ArchiveTooLarge, match="201 entries"):
+        read_zip(bytes(forged), **LIMITS)
     small = io.BytesIO()
     with zipfile.ZipFile(small, "w") as zf:
         for i in range(150):  # folders count, within twice the member limit

@@ -467,18 +467,18 @@ def test_results_stream_resumes_after_the_last_complete_row(api: FakeApi, client
 
 
 def test_a_stream_cut_after_its_retry_budget_is_still_resumed(api: FakeApi) -> None:
-    # The consumer is slow: each cut comes after the call's first retry budget (0.5 s) ran out.
+    # The consumer is slow: each cut comes after the call's first retry budget (1 s) ran out.
     # Rows came since, so the stream is resumed with a fresh budget.
     # Rows of 2 KB: the client reads in blocks of 512 bytes, so rows before a cut are yielded
     # (a cut inside the first block would fail before any row).
     rows = [{**r, "filename": f"{'d' * 2000}/{r['index']}.jpg"} for r in _rows(6)]
     api.on("GET", f"/v1/jobs/{JOB_ID}/results", results_stream(rows, [2, 2]))
-    policy = RetryPolicy(retry_for_s=0.5, backoff_s=0.01, backoff_max_s=0.05)
+    policy = RetryPolicy(retry_for_s=1.0, backoff_s=0.01, backoff_max_s=0.05)
     got = []
     with Client(api.url, api_key="", policy=policy) as slow:
         for row in slow.iter_results(JOB_ID):
             got.append(row)
-            time.sleep(0.3)
+            time.sleep(0.6)  # the consumer's own work, not a wait for the test
     assert _plain(got) == rows
     offsets = [int(c.query["offset"][0]) for c in api.called("GET", f"/v1/jobs/{JOB_ID}/results")]
     assert len(offsets) == 3 and 0 < offsets[1] < offsets[2]  # resumed twice, each after rows
@@ -644,10 +644,10 @@ def test_a_retry_refused_before_it_acted_is_sent_again(api: FakeApi, client: Cli
 
 
 def test_an_upload_slower_than_the_connect_timeout_is_sent_whole() -> None:
-    # A reader that takes about 2 s for a 16 MB part, behind small socket buffers: the
-    # client's connect timeout (min(10 s, timeout) = 0.5 s) must bound each stall of the
-    # upload, not the whole of it. One sendall of the body would fail after 0.5 s.
-    size = 16 * 1024 * 1024
+    # A reader that takes about 2 s for a 32 MB part, behind small socket buffers: the
+    # client's connect timeout (min(10 s, timeout) = 1 s) must bound each stall of the
+    # upload, not the whole of it. One sendall of the body would fail after 1 s.
+    size = 32 * 1024 * 1024
     received: list[int] = []
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # inherited when accepted
@@ -660,9 +660,9 @@ def test_an_upload_slower_than_the_connect_timeout_is_sent_whole() -> None:
             headers = list(iter(reader.readline, b"\r\n"))
             length = next(int(h.split(b":")[1]) for h in headers if h.lower().startswith(b"content-length:"))
             got = 0
-            for start in range(0, length, 65536):  # 64 KB at a time, about 8 MB/s
+            for start in range(0, length, 65536):  # 64 KB at a time, about 16 MB/s
                 got += len(reader.read(min(65536, length - start)))
-                time.sleep(0.008)
+                time.sleep(0.004)
             received.append(got)
             body = json.dumps(job(accepted=1)).encode()
             conn.sendall(
@@ -674,7 +674,7 @@ def test_an_upload_slower_than_the_connect_timeout_is_sent_whole() -> None:
     thread.start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
-        with Client(url, api_key="", timeout=0.5, policy=RetryPolicy(retry_for_s=0.0)) as client:
+        with Client(url, api_key="", timeout=1.0, policy=RetryPolicy(retry_for_s=0.0)) as client:
             started = time.monotonic()
             assert client.add_part(JOB_ID, [("big.jpg", b"\xff\xd8\xff" + b"x" * size)]).accepted == 1
             took = time.monotonic() - started

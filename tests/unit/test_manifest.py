@@ -206,6 +206,7 @@ def test_a_body_of_unclosed_quotes_is_scanned_in_one_pass() -> None:
         ('{"url": "http://e.com/a.jpg", "filename": "\\udfff.jpg"}', "lone surrogate"),
         ('{"url": "http://e.com/a.jpg", "columns": {"x": NaN}}', "NaN is not a JSON value"),
         ('{"url": "http://e.com/a.jpg", "columns": {"x": -Infinity}}', "-Infinity is not a JSON value"),
+        ('{"url": "http://e.com/a.jpg", "columns": {"x": 1e400}}', "inf: numbers must be finite"),
     ],
 )
 def test_a_json_lines_line_python_would_take_but_json_does_not_is_refused_by_line(

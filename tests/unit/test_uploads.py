@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,16 @@ def test_cli_submit_refuses_roots_that_would_share_a_name(
     argv = ["submit", str(tmp_path / "2023" / "photos"), str(tmp_path / "2024" / "photos")]
     assert main([*argv, "--api-url", "http://127.0.0.1:9", "--retry-for", "0"]) == ExitCode.USAGE
     assert "photos/x.jpg" in capsys.readouterr().err
+
+
+def test_the_same_file_named_twice_is_sent_once_and_a_name_not_utf8_is_refused(tmp_path: Path) -> None:
+    _, data, _ = next(labelled_files(1, seed=1))
+    (tmp_path / "a.jpg").write_bytes(data)
+    assert [rel for rel, _ in scan([tmp_path / "a.jpg", tmp_path / "a.jpg"]).images] == ["a.jpg"]
+    with open(os.fsencode(tmp_path) + b"/\xff.jpg", "wb") as fh:  # a Latin-1 name on a UTF-8 system
+        fh.write(data)
+    with pytest.raises(ValueError, match="is not UTF-8"):
+        scan([tmp_path])
 
 
 def test_a_request_that_goes_on_waiting_lets_go_of_its_body() -> None:

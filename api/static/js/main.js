@@ -377,8 +377,10 @@ async function poll(view) {
     } catch (err) {
       if (isAbort(err) || view.stopped) return;
       // A refusal asking again cannot change (a 400 for an id that is not a job's, a 404...):
-      // stop. api.request has already retried what can pass (429, 5xx, the network).
-      if (err instanceof ApiError && err.status >= 400 && err.status < 500) {
+      // stop. Not a 408 or 429 (api.request's retries ran out: later may pass), nor a 409 of
+      // the results (the job itself is fine).
+      const final = err instanceof ApiError && err.status >= 400 && err.status < 500;
+      if (final && ![408, 409, 429].includes(err.status)) {
         view.blocked = true;
         const status = { 401: "unauthorized", 404: "not found", 410: "expired" }[err.status] ?? err.code;
         $("job-status").textContent = status;
