@@ -120,6 +120,42 @@ def test_sighup_stops_the_supervisor_and_its_services(tmp_path: Path, wait_until
                 os.killpg(sid, signal.SIGKILL)
 
 
+def test_under_nohup_sighup_leaves_the_stack_running(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
+    # `nohup batchvision up &`: hangups are ignored on purpose. A SIGHUP then a SIGTERM: the
+    # SIGTERM is what stops it (pending together, SIGHUP would be delivered first).
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from batchvision.cli.runner import Service, Supervisor, Stopped\n"
+        "svc = Service('steady', [sys.executable, '-c', 'import time; time.sleep(120)'], {})\n"
+        "sup = Supervisor([svc], stop_grace_s=1.0)\n"
+        "sup.install_signal_handlers()\n"
+        "try:\n"
+        "    with sup.interruptible():\n"
+        "        sup.start()\n"
+        "        print('started', svc.proc.pid, flush=True)\n"
+        "        sup.run_forever()\n"
+        "except Stopped as stop:\n"
+        "    print('stopped by', stop.signum, flush=True)\n"
+        "finally:\n"
+        "    sup.stop()\n"
+    )
+    out = tmp_path / "out"
+    with out.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=fh, start_new_session=True)
+    try:
+        wait_until(lambda: "started" in out.read_text(), timeout=30, message="the supervisor started")
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert f"stopped by {int(signal.SIGTERM)}" in out.read_text(), out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if _left_in_sessions({proc.pid}):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_up_refuses_a_sample_folder_that_is_not_there_before_starting_anything(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
