@@ -7,7 +7,8 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,50 +84,17 @@ def test_a_service_that_crashed_thousands_of_times_is_still_restarted(wait_until
         sup.stop()
 
 
-def test_sighup_stops_the_supervisor_and_its_services(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
-    # The terminal of `batchvision up` closes: its services, in sessions of their own, must
-    # not outlive it.
-    script = (
-        "import sys, time\n"
-        "from batchvision.cli.runner import Service, Supervisor, Stopped\n"
-        "svc = Service('steady', [sys.executable, '-c', 'import time; time.sleep(120)'], {})\n"
-        "sup = Supervisor([svc], stop_grace_s=1.0)\n"
-        "sup.install_signal_handlers()\n"
-        "try:\n"
-        "    with sup.interruptible():\n"
-        "        sup.start()\n"
-        "        print('started', svc.proc.pid, flush=True)\n"
-        "        sup.run_forever()\n"
-        "except Stopped as stop:\n"
-        "    print('stopped by', stop.signum, flush=True)\n"
-        "finally:\n"
-        "    sup.stop()\n"
-    )
-    out = tmp_path / "out"
-    with out.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=fh, start_new_session=True)
-    try:
-        wait_until(lambda: "started" in out.read_text(), timeout=30, message="the supervisor started")
-        child = int(out.read_text().split()[1])
-        proc.send_signal(signal.SIGHUP)
-        assert proc.wait(30) == 0
-        assert f"stopped by {int(signal.SIGHUP)}" in out.read_text()
-        wait_until(lambda: not _left_in_sessions({child}), timeout=15, message="the service stopped")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for sid in (proc.pid,):
-            if _left_in_sessions({sid}):
-                os.killpg(sid, signal.SIGKILL)
-
-
-def test_under_nohup_sighup_leaves_the_stack_running(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
-    # `nohup batchvision up &`: hangups are ignored on purpose. A SIGHUP then a SIGTERM: the
-    # SIGTERM is what stops it (pending together, SIGHUP would be delivered first).
+@contextmanager
+def _supervisor_process(
+    tmp_path: Path, wait_until: Callable[..., Any], *, ignore_hangups: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, int]]:
+    """A process that supervises one long-running service (optionally with hangups ignored,
+    as under nohup), once it started it: (the process, its output file, the service's pid).
+    It prints "stopped by N" when a signal stopped it."""
     script = (
         "import signal, sys\n"
-        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
-        "from batchvision.cli.runner import Service, Supervisor, Stopped\n"
+        + ("signal.signal(signal.SIGHUP, signal.SIG_IGN)\n" if ignore_hangups else "")
+        + "from batchvision.cli.runner import Service, Supervisor, Stopped\n"
         "svc = Service('steady', [sys.executable, '-c', 'import time; time.sleep(120)'], {})\n"
         "sup = Supervisor([svc], stop_grace_s=1.0)\n"
         "sup.install_signal_handlers()\n"
@@ -145,15 +113,32 @@ def test_under_nohup_sighup_leaves_the_stack_running(tmp_path: Path, wait_until:
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=fh, start_new_session=True)
     try:
         wait_until(lambda: "started" in out.read_text(), timeout=30, message="the supervisor started")
-        proc.send_signal(signal.SIGHUP)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        assert f"stopped by {int(signal.SIGTERM)}" in out.read_text(), out.read_text()
+        yield proc, out, int(out.read_text().split()[1])
     finally:
         if proc.poll() is None:
             proc.kill()
         if _left_in_sessions({proc.pid}):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sighup_stops_the_supervisor_and_its_services(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
+    # The terminal of `batchvision up` closes: its services, in sessions of their own, must
+    # not outlive it.
+    with _supervisor_process(tmp_path, wait_until) as (proc, out, child):
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+        assert f"stopped by {int(signal.SIGHUP)}" in out.read_text()
+        wait_until(lambda: not _left_in_sessions({child}), timeout=15, message="the service stopped")
+
+
+def test_under_nohup_sighup_leaves_the_stack_running(tmp_path: Path, wait_until: Callable[..., Any]) -> None:
+    # `nohup batchvision up &`: hangups are ignored on purpose. A SIGHUP then a SIGTERM: the
+    # SIGTERM is what stops it (pending together, SIGHUP would be delivered first).
+    with _supervisor_process(tmp_path, wait_until, ignore_hangups=True) as (proc, out, _):
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert f"stopped by {int(signal.SIGTERM)}" in out.read_text(), out.read_text()
 
 
 def test_up_refuses_a_sample_folder_that_is_not_there_before_starting_anything(
