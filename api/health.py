@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, current_app
@@ -13,6 +14,7 @@ from batchvision.core.errors import ServiceUnavailable
 from batchvision.server.queue import check_broker
 
 bp = Blueprint("health", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.get("/healthz")
@@ -41,13 +43,22 @@ def readyz() -> dict[str, Any]:
     try:
         services().redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        raise ServiceUnavailable(f"Redis is unreachable: {exc}", code="redis_unreachable") from exc
+        raise _unready("Redis", "redis_unreachable", exc) from exc
     # -- a broker other than Redis (RabbitMQ) must accept a connection too ---------
     try:
         check_broker(services().settings)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        raise ServiceUnavailable(f"the broker is unreachable: {exc}", code="broker_unreachable") from exc
+        raise _unready("the broker", "broker_unreachable", exc) from exc
     return {"status": "ready", "pending_images": services().telemetry.pending_images()}
+
+
+def _unready(what: str, code: str, exc: Exception) -> ServiceUnavailable:
+    """The 503 of an unreachable dependency. The route answers without a key, so the error's
+    text (host names, addresses of the internal network) goes to the log, not the answer."""
+    log.warning("not ready: %s is unreachable: %s", what, exc)
+    return ServiceUnavailable(
+        f"{what} is unreachable ({type(exc).__name__}; the API's log has the detail)", code=code
+    )
 
 
 @bp.get("/openapi.json")

@@ -46,7 +46,8 @@ EXIT_SUBMIT_FAILED, EXIT_REQUEST_FAILED = ExitCode.SUBMIT_FAILED, ExitCode.REQUE
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
-def _client(args: argparse.Namespace) -> Client:
+def client_of(args: argparse.Namespace) -> Client:
+    """The client of a command's :func:`client_options`."""
     return Client(args.api_url, args.api_key, retry_for_s=args.retry_for)
 
 
@@ -60,13 +61,13 @@ def fmt_of(path: Path, explicit: str | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a job's status document."""
-    print(_document(_client(args).status(args.job_id)))
+    print(_document(client_of(args).status(args.job_id)))
     return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List this API key's jobs, newest first: a page (``--cursor`` for the next), or all."""
-    client = _client(args)
+    client = client_of(args)
     cursor = args.cursor
     while True:
         page = client.jobs(
@@ -93,7 +94,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """Write a job's results (format from the extension, or --format); stdout without -o."""
-    client = _client(args)
+    client = client_of(args)
     if args.output:
         out = Path(args.output)
         client.download(args.job_id, out, fmt_of(out, args.format))
@@ -106,19 +107,19 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel what a job has not classified yet."""
-    print(_document(_client(args).cancel(args.job_id)))
+    print(_document(client_of(args).cancel(args.job_id)))
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Queue again the images of a finished job whose errors are retryable."""
-    print(_document(_client(args).retry(args.job_id)))
+    print(_document(client_of(args).retry(args.job_id)))
     return EXIT_OK
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """Delete a job: cancel what is queued, remove the job, its results and its uploads."""
-    _client(args).delete(args.job_id)
+    client_of(args).delete(args.job_id)
     print(f"deleted {args.job_id}", file=sys.stderr)
     return EXIT_OK
 
@@ -127,7 +128,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Upload folders/files as one job; with --wait, wait and write the results."""
     from tqdm import tqdm
 
-    client = _client(args)
+    client = client_of(args)
     if args.output and not args.wait:
         print(
             "error: -o/--output writes the results once the job is done: add --wait, or fetch "
@@ -267,21 +268,23 @@ def _document(doc: BaseModel) -> str:
     return json.dumps(doc.model_dump(mode="json", exclude_unset=True), indent=2)
 
 
+def client_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--api-url``, ``--api-key`` and ``--retry-for``: every client command's (see :func:`client_of`)."""
+    p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="retry each request through connection errors, 429 and 502-504 this long (default 120)",
+    )
+    return p
+
+
 def register(sub: Any, add: AddFn) -> None:
     """Add the client subcommands to the ``batchvision`` parser."""
-
-    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
-        p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
-        p.add_argument(
-            "--retry-for",
-            type=float,
-            default=120.0,
-            metavar="SECONDS",
-            help="retry each request through connection errors, 429 and 502-504 this long (default 120)",
-        )
-        return p
-
+    common = client_options
     p = common(add("submit", guarded(cmd_submit, EXIT_SUBMIT_FAILED), "upload a folder or files as one job"))
     p.add_argument("paths", nargs="*", help="folders (walked recursively) and image files")
     p.add_argument(

@@ -6,14 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from batchvision.cli.commands import EXIT_OK, AddFn, guarded
-from batchvision.client import Client
+from batchvision.cli.commands import EXIT_OK, AddFn, client_of, client_options, guarded
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models: versions (and why one was refused), the live one, input size, classes,
     and how many workers serve each."""
-    listing = Client(args.api_url, args.api_key).models()
+    listing = client_of(args).models()
     if args.json:
         print(json.dumps(listing.model_dump(mode="json"), indent=2))
         return EXIT_OK
@@ -34,7 +33,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the workers serving a model to load its new version, or make a version live
     (``--version N``; ``--version latest`` undoes that). Needs an admin key."""
     version: int | str | None = args.version
-    accepted = Client(args.api_url, args.api_key).reload_model(args.name, version)
+    accepted = client_of(args).reload_model(args.name, version)
     print(json.dumps(accepted.model_dump(mode="json"), indent=2))
     return EXIT_OK
 
@@ -42,11 +41,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def register(sub: Any, add: AddFn) -> None:
     """Add ``models`` and ``reload`` to the ``batchvision`` parser."""
 
-    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
-        p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
-        return p
-
+    common = client_options
     p = common(add("models", guarded(cmd_models), "list the models, their versions and workers"))
     p.add_argument("--json", action="store_true", help="print the API's document")
     p = common(add("reload", guarded(cmd_reload), "load a model's new version, or make a version live"))

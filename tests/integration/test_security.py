@@ -154,3 +154,15 @@ def test_png_claiming_20000x20000_is_refused_from_its_header(
     resp = app.test_client().post("/v1/jobs", data=png_header_only(20000, 20000), content_type="image/png")
     assert resp.status_code == 413
     assert resp.get_json()["error"]["details"][0]["code"] == "too_many_pixels"
+
+
+def test_readyz_names_the_dependency_but_not_its_address(caplog: pytest.LogCaptureFixture) -> None:
+    # /readyz answers without a key: the error's text (an internal host and port) goes to the
+    # log, for the operator, and not to whoever asks. Redis here is a port nobody listens on.
+    app = create_app(Settings.from_env({}, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    resp = app.test_client().get("/readyz")
+    assert resp.status_code == 503 and resp.headers["Retry-After"]
+    err = resp.get_json()["error"]
+    assert err["code"] == "redis_unreachable" and "ConnectionError" in err["message"], err
+    assert "127.0.0.1" not in err["message"]
+    assert any("127.0.0.1" in r.getMessage() for r in caplog.records)

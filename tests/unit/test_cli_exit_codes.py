@@ -113,3 +113,9 @@ def test_reload_refuses_a_version_that_is_not_a_number_or_latest(
         main(["reload", "shapes", "--version", version, "--api-url", "http://127.0.0.1:9"])
     assert usage.value.code == 2
     assert "nor 'latest'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["models"], ["reload", "shapes"]], ids=lambda a: a[0])
+def test_model_commands_take_the_retry_budget_of_every_client_command(argv: list[str], api_url: str) -> None:
+    # Answered 404/422 by the test's API: refused at once, as --retry-for 0 asks.
+    assert main([*argv, "--api-url", api_url, "--retry-for", "0"]) == ExitCode.REQUEST_FAILED
