@@ -163,10 +163,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        total = len(scan(paths).images)
+        found = scan(paths)  # read once: it is what submit_folder sends
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    total = len(found.images)
     quiet = args.no_progress
     start = time.monotonic()
     resume = args.resume
@@ -184,7 +185,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
             summary = submit_folder(
                 client,
-                paths,
+                found,
                 part_files=args.part_files,
                 part_bytes=int(args.part_mb * 1024 * 1024),
                 resume=resume,
@@ -284,8 +285,9 @@ def client_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(sub: Any, add: AddFn) -> None:
     """Add the client subcommands to the ``batchvision`` parser."""
-    common = client_options
-    p = common(add("submit", guarded(cmd_submit, EXIT_SUBMIT_FAILED), "upload a folder or files as one job"))
+    p = client_options(
+        add("submit", guarded(cmd_submit, EXIT_SUBMIT_FAILED), "upload a folder or files as one job")
+    )
     p.add_argument("paths", nargs="*", help="folders (walked recursively) and image files")
     p.add_argument(
         "--urls",
@@ -311,9 +313,9 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--part-mb", type=float, default=32.0, help="most megabytes per upload request")
     p.add_argument("--resume", metavar="JOB_ID", help="continue an interrupted upload to this job")
     p.add_argument("--no-progress", action="store_true")
-    p = common(add("status", guarded(cmd_status), "show a job's status"))
+    p = client_options(add("status", guarded(cmd_status), "show a job's status"))
     p.add_argument("job_id")
-    p = common(add("jobs", guarded(cmd_jobs), "list this API key's jobs, newest first"))
+    p = client_options(add("jobs", guarded(cmd_jobs), "list this API key's jobs, newest first"))
     p.add_argument("--status", choices=[s.value for s in JobStatus])
     p.add_argument("--created-after", type=float, metavar="UNIX_TIME")
     p.add_argument("--created-before", type=float, metavar="UNIX_TIME")
@@ -321,15 +323,17 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--cursor", help="the page after the one that printed it")
     p.add_argument("--all", action="store_true", help="every page")
     p.add_argument("--json", action="store_true", help="one job document a line")
-    p = common(add("results", guarded(cmd_results), "fetch a job's results"))
+    p = client_options(add("results", guarded(cmd_results), "fetch a job's results"))
     p.add_argument("job_id")
     p.add_argument("-o", "--output")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
-    p = common(add("cancel", guarded(cmd_cancel), "cancel what a job has not classified yet"))
+    p = client_options(add("cancel", guarded(cmd_cancel), "cancel what a job has not classified yet"))
     p.add_argument("job_id")
-    p = common(add("retry", guarded(cmd_retry), "queue again a finished job's images with retryable errors"))
+    p = client_options(
+        add("retry", guarded(cmd_retry), "queue again a finished job's images with retryable errors")
+    )
     p.add_argument("job_id")
-    p = common(add("delete", guarded(cmd_delete), "delete a job, its results and its uploads"))
+    p = client_options(add("delete", guarded(cmd_delete), "delete a job, its results and its uploads"))
     p.add_argument("job_id")
 
 

@@ -41,10 +41,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def register(sub: Any, add: AddFn) -> None:
     """Add ``models`` and ``reload`` to the ``batchvision`` parser."""
 
-    common = client_options
-    p = common(add("models", guarded(cmd_models), "list the models, their versions and workers"))
+    p = client_options(add("models", guarded(cmd_models), "list the models, their versions and workers"))
     p.add_argument("--json", action="store_true", help="print the API's document")
-    p = common(add("reload", guarded(cmd_reload), "load a model's new version, or make a version live"))
+    p = client_options(
+        add("reload", guarded(cmd_reload), "load a model's new version, or make a version live")
+    )
     p.add_argument("name")
     p.add_argument("--version", type=_version, help="a version number to make live, or `latest`")
 

@@ -231,9 +231,10 @@ class Supervisor:
         assert svc.ready is not None
         deadline = time.monotonic() + timeout
         while not svc.ready():
-            if svc.proc is not None and svc.proc.poll() is not None and not self._stop.is_set():
+            code = self._exit_code(svc)
+            if code is not None:
                 # It exited before it served (a port taken, a bad flag): waiting on cannot help.
-                raise ServiceFailed(svc, svc.proc.returncode, svc.tail())
+                raise ServiceFailed(svc, code, svc.tail())
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{svc.name} not ready after {timeout:.0f}s")
             time.sleep(0.05)
@@ -248,19 +249,20 @@ class Supervisor:
                 self.check_once()
                 time.sleep(0.2)
 
-    def _check_fatal(self, svc: Service) -> None:
-        if svc.proc is not None and svc.proc.poll() is not None and not self._stop.is_set():
-            code = svc.proc.returncode
-            if code in svc.fatal_exit_codes:
-                raise ServiceFailed(svc, code, svc.tail())
+    def _exit_code(self, svc: Service) -> int | None:
+        """The exit code of a service that exited on its own (not because the stack stops)."""
+        if svc.proc is None or self._stop.is_set():
+            return None
+        return svc.proc.poll()
 
     def check_once(self) -> None:
         """Restart any service that exited (with backoff after quick crashes); raise
         :class:`ServiceFailed` for one that exited with a fatal code."""
         for svc in self.services:
-            if svc.proc is not None and svc.proc.poll() is not None and not self._stop.is_set():
-                self._check_fatal(svc)
-                code = svc.proc.returncode
+            code = self._exit_code(svc)
+            if code is not None:
+                if code in svc.fatal_exit_codes:
+                    raise ServiceFailed(svc, code, svc.tail())
                 uptime = time.monotonic() - svc.started_at
                 delay = 0.0 if uptime > 30 else min(self.max_backoff_s, 0.5 * 2 ** min(svc.restarts, 16))
                 log.warning(

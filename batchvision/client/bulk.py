@@ -132,7 +132,7 @@ def parts(images: list[tuple[str, Path]], max_files: int, max_bytes: int) -> Ite
 
 def submit_folder(
     client: PartUploader,
-    paths: list[Path],
+    paths: list[Path] | Scan,
     *,
     part_files: int = 64,
     part_bytes: int = 32 * 1024 * 1024,
@@ -141,14 +141,15 @@ def submit_folder(
     options: Mapping[str, Any] | None = None,
     on_open: Callable[[str], None] | None = None,
 ) -> FolderUpload:
-    """Upload every image under ``paths`` to one job and seal it; returns what it did.
+    """Upload every image under ``paths`` (folders and files, or the :func:`scan` of them the
+    caller already made) to one job and seal it; returns what it did.
 
     With ``resume``, files the job already has are not sent again. ``options``: the new job's
     ``model``, ``top_k``, ``min_score``, ``priority`` (a resumed job keeps its own).
     ``on_part(n)``: after each part (and first for the files a resumed job has);
     ``on_open(job_id)``: once the job exists, before any part is sent.
     """
-    found = scan(paths)
+    found = paths if isinstance(paths, Scan) else scan(paths)
     if resume:
         have = set(client.files(resume).files)
         job_id = resume

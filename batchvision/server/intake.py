@@ -485,7 +485,7 @@ class Intake:
             # ends, and its re-send (a resumed upload) finds the files already there.
             require_some_valid(uploads, problems)
         valid = [u for u, p in zip(uploads, problems, strict=True) if p is None]
-        if valid or job_id is None:  # a part of only bad files queues nothing: never a 429
+        if valid:  # a part of only bad files queues nothing: never a 429 (a new job has some)
             self.backpressure(owner, len(valid), sum(len(u.data) for u in valid))
         # A small job sent whole is someone waiting: it goes ahead of bulk work.
         interactive = interactive or (seal and len(uploads) <= self.settings.interactive_max_images)
