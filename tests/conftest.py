@@ -103,7 +103,9 @@ class HostileOrigin(ThreadingHTTPServer):
 
     ``/ok.jpg``: ``images[0]``; ``/img/<n>.jpg``: ``images[n]``; ``/slow?s=S``: nothing for
     ``S`` seconds (default 3), then an image; ``/drip?s=S``: headers at once, then a byte every
-    50 ms for ``S`` seconds (default 10); ``/huge-declared``: a 10 GB ``Content-Length``;
+    50 ms for ``S`` seconds (default 10); ``/drip-headers?s=S``: the status line, then a header
+    a byte every 50 ms; ``/drip-chunked?s=S``: a chunked body's first size line likewise;
+    ``/huge-declared``: a 10 GB ``Content-Length``;
     ``/huge-stream``: no length, 640 MiB of body; ``/page.jpg``: HTML typed ``image/jpeg``;
     ``/text``: ``text/plain``; ``/truncated.jpg``: half of ``images[0]``; ``/gzip.jpg``:
     ``images[0]`` gzip-encoded; ``/redirect?to=URL``: 302 to ``URL``; ``/loop``: 301 to itself;
@@ -165,6 +167,12 @@ class _HostileHandler(BaseHTTPRequestHandler):
             self.wfile.write(chunk)
             self.wfile.flush()
 
+    def _drip(self, seconds: float, byte: bytes) -> None:
+        for _ in range(int(seconds / 0.05)):
+            self.wfile.write(byte)
+            self.wfile.flush()
+            time.sleep(0.05)
+
     def do_GET(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -182,6 +190,12 @@ class _HostileHandler(BaseHTTPRequestHandler):
             self._send(200, image)
         elif path == "/drip":
             self._stream(image[:3], int(float(q.get("s", "10")) / 0.05), b"\0", every_s=0.05)
+        elif path == "/drip-headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+            self._drip(float(q.get("s", "10")), b"a")
+        elif path == "/drip-chunked":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            self._drip(float(q.get("s", "10")), b"0")  # a chunk-size line that never ends
         elif path == "/huge-declared":
             self.send_response(200)
             self.send_header("Content-Length", str(10**10))

@@ -166,9 +166,7 @@ def decode_image(data: bytes, size: tuple[int, int], *, max_pixels: int) -> np.n
     try:
         if img.format in {"JPEG", "MPO"}:
             img.draft("RGB", size)
-        # In place: without an orientation to undo, exif_transpose would return a copy of the
-        # decoded image, about a sixteenth of what decoding a 224x224 JPEG costs.
-        ImageOps.exif_transpose(img, in_place=True)
+        _orient(img)
         img = to_rgb(img)
         if img.size != size:
             img = img.resize(size, Image.Resampling.BILINEAR)
@@ -177,6 +175,17 @@ def decode_image(data: bytes, size: tuple[int, int], *, max_pixels: int) -> np.n
         raise InvalidImage(f"cannot decode image: {exc}", code="corrupt_image") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc), code="too_many_pixels") from exc
+
+
+def _orient(img: Image.Image) -> None:
+    """Undo the EXIF orientation in place; an image whose EXIF cannot be read keeps its pixels
+    as stored (the picture is still there, only its rotation is unknown)."""
+    try:
+        # In place: without an orientation to undo, exif_transpose would return a copy of the
+        # decoded image, about a sixteenth of what decoding a 224x224 JPEG costs.
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001 - untrusted bytes: Pillow's EXIF parser raises what it meets
+        pass  # (a tag of the wrong type: struct.error)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -50,6 +50,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
@@ -65,6 +66,7 @@ from batchvision.core.imaging import DEFAULT_MAX_FRAMES, inspect_image
 from batchvision.core.manifest import MAX_URL_LENGTH
 from batchvision.core.settings import Settings
 from batchvision.core.sniff import looks_like_image
+from batchvision.server.watchdog import WATCHDOG, Watchdog
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``(host, port) -> addresses``; the default asks the system (``getaddrinfo``).
@@ -319,17 +321,79 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 
 class Deadline:
-    """One time budget for a whole exchange (redirects included)."""
+    """One time budget for a whole exchange (redirects included).
 
-    def __init__(self, seconds: float) -> None:
+    Used as a context manager, it also holds: every connection the exchange uses is shut down
+    when the budget is spent (:mod:`~batchvision.server.watchdog`), whatever it is blocked on;
+    leaving the block forgets them."""
+
+    def __init__(self, seconds: float, watchdog: Watchdog = WATCHDOG) -> None:
         self.seconds = seconds
         self.end = time.monotonic() + seconds
+        self._watchdog = watchdog
+        self._tickets: list[int] = []
 
     def left(self) -> float:
         left = self.end - time.monotonic()
         if left <= 0:
             raise FetchError(f"no answer within {self.seconds:g}s", code="fetch_timeout")
         return left
+
+    def guard(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the end of the budget (unless the block ends first)."""
+        self._tickets.append(self._watchdog.watch(sock, self.end))
+
+    def __enter__(self) -> Deadline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ticket in self._tickets:
+            self._watchdog.cancel(ticket)
+        self._tickets.clear()
+
+
+_current = threading.local()  # the Deadline of the exchange this thread is opening
+
+
+def _guard(sock: socket.socket | None) -> None:
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None and sock is not None:
+        try:
+            deadline.guard(sock)
+        except OSError:
+            pass  # closed already: nothing left to bound
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _guard(sock)  # a new connection, from its first byte
+        return sock
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _guard(sock)
+        return sock
+
+
+class _Guarded:
+    """A pool whose connections, new or kept alive, are guarded by the opening exchange's
+    deadline."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        _guard(conn.sock)  # a kept-alive one (a new one is guarded as it connects)
+        return conn
+
+
+class _GuardedHTTPPool(_Guarded, urllib3.HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(_Guarded, urllib3.HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
 
 
 class SafeHTTP:
@@ -401,7 +465,7 @@ class SafeHTTP:
             common: dict[str, Any] = {"maxsize": self.per_host, "block": False, "retries": False}
             if target.scheme == "https":
                 name = None if target.literal is not None else target.host
-                pool = urllib3.HTTPSConnectionPool(
+                pool = _GuardedHTTPSPool(
                     ip,
                     target.port,
                     cert_reqs="CERT_REQUIRED",
@@ -411,7 +475,7 @@ class SafeHTTP:
                     **common,
                 )
             else:
-                pool = urllib3.HTTPConnectionPool(ip, target.port, **common)
+                pool = _GuardedHTTPPool(ip, target.port, **common)
             self._pools[key] = pool
             while len(self._pools) > self.max_pools:
                 _, old = self._pools.popitem(last=False)
@@ -440,6 +504,7 @@ class SafeHTTP:
         for attempt in (1, 2):
             left = deadline.left()
             timeout = urllib3.Timeout(connect=min(self.connect_timeout_s, left), read=left)
+            _current.deadline = deadline
             try:
                 return pool.urlopen(
                     method,
@@ -454,13 +519,17 @@ class SafeHTTP:
                     assert_same_host=False,
                 )
             except ProtocolError as exc:
+                deadline.left()  # shut down at the deadline: a timeout, not a broken connection
                 # A kept-alive connection the server had closed: one fresh try (never for a
                 # request with a body, which the server may have taken).
                 if attempt == 1 and body is None:
                     continue
                 raise _fetch_error(exc, target) from exc
             except HTTPError as exc:
+                deadline.left()
                 raise _fetch_error(exc, target) from exc
+            finally:
+                _current.deadline = None
         raise AssertionError("unreachable")
 
 
@@ -505,8 +574,10 @@ def read_body(
                 deadline.left()
                 raise FetchError("the body did not arrive in time", code="fetch_timeout") from exc
             except (ProtocolError, HTTPError, OSError) as exc:
+                deadline.left()  # shut down at the deadline: a timeout
                 raise FetchError(f"the body broke off: {exc}", code="connection_failed") from exc
             if not piece:
+                deadline.left()  # an end of file made by the deadline's shutdown is no end of body
                 break
             buf += piece
             if len(buf) > limit:
@@ -578,8 +649,10 @@ class Fetcher:
     def fetch(self, url: str) -> bytes:
         """The image at ``url``: its bytes, checked like an upload. Raises
         :class:`~batchvision.core.errors.BatchvisionError` with the per-image code."""
-        deadline = Deadline(self.timeout_s)
-        target = parse_url(url)
+        with Deadline(self.timeout_s) as deadline:
+            return self._fetch(parse_url(url), deadline)
+
+    def _fetch(self, target: Target, deadline: Deadline) -> bytes:
         for hop in range(self.max_redirects + 1):
             resp = self.http.open("GET", target, deadline, headers={"Accept": "image/*"})
             if resp.status in _REDIRECTS and resp.headers.get("Location"):

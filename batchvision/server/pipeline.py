@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from batchvision.core.batching import Admission
-from batchvision.core.errors import BatchvisionError
+from batchvision.core.errors import BatchvisionError, InvalidImage
 from batchvision.core.imaging import decode_image, inspect_image
 from batchvision.core.model_refs import JobOptions
 from batchvision.core.priorities import tier_of
@@ -384,6 +384,9 @@ class ChunkProcessor:
             return decode_image(data, size, max_pixels=self.limits.max_pixels)
         except BatchvisionError as exc:
             return exc
+        except Exception as exc:  # noqa: BLE001 - a decoder's surprise is this image's error, not the task's
+            log.warning("decoding an image failed unexpectedly", exc_info=True)
+            return InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}", code="corrupt_image")
         finally:
             if self.on_decode is not None:
                 self.on_decode(time.perf_counter() - start)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class S3Error(BatchvisionError):
 
     status = 422
     code = "s3_error"
+    #: raised while an object's body was read (after the request itself succeeded)
+    streaming = False
 
     def __init__(self, message: str, *, code: str | None = None, details: Any = None) -> None:
         super().__init__(message, code=code, details=details)
@@ -161,10 +164,11 @@ def _error(exc: BaseException, what: str) -> S3Error:
         ClientError,
         ConnectionError,
         EndpointConnectionError,
+        HTTPClientError,
         IncompleteReadError,
         NoCredentialsError,
-        ReadTimeoutError,
     )
+    from urllib3.exceptions import HTTPError as TransportError
 
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -192,7 +196,10 @@ def _error(exc: BaseException, what: str) -> S3Error:
         return S3Error(why, code="incomplete_download")
     if isinstance(exc, NoCredentialsError):
         return S3Error(f"{what}: no credentials (environment, ~/.aws, or a role)", code="access_denied")
-    if isinstance(exc, EndpointConnectionError | ConnectionError | ReadTimeoutError):
+    # HTTPClientError: a read timeout, a connection closed or reset while the body streamed
+    # (ConnectionClosedError, ResponseStreamingError); the rest is the transport's own.
+    unreachable = (EndpointConnectionError, ConnectionError, HTTPClientError, TransportError, OSError)
+    if isinstance(exc, unreachable):
         return S3Error(f"{what}: the store cannot be reached ({exc})"[:500], code="s3_unavailable")
     if isinstance(exc, BotoCoreError):
         return S3Error(f"{what}: {exc}"[:500], code="s3_error")
@@ -271,7 +278,20 @@ class S3:
 
     def get(self, url: S3Url, *, max_bytes: int | None = None) -> bytes:
         """The object's bytes; ``too_large`` (:class:`S3Error`, 422) before reading when it is
-        larger than ``max_bytes``."""
+        larger than ``max_bytes``. botocore retries the request, not the read of its body: a
+        body that breaks off (a reset connection) is asked for again, up to ``max_attempts``
+        times in all, with backoff."""
+        for attempt in range(1, self.config.max_attempts + 1):
+            try:
+                return self._get_once(url, max_bytes)
+            except S3Error as exc:
+                broke = exc.streaming and (exc.transient or exc.code == "incomplete_download")
+                if not broke or attempt == self.config.max_attempts:
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def _get_once(self, url: S3Url, max_bytes: int | None) -> bytes:
         try:
             resp = self._client.get_object(Bucket=url.bucket, Key=url.key)
         except Exception as exc:
@@ -284,7 +304,9 @@ class S3:
             try:
                 return bytes(body.read())
             except Exception as exc:
-                raise _error(exc, str(url)) from exc
+                error = _error(exc, str(url))
+                error.streaming = True
+                raise error from exc
         finally:
             body.close()
 
@@ -365,6 +387,7 @@ class S3:
         """Write an object from an open file: one ``PutObject`` up to :data:`MULTIPART_BYTES`,
         a multipart upload above (S3 shows the object only once every part is in; a failed
         upload is aborted, its parts discarded)."""
+        from boto3.exceptions import S3UploadFailedError
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
@@ -373,9 +396,10 @@ class S3:
                 fh, url.bucket, url.key, ExtraArgs={"ContentType": content_type}, Config=config
             )
         except Exception as exc:
-            # boto3 wraps a failed upload's ClientError in S3UploadFailedError (as its context).
+            # boto3 wraps a failed upload's ClientError in S3UploadFailedError (as its context);
+            # connection errors come through as they are.
             cause = exc.__cause__ or exc.__context__
-            inner = cause if isinstance(cause, Exception) and not isinstance(exc, S3Error) else exc
+            inner = cause if isinstance(exc, S3UploadFailedError) and isinstance(cause, Exception) else exc
             raise _error(inner, f"writing {url}") from exc
 
     def delete(self, urls: Sequence[S3Url]) -> None:

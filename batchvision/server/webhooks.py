@@ -42,11 +42,13 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
+from urllib3.exceptions import InvalidHeader
+from urllib3.util import Retry
 
 from batchvision.core.results import status_of
 from batchvision.core.settings import Settings
@@ -115,6 +117,18 @@ def verify(
         return False
     expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode(), given.encode())
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date);
+    ``None`` without one, or for one that is neither."""
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(Retry().parse_retry_after(value)))
+    except (InvalidHeader, ValueError, OverflowError):
+        return None
 
 
 def backoff(attempt: int, first_s: float = FIRST_BACKOFF_S, cap_s: float = MAX_BACKOFF_S) -> float:
@@ -361,15 +375,17 @@ class Deliverer:
         attempt = int(h.get("cb_attempts") or 0) + 1
         body = json.dumps(payload(job_id, h), separators=(",", ":")).encode()
         secret = owner_secret(self.redis, self.settings, h.get("owner", ""))
-        status, error = self._post(h["cb_url"], body, secret, delivery_id(job_id, h), attempt)
+        status, error, asked = self._post(h["cb_url"], body, secret, delivery_id(job_id, h), attempt)
         now = self.clock()
         if 200 <= status < 300:
             state, due_ms = "delivered", 0
         elif error in RETRIED or status in (408, 429) or status >= 500:
             finished = float(h.get("finished_at") or now)
             give_up = finished + min(self.settings.webhook_retry_for_s, self.settings.result_ttl_s)
-            wait = backoff(attempt)
+            wait = max(backoff(attempt), asked or 0.0)  # never sooner than the receiver asked
             state = "retrying" if now + wait <= give_up else "failed"
+            if state == "failed" and asked is not None and now + backoff(attempt) <= give_up:
+                error = "retry_after_too_late"  # the receiver's Retry-After ends past the window
             due_ms = int((now + wait) * 1000)
         else:
             state, due_ms = "failed", 0
@@ -384,9 +400,17 @@ class Deliverer:
         )
         return state
 
-    def _post(self, url: str, body: bytes, secret: str, delivery: str, attempt: int) -> tuple[int, str]:
-        """POST ``body`` as ``delivery``; ``(HTTP status, "")`` or ``(0, error code)``."""
-        deadline = Deadline(self.timeout_s)
+    def _post(
+        self, url: str, body: bytes, secret: str, delivery: str, attempt: int
+    ) -> tuple[int, str, float | None]:
+        """POST ``body`` as ``delivery``: ``(HTTP status, "" or "http_<status>", the seconds
+        its ``Retry-After`` asks to wait or None)``, or ``(0, error code, None)``."""
+        with Deadline(self.timeout_s) as deadline:
+            return self._post_within(deadline, url, body, secret, delivery, attempt)
+
+    def _post_within(
+        self, deadline: Deadline, url: str, body: bytes, secret: str, delivery: str, attempt: int
+    ) -> tuple[int, str, float | None]:
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(secret, body),
@@ -397,12 +421,13 @@ class Deliverer:
         try:
             resp = self.http.open("POST", parse_url(url), deadline, body=body, headers=headers)
         except FetchError as exc:
-            return 0, exc.code
+            return 0, exc.code, None
         try:
             read_body(resp, 64 * 1024, deadline)  # the answer's body is not used: its status is
         except FetchError:
             pass
-        return resp.status, "" if 200 <= resp.status < 300 else f"http_{resp.status}"
+        ok = 200 <= resp.status < 300
+        return resp.status, "" if ok else f"http_{resp.status}", None if ok else retry_after(resp.headers)
 
     def _write(self, job_id: str, lease: int, state: str, due_ms: int, status: str, error: str) -> None:
         args: list[str | int] = [job_id, lease, state, due_ms, f"{self.clock():.3f}", status, error]

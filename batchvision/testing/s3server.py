@@ -105,7 +105,7 @@ class MotoServer:
 class _Rule:
     method: str
     path: re.Pattern[str]
-    status: int
+    status: int  # 0: forwarded, cut half-way (:meth:`S3FaultProxy.cut`)
     code: str
     times: int  # answers left; -1: always
 
@@ -151,6 +151,11 @@ class S3FaultProxy:
         with self._lock:
             self.rules.append(_Rule(method.upper(), re.compile(path), status, code, times))
 
+    def cut(self, method: str, path: str, times: int = -1) -> None:
+        """Forward matching requests but send only half of the answer's body, then close the
+        connection (a reset while an object streams)."""
+        self.fail(method, path, 0, "", times)
+
     def clear(self) -> None:
         with self._lock:
             self.rules.clear()
@@ -172,7 +177,7 @@ class S3FaultProxy:
         if req.headers.get("Transfer-Encoding", "").lower() == "chunked":
             body = _read_chunked(req)
         rule = self._match(req.command, req.path)
-        if rule is not None:
+        if rule is not None and rule.status:
             data = b"" if req.command == "HEAD" else _ERROR_BODY.format(code=rule.code).encode()
             req.send_response(rule.status)
             req.send_header("Content-Type", "application/xml")
@@ -201,6 +206,11 @@ class S3FaultProxy:
         data = resp.data or b""
         req.send_header("Content-Length", str(resp.headers.get("Content-Length", len(data))))
         req.end_headers()
+        if rule is not None:  # a cut: half the body, then the connection is gone
+            req.wfile.write(data[: len(data) // 2])
+            req.wfile.flush()
+            req.close_connection = True
+            return
         if req.command != "HEAD":
             req.wfile.write(data)
 

@@ -10,6 +10,7 @@ or the upload (undecodable, expired).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,6 +125,31 @@ def test_an_undecodable_upload_gets_its_own_error_and_the_rest_is_classified(rig
         expected = {"code": exc.value.code, "message": exc.value.message, "retryable": False}  # type: ignore[attr-defined]
         assert rows[i]["error"] == expected
     assert rig.model_calls() == [2]
+    assert rig.blobs_left("j") == []
+
+
+def test_a_decoder_that_raises_the_unexpected_fails_that_image_alone(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow meets untrusted bytes: whatever it raises is the image's error, never the
+    # message's (which would fail every job of the message and count as a worker death).
+    from batchvision.server import pipeline
+
+    cursed = rig.jpeg("green")
+
+    def decode(data: bytes, size: tuple[int, int], *, max_pixels: int) -> Any:
+        if data == cursed:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return decode_image(data, size, max_pixels=max_pixels)
+
+    monkeypatch.setattr(pipeline, "decode_image", decode)
+    ix = rig.job("j", [rig.jpeg("red"), cursed, rig.jpeg("blue")])
+    summary = rig.process(("j", ix))
+    assert summary == {"jobs": ["j"], "classified": 2, "failed": 1, "skipped": 0}
+    rows = rig.rows("j")
+    assert [rows[0]["label"], rows[2]["label"]] == ["red", "blue"]
+    assert rows[1]["error"]["code"] == "corrupt_image"
+    assert "unpack requires a buffer" in rows[1]["error"]["message"]
     assert rig.blobs_left("j") == []
 
 

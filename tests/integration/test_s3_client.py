@@ -8,8 +8,9 @@ import io
 
 import pytest
 
+from batchvision.cli.redis_server import free_port
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url
-from batchvision.testing.s3server import MotoServer, S3FaultProxy
+from batchvision.testing.s3server import CREDENTIALS, MotoServer, S3FaultProxy
 
 
 @pytest.fixture()
@@ -90,3 +91,37 @@ def test_throttling_is_retried_then_reported(s3_server: MotoServer, s3_bucket: s
                 write()
             assert err.value.code == "access_denied" and not err.value.transient
         assert s3.head(S3Url(s3_bucket, "locked/x")) is None
+
+
+def test_a_body_cut_off_while_it_streams_is_read_again(s3_server: MotoServer, s3_bucket: str) -> None:
+    # botocore retries a request, not the read of its body: S3.get asks again itself.
+    data = bytes(range(256)) * 400
+    s3_server.client().put_object(Bucket=s3_bucket, Key="cut.bin", Body=data)
+    with S3FaultProxy(s3_server.url) as proxy:
+        s3 = S3(S3Config(endpoint_url=proxy.url, max_attempts=3))
+        proxy.cut("GET", f"/{s3_bucket}/cut.bin", times=2)
+        assert s3.get(S3Url(s3_bucket, "cut.bin")) == data  # two cut answers, then the object
+        assert sum(proxy.hits.values()) == 2
+        proxy.cut("GET", f"/{s3_bucket}/cut.bin")
+        with pytest.raises(S3Error) as err:
+            s3.get(S3Url(s3_bucket, "cut.bin"))
+        assert err.value.code in ("s3_unavailable", "incomplete_download")
+        assert sum(proxy.hits.values()) == 2 + 3  # every attempt read, none more
+
+
+def test_a_store_that_cannot_be_reached_is_a_transient_error_for_every_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    s3 = S3(S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1))  # nothing listens
+    url = S3Url("bucket", "x.jpg")
+    for call in (
+        lambda: s3.get(url),
+        lambda: s3.put(url, b"1"),
+        lambda: s3.put_file(url, io.BytesIO(b"1")),  # boto3's transfer raises it unwrapped
+        lambda: list(s3.list(S3Url("bucket", ""))),
+    ):
+        with pytest.raises(S3Error) as err:
+            call()
+        assert err.value.code == "s3_unavailable" and err.value.transient

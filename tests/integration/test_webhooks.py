@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +43,7 @@ class Delivery:
     headers: dict[str, str]
     body: bytes
     answered: int = 0
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Receiver:
     ``release``), and what it got."""
 
     fail_first: int = 0
+    retry_after: str | None = None  # sent with each 503
     hold_first: bool = False
     release: threading.Event = field(default_factory=threading.Event)
     got: list[Delivery] = field(default_factory=list)
@@ -69,6 +72,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
         self.send_response(status)
+        if status == 503 and Handler.receiver.retry_after is not None:
+            self.send_header("Retry-After", Handler.receiver.retry_after)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -261,3 +266,31 @@ def test_uploads_and_jobs_in_parts_carry_callbacks_and_bad_ones_are_refused(
         assert resp.status_code == 422, resp.text
         err = resp.json()["error"]
         assert err["code"] == "bad_callback_url" and err["details"][0]["reason"] == reason, err
+
+
+def test_a_503_with_retry_after_is_retried_no_sooner_than_asked(
+    env: Env, receiver_url: str, wait_until: Callable[..., Any]
+) -> None:
+    # The first retry's own backoff is 0.5-1 s: the receiver asks for 4.
+    Handler.receiver = Receiver(fail_first=1, retry_after="4")
+    job_id = env.submit(receiver_url, 1)
+    wait_until(lambda: env.settled(job_id), timeout=60, message="the delivery after the Retry-After")
+    first, second = Handler.receiver.got
+    assert (first.answered, second.answered) == (503, 200)
+    assert second.at - first.at >= 4.0
+
+
+def test_a_retry_after_past_the_retry_window_ends_the_delivery_as_failed(
+    env: Env, receiver_url: str, wait_until: Callable[..., Any]
+) -> None:
+    # The window is 120 s (the module's WEBHOOK_RETRY_FOR_S): a day's wait cannot be honoured.
+    Handler.receiver = Receiver(fail_first=100, retry_after="86400")
+    job_id = env.submit(receiver_url, 1)
+    cb = wait_until(
+        lambda: (c := env.client.status(job_id).callback) and c.state == "failed" and c,
+        timeout=60,
+        message="the delivery given up",
+    )
+    assert (cb.attempts, cb.last_status, cb.last_error) == (1, 503, "retry_after_too_late")
+    assert env.redis.zscore(keys.WEBHOOKS, job_id) is None  # nothing left to send
+    assert len(Handler.receiver.got) == 1

@@ -4,6 +4,7 @@ for names: no DNS, no other process)."""
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import hmac
 import ipaddress
@@ -32,6 +33,7 @@ from batchvision.server.fetch import (
     url_blob,
     url_problem,
 )
+from batchvision.server.watchdog import WATCHDOG
 
 JPEG = next(iter(labelled_files(1, seed=11)))[1]
 LOOPBACK = AllowList.parse("127.0.0.1/32")
@@ -212,6 +214,8 @@ def test_a_good_image_is_fetched_and_connections_are_reused(server: str) -> None
     [
         ("/slow?s=3", "fetch_timeout"),  # no headers in time
         ("/drip", "fetch_timeout"),  # a body dripped byte by byte: the total deadline holds
+        ("/drip-headers", "fetch_timeout"),  # ... and the headers (each byte resets a read timeout)
+        ("/drip-chunked", "fetch_timeout"),  # ... and a chunk-size line
         ("/huge-declared", "too_large"),  # Content-Length over the cap: refused before the body
         ("/huge-stream", "too_large"),  # no length: stopped while streaming, at the cap
         ("/page.jpg", "not_an_image"),  # named .jpg, typed image/jpeg, HTML by content
@@ -233,6 +237,7 @@ def test_hostile_urls_end_with_their_error_code(server: str, path: str, code: st
     start = time.monotonic()
     assert _code(_fetcher(), f"http://{server}{path}") == code
     assert time.monotonic() - start < 1.5 + 1.0  # within the deadline (plus slack)
+    assert WATCHDOG.watching() == 0  # every connection's guard ended with its fetch
 
 
 def test_without_the_allow_list_loopback_is_refused_before_connecting(server: str, origin: Any) -> None:
@@ -394,6 +399,25 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert all(1.0 <= d <= 2.0 for d in delays[1])
     assert all(2.0 <= d <= 4.0 for d in delays[2])
     assert max(delays[3]) <= webhooks.MAX_BACKOFF_S and len(set(delays[0])) > 100
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        ("0", 0.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("soon", None),
+        ("-5", None),
+        (None, None),
+    ],
+)
+def test_a_webhook_receivers_retry_after_is_read_as_seconds_or_a_date(
+    value: str | None, seconds: float | None
+) -> None:
+    assert webhooks.retry_after({} if value is None else {"Retry-After": value}) == seconds
+    future = email.utils.formatdate(time.time() + 600, usegmt=True)
+    assert 595 <= (webhooks.retry_after({"Retry-After": future}) or 0) <= 600
 
 
 def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_certificate(

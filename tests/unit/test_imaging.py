@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from batchvision.core.errors import ImageTooLarge, InvalidImage
 from batchvision.core.imaging import decode_image, inspect_image, inspect_images, normalize, to_rgb
@@ -121,6 +122,25 @@ def test_exif_orientation_is_applied() -> None:
     out = decode_image(data, (20, 40), max_pixels=10**6)
     assert out.shape == (40, 20, 3)
     assert out[:15].mean() > 200 and out[25:].mean() < 50  # the white half is now on top
+
+
+def malformed_exif_jpeg() -> bytes:
+    """A JPEG whose EXIF asks for a rotation and has a tag of the wrong type (StripOffsets as
+    text): Pillow's orientation step raises ``struct.error`` on it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Cam"  # Make, ASCII ...
+    raw = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x11\x00\x02")  # ... renamed StripOffsets
+    return encode(Image.new("RGB", (40, 30), (250, 10, 10)), "JPEG", exif=raw, quality=95)
+
+
+def test_an_image_with_unreadable_exif_decodes_as_stored() -> None:
+    data = malformed_exif_jpeg()
+    with pytest.raises(struct.error):  # what Pillow does with it
+        ImageOps.exif_transpose(Image.open(io.BytesIO(data)), in_place=True)
+    out = decode_image(data, (40, 30), max_pixels=10**6)
+    assert out.shape == (30, 40, 3)  # not rotated: its orientation could not be read
+    assert out[..., 0].mean() > 200
 
 
 def test_gif_uses_first_frame() -> None:
