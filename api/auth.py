@@ -53,8 +53,9 @@ class Forbidden(BatchvisionError):
     code = "forbidden"
 
 
-#: Routes that answer whatever the ``Host``: probes from the orchestrator use the pod's address.
-HOST_EXEMPT = frozenset({"/healthz", "/readyz"})
+#: Routes that answer whatever the ``Host``: the orchestrator's probes and Prometheus' scrapes
+#: use the pod's address (none of them is routed from outside: see k8s/base/ingress.yaml).
+HOST_EXEMPT = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
 WEBHOOK_SECRET_ENDPOINT = "v1.webhook_secret"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, has_request_context, jsonify, request
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -22,12 +22,18 @@ RETRY_AFTER_S = 5
 
 
 def error_response(status: int, code: str, message: str, details: object = None) -> Response:
+    """The error answer; under ``/v2`` the Open Inference Protocol's shape, ``{"error":
+    message}`` (every error there: routing, authentication, a full store, a crash)."""
     body: dict[str, object] = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
-    resp = jsonify({"error": body})
+    resp = jsonify({"error": message if _inference_protocol() else body})
     resp.status_code = status
     return resp
+
+
+def _inference_protocol() -> bool:
+    return has_request_context() and (request.path == "/v2" or request.path.startswith("/v2/"))
 
 
 def register(app: Flask) -> None:

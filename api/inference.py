@@ -12,17 +12,14 @@ from dataclasses import replace
 from typing import Any
 
 import orjson
-import redis
-from flask import Blueprint, Response, jsonify, request
-from kombu.exceptions import OperationalError
+from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict
-from werkzeug.exceptions import HTTPException
 
 from api import contract as c
 from api.auth import current_owner
 from api.services import Services, services
 from batchvision import __version__
-from batchvision.core.errors import BatchvisionError, NotFound, ServiceUnavailable, TooManyRequests
+from batchvision.core.errors import BatchvisionError, NotFound, ServiceUnavailable
 from batchvision.core.results import Failure, Prediction
 from batchvision.server import inference as v2
 from batchvision.server.intake import Upload, check
@@ -80,36 +77,6 @@ _MODEL_ERRORS = {
     404: _error("No such model or version"),
     503: _error("Redis or the broker is unreachable"),
 }
-
-
-@bp.errorhandler(BatchvisionError)
-def _domain(exc: BatchvisionError) -> Response:
-    resp = _error_body(exc.status, exc.message)
-    if isinstance(exc, TooManyRequests):
-        resp.headers["Retry-After"] = str(exc.retry_after)
-    if isinstance(exc, ServiceUnavailable):
-        resp.headers["Retry-After"] = "5"
-    return resp
-
-
-@bp.errorhandler(HTTPException)
-def _http(exc: HTTPException) -> Response:
-    return _error_body(exc.code or 500, exc.description or exc.name)
-
-
-@bp.errorhandler(redis.exceptions.ConnectionError)
-@bp.errorhandler(redis.exceptions.TimeoutError)
-@bp.errorhandler(OperationalError)
-def _unavailable(exc: Exception) -> Response:
-    resp = _error_body(503, "the job store (Redis) or the broker is unreachable; retry later")
-    resp.headers["Retry-After"] = "5"
-    return resp
-
-
-def _error_body(status: int, message: str) -> Response:
-    resp = jsonify({"error": message})
-    resp.status_code = status
-    return resp
 
 
 # -- server ----------------------------------------------------------------------------------
@@ -179,13 +146,15 @@ def _ready_version(
     ready = sorted(v for v, doc in versions.items() if doc.get("status") == READY)
     if version is None:
         number = entry["model"].get("live")
-    elif version.isdigit():
+    elif version.isascii() and version.isdigit() and len(version) <= 9:
         number = int(version)
         if number not in versions:
             have = ", ".join(str(v) for v in sorted(versions)) or "none"
             raise NotFound(f"model {name!r} has no version {version}: it has {have}")
     else:
-        raise v2.ProtocolError(f"version {version[:40]!r} is not a version: versions are whole numbers")
+        raise v2.ProtocolError(
+            f"version {version[:40]!r} is not a version: versions are whole numbers (at most 9 digits)"
+        )
     doc = versions.get(number) if number is not None else None
     if doc is None or doc.get("status") != READY:
         why = f"model {name!r} version {number} is not ready ({(doc or {}).get('status', 'not loaded')})"

@@ -257,7 +257,11 @@ _JOB_ERRORS = {
     410: c.Response("The job finished and its results expired", d.ErrorDocument),
 }
 _UPLOAD_ERRORS = {
-    409: c.Response("The job is sealed or canceled: no more files", d.ErrorDocument),
+    409: c.Response(
+        "The job is sealed or canceled (`job_sealed`), or lists an `s3://` prefix (`job_is_listed`): "
+        "no more files",
+        d.ErrorDocument,
+    ),
     413: c.Response("Request, file or archive over a limit", d.ErrorDocument),
     415: c.Response("Unsupported Content-Type", d.ErrorDocument),
     422: c.Response("No file of the request is an image we can classify (reason per file)", d.ErrorDocument),
@@ -389,7 +393,7 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
 def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     svc = services()
     params = c.query(d.AddFilesQuery)
-    _job_or_404(svc, job_id)
+    _not_listed(job_id, _job_or_404(svc, job_id))
     try:
         submitted = _submit(svc, job_id, params.filename, seal=False)
     except PermissionError as exc:
@@ -399,17 +403,33 @@ def add_files(job_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
     return _accepted(svc, job_id, _added(submitted))
 
 
+def _not_listed(job_id: str, job: dict[str, Any]) -> None:
+    """A job whose images come from listing an ``s3://`` prefix takes neither files nor a seal:
+    its lister adds every object and seals it after the last page (a seal before would end
+    the job with the rest of the prefix never classified)."""
+    if job["listing"] is not None:
+        raise Conflict(
+            f"job {job_id} takes its images from listing its source: it is sealed when the listing "
+            "ends, and files cannot be added to it",
+            code="job_is_listed",
+        )
+
+
 @bp.post("/jobs/<job_id>/seal")
 @c.contract(
     summary="The upload is complete: the job finishes when every image has a result",
     query=d.NoQuery,
-    responses={200: c.Response("The job", d.Job), **_JOB_ERRORS},
+    responses={
+        200: c.Response("The job", d.Job),
+        409: c.Response("`job_is_listed`: the job lists an `s3://` prefix and seals itself", d.ErrorDocument),
+        **_JOB_ERRORS,
+    },
     tags=("jobs",),
 )
 def seal_job(job_id: str) -> dict[str, Any]:
     svc = services()
     c.query(d.NoQuery)
-    _job_or_404(svc, job_id)
+    _not_listed(job_id, _job_or_404(svc, job_id))
     svc.store.seal(job_id)
     return _public(_job_or_404(svc, job_id))
 
@@ -645,7 +665,8 @@ def retry_job(job_id: str) -> tuple[dict[str, Any], int]:
     responses={
         200: c.Response(
             "A page of rows: JSON (`ResultsPage`), JSON Lines (one `ResultRow` per line) or CSV "
-            "(`filename,label,score,class_id,top_k,error`)",
+            "(`filename,label,score,class_id,top_k,error`; a manifest job's `id` after `filename` "
+            "and its pass-through columns at the end)",
             d.ResultsPage,
             alternatives={"application/x-ndjson": {"type": "string"}, "text/csv": {"type": "string"}},
         ),
@@ -668,7 +689,8 @@ def get_results(job_id: str) -> Response:
     rows: Iterator[Row] = served.iter_rows(svc.store, svc.intake.s3, job_id, params.offset, params.limit)
     rows = itertools.chain(list(itertools.islice(rows, 1)), rows)
     if params.format == "csv":
-        body, mime = csv_lines(rows), "text/csv"
+        with_id, columns = job["passthrough"] or (False, ())
+        body, mime = csv_lines(rows, with_id, columns), "text/csv"
     elif params.format == "jsonl":
         body, mime = jsonl_lines(rows), "application/x-ndjson"
     else:

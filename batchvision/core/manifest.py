@@ -153,6 +153,20 @@ def kind_of_path(path: str | Path) -> Kind | None:
 _JSON_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{},:]', re.DOTALL)
 
 
+def json_tokens(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The tokens of a JSON text (strings and structural characters), each with the nesting
+    depth after it: one linear pass over the bytes, nothing parsed. Invalid JSON passes (the
+    parser reports it), so a guard built on it only ever refuses more than the parser would."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(data):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+        yield depth, token
+
+
 def scan_json(data: bytes, *, max_entries: int, max_depth: int = MAX_JSON_DEPTH) -> None:
     """Refuse a JSON body before it is parsed: nested deeper than ``max_depth`` (``400
     bad_body``), a top-level ``urls`` array of more than ``max_entries`` items, or more tokens
@@ -160,27 +174,21 @@ def scan_json(data: bytes, *, max_entries: int, max_depth: int = MAX_JSON_DEPTH)
     first excess, so neither the parser's recursion nor its objects (eight times the body for a
     list of URLs) are ever reached by a body over a limit. Invalid JSON passes: the parser
     reports it."""
-    depth = 0
     items = 0
     in_urls = False
     key: bytes | None = None
     budget = TOKENS_PER_URL * max_entries + 64
-    for count, match in enumerate(_JSON_TOKEN.finditer(data)):
+    for count, (depth, token) in enumerate(json_tokens(data)):
         if count > budget:
             raise TooManyUrls(
                 f"the JSON body is larger than a job of {max_entries} URLs can be "
                 "(BATCHVISION_MAX_URLS_PER_JOB)"
             )
-        token = match.group()
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > max_depth:
-                raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels", code="bad_body")
-            if depth == 2:
-                in_urls = token == b"[" and key == b'"urls"'
-                items = 1
-        elif token in (b"]", b"}"):
-            depth -= 1
+        if depth > max_depth:
+            raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels", code="bad_body")
+        if token in (b"[", b"{") and depth == 2:
+            in_urls = token == b"[" and key == b'"urls"'
+            items = 1
         elif token == b"," and depth == 2 and in_urls:
             items += 1
             if items > max_entries:

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from batchvision.core.errors import BadRequest, ServiceUnavailable
+from batchvision.core.manifest import json_tokens
 from batchvision.core.model_refs import MAX_TOP_K
 from batchvision.core.results import Prediction
 
@@ -120,6 +121,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 def parse_request(header: bytes, binary: bytes, model: ModelShape, *, max_batch: int) -> InferRequest:
     """Check an ``infer`` request against ``model``; :class:`ProtocolError` names what is wrong
     and what is allowed."""
+    _check_json_size(header, model, max_batch)
     try:
         doc = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -179,6 +181,27 @@ def _shape(value: Any, name: Any) -> list[int]:
     ):
         raise ProtocolError(f"input {str(name)[:80]!r}: 'shape' must be a list of whole numbers >= 0")
     return value
+
+
+#: How deep an infer request's JSON may nest (a pixel tensor as nested lists is 5 levels in it).
+MAX_JSON_DEPTH = 16
+
+
+def _check_json_size(header: bytes, model: ModelShape, max_batch: int) -> None:
+    """Refuse a JSON header nested deeper than :data:`MAX_JSON_DEPTH` or with more tokens than
+    the largest request can have (``max_batch`` images as FP32 pixels, nested, two tokens an
+    element at most), before the parser's recursion or its objects (a float in JSON becomes
+    a Python object of about five times its text) are reached."""
+    w, h = model.input_size
+    budget = 2 * max_batch * h * w * 3 + 1024
+    for count, (depth, _) in enumerate(json_tokens(header)):
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"the request's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+        if count > budget:
+            raise ProtocolError(
+                f"the request's JSON is larger than an infer request of up to {max_batch} images can "
+                f"be (send {PIXELS!r} or {IMAGES!r} as binary data: the binary tensor extension)"
+            )
 
 
 def _tensor_bytes(tensor: Mapping[str, Any], binary: bytes, name: Any) -> bytes | None:

@@ -143,5 +143,7 @@ def test_the_host_allow_list_refuses_other_names(
     assert requests.get(job, headers={**key, "Host": "api.example.com"}, timeout=10).status_code == 404
     evil = requests.get(job, headers={**key, "Host": "evil.example"}, timeout=10)
     assert evil.status_code == 400 and evil.json()["error"]["code"] == "bad_host"
-    probe = requests.get(f"{api.url}/healthz", headers={"Host": "10.0.0.7:8000"}, timeout=10)
-    assert probe.status_code == 200  # the orchestrator's probes use the pod's address
+    # The orchestrator's probes and Prometheus' scrapes use the pod's address.
+    for path in ("/healthz", "/v2/health/live", "/metrics"):
+        probe = requests.get(f"{api.url}{path}", headers={"Host": "10.0.0.7:8000"}, timeout=10)
+        assert probe.status_code == 200, (path, probe.text)

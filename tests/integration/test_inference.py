@@ -184,6 +184,17 @@ def test_bad_requests_get_400_with_the_protocols_error_body(
         timeout=10,
     )
     assert resp.status_code == 400 and "not valid base64" in resp.json()["error"]
+    # Every error under /v2 has the protocol's body: routing, the method, a version that only
+    # looks like digits, and JSON nested too deep for the parser.
+    for method, path, body, status in (
+        ("GET", "/v2/no/such/route", None, 404),
+        ("DELETE", f"/v2/models/{name}", None, 405),
+        ("GET", f"/v2/models/{name}/versions/\u00b2", None, 400),
+        ("GET", f"/v2/models/{name}/versions/{'9' * 5000}", None, 400),
+        ("POST", f"/v2/models/{name}/infer", b"[" * 100_000, 400),
+    ):
+        resp = requests.request(method, f"{api_url}{path}", data=body, timeout=10)
+        assert resp.status_code == status and isinstance(resp.json()["error"], str), (path[:60], resp.text)
 
 
 def test_the_v2_routes_are_in_the_api_document(api_url: str, tmp_path: Path) -> None:

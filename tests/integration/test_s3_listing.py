@@ -105,6 +105,19 @@ def test_the_request_lists_one_page_and_the_workers_the_rest(
     assert first["listing"]["state"] == "listing" and first["listing"]["images"] == PAGE, first
     assert first["status"] == "queued" and first["total"] == PAGE and first["finished_at"] is None
     assert stack.store.redis.zscore(keys.LISTINGS, job_id) is not None
+    # Its images come from the listing: a seal (which would end it after one page) and an
+    # uploaded file (which could take the name of an object not listed yet) are refused.
+    image = next(iter(labelled_files(1, seed=6)))[1]
+    for path, kw in (
+        ("seal", {}),
+        (
+            "files",
+            {"data": image, "params": {"filename": names[-1]}, "headers": {"Content-Type": "image/jpeg"}},
+        ),
+    ):
+        resp = requests.post(f"{stack.url}/v1/jobs/{job_id}/{path}", timeout=10, **kw)  # type: ignore[arg-type]
+        assert resp.status_code == 409 and resp.json()["error"]["code"] == "job_is_listed", resp.text
+    assert _status(stack, job_id)["listing"]["state"] == "listing"
 
     stack.worker()
     job = _finished(stack, job_id, wait_until)

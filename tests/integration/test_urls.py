@@ -6,6 +6,7 @@ exactly one result: a classification, or the error code its hostility deserves."
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -165,15 +166,25 @@ def test_manifests_csv_jsonl_and_the_cli(
     url_stack: tuple[Settings, str], origin: str, tmp_path: Path
 ) -> None:
     _, api = url_stack
-    rows = "".join(f"{origin}/img/{n}.jpg,photo-{n}.jpg\n" for n in range(10))
+    rows = "".join(f"{origin}/img/{n}.jpg,photo-{n}.jpg,item-{n},A{n}\n" for n in range(10))
     resp = requests.post(
-        f"{api}/v1/jobs", data="url,filename\n" + rows, headers={"Content-Type": "text/csv"}, timeout=30
+        f"{api}/v1/jobs",
+        data="url,filename,id,shelf\n" + rows,
+        headers={"Content-Type": "text/csv"},
+        timeout=30,
     )
     assert resp.status_code == 202, resp.text
     job = resp.json()
     client = Client(api)
     assert client.wait(job["job_id"], timeout=60).status == "succeeded"
     assert [r.filename for r in client.results(job["job_id"])] == [f"photo-{n}.jpg" for n in range(10)]
+    # The ids and pass-through columns come back in every format, CSV too.
+    got = requests.get(f"{api}/v1/jobs/{job['job_id']}/results?format=csv", timeout=30)
+    table = list(csv.DictReader(io.StringIO(got.text)))
+    assert [(r["filename"], r["id"], r["shelf"]) for r in table] == [
+        (f"photo-{n}.jpg", f"item-{n}", f"A{n}") for n in range(10)
+    ]
+    assert all(r["label"] for r in table)
     lines = [json.dumps(f"{origin}/img/20.jpg"), json.dumps({"url": f"{origin}/nope", "filename": "x"})]
     resp = requests.post(
         f"{api}/v1/jobs",

@@ -1613,7 +1613,6 @@ def test_k8s_network_policies_cover_every_component(overlay: str, rendered: _Ren
 
 def test_k8s_worker_egress_is_the_broker_redis_and_public_addresses(rendered: _Rendered) -> None:
     """Workers fetch user URLs: their egress must not reach private ranges or cloud metadata."""
-    import ipaddress
 
     for overlay in ("gpu", "rabbitmq"):
         objects = rendered[overlay]
@@ -1634,25 +1633,47 @@ def test_k8s_worker_egress_is_the_broker_redis_and_public_addresses(rendered: _R
                         allowed_pods.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"])
         want = {"redis", "rabbitmq"} if overlay == "rabbitmq" else {"redis"}
         assert allowed_pods == want, (overlay, allowed_pods)
-        for probe in (
-            "169.254.169.254",
-            "10.0.0.1",
-            "172.16.5.4",
-            "192.168.1.1",
-            "127.0.0.1",
-            "100.64.0.1",
-            "::1",
-            "fd00:ec2::254",
-        ):
-            address = ipaddress.ip_address(probe)
-            reachable = [
-                b
-                for b in blocks
-                if address in ipaddress.ip_network(b["cidr"])
-                and not any(address in ipaddress.ip_network(e) for e in b.get("except", []))
-            ]
-            assert not reachable, (overlay, probe, reachable)
-        assert any(ipaddress.ip_address("93.184.215.14") in ipaddress.ip_network(b["cidr"]) for b in blocks)
+        for probe in PRIVATE_PROBES:
+            assert not _reachable(blocks, probe), (overlay, probe)
+        assert _reachable(blocks, "93.184.215.14")
+
+
+#: Addresses no egress to "public addresses" may reach (cloud metadata, private, loopback...).
+PRIVATE_PROBES = (
+    "169.254.169.254",
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "127.0.0.1",
+    "100.64.0.1",
+    "::1",
+    "fd00:ec2::254",
+)
+
+
+def _reachable(blocks: list[dict[str, Any]], probe: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(probe)
+    return any(
+        address in ipaddress.ip_network(b["cidr"])
+        and not any(address in ipaddress.ip_network(e) for e in b.get("except", []))
+        for b in blocks
+    )
+
+
+def test_k8s_api_egress_is_redis_and_an_object_store_over_https(rendered: _Rendered) -> None:
+    """The API lists s3:// sources and may keep uploads in a bucket: it reaches public
+    addresses on 443, and nothing private (it never fetches users' URLs itself)."""
+    objects = rendered["gpu"]
+    api = _get(objects, "Deployment", "batchvision-api")
+    rules = [r for p in _policies_for(objects, api, "Egress") for r in p["spec"].get("egress", [])]
+    blocks = [peer["ipBlock"] for r in rules for peer in r["to"] if "ipBlock" in peer]
+    (https,) = [r for r in rules if any("ipBlock" in peer for peer in r["to"])]
+    assert https["ports"] == [{"protocol": "TCP", "port": 443}]
+    assert _reachable(blocks, "52.216.0.1") and _reachable(blocks, "2600:1f18::1")  # S3's ranges
+    for probe in PRIVATE_PROBES:
+        assert not _reachable(blocks, probe), probe
 
 
 def test_k8s_ingress_fits_the_clients(rendered: _Rendered) -> None:
@@ -1685,6 +1706,34 @@ def test_k8s_ingress_fits_the_clients(rendered: _Rendered) -> None:
         for peer in rule["from"]
     ]
     assert "ingress-nginx" in sources
+
+
+def _ingress_serves(paths: list[dict[str, Any]], url: str) -> bool:
+    """Whether an Ingress rule's ``paths`` send ``url`` on (Kubernetes' Exact and Prefix match:
+    a prefix matches whole path elements)."""
+    for p in paths:
+        if p["pathType"] == "Exact" and url == p["path"]:
+            return True
+        prefix = p["path"].rstrip("/")
+        if p["pathType"] == "Prefix" and (url == prefix or url.startswith(prefix + "/") or prefix == ""):
+            return True
+    return False
+
+
+def test_k8s_ingress_exposes_every_public_route_and_not_the_metrics(rendered: _Rendered) -> None:
+    """The Ingress routes what clients use (the page, /v1, /v2, the reference) and neither
+    /metrics, which needs no key, nor the probes: each route of the real app is checked."""
+    from api import create_app
+
+    app = create_app(Settings.from_env({}, redis_url="redis://127.0.0.1:1/0"))
+    internal = {"/metrics", "/healthz", "/readyz"}
+    routes = {re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"x", rule.rule) for rule in app.url_map.iter_rules()}
+    assert internal <= routes and "/v1/jobs/x/results" in routes, sorted(routes)
+    for overlay in ("base", "gpu"):
+        (ingress,) = [o for o in rendered[overlay] if o["kind"] == "Ingress"]
+        paths = ingress["spec"]["rules"][0]["http"]["paths"]
+        for url in sorted(routes):
+            assert _ingress_serves(paths, url) is (url not in internal), (overlay, url)
 
 
 @pytest.mark.parametrize("overlay", ["keda", "models", "rabbitmq"])

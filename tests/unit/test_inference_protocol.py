@@ -120,6 +120,20 @@ def test_bad_requests_name_the_problem(doc: dict[str, Any], binary: bytes, text:
     assert text in err.value.message and err.value.status == 400
 
 
+def test_json_too_deep_or_too_large_for_any_request_is_refused_before_it_is_parsed() -> None:
+    # 4x2 pixels x 3 channels x 8 images at most: a request cannot need many more tokens.
+    for header, text in (
+        (b"[" * 10_000, "nested deeper than 16"),  # json.loads: RecursionError, a 500
+        (b'{"inputs": [' + b"0," * 3_000 + b"0]}", "larger than an infer request of up to 8"),
+    ):
+        with pytest.raises(v2.ProtocolError) as err:
+            v2.parse_request(header, b"", MODEL, max_batch=8)
+        assert text in err.value.message and err.value.status == 400
+    # The largest request there can be, nested per its shape, passes the check.
+    biggest = [[[[255.0] * 3] * 4] * 2] * 8
+    assert len(_parse(_pixels(biggest, [8, 2, 4, 3])).images) == 8
+
+
 def _kept(probs: list[float], top_k: int = 2) -> Prediction:
     """The result a worker stores for a ``/v2`` job: the request's top_k, every class's score
     kept as a vector."""
