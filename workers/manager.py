@@ -179,6 +179,15 @@ def _default_loader(version: VersionDir, settings: Settings) -> ImageClassifier:
     return load_version(version, settings)
 
 
+#: Load failures of the moment (device memory taken, a file system that did not answer), by
+#: type name for TensorFlow's: not remembered against the version, unlike a model that is wrong.
+PASSING_LOAD_ERRORS = frozenset({"ResourceExhaustedError", "UnavailableError", "DeadlineExceededError"})
+
+
+def _passing(exc: BaseException) -> bool:
+    return isinstance(exc, OSError | MemoryError) or type(exc).__name__ in PASSING_LOAD_ERRORS
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500]
@@ -227,8 +236,9 @@ class PinnedLanes:
             if now - lane.used < PINNED_GRACE_S:
                 raise BatchvisionError(
                     f"this worker already serves {len(served.pinned)} pinned versions of model "
-                    f"{served.name} in use (at most {self.max_pinned}); try again later",
-                    code="model_version_unavailable",
+                    f"{served.name} in use (at most {self.max_pinned}): retry these images later "
+                    "(POST /v1/jobs/{id}/retry)",
+                    code="model_busy",
                 )
             self._unload(served, version, "limit")
 
@@ -269,8 +279,10 @@ class ModelManager:
         loader: Loader | None = None,
         max_pinned: int = MAX_PINNED,
         pinned_idle_s: float = PINNED_IDLE_S,
+        sweep_s: float = PINNED_GRACE_S / 2,
     ) -> None:
-        """``pointer(name)``: the live version the operator chose (``None``: the newest)."""
+        """``pointer(name)``: the live version the operator chose (``None``: the newest);
+        ``sweep_s``: how often the loader thread unloads pinned versions unused for long."""
         self.settings = settings
         self._pointer_of = pointer
         self._loader = loader or _default_loader
@@ -284,6 +296,7 @@ class ModelManager:
         self._busy = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.sweep_s = sweep_s
 
     # -- start and stop --------------------------------------------------------------------------
 
@@ -346,6 +359,13 @@ class ModelManager:
             loaded = self._load(vdir)
         except Exception as exc:  # noqa: BLE001 - refused with the reason, per image
             reason = _reason(exc)
+            if _passing(exc):  # not remembered: the next image that asks loads it again
+                log.warning("model %s version %d: loading failed for now: %s", served.name, version, reason)
+                raise BatchvisionError(
+                    f"model {served.name} version {version} could not be loaded just now ({reason}): "
+                    "retry these images later (POST /v1/jobs/{id}/retry)",
+                    code="model_load_failed",
+                ) from exc
             served.failed[version] = (vdir.signature, reason)
             self._emit_state(served, version, FAILED, {"error": reason})
             raise BatchvisionError(
@@ -419,12 +439,18 @@ class ModelManager:
             return not self._pending and not self._busy
 
     def _loader_loop(self) -> None:
+        sweep_at = time.monotonic() + self.sweep_s
         while not self._stop.is_set():
             with self._cond:
-                while not self._pending and not self._stop.is_set():
-                    # Nothing to load for a while: time to unload unused pinned versions.
-                    if not self._cond.wait(timeout=PINNED_GRACE_S / 2):
+                while True:
+                    # By the clock, not by a quiet spell: the model watcher asks to look every
+                    # few seconds, and unused pinned versions must still go.
+                    if time.monotonic() >= sweep_at:
                         self.unload_idle()
+                        sweep_at = time.monotonic() + self.sweep_s
+                    if self._pending or self._stop.is_set():
+                        break
+                    self._cond.wait(timeout=max(0.0, sweep_at - time.monotonic()))
                 if self._stop.is_set():
                     return
                 name, settle = next(iter(self._pending.items()))

@@ -109,6 +109,8 @@ RETRYABLE_CODES = frozenset(
         "s3_throttled",
         "s3_unavailable",
         "incomplete_download",
+        "model_busy",
+        "model_load_failed",
     }
 )
 

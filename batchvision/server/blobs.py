@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -150,13 +150,21 @@ class FileBlobs:
         return out
 
 
-def spent_blobs(blobs: BlobStore, indexes: Sequence[int], results: Mapping[int, ImageResult]) -> list[int]:
-    """Of ``indexes`` whose results were just stored, those whose blobs may be deleted: every one,
-    but for an expiring blob store the images that failed for a retryable reason (kept until
-    their blobs expire, for a retry of the job)."""
+def spent_blobs(
+    blobs: BlobStore,
+    indexes: Sequence[int],
+    results: Mapping[int, ImageResult],
+    kept: Collection[int] = (),
+) -> list[int]:
+    """Of ``indexes`` whose results were just stored (or were already: a redelivery), those
+    whose blobs may be deleted: every one, but for an expiring blob store the images that failed
+    for a retryable reason, now (``results``) or before (``kept``: a claim's), kept until their
+    blobs expire, for a retry of the job."""
     if not blobs.expiring:
         return list(indexes)
-    return [i for i in indexes if not (isinstance(r := results.get(i), Failure) and r.retryable)]
+    return [
+        i for i in indexes if i not in kept and not (isinstance(r := results.get(i), Failure) and r.retryable)
+    ]
 
 
 class S3Blobs:

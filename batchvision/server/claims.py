@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from batchvision.core.model_refs import OPTION_FIELDS
+from batchvision.core.results import Failure, decode
 from batchvision.server import keys, lua
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
@@ -26,6 +27,8 @@ class Claim:
     canceled: bool
     deliveries: int
     options: Mapping[str, str] = field(default_factory=dict)
+    #: indexes whose stored result is a retryable error: their uploads stay for a retry
+    kept: frozenset[int] = frozenset()
 
 
 class Claims:
@@ -66,8 +69,9 @@ class Claims:
                 out.append(None)
                 continue
             todo = [i for i, v in zip(chunk.indexes, have, strict=True) if v is None]
+            kept = frozenset(i for i, v in zip(chunk.indexes, have, strict=True) if _retryable_error(v))
             fields = {k: v.decode() for k, v in zip(OPTION_FIELDS, options, strict=True) if v is not None}
-            out.append(Claim(todo, cancel in (b"1", b"open"), int(tries), fields))
+            out.append(Claim(todo, cancel in (b"1", b"open"), int(tries), fields, kept))
         return out
 
     def unclaim(self, chunk: Chunk) -> None:
@@ -90,6 +94,14 @@ class Claims:
             self._release(keys=keys.RELEASE_KEYS, args=[time.time(), job_id, 0])
         except redis.exceptions.ResponseError as exc:
             raise out_of_memory(exc) from None
+
+
+def _retryable_error(stored: bytes | None) -> bool:
+    """Whether a stored result is an error a retry of the job would queue again."""
+    if stored is None or b'"error"' not in stored:  # no result, or a prediction: not parsed
+        return False
+    result = decode(stored)
+    return isinstance(result, Failure) and result.retryable
 
 
 def out_of_memory(exc: Exception) -> Exception:

@@ -168,7 +168,8 @@ class DeadLetters:
                 outcome = canceled_result() if claim.canceled else result
                 outcomes = dict.fromkeys(claim.todo, outcome)
                 stored += self.store.record(chunk.job_id, sorted(outcomes.items())).total
-            self.blobs.delete_many(chunk.job_id, spent_blobs(self.blobs, chunk.indexes, outcomes))
+            kept = claim.kept if claim is not None else ()
+            self.blobs.delete_many(chunk.job_id, spent_blobs(self.blobs, chunk.indexes, outcomes, kept))
         pipe = self.store.redis.pipeline(transaction=False)
         ledger_done(pipe, chunks)
         pipe.execute()

@@ -107,6 +107,8 @@ class _Outcome:
     chunk: Chunk
     results: dict[int, ImageResult] = field(default_factory=dict)
     model: str = ""
+    #: images whose stored result is a retryable error (a redelivery): their blobs stay
+    kept: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -172,7 +174,7 @@ class ChunkProcessor:
                 done.append(_Outcome(chunk))
                 continue
             stats.skipped += len(chunk) - len(claim.todo)
-            outcome = _Outcome(chunk)
+            outcome = _Outcome(chunk, kept=claim.kept)
             if not claim.todo:  # a redelivery, or the job was canceled: only the uploads are left
                 done.append(outcome)
                 continue
@@ -300,10 +302,14 @@ class ChunkProcessor:
                     continue
                 tag = (wanted[n].job_id, enqueued_at)
                 predicted.append((n, i, slots[id(routes[n][0])].submit(image, tag=tag, urgent=urgent)))
+        # One deadline for the whole message: a model that hangs costs it one timeout, never
+        # one per image (which could outlast the broker's visibility timeout).
+        deadline = time.monotonic() + self.limits.model_timeout_s
         for n, i, out in predicted:
             lane, options = routes[n]
             try:
-                results[n][i] = lane.result(out.result(timeout=self.limits.model_timeout_s), options)
+                left = max(0.0, deadline - time.monotonic())
+                results[n][i] = lane.result(out.result(timeout=left), options)
             except TimeoutError:
                 results[n][i] = error_result("inference_timeout", "the model did not answer in time")
             except BatchvisionError as exc:
@@ -438,7 +444,7 @@ class ChunkProcessor:
 
     def _spent(self, outcome: _Outcome) -> list[int]:
         """The indexes of ``outcome`` whose blobs go now: all but those kept for a retry."""
-        return spent_blobs(self.blobs, outcome.chunk.indexes, outcome.results)
+        return spent_blobs(self.blobs, outcome.chunk.indexes, outcome.results, outcome.kept)
 
 
 def _relay(source: Future[Any], target: Future[Any]) -> None:

@@ -280,12 +280,18 @@ def colour_model(images: list[np.ndarray]) -> list[np.ndarray]:
 class ColourLane:
     """One stand-in model behind its own batcher (a :class:`~batchvision.server.lanes.Lane`)."""
 
-    def __init__(self, name: str, labels: Sequence[str], on_batch: Callable[[BatchInfo], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        labels: Sequence[str],
+        on_batch: Callable[[BatchInfo], None],
+        model: Callable[[list[np.ndarray]], list[np.ndarray]] = colour_model,
+    ) -> None:
         self.name = name
         self.labels = labels
         self.input_size = (16, 16)
         self.batcher: DynamicBatcher[np.ndarray, Any] = DynamicBatcher(
-            colour_model, max_batch_size=8, max_delay_s=5.0, on_batch=on_batch
+            model, max_batch_size=8, max_delay_s=5.0, on_batch=on_batch
         )
 
     def result(self, output: Any, options: JobOptions) -> Prediction:
@@ -296,8 +302,14 @@ class ColourLane:
 class ColourLanes:
     """The lanes of :data:`COLOUR_MODELS`; version 99 of any model cannot be loaded."""
 
-    def __init__(self, on_batch: Callable[[BatchInfo], None]) -> None:
-        self.served = {name: ColourLane(name, labels, on_batch) for name, labels in COLOUR_MODELS.items()}
+    def __init__(
+        self,
+        on_batch: Callable[[BatchInfo], None],
+        model: Callable[[list[np.ndarray]], list[np.ndarray]] = colour_model,
+    ) -> None:
+        self.served = {
+            name: ColourLane(name, labels, on_batch, model) for name, labels in COLOUR_MODELS.items()
+        }
 
     def lane(self, options: JobOptions) -> ColourLane | None:
         if options.version == 99:
@@ -369,12 +381,17 @@ class ProcessorRig:
         return [b.size for b in self.batches]
 
 
-def processor_rig(client: redis_lib.Redis, **limits: Any) -> Iterator[ProcessorRig]:
-    """A :class:`ProcessorRig` on ``client`` (``limits``: :class:`ProcessorLimits` fields)."""
+def processor_rig(
+    client: redis_lib.Redis,
+    model: Callable[[list[np.ndarray]], list[np.ndarray]] = colour_model,
+    **limits: Any,
+) -> Iterator[ProcessorRig]:
+    """A :class:`ProcessorRig` on ``client`` (``model``: the stand-in every lane runs;
+    ``limits``: :class:`ProcessorLimits` fields)."""
     batches: list[BatchInfo] = []
     recorded: list[tuple[Counts, str]] = []
     handed: list[tuple[Chunk, str, bool]] = []
-    lanes = ColourLanes(batches.append)
+    lanes = ColourLanes(batches.append, model)
     store = JobStore(client, result_ttl_s=3600, blob_ttl_s=3600)
     claims = Claims(client, ttl_s=300)
     blobs = RedisBlobs(client, ttl_s=300)
@@ -401,10 +418,13 @@ def rig(scratch_redis: redis_lib.Redis) -> Iterator[ProcessorRig]:
 
 
 @pytest.fixture()
-def rig_on() -> Iterator[Callable[[redis_lib.Redis], ProcessorRig]]:
-    """``rig_on(client)``: the ``rig`` over another redis-server (closed after the test)."""
+def rig_on() -> Iterator[Callable[..., ProcessorRig]]:
+    """``rig_on(client, **options)``: the ``rig`` over another redis-server, or with other
+    :func:`processor_rig` options (closed after the test)."""
     with contextlib.ExitStack() as stack:
-        yield lambda client: stack.enter_context(contextlib.contextmanager(processor_rig)(client))
+        yield lambda client, **options: stack.enter_context(
+            contextlib.contextmanager(processor_rig)(client, **options)
+        )
 
 
 class PrivateStack:

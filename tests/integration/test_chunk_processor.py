@@ -11,13 +11,17 @@ or the upload (undecodable, expired).
 from __future__ import annotations
 
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import redis as redis_lib
 
 from batchvision.core.imaging import decode_image
+from batchvision.core.results import error_result
 from batchvision.server import keys
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
@@ -70,6 +74,17 @@ def test_a_redelivered_chunk_whose_results_are_stored_does_nothing(rig: Any) -> 
     assert after == before  # nothing classified, stored or counted twice
     assert rig.recorded == [(Counts(done=5), "colours")]
     assert rig.blobs_left("j") == []  # only the cleaning up is done
+
+
+def test_a_redelivered_chunk_keeps_the_uploads_of_retryable_errors_for_a_retry(rig: Any) -> None:
+    # The first delivery stored every result, then died before it deleted the uploads.
+    ix = rig.job("j", [rig.jpeg(c) for c in COLOURS[:3]])
+    codes = ["corrupt_image", "fetch_timeout", "corrupt_image"]  # the second one is retryable
+    rig.store.record("j", [(i, error_result(code, "first")) for i, code in zip(ix, codes, strict=True)])
+    summary = rig.process(("j", ix))
+    assert summary["skipped"] == 3 and rig.model_calls() == []
+    # Only the upload a retry of the job needs is left (until the blob expires).
+    assert rig.blobs_left("j") == [keys.blob("j", ix[1]).encode()]
 
 
 def test_a_redelivered_chunk_is_isolated_and_a_poison_image_ends_as_an_error(rig: Any) -> None:
@@ -151,6 +166,31 @@ def test_a_decoder_that_raises_the_unexpected_fails_that_image_alone(
     assert rows[1]["error"]["code"] == "corrupt_image"
     assert "unpack requires a buffer" in rows[1]["error"]["message"]
     assert rig.blobs_left("j") == []
+
+
+def test_a_hung_model_costs_a_message_one_model_timeout_not_one_per_image(
+    scratch_redis: redis_lib.Redis, rig_on: Any
+) -> None:
+    # The task's wait for the model has one deadline (MODEL_TIMEOUT_S), whatever the number of
+    # images: one per image made a hung model hold a 16-image message for 16 timeouts, past the
+    # broker's visibility timeout.
+    release = threading.Event()
+
+    def hung(images: list[Any]) -> list[Any]:
+        release.wait(30)
+        return [np.full(3, 1 / 3, np.float32) for _ in images]
+
+    rig = rig_on(scratch_redis, model=hung, model_timeout_s=0.5)
+    ix = rig.job("j", [rig.jpeg(c) for c in ("red", "green", "blue", "red")])
+    start = time.monotonic()
+    try:
+        summary = rig.process(("j", ix))
+        took = time.monotonic() - start
+    finally:
+        release.set()
+    assert summary["failed"] == 4
+    assert {row["error"]["code"] for row in rig.rows("j")} == {"inference_timeout"}
+    assert took < 4 * 0.5  # one timeout (per image, it would be four)
 
 
 def test_a_missing_upload_is_upload_expired(rig: Any) -> None:

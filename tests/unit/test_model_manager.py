@@ -19,6 +19,7 @@ import pytest
 from batchvision.core.batching import BatchInfo
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.model_refs import JobOptions
+from batchvision.core.results import retryable
 from batchvision.core.settings import Settings
 from batchvision.server.repository import VersionDir
 from workers.manager import ModelLane, ModelManager, Scored
@@ -48,14 +49,20 @@ class StandIn:
 
 
 class Loader:
-    """Loads stand-ins; a version folder holding a file named BROKEN fails to load."""
+    """Loads stand-ins; a version folder holding a file named BROKEN fails to load; a version
+    in ``flaky`` fails with an ``OSError`` that many times first (a file system that did not
+    answer)."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, flaky: dict[int, int] | None = None) -> None:
         self.delay_s = delay_s
         self.calls: list[int] = []
+        self.flaky = dict(flaky or {})
 
     def __call__(self, vdir: VersionDir, settings: Settings) -> StandIn:
         self.calls.append(vdir.version)
+        if self.flaky.get(vdir.version, 0) > 0:
+            self.flaky[vdir.version] -= 1
+            raise OSError(5, "Input/output error")
         if (Path(vdir.source).parent / "BROKEN").exists():
             raise ValueError("the model outputs 6 classes but its labels file has 3 labels")
         labels = Path(str(vdir.labels)).read_text().split()
@@ -185,7 +192,7 @@ def test_pinned_versions_are_unloaded_when_unused_and_bounded_per_model(tmp_path
         # chunk may be decoding for is pulled away.
         with pytest.raises(BatchvisionError, match="at most 2") as info:
             manager.lane(JobOptions("m", version=3))
-        assert info.value.code == "model_version_unavailable"
+        assert info.value.code == "model_busy" and retryable(info.value.code)  # for the moment
         assert sorted(served.pinned) == [1, 2]
         # Version 1 unused for long: the least recently used makes room for version 3.
         one.used -= 3600
@@ -201,6 +208,46 @@ def test_pinned_versions_are_unloaded_when_unused_and_bounded_per_model(tmp_path
         again = manager.lane(JobOptions("m", version=3))
         assert again is not None and again is not three
     finally:
+        manager.close()
+
+
+def test_a_pinned_version_that_fails_to_load_for_the_moment_is_tried_again(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    manager = _manager(tmp_path, Loader(flaky={1: 1}))
+    try:
+        with pytest.raises(BatchvisionError) as info:
+            manager.lane(JobOptions("m", version=1))
+        assert info.value.code == "model_load_failed" and retryable(info.value.code)
+        assert 1 not in manager.models["m"].failed  # not held against the version
+        lane = manager.lane(JobOptions("m", version=1))
+        assert lane is not None and lane.version == 1
+    finally:
+        manager.close()
+
+
+def test_unused_pinned_versions_go_while_the_watcher_keeps_the_loader_busy(
+    tmp_path: Path, wait_until: Any
+) -> None:
+    # The model watcher asks the loader to look every few seconds (every 20 ms here): the
+    # sweep of unused pinned versions runs by the clock, not when the loader has been quiet.
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    manager = _manager(tmp_path, Loader(), sweep_s=0.2)
+    stop = threading.Event()
+
+    def watcher() -> None:
+        while not stop.wait(0.02):
+            manager.request("m", settle=True)
+
+    threading.Thread(target=watcher, daemon=True).start()
+    try:
+        pinned = manager.lane(JobOptions("m", version=1))
+        assert pinned is not None and sorted(manager.models["m"].pinned) == [1]
+        pinned.used -= 3600  # unused for an hour
+        wait_until(lambda: not manager.models["m"].pinned, timeout=10, message="the idle version unloaded")
+    finally:
+        stop.set()
         manager.close()
 
 
