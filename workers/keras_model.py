@@ -29,6 +29,7 @@ from batchvision.core.batch_policy import padded_sizes
 from batchvision.core.classifier import ImageClassifier
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
+from batchvision.server.cpus import limited_cpus
 from batchvision.server.repository import VersionDir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -227,11 +228,12 @@ def configure_runtime(settings: Settings) -> None:
     select_backend(settings.keras_backend)
     if settings.keras_backend != "tensorflow":
         return
+    limit = limited_cpus()  # a container's CPU limit: TensorFlow would size its pools to the node
     try:
-        if settings.intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
-        if settings.inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+        if intra := settings.intra_op_threads or limit:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter := settings.inter_op_threads or limit:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError as exc:  # already initialised (a second load in one process)

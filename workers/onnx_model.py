@@ -24,6 +24,7 @@ import numpy as np
 from batchvision.core.classifier import ImageClassifier
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
+from batchvision.server.cpus import limited_cpus
 from batchvision.server.repository import VersionDir
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def load_onnx(version: VersionDir, settings: Settings) -> ImageClassifier:
         preprocess,
         version.model,
         input_size=version.input_size,
-        threads=settings.intra_op_threads,
+        threads=settings.intra_op_threads or limited_cpus() or 0,
     )
     log.info("model %s v%d: ONNX Runtime on %s", version.model, version.version, clf.device)
     return clf

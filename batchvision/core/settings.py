@@ -185,7 +185,9 @@ class Settings(BaseSettings):
         "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued.",
     )
     decode_threads: Annotated[int, Field(ge=0, le=256)] = _field(
-        0, "Images decoded at the same time in a worker (0: the CPUs the process may use)."
+        0,
+        "Images decoded at the same time in a worker (0: the CPUs the process may use: its "
+        "affinity, at most its container's CPU limit).",
     )
     enqueue_linger_ms: Annotated[float, Field(ge=0, le=1000)] = _field(
         5.0,
@@ -193,10 +195,14 @@ class Settings(BaseSettings):
         "Celery message (an idle service sends at once; 0: one message per request).",
     )
     intra_op_threads: Annotated[int, Field(ge=0, le=1024)] = _field(
-        0, "TensorFlow (and ONNX Runtime) intra-op threads (0: their default; not used by `jax`)."
+        0,
+        "TensorFlow (and ONNX Runtime) intra-op threads (0: the container's CPU limit where one "
+        "is set, else their default; not used by `jax`).",
     )
     inter_op_threads: Annotated[int, Field(ge=0, le=1024)] = _field(
-        0, "TensorFlow inter-op threads (0: TensorFlow's default; not used by `jax`)."
+        0,
+        "TensorFlow inter-op threads (0: the container's CPU limit where one is set, else "
+        "TensorFlow's default; not used by `jax`).",
     )
     # -- the model runtime: Keras backend, precision, compilation, GPU --------------------
     keras_backend: Literal["tensorflow", "jax"] = _field(

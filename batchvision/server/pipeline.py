@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore, spent_blobs
 from batchvision.server.claims import Claim, Claims, out_of_memory
+from batchvision.server.cpus import available_cpus
 from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
 from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
@@ -75,7 +75,7 @@ class ProcessorLimits:
             max_attempts=settings.max_attempts,
             model_timeout_s=float(settings.task_time_limit_s),
             max_inflight_images=settings.max_inflight_images or 4 * settings.max_batch_size,
-            decode_threads=settings.decode_threads or len(os.sched_getaffinity(0)),
+            decode_threads=settings.decode_threads or available_cpus(),
             fetch_threads=settings.fetch_threads,
             fetch_per_key=settings.fetch_per_key,
             priority_ratio=settings.priority_ratio,

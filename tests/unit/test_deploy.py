@@ -558,6 +558,9 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
     assert Path(api["build"]["context"]).resolve() == ROOT
     assert _ports(api) == [DEFAULTS.api_port]
     assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    # gunicorn drains for up to 30 s (a POST /v1/classify waits SYNC_TIMEOUT_S): Docker's
+    # default 10 s before SIGKILL would cut it short.
+    assert _duration_s(api["stop_grace_period"]) > DEFAULTS.sync_timeout_s + 5
 
     flower = active["flower"]
     assert flower["command"] == ["batchvision", "flower"]
@@ -1272,6 +1275,14 @@ def test_k8s_redis_statefulset(rendered: _Rendered) -> None:
     args = " ".join(container["command"])
     for flag in ["--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"]:
         assert flag in args
+    # Guaranteed QoS (the kubelet evicts pods past their requests first), and maxmemory leaves a
+    # third of the limit for the AOF rewrite's copy-on-write, buffers and fragmentation.
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"]
+    maxmemory = re.search(r"--maxmemory (\d+)mb", args)
+    limit = resources["limits"]["memory"]
+    assert maxmemory and limit.endswith("Gi"), (args, limit)
+    assert int(maxmemory.group(1)) * 2**20 <= 0.67 * int(limit[:-2]) * 2**30
     # The password is configuration on redis-server's standard input (read by the shell from
     # the environment), never on its command line: no `$(REDIS_PASSWORD)`, which kubelet expands.
     assert "redis-server -" in args and "requirepass ${REDIS_PASSWORD}" in args

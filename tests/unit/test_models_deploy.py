@@ -141,6 +141,10 @@ def test_k8s_runs_one_worker_deployment_per_model_each_scaled_on_its_queues() ->
         volume = next(v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
         assert volume["persistentVolumeClaim"]["claimName"] == "batchvision-models"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # Filled (new versions too) by a pod of the operator's that mounts the same claim read-write.
+    (claim,) = [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == "batchvision-models"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert served["batchvision-worker"] == DEFAULTS.model
     assert set(served.values()) == MODELS and len(served) == len(MODELS)
     # No Deployment's selector takes another one's pods.
