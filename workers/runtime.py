@@ -32,6 +32,7 @@ from typing import Any
 
 from celery import Celery
 
+from batchvision.core.allow_list import AllowList
 from batchvision.core.batching import BatchInfo
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
@@ -41,7 +42,7 @@ from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
 from batchvision.server.deadletter import DeadLetterConsumer, DeadLetters
 from batchvision.server.exports import Exporter
-from batchvision.server.fetch import AllowList, Fetcher, SafeHTTP
+from batchvision.server.fetch import Fetcher, SafeHTTP
 from batchvision.server.gpus import GpuReader, NoGpus, Nvml, describe, require_gpu, visible
 from batchvision.server.intake import Intake
 from batchvision.server.listing import Lister

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from batchvision.core.allow_list import AllowList
 from batchvision.core.manifest import bucket_problem
 from batchvision.core.s3_scope import S3Scope
 
@@ -474,6 +475,12 @@ class Settings(BaseSettings):
             return value
         if not (value.startswith("file://") and len(value) > len("file://")):
             raise ValueError("must be `redis`, a file:///directory URL or an s3://bucket/prefix/ URL")
+        return value
+
+    @field_validator("fetch_allow", "webhook_allow")
+    @classmethod
+    def _allow_list(cls, value: str) -> str:
+        AllowList.parse(value)  # raises ValueError naming the bad entry and the forms allowed
         return value
 
     @field_validator("s3_allow")

@@ -61,6 +61,7 @@ from urllib3.exceptions import (
 )
 
 from batchvision import __version__
+from batchvision.core.allow_list import NOTHING, AllowList, IPAddress
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import DEFAULT_MAX_FRAMES, inspect_image
 from batchvision.core.manifest import MAX_URL_LENGTH
@@ -68,7 +69,6 @@ from batchvision.core.settings import Settings
 from batchvision.core.sniff import looks_like_image
 from batchvision.server.watchdog import WATCHDOG, Watchdog
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``(host, port) -> addresses``; the default asks the system (``getaddrinfo``).
 Resolver = Callable[[str, int], list[str]]
 
@@ -97,41 +97,6 @@ class FetchError(BatchvisionError):
 
 
 # -- the rules (pure) -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AllowList:
-    """``BATCHVISION_FETCH_ALLOW``: networks and host names exempt from the address rules."""
-
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    hosts: frozenset[str] = frozenset()
-    suffixes: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, raw: str) -> AllowList:
-        networks = []
-        hosts = set()
-        suffixes = []
-        for item in (i.strip().lower() for i in raw.split(",")):
-            if not item:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
-                continue
-            except ValueError:
-                pass
-            if item.startswith("*."):
-                suffixes.append(item[1:])
-            else:
-                hosts.add(item.rstrip("."))
-        return cls(tuple(networks), frozenset(hosts), tuple(suffixes))
-
-    def host_allowed(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        return host in self.hosts or any(host.endswith(s) for s in self.suffixes)
-
-    def address_allowed(self, ip: IPAddress) -> bool:
-        return any(ip.version == n.version and ip in n for n in self.networks)
 
 
 def _nets(*pairs: tuple[str, str]) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...]:
@@ -203,9 +168,7 @@ def _kind(ip: IPAddress) -> str | None:
     return None
 
 
-def address_problem(
-    ip: IPAddress | str, allow: AllowList = AllowList(), *, trusted: bool = False
-) -> str | None:
+def address_problem(ip: IPAddress | str, allow: AllowList = NOTHING, *, trusted: bool = False) -> str | None:
     """Why a connection to ``ip`` is refused, or ``None`` when it may be made. ``trusted``: the
     host name is on the allow-list (only metadata addresses are refused then)."""
     ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
@@ -293,7 +256,7 @@ def parse_url(url: str) -> Target:
     return Target(url, scheme, host.lower().rstrip("."), port or (443 if scheme == "https" else 80), path)
 
 
-def url_problem(url: str, allow: AllowList = AllowList()) -> FetchError | None:
+def url_problem(url: str, allow: AllowList = NOTHING) -> FetchError | None:
     """What the API can tell about ``url`` without the network: its syntax, and the address
     rules when the host is an address literal (names are resolved and checked when fetched)."""
     try:
@@ -404,7 +367,7 @@ class SafeHTTP:
 
     def __init__(
         self,
-        allow: AllowList = AllowList(),
+        allow: AllowList = NOTHING,
         *,
         connect_timeout_s: float = 5.0,
         resolver: Resolver | None = None,

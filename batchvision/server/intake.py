@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from batchvision.core.allow_list import AllowList
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
 from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import UrlEntry
@@ -25,7 +26,7 @@ from batchvision.core.s3_scope import S3Scope
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
 from batchvision.server.blobs import BlobStore
-from batchvision.server.fetch import AllowList, FetchError, url_blob, url_problem
+from batchvision.server.fetch import FetchError, url_blob, url_problem
 from batchvision.server.idempotency import Claim, commit
 from batchvision.server.keys import EXPORTS, LISTINGS, JobKeys
 from batchvision.server.listing import read_page

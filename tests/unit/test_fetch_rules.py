@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from batchvision.core.allow_list import AllowList
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import webhooks
 from batchvision.server.fetch import (
-    AllowList,
     FairPool,
     Fetcher,
     SafeHTTP,
@@ -119,6 +119,8 @@ def test_the_allow_list_takes_networks_and_host_names_but_never_metadata() -> No
     assert allow.host_allowed("images.internal") and allow.host_allowed("IMAGES.internal.")
     assert allow.host_allowed("a.b.corp.example") and not allow.host_allowed("corp.example.evil")
     assert address_problem("192.168.0.9", allow, trusted=True) is None  # an allow-listed name
+    # A Unicode name is kept as URLs carry it (IDNA), so that it matches.
+    assert AllowList.parse("bücher.example").host_allowed(parse_url("http://bücher.example/").host)
     everything = AllowList.parse("0.0.0.0/0,::/0")
     assert "metadata" in str(address_problem("169.254.169.254", everything))
     assert "metadata" in str(address_problem("169.254.169.254", allow, trusted=True))

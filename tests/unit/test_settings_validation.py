@@ -27,6 +27,11 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "less than or equal to 3600"),
         ("BATCHVISION_QUEUE", "has space", "pattern"),
         ("BATCHVISION_MAX_COMPRESSION_RATIO", "1", "greater than 1"),
+        # An entry that could never match would silently refuse every fetch as blocked_address.
+        ("BATCHVISION_FETCH_ALLOW", "10.0.0.0/33", "entry '10.0.0.0/33' is neither a network"),
+        ("BATCHVISION_FETCH_ALLOW", "images.internal,http://cdn.internal", "'http://cdn.internal'"),
+        ("BATCHVISION_WEBHOOK_ALLOW", "hooks.internal:8080", "nor a host name"),
+        ("BATCHVISION_WEBHOOK_ALLOW", "*", "entry '*'"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_is_allowed(variable: str, value: str, says: str) -> None:
