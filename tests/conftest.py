@@ -109,8 +109,9 @@ class HostileOrigin(ThreadingHTTPServer):
     ``/huge-stream``: no length, 640 MiB of body; ``/page.jpg``: HTML typed ``image/jpeg``;
     ``/text``: ``text/plain``; ``/truncated.jpg``: half of ``images[0]``; ``/gzip.jpg``:
     ``images[0]`` gzip-encoded; ``/redirect?to=URL``: 302 to ``URL``; ``/loop``: 301 to itself;
-    ``/status/<code>``: that status; ``/once/<code>/<n>.jpg``: that status the first time it is
-    asked, ``images[n]`` afterwards (a host that was down for a while); anything else: 404.
+    ``/status/<code>``: that status; ``/fail/<k>/<code>/<n>.jpg[?after=S]``: that status (with
+    ``Retry-After: S``) the first ``k`` times it is asked, ``images[n]`` afterwards (a host that
+    was down for a while); anything else: 404.
 
     ``url`` (``http://127.0.0.1:<port>``), ``address`` (``127.0.0.1:<port>``), ``port``;
     ``seen``: every request as ``(path, Host header)``; ``hits(path)``: how many asked it.
@@ -215,10 +216,11 @@ class _HostileHandler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain", Location=q["to"])
         elif path == "/loop":
             self._send(301, b"", "text/plain", Location="/loop")
-        elif path.startswith("/once/"):
-            _, _, code, name = path.split("/", 3)
-            if self.server.hits(path) <= 1:
-                self._send(int(code), b"try again later", "text/plain")
+        elif path.startswith("/fail/"):
+            _, _, times, code, name = path.split("/", 4)
+            if self.server.hits(path) <= int(times):
+                after = {"Retry_After": q["after"]} if "after" in q else {}
+                self._send(int(code), b"try again later", "text/plain", **after)
             else:
                 self._send(200, self.server.images[int(name.split(".")[0])])
         elif path.startswith("/status/"):

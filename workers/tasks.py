@@ -8,11 +8,13 @@ from typing import Any
 
 import redis
 from celery import Task
+from kombu.exceptions import OperationalError
 
 from batchvision.core.logs import log_context
 from batchvision.server import tracing
 from batchvision.server.messages import ClassifyMessage
 from batchvision.server.queue import CLASSIFY_TASK
+from batchvision.server.s3 import TransientS3Error
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,16 @@ log = logging.getLogger(__name__)
     name=CLASSIFY_TASK,
     acks_late=True,
     ignore_result=True,
-    # Redis hiccups, and a Redis out of memory refusing results (nothing was deleted: the
-    # blobs and the ledger entry stay), are retried with backoff (results are idempotent, so a
-    # retry is safe); anything else fails the task, and the chunk ledger re-sends it later.
+    # Redis hiccups, a Redis out of memory refusing results (nothing was deleted: the blobs and
+    # the ledger entry stay), the broker refusing a hand-on and a blob store that is throttled
+    # or unreachable are retried with backoff (results are idempotent, so a retry is safe);
+    # anything else fails the task, and the chunk ledger re-sends it later.
     autoretry_for=(
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
         redis.exceptions.OutOfMemoryError,
+        OperationalError,
+        TransientS3Error,
     ),
     retry_backoff=True,
     retry_backoff_max=30,

@@ -35,13 +35,13 @@ import redis
 
 from batchvision.core.results import Failure, Prediction, Row, csv_header, csv_row
 from batchvision.server import keys
+from batchvision.server.backoff import backoff
 from batchvision.server.keys import JobKeys
 from batchvision.server.leases import IF_OURS, Lease, LeasedWorker, due_again_if, now_ms
 from batchvision.server.outputs import SUCCESS
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.store import JobStore
 from batchvision.server.text import as_text, hash_fields
-from batchvision.server.webhooks import backoff
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ end
 #: What :meth:`Exporter.export` returns for a job it leaves alone (gone, or not finished): it
 #: leaves the set, and its ``out_state`` (one of :class:`~batchvision.core.documents.OutputState`'s)
 #: is not written.
+#: A write that failed for a transient reason is tried again: from a second, doubling, at most
+#: five minutes apart (for the exporter's retry window after the job finished).
+RETRY_FIRST_S = 1.0
+RETRY_CAP_S = 300.0
 DROPPED = "dropped"
 #: What :meth:`Exporter.export` returns for a running job written in parts: due again soon.
 LATER = "later"
@@ -442,7 +446,7 @@ class Exporter(LeasedWorker):
         finished = float(raw[1] or time.time())
         error = f"{exc.code}: {exc.message}"
         if exc.transient and time.time() - finished < self.retry_for_s:
-            due = int((time.time() + backoff(attempts)) * 1000)
+            due = int((time.time() + backoff(attempts, RETRY_FIRST_S, RETRY_CAP_S)) * 1000)
             log.warning("job %s: output not written (%s); retrying", job_id, error)
             return self._write(job_id, lease, "pending", due, error, "")
         log.warning("job %s: output not written: %s", job_id, error)

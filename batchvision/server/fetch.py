@@ -65,8 +65,10 @@ from batchvision.core.allow_list import NOTHING, AllowList, IPAddress
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.imaging import DEFAULT_MAX_FRAMES, inspect_image
 from batchvision.core.manifest import MAX_URL_LENGTH
+from batchvision.core.results import retryable
 from batchvision.core.settings import Settings
 from batchvision.core.sniff import looks_like_image
+from batchvision.server.backoff import backoff, retry_after
 from batchvision.server.watchdog import WATCHDOG, Watchdog
 
 #: ``(host, port) -> addresses``; the default asks the system (``getaddrinfo``).
@@ -86,14 +88,21 @@ METADATA_ADDRESSES = frozenset(
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Tries of one image URL, within its deadline, when it fails for a transient reason.
+FETCH_ATTEMPTS = 3
+#: The backoff between them: from a fifth of a second, doubling, at most two seconds.
+RETRY_FIRST_S = 0.2
+RETRY_CAP_S = 2.0
 _PIECE = 64 * 1024
 
 
 class FetchError(BatchvisionError):
-    """A URL that could not be fetched; ``code`` says why (the per-image error code)."""
+    """A URL that could not be fetched; ``code`` says why (the per-image error code);
+    ``retry_after``: the seconds the server's ``Retry-After`` asked for, if it sent one."""
 
     status = 422
     code = "fetch_failed"
+    retry_after: float | None = None
 
 
 # -- the rules (pure) -------------------------------------------------------------------------
@@ -581,6 +590,7 @@ class Fetcher:
         timeout_s: float = 30.0,
         max_redirects: int = 5,
         max_frames: int = DEFAULT_MAX_FRAMES,
+        attempts: int = FETCH_ATTEMPTS,
     ) -> None:
         self.http = http
         self.max_bytes = max_bytes
@@ -588,6 +598,7 @@ class Fetcher:
         self.max_frames = max_frames
         self.timeout_s = timeout_s
         self.max_redirects = max_redirects
+        self.attempts = attempts
 
     @classmethod
     def from_settings(cls, s: Settings, resolver: Resolver | None = None) -> Fetcher:
@@ -611,9 +622,22 @@ class Fetcher:
 
     def fetch(self, url: str) -> bytes:
         """The image at ``url``: its bytes, checked like an upload. Raises
-        :class:`~batchvision.core.errors.BatchvisionError` with the per-image code."""
+        :class:`~batchvision.core.errors.BatchvisionError` with the per-image code.
+
+        A transient failure (a refused or broken connection, a name that did not resolve,
+        ``408``, ``429``, ``5xx``) is tried again, up to :attr:`attempts` times in all, after a
+        short backoff or what the answer's ``Retry-After`` asks, while the deadline leaves room
+        for it; the last failure is the image's error."""
         with Deadline(self.timeout_s) as deadline:
-            return self._fetch(parse_url(url), deadline)
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    return self._fetch(parse_url(url), deadline)
+                except FetchError as exc:
+                    wait = max(backoff(attempt, RETRY_FIRST_S, RETRY_CAP_S), exc.retry_after or 0.0)
+                    if attempt == self.attempts or not retryable(exc.code) or wait >= _left(deadline):
+                        raise
+                    time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _fetch(self, target: Target, deadline: Deadline) -> bytes:
         for hop in range(self.max_redirects + 1):
@@ -636,15 +660,24 @@ class Fetcher:
                 continue
             if not 200 <= resp.status < 300:
                 _discard(resp)
-                raise FetchError(
+                error = FetchError(
                     f"{target.host_header} answered HTTP {resp.status}", code=f"http_{resp.status}"
                 )
+                error.retry_after = retry_after(resp.headers)
+                raise error
             data = read_body(resp, self.max_bytes, deadline, image=True)
             inspect_image(
                 data, max_bytes=self.max_bytes, max_pixels=self.max_pixels, max_frames=self.max_frames
             )
             return data
         raise AssertionError("unreachable")
+
+
+def _left(deadline: Deadline) -> float:
+    try:
+        return deadline.left()
+    except FetchError:
+        return 0.0
 
 
 def _small(resp: urllib3.BaseHTTPResponse) -> bool:

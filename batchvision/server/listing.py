@@ -34,13 +34,13 @@ import redis
 
 from batchvision.core.errors import BatchvisionError, TooManyRequests
 from batchvision.server import failpoints, keys
+from batchvision.server.backoff import backoff
 from batchvision.server.keys import JobKeys
 from batchvision.server.leases import IF_OURS, Lease, LeasedWorker, due_again_if, now_ms
 from batchvision.server.s3 import S3, S3Error, S3Url
 from batchvision.server.sources import DONE, FAILED, LISTING, Page, is_image_key, too_many
 from batchvision.server.store import JobStore
 from batchvision.server.text import hash_fields
-from batchvision.server.webhooks import backoff
 
 log = logging.getLogger(__name__)
 

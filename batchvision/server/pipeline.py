@@ -37,7 +37,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.recovery import ledger_done, ledger_started
-from batchvision.server.s3 import S3, S3Url, is_s3_url
+from batchvision.server.s3 import S3, S3Error, S3Url, is_s3_url
 from batchvision.server.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,15 @@ class ChunkProcessor:
         """Decode and classify the images of ``wanted`` together, each chunk in its route's
         lane with its options; one result dict per chunk."""
         results: list[dict[int, ImageResult]] = [{} for _ in wanted]
-        blobs = self.blobs.get_batch([(c.job_id, c.indexes) for c in wanted])
+        try:
+            blobs = self.blobs.get_batch([(c.job_id, c.indexes) for c in wanted])
+        except S3Error as exc:
+            if exc.transient:  # throttled or unreachable: the task tries again, with backoff
+                raise
+            # The blob store refuses (access denied, no bucket): each image says so, instead of
+            # a message that fails until its images count as poison.
+            failure = error_result(exc.code, f"the upload could not be read: {exc.message}")
+            return [dict.fromkeys(c.indexes, failure) for c in wanted]
         owners = self._owners(wanted, blobs)
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
         for n, (chunk, data) in enumerate(zip(wanted, blobs, strict=True)):
@@ -428,16 +436,15 @@ class ChunkProcessor:
             if self.on_recorded is not None:
                 self.on_recorded(counts, o.model or self.default_model)
         pipe = self.store.redis.pipeline(transaction=False)
-        if self.blobs.pipelined:
-            for o in stored:
-                self.blobs.delete_many(o.chunk.job_id, self._spent(o), pipe=pipe)
+        for o in stored:
+            # Queued on the pipeline for Redis blobs; done now for those on a volume or in a
+            # bucket, before the ledger entry goes: a delete that fails leaves the chunk in the
+            # ledger, and its re-send (its results stored) deletes them.
+            self.blobs.delete_many(o.chunk.job_id, self._spent(o), pipe=pipe)
         if refused is None:
             ledger_done(pipe, finished)
         if len(pipe):
             pipe.execute()
-        if not self.blobs.pipelined:
-            for o in stored:
-                self.blobs.delete_many(o.chunk.job_id, self._spent(o))
         if refused is not None:
             log.warning("results not stored, kept for a retry: %s", refused)
             raise refused

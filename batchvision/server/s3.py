@@ -72,6 +72,11 @@ class S3Error(BatchvisionError):
         return self.code in TRANSIENT_CODES
 
 
+class TransientS3Error(S3Error):
+    """An :class:`S3Error` of :data:`TRANSIENT_CODES` (throttled, unreachable): a worker's task
+    is retried with backoff on it."""
+
+
 @dataclass(frozen=True)
 class S3Url:
     """``s3://bucket/key``: a bucket and a key (or key prefix, possibly empty)."""
@@ -187,9 +192,9 @@ def _error(exc: BaseException, what: str) -> S3Error:
             return S3Error(f"{what}: access denied ({code or status})", code="access_denied")
         if code in THROTTLING or status in (429, 503):
             why = f"{what}: the store kept answering {code or status} (throttled)"
-            return S3Error(why, code="s3_throttled")
+            return TransientS3Error(why, code="s3_throttled")
         if status >= 500:
-            return S3Error(f"{what}: the store answered {status} {code}", code="s3_unavailable")
+            return TransientS3Error(f"{what}: the store answered {status} {code}", code="s3_unavailable")
         return S3Error(f"{what}: {code or status}: {message}"[:500], code="s3_error")
     if isinstance(exc, IncompleteReadError):
         why = f"{what}: the connection ended before the whole object ({exc})"
@@ -200,7 +205,7 @@ def _error(exc: BaseException, what: str) -> S3Error:
     # (ConnectionClosedError, ResponseStreamingError); the rest is the transport's own.
     unreachable = (EndpointConnectionError, ConnectionError, HTTPClientError, TransportError, OSError)
     if isinstance(exc, unreachable):
-        return S3Error(f"{what}: the store cannot be reached ({exc})"[:500], code="s3_unavailable")
+        return TransientS3Error(f"{what}: the store cannot be reached ({exc})"[:500], code="s3_unavailable")
     if isinstance(exc, BotoCoreError):
         return S3Error(f"{what}: {exc}"[:500], code="s3_error")
     raise exc

@@ -37,22 +37,20 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-from urllib3.exceptions import InvalidHeader
-from urllib3.util import Retry
 
 from batchvision.core.results import status_of
 from batchvision.core.settings import Settings
 from batchvision.server import keys
+from batchvision.server.backoff import backoff, retry_after
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
 from batchvision.server.keys import JobKeys
 from batchvision.server.leases import IF_OURS, due_again_if
@@ -117,26 +115,6 @@ def verify(
         return False
     expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode(), given.encode())
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """The seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date);
-    ``None`` without one, or for one that is neither."""
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(Retry().parse_retry_after(value)))
-    except (InvalidHeader, ValueError, OverflowError):
-        return None
-
-
-def backoff(attempt: int, first_s: float = FIRST_BACKOFF_S, cap_s: float = MAX_BACKOFF_S) -> float:
-    """Seconds before retry number ``attempt`` (1, 2, ...): doubling from ``first_s`` up to
-    ``cap_s``, with "equal jitter" (between half and all of it) so retries of many jobs
-    spread out."""
-    ceiling = min(cap_s, first_s * 2.0 ** max(0, attempt - 1))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 # -- state in Redis -------------------------------------------------------------------------------
@@ -245,9 +223,13 @@ if ARGV[3] == 'delivered' then redis.call('HSET', KEYS[2], 'cb_delivered_at', AR
 
 
 def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
-    """The POSTed document: the job as ``GET /v1/jobs/{id}`` shows it (without ``callback``)."""
+    """The POSTed document: the job as ``GET /v1/jobs/{id}`` shows it (without ``callback``),
+    and the delivery's id, signed with the body (the ``Batchvision-Delivery`` header is not:
+    a receiver that deduplicates on the header could be sent a recorded delivery again under
+    a new id within the signature's tolerance)."""
     status, counts = status_of(h)
     doc: dict[str, Any] = {
+        "delivery_id": delivery_id(job_id, h),
         "job_id": job_id,
         "status": status.value,
         **counts,
@@ -382,9 +364,10 @@ class Deliverer:
         elif error in RETRIED or status in (408, 429) or status >= 500:
             finished = float(h.get("finished_at") or now)
             give_up = finished + min(self.settings.webhook_retry_for_s, self.settings.result_ttl_s)
-            wait = max(backoff(attempt), asked or 0.0)  # never sooner than the receiver asked
+            own = backoff(attempt, FIRST_BACKOFF_S, MAX_BACKOFF_S)
+            wait = max(own, asked or 0.0)  # never sooner than the receiver asked
             state = "retrying" if now + wait <= give_up else "failed"
-            if state == "failed" and asked is not None and now + backoff(attempt) <= give_up:
+            if state == "failed" and now + own <= give_up:
                 error = "retry_after_too_late"  # the receiver's Retry-After ends past the window
             due_ms = int((now + wait) * 1000)
         else:

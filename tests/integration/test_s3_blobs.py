@@ -13,7 +13,7 @@ import pytest
 import redis as redis_lib
 
 from batchvision.core.synthetic import labelled_files
-from batchvision.testing.s3server import MotoServer
+from batchvision.testing.s3server import MotoServer, S3FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +99,34 @@ def test_uploads_wait_in_the_bucket_not_in_redis_and_are_deleted_after_their_res
         interval=0.2,
         message="every upload deleted from the bucket once its result is stored",
     )
+    blob_stack.stop_workers()
+
+
+def test_a_blob_store_that_struggles_is_waited_for_and_one_that_refuses_fails_each_image(
+    blob_stack: Any, s3_server: MotoServer, blob_bucket: str, wait_until: Callable[..., Any]
+) -> None:
+    files = [(name, data) for name, data, _ in labelled_files(6, seed=78)]
+    uploads = f"/{blob_bucket}/uploads/"
+    with S3FaultProxy(s3_server.url) as proxy:
+        # The worker reaches the bucket through the proxy (two calls per read, the SDK's own
+        # retries); the API writes to it directly.
+        blob_stack.worker(BATCHVISION_S3_ENDPOINT_URL=proxy.url, BATCHVISION_S3_MAX_ATTEMPTS="2")
+        # Throttled for a while: the task is retried with backoff, not failed (its chunk would
+        # wait for the ledger's re-send, hours later).
+        proxy.fail("GET", uploads, 503, "SlowDown")
+        job = blob_stack.client.submit_files(files)
+        wait_until(lambda: sum(proxy.hits.values()) >= 2 * len(files), timeout=60, message="reads throttled")
+        proxy.clear()
+        done = blob_stack.client.wait(job.job_id, timeout=120, poll_s=0.2)
+        assert (done.status, done.done) == ("succeeded", len(files))
+        # Refused for good: each image says why; the message does not fail until its images
+        # count as poison.
+        proxy.fail("GET", uploads, 403, "AccessDenied")
+        refused = blob_stack.client.submit_files(files)
+        done = blob_stack.client.wait(refused.job_id, timeout=120, poll_s=0.2)
+        assert (done.status, done.failed) == ("failed", len(files))
+        errors = {
+            (r.error.code, r.error.retryable) for r in blob_stack.client.results(refused.job_id) if r.error
+        }
+        assert errors == {("access_denied", False)}
+    blob_stack.stop_workers()

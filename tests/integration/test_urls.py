@@ -27,6 +27,7 @@ from batchvision.cli.runner import Supervisor, cli_argv
 from batchvision.client import ApiError, Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
+from batchvision.server.fetch import FETCH_ATTEMPTS
 from batchvision.server.keys import JobKeys
 from batchvision.testing.servers import RedisServer
 
@@ -231,8 +232,10 @@ def test_a_retry_fetches_again_what_failed_for_a_transient_reason_once(
 ) -> None:
     s, api = url_stack
     client = Client(api)
-    flaky = [f"{origin}/once/503/{n}.jpg" for n in (50, 51, 52)]  # a host down for a while
-    urls = [f"{origin}/img/53.jpg", *flaky, f"{origin}/page.jpg", f"{origin}/once/404/54.jpg"]
+    # A host down for a while: longer than a fetch's own tries (FETCH_ATTEMPTS), back for the retry.
+    down = f"/fail/{FETCH_ATTEMPTS}/503"
+    flaky = [f"{origin}{down}/{n}.jpg" for n in (50, 51, 52)]
+    urls = [f"{origin}/img/53.jpg", *flaky, f"{origin}/page.jpg", f"{origin}/fail/1/404/54.jpg"]
     job = client.submit_urls(urls)
     first = client.wait(job.job_id, timeout=120, poll_s=0.2)
     assert (first.status, first.done, first.failed) == ("partial", 1, 5)
@@ -253,10 +256,11 @@ def test_a_retry_fetches_again_what_failed_for_a_transient_reason_once(
     again = client.wait(job.job_id, timeout=120, poll_s=0.2)
     assert (again.status, again.done, again.failed) == ("partial", 4, 2)
     rows = client.results(job.job_id)
-    by_url = {f"{origin}/once/503/{n}.jpg": IMAGES[n][:2] for n in (50, 51, 52)}
+    by_url = {f"{origin}{down}/{n}.jpg": IMAGES[n][:2] for n in (50, 51, 52)}
     assert [r.label for r in rows[1:4]] == reference_labels(Path(s.model), [by_url[u] for u in flaky])
-    assert all(hostile.hits(f"/once/503/{n}.jpg") == 2 for n in (50, 51, 52))  # fetched once more
-    assert hostile.hits("/once/404/54.jpg") == 1 and hostile.hits("/page.jpg") >= 1
+    # Fetched once more than the first run's tries; a 404 and an HTML page are never asked again.
+    assert all(hostile.hits(f"{down}/{n}.jpg") == FETCH_ATTEMPTS + 1 for n in (50, 51, 52))
+    assert hostile.hits("/fail/1/404/54.jpg") == 1 and hostile.hits("/page.jpg") >= 1
     assert [r.error.code for r in rows[4:] if r.error] == ["not_an_image", "http_404"]
 
     # `batchvision retry`: nothing retryable is left.

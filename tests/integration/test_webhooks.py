@@ -164,6 +164,8 @@ def _check_signed(env: Env, delivery: Delivery, job_id: str) -> dict[str, Any]:
     assert delivery.headers["batchvision-event"] == "job.finished"
     doc = json.loads(delivery.body)
     assert doc["job_id"] == job_id and doc["status_url"].endswith(f"/v1/jobs/{job_id}")
+    # The id to deduplicate on is in the signed body: a replay under another header is caught.
+    assert doc["delivery_id"] == delivery.headers["batchvision-delivery"]
     return dict(doc)
 
 

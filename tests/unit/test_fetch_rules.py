@@ -23,7 +23,9 @@ from batchvision.core.allow_list import AllowList
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import webhooks
+from batchvision.server.backoff import backoff, retry_after
 from batchvision.server.fetch import (
+    FETCH_ATTEMPTS,
     FairPool,
     Fetcher,
     SafeHTTP,
@@ -242,6 +244,22 @@ def test_hostile_urls_end_with_their_error_code(server: str, path: str, code: st
     assert WATCHDOG.watching() == 0  # every connection's guard ended with its fetch
 
 
+def test_a_transient_failure_is_tried_again_within_the_deadline(server: str, origin: Any) -> None:
+    f = _fetcher()  # a 1.5 s deadline
+    assert f.fetch(f"http://{server}/fail/2/503/0.jpg") == JPEG  # two 503s, then the image
+    assert origin.hits("/fail/2/503/0.jpg") == 3
+    start = time.monotonic()
+    assert f.fetch(f"http://{server}/fail/1/429/0.jpg?after=1") == JPEG
+    assert time.monotonic() - start >= 1.0  # no sooner than its Retry-After asked
+    # Not tried again: a Retry-After past the deadline, an answer about the input itself.
+    assert _code(f, f"http://{server}/fail/1/502/0.jpg?after=60") == "http_502"
+    assert _code(f, f"http://{server}/fail/1/404/0.jpg") == "http_404"
+    assert origin.hits("/fail/1/502/0.jpg") == origin.hits("/fail/1/404/0.jpg") == 1
+    # A host that stays down: FETCH_ATTEMPTS tries, the last one's error.
+    assert _code(f, f"http://{server}/fail/9/500/0.jpg") == "http_500"
+    assert origin.hits("/fail/9/500/0.jpg") == FETCH_ATTEMPTS
+
+
 def test_without_the_allow_list_loopback_is_refused_before_connecting(server: str, origin: Any) -> None:
     f = _fetcher(AllowList())
     assert _code(f, f"http://{server}/ok.jpg") == "blocked_address"
@@ -284,11 +302,16 @@ def test_names_are_resolved_once_per_hop_and_every_address_is_checked(server: st
 
 def test_dns_rebinding_gets_nowhere(server: str, origin: Any) -> None:
     # The name answers a public address to the check, loopback afterwards: the fetcher never
-    # asks twice and connects to what it checked (here unreachable), never to the server.
+    # asks twice and connects to what it checked (here unreachable), never to the server. (A
+    # second try is a new exchange that resolves again: checked again, refused.)
     _, port = server.split(":")
     calls = iter([["192.0.2.1"], ["127.0.0.1"], ["127.0.0.1"]])
-    f = _fetcher(AllowList.parse("192.0.2.0/24"), lambda _n, _p: next(calls), timeout_s=1.0)
+    f = _fetcher(AllowList.parse("192.0.2.0/24"), lambda _n, _p: next(calls), timeout_s=1.0, attempts=1)
     assert _code(f, f"http://rebind.test:{port}/ok.jpg") in ("fetch_timeout", "connection_failed")
+    assert origin.seen == []
+    again = iter([["192.0.2.1"], ["127.0.0.1"], ["127.0.0.1"]])
+    f = _fetcher(AllowList.parse("192.0.2.0/24"), lambda _n, _p: next(again), timeout_s=2.0)
+    assert _code(f, f"http://rebind.test:{port}/ok.jpg") == "blocked_address"
     assert origin.seen == []
 
 
@@ -396,7 +419,10 @@ def test_verify_says_false_to_malformed_headers_and_the_documented_example_too(h
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    delays = [[webhooks.backoff(n) for _ in range(200)] for n in (1, 2, 3, 12)]
+    delays = [
+        [backoff(n, webhooks.FIRST_BACKOFF_S, webhooks.MAX_BACKOFF_S) for _ in range(200)]
+        for n in (1, 2, 3, 12)
+    ]
     assert all(0.5 <= d <= 1.0 for d in delays[0])
     assert all(1.0 <= d <= 2.0 for d in delays[1])
     assert all(2.0 <= d <= 4.0 for d in delays[2])
@@ -417,9 +443,9 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 def test_a_webhook_receivers_retry_after_is_read_as_seconds_or_a_date(
     value: str | None, seconds: float | None
 ) -> None:
-    assert webhooks.retry_after({} if value is None else {"Retry-After": value}) == seconds
+    assert retry_after({} if value is None else {"Retry-After": value}) == seconds
     future = email.utils.formatdate(time.time() + 600, usegmt=True)
-    assert 595 <= (webhooks.retry_after({"Retry-After": future}) or 0) <= 600
+    assert 595 <= (retry_after({"Retry-After": future}) or 0) <= 600
 
 
 def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_certificate(
