@@ -151,11 +151,15 @@ def idempotency_key() -> str | None:
 
 
 def fingerprint() -> str:
-    """A digest of what the request asks for (query, content type, body), so an
+    """A digest of what the request asks for (route, query, content type, body), so an
     ``Idempotency-Key`` reused for a different request is refused instead of replayed. Multipart
     bodies are hashed by part (name, filename, content), not by bytes: a client that rebuilds a
     retried request gets a new boundary but the same fingerprint."""
     h = hashlib.sha256()
+    # The route too: the same key and body sent to POST /v1/jobs and to POST /v1/classify are
+    # two requests, not a retry of one.
+    rule = request.url_rule.rule if request.url_rule is not None else request.path
+    h.update(f"{request.method} {rule}\0".encode())
     h.update(repr(sorted(request.args.items(multi=True))).encode())
     h.update((request.mimetype or "").encode())
     if request.mimetype == "multipart/form-data":

@@ -21,8 +21,10 @@ bp = Blueprint("v1_job_list", __name__, url_prefix="/v1")
 @c.contract(
     summary="The caller's jobs (its API key's), newest first, with cursor pagination",
     description="Each entry is the job's status document. Pass `next_cursor` as `cursor` for the "
-    "next page; it is null once no job is left. Filters: `status`, `created_after` (inclusive) "
-    "and `created_before` (exclusive), Unix times. Jobs are listed until their results expire.",
+    "next page; it is null once no job is left. A request reads at most 2,000 jobs: with a filter, "
+    "a page may hold fewer than `limit` (even none) and a `next_cursor`. Filters: `status`, "
+    "`created_after` (inclusive) and `created_before` (exclusive), Unix times. Jobs are listed "
+    "until their results expire.",
     query=jl.JobListQuery,
     responses={200: c.Response("A page of jobs", jl.JobList)},
     tags=("jobs",),

@@ -54,7 +54,7 @@ def _job_or_404(svc: Services, job_id: str) -> dict[str, Any]:
     """The job, if it exists and belongs to the caller's API key (else 404, or 410 if expired)."""
     job = svc.store.get(c.job_id(job_id))
     if job is None or job["owner"] != current_owner():
-        if job is None and svc.store.is_gone(job_id):
+        if job is None and svc.store.is_gone(job_id, current_owner()):
             raise Gone(f"job {job_id} finished and its results expired", code="job_expired")
         raise NotFound(f"no job {job_id}", code="job_not_found")
     return job

@@ -60,6 +60,11 @@ class Page:
     next_cursor: str | None
 
 
+#: Index entries one request reads at most (a status filter that matches few jobs would
+#: otherwise read the whole index): past it, the page ends short, with a cursor to go on from.
+MAX_SCANNED = 2000
+
+
 def list_jobs(
     client: redis.Redis,
     get_many: Callable[[Sequence[str]], list[dict[str, Any] | None]],
@@ -70,8 +75,14 @@ def list_jobs(
     status: str | None = None,
     created_after: float | None = None,
     created_before: float | None = None,
+    max_scanned: int = MAX_SCANNED,
 ) -> Page:
-    """A page of ``owner``'s jobs, newest first (``get_many``: the job store's documents)."""
+    """A page of ``owner``'s jobs, newest first (``get_many``: the job store's documents).
+
+    It reads the index in batches, each starting right after the last job read (by creation
+    time and id, like the cursor, never by position: jobs created meanwhile go in ahead of it
+    and shift no batch). A page may hold fewer than ``limit`` jobs with a ``next_cursor`` when
+    it read ``max_scanned`` entries without filling up."""
     key = keys.owner_jobs(owner)
     after = parse_cursor(cursor) if cursor is not None else None
     high: str | float = "+inf"
@@ -81,14 +92,15 @@ def list_jobs(
         high = after[0]
     low: str | float = created_after if created_after is not None else "-inf"
     out: list[dict[str, Any]] = []
-    offset, batch = 0, max(limit, 50)
+    batch = max(limit, 50)
+    skip = 0  # entries at the score ``high`` already read (jobs of one millisecond)
+    scanned = 0
     while True:
         raw: list[tuple[Any, Any]] = list(
-            client.zrevrangebyscore(key, high, low, start=offset, num=batch, withscores=True)  # type: ignore[arg-type]
+            client.zrevrangebyscore(key, high, low, start=skip, num=batch, withscores=True)  # type: ignore[arg-type]
         )
         if not raw:
             return Page(out, None)
-        offset += len(raw)
         ids: list[tuple[str, float]] = [
             (m.decode() if isinstance(m, bytes) else str(m), round(float(s), 3)) for m, s in raw
         ]
@@ -96,14 +108,24 @@ def list_jobs(
             ids = [(j, s) for j, s in ids if s < after[0] or j < after[1]]
         docs = get_many([j for j, _ in ids])
         gone = [j for (j, _), doc in zip(ids, docs, strict=True) if doc is None]
-        if gone:  # expired: out of the index (the entries after them move up as many places)
+        if gone:  # expired: out of the index
             client.zrem(key, *gone)
-            offset -= len(gone)
         for (job_id, created), doc in zip(ids, docs, strict=True):
-            if doc is None or (status is not None and doc["status"] != status):
-                continue
-            out.append(doc)
-            if len(out) == limit:
+            after = (created, job_id)
+            scanned += 1
+            if doc is not None and (status is None or doc["status"] == status):
+                out.append(doc)
+                if len(out) == limit:
+                    return Page(out, cursor_of(created, job_id))
+            if scanned >= max_scanned:
                 return Page(out, cursor_of(created, job_id))
         if len(raw) < batch:
             return Page(out, None)
+        # The next batch starts at the last score read, past the entries of it read already
+        # (those still in the index: an expired one was just removed).
+        last = round(float(raw[-1][1]), 3)
+        at_last = sum(1 for _, sc in raw if round(float(sc), 3) == last) - sum(
+            1 for (j, sc), doc in zip(ids, docs, strict=True) if doc is None and sc == last
+        )
+        skip = skip + at_last if high == last else at_last
+        high = last

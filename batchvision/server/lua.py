@@ -41,7 +41,8 @@ if v[5] == '1' and not v[6] and
   redis.call('HSET', K_JOB, 'finished_at', ARGV[2])
   redis.call('PUBLISH', CH_FINISHED, ARGV[3])
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
-  redis.call('SET', K_TOMB, '1', 'EX', tonumber(ARGV[1]) + 7 * 86400)
+  -- the tombstone names the job's owner: another API key's request gets 404, not 410
+  redis.call('SET', K_TOMB, 'o:' .. (redis.call('HGET', K_JOB, 'owner') or ''), 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('ZREM', K_ACTIVE, ARGV[3])
   release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
   -- a completion webhook is queued in the same step (durable: no process holds it)
@@ -118,6 +119,14 @@ redis.call('ZADD', K_ACTIVE, '+inf', ARGV[3])
     + _FINISH
     + "return 1"
 )
+
+#: Flag a job canceled (ARGV[1]: ``1``, or ``open`` for an upload cut short) if it still exists:
+#: a plain HSET after a DELETE that ran in between would make a job hash of that one field.
+CANCEL_FLAG = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', ARGV[1])
+return 1
+"""
 
 #: Add files: ARGV[1] open-upload TTL, ARGV[2] now, ARGV[3] job id, ARGV[4..] = (file key,
 #: filename, bytes of its blob: 0 for a file refused at upload) triples. A key the job has keeps

@@ -125,6 +125,7 @@ class JobStore:
         self.open_ttl_s = blob_ttl_s
         self._record = client.register_script(lua.RECORD)
         self._seal = client.register_script(lua.SEAL)
+        self._cancel_flag = client.register_script(lua.CANCEL_FLAG)
         self._add = client.register_script(lua.ADD)
 
     def create(
@@ -275,9 +276,12 @@ class JobStore:
             return job, []
         return job, list(_rows(idx[: job["total"]], *pages))
 
-    def is_gone(self, job_id: str) -> bool:
-        """True if the job existed and its results expired."""
-        return bool(self.redis.exists(JobKeys.of(job_id).tomb))
+    def is_gone(self, job_id: str, owner: str) -> bool:
+        """True if the job existed, belonged to ``owner`` (an API key's id, ``""`` without
+        keys), and its results expired. (A tombstone written before it named its owner, ``1``,
+        answers for anyone until it expires.)"""
+        tomb = self.redis.get(JobKeys.of(job_id).tomb)
+        return tomb is not None and tomb in (b"1", b"o:" + owner.encode())
 
     def unresolved(self, job_id: str, indexes: Sequence[int] | range) -> list[int]:
         """The indexes among ``indexes`` that have no result yet."""
@@ -310,7 +314,8 @@ class JobStore:
         if finished is not None:
             return True  # nothing left to cancel
         # "open": the upload itself was cut short, so the job is canceled whatever it received.
-        self.redis.hset(key, "cancel", "1" if sealed == b"1" else "open")
+        if not self._cancel_flag(keys=[key], args=["1" if sealed == b"1" else "open"]):
+            return False  # deleted since it was read
         total = int(self.redis.hget(key, "total") or 0)
         marker = canceled_result()
         for start in range(0, total, page):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ import requests
 from batchvision.client import Client
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
+from batchvision.server.job_list import list_jobs
 from batchvision.server.keys import JobKeys
 
 pytestmark = pytest.mark.integration
@@ -106,6 +107,43 @@ def _owner(stack: ListStack, key: str) -> str:
     owner = stack.redis.hget(JobKeys.of(stack.jobs_a[0] if key == KEY_A else stack.jobs_b[0]).job, "owner")
     assert owner is not None
     return owner.decode()
+
+
+def test_jobs_created_during_a_request_shift_none_of_its_batches(scratch_redis: redis_lib.Redis) -> None:
+    # 190 jobs, 60 of them in one millisecond (more than a batch of 50), every 7th failed; five
+    # new jobs are created while the request reads its first batch. A batch read by position
+    # would then start five entries early and list some failed jobs twice.
+    index = keys.owner_jobs("t")
+    times = [1000.0 + i for i in range(130)] + [2000.0] * 60
+    jobs = {f"{i:032x}": t for i, t in enumerate(times)}
+    scratch_redis.zadd(index, jobs)
+    status = {j: "failed" if n % 7 == 0 else "queued" for n, j in enumerate(jobs)}
+    newest_first = sorted(jobs, key=lambda j: (jobs[j], j), reverse=True)
+    calls = 0
+
+    def get_many(ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            scratch_redis.zadd(index, {f"{999 - i:032x}": 3000.0 + i for i in range(5)})
+        return [{"job_id": j, "status": status.get(j, "queued")} for j in ids]
+
+    page = list_jobs(scratch_redis, get_many, "t", limit=50, status="failed")
+    assert [d["job_id"] for d in page.jobs] == [j for j in newest_first if status[j] == "failed"]
+    assert page.next_cursor is None and calls > 3
+    # A filter that matches little reads at most max_scanned entries a request, then hands
+    # back a cursor: the pages that follow list the rest, none twice.
+    got: list[str] = []
+    cursor = None
+    for _ in range(20):
+        part = list_jobs(
+            scratch_redis, get_many, "t", limit=50, status="failed", cursor=cursor, max_scanned=40
+        )
+        got += [d["job_id"] for d in part.jobs]
+        cursor = part.next_cursor
+        if cursor is None:
+            break
+    assert got == [j for j in newest_first if status[j] == "failed"]
 
 
 def test_status_and_creation_time_filters(stack: ListStack) -> None:

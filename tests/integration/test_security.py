@@ -108,6 +108,9 @@ def test_idempotency_key_returns_the_same_job(api_url: str) -> None:
         f"{api_url}/v1/jobs", files=_image(), headers={"Idempotency-Key": "other"}, timeout=30
     )
     assert other.json()["job_id"] != first.json()["job_id"]
+    # The same key and body on another route is another request: refused, not replayed.
+    elsewhere = requests.post(f"{api_url}/v1/classify", files=_image(), headers=headers, timeout=30)
+    assert elsewhere.status_code == 409, elsewhere.text
 
 
 def test_backpressure_429_and_the_client_waits_it_out(

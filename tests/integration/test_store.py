@@ -154,6 +154,15 @@ def _assert_finished(store: JobStore, r: redis_lib.Redis, job_id: str) -> None:
         assert 0 < r.ttl(key) <= store.result_ttl_s, key  # every data key expires with the results
     assert store.result_ttl_s < r.ttl(k.tomb) <= store.result_ttl_s + 7 * 86400  # 410 after that
     assert r.zscore(keys.ACTIVE, job_id) is None
+    # Once its data is gone, the tombstone answers its owner alone: another key learns nothing.
+    owner = job["owner"]
+    with r.pipeline() as pipe:
+        pipe.dump(k.job)
+        pipe.pttl(k.job)
+        dumped, ttl = pipe.execute()
+    r.delete(k.job)
+    assert store.is_gone(job_id, owner) and not store.is_gone(job_id, owner + "-not")
+    r.restore(k.job, ttl, dumped)
 
 
 def test_the_last_result_of_a_sealed_job_finishes_it_once(
@@ -261,7 +270,7 @@ def test_an_abandoned_open_upload_expires_whole(
     assert all(0 < ttl <= 2 for ttl in ttls.values()), ttls  # nothing of it outlives the upload
     wait_until(lambda: not r.exists(*k.data()), timeout=15, message="the open upload's keys expire")
     assert store.get("j") is None and not store.exists("j")
-    assert not store.is_gone("j")  # it never finished: 404, not 410
+    assert not store.is_gone("j", "")  # it never finished: 404, not 410
 
 
 def test_an_expired_open_upload_leaves_the_active_jobs(
@@ -274,6 +283,26 @@ def test_an_expired_open_upload_leaves_the_active_jobs(
     assert Telemetry(scratch_redis).active_jobs() == 2
     wait_until(lambda: not store.exists("empty") and not store.exists("done"), timeout=15)
     assert Telemetry(scratch_redis).active_jobs() == 0
+
+
+def test_a_cancel_that_meets_a_delete_leaves_no_job_behind(
+    store: JobStore, scratch_redis: redis_lib.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DELETE lands between the cancel's read of the job and its write of the flag: the write
+    # must not make a job hash of one field (every route on it would then fail).
+    _job(store, "j", 3)
+    store.seal("j")
+    read = store.redis.hmget
+
+    def read_then_deleted(*args: Any, **kwargs: Any) -> Any:
+        out = read(*args, **kwargs)
+        monkeypatch.setattr(store.redis, "hmget", read)
+        assert store.remove("j", "o")
+        return out
+
+    monkeypatch.setattr(store.redis, "hmget", read_then_deleted)
+    assert store.cancel("j") is False
+    assert not scratch_redis.exists(*JobKeys.of("j").data()) and store.get("j") is None
 
 
 def test_a_job_canceled_during_its_upload_is_canceled_even_if_all_it_got_is_done(
