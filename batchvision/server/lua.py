@@ -42,7 +42,8 @@ if v[5] == '1' and not v[6] and
   redis.call('PUBLISH', CH_FINISHED, ARGV[3])
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
   -- the tombstone names the job's owner: another API key's request gets 404, not 410
-  redis.call('SET', K_TOMB, 'o:' .. (redis.call('HGET', K_JOB, 'owner') or ''), 'EX', tonumber(ARGV[1]) + 7 * 86400)
+  local tomb = 'o:' .. (redis.call('HGET', K_JOB, 'owner') or '')
+  redis.call('SET', K_TOMB, tomb, 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('ZREM', K_ACTIVE, ARGV[3])
   release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
   -- a completion webhook is queued in the same step (durable: no process holds it)
