@@ -296,8 +296,9 @@ class Deadline:
     """One time budget for a whole exchange (redirects included).
 
     Used as a context manager, it also holds: every connection the exchange uses is shut down
-    when the budget is spent (:mod:`~batchvision.server.watchdog`), whatever it is blocked on;
-    leaving the block forgets them."""
+    when the budget is spent (:mod:`~batchvision.server.watchdog`), whatever it is blocked on,
+    until it goes back to the pool (where another exchange may take it); leaving the block
+    forgets the watches left (of connections closed on the way)."""
 
     def __init__(self, seconds: float, watchdog: Watchdog = WATCHDOG) -> None:
         self.seconds = seconds
@@ -312,7 +313,7 @@ class Deadline:
         return left
 
     def guard(self, sock: socket.socket) -> None:
-        """Shut ``sock`` down at the end of the budget (unless the block ends first)."""
+        """Shut ``sock`` down at the end of the budget (unless it goes back to the pool first)."""
         self._tickets.append(self._watchdog.watch(sock, self.end))
 
     def __enter__(self) -> Deadline:
@@ -336,18 +337,29 @@ def _guard(sock: socket.socket | None) -> None:
             pass  # closed already: nothing left to bound
 
 
-class _GuardedHTTPConnection(HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _guard(sock)  # a new connection, from its first byte
-        return sock
+class _GuardedConnection:
+    """A connection guarded from its first byte by the opening exchange's deadline, and no
+    longer watched once closed (the watch's own descriptor would keep it open)."""
 
+    sock: socket.socket | None
 
-class _GuardedHTTPSConnection(HTTPSConnection):
     def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
         _guard(sock)
         return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            WATCHDOG.forget(self.sock)
+        super().close()  # type: ignore[misc]
+
+
+class _GuardedHTTPConnection(_GuardedConnection, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardedConnection, HTTPSConnection):
+    pass
 
 
 class _Guarded:
@@ -358,6 +370,12 @@ class _Guarded:
         conn = super()._get_conn(timeout)  # type: ignore[misc]
         _guard(conn.sock)  # a kept-alive one (a new one is guarded as it connects)
         return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        # Back in the pool, it is no longer the exchange's: another may take it at once.
+        if conn is not None and conn.sock is not None:
+            WATCHDOG.forget(conn.sock)
+        super()._put_conn(conn)  # type: ignore[misc]
 
 
 class _GuardedHTTPPool(_Guarded, urllib3.HTTPConnectionPool):

@@ -29,6 +29,8 @@ class Watchdog:
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int]] = []
         self._live: dict[int, socket.socket] = {}
+        self._by_fd: dict[int, int] = {}  # the watched socket's descriptor -> its latest watch
+        self._fd_of: dict[int, int] = {}  # and back
         self._tickets = itertools.count()
         self._thread: threading.Thread | None = None
         self.fired = 0  # how many sockets were shut down at their deadline (tests)
@@ -36,10 +38,13 @@ class Watchdog:
     def watch(self, sock: socket.socket, at: float) -> int:
         """Shut ``sock``'s connection down at ``at`` unless :meth:`cancel` comes first; returns
         the ticket to cancel it with. Raises ``OSError`` for a socket already closed."""
-        own = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        fd = sock.fileno()
+        own = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(fd))
         with self._cond:
             ticket = next(self._tickets)
             self._live[ticket] = own
+            self._by_fd[fd] = ticket
+            self._fd_of[ticket] = fd
             heapq.heappush(self._heap, (at, ticket))
             if self._thread is None or not self._thread.is_alive():
                 # Started lazily, in the process that uses it (workers fork after import).
@@ -52,8 +57,16 @@ class Watchdog:
         """Forget a watch (the exchange ended in time); its descriptor is closed."""
         with self._cond:
             own = self._live.pop(ticket, None)
+            self._unmap(ticket)
         if own is not None:
             own.close()
+
+    def forget(self, sock: socket.socket) -> None:
+        """Cancel the latest watch of ``sock`` (it changes hands: back to a connection pool)."""
+        with self._cond:
+            ticket = self._by_fd.pop(sock.fileno(), None)
+        if ticket is not None:
+            self.cancel(ticket)
 
     def watching(self) -> int:
         """How many sockets are watched now (tests, metrics)."""
@@ -73,8 +86,14 @@ class Watchdog:
                 if left <= 0:
                     heapq.heappop(self._heap)
                     self.fired += 1
+                    self._unmap(ticket)
                     return self._live.pop(ticket)
                 self._cond.wait(left)
+
+    def _unmap(self, ticket: int) -> None:
+        fd = self._fd_of.pop(ticket, None)
+        if fd is not None and self._by_fd.get(fd) == ticket:
+            del self._by_fd[fd]
 
     def _run(self) -> None:
         while True:

@@ -244,6 +244,29 @@ def test_hostile_urls_end_with_their_error_code(server: str, path: str, code: st
     assert WATCHDOG.watching() == 0  # every connection's guard ended with its fetch
 
 
+def test_a_connection_handed_back_to_the_pool_outlives_its_last_exchanges_deadline(
+    server: str, origin: Any, wait_until: Any
+) -> None:
+    # Exchange A (1 s) is answered a redirect by the server, hands the connection back to the
+    # pool and goes on to a slow second host; exchange B (5 s) takes that connection for a
+    # slow answer that outlasts A's deadline. A's deadline must not shut B's connection down
+    # (B would see it break, and send its GET again on a new one).
+    http = SafeHTTP(LOOPBACK, connect_timeout_s=0.5)
+    opts: dict[str, Any] = {"max_bytes": 2_000_000, "max_pixels": 4_000_000}
+    a, b = Fetcher(http, timeout_s=1.0, **opts), Fetcher(http, timeout_s=5.0, **opts)
+    port = server.split(":")[1]
+    outcome: dict[str, str] = {}
+    hop = f"http://{server}/redirect?to=http://localhost:{port}/slow%3Fs%3D3"
+    first = threading.Thread(target=lambda: outcome.update(a=_code(a, hop)))
+    first.start()
+    wait_until(lambda: origin.hits("/slow") == 1, timeout=10, message="A on its second host")
+    assert _code(b, f"http://{server}/slow?s=1.5") == "ok"
+    first.join(10)
+    assert outcome["a"] == "fetch_timeout"
+    assert origin.hits("/slow") == 2, origin.seen  # A's once and B's once
+    http.close()
+
+
 def test_a_transient_failure_is_tried_again_within_the_deadline(server: str, origin: Any) -> None:
     f = _fetcher()  # a 1.5 s deadline
     assert f.fetch(f"http://{server}/fail/2/503/0.jpg") == JPEG  # two 503s, then the image
