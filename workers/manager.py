@@ -19,6 +19,7 @@ the registry and hears from it (announcements, heartbeat, watcher, reload reques
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -184,8 +185,19 @@ def _default_loader(version: VersionDir, settings: Settings) -> ImageClassifier:
 PASSING_LOAD_ERRORS = frozenset({"ResourceExhaustedError", "UnavailableError", "DeadlineExceededError"})
 
 
+#: File system errors of the moment (an NFS server that did not answer, a busy device); a
+#: missing or unreadable file (FileNotFoundError, PermissionError...) is the version's own.
+PASSING_ERRNOS = frozenset(
+    {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EBUSY, errno.ENOMEM}
+)
+
+
 def _passing(exc: BaseException) -> bool:
-    return isinstance(exc, OSError | MemoryError) or type(exc).__name__ in PASSING_LOAD_ERRORS
+    return (
+        isinstance(exc, MemoryError | TimeoutError)
+        or (isinstance(exc, OSError) and exc.errno in PASSING_ERRNOS)
+        or type(exc).__name__ in PASSING_LOAD_ERRORS
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -79,11 +79,12 @@ class Claims:
         the chunk on: that was no delivery)."""
         self.redis.hincrby(JobKeys.of(chunk.job_id).tries, f"chunk:{chunk.first}", -1)
 
-    def attempt(self, job_id: str, key: str) -> int:
-        """Count one more delivery of ``key`` (a chunk or an image); returns the count."""
+    def attempt(self, job_id: str, key: str, count: int = 1) -> int:
+        """Count one more delivery of ``key`` (a chunk or an image; ``count=-1`` takes one back);
+        returns the count."""
         k = JobKeys.of(job_id).tries
         pipe = self.redis.pipeline()
-        pipe.hincrby(k, key, 1)
+        pipe.hincrby(k, key, count)
         pipe.expire(k, self.ttl_s)
         return int(pipe.execute()[0])
 

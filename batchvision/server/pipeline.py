@@ -37,7 +37,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.recovery import ledger_done, ledger_started
-from batchvision.server.s3 import S3, S3Error, S3Url, is_s3_url
+from batchvision.server.s3 import S3, S3Error, S3Url, TransientS3Error, is_s3_url
 from batchvision.server.store import Counts, JobStore
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,12 @@ class ChunkProcessor:
                     message = f"the worker died processing this image {max_attempts} times"
                     results: dict[int, ImageResult] = {i: error_result("poison_image", message)}
                 else:
-                    results = self._classify([one], enqueued_at, urgent, [route])[0]
+                    try:
+                        results = self._classify([one], enqueued_at, urgent, [route])[0]
+                    except TransientS3Error:
+                        # The blob store, not the image: the task's retry is no death of it.
+                        self.claims.attempt(chunk.job_id, f"image:{i}", -1)
+                        raise
                 self._store([_Outcome(one, results, route[1].model)], [], stats)
         self._store([], [chunk], stats)
 
@@ -273,18 +278,21 @@ class ChunkProcessor:
         lane with its options; one result dict per chunk."""
         results: list[dict[int, ImageResult]] = [{} for _ in wanted]
         try:
-            blobs = self.blobs.get_batch([(c.job_id, c.indexes) for c in wanted])
+            blobs: Sequence[Sequence[bytes | None]] = self.blobs.get_batch(
+                [(c.job_id, c.indexes) for c in wanted]
+            )
         except S3Error as exc:
-            if exc.transient:  # throttled or unreachable: the task tries again, with backoff
-                raise
-            # The blob store refuses (access denied, no bucket): each image says so, instead of
-            # a message that fails until its images count as poison.
-            failure = error_result(exc.code, f"the upload could not be read: {exc.message}")
-            return [dict.fromkeys(c.indexes, failure) for c in wanted]
+            _retry_if_passing(exc)
+            # The store refuses an object (access denied...): read them one by one, so that
+            # each refused image says so and the others go on (a message that failed instead
+            # would fail until its images counted as poison).
+            blobs = [self._read_each(c, results[n]) for n, c in enumerate(wanted)]
         owners = self._owners(wanted, blobs)
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
         for n, (chunk, data) in enumerate(zip(wanted, blobs, strict=True)):
             for i, blob in zip(chunk.indexes, data, strict=True):
+                if i in results[n]:  # refused by the blob store
+                    continue
                 if blob is None:
                     results[n][i] = error_result(
                         "upload_expired", "the upload expired before it was classified"
@@ -323,6 +331,20 @@ class ChunkProcessor:
             except BatchvisionError as exc:
                 results[n][i] = error_result(exc.code, exc.message)
         return results
+
+    def _read_each(self, chunk: Chunk, results: dict[int, ImageResult]) -> list[bytes | None]:
+        """The chunk's uploads read one at a time; a refused one is its image's error (in
+        ``results``) and ``None`` here."""
+        out: list[bytes | None] = []
+        for i in chunk.indexes:
+            try:
+                (data,) = self.blobs.get_many(chunk.job_id, [i])
+            except S3Error as exc:
+                _retry_if_passing(exc)
+                results[i] = error_result(exc.code, f"the upload could not be read: {exc.message}")
+                data = None
+            out.append(data)
+        return out
 
     def _owners(self, wanted: Sequence[Chunk], blobs: Sequence[Sequence[bytes | None]]) -> list[str]:
         """The API key (owner id) of each job that has an image named by URL (one round trip;
@@ -436,15 +458,18 @@ class ChunkProcessor:
             if self.on_recorded is not None:
                 self.on_recorded(counts, o.model or self.default_model)
         pipe = self.store.redis.pipeline(transaction=False)
-        for o in stored:
-            # Queued on the pipeline for Redis blobs; done now for those on a volume or in a
-            # bucket, before the ledger entry goes: a delete that fails leaves the chunk in the
-            # ledger, and its re-send (its results stored) deletes them.
-            self.blobs.delete_many(o.chunk.job_id, self._spent(o), pipe=pipe)
+        if self.blobs.pipelined:
+            for o in stored:
+                self.blobs.delete_many(o.chunk.job_id, self._spent(o), pipe=pipe)
         if refused is None:
             ledger_done(pipe, finished)
         if len(pipe):
             pipe.execute()
+        if not self.blobs.pipelined:
+            # A delete the store refuses for the moment fails the task, which is retried: its
+            # redelivery finds the results stored and deletes again.
+            for o in stored:
+                self.blobs.delete_many(o.chunk.job_id, self._spent(o))
         if refused is not None:
             log.warning("results not stored, kept for a retry: %s", refused)
             raise refused
@@ -452,6 +477,15 @@ class ChunkProcessor:
     def _spent(self, outcome: _Outcome) -> list[int]:
         """The indexes of ``outcome`` whose blobs go now: all but those kept for a retry."""
         return spent_blobs(self.blobs, outcome.chunk.indexes, outcome.results, outcome.kept)
+
+
+def _retry_if_passing(exc: S3Error) -> None:
+    """Raise what makes the task try again, with backoff, for a blob store that failed for the
+    moment: throttled, unreachable, or a body cut short after its re-reads."""
+    if isinstance(exc, TransientS3Error):
+        raise exc
+    if exc.code == "incomplete_download":
+        raise TransientS3Error(exc.message, code=exc.code) from exc
 
 
 def _relay(source: Future[Any], target: Future[Any]) -> None:

@@ -50,6 +50,8 @@ MULTIPART_BYTES = 16 * 1024 * 1024
 #: The codes of a store that is throttling or unreachable (after botocore's retries): a wait,
 #: not a fault of the request, so the API answers ``503`` with ``Retry-After``.
 TRANSIENT_CODES = frozenset({"s3_throttled", "s3_unavailable"})
+#: Reads of one object's body when it breaks off (botocore retries requests, not bodies).
+BODY_READS = 3
 
 
 class S3Error(BatchvisionError):
@@ -73,8 +75,9 @@ class S3Error(BatchvisionError):
 
 
 class TransientS3Error(S3Error):
-    """An :class:`S3Error` of :data:`TRANSIENT_CODES` (throttled, unreachable): a worker's task
-    is retried with backoff on it."""
+    """An :class:`S3Error` worth trying again soon: of :data:`TRANSIENT_CODES` (throttled,
+    unreachable), or a worker's read of an upload cut short. A worker's task is retried with
+    backoff on it."""
 
 
 @dataclass(frozen=True)
@@ -284,16 +287,20 @@ class S3:
     def get(self, url: S3Url, *, max_bytes: int | None = None) -> bytes:
         """The object's bytes; ``too_large`` (:class:`S3Error`, 422) before reading when it is
         larger than ``max_bytes``. botocore retries the request, not the read of its body: a
-        body that breaks off (a reset connection) is asked for again, up to ``max_attempts``
-        times in all, with backoff."""
-        for attempt in range(1, self.config.max_attempts + 1):
+        body that breaks off (a reset connection) is asked for again, up to
+        :data:`BODY_READS` times in all, with backoff, while ``read_timeout_s`` has not passed
+        since the first read began (a body that stalls is not waited for again and again)."""
+        start = time.monotonic()
+        for attempt in range(1, BODY_READS + 1):
             try:
                 return self._get_once(url, max_bytes)
             except S3Error as exc:
                 broke = exc.streaming and (exc.transient or exc.code == "incomplete_download")
-                if not broke or attempt == self.config.max_attempts:
+                wait = min(2.0, 0.1 * 2**attempt)
+                late = time.monotonic() + wait - start > self.config.read_timeout_s
+                if not broke or attempt == BODY_READS or late:
                     raise
-                time.sleep(min(2.0, 0.1 * 2**attempt))
+                time.sleep(wait)
         raise AssertionError("unreachable")
 
     def _get_once(self, url: S3Url, max_bytes: int | None) -> bytes:

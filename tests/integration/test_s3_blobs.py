@@ -129,4 +129,12 @@ def test_a_blob_store_that_struggles_is_waited_for_and_one_that_refuses_fails_ea
             (r.error.code, r.error.retryable) for r in blob_stack.client.results(refused.job_id) if r.error
         }
         assert errors == {("access_denied", False)}
+        # One object refused among others: that image alone fails.
+        proxy.clear()
+        proxy.fail("GET", f"{uploads}[0-9a-f]+/2$", 403, "AccessDenied")
+        one = blob_stack.client.submit_files(files)
+        done = blob_stack.client.wait(one.job_id, timeout=120, poll_s=0.2)
+        assert (done.status, done.done, done.failed) == ("partial", len(files) - 1, 1)
+        failed = [r for r in blob_stack.client.results(one.job_id) if r.error]
+        assert [(r.filename, r.error.code) for r in failed] == [(files[2][0], "access_denied")]
     blob_stack.stop_workers()
