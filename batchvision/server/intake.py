@@ -580,19 +580,26 @@ class Intake:
                 duplicates += 1
                 if index in redo and err is None:
                     blobs[index] = up.data
+                elif index in redo:  # refused, and its error row lost with the failed request
+                    errors.append((index, error_result(err.code, err.message)))
             elif err is not None:
                 errors.append((index, error_result(err.code, err.message)))
                 rejected.append(Rejection(index, up.filename, err.code, err.message))
             else:
                 blobs[index] = up.data
-        self.blobs.put_many(job_id, blobs)
+        # The refusals and the ledger entries first, the blobs after: a part that fails half-way
+        # (Redis full as the blobs arrive, a killed process) leaves no image without a way to a
+        # result. Its re-send stores and queues them; without one, the sweeper re-sends the
+        # chunks and each image whose upload never arrived ends as `upload_expired`.
         self.store.record(job_id, errors)
         chunks = split(job_id, sorted(blobs), self.settings.chunk_size)
+        now = round(time.time(), 3)
         if chunks:
-            now = round(time.time(), 3)
             pipe = self.redis.pipeline(transaction=False)
             ledger_add(pipe, chunks, now)
             pipe.execute()
+        self.blobs.put_many(job_id, blobs)
+        if chunks:
             routing = self.store.routing_of(job_id)
             self.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Submitted(

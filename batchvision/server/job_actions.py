@@ -10,8 +10,9 @@ Its input must still be held: the workers keep the blob of an image that failed 
 retryable reason until it expires (Redis blobs only: ``BLOB_TTL_S`` after the upload); an image
 whose blob is gone stays as it is and is listed as ``input_expired``.
 
-**Delete** cancels what is still queued, then removes the job, its results, its place in its
-owner's job list and every blob (kept ones included); afterwards every route answers 404.
+**Delete** removes the job, its results, its place in its owner's job list and every blob
+(kept ones included), and gives back what it still had queued to the counters; a worker that
+takes one of its chunks later drops it. Afterwards every route answers 404.
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ def _undo_retry(intake: Intake, job_id: str, owner: str, chunks: Sequence[Chunk]
 
 
 def delete(intake: Intake, job_id: str, owner: str) -> None:
-    """Cancel what ``job_id`` still has queued, then remove it, its results and its blobs."""
+    """Remove ``job_id``, its results and its blobs. What it still has queued is given back
+    to the counters at once; a worker that takes one of its chunks finds the job gone and
+    drops it (no result is written for a job that is gone). Nothing is written first, so a
+    full Redis can delete a job to free memory."""
     total = int(intake.redis.hget(JobKeys.of(job_id).job, "total") or 0)
-    intake.store.cancel(job_id)
     intake.store.remove(job_id, owner)
     for start in range(0, total, DELETE_PAGE):
         intake.blobs.delete_many(job_id, list(range(start, min(total, start + DELETE_PAGE))))

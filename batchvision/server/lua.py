@@ -20,10 +20,12 @@ end
 local function release_job(k_pending, k_jobpending, k_pending_bytes, k_quota, id)
   local v = redis.call('HMGET', k_jobpending, id, id .. ':b', id .. ':o')
   local n, b = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  -- A delete first: Redis at maxmemory (noeviction) refuses a script whose first write could
+  -- grow memory (DECRBY), and releasing, deleting a job, is how memory is given back.
+  redis.call('HDEL', k_jobpending, id, id .. ':b', id .. ':o')
   if n > 0 then redis.call('DECRBY', k_pending, n) end
   if b > 0 then redis.call('DECRBY', k_pending_bytes, b) end
   if v[3] then quota_add(k_quota, v[3], -math.max(n, 0), -math.max(b, 0)) end
-  redis.call('HDEL', k_jobpending, id, id .. ':b', id .. ':o')
 end
 """
 

@@ -348,7 +348,9 @@ class JobStore:
         """Remove the job, its results and its place in ``owner``'s job list, after giving
         back what it still holds in the queue's counters (its blobs are the blob store's).
         False if it did not exist."""
-        pipe = self.redis.pipeline()
+        # Not a MULTI: Redis at maxmemory refuses every command queued in one, and removing a
+        # job is how a full Redis gets memory back (the script deletes before it writes).
+        pipe = self.redis.pipeline(transaction=False)
         _eval(pipe, lua.REMOVE, JobKeys.of(job_id).lua(), [self.result_ttl_s, f"{time.time():.3f}", job_id])
         unindex_job(pipe, owner, job_id)
         existed, _ = pipe.execute()

@@ -298,3 +298,21 @@ def test_a_full_redis_loses_no_image_and_the_retry_stores_each_result_once(
     assert job is not None and job["status"] == "succeeded" and job["done"] == len(COLOURS)
     assert Telemetry(full_redis).pending_images() == 0
     assert rig.blobs_left("j") == [] and not rig.in_ledger("j", ix)
+
+
+def test_a_full_redis_still_deletes_jobs_and_releases_expired_uploads(
+    full_redis: redis_lib.Redis, rig_on: Any
+) -> None:
+    # Deleting and releasing are how a full Redis gets memory back: a script that first tried
+    # to raise or lower a counter would be refused (noeviction) before it deleted anything.
+    rig = rig_on(full_redis)
+    rig.job("j", [rig.jpeg(c) for c in COLOURS])
+    rig.job("gone", [rig.jpeg("red"), rig.jpeg("blue")], seal=False)
+    full_redis.delete(*JobKeys.of("gone").data())  # the open upload expired ...
+    full_redis.zadd(keys.ACTIVE, {"gone": 0}, xx=True)  # ... its expiry time long past
+    telemetry = Telemetry(full_redis)
+    _fill(full_redis)
+    assert telemetry.pending_images() == len(COLOURS)  # the expired upload released
+    assert full_redis.zscore(keys.ACTIVE, "gone") is None
+    assert rig.store.remove("j", "") is True
+    assert telemetry.pending_images() == 0 and rig.store.get("j") is None

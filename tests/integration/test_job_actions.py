@@ -18,11 +18,12 @@ import redis as redis_lib
 import requests
 
 from batchvision.core.errors import Conflict
+from batchvision.core.model_refs import JobOptions
 from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import job_actions, keys, lua
-from batchvision.server.intake import Intake
+from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.telemetry import Telemetry
@@ -190,6 +191,36 @@ def test_the_webhook_waits_for_the_new_end_under_a_new_delivery_id(rig: Any, int
     assert rig.r.zscore(keys.WEBHOOKS, JOB) is not None  # due again, for the new end
     fields = {k.decode(): v.decode() for k, v in rig.r.hgetall(JobKeys.of(JOB).job).items()}
     assert fields["cb_state"] == "pending" and delivery_id(JOB, fields) == f"{JOB}.1"
+
+
+def test_a_part_that_fails_half_way_leaves_every_image_a_way_to_a_result(
+    rig: Any, intake: Intake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = [Upload("a.jpg", "a.jpg", rig.jpeg("red"))]
+    job = intake.submit(None, "", first, [], seal=False, options=JobOptions("colours")).job_id
+    part = [Upload("b.jpg", "b.jpg", rig.jpeg("green")), Upload("c.jpg", "c.jpg", b"not an image")]
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise redis_lib.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(intake.blobs, "put_many", full)
+    with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+        intake.submit(job, "", part, [], seal=False)  # Redis full as the part's blobs arrive
+    monkeypatch.undo()
+    # Indexed, and each has its way to a result: the refusal is stored, the image is in the
+    # ledger (the sweeper re-sends what no message carries).
+    assert [r["filename"] for r in rig.rows(job)][1:] == ["b.jpg", "c.jpg"]
+    assert rig.rows(job)[2]["error"]["code"] == "not_an_image"
+    assert rig.in_ledger(job, [1])
+    intake.store.seal(job)  # the client gives up on the part and seals the job
+    rig.process((job, [0]), (job, [1]))  # its first message, and the sweeper's re-send
+    doc = intake.store.get(job)
+    assert doc is not None and doc["finished_at"] is not None
+    assert [r.get("label") or r["error"]["code"] for r in rig.rows(job)] == [
+        "red",
+        "upload_expired",
+        "not_an_image",
+    ]
 
 
 def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
