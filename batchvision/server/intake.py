@@ -580,7 +580,7 @@ class Intake:
                 duplicates += 1
                 if index in redo and err is None:
                     blobs[index] = up.data
-                elif index in redo:  # refused, and its error row lost with the failed request
+                elif index in redo and err is not None:  # its error row lost with the failed request
                     errors.append((index, error_result(err.code, err.message)))
             elif err is not None:
                 errors.append((index, error_result(err.code, err.message)))
