@@ -1,7 +1,9 @@
 """The Redis key space: every key batchvision reads or writes is named here, and only here.
 
 One prefix, ``bv:``. Every key of one job carries the ``{job_id}`` hash tag, so a job's keys
-live in one Redis Cluster slot and one Lua script may touch them all.
+hash to one Redis Cluster slot. Redis Cluster is not supported all the same: the job scripts
+also touch the global counters and sets below (``bv:active``, ``bv:pending``...), which carry
+no tag; one Redis (with a replica) holds them all.
 
 ==============================  ====================================================================
 key                             what it holds
