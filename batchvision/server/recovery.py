@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,12 @@ def ledger_done(pipe: Any, chunks: Sequence[Chunk]) -> None:
         pipe.zrem(CHUNKS, *[chunk_member(c) for c in chunks])
 
 
+_RELEASE_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def sweep(
     store: JobStore,
     queues: Sequence[str],
@@ -64,7 +71,8 @@ def sweep(
     client = store.redis
     if any(client.llen(q) for q in queues):
         return 0  # a backlog: chunks may still be waiting in it
-    if not client.set(SWEEP_LOCK, "1", nx=True, ex=60):
+    token = uuid.uuid4().hex
+    if not client.set(SWEEP_LOCK, token, nx=True, ex=60):
         return 0  # another worker is sweeping right now
     try:
         cutoff = time.time() - older_than_s
@@ -81,7 +89,8 @@ def sweep(
             resent += 1
         return resent
     finally:
-        client.delete(SWEEP_LOCK)
+        # Ours only: a sweep that outlasted the lock's 60 s may find another worker's lock.
+        client.eval(_RELEASE_IF_OURS, 1, SWEEP_LOCK, token)
 
 
 class Sweeper(threading.Thread):

@@ -117,3 +117,18 @@ def test_a_refused_sweep_leaves_the_holders_lock_alone(
     assert _sweep(store, resends) == 0
     assert resends == []
     assert scratch_redis.exists(keys.SWEEP_LOCK)  # still theirs
+
+
+def test_a_sweep_that_outlasts_its_lock_leaves_the_next_holders_lock_alone(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    _job(store, "j", 2)
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+
+    def slow(chunk: Chunk) -> None:
+        # The lock expired while this sweep ran, and another worker's sweep took it.
+        scratch_redis.set(keys.SWEEP_LOCK, "another-sweeper", ex=60)
+        resends.append((chunk.job_id, list(chunk.indexes)))
+
+    assert sweep(store, QUEUES, CUTOFF, slow) == 1
+    assert scratch_redis.get(keys.SWEEP_LOCK) == b"another-sweeper"
