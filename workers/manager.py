@@ -245,7 +245,9 @@ class PinnedLanes:
         now = time.monotonic()
         while len(served.pinned) >= self.max_pinned:
             version, lane = next(iter(served.pinned.items()))
-            if now - lane.used < PINNED_GRACE_S:
+            # In use: asked for lately, or a task is feeding it now (its decoding or fetching
+            # may take longer than the grace: `used` is set when the task takes the lane).
+            if now - lane.used < PINNED_GRACE_S or lane.batcher.in_use():
                 raise BatchvisionError(
                     f"this worker already serves {len(served.pinned)} pinned versions of model "
                     f"{served.name} in use (at most {self.max_pinned}): retry these images later "
@@ -261,7 +263,7 @@ class PinnedLanes:
         for served in models:
             with served.lock:
                 for version, lane in list(served.pinned.items()):
-                    if now - lane.used >= self.idle_s:
+                    if now - lane.used >= self.idle_s and not lane.batcher.in_use():
                         self._unload(served, version, "idle")
                         gone.append((served.name, version))
         return gone

@@ -105,6 +105,11 @@ class DynamicBatcher(Generic[In, Out]):
                 slot.left = 0
                 self._cond.notify_all()
 
+    def in_use(self) -> bool:
+        """Whether items are announced or waiting (a task is feeding this batcher now)."""
+        with self._cond:
+            return self._reserved > 0 or bool(self._items) or bool(self._urgent)
+
     def submit(self, value: In, tag: Any = None, urgent: bool = False) -> Future[Out]:
         """Queue one item (``urgent``: ahead of the others); the future resolves with its
         output or the batch's error."""
