@@ -73,13 +73,13 @@ end
     + due_again_if("pending")
 )
 
-#: What :meth:`Exporter.export` returns for a job it leaves alone (gone, or not finished): it
-#: leaves the set, and its ``out_state`` (one of :class:`~batchvision.core.documents.OutputState`'s)
-#: is not written.
 #: A write that failed for a transient reason is tried again: from a second, doubling, at most
 #: five minutes apart (for the exporter's retry window after the job finished).
 RETRY_FIRST_S = 1.0
 RETRY_CAP_S = 300.0
+#: What :meth:`Exporter.export` returns for a job it leaves alone (gone, or not finished): it
+#: leaves the set, and its ``out_state`` (one of :class:`~batchvision.core.documents.OutputState`'s)
+#: is not written.
 DROPPED = "dropped"
 #: What :meth:`Exporter.export` returns for a running job written in parts: due again soon.
 LATER = "later"

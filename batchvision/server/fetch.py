@@ -306,8 +306,13 @@ class Deadline:
         self._watchdog = watchdog
         self._tickets: list[int] = []
 
+    def remaining(self) -> float:
+        """Seconds left, 0 once spent."""
+        return max(0.0, self.end - time.monotonic())
+
     def left(self) -> float:
-        left = self.end - time.monotonic()
+        """Seconds left; ``fetch_timeout`` once spent."""
+        left = self.remaining()
         if left <= 0:
             raise FetchError(f"no answer within {self.seconds:g}s", code="fetch_timeout")
         return left
@@ -652,7 +657,7 @@ class Fetcher:
                     return self._fetch(parse_url(url), deadline)
                 except FetchError as exc:
                     wait = max(backoff(attempt, RETRY_FIRST_S, RETRY_CAP_S), exc.retry_after or 0.0)
-                    if attempt == self.attempts or not retryable(exc.code) or wait >= _left(deadline):
+                    if attempt == self.attempts or not retryable(exc.code) or wait >= deadline.remaining():
                         raise
                     time.sleep(wait)
         raise AssertionError("unreachable")
@@ -689,13 +694,6 @@ class Fetcher:
             )
             return data
         raise AssertionError("unreachable")
-
-
-def _left(deadline: Deadline) -> float:
-    try:
-        return deadline.left()
-    except FetchError:
-        return 0.0
 
 
 def _small(resp: urllib3.BaseHTTPResponse) -> bool:

@@ -101,11 +101,12 @@ def list_jobs(
         )
         if not raw:
             return Page(out, None)
-        ids: list[tuple[str, float]] = [
+        read: list[tuple[str, float]] = [
             (m.decode() if isinstance(m, bytes) else str(m), round(float(s), 3)) for m, s in raw
         ]
+        ids = read
         if after is not None:  # the same creation time as the cursor: only ids after it
-            ids = [(j, s) for j, s in ids if s < after[0] or j < after[1]]
+            ids = [(j, s) for j, s in read if s < after[0] or j < after[1]]
         docs = get_many([j for j, _ in ids])
         gone = [j for (j, _), doc in zip(ids, docs, strict=True) if doc is None]
         if gone:  # expired: out of the index
@@ -123,9 +124,7 @@ def list_jobs(
             return Page(out, None)
         # The next batch starts at the last score read, past the entries of it read already
         # (those still in the index: an expired one was just removed).
-        last = round(float(raw[-1][1]), 3)
-        at_last = sum(1 for _, sc in raw if round(float(sc), 3) == last) - sum(
-            1 for (j, sc), doc in zip(ids, docs, strict=True) if doc is None and sc == last
-        )
-        skip = skip + at_last if high == last else at_last
+        last = read[-1][1]
+        at_last = sum(1 for j, sc in read if sc == last and j not in gone)
+        skip = (skip if high == last else 0) + at_last
         high = last
