@@ -28,8 +28,12 @@ REQUEST_SECONDS = Histogram(
     "batchvision_http_request_duration_seconds",
     "HTTP request latency by route, method and status.",
     ["route", "method", "status"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    # Past 30 s: a `POST /v1/classify` may wait up to SYNC_TIMEOUT_S, uploads take minutes.
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+#: The methods the latency histogram names; any other is counted as ``OTHER`` (each label value
+#: is a series in every process and in Prometheus: a client must not be able to make more).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class StoreCollector(Collector):
@@ -107,9 +111,8 @@ def init_app(
         start = g.pop("bv_start", None)
         if start is not None and request.endpoint != "metrics":
             route = request.url_rule.rule if request.url_rule else "unmatched"
-            REQUEST_SECONDS.labels(route, request.method, str(resp.status_code)).observe(
-                time.perf_counter() - start
-            )
+            method = request.method if request.method in METHODS else "OTHER"
+            REQUEST_SECONDS.labels(route, method, str(resp.status_code)).observe(time.perf_counter() - start)
         return resp
 
     @contract(

@@ -690,27 +690,28 @@ ALERTS = {
     "BatchvisionApiDown": ('up{job="batchvision-api"} == 0', "2m"),
     "BatchvisionNoWorker": ('sum(up{job="batchvision-worker"}) == 0', None),
     "BatchvisionQueueGrowing": (
-        "deriv(batchvision_queue_depth_images[10m]) > 0 and batchvision_queue_depth_images > 100",
+        "deriv(max(batchvision_queue_depth_images)[10m:1m]) > 0 "
+        "and max(batchvision_queue_depth_images) > 100",
         "10m",
     ),
     "BatchvisionHighErrorRate": (
         'sum(rate(batchvision_images_classified_total{outcome="error"}[5m])) / '
-        "sum(rate(batchvision_images_classified_total[5m])) > 0.05",
+        'sum(rate(batchvision_images_classified_total{outcome=~"ok|error"}[5m])) > 0.05',
         "10m",
     ),
     "BatchvisionSmallBatches": (
-        "histogram_quantile(0.5, sum(rate(batchvision_batch_size_bucket[10m])) by (le)) < 4 "
+        "sum(rate(batchvision_batch_size_sum[10m])) / sum(rate(batchvision_batch_size_count[10m])) < 4 "
         "and max(batchvision_queue_depth_images) > 500",
         "15m",
     ),
 }
 
 PANEL_EXPRS = [
-    "sum(rate(batchvision_images_classified_total[1m]))",
-    "batchvision_queue_depth_images",
-    "histogram_quantile(0.5, sum(rate(batchvision_batch_size_bucket[5m])) by (le))",
+    'sum(rate(batchvision_images_classified_total{outcome!="canceled"}[1m]))',
+    "max(batchvision_queue_depth_images)",
+    "sum(rate(batchvision_batch_size_sum[5m])) / sum(rate(batchvision_batch_size_count[5m]))",
     "histogram_quantile(0.95, sum(rate(batchvision_http_request_duration_seconds_bucket[5m]))"
-    " by (le, route))",
+    " by (le, route, method))",
     'sum(rate(batchvision_images_classified_total{outcome="error"}[5m]))',
     'sum(up{job="batchvision-worker"})',
     "rate(batchvision_inference_seconds_sum[5m]) / rate(batchvision_inference_seconds_count[5m])",

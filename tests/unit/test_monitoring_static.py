@@ -86,7 +86,7 @@ def test_dashboard_covers_the_operator_questions() -> None:
     for needed in (
         "batchvision_images_classified_total",  # throughput and error rate
         "batchvision_queue_depth_images",
-        "batchvision_batch_size_bucket",  # batch fill
+        "batchvision_batch_size_sum",  # batch fill (the mean)
         "batchvision_http_request_duration_seconds_bucket",  # latency percentiles
         "up",  # workers up
     ):

@@ -46,3 +46,20 @@ def test_the_page_asks_auth_and_never_probes_a_job() -> None:
     script = (STATIC / "js" / "main.js").read_text()
     assert '"/auth"' in script
     assert "/v1/jobs/${" + '"0"' not in script
+
+
+def test_request_methods_cannot_grow_the_latency_histogram() -> None:
+    from prometheus_client import REGISTRY
+
+    client = _client()
+    for i in range(20):
+        client.open("/auth", method=f"ZZ{i}")
+    client.open("/auth", method="GET")
+    methods = {
+        sample.labels["method"]
+        for family in REGISTRY.collect()
+        if family.name == "batchvision_http_request_duration_seconds"
+        for sample in family.samples
+    }
+    assert "GET" in methods and "OTHER" in methods
+    assert not {m for m in methods if m.startswith("ZZ")}, methods

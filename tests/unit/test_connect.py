@@ -1,0 +1,66 @@
+"""Redis connections in a gevent process: readiness checks that do not wait skip gevent's hub."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Run in a child: gevent's monkey-patching cannot be undone in the test process.
+_CHILD = textwrap.dedent(
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+    import select
+    import socket
+
+    import gevent
+    import redis._parsers.hiredis as hiredis
+
+    calls = []
+    cooperative = select.poll
+
+    def counting_poll():
+        calls.append(1)
+        return cooperative()
+
+    select.poll = counting_poll
+    from batchvision.server.connect import cooperative_poll_checks
+
+    cooperative_poll_checks()
+    cooperative_poll_checks()  # idempotent: the shim is not wrapped twice
+    a, b = socket.socketpair()
+    assert not hiredis._socket_can_read(a, 0)
+    b.send(b"x")
+    assert hiredis._socket_can_read(a, 0)
+    assert not hiredis._socket_is_closed(a)
+    a.recv(1)
+    b.close()
+    assert hiredis._socket_can_read(a, 0) and hiredis._socket_is_closed(a)
+    assert calls == [], f"a zero-timeout check went through gevent's poll {len(calls)} times"
+    # A poll that waits stays cooperative: the greenlet that sends runs during the wait.
+    c, d = socket.socketpair()
+    gevent.spawn_later(0.05, d.send, b"y")
+    assert hiredis._socket_can_read(c, 5.0)
+    assert calls == [1], calls
+    print("ok")
+    """
+)
+
+
+def test_zero_timeout_checks_are_system_calls_and_waits_stay_cooperative() -> None:
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_nothing_changes_without_gevent() -> None:
+    import select
+
+    import redis._parsers.hiredis as hiredis
+
+    from batchvision.server.connect import cooperative_poll_checks
+
+    cooperative_poll_checks()
+    assert hiredis.select is select
