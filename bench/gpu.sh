@@ -9,7 +9,9 @@
 # repository itself (nothing is installed into the machine's Python). Needs models only when
 # --model names a file; the default model (mobilenet_v2, random weights) is built in place.
 set -eu
+CALLER=$PWD  # relative paths in the arguments (--json, --model) are the caller's
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 if [ -d .whl ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -29,5 +31,5 @@ if missing:
 import jax
 print(f"python {sys.version.split()[0]}, jax {jax.__version__} on {jax.devices()}", file=sys.stderr)
 PY
-cd bench
-exec "$PYTHON" gpu.py "$@"
+cd "$CALLER"
+exec "$PYTHON" "$ROOT/bench/gpu.py" "$@"

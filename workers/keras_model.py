@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from batchvision.core.batch_policy import padded_sizes
-from batchvision.core.classifier import ImageClassifier
+from batchvision.core.classifier import ImageClassifier, Scores, probe_images
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
 from batchvision.server.cpus import limited_cpus
@@ -146,7 +146,8 @@ class Classifier:
         self.backend = str(keras.backend.backend())
         self.device = _device(self.backend)
         self._fn = _compiled(model, self.backend, xla)
-        self._softmax = _ends_in_softmax(model)
+        # A wrapped SavedModel hides its last activation: then the outputs tell.
+        self._scores = Scores(True if _ends_in_softmax(model) else None)
         # Batches are padded to a few fixed sizes: the kernels (and oneDNN's primitive cache)
         # see at most these shapes, instead of one set per batch size, which grows memory.
         self.buckets = padded_sizes(max_batch_size)
@@ -161,10 +162,7 @@ class Classifier:
         out = self._fn(normalize(batch, self.preprocess))
         if isinstance(out, dict):
             out = next(iter(out.values()))
-        probs = np.asarray(out, dtype=np.float32).reshape(size, -1)[:n]
-        if not self._softmax and not _are_probabilities(probs):
-            probs = _softmax(probs)
-        return list(probs)
+        return list(self._scores(np.asarray(out, dtype=np.float32).reshape(size, -1)[:n]))
 
     def warm_up(self) -> float:
         """Run every bucket size once, so no real batch pays for first-time setup; returns seconds."""
@@ -276,16 +274,6 @@ def _ends_in_softmax(model: Any) -> bool:
     return getattr(act, "__name__", "") == "softmax"
 
 
-def _are_probabilities(x: np.ndarray) -> bool:
-    # A wrapped SavedModel hides its last activation: look at the numbers instead.
-    return bool(x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float32)
-
-
 def _device(backend: str) -> str:
     if backend == "jax":
         first = jax.devices()[0]  # where jax.jit places the computation
@@ -388,13 +376,25 @@ def load_version(version: VersionDir, settings: Settings) -> ImageClassifier:
 
 
 def check_outputs(classifier: ImageClassifier) -> None:
-    """One image through the model: its output must have one value per label."""
-    w, h = classifier.input_size
-    (out,) = classifier.predict([np.zeros((h, w, 3), np.uint8)])
-    classes = int(np.asarray(out).reshape(-1).shape[0])
-    if classes != len(classifier.labels):
+    """A batch of different images (:func:`probe_images`) through the model: one output per
+    image, one value per label. The first outputs a model gives also decide whether its scores
+    are probabilities or logits (:class:`~batchvision.core.classifier.Scores`)."""
+    probe = probe_images(classifier.input_size)
+    try:
+        together = classifier.predict(probe)
+    except Exception as exc:
+        classifier.predict(probe[:1])  # fails too: the model's own error, as it is
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelMismatch(
-            f"the model outputs {classes} classes but its labels file has {len(classifier.labels)} labels"
+            f"the model runs one image but fails on a batch of {len(probe)} images ({first})"
+        ) from exc
+    if len(together) != len(probe):
+        raise ModelMismatch(f"the model gives {len(together)} outputs for a batch of {len(probe)} images")
+    classes = {int(np.asarray(out).reshape(-1).shape[0]) for out in together}
+    if classes != {len(classifier.labels)}:
+        raise ModelMismatch(
+            f"the model outputs {min(classes)} classes but its labels file has "
+            f"{len(classifier.labels)} labels"
         )
 
 

@@ -193,10 +193,14 @@ PASSING_ERRNOS = frozenset(
 
 
 def _passing(exc: BaseException) -> bool:
+    # JAX (XlaRuntimeError) and ONNX Runtime name device memory exhaustion only in the text.
+    text = str(exc)
     return (
         isinstance(exc, MemoryError | TimeoutError)
         or (isinstance(exc, OSError) and exc.errno in PASSING_ERRNOS)
         or type(exc).__name__ in PASSING_LOAD_ERRORS
+        or "RESOURCE_EXHAUSTED" in text
+        or "out of memory" in text.lower()
     )
 
 
@@ -417,6 +421,11 @@ class ModelManager:
             try:
                 loaded = self._load(vdir)
             except Exception as exc:  # noqa: BLE001 - refused; an older version may load
+                if _passing(exc):  # an older one serves meanwhile; the watcher tries this again
+                    log.warning(
+                        "model %s version %d did not load for now: %s", entry.name, version, _reason(exc)
+                    )
+                    continue
                 failed[version] = (vdir.signature, _reason(exc))
                 log.warning("model %s version %d refused: %s", entry.name, version, failed[version][1])
                 continue
@@ -510,15 +519,26 @@ class ModelManager:
             loaded = self._load(vdir)
         except Exception as exc:  # noqa: BLE001 - refused with the reason; the live one stays
             reason = _reason(exc)
-            served.failed[target] = (vdir.signature, reason)
-            self._emit_state(served, target, FAILED, {"error": reason})
-            log.warning(
-                "model %s version %d refused, version %d stays live: %s",
-                name,
-                target,
-                served.live.version,
-                reason,
-            )
+            if _passing(exc):
+                # Device memory taken (the live version is still loaded beside it), a file system
+                # that did not answer: not held against the version; the next look tries again.
+                log.warning(
+                    "model %s version %d did not load for now, version %d stays live: %s",
+                    name,
+                    target,
+                    served.live.version,
+                    reason,
+                )
+            else:
+                served.failed[target] = (vdir.signature, reason)
+                self._emit_state(served, target, FAILED, {"error": reason})
+                log.warning(
+                    "model %s version %d refused, version %d stays live: %s",
+                    name,
+                    target,
+                    served.live.version,
+                    reason,
+                )
             if self._on_switch is not None:
                 self._on_switch(name, target, None)
             return False

@@ -59,18 +59,29 @@ class _Graph:
         raise NotImplementedError(f"activation {name!r} (layer {hint})")
 
 
+#: Layers whose ONNX operators take NCHW (Keras' tensors are NHWC).
+_CHANNELS_FIRST = (
+    "Conv2D",
+    "MaxPooling2D",
+    "BatchNormalization",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+)
+
+
 def export(model: Any, out: Path) -> None:
     """Write ``model`` (a loaded Keras ``Sequential``) to ``out`` as ONNX."""
     g = _Graph()
     _, h, w, c = model.inputs[0].shape
     x, nchw = "images", False
+    spatial = True  # the tensor still has its height and width (Flatten and global pools end that)
     for layer in model.layers:
         kind, cfg, hint = type(layer).__name__, layer.get_config(), layer.name
         weights = [np.asarray(v) for v in layer.get_weights()]
         if kind == "Rescaling":
             x = g.op("Mul", [x, g.const("scale", np.float32(cfg["scale"]))], hint)
             x = g.op("Add", [x, g.const("offset", np.float32(cfg["offset"]))], hint)
-        elif kind in ("Conv2D", "MaxPooling2D", "BatchNormalization") and not nchw:
+        elif kind in _CHANNELS_FIRST and not nchw and spatial:
             x, nchw = g.op("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2]), True
         if kind == "Rescaling":
             continue
@@ -79,7 +90,8 @@ def export(model: Any, out: Path) -> None:
                 raise NotImplementedError(f"{hint}: only stride 1, dilation 1, one group")
             kernel = weights[0].transpose(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
             kh, kw = kernel.shape[2:]
-            pads = [kh // 2, kw // 2, (kh - 1) // 2, (kw - 1) // 2] if cfg["padding"] == "same" else [0] * 4
+            # "same": as TensorFlow pads, the odd row or column of an even kernel at the end.
+            pads = [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2] if cfg["padding"] == "same" else [0] * 4
             inputs = [x, g.const("kernel", kernel)] + (
                 [g.const("bias", weights[1])] if cfg["use_bias"] else []
             )
@@ -103,14 +115,16 @@ def export(model: Any, out: Path) -> None:
             x = g.op("MaxPool", [x], hint, kernel_shape=list(cfg["pool_size"]), strides=list(cfg["strides"]))
         elif kind in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
             pooled = g.op("GlobalAveragePool" if "Average" in kind else "GlobalMaxPool", [x], hint)
-            x, nchw = g.op("Flatten", [pooled], hint, axis=1), False
+            x, nchw, spatial = g.op("Flatten", [pooled], hint, axis=1), False, False
         elif kind == "Flatten":
             if nchw:  # Keras flattens NHWC
                 x, nchw = g.op("Transpose", [x], "to_nhwc", perm=[0, 2, 3, 1]), False
-            x = g.op("Flatten", [x], hint, axis=1)
+            x, spatial = g.op("Flatten", [x], hint, axis=1), False
         elif kind == "Dropout":
             continue
         elif kind == "Dense":
+            if nchw:  # Keras' Dense works on the last axis, the channels of NHWC
+                x, nchw = g.op("Transpose", [x], "to_nhwc", perm=[0, 2, 3, 1]), False
             x = g.op("MatMul", [x, g.const("kernel", weights[0])], hint)
             if cfg["use_bias"]:
                 x = g.op("Add", [x, g.const("bias", weights[1])], hint)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchvision.core.classifier import ImageClassifier
+from batchvision.core.classifier import ImageClassifier, Scores
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
 from batchvision.server.cpus import limited_cpus
@@ -102,6 +102,7 @@ class OnnxClassifier:
         self._output = self._session.get_outputs()[0].name
         # A model exported with a fixed batch size runs in slices of that size.
         self._batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        self._scores = Scores()
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for each image (``(h, w, 3)`` uint8 of the input size)."""
@@ -118,11 +119,7 @@ class OnnxClassifier:
                 part = np.concatenate([part, np.zeros((step - n, *part.shape[1:]), part.dtype)])
             (out,) = self._session.run([self._output], {self._input: part})
             parts.append(np.asarray(out, dtype=np.float32).reshape(step, -1)[:n])
-        probs = np.concatenate(parts)
-        if not (probs.min() >= 0 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
-            e = np.exp(probs - probs.max(axis=1, keepdims=True))  # logits: softmax them
-            probs = e / e.sum(axis=1, keepdims=True)
-        return list(probs.astype(np.float32))
+        return list(self._scores(np.concatenate(parts)))
 
     def warm_up(self) -> float:
         """One batch of one image, so the first real batch pays no session setup; returns seconds."""

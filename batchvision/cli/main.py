@@ -16,7 +16,7 @@ from pathlib import Path
 
 from batchvision.core.settings import Settings, SettingsError, unknown_variables
 from batchvision.server.checks import ConfigError, check_worker_settings
-from batchvision.server.gpus import GpuNotVisible
+from batchvision.server.gpus import GpuNotVisible, GpuReader
 from batchvision.server.repository import RepositoryError
 from batchvision.server.routing import worker_queues
 
@@ -160,11 +160,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The GPU first: a worker pinned to a device it cannot see fails before it reads models.
-    if args.gpu is not None:
+    # BATCHVISION_GPU alone (a container's environment) pins as --gpu does.
+    gpu = args.gpu if args.gpu is not None else s.gpu
+    if gpu:
         try:
-            pin_gpu(s, args.gpu)
+            pin_gpu(s, gpu)
         except (SettingsError, GpuNotVisible) as exc:
-            print(f"error: --gpu {args.gpu}: {exc}", file=sys.stderr)
+            given = "--gpu" if args.gpu is not None else "BATCHVISION_GPU"
+            print(f"error: {given} {gpu}: {exc}", file=sys.stderr)
             return 2
     # The models this worker serves (--models, else BATCHVISION_WORKER_MODELS, else
     # every model of the repository) decide the queues it consumes; the worker process reads
@@ -207,15 +210,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.execv(sys.executable, argv)
 
 
-def pin_gpu(s: Settings, gpu: str) -> None:
-    """Pin the worker to ``gpu`` (``--gpu``) if NVML shows it: ``CUDA_VISIBLE_DEVICES`` for the
-    frameworks, ``BATCHVISION_GPU`` for the worker's own check that its models run there. Raises
-    :class:`GpuNotVisible` (naming the GPUs that are visible) rather than run on the CPU."""
+def pin_gpu(s: Settings, gpu: str, reader: GpuReader | None = None) -> None:
+    """Pin the worker to ``gpu`` (``--gpu``, else ``BATCHVISION_GPU``) if NVML shows it:
+    ``CUDA_VISIBLE_DEVICES`` for the frameworks, ``BATCHVISION_GPU`` for the worker's own check
+    that its models run there. Raises :class:`GpuNotVisible` (naming the GPUs that are visible)
+    rather than run on the CPU. ``reader``: NVML unless given (tests)."""
     from batchvision.server.gpus import require_gpu
 
     s.replace(gpu=gpu)  # its form: an index or a UUID
-    require_gpu(gpu)
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    found = require_gpu(gpu, reader)
+    # By its UUID: an index means NVML's order (PCI bus) to us, and CUDA's own order (fastest
+    # first) to the frameworks; on a host of mixed GPUs the two differ.
+    os.environ["CUDA_VISIBLE_DEVICES"] = found.uuid
     os.environ["BATCHVISION_GPU"] = gpu
 
 

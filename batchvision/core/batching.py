@@ -52,6 +52,10 @@ class _Item(Generic[In, Out]):
     urgent: bool = False
 
 
+class BatcherClosed(RuntimeError):
+    """An item was submitted to a batcher that was closed (its model version was unloaded)."""
+
+
 class DynamicBatcher(Generic[In, Out]):
     """Collects items from many threads into batches for one ``predict`` callable."""
 
@@ -123,7 +127,7 @@ class DynamicBatcher(Generic[In, Out]):
             tag = self._on_submit(tag)
         with self._cond:
             if self._closed:
-                raise RuntimeError("batcher is closed")
+                raise BatcherClosed("batcher is closed")
             if slot is not None and slot.left > 0:
                 slot.left -= 1
                 self._reserved -= 1

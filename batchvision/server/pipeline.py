@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from batchvision.core.batching import Admission
+from batchvision.core.batching import Admission, BatcherClosed
 from batchvision.core.errors import BatchvisionError, InvalidImage
 from batchvision.core.imaging import decode_image, inspect_image
 from batchvision.core.model_refs import JobOptions
@@ -317,7 +317,14 @@ class ChunkProcessor:
                     results[n][i] = error_result(image.code, image.message)
                     continue
                 tag = (wanted[n].job_id, enqueued_at)
-                predicted.append((n, i, slots[id(routes[n][0])].submit(image, tag=tag, urgent=urgent)))
+                try:
+                    predicted.append((n, i, slots[id(routes[n][0])].submit(image, tag=tag, urgent=urgent)))
+                except BatcherClosed:  # its pinned version was unloaded meanwhile to make room
+                    results[n][i] = error_result(
+                        "model_busy",
+                        "the model version was unloaded while this image waited: retry it "
+                        "(POST /v1/jobs/{id}/retry)",
+                    )
         # One deadline for the whole message: a model that hangs costs it one timeout, never
         # one per image (which could outlast the broker's visibility timeout).
         deadline = time.monotonic() + self.limits.model_timeout_s

@@ -202,6 +202,17 @@ def test_a_missing_upload_is_upload_expired(rig: Any) -> None:
     assert rig.model_calls() == [2]
 
 
+def test_a_lane_unloaded_while_its_images_wait_fails_them_retryably(rig: Any) -> None:
+    # A pinned version can be unloaded to make room for another while a task decodes its
+    # images: they end as the retryable model_busy, the message itself does not fail.
+    ix = rig.job("j", [rig.jpeg(c) for c in COLOURS])
+    rig.processor.lanes.served["colours"].batcher.close()
+    summary = rig.process(("j", ix))
+    assert summary["classified"] == 0 and summary["failed"] == 5
+    assert rig.labels("j") == ["model_busy"] * 5
+    assert rig.model_calls() == []
+
+
 def test_a_canceled_job_gets_canceled_results_without_the_model(rig: Any) -> None:
     ix = rig.job("j", [rig.jpeg(c) for c in COLOURS])
     # The cancel flag is set and its canceled results not written yet (they race the worker).

@@ -83,6 +83,67 @@ def test_the_onnx_export_gives_the_keras_models_labels(
     assert np.abs(keras_probs - onnx_probs).max() < 1e-4
 
 
+def _exported_model(layers: list[Any]) -> Any:
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), *layers])
+    for layer in model.layers:  # statistics of its own, so that a BatchNormalization does something
+        if type(layer).__name__ == "BatchNormalization":
+            layer.set_weights(
+                [np.random.default_rng(1).uniform(0.5, 2.0, w.shape) for w in layer.get_weights()]
+            )
+    return model
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        pytest.param(
+            lambda k, size=size: [
+                k.layers.Conv2D(4, size, padding="same"),
+                k.layers.Flatten(),
+                k.layers.Dense(5),
+            ],
+            id=f"same-{size}",
+        )
+        for size in (2, 3, 4)
+    ]
+    + [
+        pytest.param(
+            lambda k: [
+                k.layers.Flatten(),
+                k.layers.Dense(6),
+                k.layers.BatchNormalization(),
+                k.layers.Dense(5),
+            ],
+            id="batchnorm-after-dense",
+        ),
+        pytest.param(
+            lambda k: [
+                k.layers.Conv2D(4, 3),
+                k.layers.Dense(6),
+                k.layers.GlobalAveragePooling2D(),
+                k.layers.Dense(5),
+            ],
+            id="dense-on-feature-maps",
+        ),
+    ],
+)
+def test_the_onnx_export_computes_what_keras_does(layers: Callable[[Any], list[Any]], tmp_path: Path) -> None:
+    import keras
+    import onnxruntime as ort
+
+    from workers.onnx_export import export
+
+    model = _exported_model(layers(keras))
+    export(model, tmp_path / "model.onnx")
+    x = np.random.default_rng(2).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": x})
+    want = np.asarray(model(x, training=False))
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, float(np.abs(want).max()))
+
+
 @dataclass
 class OnnxStack:
     url: str

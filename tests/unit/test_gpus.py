@@ -5,6 +5,9 @@ gives no GPU series and no error."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -170,3 +173,30 @@ def test_runtime_settings_are_checked(name: str, value: str, allowed: str) -> No
     with pytest.raises(SettingsError) as err:
         Settings.from_env({f"BATCHVISION_{name.upper()}": value})
     assert f"BATCHVISION_{name.upper()}={value!r}" in str(err.value) and allowed in str(err.value)
+
+
+def test_pinning_names_the_gpu_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchvision.cli.main import pin_gpu
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("BATCHVISION_GPU", raising=False)
+    pin_gpu(Settings(), "1", FakeReader(H200))
+    # NVML's index 1 may be another device in CUDA's own order: the UUID is the same in both.
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == H200[1].uuid
+    assert os.environ["BATCHVISION_GPU"] == "1"
+    assert visible(H200, os.environ["CUDA_VISIBLE_DEVICES"]) == [H200[1]]
+
+
+def test_a_gpu_set_only_in_the_environment_is_pinned_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    main = importlib.import_module("batchvision.cli.main")  # the package's `main` is a function
+    pinned: list[str] = []
+
+    def refuse(s: Settings, gpu: str) -> None:
+        pinned.append(gpu)
+        raise GpuNotVisible(f"GPU {gpu} is not visible: this host shows no GPU")
+
+    monkeypatch.setenv("BATCHVISION_GPU", "3")
+    monkeypatch.setattr(main, "pin_gpu", refuse)
+    args = argparse.Namespace(gpu=None, models=None, name=None, loglevel="info")
+    assert main.cmd_worker(args) == 2
+    assert pinned == ["3"]

@@ -296,3 +296,33 @@ def test_the_live_lane_fits_images_decoded_for_another_input_size(tmp_path: Path
     assert fit(np.zeros((8, 8, 3), np.uint8), (8, 8)).shape == (8, 8, 3)
     assert fit(np.zeros((8, 8, 3), np.uint8), (16, 4)).shape == (4, 16, 3)
     shutil.rmtree(tmp_path)
+
+
+def test_a_new_version_that_fails_to_load_for_the_moment_goes_live_on_the_next_look(tmp_path: Path) -> None:
+    # A reload holds the old and the new version at once: device memory may run out for the
+    # moment. That is not the version's fault, and must not keep it out until its files change.
+    _version(tmp_path, 1)
+    manager = _manager(tmp_path, Loader(flaky={2: 1}))
+    try:
+        _version(tmp_path, 2)
+        assert manager.refresh("m") is False
+        assert 2 not in manager.models["m"].failed
+        assert manager.refresh("m") is True
+        assert manager.models["m"].live.version == 2
+    finally:
+        manager.close()
+
+
+def test_a_first_load_that_fails_for_the_moment_serves_the_older_version_until_it_loads(
+    tmp_path: Path,
+) -> None:
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    manager = _manager(tmp_path, Loader(flaky={2: 1}))
+    try:
+        assert manager.models["m"].live.version == 1
+        assert 2 not in manager.models["m"].failed
+        assert manager.refresh("m") is True
+        assert manager.models["m"].live.version == 2
+    finally:
+        manager.close()

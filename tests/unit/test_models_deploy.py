@@ -172,7 +172,7 @@ def test_the_dashboard_shows_the_worker_metrics_by_model() -> None:
     by_model = [e for e in exprs if re.search(r"\bby \([^)]*\bmodel\b", e)]
     for metric in (
         "batchvision_images_classified_total",
-        "batchvision_batch_size_bucket",
+        "batchvision_batch_size_sum",
         "batchvision_inference_seconds_sum",
         "batchvision_queue_tasks",
         "batchvision_model_live_version",

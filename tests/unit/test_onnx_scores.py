@@ -1,0 +1,86 @@
+"""ONNX models' scores: probabilities or logits is decided once per model, never per batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from batchvision.core.classifier import probe_images
+from workers.keras_model import ModelMismatch, check_outputs
+from workers.onnx_model import OnnxClassifier
+
+CLASSES = 1000
+
+
+def _model(path: Path, *, tail: str) -> Path:
+    """[N, 8, 8, 3] -> mean colour -> 1000 scores: ``tail`` "bf16-softmax" (probabilities that
+    went through bfloat16: rows sum to 1 only within a few thousandths), "logits", or
+    "batch-of-one" (a Reshape to [1, -1]: works for one image only)."""
+    rng = np.random.default_rng(1)
+    weights = numpy_helper.from_array(rng.normal(0, 20, (3, CLASSES)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1, 2], keepdims=0)]
+    if tail == "batch-of-one":
+        nodes.append(helper.make_node("Reshape", ["mean", "shape"], ["flat"]))
+        nodes.append(helper.make_node("MatMul", ["flat", "w"], ["y"]))
+    else:
+        nodes.append(helper.make_node("MatMul", ["mean", "w"], ["logits"]))
+    if tail == "bf16-softmax":
+        nodes += [
+            helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+            helper.make_node("Cast", ["p"], ["p16"], to=TensorProto.BFLOAT16),
+            helper.make_node("Cast", ["p16"], ["y"], to=TensorProto.FLOAT),
+        ]
+    elif tail == "logits":
+        nodes.append(helper.make_node("Identity", ["logits"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [weights, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, path / "model.onnx")
+    return path / "model.onnx"
+
+
+def _classifier(path: Path) -> OnnxClassifier:
+    clf = OnnxClassifier(path, [f"c{i}" for i in range(CLASSES)], "unit", "m", threads=1)
+    check_outputs(clf)  # as the worker loads every version
+    return clf
+
+
+def _images(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(2)
+    return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("tail", ["bf16-softmax", "logits"])
+def test_an_images_scores_do_not_depend_on_its_batch(tmp_path: Path, tail: str) -> None:
+    clf = _classifier(_model(tmp_path, tail=tail))
+    images = _images(32)
+    together = clf.predict(images)
+    for image, scores in zip(images, together, strict=True):
+        (alone,) = clf.predict([image])
+        np.testing.assert_allclose(alone, scores, atol=1e-4)
+        assert abs(float(scores.sum()) - 1.0) < 1e-2
+
+
+def test_probabilities_in_half_precision_are_not_softmaxed_again(tmp_path: Path) -> None:
+    clf = _classifier(_model(tmp_path, tail="bf16-softmax"))
+    best = max(float(s.max()) for s in clf.predict(_images(32)))
+    # A second softmax over 1,000 classes would flatten every score to about 1/1000.
+    assert best > 0.1
+
+
+def test_a_model_that_takes_one_image_at_a_time_is_refused_at_load(tmp_path: Path) -> None:
+    clf = OnnxClassifier(_model(tmp_path, tail="batch-of-one"), ["a"] * CLASSES, "unit", "m", threads=1)
+    (one,) = clf.predict(probe_images(clf.input_size)[:1])
+    assert one.shape == (CLASSES,)
+    with pytest.raises(ModelMismatch, match="batch of 4 images"):
+        check_outputs(clf)
