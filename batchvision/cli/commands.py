@@ -4,9 +4,14 @@ cancel, retry, delete; and the exit codes of every client subcommand."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,9 +104,16 @@ def cmd_results(args: argparse.Namespace) -> int:
         out = Path(args.output)
         client.download(args.job_id, out, fmt_of(out, args.format))
         print(f"wrote {out}", file=sys.stderr)
-    else:
+    elif args.format in (None, "jsonl"):
         for row in client.iter_results(args.job_id):
             print(row.model_dump_json(exclude_unset=True))
+    else:  # the API's rendering (CSV, one JSON document), whole: a retried stream is not repeated
+        with tempfile.TemporaryDirectory(prefix="batchvision-") as tmp:
+            out = Path(tmp) / f"results.{args.format}"
+            client.download(args.job_id, out, args.format)
+            with out.open("rb") as fh:
+                shutil.copyfileobj(fh, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
     return EXIT_OK
 
 
@@ -168,11 +180,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     total = len(found.images)
+    if not total and not args.resume:
+        skipped = f" ({len(found.skipped)} files that are not images)" if found.skipped else ""
+        print(f"error: no image files in {', '.join(map(str, paths))}{skipped}", file=sys.stderr)
+        return EXIT_USAGE
+    # The job is opened with its callback and options, then filled.
+    options = {**job_options(args), **({"callback_url": args.callback_url} if args.callback_url else {})}
+    if args.resume and options:
+        given = ", ".join(f"--{k.replace('_', '-')}" for k in options)
+        print(f"error: --resume continues a job as it was opened: {given} cannot change it", file=sys.stderr)
+        return EXIT_USAGE
     quiet = args.no_progress
     start = time.monotonic()
-    resume = args.resume
-    if args.callback_url and not resume:  # the job is opened with its callback, then filled
-        resume = client.open_job(total, callback_url=args.callback_url, **job_options(args)).job_id
     opened: list[str] = []
 
     def announce(job_id: str) -> None:
@@ -188,10 +207,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 found,
                 part_files=args.part_files,
                 part_bytes=int(args.part_mb * 1024 * 1024),
-                resume=resume,
+                resume=args.resume,
                 on_part=bar.update,
                 on_open=announce,
-                options=job_options(args),
+                options=options,
             )
     except BaseException:
         if opened:
@@ -200,12 +219,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_id = summary.job_id
     for rel in summary.skipped:
         print(f"skipped (not an image): {rel}", file=sys.stderr)
-    uploaded = client.status(job_id)
-    print(
-        f"uploaded {summary.sent} images in {time.monotonic() - start:.1f}s "
-        f"({uploaded.done + uploaded.failed} already classified meanwhile)",
-        file=sys.stderr,
-    )
+    for item in summary.rejected:
+        print(f"refused: {item.filename}: {item.code}: {item.message}", file=sys.stderr)
+    sealed = summary.sealed
+    meanwhile = f" ({sealed.done + sealed.failed} already classified meanwhile)" if sealed else ""
+    print(f"uploaded {summary.sent} images in {time.monotonic() - start:.1f}s{meanwhile}", file=sys.stderr)
     return _wait_and_write(client, args, job_id, total, start) if args.wait else EXIT_OK
 
 
@@ -254,6 +272,8 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
         print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
     except requests.RequestException as exc:
         print(f"error: cannot reach the API: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # not a file of ours: the reader of stdout went away (see guarded)
     except OSError as exc:  # a local file: one that cannot be read, or a folder that is not there
         print(f"error: {exc}", file=sys.stderr)
     return failed
@@ -269,13 +289,29 @@ def _document(doc: BaseModel) -> str:
     return json.dumps(doc.model_dump(mode="json", exclude_unset=True), indent=2)
 
 
+def _number(kind: type[float] | type[int], least: float, above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` at least ``least`` (``above``: more than it)."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < least or (above and value == least):
+            bound = f"above {least:g}" if above else f"at least {least:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: give a {kind.__name__} {bound}")
+        return value
+
+    return parse
+
+
 def client_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--api-url``, ``--api-key`` and ``--retry-for``: every client command's (see :func:`client_of`)."""
     p.add_argument("--api-url", help="default: $BATCHVISION_API_URL or http://127.0.0.1:8000")
     p.add_argument("--api-key", help="default: $BATCHVISION_API_KEY")
     p.add_argument(
         "--retry-for",
-        type=float,
+        type=_number(float, 0),
         default=120.0,
         metavar="SECONDS",
         help="retry each request through connection errors, 429 and 502-504 this long (default 120)",
@@ -309,8 +345,13 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the end and write the results")
     p.add_argument("-o", "--output", help="results file (needs --wait): .csv, .jsonl or .json")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
-    p.add_argument("--part-files", type=int, default=64, help="most files per upload request")
-    p.add_argument("--part-mb", type=float, default=32.0, help="most megabytes per upload request")
+    p.add_argument("--part-files", type=_number(int, 1), default=64, help="most files per upload request")
+    p.add_argument(
+        "--part-mb",
+        type=_number(float, 0, above=True),
+        default=32.0,
+        help="most megabytes per upload request",
+    )
     p.add_argument("--resume", metavar="JOB_ID", help="continue an interrupted upload to this job")
     p.add_argument("--no-progress", action="store_true")
     p = client_options(add("status", guarded(cmd_status), "show a job's status"))
@@ -344,7 +385,14 @@ def guarded(
     EXIT_SUBMIT_FAILED for ``submit``)."""
 
     def run(args: argparse.Namespace) -> int:
-        return _request_failed_on_error(lambda: fn(args), failed)
+        try:
+            return _request_failed_on_error(lambda: fn(args), failed)
+        except BrokenPipeError:
+            # The reader of stdout stopped (`batchvision results JOB | head`): what it read was
+            # right. Python would complain again flushing stdout at exit: point it at nothing.
+            with contextlib.suppress(OSError, ValueError):  # a stdout without a file (tests)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
 
     run.__doc__ = fn.__doc__
     return run

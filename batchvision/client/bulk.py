@@ -50,6 +50,7 @@ class FolderUpload:
     sent: int  #: files uploaded by this call (a resumed job had the others)
     skipped: list[str]  #: files that are not images (relative paths), never sent
     rejected: list[Rejection]  #: images the API refused (each also has an error row)
+    sealed: Job | None = None  #: the job as the seal answered (its progress by then)
 
 
 @dataclass
@@ -145,7 +146,8 @@ def submit_folder(
     caller already made) to one job and seal it; returns what it did.
 
     With ``resume``, files the job already has are not sent again. ``options``: the new job's
-    ``model``, ``top_k``, ``min_score``, ``priority`` (a resumed job keeps its own).
+    ``model``, ``top_k``, ``min_score``, ``priority``, ``callback_url`` (a resumed job keeps its
+    own).
     ``on_part(n)``: after each part (and first for the files a resumed job has);
     ``on_open(job_id)``: once the job exists, before any part is sent.
     """
@@ -167,5 +169,5 @@ def submit_folder(
         rejected += client.add_part(job_id, files).rejected
         if on_part is not None:
             on_part(len(part))
-    client.seal(job_id)
-    return FolderUpload(job_id, len(found.images), len(todo), found.skipped, rejected)
+    sealed = client.seal(job_id)
+    return FolderUpload(job_id, len(found.images), len(todo), found.skipped, rejected, sealed)

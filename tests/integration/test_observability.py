@@ -56,8 +56,8 @@ IMAGES = 96  # below the 100 of BatchvisionQueueGrowing: no alert may even be pe
 API_KEY = "observability-test-key"
 # Grafana's variables, as the dashboard would be evaluated over a short range.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "5m"}
-THROUGHPUT = "sum(rate(batchvision_images_classified_total[1m]))"
-QUEUE_DEPTH = "batchvision_queue_depth_images"
+THROUGHPUT = 'sum(rate(batchvision_images_classified_total{outcome!="canceled"}[1m]))'
+QUEUE_DEPTH = "max(batchvision_queue_depth_images)"
 
 
 @dataclasses.dataclass
@@ -222,7 +222,7 @@ def job(obs_stack: Stack, prometheus: str, wait_until: Callable[..., Any]) -> Jo
     """One job of 96 images, submitted once Prometheus has seen the idle stack, seen through
     to the end by Prometheus too."""
     wait_until(
-        lambda: query(prometheus, f"count_over_time({QUEUE_DEPTH}[1m]) >= 3"),
+        lambda: query(prometheus, "count_over_time(batchvision_queue_depth_images[1m]) >= 3"),
         timeout=30,
         message="a few scrapes of the idle queue",
     )
@@ -234,7 +234,7 @@ def job(obs_stack: Stack, prometheus: str, wait_until: Callable[..., Any]) -> Jo
     finished = time.time()
     # Two more scrapes: the last results and the empty queue are in Prometheus.
     wait_until(
-        lambda: query(prometheus, f"max_over_time({QUEUE_DEPTH}[2s]) == 0", at=time.time()),
+        lambda: query(prometheus, "max_over_time(batchvision_queue_depth_images[2s]) == 0", at=time.time()),
         timeout=30,
         message="Prometheus sees the queue empty again",
     )

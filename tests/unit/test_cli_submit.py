@@ -1,0 +1,161 @@
+"""``batchvision submit`` and ``results`` decisions the server never sees: a client that records
+what the command asks of it stands in for the API (the HTTP exchanges themselves are tested
+against the real server in tests/integration/test_bulk.py)."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchvision.cli import commands
+from batchvision.cli.commands import ExitCode
+from batchvision.cli.main import main
+from batchvision.core.documents import Job, JobAccepted, ResultRow
+from batchvision.core.synthetic import labelled_files
+
+JOB = "1" * 32
+
+
+def _job(cls: type[Job], **extra: Any) -> Any:
+    doc = {
+        "job_id": JOB,
+        "status": "running",
+        "total": 2,
+        "done": 1,
+        "failed": 0,
+        "canceled": 0,
+        "created_at": time.time(),
+        "finished_at": None,
+        "model": "shapes",
+        "status_url": f"/v1/jobs/{JOB}",
+        "results_url": f"/v1/jobs/{JOB}/results",
+        **extra,
+    }
+    return cls.model_validate(doc)
+
+
+class Recorder:
+    """What the commands call, in order; ``status`` and ``files`` fail (they must not be needed)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def open_job(self, expected: int | None = None, callback_url: str | None = None, **options: Any) -> Any:
+        self.calls.append(("open_job", {"expected": expected, "callback_url": callback_url, **options}))
+        return _job(JobAccepted, expected=expected)
+
+    def add_part(self, job_id: str, files: list[tuple[str, bytes]]) -> Any:
+        self.calls.append(("add_part", [name for name, _ in files]))
+        rejected = [{"index": 0, "filename": files[0][0], "code": "too_many_pixels", "message": "too big"}]
+        return _job(JobAccepted, rejected=rejected)
+
+    def seal(self, job_id: str) -> Any:
+        self.calls.append(("seal", job_id))
+        return _job(Job)
+
+    def status(self, job_id: str) -> Any:
+        raise AssertionError("the seal's answer says how far the job is")
+
+    def files(self, job_id: str) -> Any:
+        raise AssertionError("a new job has no files to ask for")
+
+    def download(self, job_id: str, out: Path, fmt: str) -> int:
+        self.calls.append(("download", fmt))
+        return out.write_bytes(b"index,filename,label\n0,a.jpg,circle\n")
+
+    def iter_results(self, job_id: str) -> Iterator[ResultRow]:
+        for i in range(3):
+            yield ResultRow.model_validate({"index": i, "filename": f"{i}.jpg", "status": "ok", "label": "x"})
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    fake = Recorder()
+    monkeypatch.setattr(commands, "client_of", lambda args: fake)
+    return fake
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    for name, data, _ in labelled_files(2, seed=3):
+        (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+def test_a_callback_and_the_options_open_the_job_once_and_its_id_comes_first(
+    recorder: Recorder, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["submit", str(folder), "--callback-url", "https://hooks.example/x", "--top-k", "2", "--no-progress"]
+    )
+    assert code == ExitCode.OK
+    assert [c[0] for c in recorder.calls] == ["open_job", "add_part", "seal"]
+    assert recorder.calls[0][1] == {"expected": 2, "callback_url": "https://hooks.example/x", "top_k": 2}
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [JOB]
+    assert "refused: " in err and "too_many_pixels" in err  # what the API refused is reported
+    assert "(1 already classified meanwhile)" in err
+
+
+def test_resume_cannot_change_how_the_job_was_opened(
+    recorder: Recorder, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["submit", str(folder), "--resume", JOB, "--model", "colours", "--callback-url", "https://h/x"]
+    )
+    assert code == ExitCode.USAGE
+    assert "--model, --callback-url cannot change it" in capsys.readouterr().err
+    assert recorder.calls == []
+
+
+def test_a_folder_without_images_opens_no_job(
+    recorder: Recorder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["submit", str(tmp_path)]) == ExitCode.USAGE
+    assert "no image files in" in capsys.readouterr().err
+    assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--part-mb", "nan"],
+        ["--part-mb", "0"],
+        ["--part-files", "0"],
+        ["--retry-for", "inf"],
+        ["--retry-for", "-1"],
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors_naming_what_is_allowed(
+    folder: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["submit", str(folder), *argv])
+    assert info.value.code == 2
+    assert "give a" in capsys.readouterr().err
+
+
+def test_results_in_csv_on_stdout_are_csv(
+    recorder: Recorder, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    assert main(["results", JOB, "--format", "csv"]) == ExitCode.OK
+    assert capsysbinary.readouterr().out == b"index,filename,label\n0,a.jpg,circle\n"
+    assert recorder.calls == [("download", "csv")]
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_that_stops_early_is_not_an_error(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())  # `batchvision results JOB | head -1`
+    assert main(["results", JOB]) == ExitCode.OK
