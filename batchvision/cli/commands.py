@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import scan, submit_folder
@@ -272,6 +272,14 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
         print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
     except requests.RequestException as exc:
         print(f"error: cannot reach the API: {exc}", file=sys.stderr)
+    except ValidationError as exc:  # a JSON answer of another shape: another version of the API
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        print(
+            f"error: the API's answer does not fit this client ({where}: {first.get('msg', exc)}): "
+            "are the client and the server of the same version?",
+            file=sys.stderr,
+        )
     except BrokenPipeError:
         raise  # not a file of ours: the reader of stdout went away (see guarded)
     except OSError as exc:  # a local file: one that cannot be read, or a folder that is not there

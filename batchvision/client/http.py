@@ -58,6 +58,10 @@ def _permanent(exc: BaseException) -> bool:
     return "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text
 
 
+#: What the API answers a client's calls with (JSON documents, results as JSON Lines or CSV).
+ANSWER_TYPES = frozenset({"application/json", "application/x-ndjson", "text/csv"})
+
+
 class Client:
     """Submit images, poll jobs, fetch results.
 
@@ -134,6 +138,21 @@ class Client:
             # "body" would end wherever the connection broke (an empty results file, say).
             resp.close()
             raise requests.exceptions.ChunkedEncodingError("answer cut off in its headers")
+        kind = resp.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if not _bodiless(method, resp.status_code) and kind not in ANSWER_TYPES:
+            # A login page, a captive portal, another service at --api-url: not worth retrying,
+            # and never to be parsed as results.
+            resp.close()
+            raise ApiError(
+                resp.status_code,
+                {
+                    "error": {
+                        "code": "not_the_api",
+                        "message": f"the answer is {kind or 'untyped'}, not the batchvision API's "
+                        f"(is {self.api_url} the API's address?)",
+                    }
+                },
+            )
         return resp
 
     def _json(self, method: str, path: str, *, resend: bool = True, **kw: Any) -> Any:

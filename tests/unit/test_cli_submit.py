@@ -159,3 +159,15 @@ def test_a_reader_that_stops_early_is_not_an_error(
 ) -> None:
     monkeypatch.setattr("sys.stdout", _ClosedPipe())  # `batchvision results JOB | head -1`
     assert main(["results", JOB]) == ExitCode.OK
+
+
+def test_an_answer_of_another_shape_is_a_message_not_a_traceback(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def newer(job_id: str) -> Job:
+        return Job.model_validate({"job_id": job_id, "status": "paused"})  # a status this client lacks
+
+    monkeypatch.setattr(recorder, "status", newer, raising=False)
+    assert main(["status", JOB]) == ExitCode.REQUEST_FAILED
+    err = capsys.readouterr().err
+    assert "does not fit this client" in err and "status" in err

@@ -736,3 +736,33 @@ def test_cli_names_a_local_file_it_cannot_write_instead_of_blaming_the_api(
     assert main(["results", JOB_ID, "-o", str(out), "--api-url", api.url]) == ExitCode.REQUEST_FAILED
     err = capsys.readouterr().err
     assert "no-such-folder" in err and "cannot reach the API" not in err
+
+
+def html_page() -> Action:
+    """What a login proxy or captive portal answers: a 200 that is not the API's."""
+
+    def act(h: Handler, _call: Call) -> None:
+        body = b"<html><body>Please sign in</body></html>"
+        h.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    return act
+
+
+def test_a_page_that_is_not_the_apis_is_refused_and_never_written(api: FakeApi, tmp_path: Path) -> None:
+    api.on("GET", f"/v1/jobs/{JOB_ID}", html_page())
+    api.on("GET", f"/v1/jobs/{JOB_ID}/results", html_page())
+    client = Client(api.url, retry_for_s=30)
+    with pytest.raises(ApiError) as info:
+        client.status(JOB_ID)
+    assert info.value.code == "not_the_api" and "text/html" in info.value.message
+    out = tmp_path / "results.csv"
+    with pytest.raises(ApiError):
+        client.download(JOB_ID, out, "csv")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # Neither was retried: a page like this does not turn into the API by asking again.
+    assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 1
+    assert len(api.called("GET", f"/v1/jobs/{JOB_ID}/results")) == 1
