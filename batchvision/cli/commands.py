@@ -273,10 +273,10 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
     except requests.RequestException as exc:
         print(f"error: cannot reach the API: {exc}", file=sys.stderr)
     except ValidationError as exc:  # a JSON answer of another shape: another version of the API
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
+        errors = exc.errors()
+        what = f"{'.'.join(str(p) for p in errors[0]['loc'])}: {errors[0]['msg']}" if errors else str(exc)
         print(
-            f"error: the API's answer does not fit this client ({where}: {first.get('msg', exc)}): "
+            f"error: the API's answer does not fit this client ({what}): "
             "are the client and the server of the same version?",
             file=sys.stderr,
         )
