@@ -18,8 +18,10 @@ Two rules keep it from hanging or looping:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -145,6 +147,9 @@ class Supervisor:
         self.max_backoff_s = max_backoff_s
         self.stop_grace_s = stop_grace_s
         self._stop = threading.Event()
+        #: The read and write ends of a pipe a signal handler writes to (a self-pipe): the
+        #: handler cannot set ``_stop``, whose lock the interrupted code may be holding.
+        self._wake: tuple[int, int] | None = None
         self._interruptible = False
         self._critical = 0
         self._deferred = False  # a signal arrived inside a critical section: raise after it
@@ -158,14 +163,19 @@ class Supervisor:
         :class:`Stopped` (at once), elsewhere by ending :meth:`run_forever`. A second signal
         while stopping skips the grace period."""
 
+        if self._wake is None:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._wake = (read, write)
+
         def handler(signum: int, _frame: FrameType | None) -> None:
-            if self._stop.is_set():
+            if self._stopping():
                 log.warning("signal %d again: killing what is left", signum)
                 self.stop_grace_s = 0.0
                 return
             log.info("signal %d: stopping all services", signum, extra={"signal": signum})
             self.signum = signum
-            self._stop.set()
+            self._ring()
             if self._interruptible:
                 if self._critical:
                     self._deferred = True  # raised once the process start is recorded
@@ -180,6 +190,23 @@ class Supervisor:
         hup = getattr(signal, "SIGHUP", None)
         if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
             signal.signal(hup, handler)
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or self.signum is not None
+
+    def _ring(self) -> None:
+        """Wake a :meth:`_wait` (no lock taken: safe in a signal handler)."""
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # full: it is awake already
+                os.write(self._wake[1], b"\0")
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, less once the stack is to stop; whether it is."""
+        if self._wake is None:  # no signal handlers: only stop() ends it
+            return self._stop.wait(seconds)
+        if not self._stopping():
+            select.select([self._wake[0]], [], [], seconds)
+        return self._stopping()
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -251,7 +278,7 @@ class Supervisor:
 
     def _exit_code(self, svc: Service) -> int | None:
         """The exit code of a service that exited on its own (not because the stack stops)."""
-        if svc.proc is None or self._stop.is_set():
+        if svc.proc is None or self._stopping():
             return None
         return svc.proc.poll()
 
@@ -278,19 +305,20 @@ class Supervisor:
                         "restart_in_s": delay,
                     },
                 )
-                if self._stop.wait(delay):
+                if self._wait(delay):
                     return
                 svc.restarts += 1
                 self._start(svc)
 
     def run_forever(self, poll_s: float = 0.5) -> None:
-        while not self._stop.wait(poll_s):
+        while not self._wait(poll_s):
             self.check_once()
 
     def stop(self) -> None:
         """Stop every service: the others first, all at once, then the infrastructure (Redis);
         each wave gets ``stop_grace_s`` before SIGKILL."""
         self._stop.set()
+        self._ring()
         self._stop_all([s for s in reversed(self.services) if not s.infrastructure])
         self._stop_all([s for s in reversed(self.services) if s.infrastructure])
 
