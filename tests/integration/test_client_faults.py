@@ -118,7 +118,7 @@ class RedisBlips:
                     self._blip("upload")
             elif re.match(rb"POST /v1/jobs/[0-9a-f]+/seal", line):
                 self.sealed = True
-            elif self.sealed and re.match(rb"GET /v1/jobs/[0-9a-f]+ ", line):
+            elif self.sealed and re.match(rb"GET /v1/jobs/[0-9a-f]+[ ?]", line):
                 self.polls += 1
                 if self.polls == 1:
                     self._blip("polling")

@@ -663,3 +663,83 @@ def test_controls_are_labelled_and_reachable_by_keyboard(browser: Browser, api_u
     assert "folder-input" in reached, reached
     watch.check()
     ctx.close()
+
+
+def _finished_job(api_url: str, n: int, seed: int) -> tuple[str, list[str]]:
+    """A job of ``n`` images made through the API and run to its end; its id and file names."""
+    files = [(name, data) for name, data, _ in labelled_files(n, seed=seed)]
+    resp = requests.post(
+        f"{api_url}/v1/jobs", files=[("files", (f, d, "image/jpeg")) for f, d in files], timeout=30
+    )
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    status = requests.get(f"{api_url}/v1/jobs/{job_id}?wait=60", timeout=90).json()["status"]
+    assert status == "succeeded", status
+    return job_id, [f for f, _ in files]
+
+
+def test_a_retry_notice_goes_when_its_request_is_given_up(browser: Browser, api_url: str) -> None:
+    # The poll of a job is answered 503 with Retry-After: 10; while the page waits to retry,
+    # the user opens another job: the first poll is abandoned, and its "Retrying in" with it.
+    first, _ = _finished_job(api_url, 1, seed=61)
+    second, _ = _finished_job(api_url, 1, seed=62)
+    ctx, page, watch = open_page(browser, api_url)
+
+    def busy(route: Route) -> None:
+        body = {"error": {"code": "unavailable", "message": "Redis is restarting"}}
+        route.fulfill(
+            status=503, headers={"Retry-After": "10"}, content_type="application/json", body=json.dumps(body)
+        )
+
+    page.route(re.compile(rf".*/v1/jobs/{first}\?wait=.*"), busy)
+    page.goto(f"{api_url}/#job={first}")
+    page.wait_for_selector("#notice:not([hidden])")
+    assert "Retrying in" in page.inner_text("#notice")
+    page.goto(f"{api_url}/#job={second}")
+    assert wait_finished(page) == "succeeded"
+    page.wait_for_selector("#notice", state="hidden", timeout=5_000)
+    watch.check()
+    ctx.close()
+
+
+def test_rows_whose_output_part_is_gone_are_named_and_the_rest_shown(browser: Browser, api_url: str) -> None:
+    # A job written to an output prefix in parts whose first part was deleted from the bucket:
+    # the API answers 409 results_in_output for its rows, naming the first row it serves again.
+    job_id, names = _finished_job(api_url, 4, seed=63)
+    ctx, page, watch = open_page(browser, api_url)
+
+    def part_gone(route: Route) -> None:
+        body = {
+            "error": {
+                "code": "results_in_output",
+                "message": "part 0 of the job is not in the bucket: read the rows from s3://out/x/",
+                "details": [{"in": "query", "field": "offset", "first_served": 2, "output": "s3://out/x/"}],
+            }
+        }
+        route.fulfill(status=409, content_type="application/json", body=json.dumps(body))
+
+    page.route(re.compile(rf".*/v1/jobs/{job_id}/results\?format=json&offset=0&.*"), part_gone)
+    page.goto(f"{api_url}/#job={job_id}")
+    page.wait_for_function("() => document.getElementById('results-table').dataset.loaded === '2'")
+    assert sorted(table_rows(page)) == sorted(names[2:])
+    assert "Rows 1 to 2 are not shown" in page.inner_text("#alert")
+    assert "results_in_output" in page.inner_text("#alert")
+    watch.check()
+    ctx.close()
+
+
+def test_leaving_the_page_mid_upload_is_asked_first(browser: Browser, api_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "leaving"
+    make_folder(root, 3, seed=64)
+    ctx, page, watch = open_page(browser, api_url)
+    held: list[Route] = []
+    page.route("**/v1/jobs/*/files", lambda route: held.append(route))  # the part hangs: still uploading
+    page.click("body")  # browsers ask only on a page the user has touched
+    page.set_input_files("#folder-input", str(root))
+    page.wait_for_function("() => document.getElementById('upload-bar').dataset.state === 'uploading'")
+    with page.expect_event("dialog", timeout=5_000) as asked:
+        page.close(run_before_unload=True)
+    assert asked.value.type == "beforeunload"
+    asked.value.dismiss()  # stay
+    watch.check()
+    ctx.close()

@@ -145,32 +145,36 @@ export class Api {
       body = form;
     }
     let retried = false;
-    for (let attempt = 0; ; attempt++) {
-      let req;
-      let err = null;
-      try {
-        req = await send(method, path, { headers, body, responseType, onUploadProgress, signal });
-        if (req.status >= 200 && req.status < 300) {
-          if (retried) this.onNotice(null);
-          if (responseType === "blob") return req.response;
-          return req.responseText ? JSON.parse(req.responseText) : null;
+    try {
+      for (let attempt = 0; ; attempt++) {
+        let req;
+        let err = null;
+        try {
+          req = await send(method, path, { headers, body, responseType, onUploadProgress, signal });
+          if (req.status >= 200 && req.status < 300) {
+            if (responseType === "blob") return req.response;
+            return req.responseText ? JSON.parse(req.responseText) : null;
+          }
+          err = await errorOf(req);
+        } catch (e) {
+          if (!(e instanceof ApiError)) throw e; // aborted
+          err = e;
         }
-        err = await errorOf(req);
-      } catch (e) {
-        if (!(e instanceof ApiError)) throw e; // aborted
-        err = e;
+        if (err.status === 401) this.onUnauthorized(err);
+        const retryable = err.status === 0 || RETRYABLE.has(err.status);
+        if (!retryable || attempt + 1 >= attempts) {
+          throw err;
+        }
+        const backoff = Math.min(30, 0.5 * 2 ** attempt) * (0.8 + 0.4 * Math.random());
+        const seconds = err.retryAfter ?? backoff;
+        retried = true;
+        this.onNotice({ status: err.status, code: err.code, message: err.describe(), seconds, method, path });
+        await sleep(seconds, signal);
       }
-      if (err.status === 401) this.onUnauthorized(err);
-      const retryable = err.status === 0 || RETRYABLE.has(err.status);
-      if (!retryable || attempt + 1 >= attempts) {
-        if (retried) this.onNotice(null); // no "Retrying in 0 s" left behind: the error says it
-        throw err;
-      }
-      const backoff = Math.min(30, 0.5 * 2 ** attempt) * (0.8 + 0.4 * Math.random());
-      const seconds = err.retryAfter ?? backoff;
-      retried = true;
-      this.onNotice({ status: err.status, code: err.code, message: err.describe(), seconds, method, path });
-      await sleep(seconds, signal);
+    } finally {
+      // However the request ends (an answer, an error, an abort during a back-off): no
+      // "Retrying in 0 s…" left on screen.
+      if (retried) this.onNotice(null);
     }
   }
 }

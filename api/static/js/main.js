@@ -9,6 +9,8 @@ import { uploadFolder } from "./upload.js";
 
 const FINAL = new Set(["succeeded", "partial", "failed", "canceled"]);
 const POLL_S = 1.0;
+// Failed passes in a row after which a final job is no longer polled (its error stays shown).
+const FINAL_JOB_TRIES = 3;
 const PAGE_RUNNING = 500;
 const PAGE_FINAL = 1000;
 const JOBS_LISTED = 50;
@@ -358,6 +360,8 @@ async function poll(view) {
       const job = await api.request("GET", `/v1/jobs/${view.id}?wait=${POLL_S}`, { signal });
       if (view.stopped) return;
       view.blocked = false;
+      if (view.failing) alertMessage(""); // what the failed passes showed is over
+      view.failing = 0;
       view.job = job;
       view.rate.add(job.done + job.failed + job.canceled);
       renderClassify();
@@ -393,6 +397,10 @@ async function poll(view) {
         return;
       }
       showError(err);
+      // A final job whose results keep failing the same way: asking every 3 s all night changes
+      // nothing (the error stays on screen; choosing the job again asks again).
+      view.failing = (view.failing || 0) + 1;
+      if (view.job && FINAL.has(view.job.status) && view.failing >= FINAL_JOB_TRIES) return;
       await sleep(3, signal).catch(() => {});
       continue;
     }
@@ -415,11 +423,22 @@ async function loadResults(view, finished) {
   const limit = finished ? PAGE_FINAL : PAGE_RUNNING;
   let offset = view.cursor;
   while (offset < job.total) {
-    const page = await api.request(
-      "GET",
-      `/v1/jobs/${view.id}/results?format=json&offset=${offset}&limit=${limit}`,
-      { signal },
-    );
+    let page;
+    try {
+      page = await api.request(
+        "GET",
+        `/v1/jobs/${view.id}/results?format=json&offset=${offset}&limit=${limit}`,
+        { signal },
+      );
+    } catch (err) {
+      // A part written to the job's output is gone from the bucket: its rows are only there.
+      // Say so, and go on from the first row the API serves again.
+      const next = err instanceof ApiError && err.code === "results_in_output" ? err.details?.[0]?.first_served : null;
+      if (!(Number.isInteger(next) && next > offset)) throw err;
+      showError(err, `Rows ${offset + 1} to ${next} are not shown`);
+      view.cursor = offset = next;
+      continue;
+    }
     if (view.stopped) return;
     const rows = page.results;
     table.merge(rows, job.total);
@@ -664,6 +683,10 @@ function route() {
 
 window.addEventListener("hashchange", route);
 window.addEventListener("popstate", route);
+// Leaving the page ends its uploads (the files are the page's): the browser asks first.
+window.addEventListener("beforeunload", (event) => {
+  if ([...state.sessions.values()].some((s) => s.uploading)) event.preventDefault();
+});
 
 $("key-input").value = state.key;
 renderRecent();
