@@ -64,6 +64,8 @@ class Loaded:
     version: int
     classifier: ImageClassifier
     load_s: float
+    #: its files when it was loaded (:attr:`VersionDir.signature`): changed in place, it loads again
+    signature: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -407,7 +409,7 @@ class ModelManager:
         classifier = self._loader(vdir, self.settings)
         classifier.warm_up()
         load_s = time.perf_counter() - start
-        return Loaded(vdir.model, vdir.version, classifier, load_s)
+        return Loaded(vdir.model, vdir.version, classifier, load_s, vdir.signature)
 
     def _first_load(self, entry: ModelEntry) -> ServedModel:
         pointer = self._pointer(entry.name)
@@ -501,9 +503,11 @@ class ModelManager:
         for listener in self.listeners:
             listener.versions_seen(served)
         target = self._target(served)
-        if target is None or target == served.live.version:
+        if target is None:
             return False
         vdir = entry.versions[target]
+        if target == served.live.version and vdir.signature == served.live.signature:
+            return False  # live, and its files are the ones it was loaded from
         failed = served.failed.get(target)
         if failed is not None and failed[0] == vdir.signature:
             return False  # refused already, and its files did not change

@@ -99,6 +99,13 @@ class OnnxClassifier:
         self.name = name
         self._input = spec.name
         self._dtype = _TYPES[spec.type]
+        if self._dtype == np.uint8 and preprocess != "none":
+            # The pixels go in as they are decoded: no scaling, no channel order could be applied.
+            raise OnnxModelError(
+                f"{path.name}: input {spec.name!r} takes uint8 pixels as decoded (RGB, 0-255), so "
+                f'preprocess "{preprocess}" cannot apply: set "preprocess": "none" (or "auto") in '
+                "its config.json, or export the model with its preprocessing inside"
+            )
         self._output = self._session.get_outputs()[0].name
         # A model exported with a fixed batch size runs in slices of that size.
         self._batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None

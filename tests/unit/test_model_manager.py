@@ -326,3 +326,22 @@ def test_a_first_load_that_fails_for_the_moment_serves_the_older_version_until_i
         assert manager.models["m"].live.version == 2
     finally:
         manager.close()
+
+
+def test_the_live_version_loads_again_when_its_files_change_in_place(tmp_path: Path) -> None:
+    # An operator uploads version 1 again (a fixed export): every worker must serve the new
+    # files, not only the ones that start after.
+    _version(tmp_path, 1)
+    loader = Loader()
+    manager = _manager(tmp_path, loader)
+    try:
+        assert loader.calls == [1]
+        assert manager.refresh("m") is False  # nothing changed: nothing loads
+        labels = tmp_path / "m" / "1" / "labels.txt"
+        labels.write_text("\n".join(LABELS) + "\n")
+        os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))
+        assert manager.refresh("m") is True
+        assert loader.calls == [1, 1] and manager.models["m"].live.version == 1
+        assert manager.refresh("m") is False
+    finally:
+        manager.close()

@@ -84,3 +84,20 @@ def test_a_model_that_takes_one_image_at_a_time_is_refused_at_load(tmp_path: Pat
     assert one.shape == (CLASSES,)
     with pytest.raises(ModelMismatch, match="batch of 4 images"):
         check_outputs(clf)
+
+
+def test_a_uint8_model_with_a_preprocess_it_cannot_have_is_refused(tmp_path: Path) -> None:
+    from workers.onnx_model import OnnxModelError
+
+    nodes = [helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT)]
+    nodes.append(helper.make_node("ReduceMean", ["f"], ["y"], axes=[1, 2], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    with pytest.raises(OnnxModelError, match='preprocess "caffe" cannot apply'):
+        OnnxClassifier(tmp_path / "m.onnx", ["r", "g", "b"], "caffe", "m", threads=1)
+    assert OnnxClassifier(tmp_path / "m.onnx", ["r", "g", "b"], "none", "m", threads=1).input_size == (8, 8)
