@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from api import contract as c
 from api.auth import current_owner
+from api.metrics import count_submitted
 from api.services import Services, services
 from batchvision import __version__
 from batchvision.core.errors import BatchvisionError, NotFound, ServiceUnavailable
@@ -266,9 +267,11 @@ def _infer(name: str, version: str | None) -> Response:
     options = svc.intake.options(ref, top_k=req.top_k, owner=current_owner())
     options = replace(options, scores=True)
     since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
-    job_id = svc.intake.submit(
+    submitted = svc.intake.submit(
         None, current_owner(), uploads, [], seal=True, interactive=True, options=options
-    ).job_id
+    )
+    count_submitted(submitted, created=True)
+    job_id = submitted.job_id
     if not svc.waiter.wait(job_id, svc.settings.sync_timeout_s, since):
         svc.store.cancel(job_id)  # nobody will ask for it: free the workers
         raise ServiceUnavailable(f"no result within {svc.settings.sync_timeout_s:g} s; retry later")

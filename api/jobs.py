@@ -12,7 +12,7 @@ from flask import Blueprint, Response, request, stream_with_context, url_for
 
 from api import contract as c
 from api.auth import current_owner, digest
-from api.metrics import IMAGES_ACCEPTED, IMAGES_REJECTED, JOBS_CREATED
+from api.metrics import JOBS_CREATED, count_submitted
 from api.services import Services, services
 from api.uploads import UploadRequest, read_uploads
 from batchvision.core import documents as d
@@ -86,16 +86,8 @@ def _submit(
         options=options,
         claim=claim,
     )
-    if job_id is None:
-        JOBS_CREATED.inc()
-    _count(submitted)
+    count_submitted(submitted, created=job_id is None)
     return submitted
-
-
-def _count(submitted: Submitted) -> None:
-    IMAGES_ACCEPTED.inc(submitted.queued)
-    for item in submitted.rejected:
-        IMAGES_REJECTED.labels(item.code).inc()
 
 
 def _added(submitted: Submitted) -> dict[str, Any]:
@@ -154,8 +146,7 @@ def _submit_urls(
     submitted = svc.intake.submit_urls(
         current_owner(), entries, callback=callback, options=options, claim=claim, output=fields
     )
-    JOBS_CREATED.inc()
-    _count(submitted)
+    count_submitted(submitted, created=True)
     return submitted
 
 
@@ -210,8 +201,7 @@ def _bucket_job(svc: Services, params: d.SubmitQuery, claim: Claim | None, body:
         options=options,
         claim=claim,
     )
-    JOBS_CREATED.inc()
-    _count(submitted)
+    count_submitted(submitted, created=True)
     return submitted
 
 

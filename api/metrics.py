@@ -16,11 +16,15 @@ from prometheus_client.registry import REGISTRY, Collector
 from api.contract import Response as Response_
 from api.contract import contract
 from batchvision.core.settings import Settings
+from batchvision.server.intake import Submitted
 from batchvision.server.queue import amqp_lengths
 from batchvision.server.telemetry import Telemetry
 
 JOBS_CREATED = Counter("batchvision_jobs_created_total", "Jobs created.")
-IMAGES_ACCEPTED = Counter("batchvision_images_accepted_total", "Images accepted and queued.")
+IMAGES_ACCEPTED = Counter(
+    "batchvision_images_accepted_total",
+    "Images accepted and queued (each once, also when a part is re-sent).",
+)
 IMAGES_REJECTED = Counter(
     "batchvision_images_rejected_total", "Uploaded files refused at the API, by reason.", ["reason"]
 )
@@ -34,6 +38,17 @@ REQUEST_SECONDS = Histogram(
 #: The methods the latency histogram names; any other is counted as ``OTHER`` (each label value
 #: is a series in every process and in Prometheus: a client must not be able to make more).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def count_submitted(submitted: Submitted, *, created: bool) -> None:
+    """One submit's share of the counters, whatever the route (``/v1`` uploads, URLs, buckets,
+    ``/v2`` inference): the job if it ``created`` one, its new images (a re-sent part's are
+    counted once, with the part that first brought them), the files it refused."""
+    if created:
+        JOBS_CREATED.inc()
+    IMAGES_ACCEPTED.inc(submitted.accepted)
+    for item in submitted.rejected:
+        IMAGES_REJECTED.labels(item.code).inc()
 
 
 class StoreCollector(Collector):

@@ -3,6 +3,7 @@ Flower (with auth) listing the job's tasks, with a screenshot taken in headless 
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -83,6 +84,43 @@ def test_metrics_move_by_exactly_the_job(
     assert after_a["batchvision_queue_depth_images"] == 0
     route = 'batchvision_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="202"}'
     assert delta(after_a, before_a, route) == 1
+
+
+def test_api_counters_count_each_image_once_whatever_the_route(
+    api_url: str, settings: Settings, wait_until: Callable[..., Any]
+) -> None:
+    metrics = f"{api_url}/metrics"
+    before = scrape(metrics)
+    client = Client(api_url)
+    # An upload in parts whose second part is sent twice (its answer was lost, say).
+    images = [(n, d) for n, d, _ in labelled_files(5, seed=78)]
+    job = client.open_job(5)
+    client.add_part(job.job_id, images[:3])
+    client.add_part(job.job_id, images[3:])
+    client.add_part(job.job_id, images[3:])
+    client.seal(job.job_id)
+    # An Open Inference Protocol request of two images makes a job too.
+    body = {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": [base64.b64encode(d).decode() for _, d in images[:2]],
+            }
+        ]
+    }
+    name = requests.get(f"{api_url}/v1/models", timeout=10).json()["default"]
+    resp = requests.post(f"{api_url}/v2/models/{name}/infer", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert client.wait(job.job_id, timeout=120).status == "succeeded"
+    after = scrape(metrics)
+
+    def delta(key: str) -> float:
+        return series(after, key) - series(before, key)
+
+    assert delta("batchvision_jobs_created_total") == 2
+    assert delta("batchvision_images_accepted_total") == 5 + 2
 
 
 def test_metric_names_follow_conventions(api_url: str, settings: Settings) -> None:
