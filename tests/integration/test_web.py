@@ -743,3 +743,34 @@ def test_leaving_the_page_mid_upload_is_asked_first(browser: Browser, api_url: s
     asked.value.dismiss()  # stay
     watch.check()
     ctx.close()
+
+
+def test_a_file_too_large_for_a_request_is_refused_and_the_folder_goes_on(
+    browser: Browser, api_url: str, tmp_path: Path
+) -> None:
+    # Behind a proxy whose body limit is below the part size (the Ingress' proxy-body-size), a
+    # file that stands alone in its part is answered 413: that file is refused, not the folder.
+    root = tmp_path / "with-a-big-one"
+    truth = make_folder(root, 3, seed=65)
+    (root / "set1" / "broken.jpg").unlink()
+    big = root / "big.png"
+    with big.open("wb") as fh:  # a PNG by its first bytes, over a part's 32 MB: alone in its part
+        fh.write(b"\x89PNG\r\n\x1a\n" + bytes(33 * 1024 * 1024))
+    ctx, page, watch = open_page(browser, api_url)
+
+    def proxy_limit(route: Route) -> None:
+        # (Chromium hands the route the form's part headers, not the files' bytes.)
+        if b'filename="big.png"' in (route.request.post_data_buffer or b""):
+            body = {"error": {"code": "request_entity_too_large", "message": "over the proxy's 30 MB"}}
+            route.fulfill(status=413, content_type="application/json", body=json.dumps(body))
+        else:
+            route.continue_()
+
+    page.route("**/v1/jobs/*/files", proxy_limit)
+    page.set_input_files("#folder-input", str(root))
+    assert wait_finished(page) == "succeeded"
+    assert sorted(table_rows(page)) == sorted(truth)
+    page.wait_for_selector("#skipped li[data-filename='big.png']", state="attached")
+    assert "request_entity_too_large" in page.inner_text("#skipped-list")
+    watch.check()
+    ctx.close()

@@ -49,7 +49,8 @@ const bytesOf = (entries) => entries.reduce((n, e) => n + e.file.size, 0);
  * `onProgress({files, bytes, acknowledged})`: images and bytes sent (parts in flight counted by
  * the fraction sent), and images the server acknowledged.
  * Resolves to {jobId (null if there was no image), rejected, refused}: files the API took as
- * per-image errors, and files of parts it refused whole (422: no usable image), with reasons.
+ * per-image errors, and files of parts it refused whole (422: no usable image; 413: a file
+ * alone in its part and over the request size limit), with reasons.
  */
 export async function uploadFolder(api, entries, opts = {}) {
   const { createJob, onJob = () => {}, onSkipped = () => {}, onProgress = () => {}, signal } = opts;
@@ -120,6 +121,10 @@ export async function uploadFolder(api, entries, opts = {}) {
           for (const d of Array.isArray(err.details) ? err.details : []) {
             refused.push({ filename: d.filename, code: d.code, message: d.message });
           }
+        } else if (err instanceof ApiError && err.status === 413 && images.length === 1) {
+          // One file over what a request may carry (it stands alone in its part): that file is
+          // refused, the folder goes on. Sent again it would be refused again (Resume too).
+          refused.push({ filename: images[0].path, code: err.code, message: err.message });
         } else {
           throw err;
         }
