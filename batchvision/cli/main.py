@@ -395,8 +395,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to a client command: unwound like Ctrl-C, so that what it leaves
+    behind is cleaned up (a partial download) or said (how to resume an upload)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SERVICE_COMMANDS:  # their own signal handling
+        return _run(args)
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    # Not a hangup under nohup (or a supervisor that asked for hangups to be ignored).
+    mine = [s for s in wanted if signal.getsignal(s) is not signal.SIG_IGN]
+    before = {s: signal.signal(s, _terminate) for s in mine}
+    try:
+        return _run(args)
+    finally:
+        for s, handler in before.items():  # main() may be called in a process that goes on (tests)
+            signal.signal(s, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         setup_logging(args.command)  # text, or JSON lines with BATCHVISION_LOG_FORMAT=json
     except ValueError as exc:  # the message names the variable and the formats allowed
@@ -423,10 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A bad setting is the operator's to fix: say which and why, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        # Ctrl-C in a client command (submit, status...): no traceback, the shell's exit code.
-        print("interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as exc:
+        # Ctrl-C (or SIGTERM, SIGHUP) in a client command: no traceback, the shell's exit code.
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print("interrupted" if signum == signal.SIGINT else "terminated", file=sys.stderr)
+        return 128 + signum
 
 
 def _commands() -> tuple[str, ...]:
