@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from gunicorn import util
+
+from batchvision.core.logs import gunicorn_config
 
 #: The ``code`` of each status gunicorn answers itself, before a request reaches the app.
 GUNICORN_CODES = {
@@ -35,6 +40,28 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 # Every refusal of gunicorn's workers goes through this one function (Worker.handle_error); the
 # master loads this file before it forks them, so each worker has the JSON one.
 util.write_error = write_json_error
+
+
+# JSON lines from gunicorn itself (error and access logs) with the app's, when asked for.
+if os.environ.get("BATCHVISION_LOG_FORMAT") == "json":
+    logconfig_dict = gunicorn_config("api")
+
+#: What the master made for this server, removed when it exits.
+_MADE: list[str] = []
+
+
+def on_starting(server: Any) -> None:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # The metrics of all workers are aggregated through files in this directory; it must
+        # start empty, so it belongs to this one server (the workers, forked later, inherit it).
+        path = tempfile.mkdtemp(prefix="batchvision-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        _MADE.append(path)
+
+
+def on_exit(server: Any) -> None:
+    for path in _MADE:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:

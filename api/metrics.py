@@ -1,5 +1,6 @@
 """API metrics. Under gunicorn (several worker processes) prometheus-client's multiprocess
-mode aggregates them: ``batchvision api`` sets ``PROMETHEUS_MULTIPROC_DIR``."""
+mode aggregates them: gunicorn's master (``api.gunicorn_conf``) sets
+``PROMETHEUS_MULTIPROC_DIR``."""
 
 from __future__ import annotations
 

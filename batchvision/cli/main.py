@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -82,10 +81,6 @@ def cmd_api(args: argparse.Namespace) -> int:
         (log.warning if may_start else log.error)(message)
     if not may_start:
         return EXIT_CONFIG
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Metrics of all gunicorn workers are aggregated through files in this directory;
-        # it must start empty, so it belongs to this one server.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="batchvision-metrics-")
     argv = [
         sys.executable,
         "-m",
@@ -116,7 +111,11 @@ def cmd_api(args: argparse.Namespace) -> int:
         "--access-logfile",
         "-",
     ]
-    argv += _gunicorn_log_args(s)
+    if s.log_format == "json":  # api.gunicorn_conf reads it: JSON lines from gunicorn too
+        from batchvision.core.logs import ACCESS_FORMAT
+
+        os.environ["BATCHVISION_LOG_FORMAT"] = "json"
+        argv += ["--access-logformat", ACCESS_FORMAT]
     os.execv(sys.executable, argv)
 
 
@@ -135,20 +134,6 @@ def setup_logging(service: str = "up") -> None:
     from batchvision.core.logs import configure_logging
 
     configure_logging(_log_format(), logging.INFO, service=service)
-
-
-def _gunicorn_log_args(s: Settings) -> list[str]:
-    """JSON lines from gunicorn (error log, access log and the app's records) when asked."""
-    if s.log_format != "json":
-        return []
-    import json
-
-    from batchvision.core.logs import ACCESS_FORMAT, gunicorn_config
-
-    fd, path = tempfile.mkstemp(prefix="batchvision-gunicorn-log-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(gunicorn_config("api"), f)
-    return ["--log-config-json", path, "--access-logformat", ACCESS_FORMAT]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -144,7 +144,7 @@ def configure_logging(
 
 
 def gunicorn_config(service: str = "api", level: str = "INFO") -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` document for gunicorn (``--log-config-json``) that
+    """A ``logging.config.dictConfig`` document for gunicorn (``api.gunicorn_conf``) that
     writes JSON lines to stderr: its error log, its access log and the application's records
     (stdout stays free of logs, as in the worker and ``batchvision up``)."""
     return {

@@ -167,6 +167,9 @@ def test_up_starts_the_stack_classifies_and_stops(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
     env["BATCHVISION_MODEL"] = str(demo_model)
+    temp = tmp_path / "tmp"  # what the services leave in the temp directory
+    temp.mkdir()
+    env["TMPDIR"] = str(temp)
     # Output to files, not pipes: a process left behind would hold a pipe open and hang the
     # test instead of failing it.
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
@@ -192,6 +195,8 @@ def test_up_starts_the_stack_classifies_and_stops(
         assert len(rows) == 12
         assert sum(expected == got for expected, got in rows) >= 11
         assert set(started) == {"redis", "api", "worker", "flower"}, stderr[-3000:]
+        # The API's metrics directory (made for that one server) went with it.
+        assert not list(temp.glob("batchvision-*")), list(temp.iterdir())
         # Every process `up` started, and everything those started, is gone.
         try:
             wait_until(lambda: not _left_in_sessions(sessions), timeout=15)
