@@ -12,15 +12,19 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from batchvision.cli.rabbitmq_server import RabbitMQNode, amqp_answers
 from batchvision.cli.redis_server import RedisNode, free_port, redis_answers
 from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
+from batchvision.client.bulk import scan, submit_folder
 from batchvision.client.errors import ApiError
 from batchvision.core.settings import PREFIX, Settings
 
@@ -189,7 +193,14 @@ def up(args: argparse.Namespace) -> int:
                 )
             sample = args.sample or (_demo_folder() if args.demo else None)
             if sample:
-                _classify_folder(settings, Path(sample), between_pings)
+                try:
+                    _classify_folder(settings, Path(sample), between_pings)
+                except (TimeoutError, ApiError, OSError, requests.RequestException) as exc:
+                    # The sample is a first look, not the service: the stack stays up for the
+                    # page and the API (unless it was only started for the sample).
+                    print(f"\nerror: the sample was not classified: {exc}", file=sys.stderr, flush=True)
+                    if args.exit_after_demo:
+                        return 1
             if args.exit_after_demo:
                 return 0
             print("\nCtrl-C stops every process.", flush=True)
@@ -255,18 +266,31 @@ def _demo_folder() -> Path:
     return folder
 
 
+def _sample_key(settings: Settings) -> str | None:
+    """The API key the sample is sent with: ``BATCHVISION_API_KEY``, else the first key the API
+    is configured with (one given as its SHA-256 digest cannot be presented)."""
+    if os.environ.get("BATCHVISION_API_KEY"):
+        return os.environ["BATCHVISION_API_KEY"]
+    keys = [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()]
+    return next((k for k in keys if not re.fullmatch(r"[0-9a-f]{64}", k)), None)
+
+
 def _classify_folder(settings: Settings, folder: Path, supervise: Callable[[], None]) -> None:
     """Classify ``folder`` as one job and print its rows; ``supervise()`` runs between polls
     (a service that dies meanwhile is restarted, a stop signal heard)."""
-    import requests
-
     from batchvision.client import Client
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    deadline = time.monotonic() + 300
+    found = scan([folder])
+    # A few minutes, and more for a large folder (a CPU classifies tens of images a second).
+    deadline = time.monotonic() + 300 + len(found.images)
     # Short retries, then supervise: an API that died meanwhile is restarted by us, not waited for.
-    with Client(f"http://127.0.0.1:{settings.api_port}", retry_for_s=5) as client:
-        job = client.submit_files(files)
+    with Client(
+        f"http://127.0.0.1:{settings.api_port}", api_key=_sample_key(settings), retry_for_s=5
+    ) as client:
+        # In parts, as `batchvision submit` sends a folder: any size, any number of files.
+        job = submit_folder(client, found)
+        for rel in found.skipped:
+            print(f"  skipped (not an image): {rel}")
         while True:
             try:
                 left = deadline - time.monotonic()

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from batchvision.cli.runner import Service, ServiceFailed, Supervisor
+from batchvision.core.synthetic import labelled_files
 
 
 def test_supervisor_restarts_a_dead_process_and_stops_all(wait_until: Callable[..., Any]) -> None:
@@ -204,6 +205,40 @@ def test_up_starts_the_stack_classifies_and_stops(
             raise AssertionError(f"left running after up stopped: {_left_in_sessions(sessions)}") from None
     finally:
         for sid in sessions:  # do not leave what a failed run leaked running
+            if _left_in_sessions({sid}):
+                os.killpg(sid, signal.SIGKILL)
+
+
+def test_up_classifies_a_sample_through_api_keys_in_parts(
+    demo_model: Path, tmp_path: Path, wait_until: Callable[..., Any]
+) -> None:
+    # The API wants keys, the shell has no BATCHVISION_API_KEY: the sample goes with the first
+    # key the API has, as an upload in parts (a folder of any size), and its non-image is skipped.
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    for name, data, _ in labelled_files(5, seed=91):
+        (sample / name).write_bytes(data)
+    (sample / "notes.txt").write_text("not an image")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
+    env.update(BATCHVISION_MODEL=str(demo_model), BATCHVISION_API_KEYS="first-key,second-key")
+    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "batchvision.cli", "up", "--sample", str(sample), "--exit-after-demo"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=err,
+            timeout=600,
+        )
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    sessions = {int(pid) for pid in re.findall(r"started \w+ \(pid (\d+)\)", stderr)}
+    try:
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "succeeded, 5 classified, 0 failed" in stdout, stdout
+        assert "skipped (not an image): notes.txt" in stdout
+    finally:
+        for sid in sessions:
             if _left_in_sessions({sid}):
                 os.killpg(sid, signal.SIGKILL)
 
