@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batchvision.core.batch_policy import padded_sizes
 from batchvision.core.classifier import ImageClassifier, Scores
 from batchvision.core.imaging import normalize
 from batchvision.core.settings import Settings
@@ -49,6 +50,8 @@ class OnnxClassifier:
         *,
         input_size: tuple[int, int] | None = None,
         threads: int = 0,
+        max_batch_size: int = 32,
+        pad: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -110,6 +113,11 @@ class OnnxClassifier:
         # A model exported with a fixed batch size runs in slices of that size.
         self._batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self._scores = Scores()
+        # On a GPU, batches are padded to a few sizes, as the Keras runner pads them: each new
+        # shape costs the CUDA provider a search for its convolution algorithms, paid inside a
+        # live batch. On a CPU that cost is small and padding would only add compute.
+        pad = self.device != "CPU" if pad is None else pad
+        self.buckets = padded_sizes(max_batch_size) if pad and self._batch is None else ()
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Class probabilities for each image (``(h, w, 3)`` uint8 of the input size)."""
@@ -117,6 +125,10 @@ class OnnxClassifier:
         x = batch if self._dtype == np.uint8 else normalize(batch, self.preprocess)
         if self._channels_first:
             x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        n_images = len(x)
+        size = next((b for b in self.buckets if b >= n_images), n_images)
+        if size > n_images:
+            x = np.concatenate([x, np.zeros((size - n_images, *x.shape[1:]), x.dtype)])
         step = self._batch or len(x)
         parts = []
         for start in range(0, len(x), step):
@@ -126,13 +138,15 @@ class OnnxClassifier:
                 part = np.concatenate([part, np.zeros((step - n, *part.shape[1:]), part.dtype)])
             (out,) = self._session.run([self._output], {self._input: part})
             parts.append(np.asarray(out, dtype=np.float32).reshape(step, -1)[:n])
-        return list(self._scores(np.concatenate(parts)))
+        return list(self._scores(np.concatenate(parts)[:n_images]))
 
     def warm_up(self) -> float:
-        """One batch of one image, so the first real batch pays no session setup; returns seconds."""
+        """A batch of each padded size (one image without padding), so that no real batch pays
+        for first-time setup; returns seconds."""
         start = time.perf_counter()
         w, h = self.input_size
-        self.predict([np.zeros((h, w, 3), np.uint8)])
+        for size in self.buckets or (1,):
+            self.predict([np.zeros((h, w, 3), np.uint8)] * size)
         return time.perf_counter() - start
 
 
@@ -151,6 +165,7 @@ def load_onnx(version: VersionDir, settings: Settings) -> ImageClassifier:
         version.model,
         input_size=version.input_size,
         threads=settings.intra_op_threads or limited_cpus() or 0,
+        max_batch_size=settings.max_batch_size,
     )
     log.info("model %s v%d: ONNX Runtime on %s", version.model, version.version, clf.device)
     return clf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -101,3 +102,27 @@ def test_a_uint8_model_with_a_preprocess_it_cannot_have_is_refused(tmp_path: Pat
     with pytest.raises(OnnxModelError, match='preprocess "caffe" cannot apply'):
         OnnxClassifier(tmp_path / "m.onnx", ["r", "g", "b"], "caffe", "m", threads=1)
     assert OnnxClassifier(tmp_path / "m.onnx", ["r", "g", "b"], "none", "m", threads=1).input_size == (8, 8)
+
+
+def test_padded_batches_run_the_few_sizes_and_give_the_same_scores(tmp_path: Path) -> None:
+    # On a GPU (pad=True here) batches are padded to the buckets, as the Keras runner pads them.
+    path = _model(tmp_path, tail="logits")
+    labels = [f"c{i}" for i in range(CLASSES)]
+    plain = OnnxClassifier(path, labels, "unit", "m", threads=1, pad=False)
+    padded = OnnxClassifier(path, labels, "unit", "m", threads=1, pad=True, max_batch_size=32)
+    assert padded.buckets == (1, 2, 4, 8, 12, 16, 20, 24, 28, 32) and plain.buckets == ()
+    seen: list[int] = []
+    run = padded._session.run
+
+    def recording(outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        seen.append(len(next(iter(feeds.values()))))
+        return run(outputs, feeds)
+
+    padded._session = type("Recording", (), {"run": staticmethod(recording)})()
+    images = _images(13)
+    got = padded.predict(images)
+    assert seen == [16] and len(got) == 13
+    np.testing.assert_allclose(np.stack(got), np.stack(plain.predict(images)), atol=1e-4)
+    seen.clear()
+    padded.warm_up()
+    assert seen == list(padded.buckets)
