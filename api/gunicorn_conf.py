@@ -60,6 +60,8 @@ def on_starting(server: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
+    if getattr(server, "reexec_pid", 0):
+        return  # upgraded in place (USR2): the new master and its workers use the directory
     for path in _MADE:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -371,15 +371,17 @@ def load_version(version: VersionDir, settings: Settings) -> ImageClassifier:
             xla=settings.xla,
         )
     classifier.name = version.model
-    check_outputs(classifier)
+    check_outputs(classifier, settings.max_batch_size)
     return classifier
 
 
-def check_outputs(classifier: ImageClassifier) -> None:
-    """A batch of different images (:func:`probe_images`) through the model: one output per
-    image, one value per label. The first outputs a model gives also decide whether its scores
-    are probabilities or logits (:class:`~batchvision.core.classifier.Scores`)."""
-    probe = probe_images(classifier.input_size)
+def check_outputs(classifier: ImageClassifier, max_batch_size: int = 4) -> None:
+    """A batch of different images (:func:`probe_images`, at most ``max_batch_size``) through
+    the model: one output per image, one value per label. The first outputs a model gives also
+    decide whether its scores are probabilities or logits
+    (:class:`~batchvision.core.classifier.Scores`)."""
+    # No larger than the batches the worker will run (a model made for batches of one).
+    probe = probe_images(classifier.input_size)[: max(1, min(4, max_batch_size))]
     try:
         together = classifier.predict(probe)
     except Exception as exc:

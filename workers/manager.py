@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -47,6 +48,12 @@ Loader = Callable[[VersionDir, Settings], ImageClassifier]
 #: A version folder changed less than this long ago may still be being written: the watcher
 #: leaves it for its next look (a reload request does not wait).
 SETTLE_S = 1.0
+#: A version whose load fails for the moment is tried again after this, doubled each time
+#: up to RETRY_CAP_S; after RETRY_TRIES failures in a row it is refused as if for good (until
+#: its files change): a version too large for the device beside the live one stays too large.
+RETRY_FIRST_S = 5.0
+RETRY_CAP_S = 300.0
+RETRY_TRIES = 6
 #: Pinned versions (``model=name:N``) kept loaded per model; the least recently used goes first.
 MAX_PINNED = 2
 #: A pinned version unused this long is unloaded.
@@ -156,6 +163,10 @@ class ServedModel:
     failed: dict[int, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
     #: version -> what the registry shows of a version that loaded
     ready: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: version -> (its files' signature, failures in a row, not to be tried before: monotonic
+    #: seconds) of a version whose loads failed for the moment, or whose files, changed in
+    #: place while it was live, were refused (never before they change again)
+    retry: dict[int, tuple[tuple[Any, ...], int, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -194,7 +205,10 @@ PASSING_ERRNOS = frozenset(
 )
 
 
-def _passing(exc: BaseException) -> bool:
+def _passing(exc: BaseException | None) -> bool:
+    """A failure of the moment, or one caused by one (the load check wraps what it met)."""
+    if exc is None:
+        return False
     # JAX (XlaRuntimeError) and ONNX Runtime name device memory exhaustion only in the text.
     text = str(exc)
     return (
@@ -203,6 +217,7 @@ def _passing(exc: BaseException) -> bool:
         or type(exc).__name__ in PASSING_LOAD_ERRORS
         or "RESOURCE_EXHAUSTED" in text
         or "out of memory" in text.lower()
+        or _passing(exc.__cause__)
     )
 
 
@@ -418,20 +433,23 @@ class ModelManager:
             order.remove(pointer)
             order.insert(0, pointer)
         failed: dict[int, tuple[tuple[Any, ...], str]] = {}
+        passing: dict[int, str] = {}
         for version in order:
             vdir = entry.versions[version]
             try:
                 loaded = self._load(vdir)
             except Exception as exc:  # noqa: BLE001 - refused; an older version may load
                 if _passing(exc):  # an older one serves meanwhile; the watcher tries this again
+                    passing[version] = _reason(exc)
                     log.warning(
-                        "model %s version %d did not load for now: %s", entry.name, version, _reason(exc)
+                        "model %s version %d did not load for now: %s", entry.name, version, passing[version]
                     )
                     continue
                 failed[version] = (vdir.signature, _reason(exc))
                 log.warning("model %s version %d refused: %s", entry.name, version, failed[version][1])
                 continue
-            served = ServedModel(entry.name, entry, loaded, failed=failed)
+            retry = {v: (entry.versions[v].signature, 1, time.monotonic() + RETRY_FIRST_S) for v in passing}
+            served = ServedModel(entry.name, entry, loaded, failed=failed, retry=retry)
             served.ready[version] = _facts(loaded)
             log.info(
                 "model %s version %d loaded on %s in %.2fs, input %s, %d classes",
@@ -445,7 +463,7 @@ class ModelManager:
             if self._on_switch is not None:
                 self._on_switch(entry.name, version, loaded.load_s)
             return served
-        problems = {**entry.problems, **{v: why for v, (_, why) in failed.items()}}
+        problems = {**entry.problems, **{v: why for v, (_, why) in failed.items()}, **passing}
         detail = "; ".join(f"version {v}: {why}" for v, why in sorted(problems.items())) or "no versions"
         raise RuntimeError(f"model {entry.name}: no version can be loaded ({detail})")
 
@@ -506,11 +524,17 @@ class ModelManager:
         if target is None:
             return False
         vdir = entry.versions[target]
-        if target == served.live.version and vdir.signature == served.live.signature:
+        in_place = target == served.live.version  # the live version's own files changed
+        if in_place and vdir.signature == served.live.signature:
             return False  # live, and its files are the ones it was loaded from
         failed = served.failed.get(target)
         if failed is not None and failed[0] == vdir.signature:
             return False  # refused already, and its files did not change
+        waiting = served.retry.get(target)
+        if waiting is not None and waiting[0] != vdir.signature:
+            waiting = None  # its files changed since: a fresh start
+        if waiting is not None and time.monotonic() < waiting[2]:
+            return False  # failed lately: tried again after its backoff
         if settle and time.time() - vdir.mtime < SETTLE_S:
             return False  # still being written: the watcher looks again
         log.info(
@@ -522,33 +546,14 @@ class ModelManager:
         try:
             loaded = self._load(vdir)
         except Exception as exc:  # noqa: BLE001 - refused with the reason; the live one stays
-            reason = _reason(exc)
-            if _passing(exc):
-                # Device memory taken (the live version is still loaded beside it), a file system
-                # that did not answer: not held against the version; the next look tries again.
-                log.warning(
-                    "model %s version %d did not load for now, version %d stays live: %s",
-                    name,
-                    target,
-                    served.live.version,
-                    reason,
-                )
-            else:
-                served.failed[target] = (vdir.signature, reason)
-                self._emit_state(served, target, FAILED, {"error": reason})
-                log.warning(
-                    "model %s version %d refused, version %d stays live: %s",
-                    name,
-                    target,
-                    served.live.version,
-                    reason,
-                )
+            self._refused(served, target, vdir, exc, 1 + (waiting[1] if waiting else 0), in_place)
             if self._on_switch is not None:
                 self._on_switch(name, target, None)
             return False
         old = served.live
         served.live = loaded  # the switch: the next batch of this model runs on it
         served.failed.pop(target, None)
+        served.retry.pop(target, None)
         served.ready[target] = _facts(loaded)
         self._emit_state(served, target, READY, served.ready[target])
         for listener in self.listeners:
@@ -564,6 +569,49 @@ class ModelManager:
         if self._on_switch is not None:
             self._on_switch(name, target, loaded.load_s)
         return True
+
+    def _refused(
+        self, served: ServedModel, version: int, vdir: VersionDir, exc: Exception, tries: int, in_place: bool
+    ) -> None:
+        """Record a load of ``version`` that failed (``tries``: in a row, this one included)."""
+        reason = _reason(exc)
+        live = served.live.version
+        if _passing(exc) and tries < RETRY_TRIES:
+            # Device memory taken (the live version is loaded beside it), a file system that did
+            # not answer: not held against the version; tried again after a growing pause.
+            pause = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** (tries - 1))
+            served.retry[version] = (vdir.signature, tries, time.monotonic() + pause)
+            log.warning(
+                "model %s version %d did not load for now (try %d of %d, again in %.0fs), version %d "
+                "stays live: %s",
+                served.name,
+                version,
+                tries,
+                RETRY_TRIES,
+                pause,
+                live,
+                reason,
+            )
+            return
+        if _passing(exc):
+            reason = f"{reason} ({tries} tries in a row)"
+        if in_place:
+            # The live version's files were replaced by ones that do not load: its old files stay
+            # live (it is not refused: that would switch to an older version), until they change.
+            served.retry[version] = (vdir.signature, tries, math.inf)
+            log.warning(
+                "model %s version %d: its new files were refused, its old files stay live: %s",
+                served.name,
+                version,
+                reason,
+            )
+            return
+        served.retry.pop(version, None)
+        served.failed[version] = (vdir.signature, reason)
+        self._emit_state(served, version, FAILED, {"error": reason})
+        log.warning(
+            "model %s version %d refused, version %d stays live: %s", served.name, version, live, reason
+        )
 
     def _target(self, served: ServedModel) -> int | None:
         """The version that should be live: the operator's pointer, else the newest version

@@ -187,7 +187,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # The job is opened with its callback and options, then filled.
     options = {**job_options(args), **({"callback_url": args.callback_url} if args.callback_url else {})}
     if args.resume and options:
-        given = ", ".join(f"--{k.replace('_', '-')}" for k in options)
+        given = ", ".join(_flags(options))
         print(f"error: --resume continues a job as it was opened: {given} cannot change it", file=sys.stderr)
         return EXIT_USAGE
     quiet = args.no_progress
@@ -214,7 +214,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             )
     except BaseException:
         if opened:
-            print(f"the upload stopped: finish it with --resume {opened[0]}", file=sys.stderr)
+            kept = f" and without {', '.join(_flags(options))} (the job keeps them)" if options else ""
+            print(f"the upload stopped: finish it with --resume {opened[0]}{kept}", file=sys.stderr)
         raise
     job_id = summary.job_id
     for rel in summary.skipped:
@@ -225,6 +226,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     meanwhile = f" ({sealed.done + sealed.failed} already classified meanwhile)" if sealed else ""
     print(f"uploaded {summary.sent} images in {time.monotonic() - start:.1f}s{meanwhile}", file=sys.stderr)
     return _wait_and_write(client, args, job_id, total, start) if args.wait else EXIT_OK
+
+
+def _flags(options: dict[str, Any]) -> list[str]:
+    """The command-line flags of per-job ``options`` (``top_k`` -> ``--top-k``)."""
+    return [f"--{k.replace('_', '-')}" for k in options]
 
 
 def job_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -362,9 +368,9 @@ def register(sub: Any, add: AddFn) -> None:
     )
     p.add_argument("--resume", metavar="JOB_ID", help="continue an interrupted upload to this job")
     p.add_argument("--no-progress", action="store_true")
-    p = client_options(add("status", guarded(cmd_status), "show a job's status"))
+    p = client_options(add("status", guarded(cmd_status, reads=True), "show a job's status"))
     p.add_argument("job_id")
-    p = client_options(add("jobs", guarded(cmd_jobs), "list this API key's jobs, newest first"))
+    p = client_options(add("jobs", guarded(cmd_jobs, reads=True), "list this API key's jobs, newest first"))
     p.add_argument("--status", choices=[s.value for s in JobStatus])
     p.add_argument("--created-after", type=float, metavar="UNIX_TIME")
     p.add_argument("--created-before", type=float, metavar="UNIX_TIME")
@@ -372,7 +378,7 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--cursor", help="the page after the one that printed it")
     p.add_argument("--all", action="store_true", help="every page")
     p.add_argument("--json", action="store_true", help="one job document a line")
-    p = client_options(add("results", guarded(cmd_results), "fetch a job's results"))
+    p = client_options(add("results", guarded(cmd_results, reads=True), "fetch a job's results"))
     p.add_argument("job_id")
     p.add_argument("-o", "--output")
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
@@ -387,20 +393,22 @@ def register(sub: Any, add: AddFn) -> None:
 
 
 def guarded(
-    fn: Callable[[argparse.Namespace], int], failed: int = EXIT_REQUEST_FAILED
+    fn: Callable[[argparse.Namespace], int], failed: int = EXIT_REQUEST_FAILED, *, reads: bool = False
 ) -> Callable[[argparse.Namespace], int]:
     """Turn API and connection errors into a message and ``failed`` (EXIT_REQUEST_FAILED, or
-    EXIT_SUBMIT_FAILED for ``submit``)."""
+    EXIT_SUBMIT_FAILED for ``submit``). ``reads``: a command whose product is what it prints,
+    so a reader that stops early (``| head``) ends it well."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return _request_failed_on_error(lambda: fn(args), failed)
         except BrokenPipeError:
-            # The reader of stdout stopped (`batchvision results JOB | head`): what it read was
-            # right. Python would complain again flushing stdout at exit: point it at nothing.
+            # The reader of our output went away. Python would complain again flushing stdout
+            # at exit: point it at nothing. For a reading command, what was read was right; a
+            # command that changes something (an upload) did not finish.
             with contextlib.suppress(OSError, ValueError):  # a stdout without a file (tests)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_OK
+            return EXIT_OK if reads else failed
 
     run.__doc__ = fn.__doc__
     return run

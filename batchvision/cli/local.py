@@ -195,7 +195,8 @@ def up(args: argparse.Namespace) -> int:
             if sample:
                 try:
                     _classify_folder(settings, Path(sample), between_pings)
-                except (TimeoutError, ApiError, OSError, requests.RequestException) as exc:
+                # ValueError: a file name that cannot be sent, an answer of another shape.
+                except (TimeoutError, ApiError, OSError, ValueError, requests.RequestException) as exc:
                     # The sample is a first look, not the service: the stack stays up for the
                     # page and the API (unless it was only started for the sample).
                     print(f"\nerror: the sample was not classified: {exc}", file=sys.stderr, flush=True)

@@ -41,7 +41,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def register(sub: Any, add: AddFn) -> None:
     """Add ``models`` and ``reload`` to the ``batchvision`` parser."""
 
-    p = client_options(add("models", guarded(cmd_models), "list the models, their versions and workers"))
+    p = client_options(
+        add("models", guarded(cmd_models, reads=True), "list the models, their versions and workers")
+    )
     p.add_argument("--json", action="store_true", help="print the API's document")
     p = client_options(
         add("reload", guarded(cmd_reload), "load a model's new version, or make a version live")

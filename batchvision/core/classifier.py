@@ -45,7 +45,12 @@ class Scores:
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         """``raw``: ``(images, classes)`` float32."""
         if self.probabilities is None:
-            self.probabilities = are_probabilities(raw)
+            # Only from rows of numbers: an image the model gives NaN for (a uniform probe image
+            # it normalises by its own spread) tells nothing; without any, decide later.
+            finite = raw[np.isfinite(raw).all(axis=1)]
+            if not len(finite):
+                return raw if are_probabilities(raw) else softmax(raw)
+            self.probabilities = are_probabilities(finite)
         return raw if self.probabilities else softmax(raw)
 
 

@@ -774,3 +774,24 @@ def test_a_file_too_large_for_a_request_is_refused_and_the_folder_goes_on(
     assert "request_entity_too_large" in page.inner_text("#skipped-list")
     watch.check()
     ctx.close()
+
+
+def test_a_final_job_whose_results_keep_failing_is_asked_three_times(browser: Browser, api_url: str) -> None:
+    job_id, _ = _finished_job(api_url, 2, seed=66)
+    ctx, page, watch = open_page(browser, api_url)
+    polls: list[str] = []
+    page.on("request", lambda req: polls.append(req.url) if f"/v1/jobs/{job_id}?wait=" in req.url else None)
+
+    def broken(route: Route) -> None:
+        body = {"error": {"code": "internal_error", "message": "the results could not be read"}}
+        route.fulfill(status=500, content_type="application/json", body=json.dumps(body))
+
+    page.route(re.compile(rf".*/v1/jobs/{job_id}/results\?.*"), broken)
+    page.goto(f"{api_url}/#job={job_id}")
+    page.wait_for_function(
+        "() => document.getElementById('alert').textContent.includes('Stopped asking')", timeout=30_000
+    )
+    assert "internal_error" in page.inner_text("#alert")
+    assert len(polls) == 3, polls
+    watch.check()
+    ctx.close()

@@ -171,3 +171,26 @@ def test_an_answer_of_another_shape_is_a_message_not_a_traceback(
     assert main(["status", JOB]) == ExitCode.REQUEST_FAILED
     err = capsys.readouterr().err
     assert "does not fit this client" in err and "status" in err
+
+
+def test_a_reader_gone_during_an_upload_is_a_failed_submit(
+    recorder: Recorder, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `batchvision submit DIR | tee log` and tee died: the job id could not be written, the
+    # upload stopped before its first part. That is no success.
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["submit", str(folder), "--no-progress"]) == ExitCode.SUBMIT_FAILED
+    assert [c[0] for c in recorder.calls] == ["open_job"]
+
+
+def test_an_interrupted_upload_says_how_to_resume_it(
+    recorder: Recorder, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(job_id: str, files: list[tuple[str, bytes]]) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recorder, "add_part", interrupted)
+    assert main(["submit", str(folder), "--top-k", "2", "--no-progress"]) == 128 + 2
+    assert (
+        f"finish it with --resume {JOB} and without --top-k (the job keeps them)" in capsys.readouterr().err
+    )

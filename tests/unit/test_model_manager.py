@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import workers.manager as manager_mod
 from batchvision.core.batching import BatchInfo
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.model_refs import JobOptions
@@ -298,9 +299,12 @@ def test_the_live_lane_fits_images_decoded_for_another_input_size(tmp_path: Path
     shutil.rmtree(tmp_path)
 
 
-def test_a_new_version_that_fails_to_load_for_the_moment_goes_live_on_the_next_look(tmp_path: Path) -> None:
+def test_a_new_version_that_fails_to_load_for_the_moment_goes_live_on_the_next_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A reload holds the old and the new version at once: device memory may run out for the
     # moment. That is not the version's fault, and must not keep it out until its files change.
+    monkeypatch.setattr(manager_mod, "RETRY_FIRST_S", 0.0)
     _version(tmp_path, 1)
     manager = _manager(tmp_path, Loader(flaky={2: 1}))
     try:
@@ -314,8 +318,9 @@ def test_a_new_version_that_fails_to_load_for_the_moment_goes_live_on_the_next_l
 
 
 def test_a_first_load_that_fails_for_the_moment_serves_the_older_version_until_it_loads(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(manager_mod, "RETRY_FIRST_S", 0.0)
     _version(tmp_path, 1)
     _version(tmp_path, 2)
     manager = _manager(tmp_path, Loader(flaky={2: 1}))
@@ -345,3 +350,53 @@ def test_the_live_version_loads_again_when_its_files_change_in_place(tmp_path: P
         assert manager.refresh("m") is False
     finally:
         manager.close()
+
+
+def test_a_version_failing_for_the_moment_is_tried_after_a_pause_and_refused_after_a_few_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Too large for the device beside the live version: "for the moment" that lasts. A look
+    # within the pause loads nothing; after RETRY_TRIES failures the version is refused.
+    _version(tmp_path, 1)
+    loader = Loader(flaky={2: 100})
+    manager = _manager(tmp_path, loader)
+    try:
+        _version(tmp_path, 2)
+        assert manager.refresh("m") is False and loader.calls == [1, 2]
+        assert manager.refresh("m") is False and loader.calls == [1, 2]  # within the pause
+        monkeypatch.setattr(manager_mod, "RETRY_FIRST_S", 0.0)
+        manager.models["m"].retry[2] = (*manager.models["m"].retry[2][:2], 0.0)  # the pause is over
+        for _ in range(manager_mod.RETRY_TRIES):
+            manager.refresh("m")
+        assert loader.calls.count(2) == manager_mod.RETRY_TRIES
+        failed = manager.models["m"].failed[2][1]
+        assert "Input/output error" in failed and f"{manager_mod.RETRY_TRIES} tries in a row" in failed
+        assert manager.models["m"].live.version == 1
+    finally:
+        manager.close()
+
+
+def test_live_files_replaced_by_broken_ones_leave_the_old_files_live(tmp_path: Path) -> None:
+    # Version 2 is live; its files are replaced in place by ones that do not load. Version 2
+    # (its old files) stays live: refusing it would switch this worker back to version 1.
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    loader = Loader()
+    manager = _manager(tmp_path, loader)
+    try:
+        assert manager.models["m"].live.version == 2
+        (tmp_path / "m" / "2" / "BROKEN").write_text("")
+        assert manager.refresh("m") is False
+        assert manager.refresh("m") is False
+        assert manager.refresh("m") is False
+        served = manager.models["m"]
+        assert served.live.version == 2 and 2 not in served.failed
+        assert loader.calls == [2, 2]  # tried once: not again until its files change again
+    finally:
+        manager.close()
+
+
+def test_a_worker_whose_only_version_fails_for_the_moment_says_why(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    with pytest.raises(RuntimeError, match=r"version 1: OSError: \[Errno 5\] Input/output error"):
+        _manager(tmp_path, Loader(flaky={1: 1}))

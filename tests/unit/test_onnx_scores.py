@@ -126,3 +126,40 @@ def test_padded_batches_run_the_few_sizes_and_give_the_same_scores(tmp_path: Pat
     seen.clear()
     padded.warm_up()
     assert seen == list(padded.buckets)
+
+
+def test_a_model_for_batches_of_one_passes_where_batches_are_one(tmp_path: Path) -> None:
+    clf = OnnxClassifier(_model(tmp_path, tail="batch-of-one"), ["a"] * CLASSES, "unit", "m", threads=1)
+    check_outputs(clf, max_batch_size=1)  # BATCHVISION_MAX_BATCH_SIZE=1: it never sees more
+
+
+def test_a_batch_that_fails_for_the_moment_is_not_held_against_the_model(tmp_path: Path) -> None:
+    from workers.manager import _passing
+
+    class ResourceExhaustedError(Exception):  # TensorFlow's, by name
+        pass
+
+    clf = _classifier(_model(tmp_path, tail="logits"))
+    one_at_a_time = clf.predict
+
+    def tight(images: list[np.ndarray]) -> list[np.ndarray]:
+        if len(images) > 1:
+            raise ResourceExhaustedError("OOM when allocating tensor with shape[4,8,8,3]")
+        return one_at_a_time(images)
+
+    clf.predict = tight  # type: ignore[method-assign]
+    with pytest.raises(ModelMismatch) as info:
+        check_outputs(clf)
+    assert _passing(info.value)  # the load is tried again later, the version not marked failed
+
+
+def test_the_scores_decision_waits_for_rows_of_numbers() -> None:
+    from batchvision.core.classifier import Scores
+
+    scores = Scores()
+    probabilities = np.array([[0.2, 0.8], [np.nan, np.nan]], np.float32)
+    np.testing.assert_array_equal(scores(probabilities)[0], probabilities[0])
+    assert scores.probabilities is True
+    undecided = Scores()
+    undecided(np.full((2, 2), np.nan, np.float32))
+    assert undecided.probabilities is None

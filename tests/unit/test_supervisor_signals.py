@@ -34,3 +34,25 @@ def test_a_stop_signal_while_the_stop_event_is_locked_still_stops_the_supervisor
         raise AssertionError("the supervisor deadlocked in its signal handler") from exc
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+_DURING_A_WAIT = textwrap.dedent(
+    """
+    import os, signal, threading, time
+    from batchvision.cli.runner import Supervisor
+
+    sup = Supervisor([])
+    sup.install_signal_handlers()
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    start = time.monotonic()
+    assert sup._wait(30), "the wait did not see the stop"
+    assert time.monotonic() - start < 5, "the signal did not wake the wait"
+    print("ok")
+    """
+)
+
+
+def test_a_stop_signal_during_a_wait_ends_the_wait() -> None:
+    out = subprocess.run([sys.executable, "-c", _DURING_A_WAIT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

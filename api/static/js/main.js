@@ -360,8 +360,6 @@ async function poll(view) {
       const job = await api.request("GET", `/v1/jobs/${view.id}?wait=${POLL_S}`, { signal });
       if (view.stopped) return;
       view.blocked = false;
-      if (view.failing) alertMessage(""); // what the failed passes showed is over
-      view.failing = 0;
       view.job = job;
       view.rate.add(job.done + job.failed + job.canceled);
       renderClassify();
@@ -377,6 +375,8 @@ async function poll(view) {
       const finished = FINAL.has(job.status) && !uploading;
       if (finished) loadJobs(); // the list shows the final status
       await loadResults(view, finished);
+      if (view.failing) alertMessage(""); // the whole pass worked: what failed passes showed is over
+      view.failing = 0;
       if (finished) return;
     } catch (err) {
       if (isAbort(err) || view.stopped) return;
@@ -396,11 +396,14 @@ async function poll(view) {
         }
         return;
       }
-      showError(err);
-      // A final job whose results keep failing the same way: asking every 3 s all night changes
-      // nothing (the error stays on screen; choosing the job again asks again).
+      // A final job whose results keep failing: asking every 3 s all night changes nothing
+      // (the error stays on screen; choosing the job again asks again).
       view.failing = (view.failing || 0) + 1;
-      if (view.job && FINAL.has(view.job.status) && view.failing >= FINAL_JOB_TRIES) return;
+      if (view.job && FINAL.has(view.job.status) && view.failing >= FINAL_JOB_TRIES) {
+        showError(err, "Stopped asking for this job's results (open the job again to retry)");
+        return;
+      }
+      showError(err);
       await sleep(3, signal).catch(() => {});
       continue;
     }
