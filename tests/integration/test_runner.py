@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,56 +163,74 @@ def test_the_local_redis_data_goes_with_the_run(monkeypatch: pytest.MonkeyPatch)
     assert not redis.data_dir.exists()
 
 
-@pytest.mark.slow
-def test_up_starts_the_stack_classifies_and_stops(
-    demo_model: Path, tmp_path: Path, wait_until: Callable[..., Any]
-) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
-    env["BATCHVISION_MODEL"] = str(demo_model)
-    temp = tmp_path / "tmp"  # what the services leave in the temp directory
-    temp.mkdir()
-    env["TMPDIR"] = str(temp)
+@dataclass
+class UpRun:
+    """One `batchvision up ... --exit-after-demo` run: its exit code, output, and the pid of
+    each service it started (each is its own session)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    started: dict[str, int]
+
+
+@contextmanager
+def up_run(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[UpRun]:
+    """Run `batchvision up *args` to its end; afterwards kill whatever a failed run leaked."""
     # Output to files, not pipes: a process left behind would hold a pipe open and hang the
     # test instead of failing it.
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
     with out_path.open("w") as out, err_path.open("w") as err:
         proc = subprocess.run(
-            [sys.executable, "-m", "batchvision.cli", "up", "--demo", "--exit-after-demo"],
+            [sys.executable, "-m", "batchvision.cli", "up", *args],
             cwd=tmp_path,
             env=env,
             stdout=out,
             stderr=err,
             timeout=600,
         )
-    stdout, stderr = out_path.read_text(), err_path.read_text()
-    # The runner reports the pid of each service it starts; each is its own session.
-    started = dict(re.findall(r"started (\w+) \(pid (\d+)\)", stderr))
-    sessions = {int(pid) for pid in started.values()}
+    stderr = err_path.read_text()
+    # The runner reports the pid of each service it starts.
+    started = {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", stderr)}
     try:
-        assert proc.returncode == 0, stderr[-3000:]
-        for name in ("redis", "api", "worker", "flower"):
-            assert re.search(rf"^  {name}\s+(redis|http)://127\.0\.0\.1:\d+", stdout, re.M), stdout
-        assert "succeeded, 12 classified, 0 failed" in stdout
-        rows = re.findall(r"^  (\w+)_\d+\.jpg\s+(\w+)\s+[0-9.]+$", stdout, re.M)
-        assert len(rows) == 12
-        assert sum(expected == got for expected, got in rows) >= 11
-        assert set(started) == {"redis", "api", "worker", "flower"}, stderr[-3000:]
-        # The API's metrics directory (made for that one server) went with it.
-        assert not list(temp.glob("batchvision-*")), list(temp.iterdir())
-        # Every process `up` started, and everything those started, is gone.
-        try:
-            wait_until(lambda: not _left_in_sessions(sessions), timeout=15)
-        except AssertionError:
-            raise AssertionError(f"left running after up stopped: {_left_in_sessions(sessions)}") from None
+        yield UpRun(proc.returncode, out_path.read_text(), stderr, started)
     finally:
-        for sid in sessions:  # do not leave what a failed run leaked running
+        for sid in started.values():  # do not leave what a failed run leaked running
             if _left_in_sessions({sid}):
                 os.killpg(sid, signal.SIGKILL)
 
 
-def test_up_classifies_a_sample_through_api_keys_in_parts(
+def _up_env(demo_model: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
+    return {**env, "BATCHVISION_MODEL": str(demo_model), **settings}
+
+
+@pytest.mark.slow
+def test_up_starts_the_stack_classifies_and_stops(
     demo_model: Path, tmp_path: Path, wait_until: Callable[..., Any]
 ) -> None:
+    temp = tmp_path / "tmp"  # what the services leave in the temp directory
+    temp.mkdir()
+    with up_run(tmp_path, _up_env(demo_model, TMPDIR=str(temp)), "--demo", "--exit-after-demo") as run:
+        assert run.returncode == 0, run.stderr[-3000:]
+        for name in ("redis", "api", "worker", "flower"):
+            assert re.search(rf"^  {name}\s+(redis|http)://127\.0\.0\.1:\d+", run.stdout, re.M), run.stdout
+        assert "succeeded, 12 classified, 0 failed" in run.stdout
+        rows = re.findall(r"^  (\w+)_\d+\.jpg\s+(\w+)\s+[0-9.]+$", run.stdout, re.M)
+        assert len(rows) == 12
+        assert sum(expected == got for expected, got in rows) >= 11
+        assert set(run.started) == {"redis", "api", "worker", "flower"}, run.stderr[-3000:]
+        # The API's metrics directory (made for that one server) went with it.
+        assert not list(temp.glob("batchvision-*")), list(temp.iterdir())
+        # Every process `up` started, and everything those started, is gone.
+        sessions = set(run.started.values())
+        try:
+            wait_until(lambda: not _left_in_sessions(sessions), timeout=15)
+        except AssertionError:
+            raise AssertionError(f"left running after up stopped: {_left_in_sessions(sessions)}") from None
+
+
+def test_up_classifies_a_sample_through_api_keys_in_parts(demo_model: Path, tmp_path: Path) -> None:
     # The API wants keys, the shell has no BATCHVISION_API_KEY: the sample goes with the first
     # key the API has, as an upload in parts (a folder of any size), and its non-image is skipped.
     sample = tmp_path / "sample"
@@ -219,28 +238,11 @@ def test_up_classifies_a_sample_through_api_keys_in_parts(
     for name, data, _ in labelled_files(5, seed=91):
         (sample / name).write_bytes(data)
     (sample / "notes.txt").write_text("not an image")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHVISION_")}
-    env.update(BATCHVISION_MODEL=str(demo_model), BATCHVISION_API_KEYS="first-key,second-key")
-    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
-    with out_path.open("w") as out, err_path.open("w") as err:
-        proc = subprocess.run(
-            [sys.executable, "-m", "batchvision.cli", "up", "--sample", str(sample), "--exit-after-demo"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=err,
-            timeout=600,
-        )
-    stdout, stderr = out_path.read_text(), err_path.read_text()
-    sessions = {int(pid) for pid in re.findall(r"started \w+ \(pid (\d+)\)", stderr)}
-    try:
-        assert proc.returncode == 0, stderr[-3000:]
-        assert "succeeded, 5 classified, 0 failed" in stdout, stdout
-        assert "skipped (not an image): notes.txt" in stdout
-    finally:
-        for sid in sessions:
-            if _left_in_sessions({sid}):
-                os.killpg(sid, signal.SIGKILL)
+    env = _up_env(demo_model, BATCHVISION_API_KEYS="first-key,second-key")
+    with up_run(tmp_path, env, "--sample", str(sample), "--exit-after-demo") as run:
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "succeeded, 5 classified, 0 failed" in run.stdout, run.stdout
+        assert "skipped (not an image): notes.txt" in run.stdout
 
 
 def test_a_flower_password_without_a_user_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
