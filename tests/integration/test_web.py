@@ -783,15 +783,16 @@ def test_a_final_job_whose_results_keep_failing_is_asked_three_times(browser: Br
     page.on("request", lambda req: polls.append(req.url) if f"/v1/jobs/{job_id}?wait=" in req.url else None)
 
     def broken(route: Route) -> None:
-        body = {"error": {"code": "internal_error", "message": "the results could not be read"}}
-        route.fulfill(status=500, content_type="application/json", body=json.dumps(body))
+        # A conflict asking again does not resolve (a 500 would be retried by each request).
+        body = {"error": {"code": "results_in_output", "message": "read the rows from s3://out/x/"}}
+        route.fulfill(status=409, content_type="application/json", body=json.dumps(body))
 
     page.route(re.compile(rf".*/v1/jobs/{job_id}/results\?.*"), broken)
     page.goto(f"{api_url}/#job={job_id}")
     page.wait_for_function(
         "() => document.getElementById('alert').textContent.includes('Stopped asking')", timeout=30_000
     )
-    assert "internal_error" in page.inner_text("#alert")
+    assert "results_in_output" in page.inner_text("#alert")
     assert len(polls) == 3, polls
     watch.check()
     ctx.close()
