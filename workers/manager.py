@@ -26,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -159,6 +160,9 @@ class ServedModel:
     lane: ModelLane | None = None
     #: version -> its lane, least recently used first
     pinned: OrderedDict[int, ModelLane] = field(default_factory=OrderedDict)
+    #: version -> the lane of a pinned version being loaded now (outside :attr:`lock`); those
+    #: who ask for it meanwhile wait for this one load
+    loading: dict[int, Future[ModelLane]] = field(default_factory=dict)
     #: version -> (the files' signature when it failed, the reason)
     failed: dict[int, tuple[tuple[Any, ...], str]] = field(default_factory=dict)
     #: version -> what the registry shows of a version that loaded
@@ -246,36 +250,79 @@ class PinnedLanes:
         self._on_batch_for = on_batch_for
         self.max_pinned = max(1, max_pinned)
         self.idle_s = max(idle_s, PINNED_GRACE_S)
+        self.closed = False  # the worker is stopping: no new lane
 
     def lane(self, served: ServedModel, version: int) -> ModelLane:
+        # The load runs outside the model's lock: a version that takes a minute to load must
+        # not hold up the lanes of the model's other versions, nor the idle sweep.
+        mine: Future[ModelLane] = Future()
         with served.lock:
             lane = served.pinned.get(version)
-            if lane is None:
+            if lane is not None:
+                return self._touch(served, version, lane)
+            loading = served.loading.get(version)
+            if loading is None:
                 self._make_room(served)
-                live = served.live
-                loaded = live if live.version == version else self._load(served, version)
-                lane = ModelLane(
-                    served.name, _fixed(loaded), self.settings, self._on_batch_for, pinned=version
-                )
+                served.loading[version] = mine
+        if loading is not None:
+            lane = loading.result()  # its load's error, if it fails
+            with served.lock:
+                return self._touch(served, version, lane)
+        try:
+            live = served.live
+            loaded = live if live.version == version else self._load(served, version)
+            lane = ModelLane(served.name, _fixed(loaded), self.settings, self._on_batch_for, pinned=version)
+        except BaseException as exc:
+            with served.lock:
+                del served.loading[version]
+            mine.set_exception(exc)
+            raise
+        with served.lock:
+            del served.loading[version]
+            if not self.closed:
                 served.pinned[version] = lane
+                self._touch(served, version, lane)
+        if self.closed:  # the worker stopped while it loaded: nothing would close this lane
+            lane.close()
+            stopping = BatchvisionError(
+                f"this worker is stopping: model {served.name} version {version} is not served "
+                "any more; retry these images later (POST /v1/jobs/{id}/retry)",
+                code="model_busy",
+            )
+            mine.set_exception(stopping)
+            raise stopping
+        mine.set_result(lane)
+        return lane
+
+    @staticmethod
+    def _touch(served: ServedModel, version: int, lane: ModelLane) -> ModelLane:
+        """Mark ``lane`` used now (the caller holds ``served.lock``)."""
+        if served.pinned.get(version) is lane:
             served.pinned.move_to_end(version)
-            lane.used = time.monotonic()
-            return lane
+        lane.used = time.monotonic()
+        return lane
 
     def _make_room(self, served: ServedModel) -> None:
         now = time.monotonic()
-        while len(served.pinned) >= self.max_pinned:
+        # A version being loaded takes its room from the start.
+        while len(served.pinned) + len(served.loading) >= self.max_pinned:
+            if not served.pinned:
+                raise self._busy(served)
             version, lane = next(iter(served.pinned.items()))
             # In use: asked for lately, or a task is feeding it now (its decoding or fetching
             # may take longer than the grace: `used` is set when the task takes the lane).
             if now - lane.used < PINNED_GRACE_S or lane.batcher.in_use():
-                raise BatchvisionError(
-                    f"this worker already serves {len(served.pinned)} pinned versions of model "
-                    f"{served.name} in use (at most {self.max_pinned}): retry these images later "
-                    "(POST /v1/jobs/{id}/retry)",
-                    code="model_busy",
-                )
+                raise self._busy(served)
             self._unload(served, version, "limit")
+
+    def _busy(self, served: ServedModel) -> BatchvisionError:
+        held = len(served.pinned) + len(served.loading)
+        return BatchvisionError(
+            f"this worker already serves {held} pinned versions of model "
+            f"{served.name} in use (at most {self.max_pinned}): retry these images later "
+            "(POST /v1/jobs/{id}/retry)",
+            code="model_busy",
+        )
 
     def unload_idle(self, models: Iterable[ServedModel], now: float | None = None) -> list[tuple[str, int]]:
         """Unload the lanes unused for ``idle_s``; returns ``(model, version)`` of each."""
@@ -348,10 +395,15 @@ class ModelManager:
 
     def close(self) -> None:
         self._stop.set()
+        self.pinned.closed = True
         with self._cond:
             self._cond.notify_all()
-        for lane in self.lanes():
-            lane.close()
+        for served in self.models.values():
+            with served.lock:  # a task thread may be adding a pinned lane
+                lanes = [served.lane, *served.pinned.values()]
+            for lane in lanes:
+                if lane is not None:
+                    lane.close()
 
     # -- what the pipeline asks -------------------------------------------------------------------
 

@@ -219,6 +219,89 @@ def test_pinned_versions_are_unloaded_when_unused_and_bounded_per_model(tmp_path
         manager.close()
 
 
+class GatedLoader(Loader):
+    """Loads version 1 only once ``gate`` is set (a slow load: a big model off a network disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.loading = threading.Event()
+
+    def __call__(self, vdir: VersionDir, settings: Settings) -> StandIn:
+        if vdir.version == 1:  # never the live one: start loads the newest
+            self.loading.set()
+            assert self.gate.wait(30), "the test never let the load finish"
+        return super().__call__(vdir, settings)
+
+
+def test_a_slow_pinned_load_holds_up_neither_other_versions_nor_the_sweep(tmp_path: Path) -> None:
+    for version in (1, 2, 3):
+        _version(tmp_path, version)
+    loader = GatedLoader()
+    manager = _manager(tmp_path, loader, max_pinned=2, pinned_idle_s=300.0)
+    try:
+        first: Future[ModelLane] = Future()
+        second: Future[ModelLane] = Future()
+
+        def ask(into: Future[ModelLane]) -> None:
+            try:
+                lane = manager.lane(JobOptions("m", version=1))
+                assert lane is not None
+                into.set_result(lane)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                into.set_exception(exc)
+
+        threading.Thread(target=ask, args=(first,), daemon=True).start()
+        assert loader.loading.wait(10), "version 1 started loading"
+        threading.Thread(target=ask, args=(second,), daemon=True).start()
+        # Meanwhile: another version's lane, and the idle sweep, answer at once (each call
+        # here would block until the gate opens if the load held the model's lock).
+        done: Future[Any] = Future()
+
+        def meanwhile() -> None:
+            lane = manager.lane(JobOptions("m", version=2))
+            done.set_result((lane, manager.unload_idle()))
+
+        threading.Thread(target=meanwhile, daemon=True).start()
+        lane2, swept = done.result(timeout=10)
+        assert lane2 is not None and lane2.version == 2 and swept == []
+        # The room is taken: one version loading, one loaded (at most 2).
+        with pytest.raises(BatchvisionError, match="at most 2") as info:
+            manager.lane(JobOptions("m", version=3))
+        assert info.value.code == "model_busy"
+        assert not first.done() and not second.done()
+        loader.gate.set()
+        one = first.result(timeout=10)
+        assert second.result(timeout=10) is one, "the second caller waited for the same load"
+        assert loader.calls.count(1) == 1, "version 1 loaded once"
+        assert sorted(manager.models["m"].pinned) == [1, 2] and manager.models["m"].loading == {}
+    finally:
+        loader.gate.set()
+        manager.close()
+
+
+def test_a_pinned_load_that_ends_after_the_worker_stopped_leaves_no_lane(tmp_path: Path) -> None:
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    loader = GatedLoader()
+    manager = _manager(tmp_path, loader)
+    asked: Future[Any] = Future()
+
+    def ask() -> None:
+        try:
+            asked.set_result(manager.lane(JobOptions("m", version=1)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            asked.set_exception(exc)
+
+    threading.Thread(target=ask, daemon=True).start()
+    assert loader.loading.wait(10)
+    manager.close()
+    loader.gate.set()
+    with pytest.raises(BatchvisionError, match="stopping") as info:
+        asked.result(timeout=10)
+    assert info.value.code == "model_busy" and manager.models["m"].pinned == {}
+
+
 def test_a_pinned_version_that_fails_to_load_for_the_moment_is_tried_again(tmp_path: Path) -> None:
     _version(tmp_path, 1)
     _version(tmp_path, 2)
