@@ -196,18 +196,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def pin_gpu(s: Settings, gpu: str, reader: GpuReader | None = None) -> None:
-    """Pin the worker to ``gpu`` (``--gpu``, else ``BATCHVISION_GPU``) if NVML shows it:
+    """Pin the worker to ``gpu`` (``--gpu``, else ``BATCHVISION_GPU``; an index counts within a
+    ``CUDA_VISIBLE_DEVICES`` set already) if NVML shows it:
     ``CUDA_VISIBLE_DEVICES`` for the frameworks, ``BATCHVISION_GPU`` for the worker's own check
     that its models run there. Raises :class:`GpuNotVisible` (naming the GPUs that are visible)
     rather than run on the CPU. ``reader``: NVML unless given (tests)."""
     from batchvision.server.gpus import require_gpu
 
     s.replace(gpu=gpu)  # its form: an index or a UUID
-    found = require_gpu(gpu, reader)
-    # By its UUID: an index means NVML's order (PCI bus) to us, and CUDA's own order (fastest
-    # first) to the frameworks; on a host of mixed GPUs the two differ.
+    # A CUDA_VISIBLE_DEVICES set already is a scheduler's share of the host: --gpu picks within it.
+    found = require_gpu(gpu, reader, allotted=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    # By its UUID, for the frameworks and for the worker's own check: an index means NVML's
+    # order (PCI bus) to us, and CUDA's own order (fastest first) to the frameworks; on a host
+    # of mixed GPUs the two differ.
     os.environ["CUDA_VISIBLE_DEVICES"] = found.uuid
-    os.environ["BATCHVISION_GPU"] = gpu
+    os.environ["BATCHVISION_GPU"] = found.uuid
 
 
 def worker_models(s: Settings, given: str | None) -> list[str]:

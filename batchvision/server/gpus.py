@@ -127,10 +127,15 @@ def describe(gpus: list[Gpu]) -> str:
     return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''}: " + ", ".join(str(g) for g in gpus)
 
 
-def require_gpu(wanted: str, reader: GpuReader | None = None) -> Gpu:
+def require_gpu(wanted: str, reader: GpuReader | None = None, allotted: str | None = None) -> Gpu:
     """The GPU ``wanted`` (an index or UUID, as ``--gpu`` takes it) names, if this host shows it;
     else :class:`GpuNotVisible`, naming it and the GPUs that are visible. ``reader`` defaults to
-    :class:`Nvml` (opened and closed here)."""
+    :class:`Nvml` (opened and closed here).
+
+    ``allotted``: a ``CUDA_VISIBLE_DEVICES`` set before the worker's own (a scheduler's share of
+    the host, such as Slurm's). Then an index counts within that share, as CUDA counts it (``1``
+    under ``2,3`` is the host's GPU 3), and a GPU outside it is refused: the share is what this
+    job may use."""
     own = reader is None
     try:
         reader = reader or Nvml()
@@ -141,7 +146,19 @@ def require_gpu(wanted: str, reader: GpuReader | None = None) -> Gpu:
     finally:
         if own:
             reader.close()
-    found = visible(gpus, wanted)
+    if allotted is None:
+        found = visible(gpus, wanted)
+        if len(found) != 1:
+            raise GpuNotVisible(f"GPU {wanted} is not visible: this host shows {describe(gpus)}")
+        return found[0]
+    share = visible(gpus, allotted)
+    if wanted.isdigit():
+        found = share[int(wanted) : int(wanted) + 1]
+    else:
+        found = [g for g in visible(gpus, wanted) if g in share]
     if len(found) != 1:
-        raise GpuNotVisible(f"GPU {wanted} is not visible: this host shows {describe(gpus)}")
+        raise GpuNotVisible(
+            f"GPU {wanted} is not visible: CUDA_VISIBLE_DEVICES={allotted!r} leaves this process "
+            f"{describe(share)} (counted from 0 in that order) of the host's {describe(gpus)}"
+        )
     return found[0]

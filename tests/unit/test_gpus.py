@@ -183,8 +183,32 @@ def test_pinning_names_the_gpu_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
     pin_gpu(Settings(), "1", FakeReader(H200))
     # NVML's index 1 may be another device in CUDA's own order: the UUID is the same in both.
     assert os.environ["CUDA_VISIBLE_DEVICES"] == H200[1].uuid
-    assert os.environ["BATCHVISION_GPU"] == "1"
+    assert os.environ["BATCHVISION_GPU"] == H200[1].uuid
     assert visible(H200, os.environ["CUDA_VISIBLE_DEVICES"]) == [H200[1]]
+
+
+def test_under_a_scheduler_s_share_an_index_counts_within_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchvision.cli.main import pin_gpu
+
+    four = [Gpu(i, f"GPU-{i}{i}{i}{i}-aaaa", "NVIDIA H200") for i in range(4)]
+    # Slurm gave this job the host's GPUs 2 and 3: CUDA calls them 0 and 1, and so does --gpu.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.delenv("BATCHVISION_GPU", raising=False)  # restored after the test
+    pin_gpu(Settings(), "1", FakeReader(four))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == four[3].uuid
+    assert os.environ["BATCHVISION_GPU"] == four[3].uuid, "the worker's own check names the same GPU"
+    assert require_gpu(os.environ["BATCHVISION_GPU"], FakeReader(four)) == four[3]
+    # By UUID: one of the share, yes; one outside it, no (another job's GPU).
+    assert require_gpu(four[2].uuid, FakeReader(four), allotted="2,3") == four[2]
+    with pytest.raises(GpuNotVisible) as err:
+        require_gpu(four[0].uuid, FakeReader(four), allotted="2,3")
+    assert f"CUDA_VISIBLE_DEVICES='2,3' leaves this process 2 GPUs: 2 (NVIDIA H200, {four[2].uuid})" in str(
+        err.value
+    )
+    with pytest.raises(GpuNotVisible, match=r"GPU 2 is not visible: CUDA_VISIBLE_DEVICES='2,3' leaves"):
+        require_gpu("2", FakeReader(four), allotted="2,3")
+    with pytest.raises(GpuNotVisible, match=r"CUDA_VISIBLE_DEVICES='' leaves this process no GPU"):
+        require_gpu("0", FakeReader(four), allotted="")
 
 
 def test_a_gpu_set_only_in_the_environment_is_pinned_too(monkeypatch: pytest.MonkeyPatch) -> None:
