@@ -110,6 +110,9 @@ def cmd_api(args: argparse.Namespace) -> int:
         "30",
         "--access-logfile",
         "-",
+        # Whose X-Forwarded-Proto makes the links the API writes https:// (behind a TLS proxy).
+        "--forwarded-allow-ips",
+        s.forwarded_allow_ips,
     ]
     if s.log_format == "json":  # api.gunicorn_conf reads it: JSON lines from gunicorn too
         from batchvision.core.logs import ACCESS_FORMAT

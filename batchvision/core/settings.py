@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -430,6 +431,14 @@ class Settings(BaseSettings):
         "for subdomains); any other gets `400 bad_host` (against DNS rebinding). Empty: any. "
         "`batchvision up` sets loopback names (`localhost`, `127.0.0.1`, `[::1]`).",
     )
+    forwarded_allow_ips: str = _field(
+        "127.0.0.1,::1",
+        "Reverse proxies (an Ingress controller, a load balancer) whose `X-Forwarded-Proto` the API "
+        "believes when it writes its own links (`status_url`, `results_url`, `Location`, webhook "
+        "bodies): comma-separated addresses or networks (`10.0.0.0/8`), or `*` for any peer, only "
+        "where nothing but the proxy can reach the API (the Kubernetes manifests' NetworkPolicy). "
+        "Others' header is ignored. Behind a TLS proxy not listed here, links say `http://`.",
+    )
     worker_metrics_host: str = _field(
         "0.0.0.0",
         "Address a worker's Prometheus `/metrics` listens on (`batchvision up`: `127.0.0.1`).",
@@ -482,6 +491,22 @@ class Settings(BaseSettings):
     def _allow_list(cls, value: str) -> str:
         AllowList.parse(value)  # raises ValueError naming the bad entry and the forms allowed
         return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _forwarded_allow_ips(cls, value: str) -> str:
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+        if entries == ["*"]:
+            return "*"
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network; must be addresses and networks "
+                    "(`10.0.0.5,10.1.0.0/16`), `*` alone, or empty (no proxy)"
+                ) from None
+        return ",".join(entries)
 
     @field_validator("s3_allow")
     @classmethod

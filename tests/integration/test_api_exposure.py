@@ -1,6 +1,7 @@
 """Secure by default, with the real command: ``batchvision api --host 0.0.0.0`` (what the
 container runs) refuses to serve without API keys unless anonymous access is allowed
-explicitly, and says which variable to set; with either, it serves."""
+explicitly, and says which variable to set; with either, it serves. Names in ``Host`` and the
+scheme from a listed proxy's ``X-Forwarded-Proto`` decide what it answers and the links it writes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import redis as redis_lib
 import requests
 
 from batchvision.cli.redis_server import free_port
+from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys, webhooks
 from batchvision.testing.servers import RedisServer
 
@@ -147,3 +149,32 @@ def test_the_host_allow_list_refuses_other_names(
     for path in ("/healthz", "/v2/health/live", "/metrics"):
         probe = requests.get(f"{api.url}{path}", headers={"Host": "10.0.0.7:8000"}, timeout=10)
         assert probe.status_code == 200, (path, probe.text)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "scheme"),
+    [
+        ("", "https"),  # the default: a proxy on the same host (this test's 127.0.0.1) is believed
+        ("10.0.0.0/8", "http"),  # this peer is not the listed proxy: its header is ignored
+    ],
+)
+def test_links_follow_x_forwarded_proto_from_the_proxies_listed(
+    start_api: Callable[..., Api], wait_until: Callable[..., Any], allowed: str, scheme: str
+) -> None:
+    env = {"BATCHVISION_ALLOW_ANONYMOUS": "true"}
+    if allowed:
+        env["BATCHVISION_FORWARDED_ALLOW_IPS"] = allowed
+    api = start_api(**env)
+    wait_until(api.serves, timeout=60, interval=0.2, message="the API answers /healthz")
+    name, data, _ = next(labelled_files(1, seed=3))
+    resp = requests.post(
+        f"{api.url}/v1/jobs",
+        files=[("files", (name, data))],
+        headers={"X-Forwarded-Proto": "https", "Host": "batchvision.example.com"},
+        timeout=30,
+    )
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    expected = f"{scheme}://batchvision.example.com/v1/jobs/{job['job_id']}"
+    assert resp.headers["Location"] == job["status_url"] == expected
+    assert job["results_url"].startswith(f"{expected}/results")

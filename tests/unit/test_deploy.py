@@ -1718,6 +1718,13 @@ def test_k8s_ingress_fits_the_clients(rendered: _Rendered) -> None:
         for peer in rule["from"]
     ]
     assert "ingress-nginx" in sources
+    # The Ingress terminates TLS: the API must believe its X-Forwarded-Proto, or every link it
+    # writes (status_url, Location, webhook bodies) says http:// and sends keys in clear text.
+    assert ingress["spec"]["tls"]
+    config = _get(objects, "ConfigMap", "batchvision-config")["data"]
+    assert config["BATCHVISION_FORWARDED_ALLOW_IPS"] == "*"
+    # ... which is safe only while nothing but the proxy and Prometheus reach the API's port.
+    assert set(sources) <= {"ingress-nginx", "monitoring"}, sources
 
 
 def _ingress_serves(paths: list[dict[str, Any]], url: str) -> bool:

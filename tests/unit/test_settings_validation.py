@@ -32,6 +32,8 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_FETCH_ALLOW", "images.internal,http://cdn.internal", "'http://cdn.internal'"),
         ("BATCHVISION_WEBHOOK_ALLOW", "hooks.internal:8080", "nor a host name"),
         ("BATCHVISION_WEBHOOK_ALLOW", "*", "entry '*'"),
+        ("BATCHVISION_FORWARDED_ALLOW_IPS", "10.0.0.1,ingress", "'ingress' is not an IP address or network"),
+        ("BATCHVISION_FORWARDED_ALLOW_IPS", "*,10.0.0.1", "`*` alone"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_is_allowed(variable: str, value: str, says: str) -> None:
