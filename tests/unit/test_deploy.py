@@ -575,7 +575,8 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
     )
 
     assert workers, "at least one worker"
-    base_worker_env = _env(base_config["services"]["worker"])
+    # BATCHVISION_GPU belongs to the GPU workers alone (below).
+    base_worker_env = {k: v for k, v in _env(base_config["services"]["worker"]).items() if k != "BATCHVISION_GPU"}
     task_limit = int(base_worker_env["BATCHVISION_TASK_TIME_LIMIT_S"])
     for name, svc in workers.items():
         assert svc["build"]["dockerfile"] == "Dockerfile.worker"
@@ -587,6 +588,9 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
         assert {k: env.get(k) for k in base_worker_env} == base_worker_env, name
         # The image's baked-in weights are those of the model the worker loads.
         assert svc["build"]["args"]["BATCHVISION_MODEL"] == env["BATCHVISION_MODEL"], name
+        # A worker holding a GPU is pinned to it (the container's only one, index 0): one that
+        # cannot use it stops at start instead of serving on the CPU. A CPU worker is not.
+        assert env.get("BATCHVISION_GPU") == ("0" if _gpu_devices(svc) else None), name
         # Prometheus finds workers by the DNS name `worker`.
         aliases = ((svc.get("networks") or {}).get("default") or {}).get("aliases") or []
         assert name == "worker" or "worker" in aliases, name
@@ -1357,6 +1361,14 @@ def test_k8s_gpu_and_cpu_overlays(rendered: _Rendered) -> None:
         o: _containers(_get(rendered[o], "Deployment", "batchvision-api"))[0]["image"] for o in ("gpu", "cpu")
     }
     assert len(set(apis.values())) == 1
+    # Every container that holds a GPU is pinned to it (the pod's only one, index 0): a worker
+    # that cannot use it stops at start instead of serving on the CPU; no other one is pinned.
+    for overlay in OVERLAYS:
+        for deploy in (o for o in rendered[overlay] if o["kind"] in ("Deployment", "StatefulSet")):
+            for c in _containers(deploy):
+                gpu = "nvidia.com/gpu" in json.dumps(c.get("resources", {}))
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert env.get("BATCHVISION_GPU") == ("0" if gpu else None), (overlay, c["name"])
 
 
 def test_k8s_keda_scaledobject(rendered: _Rendered) -> None:
