@@ -796,3 +796,132 @@ def test_a_final_job_whose_results_keep_failing_is_asked_three_times(browser: Br
     assert len(polls) == 3, polls
     watch.check()
     ctx.close()
+
+
+def _open_job(api_url: str, images: int = 0, seed: int = 0) -> str:
+    """A job opened for an upload in parts, with ``images`` images sent and classified: it runs
+    (and the page polls it every second) until it is sealed or canceled."""
+    resp = requests.post(f"{api_url}/v1/jobs", json={"expected": images + 2}, timeout=30)
+    assert resp.status_code == 202, resp.text
+    job_id: str = resp.json()["job_id"]
+    for i in range(images):
+        _add_image(api_url, job_id, seed + i)
+    done = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
+    deadline = time.monotonic() + 60
+    while done["done"] < images:
+        assert time.monotonic() < deadline, done
+        done = requests.get(f"{api_url}/v1/jobs/{job_id}?wait=5", timeout=30).json()
+    assert done["status"] not in FINAL, done
+    return job_id
+
+
+def _add_image(api_url: str, job_id: str, seed: int) -> None:
+    name, data, _ = next(labelled_files(1, seed=seed))
+    name = f"{seed}-{name}"  # (a file sent again under the same name changes nothing)
+    resp = requests.post(f"{api_url}/v1/jobs/{job_id}/files", files=[("files", (name, data))], timeout=30)
+    assert resp.status_code == 202, resp.text
+
+
+def _polls_of(page: Page, job_id: str) -> list[float]:
+    """When (time.monotonic()) each poll of the job was sent, as the page goes on."""
+    sent: list[float] = []
+    poll = f"/v1/jobs/{job_id}?wait="
+    page.on("request", lambda req: sent.append(time.monotonic()) if poll in req.url else None)
+    return sent
+
+
+def _wait_polls(page: Page, polls: list[float], more: int, timeout_s: float = 15) -> None:
+    """Wait until ``more`` polls more than now have been sent."""
+    want = len(polls) + more
+    deadline = time.monotonic() + timeout_s
+    while len(polls) < want:
+        assert time.monotonic() < deadline, f"{len(polls)} polls after {timeout_s} s, {want} awaited"
+        page.wait_for_timeout(50)  # (Playwright's events reach Python while it waits)
+
+
+def _set_hidden(page: Page, hidden: bool) -> None:
+    """Tell the page its tab was hidden (or shown again), as switching tabs does: a headless
+    Chromium's page is never hidden by itself."""
+    page.evaluate(
+        """(hidden) => {
+          const values = { visibilityState: hidden ? 'hidden' : 'visible', hidden };
+          for (const [name, value] of Object.entries(values)) {
+            Object.defineProperty(document, name, { configurable: true, get: () => value });
+          }
+          document.dispatchEvent(new Event('visibilitychange'));
+        }""",
+        hidden,
+    )
+
+
+def test_keyboard_focus_stays_while_a_running_job_is_polled_and_its_results_arrive(
+    browser: Browser, api_url: str
+) -> None:
+    # The job on screen is polled every second and the list of jobs redrawn with it; its rows
+    # are redrawn when results arrive. A keyboard user on a link or a Top-k button stays there.
+    job_id = _open_job(api_url, images=1, seed=67)
+    ctx, page, watch = open_page(browser, api_url)
+    polls = _polls_of(page, job_id)
+    page.goto(f"{api_url}/#job={job_id}")
+    page.wait_for_selector("#rows tr[data-index='0'] button.topk-btn")
+    focused = (
+        "() => { window.focusedBefore = document.activeElement; return document.activeElement.outerHTML; }"
+    )
+    # true, or where the focus went instead
+    kept = """() => (document.activeElement === window.focusedBefore && window.focusedBefore.isConnected)
+      || `the focus went to ${document.activeElement.tagName} ${document.activeElement.id}`"""
+
+    page.focus(f"#recent li[data-job='{job_id}'] a")
+    assert f'href="#job={job_id}"' in page.evaluate(focused)
+    _wait_polls(page, polls, 3)  # (the third is sent after the second is answered and drawn)
+    assert (focus := page.evaluate(kept)) is True, focus
+
+    page.focus("#rows tr[data-index='0'] button.topk-btn")
+    assert "Top " in page.evaluate(focused)
+    _add_image(api_url, job_id, seed=68)
+    page.wait_for_selector("#rows tr[data-index='1'] button.topk-btn")  # the table was redrawn
+    assert (focus := page.evaluate(kept)) is True, focus
+    assert page.get_attribute("#job", "data-status") not in FINAL  # still polled
+    requests.post(f"{api_url}/v1/jobs/{job_id}/cancel", timeout=10).raise_for_status()
+    watch.check()
+    ctx.close()
+
+
+def test_a_hidden_tab_polls_its_job_slowly_unless_it_uploads(
+    browser: Browser, api_url: str, tmp_path: Path
+) -> None:
+    job_id = _open_job(api_url)
+    ctx, page, watch = open_page(browser, api_url)
+    polls = _polls_of(page, job_id)
+    page.goto(f"{api_url}/#job={job_id}")
+    _wait_polls(page, polls, 2)
+    _set_hidden(page, True)
+    hidden_at = time.monotonic()
+    # Hidden, the page waits HIDDEN_POLL_S (30 s) between polls: none for 6 s but the one that
+    # may have been on its way as the tab was hidden.
+    while (waited := time.monotonic() - hidden_at) < 6:
+        page.wait_for_timeout(100)
+        late = [t - hidden_at for t in polls if t > hidden_at]
+        assert len(late) <= 1, f"{len(late)} polls in the {waited:.1f} s after the tab was hidden: {late}"
+    # Shown again: a poll at once.
+    with page.expect_request(lambda req: f"/v1/jobs/{job_id}?wait=" in req.url, timeout=3_000):
+        _set_hidden(page, False)
+    requests.post(f"{api_url}/v1/jobs/{job_id}/cancel", timeout=10).raise_for_status()
+
+    # A page that uploads is not slowed down, hidden or not.
+    root = tmp_path / "hidden"
+    make_folder(root, 3, seed=69)
+    held: list[Route] = []
+    page.route("**/v1/jobs/*/files", lambda route: held.append(route))  # the part hangs: still uploading
+    page.set_input_files("#folder-input", str(root))
+    page.wait_for_function("() => document.getElementById('upload-bar').dataset.state === 'uploading'")
+    page.wait_for_function("() => document.getElementById('job-id').textContent.length > 0")
+    uploading = page.inner_text("#job-id")
+    polls = _polls_of(page, uploading)
+    _set_hidden(page, True)
+    _wait_polls(page, polls, 3, timeout_s=10)
+    assert page.get_attribute("#upload-bar", "data-state") == "uploading"
+    requests.post(f"{api_url}/v1/jobs/{uploading}/cancel", timeout=10).raise_for_status()
+    watch.check()
+    page.unroute_all(behavior="ignoreErrors")
+    ctx.close()

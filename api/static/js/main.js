@@ -1,6 +1,7 @@
 // The page: pick or drop -> scan -> upload in parts -> watch -> browse and download.
 
 import { Api, ApiError, isAbort, sleep } from "./api.js";
+import { placeChildren, setAttr, setText } from "./dom.js";
 import { Rate, fmtBytes, fmtDuration, fmtInt, setBar } from "./progress.js";
 import * as store from "./recent.js";
 import { fromDrop, fromInput, normalise } from "./scan.js";
@@ -9,6 +10,9 @@ import { uploadFolder } from "./upload.js";
 
 const FINAL = new Set(["succeeded", "partial", "failed", "canceled"]);
 const POLL_S = 1.0;
+// A hidden tab with no upload under way asks about its job at most this often (a tab left
+// open all night would otherwise cost the API a request every second); shown, at once again.
+const HIDDEN_POLL_S = 30;
 // Failed passes in a row after which a final job is no longer polled (its error stays shown).
 const FINAL_JOB_TRIES = 3;
 const PAGE_RUNNING = 500;
@@ -404,12 +408,42 @@ async function poll(view) {
         return;
       }
       showError(err);
-      await sleep(3, signal).catch(() => {});
+      await pause(performance.now(), 3, signal);
       continue;
     }
     // What the long poll did not hold (a job still uploading that has no image left to wait for).
-    const left = POLL_S - (performance.now() - started) / 1000;
-    if (left > 0) await sleep(left, signal).catch(() => {});
+    await pause(started, POLL_S, signal);
+  }
+}
+
+/** Nobody sees the page and it sends nothing: its job can wait to be asked about. */
+function idle() {
+  return document.visibilityState === "hidden" && ![...state.sessions.values()].some((s) => s.uploading);
+}
+
+/**
+ * Wait until `seconds` after `since` (a performance.now()) before the next poll; while the page
+ * is idle, until HIDDEN_POLL_S after it, or the moment it is shown again.
+ */
+async function pause(since, seconds, signal) {
+  if (signal.aborted) return;
+  const left = (s) => s - (performance.now() - since) / 1000;
+  const wake = new AbortController();
+  const stop = () => wake.abort();
+  const shown = () => {
+    if (!idle()) wake.abort();
+  };
+  signal.addEventListener("abort", stop);
+  document.addEventListener("visibilitychange", shown);
+  try {
+    if (left(seconds) > 0) await sleep(left(seconds), signal);
+    // (Checked after the short wait too: the tab may have been hidden during it.)
+    if (idle() && left(HIDDEN_POLL_S) > 0) await sleep(left(HIDDEN_POLL_S), wake.signal);
+  } catch {
+    // the view was closed, or the tab shown again
+  } finally {
+    signal.removeEventListener("abort", stop);
+    document.removeEventListener("visibilitychange", shown);
   }
 }
 
@@ -659,24 +693,33 @@ function listedJobs() {
 function renderRecent() {
   const list = listedJobs();
   $("recent-empty").hidden = list.length > 0;
+  const box = $("recent");
+  // Items are kept by job and changed in place: this runs on every poll of the job on screen,
+  // and a rebuilt list would take the focus from the link a keyboard user is on.
+  const drawn = new Map([...box.children].map((li) => [li.dataset.job, li]));
   const items = list.map((j) => {
-    const li = document.createElement("li");
-    li.dataset.job = j.id;
-    if (state.view?.id === j.id) li.setAttribute("aria-current", "true");
-    const a = document.createElement("a");
-    a.href = `#job=${j.id}`;
-    a.textContent = j.name || j.id;
-    a.title = j.id;
-    const meta = document.createElement("span");
-    meta.className = "meta";
+    let li = drawn.get(j.id);
+    drawn.delete(j.id); // (a job listed twice gets two items)
+    if (!li) {
+      li = document.createElement("li");
+      li.dataset.job = j.id;
+      const meta = document.createElement("span");
+      meta.className = "meta";
+      li.append(document.createElement("a"), meta);
+    }
+    const [a, meta] = li.children;
+    setAttr(li, "aria-current", state.view?.id === j.id ? "true" : null);
+    setAttr(a, "href", `#job=${j.id}`);
+    setText(a, j.name || j.id);
+    setAttr(a, "title", j.id);
     const when = new Date(j.created || Date.now());
-    meta.textContent = [j.status || "…", j.count ? `${fmtInt(j.count)} images` : "", when.toLocaleString()]
+    const text = [j.status || "…", j.count ? `${fmtInt(j.count)} images` : "", when.toLocaleString()]
       .filter(Boolean)
       .join(" · ");
-    li.append(a, meta);
+    setText(meta, text);
     return li;
   });
-  $("recent").replaceChildren(...items);
+  placeChildren(box, items);
 }
 
 function route() {

@@ -4,6 +4,7 @@
 // Thumbnails are made from the local File (thumbs.js), never fetched from the server; a job
 // reopened without its files (another page, after a reload) has none.
 
+import { placeChildren, setAttr, setText } from "./dom.js";
 import { fmtInt } from "./progress.js";
 import { THUMB_SIZE, Thumbnails } from "./thumbs.js";
 
@@ -59,6 +60,8 @@ export class ResultsTable {
     this.labels = "";
     this.rowH = 0;
     this.frame = 0;
+    this.drawn = new Map(); // row index -> its <tr>, while in the DOM
+    this.spacers = [spacer(), spacer()]; // above and below the rows drawn
     scroller.addEventListener("scroll", () => this.schedule(), { passive: true });
     new ResizeObserver(() => {
       this.rowH = 0;
@@ -81,6 +84,7 @@ export class ResultsTable {
   reset(files = null) {
     this.thumbs.clear();
     this.tbody.replaceChildren();
+    this.drawn = new Map();
     this.rows = [];
     this.loaded = 0;
     this.expected = 0;
@@ -193,11 +197,23 @@ export class ResultsTable {
     this.range = [first, last];
     // A spacer spanning more columns than are shown (phone width hides some) would add empty ones.
     const cols = [...this.table.tHead.rows[0].cells].filter((th) => th.offsetWidth > 0).length || COLUMNS;
-    const frag = document.createDocumentFragment();
-    frag.append(spacer(first * h, cols));
-    for (let i = first; i < last; i++) frag.append(this.rowElement(this.view[i], i));
-    frag.append(spacer((this.view.length - last) * h, cols));
-    this.tbody.replaceChildren(frag);
+    const [above, below] = this.spacers;
+    sizeSpacer(above, first * h, cols);
+    sizeSpacer(below, (this.view.length - last) * h, cols);
+    // Rows still in view are kept (by index) and changed in place: this runs whenever results
+    // arrive, and a rebuilt row would take the focus from its Top-k button.
+    const drawn = new Map();
+    const nodes = [above];
+    for (let i = first; i < last; i++) {
+      const row = this.view[i];
+      const tr = this.drawn.get(row.index);
+      if (tr) this.refreshRow(tr, row, i);
+      drawn.set(row.index, tr || this.rowElement(row, i));
+      nodes.push(drawn.get(row.index));
+    }
+    nodes.push(below);
+    this.drawn = drawn;
+    placeChildren(this.tbody, nodes);
     // The spacers assume every row is `h` tall: measure a real one (borders, zoom, fonts).
     const sample = this.tbody.querySelector("tr:not(.spacer)");
     const real = sample ? sample.getBoundingClientRect().height : 0;
@@ -235,33 +251,53 @@ export class ResultsTable {
     sub.className = "sub";
     sub.textContent = err || `${row.label} · ${scoreText(row)}`;
     file.append(name, sub);
+    const topk = document.createElement("td");
+    topk.className = "c-topk";
+    this.fillTopk(topk, row);
     tr.append(
       thumb,
       cell(String(row.index), "c-index"),
       file,
       cell(row.label ?? "", "c-label"),
       cell(scoreText(row), "c-score"),
-      this.topkCell(row),
+      topk,
       cell(err, "c-error", err),
     );
     return tr;
   }
 
-  topkCell(row) {
-    const td = document.createElement("td");
-    td.className = "c-topk";
+  /** Bring a row drawn before up to date (a pending image got its result), changing only what
+   * differs; its thumbnail, file name and index stay. */
+  refreshRow(tr, row, i) {
+    setAttr(tr, "aria-rowindex", String(i + 2));
+    setAttr(tr, "data-status", row.status);
+    const [, , file, label, score, topk, error] = tr.cells;
+    const err = errorText(row);
+    setText(file.querySelector(".sub"), err || `${row.label} · ${scoreText(row)}`);
+    setText(label, row.label ?? "");
+    setText(score, scoreText(row));
+    this.fillTopk(topk, row);
+    setText(error, err);
+    setAttr(error, "title", err || null);
+  }
+
+  fillTopk(td, row) {
     const k = row.top_k ? row.top_k.length : 0;
-    if (k || row.error) {
-      // Top-k on demand; for a failed image the same dialog shows the whole error message.
-      const b = document.createElement("button");
+    let b = td.querySelector("button");
+    if (!k && !row.error) {
+      b?.remove();
+      return;
+    }
+    // Top-k on demand; for a failed image the same dialog shows the whole error message.
+    if (!b) {
+      b = document.createElement("button");
       b.type = "button";
       b.className = "topk-btn secondary";
-      b.dataset.topk = String(row.index);
-      b.textContent = k ? `Top ${k}` : "Error";
-      b.setAttribute("aria-label", k ? `Top ${k} classes of ${row.filename}` : `Error of ${row.filename}`);
       td.append(b);
     }
-    return td;
+    setAttr(b, "data-topk", String(row.index));
+    setText(b, k ? `Top ${k}` : "Error");
+    setAttr(b, "aria-label", k ? `Top ${k} classes of ${row.filename}` : `Error of ${row.filename}`);
   }
 }
 
@@ -273,13 +309,16 @@ function cell(text, cls = "", title = "") {
   return td;
 }
 
-function spacer(height, cols) {
+function spacer() {
   const tr = document.createElement("tr");
   tr.className = "spacer";
   tr.setAttribute("aria-hidden", "true");
-  const td = document.createElement("td");
-  td.colSpan = cols;
-  td.style.height = `${height}px`;
-  tr.append(td);
+  tr.append(document.createElement("td"));
   return tr;
+}
+
+function sizeSpacer(tr, height, cols) {
+  const td = tr.cells[0];
+  if (td.colSpan !== cols) td.colSpan = cols;
+  if (td.style.height !== `${height}px`) td.style.height = `${height}px`;
 }
