@@ -256,16 +256,23 @@ class ChunkProcessor:
                 # The first, whole-chunk delivery counts as this image's first attempt too.
                 if self.claims.attempt(chunk.job_id, f"image:{i}") + 1 > max_attempts:
                     message = f"the worker died processing this image {max_attempts} times"
-                    results: dict[int, ImageResult] = {i: error_result("poison_image", message)}
-                else:
-                    try:
-                        results = self._classify([one], enqueued_at, urgent, [route])[0]
-                    except TransientS3Error:
-                        # The blob store, not the image: the task's retry is no death of it.
+                    poison: dict[int, ImageResult] = {i: error_result("poison_image", message)}
+                    self._store([_Outcome(one, poison, route[1].model)], [], stats)
+                    continue
+                try:
+                    results = self._classify([one], enqueued_at, urgent, [route])[0]
+                    self._store([_Outcome(one, results, route[1].model)], [], stats)
+                except BaseException:
+                    # Caught, so this process did not die on the image (the blob store or Redis
+                    # failed, and the task tries again): the attempt is given back.
+                    with contextlib.suppress(Exception):  # (Redis itself may be what failed)
                         self.claims.attempt(chunk.job_id, f"image:{i}", -1)
-                        raise
-                self._store([_Outcome(one, results, route[1].model)], [], stats)
-        self._store([], [chunk], stats)
+                    raise
+        # The chunk's ledger entry; and every blob of the chunk where blobs do not expire (file
+        # and S3 stores): an earlier isolating delivery may have stored an image and died before
+        # deleting its blob. (Expiring ones keep those of retryable errors, for a retry.)
+        leftover = [] if self.blobs.expiring else [_Outcome(chunk)]
+        self._store(leftover, [chunk], stats)
 
     def _classify(
         self,

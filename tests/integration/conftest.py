@@ -384,17 +384,18 @@ class ProcessorRig:
 def processor_rig(
     client: redis_lib.Redis,
     model: Callable[[list[np.ndarray]], list[np.ndarray]] = colour_model,
+    blobs: Any = None,
     **limits: Any,
 ) -> Iterator[ProcessorRig]:
     """A :class:`ProcessorRig` on ``client`` (``model``: the stand-in every lane runs;
-    ``limits``: :class:`ProcessorLimits` fields)."""
+    ``blobs``: the blob store, Redis' by default; ``limits``: :class:`ProcessorLimits` fields)."""
     batches: list[BatchInfo] = []
     recorded: list[tuple[Counts, str]] = []
     handed: list[tuple[Chunk, str, bool]] = []
     lanes = ColourLanes(batches.append, model)
     store = JobStore(client, result_ttl_s=3600, blob_ttl_s=3600)
     claims = Claims(client, ttl_s=300)
-    blobs = RedisBlobs(client, ttl_s=300)
+    blobs = blobs if blobs is not None else RedisBlobs(client, ttl_s=300)
     processor = ChunkProcessor(
         store=store,
         claims=claims,

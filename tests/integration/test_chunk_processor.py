@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import redis as redis_lib
 from batchvision.core.imaging import decode_image
 from batchvision.core.results import error_result
 from batchvision.server import keys
+from batchvision.server.blobs import FileBlobs
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts
@@ -122,6 +124,48 @@ def test_the_tasks_own_retries_are_not_deaths(rig: Any) -> None:
     summary = rig.process(("j", ix), retries=1)
     assert summary["classified"] == 5
     assert rig.model_calls() == [5]  # the whole chunk together: no isolation
+
+
+def test_an_isolating_delivery_that_meets_a_redis_error_is_no_death_of_its_image(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first delivery died, so the next ones isolate; three of them in a row meet a Redis
+    # error as image 0's result is stored. The process lived: no attempt is held against the
+    # image (MAX_ATTEMPTS of them would end it as poison_image), and the fourth stores it.
+    ix = rig.job("j", [rig.jpeg(c) for c in COLOURS])
+    rig.claims.claim(Chunk.of("j", ix), "chunk:0")
+    store = rig.processor._store
+    failures = [redis_lib.exceptions.ConnectionError("Connection reset by peer")] * MAX_ATTEMPTS
+
+    def flaky_store(outcomes: Any, finished: Any, stats: Any) -> None:
+        if failures and any(o.results for o in outcomes):
+            raise failures.pop()
+        store(outcomes, finished, stats)
+
+    monkeypatch.setattr(rig.processor, "_store", flaky_store)
+    for retries in range(MAX_ATTEMPTS):
+        with pytest.raises(redis_lib.exceptions.ConnectionError):
+            rig.process(("j", ix), retries=retries)
+        assert rig.claims.attempt("j", "image:0", 0) == 0
+    summary = rig.process(("j", ix), retries=MAX_ATTEMPTS)
+    assert summary["classified"] == 5 and summary["failed"] == 0, summary
+    assert rig.labels("j") == COLOURS
+
+
+def test_an_isolating_delivery_deletes_the_uploads_a_dead_one_left_in_a_file_store(
+    scratch_redis: redis_lib.Redis, rig_on: Any, tmp_path: Path
+) -> None:
+    # File (and S3) blobs never expire. An isolating delivery stored image 2's result and died
+    # before deleting its upload; the next one has nothing to classify for it, yet deletes it.
+    rig = rig_on(scratch_redis, blobs=FileBlobs(tmp_path / "blobs"))
+    ix = rig.job("j", [rig.jpeg(c) for c in COLOURS])
+    rig.claims.claim(Chunk.of("j", ix), "chunk:0")
+    rig.claims.claim(Chunk.of("j", ix), "chunk:0")
+    rig.store.record("j", [(2, error_result("not_an_image", "stored by the delivery that died"))])
+    summary = rig.process(("j", ix))
+    assert summary["classified"] == 4 and summary["skipped"] == 1, summary
+    assert sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == []
+    assert not rig.in_ledger("j", ix)
 
 
 def test_an_undecodable_upload_gets_its_own_error_and_the_rest_is_classified(rig: Any) -> None:
