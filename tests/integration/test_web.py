@@ -798,7 +798,7 @@ def test_a_final_job_whose_results_keep_failing_is_asked_three_times(browser: Br
     ctx.close()
 
 
-def _open_job(api_url: str, images: int = 0, seed: int = 0) -> str:
+def _open_job(api_url: str, wait_until: Callable[..., Any], images: int = 0, seed: int = 0) -> str:
     """A job opened for an upload in parts, with ``images`` images sent and classified: it runs
     (and the page polls it every second) until it is sealed or canceled."""
     resp = requests.post(f"{api_url}/v1/jobs", json={"expected": images + 2}, timeout=30)
@@ -806,11 +806,12 @@ def _open_job(api_url: str, images: int = 0, seed: int = 0) -> str:
     job_id: str = resp.json()["job_id"]
     for i in range(images):
         _add_image(api_url, job_id, seed + i)
-    done = requests.get(f"{api_url}/v1/jobs/{job_id}", timeout=10).json()
-    deadline = time.monotonic() + 60
-    while done["done"] < images:
-        assert time.monotonic() < deadline, done
-        done = requests.get(f"{api_url}/v1/jobs/{job_id}?wait=5", timeout=30).json()
+
+    def classified() -> dict[str, Any] | None:
+        job: dict[str, Any] = requests.get(f"{api_url}/v1/jobs/{job_id}?wait=1", timeout=30).json()
+        return job if job["done"] >= images else None
+
+    done = wait_until(classified, timeout=60, interval=0, message=f"{images} images classified")
     assert done["status"] not in FINAL, done
     return job_id
 
@@ -830,13 +831,17 @@ def _polls_of(page: Page, job_id: str) -> list[float]:
     return sent
 
 
-def _wait_polls(page: Page, polls: list[float], more: int, timeout_s: float = 15) -> None:
+def _wait_polls(
+    page: Page, polls: list[float], more: int, wait_until: Callable[..., Any], timeout_s: float = 15
+) -> None:
     """Wait until ``more`` polls more than now have been sent."""
     want = len(polls) + more
-    deadline = time.monotonic() + timeout_s
-    while len(polls) < want:
-        assert time.monotonic() < deadline, f"{len(polls)} polls after {timeout_s} s, {want} awaited"
+
+    def sent() -> bool:
         page.wait_for_timeout(50)  # (Playwright's events reach Python while it waits)
+        return len(polls) >= want
+
+    wait_until(sent, timeout=timeout_s, interval=0, message=f"{want} polls")
 
 
 def _set_hidden(page: Page, hidden: bool) -> None:
@@ -855,11 +860,11 @@ def _set_hidden(page: Page, hidden: bool) -> None:
 
 
 def test_keyboard_focus_stays_while_a_running_job_is_polled_and_its_results_arrive(
-    browser: Browser, api_url: str
+    browser: Browser, api_url: str, wait_until: Callable[..., Any]
 ) -> None:
     # The job on screen is polled every second and the list of jobs redrawn with it; its rows
     # are redrawn when results arrive. A keyboard user on a link or a Top-k button stays there.
-    job_id = _open_job(api_url, images=1, seed=67)
+    job_id = _open_job(api_url, wait_until, images=1, seed=67)
     ctx, page, watch = open_page(browser, api_url)
     polls = _polls_of(page, job_id)
     page.goto(f"{api_url}/#job={job_id}")
@@ -873,7 +878,7 @@ def test_keyboard_focus_stays_while_a_running_job_is_polled_and_its_results_arri
 
     page.focus(f"#recent li[data-job='{job_id}'] a")
     assert f'href="#job={job_id}"' in page.evaluate(focused)
-    _wait_polls(page, polls, 3)  # (the third is sent after the second is answered and drawn)
+    _wait_polls(page, polls, 3, wait_until)  # (the third is sent after the second is answered and drawn)
     assert (focus := page.evaluate(kept)) is True, focus
 
     page.focus("#rows tr[data-index='0'] button.topk-btn")
@@ -888,13 +893,13 @@ def test_keyboard_focus_stays_while_a_running_job_is_polled_and_its_results_arri
 
 
 def test_a_hidden_tab_polls_its_job_slowly_unless_it_uploads(
-    browser: Browser, api_url: str, tmp_path: Path
+    browser: Browser, api_url: str, tmp_path: Path, wait_until: Callable[..., Any]
 ) -> None:
-    job_id = _open_job(api_url)
+    job_id = _open_job(api_url, wait_until)
     ctx, page, watch = open_page(browser, api_url)
     polls = _polls_of(page, job_id)
     page.goto(f"{api_url}/#job={job_id}")
-    _wait_polls(page, polls, 2)
+    _wait_polls(page, polls, 2, wait_until)
     _set_hidden(page, True)
     hidden_at = time.monotonic()
     # Hidden, the page waits HIDDEN_POLL_S (30 s) between polls: none for 6 s but the one that
@@ -919,7 +924,7 @@ def test_a_hidden_tab_polls_its_job_slowly_unless_it_uploads(
     uploading = page.inner_text("#job-id")
     polls = _polls_of(page, uploading)
     _set_hidden(page, True)
-    _wait_polls(page, polls, 3, timeout_s=10)
+    _wait_polls(page, polls, 3, wait_until, timeout_s=10)
     assert page.get_attribute("#upload-bar", "data-state") == "uploading"
     requests.post(f"{api_url}/v1/jobs/{uploading}/cancel", timeout=10).raise_for_status()
     watch.check()
