@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -13,11 +14,45 @@ from kombu.exceptions import OperationalError
 from batchvision.core.logs import log_context
 from batchvision.server import tracing
 from batchvision.server.messages import ClassifyMessage
+from batchvision.server.pipeline import ChunkStats
 from batchvision.server.queue import CLASSIFY_TASK
 from batchvision.server.s3 import TransientS3Error
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
+
+#: The first pause before a message whose results Redis refused for want of memory is tried
+#: again in its task; it doubles up to :data:`ROOM_MAX_S`.
+ROOM_FIRST_S = 1.0
+ROOM_MAX_S = 30.0
+
+
+def until_redis_has_room(run: Callable[[int], ChunkStats], retries: int, for_s: float) -> ChunkStats:
+    """``run(retries)``, tried again with backoff while Redis is out of memory, for up to
+    ``for_s`` seconds; then its error goes to Celery's retries. Each try counts as one of the
+    task's own retries (:meth:`ChunkProcessor.process` tells them from deaths).
+
+    A full Redis (``noeviction``) refuses the results, and would refuse Celery's retry message
+    too (a task whose retry cannot be sent is dropped, its chunk left to the sweeper for hours).
+    So the task waits here, its message held, until the API's budget, expiring results or the
+    operator make room. A try redoes only what is not stored: results are idempotent."""
+    delay = ROOM_FIRST_S
+    until = time.monotonic() + for_s
+    while True:
+        try:
+            return run(retries)
+        except redis.exceptions.OutOfMemoryError as exc:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning(
+                "Redis is out of memory; this message's results are kept, tried again in %.0f s: %s",
+                min(delay, left),
+                exc,
+            )
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, ROOM_MAX_S)
+            retries += 1
 
 
 @app.task(
@@ -55,7 +90,12 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     ):
         start = time.perf_counter()
         # Our own retries (a Redis hiccup) are not deaths: they must not make images suspects.
-        stats = worker.processor.process(message, retries=self.request.retries or 0)
+        settings = worker.settings
+        stats = until_redis_has_room(
+            lambda retries: worker.processor.process(message, retries=retries),
+            self.request.retries or 0,
+            min(settings.task_time_limit_s, settings.visibility_timeout_s) / 2,
+        )
         log.info(
             "task %s: %d images of %s: %d classified, %d failed, %d skipped",
             task_id,

@@ -5,6 +5,8 @@
 - ``poison-kill``: a worker that decodes an upload containing :data:`POISON_MARKER` kills its
   own process with SIGKILL (an image that crashes the worker every time).
 - ``slow-batch=SECONDS``: every model call takes that much longer (widens "mid-batch").
+- ``batch-gate=PATH``: every model call waits until the file ``PATH`` exists, and creates
+  ``PATH.waiting`` as it starts to wait (a test holds a batch mid-way, then lets it go).
 - ``publish-fail``: the API stores a new job, then fails to publish its messages (a broker
   outage at the worst moment).
 - ``crash-after-store``: the API process kills itself with SIGKILL between storing a new job
@@ -53,6 +55,12 @@ def before_batch() -> None:
     delay = ACTIVE.get("slow-batch")
     if delay:
         time.sleep(float(delay))
+    gate = ACTIVE.get("batch-gate")
+    if gate:
+        with open(f"{gate}.waiting", "a"):
+            pass
+        while not os.path.exists(gate):
+            time.sleep(0.01)
 
 
 def after_listed_page() -> None:

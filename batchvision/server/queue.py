@@ -268,6 +268,27 @@ def _connparams_of_an_open_transport(self: Any, asynchronous: bool = False) -> A
 
 kombu_redis.Channel._connparams = _connparams_of_an_open_transport  # type: ignore[method-assign]
 
+_remove_from_indices = kombu_redis.QoS._remove_from_indices
+
+
+def _remove_from_indices_without_multi(self: Any, delivery_tag: str, pipe: Any = None) -> Any:
+    """kombu's removal of a message from the unacknowledged hash and index (an ack), in a plain
+    pipeline rather than a ``MULTI``.
+
+    Redis at ``maxmemory`` (``noeviction``) refuses every command queued in a ``MULTI``, even
+    deletions: an ack failed, and Celery stopped the worker ("Unrecoverable error") whenever
+    Redis was full. Outside a ``MULTI`` the two deletions run. The hash entry goes first: a
+    death between the two leaves an index entry without its message, which kombu's restore
+    drops. A ``pipe`` given (kombu's own restore transaction) is used as it is."""
+    if pipe is not None:
+        return _remove_from_indices(self, delivery_tag, pipe)
+    with self.channel.conn_or_acquire() as client:
+        plain = client.pipeline(transaction=False)
+        return plain.hdel(self.unacked_key, delivery_tag).zrem(self.unacked_index_key, delivery_tag)
+
+
+kombu_redis.QoS._remove_from_indices = _remove_from_indices_without_multi  # type: ignore[method-assign]
+
 
 def create_celery(settings: Settings, name: str = "batchvision", cls: type[Celery] = Celery) -> Celery:
     """A Celery app (of class ``cls``) configured for ``settings`` (workers add the tasks)."""

@@ -1,0 +1,101 @@
+"""Redis fills up while a worker holds a batch (another tenant of the same Redis, a budget set
+too high): the worker process lives, keeps the results it made, and stores them, each once,
+as soon as there is room; the message is then acknowledged.
+
+Real parts: a private ``redis-server`` (``noeviction``) that is the broker and the job store,
+the API, and a worker process serving the stand-in model of ``bench/standins.py``, its batch
+held at a gate (the ``batch-gate`` failpoint) while the test fills Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import requests
+
+from batchvision.core.synthetic import labelled_files
+from batchvision.server.queue import create_celery
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+IMAGES = 8  # one chunk, one message (chunk_size 8)
+UNACKED = "unacked"  # kombu's hash of the messages workers hold (Redis broker)
+
+
+@pytest.fixture(scope="module")
+def stack(start_sleeping_stack: Callable[..., Any]) -> Any:
+    # The task may wait for room for up to half of the shorter of these: long enough for the test.
+    return start_sleeping_stack("redis-full", "redis", 0.0, visibility_timeout_s=600, task_time_limit_s=300)
+
+
+@pytest.fixture()
+def r(stack: Any) -> Iterator[redis_lib.Redis]:
+    with redis_lib.Redis.from_url(stack.redis.url) as client:
+        yield client
+        client.config_set("maxmemory", 0)
+
+
+def _fill(r: redis_lib.Redis) -> None:
+    """Make Redis full: its ``maxmemory`` set below what it holds, so that it refuses every
+    write that could take memory (as filled by another tenant; filling it for real leaves it
+    a few kilobytes over the limit, which a client's freed buffer gives back at once)."""
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) // 2)
+    with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+        r.set("probe", b"x")
+
+
+def test_a_redis_that_fills_while_a_worker_holds_a_batch_loses_neither_worker_nor_result(
+    stack: Any, r: redis_lib.Redis, tmp_path: Path, wait_until: Callable[..., Any]
+) -> None:
+    gate = tmp_path / "gate"
+    worker = stack.worker(failpoints=f"batch-gate={gate}")
+    files = [("files", (name, data)) for name, data, _ in labelled_files(IMAGES, seed=5)]
+    resp = requests.post(f"{stack.url}/v1/jobs", files=files, timeout=30)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    # The worker holds the message, and its batch waits at the gate.
+    wait_until(lambda: Path(f"{gate}.waiting").exists(), timeout=60, message="the batch at the gate")
+    assert r.hlen(UNACKED) == 1
+    _fill(r)
+    gate.touch()  # the batch runs; Redis refuses its results
+
+    def waits_for_room() -> bool:
+        assert worker.proc is not None and worker.proc.poll() is None, worker.tail(40)
+        return "Redis is out of memory" in Path(worker.log_path).read_text(errors="replace")
+
+    wait_until(waits_for_room, timeout=60, interval=0.1, message="the task waits for room")
+    job = requests.get(f"{stack.url}/v1/jobs/{job_id}", timeout=10).json()
+    assert job["done"] == job["failed"] == 0 and job["status"] == "queued", job
+    # Room again: the results are stored, the message acknowledged.
+    r.config_set("maxmemory", 0)
+    wait_until(
+        lambda: (
+            requests.get(f"{stack.url}/v1/jobs/{job_id}?wait=5", timeout=30).json()["status"] == "succeeded"
+        ),
+        timeout=120,
+        message="the job finished",
+    )
+    rows = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", timeout=30).json()["results"]
+    assert sorted(row["index"] for row in rows) == list(range(IMAGES))
+    assert all(row["status"] == "ok" and row["label"] for row in rows), rows
+    wait_until(lambda: r.hlen(UNACKED) == 0, timeout=30, message="the message acknowledged")
+    assert worker.proc is not None and worker.proc.poll() is None, worker.tail(40)
+    assert "Unrecoverable error" not in Path(worker.log_path).read_text(errors="replace")
+
+
+def test_an_ack_goes_through_while_redis_is_full(stack: Any, r: redis_lib.Redis) -> None:
+    # kombu acknowledges a message by deleting it from its unacked hash and index; in a MULTI,
+    # which Redis refuses whole while full (even deletions), so Celery stopped the worker.
+    app = create_celery(stack.settings)
+    r.hset(UNACKED, "tag-1", b"[]")
+    r.zadd(f"{UNACKED}_index", {"tag-1": 1.0})
+    with app.connection_for_write() as conn:
+        qos = conn.default_channel.qos
+        assert (qos.unacked_key, qos.unacked_index_key) == (UNACKED, f"{UNACKED}_index")
+        _fill(r)
+        qos._remove_from_indices("tag-1").execute()
+    assert not r.hexists(UNACKED, "tag-1") and r.zscore(f"{UNACKED}_index", "tag-1") is None
