@@ -34,6 +34,7 @@ from celery import Celery
 
 from batchvision.core.allow_list import AllowList
 from batchvision.core.batching import BatchInfo
+from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
 from batchvision.server.blobs import BlobStore, open_blobs
@@ -56,7 +57,7 @@ from batchvision.server.queue import (
     publish,
     uses_amqp,
 )
-from batchvision.server.recovery import Sweeper, sweep
+from batchvision.server.recovery import Sweeper, resend_failed, resolve_chunks, sweep
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
 from batchvision.server.s3 import S3Config, shared
@@ -478,9 +479,23 @@ class SweeperStep:
         # Twice the visibility timeout: kombu's own restore gets the first chance.
         return sweep(store, queues, 2 * self.settings.visibility_timeout_s + 2.0, self._resend)
 
+    def _give_up(self, chunk: Chunk, failures: int) -> None:
+        text = f"classifying this image failed {failures} times; see the worker logs"
+        r = self.redis
+        store, claims, blobs = _made(r.store, r.name), _made(r.claims, r.name), _made(r.blobs, r.name)
+        resolve_chunks(store, claims, blobs, [chunk], error_result("task_failed", text))
+
+    def _run_failed(self) -> int:
+        # The Redis broker's counterpart of RabbitMQ's dead-letter queue (its own step there).
+        if uses_amqp(self.settings):
+            return 0
+        return resend_failed(_made(self.redis.store, self.redis.name), self._resend, self._give_up)
+
     def start(self) -> None:
         self._registry = ModelRegistry(self.redis.client)
-        self._sweeper = Sweeper(max(1.0, min(60.0, self.settings.visibility_timeout_s / 3)), self._run)
+        self._sweeper = Sweeper(
+            max(1.0, min(60.0, self.settings.visibility_timeout_s / 3)), self._run, self._run_failed
+        )
         self._sweeper.start()
 
     def stop(self) -> None:

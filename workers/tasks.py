@@ -12,10 +12,11 @@ from celery import Task
 from kombu.exceptions import OperationalError
 
 from batchvision.core.logs import log_context
-from batchvision.server import tracing
+from batchvision.server import failpoints, tracing
 from batchvision.server.messages import ClassifyMessage
 from batchvision.server.pipeline import ChunkStats
-from batchvision.server.queue import CLASSIFY_TASK
+from batchvision.server.queue import CLASSIFY_TASK, uses_amqp
+from batchvision.server.recovery import ledger_failed
 from batchvision.server.s3 import TransientS3Error
 from workers.celery_app import app
 
@@ -55,6 +56,28 @@ def until_redis_has_room(run: Callable[[int], ChunkStats], retries: int, for_s: 
             retries += 1
 
 
+#: What a task retries itself (with backoff, up to its max_retries).
+RETRIED = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    OperationalError,
+    TransientS3Error,
+)
+
+
+def gave_up(worker: Any, message: ClassifyMessage) -> None:
+    """The task failed for good and its message is acknowledged (Redis broker): its chunks are
+    sent again after a pause (:func:`~batchvision.server.recovery.ledger_failed`), instead of
+    waiting for the sweep. On RabbitMQ the message goes to the dead-letter queue instead."""
+    if uses_amqp(worker.settings):
+        return
+    try:
+        ledger_failed(worker.redis.client, message.chunks)
+    except Exception:  # noqa: BLE001 - Redis away: the sweep re-sends the chunks later
+        log.exception("could not mark the chunks of a failed task for a resend; the sweep will")
+
+
 @app.task(
     bind=True,
     name=CLASSIFY_TASK,
@@ -63,14 +86,8 @@ def until_redis_has_room(run: Callable[[int], ChunkStats], retries: int, for_s: 
     # Redis hiccups, a Redis out of memory refusing results (nothing was deleted: the blobs and
     # the ledger entry stay), the broker refusing a hand-on and a blob store that is throttled
     # or unreachable are retried with backoff (results are idempotent, so a retry is safe);
-    # anything else fails the task, and the chunk ledger re-sends it later.
-    autoretry_for=(
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-        redis.exceptions.OutOfMemoryError,
-        OperationalError,
-        TransientS3Error,
-    ),
+    # anything else fails the task, and its chunks are sent again after a pause (gave_up).
+    autoretry_for=RETRIED,
     retry_backoff=True,
     retry_backoff_max=30,
     max_retries=8,
@@ -91,11 +108,18 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         start = time.perf_counter()
         # Our own retries (a Redis hiccup) are not deaths: they must not make images suspects.
         settings = worker.settings
-        stats = until_redis_has_room(
-            lambda retries: worker.processor.process(message, retries=retries),
-            self.request.retries or 0,
-            min(settings.task_time_limit_s, settings.visibility_timeout_s) / 2,
-        )
+        retries = self.request.retries or 0
+        try:
+            failpoints.before_task()
+            stats = until_redis_has_room(
+                lambda retries: worker.processor.process(message, retries=retries),
+                retries,
+                min(settings.task_time_limit_s, settings.visibility_timeout_s) / 2,
+            )
+        except Exception as exc:
+            if not isinstance(exc, RETRIED) or retries >= (self.max_retries or 0):
+                gave_up(worker, message)
+            raise
         log.info(
             "task %s: %d images of %s: %d classified, %d failed, %d skipped",
             task_id,

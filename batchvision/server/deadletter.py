@@ -37,9 +37,9 @@ from kombu.entity import Exchange
 from kombu.message import Message
 from kombu.messaging import Consumer, Producer
 
-from batchvision.core.results import Failure, ImageResult, canceled_result, error_result
+from batchvision.core.results import Failure, error_result
 from batchvision.core.settings import Settings
-from batchvision.server.blobs import BlobStore, spent_blobs
+from batchvision.server.blobs import BlobStore
 from batchvision.server.claims import Claims
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.queue import (
@@ -49,13 +49,11 @@ from batchvision.server.queue import (
     delivery_limit,
     task_queue,
 )
-from batchvision.server.recovery import ledger_done
+from batchvision.server.recovery import MAX_RESENDS, resolve_chunks
 from batchvision.server.store import JobStore
 
 log = logging.getLogger(__name__)
 
-#: How many times a failed message is sent again before its images get ``task_failed``.
-MAX_RESENDS = 10
 #: Message header counting the resends of one message.
 RESENDS_HEADER = "bv-resends"
 #: Heartbeat of the dead-letter consumer's connection, seconds.
@@ -156,24 +154,8 @@ class DeadLetters:
         return self._count(code)
 
     def resolve(self, chunks: Sequence[Chunk], result: Failure) -> int:
-        """Give every image of ``chunks`` without a result ``result`` (``canceled`` in a
-        canceled job), exactly once; returns how many were stored."""
-        stored = 0
-        for chunk in chunks:
-            claim = self.claims.claim(chunk, f"dead:{chunk.first}")
-            outcomes: dict[int, ImageResult] = {}
-            if claim is None:  # the job expired or was deleted
-                self.claims.forget(chunk.job_id)
-            elif claim.todo:
-                outcome = canceled_result() if claim.canceled else result
-                outcomes = dict.fromkeys(claim.todo, outcome)
-                stored += self.store.record(chunk.job_id, sorted(outcomes.items())).total
-            kept = claim.kept if claim is not None else ()
-            self.blobs.delete_many(chunk.job_id, spent_blobs(self.blobs, chunk.indexes, outcomes, kept))
-        pipe = self.store.redis.pipeline(transaction=False)
-        ledger_done(pipe, chunks)
-        pipe.execute()
-        return stored
+        """Give every image of ``chunks`` without a result ``result`` (see :func:`resolve_chunks`)."""
+        return resolve_chunks(self.store, self.claims, self.blobs, chunks, result)
 
     def _resend(
         self, message: Message, headers: dict[str, Any], queue: str, resends: int, producer: Producer

@@ -7,6 +7,8 @@
 - ``slow-batch=SECONDS``: every model call takes that much longer (widens "mid-batch").
 - ``batch-gate=PATH``: every model call waits until the file ``PATH`` exists, and creates
   ``PATH.waiting`` as it starts to wait (a test holds a batch mid-way, then lets it go).
+- ``task-error=N``: the first N classify tasks of a worker process fail with an error they
+  do not retry (a bug in the worker, say).
 - ``publish-fail``: the API stores a new job, then fails to publish its messages (a broker
   outage at the worst moment).
 - ``crash-after-store``: the API process kills itself with SIGKILL between storing a new job
@@ -35,6 +37,7 @@ def _active() -> dict[str, str]:
 
 ACTIVE = _active()
 _pages_listed = [0]
+_tasks_failed = [0]
 
 
 def before_decode(data: bytes) -> None:
@@ -61,6 +64,13 @@ def before_batch() -> None:
             pass
         while not os.path.exists(gate):
             time.sleep(0.01)
+
+
+def before_task() -> None:
+    failing = ACTIVE.get("task-error")
+    if failing and _tasks_failed[0] < int(failing):
+        _tasks_failed[0] += 1
+        raise RuntimeError(f"failpoint task-error: task {_tasks_failed[0]} of {failing} fails")
 
 
 def after_listed_page() -> None:

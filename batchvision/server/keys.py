@@ -33,6 +33,9 @@ key                             what it holds
 ``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
+``bv:chunks:failed``            sorted set ``<job>:<i,j,..>`` -> when to send again a chunk whose task
+                                gave up (Redis broker; RabbitMQ has its dead-letter queue)
+``bv:chunk-resends:<member>``   how many times that chunk was sent again (expires after a day)
 ``bv:finished``                 pub/sub channel: a job id, once, when that job finishes
 ``bv:idem:<owner>:<digest>``    ``pending`` or the job id created under an ``Idempotency-Key``
 ``bv:rate:<owner>:<minute>``    requests of one API key in one minute
@@ -70,6 +73,14 @@ RELEASE_KEYS = [ACTIVE, PENDING, ACTIVE_PENDING, PENDING_BYTES, QUOTA]
 BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
+FAILED_CHUNKS = f"{PREFIX}:chunks:failed"
+
+
+def chunk_resends(member: str) -> str:
+    """Resends of the failed chunk ``member`` (its ledger member)."""
+    return f"{PREFIX}:chunk-resends:{member}"
+
+
 #: Pub/sub channel on which the job scripts announce each finished job id (API waiters listen).
 FINISHED = f"{PREFIX}:finished"
 #: Pending webhook deliveries: job id -> due time in milliseconds (a lease while one is sent).

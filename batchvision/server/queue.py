@@ -281,7 +281,7 @@ def _remove_from_indices_without_multi(self: Any, delivery_tag: str, pipe: Any =
     death between the two leaves an index entry without its message, which kombu's restore
     drops. A ``pipe`` given (kombu's own restore transaction) is used as it is."""
     if pipe is not None:
-        return _remove_from_indices(self, delivery_tag, pipe)
+        return _remove_from_indices(self, delivery_tag, pipe)  # type: ignore[no-untyped-call, unused-ignore]
     with self.channel.conn_or_acquire() as client:
         plain = client.pipeline(transaction=False)
         return plain.hdel(self.unacked_key, delivery_tag).zrem(self.unacked_index_key, delivery_tag)

@@ -8,6 +8,14 @@ results are stored, and a sweeper in every worker re-sends chunks that are older
 visibility timeout, still have unresolved images, and are no longer anywhere in the queue
 (the sweep runs only when the queue list is empty, so a long backlog is never duplicated).
 Re-sending is safe: results are idempotent per (job, index).
+
+A task that gives up (its own retries spent, or an error it cannot retry) has its message
+acknowledged, yet its chunks are not lost: :func:`ledger_failed` marks them due again after a
+pause, and :func:`resend_failed` sends them again, backlog or not (they are in no queue), the
+pause doubling each time, at most :data:`MAX_RESENDS` times; then their images without a result
+get ``task_failed``. It is the Redis counterpart of RabbitMQ's dead-letter queue
+(:mod:`batchvision.server.deadletter`). Without it such a chunk waited for the sweep: two
+visibility timeouts, and an empty queue.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from batchvision.server.keys import CHUNKS, SWEEP_LOCK
+from batchvision.core.results import Failure, ImageResult, canceled_result
+from batchvision.server.blobs import BlobStore, spent_blobs
+from batchvision.server.claims import Claims
+from batchvision.server.keys import CHUNKS, FAILED_CHUNKS, SWEEP_LOCK, chunk_resends
 from batchvision.server.messages import Chunk
 from batchvision.server.store import JobStore
 
@@ -52,6 +63,92 @@ def ledger_done(pipe: Any, chunks: Sequence[Chunk]) -> None:
     """Every image of the chunks has a stored result."""
     if chunks:
         pipe.zrem(CHUNKS, *[chunk_member(c) for c in chunks])
+
+
+#: How many times a failed chunk is sent again before its images get ``task_failed``.
+MAX_RESENDS = 10
+#: The pause before a failed chunk is sent again: doubled with each resend, up to the cap.
+RESEND_FIRST_S = 5.0
+RESEND_MAX_S = 300.0
+#: How often a worker looks for failed chunks that are due.
+FAILED_EVERY_S = 2.0
+#: How long a chunk's resend count is kept.
+RESENDS_TTL_S = 86_400
+
+
+def ledger_failed(client: Any, chunks: Sequence[Chunk], now: float | None = None) -> None:
+    """A task gave up on ``chunks`` (its message is acknowledged): send them again after a
+    pause (:func:`resend_failed`)."""
+    if not chunks:
+        return
+    now = time.time() if now is None else now
+    members = [chunk_member(c) for c in chunks]
+    counts = client.mget([chunk_resends(m) for m in members])
+    due = {
+        m: now + min(RESEND_MAX_S, RESEND_FIRST_S * 2 ** int(n or 0))
+        for m, n in zip(members, counts, strict=True)
+    }
+    client.zadd(FAILED_CHUNKS, due)
+
+
+def resend_failed(
+    store: JobStore,
+    resend: Callable[[Chunk], None],
+    give_up: Callable[[Chunk, int], None],
+    now: float | None = None,
+    limit: int = 100,
+) -> int:
+    """Send again the failed chunks that are due (any worker; each chunk by one); after
+    :data:`MAX_RESENDS` resends, ``give_up(chunk, resends)`` instead. Returns how many were sent."""
+    client = store.redis
+    now = time.time() if now is None else now
+    sent = 0
+    for raw in client.zrangebyscore(FAILED_CHUNKS, "-inf", now, start=0, num=limit):
+        member = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if not client.zrem(FAILED_CHUNKS, member):
+            continue  # another worker's
+        chunk = parse_member(member)
+        if not store.exists(chunk.job_id) or not store.unresolved(chunk.job_id, chunk.indexes):
+            client.zrem(CHUNKS, member)
+            continue
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(chunk_resends(member))
+        pipe.expire(chunk_resends(member), RESENDS_TTL_S)
+        resends = int(pipe.execute()[0])
+        if resends > MAX_RESENDS:
+            log.error(
+                "chunk %s failed %d times: its images without a result get task_failed", member, resends
+            )
+            give_up(chunk, resends)
+            continue
+        log.warning("re-sending chunk %s: its task gave up (resend %d of %d)", member, resends, MAX_RESENDS)
+        client.zadd(CHUNKS, {member: time.time()}, xx=True)
+        resend(chunk)
+        sent += 1
+    return sent
+
+
+def resolve_chunks(
+    store: JobStore, claims: Claims, blobs: BlobStore, chunks: Sequence[Chunk], result: Failure
+) -> int:
+    """Give every image of ``chunks`` without a result ``result`` (``canceled`` in a canceled
+    job), exactly once, and take the chunks off the ledger; returns how many were stored."""
+    stored = 0
+    for chunk in chunks:
+        claim = claims.claim(chunk, f"dead:{chunk.first}")
+        outcomes: dict[int, ImageResult] = {}
+        if claim is None:  # the job expired or was deleted
+            claims.forget(chunk.job_id)
+        elif claim.todo:
+            outcome = canceled_result() if claim.canceled else result
+            outcomes = dict.fromkeys(claim.todo, outcome)
+            stored += store.record(chunk.job_id, sorted(outcomes.items())).total
+        kept = claim.kept if claim is not None else ()
+        blobs.delete_many(chunk.job_id, spent_blobs(blobs, chunk.indexes, outcomes, kept))
+    pipe = store.redis.pipeline(transaction=False)
+    ledger_done(pipe, chunks)
+    pipe.execute()
+    return stored
 
 
 _RELEASE_IF_OURS = """
@@ -94,20 +191,31 @@ def sweep(
 
 
 class Sweeper(threading.Thread):
-    """Runs :func:`sweep` every ``interval_s`` in a daemon thread."""
+    """Runs :func:`sweep` (``run``) every ``interval_s``, and ``run_failed``
+    (:func:`resend_failed`) every :data:`FAILED_EVERY_S`, in a daemon thread."""
 
-    def __init__(self, interval_s: float, run: Callable[[], int]) -> None:
+    def __init__(
+        self, interval_s: float, run: Callable[[], int], run_failed: Callable[[], int] | None = None
+    ) -> None:
         super().__init__(name="chunk-sweeper", daemon=True)
         self.interval_s = interval_s
         self._run_once = run
+        self._run_failed = run_failed
         self._stop = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self._run_once()
-            except Exception:  # noqa: BLE001 - Redis may be restarting; try next round
-                log.exception("chunk sweep failed")
+        tick = min(self.interval_s, FAILED_EVERY_S) if self._run_failed else self.interval_s
+        last_sweep = time.monotonic()
+        while not self._stop.wait(tick):
+            jobs: list[Callable[[], int]] = [self._run_failed] if self._run_failed else []
+            if time.monotonic() - last_sweep >= self.interval_s:
+                last_sweep = time.monotonic()
+                jobs.append(self._run_once)
+            for job in jobs:
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - Redis may be restarting; try next round
+                    log.exception("chunk sweep failed")
 
     def stop(self) -> None:
         self._stop.set()

@@ -47,7 +47,7 @@ from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
 from batchvision.server.blobs import RedisBlobs
 from batchvision.server.claims import Claims
-from batchvision.server.deadletter import MAX_RESENDS, RESENDS_HEADER, DeadLetters
+from batchvision.server.deadletter import RESENDS_HEADER, DeadLetters
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.queue import (
@@ -59,7 +59,7 @@ from batchvision.server.queue import (
     delivery_limit,
     task_queue,
 )
-from batchvision.server.recovery import chunk_member, ledger_add
+from batchvision.server.recovery import MAX_RESENDS, chunk_member, ledger_add
 from batchvision.server.routing import interactive_queue
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry

@@ -12,7 +12,17 @@ import redis as redis_lib
 from batchvision.core.results import Failure, Prediction
 from batchvision.server import keys
 from batchvision.server.messages import Chunk
-from batchvision.server.recovery import chunk_member, ledger_add, parse_member, sweep
+from batchvision.server.recovery import (
+    MAX_RESENDS,
+    RESEND_FIRST_S,
+    RESEND_MAX_S,
+    chunk_member,
+    ledger_add,
+    ledger_failed,
+    parse_member,
+    resend_failed,
+    sweep,
+)
 from batchvision.server.store import JobStore
 
 QUEUES = ("bq", "bq.interactive")
@@ -132,3 +142,41 @@ def test_a_sweep_that_outlasts_its_lock_leaves_the_next_holders_lock_alone(
 
     assert sweep(store, QUEUES, CUTOFF, slow) == 1
     assert scratch_redis.get(keys.SWEEP_LOCK) == b"another-sweeper"
+
+
+def test_a_failed_chunk_is_resent_after_a_doubling_pause_even_behind_a_backlog(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    _job(store, "j", 3)
+    _ledger(scratch_redis, "j", [0, 1, 2], age_s=1.0)
+    scratch_redis.rpush(QUEUES[0], "a backlog: the lost-chunk sweep waits, this one does not")
+    given_up: list[tuple[Chunk, int]] = []
+
+    def resend_due(now: float) -> int:
+        return resend_failed(
+            store,
+            lambda c: resends.append((c.job_id, list(c.indexes))),
+            lambda c, n: given_up.append((c, n)),
+            now=now,
+        )
+
+    now = 1_000_000.0
+    ledger_failed(scratch_redis, [Chunk.of("j", [0, 1, 2])], now=now)  # its task gave up
+    assert resend_due(now + RESEND_FIRST_S - 1) == 0 and resends == []  # not yet
+    assert resend_due(now + RESEND_FIRST_S) == 1 and resends == [("j", [0, 1, 2])]
+    assert resend_due(now + 3600) == 0, "sent once: the resend is now the chunk's message"
+    ledger_failed(scratch_redis, [Chunk.of("j", [0, 1, 2])], now=now)  # and failed again
+    assert resend_due(now + 2 * RESEND_FIRST_S - 1) == 0
+    assert resend_due(now + 2 * RESEND_FIRST_S) == 1 and len(resends) == 2
+    # Failing every time: after MAX_RESENDS resends, the images are given up on, once.
+    for _ in range(MAX_RESENDS - 2):
+        ledger_failed(scratch_redis, [Chunk.of("j", [0, 1, 2])], now=now)
+        assert resend_due(now + RESEND_MAX_S) == 1
+    ledger_failed(scratch_redis, [Chunk.of("j", [0, 1, 2])], now=now)
+    assert resend_due(now + RESEND_MAX_S) == 0 and len(resends) == MAX_RESENDS
+    assert given_up == [(Chunk.of("j", [0, 1, 2]), MAX_RESENDS + 1)]
+    # A failed chunk whose images all got results meanwhile is just dropped.
+    _job(store, "k", 1)
+    store.record("k", [(0, Failure("x", "y"))])
+    ledger_failed(scratch_redis, [Chunk.of("k", [0])], now=now)
+    assert resend_due(now + RESEND_MAX_S) == 0 and scratch_redis.zcard(keys.FAILED_CHUNKS) == 0

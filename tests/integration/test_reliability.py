@@ -346,3 +346,21 @@ def test_pickle_message_is_rejected_and_the_worker_survives(env: Env) -> None:
     env.client.seal(job_id)
     assert env.client.wait(job_id, timeout=60).status == "succeeded"
     env.stop_workers()
+
+
+@on_both_brokers
+def test_a_task_that_fails_for_good_is_sent_again_and_its_images_classified(env: Env) -> None:
+    # The task raises what it does not retry (a bug, say): its message is acknowledged (Redis)
+    # or dead-lettered (RabbitMQ), and the chunk is sent again after a pause, not left for the
+    # sweep of lost chunks two visibility timeouts later.
+    worker = env.worker(failpoints="task-error=1")
+    job = env.client.submit_files(_files(8, seed=21))
+    env.assert_exactly_once(job.job_id, 8)
+    log = Path(worker.log_path).read_text(errors="replace")
+    assert "failpoint task-error: task 1 of 1 fails" in log
+    if env.rabbitmq is None:
+        assert "its task gave up (resend 1 of" in log and "its message was lost" not in log
+        assert env.store.redis.zcard(keys.FAILED_CHUNKS) == 0
+    else:
+        assert "re-sending failed task" in log
+    env.stop_workers()

@@ -576,7 +576,9 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
 
     assert workers, "at least one worker"
     # BATCHVISION_GPU belongs to the GPU workers alone (below).
-    base_worker_env = {k: v for k, v in _env(base_config["services"]["worker"]).items() if k != "BATCHVISION_GPU"}
+    base_worker_env = {
+        k: v for k, v in _env(base_config["services"]["worker"]).items() if k != "BATCHVISION_GPU"
+    }
     task_limit = int(base_worker_env["BATCHVISION_TASK_TIME_LIMIT_S"])
     for name, svc in workers.items():
         assert svc["build"]["dockerfile"] == "Dockerfile.worker"
