@@ -119,6 +119,14 @@ def test_k8s_rabbitmq_is_a_hardened_three_node_statefulset() -> None:
     nodes = [line.split("=", 1)[1].strip() for line in conf.splitlines() if "classic_config.nodes." in line]
     assert nodes == [f"rabbit@rabbitmq-{i}.{domain}" for i in range(3)]
     assert "cluster_partition_handling = pause_minority" in conf
+    # The memory alarm (publishers blocked, the API answers 503) counts from the container's
+    # limit, not the machine's RAM, so it comes before the OOM killer.
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    override = [
+        line.split("=", 1)[1].strip() for line in conf.splitlines() if "total_memory_available" in line
+    ]
+    assert override == [str(int(limit[:-2]) * 2**30)]
     # The config file and the Erlang cookie come from the overlay's own objects.
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "rabbitmq-config"
