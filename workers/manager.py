@@ -257,6 +257,8 @@ class PinnedLanes:
         # not hold up the lanes of the model's other versions, nor the idle sweep.
         mine: Future[ModelLane] = Future()
         with served.lock:
+            if self.closed:
+                raise self._stopping(served, version)
             lane = served.pinned.get(version)
             if lane is not None:
                 return self._touch(served, version, lane)
@@ -275,24 +277,31 @@ class PinnedLanes:
         except BaseException as exc:
             with served.lock:
                 del served.loading[version]
-            mine.set_exception(exc)
+            mine.set_exception(exc)  # those waiting for this load get its error
             raise
         with served.lock:
             del served.loading[version]
-            if not self.closed:
+            kept = not self.closed
+            if kept:
                 served.pinned[version] = lane
                 self._touch(served, version, lane)
-        if self.closed:  # the worker stopped while it loaded: nothing would close this lane
-            lane.close()
-            stopping = BatchvisionError(
-                f"this worker is stopping: model {served.name} version {version} is not served "
-                "any more; retry these images later (POST /v1/jobs/{id}/retry)",
-                code="model_busy",
-            )
-            mine.set_exception(stopping)
+        if not kept:  # the worker stopped while it loaded: nothing else would close this lane
+            stopping = self._stopping(served, version)
+            try:
+                lane.close()
+            finally:
+                mine.set_exception(stopping)
             raise stopping
         mine.set_result(lane)
         return lane
+
+    @staticmethod
+    def _stopping(served: ServedModel, version: int) -> BatchvisionError:
+        return BatchvisionError(
+            f"this worker is stopping: model {served.name} version {version} is not served "
+            "any more; retry these images later (POST /v1/jobs/{id}/retry)",
+            code="model_busy",
+        )
 
     @staticmethod
     def _touch(served: ServedModel, version: int, lane: ModelLane) -> ModelLane:

@@ -31,12 +31,14 @@ ROOM_MAX_S = 30.0
 def until_redis_has_room(run: Callable[[int], ChunkStats], retries: int, for_s: float) -> ChunkStats:
     """``run(retries)``, tried again with backoff while Redis is out of memory, for up to
     ``for_s`` seconds; then its error goes to Celery's retries. Each try counts as one of the
-    task's own retries (:meth:`ChunkProcessor.process` tells them from deaths).
+    task's own retries (:meth:`ChunkProcessor.process` tells them from deaths, as each try
+    counts a delivery); ``run`` is handed the count.
 
     A full Redis (``noeviction``) refuses the results, and would refuse Celery's retry message
-    too (a task whose retry cannot be sent is dropped, its chunk left to the sweeper for hours).
-    So the task waits here, its message held, until the API's budget, expiring results or the
-    operator make room. A try redoes only what is not stored: results are idempotent."""
+    too (a task whose retry cannot be sent is dropped, its chunk left to the sweep for hours).
+    So the task tries again here, its message held, until the API's budget, expiring results
+    or the operator make room. A try claims the chunk again and classifies only the images
+    whose results are not stored yet."""
     delay = ROOM_FIRST_S
     until = time.monotonic() + for_s
     while True:
@@ -108,16 +110,21 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         start = time.perf_counter()
         # Our own retries (a Redis hiccup) are not deaths: they must not make images suspects.
         settings = worker.settings
-        retries = self.request.retries or 0
+        tries = [self.request.retries or 0]
+
+        def process(retries: int) -> ChunkStats:
+            tries[0] = retries
+            return worker.processor.process(message, retries=retries)
+
         try:
             failpoints.before_task()
             stats = until_redis_has_room(
-                lambda retries: worker.processor.process(message, retries=retries),
-                retries,
-                min(settings.task_time_limit_s, settings.visibility_timeout_s) / 2,
+                process, tries[0], min(settings.task_time_limit_s, settings.visibility_timeout_s) / 2
             )
         except Exception as exc:
-            if not isinstance(exc, RETRIED) or retries >= (self.max_retries or 0):
+            # The tries made here are Celery's retries too: each counted a delivery of the chunk.
+            self.request.retries = tries[0]
+            if not isinstance(exc, RETRIED) or tries[0] >= (self.max_retries or 0):
                 gave_up(worker, message)
             raise
         log.info(

@@ -110,10 +110,11 @@ def cmd_api(args: argparse.Namespace) -> int:
         "30",
         "--access-logfile",
         "-",
-        # Whose X-Forwarded-Proto makes the links the API writes https:// (behind a TLS proxy).
-        "--forwarded-allow-ips",
-        s.forwarded_allow_ips,
     ]
+    # Whose X-Forwarded-Proto makes the links the API writes https:// (behind a TLS proxy).
+    # gunicorn's own FORWARDED_ALLOW_IPS still counts where ours is not set.
+    if "BATCHVISION_FORWARDED_ALLOW_IPS" in os.environ or "FORWARDED_ALLOW_IPS" not in os.environ:
+        argv += ["--forwarded-allow-ips", s.forwarded_allow_ips]
     if s.log_format == "json":  # api.gunicorn_conf reads it: JSON lines from gunicorn too
         from batchvision.core.logs import ACCESS_FORMAT
 

@@ -500,11 +500,11 @@ class Settings(BaseSettings):
             return "*"
         for entry in entries:
             try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
+                ipaddress.ip_network(entry)  # strict, as gunicorn reads it: 10.0.0.5/8 is refused
+            except ValueError as exc:
                 raise ValueError(
-                    f"{entry!r} is not an IP address or network; must be addresses and networks "
-                    "(`10.0.0.5,10.1.0.0/16`), `*` alone, or empty (no proxy)"
+                    f"{entry!r} is not an IP address or network ({exc}); must be addresses and "
+                    "networks (`10.0.0.5,10.1.0.0/16`), `*` alone, or empty (no proxy)"
                 ) from None
         return ",".join(entries)
 

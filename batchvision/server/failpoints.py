@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 POISON_MARKER = b"BV-POISON-PILL"
@@ -38,6 +39,7 @@ def _active() -> dict[str, str]:
 ACTIVE = _active()
 _pages_listed = [0]
 _tasks_failed = [0]
+_lock = threading.Lock()
 
 
 def before_decode(data: bytes) -> None:
@@ -68,9 +70,14 @@ def before_batch() -> None:
 
 def before_task() -> None:
     failing = ACTIVE.get("task-error")
-    if failing and _tasks_failed[0] < int(failing):
+    if not failing:
+        return
+    with _lock:  # (task threads)
+        if _tasks_failed[0] >= int(failing):
+            return
         _tasks_failed[0] += 1
-        raise RuntimeError(f"failpoint task-error: task {_tasks_failed[0]} of {failing} fails")
+        count = _tasks_failed[0]
+    raise RuntimeError(f"failpoint task-error: task {count} of {failing} fails")
 
 
 def after_listed_page() -> None:

@@ -9,6 +9,7 @@ to a GPU (``batchvision worker --gpu N``) turns that into an error (:func:`requi
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -135,7 +136,8 @@ def require_gpu(wanted: str, reader: GpuReader | None = None, allotted: str | No
     ``allotted``: a ``CUDA_VISIBLE_DEVICES`` set before the worker's own (a scheduler's share of
     the host, such as Slurm's). Then an index counts within that share, as CUDA counts it (``1``
     under ``2,3`` is the host's GPU 3), and a GPU outside it is refused: the share is what this
-    job may use."""
+    job may use. Numbered entries are read in NVML's order, which is CUDA's only with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or on a host of GPUs of one model; otherwise refused."""
     own = reader is None
     try:
         reader = reader or Nvml()
@@ -151,6 +153,16 @@ def require_gpu(wanted: str, reader: GpuReader | None = None, allotted: str | No
         if len(found) != 1:
             raise GpuNotVisible(f"GPU {wanted} is not visible: this host shows {describe(gpus)}")
         return found[0]
+    numbered = any(e.strip().isdigit() for e in allotted.split(","))
+    order = os.environ.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    if numbered and order != "PCI_BUS_ID" and len({g.name for g in gpus}) > 1:
+        # CUDA counts these indexes fastest first, NVML by PCI bus: on a host of mixed GPUs the
+        # two differ, and the share could not be told from another job's GPUs.
+        raise GpuNotVisible(
+            f"GPU {wanted}: CUDA_VISIBLE_DEVICES={allotted!r} numbers GPUs in CUDA's {order} order, "
+            f"which differs from NVML's on this host of mixed GPUs ({describe(gpus)}); set "
+            "CUDA_DEVICE_ORDER=PCI_BUS_ID, or name the GPUs by UUID"
+        )
     share = visible(gpus, allotted)
     if wanted.isdigit():
         found = share[int(wanted) : int(wanted) + 1]

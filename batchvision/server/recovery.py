@@ -20,6 +20,7 @@ visibility timeouts, and an empty queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -60,9 +61,12 @@ def ledger_started(pipe: Any, chunks: Sequence[Chunk]) -> None:
 
 
 def ledger_done(pipe: Any, chunks: Sequence[Chunk]) -> None:
-    """Every image of the chunks has a stored result."""
+    """Every image of the chunks has a stored result (a chunk that had failed starts its
+    resend count anew: a retry of the job may send it again)."""
     if chunks:
-        pipe.zrem(CHUNKS, *[chunk_member(c) for c in chunks])
+        members = [chunk_member(c) for c in chunks]
+        pipe.zrem(CHUNKS, *members)
+        pipe.delete(*[chunk_resends(m) for m in members])
 
 
 #: How many times a failed chunk is sent again before its images get ``task_failed``.
@@ -84,11 +88,32 @@ def ledger_failed(client: Any, chunks: Sequence[Chunk], now: float | None = None
     now = time.time() if now is None else now
     members = [chunk_member(c) for c in chunks]
     counts = client.mget([chunk_resends(m) for m in members])
-    due = {
-        m: now + min(RESEND_MAX_S, RESEND_FIRST_S * 2 ** int(n or 0))
-        for m, n in zip(members, counts, strict=True)
-    }
-    client.zadd(FAILED_CHUNKS, due)
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(
+        FAILED_CHUNKS,
+        {
+            m: now + min(RESEND_MAX_S, RESEND_FIRST_S * 2 ** int(n or 0))
+            for m, n in zip(members, counts, strict=True)
+        },
+    )
+    for m, n in zip(members, counts, strict=True):
+        if n is not None:  # counted as long as the chunk keeps failing
+            pipe.expire(chunk_resends(m), RESENDS_TTL_S)
+    pipe.execute()
+
+
+#: Take a due failed chunk (one worker wins) and count its resend, in one step. The count goes
+#: first: a Redis out of memory refuses it before anything is written (a script is refused at
+#: its first write only), so the chunk stays due and is taken on a later round.
+_TAKE_FAILED = """
+local n = redis.call('INCR', KEYS[2])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+  if n == 1 then redis.call('DEL', KEYS[2]) else redis.call('DECR', KEYS[2]) end
+  return 0
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return n
+"""
 
 
 def resend_failed(
@@ -99,32 +124,42 @@ def resend_failed(
     limit: int = 100,
 ) -> int:
     """Send again the failed chunks that are due (any worker; each chunk by one); after
-    :data:`MAX_RESENDS` resends, ``give_up(chunk, resends)`` instead. Returns how many were sent."""
+    :data:`MAX_RESENDS` resends, ``give_up(chunk, failures)`` instead. Returns how many were
+    sent. A chunk whose resend (or giving up) fails is due again after a pause."""
     client = store.redis
     now = time.time() if now is None else now
     sent = 0
     for raw in client.zrangebyscore(FAILED_CHUNKS, "-inf", now, start=0, num=limit):
         member = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if not client.zrem(FAILED_CHUNKS, member):
+        counter = chunk_resends(member)
+        resends = int(client.eval(_TAKE_FAILED, 2, FAILED_CHUNKS, counter, member, RESENDS_TTL_S))
+        if not resends:
             continue  # another worker's
         chunk = parse_member(member)
-        if not store.exists(chunk.job_id) or not store.unresolved(chunk.job_id, chunk.indexes):
-            client.zrem(CHUNKS, member)
-            continue
-        pipe = client.pipeline(transaction=False)
-        pipe.incr(chunk_resends(member))
-        pipe.expire(chunk_resends(member), RESENDS_TTL_S)
-        resends = int(pipe.execute()[0])
-        if resends > MAX_RESENDS:
-            log.error(
-                "chunk %s failed %d times: its images without a result get task_failed", member, resends
-            )
-            give_up(chunk, resends)
-            continue
-        log.warning("re-sending chunk %s: its task gave up (resend %d of %d)", member, resends, MAX_RESENDS)
-        client.zadd(CHUNKS, {member: time.time()}, xx=True)
-        resend(chunk)
-        sent += 1
+        try:
+            if not store.exists(chunk.job_id) or not store.unresolved(chunk.job_id, chunk.indexes):
+                pipe = client.pipeline(transaction=False)
+                ledger_done(pipe, [chunk])
+                pipe.execute()
+            elif resends > MAX_RESENDS:
+                log.error(
+                    "chunk %s failed %d times: its images without a result get task_failed", member, resends
+                )
+                give_up(chunk, resends)
+            else:
+                log.warning(
+                    "re-sending chunk %s: its task gave up (resend %d of %d)", member, resends, MAX_RESENDS
+                )
+                client.zadd(CHUNKS, {member: time.time()}, xx=True)
+                resend(chunk)
+                sent += 1
+        except Exception:
+            with contextlib.suppress(Exception):  # (Redis may be what failed: the sweep remains)
+                pipe = client.pipeline(transaction=False)
+                pipe.decr(counter)
+                pipe.zadd(FAILED_CHUNKS, {member: time.time() + RESEND_FIRST_S})
+                pipe.execute()
+            raise
     return sent
 
 

@@ -18,6 +18,7 @@ from batchvision.server.recovery import (
     RESEND_MAX_S,
     chunk_member,
     ledger_add,
+    ledger_done,
     ledger_failed,
     parse_member,
     resend_failed,
@@ -180,3 +181,37 @@ def test_a_failed_chunk_is_resent_after_a_doubling_pause_even_behind_a_backlog(
     store.record("k", [(0, Failure("x", "y"))])
     ledger_failed(scratch_redis, [Chunk.of("k", [0])], now=now)
     assert resend_due(now + RESEND_MAX_S) == 0 and scratch_redis.zcard(keys.FAILED_CHUNKS) == 0
+
+
+def test_a_failed_chunk_whose_resend_fails_or_meets_a_full_redis_stays_due(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    _job(store, "j", 2)
+    member = chunk_member(Chunk.of("j", [0, 1]))
+    now = 1_000_000.0
+    ledger_failed(scratch_redis, [Chunk.of("j", [0, 1])], now=now)
+
+    def broker_down(chunk: Chunk) -> None:
+        raise ConnectionError("the broker refused the message")
+
+    with pytest.raises(ConnectionError):
+        resend_failed(store, broker_down, lambda c, n: None, now=now + RESEND_MAX_S)
+    # Due again shortly, and the failed resend was not counted.
+    assert scratch_redis.zscore(keys.FAILED_CHUNKS, member) is not None
+    assert scratch_redis.get(keys.chunk_resends(member)) == b"0"
+    # Redis full: the count is refused first, so nothing is taken.
+    scratch_redis.config_set("maxmemory", int(scratch_redis.info("memory")["used_memory"]) // 2)
+    try:
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            resend_failed(store, lambda c: None, lambda c, n: None, now=time.time() + RESEND_MAX_S)
+    finally:
+        scratch_redis.config_set("maxmemory", 0)
+    assert scratch_redis.zscore(keys.FAILED_CHUNKS, member) is not None
+    sent: list[Chunk] = []
+    assert resend_failed(store, sent.append, lambda c, n: None, now=time.time() + RESEND_MAX_S) == 1
+    assert sent == [Chunk.of("j", [0, 1])] and scratch_redis.zcard(keys.FAILED_CHUNKS) == 0
+    # Its images stored at last: the count goes with the ledger entry (a retry starts anew).
+    pipe = scratch_redis.pipeline()
+    ledger_done(pipe, [Chunk.of("j", [0, 1])])
+    pipe.execute()
+    assert not scratch_redis.exists(keys.chunk_resends(member))

@@ -209,6 +209,15 @@ def test_under_a_scheduler_s_share_an_index_counts_within_it(monkeypatch: pytest
         require_gpu("2", FakeReader(four), allotted="2,3")
     with pytest.raises(GpuNotVisible, match=r"CUDA_VISIBLE_DEVICES='' leaves this process no GPU"):
         require_gpu("0", FakeReader(four), allotted="")
+    # Mixed GPUs: CUDA numbers them fastest first, NVML by bus; unless told to use the bus order
+    # too, an index of the share cannot be read.
+    mixed = [*four[:3], Gpu(3, "GPU-3333-bbbb", "NVIDIA A100")]
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    with pytest.raises(GpuNotVisible, match="CUDA_DEVICE_ORDER=PCI_BUS_ID, or name the GPUs by UUID"):
+        require_gpu("1", FakeReader(mixed), allotted="2,3")
+    assert require_gpu("1", FakeReader(mixed), allotted=f"{four[2].uuid},{mixed[3].uuid}") == mixed[3]
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert require_gpu("1", FakeReader(mixed), allotted="2,3") == mixed[3]
 
 
 def test_a_gpu_set_only_in_the_environment_is_pinned_too(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -234,7 +234,9 @@ class GatedLoader(Loader):
         return super().__call__(vdir, settings)
 
 
-def test_a_slow_pinned_load_holds_up_neither_other_versions_nor_the_sweep(tmp_path: Path) -> None:
+def test_a_slow_pinned_load_holds_up_neither_other_versions_nor_the_sweep(
+    tmp_path: Path, wait_until: Any
+) -> None:
     for version in (1, 2, 3):
         _version(tmp_path, version)
     loader = GatedLoader()
@@ -254,6 +256,9 @@ def test_a_slow_pinned_load_holds_up_neither_other_versions_nor_the_sweep(tmp_pa
         threading.Thread(target=ask, args=(first,), daemon=True).start()
         assert loader.loading.wait(10), "version 1 started loading"
         threading.Thread(target=ask, args=(second,), daemon=True).start()
+        # The second caller waits on the first one's load (the Future's condition has a waiter).
+        loading = manager.models["m"].loading[1]
+        wait_until(lambda: loading._condition._waiters, timeout=10, message="the second caller waits")  # type: ignore[attr-defined]
         # Meanwhile: another version's lane, and the idle sweep, answer at once (each call
         # here would block until the gate opens if the load held the model's lock).
         done: Future[Any] = Future()
@@ -300,6 +305,11 @@ def test_a_pinned_load_that_ends_after_the_worker_stopped_leaves_no_lane(tmp_pat
     with pytest.raises(BatchvisionError, match="stopping") as info:
         asked.result(timeout=10)
     assert info.value.code == "model_busy" and manager.models["m"].pinned == {}
+    # Once stopped, no load starts at all.
+    calls = len(loader.calls)
+    with pytest.raises(BatchvisionError, match="stopping"):
+        manager.lane(JobOptions("m", version=1))
+    assert len(loader.calls) == calls and manager.models["m"].loading == {}
 
 
 def test_a_pinned_version_that_fails_to_load_for_the_moment_is_tried_again(tmp_path: Path) -> None:

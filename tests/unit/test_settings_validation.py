@@ -34,6 +34,7 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_WEBHOOK_ALLOW", "*", "entry '*'"),
         ("BATCHVISION_FORWARDED_ALLOW_IPS", "10.0.0.1,ingress", "'ingress' is not an IP address or network"),
         ("BATCHVISION_FORWARDED_ALLOW_IPS", "*,10.0.0.1", "`*` alone"),
+        ("BATCHVISION_FORWARDED_ALLOW_IPS", "10.0.0.5/8", "has host bits set"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_is_allowed(variable: str, value: str, says: str) -> None:
