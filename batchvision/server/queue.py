@@ -289,6 +289,36 @@ def _remove_from_indices_without_multi(self: Any, delivery_tag: str, pipe: Any =
 
 kombu_redis.QoS._remove_from_indices = _remove_from_indices_without_multi  # type: ignore[method-assign]
 
+_append = kombu_redis.QoS.append
+_restore_visible = kombu_redis.QoS.restore_visible
+
+
+def _append_even_when_full(self: Any, message: Any, delivery_tag: str) -> None:
+    """kombu's record of a message just taken off its queue, kept in Redis until the ack; when
+    Redis is full (it took the message with ``BRPOP``, but refuses the copy), the message is run
+    from memory all the same. Raising here stopped the worker with the message gone from Redis;
+    now only a death of this worker before the ack loses it, and the chunk ledger's sweep sends
+    its chunks again."""
+    try:
+        _append(self, message, delivery_tag)  # type: ignore[no-untyped-call, unused-ignore]
+    except redis.exceptions.OutOfMemoryError:
+        log.warning("Redis is full: message %s runs without its copy in Redis's unacked set", delivery_tag)
+        super(kombu_redis.QoS, self).append(message, delivery_tag)
+
+
+def _restore_visible_unless_full(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """kombu's periodic return of messages held past the visibility timeout; skipped for the
+    moment while Redis is full (its lock is a write Redis refuses), instead of stopping the worker."""
+    try:
+        return _restore_visible(self, *args, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
+    except redis.exceptions.OutOfMemoryError as exc:
+        log.warning("Redis is full: returning expired unacknowledged messages waits (%s)", exc)
+        return None
+
+
+kombu_redis.QoS.append = _append_even_when_full  # type: ignore[method-assign]
+kombu_redis.QoS.restore_visible = _restore_visible_unless_full  # type: ignore[method-assign]
+
 
 def create_celery(settings: Settings, name: str = "batchvision", cls: type[Celery] = Celery) -> Celery:
     """A Celery app (of class ``cls``) configured for ``settings`` (workers add the tasks)."""

@@ -32,6 +32,12 @@ def stack(start_sleeping_stack: Callable[..., Any]) -> Any:
     return start_sleeping_stack("redis-full", "redis", 0.0, visibility_timeout_s=600, task_time_limit_s=300)
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_workers(stack: Any) -> Iterator[None]:
+    yield
+    stack.stop_workers()
+
+
 @pytest.fixture()
 def r(stack: Any) -> Iterator[redis_lib.Redis]:
     with redis_lib.Redis.from_url(stack.redis.url) as client:
@@ -99,3 +105,46 @@ def test_an_ack_goes_through_while_redis_is_full(stack: Any, r: redis_lib.Redis)
         _fill(r)
         qos._remove_from_indices("tag-1").execute()
     assert not r.hexists(UNACKED, "tag-1") and r.zscore(f"{UNACKED}_index", "tag-1") is None
+
+
+def test_a_message_taken_while_redis_is_full_still_runs(stack: Any, r: redis_lib.Redis) -> None:
+    # kombu takes a message off its list (BRPOP: Redis allows it) and then records a copy until
+    # the ack, which a full Redis refuses: the message, gone from the list, must run anyway.
+    app = create_celery(stack.settings)
+    with app.connection_for_write() as conn:
+        queue = conn.SimpleQueue("probe-full")
+        queue.put({"n": 1})
+        _fill(r)
+        message = queue.get(timeout=10)
+        assert message.payload == {"n": 1}
+        assert r.hlen(UNACKED) == 0, "no copy: Redis is full"
+        message.ack()
+        queue.close()
+
+
+def test_an_idle_worker_outlives_a_redis_full_past_its_restore_interval(
+    stack: Any, r: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    # Every few seconds kombu returns expired unacknowledged messages, under a lock Redis
+    # refuses while full; a worker must wait that out, not stop.
+    worker = stack.worker()
+    _fill(r)
+
+    def skipped_a_restore() -> bool:
+        assert worker.proc is not None and worker.proc.poll() is None, worker.tail(40)
+        return "returning expired unacknowledged messages waits" in Path(worker.log_path).read_text(
+            errors="replace"
+        )
+
+    wait_until(skipped_a_restore, timeout=60, interval=0.2, message="a restore skipped while full")
+    r.config_set("maxmemory", 0)
+    files = [("files", (name, data)) for name, data, _ in labelled_files(2, seed=6)]
+    job_id = requests.post(f"{stack.url}/v1/jobs", files=files, timeout=30).json()["job_id"]
+    wait_until(
+        lambda: (
+            requests.get(f"{stack.url}/v1/jobs/{job_id}?wait=5", timeout=30).json()["status"] == "succeeded"
+        ),
+        timeout=120,
+        message="the job finished",
+    )
+    assert worker.proc is not None and worker.proc.poll() is None
