@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +111,50 @@ class _Outcome:
     kept: frozenset[int] = frozenset()
 
 
+class Gate:
+    """Fresh work passes together (:meth:`shared`), a suspect image alone (:meth:`exclusive`):
+    while a suspect is in flight nothing else is, so a death of the process is its own. A
+    suspect waiting goes before fresh work that comes later (else steady traffic would keep it
+    out)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._queued = 0  # suspects waiting
+        self.waiting = 0  # fresh work waiting (tests)
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self.waiting += 1
+            while self._exclusive or self._queued:
+                self._cond.wait()
+            self.waiting -= 1
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._queued += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._queued -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 @dataclass
 class ChunkProcessor:
     """Classifies messages of chunks, each image in the lane of its job's model.
@@ -131,7 +175,7 @@ class ChunkProcessor:
     hand_on: Callable[[Chunk, str, bool, int], None] | None = None
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts, str], None] | None = None
-    _isolation: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _gate: Gate = field(default_factory=lambda: Gate(), repr=False)
     _admission: Admission = field(init=False, repr=False)
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
     _fetch_pool: FairPool = field(init=False, repr=False)
@@ -203,7 +247,8 @@ class ChunkProcessor:
                 )
         if fresh:
             wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
-            results = self._classify(wanted, enqueued_at, urgent, [r for _, _, r in fresh])
+            with self._gate.shared():
+                results = self._classify(wanted, enqueued_at, urgent, [r for _, _, r in fresh])
             for (outcome, _, _), res in zip(fresh, results, strict=True):
                 outcome.results = res
         self._store(done, [o.chunk for o in done], stats)
@@ -246,13 +291,13 @@ class ChunkProcessor:
     ) -> None:
         # A redelivered chunk: the last delivery may have died on one of these images. Go one
         # image at a time, each with its own attempt count, so a poison image ends as a
-        # per-image error after max_attempts while the others complete. Suspects run one at a
-        # time in this process, so a death is blamed on the image that was really in flight,
-        # not on suspects of other chunks that happened to run beside it.
+        # per-image error after max_attempts while the others complete. A suspect runs alone in
+        # this process (no other suspect, and no fresh chunk, is fetched, decoded or classified
+        # meanwhile), so a death is blamed on the image that was really in flight.
         max_attempts = self.limits.max_attempts
         for i in todo:
             one = Chunk(chunk.job_id, (i,))
-            with self._isolation:
+            with self._gate.exclusive():
                 # The first, whole-chunk delivery counts as this image's first attempt too.
                 if self.claims.attempt(chunk.job_id, f"image:{i}") + 1 > max_attempts:
                     message = f"the worker died processing this image {max_attempts} times"

@@ -168,6 +168,40 @@ def test_an_isolating_delivery_deletes_the_uploads_a_dead_one_left_in_a_file_sto
     assert not rig.in_ledger("j", ix)
 
 
+def test_a_suspect_image_runs_alone_while_fresh_chunks_wait(
+    scratch_redis: redis_lib.Redis, rig_on: Any, wait_until: Any
+) -> None:
+    # A death while a suspect is in flight is counted against it: so nothing else may be in
+    # flight with it, not even a fresh chunk of another job (whose poison would be blamed on it).
+    entered, go = threading.Event(), threading.Event()
+
+    def held_model(images: list[np.ndarray]) -> list[np.ndarray]:
+        if not go.is_set():
+            entered.set()
+            assert go.wait(30), "the test never let the model go"
+        return [np.full(3, 1 / 3, np.float32) for _ in images]
+
+    rig = rig_on(scratch_redis, model=held_model)
+    suspect = rig.job("a", [rig.jpeg("red"), rig.jpeg("green")])
+    rig.claims.claim(Chunk.of("a", suspect), "chunk:0")  # its first delivery died
+    fresh = rig.job("b", [rig.jpeg("blue"), rig.jpeg("red")])
+    done: list[dict[str, Any]] = []
+    first = threading.Thread(target=lambda: done.append(rig.process(("a", suspect))), daemon=True)
+    first.start()
+    assert entered.wait(10), "the first suspect image in the model"
+    second = threading.Thread(target=lambda: done.append(rig.process(("b", fresh))), daemon=True)
+    second.start()
+    wait_until(lambda: rig.processor._gate.waiting == 1, timeout=10, message="the fresh chunk waits")
+    assert rig.model_calls() == []  # nothing ran beside the suspect
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert len(done) == 2 and all(d["classified"] == 2 for d in done), done
+    for batch in rig.batches:  # no batch held a suspect with anything else
+        jobs = [tag[0] for tag in batch.tags]
+        assert jobs == ["a"] or "a" not in jobs, rig.batches
+
+
 def test_an_undecodable_upload_gets_its_own_error_and_the_rest_is_classified(rig: Any) -> None:
     good = rig.jpeg("red")
     garbage = b"this is a text file renamed .jpg\n"
