@@ -35,7 +35,8 @@ key                             what it holds
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
 ``bv:chunks:failed``            sorted set ``<job>:<i,j,..>`` -> when to send again a chunk whose task
                                 gave up (Redis broker; RabbitMQ has its dead-letter queue)
-``bv:chunk-resends:<member>``   how many times that chunk was sent again (expires after a day)
+``bv:chunk-resends:<member>``   how many times in a row that chunk was sent again (expires an hour
+                                after its last failure)
 ``bv:finished``                 pub/sub channel: a job id, once, when that job finishes
 ``bv:idem:<owner>:<digest>``    ``pending`` or the job id created under an ``Idempotency-Key``
 ``bv:rate:<owner>:<minute>``    requests of one API key in one minute

@@ -61,12 +61,9 @@ def ledger_started(pipe: Any, chunks: Sequence[Chunk]) -> None:
 
 
 def ledger_done(pipe: Any, chunks: Sequence[Chunk]) -> None:
-    """Every image of the chunks has a stored result (a chunk that had failed starts its
-    resend count anew: a retry of the job may send it again)."""
+    """Every image of the chunks has a stored result."""
     if chunks:
-        members = [chunk_member(c) for c in chunks]
-        pipe.zrem(CHUNKS, *members)
-        pipe.delete(*[chunk_resends(m) for m in members])
+        pipe.zrem(CHUNKS, *[chunk_member(c) for c in chunks])
 
 
 #: How many times a failed chunk is sent again before its images get ``task_failed``.
@@ -76,8 +73,11 @@ RESEND_FIRST_S = 5.0
 RESEND_MAX_S = 300.0
 #: How often a worker looks for failed chunks that are due.
 FAILED_EVERY_S = 2.0
-#: How long a chunk's resend count is kept.
-RESENDS_TTL_S = 86_400
+#: How long a chunk's resend count outlives its last failure: the count is of failures in a
+#: row (a chunk fails again within the longest pause, or not at all), and a chunk that
+#: finished, then is retried later with its job, starts anew. (Not deleted as chunks finish:
+#: that would be one more command on every message's path.)
+RESENDS_TTL_S = 3600
 
 
 def ledger_failed(client: Any, chunks: Sequence[Chunk], now: float | None = None) -> None:
@@ -146,6 +146,7 @@ def resend_failed(
                     "chunk %s failed %d times: its images without a result get task_failed", member, resends
                 )
                 give_up(chunk, resends)
+                client.delete(counter)  # a retry of the job starts anew
             else:
                 log.warning(
                     "re-sending chunk %s: its task gave up (resend %d of %d)", member, resends, MAX_RESENDS

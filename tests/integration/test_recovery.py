@@ -16,9 +16,9 @@ from batchvision.server.recovery import (
     MAX_RESENDS,
     RESEND_FIRST_S,
     RESEND_MAX_S,
+    RESENDS_TTL_S,
     chunk_member,
     ledger_add,
-    ledger_done,
     ledger_failed,
     parse_member,
     resend_failed,
@@ -176,6 +176,7 @@ def test_a_failed_chunk_is_resent_after_a_doubling_pause_even_behind_a_backlog(
     ledger_failed(scratch_redis, [Chunk.of("j", [0, 1, 2])], now=now)
     assert resend_due(now + RESEND_MAX_S) == 0 and len(resends) == MAX_RESENDS
     assert given_up == [(Chunk.of("j", [0, 1, 2]), MAX_RESENDS + 1)]
+    assert not scratch_redis.exists(keys.chunk_resends(chunk_member(Chunk.of("j", [0, 1, 2])))), "anew"
     # A failed chunk whose images all got results meanwhile is just dropped.
     _job(store, "k", 1)
     store.record("k", [(0, Failure("x", "y"))])
@@ -210,8 +211,5 @@ def test_a_failed_chunk_whose_resend_fails_or_meets_a_full_redis_stays_due(
     sent: list[Chunk] = []
     assert resend_failed(store, sent.append, lambda c, n: None, now=time.time() + RESEND_MAX_S) == 1
     assert sent == [Chunk.of("j", [0, 1])] and scratch_redis.zcard(keys.FAILED_CHUNKS) == 0
-    # Its images stored at last: the count goes with the ledger entry (a retry starts anew).
-    pipe = scratch_redis.pipeline()
-    ledger_done(pipe, [Chunk.of("j", [0, 1])])
-    pipe.execute()
-    assert not scratch_redis.exists(keys.chunk_resends(member))
+    # The count is of failures in a row: it lasts an hour past the last one.
+    assert 0 < scratch_redis.ttl(keys.chunk_resends(member)) <= RESENDS_TTL_S
