@@ -25,6 +25,12 @@ IMAGES = Counter(
     "Images given a stored result by this worker, by model and outcome (ok, error, canceled).",
     ["model", "outcome"],
 )
+#: The API counts the images of its requests under the same name; the workers those of the
+#: pages they list of a prefix job (the sum over both is every image accepted).
+IMAGES_ACCEPTED = Counter(
+    "batchvision_images_accepted_total",
+    "Images accepted and queued: the pages of prefix jobs this worker listed.",
+)
 BATCH_SIZE = Histogram(
     "batchvision_batch_size",
     "Images per model call, by model.",

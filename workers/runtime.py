@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
@@ -60,7 +60,7 @@ from batchvision.server.queue import (
 from batchvision.server.recovery import Sweeper, resend_failed, resolve_chunks, sweep
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
-from batchvision.server.s3 import S3Config, shared
+from batchvision.server.s3 import S3Config, S3Url, shared
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import BatchLog, Telemetry
 from batchvision.server.webhooks import Deliverer
@@ -406,11 +406,17 @@ class ListingsStep:
         store = _made(r.store, r.name)
         blobs = _made(r.blobs, r.name)
         intake = Intake(s, r.client, store, blobs, Telemetry(r.client), Enqueuer(self.app, s))
+
+        def add_listed(job_id: str, owner: str, url: S3Url, keys: Sequence[str]) -> int:
+            added = intake.add_listed(job_id, owner, url, keys)
+            metrics.IMAGES_ACCEPTED.inc(added)
+            return added
+
         self._lister = Lister(
             r.client,
             store,
             lambda: shared(S3Config.from_settings(s)),
-            intake.add_listed,
+            add_listed,
             page_size=s.list_page_size,
             max_images=s.max_objects_per_job,
             ahead=s.list_ahead,

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from batchvision.cli.redis_server import free_port
 from batchvision.core.results import Prediction
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
@@ -119,10 +121,15 @@ def test_the_request_lists_one_page_and_the_workers_the_rest(
         assert resp.status_code == 409 and resp.json()["error"]["code"] == "job_is_listed", resp.text
     assert _status(stack, job_id)["listing"]["state"] == "listing"
 
-    stack.worker()
+    port = free_port()
+    stack.worker(BATCHVISION_WORKER_METRICS_PORT=str(port))
     job = _finished(stack, job_id, wait_until)
     assert job["status"] == "succeeded", job
     assert job["total"] == job["done"] == len(names)
+    # The worker counts the images of the pages it listed as accepted (the API counted the first).
+    scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    accepted = re.search(r"^batchvision_images_accepted_total (\S+)$", scraped, re.M)
+    assert accepted is not None and float(accepted.group(1)) == len(names) - PAGE, scraped[:2000]
     assert job["listing"] == {
         "url": f"s3://{s3_bucket}/many/",
         "state": "done",
