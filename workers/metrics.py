@@ -25,11 +25,11 @@ IMAGES = Counter(
     "Images given a stored result by this worker, by model and outcome (ok, error, canceled).",
     ["model", "outcome"],
 )
-#: The API counts the images of its requests under the same name; the workers those of the
-#: pages they list of a prefix job (the sum over both is every image accepted).
-IMAGES_ACCEPTED = Counter(
-    "batchvision_images_accepted_total",
-    "Images accepted and queued: the pages of prefix jobs this worker listed.",
+#: The images of the pages workers list of a prefix job; the API counts those of its requests
+#: (the first page included) in batchvision_images_accepted_total: every image accepted is the sum.
+IMAGES_LISTED = Counter(
+    "batchvision_images_listed_total",
+    "Images of prefix jobs this worker listed and queued (the pages after the first).",
 )
 BATCH_SIZE = Histogram(
     "batchvision_batch_size",

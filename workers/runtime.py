@@ -409,7 +409,7 @@ class ListingsStep:
 
         def add_listed(job_id: str, owner: str, url: S3Url, keys: Sequence[str]) -> int:
             added = intake.add_listed(job_id, owner, url, keys)
-            metrics.IMAGES_ACCEPTED.inc(added)
+            metrics.IMAGES_LISTED.inc(added)
             return added
 
         self._lister = Lister(

@@ -126,9 +126,9 @@ def test_the_request_lists_one_page_and_the_workers_the_rest(
     job = _finished(stack, job_id, wait_until)
     assert job["status"] == "succeeded", job
     assert job["total"] == job["done"] == len(names)
-    # The worker counts the images of the pages it listed as accepted (the API counted the first).
+    # The worker counts the images of the pages it listed (the API counted the first page).
     scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    accepted = re.search(r"^batchvision_images_accepted_total (\S+)$", scraped, re.M)
+    accepted = re.search(r"^batchvision_images_listed_total (\S+)$", scraped, re.M)
     assert accepted is not None and float(accepted.group(1)) == len(names) - PAGE, scraped[:2000]
     assert job["listing"] == {
         "url": f"s3://{s3_bucket}/many/",
