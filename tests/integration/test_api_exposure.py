@@ -159,9 +159,15 @@ def test_the_host_allow_list_refuses_other_names(
     ],
 )
 def test_links_follow_x_forwarded_proto_from_the_proxies_listed(
-    start_api: Callable[..., Api], wait_until: Callable[..., Any], allowed: str, scheme: str
+    start_api: Callable[..., Api],
+    scratch_server: RedisServer,
+    wait_until: Callable[..., Any],
+    allowed: str,
+    scheme: str,
 ) -> None:
-    env = {"BATCHVISION_ALLOW_ANONYMOUS": "true"}
+    # The job goes to the private Redis no worker reads: on the session's, its model's queue
+    # (no session worker serves the default model) would hold it for the rest of the run.
+    env = {"BATCHVISION_ALLOW_ANONYMOUS": "true", "BATCHVISION_REDIS_URL": scratch_server.url}
     if allowed:
         env["BATCHVISION_FORWARDED_ALLOW_IPS"] = allowed
     api = start_api(**env)
