@@ -53,14 +53,16 @@ def test_three_concurrent_jobs_exactly_one_correct_result_each(
         assert [r.label for r in rows] == reference_labels(demo_model, [(n, d) for n, d, _ in files])
     assert total >= 150
 
-    # The worker formed batches mixing several jobs' images.
+    # Every image went through exactly one batch, and batches held several images. (Whether a
+    # batch here mixes the jobs depends on when each upload arrives, which is up to the machine:
+    # cross-job batches are checked where arrival is the test's, in test_chunk_processor.py's
+    # test_one_message_of_several_jobs_is_classified_together and the batcher's unit tests.)
     store = JobStore(redis_lib.Redis.from_url(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
     telemetry = Telemetry(store.redis)
     ids = {s.job_id for s in submitted}
     batches = [b for b in telemetry.recent_batches() if set(b["jobs"]) & ids]
-    assert sum(b["size"] for b in batches) == total  # every image went through exactly one batch
+    assert sum(b["size"] for b in batches) == total
     assert max(b["size"] for b in batches) > 1
-    assert any(len(set(b["jobs"]) & ids) > 1 for b in batches), batches[:5]
     # Blobs are deleted once their result is stored.
     assert not list(store.redis.scan_iter(match=keys.blob_pattern(submitted[0].job_id)))
 
