@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -318,6 +319,84 @@ def _restore_visible_unless_full(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 kombu_redis.QoS.append = _append_even_when_full  # type: ignore[method-assign]
 kombu_redis.QoS.restore_visible = _restore_visible_unless_full  # type: ignore[method-assign]
+
+
+def _size_without_multi(self: Any, queue: str) -> int:
+    """kombu's length of a queue (its lists, one per priority step), read in a plain pipeline:
+    Redis at ``maxmemory`` refuses every command queued in a ``MULTI``, reads too, so a worker
+    that declared its queues while Redis was full stopped at start ("Unrecoverable error")."""
+    with self.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for pri in self.priority_steps:
+            pipe.llen(self._q_for_pri(queue, pri))
+        return sum(size for size in pipe.execute() if isinstance(size, int))
+
+
+def _has_queue_without_multi(self: Any, queue: str, **kwargs: Any) -> bool:
+    """kombu's check that a queue exists, in a plain pipeline (as :func:`_size_without_multi`)."""
+    with self.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for pri in self.priority_steps:
+            pipe.exists(self._q_for_pri(queue, pri))
+        return any(pipe.execute())
+
+
+#: While Redis is full, a binding that must be written (a queue this Redis has not seen) is
+#: tried again after this pause, doubled each time up to :data:`BIND_MAX_S`.
+BIND_FIRST_S = 1.0
+BIND_MAX_S = 30.0
+
+_queue_bind = kombu_redis.Channel._queue_bind
+
+
+def _queue_bind_when_there_is_room(
+    self: Any, exchange: str, routing_key: str, pattern: str, queue: str
+) -> Any:
+    """kombu's binding of a queue to an exchange: two set members, written at every declaration.
+    A binding Redis already holds is not written again, since a full Redis refuses even a write
+    that would change nothing, and a worker (re)started while Redis was full stopped. A new
+    binding waits for room, logging why, and gives up only when the worker is asked to stop:
+    without it the queue gets no messages."""
+    binding = self.sep.join([routing_key or "", pattern or "", queue or ""])
+    if queue not in self._expires:  # an expiring binding is written to renew it
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.sismember(self.keyprefix_queue % (exchange,), binding)
+            pipe.sismember(self.keyprefix_binding_permanent % (exchange,), binding)
+            held = all(pipe.execute())
+        if held and self.typeof(exchange).type != "fanout":
+            return None
+    delay = BIND_FIRST_S
+    while True:
+        try:
+            return _queue_bind(self, exchange, routing_key, pattern, queue)  # type: ignore[no-untyped-call, unused-ignore]
+        except redis.exceptions.OutOfMemoryError as exc:
+            log.warning(
+                "Redis is full: queue %s waits for room to be bound, tried again in %.0f s (%s)",
+                queue,
+                delay,
+                exc,
+            )
+        _sleep_unless_stopping(delay)
+        delay = min(2 * delay, BIND_MAX_S)
+
+
+def _sleep_unless_stopping(seconds: float) -> None:
+    """Sleep, in short steps; raise Celery's ``WorkerShutdown`` once the worker is asked to stop
+    (its signal handlers only set a flag)."""
+    from celery.exceptions import WorkerShutdown
+    from celery.worker import state
+
+    until = time.monotonic() + seconds
+    while (left := until - time.monotonic()) > 0:
+        if state.should_stop is not None or state.should_terminate is not None:
+            raise WorkerShutdown(0)
+        time.sleep(min(left, 0.25))
+
+
+kombu_redis.Channel._size = _size_without_multi  # type: ignore[method-assign]
+kombu_redis.Channel._has_queue = _has_queue_without_multi  # type: ignore[method-assign]
+kombu_redis.Channel._queue_bind = _queue_bind_when_there_is_room  # type: ignore[method-assign]
 
 
 def create_celery(settings: Settings, name: str = "batchvision", cls: type[Celery] = Celery) -> Celery:

@@ -148,3 +148,51 @@ def test_an_idle_worker_outlives_a_redis_full_past_its_restore_interval(
         message="the job finished",
     )
     assert worker.proc is not None and worker.proc.poll() is None
+
+
+def test_a_worker_restarted_while_redis_is_full_waits_for_room_then_serves(
+    stack: Any, r: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    # A worker replaced while Redis is full (a rolling update, a crash) declares its queues
+    # again at start; that used to stop it ("Unrecoverable error"), so nothing would be left
+    # to drain the queue once there was room again.
+    stack.worker()  # its queues bound once, as on any Redis that has served workers
+    stack.stop_workers()
+    files = [("files", (name, data)) for name, data, _ in labelled_files(IMAGES, seed=6)]
+    resp = requests.post(f"{stack.url}/v1/jobs", files=files, timeout=30)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    _fill(r)
+    worker = _waiting_for_room(stack, wait_until)
+    r.config_set("maxmemory", 0)
+    stack.wait_ready(worker)
+    wait_until(
+        lambda: (
+            requests.get(f"{stack.url}/v1/jobs/{job_id}?wait=5", timeout=30).json()["status"] == "succeeded"
+        ),
+        timeout=120,
+        message="the job finished",
+    )
+    assert "Unrecoverable error" not in Path(worker.log_path).read_text(errors="replace")
+
+
+def test_a_worker_waiting_for_room_stops_when_asked(
+    stack: Any, r: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    _fill(r)
+    worker = _waiting_for_room(stack, wait_until)
+    assert worker.proc is not None
+    worker.terminate()  # SIGTERM: Celery's warm shutdown, which only sets a flag
+    assert worker.proc.wait(timeout=30) == 0, worker.tail(40)
+
+
+def _waiting_for_room(stack: Any, wait_until: Callable[..., Any]) -> Any:
+    """A worker started while Redis is full, once it says it waits for room."""
+    worker = stack.worker(wait=False)
+
+    def waits_for_room() -> bool:
+        assert worker.proc is not None and worker.proc.poll() is None, worker.tail(40)
+        return "waits for room to be bound" in Path(worker.log_path).read_text(errors="replace")
+
+    wait_until(waits_for_room, timeout=120, interval=0.2, message="the worker waits for room")
+    return worker
