@@ -50,6 +50,10 @@ class UploadRequest(Request):
         self._cached_json = (Ellipsis, Ellipsis)
 
 
+#: The Content-Types of a raw zip body.
+_ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
+
+
 def read_uploads(
     request: Request, settings: Settings, filename: str | None = None, adding: bool = False
 ) -> tuple[list[Upload], list[dict[str, str]]]:
@@ -60,6 +64,14 @@ def read_uploads(
     """
     ctype = request.mimetype or ""
     skipped: list[dict[str, str]] = []
+    if filename is not None and ctype in ("multipart/form-data", *_ZIP_TYPES):
+        # Silently ignored, the name a client meant for its file would be lost.
+        raise BadRequest(
+            f"query parameter 'filename' names a raw image body; a {ctype} body's files carry "
+            "their own names (each part's filename, each archive member's path)",
+            code="bad_parameter",
+            details=[{"in": "query parameter", "field": "filename", "value": filename[:300]}],
+        )
     if ctype == "multipart/form-data":
         unknown = sorted((set(request.files) | set(request.form)) - {"files", "archive"})
         if unknown:
@@ -109,7 +121,7 @@ def read_uploads(
             contents = _unzip(arc.read(), settings)
             raw += contents.images
             skipped += contents.skipped
-    elif ctype in ("application/zip", "application/x-zip-compressed"):
+    elif ctype in _ZIP_TYPES:
         contents = _unzip(request.get_data(), settings)
         raw, skipped = contents.images, contents.skipped
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -124,7 +136,8 @@ def read_uploads(
     else:
         raise UnsupportedMediaType(
             f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with "
-            "'files' parts (or an 'archive' part), a raw image/* body or an application/zip body"
+            "'files' parts (or an 'archive' part), a raw image/* or application/octet-stream "
+            "body, or an application/zip (application/x-zip-compressed) body"
         )
     return unique_keys(raw), skipped
 

@@ -422,13 +422,19 @@ class OptionsQuery(BaseModel):
     )
 
 
+#: What ``?filename=`` means on the routes that take uploads.
+RAW_BODY_NAME = (
+    "name of a raw image body (refused with a multipart or zip body, whose files carry their own names)"
+)
+
+
 class SubmitQuery(OptionsQuery):
     """Query of ``POST /v1/jobs``."""
 
     model_config = ConfigDict(extra="forbid")
 
     seal: bool = Field(True, description="false: open a job for an upload in parts with this first part")
-    filename: str | None = Field(None, min_length=1, max_length=1024, description="name of a raw image body")
+    filename: str | None = Field(None, min_length=1, max_length=1024, description=RAW_BODY_NAME)
     callback_url: str | None = Field(
         None,
         min_length=1,
@@ -451,7 +457,10 @@ class AddFilesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filename: str | None = Field(
-        None, min_length=1, max_length=1024, description="relative path of a raw image body (required then)"
+        None,
+        min_length=1,
+        max_length=1024,
+        description=f"{RAW_BODY_NAME}; required then, as the relative path",
     )
 
 
@@ -461,7 +470,7 @@ class ClassifyQuery(OptionsQuery):
     model_config = ConfigDict(extra="forbid")
 
     timeout: float = Field(30.0, ge=0, le=3600, description="seconds to wait (capped by SYNC_TIMEOUT_S)")
-    filename: str | None = Field(None, min_length=1, max_length=1024, description="name of a raw image body")
+    filename: str | None = Field(None, min_length=1, max_length=1024, description=RAW_BODY_NAME)
 
 
 class DeleteQuery(BaseModel):
