@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
@@ -68,6 +69,7 @@ class RabbitMQNode(LocalServer):
     ) -> None:
         self.port = port or free_port()
         self.dist_port = free_port()
+        self.epmd_port = free_port()
         self.user = user
         self.password = password or os.urandom(12).hex()
         super().__init__(data_dir, "batchvision-rabbitmq-")
@@ -125,6 +127,10 @@ class RabbitMQNode(LocalServer):
             "RABBITMQ_PID_FILE": str(d / "rabbitmq.pid"),
             "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "feature_flags"),
             "ERL_CRASH_DUMP": str(d / "erl_crash.dump"),
+            # Its own port mapper, on loopback: the one Erlang starts otherwise listens on every
+            # address (port 4369) and outlives the node; close() stops this one.
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
             # The distribution listens on loopback only (the machine's node may use another).
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
@@ -132,3 +138,18 @@ class RabbitMQNode(LocalServer):
 
     def argv(self) -> list[str]:
         return [str(find_rabbitmq_server() / "rabbitmq-server")]
+
+    def close(self) -> None:
+        """Stop the node's port mapper (the node has stopped), then remove a temporary data
+        directory."""
+        epmd = shutil.which("epmd")
+        if epmd is not None:
+            # Refuses, harmlessly, when no node started one or a node still uses it.
+            subprocess.run(
+                [epmd, "-port", str(self.epmd_port), "-kill"],
+                env={**os.environ, "ERL_EPMD_ADDRESS": "127.0.0.1"},
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+        super().close()

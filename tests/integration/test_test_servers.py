@@ -1,14 +1,18 @@
-"""The suite's own server helpers (``batchvision.testing.servers``) against a real ``redis-server``."""
+"""The suite's own server helpers (``batchvision.testing.servers``) against a real ``redis-server``
+and ``rabbitmq-server``."""
 
 from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
+import psutil
 import pytest
 import redis as redis_lib
 
-from batchvision.testing.servers import RedisServer
+from batchvision.testing.servers import RabbitMQServer, RedisServer, have_rabbitmq
 
 pytestmark = pytest.mark.integration
 
@@ -44,3 +48,26 @@ def test_a_port_that_stays_taken_is_an_error_naming_the_log() -> None:
         redis.stop()
         with _bound(redis.port), pytest.raises(RuntimeError, match="redis.log"):
             redis.start(port_busy_s=1.0)
+
+
+def _listeners(port: int) -> set[str]:
+    """The addresses something listens on at TCP ``port``."""
+    return {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not have_rabbitmq(), reason="needs Debian's rabbitmq-server")
+def test_a_rabbitmq_node_has_its_own_port_mapper_on_loopback_gone_with_it(
+    wait_until: Callable[..., Any],
+) -> None:
+    # Erlang's default port mapper listens on every address at 4369 and outlives the node.
+    node = RabbitMQServer().start()
+    try:
+        assert _listeners(node.epmd_port) in ({"127.0.0.1"}, {"127.0.0.1", "::1"})
+    finally:
+        node.close()
+    wait_until(lambda: not _listeners(node.epmd_port), timeout=30, message="the port mapper stopped")
