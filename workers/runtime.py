@@ -57,7 +57,7 @@ from batchvision.server.queue import (
     publish,
     uses_amqp,
 )
-from batchvision.server.recovery import Sweeper, resend_failed, resolve_chunks, sweep
+from batchvision.server.recovery import Sweeper, recover_parts, resend_failed, resolve_chunks, sweep
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
 from batchvision.server.s3 import S3Config, S3Url, shared
@@ -452,7 +452,8 @@ class DeadLettersStep:
 
 
 class SweeperStep:
-    """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`).
+    """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`),
+    and sends the images of parts whose request failed before their chunks were recorded.
     On RabbitMQ no message is lost that way; the sweep still re-sends chunks whose publish
     failed after their job was stored, and only while no queue (the dead-letter queue
     included) has a backlog."""
@@ -473,6 +474,7 @@ class SweeperStep:
 
     def _run(self) -> int:
         store: JobStore = _made(self.redis.store, self.redis.name)
+        recover_parts(store, self._resend, self.settings.chunk_size)  # never in any queue: not held back
         # Every model's queues: a backlog of any model may still hold the chunks.
         registry: ModelRegistry = _made(self._registry, self.name)
         known = {default_model(self.settings), *registry.model_names()}

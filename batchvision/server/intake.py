@@ -34,7 +34,7 @@ from batchvision.server.messages import split
 from batchvision.server.outputs import output_fields
 from batchvision.server.queue import Enqueuer
 from batchvision.server.quotas import Quotas
-from batchvision.server.recovery import ledger_add
+from batchvision.server.recovery import confirm_part, ledger_add
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, is_s3_url, shared
@@ -565,7 +565,11 @@ class Intake:
     ) -> Submitted:
         """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name."""
         sizes = [len(u.data) if p is None else 0 for u, p in zip(uploads, problems, strict=True)]
-        indexed = self.store.add_files(job_id, [(u.key, u.filename) for u in uploads], sizes)
+        # Unconfirmed until the refusals and ledger entries below are written: a request that
+        # fails before leaves its new images to a worker's recover_parts, not without a result.
+        indexed = self.store.add_files(
+            job_id, [(u.key, u.filename) for u in uploads], sizes, unconfirmed=True
+        )
         # A file the job already has but that never got a result may be the victim of a request
         # that failed half-way (before its blob or task was stored): store and queue it again.
         # Results are idempotent, so at worst an in-flight image is classified twice, counted once.
@@ -594,9 +598,11 @@ class Intake:
         self.store.record(job_id, errors)
         chunks = split(job_id, sorted(blobs), self.settings.chunk_size)
         now = round(time.time(), 3)
-        if chunks:
-            pipe = self.redis.pipeline(transaction=False)
+        added = [index for index, is_new in indexed if is_new]
+        if chunks or added:
+            pipe = self.redis.pipeline()  # MULTI: the ledger entries and the confirmation together
             ledger_add(pipe, chunks, now)
+            confirm_part(pipe, job_id, added)
             pipe.execute()
         self.blobs.put_many(job_id, blobs)
         if chunks:

@@ -33,6 +33,8 @@ key                             what it holds
 ``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
+``bv:parts:unconfirmed``        sorted set ``<job>:<first>:<last>`` -> when: the indexes a part added to
+                                an open job, until its refusals and ledger entries are written
 ``bv:chunks:failed``            sorted set ``<job>:<i,j,..>`` -> when to send again a chunk whose task
                                 gave up (Redis broker; RabbitMQ has its dead-letter queue)
 ``bv:chunk-resends:<member>``   how many times in a row that chunk was sent again (expires an hour
@@ -75,6 +77,9 @@ BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 FAILED_CHUNKS = f"{PREFIX}:chunks:failed"
+#: Indexes a part added to an open job whose refusals and ledger entries are not written yet
+#: (see :func:`batchvision.server.recovery.confirm_parts`).
+UNCONFIRMED_PARTS = f"{PREFIX}:parts:unconfirmed"
 
 
 def chunk_resends(member: str) -> str:

@@ -133,7 +133,9 @@ return 1
 
 #: Add files: ARGV[1] open-upload TTL, ARGV[2] now, ARGV[3] job id, ARGV[4..] = (file key,
 #: filename, bytes of its blob: 0 for a file refused at upload) triples. A key the job has keeps
-#: its index. Returns (index, is_new) pairs, -1 for an unknown job, -2 if sealed.
+#: its index. Returns (index, is_new) pairs, -1 for an unknown job, -2 if sealed. With
+#: :data:`~batchvision.server.keys.UNCONFIRMED_PARTS` after the job's keys, the new indexes are
+#: recorded there as unconfirmed.
 ADD = (
     LUA_KEYS
     + _ACCOUNTS
@@ -142,13 +144,14 @@ if redis.call('EXISTS', K_JOB) == 0 then return -1 end
 local flags = redis.call('HMGET', K_JOB, 'sealed', 'cancel')
 if flags[1] == '1' or (flags[2] and flags[2] ~= '0') then return -2 end
 local out = {}
-local added, bytes = 0, 0
+local added, bytes, first = 0, 0, nil
 for i = 4, #ARGV, 3 do
   local idx = redis.call('HGET', K_PATHS, ARGV[i])
   if idx then
     table.insert(out, tonumber(idx)); table.insert(out, 0)
   else
     idx = redis.call('HINCRBY', K_JOB, 'total', 1) - 1
+    first = first or idx
     redis.call('HSET', K_PATHS, ARGV[i], idx)
     redis.call('HSET', K_FILES, idx, ARGV[i + 1])
     local size = tonumber(ARGV[i + 2])
@@ -168,6 +171,11 @@ if added > 0 then
   redis.call('HINCRBY', K_JOBPENDING, ARGV[3] .. ':b', bytes)
   redis.call('HSET', K_JOBPENDING, ARGV[3] .. ':o', owner)
   quota_add(K_QUOTA, owner, added, bytes)
+  -- With a key after LUA_KEYS: the new indexes (consecutive) stay unconfirmed until the caller
+  -- has written their refusals and ledger entries (recovery.part_member names the member).
+  if KEYS[14] then
+    redis.call('ZADD', KEYS[14], ARGV[2], ARGV[3] .. ':' .. first .. ':' .. (first + added - 1))
+  end
 end
 -- an open upload lives as long as its blobs; seal makes the job permanent until it finishes
 for _, k in ipairs({K_JOB, K_FILES, K_PATHS, K_RES}) do redis.call('EXPIRE', k, ARGV[1]) end

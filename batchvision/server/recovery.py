@@ -31,9 +31,10 @@ from typing import Any
 from batchvision.core.results import Failure, ImageResult, canceled_result
 from batchvision.server.blobs import BlobStore, spent_blobs
 from batchvision.server.claims import Claims
-from batchvision.server.keys import CHUNKS, FAILED_CHUNKS, SWEEP_LOCK, chunk_resends
-from batchvision.server.messages import Chunk
+from batchvision.server.keys import CHUNKS, FAILED_CHUNKS, SWEEP_LOCK, UNCONFIRMED_PARTS, chunk_resends
+from batchvision.server.messages import Chunk, split
 from batchvision.server.store import JobStore
+from batchvision.server.text import as_text
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,65 @@ def parse_member(member: str) -> Chunk:
 
 def ledger_add(pipe: Any, chunks: Sequence[Chunk], now: float) -> None:
     """Record chunks about to be published (queued on ``pipe``, a Redis pipeline)."""
-    pipe.zadd(CHUNKS, {chunk_member(c): now for c in chunks})
+    if chunks:
+        pipe.zadd(CHUNKS, {chunk_member(c): now for c in chunks})
+
+
+#: How long a part's new indexes may stay unconfirmed before their request counts as failed
+#: (the request confirms them one round trip after indexing them; a stalled one may take
+#: its socket timeouts and retries).
+UNCONFIRMED_GRACE_S = 300.0
+
+
+def part_member(job_id: str, first: int, last: int) -> str:
+    """The member of a part's new indexes ``first..last`` in the unconfirmed parts (written by
+    the job store's ``ADD`` script in this form)."""
+    return f"{job_id}:{first}:{last}"
+
+
+def confirm_part(pipe: Any, job_id: str, indexes: Sequence[int]) -> None:
+    """Queue on ``pipe``: the part that added ``indexes`` (its new ones, consecutive) has its
+    refusals and ledger entries written."""
+    if indexes:
+        pipe.zrem(UNCONFIRMED_PARTS, part_member(job_id, min(indexes), max(indexes)))
+
+
+def recover_parts(
+    store: JobStore,
+    resend: Callable[[Chunk], None],
+    chunk_size: int,
+    older_than_s: float = UNCONFIRMED_GRACE_S,
+    limit: int = 100,
+) -> int:
+    """Send the images of parts whose request failed after indexing them and before writing
+    their ledger entries (so nothing was published for them, and no sweep would ever see
+    them): each image without a result gets one, classified if a re-sent part stored its
+    upload meanwhile, else ``upload_expired``. One worker sends a part (the one that removes
+    it); the ledger entries come first, so a worker that dies before sending leaves the part
+    to the sweep. Returns how many images were sent."""
+    client = store.redis
+    sent = 0
+    for raw in client.zrangebyscore(
+        UNCONFIRMED_PARTS, "-inf", time.time() - older_than_s, start=0, num=limit
+    ):
+        member = as_text(raw)
+        job_id, first, last = member.rsplit(":", 2)
+        todo = store.unresolved(job_id, range(int(first), int(last) + 1)) if store.exists(job_id) else []
+        chunks = split(job_id, todo, chunk_size)
+        if chunks:
+            pipe = client.pipeline(transaction=False)
+            ledger_add(pipe, chunks, time.time())
+            pipe.execute()
+        if not client.zrem(UNCONFIRMED_PARTS, member):
+            continue  # another worker took it
+        if todo:
+            log.warning(
+                "sending %d images of %s: the request that added them failed half-way", len(todo), member
+            )
+        for chunk in chunks:
+            resend(chunk)
+        sent += len(todo)
+    return sent
 
 
 def ledger_started(pipe: Any, chunks: Sequence[Chunk]) -> None:

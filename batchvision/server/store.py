@@ -193,16 +193,26 @@ class JobStore:
             _eval(pipe, lua.SEAL, k, [self.result_ttl_s, f"{time.time():.3f}", job_id])
 
     def add_files(
-        self, job_id: str, files: Sequence[tuple[str, str]], sizes: Sequence[int] | None = None
+        self,
+        job_id: str,
+        files: Sequence[tuple[str, str]],
+        sizes: Sequence[int] | None = None,
+        *,
+        unconfirmed: bool = False,
     ) -> list[tuple[int, bool]]:
         """Index ``(key, filename)`` pairs in order; a key the job already has keeps its index.
 
         The key is the file's relative path, so a re-sent part enqueues nothing twice.
-        ``sizes``: as for :meth:`create_whole` (counted for new files only).
+        ``sizes``: as for :meth:`create_whole` (counted for new files only). ``unconfirmed``:
+        the new indexes stay in :data:`~batchvision.server.keys.UNCONFIRMED_PARTS` (member
+        :func:`~batchvision.server.recovery.part_member`) until the caller confirms them.
         Returns ``(index, is_new)`` per file. Raises ``LookupError`` for an unknown job and
         ``PermissionError`` for a sealed or canceled one.
         """
-        out = self._add(keys=JobKeys.of(job_id).lua(), args=self._add_args(job_id, files, sizes))
+        k = JobKeys.of(job_id).lua()
+        if unconfirmed:
+            k.append(keys.UNCONFIRMED_PARTS)
+        out = self._add(keys=k, args=self._add_args(job_id, files, sizes))
         if out == -1:
             raise LookupError(job_id)
         if out == -2:

@@ -22,10 +22,12 @@ from batchvision.core.model_refs import JobOptions
 from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
+from batchvision.server import intake as intake_module
 from batchvision.server import job_actions, keys, lua
 from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
+from batchvision.server.recovery import recover_parts
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import delivery_id
 
@@ -221,6 +223,54 @@ def test_a_part_that_fails_half_way_leaves_every_image_a_way_to_a_result(
         "upload_expired",
         "not_an_image",
     ]
+
+
+@pytest.mark.parametrize(
+    ("fails", "refused"),
+    [("record", "upload_expired"), ("ledger_add", "not_an_image")],
+    ids=["before-its-refusals", "before-its-ledger-entries"],
+)
+def test_a_part_whose_request_dies_after_indexing_still_gives_every_image_a_result(
+    rig: Any, intake: Intake, monkeypatch: pytest.MonkeyPatch, fails: str, refused: str
+) -> None:
+    first = [Upload("a.jpg", "a.jpg", rig.jpeg("red"))]
+    job = intake.submit(None, "", first, [], seal=False, options=JobOptions("colours")).job_id
+    rig.process((job, [0]))
+    part = [Upload("b.jpg", "b.jpg", rig.jpeg("green")), Upload("c.jpg", "c.jpg", b"not an image")]
+
+    def cut(*args: Any, **kwargs: Any) -> None:
+        raise redis_lib.exceptions.ConnectionError("Connection reset by peer")
+
+    # The connection is lost (or the API process killed) once the part's files are indexed.
+    monkeypatch.setattr(
+        *((intake.store, "record") if fails == "record" else (intake_module, "ledger_add")), cut
+    )
+    with pytest.raises(redis_lib.exceptions.ConnectionError):
+        intake.submit(job, "", part, [], seal=False)
+    monkeypatch.undo()
+    intake.store.seal(job)  # the client resumes: both files are listed, so it only seals
+    assert not rig.in_ledger(job, [1]) and intake.store.get(job)["finished_at"] is None
+    resent: list[Chunk] = []
+    # Within the grace period the request may still be running: nothing is taken.
+    assert recover_parts(intake.store, resent.append, chunk_size=8) == 0 and resent == []
+    assert recover_parts(intake.store, resent.append, chunk_size=8, older_than_s=0) == (
+        2 if fails == "record" else 1
+    )
+    assert recover_parts(intake.store, resent.append, chunk_size=8, older_than_s=0) == 0  # once
+    rig.process(*((c.job_id, c.indexes) for c in resent))
+    doc = intake.store.get(job)
+    assert doc is not None and doc["finished_at"] is not None
+    assert rig.labels(job) == ["red", "upload_expired", refused]
+
+
+def test_a_part_that_succeeds_leaves_nothing_to_recover(rig: Any, intake: Intake) -> None:
+    first = [Upload("a.jpg", "a.jpg", rig.jpeg("red"))]
+    job = intake.submit(None, "", first, [], seal=False, options=JobOptions("colours")).job_id
+    part = [Upload("b.jpg", "b.jpg", rig.jpeg("green")), Upload("c.jpg", "c.jpg", b"not an image")]
+    intake.submit(job, "", part, [], seal=False)
+    intake.submit(job, "", part[:1], [], seal=False)  # a re-sent file: nothing new
+    assert rig.r.zcard(keys.UNCONFIRMED_PARTS) == 0
+    assert recover_parts(intake.store, lambda chunk: None, chunk_size=8, older_than_s=0) == 0
 
 
 def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
