@@ -571,10 +571,12 @@ class Intake:
             job_id, [(u.key, u.filename) for u in uploads], sizes, unconfirmed=True
         )
         # A file the job already has but that never got a result may be the victim of a request
-        # that failed half-way (before its blob or task was stored): store and queue it again.
-        # Results are idempotent, so at worst an in-flight image is classified twice, counted once.
+        # that failed half-way (before its blob was stored): store and queue it again. One whose
+        # upload is stored is on its way (its chunk was recorded first): not queued twice.
         known = [index for index, new in indexed if not new]
-        redo = set(self.store.unresolved(job_id, known))
+        unresolved = self.store.unresolved(job_id, known)
+        sizes_now = self.blobs.sizes(job_id, unresolved) if unresolved else []
+        redo = {i for i, size in zip(unresolved, sizes_now, strict=True) if size == 0}
         blobs: dict[int, bytes] = {}
         errors: list[tuple[int, Failure]] = []
         rejected: list[Rejection] = []

@@ -273,6 +273,26 @@ def test_a_part_that_succeeds_leaves_nothing_to_recover(rig: Any, intake: Intake
     assert recover_parts(intake.store, lambda chunk: None, chunk_size=8, older_than_s=0) == 0
 
 
+def test_a_re_sent_part_queues_only_the_images_whose_upload_never_arrived(rig: Any, intake: Intake) -> None:
+    first = [Upload("a.jpg", "a.jpg", rig.jpeg("red"))]
+    job = intake.submit(None, "", first, [], seal=False, options=JobOptions("colours")).job_id
+    part = [Upload("b.jpg", "b.jpg", rig.jpeg("green")), Upload("c.jpg", "c.jpg", rig.jpeg("blue"))]
+    intake.submit(job, "", part, [], seal=False)
+    sent = intake.enqueuer.sent  # type: ignore[attr-defined]
+    assert [chunks for chunks, *_ in sent] == [(Chunk.of(job, [0]),), (Chunk.of(job, [1, 2]),)]
+    # Re-sent while its images wait in the queue (a client that lost the answer): nothing new.
+    again = intake.submit(job, "", part, [], seal=False)
+    assert (again.accepted, again.queued, again.duplicates) == (0, 0, 2)
+    assert len(sent) == 2
+    # One upload never arrived (its request failed before its blob was stored): the re-send
+    # stores and queues that one only.
+    intake.blobs.delete_many(job, [1])
+    assert intake.submit(job, "", part, [], seal=True).queued == 1
+    assert [chunks for chunks, *_ in sent[2:]] == [(Chunk.of(job, [1]),)]
+    rig.process((job, [0]), (job, [1, 2]), (job, [1]))
+    assert rig.labels(job) == ["red", "green", "blue"]
+
+
 def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
     _finished_with_a_poison_image(rig)  # a kept blob
     other = "c" * 32
