@@ -7,6 +7,7 @@ is refused whole. Accepted images are stored as blobs and queued by task name.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import Counter
@@ -42,6 +43,8 @@ from batchvision.server.sources import IMAGE_SUFFIXES, listing_fields, too_many
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import callback_fields
+
+log = logging.getLogger(__name__)
 
 #: Why a prefix job skips a key.
 NOT_AN_IMAGE = "not an image file name (" + ", ".join(IMAGE_SUFFIXES) + ")"
@@ -551,10 +554,25 @@ class Intake:
             )
             ledger_add(pipe, chunks, now)
 
-        commit(self.redis, claim, job_id, writes)
+        try:
+            commit(self.redis, claim, job_id, writes)
+        except BaseException:
+            if not self.blobs.pipelined:
+                self._drop_uploads_of_no_job(job_id, sorted(blobs))
+            raise
         failpoints.after_store()
         self.enqueuer.send(chunks, now, interactive, model=opts.model, priority=opts.priority)
         return Submitted(job_id, len(blobs), len(blobs), tuple(rejected))
+
+    def _drop_uploads_of_no_job(self, job_id: str, indexes: Sequence[int]) -> None:
+        """Delete the uploads written to a volume or bucket for a job whose ``MULTI`` failed,
+        unless the job exists after all (its reply was lost, not its writes): nothing would
+        ever delete them."""
+        try:
+            if not self.store.exists(job_id):
+                self.blobs.delete_many(job_id, indexes)
+        except Exception:  # noqa: BLE001 - Redis or the store away: the request fails as it was
+            log.warning("could not delete the uploads of job %s, which was not stored", job_id, exc_info=True)
 
     def _add(
         self,

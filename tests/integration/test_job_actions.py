@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import intake as intake_module
 from batchvision.server import job_actions, keys, lua
+from batchvision.server.blobs import FileBlobs
 from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
@@ -291,6 +293,28 @@ def test_a_re_sent_part_queues_only_the_images_whose_upload_never_arrived(rig: A
     assert [chunks for chunks, *_ in sent[2:]] == [(Chunk.of(job, [1]),)]
     rig.process((job, [0]), (job, [1, 2]), (job, [1]))
     assert rig.labels(job) == ["red", "green", "blue"]
+
+
+@pytest.mark.parametrize("lost", ["writes", "reply"])
+def test_uploads_on_a_volume_go_when_their_job_was_not_stored(
+    rig: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lost: str
+) -> None:
+    # Uploads on a volume (or in a bucket) are written before the job's MULTI and never expire.
+    settings = Settings.from_env({}, redis_url="redis://unused/0", chunk_size=8)
+    blobs = FileBlobs(tmp_path / "blobs")
+    intake = Intake(settings, rig.r, rig.store, blobs, Telemetry(rig.r), SentChunks())  # type: ignore[arg-type]
+    real = intake_module.commit
+
+    def cut(client: Any, claim: Any, job_id: str, writes: Any) -> None:
+        if lost == "reply":  # Redis ran the MULTI; its answer was lost with the connection
+            real(client, claim, job_id, writes)
+        raise redis_lib.exceptions.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(intake_module, "commit", cut)
+    with pytest.raises(redis_lib.exceptions.ConnectionError):
+        intake.submit(None, "", [Upload("a.jpg", "a.jpg", rig.jpeg("red"))], [], seal=True)
+    files = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+    assert len(files) == (1 if lost == "reply" else 0), files
 
 
 def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
