@@ -238,7 +238,7 @@ def _images(
         )
     n = _batch(shape, IMAGES, max_batch)
     if data is not None:
-        items = deserialize_bytes(data)
+        items = deserialize_bytes(data, expected=n)
     else:
         items = [_base64(v, i) for i, v in enumerate(_flat(tensor.get("data"), IMAGES))]
     if len(items) != n:
@@ -335,10 +335,16 @@ def _requested(value: Any, binary_default: bool) -> dict[str, bool]:
     return out
 
 
-def deserialize_bytes(data: bytes) -> list[bytes]:
-    """A binary ``BYTES`` tensor: each element a 4-byte little-endian length, then the bytes."""
-    out, pos = [], 0
+def deserialize_bytes(data: bytes, expected: int | None = None) -> list[bytes]:
+    """A binary ``BYTES`` tensor: each element a 4-byte little-endian length, then the bytes.
+    With ``expected`` (the shape's count), data holding more elements is refused at the first
+    one too many, before the rest is read: a body of tiny elements cannot cost more than it
+    may hold."""
+    out: list[bytes] = []
+    pos = 0
     while pos < len(data):
+        if expected is not None and len(out) == expected:
+            raise ProtocolError(f"binary BYTES data holds more than the {expected} elements its shape says")
         if pos + 4 > len(data):
             raise ProtocolError("binary BYTES data ends inside an element's 4-byte length")
         (size,) = struct.unpack_from("<I", data, pos)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,26 @@ def test_bytes_round_trip_and_binary_images() -> None:
     }
     req = _parse({"inputs": [tensor], "parameters": {"top_k": 2}}, raw)
     assert (req.images, req.top_k, req.outputs) == (items[:2], 2, {"scores": False, "labels": False})
+
+
+def test_binary_bytes_beyond_the_shape_are_refused_before_they_are_read() -> None:
+    # 4-byte length + 1 byte, a million times: reading them all first held ~80 MB of objects.
+    raw = v2.serialize_bytes([b"x"]) * 1_000_000
+    tensor = {
+        "name": "images",
+        "datatype": "BYTES",
+        "shape": [1],
+        "parameters": {"binary_data_size": len(raw)},
+    }
+    tracemalloc.start()
+    try:
+        with pytest.raises(v2.ProtocolError) as err:
+            _parse({"inputs": [tensor]}, raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "more than the 1 elements its shape says" in err.value.message
+    assert peak < 1_000_000, peak
 
 
 def test_pixels_become_lossless_pngs_of_the_same_values() -> None:
