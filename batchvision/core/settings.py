@@ -173,8 +173,10 @@ class Settings(BaseSettings):
     )
     interactive_max_images: Annotated[int, Field(ge=0, le=10_000)] = _field(
         8,
-        "Jobs of at most this many images (and every `POST /v1/classify`) go to the interactive "
-        "queue `<QUEUE>.interactive`, which workers serve ahead of bulk work.",
+        "Jobs of at most this many images, sent whole (`POST /v1/classify`, `/v2` infer, or a "
+        "sealed upload), go to the interactive queue `<QUEUE>.interactive`, which workers serve "
+        "ahead of bulk work; larger ones wait in their priority's bulk queue, also when their "
+        "client waits for them.",
     )
     worker_threads: Annotated[int, Field(ge=1, le=1024)] = _field(
         32,

@@ -491,8 +491,10 @@ class Intake:
         valid = [u for u, p in zip(uploads, problems, strict=True) if p is None]
         if valid:  # a part of only bad files queues nothing: never a 429 (a new job has some)
             self.backpressure(owner, len(valid), sum(len(u.data) for u in valid))
-        # A small job sent whole is someone waiting: it goes ahead of bulk work.
-        interactive = interactive or (seal and len(uploads) <= self.settings.interactive_max_images)
+        # A small job sent whole is someone waiting: it goes ahead of bulk work. A large one
+        # waits its turn among bulk work even when its client waits (POST /v1/classify): the
+        # interactive lane is served first, and must not be a way around everyone's queue.
+        interactive = (interactive or seal) and len(uploads) <= self.settings.interactive_max_images
         if job_id is None:
             done = self._create(owner, uploads, problems, seal, interactive, callback, options, claim)
         else:

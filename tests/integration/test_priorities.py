@@ -218,6 +218,11 @@ def test_priority_on_every_route_and_the_queue_of_each_tier(alone: Any) -> None:
         f"{url}/v1/classify?timeout=0&priority=1", files=_files(1, "c"), headers=b, timeout=30
     )
     assert sync.status_code == 202 and sync.json()["priority"] == 1
+    # a client waits for a large one too, but it waits its turn in its tier's queue
+    large = requests.post(
+        f"{url}/v1/classify?timeout=0&priority=3", files=_files(6, "e"), headers=b, timeout=30
+    )
+    assert large.status_code == 202 and large.json()["priority"] == 3
     status = requests.get(f"{url}/v1/jobs/{job.json()['job_id']}", headers=a, timeout=30).json()
     assert status["priority"] == 9
     listed = requests.get(f"{url}/v1/jobs", headers=a, timeout=30).json()["jobs"]
@@ -226,7 +231,7 @@ def test_priority_on_every_route_and_the_queue_of_each_tier(alone: Any) -> None:
     after = _queued(alone)
     added = {q: after[q][: len(after[q]) - len(before[q])] for q in after}
     assert sorted(added["batchvision.high"]) == [8, 9]
-    assert sorted(added["batchvision.low"]) == [0, 2]
+    assert sorted(added["batchvision.low"]) == [0, 2, 3]
     assert sorted(added["batchvision"]) == [4, 5]
     assert added["batchvision.interactive"] == [1]
 
