@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
+from batchvision.core.sniff import is_archive
 
 #: Formats we accept, as Pillow names them. GIFs are classified on their first frame.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "MPO"})
@@ -236,6 +237,12 @@ def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        if is_archive(data):  # a zip sent as a file: say how to send it
+            raise InvalidImage(
+                "not an image file but an archive: send a zip as the 'archive' part of a multipart "
+                "upload or as an application/zip body (other archive formats are not read)",
+                code="not_an_image",
+            ) from exc
         raise InvalidImage("not an image file (unrecognised data)", code="not_an_image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(

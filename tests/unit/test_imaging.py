@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
@@ -49,6 +50,15 @@ def test_refuses_other_formats_and_non_images() -> None:
     with pytest.raises(InvalidImage) as exc:
         inspect_image(b"", **LIMITS)
     assert exc.value.code == "empty_file"
+
+
+def test_a_zip_sent_as_an_image_is_told_where_archives_go() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.jpg", encode(_img("RGB"), "JPEG"))
+    with pytest.raises(InvalidImage) as exc:
+        inspect_image(buf.getvalue(), **LIMITS)
+    assert exc.value.code == "not_an_image" and "'archive' part" in exc.value.message
 
 
 def test_truncated_jpeg_and_png_are_refused_from_structure() -> None:
