@@ -34,8 +34,12 @@ def api_replicas(settings: Settings, n: int) -> tuple[Supervisor, list[str]]:
         for i, port in enumerate(ports)
     ]
     sup = Supervisor(services)
-    sup.start()
-    sup.wait_healthy(60)
+    try:
+        sup.start()
+        sup.wait_healthy(60)
+    except BaseException:
+        sup.stop()  # what started must not outlive a failed start
+        raise
     return sup, [f"http://127.0.0.1:{p}" for p in ports]
 
 
