@@ -18,13 +18,14 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Self
 
 import redis
 
 from batchvision.cli.local_server import LocalServer
 from batchvision.cli.rabbitmq_server import RabbitMQNode, amqp_answers, find_rabbitmq_server
-from batchvision.cli.redis_server import RedisNode
+from batchvision.cli.redis_server import RedisNode, free_port
 
 
 class ServerProcess(LocalServer):
@@ -59,13 +60,27 @@ class RedisServer(ServerProcess, RedisNode):
     for the arguments)."""
 
     proc: subprocess.Popen[bytes] | None = None
+    _started = False  # once started, the port is kept: clients hold the URL
+
+    def __init__(
+        self,
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        password: str = "",
+        bind: str = "127.0.0.1",
+    ) -> None:
+        super().__init__(port, data_dir, password, bind)
+        self._port_given = port is not None
 
     def start(self, timeout: float = 10.0, port_busy_s: float = 30.0) -> Self:
         """Start the server and wait until it answers PING.
 
-        On a restart the port may be taken for a moment: a free port is an ephemeral one, and
-        while the server was down another process's outgoing connection may have been given
-        it. Such a start is tried again for up to ``port_busy_s``, as a supervisor would."""
+        A free port is only free a moment: another process may bind it before the server
+        does. On a first start of a port chosen here, no client knows the URL yet, so a taken
+        port is given up for a new free one. A restart (or a port given by the caller) keeps
+        its port: it may be taken for a moment (while the server was down another process's
+        outgoing connection may have been given it), so such a start is tried again for up to
+        ``port_busy_s``, as a supervisor would."""
         deadline = time.monotonic() + port_busy_s
         while True:
             log = self.data_dir / "redis.log"
@@ -73,6 +88,7 @@ class RedisServer(ServerProcess, RedisNode):
             self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 self.wait_ready(timeout)
+                self._started = True
                 return self
             except RuntimeError:
                 with open(log, "rb") as fh:
@@ -81,7 +97,10 @@ class RedisServer(ServerProcess, RedisNode):
                 if not busy or time.monotonic() > deadline:
                     raise
                 self.proc = None
-                time.sleep(0.5)
+                if self._started or self._port_given:
+                    time.sleep(0.5)
+                else:
+                    self.port = free_port()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)

@@ -53,31 +53,31 @@ def faulty_stack(
     wait_worker: Callable[[Settings], None],
 ) -> Iterator[Stack]:
     """A private Redis (AOF on: it is restarted on purpose), the API and one worker."""
-    redis = RedisServer(data_dir=tmp_path_factory.mktemp("faults-redis")).start()
-    s = settings.replace(
-        redis_url=redis.url,
-        api_port=free_port(),
-        worker_metrics_port=free_port(),
-        # A chunk whose results could not be stored while Redis was down comes back soon.
-        visibility_timeout_s=10,
-        task_time_limit_s=8,
-        chunk_size=16,
-        result_ttl_s=600,
-    )
-    logs = artifacts / "client-faults"
-    logs.mkdir(exist_ok=True)
-    sup = Supervisor([svc for svc in local_stack(s, None, flower=False) if svc.name in ("api", "worker")])
-    for svc in sup.services:
-        svc.log_path = str(logs / f"{svc.name}.log")
-        Path(svc.log_path).unlink(missing_ok=True)
-    sup.start()
-    try:
-        sup.wait_healthy(120)
-        wait_worker(s)
-        yield Stack(s, redis, logs)
-    finally:
-        sup.stop()
-        redis.close()
+    # Redis is stopped however the rest starts.
+    with RedisServer(data_dir=tmp_path_factory.mktemp("faults-redis")) as redis:
+        s = settings.replace(
+            redis_url=redis.url,
+            api_port=free_port(),
+            worker_metrics_port=free_port(),
+            # A chunk whose results could not be stored while Redis was down comes back soon.
+            visibility_timeout_s=10,
+            task_time_limit_s=8,
+            chunk_size=16,
+            result_ttl_s=600,
+        )
+        logs = artifacts / "client-faults"
+        logs.mkdir(exist_ok=True)
+        sup = Supervisor([svc for svc in local_stack(s, None, flower=False) if svc.name in ("api", "worker")])
+        for svc in sup.services:
+            svc.log_path = str(logs / f"{svc.name}.log")
+            Path(svc.log_path).unlink(missing_ok=True)
+        try:
+            sup.start()
+            sup.wait_healthy(120)
+            wait_worker(s)
+            yield Stack(s, redis, logs)
+        finally:
+            sup.stop()
 
 
 def _folder(root: Path) -> dict[str, str]:

@@ -79,29 +79,30 @@ def _archive() -> tuple[bytes, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def api(settings: Settings) -> Iterator[str]:
-    redis = RedisServer().start()
-    s = settings.replace(
-        redis_url=redis.url,
-        api_port=free_port(),
-        api_workers=1,  # the health checks share the event loop of the bomb's request
-        max_image_pixels=LIMIT,
-        max_request_pixels=ACCEPTED * LIMIT,
-    )
-    sup = Supervisor(
-        [
-            Service(
-                "api",
-                cli_argv("api", "--host", "127.0.0.1"),
-                s.to_env(include_secrets=True),
-                health_url=f"http://127.0.0.1:{s.api_port}/healthz",
-            )
-        ]
-    )
-    sup.start()
-    sup.wait_healthy(60)
-    yield f"http://127.0.0.1:{s.api_port}"
-    sup.stop()
-    redis.close()
+    with RedisServer() as redis:  # closed however the API's start goes
+        s = settings.replace(
+            redis_url=redis.url,
+            api_port=free_port(),
+            api_workers=1,  # the health checks share the event loop of the bomb's request
+            max_image_pixels=LIMIT,
+            max_request_pixels=ACCEPTED * LIMIT,
+        )
+        sup = Supervisor(
+            [
+                Service(
+                    "api",
+                    cli_argv("api", "--host", "127.0.0.1"),
+                    s.to_env(include_secrets=True),
+                    health_url=f"http://127.0.0.1:{s.api_port}/healthz",
+                )
+            ]
+        )
+        try:
+            sup.start()
+            sup.wait_healthy(60)
+            yield f"http://127.0.0.1:{s.api_port}"
+        finally:
+            sup.stop()
 
 
 class Poller:

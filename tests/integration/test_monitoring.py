@@ -62,13 +62,22 @@ def test_metrics_move_by_exactly_the_job(
     job = client.submit_files(files)
     assert client.wait(job.job_id, timeout=120).status == "partial"
     wait_idle()
-    after_w, after_a = scrape(worker_url), scrape(f"{api_url}/metrics")
 
     def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
         # Summed over the series of other labels too (worker metrics are by model).
         return series(after, key) - series(before, key)
 
-    assert delta(after_w, before_w, 'batchvision_images_classified_total{outcome="ok"}') == 40
+    # The worker counts the results it stored after storing them: the job can be final a
+    # moment before its counter has moved.
+    classified = 'batchvision_images_classified_total{outcome="ok"}'
+
+    def counted() -> dict[str, float] | None:
+        scraped = scrape(worker_url)
+        return scraped if delta(scraped, before_w, classified) >= 40 else None
+
+    after_w = wait_until(counted, timeout=30, interval=0.2, message="the worker counts the job's images")
+    after_a = scrape(f"{api_url}/metrics")
+    assert delta(after_w, before_w, classified) == 40
     assert delta(after_w, before_w, "batchvision_batch_size_sum") == 40  # every image in one batch
     batches = delta(after_w, before_w, "batchvision_batch_size_count")
     assert 1 <= batches < 40  # batched, not one call per image

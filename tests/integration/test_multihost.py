@@ -461,6 +461,15 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
         t_cut = time.time()  # after: a request that started before the cut may still succeed
         threading.Thread(target=publish_during_cut, daemon=True).start()
         time.sleep(20)
+        # Longer when a request caught by the cut held its client past that (it may take up to
+        # API_BOUND_S; one started within the cut fails on its first Redis command, after
+        # SOCKET_TIMEOUT_S): until a request of each kind has started and been answered in it.
+        cluster.wait_until(
+            lambda: all(any(p.kind == k and p.started >= t_cut for p in probes) for k in kinds),
+            timeout=API_BOUND_S + 2 * SOCKET_TIMEOUT_S,
+            interval=0.2,
+            message="a request of each kind started and was answered within the cut",
+        )
         t_heal = time.time()
         net.heal(redis_host)
         cluster.wait_until(
@@ -511,6 +520,7 @@ def test_redis_host_cut_off_20s_api_answers_503_and_everything_resumes(
         st["finished_at"] - t_heal,
         lost=st["lost"],
         duplicated=st["duplicated"],
+        cut_s=round(t_heal - t_cut, 1),
         ready_after_heal_s=round(ready_at - t_heal, 1),
         answers_503_during_cut=sum(1 for p in during if p.code == 503),
         slowest_answer_s=round(slowest.took, 1),

@@ -30,7 +30,11 @@ def _wait(api_url: str, job_id: str, timeout: float = 600) -> Job:
 
 
 def test_three_concurrent_jobs_exactly_one_correct_result_each(
-    api_url: str, settings: Settings, demo_model: Path, reference_labels: Callable[..., list[str]]
+    api_url: str,
+    settings: Settings,
+    demo_model: Path,
+    reference_labels: Callable[..., list[str]],
+    wait_until: Callable[..., Any],
 ) -> None:
     jobs = [list(labelled_files(n, seed=100 + k)) for k, n in enumerate((60, 50, 45))]
     client = Client(api_url)
@@ -60,7 +64,15 @@ def test_three_concurrent_jobs_exactly_one_correct_result_each(
     store = JobStore(redis_lib.Redis.from_url(settings.redis_url), result_ttl_s=60, blob_ttl_s=60)
     telemetry = Telemetry(store.redis)
     ids = {s.job_id for s in submitted}
-    batches = [b for b in telemetry.recent_batches() if set(b["jobs"]) & ids]
+
+    def logged() -> list[dict[str, Any]]:
+        return [b for b in telemetry.recent_batches() if set(b["jobs"]) & ids]
+
+    # (The log is written by a thread of its own, just after each batch's results are out.)
+    wait_until(
+        lambda: sum(b["size"] for b in logged()) >= total, timeout=60, message="the batch log has every image"
+    )
+    batches = logged()
     assert sum(b["size"] for b in batches) == total
     assert max(b["size"] for b in batches) > 1
     # Blobs are deleted once their result is stored.

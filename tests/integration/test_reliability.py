@@ -215,7 +215,13 @@ def test_redis_down_gives_503_never_202_and_recovers(env: Env) -> None:
             assert requests.get(f"{env.url}/healthz", timeout=10).status_code == 200
         finally:
             server.start()
-        assert requests.get(f"{env.url}/readyz", timeout=30).status_code == 200
+        # The API finds the server back at its next check, not at the instant it answers.
+        env.wait_until(
+            lambda: requests.get(f"{env.url}/readyz", timeout=30).status_code == 200,
+            timeout=60,
+            interval=0.2,
+            message=f"/readyz is 200 again once the server of {code!r} is back",
+        )
         resp = requests.post(
             f"{env.url}/v1/jobs", files=[("files", f) for f in _files(2, seed=6)], timeout=30
         )

@@ -9,8 +9,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis as redis_lib
 import requests
 
 from api import create_app
@@ -20,6 +22,7 @@ from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server.queue import create_celery
+from batchvision.server.telemetry import Telemetry
 
 
 def api_replicas(settings: Settings, n: int) -> tuple[Supervisor, list[str]]:
@@ -34,8 +37,12 @@ def api_replicas(settings: Settings, n: int) -> tuple[Supervisor, list[str]]:
         for i, port in enumerate(ports)
     ]
     sup = Supervisor(services)
-    sup.start()
-    sup.wait_healthy(60)
+    try:
+        sup.start()
+        sup.wait_healthy(60)
+    except BaseException:
+        sup.stop()  # what started must not outlive a failed start
+        raise
     return sup, [f"http://127.0.0.1:{p}" for p in ports]
 
 
@@ -114,14 +121,21 @@ def test_idempotency_key_returns_the_same_job(api_url: str) -> None:
 
 
 def test_backpressure_429_and_the_client_waits_it_out(
-    stack: Supervisor, settings: Settings, tmp_path: Path
+    stack: Supervisor,
+    settings: Settings,
+    tmp_path: Path,
+    redis_client: redis_lib.Redis,
+    wait_until: Callable[..., Any],
 ) -> None:
+    # Images that earlier tests left waiting would count against the limit: start from none.
+    telemetry = Telemetry(redis_client)
+    wait_until(lambda: telemetry.pending_images() == 0, timeout=120, message="the session's queue drains")
     s = settings.replace(max_queued_images=10)
     sup, (url,) = api_replicas(s, 1)
     control = create_celery(settings).control
-    control.cancel_consumer(settings.queue, reply=True)
     resumed = threading.Timer(3.0, lambda: control.add_consumer(settings.queue, reply=True))
     try:
+        control.cancel_consumer(settings.queue, reply=True)
         files = [("files", (n, d)) for n, d, _ in labelled_files(10, seed=13)]
         assert requests.post(f"{url}/v1/jobs", files=files, timeout=30).status_code == 202
         full = requests.post(f"{url}/v1/jobs", files=_image(), timeout=30)

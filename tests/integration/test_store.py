@@ -259,16 +259,17 @@ def test_an_abandoned_open_upload_expires_whole(
     scratch_redis: redis_lib.Redis, wait_until: Callable[..., Any]
 ) -> None:
     r = scratch_redis
-    store = JobStore(r, result_ttl_s=600, blob_ttl_s=2)  # open uploads live 2 s
+    # Open uploads live 8 s: long enough that a stalled machine still reads every TTL here.
+    store = JobStore(r, result_ttl_s=600, blob_ttl_s=8)
     k = JobKeys.of("j")
     _job(store, "j", 3)
-    Claims(r, ttl_s=2).claim(Chunk.of("j", [0, 1, 2]), "chunk:0")
+    Claims(r, ttl_s=8).claim(Chunk.of("j", [0, 1, 2]), "chunk:0")
     store.record("j", [(0, OK)])  # a worker stored a result; the client never sealed
     present = [key for key in k.data() if r.exists(key)]
     assert set(present) >= {k.job, k.files, k.paths, k.results, k.tries}
     ttls = {key: r.ttl(key) for key in present}
-    assert all(0 < ttl <= 2 for ttl in ttls.values()), ttls  # nothing of it outlives the upload
-    wait_until(lambda: not r.exists(*k.data()), timeout=15, message="the open upload's keys expire")
+    assert all(0 < ttl <= 8 for ttl in ttls.values()), ttls  # nothing of it outlives the upload
+    wait_until(lambda: not r.exists(*k.data()), timeout=30, message="the open upload's keys expire")
     assert store.get("j") is None and not store.exists("j")
     assert not store.is_gone("j", "")  # it never finished: 404, not 410
 
@@ -276,12 +277,13 @@ def test_an_abandoned_open_upload_expires_whole(
 def test_an_expired_open_upload_leaves_the_active_jobs(
     scratch_redis: redis_lib.Redis, wait_until: Callable[..., Any]
 ) -> None:
-    store = JobStore(scratch_redis, result_ttl_s=600, blob_ttl_s=1)
+    # Open uploads live 8 s: both are still active when counted, even on a stalled machine.
+    store = JobStore(scratch_redis, result_ttl_s=600, blob_ttl_s=8)
     store.create("empty", model="m")  # opened, never given a file
     _job(store, "done", 1)
     store.record("done", [(0, OK)])  # every image classified; the client never sealed
     assert Telemetry(scratch_redis).active_jobs() == 2
-    wait_until(lambda: not store.exists("empty") and not store.exists("done"), timeout=15)
+    wait_until(lambda: not store.exists("empty") and not store.exists("done"), timeout=30)
     assert Telemetry(scratch_redis).active_jobs() == 0
 
 

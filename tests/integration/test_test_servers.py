@@ -50,6 +50,24 @@ def test_a_port_that_stays_taken_is_an_error_naming_the_log() -> None:
             redis.start(port_busy_s=1.0)
 
 
+def test_a_first_start_moves_off_a_port_taken_since_it_was_chosen() -> None:
+    redis = RedisServer()
+    chosen = redis.port
+    # Another process binds the free port between its choice and the server's start, and
+    # keeps it: no client knows the URL yet, so the server takes another port.
+    with _bound(chosen):
+        try:
+            redis.start(port_busy_s=1.0)
+            assert redis.port != chosen
+            client = redis_lib.Redis.from_url(redis.url)
+            try:
+                assert client.ping()
+            finally:
+                client.close()
+        finally:
+            redis.close()
+
+
 def _listeners(port: int) -> set[str]:
     """The addresses something listens on at TCP ``port``."""
     return {

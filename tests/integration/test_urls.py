@@ -52,27 +52,26 @@ def origin(hostile: Any) -> str:
 @pytest.fixture(scope="module")
 def url_stack(settings: Settings, wait_worker: Any) -> Iterator[tuple[Settings, str]]:
     """Redis, the API and one worker that may fetch from 127.0.0.1 (the allow-list) only."""
-    redis = RedisServer().start()
-    s = settings.replace(
-        redis_url=redis.url,
-        api_port=free_port(),
-        worker_metrics_port=0,
-        fetch_allow="127.0.0.1/32",
-        fetch_timeout_s=FETCH_TIMEOUT_S,
-        fetch_connect_timeout_s=1.0,
-        max_image_bytes=MAX_BYTES,
-        max_urls_per_job=400,
-        chunk_size=16,
-    )
-    sup = Supervisor([svc for svc in local_stack(s, None) if svc.name in ("api", "worker")])
-    sup.start()
-    try:
-        sup.wait_healthy(timeout=120)
-        wait_worker(s)
-        yield s, f"http://127.0.0.1:{s.api_port}"
-    finally:
-        sup.stop()
-        redis.close()
+    with RedisServer() as redis:  # stopped however the rest starts
+        s = settings.replace(
+            redis_url=redis.url,
+            api_port=free_port(),
+            worker_metrics_port=0,
+            fetch_allow="127.0.0.1/32",
+            fetch_timeout_s=FETCH_TIMEOUT_S,
+            fetch_connect_timeout_s=1.0,
+            max_image_bytes=MAX_BYTES,
+            max_urls_per_job=400,
+            chunk_size=16,
+        )
+        sup = Supervisor([svc for svc in local_stack(s, None) if svc.name in ("api", "worker")])
+        try:
+            sup.start()
+            sup.wait_healthy(timeout=120)
+            wait_worker(s)
+            yield s, f"http://127.0.0.1:{s.api_port}"
+        finally:
+            sup.stop()
 
 
 def _cases(origin: str) -> dict[str, str]:
