@@ -84,9 +84,11 @@ def recover_parts(
     """Send the images of parts whose request failed after indexing them and before writing
     their ledger entries (so nothing was published for them, and no sweep would ever see
     them): each image without a result gets one, classified if a re-sent part stored its
-    upload meanwhile, else ``upload_expired``. One worker sends a part (the one that removes
-    it); the ledger entries come first, so a worker that dies before sending leaves the part
-    to the sweep. Returns how many images were sent."""
+    upload meanwhile, else ``upload_expired``. A part of a job still open waits (looked at
+    again ``older_than_s`` later): its client may still send it again, and only the job's seal
+    leaves no other way. One worker sends a part (the one that removes it); the ledger entries
+    come first, so a worker that dies before sending leaves the part to the sweep. Returns how
+    many images were sent."""
     client = store.redis
     sent = 0
     for raw in client.zrangebyscore(
@@ -94,6 +96,9 @@ def recover_parts(
     ):
         member = as_text(raw)
         job_id, first, last = member.rsplit(":", 2)
+        if store.is_open(job_id):
+            client.zadd(UNCONFIRMED_PARTS, {member: time.time()}, xx=True)
+            continue
         todo = store.unresolved(job_id, range(int(first), int(last) + 1)) if store.exists(job_id) else []
         chunks = split(job_id, todo, chunk_size)
         if chunks:

@@ -383,6 +383,11 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(JobKeys.of(job_id).job))
 
+    def is_open(self, job_id: str) -> bool:
+        """True while the job takes more files (not sealed, not canceled, not gone)."""
+        sealed, cancel = self.redis.hmget(JobKeys.of(job_id).job, ["sealed", "cancel"])
+        return sealed == b"0" and cancel in (b"0", None)
+
     def iter_results(
         self, job_id: str, offset: int = 0, limit: int | None = None, page: int = 500
     ) -> Iterator[Row]:

@@ -250,9 +250,11 @@ def test_a_part_whose_request_dies_after_indexing_still_gives_every_image_a_resu
     with pytest.raises(redis_lib.exceptions.ConnectionError):
         intake.submit(job, "", part, [], seal=False)
     monkeypatch.undo()
+    resent: list[Chunk] = []
+    # While the job is open, its client may still send the part again: nothing is taken yet.
+    assert recover_parts(intake.store, resent.append, chunk_size=8, older_than_s=0) == 0 and resent == []
     intake.store.seal(job)  # the client resumes: both files are listed, so it only seals
     assert not rig.in_ledger(job, [1]) and intake.store.get(job)["finished_at"] is None
-    resent: list[Chunk] = []
     # Within the grace period the request may still be running: nothing is taken.
     assert recover_parts(intake.store, resent.append, chunk_size=8) == 0 and resent == []
     assert recover_parts(intake.store, resent.append, chunk_size=8, older_than_s=0) == (
