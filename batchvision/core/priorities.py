@@ -13,7 +13,7 @@ kombu's Redis transport groups ten priorities into four lists): ``low`` 0-3, ``n
 two tiers both have work waiting, :class:`WeightedTurns` gives each tier ``ratio`` times the
 turns of the tier below (``BATCHVISION_PRIORITY_RATIO``; 3: high 9, normal 3, low 1 of every
 13 turns), so every tier keeps moving. The interactive lane (small jobs) stays ahead of all of
-them. Pure: no I/O.
+them, for jobs of the normal tier and above (:func:`takes_interactive_lane`). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ class Tier(enum.IntEnum):
         """What the tier adds to a model's bulk queue name: '' for normal, so the default
         priority keeps the plain queue name that every worker consumes."""
         return "" if self is Tier.NORMAL else f".{self.name.lower()}"
+
+
+def takes_interactive_lane(priority: int) -> bool:
+    """Whether a small job of ``priority`` may go to the interactive lane, ahead of every tier:
+    not one of the low tier, whose job says it can wait (or whose API key is capped there: the
+    lane must not be a way around the cap)."""
+    return tier_of(priority) is not Tier.LOW
 
 
 #: Highest tier first: the order a worker lists its bulk queues and breaks ties in.

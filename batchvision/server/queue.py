@@ -22,7 +22,7 @@ from kombu.entity import Exchange, Queue
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 
-from batchvision.core.priorities import DEFAULT_PRIORITY, Tier
+from batchvision.core.priorities import DEFAULT_PRIORITY, Tier, takes_interactive_lane
 from batchvision.core.settings import Settings
 from batchvision.server import tracing, turns
 from batchvision.server.coalescer import Coalescer
@@ -499,7 +499,10 @@ class Enqueuer:
         priority: int = DEFAULT_PRIORITY,
     ) -> None:
         """Publish ``chunks`` (already in the ledger, of a job of ``priority``) to ``model``'s
-        queues (``None``: the default model's); returns once they are on the queue."""
+        queues (``None``: the default model's); returns once they are on the queue.
+        ``interactive``: a small job someone waits for, sent to the interactive lane unless its
+        priority is of the low tier."""
+        interactive = interactive and takes_interactive_lane(priority)
         if interactive and self.settings.enqueue_linger_ms > 0:
             # Bounded like a publish: a broker that is down gives the caller an error, not a hang.
             context = tracing.capture()  # the coalescer's thread publishes: hand it over

@@ -215,9 +215,14 @@ def test_priority_on_every_route_and_the_queue_of_each_tier(alone: Any) -> None:
     plain = requests.post(f"{url}/v1/jobs", files=_files(6, "d"), headers=b, timeout=30)
     assert plain.status_code == 202 and plain.json()["priority"] == 5
     sync = requests.post(
-        f"{url}/v1/classify?timeout=0&priority=1", files=_files(1, "c"), headers=b, timeout=30
+        f"{url}/v1/classify?timeout=0&priority=6", files=_files(1, "c"), headers=a, timeout=30
     )
-    assert sync.status_code == 202 and sync.json()["priority"] == 1
+    assert sync.status_code == 202 and sync.json()["priority"] == 6
+    # a small one of the low tier waits there: the lane is no way around a low priority
+    patient = requests.post(
+        f"{url}/v1/classify?timeout=0&priority=1", files=_files(1, "f"), headers=b, timeout=30
+    )
+    assert patient.status_code == 202 and patient.json()["priority"] == 1
     # a client waits for a large one too, but it waits its turn in its tier's queue
     large = requests.post(
         f"{url}/v1/classify?timeout=0&priority=3", files=_files(6, "e"), headers=b, timeout=30
@@ -226,14 +231,14 @@ def test_priority_on_every_route_and_the_queue_of_each_tier(alone: Any) -> None:
     status = requests.get(f"{url}/v1/jobs/{job.json()['job_id']}", headers=a, timeout=30).json()
     assert status["priority"] == 9
     listed = requests.get(f"{url}/v1/jobs", headers=a, timeout=30).json()["jobs"]
-    assert {j["priority"] for j in listed} == {9, 8}
+    assert {j["priority"] for j in listed} == {9, 8, 6}
     # Each message went to the queue of its tier, carrying its priority.
     after = _queued(alone)
     added = {q: after[q][: len(after[q]) - len(before[q])] for q in after}
     assert sorted(added["batchvision.high"]) == [8, 9]
-    assert sorted(added["batchvision.low"]) == [0, 2, 3]
+    assert sorted(added["batchvision.low"]) == [0, 1, 2, 3]
     assert sorted(added["batchvision"]) == [4, 5]
-    assert added["batchvision.interactive"] == [1]
+    assert added["batchvision.interactive"] == [6]
 
 
 @pytest.mark.parametrize(

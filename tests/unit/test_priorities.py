@@ -20,6 +20,7 @@ from batchvision.core.priorities import (
     Tier,
     WeightedTurns,
     check_priority,
+    takes_interactive_lane,
     tier_of,
     tier_weights,
 )
@@ -273,3 +274,7 @@ def test_the_message_carries_its_priority_compatibly() -> None:
     for bad in (10, -1, "9", True, 2.5):
         with pytest.raises(MessageError, match="priority"):
             ClassifyMessage.from_args([{**body, "priority": bad}])
+
+
+def test_the_interactive_lane_is_for_the_normal_tier_and_above() -> None:
+    assert [p for p in range(10) if takes_interactive_lane(p)] == [4, 5, 6, 7, 8, 9]
