@@ -214,6 +214,38 @@ def _error(exc: BaseException, what: str) -> S3Error:
     raise exc
 
 
+def _retry_without_a_budget(client: Any, max_attempts: int) -> None:
+    """botocore's standard retries, with every call given all of its ``max_attempts``.
+
+    The standard mode also keeps a retry budget per client (500 tokens, 5 for each retry of a
+    throttled call, won back only by calls that succeed): one client serves every fetch
+    thread, so after about a hundred throttled retries no call was retried at all, and a
+    prefix job's images ended as ``s3_throttled`` at the first ``SlowDown``, without a single
+    backoff. Built as ``botocore.retries.standard.register_retry_handler`` builds it, with a
+    budget that does not run out: each call's attempts and their backoff are the bound."""
+    import sys
+
+    from botocore.retries import quota, standard
+
+    name = client.meta.service_model.service_id.hyphenize()
+    events = client.meta.events
+    events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
+    adapter = standard.RetryEventAdapter()
+    throttling = standard.ThrottlingErrorDetector(adapter)
+    budget = standard.RetryQuotaChecker(quota.RetryQuota(initial_capacity=sys.maxsize), throttling)
+    handler = standard.RetryHandler(
+        retry_policy=standard.RetryPolicy(
+            retry_checker=standard.StandardRetryConditions(max_attempts=max_attempts),
+            retry_backoff=standard.ExponentialBackoff(service_name=name, throttling_detector=throttling),
+        ),
+        retry_event_adapter=adapter,
+        retry_quota=budget,
+        service_name=name,
+    )
+    events.register(f"after-call.{name}", budget.release_retry_quota)
+    events.register(f"needs-retry.{name}", handler.needs_retry, unique_id=f"retry-config-{name}")
+
+
 class S3:
     """A thread-safe S3 client (boto3 clients are; one per process is enough)."""
 
@@ -243,6 +275,7 @@ class S3:
                 max_pool_connections=config.max_connections,
             ),
         )
+        _retry_without_a_budget(self._client, config.max_attempts)
 
     @classmethod
     def from_settings(cls, s: Settings) -> S3:

@@ -5,6 +5,7 @@ throttling, and each failure's error code."""
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -91,6 +92,26 @@ def test_throttling_is_retried_then_reported(s3_server: MotoServer, s3_bucket: s
                 write()
             assert err.value.code == "access_denied" and not err.value.transient
         assert s3.head(S3Url(s3_bucket, "locked/x")) is None
+
+
+def test_every_call_keeps_its_retries_however_long_the_throttling_lasts(
+    s3_server: MotoServer, s3_bucket: str
+) -> None:
+    # botocore's retry budget per client lasts about a hundred throttled retries: the calls
+    # after those (one client serves every fetch thread) were not retried at all.
+    calls, attempts = 120, 2
+    with S3FaultProxy(s3_server.url) as proxy:
+        s3 = S3(S3Config(endpoint_url=proxy.url, max_attempts=attempts))
+        proxy.fail("GET", f"/{s3_bucket}/a.jpg", 503, "SlowDown")
+
+        def throttled(_: int) -> str:
+            with pytest.raises(S3Error) as err:
+                s3.get(S3Url(s3_bucket, "a.jpg"))
+            return err.value.code
+
+        with ThreadPoolExecutor(16) as pool:
+            assert set(pool.map(throttled, range(calls))) == {"s3_throttled"}
+        assert sum(proxy.hits.values()) == calls * attempts
 
 
 def test_a_body_cut_off_while_it_streams_is_read_again(s3_server: MotoServer, s3_bucket: str) -> None:
