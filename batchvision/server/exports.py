@@ -307,14 +307,17 @@ def export_job(
     on_page: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
     """Write a finished job's results under its ``out_url`` (one file per format, or, for a job
-    written in parts, the parts not written yet); returns the ``_SUCCESS`` manifest (also
-    written, last) with its own URL as ``manifest_url``. Raises
+    written in parts, the parts not written yet); returns the ``_SUCCESS`` manifest (removed
+    first, written last) with its own URL as ``manifest_url``. Raises
     :class:`~batchvision.server.s3.S3Error`."""
     job = store.get(job_id)
     if job is None or job["output"] is None:
         raise LookupError(job_id)
     out = job["output"]
     prefix = S3Url.parse(out["url"]).folder
+    # A manifest of an earlier export (the job retried since) must not stand beside files
+    # being replaced: readers take _SUCCESS to mean that every file it lists is whole.
+    s3.delete([prefix.child(SUCCESS)])
     if out["part_rows"] and (out["parts"] or job["total"] > out["part_rows"]):
         files = _in_parts(store, s3, job, part_formats(formats), on_page)
     else:

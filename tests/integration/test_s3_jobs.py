@@ -15,7 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from batchvision.core.results import Prediction
 from batchvision.core.synthetic import labelled_files
+from batchvision.server.exports import export_job
+from batchvision.server.keys import JobKeys
+from batchvision.server.outputs import output_fields
+from batchvision.server.s3 import S3, S3Config, S3Error, S3Url
+from batchvision.server.store import JobStore
 from batchvision.testing.s3server import MotoServer, S3FaultProxy
 
 pytestmark = pytest.mark.slow
@@ -290,3 +296,27 @@ def test_jobs_name_only_the_locations_of_s3_allow_and_never_the_blob_store(
         rows
     )
     assert rows[0]["label"], rows
+
+
+def test_a_job_exported_again_has_no_manifest_until_its_new_files_are_whole(
+    store: JobStore, s3_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A retried job is written again over its first files; a _SUCCESS of the first export
+    # beside files half replaced (or never replaced: the new export failed) would lie.
+    store.create("j", model="m")
+    store.redis.hset(JobKeys.of("j").job, mapping=output_fields(f"s3://{s3_bucket}/out/"))
+    store.add_files("j", [("a.jpg", "a.jpg")])
+    store.seal("j")
+    store.record("j", [(0, Prediction("cat", 1, 0.9, (), "m", 1))])
+    s3 = S3(S3Config(endpoint_url=s3_server.url))
+    export_job(store, s3, "j", ["csv", "parquet"])
+    assert s3.head(S3Url(s3_bucket, "out/_SUCCESS")) is not None
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise S3Error("access denied", code="access_denied")
+
+    monkeypatch.setattr(s3, "put_file", refused)
+    monkeypatch.setattr(s3, "put", refused)
+    with pytest.raises(S3Error):
+        export_job(store, s3, "j", ["csv", "parquet"])
+    assert s3.head(S3Url(s3_bucket, "out/_SUCCESS")) is None
