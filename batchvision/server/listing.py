@@ -15,7 +15,8 @@ a worker killed between adding a page and moving the cursor leaves the next hold
 that page again at no cost.
 
 **Failures**: throttling and an unreachable store are retried with backoff
-(``ls_error`` says why) up to :data:`MAX_TRANSIENT` times in a row; a full queue (``429``) waits
+(``ls_error`` says why) up to :data:`MAX_TRANSIENT` times in a row (about an hour); a full
+queue (``429``) waits
 for room and keeps the open job alive meanwhile. A refusal (access denied, the bucket deleted),
 passing ``BATCHVISION_MAX_OBJECTS_PER_JOB``, or a prefix that turned out to hold no image
 cancels the job (its images so far get ``canceled`` results) with ``ls_state`` ``failed`` and
@@ -47,8 +48,10 @@ log = logging.getLogger(__name__)
 #: Objects looked at per page, at most, in multiples of the page's images: a prefix of mostly
 #: other files still moves on in bounded steps.
 SCAN_FACTOR = 10
-#: Throttled or failed listings in a row before the job fails.
-MAX_TRANSIENT = 12
+#: Throttled or failed listings in a row before the job fails: with the pause doubling from
+#: 1 s up to a minute, an outage of the store of about an hour (a job canceled for a shorter
+#: one would lose the images it already had queued).
+MAX_TRANSIENT = 80
 #: What :meth:`Lister.step` returns for a job that is gone, or held by another process.
 DROPPED = "dropped"
 #: The ``ls_error`` of a listing its job's cancellation stopped.

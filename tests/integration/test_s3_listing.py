@@ -26,9 +26,12 @@ from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys
 from batchvision.server.exports import LATER, Exporter
 from batchvision.server.keys import JobKeys
+from batchvision.server.listing import Lister
 from batchvision.server.outputs import output_fields
-from batchvision.server.s3 import S3Config, shared
-from batchvision.testing.s3server import MotoServer
+from batchvision.server.s3 import S3, S3Config, shared
+from batchvision.server.sources import LISTING
+from batchvision.server.store import JobStore
+from batchvision.testing.s3server import CREDENTIALS, MotoServer
 
 pytestmark = pytest.mark.slow
 
@@ -361,3 +364,31 @@ def _results(stack: Any, job_id: str, **params: int) -> list[dict[str, Any]]:
     )
     assert resp.status_code == 200, resp.text
     return [json.loads(line) for line in resp.text.splitlines()]
+
+
+def test_a_listing_outlasts_a_store_outage_of_minutes(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store that cannot be reached (nothing listens on the port): the listing is retried
+    # with backoff, well past the dozen tries (about five minutes) that used to cancel the job
+    # and every image it had queued.
+    job_id = os.urandom(16).hex()
+    store.create(job_id, model="m")
+    store.add_files(job_id, [("in/0.jpg", "0.jpg")])
+    fields = {"ls_url": "s3://bucket/in/", "ls_after": "in/0.jpg", "ls_state": LISTING, "ls_images": "1"}
+    store.redis.hset(JobKeys.of(job_id).job, mapping={**fields, "ls_attempts": "12"})
+    store.redis.zadd(keys.LISTINGS, {job_id: 0})
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    down = S3(S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout_s=1))
+
+    def never(*args: Any) -> int:
+        raise AssertionError("nothing was listed: nothing can be added")
+
+    lister = Lister(store.redis, store, lambda: down, never, page_size=10, max_images=100)
+    assert lister.run_once()
+    job = store.get(job_id)
+    assert job is not None and job["status"] != "canceled", job
+    state = store.redis.hmget(JobKeys.of(job_id).job, ["ls_state", "ls_attempts", "ls_error"])
+    assert state[:2] == [LISTING.encode(), b"13"] and b"s3_unavailable" in state[2], state
+    assert store.redis.zscore(keys.LISTINGS, job_id) is not None  # due again, later
