@@ -317,6 +317,16 @@ class S3:
             if not page.get("IsTruncated") or not token:
                 return
 
+    def body_broke(self, exc: S3Error, attempt: int, since: float) -> float | None:
+        """How long to wait before reading again an object whose body broke off with ``exc``
+        (read ``attempt`` of :data:`BODY_READS`, the first begun at ``since``, a monotonic
+        time), or ``None`` when it must not be read again: another error, the reads spent, or
+        ``read_timeout_s`` passed."""
+        broke = exc.streaming and (exc.transient or exc.code == "incomplete_download")
+        wait = min(2.0, 0.1 * 2**attempt)
+        late = time.monotonic() + wait - since > self.config.read_timeout_s
+        return None if not broke or attempt == BODY_READS or late else wait
+
     def get(self, url: S3Url, *, max_bytes: int | None = None) -> bytes:
         """The object's bytes; ``too_large`` (:class:`S3Error`, 422) before reading when it is
         larger than ``max_bytes``. botocore retries the request, not the read of its body: a
@@ -328,10 +338,8 @@ class S3:
             try:
                 return self._get_once(url, max_bytes)
             except S3Error as exc:
-                broke = exc.streaming and (exc.transient or exc.code == "incomplete_download")
-                wait = min(2.0, 0.1 * 2**attempt)
-                late = time.monotonic() + wait - start > self.config.read_timeout_s
-                if not broke or attempt == BODY_READS or late:
+                wait = self.body_broke(exc, attempt, start)
+                if wait is None:
                     raise
                 time.sleep(wait)
         raise AssertionError("unreachable")
@@ -367,7 +375,9 @@ class S3:
         try:
             yield from body.iter_lines()
         except Exception as exc:
-            raise _error(exc, str(url)) from exc
+            error = _error(exc, str(url))
+            error.streaming = True
+            raise error from exc
         finally:
             body.close()
 

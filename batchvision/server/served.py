@@ -9,7 +9,9 @@ never served as pending.
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from collections.abc import Callable, Iterator
 
 from batchvision.core.errors import Conflict
@@ -62,30 +64,41 @@ def iter_rows(
 
 
 def _part_rows(s3: S3, prefix: S3Url, part: int, size: int, start: int, stop: int) -> Iterator[Row]:
-    """Rows ``start`` to ``stop - 1`` of written part ``part`` (of ``size`` rows)."""
+    """Rows ``start`` to ``stop - 1`` of written part ``part`` (of ``size`` rows). A read that
+    breaks off (a reset connection) is read again from the part's start, its rows served
+    already skipped, as :meth:`S3.get` reads a body again: the client's answer, already
+    begun, must not end short."""
     url = part_url(prefix, "jsonl", part)
     expected = start
-    try:
-        for line in s3.lines(url):
-            if not line:
-                continue
-            row = Row.from_document(json.loads(line))
-            if row.index < start:
-                continue
-            if row.index >= stop:
+    since = time.monotonic()
+    for attempt in itertools.count(1):
+        try:
+            for line in s3.lines(url):
+                if not line:
+                    continue
+                row = Row.from_document(json.loads(line))
+                if row.index < expected:
+                    continue
+                if row.index >= stop:
+                    break
+                yield row
+                expected = row.index + 1
+        except S3Error as exc:
+            if exc.code in ("object_not_found", "bucket_not_found"):
+                why = "is not in the bucket"
                 break
-            yield row
-            expected = row.index + 1
-    except S3Error as exc:
-        if exc.code not in ("object_not_found", "bucket_not_found"):
-            raise
-        why = "is not in the bucket"
-    except (ValueError, KeyError, TypeError) as exc:
-        why = f"is not a part's JSON Lines ({type(exc).__name__}: {exc})"
-    else:
+            wait = s3.body_broke(exc, attempt, since)
+            if wait is None:
+                raise
+            time.sleep(wait)
+            continue
+        except (ValueError, KeyError, TypeError) as exc:
+            why = f"is not a part's JSON Lines ({type(exc).__name__}: {exc})"
+            break
         if expected >= stop:
             return
         why = f"ends at row {expected}, before row {stop}"
+        break
     after = (part + 1) * size
     raise PartMissing(
         f"part {part} of the job ({url}) {why}: read the rows from {prefix} or ask for offset >= {after}",

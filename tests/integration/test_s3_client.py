@@ -5,11 +5,15 @@ throttling, and each failure's error code."""
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from batchvision.cli.redis_server import free_port
+from batchvision.core.results import Prediction, Row
+from batchvision.server import served as served_module
+from batchvision.server.exports import part_url
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url
 from batchvision.testing.s3server import CREDENTIALS, MotoServer, S3FaultProxy
 
@@ -128,6 +132,24 @@ def test_a_body_cut_off_while_it_streams_is_read_again(s3_server: MotoServer, s3
             s3.get(S3Url(s3_bucket, "cut.bin"))
         assert err.value.code in ("s3_unavailable", "incomplete_download")
         assert sum(proxy.hits.values()) == 2 + 3  # every attempt read, none more
+
+
+def test_rows_of_a_written_part_whose_read_breaks_off_are_served_whole(
+    s3_server: MotoServer, s3_bucket: str
+) -> None:
+    # /results streams a written part's rows after the answer began: a read that broke off
+    # there ended the client's answer short.
+    rows = [Row(i, f"{i}.jpg", Prediction(f"c{i}", i, 0.5, (), "m", 1)) for i in range(2000)]
+    body = "".join(json.dumps(r.document()) + "\n" for r in rows).encode()
+    prefix = S3Url(s3_bucket, "out/")
+    s3_server.client().put_object(Bucket=s3_bucket, Key=part_url(prefix, "jsonl", 0).key, Body=body)
+    with S3FaultProxy(s3_server.url) as proxy:
+        s3 = S3(S3Config(endpoint_url=proxy.url, max_attempts=3))
+        proxy.cut("GET", f"/{s3_bucket}/out/jsonl/part-00000.jsonl", times=1)
+        served = list(served_module._part_rows(s3, prefix, 0, 2000, 5, 2000))
+        assert proxy.hits and sum(proxy.hits.values()) == 1  # the cut happened
+    assert [r.index for r in served] == list(range(5, 2000))
+    assert served == rows[5:]
 
 
 def test_a_store_that_cannot_be_reached_is_a_transient_error_for_every_call(
