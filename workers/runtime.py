@@ -494,9 +494,8 @@ class SweeperStep:
         resolve_chunks(store, claims, blobs, [chunk], error_result("task_failed", text))
 
     def _run_failed(self) -> int:
-        # The Redis broker's counterpart of RabbitMQ's dead-letter queue (its own step there).
-        if uses_amqp(self.settings):
-            return 0
+        # Chunks a task gave up on (Redis broker; RabbitMQ dead-letters those) and chunks the
+        # API could not publish (either broker).
         return resend_failed(_made(self.redis.store, self.redis.name), self._resend, self._give_up)
 
     def start(self) -> None:

@@ -31,11 +31,11 @@ from batchvision.server.fetch import FetchError, url_blob, url_problem
 from batchvision.server.idempotency import Claim, commit
 from batchvision.server.keys import EXPORTS, LISTINGS, JobKeys
 from batchvision.server.listing import read_page
-from batchvision.server.messages import split
+from batchvision.server.messages import Chunk, split
 from batchvision.server.outputs import output_fields
 from batchvision.server.queue import Enqueuer
 from batchvision.server.quotas import Quotas
-from batchvision.server.recovery import confirm_part, ledger_add
+from batchvision.server.recovery import confirm_part, ledger_add, ledger_failed
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, is_s3_url, shared
@@ -563,8 +563,24 @@ class Intake:
                 self._drop_uploads_of_no_job(job_id, sorted(blobs))
             raise
         failpoints.after_store()
-        self.enqueuer.send(chunks, now, interactive, model=opts.model, priority=opts.priority)
+        self.send(chunks, now, interactive, model=opts.model, priority=opts.priority)
         return Submitted(job_id, len(blobs), len(blobs), tuple(rejected))
+
+    def send(
+        self, chunks: Sequence[Chunk], now: float, interactive: bool, *, model: str | None, priority: int
+    ) -> None:
+        """Publish ``chunks`` (stored, and in the ledger). When the publish fails (the broker
+        down or slow, the request answered ``503``), they are marked failed, so that a worker
+        sends them after a pause: otherwise only the sweep would, once every queue is empty,
+        and until then their images held their owner's quota and the queue's budget."""
+        try:
+            self.enqueuer.send(chunks, now, interactive, model=model, priority=priority)
+        except Exception:
+            try:
+                ledger_failed(self.redis, chunks)
+            except Exception:  # noqa: BLE001 - Redis away too: the sweep is left
+                log.warning("could not mark %d unpublished chunks for a resend", len(chunks), exc_info=True)
+            raise
 
     def _drop_uploads_of_no_job(self, job_id: str, indexes: Sequence[int]) -> None:
         """Delete the uploads written to a volume or bucket for a job whose ``MULTI`` failed,
@@ -629,7 +645,7 @@ class Intake:
         self.blobs.put_many(job_id, blobs)
         if chunks:
             routing = self.store.routing_of(job_id)
-            self.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
+            self.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Submitted(
             job_id, len(blobs) - len(redo & blobs.keys()), len(blobs), tuple(rejected), duplicates
         )

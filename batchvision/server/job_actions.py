@@ -103,7 +103,7 @@ def retry(intake: Intake, job_id: str) -> Retry:
             return Retry(0, gone)
         interactive = requeued <= intake.settings.interactive_max_images
         routing = store.routing_of(job_id)  # the job's model and priority, as when it was made
-        intake.enqueuer.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
+        intake.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Retry(requeued, gone)
     raise Conflict(f"job {job_id} kept changing during the retry; try again", code="job_running")
 

@@ -15,7 +15,8 @@ pause, and :func:`resend_failed` sends them again, backlog or not (they are in n
 pause doubling each time, at most :data:`MAX_RESENDS` times; then their images without a result
 get ``task_failed``. It is the Redis counterpart of RabbitMQ's dead-letter queue
 (:mod:`batchvision.server.deadletter`). Without it such a chunk waited for the sweep: two
-visibility timeouts, and an empty queue.
+visibility timeouts, and an empty queue. The API marks failed, the same way, the chunks of a
+stored job whose publish failed (either broker).
 """
 
 from __future__ import annotations

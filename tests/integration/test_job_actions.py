@@ -9,11 +9,13 @@ routes, status codes, headers, and gunicorn's own refusals as JSON.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
 import pytest
 import redis as redis_lib
 import requests
@@ -29,7 +31,7 @@ from batchvision.server.blobs import FileBlobs
 from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
-from batchvision.server.recovery import recover_parts
+from batchvision.server.recovery import RESEND_FIRST_S, recover_parts, resend_failed
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import delivery_id
 
@@ -317,6 +319,36 @@ def test_uploads_on_a_volume_go_when_their_job_was_not_stored(
         intake.submit(None, "", [Upload("a.jpg", "a.jpg", rig.jpeg("red"))], [], seal=True)
     files = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert len(files) == (1 if lost == "reply" else 0), files
+
+
+def test_a_job_whose_publish_failed_is_sent_again_after_a_pause_backlog_or_not(
+    rig: Any, intake: Intake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request gets its 503; the job is stored. Only the sweep used to send its chunks,
+    # once every queue was empty: under load, its images held the owner's quota meanwhile.
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise kombu.exceptions.OperationalError("the broker did not take the task in time")
+
+    monkeypatch.setattr(intake.enqueuer, "send", broker_down)
+    with pytest.raises(kombu.exceptions.OperationalError):
+        intake.submit(
+            None,
+            "",
+            [Upload("a.jpg", "a.jpg", rig.jpeg("red"))],
+            [],
+            seal=True,
+            options=JobOptions("colours"),
+        )
+    monkeypatch.undo()
+    resent: list[Chunk] = []
+
+    def give_up(chunk: Chunk, failures: int) -> None:
+        raise AssertionError(f"{chunk} given up after {failures}")
+
+    assert resend_failed(intake.store, resent.append, give_up) == 0  # not before the pause
+    assert resend_failed(intake.store, resent.append, give_up, now=time.time() + RESEND_FIRST_S) == 1
+    rig.process(*((c.job_id, c.indexes) for c in resent))
+    assert rig.labels(resent[0].job_id) == ["red"]
 
 
 def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
