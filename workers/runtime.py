@@ -417,7 +417,7 @@ class ListingsStep:
             store,
             lambda: shared(S3Config.from_settings(s)),
             add_listed,
-            page_size=s.list_page_size,
+            page_size=s.listing_page(),
             max_images=s.max_objects_per_job,
             ahead=s.list_ahead,
             # A dead worker's listing moves on about when its tasks would be redelivered.

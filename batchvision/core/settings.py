@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     list_page_size: Annotated[int, Field(ge=1, le=100_000)] = _field(
         1000,
         "Images of an `s3://` prefix job listed, stored and queued together: the request lists the "
-        "first page, workers the rest, a page at a time.",
+        "first page, workers the rest, a page at a time (at most `MAX_QUEUED_IMAGES_PER_KEY`).",
     )
     list_ahead: Annotated[int, Field(ge=1, le=100_000_000)] = _field(
         10_000,
@@ -519,6 +519,13 @@ class Settings(BaseSettings):
     def s3_scope(self) -> S3Scope:
         """Where jobs may read and write (``S3_ALLOW``), less the service's own prefixes."""
         return _s3_scope(self.s3_allow, self.blob_url, self.models_dir)
+
+    def listing_page(self) -> int:
+        """Images of an ``s3://`` prefix listed and queued together: ``LIST_PAGE_SIZE``, or an
+        API key's whole quota of waiting images when that is smaller (a larger page would be
+        refused for good, ``413``, whatever waits)."""
+        quota = self.max_queued_images_per_key
+        return min(self.list_page_size, quota) if quota else self.list_page_size
 
     @field_validator("queue")
     @classmethod

@@ -292,7 +292,7 @@ class Intake:
         ``MAX_OBJECTS_PER_JOB`` (``413``). Later pages' failures cancel the job and say why in
         its ``listing``."""
         url = parse_field(source, "source", self.settings.s3_scope(), listed=True)
-        page = read_page(self.s3(), url, "", self.settings.list_page_size)
+        page = read_page(self.s3(), url, "", self.settings.listing_page())
         skipped = tuple(Skipped(url.relative(key), NOT_AN_IMAGE) for key in page.skipped)
         if not page.images and not page.more:
             raise InvalidImage(

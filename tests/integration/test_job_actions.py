@@ -34,6 +34,7 @@ from batchvision.server.messages import Chunk
 from batchvision.server.recovery import RESEND_FIRST_S, recover_parts, resend_failed
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import delivery_id
+from batchvision.testing.s3server import CREDENTIALS, MotoServer
 
 pytestmark = pytest.mark.integration
 
@@ -349,6 +350,28 @@ def test_a_job_whose_publish_failed_is_sent_again_after_a_pause_backlog_or_not(
     assert resend_failed(intake.store, resent.append, give_up, now=time.time() + RESEND_FIRST_S) == 1
     rig.process(*((c.job_id, c.indexes) for c in resent))
     assert rig.labels(resent[0].job_id) == ["red"]
+
+
+def test_a_prefix_job_of_a_key_whose_quota_is_below_a_page_lists_pages_that_fit(
+    rig: Any, s3_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A first page of LIST_PAGE_SIZE (1,000) images never fits a quota of 5: it was refused
+    # for good (413, "send it in smaller parts", which a prefix cannot).
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for i in range(8):
+        s3_server.client().put_object(Bucket=s3_bucket, Key=f"in/{i}.jpg", Body=rig.jpeg("red"))
+    settings = Settings.from_env(
+        {},
+        redis_url="redis://unused/0",
+        s3_endpoint_url=s3_server.url,
+        s3_allow="*",
+        max_queued_images_per_key=5,
+    )
+    intake = Intake(settings, rig.r, rig.store, rig.blobs, Telemetry(rig.r), SentChunks())  # type: ignore[arg-type]
+    submitted = intake.submit_prefix("", f"s3://{s3_bucket}/in/", options=JobOptions("colours"))
+    assert submitted.accepted == 5
+    assert rig.store.get(submitted.job_id)["listing"]["state"] == "listing"  # the rest: the workers'
 
 
 def test_delete_leaves_nothing_of_the_job(rig: Any, intake: Intake) -> None:
