@@ -26,6 +26,7 @@ ECS and EC2 instance roles). The endpoint is ``BATCHVISION_S3_ENDPOINT_URL``, el
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import time
@@ -214,6 +215,12 @@ def _error(exc: BaseException, what: str) -> S3Error:
     raise exc
 
 
+def _with_content_md5(request: Any, **_: Any) -> None:
+    """Give a request the ``Content-MD5`` of its body (see :class:`S3`)."""
+    body = request.body if isinstance(request.body, bytes) else str(request.body or "").encode()
+    request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
 def _retry_without_a_budget(client: Any, max_attempts: int) -> None:
     """botocore's standard retries, with every call given all of its ``max_attempts``.
 
@@ -270,12 +277,20 @@ class S3:
             config=Config(
                 retries={"mode": "standard", "total_max_attempts": config.max_attempts},
                 s3={"addressing_style": style},
+                # Checksums only where the API requires them: many S3-compatible stores refuse
+                # the CRC32 trailers botocore adds to every upload by default.
+                request_checksum_calculation="when_required" if config.endpoint_url else "when_supported",
+                response_checksum_validation="when_required" if config.endpoint_url else "when_supported",
                 connect_timeout=config.connect_timeout_s,
                 read_timeout=config.read_timeout_s,
                 max_pool_connections=config.max_connections,
             ),
         )
         _retry_without_a_budget(self._client, config.max_attempts)
+        # DeleteObjects must carry a checksum; botocore sends a CRC32 where S3 used to get
+        # Content-MD5, which S3-compatible stores of before 2025 (MinIO, Ceph) still require
+        # (MissingContentMD5): every delete, and so every output prefix's test write, failed.
+        self._client.meta.events.register("before-sign.s3.DeleteObjects", _with_content_md5)
 
     @classmethod
     def from_settings(cls, s: Settings) -> S3:

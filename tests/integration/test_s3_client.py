@@ -4,9 +4,12 @@ throttling, and each failure's error code."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -150,6 +153,24 @@ def test_rows_of_a_written_part_whose_read_breaks_off_are_served_whole(
         assert proxy.hits and sum(proxy.hits.values()) == 1  # the cut happened
     assert [r.index for r in served] == list(range(5, 2000))
     assert served == rows[5:]
+
+
+def test_deletes_carry_the_content_md5_that_older_s3_compatible_stores_require(
+    s3_server: MotoServer, s3_bucket: str
+) -> None:
+    s3 = S3(S3Config(endpoint_url=s3_server.url))
+    s3.put(S3Url(s3_bucket, "x"), b"1")
+    sent: list[tuple[bytes, dict[str, str]]] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        sent.append((request.body, dict(request.headers)))
+
+    s3._client.meta.events.register("before-send.s3.DeleteObjects", capture)
+    s3.delete([S3Url(s3_bucket, "x")])
+    assert s3.head(S3Url(s3_bucket, "x")) is None
+    ((body, headers),) = sent
+    md5 = headers["Content-MD5"]  # the prepared request's headers: bytes
+    assert bytes(md5) == base64.b64encode(hashlib.md5(body).digest())
 
 
 def test_a_store_that_cannot_be_reached_is_a_transient_error_for_every_call(
