@@ -79,6 +79,8 @@ class RedisNode(LocalServer):
         bind: str = "127.0.0.1",
     ) -> None:
         self.port = port or free_port()
+        #: Whether the port was picked here (free when picked, not reserved), not given.
+        self.port_chosen = port is None
         self.password = password
         self.bind = bind
         super().__init__(data_dir, "batchvision-redis-")

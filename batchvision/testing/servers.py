@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 from typing import Self
 
 import redis
@@ -62,16 +61,6 @@ class RedisServer(ServerProcess, RedisNode):
     proc: subprocess.Popen[bytes] | None = None
     _started = False  # once started, the port is kept: clients hold the URL
 
-    def __init__(
-        self,
-        port: int | None = None,
-        data_dir: str | Path | None = None,
-        password: str = "",
-        bind: str = "127.0.0.1",
-    ) -> None:
-        super().__init__(port, data_dir, password, bind)
-        self._port_given = port is not None
-
     def start(self, timeout: float = 10.0, port_busy_s: float = 30.0) -> Self:
         """Start the server and wait until it answers PING.
 
@@ -97,7 +86,7 @@ class RedisServer(ServerProcess, RedisNode):
                 if not busy or time.monotonic() > deadline:
                     raise
                 self.proc = None
-                if self._started or self._port_given:
+                if self._started or not self.port_chosen:
                     time.sleep(0.5)
                 else:
                     self.port = free_port()

@@ -13,17 +13,13 @@ import struct
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
 import requests
 from PIL import Image
-
-from batchvision.cli.redis_server import free_port
-from batchvision.cli.runner import Service, Supervisor, cli_argv
-from batchvision.core.settings import Settings
-from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration]
 
@@ -78,31 +74,10 @@ def _archive() -> tuple[bytes, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def api(settings: Settings) -> Iterator[str]:
-    with RedisServer() as redis:  # closed however the API's start goes
-        s = settings.replace(
-            redis_url=redis.url,
-            api_port=free_port(),
-            api_workers=1,  # the health checks share the event loop of the bomb's request
-            max_image_pixels=LIMIT,
-            max_request_pixels=ACCEPTED * LIMIT,
-        )
-        sup = Supervisor(
-            [
-                Service(
-                    "api",
-                    cli_argv("api", "--host", "127.0.0.1"),
-                    s.to_env(include_secrets=True),
-                    health_url=f"http://127.0.0.1:{s.api_port}/healthz",
-                )
-            ]
-        )
-        try:
-            sup.start()
-            sup.wait_healthy(60)
-            yield f"http://127.0.0.1:{s.api_port}"
-        finally:
-            sup.stop()
+def api(api_alone: Callable[..., AbstractContextManager[Any]]) -> Iterator[str]:
+    # One gunicorn worker: the health checks share the event loop of the bomb's request.
+    with api_alone(api_workers=1, max_image_pixels=LIMIT, max_request_pixels=ACCEPTED * LIMIT) as alone:
+        yield alone.url
 
 
 class Poller:
