@@ -452,11 +452,11 @@ class DeadLettersStep:
 
 
 class SweeperStep:
-    """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`),
-    and sends the images of parts whose request failed before their chunks were recorded.
-    On RabbitMQ no message is lost that way; the sweep still re-sends chunks whose publish
-    failed after their job was stored, and only while no queue (the dead-letter queue
-    included) has a backlog."""
+    """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`;
+    on RabbitMQ none is lost that way, and the sweep runs only while no queue, the dead-letter
+    queue included, has a backlog), chunks marked failed (a task gave up on them, or the API
+    could not publish them), and the images of parts whose request failed before their chunks
+    were recorded."""
 
     name = "sweeper"
 

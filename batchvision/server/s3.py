@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -230,8 +231,6 @@ def _retry_without_a_budget(client: Any, max_attempts: int) -> None:
     prefix job's images ended as ``s3_throttled`` at the first ``SlowDown``, without a single
     backoff. Built as ``botocore.retries.standard.register_retry_handler`` builds it, with a
     budget that does not run out: each call's attempts and their backoff are the bound."""
-    import sys
-
     from botocore.retries import quota, standard
 
     name = client.meta.service_model.service_id.hyphenize()
