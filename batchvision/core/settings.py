@@ -272,7 +272,9 @@ class Settings(BaseSettings):
         200.0, "Highest compression ratio of a zip member (zip-bomb guard)."
     )
     sync_timeout_s: Annotated[float, Field(ge=0, le=3600)] = _field(
-        30.0, "Longest `POST /v1/classify` may wait (`?timeout=`)."
+        30.0,
+        "Longest `POST /v1/classify` (`?timeout=`), a long poll (`GET /v1/jobs/{id}?wait=`) or a "
+        "`/v2` inference may wait for its answer.",
     )
     api_port: Annotated[int, Field(ge=0, le=65535)] = _field(
         8000, "Port of the API (gunicorn) for `batchvision api` and `up`."

@@ -34,7 +34,7 @@ from batchvision.server.listing import read_page
 from batchvision.server.messages import Chunk, split
 from batchvision.server.outputs import output_fields
 from batchvision.server.queue import Enqueuer
-from batchvision.server.quotas import Quotas
+from batchvision.server.quotas import NO_HOLD, Hold, Quotas
 from batchvision.server.recovery import confirm_part, ledger_add, ledger_failed
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
@@ -334,17 +334,18 @@ class Intake:
         fit the queue, ``PermissionError`` for a sealed or canceled job, ``LookupError`` for
         one that is gone."""
         uploads = [Upload(key, url.relative(key), url_blob(f"s3://{url.bucket}/{key}")) for key in keys]
-        self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
-        return self._add(job_id, uploads, [None] * len(uploads)).accepted
+        with self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads)) as held:
+            return self._add(job_id, uploads, [None] * len(uploads), held=held).accepted
 
     def __post_init__(self) -> None:
         self.quotas = Quotas(self.redis, self.settings, self.telemetry, redis_blobs=self.blobs.pipelined)
 
-    def backpressure(self, owner: str, images: int = 0, nbytes: int = 0) -> None:
+    def backpressure(self, owner: str, images: int = 0, nbytes: int = 0) -> Hold:
         """Refuse new work when ``images`` images of ``nbytes`` bytes from ``owner`` do not fit
-        the queue now (``429``, with ``Retry-After``) or ever (``413``): see
+        the queue now (``429``, with ``Retry-After``) or ever (``413``); else hold them (a
+        context manager) until the writes that count them: see
         :class:`~batchvision.server.quotas.Quotas`."""
-        self.quotas.admit(owner, images, nbytes)
+        return self.quotas.admit(owner, images, nbytes)
 
     def options(
         self,
@@ -450,14 +451,16 @@ class Intake:
             raise InvalidImage(
                 f"none of the {len(uploads)} URLs can be fetched", code="no_valid_urls", details=details
             )
-        self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads))
         interactive = len(uploads) <= self.settings.interactive_max_images
 
         def more(pipe: Any, job_id: str) -> None:
             self.store.passthrough_on(pipe, job_id, passed, columns)
 
         fields = {**(callback or {}), **(output or {})}
-        return self._create(owner, uploads, problems, True, interactive, fields, options, claim, more)
+        with self.backpressure(owner, len(uploads), sum(len(u.data) for u in uploads)) as held:
+            return self._create(
+                owner, uploads, problems, True, interactive, fields, options, claim, more, held=held
+            )
 
     def submit(
         self,
@@ -489,18 +492,21 @@ class Intake:
             # ends, and its re-send (a resumed upload) finds the files already there.
             require_some_valid(uploads, problems)
         valid = [u for u, p in zip(uploads, problems, strict=True) if p is None]
-        if valid:  # a part of only bad files queues nothing: never a 429 (a new job has some)
-            self.backpressure(owner, len(valid), sum(len(u.data) for u in valid))
+        # A part of only bad files queues nothing: never a 429 (a new job has some).
+        held = self.backpressure(owner, len(valid), sum(len(u.data) for u in valid)) if valid else NO_HOLD
         # A small job sent whole is someone waiting: it goes ahead of bulk work. A large one
         # waits its turn among bulk work even when its client waits (POST /v1/classify): the
         # interactive lane is served first, and must not be a way around everyone's queue.
         interactive = (interactive or seal) and len(uploads) <= self.settings.interactive_max_images
-        if job_id is None:
-            done = self._create(owner, uploads, problems, seal, interactive, callback, options, claim)
-        else:
-            done = self._add(job_id, uploads, problems, interactive)
-            if seal:
-                self.store.seal(job_id)
+        with held:
+            if job_id is None:
+                done = self._create(
+                    owner, uploads, problems, seal, interactive, callback, options, claim, held=held
+                )
+            else:
+                done = self._add(job_id, uploads, problems, interactive, held=held)
+        if job_id is not None and seal:
+            self.store.seal(job_id)
         return Submitted(
             done.job_id, done.accepted, done.queued, done.rejected, done.duplicates, skipped_members(skipped)
         )
@@ -516,11 +522,14 @@ class Intake:
         options: JobOptions | None = None,
         claim: Claim | None = None,
         more: Callable[[Any, str], None] | None = None,
+        *,
+        held: Hold = NO_HOLD,
     ) -> Submitted:
         """A new job with all its files: job, files, blobs, refusals, seal, chunk ledger (and
         the ``Idempotency-Key``'s job) in one ``MULTI`` round trip, then the messages. (Keys are
         unique within a request, so file ``i`` is index ``i``.) ``more(pipe, job_id)``: more
-        writes of the same ``MULTI``, before the job's own."""
+        writes of the same ``MULTI``, before the job's own; ``held``: the admission's hold,
+        removed by the same ``MULTI`` that counts the images."""
         job_id = new_job_id()
         blobs: dict[int, bytes] = {}
         errors: list[tuple[int, Failure]] = []
@@ -555,9 +564,11 @@ class Intake:
                 sizes=[len(blobs[i]) if i in blobs else 0 for i in range(len(uploads))],
             )
             ledger_add(pipe, chunks, now)
+            held.release_on(pipe)
 
         try:
             commit(self.redis, claim, job_id, writes)
+            held.released()
         except BaseException:
             if not self.blobs.pipelined:
                 self._drop_uploads_of_no_job(job_id, sorted(blobs))
@@ -598,8 +609,11 @@ class Intake:
         uploads: list[Upload],
         problems: list[BatchvisionError | None],
         interactive: bool = False,
+        *,
+        held: Hold = NO_HOLD,
     ) -> Submitted:
-        """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name."""
+        """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name.
+        ``held``: the admission's hold, removed with the confirmation of the new images."""
         sizes = [len(u.data) if p is None else 0 for u, p in zip(uploads, problems, strict=True)]
         # Unconfirmed until the refusals and ledger entries below are written: a request that
         # fails before leaves its new images to a worker's recover_parts, not without a result.
@@ -641,7 +655,9 @@ class Intake:
             pipe = self.redis.pipeline()  # MULTI: the ledger entries and the confirmation together
             ledger_add(pipe, chunks, now)
             confirm_part(pipe, job_id, added)
+            held.release_on(pipe)
             pipe.execute()
+            held.released()
         self.blobs.put_many(job_id, blobs)
         if chunks:
             routing = self.store.routing_of(job_id)

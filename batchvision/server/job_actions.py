@@ -83,18 +83,20 @@ def retry(intake: Intake, job_id: str) -> Retry:
             gone = tuple(NotRequeued(i, failed[i].code, "input_expired") for i, n in sizes.items() if n == 0)
             if not held:
                 return Retry(0, gone)
-            intake.backpressure(owner or "", len(held), sum(n for _, n in held))
-            chunks = split(job_id, [i for i, _ in held], intake.settings.chunk_size)
-            now = round(time.time(), 3)
-            pipe.multi()
-            store.requeue(pipe, job_id, held)
-            ledger_add(pipe, chunks, now)
-            # The job lives on: so does its place in the owner's list.
-            index_job(pipe, owner or "", job_id, float(created), store.result_ttl_s + store.open_ttl_s)
-            try:
-                requeued = int(pipe.execute()[0])
-            except redis.WatchError:
-                continue  # the job changed meanwhile: read it again
+            with intake.backpressure(owner or "", len(held), sum(n for _, n in held)) as hold:
+                chunks = split(job_id, [i for i, _ in held], intake.settings.chunk_size)
+                now = round(time.time(), 3)
+                pipe.multi()
+                store.requeue(pipe, job_id, held)
+                ledger_add(pipe, chunks, now)
+                # The job lives on: so does its place in the owner's list.
+                index_job(pipe, owner or "", job_id, float(created), store.result_ttl_s + store.open_ttl_s)
+                hold.release_on(pipe)
+                try:
+                    requeued = int(pipe.execute()[0])
+                    hold.released()
+                except redis.WatchError:
+                    continue  # the job changed meanwhile: read it again
         if requeued <= 0:
             # The script found nothing to requeue (its checks repeat the ones above, for a change
             # WATCH cannot see, such as an expiry): the MULTI cannot depend on its reply, so the

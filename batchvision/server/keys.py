@@ -30,6 +30,8 @@ key                             what it holds
 ``bv:pending:bytes``            counter: bytes of accepted images without a result, over all jobs
 ``bv:quota``                    hash ``i:<owner>`` / ``b:<owner>`` -> one API key's images / bytes
                                 without a result (per-key quotas)
+``bv:quota:held``               sorted set ``<id>:<images>:<bytes>:<owner>`` -> when it lapses (ms):
+                                what admitted requests hold until their writes count it
 ``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
@@ -71,6 +73,8 @@ ACTIVE_PENDING = f"{PREFIX}:active:pending"
 PENDING_BYTES = f"{PREFIX}:pending:bytes"
 #: Per API key: ``i:<owner>`` images and ``b:<owner>`` bytes without a result.
 QUOTA = f"{PREFIX}:quota"
+#: Images and bytes admitted but not yet counted, one member per request (:mod:`~batchvision.server.quotas`).
+QUOTA_HELD = f"{PREFIX}:quota:held"
 #: ``KEYS`` of the release script (:data:`batchvision.server.lua.RELEASE`).
 RELEASE_KEYS = [ACTIVE, PENDING, ACTIVE_PENDING, PENDING_BYTES, QUOTA]
 BATCH_LOG = f"{PREFIX}:batches"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 
+from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 
 pytestmark = pytest.mark.integration
@@ -334,8 +335,11 @@ def test_bad_inputs_on_a_real_job(api_url: str) -> None:
 
 
 @pytest.mark.slow
-def test_schemathesis_every_check_finds_nothing(api_url: str, artifacts: Path) -> None:
+def test_schemathesis_every_check_finds_nothing(api_url: str, settings: Settings, artifacts: Path) -> None:
     report = artifacts / "schemathesis.txt"
+    # A long poll (`?wait=`, `?timeout=`) on a job that does not finish is answered after
+    # SYNC_TIMEOUT_S: the client must wait longer than that, or the answer races its timeout.
+    request_timeout = settings.sync_timeout_s + 30
     proc = subprocess.run(
         [
             str(Path(sys.executable).parent / "schemathesis"),
@@ -349,7 +353,7 @@ def test_schemathesis_every_check_finds_nothing(api_url: str, artifacts: Path) -
             "100",
             "--generation-deterministic",
             "--request-timeout",
-            "30",
+            str(request_timeout),
             "--max-failures",
             "20",
         ],

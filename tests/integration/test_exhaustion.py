@@ -23,10 +23,11 @@ from flask.testing import FlaskClient
 
 from api import create_app
 from api.services import Services
+from batchvision.core.errors import TooManyRequests
 from batchvision.core.results import Prediction
-from batchvision.core.settings import Settings
+from batchvision.core.settings import Settings, key_digest, owner_of
 from batchvision.core.synthetic import labelled_files
-from batchvision.server import failpoints, keys
+from batchvision.server import failpoints, keys, quotas
 from batchvision.server.intake import Upload
 from batchvision.testing.servers import RedisServer
 
@@ -141,6 +142,79 @@ def test_one_key_cannot_take_the_whole_queue(
     assert sorted(v for _, v in owners) == [3, 4] and accounts["pending"] == 7
     client.delete(f"/v1/jobs/{job}", headers=_auth(KEY_A))
     assert _post_images(client, KEY_A, _images(2, seed=2)).status_code == 202
+
+
+def test_a_request_admitted_but_not_yet_written_holds_its_share(
+    scratch_server: RedisServer,
+    flush: redis_lib.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_until: Callable[..., Any],
+) -> None:
+    """Concurrent requests of one key cannot all pass a quota that only their sum breaks: an
+    admitted request holds its images until the writes that count them, which remove the hold
+    (no image counted twice); a failed request gives it back, a dead one's lapses."""
+    settings = _settings(scratch_server, max_queued_images_per_key=4)
+    client = create_app(settings).test_client()
+    intake = Services.create(settings).intake
+    owner_a = owner_of(key_digest(KEY_A))
+    # A request of key A admitted for three images, not written yet (its uploads still being
+    # read, say): a second request of A that would go over the quota with them waits.
+    with intake.backpressure(owner_a, 3, 3_000):
+        refused = _post_images(client, KEY_A, _images(2))
+        assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "key_quota"
+        assert "has 3 images waiting" in refused.get_json()["error"]["message"]
+        assert _post_images(client, KEY_B, _images(4, seed=3)).status_code == 202  # not B's quota
+        assert flush.zcard(keys.QUOTA_HELD) == 1
+    assert flush.zcard(keys.QUOTA_HELD) == 0  # left without its writes: given back
+    # A process that dies while it holds: the hold lapses.
+    monkeypatch.setattr(quotas, "HOLD_LAPSE_S", 1)
+    intake.backpressure(owner_a, 4, 4_000)
+    assert _post_images(client, KEY_A, _images(1)).status_code == 429
+    wait_until(
+        lambda: _post_images(client, KEY_A, _images(1)).status_code == 202,
+        timeout=20,
+        message="the dead request's hold lapsed",
+    )
+    # Written requests count their images once: in the counters, their holds gone with the MULTI.
+    assert _post_images(client, KEY_A, _images(2, seed=2)).status_code == 202
+    opened = client.post("/v1/jobs", json={"expected": 2}, headers=_auth(KEY_A)).get_json()["job_id"]
+    part = {"files": [(io.BytesIO(b), n) for n, b in _images(1, seed=4)]}
+    added = client.post(f"/v1/jobs/{opened}/files", data=part, headers=_auth(KEY_A))
+    assert added.status_code == 202, added.get_json()
+    assert _accounts(flush)[f"i:{owner_a}"] == 4 and flush.zcard(keys.QUOTA_HELD) == 0
+    part = {"files": [(io.BytesIO(b), n) for n, b in _images(1, seed=5)]}
+    assert client.post(f"/v1/jobs/{opened}/files", data=part, headers=_auth(KEY_A)).status_code == 429
+    assert flush.zcard(keys.QUOTA_HELD) == 0
+
+
+def test_concurrent_requests_of_one_key_get_in_only_as_far_as_the_quota(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
+    """Ten requests of 60 images at once against a quota of 100, each through its own
+    connections: exactly one gets in, whatever the order (before admission held what it let in,
+    six to nine did)."""
+    settings = _settings(scratch_server, max_queued_images_per_key=100)
+    files = _images(60)
+    services = [Services.create(settings) for _ in range(10)]
+    start = threading.Barrier(len(services))
+    codes: list[str] = []
+
+    def submit(svc: Services, n: int) -> None:
+        uploads = [Upload(f"{n}/{name}", name, data) for name, data in files]
+        start.wait(30)
+        try:
+            svc.intake.submit(None, "owner", uploads, [], seal=True)
+            codes.append("accepted")
+        except TooManyRequests as err:
+            codes.append(err.code)
+
+    threads = [threading.Thread(target=submit, args=(svc, n)) for n, svc in enumerate(services)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(codes) == ["accepted"] + ["key_quota"] * 9
+    assert _accounts(flush)["i:owner"] == 60 and flush.zcard(keys.QUOTA_HELD) == 0
 
 
 def test_results_give_back_exactly_what_their_images_held(

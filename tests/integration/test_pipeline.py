@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,20 @@ def test_a_long_poll_answers_when_the_job_is_final(api_url: str) -> None:
     for bad in ("-1", "soon", "1e9"):
         resp = requests.get(f"{api_url}/v1/jobs/{job_id}?wait={bad}", timeout=10)
         assert resp.status_code == 400 and "'wait'" in resp.json()["error"]["message"], resp.text
+
+
+def test_a_long_poll_is_held_at_most_sync_timeout_s(
+    api_alone: Callable[..., AbstractContextManager[Any]],
+) -> None:
+    # The longest wait the contract allows (3600 s) on a job that cannot finish: the API
+    # answers after SYNC_TIMEOUT_S, so a client's timeout just above that is always enough.
+    with api_alone(sync_timeout_s=2) as api:
+        open_id = Client(api.url).open_job().job_id
+        started = time.monotonic()
+        resp = requests.get(f"{api.url}/v1/jobs/{open_id}?wait=3600", timeout=60)
+        held = time.monotonic() - started
+        assert resp.status_code == 200 and resp.json()["status"] == "queued", resp.text
+        assert 2 <= held < 30, held
 
 
 def test_raw_image_body_and_sync_classify(api_url: str) -> None:
