@@ -17,6 +17,13 @@ count: a reader that sees it sees whole files.
 stays ``pending``, ``out_error`` says why) until ``OUTPUT_RETRY_FOR_S``; access denied, a
 missing bucket or any other refusal ends as ``failed`` with the code. The job's own status does
 not change: its results are still served by ``/results`` until they expire.
+
+A job written in parts (a large prefix job) meets the same failures while it runs: a part that
+cannot be written is tried again with backoff (``out_error`` says why, ``op_attempts`` and
+``op_failed_at`` count the failures in a row), and meanwhile the listing waits
+(:mod:`~batchvision.server.listing`), so the results that could not leave Redis stay bounded.
+A refusal, or a store away past ``OUTPUT_RETRY_FOR_S``, cancels the job: it could never write
+its output, and would only fill Redis. Its end then records the output as the others'.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ log = logging.getLogger(__name__)
 
 #: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
 #: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
-#: untouched; ``later``: a job written in parts, due again at ARGV[4]), next due, error, files
-#: JSON, now.
+#: untouched; ``later``: a job written in parts, due again at ARGV[4], with an error if a part
+#: failed, which counts a failure in a row), next due, error, files JSON, now.
 RECORD = (
     IF_OURS
     + """
@@ -62,6 +69,13 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 if ARGV[3] == 'later' then
   redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+  if ARGV[5] ~= '' then  -- a part not written: one more failure in a row
+    redis.call('HINCRBY', KEYS[2], 'op_attempts', 1)
+    redis.call('HSETNX', KEYS[2], 'op_failed_at', ARGV[7])
+    redis.call('HSET', KEYS[2], 'out_error', ARGV[5])
+  elseif redis.call('HEXISTS', KEYS[2], 'op_attempts') == 1 then
+    redis.call('HDEL', KEYS[2], 'op_attempts', 'op_failed_at', 'out_error')
+  end
   return 1
 end
 redis.call('HINCRBY', KEYS[2], 'out_attempts', 1)
@@ -377,7 +391,9 @@ class Exporter(LeasedWorker):
 
         finished, parted = self.redis.hmget(JobKeys.of(job_id).job, ["finished_at", "part_rows"])
         if finished is None and parted is not None:
-            self._spill_parts(job_id, held)
+            failure = self._spill_parts(job_id, held)
+            if failure is not None:
+                return self._part_failed(job_id, held.score, failure)
             return self._write(job_id, held.score, LATER, now_ms() + PARTS_POLL_MS, "", "")
         if finished is None:
             # Gone, or running again (a retry): its output is queued anew when it finishes.
@@ -396,19 +412,37 @@ class Exporter(LeasedWorker):
         log.info("job %s: %d rows written to %s", job_id, manifest["rows"], files["manifest"])
         return self._write(job_id, held.score, "written", 0, "", json.dumps(files))
 
-    def _spill_parts(self, job_id: str, held: Lease) -> int:
+    def _spill_parts(self, job_id: str, held: Lease) -> S3Error | None:
         """Write the next parts of a running job written in parts that are complete (every
         image has a result, and the listing moved past them), each leaving Redis once written;
-        returns how many. Failures are logged: the next look tries again."""
-        count = 0
+        returns why one could not be written, if one could not."""
         try:
             while self.spill(job_id, held):
-                count += 1
+                pass
         except S3Error as exc:
-            log.warning("job %s: a part was not written (%s: %s); retrying", job_id, exc.code, exc.message)
-        except Exception:  # a surprise is retried at the next look, never the thread's end
+            return exc
+        except Exception as exc:  # Redis away, a surprise: tried again, never the thread's end
             log.exception("writing a part of job %s failed", job_id)
-        return count
+            return S3Error(f"writing a part failed: {exc}"[:500], code="s3_unavailable")
+        return None
+
+    def _part_failed(self, job_id: str, lease: int, exc: S3Error) -> str:
+        """A part of the running ``job_id`` not written: due again after a backoff, or, for a
+        refusal or a store away longer than the retry window, the job canceled."""
+        raw = self.redis.hmget(JobKeys.of(job_id).job, ["op_attempts", "op_failed_at"])
+        attempts = int(raw[0] or 0) + 1
+        since = float(raw[1] or time.time())
+        error = f"{exc.code}: {exc.message}"
+        if exc.transient and time.time() - since < self.retry_for_s:
+            log.warning("job %s: a part was not written (%s); retrying", job_id, error)
+            due = int((time.time() + backoff(attempts, RETRY_FIRST_S, RETRY_CAP_S)) * 1000)
+            return self._write(job_id, lease, LATER, due, error, "")
+        log.warning("job %s: a part cannot be written, the job is canceled: %s", job_id, error)
+        # The error first, while the lease is ours (the job's end queues its output anew); a
+        # worker killed before the cancel leaves the next look to fail and cancel again.
+        state = self._write(job_id, lease, LATER, now_ms() + PARTS_POLL_MS, error, "")
+        self.store.cancel(job_id)
+        return state
 
     def spill(self, job_id: str, held: Lease) -> bool:
         """Write the next part of the running job ``job_id`` if it is complete, then drop its

@@ -17,7 +17,8 @@ that page again at no cost.
 **Failures**: throttling and an unreachable store are retried with backoff
 (``ls_error`` says why) up to :data:`MAX_TRANSIENT` times in a row (about an hour); a full
 queue (``429``) waits
-for room and keeps the open job alive meanwhile. A refusal (access denied, the bucket deleted),
+for room and keeps the open job alive meanwhile, as does a job written in parts whose parts fall
+behind (the output store away: :mod:`~batchvision.server.exports`). A refusal (access denied, the bucket deleted),
 passing ``BATCHVISION_MAX_OBJECTS_PER_JOB``, or a prefix that turned out to hold no image
 cancels the job (its images so far get ``canceled`` results) with ``ls_state`` ``failed`` and
 the reason in ``ls_error``.
@@ -60,7 +61,7 @@ CANCELED = "canceled: the job was canceled before its listing ended"
 #: The job-hash fields a step reads.
 STEP_FIELDS = (
     *("ls_url", "ls_after", "ls_state", "ls_images", "ls_attempts"),
-    *("owner", "sealed", "cancel", "total", "done", "failed", "canceled"),
+    *("owner", "sealed", "cancel", "total", "done", "failed", "canceled", "part_rows", "spilled"),
 )
 #: How soon a listing that waits for the workers to catch up looks again (ms).
 AHEAD_WAIT_MS = 250
@@ -162,10 +163,11 @@ class Lister(LeasedWorker):
             return self._write(held, DONE, images=int(h["total"] or 0) - listed)
         url = S3Url.parse(h["ls_url"])
         waiting = int(h["total"] or 0) - sum(int(h[k] or 0) for k in ("done", "failed", "canceled"))
-        if waiting >= self.ahead:
-            # The workers have enough of this job in hand: list on once they caught up, so the
-            # job's share of Redis and the queue stays bounded whatever the prefix holds. The
-            # open job is kept alive meanwhile, as an added page would.
+        if waiting >= self.ahead or self._parts_behind(h):
+            # The workers have enough of this job in hand, or its output parts are behind: list
+            # on once they caught up, so the job's share of Redis and the queue stays bounded
+            # whatever the prefix holds. The open job is kept alive meanwhile, as an added page
+            # would.
             self.store.touch(job_id)
             return self._write(held, LISTING, due=now_ms() + AHEAD_WAIT_MS)
         try:
@@ -212,6 +214,17 @@ class Lister(LeasedWorker):
         self.store.seal(job_id)
         log.info("job %s: listing of %s done, %d images", job_id, url, listed + len(page.images))
         return self._write(held, DONE, page=page)
+
+    def _parts_behind(self, h: dict[str, str | None]) -> bool:
+        """Whether a job written in parts holds so many rows in Redis (those not written to a
+        part yet: waiting images and results) that its parts are not being written (the output
+        store away): in normal running a job holds fewer than ``ahead`` waiting images plus a
+        part being filled and a page."""
+        size = int(h["part_rows"] or 0)
+        if not size:
+            return False
+        in_redis = int(h["total"] or 0) - int(h["spilled"] or 0) * size
+        return in_redis >= self.ahead + 2 * size
 
     def _retry(self, held: Lease, attempts: int, error: str) -> str:
         due = now_ms() + int(backoff(attempts, 1.0, 60.0) * 1000)

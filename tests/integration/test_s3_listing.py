@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -392,3 +393,105 @@ def test_a_listing_outlasts_a_store_outage_of_minutes(
     state = store.redis.hmget(JobKeys.of(job_id).job, ["ls_state", "ls_attempts", "ls_error"])
     assert state[:2] == [LISTING.encode(), b"13"] and b"s3_unavailable" in state[2], state
     assert store.redis.zscore(keys.LISTINGS, job_id) is not None  # due again, later
+
+
+def _parted_job(store: JobStore, bucket: str, images: int, size: int, out: str = "out/") -> str:
+    """A running prefix job of ``images`` images, all listed, written in parts of ``size`` to
+    ``s3://bucket/out``."""
+    job_id = os.urandom(16).hex()
+    store.create(job_id, model="m")
+    store.add_files(job_id, [(f"in/{i:03d}.jpg", f"{i:03d}.jpg") for i in range(images)])
+    listed = {"ls_url": f"s3://{bucket}/in/", "ls_state": LISTING, "ls_images": images}
+    last = {"ls_after": f"in/{images - 1:03d}.jpg"}
+    fields = output_fields(f"s3://{bucket}/{out}", part_rows=size)
+    store.redis.hset(JobKeys.of(job_id).job, mapping={**fields, **listed, **last})
+    return job_id
+
+
+def _ok(store: JobStore, job_id: str, indexes: range) -> None:
+    store.record(job_id, [(i, Prediction(f"c{i}", i, 0.9, (), "m", 1)) for i in indexes])
+
+
+def test_a_part_the_store_cannot_take_is_retried_with_backoff_then_cancels_the_job(
+    store: JobStore, s3_server: MotoServer, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    r = store.redis
+    job_id = _parted_job(store, s3_bucket, 14, 4)
+    k = JobKeys.of(job_id)
+    _ok(store, job_id, range(8))  # parts 0 and 1 complete
+    down = S3(S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout_s=1))
+    up = S3(S3Config(endpoint_url=s3_server.url, max_attempts=1))
+    current = [down]
+    exporter = Exporter(r, store, lambda: current[0], ["csv"], retry_for_s=3600)
+
+    def export() -> tuple[str, float]:
+        r.zadd(keys.EXPORTS, {job_id: 5})  # held by this test (the lease a worker would take)
+        state = exporter.export(job_id, 5)
+        return state, (r.zscore(keys.EXPORTS, job_id) or 0) / 1000 - time.time()
+
+    # The store away: tried again after a pause that doubles, the reason in the document, the
+    # rows kept in Redis (the next part's rows were polled for again a second later, silently).
+    pauses = [export() for _ in range(3)]
+    assert [state for state, _ in pauses] == [LATER] * 3
+    assert 0.3 < pauses[0][1] <= 1.0 and 1.9 < pauses[2][1] <= 4.0, pauses
+    job = store.get(job_id)
+    assert job is not None and job["status"] == "running", job
+    assert job["output"]["state"] == "pending" and "s3_unavailable" in job["output"]["error"], job
+    assert r.hget(k.job, "spilled") is None and r.hlen(k.results) == 8
+    assert r.hget(k.job, "op_attempts") == b"3"
+    # Back: both parts written, the failures in a row forgotten.
+    current[0] = up
+    assert export()[0] == LATER and r.hget(k.job, "spilled") == b"2"
+    assert r.hmget(k.job, ["op_attempts", "op_failed_at", "out_error"]) == [None] * 3
+    # Away again, longer than OUTPUT_RETRY_FOR_S: the job is canceled (it could never write its
+    # output, only fill Redis); its images without a result get `canceled`.
+    current[0] = down
+    _ok(store, job_id, range(8, 12))
+    assert export()[0] == LATER
+    r.hset(k.job, "op_failed_at", f"{time.time() - 3601:.3f}")
+    assert export()[0] == LATER
+    job = store.get(job_id)
+    assert job is not None and job["status"] == "canceled" and job["canceled"] == 2, job
+    assert "s3_unavailable" in job["output"]["error"]
+    # A refusal (the output bucket gone) cancels at once.
+    current[0] = up
+    refused = _parted_job(store, f"{s3_bucket}-gone", 6, 2)
+    _ok(store, refused, range(2))
+    r.zadd(keys.EXPORTS, {refused: 5})
+    assert exporter.export(refused, 5) == LATER
+    job = store.get(refused)
+    assert job is not None and job["status"] == "canceled", job
+    assert job["output"]["error"].startswith("bucket_not_found"), job["output"]
+
+
+def test_the_listing_waits_while_the_parts_are_behind(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every image has its result, but no part could be written (the output store away): the
+    # listing must not add pages, whose results would only pile up in Redis.
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    r = store.redis
+    job_id = _parted_job(store, "bucket", 30, 4)
+    k = JobKeys.of(job_id)
+    _ok(store, job_id, range(30))
+    down = S3(S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout_s=1))
+
+    def never(*args: Any) -> int:
+        raise AssertionError("nothing can be listed: nothing can be added")
+
+    lister = Lister(r, store, lambda: down, never, page_size=10, max_images=100, ahead=10)
+    r.zadd(keys.LISTINGS, {job_id: 0})
+    assert lister.run_once()
+    # Held: not listed (no failed attempt), due again a little later.
+    state = r.hmget(k.job, ["ls_state", "ls_attempts", "ls_error"])
+    assert state[0] == LISTING.encode() and state[1] in (None, b"0") and not state[2], state
+    assert (r.zscore(keys.LISTINGS, job_id) or 0) > time.time() * 1000
+    # Four parts written (16 rows left Redis): 14 rows are fewer than LIST_AHEAD plus two
+    # parts, so the listing goes on (and meets the store away).
+    r.hset(k.job, "spilled", 4)
+    r.zadd(keys.LISTINGS, {job_id: 0})
+    assert lister.run_once()
+    assert r.hget(k.job, "ls_attempts") == b"1" and b"s3_unavailable" in (r.hget(k.job, "ls_error") or b"")
