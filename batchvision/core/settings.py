@@ -94,11 +94,14 @@ class Settings(BaseSettings):
         "for the workers: what one job holds in Redis and the queue stays bounded, whatever the "
         "size of the prefix.",
     )
-    output_part_rows: Annotated[int, Field(ge=0, le=10_000_000)] = _field(
+    # A part is read whole into the worker's memory and leaves Redis in one script, which blocks
+    # Redis while it runs (two arguments a row): the bound keeps both small.
+    output_part_rows: Annotated[int, Field(ge=0, le=100_000)] = _field(
         10_000,
         "A job made from an `s3://` prefix with an `output_url` writes its results in parts of "
         "this many rows while it runs (`<format>/part-NNNNN.<ext>` under the output prefix) when it "
-        "has more, and each part's results then leave Redis; 0: one file per format at the end.",
+        "has more, and each part's results then leave Redis; 0: one file per format at the end. "
+        "At most 100,000.",
     )
     output_formats: str = _field(
         "csv,jsonl,parquet",

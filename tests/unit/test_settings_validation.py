@@ -25,6 +25,7 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_BLOB_URL", "s3://My_Bucket/blobs/", "not a valid bucket name: 'My_Bucket'"),
         ("BATCHVISION_API_PORT", "70000", "less than or equal to 65535"),
         ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "less than or equal to 3600"),
+        ("BATCHVISION_OUTPUT_PART_ROWS", "1000000", "less than or equal to 100000"),
         ("BATCHVISION_QUEUE", "has space", "pattern"),
         ("BATCHVISION_MAX_COMPRESSION_RATIO", "1", "greater than 1"),
         # An entry that could never match would silently refuse every fetch as blocked_address.
