@@ -14,7 +14,7 @@ shows only when complete. ``_SUCCESS`` comes last and lists every file with its 
 count: a reader that sees it sees whole files.
 
 **Failures**: throttling and an unreachable store are retried with backoff (``out_state``
-stays ``pending``, ``out_error`` says why) until ``OUTPUT_RETRY_FOR_S``; access denied, a
+stays ``pending``, ``out_error`` says why) while results are kept (``RESULT_TTL_S``); access denied, a
 missing bucket or any other refusal ends as ``failed`` with the code. The job's own status does
 not change: its results are still served by ``/results`` until they expire.
 
@@ -22,7 +22,7 @@ A job written in parts (a large prefix job) meets the same failures while it run
 cannot be written is tried again with backoff (``out_error`` says why, ``op_attempts`` and
 ``op_failed_at`` count the failures in a row), and meanwhile the listing waits
 (:mod:`~batchvision.server.listing`), so the results that could not leave Redis stay bounded.
-A refusal, or a store away past ``OUTPUT_RETRY_FOR_S``, cancels the job: it could never write
+A refusal, or a store away longer than ``RESULT_TTL_S``, cancels the job: it could never write
 its output, and would only fill Redis. Its end then records the output as the others'.
 """
 
@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 #: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
 #: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
 #: untouched; ``later``: a job written in parts, due again at ARGV[4], with an error if a part
-#: failed, which counts a failure in a row), next due, error, files JSON, now.
+#: failed, which counts a failure in a row, the first if ARGV[6] is :data:`AFRESH`), next due,
+#: error, files JSON, now.
 RECORD = (
     IF_OURS
     + """
@@ -69,7 +70,8 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 if ARGV[3] == 'later' then
   redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
-  if ARGV[5] ~= '' then  -- a part not written: one more failure in a row
+  if ARGV[5] ~= '' then  -- a part not written: one more failure in a row (the first: 'afresh')
+    if ARGV[6] == 'afresh' then redis.call('HDEL', KEYS[2], 'op_attempts', 'op_failed_at') end
     redis.call('HINCRBY', KEYS[2], 'op_attempts', 1)
     redis.call('HSETNX', KEYS[2], 'op_failed_at', ARGV[7])
     redis.call('HSET', KEYS[2], 'out_error', ARGV[5])
@@ -97,6 +99,8 @@ RETRY_CAP_S = 300.0
 DROPPED = "dropped"
 #: What :meth:`Exporter.export` returns for a running job written in parts: due again soon.
 LATER = "later"
+#: RECORD's files argument for a part's failure after parts were written in the same look.
+AFRESH = "afresh"
 #: The job-hash fields that say whether a running job's next part can be written.
 PART_FIELDS = ("part_rows", "spilled", "ls_url", "ls_images", "ls_after", "out_url", "finished_at")
 #: How soon a running job written in parts is looked at again (ms).
@@ -131,6 +135,15 @@ FORMATS = {
 }
 #: Rows per Parquet row group (and between lease renewals).
 PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class PartFailure:
+    """Why a part of a running job was not written (``code: message``), and whether a later
+    try may succeed."""
+
+    error: str
+    transient: bool
 
 
 @dataclass(frozen=True)
@@ -391,9 +404,9 @@ class Exporter(LeasedWorker):
 
         finished, parted = self.redis.hmget(JobKeys.of(job_id).job, ["finished_at", "part_rows"])
         if finished is None and parted is not None:
-            failure = self._spill_parts(job_id, held)
+            written, failure = self._spill_parts(job_id, held)
             if failure is not None:
-                return self._part_failed(job_id, held.score, failure)
+                return self._part_failed(job_id, held.score, failure, afresh=written > 0)
             return self._write(job_id, held.score, LATER, now_ms() + PARTS_POLL_MS, "", "")
         if finished is None:
             # Gone, or running again (a retry): its output is queued anew when it finishes.
@@ -412,35 +425,40 @@ class Exporter(LeasedWorker):
         log.info("job %s: %d rows written to %s", job_id, manifest["rows"], files["manifest"])
         return self._write(job_id, held.score, "written", 0, "", json.dumps(files))
 
-    def _spill_parts(self, job_id: str, held: Lease) -> S3Error | None:
+    def _spill_parts(self, job_id: str, held: Lease) -> tuple[int, PartFailure | None]:
         """Write the next parts of a running job written in parts that are complete (every
         image has a result, and the listing moved past them), each leaving Redis once written;
-        returns why one could not be written, if one could not."""
+        returns how many it wrote, and why the next could not be written, if it could not."""
+        written = 0
         try:
             while self.spill(job_id, held):
-                pass
+                written += 1
         except S3Error as exc:
-            return exc
-        except Exception as exc:  # Redis away, a surprise: tried again, never the thread's end
+            return written, PartFailure(f"{exc.code}: {exc.message}", exc.transient)
+        except redis.RedisError as exc:  # Redis away a moment: tried again
+            return written, PartFailure(f"unavailable: {exc}"[:500], transient=True)
+        except Exception as exc:  # a surprise is this output's error, never the thread's end
             log.exception("writing a part of job %s failed", job_id)
-            return S3Error(f"writing a part failed: {exc}"[:500], code="s3_unavailable")
-        return None
+            return written, PartFailure(f"s3_error: writing a part failed: {exc}"[:500], transient=False)
+        return written, None
 
-    def _part_failed(self, job_id: str, lease: int, exc: S3Error) -> str:
+    def _part_failed(self, job_id: str, lease: int, failure: PartFailure, *, afresh: bool) -> str:
         """A part of the running ``job_id`` not written: due again after a backoff, or, for a
-        refusal or a store away longer than the retry window, the job canceled."""
+        refusal or a store away longer than the retry window, the job canceled. ``afresh``:
+        parts were written in the same look, so this is the first failure in a row."""
         raw = self.redis.hmget(JobKeys.of(job_id).job, ["op_attempts", "op_failed_at"])
-        attempts = int(raw[0] or 0) + 1
-        since = float(raw[1] or time.time())
-        error = f"{exc.code}: {exc.message}"
-        if exc.transient and time.time() - since < self.retry_for_s:
+        attempts = 1 if afresh else int(raw[0] or 0) + 1
+        since = time.time() if afresh else float(raw[1] or time.time())
+        error = failure.error
+        first = AFRESH if afresh else ""
+        if failure.transient and time.time() - since < self.retry_for_s:
             log.warning("job %s: a part was not written (%s); retrying", job_id, error)
             due = int((time.time() + backoff(attempts, RETRY_FIRST_S, RETRY_CAP_S)) * 1000)
-            return self._write(job_id, lease, LATER, due, error, "")
+            return self._write(job_id, lease, LATER, due, error, first)
         log.warning("job %s: a part cannot be written, the job is canceled: %s", job_id, error)
         # The error first, while the lease is ours (the job's end queues its output anew); a
         # worker killed before the cancel leaves the next look to fail and cancel again.
-        state = self._write(job_id, lease, LATER, now_ms() + PARTS_POLL_MS, error, "")
+        state = self._write(job_id, lease, LATER, now_ms() + PARTS_POLL_MS, error, first)
         self.store.cancel(job_id)
         return state
 

@@ -613,13 +613,14 @@ class Intake:
         held: Hold = NO_HOLD,
     ) -> Submitted:
         """Add uploads to a job: store blobs, record rejections, enqueue the rest by task name.
-        ``held``: the admission's hold, removed with the confirmation of the new images."""
+        ``held``: the admission's hold, removed once the job counts the new images."""
         sizes = [len(u.data) if p is None else 0 for u, p in zip(uploads, problems, strict=True)]
         # Unconfirmed until the refusals and ledger entries below are written: a request that
         # fails before leaves its new images to a worker's recover_parts, not without a result.
         indexed = self.store.add_files(
             job_id, [(u.key, u.filename) for u in uploads], sizes, unconfirmed=True
         )
+        held.release()  # the script counted the new images: the hold would count them twice
         # A file the job already has but that never got a result may be the victim of a request
         # that failed half-way (before its blob was stored): store and queue it again. One whose
         # upload is stored is on its way (its chunk was recorded first): not queued twice.
@@ -655,9 +656,7 @@ class Intake:
             pipe = self.redis.pipeline()  # MULTI: the ledger entries and the confirmation together
             ledger_add(pipe, chunks, now)
             confirm_part(pipe, job_id, added)
-            held.release_on(pipe)
             pipe.execute()
-            held.released()
         self.blobs.put_many(job_id, blobs)
         if chunks:
             routing = self.store.routing_of(job_id)

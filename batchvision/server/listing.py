@@ -16,12 +16,11 @@ that page again at no cost.
 
 **Failures**: throttling and an unreachable store are retried with backoff
 (``ls_error`` says why) up to :data:`MAX_TRANSIENT` times in a row (about an hour); a full
-queue (``429``) waits
-for room and keeps the open job alive meanwhile, as does a job written in parts whose parts fall
-behind (the output store away: :mod:`~batchvision.server.exports`). A refusal (access denied, the bucket deleted),
-passing ``BATCHVISION_MAX_OBJECTS_PER_JOB``, or a prefix that turned out to hold no image
-cancels the job (its images so far get ``canceled`` results) with ``ls_state`` ``failed`` and
-the reason in ``ls_error``.
+queue (``429``) waits for room and keeps the open job alive meanwhile, as does a job written in
+parts whose parts the output store does not take (:mod:`~batchvision.server.exports`). A
+refusal (access denied, the bucket deleted), passing ``BATCHVISION_MAX_OBJECTS_PER_JOB``, or a
+prefix that turned out to hold no image cancels the job (its images so far get ``canceled``
+results) with ``ls_state`` ``failed`` and the reason in ``ls_error``.
 
 Its job-hash fields and their document: :mod:`batchvision.server.sources`.
 """
@@ -61,7 +60,8 @@ CANCELED = "canceled: the job was canceled before its listing ended"
 #: The job-hash fields a step reads.
 STEP_FIELDS = (
     *("ls_url", "ls_after", "ls_state", "ls_images", "ls_attempts"),
-    *("owner", "sealed", "cancel", "total", "done", "failed", "canceled", "part_rows", "spilled"),
+    *("owner", "sealed", "cancel", "total", "done", "failed", "canceled"),
+    *("part_rows", "spilled", "op_attempts"),
 )
 #: How soon a listing that waits for the workers to catch up looks again (ms).
 AHEAD_WAIT_MS = 250
@@ -216,12 +216,13 @@ class Lister(LeasedWorker):
         return self._write(held, DONE, page=page)
 
     def _parts_behind(self, h: dict[str, str | None]) -> bool:
-        """Whether a job written in parts holds so many rows in Redis (those not written to a
-        part yet: waiting images and results) that its parts are not being written (the output
-        store away): in normal running a job holds fewer than ``ahead`` waiting images plus a
-        part being filled and a page."""
+        """Whether a job written in parts whose last part failed to be written (the output
+        store away) holds so many rows in Redis (those not written to a part yet: waiting
+        images and results) that listing on would only pile up more: in normal running a job
+        holds fewer than ``ahead`` waiting images plus a part being filled and a page. (A part
+        held back by one slow image is not a reason: the sweep re-sends a lost chunk.)"""
         size = int(h["part_rows"] or 0)
-        if not size:
+        if not size or not int(h["op_attempts"] or 0):
             return False
         in_redis = int(h["total"] or 0) - int(h["spilled"] or 0) * size
         return in_redis >= self.ahead + 2 * size

@@ -44,17 +44,20 @@ HOLD_LAPSE_S = 120
 
 log = logging.getLogger(__name__)
 
-#: Admit one request atomically. KEYS: pending, pending bytes, quota, held. ARGV: now (ms), when
-#: the hold lapses (ms), its member ``<id>:<images>:<bytes>:<owner>``, owner, images, bytes, then
-#: the limits (0: none): queued images, byte budget, images and bytes per key. Lapsed holds go
-#: first. Returns the load counted (images, bytes, the owner's images and bytes, the others'
+#: Admit one request atomically. KEYS: pending, pending bytes, quota, held. ARGV: how long the
+#: hold lasts (ms), its member ``<id>:<images>:<bytes>:<owner>``, owner, images, bytes, then the
+#: limits (0: none): queued images, byte budget, images and bytes per key. Lapsed holds go first
+#: (by Redis' clock, so a host whose clock is off neither drops others' holds nor keeps its
+#: own). Returns the load counted (images, bytes, the owner's images and bytes, the others'
 #: holds included) and 1 if the request fits (and now holds its images and bytes; nothing for a
 #: request of none), else 0. The checks are :meth:`Quotas._problem`'s, in its order.
 HOLD = """
-local now, lapse, member, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local images, bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lapse, member, owner = now + tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local images, bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_images, budget, key_images_max, key_bytes_max =
-  tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local all_i = tonumber(redis.call('GET', KEYS[1]) or '0')
 local all_b = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -180,12 +183,11 @@ class Quotas:
         (queued images, byte budget, images and bytes per key), with Redis' memory figures: one
         round trip. The hold is empty when they do not fit."""
         member = f"{uuid.uuid4().hex}:{images}:{nbytes}:{owner}"
-        now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
         pipe.info("memory")
         self._hold(
             keys=[keys.PENDING, keys.PENDING_BYTES, keys.QUOTA, keys.QUOTA_HELD],
-            args=[now_ms, now_ms + HOLD_LAPSE_S * 1000, member, owner, images, nbytes, *limits],
+            args=[HOLD_LAPSE_S * 1000, member, owner, images, nbytes, *limits],
             client=pipe,
         )
         info, (all_images, all_bytes, key_images, key_bytes, fits) = pipe.execute()

@@ -424,7 +424,11 @@ def test_a_part_the_store_cannot_take_is_retried_with_backoff_then_cancels_the_j
     down = S3(S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout_s=1))
     up = S3(S3Config(endpoint_url=s3_server.url, max_attempts=1))
     current = [down]
-    exporter = Exporter(r, store, lambda: current[0], ["csv"], retry_for_s=3600)
+
+    def s3() -> S3:  # one client a part: the first of several, then the last for good
+        return current.pop(0) if len(current) > 1 else current[0]
+
+    exporter = Exporter(r, store, s3, ["csv"], retry_for_s=3600)
 
     def export() -> tuple[str, float]:
         r.zadd(keys.EXPORTS, {job_id: 5})  # held by this test (the lease a worker would take)
@@ -441,13 +445,18 @@ def test_a_part_the_store_cannot_take_is_retried_with_backoff_then_cancels_the_j
     assert job["output"]["state"] == "pending" and "s3_unavailable" in job["output"]["error"], job
     assert r.hget(k.job, "spilled") is None and r.hlen(k.results) == 8
     assert r.hget(k.job, "op_attempts") == b"3"
-    # Back: both parts written, the failures in a row forgotten.
-    current[0] = up
+    # A look that writes a part before the next fails made progress: the count starts again.
+    current[:] = [up, down]
+    assert export()[0] == LATER and r.hget(k.job, "spilled") == b"1"
+    assert r.hget(k.job, "op_attempts") == b"1"
+    assert time.time() - float(r.hget(k.job, "op_failed_at") or 0) < 60
+    # Back: the other part written, the failures in a row forgotten.
+    current[:] = [up]
     assert export()[0] == LATER and r.hget(k.job, "spilled") == b"2"
     assert r.hmget(k.job, ["op_attempts", "op_failed_at", "out_error"]) == [None] * 3
-    # Away again, longer than OUTPUT_RETRY_FOR_S: the job is canceled (it could never write its
-    # output, only fill Redis); its images without a result get `canceled`.
-    current[0] = down
+    # Away again, longer than the retry window (the result TTL): the job is canceled (it could
+    # never write its output, only fill Redis); its images without a result get `canceled`.
+    current[:] = [down]
     _ok(store, job_id, range(8, 12))
     assert export()[0] == LATER
     r.hset(k.job, "op_failed_at", f"{time.time() - 3601:.3f}")
@@ -456,7 +465,7 @@ def test_a_part_the_store_cannot_take_is_retried_with_backoff_then_cancels_the_j
     assert job is not None and job["status"] == "canceled" and job["canceled"] == 2, job
     assert "s3_unavailable" in job["output"]["error"]
     # A refusal (the output bucket gone) cancels at once.
-    current[0] = up
+    current[:] = [up]
     refused = _parted_job(store, f"{s3_bucket}-gone", 6, 2)
     _ok(store, refused, range(2))
     r.zadd(keys.EXPORTS, {refused: 5})
@@ -469,8 +478,6 @@ def test_a_part_the_store_cannot_take_is_retried_with_backoff_then_cancels_the_j
 def test_the_listing_waits_while_the_parts_are_behind(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every image has its result, but no part could be written (the output store away): the
-    # listing must not add pages, whose results would only pile up in Redis.
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     r = store.redis
@@ -483,15 +490,23 @@ def test_the_listing_waits_while_the_parts_are_behind(
         raise AssertionError("nothing can be listed: nothing can be added")
 
     lister = Lister(r, store, lambda: down, never, page_size=10, max_images=100, ahead=10)
-    r.zadd(keys.LISTINGS, {job_id: 0})
-    assert lister.run_once()
-    # Held: not listed (no failed attempt), due again a little later.
-    state = r.hmget(k.job, ["ls_state", "ls_attempts", "ls_error"])
+
+    def step() -> list[bytes | None]:
+        r.zadd(keys.LISTINGS, {job_id: 0})
+        assert lister.run_once()
+        return r.hmget(k.job, ["ls_state", "ls_attempts", "ls_error"])
+
+    # 30 rows not written to a part (LIST_AHEAD 10 plus two parts of 4 is 18), but no part
+    # failed: a part held back by a slow image is no reason to wait. It lists (and meets the
+    # source store away).
+    assert step()[1] == b"1"
+    # A part failed to be written (the output store away): the listing must not add pages,
+    # whose results would only pile up in Redis. Held: no listing, due again a little later.
+    r.hset(k.job, "op_attempts", 1)
+    state = step()
     assert state[0] == LISTING.encode() and state[1] in (None, b"0") and not state[2], state
     assert (r.zscore(keys.LISTINGS, job_id) or 0) > time.time() * 1000
-    # Four parts written (16 rows left Redis): 14 rows are fewer than LIST_AHEAD plus two
-    # parts, so the listing goes on (and meets the store away).
+    # Four parts written since (16 rows left Redis): 14 rows are fewer than 18, it lists on.
     r.hset(k.job, "spilled", 4)
-    r.zadd(keys.LISTINGS, {job_id: 0})
-    assert lister.run_once()
-    assert r.hget(k.job, "ls_attempts") == b"1" and b"s3_unavailable" in (r.hget(k.job, "ls_error") or b"")
+    state = step()
+    assert state[1] == b"1" and b"s3_unavailable" in (state[2] or b""), state
