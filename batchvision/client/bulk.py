@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from batchvision.client.errors import ApiError
 from batchvision.core.documents import FileList, Job, JobAccepted, Rejection
 from batchvision.core.sniff import looks_like_image
 
@@ -116,13 +117,29 @@ def scan(paths: list[Path]) -> Scan:
     return out
 
 
-def parts(images: list[tuple[str, Path]], max_files: int, max_bytes: int) -> Iterator[list[tuple[str, Path]]]:
-    """Group files into upload parts bounded by count and bytes (one big file stands alone)."""
+@dataclass
+class PartLimit:
+    """How many files and bytes an upload part may hold. Lowered when the API, or a proxy in
+    front of it, refuses a part as too large (``413``): the rest of the upload is then sent in
+    parts that fit, instead of each being refused first."""
+
+    files: int
+    bytes: int
+
+    def refused(self, files: int, size: int) -> None:
+        """A part of ``files`` files and ``size`` bytes was refused as too large: at most half."""
+        self.files = max(1, min(self.files, files // 2))
+        self.bytes = max(1, min(self.bytes, size // 2))
+
+
+def parts(images: list[tuple[str, Path]], limit: PartLimit) -> Iterator[list[tuple[str, Path]]]:
+    """Group files into upload parts bounded by count and bytes (one big file stands alone),
+    each by the ``limit`` as it is when the part is formed."""
     part: list[tuple[str, Path]] = []
     size = 0
     for rel, path in images:
         n = path.stat().st_size
-        if part and (len(part) >= max_files or size + n > max_bytes):
+        if part and (len(part) >= limit.files or size + n > limit.bytes):
             yield part
             part, size = [], 0
         part.append((rel, path))
@@ -164,10 +181,34 @@ def submit_folder(
     if on_part is not None and have:
         on_part(len(found.images) - len(todo))
     rejected: list[Rejection] = []
-    for part in parts(todo, part_files, part_bytes):
-        files = [(rel, p.read_bytes()) for rel, p in part]
-        rejected += client.add_part(job_id, files).rejected
+    limit = PartLimit(part_files, part_bytes)
+    for part in parts(todo, limit):
+        rejected += _send_part(client, job_id, part, limit)
         if on_part is not None:
             on_part(len(part))
     sealed = client.seal(job_id)
     return FolderUpload(job_id, len(found.images), len(todo), found.skipped, rejected, sealed)
+
+
+def _send_part(
+    client: PartUploader, job_id: str, part: list[tuple[str, Path]], limit: PartLimit
+) -> list[Rejection]:
+    """Send one part. One refused as too large (``413``: the request size, the files per
+    request or the key's quota) lowers ``limit`` to half of it and goes again in parts within
+    the limit, as does a part formed before the limit fell; so an upload meets about one refusal
+    per halving. A single file that is too large raises."""
+    files = [(rel, p.read_bytes()) for rel, p in part]
+    size = sum(len(data) for _, data in files)
+    if len(part) > 1 and (len(part) > limit.files or size > limit.bytes):
+        del files
+        rejected: list[Rejection] = []
+        for piece in parts(part, limit):
+            rejected += _send_part(client, job_id, piece, limit)
+        return rejected
+    try:
+        return list(client.add_part(job_id, files).rejected)
+    except ApiError as exc:
+        if exc.status != 413 or len(part) < 2:
+            raise
+    limit.refused(len(part), size)
+    return _send_part(client, job_id, part, limit)

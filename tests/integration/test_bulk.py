@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -21,6 +23,7 @@ from PIL import Image
 from api import create_app
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import submit_folder
+from batchvision.core.documents import JobAccepted
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode, labelled_files
 from batchvision.server.connect import connect_redis
@@ -321,3 +324,41 @@ def test_a_part_of_only_broken_images_is_recorded_and_the_upload_ends(api_url: s
     assert rows[name].status == "ok"
     assert rows["broken.png"].error is not None and rows["huge.png"].error is not None
     assert rows["huge.png"].error.code == "too_many_pixels"
+
+
+def test_parts_refused_as_too_large_go_again_in_halves(
+    api_alone: Callable[..., AbstractContextManager[Any]], tmp_path: Path
+) -> None:
+    # A proxy or an API with a smaller body limit than the client's 32 MiB parts: the first part
+    # of 64 files (about 640 kB here) is refused with 413, and goes again in halves; the parts
+    # after it are formed small enough at once. Every image arrives once.
+    names = []
+    for name, data, _ in labelled_files(80, seed=4):
+        (tmp_path / name).write_bytes(data)
+        names.append(name)
+    with api_alone(max_request_bytes=200_000) as api:
+        client = Client(api.url)
+        refused: list[int] = []
+
+        class Watched(Client):  # the real client, counting the parts refused as too large
+            def add_part(self, job_id: str, files: Sequence[tuple[str, bytes]]) -> JobAccepted:
+                try:
+                    return super().add_part(job_id, files)
+                except ApiError as err:
+                    if err.status == 413:
+                        refused.append(len(files))
+                    raise
+
+        sent: list[int] = []
+        upload = submit_folder(Watched(api.url), [tmp_path], on_part=sent.append)
+        assert sorted(client.files(upload.job_id).files) == sorted(names)
+        assert (upload.sealed.total, sum(sent)) == (80, 80)
+        # One refusal a halving (of the files or the bytes), never one for every piece of every
+        # half: the pieces after a refusal are formed within the new limit.
+        assert refused[0] == 64 and len(refused) <= 4, refused
+        assert all(later < earlier for earlier, later in zip(refused, refused[1:], strict=False)), refused
+        # A single file over the limit cannot be split: the error says so.
+        (tmp_path / "huge.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300_000))
+        with pytest.raises(ApiError) as err:
+            submit_folder(client, [tmp_path / "huge.jpg"])
+        assert err.value.status == 413 and "200000 bytes" in str(err.value)

@@ -776,6 +776,39 @@ def test_a_file_too_large_for_a_request_is_refused_and_the_folder_goes_on(
     ctx.close()
 
 
+def test_parts_a_proxy_refuses_as_too_large_go_again_smaller(
+    browser: Browser, api_url: str, tmp_path: Path
+) -> None:
+    # A proxy in front of the API that takes at most 8 files a request (its body limit) and
+    # answers 413 in HTML: the page sends the refused part again in smaller parts, and each
+    # image arrives once.
+    root = tmp_path / "many"
+    truth = make_folder(root, 40, seed=67)
+    (root / "set1" / "broken.jpg").unlink()
+    ctx, page, watch = open_page(browser, api_url)
+    refused: list[int] = []
+    passed: list[int] = []
+
+    def proxy_limit(route: Route) -> None:
+        files = (route.request.post_data_buffer or b"").count(b'filename="')
+        if files > 8:
+            refused.append(files)
+            route.fulfill(status=413, content_type="text/html", body="<h1>413 Request Entity Too Large</h1>")
+        else:
+            passed.append(files)
+            route.continue_()
+
+    page.route("**/v1/jobs/*/files", proxy_limit)
+    page.set_input_files("#folder-input", str(root))
+    assert wait_finished(page) == "succeeded"
+    assert sorted(table_rows(page)) == sorted(truth)
+    assert sum(passed) == 40 and max(passed) <= 8, passed
+    # One refusal a halving (40, 20, then 10 files), never one for every piece of every half.
+    assert refused == [40, 20, 10], refused
+    watch.check()
+    ctx.close()
+
+
 def test_a_final_job_whose_results_keep_failing_is_asked_three_times(browser: Browser, api_url: str) -> None:
     job_id, _ = _finished_job(api_url, 2, seed=66)
     ctx, page, watch = open_page(browser, api_url)

@@ -17,20 +17,27 @@ export const IN_FLIGHT = 3;
 /**
  * Parts of `entries` bounded by count and bytes (one big file stands alone), formed lazily:
  * for a picked folder each `file.size` is a synchronous metadata lookup in Chromium, about
- * 0.15 ms, so sizing 10,000 files up front would freeze the page for seconds.
+ * 0.15 ms, so sizing 10,000 files up front would freeze the page for seconds. Each part is
+ * bounded by `limit` as it is when the part is formed (`refused` lowers it).
  */
-export function partsOf(entries, maxFiles = PART_FILES, maxBytes = PART_BYTES) {
+export function partsOf(entries, limit = { files: PART_FILES, bytes: PART_BYTES }) {
   let i = 0;
   return {
+    limit,
     get done() {
       return i >= entries.length;
+    },
+    /** A part of `files` files and `bytes` bytes was refused as too large: at most half. */
+    refused(files, bytes) {
+      limit.files = Math.max(1, Math.min(limit.files, Math.floor(files / 2)));
+      limit.bytes = Math.max(1, Math.min(limit.bytes, Math.floor(bytes / 2)));
     },
     next() {
       const part = [];
       let size = 0;
       while (i < entries.length) {
         const n = entries[i].file.size;
-        if (part.length && (part.length >= maxFiles || size + n > maxBytes)) break;
+        if (part.length && (part.length >= limit.files || size + n > limit.bytes)) break;
         part.push(entries[i++]);
         size += n;
       }
@@ -100,41 +107,57 @@ export async function uploadFolder(api, entries, opts = {}) {
       if (local.signal.aborted) return;
       if (skipped.length) onSkipped(skipped);
       if (!images.length) continue;
-      const jobId = await ensureJob();
-      const bytes = bytesOf(images);
-      const form = new FormData();
-      for (const e of images) form.append("files", e.file, e.path);
-      const key = {};
-      moving.set(key, [images.length, bytes, 0]);
-      try {
-        const body = await api.request("POST", `/v1/jobs/${jobId}/files`, {
-          form,
-          signal: local.signal,
-          onUploadProgress: (loaded, total) => {
-            moving.set(key, [images.length, bytes, total ? loaded / total : 0]);
-            report();
-          },
-        });
-        rejected.push(...(body?.rejected || []));
-      } catch (err) {
-        if (err instanceof ApiError && err.status === 422 && /^no_(valid_)?images$/.test(err.code)) {
-          for (const d of Array.isArray(err.details) ? err.details : []) {
-            refused.push({ filename: d.filename, code: d.code, message: d.message });
-          }
-        } else if (err instanceof ApiError && err.status === 413 && images.length === 1) {
-          // One file over what a request may carry (it stands alone in its part): that file is
-          // refused, the folder goes on. Sent again it would be refused again (Resume too).
-          refused.push({ filename: images[0].path, code: err.code, message: err.message });
-        } else {
-          throw err;
-        }
-      } finally {
-        moving.delete(key);
-      }
-      doneFiles += images.length;
-      doneBytes += bytes;
-      report();
+      await send(await ensureJob(), images);
     }
+  }
+  // One part. A part refused as too large (413: the API's or a proxy's body limit, the files a
+  // request may carry, the key's quota) lowers the limit to half of it and goes again in parts
+  // within the limit, as does a part formed before the limit fell: about one refusal a halving.
+  async function send(jobId, images) {
+    const bytes = bytesOf(images);
+    const { limit } = source;
+    if (images.length > 1 && (images.length > limit.files || bytes > limit.bytes)) {
+      const pieces = partsOf(images, limit);
+      while (!pieces.done) await send(jobId, pieces.next());
+      return;
+    }
+    const form = new FormData();
+    for (const e of images) form.append("files", e.file, e.path);
+    const key = {};
+    moving.set(key, [images.length, bytes, 0]);
+    try {
+      const body = await api.request("POST", `/v1/jobs/${jobId}/files`, {
+        form,
+        signal: local.signal,
+        onUploadProgress: (loaded, total) => {
+          moving.set(key, [images.length, bytes, total ? loaded / total : 0]);
+          report();
+        },
+      });
+      rejected.push(...(body?.rejected || []));
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 422 && /^no_(valid_)?images$/.test(err.code)) {
+        for (const d of Array.isArray(err.details) ? err.details : []) {
+          refused.push({ filename: d.filename, code: d.code, message: d.message });
+        }
+      } else if (err instanceof ApiError && err.status === 413 && images.length > 1) {
+        moving.delete(key);
+        source.refused(images.length, bytes);
+        await send(jobId, images);
+        return;
+      } else if (err instanceof ApiError && err.status === 413) {
+        // One file over what a request may carry (alone in its part): that file is refused,
+        // the folder goes on. Sent again it would be refused again (Resume too).
+        refused.push({ filename: images[0].path, code: err.code, message: err.message });
+      } else {
+        throw err;
+      }
+    } finally {
+      moving.delete(key);
+    }
+    doneFiles += images.length;
+    doneBytes += bytes;
+    report();
   }
   const workers = Array.from({ length: inFlight }, () =>
     worker().catch((err) => {
