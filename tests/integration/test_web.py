@@ -56,9 +56,9 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-def make_folder(root: Path, n: int, seed: int) -> dict[str, str]:
-    """``n`` images spread over nested folders, a text file and a truncated JPEG; returns
-    {relative path: true label} of the images."""
+def make_folder(root: Path, n: int, seed: int, *, broken: bool = True) -> dict[str, str]:
+    """``n`` images spread over nested folders, a text file and (``broken``) a truncated JPEG;
+    returns {relative path: true label} of the images."""
     labels = {}
     for i, (name, data, label) in enumerate(labelled_files(n, seed=seed)):
         rel = Path(f"set{i % 3}") / ("deep/er" if i % 4 == 1 else "deep" if i % 4 == 2 else "") / name
@@ -66,8 +66,9 @@ def make_folder(root: Path, n: int, seed: int) -> dict[str, str]:
         (root / rel).write_bytes(data)
         labels[rel.as_posix()] = label
     (root / "notes.txt").write_text("a text file: skipped in the browser, never uploaded\n")
-    _, jpeg, _ = next(labelled_files(1, seed=seed + 1))
-    (root / "set1" / "broken.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    if broken:
+        _, jpeg, _ = next(labelled_files(1, seed=seed + 1))
+        (root / "set1" / "broken.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     return labels
 
 
@@ -526,8 +527,7 @@ def test_api_keys_401_shown_key_kept_and_429_retried(
     browser: Browser, keyed_api: str, tmp_path: Path
 ) -> None:
     root = tmp_path / "keyed"
-    truth = make_folder(root, 12, seed=47)
-    (root / "set1" / "broken.jpg").unlink()
+    truth = make_folder(root, 12, seed=47, broken=False)
     ctx, page, watch = open_page(browser, keyed_api)
     # The API wants a key: the page asks for one.
     page.wait_for_selector("#key-section:not([hidden])")
@@ -601,8 +601,7 @@ def test_a_job_whose_creation_answer_was_lost_is_not_made_twice(
     # A proxy times out after the API made the job (504): the page tries again, with the same
     # Idempotency-Key, and gets that job back instead of opening a second one.
     root = tmp_path / "lost"
-    make_folder(root, 3, seed=48)
-    (root / "set1" / "broken.jpg").unlink(missing_ok=True)
+    make_folder(root, 3, seed=48, broken=False)
     ctx, page, watch = open_page(browser, api_url)
     made: list[tuple[str, str]] = []  # (Idempotency-Key, job id the API answered)
 
@@ -751,8 +750,7 @@ def test_a_file_too_large_for_a_request_is_refused_and_the_folder_goes_on(
     # Behind a proxy whose body limit is below the part size (the Ingress' proxy-body-size), a
     # file that stands alone in its part is answered 413: that file is refused, not the folder.
     root = tmp_path / "with-a-big-one"
-    truth = make_folder(root, 3, seed=65)
-    (root / "set1" / "broken.jpg").unlink()
+    truth = make_folder(root, 3, seed=65, broken=False)
     big = root / "big.png"
     with big.open("wb") as fh:  # a PNG by its first bytes, over a part's 32 MB: alone in its part
         fh.write(b"\x89PNG\r\n\x1a\n" + bytes(33 * 1024 * 1024))
@@ -783,8 +781,7 @@ def test_parts_a_proxy_refuses_as_too_large_go_again_smaller(
     # answers 413 in HTML: the page sends the refused part again in smaller parts, and each
     # image arrives once.
     root = tmp_path / "many"
-    truth = make_folder(root, 40, seed=67)
-    (root / "set1" / "broken.jpg").unlink()
+    truth = make_folder(root, 40, seed=67, broken=False)
     ctx, page, watch = open_page(browser, api_url)
     refused: list[int] = []
     passed: list[int] = []
