@@ -197,14 +197,13 @@ def _send_part(
     request or the key's quota) lowers ``limit`` to half of it and goes again in parts within
     the limit, as does a part formed before the limit fell; so an upload meets about one refusal
     per halving. A single file that is too large raises."""
-    files = [(rel, p.read_bytes()) for rel, p in part]
-    size = sum(len(data) for _, data in files)
+    size = sum(p.stat().st_size for _, p in part)
     if len(part) > 1 and (len(part) > limit.files or size > limit.bytes):
-        del files
         rejected: list[Rejection] = []
         for piece in parts(part, limit):
             rejected += _send_part(client, job_id, piece, limit)
         return rejected
+    files = [(rel, p.read_bytes()) for rel, p in part]
     try:
         return list(client.add_part(job_id, files).rejected)
     except ApiError as exc:
