@@ -54,6 +54,11 @@ QUEUE_WAIT = Histogram(
     ["model"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
+PARKED = Gauge(
+    "batchvision_worker_parked_chunks",
+    "Chunks of image URLs this worker parked because their API key runs its share of them "
+    "already (FETCH_PER_KEY); each is published again when one of its key's chunks is done.",
+)
 MODEL_LOAD = Gauge(
     "batchvision_model_load_seconds", "Seconds it took to load and warm up the models at start."
 )

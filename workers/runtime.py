@@ -307,6 +307,7 @@ class ProcessorStep:
             on_decode=metrics.DECODE.observe,
             on_recorded=metrics.observe_recorded,
         )
+        metrics.PARKED.set_function(self._processor.parked)
 
     @property
     def processor(self) -> ChunkProcessor:

@@ -240,27 +240,39 @@ class Admission:
             return len(self._urgent), sum(len(line) for line in self._tiers.values())
 
     @contextlib.contextmanager
-    def admit(self, n: int, urgent: bool = False, tier: Tier = Tier.NORMAL) -> Iterator[None]:
-        """Hold ``n`` slots for the duration of the ``with`` block (``tier``: of a bulk request)."""
+    def admit(self, n: int, urgent: bool = False, tier: Tier = Tier.NORMAL) -> Iterator[Places]:
+        """Hold ``n`` slots for the duration of the ``with`` block (``tier``: of a bulk request).
+        The yielded :class:`Places` gives slots back early and takes them again."""
+        self._enter(n, urgent, tier)
+        places = Places(self, n, urgent, tier)
+        try:
+            yield places
+        finally:
+            with self._cond:
+                self.held -= places.held
+                places.held, places.closed = 0, True
+                self._cond.notify_all()
+
+    def _enter(self, n: int, urgent: bool, tier: Tier, wait_s: float | None = None) -> None:
+        """Wait for the turn of a request of ``n`` slots (at most ``wait_s``: then it goes in
+        over the limit), then hold them."""
         ticket = object()
         line = self._urgent if urgent else self._tiers[tier]
+        until = None if wait_s is None else time.monotonic() + wait_s
         with self._cond:
             line.append(ticket)
             try:
                 while not self._may_enter(ticket, n):
-                    self._cond.wait()
+                    left = None if until is None else until - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
                 if not urgent:
                     self._turns.take(self._active(), used_by=tier)
             finally:
                 line.remove(ticket)
                 self._cond.notify_all()
             self.held += n
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.held -= n
-                self._cond.notify_all()
 
     def _active(self) -> list[Tier]:
         return [t for t, line in self._tiers.items() if line]
@@ -274,3 +286,60 @@ class Admission:
 
     def _may_enter(self, ticket: object, n: int) -> bool:
         return self._next() is ticket and (self.held == 0 or self.held + n <= self.limit)
+
+
+class Places:
+    """The slots one :meth:`Admission.admit` holds. An image that will wait a long time for
+    something other than this worker (a URL being fetched) gives its slot back with
+    :meth:`lend` and takes one again with :meth:`take` once it is ready to decode, so slow
+    servers hold no slot the other requests could use; an image whose result is known gives
+    its slot back at once."""
+
+    #: The longest :meth:`take` waits in line before it goes in over the limit. What it
+    #: takes a slot for is in memory already (fetched bytes, on one of a bounded number of
+    #: fetch threads), and a wait without end could close a circle: slots held by requests
+    #: that wait, themselves, for images waiting here.
+    TAKE_WAIT_S = 2.0
+
+    def __init__(self, admission: Admission, held: int, urgent: bool, tier: Tier) -> None:
+        self._admission = admission
+        self.held = held
+        self._urgent = urgent
+        self._tier = tier
+        #: the ``with`` block ended: slots taken now are given back at once
+        self.closed = False
+
+    def lend(self, n: int = 1) -> None:
+        """Give ``n`` of the held slots back now."""
+        adm = self._admission
+        with adm._cond:
+            n = min(n, self.held)
+            self.held -= n
+            adm.held -= n
+            adm._cond.notify_all()
+
+    def take(self, n: int = 1) -> None:
+        """Wait for ``n`` slots again, in line with new requests of the same urgency and tier
+        (at most :attr:`TAKE_WAIT_S`)."""
+        adm = self._admission
+        adm._enter(n, self._urgent, self._tier, self.TAKE_WAIT_S)
+        with adm._cond:
+            if self.closed:  # late (its request failed meanwhile): nobody would give them back
+                adm.held -= n
+                adm._cond.notify_all()
+            else:
+                self.held += n
+
+
+class Uncounted(Places):
+    """Places of work that runs outside the admission (a suspect image, alone): lending and
+    taking change nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(Admission(1), 0, True, Tier.NORMAL)
+
+    def lend(self, n: int = 1) -> None:
+        pass
+
+    def take(self, n: int = 1) -> None:
+        pass

@@ -189,7 +189,8 @@ class Settings(BaseSettings):
     max_inflight_images: Annotated[int, Field(ge=0, le=1_000_000)] = _field(
         0,
         "Images a worker decodes or holds for the model at once, interactive chunks first "
-        "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued.",
+        "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued. "
+        "An image URL holds no place while it is fetched.",
     )
     decode_threads: Annotated[int, Field(ge=0, le=256)] = _field(
         0,
@@ -417,9 +418,10 @@ class Settings(BaseSettings):
     )
     fetch_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
         4,
-        "Image URLs of one API key that a worker process fetches at the same time; the key's "
-        "other URLs wait, so slow servers of one key never hold every fetch thread (without API "
-        "keys there is one tenant and no limit).",
+        "Image URLs of one API key that a worker process fetches at the same time, and chunks "
+        "of URLs of one key it runs at once (more wait parked, holding no task thread); the "
+        "key's other URLs wait, so slow servers of one key never hold every fetch thread or "
+        "task thread (without API keys there is one tenant and no limit).",
     )
     webhook_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
         2,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from batchvision.core.batching import Admission, BatcherClosed
+from batchvision.core.batching import Admission, BatcherClosed, Places, Uncounted
 from batchvision.core.errors import BatchvisionError, InvalidImage
 from batchvision.core.imaging import decode_image, inspect_image
 from batchvision.core.model_refs import JobOptions
@@ -36,6 +36,7 @@ from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
 from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
+from batchvision.server.parking import Parked, Parking
 from batchvision.server.recovery import ledger_done, ledger_started
 from batchvision.server.s3 import S3, S3Error, S3Url, TransientS3Error, is_s3_url
 from batchvision.server.store import Counts, JobStore
@@ -98,6 +99,21 @@ class ChunkStats:
             "failed": self.failed,
             "skipped": self.skipped,
         }
+
+
+@dataclass
+class _Read:
+    """The blobs of a message's chunks (``None``: expired), a result for each image the blob
+    store refused, and the API key of each chunk that has URLs (``""`` for the others)."""
+
+    blobs: list[Sequence[bytes | None]]
+    results: list[dict[int, ImageResult]]
+    owners: list[str] | None = None
+
+    def only(self, keep: Sequence[int]) -> _Read:
+        """The chunks at positions ``keep``."""
+        owners = None if self.owners is None else [self.owners[n] for n in keep]
+        return _Read([self.blobs[n] for n in keep], [self.results[n] for n in keep], owners)
 
 
 @dataclass
@@ -179,13 +195,16 @@ class ChunkProcessor:
     _admission: Admission = field(init=False, repr=False)
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
     _fetch_pool: FairPool = field(init=False, repr=False)
+    _parking: Parking = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._admission = Admission(max(1, self.limits.max_inflight_images), self.limits.priority_ratio)
         self._decoder = ThreadPoolExecutor(max(1, self.limits.decode_threads), thread_name_prefix="decode")
         self._fetch_pool = FairPool(self.limits.fetch_threads, self.limits.fetch_per_key)
+        self._parking = Parking(self.limits.fetch_per_key)
 
     def close(self) -> None:
+        self._publish(self._parking.drain())
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown()
         if self.fetcher is not None:
@@ -198,10 +217,14 @@ class ChunkProcessor:
         Raises :class:`redis.exceptions.OutOfMemoryError` (among Redis' errors) when Redis
         refused to store results: nothing of the refused chunks was deleted, so a retry, or
         the sweeper, finishes them."""
-        with self._admission.admit(message.images, message.interactive, tier_of(message.priority)):
-            return self._process(message, retries)
+        with self._admission.admit(message.images, message.interactive, tier_of(message.priority)) as places:
+            return self._process(message, retries, places)
 
-    def _process(self, message: ClassifyMessage, retries: int) -> ChunkStats:
+    def parked(self) -> int:
+        """Chunks of URLs parked for their key's turn (see :mod:`~batchvision.server.parking`)."""
+        return self._parking.parked()
+
+    def _process(self, message: ClassifyMessage, retries: int, places: Places) -> ChunkStats:
         chunks, urgent, enqueued_at = message.chunks, message.interactive, message.enqueued_at
         stats = ChunkStats(message.jobs)
         claims = self.claims.claim_many(chunks, also=lambda pipe: ledger_started(pipe, chunks))
@@ -245,16 +268,79 @@ class ChunkProcessor:
                     chunk.first,
                     claim.deliveries,
                 )
+        # Only the images classified together hold places; the others' results are known, or
+        # (suspects) they run one at a time outside the admission.
+        places.lend(message.images - sum(len(todo) for _, todo, _ in fresh))
         if fresh:
             wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
-            with self._gate.shared():
-                results = self._classify(wanted, enqueued_at, urgent, [r for _, _, r in fresh])
+            read = self._read(wanted)
+            read.owners = self._owners(wanted, read.blobs)
+            parked, entered = self._park(fresh, read.owners, message, places)
+            if parked:
+                done = [o for o in done if id(o) not in parked]
+                keep = [n for n, (o, _, _) in enumerate(fresh) if id(o) not in parked]
+                fresh, wanted = [fresh[n] for n in keep], [wanted[n] for n in keep]
+                read = read.only(keep)
+            try:
+                with self._gate.shared():
+                    results = self._classify(
+                        wanted, enqueued_at, urgent, [r for _, _, r in fresh], places, read
+                    )
+            finally:
+                for owner in entered:
+                    self._publish(self._parking.leave(owner))
             for (outcome, _, _), res in zip(fresh, results, strict=True):
                 outcome.results = res
         self._store(done, [o.chunk for o in done], stats)
         for chunk, todo, route in suspects:
             self._isolate(chunk, todo, enqueued_at, urgent, stats, route)
         return stats
+
+    def _park(
+        self,
+        fresh: Sequence[tuple[_Outcome, list[int], Route]],
+        owners: Sequence[str],
+        message: ClassifyMessage,
+        places: Places,
+    ) -> tuple[set[int], list[str]]:
+        """Park the chunks of URLs whose key runs its share of them already (see
+        :mod:`~batchvision.server.parking`): the ``id`` of each parked outcome, and the keys
+        of the chunks that run, each to :meth:`Parking.leave` once. A parked chunk was no
+        delivery, and its images give their admission places back."""
+        parked: set[int] = set()
+        entered: list[str] = []
+        if self.hand_on is None:  # nowhere to publish them again: every chunk runs here
+            return parked, entered
+        for (outcome, todo, (_, options)), owner in zip(fresh, owners, strict=True):
+            item = Parked(outcome.chunk, owner, outcome.model, message.interactive, options.priority)
+            if self._parking.enter(item):
+                entered.append(owner)
+                continue
+            self.claims.unclaim(outcome.chunk)
+            places.lend(len(todo))
+            parked.add(id(outcome))
+            log.info(
+                "job %s chunk %d parked: its key runs %d chunks of URLs here already",
+                outcome.chunk.job_id,
+                outcome.chunk.first,
+                self._parking.per_key,
+            )
+        return parked, entered
+
+    def _publish(self, items: Sequence[Parked]) -> None:
+        """Send parked chunks to their queue again (a failure leaves them to the sweep: they
+        are in the ledger)."""
+        for item in items:
+            try:
+                if self.hand_on is not None:
+                    self.hand_on(item.chunk, item.model, item.urgent, item.priority)
+            except Exception:  # noqa: BLE001 - the broker is away: the sweep re-sends the chunk
+                log.warning(
+                    "could not publish parked chunk %s:%d again; the sweep will",
+                    item.chunk.job_id,
+                    item.chunk.first,
+                    exc_info=True,
+                )
 
     def _route(self, options: JobOptions) -> Route | BatchvisionError | None:
         """The lane for a job's options (``None``: the model is not served here)."""
@@ -305,7 +391,7 @@ class ChunkProcessor:
                     self._store([_Outcome(one, poison, route[1].model)], [], stats)
                     continue
                 try:
-                    results = self._classify([one], enqueued_at, urgent, [route])[0]
+                    results = self._classify([one], enqueued_at, urgent, [route], Uncounted())[0]
                     self._store([_Outcome(one, results, route[1].model)], [], stats)
                 except BaseException:
                     # Caught, so this process did not die on the image (the blob store or Redis
@@ -325,32 +411,34 @@ class ChunkProcessor:
         enqueued_at: float | None,
         urgent: bool,
         routes: Sequence[Route],
+        places: Places,
+        read: _Read | None = None,
     ) -> list[dict[int, ImageResult]]:
         """Decode and classify the images of ``wanted`` together, each chunk in its route's
-        lane with its options; one result dict per chunk."""
-        results: list[dict[int, ImageResult]] = [{} for _ in wanted]
-        try:
-            blobs: Sequence[Sequence[bytes | None]] = self.blobs.get_batch(
-                [(c.job_id, c.indexes) for c in wanted]
-            )
-        except S3Error as exc:
-            _retry_if_passing(exc)
-            # The store refuses an object (access denied...): read them one by one, so that
-            # each refused image says so and the others go on (a message that failed instead
-            # would fail until its images counted as poison).
-            blobs = [self._read_each(c, results[n]) for n, c in enumerate(wanted)]
-        owners = self._owners(wanted, blobs)
+        lane with its options; one result dict per chunk. ``read``: their blobs, if read
+        already.
+
+        An image holds its admission place (of ``places``) only while it is decoded or waits
+        for the model: a URL's while it is fetched and an image's whose result is known are
+        given back, so images that wait on something else never hold every place (and a
+        fetched URL waiting for a place never waits on its own message's finished images)."""
+        if read is None:
+            read = self._read(wanted)
+        results, blobs = read.results, read.blobs
+        owners = read.owners if read.owners is not None else self._owners(wanted, blobs)
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
         for n, (chunk, data) in enumerate(zip(wanted, blobs, strict=True)):
             for i, blob in zip(chunk.indexes, data, strict=True):
                 if i in results[n]:  # refused by the blob store
+                    places.lend()
                     continue
                 if blob is None:
+                    places.lend()
                     results[n][i] = error_result(
                         "upload_expired", "the upload expired before it was classified"
                     )
                 else:
-                    decoded.append((n, i, self._prepare(blob, routes[n][0].input_size, owners[n])))
+                    decoded.append((n, i, self._prepare(blob, routes[n][0].input_size, places, owners[n])))
         predicted: list[tuple[int, int, Future[Any]]] = []
         where = {fut: (n, i) for n, i, fut in decoded}
         # One reservation per lane (a message holds one model's chunks; pinned versions of it
@@ -370,8 +458,11 @@ class ChunkProcessor:
                     continue
                 tag = (wanted[n].job_id, enqueued_at)
                 try:
-                    predicted.append((n, i, slots[id(routes[n][0])].submit(image, tag=tag, urgent=urgent)))
+                    out = slots[id(routes[n][0])].submit(image, tag=tag, urgent=urgent)
+                    out.add_done_callback(lambda _: places.lend())
+                    predicted.append((n, i, out))
                 except BatcherClosed:  # its pinned version was unloaded meanwhile to make room
+                    places.lend()
                     results[n][i] = error_result(
                         "model_busy",
                         "the model version was unloaded while this image waited: retry it "
@@ -390,6 +481,21 @@ class ChunkProcessor:
             except BatchvisionError as exc:
                 results[n][i] = error_result(exc.code, exc.message)
         return results
+
+    def _read(self, wanted: Sequence[Chunk]) -> _Read:
+        """The blobs of ``wanted``, in one round trip where the store allows."""
+        results: list[dict[int, ImageResult]] = [{} for _ in wanted]
+        try:
+            blobs: Sequence[Sequence[bytes | None]] = self.blobs.get_batch(
+                [(c.job_id, c.indexes) for c in wanted]
+            )
+        except S3Error as exc:
+            _retry_if_passing(exc)
+            # The store refuses an object (access denied...): read them one by one, so that
+            # each refused image says so and the others go on (a message that failed instead
+            # would fail until its images counted as poison).
+            blobs = [self._read_each(c, results[n]) for n, c in enumerate(wanted)]
+        return _Read(list(blobs), results)
 
     def _read_each(self, chunk: Chunk, results: dict[int, ImageResult]) -> list[bytes | None]:
         """The chunk's uploads read one at a time; a refused one is its image's error (in
@@ -419,13 +525,15 @@ class ChunkProcessor:
         return owners
 
     def _prepare(
-        self, blob: bytes, size: tuple[int, int], owner: str = ""
+        self, blob: bytes, size: tuple[int, int], places: Places, owner: str = ""
     ) -> Future[np.ndarray | BatchvisionError]:
         """Decode an uploaded image; fetch, then decode, an image named by URL (to ``size``;
-        ``owner``: the key whose turn the fetch takes)."""
+        ``owner``: the key whose turn the fetch takes). The URL's admission place is given
+        back while it is fetched, and taken again before it is decoded: slow servers of one
+        key hold no place another key's images could use."""
         url = blob_url(blob)
         if url is None:
-            return self._decoder.submit(self._decode, blob, size)
+            return self._decoded(blob, size, places)
         out: Future[np.ndarray | BatchvisionError] = Future()
 
         def fetched(f: Future[bytes | BatchvisionError]) -> None:
@@ -434,12 +542,28 @@ class ChunkProcessor:
                 if isinstance(data, BatchvisionError):
                     out.set_result(data)
                     return
-                self._decoder.submit(self._decode, data, size).add_done_callback(lambda g: _relay(g, out))
+                places.take()  # (on a fetch thread: the fetched bytes wait here, bounded by the pool)
+                self._decoded(data, size, places).add_done_callback(lambda g: _relay(g, out))
             except BaseException as exc:  # canceled at shutdown, or a pool already closed
                 out.set_exception(exc)
 
+        places.lend()
         self._fetch_pool.submit(owner, self._fetch, url).add_done_callback(fetched)
         return out
+
+    def _decoded(
+        self, data: bytes, size: tuple[int, int], places: Places
+    ) -> Future[np.ndarray | BatchvisionError]:
+        """``data`` decoded on the decode pool; an image that fails to decode gives its
+        admission place back."""
+
+        def failed(f: Future[np.ndarray | BatchvisionError]) -> None:
+            if f.cancelled() or f.exception() is not None or isinstance(f.result(), BatchvisionError):
+                places.lend()
+
+        fut = self._decoder.submit(self._decode, data, size)
+        fut.add_done_callback(failed)
+        return fut
 
     def _fetch(self, url: str) -> bytes | BatchvisionError:
         if is_s3_url(url):

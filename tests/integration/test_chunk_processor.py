@@ -10,6 +10,7 @@ or the upload (undecodable, expired).
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -25,6 +26,7 @@ from batchvision.core.imaging import decode_image
 from batchvision.core.results import error_result
 from batchvision.server import keys
 from batchvision.server.blobs import FileBlobs
+from batchvision.server.fetch import url_blob
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.store import Counts
@@ -407,3 +409,120 @@ def test_a_full_redis_still_deletes_jobs_and_releases_expired_uploads(
     assert full_redis.zscore(keys.ACTIVE, "gone") is None
     assert rig.store.remove("j", "") is True
     assert telemetry.pending_images() == 0 and rig.store.get("j") is None
+
+
+class HeldFetcher:
+    """A fetcher whose URLs answer (with a red JPEG) only once ``release`` is set."""
+
+    max_bytes = 10_000_000
+
+    def __init__(self, image: bytes) -> None:
+        self.image = image
+        self.release = threading.Event()
+        self.started = 0
+        self.lock = threading.Lock()
+
+    def fetch(self, url: str) -> bytes:
+        with self.lock:
+            self.started += 1
+        assert self.release.wait(30)
+        return self.image
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def _statuses(rig: Any, job_id: str) -> list[str]:
+    return [row["status"] for row in rig.rows(job_id)]
+
+
+def _url_job(rig: Any, job_id: str, owner: str, n: int) -> list[int]:
+    ix = rig.job(job_id, [url_blob(f"http://images.example/{job_id}/{i}.jpg") for i in range(n)])
+    rig.r.hset(JobKeys.of(job_id).job, "owner", owner)
+    return ix
+
+
+def test_a_keys_url_chunks_beyond_its_share_are_parked_then_sent_back(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    # fetch_per_key=1: key a's second chunk of URLs is parked (no task thread held while its
+    # fetches would wait for a's turn), and published again when a's first chunk is done.
+    rig = rig_on(scratch_redis, fetch_per_key=1)
+    fetcher = HeldFetcher(rig.jpeg("red"))
+    rig.processor.fetcher = fetcher
+    first, second = _url_job(rig, "a1", "a", 2), _url_job(rig, "a2", "a", 2)
+    other = _url_job(rig, "b1", "b", 1)
+    running = threading.Thread(target=rig.process, args=(("a1", first),))
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="the fetches started")
+        assert rig.process(("a2", second)) == {"jobs": ["a2"], "classified": 0, "failed": 0, "skipped": 0}
+        assert rig.processor.parked() == 1 and rig.handed == []
+        # a parked chunk was no delivery, and it stays in the ledger (the sweep's safety net)
+        assert rig.r.hget(JobKeys.of("a2").tries, "chunk:0") in (None, b"0")
+        assert rig.in_ledger("a2", second) and _statuses(rig, "a2") == ["pending"] * 2
+        # another key is not parked
+        fetcher.release.set()
+        assert rig.process(("b1", other))["classified"] == 1
+    finally:
+        fetcher.release.set()
+        running.join(30)
+    assert rig.labels("a1") == ["red", "red"]
+    assert [(c, urgent) for c, _, urgent in rig.handed] == [(Chunk.of("a2", second), False)]
+    assert rig.processor.parked() == 0
+    # delivered again, with a's first chunk done: it runs
+    assert rig.process(("a2", second))["classified"] == 2
+    assert rig.labels("a2") == ["red", "red"] and not rig.in_ledger("a2", second)
+
+
+def test_urls_being_fetched_hold_no_admission_place(rig_on: Any, scratch_redis: Any, wait_until: Any) -> None:
+    # Four places: a message of four URLs whose servers hang must not keep an upload out.
+    rig = rig_on(scratch_redis, max_inflight_images=4)
+    fetcher = HeldFetcher(rig.jpeg("blue"))
+    rig.processor.fetcher = fetcher
+    urls = _url_job(rig, "u", "", 4)
+    uploads = rig.job("up", [rig.jpeg(c) for c in COLOURS[:4]])
+    waiting = threading.Thread(target=rig.process, args=(("u", urls),))
+    waiting.start()
+    try:
+        wait_until(lambda: fetcher.started >= 4, timeout=10, message="the fetches started")
+        done: list[dict[str, Any]] = []
+        upload = threading.Thread(target=lambda: done.append(rig.process(("up", uploads))))
+        upload.start()
+        upload.join(15)  # (the fetches hang for 30 s: an upload waiting for a place takes that long)
+        assert done and done[0]["classified"] == 4, "the uploads waited for the URLs' places"
+        assert rig.labels("up") == COLOURS[:4] and _statuses(rig, "u") == ["pending"] * 4
+    finally:
+        fetcher.release.set()
+        waiting.join(30)
+    assert rig.labels("u") == ["blue"] * 4
+    assert rig.processor._admission.held == 0
+
+
+def test_a_stopping_worker_sends_its_parked_chunks_back_to_their_queue(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    rig = rig_on(scratch_redis, fetch_per_key=1)
+    fetcher = HeldFetcher(rig.jpeg("red"))
+    rig.processor.fetcher = fetcher
+    first, second = _url_job(rig, "a1", "a", 1), _url_job(rig, "a2", "a", 1)
+
+    def run_first() -> None:
+        with contextlib.suppress(RuntimeError):  # its decode meets the pool closed under it
+            rig.process(("a1", first), urgent=True)
+
+    running = threading.Thread(target=run_first)
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="the fetches started")
+        rig.process(("a2", second), urgent=True)
+        assert rig.processor.parked() == 1
+        rig.processor.close()
+        # published again as it came (interactive), not left for the sweep
+        assert [(c, model, urgent) for c, model, urgent in rig.handed] == [
+            (Chunk.of("a2", second), "colours", True)
+        ]
+        assert rig.processor.parked() == 0
+    finally:
+        fetcher.release.set()
+        running.join(30)

@@ -3,16 +3,21 @@ image URLs to a server that accepts connections and never answers, and with jobs
 callbacks hang; another key's small URL jobs (with callbacks) still finish, and their webhooks
 arrive, within a bound far below the timeouts the flood holds its threads and slots for.
 
-Without the per-key limits (``FETCH_PER_KEY``, ``WEBHOOK_PER_KEY``) the flood holds every fetch
-thread and every delivery slot for ``FETCH_TIMEOUT_S`` / ``WEBHOOK_TIMEOUT_S`` (90 s), and the
-small jobs wait at least that long.
+The flood is larger than every pool of the worker: more chunks than task threads
+(``WORKER_THREADS``), more images than admission places (``MAX_INFLIGHT_IMAGES``), more URLs
+than fetch threads. Without the per-key limits (``FETCH_PER_KEY``, ``WEBHOOK_PER_KEY``), without
+parking the key's chunks beyond its share (:mod:`batchvision.server.parking`), or with URLs
+holding admission places while they are fetched, the flood holds one of those pools for
+``FETCH_TIMEOUT_S`` / ``WEBHOOK_TIMEOUT_S`` (90 s), and the small jobs wait at least that long.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -135,12 +140,14 @@ def stack(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings],
     s = settings.replace(
         redis_url=redis.url,
         api_port=free_port(),
-        worker_metrics_port=0,
+        worker_metrics_port=free_port(),
         api_keys=f"{FLOOD_KEY},{SMALL_KEY}",
         fetch_allow="127.0.0.1/32",
         webhook_allow="127.0.0.1/32",
         fetch_threads=4,
         fetch_per_key=2,
+        worker_threads=4,  # fewer than the flood's chunks (chunks of 16 images)
+        max_inflight_images=16,  # fewer than the flood's images
         webhook_per_key=2,  # of the deliverer's 4 slots
         fetch_timeout_s=HOLD_S,
         fetch_connect_timeout_s=5.0,
@@ -178,22 +185,34 @@ def stack(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings],
         redis.close()
 
 
+def parked_chunks(metrics_url: str) -> float:
+    """The worker's ``batchvision_worker_parked_chunks``."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^batchvision_worker_parked_chunks (\S+)$", text, re.M)
+    assert found, "the worker exports batchvision_worker_parked_chunks"
+    return float(found.group(1))
+
+
 def test_a_flooding_key_does_not_hold_back_another_keys_small_jobs(
     stack: Settings, servers: tuple[str, BlackHole], wait_until: Any
 ) -> None:
     web, hole = servers
     url = f"http://127.0.0.1:{stack.api_port}"
     flood, small = Client(url, api_key=FLOOD_KEY), Client(url, api_key=SMALL_KEY)
-    # The flood: 6 quick jobs whose callbacks hang, then 3 jobs of 20 URLs to a server that
-    # never answers (in this order: the flood's own quick jobs would wait behind its hung
-    # fetches).
+    # The flood: 6 quick jobs whose callbacks hang, then 3 jobs of 60 URLs (12 chunks) to a
+    # server that never answers (in this order: the flood's own quick jobs would wait behind its
+    # hung fetches).
     for _ in range(6):
         flood.submit_urls([f"{web}/img/0.jpg"], callback_url=f"{web}/hang")
     wait_until(lambda: Handler.hanging >= 2, timeout=120, message="two callbacks hang")
-    holes = [f"http://127.0.0.1:{hole.port}/never/{n}.jpg" for n in range(20)]
+    holes = [f"http://127.0.0.1:{hole.port}/never/{n}.jpg" for n in range(60)]
     for _ in range(3):
         flood.submit_urls(holes)
     wait_until(lambda: hole.open >= 2, timeout=120, message="two fetches hang")
+    # The chunks beyond the key's share wait parked, holding no task thread.
+    metrics = f"http://127.0.0.1:{stack.worker_metrics_port}/metrics"
+    wait_until(lambda: parked_chunks(metrics) >= 8, timeout=60, message="the flood's other chunks are parked")
     # Now the small key: 3 jobs of 3 URLs each, with a callback.
     started = time.monotonic()
     jobs = [

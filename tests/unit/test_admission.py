@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from batchvision.core.batching import Admission
+from batchvision.core.batching import Admission, Places, Uncounted
 
 
 def _hold(adm: Admission, n: int, urgent: bool, entered: threading.Event, leave: threading.Event) -> None:
@@ -57,3 +57,56 @@ def test_requests_within_the_limit_share_it() -> None:
 def test_invalid_limit() -> None:
     with pytest.raises(ValueError):
         Admission(limit=0)
+
+
+def test_lent_places_let_another_request_in_and_are_taken_back_in_line(
+    wait_until: Callable[..., Any],
+) -> None:
+    adm = Admission(limit=4)
+    entered, leave = threading.Event(), threading.Event()
+    with adm.admit(4) as places:
+        other = threading.Thread(target=_hold, args=(adm, 2, False, entered, leave))
+        other.start()
+        wait_until(lambda: adm.waiting() == (0, 1))
+        places.lend(2)  # two images wait for their URLs: their places serve the other request
+        assert entered.wait(10) and adm.held == 4 and places.held == 2
+        taken = threading.Event()
+        taker = threading.Thread(target=lambda: (places.take(), taken.set()))
+        taker.start()
+        wait_until(lambda: adm.waiting() == (0, 1))  # a fetched image waits in line for a place
+        assert not taken.is_set()
+        leave.set()
+        assert taken.wait(10) and places.held == 3
+        other.join(10)
+        taker.join(10)
+        assert adm.held == 3
+    assert adm.held == 0 and places.closed
+
+
+def test_a_take_waits_at_most_take_wait_s_then_goes_over_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Slots held by requests that themselves wait for the image taking one must not stall it
+    # for good: it goes in over the limit (its bytes are in memory already).
+    monkeypatch.setattr(Places, "TAKE_WAIT_S", 0.2)
+    adm = Admission(limit=2)
+    with adm.admit(1) as mine, adm.admit(1):
+        mine.lend()
+        with adm.admit(1):
+            mine.take()
+            assert adm.held == 3 and mine.held == 1
+    assert adm.held == 0
+
+
+def test_lending_more_than_is_held_and_taking_after_the_end_leave_the_count_right() -> None:
+    adm = Admission(limit=4)
+    with adm.admit(2) as places:
+        places.lend(5)
+        assert places.held == 0 and adm.held == 0
+    places.take()  # a fetch that completes after its request failed
+    assert adm.held == 0
+
+
+def test_uncounted_places_change_nothing() -> None:
+    places = Uncounted()
+    places.lend(3)
+    places.take(2)
+    assert places.held == 0

@@ -1,0 +1,91 @@
+"""Per-key shares of a worker's task threads for chunks whose images are fetched by URL.
+
+A chunk of URLs holds its task thread until every URL is fetched; the fetch pool lets one API
+key fetch only ``FETCH_PER_KEY`` URLs at a time, so a key whose servers are slow (or never
+answer) would otherwise fill every task thread with chunks that only wait for that key's turn,
+and the other keys' messages would wait behind them. So a process runs at most ``per_key`` such
+chunks of one key at once; a further one is *parked*: its message is acknowledged, it waits in
+memory (it stays in the chunk ledger, so the sweep re-sends it if this process dies), and it is
+published again, to the tail of its queue, when one of its key's chunks is done.
+
+The key ``""`` (an API without keys: one tenant) is never parked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from batchvision.server.messages import Chunk
+
+
+@dataclass(frozen=True)
+class Parked:
+    """A chunk waiting for its key's turn, with what publishing it again needs."""
+
+    chunk: Chunk
+    owner: str
+    model: str
+    urgent: bool
+    priority: int
+
+
+class Parking:
+    """Counts the URL chunks each key runs in this process, and parks the ones over its share."""
+
+    def __init__(self, per_key: int) -> None:
+        self.per_key = max(1, per_key)
+        self._lock = threading.Lock()
+        self._running: Counter[str] = Counter()
+        self._parked: dict[str, deque[Parked]] = {}
+        self._members: set[Chunk] = set()
+
+    def enter(self, item: Parked) -> bool:
+        """Whether ``item`` runs now (counted until :meth:`leave`); ``False``: it was parked, or
+        it is parked here already (a second delivery: the sweep re-sent it meanwhile)."""
+        if not item.owner:
+            return True
+        with self._lock:
+            if item.chunk in self._members:
+                return False
+            if self._running[item.owner] >= self.per_key:
+                self._parked.setdefault(item.owner, deque()).append(item)
+                self._members.add(item.chunk)
+                return False
+            self._running[item.owner] += 1
+            return True
+
+    def leave(self, owner: str) -> list[Parked]:
+        """A chunk of ``owner`` that :meth:`enter` let run is done: the parked chunks of that key
+        to publish again, as many as it has room for now, oldest first. (On arrival a newer
+        chunk of the key may have taken the room: then it is parked again, at the back.)"""
+        if not owner:
+            return []
+        with self._lock:
+            self._running[owner] -= 1
+            room = self.per_key - self._running[owner]
+            if not self._running[owner]:
+                del self._running[owner]
+            line = self._parked.get(owner)
+            out: list[Parked] = []
+            while line and len(out) < room:
+                item = line.popleft()
+                self._members.discard(item.chunk)
+                out.append(item)
+            if line is not None and not line:
+                del self._parked[owner]
+            return out
+
+    def parked(self) -> int:
+        """Chunks parked now (tests, metrics)."""
+        with self._lock:
+            return len(self._members)
+
+    def drain(self) -> list[Parked]:
+        """Every parked chunk (the worker stops: they are published again)."""
+        with self._lock:
+            out = [item for line in self._parked.values() for item in line]
+            self._parked.clear()
+            self._members.clear()
+            return out
