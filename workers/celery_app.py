@@ -63,6 +63,15 @@ def _start(**_: Any) -> None:
     app.runtime = worker
 
 
+@signals.worker_shutting_down.connect
+def _release_parked(**_: Any) -> None:
+    # The shutdown begins; the running tasks may take minutes, and the parked chunks should not
+    # wait for them.
+    worker = app.runtime
+    if worker is not None:
+        worker.processor.release_parked(wait=False)
+
+
 @signals.worker_shutdown.connect
 def _close(**_: Any) -> None:
     worker, app.runtime = app.runtime, None

@@ -271,7 +271,8 @@ class HandOnStep:
         self._app: Celery | None = None
 
     def start(self) -> None:
-        # No connection yet: the broker is reached on the first hand-on, which is rare.
+        # No connection yet: the broker is reached on the first hand-on (a chunk of another
+        # model, or a parked chunk of URLs sent back).
         self._app = create_celery(self.settings, name="batchvision-worker-hand-on")
 
     def __call__(self, chunk: Chunk, model: str, urgent: bool, priority: int) -> None:

@@ -6,18 +6,30 @@ answer) would otherwise fill every task thread with chunks that only wait for th
 and the other keys' messages would wait behind them. So a process runs at most ``per_key`` such
 chunks of one key at once; a further one is *parked*: its message is acknowledged, it waits in
 memory (it stays in the chunk ledger, so the sweep re-sends it if this process dies), and it is
-published again, to the tail of its queue, when one of its key's chunks is done.
+published again, to the tail of its queue, when one of its key's chunks is done here: the
+oldest one for each chunk done, and all of them once none of the key's chunks runs here (the
+chunks sent back may be taken by other processes: none is left waiting for a finish that will
+not come).
 
 The key ``""`` (an API without keys: one tenant) is never parked.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass
 
 from batchvision.server.messages import Chunk
+
+
+class Entry(enum.Enum):
+    """What :meth:`Parking.enter` made of a chunk."""
+
+    RUN = "run"  #: it runs now, counted until :meth:`Parking.leave`
+    PARKED = "parked"  #: it waits here (or it did already: a second delivery)
+    BACK = "back"  #: over its key's share while the worker stops: to be sent back at once
 
 
 @dataclass(frozen=True)
@@ -40,36 +52,40 @@ class Parking:
         self._running: Counter[str] = Counter()
         self._parked: dict[str, deque[Parked]] = {}
         self._members: set[Chunk] = set()
+        self._stopping = False  # (after drain: nothing is parked any more)
 
-    def enter(self, item: Parked) -> bool:
-        """Whether ``item`` runs now (counted until :meth:`leave`); ``False``: it was parked, or
-        it is parked here already (a second delivery: the sweep re-sent it meanwhile)."""
+    def enter(self, item: Parked) -> Entry:
+        """Run ``item`` now, or park it (also when it is parked here already: a second
+        delivery, the sweep re-sent it meanwhile), or, once the worker stops, send it back."""
         if not item.owner:
-            return True
+            return Entry.RUN
         with self._lock:
             if item.chunk in self._members:
-                return False
+                return Entry.PARKED
             if self._running[item.owner] >= self.per_key:
+                if self._stopping:
+                    return Entry.BACK
                 self._parked.setdefault(item.owner, deque()).append(item)
                 self._members.add(item.chunk)
-                return False
+                return Entry.PARKED
             self._running[item.owner] += 1
-            return True
+            return Entry.RUN
 
     def leave(self, owner: str) -> list[Parked]:
         """A chunk of ``owner`` that :meth:`enter` let run is done: the parked chunks of that key
-        to publish again, as many as it has room for now, oldest first. (On arrival a newer
-        chunk of the key may have taken the room: then it is parked again, at the back.)"""
+        to publish again: the oldest one, or all of them when none of the key's chunks runs
+        here any more. (On arrival a newer chunk of the key may have taken the room: then it
+        is parked again, at the back.)"""
         if not owner:
             return []
         with self._lock:
             self._running[owner] -= 1
-            room = self.per_key - self._running[owner]
-            if not self._running[owner]:
+            left = self._running[owner]
+            if not left:
                 del self._running[owner]
             line = self._parked.get(owner)
             out: list[Parked] = []
-            while line and len(out) < room:
+            while line and (not left or not out):
                 item = line.popleft()
                 self._members.discard(item.chunk)
                 out.append(item)
@@ -77,14 +93,27 @@ class Parking:
                 del self._parked[owner]
             return out
 
+    def withdraw(self, item: Parked) -> None:
+        """Take back a chunk :meth:`enter` just parked (its delivery could not be undone: the
+        message fails and is tried again)."""
+        with self._lock:
+            line = self._parked.get(item.owner)
+            if line is not None and item in line:
+                line.remove(item)
+                self._members.discard(item.chunk)
+                if not line:
+                    del self._parked[item.owner]
+
     def parked(self) -> int:
         """Chunks parked now (tests, metrics)."""
         with self._lock:
             return len(self._members)
 
     def drain(self) -> list[Parked]:
-        """Every parked chunk (the worker stops: they are published again)."""
+        """Every parked chunk (the worker stops: they are published again); from now on
+        nothing is parked."""
         with self._lock:
+            self._stopping = True
             out = [item for line in self._parked.values() for item in line]
             self._parked.clear()
             self._members.clear()

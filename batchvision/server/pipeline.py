@@ -36,7 +36,7 @@ from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
 from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
-from batchvision.server.parking import Parked, Parking
+from batchvision.server.parking import Entry, Parked, Parking
 from batchvision.server.recovery import ledger_done, ledger_started
 from batchvision.server.s3 import S3, S3Error, S3Url, TransientS3Error, is_s3_url
 from batchvision.server.store import Counts, JobStore
@@ -196,6 +196,7 @@ class ChunkProcessor:
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
     _fetch_pool: FairPool = field(init=False, repr=False)
     _parking: Parking = field(init=False, repr=False)
+    _releasing: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._admission = Admission(max(1, self.limits.max_inflight_images), self.limits.priority_ratio)
@@ -203,8 +204,20 @@ class ChunkProcessor:
         self._fetch_pool = FairPool(self.limits.fetch_threads, self.limits.fetch_per_key)
         self._parking = Parking(self.limits.fetch_per_key)
 
+    def release_parked(self, wait: bool = True) -> None:
+        """Publish every parked chunk again (the worker begins to stop: another one runs them).
+        ``wait=False``: on a thread of its own (from a signal handler, which must not call the
+        broker); :meth:`close` waits for it."""
+        if wait:
+            self._publish(self._parking.drain())
+            return
+        self._releasing = threading.Thread(target=self.release_parked, name="release-parked", daemon=True)
+        self._releasing.start()
+
     def close(self) -> None:
-        self._publish(self._parking.drain())
+        if self._releasing is not None:
+            self._releasing.join(60)
+        self.release_parked()  # (parked by tasks that ran on after the shutdown began)
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown()
         if self.fetcher is not None:
@@ -271,27 +284,30 @@ class ChunkProcessor:
         # Only the images classified together hold places; the others' results are known, or
         # (suspects) they run one at a time outside the admission.
         places.lend(message.images - sum(len(todo) for _, todo, _ in fresh))
-        if fresh:
-            wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
-            read = self._read(wanted)
-            read.owners = self._owners(wanted, read.blobs)
-            parked, entered = self._park(fresh, read.owners, message, places)
-            if parked:
-                done = [o for o in done if id(o) not in parked]
-                keep = [n for n, (o, _, _) in enumerate(fresh) if id(o) not in parked]
-                fresh, wanted = [fresh[n] for n in keep], [wanted[n] for n in keep]
-                read = read.only(keep)
-            try:
+        entered: list[str] = []  # the keys of the chunks of URLs that run: each leaves once
+        try:
+            if fresh:
+                wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
+                read = self._read(wanted)
+                read.owners = self._owners(wanted, read.blobs)
+                parked = self._park(fresh, read.owners, message, places, entered)
+                if parked:
+                    done = [o for o in done if id(o) not in parked]
+                    keep = [n for n, (o, _, _) in enumerate(fresh) if id(o) not in parked]
+                    fresh, wanted = [fresh[n] for n in keep], [wanted[n] for n in keep]
+                    read = read.only(keep)
                 with self._gate.shared():
                     results = self._classify(
                         wanted, enqueued_at, urgent, [r for _, _, r in fresh], places, read
                     )
-            finally:
-                for owner in entered:
-                    self._publish(self._parking.leave(owner))
-            for (outcome, _, _), res in zip(fresh, results, strict=True):
-                outcome.results = res
-        self._store(done, [o.chunk for o in done], stats)
+                for (outcome, _, _), res in zip(fresh, results, strict=True):
+                    outcome.results = res
+            self._store(done, [o.chunk for o in done], stats)
+        finally:
+            # After the store: a chunk sent back is not delivered while its message may still
+            # fail (and be tried again with it).
+            for owner in entered:
+                self._publish(self._parking.leave(owner))
         for chunk, todo, route in suspects:
             self._isolate(chunk, todo, enqueued_at, urgent, stats, route)
         return stats
@@ -302,30 +318,40 @@ class ChunkProcessor:
         owners: Sequence[str],
         message: ClassifyMessage,
         places: Places,
-    ) -> tuple[set[int], list[str]]:
+        entered: list[str],
+    ) -> set[int]:
         """Park the chunks of URLs whose key runs its share of them already (see
-        :mod:`~batchvision.server.parking`): the ``id`` of each parked outcome, and the keys
-        of the chunks that run, each to :meth:`Parking.leave` once. A parked chunk was no
-        delivery, and its images give their admission places back."""
+        :mod:`~batchvision.server.parking`): the ``id`` of each parked outcome; the key of each
+        chunk that runs goes to ``entered`` (to :meth:`Parking.leave` once). A parked chunk
+        was no delivery, and its images give their admission places back."""
         parked: set[int] = set()
-        entered: list[str] = []
         if self.hand_on is None:  # nowhere to publish them again: every chunk runs here
-            return parked, entered
+            return parked
         for (outcome, todo, (_, options)), owner in zip(fresh, owners, strict=True):
             item = Parked(outcome.chunk, owner, outcome.model, message.interactive, options.priority)
-            if self._parking.enter(item):
+            entry = self._parking.enter(item)
+            if entry is Entry.RUN:
                 entered.append(owner)
                 continue
-            self.claims.unclaim(outcome.chunk)
+            try:
+                self.claims.unclaim(outcome.chunk)
+            except BaseException:
+                # Its delivery still counts: it must not wait here while the message is tried
+                # again (with it) and counted twice.
+                self._parking.withdraw(item)
+                raise
             places.lend(len(todo))
             parked.add(id(outcome))
+            if entry is Entry.BACK:  # nothing waits here once the worker stops
+                self._publish([item])
+                continue
             log.info(
                 "job %s chunk %d parked: its key runs %d chunks of URLs here already",
                 outcome.chunk.job_id,
                 outcome.chunk.first,
                 self._parking.per_key,
             )
-        return parked, entered
+        return parked
 
     def _publish(self, items: Sequence[Parked]) -> None:
         """Send parked chunks to their queue again (a failure leaves them to the sweep: they

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
+from batchvision.core.batching import Places
 from batchvision.core.imaging import decode_image
 from batchvision.core.results import error_result
 from batchvision.server import keys
@@ -526,3 +527,70 @@ def test_a_stopping_worker_sends_its_parked_chunks_back_to_their_queue(
     finally:
         fetcher.release.set()
         running.join(30)
+
+
+def test_a_message_whose_one_chunk_is_parked_classifies_its_others(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    rig = rig_on(scratch_redis, fetch_per_key=1)
+    fetcher = HeldFetcher(rig.jpeg("red"))
+    rig.processor.fetcher = fetcher
+    first, second = _url_job(rig, "a1", "a", 2), _url_job(rig, "a2", "a", 2)
+    uploads = rig.job("up", [rig.jpeg(c) for c in COLOURS])
+    other_key = _url_job(rig, "b1", "b", 1)
+    running = threading.Thread(target=rig.process, args=(("a1", first),))
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="a's first chunk fetches")
+        done: list[dict[str, Any]] = []
+        both = threading.Thread(
+            target=lambda: done.append(rig.process(("up", uploads), ("a2", second), ("b1", other_key)))
+        )
+        both.start()
+        wait_until(lambda: fetcher.started >= 2, timeout=10, message="b's URL fetch")
+        fetcher.release.set()
+        both.join(30)
+        assert done and done[0]["classified"] == 6, done  # a2's two images wait parked
+        assert rig.labels("up") == COLOURS and rig.labels("b1") == ["red"]
+    finally:
+        fetcher.release.set()
+        running.join(30)
+    assert _statuses(rig, "a2") == ["pending"] * 2 and rig.in_ledger("a2", second)
+    assert not rig.in_ledger("up", uploads) and not rig.in_ledger("b1", other_key)
+    assert [c for c, _, _ in rig.handed] == [Chunk.of("a2", second)]
+
+
+def test_a_fetched_url_waits_for_a_place_in_line(
+    rig_on: Any, scratch_redis: Any, wait_until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One place: an upload holds it in the model, so a URL fetched meanwhile waits for it
+    # before it is decoded (without taking one, it would join the model's next batch at once).
+    monkeypatch.setattr(Places, "TAKE_WAIT_S", 60.0)
+    entered, go = threading.Event(), threading.Event()
+
+    def held_model(images: list[np.ndarray]) -> list[np.ndarray]:
+        entered.set()
+        assert go.wait(30), "the test never let the model go"
+        return [np.full(3, 1 / 3, np.float32) for _ in images]
+
+    rig = rig_on(scratch_redis, model=held_model, max_inflight_images=1)
+    fetcher = HeldFetcher(rig.jpeg("blue"))
+    rig.processor.fetcher = fetcher
+    urls, upload = _url_job(rig, "u", "", 1), rig.job("up", [rig.jpeg("red")])
+    threads = [
+        threading.Thread(target=rig.process, args=(("u", urls),)),  # lends its place while it fetches
+        threading.Thread(target=rig.process, args=(("up", upload),)),
+    ]
+    threads[0].start()
+    wait_until(lambda: fetcher.started == 1, timeout=10, message="the URL is fetched")
+    threads[1].start()
+    assert entered.wait(10), "the upload in the model"
+    fetcher.release.set()
+    admission = rig.processor._admission
+    wait_until(lambda: admission.waiting() == (0, 1), timeout=10, message="the fetched image waits in line")
+    assert len(rig.batches) == 0 and admission.held == 1
+    go.set()
+    for t in threads:
+        t.join(30)
+    assert [len(rig.rows(j)[0]["top_k"]) for j in ("up", "u")] == [2, 2]  # both classified
+    assert rig.model_calls() == [1, 1] and admission.held == 0

@@ -19,17 +19,20 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 
 from batchvision.cli.redis_server import free_port
 from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
+from batchvision.server.routing import bulk_queue
 from batchvision.testing.servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -134,8 +137,14 @@ def servers() -> Iterator[tuple[str, BlackHole]]:
     httpd.server_close()
 
 
+@dataclass
+class Stack:
+    settings: Settings
+    worker: Service
+
+
 @pytest.fixture(scope="module")
-def stack(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings], None]) -> Iterator[Settings]:
+def stack(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings], None]) -> Iterator[Stack]:
     redis = RedisServer().start()
     s = settings.replace(
         redis_url=redis.url,
@@ -178,7 +187,7 @@ def stack(settings: Settings, artifacts: Path, wait_worker: Callable[[Settings],
     try:
         sup.wait_healthy(120)
         wait_worker(s)
-        yield s
+        yield Stack(s, sup.services[1])
     finally:
         Handler.release.set()
         sup.stop()
@@ -195,10 +204,10 @@ def parked_chunks(metrics_url: str) -> float:
 
 
 def test_a_flooding_key_does_not_hold_back_another_keys_small_jobs(
-    stack: Settings, servers: tuple[str, BlackHole], wait_until: Any
+    stack: Stack, servers: tuple[str, BlackHole], wait_until: Any
 ) -> None:
     web, hole = servers
-    url = f"http://127.0.0.1:{stack.api_port}"
+    url = f"http://127.0.0.1:{stack.settings.api_port}"
     flood, small = Client(url, api_key=FLOOD_KEY), Client(url, api_key=SMALL_KEY)
     # The flood: 6 quick jobs whose callbacks hang, then 3 jobs of 60 URLs (12 chunks) to a
     # server that never answers (in this order: the flood's own quick jobs would wait behind its
@@ -211,7 +220,7 @@ def test_a_flooding_key_does_not_hold_back_another_keys_small_jobs(
         flood.submit_urls(holes)
     wait_until(lambda: hole.open >= 2, timeout=120, message="two fetches hang")
     # The chunks beyond the key's share wait parked, holding no task thread.
-    metrics = f"http://127.0.0.1:{stack.worker_metrics_port}/metrics"
+    metrics = f"http://127.0.0.1:{stack.settings.worker_metrics_port}/metrics"
     wait_until(lambda: parked_chunks(metrics) >= 8, timeout=60, message="the flood's other chunks are parked")
     # Now the small key: 3 jobs of 3 URLs each, with a callback.
     started = time.monotonic()
@@ -242,3 +251,17 @@ def test_a_flooding_key_does_not_hold_back_another_keys_small_jobs(
     # them has timed out yet, so every one it started is still held)
     assert time.monotonic() - started < HOLD_S
     assert most_open <= 2 and hanging <= 2, (most_open, hanging)
+
+
+def test_a_stopping_worker_sends_its_parked_chunks_back_at_once(stack: Stack, wait_until: Any) -> None:
+    """The flood's fetches still hang (a warm shutdown waits for them, up to 90 s): its parked
+    chunks go back to their queue when the shutdown begins, for other workers to run."""
+    s = stack.settings
+    parked = parked_chunks(f"http://127.0.0.1:{s.worker_metrics_port}/metrics")
+    assert parked >= 8
+    r = redis_lib.Redis.from_url(s.redis_url)
+    queue = bulk_queue(s)
+    assert r.llen(queue) == 0
+    stack.worker.terminate()
+    wait_until(lambda: r.llen(queue) >= parked, timeout=30, message="the parked chunks are queued again")
+    assert stack.worker.running, "the worker still finishes its running chunks"

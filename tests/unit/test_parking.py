@@ -1,10 +1,13 @@
 """Parking: a key runs at most its share of URL chunks in one worker process; the rest wait in
-memory, oldest first, and go back to the queue as the key's chunks finish."""
+memory and go back to the queue as the key's chunks finish here: the oldest for each finish,
+all of them once none of the key's chunks runs here."""
 
 from __future__ import annotations
 
 from batchvision.server.messages import Chunk
-from batchvision.server.parking import Parked, Parking
+from batchvision.server.parking import Entry, Parked, Parking
+
+RUN, PARKED, BACK = Entry.RUN, Entry.PARKED, Entry.BACK
 
 
 def item(owner: str, n: int) -> Parked:
@@ -13,9 +16,8 @@ def item(owner: str, n: int) -> Parked:
 
 def test_a_key_beyond_its_share_is_parked_and_other_keys_are_not() -> None:
     parking = Parking(per_key=2)
-    assert parking.enter(item("a", 0)) and parking.enter(item("a", 1))
-    assert not parking.enter(item("a", 2)) and not parking.enter(item("a", 3))
-    assert parking.enter(item("b", 0)) and parking.enter(item("b", 1))
+    assert [parking.enter(item("a", n)) for n in range(4)] == [RUN, RUN, PARKED, PARKED]
+    assert [parking.enter(item("b", n)) for n in range(2)] == [RUN, RUN]
     assert parking.parked() == 2
 
 
@@ -27,38 +29,49 @@ def test_each_finish_sends_back_the_oldest_parked_chunk_of_its_key() -> None:
     assert parking.leave("b") == []  # another key's finish frees nothing of a's
     assert parking.leave("a") == [item("a", 2)]
     # the chunk sent back does not hold the room: a newer chunk of the key may take it first
-    assert parking.enter(item("a", 9))
-    assert not parking.enter(item("a", 2))  # arrived again: parked again, at the back
+    assert parking.enter(item("a", 9)) is RUN
+    assert parking.enter(item("a", 2)) is PARKED  # arrived again: parked again, at the back
     assert parking.leave("a") == [item("a", 3)]
-    assert parking.enter(item("a", 3))  # it arrives: room for it
+    assert parking.enter(item("a", 3)) is RUN  # it arrives: room for it
     assert parking.leave("a") == [item("a", 4)]
-    assert parking.enter(item("a", 4))
+    assert parking.parked() == 1
+
+
+def test_when_none_of_the_key_runs_here_every_parked_chunk_goes_back() -> None:
+    # The chunks sent back may run in other processes: none may wait here for a finish that
+    # will not come.
+    parking = Parking(per_key=2)
+    for n in range(6):
+        parking.enter(item("a", n))
     assert parking.leave("a") == [item("a", 2)]
-    assert parking.parked() == 0
-    assert parking.enter(item("a", 5))  # the key runs its share again
-    assert not any(parking.enter(item("a", n)) for n in (6, 7, 8))
-    assert parking.leave("a") == [item("a", 6)]
-    # the last running chunk finishes: room for two, sent back at once
-    assert parking.leave("a") == [item("a", 7), item("a", 8)]
+    assert parking.leave("a") == [item("a", n) for n in (3, 4, 5)]
     assert parking.parked() == 0
 
 
 def test_a_second_delivery_of_a_parked_chunk_is_dropped() -> None:
     parking = Parking(per_key=1)
     parking.enter(item("a", 0))
-    assert not parking.enter(item("a", 1))
-    assert not parking.enter(item("a", 1))  # the sweep re-sent it while it waited here
+    assert parking.enter(item("a", 1)) is PARKED
+    assert parking.enter(item("a", 1)) is PARKED  # the sweep re-sent it while it waited here
     assert parking.parked() == 1
     assert parking.leave("a") == [item("a", 1)]
 
 
+def test_a_withdrawn_chunk_is_parked_no_more() -> None:
+    parking = Parking(per_key=1)
+    parking.enter(item("a", 0))
+    parking.enter(item("a", 1))
+    parking.withdraw(item("a", 1))
+    assert parking.parked() == 0 and parking.leave("a") == []
+
+
 def test_the_key_of_an_api_without_keys_is_never_parked_or_counted() -> None:
     parking = Parking(per_key=1)
-    assert all(parking.enter(item("", n)) for n in range(5))
+    assert all(parking.enter(item("", n)) is RUN for n in range(5))
     assert parking.leave("") == [] and parking.parked() == 0
 
 
-def test_drain_returns_every_parked_chunk_once() -> None:
+def test_drain_returns_every_parked_chunk_once_and_then_nothing_parks() -> None:
     parking = Parking(per_key=1)
     for owner in ("a", "b"):
         for n in range(3):
@@ -68,3 +81,7 @@ def test_drain_returns_every_parked_chunk_once() -> None:
         item(o, n) for o in ("a", "b") for n in (1, 2)
     ]
     assert parking.parked() == 0 and parking.drain() == []
+    # stopping: over the share, a chunk is sent back at once; within it, it still runs
+    assert parking.enter(item("a", 7)) is BACK and parking.parked() == 0
+    parking.leave("a")
+    assert parking.enter(item("a", 8)) is RUN
