@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from gunicorn import util
+from gunicorn import glogging, util
 
 from batchvision.core.logs import gunicorn_config
 
@@ -40,6 +40,13 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 # Every refusal of gunicorn's workers goes through this one function (Worker.handle_error); the
 # master loads this file before it forks them, so each worker has the JSON one.
 util.write_error = write_json_error
+
+
+class NoAccessLog(glogging.Logger):
+    """gunicorn's logger without the access log (``BATCHVISION_API_ACCESS_LOG=false``)."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        return None
 
 
 # JSON lines from gunicorn itself (error and access logs) with the app's, when asked for.

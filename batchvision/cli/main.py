@@ -108,9 +108,11 @@ def cmd_api(args: argparse.Namespace) -> int:
         str(int(s.sync_timeout_s) + 30),
         "--graceful-timeout",
         "30",
-        "--access-logfile",
-        "-",
     ]
+    # Without the access log, no line is built either (JSON logging would still make one).
+    argv += (
+        ["--access-logfile", "-"] if s.api_access_log else ["--logger-class", "api.gunicorn_conf.NoAccessLog"]
+    )
     # Whose X-Forwarded-Proto makes the links the API writes https:// (behind a TLS proxy).
     # gunicorn's own FORWARDED_ALLOW_IPS still counts where ours is not set.
     if "BATCHVISION_FORWARDED_ALLOW_IPS" in os.environ or "FORWARDED_ALLOW_IPS" not in os.environ:

@@ -284,6 +284,11 @@ class Settings(BaseSettings):
         8000, "Port of the API (gunicorn) for `batchvision api` and `up`."
     )
     api_workers: Annotated[int, Field(ge=1, le=256)] = _field(2, "gunicorn worker processes of the API.")
+    api_access_log: bool = _field(
+        True,
+        "One log line per request (gunicorn's access log, in `LOG_FORMAT`); false where a proxy "
+        "or ingress logs the requests already (the line is then not even formatted).",
+    )
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = _field(
         9808, "Port of a worker's Prometheus `/metrics`."
     )

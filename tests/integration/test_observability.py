@@ -41,7 +41,7 @@ import yaml
 from batchvision.cli.local import stack as local_stack
 from batchvision.cli.local import wait_for_workers
 from batchvision.cli.redis_server import free_port
-from batchvision.cli.runner import Supervisor, cli_argv
+from batchvision.cli.runner import Service, Supervisor, cli_argv
 from batchvision.client import Client
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
@@ -545,3 +545,44 @@ def test_the_runner_writes_json_lines_or_text(fmt: str) -> None:
     assert started and all(d["service_name"] == "blip" and isinstance(d["child_pid"], int) for d in started)
     restarts = [d for d in docs if d["level"] == "WARNING" and d.get("exit_code") == 0]
     assert len(restarts) >= 2 and all(d["service_name"] == "blip" for d in restarts)
+
+
+@pytest.mark.parametrize(("fmt", "access"), [("text", True), ("text", False), ("json", False)])
+def test_the_api_access_log_is_one_line_per_request_or_none(
+    fmt: str, access: bool, tmp_path: Path, wait_until: Callable[..., Any]
+) -> None:
+    """``BATCHVISION_API_ACCESS_LOG=false`` leaves the access line out, also in JSON mode
+    (where gunicorn's logging configuration alone would still write it)."""
+    log = tmp_path / "api.log"
+    with RedisServer() as redis:
+        s = Settings.from_env(
+            {}, redis_url=redis.url, api_port=free_port(), log_format=fmt, api_access_log=access
+        )
+        url = f"http://127.0.0.1:{s.api_port}"
+        argv = cli_argv("api", "--host", "127.0.0.1")
+        api = Service("api", argv, s.to_env(), health_url=f"{url}/healthz", log_path=str(log))
+        sup = Supervisor([api])
+        sup.start()
+        try:
+            sup.wait_healthy(timeout=120)
+            for _ in range(3):
+                assert (
+                    requests.get(f"{url}/v1/jobs/0123456789abcdef0123456789abcdef", timeout=10).status_code
+                    == 404
+                )
+            if access:  # (the line is written just after the answer)
+                wait_until(
+                    lambda: '"GET /v1/jobs/0123456789abcdef0123456789abcdef' in log.read_text(), timeout=20
+                )
+        finally:
+            sup.stop()  # every line is written once the API has stopped
+    text = log.read_text()
+    if fmt == "json":
+        docs = json_lines(log)
+        assert any(d["logger"] == "gunicorn.error" and "Listening at" in d["message"] for d in docs)
+        assert not [d for d in docs if d["logger"] == "gunicorn.access"]
+        return
+    assert "Listening at" in text
+    assert text.count('"GET /v1/jobs/0123456789abcdef0123456789abcdef HTTP/1.1" 404') == (
+        3 if access else 0
+    ), text[-2000:]
