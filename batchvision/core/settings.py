@@ -423,8 +423,8 @@ class Settings(BaseSettings):
     )
     fetch_per_key: Annotated[int, Field(ge=1, le=1024)] = _field(
         4,
-        "Image URLs of one API key that a worker process fetches at the same time, and chunks "
-        "of URLs of one key it runs at once (more wait parked, holding no task thread); the "
+        "Image URLs of one API key that a worker process fetches at the same time, and messages "
+        "with URLs of one key it runs at once (more wait parked, holding no task thread); the "
         "key's other URLs wait, so slow servers of one key never hold every fetch thread or "
         "task thread (without API keys there is one tenant and no limit).",
     )

@@ -1,10 +1,11 @@
 """Per-key shares of a worker's task threads for chunks whose images are fetched by URL.
 
-A chunk of URLs holds its task thread until every URL is fetched; the fetch pool lets one API
-key fetch only ``FETCH_PER_KEY`` URLs at a time, so a key whose servers are slow (or never
-answer) would otherwise fill every task thread with chunks that only wait for that key's turn,
-and the other keys' messages would wait behind them. So a process runs at most ``per_key`` such
-chunks of one key at once; a further one is *parked*: its message is acknowledged, it waits in
+A message with chunks of URLs holds its task thread until every URL is fetched; the fetch pool
+lets one API key fetch only ``FETCH_PER_KEY`` URLs at a time, so a key whose servers are slow
+(or never answer) would otherwise fill every task thread with messages that only wait for that
+key's turn, and the other keys' messages would wait behind them. So a process runs at most
+``per_key`` messages with chunks of URLs of one key at once (the chunks of one message run
+together: they share its thread); a further chunk is *parked*: its message is acknowledged, it waits in
 memory (it stays in the chunk ledger, so the sweep re-sends it if this process dies), and it is
 published again, to the tail of its queue, when one of its key's chunks is done here: the
 oldest one for each chunk done, and all of them once none of the key's chunks runs here (the
@@ -55,26 +56,36 @@ class Parking:
         self._stopping = False  # (after drain: nothing is parked any more)
 
     def enter(self, item: Parked) -> Entry:
-        """Run ``item`` now, or park it (also when it is parked here already: a second
-        delivery, the sweep re-sent it meanwhile), or, once the worker stops, send it back."""
+        """Run ``item`` now (its message then counts once for its key, until :meth:`leave`),
+        or park it (also when it is parked here already: a second delivery, the sweep re-sent
+        it meanwhile), or, once the worker stops, send it back."""
         if not item.owner:
             return Entry.RUN
         with self._lock:
-            if item.chunk in self._members:
-                return Entry.PARKED
-            if self._running[item.owner] >= self.per_key:
-                if self._stopping:
-                    return Entry.BACK
-                self._parked.setdefault(item.owner, deque()).append(item)
-                self._members.add(item.chunk)
-                return Entry.PARKED
-            self._running[item.owner] += 1
-            return Entry.RUN
+            if item.chunk not in self._members and self._running[item.owner] < self.per_key:
+                self._running[item.owner] += 1
+                return Entry.RUN
+            return self._park(item)
+
+    def park(self, item: Parked) -> Entry:
+        """Park ``item`` whatever its key runs (another chunk of its message was parked), or
+        send it back once the worker stops."""
+        with self._lock:
+            return self._park(item)
+
+    def _park(self, item: Parked) -> Entry:
+        if item.chunk in self._members:
+            return Entry.PARKED
+        if self._stopping:
+            return Entry.BACK
+        self._parked.setdefault(item.owner, deque()).append(item)
+        self._members.add(item.chunk)
+        return Entry.PARKED
 
     def leave(self, owner: str) -> list[Parked]:
-        """A chunk of ``owner`` that :meth:`enter` let run is done: the parked chunks of that key
-        to publish again: the oldest one, or all of them when none of the key's chunks runs
-        here any more. (On arrival a newer chunk of the key may have taken the room: then it
+        """A message of ``owner`` that :meth:`enter` let run is done: the parked chunks of that
+        key to publish again: the oldest one, or all of them when none of the key's messages
+        runs here any more. (On arrival a newer chunk of the key may have taken the room: then it
         is parked again, at the back.)"""
         if not owner:
             return []

@@ -320,18 +320,24 @@ class ChunkProcessor:
         places: Places,
         entered: list[str],
     ) -> set[int]:
-        """Park the chunks of URLs whose key runs its share of them already (see
-        :mod:`~batchvision.server.parking`): the ``id`` of each parked outcome; the key of each
-        chunk that runs goes to ``entered`` (to :meth:`Parking.leave` once). A parked chunk
+        """Park the chunks of URLs whose key runs its share of messages already (see
+        :mod:`~batchvision.server.parking`): the ``id`` of each parked outcome; each key whose
+        chunks run goes to ``entered`` once (to :meth:`Parking.leave` once). A parked chunk
         was no delivery, and its images give their admission places back."""
         parked: set[int] = set()
         if self.hand_on is None:  # nowhere to publish them again: every chunk runs here
             return parked
+        decided: dict[str, Entry] = {}  # the first chunk of a key decides for the message's others
         for (outcome, todo, (_, options)), owner in zip(fresh, owners, strict=True):
             item = Parked(outcome.chunk, owner, outcome.model, message.interactive, options.priority)
-            entry = self._parking.enter(item)
+            first = decided.get(owner)
+            if first is None:
+                entry = decided[owner] = self._parking.enter(item)
+                if entry is Entry.RUN and owner:
+                    entered.append(owner)
+            else:
+                entry = Entry.RUN if first is Entry.RUN else self._parking.park(item)
             if entry is Entry.RUN:
-                entered.append(owner)
                 continue
             try:
                 self.claims.unclaim(outcome.chunk)

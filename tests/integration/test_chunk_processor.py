@@ -594,3 +594,25 @@ def test_a_fetched_url_waits_for_a_place_in_line(
         t.join(30)
     assert [len(rig.rows(j)[0]["top_k"]) for j in ("up", "u")] == [2, 2]  # both classified
     assert rig.model_calls() == [1, 1] and admission.held == 0
+
+
+def test_the_chunks_of_one_key_in_one_message_run_together(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    # They share one task thread: the share counts messages, so small URL jobs sent together
+    # are not split up; the key's next message, over its share, is parked whole.
+    rig = rig_on(scratch_redis, fetch_per_key=1)
+    fetcher = HeldFetcher(rig.jpeg("red"))
+    rig.processor.fetcher = fetcher
+    jobs = {f"a{n}": _url_job(rig, f"a{n}", "a", 1) for n in range(4)}
+    together = threading.Thread(target=rig.process, args=(("a0", jobs["a0"]), ("a1", jobs["a1"])))
+    together.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="the first message fetches")
+        summary = rig.process(("a2", jobs["a2"]), ("a3", jobs["a3"]))
+        assert summary["classified"] == 0 and rig.processor.parked() == 2
+    finally:
+        fetcher.release.set()
+        together.join(30)
+    assert rig.labels("a0") == ["red"] and rig.labels("a1") == ["red"]
+    assert sorted(c.job_id for c, _, _ in rig.handed) == ["a2", "a3"]  # none left running: both back

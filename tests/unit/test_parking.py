@@ -85,3 +85,12 @@ def test_drain_returns_every_parked_chunk_once_and_then_nothing_parks() -> None:
     assert parking.enter(item("a", 7)) is BACK and parking.parked() == 0
     parking.leave("a")
     assert parking.enter(item("a", 8)) is RUN
+
+
+def test_park_parks_whatever_the_key_runs_and_never_twice() -> None:
+    # (the other chunks of a message whose first chunk of the key was parked)
+    parking = Parking(per_key=4)
+    assert parking.park(item("a", 0)) is PARKED and parking.park(item("a", 0)) is PARKED
+    assert parking.parked() == 1
+    assert parking.enter(item("a", 0)) is PARKED  # a parked chunk delivered again stays parked
+    assert parking.enter(item("a", 1)) is RUN
