@@ -275,9 +275,12 @@ class HandOnStep:
         # model, or a parked chunk of URLs sent back).
         self._app = create_celery(self.settings, name="batchvision-worker-hand-on")
 
-    def __call__(self, chunk: Chunk, model: str, urgent: bool, priority: int) -> None:
+    def __call__(
+        self, chunk: Chunk, model: str, urgent: bool, priority: int, enqueued_at: float | None = None
+    ) -> None:
         app = _made(self._app, self.name)
-        publish(app, self.settings, [chunk], time.time(), urgent, model=model, priority=priority)
+        when = time.time() if enqueued_at is None else enqueued_at
+        publish(app, self.settings, [chunk], when, urgent, model=model, priority=priority)
 
     def stop(self) -> None:
         _made(self._app, self.name).close()

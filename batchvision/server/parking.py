@@ -42,6 +42,8 @@ class Parked:
     model: str
     urgent: bool
     priority: int
+    #: when its job queued it (kept through the parking: the queue-wait metric counts from it)
+    enqueued_at: float | None = None
 
 
 class Parking:

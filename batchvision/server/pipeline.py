@@ -175,7 +175,7 @@ class Gate:
 class ChunkProcessor:
     """Classifies messages of chunks, each image in the lane of its job's model.
 
-    ``hand_on(chunk, model, urgent, priority)``: where a chunk of a model this worker does not
+    ``hand_on(chunk, model, urgent, priority, enqueued_at)``: where a chunk of a model this worker does not
     serve goes (its model's queues). ``on_recorded(counts, model)``: results newly stored (metrics).
     """
 
@@ -188,7 +188,7 @@ class ChunkProcessor:
     fetcher: Fetcher | None = None
     #: The S3 client for images named by ``s3://`` URL (made on first use).
     s3: Callable[[], S3] | None = None
-    hand_on: Callable[[Chunk, str, bool, int], None] | None = None
+    hand_on: Callable[[Chunk, str, bool, int, float | None], None] | None = None
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts, str], None] | None = None
     _gate: Gate = field(default_factory=lambda: Gate(), repr=False)
@@ -269,7 +269,7 @@ class ChunkProcessor:
                 outcome.results = {i: error_result(route.code, route.message) for i in claim.todo}
                 done.append(outcome)
             elif route is None:  # a model this worker does not serve: to its own queues
-                self._hand_on(chunk, outcome.model, urgent, options.priority)
+                self._hand_on(chunk, outcome.model, urgent, options.priority, enqueued_at)
             elif self._first_delivery(claim, retries):
                 done.append(outcome)
                 fresh.append((outcome, claim.todo, route))
@@ -329,7 +329,14 @@ class ChunkProcessor:
             return parked
         decided: dict[str, Entry] = {}  # the first chunk of a key decides for the message's others
         for (outcome, todo, (_, options)), owner in zip(fresh, owners, strict=True):
-            item = Parked(outcome.chunk, owner, outcome.model, message.interactive, options.priority)
+            item = Parked(
+                outcome.chunk,
+                owner,
+                outcome.model,
+                message.interactive,
+                options.priority,
+                message.enqueued_at,
+            )
             first = decided.get(owner)
             if first is None:
                 entry = decided[owner] = self._parking.enter(item)
@@ -365,7 +372,7 @@ class ChunkProcessor:
         for item in items:
             try:
                 if self.hand_on is not None:
-                    self.hand_on(item.chunk, item.model, item.urgent, item.priority)
+                    self.hand_on(item.chunk, item.model, item.urgent, item.priority, item.enqueued_at)
             except Exception:  # noqa: BLE001 - the broker is away: the sweep re-sends the chunk
                 log.warning(
                     "could not publish parked chunk %s:%d again; the sweep will",
@@ -382,7 +389,9 @@ class ChunkProcessor:
             return exc
         return None if lane is None else (lane, options)
 
-    def _hand_on(self, chunk: Chunk, model: str, urgent: bool, priority: int) -> None:
+    def _hand_on(
+        self, chunk: Chunk, model: str, urgent: bool, priority: int, enqueued_at: float | None
+    ) -> None:
         # The chunk reached a worker of another model (the default model changed while it
         # waited, or the sweeper re-sent it): this was no delivery, and it stays in the ledger.
         log.warning(
@@ -391,7 +400,7 @@ class ChunkProcessor:
         self.claims.unclaim(chunk)
         if self.hand_on is None:
             raise BatchvisionError(f"no worker here serves model {model!r}", code="model_not_served")
-        self.hand_on(chunk, model, urgent, priority)
+        self.hand_on(chunk, model, urgent, priority, enqueued_at)
 
     @staticmethod
     def _first_delivery(claim: Claim, retries: int) -> bool:

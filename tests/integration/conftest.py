@@ -332,6 +332,8 @@ class ProcessorRig:
     batches: list[BatchInfo]
     recorded: list[tuple[Counts, str]]
     handed: list[tuple[Chunk, str, bool]]
+    #: the ``enqueued_at`` of each chunk handed on
+    handed_at: list[float | None]
 
     @staticmethod
     def jpeg(colour: str) -> bytes:
@@ -392,6 +394,7 @@ def processor_rig(
     batches: list[BatchInfo] = []
     recorded: list[tuple[Counts, str]] = []
     handed: list[tuple[Chunk, str, bool]] = []
+    handed_at: list[float | None] = []
     lanes = ColourLanes(batches.append, model)
     store = JobStore(client, result_ttl_s=3600, blob_ttl_s=3600)
     claims = Claims(client, ttl_s=300)
@@ -403,10 +406,13 @@ def processor_rig(
         lanes=lanes,
         default_model="colours",
         limits=ProcessorLimits(**{"top_k": 2, "max_attempts": 2, "model_timeout_s": 30.0, **limits}),
-        hand_on=lambda chunk, model, urgent, priority: handed.append((chunk, model, urgent)),
+        hand_on=lambda chunk, model, urgent, priority, enqueued_at: (
+            handed.append((chunk, model, urgent)),
+            handed_at.append(enqueued_at),
+        ),
         on_recorded=lambda counts, model: recorded.append((counts, model)),
     )
-    yield ProcessorRig(client, store, claims, blobs, processor, batches, recorded, handed)
+    yield ProcessorRig(client, store, claims, blobs, processor, batches, recorded, handed, handed_at)
     processor.close()
     for lane in lanes.served.values():
         lane.batcher.close()

@@ -516,13 +516,14 @@ def test_a_stopping_worker_sends_its_parked_chunks_back_to_their_queue(
     running.start()
     try:
         wait_until(lambda: fetcher.started >= 1, timeout=10, message="the fetches started")
-        rig.process(("a2", second), urgent=True)
+        rig.process(("a2", second), urgent=True, enqueued_at=1234.5)
         assert rig.processor.parked() == 1
         rig.processor.close()
         # published again as it came (interactive), not left for the sweep
         assert [(c, model, urgent) for c, model, urgent in rig.handed] == [
             (Chunk.of("a2", second), "colours", True)
         ]
+        assert rig.handed_at == [1234.5]  # its queue wait counts from its job's upload
         assert rig.processor.parked() == 0
     finally:
         fetcher.release.set()

@@ -36,8 +36,9 @@ def test_each_job_runs_on_its_models_lane_with_its_own_options(rig: Any) -> None
 
 def test_a_chunk_of_a_model_not_served_here_is_handed_on_untouched(rig: Any) -> None:
     ix = _job(rig, "x", ["red", "green"], JobOptions("shapes"))
-    summary = rig.process(("x", ix), urgent=False)
+    summary = rig.process(("x", ix), urgent=False, enqueued_at=99.5)
     assert summary["classified"] == 0 and rig.handed == [(Chunk.of("x", ix), "shapes", False)]
+    assert rig.handed_at == [99.5]  # its queue wait goes on from its upload
     assert rig.rows("x")[0]["status"] == "pending", "nothing stored"
     assert rig.r.zscore(keys.CHUNKS, chunk_member(Chunk.of("x", ix))) is not None, "still in the ledger"
     assert int(rig.r.hget(JobKeys.of("x").tries, f"chunk:{ix[0]}") or 0) == 0, "not a delivery"
