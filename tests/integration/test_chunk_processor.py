@@ -433,6 +433,13 @@ class HeldFetcher:
         self.release.set()
 
 
+def _fetching_rig(rig: Any, colour: str) -> tuple[Any, HeldFetcher]:
+    """``rig`` with a :class:`HeldFetcher` whose URLs answer an image of ``colour``."""
+    fetcher = HeldFetcher(rig.jpeg(colour))
+    rig.processor.fetcher = fetcher
+    return rig, fetcher
+
+
 def _statuses(rig: Any, job_id: str) -> list[str]:
     return [row["status"] for row in rig.rows(job_id)]
 
@@ -448,9 +455,7 @@ def test_a_keys_url_chunks_beyond_its_share_are_parked_then_sent_back(
 ) -> None:
     # fetch_per_key=1: key a's second chunk of URLs is parked (no task thread held while its
     # fetches would wait for a's turn), and published again when a's first chunk is done.
-    rig = rig_on(scratch_redis, fetch_per_key=1)
-    fetcher = HeldFetcher(rig.jpeg("red"))
-    rig.processor.fetcher = fetcher
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
     first, second = _url_job(rig, "a1", "a", 2), _url_job(rig, "a2", "a", 2)
     other = _url_job(rig, "b1", "b", 1)
     running = threading.Thread(target=rig.process, args=(("a1", first),))
@@ -478,9 +483,7 @@ def test_a_keys_url_chunks_beyond_its_share_are_parked_then_sent_back(
 
 def test_urls_being_fetched_hold_no_admission_place(rig_on: Any, scratch_redis: Any, wait_until: Any) -> None:
     # Four places: a message of four URLs whose servers hang must not keep an upload out.
-    rig = rig_on(scratch_redis, max_inflight_images=4)
-    fetcher = HeldFetcher(rig.jpeg("blue"))
-    rig.processor.fetcher = fetcher
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, max_inflight_images=4), "blue")
     urls = _url_job(rig, "u", "", 4)
     uploads = rig.job("up", [rig.jpeg(c) for c in COLOURS[:4]])
     waiting = threading.Thread(target=rig.process, args=(("u", urls),))
@@ -503,9 +506,7 @@ def test_urls_being_fetched_hold_no_admission_place(rig_on: Any, scratch_redis: 
 def test_a_stopping_worker_sends_its_parked_chunks_back_to_their_queue(
     rig_on: Any, scratch_redis: Any, wait_until: Any
 ) -> None:
-    rig = rig_on(scratch_redis, fetch_per_key=1)
-    fetcher = HeldFetcher(rig.jpeg("red"))
-    rig.processor.fetcher = fetcher
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
     first, second = _url_job(rig, "a1", "a", 1), _url_job(rig, "a2", "a", 1)
 
     def run_first() -> None:
@@ -533,9 +534,7 @@ def test_a_stopping_worker_sends_its_parked_chunks_back_to_their_queue(
 def test_a_message_whose_one_chunk_is_parked_classifies_its_others(
     rig_on: Any, scratch_redis: Any, wait_until: Any
 ) -> None:
-    rig = rig_on(scratch_redis, fetch_per_key=1)
-    fetcher = HeldFetcher(rig.jpeg("red"))
-    rig.processor.fetcher = fetcher
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
     first, second = _url_job(rig, "a1", "a", 2), _url_job(rig, "a2", "a", 2)
     uploads = rig.job("up", [rig.jpeg(c) for c in COLOURS])
     other_key = _url_job(rig, "b1", "b", 1)
@@ -574,9 +573,7 @@ def test_a_fetched_url_waits_for_a_place_in_line(
         assert go.wait(30), "the test never let the model go"
         return [np.full(3, 1 / 3, np.float32) for _ in images]
 
-    rig = rig_on(scratch_redis, model=held_model, max_inflight_images=1)
-    fetcher = HeldFetcher(rig.jpeg("blue"))
-    rig.processor.fetcher = fetcher
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, model=held_model, max_inflight_images=1), "blue")
     urls, upload = _url_job(rig, "u", "", 1), rig.job("up", [rig.jpeg("red")])
     threads = [
         threading.Thread(target=rig.process, args=(("u", urls),)),  # lends its place while it fetches
@@ -602,9 +599,7 @@ def test_the_chunks_of_one_key_in_one_message_run_together(
 ) -> None:
     # They share one task thread: the share counts messages, so small URL jobs sent together
     # are not split up; the key's next message, over its share, is parked whole.
-    rig = rig_on(scratch_redis, fetch_per_key=1)
-    fetcher = HeldFetcher(rig.jpeg("red"))
-    rig.processor.fetcher = fetcher
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
     jobs = {f"a{n}": _url_job(rig, f"a{n}", "a", 1) for n in range(4)}
     together = threading.Thread(target=rig.process, args=(("a0", jobs["a0"]), ("a1", jobs["a1"])))
     together.start()
