@@ -4,6 +4,11 @@ all of them once none of the key's chunks runs here."""
 
 from __future__ import annotations
 
+import random
+from collections import deque
+
+import pytest
+
 from batchvision.server.messages import Chunk
 from batchvision.server.parking import Entry, Parked, Parking
 
@@ -94,3 +99,28 @@ def test_park_parks_whatever_the_key_runs_and_never_twice() -> None:
     assert parking.parked() == 1
     assert parking.enter(item("a", 0)) is PARKED  # a parked chunk delivered again stays parked
     assert parking.enter(item("a", 1)) is RUN
+
+
+@pytest.mark.parametrize("processes", [2, 4, 8])
+def test_processes_sharing_a_queue_strand_no_parked_chunk(processes: int) -> None:
+    # Chunks sent back go to the shared queue and any process may take them: a process whose
+    # last chunk of the key finishes must not keep parked chunks nobody will release. Many
+    # seeded interleavings of takes and finishes; each chunk must run exactly once.
+    for seed in range(100):
+        rng = random.Random(seed)
+        workers = [Parking(per_key=2) for _ in range(processes)]
+        queue = deque(item("a", n) for n in range(40))
+        running: list[list[Parked]] = [[] for _ in workers]
+        ran: list[Parked] = []
+        while queue or any(running):
+            w = rng.randrange(processes)
+            if queue and (not running[w] or rng.random() < 0.5):
+                got = queue.popleft()
+                if workers[w].enter(got) is RUN:
+                    running[w].append(got)
+            elif running[w]:
+                ran.append(running[w].pop(rng.randrange(len(running[w]))))
+                queue.extend(workers[w].leave("a"))
+        stranded = [p.parked() for p in workers]
+        assert stranded == [0] * processes, (seed, stranded)
+        assert sorted(p.chunk.first for p in ran) == [16 * n for n in range(40)], seed
