@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -577,19 +577,20 @@ class ChunkProcessor:
             return self._decoded(blob, size, places)
         out: Future[np.ndarray | BatchvisionError] = Future()
 
-        def fetched(f: Future[bytes | BatchvisionError]) -> None:
-            try:
-                data = f.result()
-                if isinstance(data, BatchvisionError):
-                    out.set_result(data)
-                    return
-                places.take()  # (on a fetch thread: the fetched bytes wait here, bounded by the pool)
-                self._decoded(data, size, places).add_done_callback(lambda g: _relay(g, out))
-            except BaseException as exc:  # canceled at shutdown, or a pool already closed
-                out.set_exception(exc)
+        def fetch() -> None:  # on a fetch thread, always (a callback may run on the caller's)
+            data = self._fetch(url)
+            if isinstance(data, BatchvisionError):
+                out.set_result(data)
+                return
+            places.take()  # the fetched bytes wait here, on one of a bounded number of threads
+            self._decoded(data, size, places).add_done_callback(lambda g: _relay(g, out))
+
+        def failed(f: Future[None]) -> None:  # canceled at shutdown, or a pool already closed
+            if not out.done() and (f.cancelled() or f.exception() is not None):
+                out.set_exception(f.exception() if not f.cancelled() else CancelledError())
 
         places.lend()
-        self._fetch_pool.submit(owner, self._fetch, url).add_done_callback(fetched)
+        self._fetch_pool.submit(owner, fetch).add_done_callback(failed)
         return out
 
     def _decoded(
