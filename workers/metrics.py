@@ -56,8 +56,8 @@ QUEUE_WAIT = Histogram(
 )
 PARKED = Gauge(
     "batchvision_worker_parked_chunks",
-    "Chunks of image URLs this worker parked because their API key runs its share of them "
-    "already (FETCH_PER_KEY); each is published again when one of its key's chunks is done.",
+    "Chunks of image URLs this worker parked because their API key runs its share of messages "
+    "already (FETCH_PER_KEY); published again as the key's messages finish here, and at a stop.",
 )
 MODEL_LOAD = Gauge(
     "batchvision_model_load_seconds", "Seconds it took to load and warm up the models at start."

@@ -465,10 +465,11 @@ class SweeperStep:
 
     name = "sweeper"
 
-    def __init__(self, settings: Settings, app: Celery, redis: RedisStep) -> None:
+    def __init__(self, settings: Settings, app: Celery, redis: RedisStep, processor: ProcessorStep) -> None:
         self.settings = settings
         self.app = app
         self.redis = redis
+        self.processor = processor
         self._sweeper: Sweeper | None = None
         self._registry: ModelRegistry | None = None
 
@@ -478,6 +479,8 @@ class SweeperStep:
         publish(self.app, self.settings, [chunk], time.time(), model=routing.model, priority=routing.priority)
 
     def _run(self) -> int:
+        # This process's parked chunks are waiting, not lost: no sweep (of any worker) re-sends them.
+        self.processor.processor.touch_parked()
         store: JobStore = _made(self.redis.store, self.redis.name)
         recover_parts(store, self._resend, self.settings.chunk_size)  # never in any queue: not held back
         # Every model's queues: a backlog of any model may still hold the chunks.
@@ -538,7 +541,7 @@ class Worker:
         ]
         if uses_amqp(settings):
             components.append(DeadLettersStep(settings, self.redis))
-        components.append(SweeperStep(settings, app, self.redis))
+        components.append(SweeperStep(settings, app, self.redis, self._processor))
         self.lifecycle = Lifecycle(components)
 
     def start(self) -> None:

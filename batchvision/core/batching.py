@@ -322,6 +322,8 @@ class Places:
         """Wait for ``n`` slots again, in line with new requests of the same urgency and tier
         (at most :attr:`TAKE_WAIT_S`)."""
         adm = self._admission
+        if self.closed:  # its request ended (it failed): nothing to hold a slot for
+            return
         adm._enter(n, self._urgent, self._tier, self.TAKE_WAIT_S)
         with adm._cond:
             if self.closed:  # late (its request failed meanwhile): nobody would give them back

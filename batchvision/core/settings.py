@@ -190,7 +190,8 @@ class Settings(BaseSettings):
         0,
         "Images a worker decodes or holds for the model at once, interactive chunks first "
         "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued. "
-        "An image URL holds no place while it is fetched.",
+        "An image URL holds no place while it is fetched; fetched, it waits at most 2 s for one, "
+        "then goes over the limit.",
     )
     decode_threads: Annotated[int, Field(ge=0, le=256)] = _field(
         0,

@@ -20,16 +20,17 @@ from __future__ import annotations
 import enum
 import threading
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batchvision.server.messages import Chunk
 
 
 class Entry(enum.Enum):
-    """What :meth:`Parking.enter` made of a chunk."""
+    """What :meth:`Parking.decide` made of a chunk."""
 
-    RUN = "run"  #: it runs now, counted until :meth:`Parking.leave`
-    PARKED = "parked"  #: it waits here (or it did already: a second delivery)
+    RUN = "run"  #: its message runs now, counted until :meth:`Parking.leave`
+    PARKED = "parked"  #: it waits here (or it does already: a second delivery)
     BACK = "back"  #: over its key's share while the worker stops: to be sent back at once
 
 
@@ -47,7 +48,13 @@ class Parked:
 
 
 class Parking:
-    """Counts the URL chunks each key runs in this process, and parks the ones over its share."""
+    """Counts the messages with URL chunks each key runs in this process, and parks the chunks
+    over its share.
+
+    A message decides first (:meth:`decide`: its chunks of a key run, or wait) and parks what
+    waits only once its results are stored (:meth:`add`): a message that fails is tried again
+    with all of its chunks, so none of them may wait here (or be published) meanwhile.
+    """
 
     def __init__(self, per_key: int) -> None:
         self.per_key = max(1, per_key)
@@ -57,38 +64,46 @@ class Parking:
         self._members: set[Chunk] = set()
         self._stopping = False  # (after drain: nothing is parked any more)
 
-    def enter(self, item: Parked) -> Entry:
-        """Run ``item`` now (its message then counts once for its key, until :meth:`leave`),
-        or park it (also when it is parked here already: a second delivery, the sweep re-sent
-        it meanwhile), or, once the worker stops, send it back."""
+    def decide(self, item: Parked) -> Entry:
+        """Run ``item``'s message now (it then counts once for its key, until :meth:`leave`),
+        or let the chunk wait (also when it is parked here already: a second delivery, the
+        sweep re-sent it meanwhile), or, once the worker stops, send it back."""
         if not item.owner:
             return Entry.RUN
         with self._lock:
-            if item.chunk not in self._members and self._running[item.owner] < self.per_key:
+            if item.chunk in self._members:
+                return Entry.PARKED
+            if self._running[item.owner] < self.per_key:
                 self._running[item.owner] += 1
                 return Entry.RUN
-            return self._park(item)
+            return Entry.BACK if self._stopping else Entry.PARKED
 
-    def park(self, item: Parked) -> Entry:
-        """Park ``item`` whatever its key runs (another chunk of its message was parked), or
-        send it back once the worker stops."""
+    def is_parked(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` waits here (a second delivery of it runs not)."""
         with self._lock:
-            return self._park(item)
+            return chunk in self._members
 
-    def _park(self, item: Parked) -> Entry:
-        if item.chunk in self._members:
-            return Entry.PARKED
-        if self._stopping:
-            return Entry.BACK
-        self._parked.setdefault(item.owner, deque()).append(item)
-        self._members.add(item.chunk)
-        return Entry.PARKED
+    def add(self, items: Sequence[Parked]) -> list[Parked]:
+        """Park ``items`` (their message's results are stored); those to publish at once: all
+        when the worker stops, and those of a key none of whose messages runs here any more
+        (no finish would send them back)."""
+        out: list[Parked] = []
+        with self._lock:
+            for item in items:
+                if item.chunk in self._members:
+                    continue  # parked here already
+                if self._stopping or not self._running[item.owner]:
+                    out.append(item)
+                    continue
+                self._parked.setdefault(item.owner, deque()).append(item)
+                self._members.add(item.chunk)
+        return out
 
     def leave(self, owner: str) -> list[Parked]:
-        """A message of ``owner`` that :meth:`enter` let run is done: the parked chunks of that
-        key to publish again: the oldest one, or all of them when none of the key's messages
-        runs here any more. (On arrival a newer chunk of the key may have taken the room: then it
-        is parked again, at the back.)"""
+        """A message of ``owner`` that :meth:`decide` let run is done: the parked chunks of
+        that key to publish again: the oldest one, or all of them when none of the key's
+        messages runs here any more. (On arrival a newer chunk of the key may have taken the
+        room: then it is parked again, at the back.)"""
         if not owner:
             return []
         with self._lock:
@@ -106,16 +121,10 @@ class Parking:
                 del self._parked[owner]
             return out
 
-    def withdraw(self, item: Parked) -> None:
-        """Take back a chunk :meth:`enter` just parked (its delivery could not be undone: the
-        message fails and is tried again)."""
+    def chunks(self) -> list[Chunk]:
+        """The chunks parked now."""
         with self._lock:
-            line = self._parked.get(item.owner)
-            if line is not None and item in line:
-                line.remove(item)
-                self._members.discard(item.chunk)
-                if not line:
-                    del self._parked[item.owner]
+            return list(self._members)
 
     def parked(self) -> int:
         """Chunks parked now (tests, metrics)."""

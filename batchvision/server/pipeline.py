@@ -196,7 +196,7 @@ class ChunkProcessor:
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
     _fetch_pool: FairPool = field(init=False, repr=False)
     _parking: Parking = field(init=False, repr=False)
-    _releasing: threading.Thread | None = field(default=None, init=False, repr=False)
+    _releasing: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._admission = Admission(max(1, self.limits.max_inflight_images), self.limits.priority_ratio)
@@ -211,12 +211,22 @@ class ChunkProcessor:
         if wait:
             self._publish(self._parking.drain())
             return
-        self._releasing = threading.Thread(target=self.release_parked, name="release-parked", daemon=True)
-        self._releasing.start()
+        thread = threading.Thread(target=self.release_parked, name="release-parked", daemon=True)
+        self._releasing.append(thread)
+        thread.start()
+
+    def touch_parked(self) -> None:
+        """Stamp the parked chunks' ledger entries anew: they are not lost, only waiting here,
+        and the sweep must not send them again however long their key's flood lasts."""
+        chunks = self._parking.chunks()
+        if chunks:
+            pipe = self.store.redis.pipeline(transaction=False)
+            ledger_started(pipe, chunks)
+            pipe.execute()
 
     def close(self) -> None:
-        if self._releasing is not None:
-            self._releasing.join(60)
+        for thread in self._releasing:
+            thread.join()  # (each publishes what it drained: then nothing parked is left behind)
         self.release_parked()  # (parked by tasks that ran on after the shutdown began)
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown()
@@ -285,12 +295,14 @@ class ChunkProcessor:
         # (suspects) they run one at a time outside the admission.
         places.lend(message.images - sum(len(todo) for _, todo, _ in fresh))
         entered: list[str] = []  # the keys of the chunks of URLs that run: each leaves once
+        waiting: list[Parked] = []  # parked once the results are stored
+        stored = False
         try:
             if fresh:
                 wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
                 read = self._read(wanted)
                 read.owners = self._owners(wanted, read.blobs)
-                parked = self._park(fresh, read.owners, message, places, entered)
+                parked = self._park(fresh, read.owners, message, places, retries, entered, waiting)
                 if parked:
                     done = [o for o in done if id(o) not in parked]
                     keep = [n for n, (o, _, _) in enumerate(fresh) if id(o) not in parked]
@@ -303,11 +315,15 @@ class ChunkProcessor:
                 for (outcome, _, _), res in zip(fresh, results, strict=True):
                     outcome.results = res
             self._store(done, [o.chunk for o in done], stats)
+            stored = True
         finally:
             # After the store: a chunk sent back is not delivered while its message may still
-            # fail (and be tried again with it).
+            # fail (and be tried again with it). A message that failed parks nothing: its retry
+            # carries those chunks.
             for owner in entered:
                 self._publish(self._parking.leave(owner))
+            if stored:
+                self._publish(self._parking.add(waiting))
         for chunk, todo, route in suspects:
             self._isolate(chunk, todo, enqueued_at, urgent, stats, route)
         return stats
@@ -318,17 +334,25 @@ class ChunkProcessor:
         owners: Sequence[str],
         message: ClassifyMessage,
         places: Places,
+        retries: int,
         entered: list[str],
+        waiting: list[Parked],
     ) -> set[int]:
-        """Park the chunks of URLs whose key runs its share of messages already (see
-        :mod:`~batchvision.server.parking`): the ``id`` of each parked outcome; each key whose
-        chunks run goes to ``entered`` once (to :meth:`Parking.leave` once). A parked chunk
-        was no delivery, and its images give their admission places back."""
-        parked: set[int] = set()
-        if self.hand_on is None:  # nowhere to publish them again: every chunk runs here
-            return parked
+        """Set aside the chunks of URLs whose key runs its share of messages already (see
+        :mod:`~batchvision.server.parking`): the ``id`` of each outcome set aside, each to
+        ``waiting`` (parked once the message's results are stored); each key whose chunks run
+        goes to ``entered`` once (to :meth:`Parking.leave` once). A chunk set aside was no
+        delivery, and its images give their admission places back.
+
+        A retry (``retries``) sets nothing aside: its chunks' deliveries of the failed try
+        still count, and a chunk parked now would come back as a suspect."""
+        aside: set[int] = set()
+        if self.hand_on is None or retries:  # (no hand-on: nowhere to publish them again)
+            return aside
         decided: dict[str, Entry] = {}  # the first chunk of a key decides for the message's others
         for (outcome, todo, (_, options)), owner in zip(fresh, owners, strict=True):
+            if not owner:
+                continue
             item = Parked(
                 outcome.chunk,
                 owner,
@@ -337,34 +361,24 @@ class ChunkProcessor:
                 options.priority,
                 message.enqueued_at,
             )
-            first = decided.get(owner)
-            if first is None:
-                entry = decided[owner] = self._parking.enter(item)
-                if entry is Entry.RUN and owner:
+            if owner not in decided:
+                decided[owner] = self._parking.decide(item)
+                if decided[owner] is Entry.RUN:
                     entered.append(owner)
-            else:
-                entry = Entry.RUN if first is Entry.RUN else self._parking.park(item)
-            if entry is Entry.RUN:
+                    continue
+            elif decided[owner] is Entry.RUN and not self._parking.is_parked(item.chunk):
                 continue
-            try:
-                self.claims.unclaim(outcome.chunk)
-            except BaseException:
-                # Its delivery still counts: it must not wait here while the message is tried
-                # again (with it) and counted twice.
-                self._parking.withdraw(item)
-                raise
+            self.claims.unclaim(outcome.chunk)  # (raises: the message fails, nothing is parked)
             places.lend(len(todo))
-            parked.add(id(outcome))
-            if entry is Entry.BACK:  # nothing waits here once the worker stops
-                self._publish([item])
-                continue
+            aside.add(id(outcome))
+            waiting.append(item)
             log.info(
-                "job %s chunk %d parked: its key runs %d chunks of URLs here already",
+                "job %s chunk %d parked: its key runs %d messages of URLs here already",
                 outcome.chunk.job_id,
                 outcome.chunk.first,
                 self._parking.per_key,
             )
-        return parked
+        return aside
 
     def _publish(self, items: Sequence[Parked]) -> None:
         """Send parked chunks to their queue again (a failure leaves them to the sweep: they

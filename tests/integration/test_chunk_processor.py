@@ -30,6 +30,7 @@ from batchvision.server.blobs import FileBlobs
 from batchvision.server.fetch import url_blob
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
+from batchvision.server.recovery import chunk_member
 from batchvision.server.store import Counts
 from batchvision.server.telemetry import Telemetry
 from batchvision.testing.servers import RedisServer
@@ -612,3 +613,57 @@ def test_the_chunks_of_one_key_in_one_message_run_together(
         together.join(30)
     assert rig.labels("a0") == ["red"] and rig.labels("a1") == ["red"]
     assert sorted(c.job_id for c, _, _ in rig.handed) == ["a2", "a3"]  # none left running: both back
+
+
+def test_a_message_that_fails_parks_nothing_and_its_retry_runs_every_chunk(
+    rig_on: Any, scratch_redis: Any, wait_until: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its retry carries all of its chunks: one parked (or sent back) meanwhile would run twice,
+    # the second time as a suspect (its delivery of the failed try still counted).
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
+    first, second = _url_job(rig, "a1", "a", 1), _url_job(rig, "a2", "a", 1)
+    uploads = rig.job("up", [rig.jpeg("green")])
+    store = rig.processor._store
+    failures = [redis_lib.exceptions.ConnectionError("Connection reset by peer")]
+
+    def flaky_store(outcomes: Any, finished: Any, stats: Any) -> None:
+        if failures and any(o.chunk.job_id == "up" for o in outcomes):
+            raise failures.pop()
+        store(outcomes, finished, stats)
+
+    monkeypatch.setattr(rig.processor, "_store", flaky_store)
+    running = threading.Thread(target=rig.process, args=(("a1", first),))
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="a's first message fetches")
+        with pytest.raises(redis_lib.exceptions.ConnectionError):
+            rig.process(("up", uploads), ("a2", second))
+        assert rig.processor.parked() == 0 and rig.handed == []
+        assert rig.r.hget(JobKeys.of("a2").tries, "chunk:0") == b"0"  # set aside: no delivery
+        # the retry (a's share still full) runs a2 instead of setting it aside again
+        fetcher.release.set()
+        assert rig.process(("up", uploads), ("a2", second), retries=1)["classified"] == 2
+    finally:
+        fetcher.release.set()
+        running.join(30)
+    assert rig.labels("a2") == ["red"] and rig.labels("up") == ["green"]
+    assert rig.handed == [] and rig.processor.parked() == 0
+
+
+def test_parked_chunks_are_stamped_anew_so_no_sweep_sends_them_again(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
+    first, second = _url_job(rig, "a1", "a", 1), _url_job(rig, "a2", "a", 1)
+    running = threading.Thread(target=rig.process, args=(("a1", first),))
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="a's first message fetches")
+        rig.process(("a2", second))
+        member = chunk_member(Chunk.of("a2", second))
+        rig.r.zadd(keys.CHUNKS, {member: 1.0}, xx=True)  # as if it had waited for hours
+        rig.processor.touch_parked()
+        assert time.time() - 60 < float(rig.r.zscore(keys.CHUNKS, member) or 0) <= time.time()
+    finally:
+        fetcher.release.set()
+        running.join(30)

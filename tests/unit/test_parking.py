@@ -1,6 +1,7 @@
-"""Parking: a key runs at most its share of URL chunks in one worker process; the rest wait in
-memory and go back to the queue as the key's chunks finish here: the oldest for each finish,
-all of them once none of the key's chunks runs here."""
+"""Parking: a key runs at most its share of messages with URL chunks in one worker process;
+the rest wait in memory, parked once their message's results are stored, and go back to the
+queue as the key's messages finish here: the oldest for each finish, all of them once none of
+the key's messages runs here."""
 
 from __future__ import annotations
 
@@ -19,25 +20,31 @@ def item(owner: str, n: int) -> Parked:
     return Parked(Chunk.of(f"job-{owner}", range(16 * n, 16 * n + 16)), owner, "demo", False, 5)
 
 
-def test_a_key_beyond_its_share_is_parked_and_other_keys_are_not() -> None:
+def park(parking: Parking, *items: Parked) -> list[Parked]:
+    """What a message does: decide, then (its results stored) add what waits."""
+    waiting = [i for i in items if parking.decide(i) is not RUN]
+    return parking.add(waiting)
+
+
+def test_a_key_beyond_its_share_waits_and_other_keys_do_not() -> None:
     parking = Parking(per_key=2)
-    assert [parking.enter(item("a", n)) for n in range(4)] == [RUN, RUN, PARKED, PARKED]
-    assert [parking.enter(item("b", n)) for n in range(2)] == [RUN, RUN]
-    assert parking.parked() == 2
+    assert [parking.decide(item("a", n)) for n in range(4)] == [RUN, RUN, PARKED, PARKED]
+    assert [parking.decide(item("b", n)) for n in range(2)] == [RUN, RUN]
+    assert parking.parked() == 0  # nothing is parked before its message's results are stored
+    assert parking.add([item("a", 2), item("a", 3)]) == [] and parking.parked() == 2
 
 
 def test_each_finish_sends_back_the_oldest_parked_chunk_of_its_key() -> None:
     parking = Parking(per_key=2)
-    for n in range(5):
-        parking.enter(item("a", n))
-    parking.enter(item("b", 0))
+    assert park(parking, *(item("a", n) for n in range(5))) == []
+    parking.decide(item("b", 0))
     assert parking.leave("b") == []  # another key's finish frees nothing of a's
     assert parking.leave("a") == [item("a", 2)]
     # the chunk sent back does not hold the room: a newer chunk of the key may take it first
-    assert parking.enter(item("a", 9)) is RUN
-    assert parking.enter(item("a", 2)) is PARKED  # arrived again: parked again, at the back
+    assert parking.decide(item("a", 9)) is RUN
+    assert park(parking, item("a", 2)) == []  # arrived again: parked again, at the back
     assert parking.leave("a") == [item("a", 3)]
-    assert parking.enter(item("a", 3)) is RUN  # it arrives: room for it
+    assert parking.decide(item("a", 3)) is RUN  # it arrives: room for it
     assert parking.leave("a") == [item("a", 4)]
     assert parking.parked() == 1
 
@@ -46,65 +53,56 @@ def test_when_none_of_the_key_runs_here_every_parked_chunk_goes_back() -> None:
     # The chunks sent back may run in other processes: none may wait here for a finish that
     # will not come.
     parking = Parking(per_key=2)
-    for n in range(6):
-        parking.enter(item("a", n))
+    park(parking, *(item("a", n) for n in range(6)))
     assert parking.leave("a") == [item("a", 2)]
     assert parking.leave("a") == [item("a", n) for n in (3, 4, 5)]
     assert parking.parked() == 0
 
 
-def test_a_second_delivery_of_a_parked_chunk_is_dropped() -> None:
+def test_a_chunk_whose_key_stopped_running_before_its_message_stored_goes_back_at_once() -> None:
+    # Another thread's finish took the key's last running message between the decision and
+    # the add: parked now, nothing would ever send it back.
     parking = Parking(per_key=1)
-    parking.enter(item("a", 0))
-    assert parking.enter(item("a", 1)) is PARKED
-    assert parking.enter(item("a", 1)) is PARKED  # the sweep re-sent it while it waited here
-    assert parking.parked() == 1
+    assert parking.decide(item("a", 0)) is RUN and parking.decide(item("a", 1)) is PARKED
+    assert parking.leave("a") == []
+    assert parking.add([item("a", 1)]) == [item("a", 1)] and parking.parked() == 0
+
+
+def test_a_second_delivery_of_a_parked_chunk_waits_and_is_not_parked_twice() -> None:
+    parking = Parking(per_key=1)
+    park(parking, item("a", 0), item("a", 1))
+    assert parking.is_parked(item("a", 1).chunk)
+    assert parking.decide(item("a", 1)) is PARKED  # the sweep re-sent it while it waited here
+    assert parking.add([item("a", 1)]) == [] and parking.parked() == 1
     assert parking.leave("a") == [item("a", 1)]
-
-
-def test_a_withdrawn_chunk_is_parked_no_more() -> None:
-    parking = Parking(per_key=1)
-    parking.enter(item("a", 0))
-    parking.enter(item("a", 1))
-    parking.withdraw(item("a", 1))
-    assert parking.parked() == 0 and parking.leave("a") == []
 
 
 def test_the_key_of_an_api_without_keys_is_never_parked_or_counted() -> None:
     parking = Parking(per_key=1)
-    assert all(parking.enter(item("", n)) is RUN for n in range(5))
+    assert all(parking.decide(item("", n)) is RUN for n in range(5))
     assert parking.leave("") == [] and parking.parked() == 0
 
 
 def test_drain_returns_every_parked_chunk_once_and_then_nothing_parks() -> None:
     parking = Parking(per_key=1)
     for owner in ("a", "b"):
-        for n in range(3):
-            parking.enter(item(owner, n))
+        park(parking, *(item(owner, n) for n in range(3)))
     drained = parking.drain()
     assert sorted(drained, key=lambda p: (p.owner, p.chunk.first)) == [
         item(o, n) for o in ("a", "b") for n in (1, 2)
     ]
     assert parking.parked() == 0 and parking.drain() == []
-    # stopping: over the share, a chunk is sent back at once; within it, it still runs
-    assert parking.enter(item("a", 7)) is BACK and parking.parked() == 0
+    # stopping: over the share, a chunk goes back at once; within it, it still runs
+    assert parking.decide(item("a", 7)) is BACK
+    assert parking.add([item("a", 7)]) == [item("a", 7)] and parking.parked() == 0
     parking.leave("a")
-    assert parking.enter(item("a", 8)) is RUN
-
-
-def test_park_parks_whatever_the_key_runs_and_never_twice() -> None:
-    # (the other chunks of a message whose first chunk of the key was parked)
-    parking = Parking(per_key=4)
-    assert parking.park(item("a", 0)) is PARKED and parking.park(item("a", 0)) is PARKED
-    assert parking.parked() == 1
-    assert parking.enter(item("a", 0)) is PARKED  # a parked chunk delivered again stays parked
-    assert parking.enter(item("a", 1)) is RUN
+    assert parking.decide(item("a", 8)) is RUN
 
 
 @pytest.mark.parametrize("processes", [2, 4, 8])
 def test_processes_sharing_a_queue_strand_no_parked_chunk(processes: int) -> None:
     # Chunks sent back go to the shared queue and any process may take them: a process whose
-    # last chunk of the key finishes must not keep parked chunks nobody will release. Many
+    # last message of the key finishes must not keep parked chunks nobody will release. Many
     # seeded interleavings of takes and finishes; each chunk must run exactly once.
     for seed in range(100):
         rng = random.Random(seed)
@@ -116,8 +114,10 @@ def test_processes_sharing_a_queue_strand_no_parked_chunk(processes: int) -> Non
             w = rng.randrange(processes)
             if queue and (not running[w] or rng.random() < 0.5):
                 got = queue.popleft()
-                if workers[w].enter(got) is RUN:
+                if workers[w].decide(got) is RUN:
                     running[w].append(got)
+                else:
+                    queue.extend(workers[w].add([got]))
             elif running[w]:
                 ran.append(running[w].pop(rng.randrange(len(running[w]))))
                 queue.extend(workers[w].leave("a"))
