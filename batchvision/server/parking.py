@@ -5,12 +5,12 @@ lets one API key fetch only ``FETCH_PER_KEY`` URLs at a time, so a key whose ser
 (or never answer) would otherwise fill every task thread with messages that only wait for that
 key's turn, and the other keys' messages would wait behind them. So a process runs at most
 ``per_key`` messages with chunks of URLs of one key at once (the chunks of one message run
-together: they share its thread); a further chunk is *parked*: its message is acknowledged, it waits in
-memory (it stays in the chunk ledger, so the sweep re-sends it if this process dies), and it is
-published again, to the tail of its queue, when one of its key's chunks is done here: the
-oldest one for each chunk done, and all of them once none of the key's chunks runs here (the
-chunks sent back may be taken by other processes: none is left waiting for a finish that will
-not come).
+together: they share its thread). A further chunk is *parked*: its message is acknowledged and
+the chunk waits in memory, stamped anew in the chunk ledger (so only a dead process's parked
+chunks are re-sent by the sweep). It is published again, to the tail of its queue, when one of
+its key's messages is done here: the oldest one for each message done, and all of them once
+none of the key's messages runs here (the chunks sent back may be taken by other processes:
+none is left waiting for a finish that will not come).
 
 The key ``""`` (an API without keys: one tenant) is never parked.
 """

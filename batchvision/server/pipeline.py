@@ -108,12 +108,13 @@ class _Read:
 
     blobs: list[Sequence[bytes | None]]
     results: list[dict[int, ImageResult]]
-    owners: list[str] | None = None
+    owners: list[str]
 
     def only(self, keep: Sequence[int]) -> _Read:
         """The chunks at positions ``keep``."""
-        owners = None if self.owners is None else [self.owners[n] for n in keep]
-        return _Read([self.blobs[n] for n in keep], [self.results[n] for n in keep], owners)
+        return _Read(
+            [self.blobs[n] for n in keep], [self.results[n] for n in keep], [self.owners[n] for n in keep]
+        )
 
 
 @dataclass
@@ -301,7 +302,6 @@ class ChunkProcessor:
             if fresh:
                 wanted = [Chunk(o.chunk.job_id, tuple(todo)) for o, todo, _ in fresh]
                 read = self._read(wanted)
-                read.owners = self._owners(wanted, read.blobs)
                 parked = self._park(fresh, read.owners, message, places, retries, entered, waiting)
                 if parked:
                     done = [o for o in done if id(o) not in parked]
@@ -477,10 +477,8 @@ class ChunkProcessor:
         for the model: a URL's while it is fetched and an image's whose result is known are
         given back, so images that wait on something else never hold every place (and a
         fetched URL waiting for a place never waits on its own message's finished images)."""
-        if read is None:
-            read = self._read(wanted)
-        results, blobs = read.results, read.blobs
-        owners = read.owners if read.owners is not None else self._owners(wanted, blobs)
+        read = read or self._read(wanted)
+        results, blobs, owners = read.results, read.blobs, read.owners
         decoded: list[tuple[int, int, Future[np.ndarray | BatchvisionError]]] = []
         for n, (chunk, data) in enumerate(zip(wanted, blobs, strict=True)):
             for i, blob in zip(chunk.indexes, data, strict=True):
@@ -538,7 +536,8 @@ class ChunkProcessor:
         return results
 
     def _read(self, wanted: Sequence[Chunk]) -> _Read:
-        """The blobs of ``wanted``, in one round trip where the store allows."""
+        """The blobs of ``wanted``, in one round trip where the store allows, and the keys of
+        those with URLs (one more)."""
         results: list[dict[int, ImageResult]] = [{} for _ in wanted]
         try:
             blobs: Sequence[Sequence[bytes | None]] = self.blobs.get_batch(
@@ -550,7 +549,7 @@ class ChunkProcessor:
             # each refused image says so and the others go on (a message that failed instead
             # would fail until its images counted as poison).
             blobs = [self._read_each(c, results[n]) for n, c in enumerate(wanted)]
-        return _Read(list(blobs), results)
+        return _Read(list(blobs), results, self._owners(wanted, blobs))
 
     def _read_each(self, chunk: Chunk, results: dict[int, ImageResult]) -> list[bytes | None]:
         """The chunk's uploads read one at a time; a refused one is its image's error (in
