@@ -20,7 +20,7 @@ from api.auth import current_owner
 from api.metrics import count_submitted
 from api.services import Services, services
 from batchvision import __version__
-from batchvision.core.errors import BatchvisionError, NotFound, ServiceUnavailable
+from batchvision.core.errors import BatchvisionError, ImageTooLarge, NotFound, ServiceUnavailable
 from batchvision.core.results import Failure, Prediction
 from batchvision.server import inference as v2
 from batchvision.server.intake import Upload, check
@@ -229,7 +229,7 @@ _INFER = {
             "A wrong input name, datatype or shape, an element that is not an image, top_k out of "
             "range, or the model is not ready",
         ),
-        413: _error("The request is over the size limit"),
+        413: _error("The request, or one of its images, is over a size or pixel limit"),
         429: _error("Queue limit reached; retry after `Retry-After` seconds"),
         500: _error("The model failed on an image"),
     },
@@ -257,6 +257,8 @@ def _infer(name: str, version: str | None) -> Response:
     req = v2.parse_request(header, binary, shape, max_batch=svc.settings.max_files_per_request)
     uploads = [Upload(str(i), f"{req.input}[{i}]", data) for i, data in enumerate(req.images)]
     for i, problem in enumerate(check(svc.settings, uploads)):
+        if isinstance(problem, ImageTooLarge):  # 413, as /v1 answers an image over a limit
+            raise ImageTooLarge(f"input {req.input!r} element {i} is over a limit: {problem.message}")
         if problem is not None:
             raise v2.ProtocolError(
                 f"input {req.input!r} element {i} is not an image we can classify: {problem.message}"
@@ -281,7 +283,9 @@ def _infer(name: str, version: str | None) -> Response:
         if not isinstance(row.result, Prediction):
             err = row.result or Failure("pending", "pending")
             text = f"input {req.input!r} element {row.index}: {err.message}"
-            if err.code in ("corrupt_image", "not_an_image", "truncated", "too_many_pixels"):
+            if err.code == "too_many_pixels":
+                raise ImageTooLarge(text)
+            if err.code in ("corrupt_image", "not_an_image", "truncated"):
                 raise v2.ProtocolError(text)
             raise BatchvisionError(text, code=err.code)
         predictions.append(row.result)

@@ -23,6 +23,7 @@ Fixtures (both tiers):
 from __future__ import annotations
 
 import gzip
+import signal
 import ssl
 import struct
 import sys
@@ -39,6 +40,21 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the run at once
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, ``kill``) stops the run as Ctrl-C does: every fixture's teardown
+    still runs, so the servers the suite started (Redis, workers, the tier's ``dockerd``) stop
+    with it instead of outliving it."""
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -249,6 +250,14 @@ def cmd_flower(args: argparse.Namespace) -> int:
     Flower read (``CELERY_BROKER_URL``, ``FLOWER_BASIC_AUTH``), never on the command line,
     where every user of the machine could read them (``ps``, ``/proc/<pid>/cmdline``).
     """
+    if importlib.util.find_spec("flower") is None:
+        # Else Celery's own message, "No such command 'flower'", would be all the user sees.
+        print(
+            "Flower is not installed: install the `flower` extra (pip install 'batchvision[flower]'); "
+            "its image is Dockerfile.api built with --build-arg EXTRAS=api,flower --target flower",
+            file=sys.stderr,
+        )
+        return 2
     s = Settings.from_env()
     from batchvision.server.queue import broker_url
 

@@ -114,6 +114,30 @@ class Docker:
         return data[0]
 
 
+def _stop_leftover_dockerd(data_root: Path, wait_until: Callable[..., Any]) -> None:
+    """Stop a ``dockerd`` that an earlier run left on ``data_root`` (a run killed with SIGKILL
+    cannot stop its own): a second daemon on the same data root would corrupt it."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name != "dockerd" or "--data-root" not in argv[:-1]:
+            continue
+        if argv[argv.index("--data-root") + 1] != str(data_root):
+            continue
+        pid = int(proc.name)
+        os.kill(pid, signal.SIGTERM)
+        try:
+            wait_until(lambda p=proc: not p.exists(), timeout=60, interval=0.2)
+        except AssertionError:
+            os.kill(pid, signal.SIGKILL)
+        if "--exec-root" in argv[:-1]:  # /tmp/bvd-*/exec: its mounts, then its state
+            state = Path(argv[argv.index("--exec-root") + 1]).parent
+            _unmount_below(state)
+            shutil.rmtree(state, ignore_errors=True)
+
+
 def _reset(docker: Docker) -> None:
     """No containers, volumes or networks left from an earlier run (the images stay: cache)."""
     ids = docker.run("ps", "-aq").stdout.split()
@@ -134,6 +158,7 @@ def docker(tmp_path_factory: pytest.TempPathFactory, wait_until: Callable[..., A
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         data_root = CACHE / "docker"
+        _stop_leftover_dockerd(data_root, wait_until)
     except BlockingIOError:  # another run holds the cache: start cold, alone
         data_root = tmp_path_factory.mktemp("docker-data")
     # A short path: a unix socket's path may not exceed 107 bytes.

@@ -88,12 +88,21 @@ def test_the_readme_quickstart_is_the_one_that_ran(stack: Any, quickstart_block:
 
 def test_every_service_healthy_and_non_root(stack: Any, wait_until: Any) -> None:
     _wait_healthy(stack, wait_until, SERVICES)
+    redis = stack.containers("redis")
     for name in stack.containers():
         uids = stack.docker.run(
             "exec", name, "sh", "-c", "cat /proc/[0-9]*/status 2>/dev/null | sed -n 's/^Uid:\\s*//p'"
         ).stdout.split("\n")
         real = {line.split()[0] for line in uids if line.strip()}
         assert real and "0" not in real, f"{name}: processes run as uids {real}"
+        # Read-only root file systems (even root may not write there); ours have a /tmp.
+        probe = stack.docker.run("exec", "-u", "0", name, "touch", "/ro-probe", check=False)
+        assert probe.returncode != 0 and "Read-only file system" in probe.stderr, (name, probe.stderr)
+        if name not in redis:
+            stack.docker.run("exec", name, "touch", "/tmp/probe")
+    # Flower's health check is its image's (the `flower` target), run by compose as it is.
+    (flower,) = stack.containers("flower")
+    assert "/healthcheck" in " ".join(stack.docker.inspect(flower)["Config"]["Healthcheck"]["Test"])
     # No secret on a command line, where any process of the host can read it (`ps`).
     env = dict(line.split("=", 1) for line in (stack.dir / ".env").read_text().splitlines() if "=" in line)
     secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "KEYS", "SECRET")) and len(v) > 8]

@@ -197,6 +197,30 @@ def test_bad_requests_get_400_with_the_protocols_error_body(
         assert resp.status_code == status and isinstance(resp.json()["error"], str), (path[:60], resp.text)
 
 
+def test_an_image_over_the_pixel_limit_is_413_as_on_v1(
+    model: dict[str, Any],
+    files: list[tuple[str, bytes, str]],
+    api_url: str,
+    png_header_only: Callable[[int, int], bytes],
+) -> None:
+    huge = png_header_only(20_000, 20_000)
+    body = {
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": [base64.b64encode(d).decode() for d in (files[0][1], huge)],
+            }
+        ]
+    }
+    resp = requests.post(f"{api_url}/v2/models/{model['name']}/infer", json=body, timeout=30)
+    assert resp.status_code == 413 and set(resp.json()) == {"error"}, resp.text
+    assert "element 1 is over a limit" in resp.json()["error"]
+    v1 = requests.post(f"{api_url}/v1/classify", data=huge, headers={"Content-Type": "image/png"}, timeout=30)
+    assert v1.status_code == 413, v1.text
+
+
 def test_the_v2_routes_are_in_the_api_document(api_url: str, tmp_path: Path) -> None:
     paths = requests.get(f"{api_url}/openapi.json", timeout=10).json()["paths"]
     for path in (

@@ -105,6 +105,28 @@ def test_a_stray_celery_broker_url_is_refused_by_every_service(
     assert "CELERY_BROKER_URL" in capsys.readouterr().err
 
 
+def test_flower_without_the_flower_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+    import os
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flower" else real(name, *a)
+    )
+
+    def execv(*args: object) -> None:
+        raise AssertionError(f"started {args} although Flower is missing")
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setenv("BATCHVISION_FLOWER_USER", "admin")
+    monkeypatch.setenv("BATCHVISION_FLOWER_PASSWORD", "secret")
+    assert main(["flower"]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "Flower is not installed" in err and "EXTRAS=api,flower --target flower" in err
+
+
 @pytest.mark.parametrize("version", ["two", "0", "-1", "1.5"])
 def test_reload_refuses_a_version_that_is_not_a_number_or_latest(
     version: str, capsys: pytest.CaptureFixture[str]

@@ -162,10 +162,25 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _stage(instrs: list[tuple[str, str]], target: str | None = None) -> list[tuple[str, str]]:
+    """The instructions of build target ``target`` (default: the last stage, what a build without
+    ``--target`` makes), with those of the stages it is built ``FROM`` before its own."""
     starts = [i for i, (w, _) in enumerate(instrs) if w == "FROM"]
     assert starts, "no FROM"
-    return instrs[starts[-1] :]
+    stages: dict[str, list[tuple[str, str]]] = {}
+    last: list[tuple[str, str]] = []
+    for begin, end in zip(starts, [*starts[1:], len(instrs)], strict=True):
+        base, _, name = instrs[begin][1].partition(" AS ")
+        last = [*stages.get(base.strip(), []), *instrs[begin:end]]
+        stages[name.strip()] = last
+    if target is None:
+        return last
+    assert target in stages, f"no stage {target!r}: {sorted(stages)}"
+    return stages[target]
+
+
+def _final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return _stage(instrs)
 
 
 def _exec_form(args: str) -> list[str]:
@@ -203,7 +218,9 @@ def test_dockerfile_common_rules(dockerfile: str) -> None:
     # Pinned base image: major.minor.patch and a distribution, never `latest`.
     base = _arg_default(text, "PYTHON_IMAGE")
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
-    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms), "both stages use the pinned ARG"
+    names = [f.partition(" AS ")[2] for f in froms]
+    for i, f in enumerate(froms):  # the pinned ARG, or a stage above this one
+        assert f.split()[0] in ("${PYTHON_IMAGE}", *names[:i]), f
     assert re.search(r'"pip==\$\{PIP_VERSION\}"', text), "pip must be installed at the pinned version"
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", _arg_default(text, "PIP_VERSION"))
     users = [a for w, a in final if w == "USER"]
@@ -240,6 +257,17 @@ def test_dockerfile_api() -> None:
     health = next(a for w, a in final if w == "HEALTHCHECK")
     assert "/healthz" in health and "urllib" in health and "curl" not in health
     assert ("EXPOSE", str(DEFAULTS.api_port)) in final
+    # Flower's target (compose and k8s run it): its own command, port and health check.
+    flower = _stage(instrs, "flower")
+    assert [w for w, _ in flower].count("CMD") == 1 and [w for w, _ in flower].count("HEALTHCHECK") == 1
+    assert _exec_form(next(a for w, a in flower if w == "CMD")) == ["batchvision", "flower"]
+    health = next(a for w, a in flower if w == "HEALTHCHECK")
+    assert "/healthcheck" in health and "BATCHVISION_FLOWER_PORT" in health
+    assert [a for w, a in flower if w == "EXPOSE"] == [str(DEFAULTS.flower_port)]
+    assert any(w == "ENV" and f"BATCHVISION_FLOWER_PORT={DEFAULTS.flower_port}" in a for w, a in flower)
+    # The classic builder builds every stage above the target: none of the API's may fail
+    # without the `flower` extra.
+    assert not [w for w, _ in flower[len(_stage(instrs, "runtime")) :] if w == "RUN"]
 
 
 def test_dockerfile_worker() -> None:
@@ -563,8 +591,9 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
     assert _duration_s(api["stop_grace_period"]) > DEFAULTS.sync_timeout_s + 5
 
     flower = active["flower"]
-    assert flower["command"] == ["batchvision", "flower"]
-    assert flower["build"]["dockerfile"] == "Dockerfile.api"
+    # Its image's target says what it runs and how its health is checked (test_dockerfile_api).
+    assert "command" not in flower and "test" not in flower["healthcheck"]
+    assert flower["build"]["dockerfile"] == "Dockerfile.api" and flower["build"]["target"] == "flower"
     assert flower["build"]["args"]["EXTRAS"].split(",") == ["api", "flower"]
     assert "args" not in api["build"], "the API image keeps the default EXTRAS=api"
     assert _ports(flower) == [DEFAULTS.flower_port]
@@ -618,6 +647,11 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
             assert workers[name]["build"]["args"]["WORKER_VARIANT"] == "gpu", name
             ids += dev["device_ids"]
         assert len(set(ids)) == len(ids), "each worker pinned to its own GPU"
+
+    # Read-only root file systems: ours write only to a /tmp of their own, Redis only to /data.
+    for name in ["redis", "api", "flower", *workers]:
+        assert active[name].get("read_only") is True, name
+        assert name == "redis" or active[name].get("tmpfs") == ["/tmp"], name
 
     if profiles:
         prom = active["prometheus"]
@@ -1159,6 +1193,7 @@ def test_k8s_workloads_are_hardened(overlay: str, rendered: _Rendered) -> None:
         assert _containers(workload), name
         for c in _containers(workload):
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], name
             for section in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][section]), (name, section)
@@ -1179,6 +1214,24 @@ def test_k8s_workloads_are_hardened(overlay: str, rendered: _Rendered) -> None:
         (c,) = _containers(_get(objects, "Deployment", name))
         assert [ref for ref in c["envFrom"] if "configMapRef" in ref], f"{name}: envFrom the ConfigMap"
         assert _secret_keys(c) == keys, f"{name}: exactly the secret keys it needs"
+
+
+@pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o != "monitoring"])
+def test_k8s_our_containers_write_only_to_a_bounded_tmp(overlay: str, rendered: _Rendered) -> None:
+    checked = 0
+    for workload in _workloads(rendered[overlay]):
+        if workload["metadata"]["name"] in ("redis", "rabbitmq"):
+            continue
+        pod = workload["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            name = f"{workload['metadata']['name']}/{c['name']}"
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+            (tmp,) = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            # An emptyDir with a size limit: a runaway temporary file evicts the pod, not the node's disk.
+            assert volumes[tmp["name"]]["emptyDir"]["sizeLimit"], name
+            checked += 1
+    assert checked >= 3, "api, worker and flower at least"
 
 
 #: Each component gets only these keys of the Secret `batchvision-secrets`, one by one (never the
@@ -1554,6 +1607,11 @@ def test_compose_commands_exist() -> None:
             elif test[:1] == ["CMD-SHELL"]:
                 for sub in re.findall(r"(?:^|&&|;|\|\||\|)\s*batchvision\s+([\w-]+)", test[1]):
                     _check_argv(where, ["batchvision", sub], found)
+    # The images' own commands, for the services that run them as they are (every target's).
+    for dockerfile in DOCKERFILES:
+        for word, args in _instructions(ROOT / dockerfile):
+            if word == "CMD":
+                _check_argv(f"{dockerfile} CMD", _exec_form(args), found)
     assert found == {"api", "worker", "worker-health", "flower"}
 
 

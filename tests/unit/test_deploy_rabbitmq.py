@@ -261,7 +261,7 @@ def test_compose_rabbitmq_profile() -> None:
     assert conf and (ROOT / "compose" / "rabbitmq" / "rabbitmq.conf").exists()
     assert "rabbitmq-diagnostics" in " ".join(rabbit["healthcheck"]["test"])
     # Every batchvision service (the CPU worker of the override too) gets the broker URL.
-    users = [n for n, s in services.items() if (s.get("command") or [""])[0] == "batchvision"]
+    users = [n for n, s in services.items() if "BATCHVISION_REDIS_URL" in _env(s)]
     assert {"api", "flower", "worker-cpu"} <= set(users)
     for name in users:
         assert _env(services[name])["BATCHVISION_BROKER_URL"] == url, name

@@ -162,7 +162,8 @@ def test_k8s_workers_read_models_from_a_bucket_with_no_shared_volume() -> None:
     (worker,) = [c for c in pod["containers"] if c["name"] == "worker"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = {m["name"]: m["mountPath"] for m in worker.get("volumeMounts", [])}
-    assert set(mounts) == {"models-cache"} and "emptyDir" in volumes["models-cache"]
+    # The cache, and the /tmp every container of ours has (its root file system is read-only).
+    assert set(mounts) == {"models-cache", "tmp"} and "emptyDir" in volumes["models-cache"]
     assert volumes["models-cache"]["emptyDir"]["sizeLimit"]
     assert settings.models_cache_dir.startswith(mounts["models-cache"] + "/"), "the cache is the pod's own"
 
