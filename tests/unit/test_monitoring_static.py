@@ -23,9 +23,10 @@ def exported() -> set[str]:
     """Every series name the API and worker can expose (counters with _total, histograms
     with _bucket/_sum/_count, the scrape-time gauges)."""
     import api.metrics
-    import workers.metrics  # noqa: F401 - importing registers the worker's metrics
+    import workers.metrics  # importing registers the worker's metrics
 
-    names: set[str] = set(api.metrics.StoreCollector.NAMES)
+    # The scrape-time collectors (the GPU one is registered only where a GPU is visible).
+    names: set[str] = set(api.metrics.StoreCollector.NAMES) | set(workers.metrics.GpuCollector.NAMES)
     for family in REGISTRY.collect():
         if not family.name.startswith("batchvision_"):
             continue
@@ -89,5 +90,9 @@ def test_dashboard_covers_the_operator_questions() -> None:
         "batchvision_batch_size_sum",  # batch fill (the mean)
         "batchvision_http_request_duration_seconds_bucket",  # latency percentiles
         "up",  # workers up
+        "batchvision_queue_wait_seconds_bucket",  # how long images wait for a batch
+        "batchvision_worker_parked_chunks",  # a key's URL flood held back
+        "batchvision_gpu_utilization_ratio",  # GPU workers: busy and memory
+        "batchvision_gpu_memory_used_bytes",
     ):
         assert needed in used, needed
