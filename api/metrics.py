@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
@@ -36,6 +36,8 @@ REQUEST_SECONDS = Histogram(
     # Past 30 s: a `POST /v1/classify` may wait up to SYNC_TIMEOUT_S, uploads take minutes.
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+#: What ``generate_latest`` writes: the text format every Prometheus reads (2.x and 3.x).
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 #: The methods the latency histogram names; any other is counted as ``OTHER`` (each label value
 #: is a series in every process and in Prometheus: a client must not be able to make more).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -150,6 +152,8 @@ def init_app(
             body += generate_latest(store_registry)
         except Exception:  # noqa: BLE001 - Redis down: the process metrics still serve
             pass
-        return Response(body, mimetype=CONTENT_TYPE_LATEST)
+        # The Content-Type as it is, not a mimetype: Flask would add a second `charset`, and
+        # Prometheus 3 fails a scrape whose Content-Type does not parse.
+        return Response(body, headers={"Content-Type": TEXT_FORMAT})
 
     app.add_url_rule("/metrics", "metrics", metrics)

@@ -151,6 +151,17 @@ def local_broker(choice: str | None, configured: str) -> tuple[RabbitMQNode | No
     return None, configured
 
 
+def _webhook_secret(settings: Settings) -> str:
+    """The secret this stack signs callbacks with (``batchvision webhook-secret`` would need
+    this stack's Redis URL to print it)."""
+    import redis as redis_client
+
+    from batchvision.server.webhooks import owner_secret
+
+    with redis_client.Redis.from_url(settings.redis_url) as client:
+        return owner_secret(client, settings, "")
+
+
 def _port_or_free(port: int) -> int:
     import socket
 
@@ -191,6 +202,8 @@ def up(args: argparse.Namespace) -> int:
                 print(
                     f"  flower login: {settings.flower_user} / {settings.flower_password.get_secret_value()}"
                 )
+            if not settings.api_keys:  # with keys, each key reads its own: GET /v1/webhook-secret
+                print(f"  webhook signing secret: {_webhook_secret(settings)}")
             sample = args.sample or (_demo_folder() if args.demo else None)
             if sample:
                 try:

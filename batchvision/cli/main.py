@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from batchvision.core.settings import Settings, SettingsError, unknown_variables
+from batchvision.core.settings import PREFIX, Settings, SettingsError, mask_url, unknown_variables
 from batchvision.server.checks import ConfigError, check_worker_settings
 from batchvision.server.gpus import GpuNotVisible, GpuReader
 from batchvision.server.repository import RepositoryError
@@ -284,10 +284,28 @@ def cmd_webhook_secret(args: argparse.Namespace) -> int:
     serve it over HTTP then); with ``--owner``, that of one API key's owner id."""
     import redis
 
+    from batchvision.server import keys
     from batchvision.server.webhooks import owner_secret
 
     s = Settings.from_env()
-    print(owner_secret(redis.Redis.from_url(s.redis_url), s, args.owner))
+    client = redis.Redis.from_url(s.redis_url)
+    unset = f"{PREFIX}REDIS_URL" not in os.environ
+    try:
+        missing = not s.webhook_secret.get_secret_value() and not client.exists(keys.WEBHOOK_SECRET)
+    except redis.RedisError as exc:
+        print(f"cannot read the webhook secret from {mask_url(s.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    if unset and missing:
+        # Else a secret would be made in whatever Redis answers at the default URL, and every
+        # signature checked with it would fail.
+        print(
+            f"{PREFIX}REDIS_URL is not set and the Redis at {mask_url(s.redis_url)} holds no webhook "
+            f"secret: set {PREFIX}REDIS_URL to your installation's Redis (`batchvision up` prints "
+            "its secret when it starts)",
+            file=sys.stderr,
+        )
+        return 2
+    print(owner_secret(client, s, args.owner))
     return 0
 
 

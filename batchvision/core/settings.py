@@ -586,7 +586,7 @@ class Settings(BaseSettings):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # The Redis and broker URLs may carry a password: show them masked, like the secret fields.
         for name, value in super().__repr_args__():
-            yield name, (_mask_url(value) if name in ("redis_url", "broker_url") else value)
+            yield name, (mask_url(value) if name in ("redis_url", "broker_url") else value)
 
     @classmethod
     def settings_customise_sources(
@@ -708,7 +708,8 @@ class SettingsError(ValueError):
 SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys", "key_max_priority")
 
 
-def _mask_url(url: Any) -> Any:
+def mask_url(url: Any) -> Any:
+    """``url`` with its password (if any) masked, for messages and logs."""
     parsed = urlparse(str(url))
     if not parsed.password:
         return url

@@ -134,6 +134,30 @@ def test_without_keys_the_webhook_secret_stays_on_the_server(
     assert stored and printed[0] == printed[1] == webhooks.signing_secret(stored, "")
 
 
+def test_webhook_secret_at_the_default_redis_url_makes_no_secret_there(
+    scratch_server: RedisServer,
+    scratch_redis: redis_lib.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without BATCHVISION_REDIS_URL the command reads the default URL's Redis, which may be
+    another one (``batchvision up`` runs its own): it says so instead of making a secret there."""
+    from batchvision.cli.main import main
+
+    for name in [n for n in os.environ if n.startswith("BATCHVISION_")]:
+        monkeypatch.delenv(name)
+    real = redis_lib.Redis.from_url
+    # The default URL's Redis, played by the scratch server.
+    monkeypatch.setattr(redis_lib.Redis, "from_url", lambda url, **kw: real(scratch_server.url, **kw))
+    assert main(["webhook-secret"]) == 2
+    assert "BATCHVISION_REDIS_URL is not set" in capsys.readouterr().err
+    assert not scratch_redis.exists(keys.WEBHOOK_SECRET)
+    # Once the installation has its secret there, the command prints it.
+    scratch_redis.set(keys.WEBHOOK_SECRET, "0" * 64)
+    assert main(["webhook-secret"]) == 0
+    assert capsys.readouterr().out.strip() == webhooks.signing_secret(b"0" * 64, "")
+
+
 def test_the_host_allow_list_refuses_other_names(
     start_api: Callable[..., Api], wait_until: Callable[..., Any]
 ) -> None:

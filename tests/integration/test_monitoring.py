@@ -95,6 +95,31 @@ def test_metrics_move_by_exactly_the_job(
     assert delta(after_a, before_a, route) == 1
 
 
+#: What Prometheus 3 sends; it fails a scrape whose Content-Type does not parse.
+PROMETHEUS_3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+    "text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+)
+
+
+def test_both_metrics_endpoints_declare_one_format_prometheus_parses(
+    api_url: str, settings: Settings
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for url in (f"{api_url}/metrics", f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"):
+        resp = requests.get(url, headers={"Accept": PROMETHEUS_3_ACCEPT}, timeout=10)
+        media, *params = [p.strip() for p in resp.headers["Content-Type"].split(";")]
+        names = [p.partition("=")[0].lower() for p in params]
+        # Go's mime.ParseMediaType (Prometheus) refuses a parameter given twice.
+        assert len(names) == len(set(names)), (url, resp.headers["Content-Type"])
+        assert media in ("text/plain", "application/openmetrics-text"), (url, media)
+        if media == "text/plain":
+            families = {f.name for f in text_string_to_metric_families(resp.text)}
+            assert "batchvision_images_classified" in families or "batchvision_jobs_created" in families, url
+
+
 def test_api_counters_count_each_image_once_whatever_the_route(
     api_url: str, settings: Settings, wait_until: Callable[..., Any]
 ) -> None:

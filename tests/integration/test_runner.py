@@ -216,6 +216,8 @@ def test_up_starts_the_stack_classifies_and_stops(
         for name in ("redis", "api", "worker", "flower"):
             assert re.search(rf"^  {name}\s+(redis|http)://127\.0\.0\.1:\d+", run.stdout, re.M), run.stdout
         assert "succeeded, 12 classified, 0 failed" in run.stdout
+        # Without API keys, the secret its webhooks are signed with (its Redis is this run's own).
+        assert re.search(r"^  webhook signing secret: whsec_\S{20,}$", run.stdout, re.M), run.stdout
         rows = re.findall(r"^  (\w+)_\d+\.jpg\s+(\w+)\s+[0-9.]+$", run.stdout, re.M)
         assert len(rows) == 12
         assert sum(expected == got for expected, got in rows) >= 11
@@ -243,6 +245,7 @@ def test_up_classifies_a_sample_through_api_keys_in_parts(demo_model: Path, tmp_
         assert run.returncode == 0, run.stderr[-3000:]
         assert "succeeded, 5 classified, 0 failed" in run.stdout, run.stdout
         assert "skipped (not an image): notes.txt" in run.stdout
+        assert "webhook signing secret" not in run.stdout  # each key reads its own over HTTP
 
 
 def test_a_flower_password_without_a_user_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
