@@ -56,12 +56,27 @@ def client_of(args: argparse.Namespace) -> Client:
     return Client(args.api_url, args.api_key, retry_for_s=args.retry_for)
 
 
+#: The results formats the output file's extension names.
+OUTPUT_EXTENSIONS = {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json"}
+
+
 def fmt_of(path: Path, explicit: str | None) -> str:
-    """Results format from ``--format`` or the output file's extension."""
-    if explicit:
-        return explicit
-    ext = path.suffix.lower().lstrip(".")
-    return {"csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json"}.get(ext, "csv")
+    """Results format from ``--format`` or the output file's extension (checked beforehand by
+    :func:`output_refused`)."""
+    return explicit or OUTPUT_EXTENSIONS[path.suffix.lower().lstrip(".")]
+
+
+def output_refused(args: argparse.Namespace) -> bool:
+    """True, having said why, when ``-o`` names a file whose extension names no format we write
+    and ``--format`` does not say one (it would be written as some other format than it says)."""
+    if not args.output or args.format or Path(args.output).suffix.lower().lstrip(".") in OUTPUT_EXTENSIONS:
+        return False
+    print(
+        f"error: -o {args.output}: the results format comes from the file's extension, one of "
+        f"{', '.join('.' + e for e in OUTPUT_EXTENSIONS)}; or give --format csv, jsonl or json",
+        file=sys.stderr,
+    )
+    return True
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -99,6 +114,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """Write a job's results (format from the extension, or --format); stdout without -o."""
+    if output_refused(args):
+        return EXIT_USAGE
     client = client_of(args)
     if args.output:
         out = Path(args.output)
@@ -147,6 +164,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "them later with `batchvision results JOB_ID -o FILE`",
             file=sys.stderr,
         )
+        return EXIT_USAGE
+    if output_refused(args):  # before the upload, not after the wait
         return EXIT_USAGE
     if args.urls is not None:  # images named by URL, fetched by the workers
         if args.paths or args.resume:

@@ -79,6 +79,20 @@ def test_output_without_wait_is_a_usage_error(
     assert "--wait" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["out.parquet", "out.txt", "out"])
+def test_an_output_file_whose_extension_names_no_format_is_refused_before_anything_is_sent(
+    name: str, api_url: str, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(image / name)
+    # Sent, the submit would be refused by the server (exit 4), the results not found (exit 5).
+    assert main(["submit", str(image), "--wait", "-o", out, "--api-url", api_url]) == ExitCode.USAGE
+    assert "results format comes from the file's extension" in capsys.readouterr().err
+    assert main(["results", JOB, "-o", out, "--api-url", api_url]) == ExitCode.USAGE
+    assert ".csv, .jsonl, .ndjson, .json" in capsys.readouterr().err
+    # --format says which: the name may be anything (this one reaches the server, which has no job).
+    assert main(["results", JOB, "-o", out, "--format", "jsonl", "--api-url", api_url]) != ExitCode.USAGE
+
+
 def test_a_missing_folder_is_a_usage_error(api_url: str, tmp_path: Path) -> None:
     assert main(["submit", str(tmp_path / "nope"), "--api-url", api_url]) == ExitCode.USAGE
 
