@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -70,14 +71,14 @@ def read_zip(
     declared = sum(i.file_size for i in infos)
     if declared > max_total_bytes:
         raise ArchiveTooLarge(f"archive expands to {declared} bytes; the limit is {max_total_bytes}")
-    for info in infos:
-        _check_member(info, max_ratio)
+    names = [member_name(info) for info in infos]
+    for info, name in zip(infos, names, strict=True):
+        _check_member(info, name, max_ratio)
     out = ArchiveContents()
     budget = max_total_bytes
-    for n, info in enumerate(infos):
+    for n, (info, name) in enumerate(zip(infos, names, strict=True)):
         if n % YIELD_EVERY == YIELD_EVERY - 1:
             pause()  # a zip of 20,000 members: other requests run in between
-        name = info.filename
         try:
             with zf.open(info) as fh:
                 blob = fh.read(min(budget, info.file_size) + 1)
@@ -121,8 +122,40 @@ def _directory_entries(data: bytes) -> int:
     return data.count(b"PK\x01\x02")
 
 
-def _check_member(info: zipfile.ZipInfo, max_ratio: float) -> None:
-    name = info.filename
+#: The Info-ZIP Unicode Path extra field: version 1, the CRC-32 of the name in the header, the
+#: name in UTF-8.
+_UNICODE_PATH = 0x7075
+
+
+def member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as its writer meant it.
+
+    Without the UTF-8 flag, ``zipfile`` reads a name as CP437, the format's old default. Most
+    tools that leave the flag off (Info-ZIP's ``zip``, macOS' Archive Utility) wrote UTF-8 all
+    the same, some with the name again in a Unicode Path extra field: ``ünï.jpg`` would come
+    back as ``├╝n├».jpg``. So: the flag, else that field (if its CRC matches the header's name),
+    else the header's bytes if they are valid UTF-8, else CP437.
+    """
+    if info.flag_bits & 0x800:
+        return info.filename
+    raw = info.orig_filename.encode("cp437")
+    extra = info.extra
+    while len(extra) >= 4:
+        kind, size = int.from_bytes(extra[:2], "little"), int.from_bytes(extra[2:4], "little")
+        body, extra = extra[4 : 4 + size], extra[4 + size :]
+        if kind == _UNICODE_PATH and len(body) > 5 and body[0] == 1:
+            if int.from_bytes(body[1:5], "little") == zlib.crc32(raw):
+                try:
+                    return body[5:].decode("utf-8")
+                except UnicodeDecodeError:
+                    break
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return info.filename
+
+
+def _check_member(info: zipfile.ZipInfo, name: str, max_ratio: float) -> None:
     if not name:
         raise ArchiveRejected("a member has an empty name")
     path = PurePosixPath(name.replace("\\", "/"))

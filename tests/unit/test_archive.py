@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import stat
 import zipfile
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -171,3 +172,48 @@ def test_entries_past_the_limit_are_refused_before_the_directory_is_read() -> No
     assert read_zip(small.getvalue(), **LIMITS).skipped == [
         {"filename": "d0/x.txt", "reason": "not an image"}
     ]
+
+
+def _unflagged(names: list[tuple[str, bytes]], extra: dict[str, bytes] | None = None) -> bytes:
+    """A zip whose member names are the given header bytes without the UTF-8 flag, as Info-ZIP's
+    ``zip`` and macOS write them: written under ASCII stand-ins of the same length, then patched
+    (zipfile would set the flag, or refuse the bytes)."""
+    _, data, _ = next(labelled_files(1, seed=4))
+    buf = io.BytesIO()
+    stand_ins = []
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, (display, raw) in enumerate(names):
+            stand_in = f"{i:0{len(raw)}d}"
+            stand_ins.append((stand_in.encode(), raw))
+            info = zipfile.ZipInfo(stand_in)
+            info.extra = (extra or {}).get(display, b"")
+            zf.writestr(info, data)
+    out = buf.getvalue()
+    for stand_in, raw in stand_ins:
+        assert out.count(stand_in) == 2  # the local header and the central directory
+        out = out.replace(stand_in, raw)
+    return out
+
+
+def _unicode_path(header_name: bytes, name: str) -> bytes:
+    body = b"\x01" + zlib.crc32(header_name).to_bytes(4, "little") + name.encode()
+    return (0x7075).to_bytes(2, "little") + len(body).to_bytes(2, "little") + body
+
+
+def test_member_names_without_the_utf8_flag_come_back_as_written() -> None:
+    utf8 = "photos/ünïcødé_日本.jpg"
+    legacy = "caf\x82.jpg".encode("latin-1")  # CP437 "café.jpg": not UTF-8
+    mac = "mac/naïve.jpg"
+    raw_mac = "mac/na?ve.jpg".encode()  # a lossy header name, the real one in the extra field
+    archive = _unflagged(
+        [(utf8, utf8.encode()), ("legacy", legacy), (mac, raw_mac)],
+        extra={mac: _unicode_path(raw_mac, mac)},
+    )
+    names = [name for name, _ in read_zip(archive, **LIMITS).images]
+    assert names == [utf8, "café.jpg", mac]
+
+
+def test_a_unicode_path_field_for_another_name_is_ignored() -> None:
+    stale = _unicode_path(b"something-else.jpg", "wrong.jpg")  # its CRC is of another name
+    archive = _unflagged([("x", b"right.jpg")], extra={"x": stale})
+    assert [name for name, _ in read_zip(archive, **LIMITS).images] == ["right.jpg"]
