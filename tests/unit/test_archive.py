@@ -204,7 +204,7 @@ def test_member_names_without_the_utf8_flag_come_back_as_written() -> None:
     utf8 = "photos/ünïcødé_日本.jpg"
     legacy = "caf\x82.jpg".encode("latin-1")  # CP437 "café.jpg": not UTF-8
     mac = "mac/naïve.jpg"
-    raw_mac = "mac/na?ve.jpg".encode()  # a lossy header name, the real one in the extra field
+    raw_mac = b"mac/na?ve.jpg"  # a lossy header name, the real one in the extra field
     archive = _unflagged(
         [(utf8, utf8.encode()), ("legacy", legacy), (mac, raw_mac)],
         extra={mac: _unicode_path(raw_mac, mac)},
