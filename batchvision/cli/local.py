@@ -26,6 +26,7 @@ from batchvision.cli.redis_server import RedisNode, free_port, redis_answers
 from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
 from batchvision.client.bulk import scan, submit_folder
 from batchvision.client.errors import ApiError
+from batchvision.core.errors import BatchvisionError
 from batchvision.core.settings import PREFIX, Settings
 
 log = logging.getLogger("batchvision.up")
@@ -209,7 +210,14 @@ def up(args: argparse.Namespace) -> int:
                 try:
                     _classify_folder(settings, Path(sample), between_pings)
                 # ValueError: a file name that cannot be sent, an answer of another shape.
-                except (TimeoutError, ApiError, OSError, ValueError, requests.RequestException) as exc:
+                # BatchvisionError: the API's refusal (ApiError), a folder without images (NoImages).
+                except (
+                    TimeoutError,
+                    BatchvisionError,
+                    OSError,
+                    ValueError,
+                    requests.RequestException,
+                ) as exc:
                     # The sample is a first look, not the service: the stack stays up for the
                     # page and the API (unless it was only started for the sample).
                     print(f"\nerror: the sample was not classified: {exc}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from batchvision.client.errors import ApiError
+from batchvision.client.errors import ApiError, NoImages
 from batchvision.core.documents import FileList, Job, JobAccepted, Rejection
 from batchvision.core.sniff import looks_like_image
 
@@ -160,7 +160,8 @@ def submit_folder(
     on_open: Callable[[str], None] | None = None,
 ) -> FolderUpload:
     """Upload every image under ``paths`` (folders and files, or the :func:`scan` of them the
-    caller already made) to one job and seal it; returns what it did.
+    caller already made) to one job and seal it; returns what it did. Raises
+    :class:`~batchvision.client.errors.NoImages`, creating nothing, when there is no image.
 
     With ``resume``, files the job already has are not sent again. ``options``: the new job's
     ``model``, ``top_k``, ``min_score``, ``priority``, ``callback_url`` (a resumed job keeps its
@@ -169,6 +170,9 @@ def submit_folder(
     ``on_open(job_id)``: once the job exists, before any part is sent.
     """
     found = paths if isinstance(paths, Scan) else scan(paths)
+    if not found.images and not resume:  # as the API refuses a request without images
+        where = ", ".join(map(str, paths)) if isinstance(paths, list) else "the scanned folders"
+        raise NoImages(f"no image files in {where}", details=list(found.skipped))
     if resume:
         have = set(client.files(resume).files)
         job_id = resume

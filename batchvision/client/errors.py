@@ -23,3 +23,10 @@ class ApiError(BatchvisionError):
         self.retry_after: str | None = None
         #: Whether this answer came to a repeat of a request that may have arrived before.
         self.resent = False
+
+
+class NoImages(BatchvisionError):
+    """A folder upload found no image file to send: no job was created. ``details``: the files
+    it skipped, with why."""
+
+    code = "no_images"

@@ -24,7 +24,7 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-from batchvision.client import ApiError, Client
+from batchvision.client import ApiError, Client, NoImages
 from batchvision.client.bulk import submit_folder
 from batchvision.client.retry import Budget, RetryPolicy
 from batchvision.core.documents import ClassifyResult, JobAccepted, ResultRow
@@ -541,6 +541,14 @@ def test_submit_folder_through_a_flaky_api_opens_one_job(
     sent = [c.body for c in api.called("POST", f"/v1/jobs/{JOB_ID}/files")]
     assert len(sent) == 5
     assert len(api.called("POST", f"/v1/jobs/{JOB_ID}/seal")) == 2
+
+
+def test_submit_folder_without_images_creates_nothing(api: FakeApi, client: Client, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(NoImages, match="no image files in") as err:
+        submit_folder(client, [tmp_path])
+    assert err.value.code == "no_images" and err.value.details == ["notes.txt"]
+    assert not api.called("POST", "/v1/jobs")
 
 
 def test_every_call_survives_a_proxy_that_breaks_every_third_request(api: FakeApi) -> None:
