@@ -231,8 +231,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 on_open=announce,
                 options=options,
             )
-    except BaseException:
-        if opened:
+    except BaseException as exc:
+        if opened and isinstance(exc, ApiError) and exc.status in (404, 409, 410):
+            # Canceled, sealed, deleted or expired meanwhile: --resume would meet the same answer.
+            print(f"the upload stopped: job {opened[0]} takes no more files ({exc.code})", file=sys.stderr)
+        elif opened:
             kept = f" and without {', '.join(_flags(options))} (the job keeps them)" if options else ""
             print(f"the upload stopped: finish it with --resume {opened[0]}{kept}", file=sys.stderr)
         raise
@@ -242,7 +245,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for item in summary.rejected:
         print(f"refused: {item.filename}: {item.code}: {item.message}", file=sys.stderr)
     sealed = summary.sealed
-    meanwhile = f" ({sealed.done + sealed.failed} already classified meanwhile)" if sealed else ""
+    meanwhile = (
+        f" ({sealed.done} classified, {sealed.failed} with an error so far)"
+        if sealed and sealed.done + sealed.failed
+        else ""
+    )
     print(f"uploaded {summary.sent} images in {time.monotonic() - start:.1f}s{meanwhile}", file=sys.stderr)
     return _wait_and_write(client, args, job_id, total, start) if args.wait else EXIT_OK
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from batchvision.cli import commands
+from batchvision.client import ApiError
 from batchvision.cli.commands import ExitCode
 from batchvision.cli.main import main
 from batchvision.core.documents import Job, JobAccepted, ResultRow
@@ -99,7 +100,19 @@ def test_a_callback_and_the_options_open_the_job_once_and_its_id_comes_first(
     out, err = capsys.readouterr()
     assert out.splitlines() == [JOB]
     assert "refused: " in err and "too_many_pixels" in err  # what the API refused is reported
-    assert "(1 already classified meanwhile)" in err
+    assert "(1 classified, 0 with an error so far)" in err  # the seal's counts
+
+
+def test_an_upload_into_a_job_canceled_meanwhile_does_not_say_resume(
+    recorder: Recorder, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def sealed(job_id: str, files: list[tuple[str, bytes]]) -> Any:
+        raise ApiError(409, {"error": {"code": "job_sealed", "message": "the job is canceled"}})
+
+    monkeypatch.setattr(recorder, "add_part", sealed)
+    assert main(["submit", str(folder), "--no-progress"]) == ExitCode.SUBMIT_FAILED
+    err = capsys.readouterr().err
+    assert f"job {JOB} takes no more files (job_sealed)" in err and "--resume" not in err
 
 
 def test_resume_cannot_change_how_the_job_was_opened(
