@@ -97,17 +97,37 @@ class _App:
     constructor: str
     preprocess: str
     size: int
+    #: The file Keras keeps the ImageNet weights in, under ``KERAS_HOME/models/``.
+    weights_file: str
 
 
 #: ``keras.applications`` models by the names users give, with their input scaling.
 APPLICATIONS = {
-    "mobilenet_v2": _App("MobileNetV2", "tf", 224),
-    "mobilenet_v3_large": _App("MobileNetV3Large", "none", 224),
-    "resnet50": _App("ResNet50", "caffe", 224),
-    "efficientnet_b0": _App("EfficientNetB0", "none", 224),
-    "inception_v3": _App("InceptionV3", "tf", 299),
-    "convnext_tiny": _App("ConvNeXtTiny", "none", 224),
+    "mobilenet_v2": _App(
+        "MobileNetV2", "tf", 224, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+    ),
+    "mobilenet_v3_large": _App(
+        "MobileNetV3Large", "none", 224, "weights_mobilenet_v3_large_224_1.0_float.h5"
+    ),
+    "resnet50": _App("ResNet50", "caffe", 224, "resnet50_weights_tf_dim_ordering_tf_kernels.h5"),
+    "efficientnet_b0": _App("EfficientNetB0", "none", 224, "efficientnetb0.h5"),
+    "inception_v3": _App("InceptionV3", "tf", 299, "inception_v3_weights_tf_dim_ordering_tf_kernels.h5"),
+    "convnext_tiny": _App("ConvNeXtTiny", "none", 224, "convnext_tiny.h5"),
 }
+
+
+def build_application(app: _App, weights: str | None) -> Any:
+    """The ``keras.applications`` model with ``weights`` (``"imagenet"``, a file, or ``None``).
+
+    ImageNet weights already in Keras' cache are given to it as that file: Keras itself looks
+    in its cache only where it may write, so on a read-only root file system (the images under
+    compose and Kubernetes) it would download them again into ``/tmp``.
+    """
+    if weights == "imagenet":
+        cached = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models" / app.weights_file
+        if cached.is_file():
+            weights = str(cached)
+    return getattr(keras.applications, app.constructor)(weights=weights)
 
 
 #: ``BATCHVISION_MODEL=py:package.module:factory`` loads a classifier written in Python:
@@ -182,7 +202,7 @@ def load_classifier(settings: Settings) -> ImageClassifier:
     if name in APPLICATIONS:
         app = APPLICATIONS[name]
         weights = None if settings.weights.lower() in ("", "none") else settings.weights
-        model = getattr(keras.applications, app.constructor)(weights=weights)
+        model = build_application(app, weights)
         labels = imagenet_labels()
         preprocess = app.preprocess
     else:
@@ -351,7 +371,7 @@ def load_version(version: VersionDir, settings: Settings) -> ImageClassifier:
             app = APPLICATIONS[version.source]
             wanted = version.weights or settings.weights
             weights = None if wanted.lower() in ("", "none") else wanted
-            model = getattr(keras.applications, app.constructor)(weights=weights)
+            model = build_application(app, weights)
             labels = _read_labels(Path(version.labels)) if version.labels else imagenet_labels()
             family = app.preprocess
         else:

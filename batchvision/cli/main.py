@@ -437,11 +437,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Not a hangup under nohup (or a supervisor that asked for hangups to be ignored).
     mine = [s for s in wanted if signal.getsignal(s) is not signal.SIG_IGN]
     before = {s: signal.signal(s, _terminate) for s in mine}
+    code: int | None = None
     try:
-        return _run(args)
+        code = _run(args)
+        return code
     finally:
         for s, handler in before.items():  # main() may be called in a process that goes on (tests)
             signal.signal(s, handler)
+        for s, handler in before.items():
+            if code == 128 + s and callable(handler):
+                # The caller's own handler (a test run stopping) hears the signal this command took.
+                handler(s, None)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ reason, only where Docker cannot run at all (not root, no overlay file system).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -116,22 +117,34 @@ class Docker:
 
 def _stop_leftover_dockerd(data_root: Path, wait_until: Callable[..., Any]) -> None:
     """Stop a ``dockerd`` that an earlier run left on ``data_root`` (a run killed with SIGKILL
-    cannot stop its own): a second daemon on the same data root would corrupt it."""
+    cannot stop its own): a second daemon on the same data root would corrupt it. Only one of
+    this mount namespace (another container's daemon may use the same path for its own files);
+    its containers first, so that it stops at once."""
+    ours = os.readlink("/proc/self/ns/mnt")
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            same_ns = os.readlink(proc / "ns" / "mnt") == ours
         except OSError:
             continue
-        if Path(argv[0]).name != "dockerd" or "--data-root" not in argv[:-1]:
+        if not same_ns or Path(argv[0]).name != "dockerd" or "--data-root" not in argv[:-1]:
             continue
         if argv[argv.index("--data-root") + 1] != str(data_root):
             continue
+        if "--host" in argv[:-1]:
+            host = {**os.environ, "DOCKER_HOST": argv[argv.index("--host") + 1]}
+            ids = subprocess.run([DOCKER, "ps", "-aq"], env=host, capture_output=True, text=True, timeout=60)
+            if ids.stdout.split():
+                subprocess.run(
+                    [DOCKER, "rm", "-f", *ids.stdout.split()], env=host, capture_output=True, timeout=300
+                )
         pid = int(proc.name)
-        os.kill(pid, signal.SIGTERM)
-        try:
-            wait_until(lambda p=proc: not p.exists(), timeout=60, interval=0.2)
-        except AssertionError:
-            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            try:
+                wait_until(lambda p=proc: not p.exists(), timeout=60, interval=0.2)
+            except AssertionError:
+                os.kill(pid, signal.SIGKILL)
         if "--exec-root" in argv[:-1]:  # /tmp/bvd-*/exec: its mounts, then its state
             state = Path(argv[argv.index("--exec-root") + 1]).parent
             _unmount_below(state)

@@ -75,3 +75,52 @@ def test_unknown_model_is_a_clear_error(model_mod: ModuleType) -> None:
         model_mod.load_classifier(Settings(model="no_such_model"))
     with pytest.raises(FileNotFoundError, match="BATCHVISION_LABELS"):
         model_mod.load_classifier(Settings(model=__file__))
+
+
+class _Download(Exception):
+    """Raised where Keras would fetch weights over the network."""
+
+
+def _no_download(fname: str, *args: Any, **kw: Any) -> str:
+    raise _Download(fname)
+
+
+# MobileNetV3 warns that its default input shape is assumed, as it does in the worker.
+@pytest.mark.filterwarnings("ignore:`input_shape` is undefined:UserWarning")
+@pytest.mark.parametrize(
+    "name",
+    ["mobilenet_v2", "mobilenet_v3_large", "resnet50", "efficientnet_b0", "inception_v3", "convnext_tiny"],
+)
+def test_each_applications_weights_file_is_the_one_keras_caches(
+    model_mod: ModuleType, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from keras.src.utils import file_utils
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty cache: Keras asks for its file
+    monkeypatch.setattr(file_utils, "get_file", _no_download)
+    app = model_mod.APPLICATIONS[name]
+    with pytest.raises(_Download) as asked:
+        model_mod.build_application(app, "imagenet")
+    assert str(asked.value) == app.weights_file
+
+
+def test_imagenet_weights_in_the_cache_load_without_keras_looking_for_a_writable_one(
+    model_mod: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The images bake the weights into KERAS_HOME and run with a read-only root: Keras' own
+    lookup would find the cache not writable and download them again into /tmp."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+    from keras.src.utils import file_utils
+
+    app = model_mod.APPLICATIONS["mobilenet_v2"]
+    baked = keras.applications.MobileNetV2(weights=None)  # random weights stand in for ImageNet's
+    (tmp_path / "models").mkdir()
+    with h5py.File(tmp_path / "models" / app.weights_file, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, baked)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(file_utils, "get_file", _no_download)
+    loaded = model_mod.build_application(app, "imagenet")
+    for want, got in zip(baked.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(want, got)

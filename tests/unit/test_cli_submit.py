@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from batchvision.cli import commands
-from batchvision.client import ApiError
 from batchvision.cli.commands import ExitCode
 from batchvision.cli.main import main
+from batchvision.client import ApiError
 from batchvision.core.documents import Job, JobAccepted, ResultRow
 from batchvision.core.synthetic import labelled_files
 

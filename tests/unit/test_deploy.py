@@ -648,10 +648,13 @@ def test_compose_config(variant: str, profiles: tuple[str, ...]) -> None:
             ids += dev["device_ids"]
         assert len(set(ids)) == len(ids), "each worker pinned to its own GPU"
 
-    # Read-only root file systems: ours write only to a /tmp of their own, Redis only to /data.
+    # Read-only root file systems: ours write only to a /tmp of their own, of a bounded size (a
+    # tmpfs is memory), Redis only to /data.
     for name in ["redis", "api", "flower", *workers]:
         assert active[name].get("read_only") is True, name
-        assert name == "redis" or active[name].get("tmpfs") == ["/tmp"], name
+        if name != "redis":
+            (tmp,) = active[name]["tmpfs"]
+            assert re.fullmatch(r"/tmp:size=\d+[mg]", tmp), (name, tmp)
 
     if profiles:
         prom = active["prometheus"]
