@@ -123,6 +123,8 @@ def query(model: type[M]) -> M:
         allowed = ", ".join(model.model_fields) or "none"
         if any(e["type"] == "extra_forbidden" for e in exc.errors()):
             message += f"; this route takes: {allowed}"
+        elif (field := model.model_fields.get(details[0]["field"])) is not None and field.description:
+            message += f"; {details[0]['field']}: {field.description}"  # what a good value is
         raise BadRequest(message, code="bad_parameter", details=details) from exc
 
 

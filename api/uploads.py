@@ -10,6 +10,7 @@ from typing import IO, Any
 
 from flask import Request, current_app
 
+from batchvision.core import manifest
 from batchvision.core.archive import ArchiveContents, read_zip
 from batchvision.core.errors import BadRequest, UnsupportedMediaType
 from batchvision.core.manifest import scan_json
@@ -134,10 +135,13 @@ def read_uploads(
             )
         raw = [(name or "image", request.get_data())]
     else:
+        # A JSON body or a manifest here is an URL job sent to a route that takes uploads only.
+        by_url = ctype == "application/json" or ctype in manifest.MEDIA_TYPES
         raise UnsupportedMediaType(
             f"unsupported Content-Type {ctype or '(none)'!r}: send multipart/form-data with "
             "'files' parts (or an 'archive' part), a raw image/* or application/octet-stream "
             "body, or an application/zip (application/x-zip-compressed) body"
+            + ("; images by URL (a JSON body or a manifest) go to POST /v1/jobs" if by_url else "")
         )
     return unique_keys(raw), skipped
 

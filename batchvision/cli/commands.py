@@ -302,6 +302,8 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
         return call()
     except ApiError as exc:
         print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        if exc.status == 401:  # the API speaks of headers; here the key is an option
+            print("  the CLI sends the key given by --api-key or BATCHVISION_API_KEY", file=sys.stderr)
     except requests.RequestException as exc:
         print(f"error: cannot reach the API: {exc}", file=sys.stderr)
     except ValidationError as exc:  # a JSON answer of another shape: another version of the API

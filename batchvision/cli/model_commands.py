@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from batchvision.cli.commands import EXIT_OK, AddFn, client_of, client_options, guarded
+from batchvision.core.model_documents import ModelInfo
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -17,16 +18,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(listing.model_dump(mode="json"), indent=2))
         return EXIT_OK
     for m in listing.models:
-        default = " (default)" if m.default else ""
-        size = "x".join(str(v) for v in m.input_size or []) or "?"
-        print(
-            f"{m.name}{default}: live version {m.live_version}, input {size}, "
-            f"{m.classes} classes, {m.workers} worker(s) {m.workers_by_version}"
-        )
+        print(describe(m))
         for v in m.versions:
             why = f": {v.error}" if v.error else ""
             print(f"  version {v.version}: {v.status}{why}")
     return EXIT_OK
+
+
+def describe(m: ModelInfo) -> str:
+    """One line for a model: its live version (and whether an operator pinned it), input size,
+    classes, and its workers by the version they have live."""
+    default = " (default)" if m.default else ""
+    pinned = " (pinned: `reload --version latest` unpins)" if m.pinned_live_version is not None else ""
+    size = "x".join(str(v) for v in m.input_size or []) or "?"
+    by_version = ", ".join(
+        f"{n} on version {v}"
+        for v, n in sorted(m.workers_by_version.items(), key=lambda kv: (len(kv[0]), kv[0]))
+    )
+    workers = f"{m.workers} worker{'' if m.workers == 1 else 's'}" + (
+        f" ({by_version})" if by_version else ""
+    )
+    live = f"live version {m.live_version}{pinned}"
+    return f"{m.name}{default}: {live}, input {size}, {m.classes} classes, {workers}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -469,7 +469,9 @@ class ClassifyQuery(OptionsQuery):
 
     model_config = ConfigDict(extra="forbid")
 
-    timeout: float = Field(30.0, ge=0, le=3600, description="seconds to wait (capped by SYNC_TIMEOUT_S)")
+    timeout: float = Field(
+        30.0, ge=0, le=3600, description="seconds to wait, 0 to 3600 (capped by SYNC_TIMEOUT_S)"
+    )
     filename: str | None = Field(None, min_length=1, max_length=1024, description=RAW_BODY_NAME)
 
 

@@ -289,6 +289,22 @@ def test_raw_part_added_to_a_job_needs_a_filename(settings: Settings) -> None:
     assert client.get(f"/v1/jobs/{job['job_id']}").get_json()["total"] == 1  # nothing of the part was added
 
 
+def test_images_by_url_sent_to_classify_are_pointed_to_jobs(settings: Settings) -> None:
+    client = create_app(settings).test_client()
+    for body, ctype in (
+        ('{"urls": ["https://example.com/a.jpg"]}', "application/json"),
+        ("url\nhttps://example.com/a.jpg\n", "text/csv"),
+    ):
+        resp = client.post("/v1/classify", data=body, content_type=ctype)
+        assert resp.status_code == 415, resp.get_json()
+        assert (
+            "images by URL (a JSON body or a manifest) go to POST /v1/jobs"
+            in resp.get_json()["error"]["message"]
+        )
+    resp = client.post("/v1/classify", data=b"x", content_type="text/plain")  # no URL job: no such hint
+    assert resp.status_code == 415 and "POST /v1/jobs" not in resp.get_json()["error"]["message"]
+
+
 def test_client_and_cli_delete_jobs_through_the_real_server(api_url: str) -> None:
     # gunicorn answers DELETE with a 204 and, as RFC 9110 requires, no Content-Length: the
     # client must take that for a whole answer, not for headers cut off.

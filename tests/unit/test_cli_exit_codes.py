@@ -155,3 +155,15 @@ def test_reload_refuses_a_version_that_is_not_a_number_or_latest(
 def test_model_commands_take_the_retry_budget_of_every_client_command(argv: list[str], api_url: str) -> None:
     # Answered 404/422 by the test's API: refused at once, as --retry-for 0 asks.
     assert main([*argv, "--api-url", api_url, "--retry-for", "0"]) == ExitCode.REQUEST_FAILED
+
+
+def test_a_missing_api_key_says_how_the_cli_sends_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchvision.cli import commands
+    from batchvision.client import ApiError
+
+    def refused() -> int:
+        raise ApiError(401, {"error": {"code": "unauthorized", "message": "send an X-API-Key header"}})
+
+    assert commands._request_failed_on_error(refused) == ExitCode.REQUEST_FAILED
+    err = capsys.readouterr().err
+    assert "401 unauthorized" in err and "--api-key or BATCHVISION_API_KEY" in err

@@ -195,6 +195,13 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     raise AssertionError("no subcommands")
 
 
+def test_documented_csv_header_is_the_one_written() -> None:
+    from batchvision.core.results import CSV_COLUMNS
+
+    guide = (DOCS / "guides" / "http-api.md").read_text()
+    assert f"CSV columns `{','.join(CSV_COLUMNS)}`" in guide
+
+
 def test_documented_cli_commands_and_flags_exist() -> None:
     commands = _subcommands()
     checked = 0

@@ -301,3 +301,29 @@ def test_the_client_sends_options_as_query_parameters() -> None:
     }
     with pytest.raises(TypeError):
         job_options(modle="colours")  # type: ignore[call-arg]
+
+
+def test_the_models_command_says_pinned_and_workers_by_version_in_words() -> None:
+    from batchvision.cli.model_commands import describe
+    from batchvision.core.model_documents import ModelInfo
+
+    doc = {
+        "name": "shapes",
+        "default": True,
+        "live_version": 1,
+        "pinned_live_version": 1,
+        "input_size": [64, 64],
+        "classes": 4,
+        "versions": [],
+        "workers": 3,
+        "workers_by_version": {"2": 1, "1": 2},
+    }
+    line = describe(ModelInfo.model_validate(doc))
+    assert line == (
+        "shapes (default): live version 1 (pinned: `reload --version latest` unpins), input 64x64, "
+        "4 classes, 3 workers (2 on version 1, 1 on version 2)"
+    )
+    idle = describe(
+        ModelInfo.model_validate({**doc, "pinned_live_version": None, "workers": 1, "workers_by_version": {}})
+    )
+    assert idle == "shapes (default): live version 1, input 64x64, 4 classes, 1 worker"
