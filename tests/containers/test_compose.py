@@ -100,6 +100,9 @@ def test_every_service_healthy_and_non_root(stack: Any, wait_until: Any) -> None
         assert probe.returncode != 0 and "Read-only file system" in probe.stderr, (name, probe.stderr)
         if name not in redis:
             stack.docker.run("exec", name, "touch", "/tmp/probe")
+            # A tmpfs (memory) of a bounded size, as the compose file says.
+            tmpfs = stack.docker.inspect(name)["HostConfig"]["Tmpfs"]
+            assert set(tmpfs) == {"/tmp"} and tmpfs["/tmp"].startswith("size="), (name, tmpfs)
     # Flower's health check is its image's (the `flower` target), run by compose as it is.
     (flower,) = stack.containers("flower")
     assert "/healthcheck" in " ".join(stack.docker.inspect(flower)["Config"]["Healthcheck"]["Test"])
