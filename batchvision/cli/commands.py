@@ -177,9 +177,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"error: {args.urls}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         start = time.monotonic()
-        job = client.submit_urls(
-            [(e.url, e.filename) for e in entries], callback_url=args.callback_url, **job_options(args)
-        )
+        # Whole entries: their ids and pass-through columns come back beside the predictions.
+        job = client.submit_urls(entries, callback_url=args.callback_url, **job_options(args))
         for item in job.rejected:
             print(f"refused: {item.filename}: {item.code}: {item.message}", file=sys.stderr)
         print(f"submitted {len(entries)} URLs", file=sys.stderr)

@@ -15,7 +15,7 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from batchvision.core.documents import (
     Retried,
 )
 from batchvision.core.job_list import JobList
+from batchvision.core.manifest import UrlEntry
 from batchvision.core.model_documents import ModelList, ReloadAccepted
 
 #: The final job statuses (also ``Job.final``).
@@ -203,15 +204,17 @@ class Client:
     # -- images by URL, completion webhooks ---------------------------------------------
 
     def submit_urls(
-        self, urls: Iterable[str | tuple[str, str | None]], callback_url: str | None = None, **options: Any
+        self,
+        urls: Iterable[str | tuple[str, str | None] | UrlEntry | Mapping[str, Any]],
+        callback_url: str | None = None,
+        **options: Any,
     ) -> JobAccepted:
-        """Submit images by URL as one job (the workers fetch them); items are URLs or
-        ``(url, filename)`` pairs. ``callback_url`` gets one signed POST when the job is final
+        """Submit images by URL as one job (the workers fetch them); items are URLs,
+        ``(url, filename)`` pairs, ``{url, filename, id, columns}`` mappings or the entries of a
+        read manifest (:func:`batchvision.core.manifest.read_file`), whose ids and columns come
+        back beside the predictions. ``callback_url`` gets one signed POST when the job is final
         (check it with the secret of :meth:`webhook_secret`)."""
-        items = [
-            u if isinstance(u, str) else {"url": u[0], **({"filename": u[1]} if u[1] else {})} for u in urls
-        ]
-        body: dict[str, Any] = {"urls": items}
+        body: dict[str, Any] = {"urls": [_url_item(u) for u in urls]}
         if callback_url is not None:
             body["callback_url"] = callback_url
         params = job_options(**options)
@@ -459,6 +462,24 @@ def _refuses_long_polls(exc: ApiError) -> bool:
     if isinstance(exc.details, list) and exc.details:
         return any(isinstance(d, dict) and d.get("field") == "wait" for d in exc.details)
     return "'wait'" in str(exc)
+
+
+def _url_item(item: str | tuple[str, str | None] | UrlEntry | Mapping[str, Any]) -> str | dict[str, Any]:
+    """One item of a URL job's ``urls``, as the API takes it."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping):
+        return dict(item)
+    if isinstance(item, UrlEntry):
+        doc = {
+            "url": item.url,
+            "filename": item.filename,
+            "id": item.id,
+            "columns": dict(item.columns) or None,
+        }
+        return {k: v for k, v in doc.items() if v is not None}
+    url, filename = item
+    return {"url": url, **({"filename": filename} if filename else {})}
 
 
 def _idempotency() -> dict[str, str]:

@@ -313,7 +313,8 @@ class UrlItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
+    # No max_length: a URL over MAX_URL_LENGTH is its image's `bad_url`, the rest of the job runs.
+    url: str = Field(min_length=1)
     filename: str | None = Field(None, min_length=1, max_length=1024)
     id: str | int | None = Field(None, description="returned beside the prediction")
     columns: dict[str, str | int | float | bool | None] | None = Field(
@@ -326,10 +327,11 @@ class UrlJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    urls: list[Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH)] | UrlItem] = Field(
+    urls: list[Annotated[str, Field(min_length=1)] | UrlItem] = Field(
         min_length=1,
         description="http(s):// or s3:// URLs, or {url, filename, id, columns} objects; at most "
-        "BATCHVISION_MAX_URLS_PER_JOB",
+        f"BATCHVISION_MAX_URLS_PER_JOB; a URL that cannot be fetched (longer than {MAX_URL_LENGTH} "
+        "characters, say) is its own image's error",
     )
     callback_url: str | None = Field(
         None,

@@ -134,7 +134,11 @@ class UrlEntry:
 
     @property
     def name(self) -> str:
-        return self.filename or self.url
+        """The row's name: the filename, else the URL (cut short past the URL limit: such a URL
+        is that row's ``bad_url``, and its name must not carry what the limit keeps out)."""
+        if self.filename:
+            return self.filename
+        return self.url if len(self.url) <= MAX_URL_LENGTH else self.url[:MAX_URL_LENGTH] + "…"
 
 
 def kind_of_media_type(media_type: str) -> Kind | None:
@@ -323,9 +327,7 @@ def _entry(
 ) -> UrlEntry:
     if not isinstance(url, str) or not url.strip():
         raise ManifestError(f"{where}: no URL")
-    url = url.strip()
-    if len(url) > MAX_URL_LENGTH:
-        raise ManifestError(f"{where}: the URL is longer than {MAX_URL_LENGTH} characters")
+    url = url.strip()  # (a URL over MAX_URL_LENGTH is that image's bad_url, not the manifest's)
     if filename is not None and not isinstance(filename, str):
         raise ManifestError(f"{where}: filename must be a string")
     name = (filename or "").strip() or None

@@ -119,6 +119,30 @@ def _cases(origin: str) -> dict[str, str]:
     }
 
 
+def test_a_url_over_the_length_limit_is_one_images_error_whatever_the_body(
+    url_stack: tuple[Settings, str], origin: str
+) -> None:
+    _, api = url_stack
+    good, long = f"{origin}/img/0.jpg", f"{origin}/img/" + "a" * 2100
+    bodies = [
+        {"json": {"urls": [good, {"url": long, "id": "too-long"}]}},
+        {"data": f"url\n{good}\n{long}\n", "headers": {"Content-Type": "text/csv"}},
+    ]
+    client = Client(api)
+    for body in bodies:
+        resp = requests.post(f"{api}/v1/jobs", timeout=30, **body)  # type: ignore[arg-type]
+        assert resp.status_code == 202, resp.text
+        (refused,) = resp.json()["rejected"]
+        assert (refused["index"], refused["code"]) == (1, "bad_url") and "longer than 2048" in refused[
+            "message"
+        ]
+        assert len(resp.text) < 10_000  # the long URL is not echoed back whole
+        job_id = resp.json()["job_id"]
+        assert client.wait(job_id, timeout=120).status == "partial"
+        rows = client.results(job_id)
+        assert [r.status for r in rows] == ["ok", "error"] and rows[1].error.code == "bad_url"
+
+
 def test_300_images_and_every_hostile_url_end_with_exactly_one_result(
     url_stack: tuple[Settings, str],
     origin: str,
@@ -206,7 +230,8 @@ def test_manifests_csv_jsonl_and_the_cli(
     # The CLI: `batchvision submit --urls manifest.csv --wait -o results.csv`.
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
-        "url,filename\n" + "".join(f"{origin}/img/{n}.jpg,cli-{n}.jpg\n" for n in range(30, 42))
+        "url,filename,id,shop\n"
+        + "".join(f"{origin}/img/{n}.jpg,cli-{n}.jpg,{n},s{n % 2}\n" for n in range(30, 42))
     )
     out = tmp_path / "results.csv"
     proc = subprocess.run(
@@ -221,6 +246,8 @@ def test_manifests_csv_jsonl_and_the_cli(
         written = list(csv.DictReader(fh))
     assert [r["filename"] for r in written] == [f"cli-{n}.jpg" for n in range(30, 42)]
     assert all(r["label"] and not r["error"] for r in written)
+    # The manifest's ids and pass-through columns came along, as they do with a manifest body.
+    assert [(r["id"], r["shop"]) for r in written] == [(str(n), f"s{n % 2}") for n in range(30, 42)]
 
 
 def test_a_retry_fetches_again_what_failed_for_a_transient_reason_once(

@@ -61,7 +61,6 @@ def test_uri_lists_skip_comments() -> None:
         ("csv", "", "empty"),
         ("csv", "url\n\n", "lists no URL"),
         ("csv", "filename,url\na.jpg\n", "line 2: no value in the 'url' column"),
-        ("csv", "url\n" + "http://h/" + "a" * 2100 + "\n", "line 2: the URL is longer than 2048"),
         ("jsonl", '"http://h/1"\n{"url": 5}\n', "line 2: no URL"),
         ("jsonl", '"http://h/1"\nnot json\n', "line 2: not JSON"),
         ("jsonl", '{"url": "http://h", "size": 3}\n', "unknown field 'size'"),
@@ -73,6 +72,13 @@ def test_unreadable_manifests_name_the_problem(kind: str, text: str, says: str) 
     with pytest.raises(ManifestError, match=says) as info:
         parse(text, kind, max_entries=10)  # type: ignore[arg-type]
     assert info.value.status == 400 and info.value.code == "bad_manifest"
+
+
+def test_a_url_over_the_limit_is_its_own_row_with_a_name_cut_short() -> None:
+    long = "http://h/" + "a" * 2100
+    entries = parse(f"url\nhttp://h/1\n{long}\n", "csv", max_entries=10)
+    assert [e.url for e in entries] == ["http://h/1", long]  # its image's bad_url, not the manifest's
+    assert entries[1].name == long[:2048] + "…" and entries[0].name == "http://h/1"
 
 
 def test_not_utf8_is_refused() -> None:
