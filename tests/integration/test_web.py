@@ -87,7 +87,10 @@ def keyed_api(stack: Supervisor, settings: Settings) -> Iterator[str]:
             Service(
                 "api-keyed",
                 cli_argv("api", "--host", "127.0.0.1"),
-                settings.replace(api_port=port, api_keys=KEY).to_env(include_secrets=True),
+                # The key may ask for priorities up to 3 only: a job that names none gets 3.
+                settings.replace(api_port=port, api_keys=KEY, key_max_priority=f"{KEY}=3").to_env(
+                    include_secrets=True
+                ),
                 health_url=f"http://127.0.0.1:{port}/healthz",
             )
         ]
@@ -576,6 +579,9 @@ def test_api_keys_401_shown_key_kept_and_429_retried(
     assert page.locator("#notice").is_hidden()
     job_id = page.inner_text("#job-id")
     headers = {"Authorization": f"Bearer {KEY}"}
+    # No priority chosen: none asked for, so the key's maximum (3), not a refused 5.
+    job = requests.get(f"{keyed_api}/v1/jobs/{job_id}", headers=headers, timeout=30).json()
+    assert job["priority"] == 3 and "priority 3" in page.inner_text("#job-meta"), job
     api = api_results(keyed_api, job_id, headers)
     assert sorted(r["filename"] for r in api) == sorted(truth)
     assert len(table_rows(page)) == 12
@@ -615,10 +621,12 @@ def test_a_job_whose_creation_answer_was_lost_is_not_made_twice(
             route.fulfill(response=answer)
 
     page.route(re.compile(r".*/v1/jobs\?priority=\d+$"), lose_the_first_answer)
+    page.select_option("#priority-select", "8")  # a chosen priority goes with the job
     page.set_input_files("#folder-input", str(root))
     assert wait_finished(page) == "succeeded"
     assert len(made) == 2 and made[0][0] and made[0] == made[1], made
     assert page.inner_text("#job-id") == made[0][1]
+    assert requests.get(f"{api_url}/v1/jobs/{made[0][1]}", timeout=30).json()["priority"] == 8
     assert page.locator("#notice").is_hidden()
     watch.check()
     ctx.close()

@@ -127,6 +127,12 @@ function scanStatus(text) {
   $("scan-status").textContent = text;
 }
 
+/** Where a new job is opened: no priority unless one is chosen, so the API's default applies
+ * (5, or the key's maximum when that is lower; asking 5 of such a key would be refused). */
+function jobsPath(priority) {
+  return priority === "" ? "/v1/jobs" : `/v1/jobs?priority=${encodeURIComponent(priority)}`;
+}
+
 /** Images of a local upload, as far as known: its files less those found not to be images. */
 function expected(s) {
   return s.entries.length - s.notImages - s.refused;
@@ -203,7 +209,7 @@ async function runUpload(session, entries) {
       signal: session.abort.signal,
       createJob: async () =>
         (
-          await api.request("POST", `/v1/jobs?priority=${encodeURIComponent($("priority-select").value)}`, {
+          await api.request("POST", jobsPath($("priority-select").value), {
             json: { expected: expected(session) },
             signal: session.abort.signal,
             idempotent: true,
