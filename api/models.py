@@ -22,6 +22,7 @@ from batchvision.core import model_documents as md
 from batchvision.core.errors import NotFound, Unauthorized, UnsupportedMediaType
 from batchvision.core.model_refs import InvalidOption
 from batchvision.core.settings import Settings
+from batchvision.server.registry import FAILED
 from batchvision.server.routing import default_model, model_queues
 
 bp = Blueprint("models", __name__, url_prefix="/v1")
@@ -99,7 +100,10 @@ def list_models() -> dict[str, Any]:
         403: c.Response("Not an admin key, or no admin keys configured", d.ErrorDocument),
         404: c.Response("No such model", d.ErrorDocument),
         415: c.Response("A body that is not JSON", d.ErrorDocument),
-        422: c.Response("The model has no such version (the allowed ones are named)", d.ErrorDocument),
+        422: c.Response(
+            "The model has no such version, or that version was refused (the allowed ones are named)",
+            d.ErrorDocument,
+        ),
     },
     tags=("models",),
 )
@@ -114,11 +118,20 @@ def reload_model(name: str) -> tuple[dict[str, Any], int]:
         raise NotFound(f"no model {name[:80]!r}: the workers serve {names}", code="model_not_found")
     version = body.version if isinstance(body.version, int) else None
     versions = known[name]["versions"]
+    usable = [str(v) for v, doc in sorted(versions.items()) if doc.get("status") != FAILED]
     if version is not None and version not in versions:
         allowed = [str(v) for v in sorted(versions)]
         raise InvalidOption(
             f"model {name!r} has no version {version}; allowed version: {', '.join(allowed)}",
             details=[{"in": "body", "field": "version", "value": version, "allowed": allowed}],
+        )
+    if version is not None and versions[version].get("status") == FAILED:
+        # Pinned, it would never go live: the model would stay on its old version, silently.
+        why = versions[version].get("error") or "it failed to load"
+        raise InvalidOption(
+            f"model {name!r} version {version} was refused ({why}); versions that can be live: "
+            f"{', '.join(usable) or 'none'}",
+            details=[{"in": "body", "field": "version", "value": version, "allowed": usable}],
         )
     req = svc.models.request_reload(name, version, latest=body.version == "latest")
     doc = {

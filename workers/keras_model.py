@@ -279,7 +279,15 @@ def _load_path(path: Path) -> Any:
         if isinstance(outputs, dict):
             outputs = next(iter(outputs.values()))
         return keras.Model(inputs, outputs)
-    return keras.models.load_model(path, compile=False)
+    try:
+        return keras.models.load_model(path, compile=False)
+    except ValueError as exc:
+        if path.is_file() and "File not found" in str(exc):  # Keras' words for a file it cannot open
+            raise ValueError(
+                f"{path.name} is there but is not a model Keras can read (a .keras archive or an .h5 "
+                f"file): {exc}"
+            ) from exc
+        raise
 
 
 def _default_labels(path: Path) -> Path:

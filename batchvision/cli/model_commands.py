@@ -29,7 +29,10 @@ def describe(m: ModelInfo) -> str:
     """One line for a model: its live version (and whether an operator pinned it), input size,
     classes, and its workers by the version they have live."""
     default = " (default)" if m.default else ""
-    pinned = " (pinned: `reload --version latest` unpins)" if m.pinned_live_version is not None else ""
+    pinned = ""
+    if m.pinned_live_version is not None:
+        to = "" if m.pinned_live_version == m.live_version else f" to {m.pinned_live_version}, not live yet"
+        pinned = f" (pinned{to}: `reload --version latest` unpins)"
     size = "x".join(str(v) for v in m.input_size or []) or "?"
     by_version = ", ".join(
         f"{n} on version {v}"

@@ -217,7 +217,7 @@ def test_the_client_and_the_cli_list_the_models(models_stack: ModelsStack) -> No
         timeout=60,
         check=True,
     ).stdout
-    assert "shapes (default): live version 1, input 48x48, 6 classes, 1 worker(s)" in out
+    assert "shapes (default): live version 1, input 48x48, 6 classes, 1 worker (1 on version 1)" in out
     assert "colours: live version 1, input 32x32, 6 classes" in out
 
 
@@ -431,7 +431,7 @@ def test_a_broken_version_is_refused_and_the_job_goes_on(
 
     versions = wait_until(refused_both, timeout=60, interval=0.1, message="versions 3 and 4 refused")
     assert "outputs 6 classes but its labels file has 4 labels" in versions[3]["error"]
-    assert versions[4]["error"]
+    assert "model.keras is there but is not a model Keras can read" in versions[4]["error"]
     assert models_stack.models()["shapes"]["live_version"] == 2, "the live version stays"
     rows = _results(client, job.job_id)
     assert len(rows) == 300 and {r["version"] for r in rows} == {2}
@@ -463,6 +463,12 @@ def test_pinning_a_version_and_rolling_back(
     assert models_stack.reload("squares").status_code == 404
     bad = models_stack.reload("shapes", {"version": 9})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_option"
+    # A refused version cannot be pinned either: it would never go live, the model stay frozen.
+    refused_one = models_stack.reload("shapes", {"version": 3})
+    assert refused_one.status_code == 422, refused_one.text
+    message = refused_one.json()["error"]["message"]
+    assert "version 3 was refused (" in message and "versions that can be live: 1, 2" in message
+    assert models_stack.models()["shapes"]["pinned_live_version"] is None
     # Roll back to version 1, and forward to the newest again.
     assert models_stack.reload("shapes", {"version": 1}).status_code == 202
     wait_until(

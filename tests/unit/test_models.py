@@ -323,6 +323,8 @@ def test_the_models_command_says_pinned_and_workers_by_version_in_words() -> Non
         "shapes (default): live version 1 (pinned: `reload --version latest` unpins), input 64x64, "
         "4 classes, 3 workers (2 on version 1, 1 on version 2)"
     )
+    waiting = describe(ModelInfo.model_validate({**doc, "pinned_live_version": 3}))
+    assert "live version 1 (pinned to 3, not live yet: `reload --version latest` unpins)" in waiting
     idle = describe(
         ModelInfo.model_validate({**doc, "pinned_live_version": None, "workers": 1, "workers_by_version": {}})
     )
