@@ -226,9 +226,10 @@ class Target:
         return host if self.port == default else f"{host}:{self.port}"
 
 
-def parse_url(url: str) -> Target:
+def parse_url(url: str, schemes: str = "http and https") -> Target:
     """Split ``url`` or raise ``FetchError(bad_url)``: http(s), a host, no credentials, no
-    control characters or whitespace, a valid port, at most MAX_URL_LENGTH characters."""
+    control characters or whitespace, a valid port, at most MAX_URL_LENGTH characters.
+    ``schemes``: what a refusal of the scheme says is allowed where the URL came from."""
 
     def bad(why: str) -> FetchError:
         return FetchError(f"{why}: {url[:200]!r}", code="bad_url")
@@ -247,7 +248,7 @@ def parse_url(url: str) -> Target:
         raise bad(f"malformed URL ({exc})") from exc
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise bad(f"scheme {scheme or '(none)'!r} is not allowed (http and https only)")
+        raise bad(f"scheme {scheme or '(none)'!r} is not allowed ({schemes} only)")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise bad("URL with credentials")
     if not host:
@@ -265,18 +266,25 @@ def parse_url(url: str) -> Target:
     return Target(url, scheme, host.lower().rstrip("."), port or (443 if scheme == "https" else 80), path)
 
 
-def url_problem(url: str, allow: AllowList = NOTHING) -> FetchError | None:
+def url_problem(
+    url: str, allow: AllowList = NOTHING, setting: str = "", schemes: str = "http and https"
+) -> FetchError | None:
     """What the API can tell about ``url`` without the network: its syntax, and the address
-    rules when the host is an address literal (names are resolved and checked when fetched)."""
+    rules when the host is an address literal (names are resolved and checked when fetched).
+    ``setting``: the allow list's variable, named in a refusal (what an operator would change);
+    ``schemes``: as :func:`parse_url`."""
     try:
-        target = parse_url(url)
+        target = parse_url(url, schemes)
     except FetchError as exc:
         return exc
     ip = target.literal
     if ip is None:
         return None
     problem = address_problem(ip, allow, trusted=allow.host_allowed(target.host))
-    return FetchError(f"refused: {problem}", code="blocked_address") if problem else None
+    if not problem:
+        return None
+    hint = f" (unless {setting} allows it)" if setting else ""
+    return FetchError(f"refused: {problem}{hint}", code="blocked_address")
 
 
 def system_resolver(host: str, port: int) -> list[str]:

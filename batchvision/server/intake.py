@@ -102,7 +102,7 @@ def entry_problem(url: str, allow: AllowList, scope: S3Scope) -> BatchvisionErro
             return exc
         problem = scope.problem(parsed.bucket, parsed.key)
         return None if problem is None else S3NotAllowed(problem)
-    return url_problem(url, allow)
+    return url_problem(url, allow, "BATCHVISION_FETCH_ALLOW", schemes="http, https and s3")
 
 
 #: Where a job's status URL puts its id, in the template :meth:`Intake.callback` takes.
@@ -406,10 +406,10 @@ class Intake:
         ``bad_callback_url``) when refused."""
         if url is None:
             return None
-        problem = url_problem(url, AllowList.parse(self.settings.webhook_allow))
+        problem = url_problem(url, AllowList.parse(self.settings.webhook_allow), "BATCHVISION_WEBHOOK_ALLOW")
         if problem is not None:
             raise FetchError(
-                f"callback_url refused: {problem.message}",
+                f"callback_url: {problem.message}",
                 code="bad_callback_url",
                 details=[{"in": "body", "field": "callback_url", "reason": problem.code}],
             )

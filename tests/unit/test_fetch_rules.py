@@ -500,3 +500,18 @@ def test_https_goes_to_the_checked_address_with_the_name_as_sni_and_for_the_cert
     assert _code(_fetcher(resolver=lambda n, _p: names[n]), f"https://secure.test:{port}/ok.jpg") == (
         "tls_error"
     )
+
+
+def test_refusals_at_submit_say_what_an_image_url_may_be_and_which_setting_allows_more() -> None:
+    from batchvision.core.s3_scope import S3Scope
+    from batchvision.server.intake import entry_problem
+
+    scope = S3Scope.parse("")
+    private = entry_problem("http://10.0.0.1/a.jpg", AllowList.parse(""), scope)
+    assert private is not None and private.code == "blocked_address"
+    assert "(unless BATCHVISION_FETCH_ALLOW allows it)" in private.message
+    scheme = entry_problem("ftp://h/a.jpg", AllowList.parse(""), scope)
+    assert scheme is not None and "(http, https and s3 only)" in scheme.message
+    # Elsewhere (a callback, a redirect) s3:// is no choice.
+    callback = url_problem("ftp://h/hook", AllowList.parse(""), "BATCHVISION_WEBHOOK_ALLOW")
+    assert callback is not None and "(http and https only)" in callback.message
