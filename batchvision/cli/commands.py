@@ -25,6 +25,8 @@ from batchvision.client.bulk import scan, submit_folder
 from batchvision.core import manifest
 from batchvision.core.documents import Job
 from batchvision.core.errors import BatchvisionError
+from batchvision.core.job_list import MAX_PAGE
+from batchvision.core.priorities import MAX_PRIORITY, MIN_PRIORITY
 from batchvision.core.results import JobStatus
 
 
@@ -330,16 +332,26 @@ def _document(doc: BaseModel) -> str:
     return json.dumps(doc.model_dump(mode="json", exclude_unset=True), indent=2)
 
 
-def _number(kind: type[float] | type[int], least: float, above: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a finite ``kind`` at least ``least`` (``above``: more than it)."""
+def _number(
+    kind: type[float] | type[int], least: float, above: bool = False, most: float | None = None
+) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` at least ``least`` (``above``: more than it) and at
+    most ``most``."""
 
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < least or (above and value == least):
+        if (
+            not math.isfinite(value)
+            or value < least
+            or (above and value == least)
+            or (most is not None and value > most)
+        ):
             bound = f"above {least:g}" if above else f"at least {least:g}"
+            if most is not None:
+                bound = f"from {least:g} to {most:g}"
             raise argparse.ArgumentTypeError(f"{text!r}: give a {kind.__name__} {bound}")
         return value
 
@@ -375,11 +387,18 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--callback-url", help="URL that gets one signed POST when the job is final")
     # Per-job options; the service checks them (422 names what is allowed).
     p.add_argument("--model", help="model name, or NAME:VERSION (default: the service's default model)")
-    p.add_argument("--top-k", type=int, help="classes each result lists (1 to the model's classes)")
-    p.add_argument("--min-score", type=float, help="leave classes scoring below this out of top_k (0 to 1)")
+    # What does not depend on the model is checked here already (a usage error, exit 2).
+    p.add_argument(
+        "--top-k", type=_number(int, 1), help="classes each result lists (1 to the model's classes)"
+    )
+    p.add_argument(
+        "--min-score",
+        type=_number(float, 0, most=1),
+        help="leave classes scoring below this out of top_k (0 to 1)",
+    )
     p.add_argument(
         "--priority",
-        type=int,
+        type=_number(int, MIN_PRIORITY, most=MAX_PRIORITY),
         help="0 (lowest) to 9 (highest), default 5: higher priorities are served first, lower "
         "ones keep moving (at most the API key's maximum)",
     )
@@ -401,7 +420,9 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--status", choices=[s.value for s in JobStatus])
     p.add_argument("--created-after", type=float, metavar="UNIX_TIME")
     p.add_argument("--created-before", type=float, metavar="UNIX_TIME")
-    p.add_argument("--limit", type=int, help="jobs a page (1 to 200; default 20)")
+    p.add_argument(
+        "--limit", type=_number(int, 1, most=MAX_PAGE), help=f"jobs a page (1 to {MAX_PAGE}; default 20)"
+    )
     p.add_argument("--cursor", help="the page after the one that printed it")
     p.add_argument("--all", action="store_true", help="every page")
     p.add_argument("--json", action="store_true", help="one job document a line")

@@ -167,3 +167,24 @@ def test_a_missing_api_key_says_how_the_cli_sends_one(capsys: pytest.CaptureFixt
     assert commands._request_failed_on_error(refused) == ExitCode.REQUEST_FAILED
     err = capsys.readouterr().err
     assert "401 unauthorized" in err and "--api-key or BATCHVISION_API_KEY" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs", "--limit", "500"],
+        ["jobs", "--limit", "0"],
+        ["submit", ".", "--priority", "10"],
+        ["submit", ".", "--top-k", "0"],
+        ["submit", ".", "--min-score", "1.5"],
+    ],
+    ids=lambda a: " ".join(a[-2:]),
+)
+def test_options_out_of_their_fixed_range_are_usage_errors_before_any_request(
+    argv: list[str], api_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Sent, they would be refused by the server (exit 4 or 5); the range is known here.
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--api-url", api_url])
+    assert usage.value.code == ExitCode.USAGE
+    assert "give a" in capsys.readouterr().err
