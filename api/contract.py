@@ -123,9 +123,17 @@ def query(model: type[M]) -> M:
         allowed = ", ".join(model.model_fields) or "none"
         if any(e["type"] == "extra_forbidden" for e in exc.errors()):
             message += f"; this route takes: {allowed}"
-        elif (field := model.model_fields.get(details[0]["field"])) is not None and field.description:
-            message += f"; {details[0]['field']}: {field.description}"  # what a good value is
+        else:
+            message += _what_is_allowed(model, details[0]["field"])
         raise BadRequest(message, code="bad_parameter", details=details) from exc
+
+
+def _what_is_allowed(model: type[BaseModel], field: str) -> str:
+    """``"; <field>: <its description>"`` for a top-level field that has one: what a good value
+    is, after a message that says what was wrong."""
+    top = field.split(".")[0]
+    info = model.model_fields.get(top)
+    return f"; {top}: {info.description}" if info is not None and info.description else ""
 
 
 def json_body(model: type[M]) -> M:
@@ -137,6 +145,7 @@ def json_body(model: type[M]) -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         message, details = _problems(exc, "body field")
+        message += _what_is_allowed(model, details[0]["field"])
         raise BadRequest(message, code="bad_body", details=details) from exc
 
 

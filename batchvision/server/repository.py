@@ -234,7 +234,11 @@ def _version(name: str, version: int, path: Path, shared: dict[str, Any]) -> Ver
         source, kind = saved[0], "savedmodel"
     labels = _labels(path, source if kind != "savedmodel" else None)
     if labels is None:
-        raise ValueError(f"{path}: no labels.txt (one label per line) for this version or its model")
+        beside = f" or {source.stem}.labels.txt beside {source.name}" if kind != "savedmodel" else ""
+        raise ValueError(
+            f"{path}: no labels.txt{beside} (one label per line) for this version, "
+            "nor a labels.txt for its model"
+        )
     return VersionDir(kind=kind, source=str(source), labels=labels, **common)
 
 

@@ -202,7 +202,7 @@ def test_scan_records_why_a_version_is_unusable(tmp_path: Path) -> None:
     (six / "config.json").write_text(json.dumps({"preprocess": "magic"}))
     entry = scan(tmp_path)["m"]
     assert sorted(entry.versions) == [1]
-    assert "no labels.txt" in entry.problems[2]
+    assert "no labels.txt or model.labels.txt beside model.keras" in entry.problems[2]
     assert "expected exactly one model" in entry.problems[3] and "none" in entry.problems[3]
     assert "model.keras, other.keras" in entry.problems[4] or "other.keras, model.keras" in entry.problems[4]
     assert "not valid JSON" in entry.problems[5]
