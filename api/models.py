@@ -101,7 +101,7 @@ def list_models() -> dict[str, Any]:
         404: c.Response("No such model", d.ErrorDocument),
         415: c.Response("A body that is not JSON", d.ErrorDocument),
         422: c.Response(
-            "The model has no such version, or that version was refused (the allowed ones are named)",
+            "The model has no such version (the allowed ones are named)",
             d.ErrorDocument,
         ),
     },
@@ -118,20 +118,20 @@ def reload_model(name: str) -> tuple[dict[str, Any], int]:
         raise NotFound(f"no model {name[:80]!r}: the workers serve {names}", code="model_not_found")
     version = body.version if isinstance(body.version, int) else None
     versions = known[name]["versions"]
-    usable = [str(v) for v, doc in sorted(versions.items()) if doc.get("status") != FAILED]
     if version is not None and version not in versions:
         allowed = [str(v) for v in sorted(versions)]
         raise InvalidOption(
             f"model {name!r} has no version {version}; allowed version: {', '.join(allowed)}",
             details=[{"in": "body", "field": "version", "value": version, "allowed": allowed}],
         )
+    warning = None
     if version is not None and versions[version].get("status") == FAILED:
-        # Pinned, it would never go live: the model would stay on its old version, silently.
+        # Not refused: its files may have been mended since (the workers try a pinned version
+        # again), but said, or the model would seem to stay on its old version without a word.
         why = versions[version].get("error") or "it failed to load"
-        raise InvalidOption(
-            f"model {name!r} version {version} was refused ({why}); versions that can be live: "
-            f"{', '.join(usable) or 'none'}",
-            details=[{"in": "body", "field": "version", "value": version, "allowed": usable}],
+        warning = (
+            f"version {version} was refused when last tried ({why}); the workers try it again, and "
+            "the live version stays until it loads"
         )
     req = svc.models.request_reload(name, version, latest=body.version == "latest")
     doc = {
@@ -141,6 +141,8 @@ def reload_model(name: str) -> tuple[dict[str, Any], int]:
         "latest": req["latest"],
         "workers": req["receivers"],
     }
+    if warning is not None:
+        doc["warning"] = warning
     return doc, 202
 
 

@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,18 +117,38 @@ APPLICATIONS = {
 }
 
 
+#: One application built at a time while Keras' download step is wrapped (see below).
+_BUILDING = threading.Lock()
+
+
 def build_application(app: _App, weights: str | None) -> Any:
     """The ``keras.applications`` model with ``weights`` (``"imagenet"``, a file, or ``None``).
 
-    ImageNet weights already in Keras' cache are given to it as that file: Keras itself looks
-    in its cache only where it may write, so on a read-only root file system (the images under
-    compose and Kubernetes) it would download them again into ``/tmp``.
+    Keras looks for its cached ImageNet weights only where it may write: on a read-only root
+    file system (the images under compose and Kubernetes) it would download them again into
+    ``/tmp``. So while the model is built, its download step answers with the cached file when
+    there is one. (Handing Keras the file instead of ``"imagenet"`` would build another
+    network: EfficientNet adds its input normalisation only for ``"imagenet"``.)
     """
-    if weights == "imagenet":
-        cached = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models" / app.weights_file
-        if cached.is_file():
-            weights = str(cached)
-    return getattr(keras.applications, app.constructor)(weights=weights)
+    cached = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models" / app.weights_file
+    constructor = getattr(keras.applications, app.constructor)
+    if weights != "imagenet" or not cached.is_file():
+        return constructor(weights=weights)
+    from keras.src.utils import file_utils  # the one module every application downloads through
+
+    download = file_utils.get_file
+
+    def from_cache(fname: Any = None, origin: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if fname == app.weights_file:
+            return str(cached)
+        return download(fname, origin, *args, **kwargs)
+
+    with _BUILDING:
+        file_utils.get_file = from_cache
+        try:
+            return constructor(weights=weights)
+        finally:
+            file_utils.get_file = download
 
 
 #: ``BATCHVISION_MODEL=py:package.module:factory`` loads a classifier written in Python:

@@ -35,7 +35,7 @@ def describe(m: ModelInfo) -> str:
         pinned = f" (pinned{to}: `reload --version latest` unpins)"
     size = "x".join(str(v) for v in m.input_size or []) or "?"
     by_version = ", ".join(
-        f"{n} on version {v}"
+        f"{n} on version {v}" if v != "none" else f"{n} with none live"
         for v, n in sorted(m.workers_by_version.items(), key=lambda kv: (len(kv[0]), kv[0]))
     )
     workers = f"{m.workers} worker{'' if m.workers == 1 else 's'}" + (

@@ -72,3 +72,8 @@ class ReloadAccepted(Document):
     version: int | None = Field(None, description="the version made live, if one was named")
     latest: bool
     workers: int = Field(ge=0, description="workers that received the request")
+    warning: str | None = Field(
+        None,
+        description="the named version was refused when last tried (and why): the workers try it "
+        "again, and the live version stays until it loads",
+    )

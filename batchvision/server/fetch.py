@@ -177,6 +177,10 @@ def _kind(ip: IPAddress) -> str | None:
     return None
 
 
+#: What :func:`address_problem` calls an address no allow list opens.
+METADATA_KIND = "cloud metadata address"
+
+
 def address_problem(ip: IPAddress | str, allow: AllowList = NOTHING, *, trusted: bool = False) -> str | None:
     """Why a connection to ``ip`` is refused, or ``None`` when it may be made. ``trusted``: the
     host name is on the allow-list (only metadata addresses are refused then)."""
@@ -188,7 +192,7 @@ def address_problem(ip: IPAddress | str, allow: AllowList = NOTHING, *, trusted:
         ip, inner = ip.ipv4_mapped, None
     for candidate in (ip, inner):
         if candidate in METADATA_ADDRESSES:
-            return f"{candidate} is a cloud metadata address"
+            return f"{candidate} is a {METADATA_KIND}"
     if trusted or allow.address_allowed(ip):
         return None
     if inner is not None:
@@ -283,7 +287,7 @@ def url_problem(
     problem = address_problem(ip, allow, trusted=allow.host_allowed(target.host))
     if not problem:
         return None
-    hint = f" (unless {setting} allows it)" if setting else ""
+    hint = f" (unless {setting} allows it)" if setting and METADATA_KIND not in problem else ""
     return FetchError(f"refused: {problem}{hint}", code="blocked_address")
 
 

@@ -35,7 +35,6 @@ cache; a version that could not be copied is refused with the reason.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +169,8 @@ def scan(root: Path) -> dict[str, ModelEntry]:
         except ValueError as exc:
             shared, shared_error = {}, str(exc)
         for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-            if not re.fullmatch(r"[1-9][0-9]*", version_dir.name):
-                # Not a version: a temporary copy, notes... and `010`, which would be a second
-                # folder of version 10.
-                continue
+            if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                continue  # not a version: a temporary copy, notes, ...
             version = int(version_dir.name)
             try:
                 if shared_error:

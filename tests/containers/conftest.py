@@ -133,11 +133,15 @@ def _stop_leftover_dockerd(data_root: Path, wait_until: Callable[..., Any]) -> N
             continue
         if "--host" in argv[:-1]:
             host = {**os.environ, "DOCKER_HOST": argv[argv.index("--host") + 1]}
-            ids = subprocess.run([DOCKER, "ps", "-aq"], env=host, capture_output=True, text=True, timeout=60)
-            if ids.stdout.split():
-                subprocess.run(
-                    [DOCKER, "rm", "-f", *ids.stdout.split()], env=host, capture_output=True, timeout=300
+            # A wedged daemon may not answer: it is killed below all the same.
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                ids = subprocess.run(
+                    [DOCKER, "ps", "-aq"], env=host, capture_output=True, text=True, timeout=60
                 )
+                if ids.stdout.split():
+                    subprocess.run(
+                        [DOCKER, "rm", "-f", *ids.stdout.split()], env=host, capture_output=True, timeout=300
+                    )
         pid = int(proc.name)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

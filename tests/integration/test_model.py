@@ -104,23 +104,33 @@ def test_each_applications_weights_file_is_the_one_keras_caches(
     assert str(asked.value) == app.weights_file
 
 
-def test_imagenet_weights_in_the_cache_load_without_keras_looking_for_a_writable_one(
-    model_mod: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_cached_imagenet_weights_build_the_network_keras_builds_without_a_download(
+    model_mod: ModuleType, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The images bake the weights into KERAS_HOME and run with a read-only root: Keras' own
-    lookup would find the cache not writable and download them again into /tmp."""
+    lookup would find the cache not writable and download them again. The network must be the
+    one Keras builds for ``"imagenet"`` (EfficientNet adds a layer only then)."""
     import h5py
     import keras
     from keras.src.legacy.saving import legacy_h5_format
     from keras.src.utils import file_utils
 
-    app = model_mod.APPLICATIONS["mobilenet_v2"]
-    baked = keras.applications.MobileNetV2(weights=None)  # random weights stand in for ImageNet's
-    (tmp_path / "models").mkdir()
-    with h5py.File(tmp_path / "models" / app.weights_file, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, baked)
+    app = model_mod.APPLICATIONS[name]
+    constructor = getattr(keras.applications, app.constructor)
+    cached = tmp_path / "models" / app.weights_file
+    cached.parent.mkdir()
+    with h5py.File(cached, "w") as f:  # random weights stand in for ImageNet's
+        legacy_h5_format.save_weights_to_hdf5_group(f, constructor(weights=None))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(file_utils, "get_file", _no_download)
-    loaded = model_mod.build_application(app, "imagenet")
-    for want, got in zip(baked.get_weights(), loaded.get_weights(), strict=True):
-        np.testing.assert_array_equal(want, got)
+    ours = model_mod.build_application(app, "imagenet")
+    assert file_utils.get_file is _no_download  # Keras' download step is itself again
+    # Keras' own path, where its cache is writable: get_file answers with the cached file.
+    monkeypatch.setattr(file_utils, "get_file", lambda fname, *a, **kw: str(cached))
+    theirs = constructor(weights="imagenet")
+    assert [type(layer).__name__ for layer in ours.layers] == [
+        type(layer).__name__ for layer in theirs.layers
+    ]
+    x = np.random.default_rng(0).uniform(0, 255, (2, app.size, app.size, 3)).astype(np.float32)
+    np.testing.assert_allclose(ours.predict(x, verbose=0), theirs.predict(x, verbose=0), rtol=1e-5, atol=1e-6)

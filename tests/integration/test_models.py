@@ -463,12 +463,13 @@ def test_pinning_a_version_and_rolling_back(
     assert models_stack.reload("squares").status_code == 404
     bad = models_stack.reload("shapes", {"version": 9})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_option"
-    # A refused version cannot be pinned either: it would never go live, the model stay frozen.
+    # A refused version may be pinned (its files may be mended meanwhile), but the answer says
+    # it was refused, and why: the model stays on its live version until it loads.
     refused_one = models_stack.reload("shapes", {"version": 3})
-    assert refused_one.status_code == 422, refused_one.text
-    message = refused_one.json()["error"]["message"]
-    assert "version 3 was refused (" in message and "versions that can be live: 1, 2" in message
-    assert models_stack.models()["shapes"]["pinned_live_version"] is None
+    assert refused_one.status_code == 202, refused_one.text
+    warning = refused_one.json()["warning"]
+    assert "version 3 was refused when last tried (" in warning and "labels file has 4 labels" in warning
+    assert models_stack.models()["shapes"]["live_version"] == 2
     # Roll back to version 1, and forward to the newest again.
     assert models_stack.reload("shapes", {"version": 1}).status_code == 202
     wait_until(

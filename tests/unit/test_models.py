@@ -158,7 +158,6 @@ def test_scan_finds_models_versions_labels_and_config(tmp_path: Path) -> None:
     (two / "net.labels.txt").write_text("x\ny\n")
     (tmp_path / "shapes" / "notes").mkdir()  # not a version
     (tmp_path / "shapes" / ".3.tmp").mkdir()  # a version being copied: not yet one
-    _version(tmp_path, "shapes", "07")  # a zero-padded name (would clash with a `7`): not a version
     saved = tmp_path / "colours" / "4" / "export"
     saved.mkdir(parents=True)
     (saved / "saved_model.pb").write_bytes(b"")
