@@ -37,7 +37,7 @@ from batchvision.core.batching import BatchInfo
 from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import tracing
-from batchvision.server.blobs import BlobStore, open_blobs
+from batchvision.server.blobs import BlobStore, open_blobs, reap_kept
 from batchvision.server.checks import check_worker_settings, eviction_warning
 from batchvision.server.claims import Claims
 from batchvision.server.connect import connect_redis
@@ -504,7 +504,11 @@ class SweeperStep:
     def _run_failed(self) -> int:
         # Chunks a task gave up on (Redis broker; RabbitMQ dead-letters those) and chunks the
         # API could not publish (either broker).
-        return resend_failed(_made(self.redis.store, self.redis.name), self._resend, self._give_up)
+        resent = resend_failed(_made(self.redis.store, self.redis.name), self._resend, self._give_up)
+        blobs = _made(self.redis.blobs, self.redis.name)
+        if not blobs.expiring:  # a file or S3 store: the blobs kept for a retry whose time is up
+            reap_kept(self.redis.client, blobs)
+        return resent
 
     def start(self) -> None:
         self._registry = ModelRegistry(self.redis.client)

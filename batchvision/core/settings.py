@@ -255,7 +255,10 @@ class Settings(BaseSettings):
         86400, "How long a finished job and its results are kept."
     )
     blob_ttl_s: Annotated[int, Field(ge=1)] = _field(
-        172800, "How long an upload waits for classification before it expires."
+        172800,
+        "How long an upload waits for classification before it expires (in Redis); also how long "
+        "the blob of an image that failed for a retryable reason is kept for a retry (in a file "
+        "or S3 blob store: from its error on).",
     )
     max_image_bytes: Annotated[int, Field(ge=1)] = _field(
         25 * 1024 * 1024, "Largest accepted image file, in bytes."

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ import redis
 from batchvision.core.results import Failure, ImageResult
 from batchvision.server import keys
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, shared
+from batchvision.server.text import as_text
 
 
 class BlobStore(Protocol):
@@ -30,9 +32,13 @@ class BlobStore(Protocol):
 
     #: Whether writes and deletes can ride on a Redis pipeline (``pipe=``) with other commands.
     pipelined: bool
-    #: Whether a blob expires on its own (``BLOB_TTL_S`` after upload): only then do workers keep
-    #: the blobs of images that failed for a retryable reason, for a retry of their job.
+    #: Whether a blob expires on its own (``BLOB_TTL_S`` after upload). The blobs of images that
+    #: failed for a retryable reason are kept for a retry of their job in every store; in one that
+    #: does not expire them they are listed in :data:`~batchvision.server.keys.KEPT_BLOBS` and
+    #: deleted by :func:`reap_kept` ``keep_s`` seconds later.
     expiring: bool
+    #: How long a kept blob stays (``BLOB_TTL_S``).
+    keep_s: int
 
     def put_many(self, job_id: str, blobs: Mapping[int, bytes], pipe: Any = None) -> None:
         """Store blobs; with ``pipe`` (a Redis pipeline) a Redis store only queues the writes."""
@@ -58,6 +64,7 @@ class RedisBlobs:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self.keep_s = ttl_s
 
     @staticmethod
     def key(job_id: str, index: int) -> str:
@@ -105,8 +112,9 @@ class FileBlobs:
     pipelined = False
     expiring = False
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, keep_s: int = 172_800) -> None:
         self.root = Path(root)
+        self.keep_s = keep_s
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, job_id: str, index: int) -> Path:
@@ -151,20 +159,52 @@ class FileBlobs:
 
 
 def spent_blobs(
-    blobs: BlobStore,
     indexes: Sequence[int],
     results: Mapping[int, ImageResult],
     kept: Collection[int] = (),
 ) -> list[int]:
     """Of ``indexes`` whose results were just stored (or were already: a redelivery), those
-    whose blobs may be deleted: every one, but for an expiring blob store the images that failed
-    for a retryable reason, now (``results``) or before (``kept``: a claim's), kept until their
-    blobs expire, for a retry of the job."""
-    if not blobs.expiring:
-        return list(indexes)
+    whose blobs may be deleted: all but the images that failed for a retryable reason, now
+    (``results``) or before (``kept``: a claim's), whose blobs are kept for a retry of the job."""
     return [
         i for i in indexes if i not in kept and not (isinstance(r := results.get(i), Failure) and r.retryable)
     ]
+
+
+def keep_on(pipe: Any, blobs: BlobStore, job_id: str, indexes: Collection[int]) -> None:
+    """Queue on ``pipe`` the listing of ``indexes``' blobs as kept for a retry, for a store
+    whose blobs do not expire (:func:`reap_kept` deletes them ``keep_s`` seconds from now)."""
+    if blobs.expiring or not indexes:
+        return
+    deadline = time.time() + blobs.keep_s
+    pipe.zadd(keys.KEPT_BLOBS, {f"{job_id}:{i}": deadline for i in indexes})
+
+
+def unkeep_on(pipe: Any, job_id: str, indexes: Collection[int]) -> None:
+    """Queue on ``pipe`` the end of the keeping of ``indexes``' blobs (queued again: the
+    worker that classifies them deletes them)."""
+    if indexes:
+        pipe.zrem(keys.KEPT_BLOBS, *(f"{job_id}:{i}" for i in indexes))
+
+
+def reap_kept(client: redis.Redis, blobs: BlobStore, limit: int = 1000) -> int:
+    """Delete the kept blobs whose time is up; returns how many. Each is deleted by whoever
+    removes its listing, so workers may reap at once; a retry that queued the image again
+    removed its listing first (:func:`unkeep_on`), so its blob is not reaped under it."""
+    due = [as_text(m) for m in client.zrangebyscore(keys.KEPT_BLOBS, "-inf", time.time(), start=0, num=limit)]
+    if not due:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for member in due:
+        pipe.zrem(keys.KEPT_BLOBS, member)
+    mine: dict[str, list[int]] = {}
+    for member, removed in zip(due, pipe.execute(), strict=True):
+        job_id, _, index = member.rpartition(":")
+        if removed and index.isdigit():
+            mine.setdefault(job_id, []).append(int(index))
+    for job_id, indexes in mine.items():
+        blobs.delete_many(job_id, indexes)
+    return sum(len(v) for v in mine.values())
 
 
 class S3Blobs:
@@ -172,12 +212,12 @@ class S3Blobs:
     reads and writes of one call go in parallel on a small pool of threads."""
 
     pipelined = False
-    # Objects stay until deleted (unless the bucket has a lifecycle rule the service cannot
-    # see), so no blob is kept for a retry: it would be left behind.
+    # Objects stay until deleted (a bucket's lifecycle rule aside): kept ones are reaped.
     expiring = False
 
-    def __init__(self, prefix: S3Url, s3: S3, threads: int = 16) -> None:
+    def __init__(self, prefix: S3Url, s3: S3, threads: int = 16, keep_s: int = 172_800) -> None:
         self.prefix = prefix.folder
+        self.keep_s = keep_s
         self.s3 = s3
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="s3-blobs")
 
@@ -218,9 +258,9 @@ def open_blobs(url: str, client: redis.Redis, ttl_s: int, s3: S3Config | None = 
         return RedisBlobs(client, ttl_s)
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        return FileBlobs(parsed.path)
+        return FileBlobs(parsed.path, keep_s=ttl_s)
     if parsed.scheme == "s3":
-        return S3Blobs(S3Url.parse(url), shared(s3 or S3Config()))
+        return S3Blobs(S3Url.parse(url), shared(s3 or S3Config()), keep_s=ttl_s)
     raise ValueError(
         f"unsupported BATCHVISION_BLOB_URL {url!r}: use 'redis', 'file:///dir' or 's3://bucket/prefix/'"
     )

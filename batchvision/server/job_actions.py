@@ -7,8 +7,9 @@ the job's hash and results are watched (``WATCH``) while the candidates are read
 quotas raised, the job running again) with the chunk ledger entries of the new chunks, so a
 concurrent retry, a delete or a late result aborts it, and the next try sees the job running.
 Its input must still be held: the workers keep the blob of an image that failed for a
-retryable reason until it expires (Redis blobs only: ``BLOB_TTL_S`` after the upload); an image
-whose blob is gone stays as it is and is listed as ``input_expired``.
+retryable reason until it expires (``BLOB_TTL_S`` after the upload in Redis; a file or S3 store
+lists it to be reaped ``BLOB_TTL_S`` after its error); an image whose blob is gone stays as it
+is and is listed as ``input_expired``.
 
 **Delete** removes the job, its results, its place in its owner's job list and every blob
 (kept ones included), and gives back what it still had queued to the counters; a worker that
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from batchvision.core.errors import Conflict
+from batchvision.server.blobs import unkeep_on
 from batchvision.server.intake import Intake
 from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
@@ -89,6 +91,7 @@ def retry(intake: Intake, job_id: str) -> Retry:
                 pipe.multi()
                 store.requeue(pipe, job_id, held)
                 ledger_add(pipe, chunks, now)
+                unkeep_on(pipe, job_id, [i for i, _ in held])  # queued: no reaping under the worker
                 # The job lives on: so does its place in the owner's list.
                 index_job(pipe, owner or "", job_id, float(created), store.result_ttl_s + store.open_ttl_s)
                 hold.release_on(pipe)
@@ -134,4 +137,9 @@ def delete(intake: Intake, job_id: str, owner: str) -> None:
     total = int(intake.redis.hget(JobKeys.of(job_id).job, "total") or 0)
     intake.store.remove(job_id, owner)
     for start in range(0, total, DELETE_PAGE):
-        intake.blobs.delete_many(job_id, list(range(start, min(total, start + DELETE_PAGE))))
+        page = list(range(start, min(total, start + DELETE_PAGE)))
+        intake.blobs.delete_many(job_id, page)
+        if not intake.blobs.expiring:
+            with intake.redis.pipeline(transaction=False) as pipe:
+                unkeep_on(pipe, job_id, page)
+                pipe.execute()

@@ -22,6 +22,9 @@ key                             what it holds
 ``bv:blob:{id}:<index>``        the uploaded bytes of one image, until its result is stored (a
                                 retryable error's: until it expires, for a retry); for an image named
                                 by URL, ``BV-URL\n<url>`` (the worker fetches it)
+``bv:kept-blobs``               sorted set ``<job>:<index>`` -> when (s): the blobs a file or S3 blob store
+                                keeps for a retry of an image with a retryable error, until they are
+                                reaped (those stores do not expire anything themselves)
 ``bv:pending``                  counter: accepted images without a result, over all jobs
 ``bv:active``                   sorted set: job ids not finished yet -> when an open upload expires
                                 (``+inf`` once sealed), so expired uploads are found and released
@@ -79,6 +82,8 @@ QUOTA_HELD = f"{PREFIX}:quota:held"
 RELEASE_KEYS = [ACTIVE, PENDING, ACTIVE_PENDING, PENDING_BYTES, QUOTA]
 BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
+#: Blobs kept for a retry in a store that does not expire them: ``<job>:<index>`` -> deadline (s).
+KEPT_BLOBS = f"{PREFIX}:kept-blobs"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 FAILED_CHUNKS = f"{PREFIX}:chunks:failed"
 #: Indexes a part added to an open job whose refusals and ledger entries are not written yet

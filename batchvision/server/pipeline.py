@@ -29,7 +29,7 @@ from batchvision.core.priorities import tier_of
 from batchvision.core.results import ImageResult, canceled_result, error_result
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints
-from batchvision.server.blobs import BlobStore, spent_blobs
+from batchvision.server.blobs import BlobStore, keep_on, spent_blobs
 from batchvision.server.claims import Claim, Claims, out_of_memory
 from batchvision.server.cpus import available_cpus
 from batchvision.server.fetch import FairPool, Fetcher, FetchError, blob_url
@@ -254,7 +254,7 @@ class ChunkProcessor:
         claims = self.claims.claim_many(chunks, also=lambda pipe: ledger_started(pipe, chunks))
         done: list[_Outcome] = []  # stored, then their blobs and ledger entries deleted
         fresh: list[tuple[_Outcome, list[int], Route]] = []  # to classify together
-        suspects: list[tuple[Chunk, list[int], Route]] = []
+        suspects: list[tuple[Chunk, list[int], Route, frozenset[int]]] = []
         for chunk, claim in zip(chunks, claims, strict=True):
             if claim is None:
                 log.warning(
@@ -285,7 +285,7 @@ class ChunkProcessor:
                 done.append(outcome)
                 fresh.append((outcome, claim.todo, route))
             else:
-                suspects.append((chunk, claim.todo, route))
+                suspects.append((chunk, claim.todo, route, claim.kept))
                 log.warning(
                     "job %s chunk %d delivered %d times: isolating images",
                     chunk.job_id,
@@ -324,8 +324,8 @@ class ChunkProcessor:
                 self._publish(self._parking.leave(owner))
             if stored:
                 self._publish(self._parking.add(waiting))
-        for chunk, todo, route in suspects:
-            self._isolate(chunk, todo, enqueued_at, urgent, stats, route)
+        for chunk, todo, route, kept in suspects:
+            self._isolate(chunk, todo, enqueued_at, urgent, stats, route, kept)
         return stats
 
     def _park(
@@ -429,6 +429,7 @@ class ChunkProcessor:
         urgent: bool,
         stats: ChunkStats,
         route: Route,
+        kept: frozenset[int],
     ) -> None:
         # A redelivered chunk: the last delivery may have died on one of these images. Go one
         # image at a time, each with its own attempt count, so a poison image ends as a
@@ -436,6 +437,7 @@ class ChunkProcessor:
         # this process (no other suspect, and no fresh chunk, is fetched, decoded or classified
         # meanwhile), so a death is blamed on the image that was really in flight.
         max_attempts = self.limits.max_attempts
+        keep = set(kept)  # the images whose stored result is a retryable error
         for i in todo:
             one = Chunk(chunk.job_id, (i,))
             with self._gate.exclusive():
@@ -444,10 +446,12 @@ class ChunkProcessor:
                     message = f"the worker died processing this image {max_attempts} times"
                     poison: dict[int, ImageResult] = {i: error_result("poison_image", message)}
                     self._store([_Outcome(one, poison, route[1].model)], [], stats)
+                    keep.update(set(one.indexes).difference(spent_blobs(one.indexes, poison)))
                     continue
                 try:
                     results = self._classify([one], enqueued_at, urgent, [route], Uncounted())[0]
                     self._store([_Outcome(one, results, route[1].model)], [], stats)
+                    keep.update(set(one.indexes).difference(spent_blobs(one.indexes, results)))
                 except BaseException:
                     # Caught, so this process did not die on the image (the blob store or Redis
                     # failed, and the task tries again): the attempt is given back.
@@ -455,9 +459,9 @@ class ChunkProcessor:
                         self.claims.attempt(chunk.job_id, f"image:{i}", -1)
                     raise
         # The chunk's ledger entry; and every blob of the chunk where blobs do not expire (file
-        # and S3 stores): an earlier isolating delivery may have stored an image and died before
-        # deleting its blob. (Expiring ones keep those of retryable errors, for a retry.)
-        leftover = [] if self.blobs.expiring else [_Outcome(chunk)]
+        # and S3 stores), but those kept for a retry: an earlier isolating delivery may have
+        # stored an image and died before deleting its blob.
+        leftover = [] if self.blobs.expiring else [_Outcome(chunk, kept=frozenset(keep))]
         self._store(leftover, [chunk], stats)
 
     def _classify(
@@ -674,8 +678,9 @@ class ChunkProcessor:
         raises (after the deletes of what was recorded) and leaves its blobs and every ledger
         entry in place, so a retry or the sweeper stores it later: no image is lost.
 
-        An expiring blob (Redis) of an image that failed for a retryable reason stays until it
-        expires, so ``POST /v1/jobs/{id}/retry`` can queue the image again."""
+        The blob of an image that failed for a retryable reason stays until it expires (Redis)
+        or is reaped (:func:`~batchvision.server.blobs.reap_kept`), so
+        ``POST /v1/jobs/{id}/retry`` can queue the image again."""
         pipe = self.store.redis.pipeline(transaction=False)
         recorded = [self.store.record_on(pipe, o.chunk.job_id, sorted(o.results.items())) for o in outcomes]
         replies = iter(pipe.execute(raise_on_error=False) if any(recorded) else [])
@@ -696,9 +701,12 @@ class ChunkProcessor:
             if self.on_recorded is not None:
                 self.on_recorded(counts, o.model or self.default_model)
         pipe = self.store.redis.pipeline(transaction=False)
-        if self.blobs.pipelined:
-            for o in stored:
-                self.blobs.delete_many(o.chunk.job_id, self._spent(o), pipe=pipe)
+        spent = [self._spent(o) for o in stored]
+        for o, gone in zip(stored, spent, strict=True):
+            if self.blobs.pipelined:
+                self.blobs.delete_many(o.chunk.job_id, gone, pipe=pipe)
+            else:  # listed before anything is deleted: what a retry may need is never lost
+                keep_on(pipe, self.blobs, o.chunk.job_id, set(o.chunk.indexes).difference(gone))
         if refused is None:
             ledger_done(pipe, finished)
         if len(pipe):
@@ -706,15 +714,15 @@ class ChunkProcessor:
         if not self.blobs.pipelined:
             # A delete the store refuses for the moment fails the task, which is retried: its
             # redelivery finds the results stored and deletes again.
-            for o in stored:
-                self.blobs.delete_many(o.chunk.job_id, self._spent(o))
+            for o, gone in zip(stored, spent, strict=True):
+                self.blobs.delete_many(o.chunk.job_id, gone)
         if refused is not None:
             log.warning("results not stored, kept for a retry: %s", refused)
             raise refused
 
     def _spent(self, outcome: _Outcome) -> list[int]:
         """The indexes of ``outcome`` whose blobs go now: all but those kept for a retry."""
-        return spent_blobs(self.blobs, outcome.chunk.indexes, outcome.results, outcome.kept)
+        return spent_blobs(outcome.chunk.indexes, outcome.results, outcome.kept)
 
 
 def _retry_if_passing(exc: S3Error) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchvision.core.results import Failure, ImageResult, canceled_result
-from batchvision.server.blobs import BlobStore, spent_blobs
+from batchvision.server.blobs import BlobStore, keep_on, spent_blobs
 from batchvision.server.claims import Claims
 from batchvision.server.keys import CHUNKS, FAILED_CHUNKS, SWEEP_LOCK, UNCONFIRMED_PARTS, chunk_resends
 from batchvision.server.messages import Chunk, split
@@ -245,7 +245,12 @@ def resolve_chunks(
             outcomes = dict.fromkeys(claim.todo, outcome)
             stored += store.record(chunk.job_id, sorted(outcomes.items())).total
         kept = claim.kept if claim is not None else ()
-        blobs.delete_many(chunk.job_id, spent_blobs(blobs, chunk.indexes, outcomes, kept))
+        spent = spent_blobs(chunk.indexes, outcomes, kept)
+        if claim is not None and not blobs.expiring:
+            pipe = store.redis.pipeline(transaction=False)
+            keep_on(pipe, blobs, chunk.job_id, set(chunk.indexes).difference(spent))
+            pipe.execute()
+        blobs.delete_many(chunk.job_id, spent)
     pipe = store.redis.pipeline(transaction=False)
     ledger_done(pipe, chunks)
     pipe.execute()

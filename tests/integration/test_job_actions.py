@@ -27,11 +27,12 @@ from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import intake as intake_module
 from batchvision.server import job_actions, keys, lua
-from batchvision.server.blobs import FileBlobs
+from batchvision.server.blobs import FileBlobs, S3Blobs, reap_kept
 from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.recovery import RESEND_FIRST_S, recover_parts, resend_failed
+from batchvision.server.s3 import S3, S3Config, S3Url
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import delivery_id
 from batchvision.testing.s3server import CREDENTIALS, MotoServer
@@ -133,6 +134,61 @@ def test_an_image_whose_input_expired_is_listed_not_requeued(rig: Any, intake: I
     assert outcome == job_actions.Retry(0, (job_actions.NotRequeued(0, "poison_image", "input_expired"),))
     assert rig.store.get(JOB)["status"] == "partial"
     assert rig.rows(JOB)[0]["error"]["code"] == "poison_image"
+
+
+@pytest.fixture(params=["file", "s3"])
+def lasting_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A blob store whose blobs never expire on their own: a volume, or a bucket."""
+    if request.param == "file":
+        return FileBlobs(tmp_path / "blobs", keep_s=600)
+    server: MotoServer = request.getfixturevalue("s3_server")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    return S3Blobs(S3Url.parse(f"s3://{bucket}/blobs/"), S3(S3Config(endpoint_url=server.url)), keep_s=600)
+
+
+def _held(blobs: Any, job_id: str, total: int) -> list[int]:
+    return [i for i, n in enumerate(blobs.sizes(job_id, list(range(total)))) if n]
+
+
+def test_a_file_or_s3_store_keeps_a_retryable_images_blob_for_a_retry_until_it_is_reaped(
+    scratch_redis: redis_lib.Redis, rig_on: Callable[..., Any], lasting_blobs: Any
+) -> None:
+    rig = rig_on(scratch_redis, blobs=lasting_blobs)
+    settings = Settings.from_env({}, redis_url="redis://unused/0", chunk_size=8)
+    intake = Intake(settings, rig.r, rig.store, lasting_blobs, Telemetry(rig.r), SentChunks())  # type: ignore[arg-type]
+    _finished_with_a_poison_image(rig)
+    # Only the retryable error's blob stays, listed to be reaped keep_s from now.
+    assert _held(lasting_blobs, JOB, 4) == [0]
+    deadline = rig.r.zscore(keys.KEPT_BLOBS, f"{JOB}:0")
+    assert deadline is not None and abs(deadline - (time.time() + 600)) < 60
+    assert rig.r.zcard(keys.KEPT_BLOBS) == 1
+    assert reap_kept(rig.r, lasting_blobs) == 0  # not due: nothing goes
+
+    # A retry queues it (no longer listed: the reaper leaves it to the worker), the worker
+    # classifies it and deletes its blob.
+    assert job_actions.retry(intake, JOB) == job_actions.Retry(1)
+    assert rig.r.zcard(keys.KEPT_BLOBS) == 0
+    rig.process((JOB, [0]))
+    assert rig.labels(JOB)[:3] == ["red", "green", "blue"]
+    assert _held(lasting_blobs, JOB, 4) == []
+
+    # A second job: its kept blob is reaped once due; a retry then lists it as expired.
+    other = "d" * 32
+    _finished_with_a_poison_image(rig, other)
+    assert _held(lasting_blobs, other, 4) == [0]
+    rig.r.zadd(keys.KEPT_BLOBS, {f"{other}:0": time.time() - 1})
+    assert reap_kept(rig.r, lasting_blobs) == 1
+    assert _held(lasting_blobs, other, 4) == [] and rig.r.zcard(keys.KEPT_BLOBS) == 0
+    assert job_actions.retry(intake, other) == job_actions.Retry(
+        0, (job_actions.NotRequeued(0, "poison_image", "input_expired"),)
+    )
+
+    # Deleting a job takes its kept blobs and their listing with it.
+    third = "e" * 32
+    _finished_with_a_poison_image(rig, third)
+    assert rig.r.zcard(keys.KEPT_BLOBS) == 1
+    job_actions.delete(intake, third, "")
+    assert _held(lasting_blobs, third, 4) == [] and rig.r.zcard(keys.KEPT_BLOBS) == 0
 
 
 def test_running_canceled_and_unknown_jobs_are_refused(rig: Any, intake: Intake) -> None:
