@@ -587,7 +587,13 @@ class ModelManager:
         vdir = entry.versions[target]
         in_place = target == served.live.version  # the live version's own files changed
         if in_place and vdir.signature == served.live.signature:
-            return False  # live, and its files are the ones it was loaded from
+            # Live, and its files are the ones it was loaded from (again, after refused ones).
+            facts = served.ready.get(target, {})
+            if "replacement_error" in facts:
+                served.retry.pop(target, None)
+                served.ready[target] = {k: v for k, v in facts.items() if k != "replacement_error"}
+                self._emit_state(served, target, READY, served.ready[target])
+            return False
         failed = served.failed.get(target)
         if failed is not None and failed[0] == vdir.signature:
             return False  # refused already, and its files did not change
@@ -660,6 +666,8 @@ class ModelManager:
             # The live version's files were replaced by ones that do not load: its old files stay
             # live (it is not refused: that would switch to an older version), until they change.
             served.retry[version] = (vdir.signature, tries, math.inf)
+            served.ready[version] = {**served.ready.get(version, {}), "replacement_error": reason}
+            self._emit_state(served, version, READY, served.ready[version])
             log.warning(
                 "model %s version %d: its new files were refused, its old files stay live: %s",
                 served.name,

@@ -33,7 +33,7 @@ class ModelReporter:
         self.registry = registry
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         #: model -> version -> (status, error) last written to the registry
-        self._announced: dict[str, dict[int, tuple[str, Any]]] = {}
+        self._announced: dict[str, dict[int, tuple[Any, ...]]] = {}
         self._models_announced: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -85,20 +85,26 @@ class ModelReporter:
             elif version in served.ready:
                 self.version_state(served, version, READY, served.ready[version])
             else:
-                self.version_state(served, version, FOUND, {})
+                # Refused before, with other files (mended since): that refusal is stale news.
+                self.version_state(served, version, FOUND, {}, replace=failed is not None)
         if served.name not in self._models_announced:
             self._call("announce_model", served.name, served.live.version)
             self._models_announced.add(served.name)
 
-    def version_state(self, served: ServedModel, version: int, status: str, facts: dict[str, Any]) -> None:
-        key = (status, facts.get("error"))
+    def version_state(
+        self, served: ServedModel, version: int, status: str, facts: dict[str, Any], replace: bool = False
+    ) -> None:
+        """Write a version's state unless this worker wrote the same last. ``found`` never
+        overwrites what another worker of this model learnt (ready, failed), but with
+        ``replace``: the refusal this worker announced is of files that changed since."""
+        key = (status, facts.get("error"), facts.get("replacement_error"))
         with self._lock:
             announced = self._announced.setdefault(served.name, {})
             if announced.get(version) == key:
                 return
             announced[version] = key
-        # "found" never overwrites what another worker of this model learnt (ready, failed).
-        self._call("announce_version", served.name, version, status, only_new=status == FOUND, **facts)
+        only_new = status == FOUND and not replace
+        self._call("announce_version", served.name, version, status, only_new=only_new, **facts)
 
     def live_changed(self, served: ServedModel) -> None:
         self._call("announce_model", served.name, served.live.version)

@@ -21,6 +21,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(describe(m))
         for v in m.versions:
             why = f": {v.error}" if v.error else ""
+            if v.replacement_error:
+                why = f" (its new files were refused, the old ones stay live: {v.replacement_error})"
             print(f"  version {v.version}: {v.status}{why}")
     return EXIT_OK
 

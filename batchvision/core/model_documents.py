@@ -18,6 +18,11 @@ class ModelVersion(Document):
         description="found: on disk, not loaded yet; ready: loaded and checked; failed: refused (see error)"
     )
     error: str | None = Field(None, description="why the version was refused")
+    replacement_error: str | None = Field(
+        None,
+        description="a ready version whose files were replaced by ones the workers refused (why): "
+        "the files it was loaded from stay live until its files change again",
+    )
     input_size: list[int] | None = Field(None, description="[width, height]")
     classes: int | None = None
     load_s: float | None = Field(None, description="seconds to load, warm up and check it")

@@ -11,8 +11,9 @@ Layout (keys in :mod:`batchvision.server.keys`): ``bv:models`` is one hash, so t
 everything in one round trip; its field ``<name>`` holds the model's JSON (``live``: the version
 the workers switched to last, ``updated_at``) and ``<name>:<version>`` each version's
 (``status`` ``found`` / ``ready`` / ``failed``, ``error``, ``classes``, ``input_size``,
-``labels``, ``load_s``). Each worker writes only the fields it knows about, so workers of one
-model never overwrite each other's news.
+``labels``, ``load_s``; ``replacement_error`` for a ready version whose new files were refused).
+Each worker writes only the fields it knows about, so workers of one model never overwrite each
+other's news.
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ def _version_doc(version: int, doc: Mapping[str, Any]) -> dict[str, Any]:
         "version": version,
         "status": doc.get("status", FOUND),
         "error": doc.get("error"),
+        "replacement_error": doc.get("replacement_error"),
         "input_size": doc.get("input_size"),
         "classes": doc.get("classes"),
         "load_s": doc.get("load_s"),

@@ -70,6 +70,22 @@ class Loader:
         return StandIn(vdir.version, labels, self.delay_s)
 
 
+class Events:
+    """What the manager tells its listeners (the worker's reporter writes it to the registry)."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[int, str, dict[str, Any]]] = []
+
+    def version_state(self, served: Any, version: int, status: str, facts: dict[str, Any]) -> None:
+        self.states.append((version, status, dict(facts)))
+
+    def versions_seen(self, served: Any) -> None:
+        pass
+
+    def live_changed(self, served: Any) -> None:
+        pass
+
+
 def _version(repo: Path, version: int, broken: bool = False) -> None:
     tmp = repo / "m" / f".{version}.tmp"
     tmp.mkdir(parents=True)
@@ -478,6 +494,8 @@ def test_live_files_replaced_by_broken_ones_leave_the_old_files_live(tmp_path: P
     manager = _manager(tmp_path, loader)
     try:
         assert manager.models["m"].live.version == 2
+        events = Events()
+        manager.listeners.append(events)
         (tmp_path / "m" / "2" / "BROKEN").write_text("")
         assert manager.refresh("m") is False
         assert manager.refresh("m") is False
@@ -485,6 +503,21 @@ def test_live_files_replaced_by_broken_ones_leave_the_old_files_live(tmp_path: P
         served = manager.models["m"]
         assert served.live.version == 2 and 2 not in served.failed
         assert loader.calls == [2, 2]  # tried once: not again until its files change again
+        # Said where operators look: version 2 is ready, and its new files were refused.
+        status, facts = events.states[-1][1:]
+        assert status == "ready" and "labels file has 3 labels" in facts["replacement_error"]
+        # The old files back in place: nothing to load (they are live), and no refusal to show.
+        (tmp_path / "m" / "2" / "BROKEN").unlink()
+        assert manager.refresh("m") is False and loader.calls == [2, 2]
+        assert events.states[-1][1:] == ("ready", served.ready[2])
+        assert "replacement_error" not in served.ready[2]
+        # Broken again, then mended with new files: they load, and the refusal is gone too.
+        (tmp_path / "m" / "2" / "BROKEN").write_text("")
+        assert manager.refresh("m") is False and "replacement_error" in events.states[-1][2]
+        (tmp_path / "m" / "2" / "BROKEN").unlink()
+        (tmp_path / "m" / "2" / "labels.txt").write_text("\n".join(["x", "y", "z"]) + "\n")
+        assert manager.refresh("m") is True
+        assert events.states[-1][1] == "ready" and "replacement_error" not in events.states[-1][2]
     finally:
         manager.close()
 
@@ -493,3 +526,48 @@ def test_a_worker_whose_only_version_fails_for_the_moment_says_why(tmp_path: Pat
     _version(tmp_path, 1)
     with pytest.raises(RuntimeError, match=r"version 1: OSError: \[Errno 5\] Input/output error"):
         _manager(tmp_path, Loader(flaky={1: 1}))
+
+
+class Registry:
+    """The registry calls a worker's reporter makes (the real one is Redis; see test_models)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, tuple[str, bool, dict[str, Any]]] = {}
+
+    def announce_version(
+        self, name: str, version: int, status: str, only_new: bool = False, **facts: Any
+    ) -> None:
+        self.versions[version] = (status, only_new, facts)
+
+    def announce_model(self, name: str, live: int | None) -> None:
+        pass
+
+    def forget_versions(self, name: str, versions: Any) -> None:
+        pass
+
+
+def test_a_refused_version_mended_but_not_loaded_is_no_longer_reported_as_refused(tmp_path: Path) -> None:
+    # Version 1 is pinned live; version 2 was refused. Its files are mended: until a worker
+    # loads it, it is "found" again (written over the stale refusal), not "failed" with the
+    # old reason.
+    from workers.reporting import ModelReporter
+
+    _version(tmp_path, 1)
+    _version(tmp_path, 2, broken=True)
+    pinned: dict[str, int | None] = {"m": None}
+    manager = _manager(tmp_path, Loader(), pointer=pinned.get)
+    pinned["m"] = 1  # after the start refused version 2
+    registry = Registry()
+    reporter = ModelReporter(manager, registry)  # type: ignore[arg-type]
+    manager.listeners.append(reporter)
+    try:
+        served = manager.models["m"]
+        reporter.versions_seen(served)
+        status, only_new, facts = registry.versions[2]
+        assert status == "failed" and "labels file has 3 labels" in facts["error"]
+        assert manager.refresh("m") is False and registry.versions[2][0] == "failed", "same files"
+        (tmp_path / "m" / "2" / "BROKEN").unlink()
+        assert manager.refresh("m") is False  # version 1 stays live: pinned
+        assert registry.versions[2] == ("found", False, {})
+    finally:
+        manager.close()
