@@ -102,6 +102,15 @@ def bucket_problem(bucket: str) -> str | None:
     return None
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` may not be named in an ``s3://`` URL (``None``: it may): a ``.`` or ``..``
+    segment, which a store or a proxy in front of it may resolve, so the key would lie
+    elsewhere than the prefix it was checked against."""
+    if any(segment in (".", "..") for segment in key.replace("\\", "/").split("/")):
+        return f"a key with a '.' or '..' segment: {key[:200]!r} (name the object by its own key)"
+    return None
+
+
 class ManifestError(BadRequest):
     """The manifest cannot be read (``400``); the message names the line."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from batchvision.core.manifest import bucket_problem
+from batchvision.core.manifest import bucket_problem, key_problem
 
 SCHEME = "s3://"
 
@@ -37,7 +37,7 @@ class Location:
         if not url.startswith(SCHEME):
             raise ValueError(f"{url[:200]!r} is not an s3://bucket[/prefix/] URL")
         bucket, _, prefix = url[len(SCHEME) :].partition("/")
-        problem = bucket_problem(bucket)
+        problem = bucket_problem(bucket) or key_problem(prefix)
         if problem is not None:
             raise ValueError(f"{problem} in {url[:200]!r}")
         return cls(bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/")
@@ -92,6 +92,9 @@ class S3Scope:
         """Why a job may not name ``s3://bucket/key`` (``None``: it may). ``listed``: the key
         is a prefix whose objects are all read (a source) or written (an output)."""
         url = f"{SCHEME}{bucket}/{key}"[:200]
+        dots = key_problem(key)
+        if dots is not None:  # it may resolve outside whatever prefix it starts with
+            return f"{url!r}: {dots}"
         for location, what in self.reserved:
             if location.overlaps(bucket, key, listed=listed):
                 return f"{url!r} reaches into {what} ({location}), which jobs may not name"

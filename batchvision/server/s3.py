@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchvision.core.errors import BatchvisionError
-from batchvision.core.manifest import MAX_URL_LENGTH, bucket_problem
+from batchvision.core.manifest import MAX_URL_LENGTH, bucket_problem, key_problem
 from batchvision.core.settings import Settings
 
 SCHEME = "s3://"
@@ -99,7 +99,7 @@ class S3Url:
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
             raise S3Error(f"URL with control characters: {url[:200]!r}", code="bad_url")
         bucket, _, key = url[len(SCHEME) :].partition("/")
-        problem = bucket_problem(bucket)
+        problem = bucket_problem(bucket) or key_problem(key)
         if problem is not None:
             raise S3Error(f"{problem} (in {url[:200]!r})", code="bad_url")
         return cls(bucket, key)

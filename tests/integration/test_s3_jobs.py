@@ -260,11 +260,13 @@ def test_jobs_name_only_the_locations_of_s3_allow_and_never_the_blob_store(
         client.put_object(Bucket=b, Key=f"secret/{name}", Body=data)
     client.put_object(Bucket=b, Key="secret/m.csv", Body=f"url\ns3://{b}/in/photos/{files[0][0]}\n".encode())
 
-    def refused(body: dict[str, Any], field: str, why: str) -> None:
+    def refused(
+        body: dict[str, Any], field: str, why: str, status: int = 403, code: str = "s3_not_allowed"
+    ) -> None:
         resp = requests.post(f"{stack.url}/v1/jobs", json=body, timeout=60)
         error = resp.json()["error"]
-        assert (resp.status_code, error["code"]) == (403, "s3_not_allowed"), (body, resp.text)
-        assert error["details"] == [{"in": "body", "field": field, "reason": "s3_not_allowed"}], resp.text
+        assert (resp.status_code, error["code"]) == (status, code), (body, resp.text)
+        assert error["details"] == [{"in": "body", "field": field, "reason": code}], resp.text
         assert why in error["message"], (why, error["message"])
 
     refused({"source": f"s3://{b}/secret/"}, "source", "outside BATCHVISION_S3_ALLOW")
@@ -276,6 +278,14 @@ def test_jobs_name_only_the_locations_of_s3_allow_and_never_the_blob_store(
     # Listing in/ would read every waiting upload of every tenant: refused although in/ is allowed.
     refused({"source": f"s3://{b}/in/"}, "source", "the blob store of BLOB_URL")
     refused({"source": f"s3://{b}/in/uploads/x/"}, "source", "the blob store of BLOB_URL")
+    # A '..' segment would resolve outside the prefix it starts with, in a store or a proxy that
+    # resolves it: refused wherever it is.
+    for body, field in (
+        ({"source": f"s3://{b}/in/../secret/"}, "source"),
+        ({"manifest": f"s3://{b}/in/../secret/m.csv"}, "manifest"),
+        ({"source": f"s3://{b}/in/photos/", "output_url": f"s3://{b}/out/../x/"}, "output_url"),
+    ):
+        refused(body, field, "'..' segment", status=422, code="bad_url")
 
     # Allowed: a prefix job writing to out/, and a URL job whose one outside entry is an image
     # error while the other image is classified.
@@ -287,14 +297,19 @@ def test_jobs_name_only_the_locations_of_s3_allow_and_never_the_blob_store(
     assert resp.status_code == 202, resp.text
     job = _finished(stack, resp.json()["job_id"], wait_until)
     assert (job["status"], job["done"], job["output"]["state"]) == ("succeeded", 2, "written"), job
-    urls = [f"s3://{b}/in/photos/{files[0][0]}", f"s3://{b}/secret/{files[1][0]}", f"s3://{b}/in/uploads/j/0"]
+    urls = [
+        f"s3://{b}/in/photos/{files[0][0]}",
+        f"s3://{b}/secret/{files[1][0]}",
+        f"s3://{b}/in/uploads/j/0",
+        f"s3://{b}/in/photos/../../secret/{files[1][0]}",
+    ]
     resp = requests.post(f"{stack.url}/v1/jobs", json={"urls": urls}, timeout=60)
     assert resp.status_code == 202, resp.text
     job = _finished(stack, resp.json()["job_id"], wait_until, output=False)
     rows = requests.get(f"{stack.url}/v1/jobs/{job['job_id']}/results", timeout=10).json()["results"]
-    assert [(r.get("error") or {}).get("code") for r in rows] == [None, "s3_not_allowed", "s3_not_allowed"], (
-        rows
-    )
+    codes = [(r.get("error") or {}).get("code") for r in rows]
+    assert codes == [None, "s3_not_allowed", "s3_not_allowed", "bad_url"], rows
+    assert "'..' segment" in rows[3]["error"]["message"], rows
     assert rows[0]["label"], rows
 
 

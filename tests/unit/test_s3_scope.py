@@ -63,3 +63,20 @@ def test_settings_reserve_an_s3_blob_store_and_model_repository() -> None:
     assert scope.problem("svc", "in/x") is None
     # A local blob store or model folder reserves nothing in any bucket.
     assert Settings.from_env({"BATCHVISION_S3_ALLOW": "*"}).s3_scope().reserved == ()
+
+
+@pytest.mark.parametrize(
+    "key", ["photos/../secret/a.jpg", "photos/./a.jpg", "photos/..", "photos\\..\\secret\\a.jpg"]
+)
+def test_a_key_with_a_dot_segment_is_refused_though_it_starts_under_an_allowed_prefix(key: str) -> None:
+    # A store or a proxy in front of it may resolve the segment: photos/../secret/ is secret/.
+    from batchvision.server.s3 import S3Error, S3Url
+
+    scope = S3Scope.parse("s3://inbox/photos/", OWN)
+    assert "'.' or '..' segment" in (scope.problem("inbox", key) or "")
+    with pytest.raises(S3Error, match=r"'\.' or '\.\.' segment") as err:
+        S3Url.parse(f"s3://inbox/{key}")
+    assert err.value.code == "bad_url"
+    # Dots inside a name are only dots.
+    assert scope.problem("inbox", "photos/a..b/..c.jpg") is None
+    assert S3Url.parse("s3://inbox/photos/a..b/..c.jpg").key == "photos/a..b/..c.jpg"
