@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, web
     from api.fastjson import OrjsonProvider
     from api.services import Services
-    from api.uploads import UploadRequest
+    from api.uploads import ArchiveMemory, UploadRequest
     from batchvision.core.settings import Settings
     from batchvision.server.queue import uses_amqp
     from batchvision.server.routing import interactive_queue
@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # would block this worker's event loop inside the first request): do it now.
     _ = svc.celery.backend
     app.extensions["batchvision"] = svc
+    ArchiveMemory(settings.archive_memory_bytes).init_app(app)
     errors.register(app)
     metrics.init_app(
         app,

@@ -5,14 +5,16 @@ What happens to the uploads (checks, blobs, queueing) is :mod:`batchvision.serve
 
 from __future__ import annotations
 
+import threading
+import time
 from io import BytesIO
 from typing import IO, Any
 
-from flask import Request, current_app
+from flask import Flask, Request, current_app, request
 
 from batchvision.core import manifest
 from batchvision.core.archive import ArchiveContents, read_zip
-from batchvision.core.errors import BadRequest, UnsupportedMediaType
+from batchvision.core.errors import BadRequest, ServiceUnavailable, UnsupportedMediaType
 from batchvision.core.manifest import scan_json
 from batchvision.core.settings import Settings
 from batchvision.server.intake import Upload, unique_keys
@@ -49,6 +51,60 @@ class UploadRequest(Request):
         for cached in ("files", "form", "values", "_cached_data"):
             self.__dict__.pop(cached, None)
         self._cached_json = (Ellipsis, Ellipsis)
+        archive_memory().give_back_all()  # the expanded members went with the body
+
+
+#: Where a request notes the archive bytes it holds (its own WSGI environ: one per request).
+_TAKEN = "batchvision.archive_bytes"
+
+
+class ArchiveMemory:
+    """The bytes of zip members this API process holds expanded at once, at most ``limit``
+    (``BATCHVISION_ARCHIVE_MEMORY_BYTES``): a few small archives that expand a hundredfold
+    would otherwise take the process' memory together. An archive waits up to ``wait_s`` for
+    room, then is refused for the moment (``503 archives_busy`` with ``Retry-After``); what a
+    request took is given back when it ends."""
+
+    def __init__(self, limit: int, wait_s: float = 10.0) -> None:
+        self.limit = limit
+        self.wait_s = wait_s
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        """Hold ``n`` bytes for the current request (given back by :meth:`give_back_all`)."""
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            while self.used + n > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServiceUnavailable(
+                        f"this API process is expanding other zip archives ({self.used} of "
+                        f"BATCHVISION_ARCHIVE_MEMORY_BYTES={self.limit} bytes in use; this one "
+                        f"needs {n}): send it again shortly",
+                        code="archives_busy",
+                    )
+                self._cond.wait(left)
+            self.used += n
+        request.environ[_TAKEN] = request.environ.get(_TAKEN, 0) + n
+
+    def give_back_all(self) -> None:
+        """Give back what the current request took."""
+        n = request.environ.pop(_TAKEN, 0)
+        if n:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions["batchvision.archives"] = self
+        app.teardown_request(lambda _exc: self.give_back_all())
+
+
+def archive_memory() -> ArchiveMemory:
+    """The current app's :class:`ArchiveMemory`."""
+    memory: ArchiveMemory = current_app.extensions["batchvision.archives"]
+    return memory
 
 
 #: The Content-Types of a raw zip body.
@@ -154,4 +210,5 @@ def _unzip(data: bytes, settings: Settings) -> ArchiveContents:
         max_ratio=settings.max_compression_ratio,
         max_pixels=settings.max_image_pixels,
         max_total_pixels=settings.max_archive_pixels,
+        reserve=archive_memory().take,
     )

@@ -14,12 +14,13 @@ import io
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from batchvision.core.errors import ImageTooLarge, InvalidImage
 from batchvision.core.imaging import YIELD_EVERY, header_pixels, pause
-from batchvision.core.sniff import is_archive, looks_like_image
+from batchvision.core.sniff import HEAD_BYTES, is_archive, looks_like_image
 
 
 class ArchiveRejected(InvalidImage):
@@ -46,12 +47,15 @@ def read_zip(
     max_ratio: float,
     max_pixels: int | None = None,
     max_total_pixels: int | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> ArchiveContents:
     """Read image members of a zip archive held in memory.
 
     With ``max_total_pixels``, the members' header sizes (those within ``max_pixels``, the
     per-image limit: the others are refused on their own and never decoded) may add up to at
-    most that, else the archive is refused (:class:`ArchiveTooLarge`).
+    most that, else the archive is refused (:class:`ArchiveTooLarge`). ``reserve(n)``: called
+    with the bytes the members declare before any is expanded (it may raise, to refuse the
+    expansion for now: a few small archives must not take a process' memory together).
     """
     entries = _directory_entries(data)
     if entries > 2 * max_members:
@@ -74,6 +78,8 @@ def read_zip(
     names = [member_name(info) for info in infos]
     for info, name in zip(infos, names, strict=True):
         _check_member(info, name, max_ratio)
+    if reserve is not None:
+        reserve(declared)
     out = ArchiveContents()
     budget = max_total_bytes
     for n, (info, name) in enumerate(zip(infos, names, strict=True)):
@@ -81,23 +87,34 @@ def read_zip(
             pause()  # a zip of 20,000 members: other requests run in between
         try:
             with zf.open(info) as fh:
-                blob = fh.read(min(budget, info.file_size) + 1)
+                # Its first bytes say what it is: a member skipped is never expanded whole.
+                head = fh.read(HEAD_BYTES)
+                skip = _skipped(head)
+                rest = max(0, min(budget, info.file_size) + 1 - len(head))  # (read(-1) reads all)
+                blob = head if skip else head + fh.read(rest)
         except Exception as exc:  # noqa: BLE001 - a forged offset, a name that is not UTF-8...
             raise ArchiveRejected(
                 f"member {name!r} is corrupt or uses an unsupported method: {type(exc).__name__}: {exc}"
             ) from exc
+        if skip:
+            out.skipped.append({"filename": name, "reason": skip})
+            continue
         if len(blob) > info.file_size or len(blob) > budget:
             raise ArchiveTooLarge(f"member {name!r} expands beyond its declared size or the archive limit")
         budget -= len(blob)
-        if is_archive(blob):
-            out.skipped.append({"filename": name, "reason": "nested archive (not expanded)"})
-        elif not looks_like_image(blob):
-            out.skipped.append({"filename": name, "reason": "not an image"})
-        else:
-            out.images.append((name, blob))
+        out.images.append((name, blob))
     if max_total_pixels is not None:
         _check_pixels(out.images, max_pixels, max_total_pixels)
     return out
+
+
+def _skipped(head: bytes) -> str | None:
+    """Why a member whose content begins with ``head`` is skipped (``None``: it is kept)."""
+    if is_archive(head):
+        return "nested archive (not expanded)"
+    if not looks_like_image(head):
+        return "not an image"
+    return None
 
 
 def _check_pixels(images: list[tuple[str, bytes]], max_pixels: int | None, limit: int) -> None:

@@ -276,6 +276,12 @@ class Settings(BaseSettings):
     max_archive_bytes: Annotated[int, Field(ge=1)] = _field(
         512 * 1024 * 1024, "Most uncompressed bytes in an uploaded zip (read in memory, never to disk)."
     )
+    archive_memory_bytes: Annotated[int, Field(ge=1)] = _field(
+        512 * 1024 * 1024,
+        "Most bytes of zip members one API process holds expanded at once (over all its "
+        "requests; at least MAX_ARCHIVE_BYTES): a zip that would go over waits up to 10 s, then "
+        "gets 503 `archives_busy` with Retry-After.",
+    )
     max_compression_ratio: Annotated[float, Field(gt=1)] = _field(
         200.0, "Highest compression ratio of a zip member (zip-bomb guard)."
     )
@@ -584,6 +590,11 @@ class Settings(BaseSettings):
                     f"{PREFIX}{per_key.upper()} ({mine}) is above {PREFIX}{whole.upper()} ({total}): "
                     "a key's quota must be at most the whole queue's"
                 )
+        if self.archive_memory_bytes < self.max_archive_bytes:  # the largest zip could never expand
+            raise ValueError(
+                f"{PREFIX}ARCHIVE_MEMORY_BYTES ({self.archive_memory_bytes}) is below "
+                f"{PREFIX}MAX_ARCHIVE_BYTES ({self.max_archive_bytes}): it must be at least that"
+            )
         return self
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:

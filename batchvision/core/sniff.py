@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+#: How many first bytes of a file :func:`looks_like_image` and :func:`is_archive` need (tar's
+#: magic is at offset 257).
+HEAD_BYTES = 512
+
 _IMAGE_MAGIC = (
     b"\xff\xd8\xff",  # JPEG
     b"\x89PNG\r\n\x1a\n",

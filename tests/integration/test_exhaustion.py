@@ -397,3 +397,50 @@ def test_the_submit_summary_is_typed_and_the_reply_is_the_document(
     ]
     assert "queued" not in reply
     json.dumps(reply)
+
+
+def test_zips_expanding_at_once_share_a_memory_budget_per_process(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
+    # Small zips that expand a hundredfold: together they would take the process' memory.
+    import zipfile
+
+    files = _images(4, seed=5)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files:
+            zf.writestr(name, data)
+    expands = sum(len(d) for _, d in files)
+    app = _app(scratch_server, max_archive_bytes=expands, archive_memory_bytes=expands + expands // 2)
+    memory = app.extensions["batchvision.archives"]
+    memory.wait_s = 0.3
+    client = app.test_client()
+
+    def post() -> Any:
+        return client.post(
+            "/v1/jobs", data=buf.getvalue(), content_type="application/zip", headers=_auth(KEY_A)
+        )
+
+    other = app.test_request_context()  # another request is expanding one as large
+    other.push()
+    memory.take(expands)
+    busy = post()
+    assert busy.status_code == 503, busy.get_json()
+    assert busy.get_json()["error"]["code"] == "archives_busy"
+    assert "BATCHVISION_ARCHIVE_MEMORY_BYTES" in busy.get_json()["error"]["message"]
+    assert int(busy.headers["Retry-After"]) > 0
+    assert memory.used == expands  # the refused one holds nothing
+    other.pop()  # its request ends: what it took is given back
+    assert memory.used == 0
+    accepted = post()
+    assert accepted.status_code == 202 and accepted.get_json()["total"] == 4, accepted.get_json()
+    assert memory.used == 0
+
+
+def test_archive_memory_below_the_largest_archive_is_a_settings_error() -> None:
+    from batchvision.core.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="ARCHIVE_MEMORY_BYTES .* is below .*MAX_ARCHIVE_BYTES"):
+        Settings.from_env(
+            {"BATCHVISION_ARCHIVE_MEMORY_BYTES": "1000", "BATCHVISION_MAX_ARCHIVE_BYTES": "2000"}
+        )

@@ -217,3 +217,37 @@ def test_a_unicode_path_field_for_another_name_is_ignored() -> None:
     stale = _unicode_path(b"something-else.jpg", "wrong.jpg")  # its CRC is of another name
     archive = _unflagged([("x", b"right.jpg")], extra={"x": stale})
     assert [name for name, _ in read_zip(archive, **LIMITS).images] == ["right.jpg"]
+
+
+def test_a_member_that_is_no_image_is_skipped_without_being_expanded() -> None:
+    import tracemalloc
+
+    # 40 MB of text that compresses well: only its first bytes are needed to skip it.
+    data = _zip(
+        [("notes.txt", b"plain text " * 4_000_000), *[(n, d) for n, d, _ in labelled_files(1, seed=2)]]
+    )
+    tracemalloc.start()
+    try:
+        out = read_zip(data, **{**LIMITS, "max_ratio": 1e6})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s["reason"] for s in out.skipped] == ["not an image"] and len(out.images) == 1
+    assert peak < 5_000_000, f"{peak} bytes at the peak: the skipped member was read whole"
+
+
+def test_the_bytes_the_members_declare_are_reserved_before_any_is_expanded() -> None:
+    imgs = [(n, d) for n, d, _ in labelled_files(3, seed=3)]
+    data = _zip(imgs)
+    asked: list[int] = []
+    read_zip(data, **LIMITS, reserve=asked.append)
+    assert asked == [sum(len(d) for _, d in imgs)]
+
+    class Busy(Exception):
+        pass
+
+    def refuse(n: int) -> None:
+        raise Busy(n)
+
+    with pytest.raises(Busy):
+        read_zip(data, **LIMITS, reserve=refuse)
