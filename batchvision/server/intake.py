@@ -20,7 +20,7 @@ import redis
 from batchvision.core.allow_list import AllowList
 from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
 from batchvision.core.imaging import inspect_images
-from batchvision.core.manifest import UrlEntry
+from batchvision.core.manifest import MAX_FILENAME_LENGTH, UrlEntry
 from batchvision.core.model_refs import JobOptions, resolve_options
 from batchvision.core.results import Failure, Passthrough, error_result
 from batchvision.core.s3_scope import S3Scope
@@ -121,6 +121,8 @@ class Upload:
     key: str
     filename: str
     data: bytes
+    #: Why the file is refused before its bytes are looked at (a name over the limit).
+    refused: BatchvisionError | None = None
 
 
 @dataclass(frozen=True)
@@ -168,26 +170,36 @@ def unique_keys(raw: list[tuple[str, bytes]]) -> list[Upload]:
     used: set[str] = set()
     seen: Counter[str] = Counter()
     out = []
-    for name, data in raw:
+    for given, data in raw:
+        name, refused = given, None
+        if len(given) > MAX_FILENAME_LENGTH:
+            # Stored twice per file for as long as the job lives, and counted by no quota: kept
+            # short, and the file refused (its row names it by the name's beginning).
+            name = given[: MAX_FILENAME_LENGTH - 1] + "…"
+            refused = InvalidImage(
+                f"the file name is {len(given)} characters long; the limit is {MAX_FILENAME_LENGTH}",
+                code="bad_filename",
+            )
         key = name
         while key in used:
             seen[name] += 1
             key = f"{name}#{seen[name] + 1}"
         used.add(key)
-        out.append(Upload(key, name, data))
+        out.append(Upload(key, name, data, refused))
     return out
 
 
 def check(s: Settings, uploads: list[Upload]) -> list[BatchvisionError | None]:
     """Validate each upload from its header (one pixel budget for the request); ``None`` where
     it is fine."""
-    return inspect_images(
-        [up.data for up in uploads],
+    problems = inspect_images(
+        [b"" if up.refused else up.data for up in uploads],
         max_bytes=s.max_image_bytes,
         max_pixels=s.max_image_pixels,
         max_frames=s.max_image_frames,
         max_total_pixels=s.max_request_pixels,
     )
+    return [up.refused or problem for up, problem in zip(uploads, problems, strict=True)]
 
 
 def rejection(up: Upload, err: BatchvisionError) -> dict[str, str]:

@@ -444,3 +444,34 @@ def test_archive_memory_below_the_largest_archive_is_a_settings_error() -> None:
         Settings.from_env(
             {"BATCHVISION_ARCHIVE_MEMORY_BYTES": "1000", "BATCHVISION_MAX_ARCHIVE_BYTES": "2000"}
         )
+
+
+def test_a_file_name_over_the_limit_is_refused_and_not_stored_whole(
+    scratch_server: RedisServer, flush: redis_lib.Redis
+) -> None:
+    # Names are stored per file for as long as the job lives and no quota counts them: 50
+    # names of 500 KB each would put 25 MB in Redis for a few KB of images.
+    import zipfile
+
+    files = _images(3, seed=6)
+    long = "d/" + "A" * 500_000 + ".jpg"
+    client = _app(scratch_server).test_client()
+    assert _post_images(client, KEY_A, files).status_code == 202  # Redis' first-use allocations
+    before = flush.info("memory")["used_memory"]
+    resp = _post_images(client, KEY_A, [files[0], (long, files[1][1]), (long, files[2][1])])
+    assert resp.status_code == 202, resp.get_json()
+    job = resp.get_json()
+    assert job["total"] == 3 and [r["code"] for r in job["rejected"]] == ["bad_filename"] * 2, job
+    assert "the limit is 1024" in job["rejected"][0]["message"]
+    assert flush.info("memory")["used_memory"] - before < 100_000, "the long names were stored"
+    files_listed = client.get(f"/v1/jobs/{job['job_id']}/files", headers=_auth(KEY_A)).get_json()
+    names = files_listed["files"]  # the files' keys: their names, each once
+    short = [n for n in names if n != files[0][0]]
+    assert len(short) == 2 and all(n.startswith("d/AAA") and "…" in n and len(n) <= 1026 for n in short)
+    # A zip member's name too.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(files[0][0], files[0][1])
+        zf.writestr("B" * 60_000 + ".jpg", files[1][1])
+    resp = client.post("/v1/jobs", data=buf.getvalue(), content_type="application/zip", headers=_auth(KEY_A))
+    assert resp.status_code == 202 and [r["code"] for r in resp.get_json()["rejected"]] == ["bad_filename"]
