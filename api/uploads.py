@@ -51,7 +51,8 @@ class UploadRequest(Request):
         for cached in ("files", "form", "values", "_cached_data"):
             self.__dict__.pop(cached, None)
         self._cached_json = (Ellipsis, Ellipsis)
-        archive_memory().give_back_all()  # the expanded members went with the body
+        if self.environ.get(_TAKEN):  # the expanded members went with the body
+            archive_memory().give_back(self.environ)
 
 
 #: Where a request notes the archive bytes it holds (its own WSGI environ: one per request).
@@ -72,7 +73,7 @@ class ArchiveMemory:
         self._cond = threading.Condition()
 
     def take(self, n: int) -> None:
-        """Hold ``n`` bytes for the current request (given back by :meth:`give_back_all`)."""
+        """Hold ``n`` bytes for the current request (given back by :meth:`give_back`)."""
         deadline = time.monotonic() + self.wait_s
         with self._cond:
             while self.used + n > self.limit:
@@ -88,9 +89,9 @@ class ArchiveMemory:
             self.used += n
         request.environ[_TAKEN] = request.environ.get(_TAKEN, 0) + n
 
-    def give_back_all(self) -> None:
-        """Give back what the current request took."""
-        n = request.environ.pop(_TAKEN, 0)
+    def give_back(self, environ: dict[str, Any]) -> None:
+        """Give back what the request of ``environ`` took."""
+        n = environ.pop(_TAKEN, 0)
         if n:
             with self._cond:
                 self.used -= n
@@ -98,7 +99,7 @@ class ArchiveMemory:
 
     def init_app(self, app: Flask) -> None:
         app.extensions["batchvision.archives"] = self
-        app.teardown_request(lambda _exc: self.give_back_all())
+        app.teardown_request(lambda _exc: self.give_back(request.environ))
 
 
 def archive_memory() -> ArchiveMemory:
