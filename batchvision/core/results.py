@@ -329,11 +329,11 @@ def csv_cell(value: Any) -> Any:
 
 def csv_header(with_id: bool = False, columns: Sequence[str] = ()) -> list[str]:
     """The CSV header of a job (``with_id``: its inputs carry ids; ``columns``: the names of
-    their pass-through columns)."""
+    their pass-through columns, formula starts neutralised like every text cell)."""
     head = list(CSV_COLUMNS)
     if with_id:
         head.insert(1, "id")
-    return head + [c for c in columns if c not in head]
+    return head + [csv_cell(c) for c in columns if c not in head]
 
 
 def csv_row(row: Row, with_id: bool = False, columns: Sequence[str] = ()) -> list[Any]:

@@ -510,6 +510,16 @@ class Settings(BaseSettings):
             raise ValueError("must be `redis`, a file:///directory URL or an s3://bucket/prefix/ URL")
         return value
 
+    @field_validator("s3_endpoint_url", "otlp_endpoint")
+    @classmethod
+    def _http_endpoint(cls, value: str) -> str:
+        if value == "":
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be empty or an http:// or https:// URL naming a host")
+        return value
+
     @field_validator("fetch_allow", "webhook_allow")
     @classmethod
     def _allow_list(cls, value: str) -> str:
@@ -713,7 +723,9 @@ class SettingsError(ValueError):
             if err["type"] == "extra_forbidden":
                 problems.append(f"{variable}: unknown setting")
                 continue
-            shown = "(secret)" if name in SECRETS else repr(given.get(name, err.get("input")))
+            value = given.get(name, err.get("input"))
+            # A URL may carry a password (the Redis, broker or S3 endpoint URL): masked.
+            shown = "(secret)" if name in SECRETS else repr(_masked(value))
             problems.append(f"{variable}={shown}: {err['msg'].removeprefix('Value error, ')}")
         return cls("invalid configuration: " + "; ".join(problems))
 
@@ -728,6 +740,16 @@ def mask_url(url: Any) -> Any:
     if not parsed.password:
         return url
     return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":**********@")).geturl()
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with a URL's password masked (other values unchanged)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return mask_url(value)
+    except ValueError:  # not parseable as a URL (an unclosed IPv6 bracket...): nothing to mask
+        return value
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

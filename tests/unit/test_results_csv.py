@@ -28,3 +28,11 @@ def test_ordinary_cells_and_numbers_are_unchanged() -> None:
 
 def test_a_carriage_return_at_the_start_is_neutralised_too() -> None:
     assert csv_cell("\r=1+1") == "'\r=1+1" and csv_cell(0.5) == 0.5 and csv_cell("ok") == "ok"
+
+
+def test_pass_through_column_names_in_the_header_are_neutralised_too() -> None:
+    # A manifest's column names come from whoever wrote it, like its values.
+    from batchvision.core.results import csv_header
+
+    head = csv_header(columns=['=HYPERLINK("http://evil.example")', "@SUM(1+1)", "camera"])
+    assert head[-3:] == ["'=HYPERLINK(\"http://evil.example\")", "'@SUM(1+1)", "camera"]

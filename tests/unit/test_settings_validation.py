@@ -75,6 +75,22 @@ def test_secrets_are_masked_and_left_out_of_a_childs_environment_unless_asked() 
     assert "k-123" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BATCHVISION_REDIS_URL", "http://:TOPSECRET@h:6379"),
+        ("BATCHVISION_BROKER_URL", "amqp://u:TOPSECRET@"),
+        ("BATCHVISION_S3_ENDPOINT_URL", "ftp://admin:TOPSECRET@minio:9000"),
+    ],
+)
+def test_a_refused_url_is_shown_without_its_password(variable: str, value: str) -> None:
+    # The error goes to the service's log: a typo in the scheme must not put the password there.
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: value})
+    assert variable in str(info.value) and "TOPSECRET" not in str(info.value), str(info.value)
+    assert "**********" in str(info.value)
+
+
 def test_unknown_variables_are_found_and_client_variables_are_known() -> None:
     env = {"BATCHVISION_TOPK": "3", "BATCHVISION_API_URL": "http://x", "BATCHVISION_TOP_K": "3", "PATH": "/"}
     assert unknown_variables(env) == ["BATCHVISION_TOPK"]
