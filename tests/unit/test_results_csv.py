@@ -35,4 +35,4 @@ def test_pass_through_column_names_in_the_header_are_neutralised_too() -> None:
     from batchvision.core.results import csv_header
 
     head = csv_header(columns=['=HYPERLINK("http://evil.example")', "@SUM(1+1)", "camera"])
-    assert head[-3:] == ["'=HYPERLINK(\"http://evil.example\")", "'@SUM(1+1)", "camera"]
+    assert head[-3:] == ['\'=HYPERLINK("http://evil.example")', "'@SUM(1+1)", "camera"]
