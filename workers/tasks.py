@@ -22,34 +22,44 @@ from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 
-#: The first pause before a message whose results Redis refused for want of memory is tried
-#: again in its task; it doubles up to :data:`ROOM_MAX_S`.
+#: The first pause before a message whose results Redis refused (for want of memory, or
+#: unreachable) is tried again in its task; it doubles up to :data:`ROOM_MAX_S`.
 ROOM_FIRST_S = 1.0
 ROOM_MAX_S = 30.0
 
+#: Redis refusing for want of memory, restarting, loading its data or out of reach: for the moment.
+REDIS_AWAY = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 
-def until_redis_has_room(run: Callable[[int], ChunkStats], retries: int, for_s: float) -> ChunkStats:
-    """``run(retries)``, tried again with backoff while Redis is out of memory, for up to
-    ``for_s`` seconds; then its error goes to Celery's retries. Each try counts as one of the
-    task's own retries (:meth:`ChunkProcessor.process` tells them from deaths, as each try
-    counts a delivery); ``run`` is handed the count.
+
+def until_redis_takes_it(run: Callable[[int], ChunkStats], retries: int, for_s: float) -> ChunkStats:
+    """``run(retries)``, tried again with backoff while Redis is out of memory or out of reach,
+    for up to ``for_s`` seconds; then its error goes to Celery's retries. Each try counts as
+    one of the task's own retries (:meth:`ChunkProcessor.process` tells them from deaths, as
+    each try counts a delivery); ``run`` is handed the count.
 
     A full Redis (``noeviction``) refuses the results, and would refuse Celery's retry message
-    too (a task whose retry cannot be sent is dropped, its chunk left to the sweep for hours).
-    So the task tries again here, its message held, until the API's budget, expiring results
-    or the operator make room. A try claims the chunk again and classifies only the images
-    whose results are not stored yet."""
+    too; a Redis restarting cannot take it at all. A task whose retry cannot be sent is
+    dropped, its chunk left to the sweep (twice the visibility timeout: hours by default). So
+    the task tries again here, its message held, until Redis is back, or the API's budget,
+    expiring results or the operator make room. A try claims the chunk again and classifies
+    only the images whose results are not stored yet."""
     delay = ROOM_FIRST_S
     until = time.monotonic() + for_s
     while True:
         try:
             return run(retries)
-        except redis.exceptions.OutOfMemoryError as exc:
+        except REDIS_AWAY as exc:
             left = until - time.monotonic()
             if left <= 0:
                 raise
+            what = "out of memory" if isinstance(exc, redis.exceptions.OutOfMemoryError) else "unreachable"
             log.warning(
-                "Redis is out of memory; this message's results are kept, tried again in %.0f s: %s",
+                "Redis is %s; this message is held and tried again in %.0f s: %s",
+                what,
                 min(delay, left),
                 exc,
             )
@@ -118,7 +128,7 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
         try:
             failpoints.before_task()
-            stats = until_redis_has_room(
+            stats = until_redis_takes_it(
                 process, tries[0], min(settings.task_time_limit_s, settings.visibility_timeout_s) / 2
             )
         except Exception as exc:
