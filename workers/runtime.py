@@ -57,7 +57,15 @@ from batchvision.server.queue import (
     publish,
     uses_amqp,
 )
-from batchvision.server.recovery import Sweeper, recover_parts, resend_failed, resolve_chunks, sweep
+from batchvision.server.recovery import (
+    Sweeper,
+    backlog_of,
+    list_backlog,
+    recover_parts,
+    resend_failed,
+    resolve_chunks,
+    sweep,
+)
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model, model_queues
 from batchvision.server.s3 import S3Config, S3Url, shared
@@ -458,10 +466,10 @@ class DeadLettersStep:
 
 class SweeperStep:
     """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`;
-    on RabbitMQ none is lost that way, and the sweep runs only while no queue, the dead-letter
-    queue included, has a backlog), chunks marked failed (a task gave up on them, or the API
-    could not publish them), and the images of parts whose request failed before their chunks
-    were recorded."""
+    a chunk waits while its model's queues have a backlog, and on RabbitMQ, where none is lost
+    that way, the sweep runs only while the dead-letter queue is empty), chunks marked failed
+    (a task gave up on them, or the API could not publish them), and the images of parts whose
+    request failed before their chunks were recorded."""
 
     name = "sweeper"
 
@@ -471,7 +479,6 @@ class SweeperStep:
         self.redis = redis
         self.processor = processor
         self._sweeper: Sweeper | None = None
-        self._registry: ModelRegistry | None = None
 
     def _resend(self, chunk: Chunk) -> None:
         store = _made(self.redis.store, self.redis.name)
@@ -483,17 +490,20 @@ class SweeperStep:
         self.processor.processor.touch_parked()
         store: JobStore = _made(self.redis.store, self.redis.name)
         recover_parts(store, self._resend, self.settings.chunk_size)  # never in any queue: not held back
-        # Every model's queues: a backlog of any model may still hold the chunks.
-        registry: ModelRegistry = _made(self._registry, self.name)
-        known = {default_model(self.settings), *registry.model_names()}
-        queues = [q for pair in model_queues(self.settings, known).values() for q in pair]
+
+        def queues_of(model: str | None) -> tuple[str, ...]:
+            name = model or default_model(self.settings)
+            return model_queues(self.settings, [name])[name]
+
         if uses_amqp(self.settings):
             # Messages waiting in the dead-letter queue are its consumer's to re-send.
-            if amqp_backlog(self.settings, [*queues, dead_letter_queue(self.settings)]):
+            if amqp_backlog(self.settings, [dead_letter_queue(self.settings)]):
                 return 0
-            queues = []
+            backlog = backlog_of(queues_of, lambda queues: bool(amqp_backlog(self.settings, queues)))
+        else:
+            backlog = list_backlog(self.redis.client, queues_of)
         # Twice the visibility timeout: kombu's own restore gets the first chance.
-        return sweep(store, queues, 2 * self.settings.visibility_timeout_s + 2.0, self._resend)
+        return sweep(store, backlog, 2 * self.settings.visibility_timeout_s + 2.0, self._resend)
 
     def _give_up(self, chunk: Chunk, failures: int) -> None:
         text = f"classifying this image failed {failures} times; see the worker logs"
@@ -511,7 +521,6 @@ class SweeperStep:
         return resent
 
     def start(self) -> None:
-        self._registry = ModelRegistry(self.redis.client)
         self._sweeper = Sweeper(
             max(1.0, min(60.0, self.settings.visibility_timeout_s / 3)), self._run, self._run_failed
         )

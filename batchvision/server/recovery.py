@@ -6,7 +6,8 @@ visibility-timeout restore never sees it). So the API records every chunk in a s
 (score: when it was sent) *before* publishing it, the worker removes it once the chunk's
 results are stored, and a sweeper in every worker re-sends chunks that are older than the
 visibility timeout, still have unresolved images, and are no longer anywhere in the queue
-(the sweep runs only when the queue list is empty, so a long backlog is never duplicated).
+(a chunk is re-sent only while its model's queues are empty, so a long backlog is never
+duplicated; another model's backlog holds nothing up).
 Re-sending is safe: results are idempotent per (job, index).
 
 A task that gives up (its own retries spent, or an error it cannot retry) has its message
@@ -28,6 +29,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import redis
 
 from batchvision.core.results import Failure, ImageResult, canceled_result
 from batchvision.server.blobs import BlobStore, keep_on, spent_blobs
@@ -263,17 +266,39 @@ return 0
 """
 
 
+def backlog_of(
+    queues_of: Callable[[str | None], Sequence[str]], holds: Callable[[Sequence[str]], bool]
+) -> Callable[[str | None], bool]:
+    """For :func:`sweep`: whether a model's queues (``queues_of(model)``; ``None``: the default
+    model) hold messages (``holds(queues)``), asked once per model."""
+    known: dict[str | None, bool] = {}
+
+    def backlog(model: str | None) -> bool:
+        if model not in known:
+            known[model] = holds(queues_of(model))
+        return known[model]
+
+    return backlog
+
+
+def list_backlog(
+    client: redis.Redis, queues_of: Callable[[str | None], Sequence[str]]
+) -> Callable[[str | None], bool]:
+    """:func:`backlog_of` for the Redis broker (its queues are lists)."""
+    return backlog_of(queues_of, lambda queues: any(client.llen(q) for q in queues))
+
+
 def sweep(
     store: JobStore,
-    queues: Sequence[str],
+    backlog: Callable[[str | None], bool],
     older_than_s: float,
     resend: Callable[[Chunk], None],
     limit: int = 1000,
 ) -> int:
-    """Re-send lost chunks once; returns how many were re-sent."""
+    """Re-send lost chunks once; returns how many were re-sent. A chunk of a model whose queues
+    hold messages (``backlog(model)``) is left alone: it may still be waiting in them. Other
+    models' backlogs do not matter (a model nobody serves, a long bulk run of another model)."""
     client = store.redis
-    if any(client.llen(q) for q in queues):
-        return 0  # a backlog: chunks may still be waiting in it
     token = uuid.uuid4().hex
     if not client.set(SWEEP_LOCK, token, nx=True, ex=60):
         return 0  # another worker is sweeping right now
@@ -286,6 +311,8 @@ def sweep(
             if not store.exists(chunk.job_id) or not store.unresolved(chunk.job_id, chunk.indexes):
                 client.zrem(CHUNKS, member)
                 continue
+            if backlog(store.routing_of(chunk.job_id).model):
+                continue  # its model's queues hold messages: it may be among them
             log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
             client.zadd(CHUNKS, {member: time.time()}, xx=True)
             resend(chunk)

@@ -1,10 +1,11 @@
 """The chunk ledger's sweeper (``batchvision.server.recovery.sweep``) in-process, against a real,
 private redis-server: lost chunks are re-sent once, finished ones dropped, nothing is re-sent
-while a queue still holds messages, and one sweep runs at a time."""
+while its model's queues still hold messages, and one sweep runs at a time."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 import redis as redis_lib
@@ -20,6 +21,7 @@ from batchvision.server.recovery import (
     chunk_member,
     ledger_add,
     ledger_failed,
+    list_backlog,
     parse_member,
     resend_failed,
     sweep,
@@ -37,8 +39,8 @@ def _ledger(r: redis_lib.Redis, job_id: str, indexes: list[int], age_s: float) -
     pipe.execute()
 
 
-def _job(store: JobStore, job_id: str, n: int) -> None:
-    store.create(job_id, model="m")
+def _job(store: JobStore, job_id: str, n: int, model: str = "m") -> None:
+    store.create(job_id, model=model)
     store.add_files(job_id, [(f"{i}.jpg", f"{i}.jpg") for i in range(n)])
     store.seal(job_id)
 
@@ -48,8 +50,12 @@ def resends() -> list[tuple[str, list[int]]]:
     return []
 
 
+def _backlog(store: JobStore) -> Callable[[str | None], bool]:
+    return list_backlog(store.redis, lambda model: QUEUES if model in ("m", None) else (f"{model}.q",))
+
+
 def _sweep(store: JobStore, resends: list[tuple[str, list[int]]]) -> int:
-    return sweep(store, QUEUES, CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes))))
+    return sweep(store, _backlog(store), CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes))))
 
 
 def test_ledger_members_round_trip() -> None:
@@ -100,6 +106,22 @@ def test_nothing_is_resent_while_a_queue_holds_messages(
     assert _sweep(store, resends) == 1  # the same sweep, once the backlog is gone
 
 
+def test_another_models_backlog_holds_up_only_that_models_chunks(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    # A message waits for a model nobody serves (or a long bulk run of another model): the
+    # lost chunks of every other model are re-sent all the same.
+    _job(store, "j", 2)
+    _job(store, "k", 2, model="other")
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+    _ledger(scratch_redis, "k", [0, 1], age_s=OLD)
+    scratch_redis.rpush("other.q", "a message that may carry k's chunk")
+    assert _sweep(store, resends) == 1
+    assert resends == [("j", [0, 1])]
+    scratch_redis.delete("other.q")
+    assert _sweep(store, resends) == 1 and resends[-1] == ("k", [0, 1])
+
+
 def test_one_sweep_at_a_time(
     store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
 ) -> None:
@@ -110,10 +132,12 @@ def test_one_sweep_at_a_time(
 
     def resend(chunk: Chunk) -> None:
         # Another worker's sweeper runs while this one is mid-sweep: it must back off.
-        concurrent.append(sweep(store, QUEUES, CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes)))))
+        concurrent.append(
+            sweep(store, _backlog(store), CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes))))
+        )
         resends.append((chunk.job_id, list(chunk.indexes)))
 
-    assert sweep(store, QUEUES, CUTOFF, resend) == 2
+    assert sweep(store, _backlog(store), CUTOFF, resend) == 2
     assert concurrent == [0, 0]
     assert sorted(resends) == [("j", [0, 1]), ("j", [2, 3])]  # each once, by the lock holder
     assert not scratch_redis.exists(keys.SWEEP_LOCK)
@@ -141,7 +165,7 @@ def test_a_sweep_that_outlasts_its_lock_leaves_the_next_holders_lock_alone(
         scratch_redis.set(keys.SWEEP_LOCK, "another-sweeper", ex=60)
         resends.append((chunk.job_id, list(chunk.indexes)))
 
-    assert sweep(store, QUEUES, CUTOFF, slow) == 1
+    assert sweep(store, _backlog(store), CUTOFF, slow) == 1
     assert scratch_redis.get(keys.SWEEP_LOCK) == b"another-sweeper"
 
 
