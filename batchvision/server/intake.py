@@ -594,8 +594,8 @@ class Intake:
     ) -> None:
         """Publish ``chunks`` (stored, and in the ledger). When the publish fails (the broker
         down or slow, the request answered ``503``), they are marked failed, so that a worker
-        sends them after a pause: otherwise only the sweep would, once their model's queues are empty,
-        and until then their images held their owner's quota and the queue's budget."""
+        sends them after a pause: otherwise only the sweep would, once their model's queues are
+        empty, and until then their images held their owner's quota and the queue's budget."""
         try:
             self.enqueuer.send(chunks, now, interactive, model=model, priority=priority)
         except Exception:
