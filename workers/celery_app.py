@@ -17,6 +17,7 @@ from celery import Celery, signals
 
 from batchvision.core.settings import Settings
 from batchvision.server.queue import create_celery
+from workers.lifecycle import StartError
 from workers.runtime import Worker
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def _start(**_: Any) -> None:
     worker = Worker(settings, app)
     try:
         worker.start()  # on failure, what started is stopped again, in reverse
+    except StartError as exc:  # its message says what to change
+        log.critical("worker cannot start: %s", exc)
+        os._exit(3)
     except Exception:
         log.critical("worker cannot start", exc_info=True)
         os._exit(3)

@@ -33,6 +33,11 @@ class Component(Protocol):
         ...
 
 
+class StartError(RuntimeError):
+    """A component cannot start for a reason its message says in full (a setting to change):
+    logged without a traceback."""
+
+
 class NotStarted(RuntimeError):
     """What a component made was asked for before the component started."""
 

@@ -73,7 +73,7 @@ from batchvision.server.store import JobStore
 from batchvision.server.telemetry import BatchLog, Telemetry
 from batchvision.server.webhooks import Deliverer
 from workers import metrics
-from workers.lifecycle import Component, Lifecycle, NotStarted
+from workers.lifecycle import Component, Lifecycle, NotStarted, StartError
 from workers.manager import ModelLane, ModelManager
 from workers.reporting import ModelReporter
 
@@ -339,12 +339,18 @@ class MetricsStep:
         self._server: Any = None
 
     def start(self) -> None:
-        self._server = metrics.serve(
-            self.settings.worker_metrics_port,
-            devices(self.models.manager),
-            self.models.load_s,
-            self.settings.worker_metrics_host,
-        )
+        s = self.settings
+        try:
+            self._server = metrics.serve(
+                s.worker_metrics_port, devices(self.models.manager), self.models.load_s, s.worker_metrics_host
+            )
+        except OSError as exc:  # the port taken (two workers on one host), a host it cannot bind
+            raise StartError(
+                f"the metrics endpoint cannot listen on {s.worker_metrics_host}:{s.worker_metrics_port} "
+                f"({exc}): set BATCHVISION_WORKER_METRICS_PORT to a free port (each worker of a host "
+                "its own; 0 turns the endpoint off) or BATCHVISION_WORKER_METRICS_HOST to an address "
+                "of this host"
+            ) from exc
 
     def stop(self) -> None:
         if self._server is not None:

@@ -14,7 +14,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from batchvision.core.settings import PREFIX, Settings, SettingsError, mask_url, unknown_variables
+from batchvision.core.settings import (
+    PREFIX,
+    SECRETS,
+    Settings,
+    SettingsError,
+    env_table,
+    mask_url,
+    unknown_variables,
+)
 from batchvision.server.checks import ConfigError, check_worker_settings
 from batchvision.server.gpus import GpuNotVisible, GpuReader
 from batchvision.server.repository import RepositoryError
@@ -309,6 +317,25 @@ def cmd_webhook_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Check this environment's settings as a service's start would (exit 2 naming each bad
+    value), then print every variable: the value it has here (secrets and URL passwords
+    masked; ``*`` where it is set) and what it means, or with ``--changed`` only those set."""
+    s = Settings.from_env()
+    for variable in unknown_variables(os.environ):
+        print(f"{variable}: unknown setting (a typo?)", file=sys.stderr)
+    for (variable, _, meaning), name in zip(env_table(), Settings.model_fields, strict=True):
+        given = variable in os.environ and os.environ[variable] != ""
+        if args.changed and not given:
+            continue
+        value = getattr(s, name)
+        shown = "**********" if name in SECRETS and str(value) else mask_url(value)
+        print(f"{'*' if given else ' '} {variable}={shown}")
+        if not args.changed:
+            print(f"      {meaning}")
+    return 0
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     """Download the ImageNet weights of ``BATCHVISION_MODEL`` into the Keras cache."""
     return _worker_tool("fetch-weights")
@@ -385,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("webhook-secret", cmd_webhook_secret, "print the webhook signing secret (read from Redis)")
     p.add_argument("--owner", default="", help="an API key's owner id (default: the anonymous installation)")
     add("fetch-weights", cmd_fetch_weights, "download the model's ImageNet weights")
+    p = add("settings", cmd_settings, "check this environment's settings and print them")
+    p.add_argument("--changed", action="store_true", help="only the variables set here")
     p = add("demo-model", cmd_demo_model, "train the demo model on synthetic shapes")
     p.add_argument("--out", default=str(DEFAULT_DEMO_MODEL), help="the .keras file to write")
     p.add_argument(

@@ -38,8 +38,14 @@ class Settings(BaseSettings):
     is allowed. Secrets are :class:`~pydantic.SecretStr`: ``repr`` and logs show ``**********``.
     """
 
+    # No float setting means anything at infinity or NaN (a ratio guard of `inf` is no guard).
     model_config = SettingsConfigDict(
-        env_prefix=PREFIX, frozen=True, extra="forbid", env_ignore_empty=True, validate_default=True
+        env_prefix=PREFIX,
+        frozen=True,
+        extra="forbid",
+        env_ignore_empty=True,
+        validate_default=True,
+        allow_inf_nan=False,
     )
 
     redis_url: str = _field(
@@ -190,7 +196,7 @@ class Settings(BaseSettings):
         0,
         "Images a worker decodes or holds for the model at once, interactive chunks first "
         "(0: four batches, `4 * MAX_BATCH_SIZE`). Bounds memory and keeps bulk chunks queued. "
-        "An image URL holds no place while it is fetched; fetched, it waits at most 2 s for one, "
+        "An image URL holds no place while it is fetched; fetched, it waits at most 50 ms for one, "
         "then goes over the limit.",
     )
     decode_threads: Annotated[int, Field(ge=0, le=256)] = _field(
@@ -238,12 +244,12 @@ class Settings(BaseSettings):
         "(`batchvision worker --gpu N` sets it): the worker stops at start when that GPU is not "
         "visible or its models would run on the CPU. Empty: whatever the process sees.",
     )
-    task_time_limit_s: Annotated[int, Field(ge=1)] = _field(
+    task_time_limit_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] = _field(
         600,
         "Longest one chunk may take: bounds the wait on the model (Celery's threads pool enforces "
         "no hard limit) and must stay below the visibility timeout.",
     )
-    visibility_timeout_s: Annotated[int, Field(ge=1)] = _field(
+    visibility_timeout_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] = _field(
         3600,
         "Redis visibility timeout: an unacknowledged task is redelivered after this; "
         "must exceed `TASK_TIME_LIMIT_S`.",
@@ -251,10 +257,10 @@ class Settings(BaseSettings):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = _field(
         3, "Deliveries of one image before it is recorded as a per-image error (poison image)."
     )
-    result_ttl_s: Annotated[int, Field(ge=1)] = _field(
+    result_ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] = _field(
         86400, "How long a finished job and its results are kept."
     )
-    blob_ttl_s: Annotated[int, Field(ge=1)] = _field(
+    blob_ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] = _field(
         172800,
         "How long an upload waits for classification before it expires (in Redis); also how long "
         "the blob of an image that failed for a retryable reason is kept for a retry (in a file "
@@ -350,7 +356,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: Annotated[int, Field(ge=0)] = _field(
         0, "Requests per minute per API key, shared by all API replicas through Redis (0: off)."
     )
-    idempotency_ttl_s: Annotated[int, Field(ge=1)] = _field(
+    idempotency_ttl_s: Annotated[int, Field(ge=1, le=MAX_TTL_S)] = _field(
         86400, "How long an `Idempotency-Key` maps to its job."
     )
     # -- observability (logs, traces) -------------------------------------------------------
@@ -729,6 +735,9 @@ class SettingsError(ValueError):
             problems.append(f"{variable}={shown}: {err['msg'].removeprefix('Value error, ')}")
         return cls("invalid configuration: " + "; ".join(problems))
 
+
+#: The longest time a duration setting may name: ten years (Redis refuses an expiry far past it).
+MAX_TTL_S = 10 * 365 * 86400
 
 #: Fields whose values are never shown.
 SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys", "key_max_priority")

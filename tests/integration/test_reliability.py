@@ -312,6 +312,29 @@ def test_worker_refuses_a_visibility_timeout_below_the_time_limit(env: Env) -> N
 
 
 @on_redis
+def test_a_worker_whose_metrics_port_is_taken_says_which_setting_to_change(env: Env) -> None:
+    # Two workers on one host with the same port: the second used to exit with a traceback.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad = {
+            **env.settings.to_env(),
+            "BATCHVISION_WORKER_METRICS_PORT": str(port),
+            "BATCHVISION_WORKER_METRICS_HOST": "127.0.0.1",
+        }
+        proc = subprocess.run(cli_argv("worker"), env=bad, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "BATCHVISION_WORKER_METRICS_PORT" in out, out[
+        -3000:
+    ]
+    assert "Traceback" not in out, out[-3000:]
+
+
+@on_redis
 def test_worker_warns_when_redis_may_evict(env: Env) -> None:
     client = redis_lib.Redis.from_url(env.redis.url)
     client.config_set("maxmemory-policy", "allkeys-lru")

@@ -24,7 +24,11 @@ from batchvision.core.settings import Settings, SettingsError, unknown_variables
         ("BATCHVISION_BLOB_URL", "gs://bucket", "s3://bucket/prefix/"),
         ("BATCHVISION_BLOB_URL", "s3://My_Bucket/blobs/", "not a valid bucket name: 'My_Bucket'"),
         ("BATCHVISION_API_PORT", "70000", "less than or equal to 65535"),
-        ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "less than or equal to 3600"),
+        ("BATCHVISION_SYNC_TIMEOUT_S", "nan", "finite number"),
+        # Redis refused the expiry of every job ("invalid expire time"): each submit was a 500.
+        ("BATCHVISION_RESULT_TTL_S", "10000000000000000", "less than or equal to 315360000"),
+        ("BATCHVISION_MAX_COMPRESSION_RATIO", "inf", "finite number"),  # no zip-bomb guard at all
+        ("BATCHVISION_S3_ENDPOINT_URL", "minio:9000", "http:// or https:// URL"),
         ("BATCHVISION_OUTPUT_PART_ROWS", "1000000", "less than or equal to 100000"),
         ("BATCHVISION_QUEUE", "has space", "pattern"),
         ("BATCHVISION_MAX_COMPRESSION_RATIO", "1", "greater than 1"),
@@ -123,3 +127,30 @@ def test_queue_quotas_have_ranges_and_a_key_quota_stays_within_the_whole_queue()
     assert "BATCHVISION_?" not in str(info.value)
     fine = Settings.from_env({"BATCHVISION_MAX_QUEUED_IMAGES_PER_KEY": "50"})  # no global limit: any quota
     assert fine.max_queued_images_per_key == 50 and fine.max_queued_bytes == 0
+
+
+def test_the_settings_command_checks_and_prints_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchvision.cli.main import main
+
+    for name in [k for k in __import__("os").environ if k.startswith("BATCHVISION_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BATCHVISION_TOP_K", "3")
+    monkeypatch.setenv("BATCHVISION_REDIS_URL", "redis://:rpw-789@redis:6379/0")
+    monkeypatch.setenv("BATCHVISION_API_KEYS", "k-123")
+    monkeypatch.setenv("BATCHVISION_TOPK", "2")  # a typo
+    assert main(["settings", "--changed"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "* BATCHVISION_REDIS_URL=redis://:**********@redis:6379/0",
+        "* BATCHVISION_TOP_K=3",
+        "* BATCHVISION_API_KEYS=**********",
+    ]
+    assert "BATCHVISION_TOPK: unknown setting" in err
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    assert "  BATCHVISION_MAX_BATCH_SIZE=32\n" in out and "* BATCHVISION_TOP_K=3\n" in out
+    monkeypatch.setenv("BATCHVISION_TOP_K", "0")
+    assert main(["settings"]) == 2
+    assert "BATCHVISION_TOP_K='0'" in capsys.readouterr().err
