@@ -23,6 +23,7 @@ import logging
 import re
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
@@ -106,10 +107,28 @@ def _access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
         with contextlib.suppress(TypeError, ValueError):
             if key in out:
                 out[key] = int(out[key])
+    if "query" in out:
+        out["query"] = redact_query(str(out["query"]))
     match = _JOB_PATH.match(str(out.get("path", "")))
     if match:
         out["job_id"] = match.group(1)
     return out
+
+
+#: Query parameters whose values an access log never shows: credentials by any name, and URLs
+#: that may carry one (a webhook's token, a presigned output location).
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|signature|sig$|auth|credential|_url$", re.IGNORECASE)
+
+
+def redact_query(query: str) -> str:
+    """``query`` (a URL's query string) with the values of parameters that may hold a secret
+    masked."""
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not any(_SECRET_PARAM.search(name) for name, _ in pairs):
+        return query
+    return urllib.parse.urlencode(
+        [(name, "**********" if _SECRET_PARAM.search(name) else value) for name, value in pairs], safe="*"
+    )
 
 
 def check_format(fmt: str) -> str:

@@ -91,6 +91,16 @@ def test_gunicorn_access_atoms_become_fields() -> None:
     assert doc["job_id"] == "abc123" and doc["remote_addr"] == "10.0.0.1"
 
 
+def test_an_access_lines_query_shows_no_credential_or_url_that_may_carry_one() -> None:
+    # A key sent as ?api_key= (refused, but logged), a webhook URL with its token.
+    query = "api_key=secret-key&model=shapes&callback_url=https%3A%2F%2Fh%2Fhook%3Ftoken%3Dt0k&wait=5"
+    rec = record(ACCESS_FORMAT, None, name="gunicorn.access")
+    rec.args = {"m": "POST", "U": "/v1/jobs", "q": query, "s": "401", "M": 1, "B": 2}
+    line = JsonFormatter().format(rec)
+    assert "secret-key" not in line and "t0k" not in line, line
+    assert json.loads(line)["query"] == "api_key=**********&model=shapes&callback_url=**********&wait=5"
+
+
 def test_formats() -> None:
     assert check_format("json") == "json" and check_format("text") == "text"
     with pytest.raises(ValueError, match="BATCHVISION_LOG_FORMAT"):
