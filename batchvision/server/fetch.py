@@ -38,6 +38,7 @@ the host keeps resolving to the same address; a new address gets its own, checke
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -73,6 +74,8 @@ from batchvision.server.watchdog import WATCHDOG, Watchdog
 
 #: ``(host, port) -> addresses``; the default asks the system (``getaddrinfo``).
 Resolver = Callable[[str, int], list[str]]
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = f"batchvision/{__version__} (+fetch)"
 #: Cloud instance-metadata endpoints: refused even when the allow-list covers them.
@@ -184,6 +187,14 @@ METADATA_KIND = "cloud metadata address"
 def address_problem(ip: IPAddress | str, allow: AllowList = NOTHING, *, trusted: bool = False) -> str | None:
     """Why a connection to ``ip`` is refused, or ``None`` when it may be made. ``trusted``: the
     host name is on the allow-list (only metadata addresses are refused then)."""
+    refusal = address_refusal(ip, allow, trusted=trusted)
+    return refusal[0] if refusal is not None else None
+
+
+def address_refusal(
+    ip: IPAddress | str, allow: AllowList = NOTHING, *, trusted: bool = False
+) -> tuple[str, str] | None:
+    """:func:`address_problem` as ``(why, kind of address)``, ``None`` when it may be made."""
     ip = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
         ip = ipaddress.IPv6Address(str(ip).split("%")[0])
@@ -192,17 +203,17 @@ def address_problem(ip: IPAddress | str, allow: AllowList = NOTHING, *, trusted:
         ip, inner = ip.ipv4_mapped, None
     for candidate in (ip, inner):
         if candidate in METADATA_ADDRESSES:
-            return f"{candidate} is a {METADATA_KIND}"
+            return f"{candidate} is a {METADATA_KIND}", METADATA_KIND
     if trusted or allow.address_allowed(ip):
         return None
     if inner is not None:
         if allow.address_allowed(inner):
             return None
         kind = _kind(inner)
-        return f"{ip} carries {inner}, a {kind} address" if kind is not None else None
+        return (f"{ip} carries {inner}, a {kind} address", f"{kind} address") if kind is not None else None
     kind = _kind(ip)
     if kind is not None:
-        return f"{ip} is a {kind} address"
+        return f"{ip} is a {kind} address", f"{kind} address"
     return None
 
 
@@ -456,10 +467,16 @@ class SafeHTTP:
                 raise FetchError(f"{target.host} does not resolve", code="dns_error")
         trusted = self.allow.host_allowed(target.host)
         for ip in ips:
-            problem = address_problem(ip, self.allow, trusted=trusted)
-            if problem:
-                via = "" if literal is not None else f"{target.host} resolves to {ip}; "
-                raise FetchError(f"refused: {via}{problem}", code="blocked_address")
+            refusal = address_refusal(ip, self.allow, trusted=trusted)
+            if refusal is None:
+                continue
+            problem, kind = refusal
+            if literal is not None:
+                raise FetchError(f"refused: {problem}", code="blocked_address")
+            # The address a name resolves to is the operator's to see, not the job's caller's:
+            # the error row would map the service's internal names for anyone with a key.
+            log.warning("refused to fetch from %s: it resolves to %s; %s", target.host, ip, problem)
+            raise FetchError(f"refused: {target.host} resolves to a {kind}", code="blocked_address")
         return ips[0]
 
     def _pool(self, target: Target, ip: str) -> urllib3.HTTPConnectionPool:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
+import re
 import sys
 import threading
 import time
@@ -39,6 +41,8 @@ from typing import IO, Any
 from batchvision.core.errors import BatchvisionError
 from batchvision.core.manifest import MAX_URL_LENGTH, bucket_problem, key_problem
 from batchvision.core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
 #: Error codes of S3 that mean "too many requests, slow down" (retried with backoff by botocore).
@@ -167,6 +171,15 @@ class S3Config:
         )
 
 
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\"']+", re.IGNORECASE)
+
+
+def _scrubbed(exc: BaseException) -> str:
+    """``exc``'s text without the URLs in it (the store's endpoint, credentials in it): what
+    a job's caller may see."""
+    return _URL.sub("<the store's endpoint>", str(exc))
+
+
 def _error(exc: BaseException, what: str) -> S3Error:
     """The :class:`S3Error` of a botocore exception, its code the one a job or image reports."""
     from botocore.exceptions import (
@@ -202,7 +215,7 @@ def _error(exc: BaseException, what: str) -> S3Error:
             return TransientS3Error(f"{what}: the store answered {status} {code}", code="s3_unavailable")
         return S3Error(f"{what}: {code or status}: {message}"[:500], code="s3_error")
     if isinstance(exc, IncompleteReadError):
-        why = f"{what}: the connection ended before the whole object ({exc})"
+        why = f"{what}: the connection ended before the whole object ({_scrubbed(exc)})"
         return S3Error(why, code="incomplete_download")
     if isinstance(exc, NoCredentialsError):
         return S3Error(f"{what}: no credentials (environment, ~/.aws, or a role)", code="access_denied")
@@ -210,9 +223,13 @@ def _error(exc: BaseException, what: str) -> S3Error:
     # (ConnectionClosedError, ResponseStreamingError); the rest is the transport's own.
     unreachable = (EndpointConnectionError, ConnectionError, HTTPClientError, TransportError, OSError)
     if isinstance(exc, unreachable):
-        return TransientS3Error(f"{what}: the store cannot be reached ({exc})"[:500], code="s3_unavailable")
+        # The detail (the endpoint's address) is the operator's: the caller sees the kind of fault.
+        log.warning("%s: the store cannot be reached: %s", what, exc)
+        why = f"{what}: the store cannot be reached ({_scrubbed(exc)})"
+        return TransientS3Error(why[:500], code="s3_unavailable")
     if isinstance(exc, BotoCoreError):
-        return S3Error(f"{what}: {exc}"[:500], code="s3_error")
+        log.warning("%s: %s", what, exc)
+        return S3Error(f"{what}: {_scrubbed(exc)}"[:500], code="s3_error")
     raise exc
 
 

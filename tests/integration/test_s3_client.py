@@ -77,6 +77,23 @@ def test_failures_have_their_codes(s3: S3, s3_bucket: str) -> None:
     assert s3.head(S3Url(s3_bucket, "missing.jpg")) is None
 
 
+def test_a_store_that_cannot_be_reached_is_reported_without_its_address(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    # The message goes to the job's caller (a 503, an image's error row): the endpoint, and any
+    # credentials in it, are the operator's (the log has them).
+    endpoint = f"http://minio-admin:Sup3rSecret@127.0.0.1:{free_port()}"
+    s3 = S3(S3Config(endpoint_url=endpoint, max_attempts=1, connect_timeout_s=2))
+    with pytest.raises(S3Error) as err:
+        s3.get(S3Url("bucket", "x.jpg"))
+    assert err.value.code == "s3_unavailable"
+    assert "the store cannot be reached" in err.value.message
+    assert "Sup3rSecret" not in err.value.message and "127.0.0.1" not in err.value.message, err.value.message
+    assert "127.0.0.1" in caplog.text
+
+
 def test_throttling_is_retried_then_reported(s3_server: MotoServer, s3_bucket: str) -> None:
     s3_server.client().put_object(Bucket=s3_bucket, Key="a.jpg", Body=b"abc")
     with S3FaultProxy(s3_server.url) as proxy:

@@ -309,6 +309,11 @@ def test_names_are_resolved_once_per_hop_and_every_address_is_checked(server: st
     f = _fetcher(AllowList(), resolver)
     for name in ("private.test", "mixed.test", "meta.test", "loop.test"):
         assert _code(f, f"http://{name}:{port}/ok.jpg") == "blocked_address"
+    # The caller learns the kind of address, not the address: an error row must not map the
+    # service's internal names for anyone with a key.
+    with pytest.raises(BatchvisionError) as refused:
+        f.fetch(f"http://private.test:{port}/ok.jpg")
+    assert refused.value.message == "refused: private.test resolves to a private address"
     assert _code(f, f"http://nowhere.test:{port}/ok.jpg") == "dns_error"
     # The redirect's target is resolved and checked too: its name points at a private address.
     assert _code(_fetcher(LOOPBACK, resolver), f"http://{server}/redirect?to=http://private.test/") == (
