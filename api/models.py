@@ -19,7 +19,7 @@ from api.auth import Forbidden, digest, parse_keys, presented_key
 from api.services import Services, services
 from batchvision.core import documents as d
 from batchvision.core import model_documents as md
-from batchvision.core.errors import NotFound, Unauthorized, UnsupportedMediaType
+from batchvision.core.errors import Conflict, NotFound, Unauthorized, UnsupportedMediaType
 from batchvision.core.model_refs import InvalidOption
 from batchvision.core.settings import Settings
 from batchvision.server.registry import FAILED
@@ -44,7 +44,7 @@ def require_admin(settings: Settings) -> None:
     admins = parse_keys(settings.admin_keys.get_secret_value())
     if not admins:
         raise Forbidden(
-            "reloading models over the API is off: set BATCHVISION_ADMIN_KEYS (new version "
+            "managing models over the API is off: set BATCHVISION_ADMIN_KEYS (new version "
             "folders are still picked up by the workers)",
             code="admin_keys_not_configured",
         )
@@ -110,8 +110,8 @@ def list_models() -> dict[str, Any]:
 def reload_model(name: str) -> tuple[dict[str, Any], int]:
     svc = services()
     c.query(d.NoQuery)
+    require_admin(svc.settings)  # before the body: a key that may not reload learns nothing more
     body = _reload_body()
-    require_admin(svc.settings)
     known = svc.models.raw(fresh=True)
     if name not in known:
         names = ", ".join(sorted(known)) or "none yet"
@@ -144,6 +144,53 @@ def reload_model(name: str) -> tuple[dict[str, Any], int]:
     if warning is not None:
         doc["warning"] = warning
     return doc, 202
+
+
+@bp.delete("/models/<name>")
+@c.contract(
+    summary="Forget a model that no worker serves any more (admin key only)",
+    description="Removes the model from the registry: `GET /v1/models` no longer lists it and a "
+    "new job naming it is refused (`422 invalid_option`) instead of waiting for a worker that "
+    "will not come. Refused while a worker serves it (stop those workers first: a worker that "
+    "starts announces its models again) and for the API's default model. Jobs already queued "
+    "for it stay queued: cancel or delete them.",
+    query=d.NoQuery,
+    responses={
+        200: c.Response("The model is forgotten", md.ModelForgotten),
+        403: c.Response("Not an admin key, or no admin keys configured", d.ErrorDocument),
+        404: c.Response("No such model", d.ErrorDocument),
+        409: c.Response(
+            "A worker serves the model now (`model_served`), or it is the API's default model "
+            "(`default_model`)",
+            d.ErrorDocument,
+        ),
+    },
+    tags=("models",),
+)
+def forget_model(name: str) -> dict[str, Any]:
+    svc = services()
+    c.query(d.NoQuery)
+    require_admin(svc.settings)
+    known = svc.models.raw(fresh=True)
+    if name not in known:
+        names = ", ".join(sorted(known)) or "none yet"
+        raise NotFound(f"no model {name[:80]!r}: the registry has {names}", code="model_not_found")
+    if name == default_model(svc.settings):
+        raise Conflict(
+            f"model {name!r} is the API's default model (BATCHVISION_MODEL): jobs that name no "
+            "model go to it",
+            code="default_model",
+        )
+    serving = svc.models.serving(name)
+    if serving:
+        raise Conflict(
+            f"{serving} worker{'s' if serving > 1 else ''} serve{'' if serving > 1 else 's'} model "
+            f"{name!r} now: stop {'them' if serving > 1 else 'it'} first (a worker announces its "
+            "models again when it starts)",
+            code="model_served",
+        )
+    svc.models.forget(name)
+    return {"model": name, "forgotten": True}
 
 
 def _reload_body() -> md.ReloadRequest:

@@ -56,6 +56,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_forget_model(args: argparse.Namespace) -> int:
+    """Remove a model that no worker serves any more from the registry. Needs an admin key."""
+    client_of(args).forget_model(args.name)
+    print(f"model {args.name} forgotten: new jobs naming it are refused")
+    return EXIT_OK
+
+
 def register(sub: Any, add: AddFn) -> None:
     """Add ``models`` and ``reload`` to the ``batchvision`` parser."""
 
@@ -68,6 +75,10 @@ def register(sub: Any, add: AddFn) -> None:
     )
     p.add_argument("name")
     p.add_argument("--version", type=_version, help="a version number to make live, or `latest`")
+    p = client_options(
+        add("forget-model", guarded(cmd_forget_model), "remove a model no worker serves from the registry")
+    )
+    p.add_argument("name")
 
 
 def _version(text: str) -> int | str:

@@ -37,7 +37,7 @@ from batchvision.core.documents import (
 )
 from batchvision.core.job_list import JobList
 from batchvision.core.manifest import UrlEntry
-from batchvision.core.model_documents import ModelList, ReloadAccepted
+from batchvision.core.model_documents import ModelForgotten, ModelList, ReloadAccepted
 
 #: The final job statuses (also ``Job.final``).
 FINAL = frozenset(str(s) for s in FINAL_STATUSES)
@@ -407,6 +407,11 @@ class Client:
         or ``"latest"``); needs an admin key. Returns at once: see :meth:`models`."""
         body = {} if version is None else {"version": version}
         return ReloadAccepted.model_validate(self._json("POST", f"/v1/models/{name}/reload", json=body))
+
+    def forget_model(self, name: str) -> ModelForgotten:
+        """Remove ``name``, which no worker serves any more, from the registry (new jobs naming
+        it are refused); needs an admin key. ``ApiError`` 409 while a worker serves it."""
+        return ModelForgotten.model_validate(self._json("DELETE", f"/v1/models/{name}"))
 
     def cancel(self, job_id: str) -> Job:
         """Cancel what is not classified yet (cancelling again changes nothing); the job and its

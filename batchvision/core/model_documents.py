@@ -68,6 +68,13 @@ class ReloadRequest(BaseModel):
     )
 
 
+class ModelForgotten(Document):
+    """``DELETE /v1/models/{name}``: the model is gone from the registry."""
+
+    model: str
+    forgotten: bool = True
+
+
 class ReloadAccepted(Document):
     """``202`` of a reload request: the workers load in the background (``GET /v1/models``
     shows the outcome, a refused version with its reason)."""

@@ -197,6 +197,23 @@ class ModelRegistry:
             self._cached = None
         return {**request, "receivers": int(receivers)}
 
+    def serving(self, name: str) -> int:
+        """How many workers serve ``name`` now (a heartbeat within :data:`HEARTBEAT_TTL_S`)."""
+        return int(self.redis.zcount(keys.model_workers(name), time.time() - HEARTBEAT_TTL_S, "+inf"))
+
+    def forget(self, name: str) -> None:
+        """Remove ``name`` from the registry: the model, its versions, its live pointer and its
+        workers' heartbeats (a worker serving it announces it again when it starts)."""
+        names = (as_text(k) for k in self.redis.hkeys(keys.MODELS))
+        fields = [f for f in names if f.partition(":")[0] == name]
+        pipe = self.redis.pipeline(transaction=True)
+        if fields:
+            pipe.hdel(keys.MODELS, *fields)
+        pipe.delete(keys.model_live(name), keys.model_workers(name), keys.model_served(name))
+        pipe.execute()
+        with self._lock:
+            self._cached = None
+
     def model_names(self, fresh: bool = False) -> list[str]:
         """The models the workers have announced."""
         return sorted(self.raw(fresh))

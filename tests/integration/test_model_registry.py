@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import redis as redis_lib
 
 from batchvision.core.model_refs import ModelFacts
 from batchvision.server import keys
 from batchvision.server.registry import FAILED, FOUND, HEARTBEAT_TTL_S, READY, ModelRegistry
+from batchvision.testing.servers import RedisServer
 
 
 def test_announcements_make_the_listing_and_the_submit_facts(scratch_redis: redis_lib.Redis) -> None:
@@ -70,3 +72,45 @@ def test_a_reload_request_moves_the_pointer_and_reaches_the_workers(scratch_redi
     registry.request_reload("shapes", None, latest=True)
     assert registry.live_pointer("shapes") is None
     sub.close()
+
+
+def test_an_admin_forgets_a_model_no_worker_serves_and_its_jobs_are_refused_again(
+    scratch_server: RedisServer, scratch_redis: redis_lib.Redis
+) -> None:
+    # A model once served stays announced forever; jobs naming it were accepted and waited for
+    # a worker that would not come.
+    from api import create_app
+    from batchvision.core.settings import Settings
+
+    user, admin = "user-key-0123456789", "admin-key-0123456789"
+    settings = Settings.from_env(
+        {}, redis_url=scratch_server.url, api_keys=user, admin_keys=admin, model="shapes"
+    )
+    registry = ModelRegistry(scratch_redis)
+    for name in ("shapes", "demo"):
+        registry.announce_version(name, 1, READY, classes=6, input_size=[48, 48], labels=list("abcdef"))
+        registry.announce_model(name, 1)
+        registry.heartbeat(f"w-{name}", {name: 1})
+    scratch_redis.set(keys.model_live("demo"), "1")
+    client = create_app(settings).test_client()
+
+    def forget(name: str, key: str = admin) -> Any:
+        return client.delete(f"/v1/models/{name}", headers={"Authorization": f"Bearer {key}"})
+
+    assert forget("demo", user).status_code == 403
+    served = forget("demo")
+    assert (served.status_code, served.get_json()["error"]["code"]) == (409, "model_served")
+    assert "1 worker serves model 'demo'" in served.get_json()["error"]["message"]
+    registry.leave("w-demo", ["demo"])
+    gone = forget("demo")
+    assert (gone.status_code, gone.get_json()) == (200, {"model": "demo", "forgotten": True})
+    headers = {"Authorization": f"Bearer {user}"}
+    assert [m["name"] for m in client.get("/v1/models", headers=headers).get_json()["models"]] == ["shapes"]
+    refused = client.post("/v1/jobs?model=demo", data=b"x", content_type="image/jpeg", headers=headers)
+    assert (refused.status_code, refused.get_json()["error"]["code"]) == (422, "invalid_option")
+    assert not [k for k in scratch_redis.scan_iter(match="bv:models:*demo*")]
+    assert not [f for f in scratch_redis.hkeys(keys.MODELS) if f.startswith(b"demo")]
+    registry.leave("w-shapes", ["shapes"])
+    default = forget("shapes")
+    assert (default.status_code, default.get_json()["error"]["code"]) == (409, "default_model")
+    assert forget("nope").status_code == 404
