@@ -33,6 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
     app.request_class = UploadRequest
+    # `/v1//jobs` is no route: a JSON 404, not an HTML redirect (before any key is checked).
+    app.url_map.merge_slashes = False
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_request_bytes,
         MAX_FORM_PARTS=settings.max_files_per_request + errors.FORM_PARTS_SLACK,

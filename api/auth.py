@@ -89,8 +89,8 @@ class HostAllowList:
         host = header.strip().lower()
         name, port = _split_host(host)
         name = name.rstrip(".")
-        if not name:
-            return False
+        if not name or (port and not (port.isascii() and port.isdigit())):
+            return False  # `name:1@evil.example`: a port is digits, else the links it makes break
         full = f"{name}:{port}" if port else name
         return name in self.names or full in self.with_port or any(name.endswith(s) for s in self.suffixes)
 
@@ -102,7 +102,9 @@ def _split_host(host: str) -> tuple[str, str]:
         if end < 0:
             return "", ""
         rest = host[end + 1 :]
-        return host[: end + 1], rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            return "", ""
+        return host[: end + 1], rest[1:]
     name, _, port = host.partition(":")
     return name, port
 

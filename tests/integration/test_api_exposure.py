@@ -106,6 +106,12 @@ def test_with_api_keys_it_serves_and_asks_for_a_key(
         f"{api.url}/v1/jobs/{JOB_ID}", headers={"Authorization": "Bearer s3cret-key"}, timeout=10
     )
     assert with_key.status_code == 404
+    # A doubled slash is no route: a JSON answer (the /v2 shape there), not an HTML redirect
+    # that skipped the key check.
+    for path, status in (("/v2//models/x", 404), ("/v1//models", 401)):
+        resp = requests.get(f"{api.url}{path}", allow_redirects=False, timeout=10)
+        assert (resp.status_code, resp.headers["Content-Type"]) == (status, "application/json"), path
+        assert "error" in resp.json(), path
 
 
 def test_without_keys_the_webhook_secret_stays_on_the_server(

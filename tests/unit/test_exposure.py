@@ -52,6 +52,10 @@ def test_host_allow_list() -> None:
         "127.0.0.1.nip.io",
         "",
         "[::1",
+        # The name matches but the "port" is not one: werkzeug would drop the host from links.
+        "localhost:1@evil.example",
+        "127.0.0.1:x/../evil",
+        "[::1]evil",
     ):
         assert not loopback.allows(bad), bad
     pinned = HostAllowList.parse("api.example.com:443,*.corp.example")
