@@ -88,6 +88,10 @@ class S3Scope:
         )
         return cls(tuple(allowed), any_bucket, own)
 
+    def __bool__(self) -> bool:
+        """Whether jobs may name any bucket at all."""
+        return self.any_bucket or bool(self.allowed)
+
     def problem(self, bucket: str, key: str, *, listed: bool = False) -> str | None:
         """Why a job may not name ``s3://bucket/key`` (``None``: it may). ``listed``: the key
         is a prefix whose objects are all read (a source) or written (an output)."""

@@ -102,7 +102,9 @@ def entry_problem(url: str, allow: AllowList, scope: S3Scope) -> BatchvisionErro
             return exc
         problem = scope.problem(parsed.bucket, parsed.key)
         return None if problem is None else S3NotAllowed(problem)
-    return url_problem(url, allow, "BATCHVISION_FETCH_ALLOW", schemes="http, https and s3")
+    # s3:// is named only where jobs may name a bucket (BATCHVISION_S3_ALLOW).
+    schemes = "http, https and s3" if scope else "http and https"
+    return url_problem(url, allow, "BATCHVISION_FETCH_ALLOW", schemes=schemes)
 
 
 #: Where a job's status URL puts its id, in the template :meth:`Intake.callback` takes.

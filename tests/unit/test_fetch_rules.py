@@ -518,6 +518,8 @@ def test_refusals_at_submit_say_what_an_image_url_may_be_and_which_setting_allow
     metadata = entry_problem("http://169.254.169.254/latest/", AllowList.parse("169.254.0.0/16"), scope)
     assert metadata is not None and "ALLOW" not in metadata.message  # no allow list opens it
     scheme = entry_problem("ftp://h/a.jpg", AllowList.parse(""), scope)
+    assert scheme is not None and "(http and https only)" in scheme.message  # no bucket allowed
+    scheme = entry_problem("ftp://h/a.jpg", AllowList.parse(""), S3Scope.parse("s3://inbox/"))
     assert scheme is not None and "(http, https and s3 only)" in scheme.message
     # Elsewhere (a callback, a redirect) s3:// is no choice.
     callback = url_problem("ftp://h/hook", AllowList.parse(""), "BATCHVISION_WEBHOOK_ALLOW")
