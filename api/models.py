@@ -110,8 +110,8 @@ def list_models() -> dict[str, Any]:
 def reload_model(name: str) -> tuple[dict[str, Any], int]:
     svc = services()
     c.query(d.NoQuery)
-    require_admin(svc.settings)  # before the body: a key that may not reload learns nothing more
     body = _reload_body()
+    require_admin(svc.settings)
     known = svc.models.raw(fresh=True)
     if name not in known:
         names = ", ".join(sorted(known)) or "none yet"
