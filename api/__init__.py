@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # would block this worker's event loop inside the first request): do it now.
     _ = svc.celery.backend
     app.extensions["batchvision"] = svc
-    ArchiveMemory(settings.archive_memory_bytes).init_app(app)
+    ArchiveMemory(settings.archive_memory_bytes or settings.max_archive_bytes).init_app(app)
     errors.register(app)
     metrics.init_app(
         app,

@@ -21,6 +21,7 @@ from batchvision.core.settings import (
     SettingsError,
     env_table,
     mask_url,
+    masked,
     unknown_variables,
 )
 from batchvision.server.checks import ConfigError, check_worker_settings
@@ -329,7 +330,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
         if args.changed and not given:
             continue
         value = getattr(s, name)
-        shown = "**********" if name in SECRETS and str(value) else mask_url(value)
+        shown = "**********" if name in SECRETS and str(value) else masked(value)
         print(f"{'*' if given else ' '} {variable}={shown}")
         if not args.changed:
             print(f"      {meaning}")

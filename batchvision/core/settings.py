@@ -282,11 +282,11 @@ class Settings(BaseSettings):
     max_archive_bytes: Annotated[int, Field(ge=1)] = _field(
         512 * 1024 * 1024, "Most uncompressed bytes in an uploaded zip (read in memory, never to disk)."
     )
-    archive_memory_bytes: Annotated[int, Field(ge=1)] = _field(
-        512 * 1024 * 1024,
+    archive_memory_bytes: Annotated[int, Field(ge=0)] = _field(
+        0,
         "Most bytes of zip members one API process holds expanded at once (over all its "
-        "requests; at least MAX_ARCHIVE_BYTES): a zip that would go over waits up to 10 s, then "
-        "gets 503 `archives_busy` with Retry-After.",
+        "requests; at least MAX_ARCHIVE_BYTES; 0: MAX_ARCHIVE_BYTES, one largest zip at a time): "
+        "a zip that would go over waits up to 10 s, then gets 503 `archives_busy` with Retry-After.",
     )
     max_compression_ratio: Annotated[float, Field(gt=1)] = _field(
         200.0, "Highest compression ratio of a zip member (zip-bomb guard)."
@@ -606,7 +606,7 @@ class Settings(BaseSettings):
                     f"{PREFIX}{per_key.upper()} ({mine}) is above {PREFIX}{whole.upper()} ({total}): "
                     "a key's quota must be at most the whole queue's"
                 )
-        if self.archive_memory_bytes < self.max_archive_bytes:  # the largest zip could never expand
+        if 0 < self.archive_memory_bytes < self.max_archive_bytes:  # the largest zip could never expand
             raise ValueError(
                 f"{PREFIX}ARCHIVE_MEMORY_BYTES ({self.archive_memory_bytes}) is below "
                 f"{PREFIX}MAX_ARCHIVE_BYTES ({self.max_archive_bytes}): it must be at least that"
@@ -731,7 +731,7 @@ class SettingsError(ValueError):
                 continue
             value = given.get(name, err.get("input"))
             # A URL may carry a password (the Redis, broker or S3 endpoint URL): masked.
-            shown = "(secret)" if name in SECRETS else repr(_masked(value))
+            shown = "(secret)" if name in SECRETS else repr(masked(value))
             problems.append(f"{variable}={shown}: {err['msg'].removeprefix('Value error, ')}")
         return cls("invalid configuration: " + "; ".join(problems))
 
@@ -751,7 +751,7 @@ def mask_url(url: Any) -> Any:
     return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":**********@")).geturl()
 
 
-def _masked(value: Any) -> Any:
+def masked(value: Any) -> Any:
     """``value`` with a URL's password masked (other values unchanged)."""
     if not isinstance(value, str):
         return value

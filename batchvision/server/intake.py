@@ -7,6 +7,7 @@ is refused whole. Accepted images are stored as blobs and queued by task name.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -176,8 +177,10 @@ def unique_keys(raw: list[tuple[str, bytes]]) -> list[Upload]:
         name, refused = given, None
         if len(given) > MAX_FILENAME_LENGTH:
             # Stored twice per file for as long as the job lives, and counted by no quota: kept
-            # short, and the file refused (its row names it by the name's beginning).
-            name = given[: MAX_FILENAME_LENGTH - 1] + "…"
+            # short, and the file refused (its row names it by the name's beginning). The digest
+            # keeps two long names apart across a job's parts (else one looks like a re-send).
+            digest = hashlib.sha256(given.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            name = f"{given[: MAX_FILENAME_LENGTH - 18]}…~{digest}"
             refused = InvalidImage(
                 f"the file name is {len(given)} characters long; the limit is {MAX_FILENAME_LENGTH}",
                 code="bad_filename",

@@ -454,7 +454,7 @@ def test_a_file_name_over_the_limit_is_refused_and_not_stored_whole(
     import zipfile
 
     files = _images(3, seed=6)
-    long = "d/" + "A" * 500_000 + ".jpg"
+    long = "d/" + "A" * 200_000 + ".jpg"  # (a body under the test client's temporary-file size)
     client = _app(scratch_server).test_client()
     assert _post_images(client, KEY_A, files).status_code == 202  # Redis' first-use allocations
     before = flush.info("memory")["used_memory"]
@@ -475,3 +475,19 @@ def test_a_file_name_over_the_limit_is_refused_and_not_stored_whole(
         zf.writestr("B" * 60_000 + ".jpg", files[1][1])
     resp = client.post("/v1/jobs", data=buf.getvalue(), content_type="application/zip", headers=_auth(KEY_A))
     assert resp.status_code == 202 and [r["code"] for r in resp.get_json()["rejected"]] == ["bad_filename"]
+    # Two different long names in two parts of one job: two files, not a file and its re-send.
+    opened = client.post("/v1/jobs", json={"expected": 2}, headers=_auth(KEY_A)).get_json()
+    for tail in ("x.jpg", "y.jpg"):
+        data = {"files": [(io.BytesIO(files[0][1]), "C" * 2000 + tail)]}
+        part = client.post(
+            f"/v1/jobs/{opened['job_id']}/files",
+            data=data,
+            headers=_auth(KEY_A),
+            content_type="multipart/form-data",
+        )
+        assert part.status_code in (200, 202) and part.get_json()["rejected"][0]["code"] == "bad_filename", (
+            part.get_json()
+        )
+    assert (
+        len(client.get(f"/v1/jobs/{opened['job_id']}/files", headers=_auth(KEY_A)).get_json()["files"]) == 2
+    )
