@@ -96,15 +96,24 @@ class ModelReporter:
     ) -> None:
         """Write a version's state unless this worker wrote the same last. ``found`` never
         overwrites what another worker of this model learnt (ready, failed), but with
-        ``replace``: the refusal this worker announced is of files that changed since."""
+        ``replace`` a refusal (of files that changed since), unless another worker has
+        announced the version ready meanwhile."""
         key = (status, facts.get("error"), facts.get("replacement_error"))
         with self._lock:
             announced = self._announced.setdefault(served.name, {})
             if announced.get(version) == key:
                 return
             announced[version] = key
-        only_new = status == FOUND and not replace
-        self._call("announce_version", served.name, version, status, only_new=only_new, **facts)
+        found = status == FOUND
+        self._call(
+            "announce_version",
+            served.name,
+            version,
+            status,
+            only_new=found,
+            over_failed=found and replace,
+            **facts,
+        )
 
     def live_changed(self, served: ServedModel) -> None:
         self._call("announce_model", served.name, served.live.version)

@@ -36,6 +36,19 @@ HEARTBEAT_TTL_S = 30.0
 READY, FAILED, FOUND = "ready", "failed", "found"
 
 
+#: HSET the version document ARGV[2] at field ARGV[1] unless one is there whose status is not
+#: ``failed`` (a refusal is replaced; what another worker learnt is kept).
+_WRITE_OVER_FAILED = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then
+  local ok, doc = pcall(cjson.decode, old)
+  if ok and type(doc) == 'table' and doc['status'] ~= 'failed' then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 class ModelRegistry:
     """Reads and writes of the registry; safe to share between threads."""
 
@@ -53,14 +66,26 @@ class ModelRegistry:
         self.redis.hset(keys.MODELS, name, json.dumps(doc))
 
     def announce_version(
-        self, name: str, version: int, status: str, only_new: bool = False, **facts: Any
+        self,
+        name: str,
+        version: int,
+        status: str,
+        only_new: bool = False,
+        over_failed: bool = False,
+        **facts: Any,
     ) -> None:
         """A version's state: ``found`` (on disk), ``ready`` (loaded and checked: ``classes``,
         ``input_size``, ``labels``, ``load_s``) or ``failed`` (``error``). ``only_new``: write
-        it only if the registry knows nothing of this version yet."""
-        doc = {"version": version, "status": status, **facts, "updated_at": round(time.time(), 3)}
-        write = self.redis.hsetnx if only_new else self.redis.hset
-        write(keys.MODELS, f"{name}:{version}", json.dumps(doc))
+        it only if the registry knows nothing of this version yet; with ``over_failed``, also
+        over a refusal (not over what another worker learnt since: ``ready``)."""
+        doc = json.dumps({"version": version, "status": status, **facts, "updated_at": round(time.time(), 3)})
+        field = f"{name}:{version}"
+        if over_failed:
+            self.redis.eval(_WRITE_OVER_FAILED, 1, keys.MODELS, field, doc)
+        elif only_new:
+            self.redis.hsetnx(keys.MODELS, field, doc)
+        else:
+            self.redis.hset(keys.MODELS, field, doc)
 
     def forget_versions(self, name: str, versions: Iterable[int]) -> None:
         """Versions removed from disk."""

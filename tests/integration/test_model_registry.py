@@ -40,6 +40,13 @@ def test_announcements_make_the_listing_and_the_submit_facts(scratch_redis: redi
     assert api.listing(default="x")[0]["workers"] == 1
     worker.forget_versions("shapes", [2])
     assert [v["version"] for v in api.listing(default="x")[0]["versions"]] == [1, 3]
+    # Version 3's files mended: "found" replaces the refusal, but never a "ready" another
+    # worker announced meanwhile.
+    other.announce_version("shapes", 3, FOUND, only_new=True, over_failed=True)
+    assert [v["status"] for v in api.listing(default="x")[0]["versions"]] == [READY, FOUND]
+    worker.announce_version("shapes", 3, READY, classes=6)
+    other.announce_version("shapes", 3, FOUND, only_new=True, over_failed=True)
+    assert [v["status"] for v in api.listing(default="x")[0]["versions"]] == [READY, READY]
 
 
 def test_silent_workers_stop_counting_and_are_forgotten(scratch_redis: redis_lib.Redis) -> None:

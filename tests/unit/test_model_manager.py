@@ -532,12 +532,19 @@ class Registry:
     """The registry calls a worker's reporter makes (the real one is Redis; see test_models)."""
 
     def __init__(self) -> None:
+        #: version -> (status, written over a refusal, facts)
         self.versions: dict[int, tuple[str, bool, dict[str, Any]]] = {}
 
     def announce_version(
-        self, name: str, version: int, status: str, only_new: bool = False, **facts: Any
+        self,
+        name: str,
+        version: int,
+        status: str,
+        only_new: bool = False,
+        over_failed: bool = False,
+        **facts: Any,
     ) -> None:
-        self.versions[version] = (status, only_new, facts)
+        self.versions[version] = (status, over_failed, facts)
 
     def announce_model(self, name: str, live: int | None) -> None:
         pass
@@ -568,6 +575,6 @@ def test_a_refused_version_mended_but_not_loaded_is_no_longer_reported_as_refuse
         assert manager.refresh("m") is False and registry.versions[2][0] == "failed", "same files"
         (tmp_path / "m" / "2" / "BROKEN").unlink()
         assert manager.refresh("m") is False  # version 1 stays live: pinned
-        assert registry.versions[2] == ("found", False, {})
+        assert registry.versions[2] == ("found", True, {})  # over the refusal (not over a "ready")
     finally:
         manager.close()
