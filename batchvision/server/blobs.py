@@ -181,30 +181,62 @@ def keep_on(pipe: Any, blobs: BlobStore, job_id: str, indexes: Collection[int]) 
 
 
 def unkeep_on(pipe: Any, job_id: str, indexes: Collection[int]) -> None:
-    """Queue on ``pipe`` the end of the keeping of ``indexes``' blobs (queued again: the
-    worker that classifies them deletes them)."""
+    """Queue on ``pipe`` the end of the listing of ``indexes``' kept blobs (deleted with their
+    job)."""
     if indexes:
         pipe.zrem(keys.KEPT_BLOBS, *(f"{job_id}:{i}" for i in indexes))
 
 
+#: A reap begun this long ago and not finished (its worker died, the store refused the delete)
+#: is taken up again.
+REAP_STALE_S = 600.0
+
+#: Move the listed blobs due by ARGV[1] (now) from KEYS[1] (kept) to KEYS[2] (being reaped,
+#: scored by when), at most ARGV[2], and take up again the reaps begun before ARGV[3]; returns
+#: the members to delete. Moved in one step, so a retry (which queues only listed images) and a
+#: reap never both have one.
+_TAKE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZADD', KEYS[2], ARGV[1], m)
+end
+local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(stale) do
+  redis.call('ZADD', KEYS[2], ARGV[1], m)
+  due[#due + 1] = m
+end
+return due
+"""
+
+
 def reap_kept(client: redis.Redis, blobs: BlobStore, limit: int = 1000) -> int:
-    """Delete the kept blobs whose time is up; returns how many. Each is deleted by whoever
-    removes its listing, so workers may reap at once; a retry that queued the image again
-    removed its listing first (:func:`unkeep_on`), so its blob is not reaped under it."""
-    due = [as_text(m) for m in client.zrangebyscore(keys.KEPT_BLOBS, "-inf", time.time(), start=0, num=limit)]
-    if not due:
-        return 0
-    pipe = client.pipeline(transaction=False)
+    """Delete the kept blobs whose time is up; returns how many. Each leaves the listing for
+    :data:`~batchvision.server.keys.KEPT_BLOBS_REAPING` in one step (a retry queues only images
+    still listed, so none is queued with its blob going), is deleted, and only then leaves
+    that: a delete that fails, or a worker that dies, leaves it to a later reap."""
+    now = time.time()
+    due = [
+        as_text(m)
+        for m in client.eval(
+            _TAKE_DUE,
+            2,
+            keys.KEPT_BLOBS,
+            keys.KEPT_BLOBS_REAPING,
+            f"{now:.3f}",
+            limit,
+            f"{now - REAP_STALE_S:.3f}",
+        )
+    ]
+    by_job: dict[str, list[int]] = {}
     for member in due:
-        pipe.zrem(keys.KEPT_BLOBS, member)
-    mine: dict[str, list[int]] = {}
-    for member, removed in zip(due, pipe.execute(), strict=True):
         job_id, _, index = member.rpartition(":")
-        if removed and index.isdigit():
-            mine.setdefault(job_id, []).append(int(index))
-    for job_id, indexes in mine.items():
+        if index.isdigit():
+            by_job.setdefault(job_id, []).append(int(index))
+    for job_id, indexes in by_job.items():
         blobs.delete_many(job_id, indexes)
-    return sum(len(v) for v in mine.values())
+        client.zrem(keys.KEPT_BLOBS_REAPING, *(f"{job_id}:{i}" for i in indexes))
+    return sum(len(v) for v in by_job.values())
 
 
 class S3Blobs:

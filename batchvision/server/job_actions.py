@@ -89,17 +89,20 @@ def retry(intake: Intake, job_id: str) -> Retry:
                 chunks = split(job_id, [i for i, _ in held], intake.settings.chunk_size)
                 now = round(time.time(), 3)
                 pipe.multi()
-                store.requeue(pipe, job_id, held)
+                # A store that lists its kept blobs: an image whose blob the reaper took (or is
+                # taking) since the sizes were read stays as it is (listed as input_expired).
+                store.requeue(pipe, job_id, held, listed=not intake.blobs.expiring)
                 ledger_add(pipe, chunks, now)
-                unkeep_on(pipe, job_id, [i for i, _ in held])  # queued: no reaping under the worker
                 # The job lives on: so does its place in the owner's list.
                 index_job(pipe, owner or "", job_id, float(created), store.result_ttl_s + store.open_ttl_s)
                 hold.release_on(pipe)
                 try:
-                    requeued = int(pipe.execute()[0])
+                    reply = pipe.execute()[0]
                     hold.released()
                 except redis.WatchError:
                     continue  # the job changed meanwhile: read it again
+        requeued, reaped = (int(reply[0]), reply[1:]) if isinstance(reply, list) else (int(reply), [])
+        gone += tuple(NotRequeued(int(i), failed[int(i)].code, "input_expired") for i in reaped)
         if requeued <= 0:
             # The script found nothing to requeue (its checks repeat the ones above, for a change
             # WATCH cannot see, such as an expiry): the MULTI cannot depend on its reply, so the

@@ -25,6 +25,8 @@ key                             what it holds
 ``bv:kept-blobs``               sorted set ``<job>:<index>`` -> when (s): the blobs a file or S3 blob store
                                 keeps for a retry of an image with a retryable error, until they are
                                 reaped (those stores do not expire anything themselves)
+``bv:kept-blobs:reaping``       sorted set ``<job>:<index>`` -> when: kept blobs a worker is deleting
+                                (taken up again after 10 minutes if it did not finish)
 ``bv:pending``                  counter: accepted images without a result, over all jobs
 ``bv:active``                   sorted set: job ids not finished yet -> when an open upload expires
                                 (``+inf`` once sealed), so expired uploads are found and released
@@ -84,6 +86,8 @@ BATCH_LOG = f"{PREFIX}:batches"
 CHUNKS = f"{PREFIX}:chunks"
 #: Blobs kept for a retry in a store that does not expire them: ``<job>:<index>`` -> deadline (s).
 KEPT_BLOBS = f"{PREFIX}:kept-blobs"
+#: ... and those a worker is deleting: ``<job>:<index>`` -> when it began (s).
+KEPT_BLOBS_REAPING = f"{PREFIX}:kept-blobs:reaping"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 FAILED_CHUNKS = f"{PREFIX}:chunks:failed"
 #: Indexes a part added to an open job whose refusals and ledger entries are not written yet

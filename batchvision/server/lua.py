@@ -214,18 +214,26 @@ return released
 #: job runs again (no ``finished_at``, no expiry, no tombstone, its delivery counts reset) and
 #: its webhook and its output prefix's files (``out_state`` back to ``pending``) wait for the new
 #: end. Returns how many were queued again; -1 for an unknown
-#: job, -2 for one not finished, -3 for a canceled one.
+#: job, -2 for one not finished, -3 for a canceled one. With KEYS[14], the listing of the blobs a
+#: file or S3 store keeps (:data:`~batchvision.server.keys.KEPT_BLOBS`): an image whose blob is
+#: no longer listed (reaped, or being reaped) stays as it is, and the reply is ``{n, index...}``
+#: with those indexes; the others leave the listing (the worker deletes their blobs).
 RETRY = (
     LUA_KEYS
     + _ACCOUNTS
     + """
+local K_KEPT = KEYS[14]
 if redis.call('EXISTS', K_JOB) == 0 then return -1 end
 local v = redis.call('HMGET', K_JOB, 'finished_at', 'cancel', 'owner')
 if not v[1] then return -2 end
 if v[2] and v[2] ~= '0' then return -3 end
-local n, bytes = 0, 0
+local n, bytes, gone = 0, 0, {}
 for i = 4, #ARGV, 2 do
-  if redis.call('HDEL', K_RES, ARGV[i]) == 1 then
+  local member = ARGV[3] .. ':' .. ARGV[i]
+  if K_KEPT and not redis.call('ZSCORE', K_KEPT, member) then
+    gone[#gone + 1] = ARGV[i]
+  elseif redis.call('HDEL', K_RES, ARGV[i]) == 1 then
+    if K_KEPT then redis.call('ZREM', K_KEPT, member) end
     n = n + 1
     local size = tonumber(ARGV[i + 1])
     if size > 0 then
@@ -234,7 +242,12 @@ for i = 4, #ARGV, 2 do
     end
   end
 end
-if n == 0 then return 0 end
+local reply = n
+if K_KEPT then
+  reply = {n}
+  for _, index in ipairs(gone) do reply[#reply + 1] = index end
+end
+if n == 0 then return reply end
 local owner = v[3] or ''
 redis.call('HINCRBY', K_JOB, 'failed', -n)
 redis.call('HINCRBY', K_JOB, 'retries', 1)
@@ -259,7 +272,7 @@ if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
   redis.call('HSET', K_JOB, 'cb_state', 'waiting', 'cb_attempts', '0')
   redis.call('HDEL', K_JOB, 'cb_last_status', 'cb_last_error', 'cb_last_attempt_at', 'cb_delivered_at')
 end
-return n
+return reply
 """
 )
 

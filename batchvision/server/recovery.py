@@ -266,6 +266,10 @@ return 0
 """
 
 
+#: At most this many pages of :func:`sweep`'s ``limit`` ledger entries are read in one sweep.
+SWEEP_PAGES = 20
+
+
 def backlog_of(
     queues_of: Callable[[str | None], Sequence[str]], holds: Callable[[Sequence[str]], bool]
 ) -> Callable[[str | None], bool]:
@@ -304,19 +308,28 @@ def sweep(
         return 0  # another worker is sweeping right now
     try:
         cutoff = time.time() - older_than_s
-        resent = 0
-        for raw in client.zrangebyscore(CHUNKS, "-inf", cutoff, start=0, num=limit):
-            member = raw.decode() if isinstance(raw, bytes) else str(raw)
-            chunk = parse_member(member)
-            if not store.exists(chunk.job_id) or not store.unresolved(chunk.job_id, chunk.indexes):
-                client.zrem(CHUNKS, member)
-                continue
-            if backlog(store.routing_of(chunk.job_id).model):
-                continue  # its model's queues hold messages: it may be among them
-            log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
-            client.zadd(CHUNKS, {member: time.time()}, xx=True)
-            resend(chunk)
-            resent += 1
+        resent = start = 0
+        # Page by page: the chunks of a backlogged model stay in the range (skipped), and
+        # however many there are, the others behind them are reached (up to a bound per sweep).
+        for _ in range(SWEEP_PAGES):
+            page = [as_text(m) for m in client.zrangebyscore(CHUNKS, "-inf", cutoff, start=start, num=limit)]
+            if not page:
+                break
+            chunks = [parse_member(member) for member in page]
+            routings = store.routings([chunk.job_id for chunk in chunks])
+            for member, chunk, routing in zip(page, chunks, routings, strict=True):
+                if routing is not None and backlog(routing.model):
+                    start += 1  # its model's queues hold messages: it may be among them
+                    continue
+                if routing is None or not store.unresolved(chunk.job_id, chunk.indexes):
+                    client.zrem(CHUNKS, member)  # its job is gone, or it is done
+                    continue
+                log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
+                client.zadd(CHUNKS, {member: time.time()}, xx=True)  # out of the range: no shift
+                resend(chunk)
+                resent += 1
+                if resent >= limit:
+                    return resent
         return resent
     finally:
         # Ours only: a sweep that outlasted the lock's 60 s may find another worker's lock.

@@ -67,6 +67,14 @@ def _eval(pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
     pipe.eval(script, len(keys), *keys, *args)
 
 
+def _routing(raw_model: Any, raw_priority: Any) -> Routing:
+    """A job's :class:`Routing` from its hash's ``model`` and ``priority`` fields."""
+    name = as_text(raw_model) if raw_model else ""
+    return Routing(
+        name if MODEL_NAME_RE.match(name) else None, int(raw_priority) if raw_priority else DEFAULT_PRIORITY
+    )
+
+
 def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
     """A job hash as the public status document (``None`` for a missing job)."""
     if not raw:
@@ -344,15 +352,22 @@ class JobStore:
                 out[int(index)] = result
         return dict(sorted(out.items()))
 
-    def requeue(self, pipe: Any, job_id: str, images: Sequence[tuple[int, int]]) -> None:
+    def requeue(
+        self, pipe: Any, job_id: str, images: Sequence[tuple[int, int]], *, listed: bool = False
+    ) -> None:
         """Queue on ``pipe`` (a ``MULTI`` pipeline) the removal of the results of ``images``
         (``(index, bytes of its blob)`` pairs) of a finished job, which then runs again:
         :data:`~batchvision.server.lua.RETRY`. Its reply is how many were removed (-1: no job,
-        -2: not finished, -3: canceled)."""
+        -2: not finished, -3: canceled). ``listed``: the blobs are kept in a store that lists
+        them (:data:`~batchvision.server.keys.KEPT_BLOBS`): an image whose listing is gone
+        stays, and the reply is ``[n, index...]`` with those."""
         args: list[Any] = [self.result_ttl_s, f"{time.time():.3f}", job_id]
         for index, size in images:
             args += [index, size]
-        _eval(pipe, lua.RETRY, JobKeys.of(job_id).lua(), args)
+        k = JobKeys.of(job_id).lua()
+        if listed:
+            k.append(keys.KEPT_BLOBS)
+        _eval(pipe, lua.RETRY, k, args)
 
     def remove(self, job_id: str, owner: str) -> bool:
         """Remove the job, its results and its place in ``owner``'s job list, after giving
@@ -374,11 +389,15 @@ class JobStore:
         """Where the job's chunks go: its model (``None``: unknown job, or one from before
         models had names) and priority (the default for a job from before priorities)."""
         raw_model, raw_priority = self.redis.hmget(JobKeys.of(job_id).job, ["model", "priority"])
-        name = as_text(raw_model) if raw_model else ""
-        return Routing(
-            name if MODEL_NAME_RE.match(name) else None,
-            int(raw_priority) if raw_priority else DEFAULT_PRIORITY,
-        )
+        return _routing(raw_model, raw_priority)
+
+    def routings(self, job_ids: Sequence[str]) -> list[Routing | None]:
+        """:meth:`routing_of` for each of ``job_ids`` in one round trip; ``None`` for a job
+        that is gone."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(JobKeys.of(job_id).job, ["created_at", "model", "priority"])
+        return [None if created is None else _routing(m, p) for created, m, p in pipe.execute()]
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(JobKeys.of(job_id).job))

@@ -27,7 +27,7 @@ from batchvision.core.results import error_result
 from batchvision.core.settings import Settings
 from batchvision.server import intake as intake_module
 from batchvision.server import job_actions, keys, lua
-from batchvision.server.blobs import FileBlobs, S3Blobs, reap_kept
+from batchvision.server.blobs import REAP_STALE_S, FileBlobs, S3Blobs, reap_kept
 from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
@@ -146,6 +146,17 @@ def lasting_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     return S3Blobs(S3Url.parse(f"s3://{bucket}/blobs/"), S3(S3Config(endpoint_url=server.url)), keep_s=600)
 
 
+class FailingDeletes:
+    """A blob store whose deletes fail (a volume or bucket refusing for the moment)."""
+
+    def __init__(self, blobs: Any) -> None:
+        self.blobs = blobs
+        self.expiring = blobs.expiring
+
+    def delete_many(self, job_id: str, indexes: Any, pipe: Any = None) -> None:
+        raise OSError("the store refused the delete")
+
+
 def _held(blobs: Any, job_id: str, total: int) -> list[int]:
     return [i for i, n in enumerate(blobs.sizes(job_id, list(range(total)))) if n]
 
@@ -182,6 +193,28 @@ def test_a_file_or_s3_store_keeps_a_retryable_images_blob_for_a_retry_until_it_i
     assert job_actions.retry(intake, other) == job_actions.Retry(
         0, (job_actions.NotRequeued(0, "poison_image", "input_expired"),)
     )
+
+    # A reap begun before a retry (the listing taken, the delete not done yet): the retry leaves
+    # that image as it is, an input gone, rather than queue it while its blob goes.
+    racing = "f" * 32
+    _finished_with_a_poison_image(rig, racing)
+    rig.r.zrem(keys.KEPT_BLOBS, f"{racing}:0")
+    rig.r.zadd(keys.KEPT_BLOBS_REAPING, {f"{racing}:0": time.time()})
+    assert job_actions.retry(intake, racing) == job_actions.Retry(
+        0, (job_actions.NotRequeued(0, "poison_image", "input_expired"),)
+    )
+    assert rig.rows(racing)[0]["error"]["code"] == "poison_image" and not rig.in_ledger(racing, [0])
+    # A reap whose delete failed (or whose worker died) is taken up again later.
+    failing = FailingDeletes(lasting_blobs)
+    rig.r.zadd(keys.KEPT_BLOBS, {f"{racing}:0": time.time() - 1})
+    rig.r.zrem(keys.KEPT_BLOBS_REAPING, f"{racing}:0")
+    with pytest.raises(OSError):
+        reap_kept(rig.r, failing)
+    assert _held(lasting_blobs, racing, 4) == [0] and rig.r.zcard(keys.KEPT_BLOBS_REAPING) == 1
+    assert reap_kept(rig.r, lasting_blobs) == 0  # begun lately: not yet another worker's
+    rig.r.zadd(keys.KEPT_BLOBS_REAPING, {f"{racing}:0": time.time() - REAP_STALE_S - 1})
+    assert reap_kept(rig.r, lasting_blobs) == 1
+    assert _held(lasting_blobs, racing, 4) == [] and rig.r.zcard(keys.KEPT_BLOBS_REAPING) == 0
 
     # Deleting a job takes its kept blobs and their listing with it.
     third = "e" * 32

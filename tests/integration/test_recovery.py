@@ -122,6 +122,25 @@ def test_another_models_backlog_holds_up_only_that_models_chunks(
     assert _sweep(store, resends) == 1 and resends[-1] == ("k", [0, 1])
 
 
+def test_more_held_up_chunks_than_a_sweep_takes_at_once_hide_no_other_models_chunk(
+    store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
+) -> None:
+    # 25 old chunks of a backlogged model ahead of one lost chunk of another, with pages of 10:
+    # the sweep reads on past them, and leaves them for the backlog.
+    _job(store, "held", 50, model="other")
+    for i in range(25):
+        _ledger(scratch_redis, "held", [2 * i, 2 * i + 1], age_s=OLD + 100 - i)
+    _job(store, "j", 2)
+    _ledger(scratch_redis, "j", [0, 1], age_s=OLD)
+    scratch_redis.rpush("other.q", "a backlog")
+    assert (
+        sweep(store, _backlog(store), CUTOFF, lambda c: resends.append((c.job_id, list(c.indexes))), limit=10)
+        == 1
+    )
+    assert resends == [("j", [0, 1])]
+    assert scratch_redis.zcard(keys.CHUNKS) == 26  # the held-up ones stay, for their backlog
+
+
 def test_one_sweep_at_a_time(
     store: JobStore, scratch_redis: redis_lib.Redis, resends: list[tuple[str, list[int]]]
 ) -> None:
