@@ -249,5 +249,12 @@ def test_the_bytes_the_members_declare_are_reserved_before_any_is_expanded() -> 
     def refuse(n: int) -> None:
         raise Busy(n)
 
+    # Before any member is read: with a member whose data is broken, a reservation made after
+    # reading would come too late (the broken member is refused first).
+    broken = bytearray(data)
+    at = data.find(b"PK\x03\x04") + 30 + len(imgs[0][0]) + 40  # into the first member's data
+    broken[at : at + 16] = b"\x00" * 16
+    with pytest.raises(ArchiveRejected):
+        read_zip(bytes(broken), **LIMITS)
     with pytest.raises(Busy):
-        read_zip(data, **LIMITS, reserve=refuse)
+        read_zip(bytes(broken), **LIMITS, reserve=refuse)
