@@ -54,18 +54,22 @@ def _fill(r: redis_lib.Redis) -> None:
         r.set("probe", b"x")
 
 
+def _held_at_the_gate(stack: Any, gate: Path, wait_until: Callable[..., Any], seed: int) -> tuple[Any, str]:
+    """A worker whose first batch waits at ``gate``, and the job of that batch."""
+    worker = stack.worker(failpoints=f"batch-gate={gate}")
+    files = [("files", (name, data)) for name, data, _ in labelled_files(IMAGES, seed=seed)]
+    resp = requests.post(f"{stack.url}/v1/jobs", files=files, timeout=30)
+    assert resp.status_code == 202, resp.text
+    wait_until(lambda: Path(f"{gate}.waiting").exists(), timeout=60, message="the batch at the gate")
+    return worker, str(resp.json()["job_id"])
+
+
 def test_a_redis_that_fills_while_a_worker_holds_a_batch_loses_neither_worker_nor_result(
     stack: Any, r: redis_lib.Redis, tmp_path: Path, wait_until: Callable[..., Any]
 ) -> None:
     gate = tmp_path / "gate"
-    worker = stack.worker(failpoints=f"batch-gate={gate}")
-    files = [("files", (name, data)) for name, data, _ in labelled_files(IMAGES, seed=5)]
-    resp = requests.post(f"{stack.url}/v1/jobs", files=files, timeout=30)
-    assert resp.status_code == 202, resp.text
-    job_id = resp.json()["job_id"]
-    # The worker holds the message, and its batch waits at the gate.
-    wait_until(lambda: Path(f"{gate}.waiting").exists(), timeout=60, message="the batch at the gate")
-    assert r.hlen(UNACKED) == 1
+    worker, job_id = _held_at_the_gate(stack, gate, wait_until, seed=5)
+    assert r.hlen(UNACKED) == 1  # the worker holds the message
     _fill(r)
     gate.touch()  # the batch runs; Redis refuses its results
 
@@ -100,12 +104,7 @@ def test_a_redis_restart_while_a_worker_holds_a_batch_delays_it_by_the_restart_o
     # be sent: the task used to be dropped, its chunk left to the sweep (twice the visibility
     # timeout: 20 minutes here, hours by default). It waits for Redis instead.
     gate = tmp_path / "gate"
-    worker = stack.worker(failpoints=f"batch-gate={gate}")
-    files = [("files", (name, data)) for name, data, _ in labelled_files(IMAGES, seed=7)]
-    resp = requests.post(f"{stack.url}/v1/jobs", files=files, timeout=30)
-    assert resp.status_code == 202, resp.text
-    job_id = resp.json()["job_id"]
-    wait_until(lambda: Path(f"{gate}.waiting").exists(), timeout=60, message="the batch at the gate")
+    worker, job_id = _held_at_the_gate(stack, gate, wait_until, seed=7)
     stack.redis.stop()
     try:
         gate.touch()  # the batch runs; its results cannot be stored
