@@ -36,7 +36,7 @@ from batchvision.server.messages import Chunk, split
 from batchvision.server.outputs import output_fields
 from batchvision.server.queue import Enqueuer
 from batchvision.server.quotas import NO_HOLD, Hold, Quotas
-from batchvision.server.recovery import confirm_part, ledger_add, ledger_failed
+from batchvision.server.recovery import confirm_part, ledger_add, ledger_failed, unconfirm_part
 from batchvision.server.registry import ModelRegistry
 from batchvision.server.routing import default_model
 from batchvision.server.s3 import S3, S3Config, S3Error, S3Url, is_s3_url, shared
@@ -674,7 +674,19 @@ class Intake:
             ledger_add(pipe, chunks, now)
             confirm_part(pipe, job_id, added)
             pipe.execute()
-        self.blobs.put_many(job_id, blobs)
+        try:
+            self.blobs.put_many(job_id, blobs)
+        except Exception:
+            # A store that took some of them (a bucket's PUTs one by one) and nothing sent: a
+            # re-send of the part would find those stored and take them for images on their
+            # way. As an unconfirmed part they are sent once the job is sealed.
+            try:
+                pipe = self.redis.pipeline()
+                unconfirm_part(pipe, job_id, sorted(blobs), chunks)
+                pipe.execute()
+            except Exception:  # noqa: BLE001 - Redis away too: the sweep sends the chunks later
+                log.warning("could not mark a failed part of %s for recovery; the sweep will", job_id)
+            raise
         if chunks:
             routing = self.store.routing_of(job_id)
             self.send(chunks, now, interactive, model=routing.model, priority=routing.priority)

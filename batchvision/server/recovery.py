@@ -78,6 +78,23 @@ def confirm_part(pipe: Any, job_id: str, indexes: Sequence[int]) -> None:
         pipe.zrem(UNCONFIRMED_PARTS, part_member(job_id, min(indexes), max(indexes)))
 
 
+def unconfirm_part(pipe: Any, job_id: str, indexes: Sequence[int], chunks: Sequence[Chunk]) -> None:
+    """Queue on ``pipe``: the request that stored ``indexes`` (and recorded ``chunks``) failed
+    before it sent them, some of their blobs stored, others not. Their chunks leave the ledger
+    and they become an unconfirmed part again (a run of consecutive indexes each), so that
+    :func:`recover_parts` sends them once the job is sealed: a re-sent part may still store
+    the missing ones, and none waits for the sweep."""
+    ledger_done(pipe, chunks)
+    runs: list[list[int]] = []
+    for index in sorted(indexes):
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    if runs:
+        pipe.zadd(UNCONFIRMED_PARTS, {part_member(job_id, run[0], run[-1]): time.time() for run in runs})
+
+
 def recover_parts(
     store: JobStore,
     resend: Callable[[Chunk], None],

@@ -146,6 +146,20 @@ def lasting_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     return S3Blobs(S3Url.parse(f"s3://{bucket}/blobs/"), S3(S3Config(endpoint_url=server.url)), keep_s=600)
 
 
+class HalfStore(FileBlobs):
+    """A volume whose writes fail after ``fail_after`` blobs of a call (``None``: never)."""
+
+    fail_after: int | None = None
+
+    def put_many(self, job_id: str, blobs: Any, pipe: Any = None) -> None:
+        items = list(blobs.items())
+        if self.fail_after is None:
+            super().put_many(job_id, dict(items))
+            return
+        super().put_many(job_id, dict(items[: self.fail_after]))
+        raise OSError("the store went away")
+
+
 class FailingDeletes:
     """A blob store whose deletes fail (a volume or bucket refusing for the moment)."""
 
@@ -303,13 +317,15 @@ def test_a_part_that_fails_half_way_leaves_every_image_a_way_to_a_result(
     with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
         intake.submit(job, "", part, [], seal=False)  # Redis full as the part's blobs arrive
     monkeypatch.undo()
-    # Indexed, and each has its way to a result: the refusal is stored, the image is in the
-    # ledger (the sweeper re-sends what no message carries).
+    # Indexed, and each has its way to a result: the refusal is stored, the image is an
+    # unconfirmed part again (sent once the job is sealed; its ledger entry is gone).
     assert [r["filename"] for r in rig.rows(job)][1:] == ["b.jpg", "c.jpg"]
     assert rig.rows(job)[2]["error"]["code"] == "not_an_image"
-    assert rig.in_ledger(job, [1])
+    assert not rig.in_ledger(job, [1]) and rig.r.zscore(keys.UNCONFIRMED_PARTS, f"{job}:1:1") is not None
     intake.store.seal(job)  # the client gives up on the part and seals the job
-    rig.process((job, [0]), (job, [1]))  # its first message, and the sweeper's re-send
+    resent: list[Chunk] = []
+    assert recover_parts(intake.store, resent.append, chunk_size=8, older_than_s=0) == 1
+    rig.process((job, [0]), *((c.job_id, c.indexes) for c in resent))  # its first message, and the part
     doc = intake.store.get(job)
     assert doc is not None and doc["finished_at"] is not None
     assert [r.get("label") or r["error"]["code"] for r in rig.rows(job)] == [
@@ -357,6 +373,38 @@ def test_a_part_whose_request_dies_after_indexing_still_gives_every_image_a_resu
     doc = intake.store.get(job)
     assert doc is not None and doc["finished_at"] is not None
     assert rig.labels(job) == ["red", "upload_expired", refused]
+
+
+def test_a_part_half_stored_in_a_bucket_is_sent_once_the_job_is_sealed(
+    scratch_redis: redis_lib.Redis, rig_on: Callable[..., Any], tmp_path: Path
+) -> None:
+    # A volume or bucket takes the blobs one by one: the store went away after the first of a
+    # part's two, before anything was sent. The client sends the part again, which stores the
+    # missing one; the stored one used to be taken for an image on its way and waited for the
+    # sweep (hours).
+    blobs = HalfStore(tmp_path / "blobs")
+    rig = rig_on(scratch_redis, blobs=blobs)
+    settings = Settings.from_env({}, redis_url="redis://unused/0", chunk_size=8)
+    intake = Intake(settings, rig.r, rig.store, blobs, Telemetry(rig.r), SentChunks())  # type: ignore[arg-type]
+    first = [Upload("a.jpg", "a.jpg", rig.jpeg("red"))]
+    job = intake.submit(None, "", first, [], seal=False, options=JobOptions("colours")).job_id
+    rig.process((job, [0]))
+    part = [Upload("b.jpg", "b.jpg", rig.jpeg("green")), Upload("c.jpg", "c.jpg", rig.jpeg("blue"))]
+    blobs.fail_after = 1
+    with pytest.raises(OSError):
+        intake.submit(job, "", part, [], seal=False)
+    blobs.fail_after = None
+    assert blobs.sizes(job, [1, 2])[0] > 0 and blobs.sizes(job, [1, 2])[1] == 0  # half stored
+    intake.submit(job, "", part, [], seal=False)  # the client's re-send: c.jpg stored and queued
+    intake.store.seal(job)
+    sent = intake.enqueuer.sent  # type: ignore[attr-defined]
+    rig.process(*((c.job_id, c.indexes) for chunks, *_ in sent[1:] for c in chunks))
+    assert intake.store.get(job)["finished_at"] is None  # b.jpg still has no result
+    resent: list[Chunk] = []
+    assert recover_parts(intake.store, resent.append, chunk_size=8, older_than_s=0) >= 1
+    rig.process(*((c.job_id, c.indexes) for c in resent))
+    assert rig.labels(job) == ["red", "green", "blue"]
+    assert intake.store.get(job)["finished_at"] is not None
 
 
 def test_a_part_that_succeeds_leaves_nothing_to_recover(rig: Any, intake: Intake) -> None:
