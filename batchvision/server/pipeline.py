@@ -37,7 +37,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.parking import Entry, Parked, Parking
-from batchvision.server.recovery import ledger_done, ledger_started
+from batchvision.server.recovery import ledger_done, ledger_failed, ledger_started
 from batchvision.server.s3 import S3, S3Error, S3Url, TransientS3Error, is_s3_url
 from batchvision.server.store import Counts, JobStore
 
@@ -381,19 +381,26 @@ class ChunkProcessor:
         return aside
 
     def _publish(self, items: Sequence[Parked]) -> None:
-        """Send parked chunks to their queue again (a failure leaves them to the sweep: they
-        are in the ledger)."""
+        """Send parked chunks to their queue again. One the broker does not take is marked
+        failed in the ledger: a worker sends it after a pause (:func:`resend_failed`), as the
+        API's failed publishes, not the sweep two visibility timeouts later."""
         for item in items:
             try:
                 if self.hand_on is not None:
                     self.hand_on(item.chunk, item.model, item.urgent, item.priority, item.enqueued_at)
-            except Exception:  # noqa: BLE001 - the broker is away: the sweep re-sends the chunk
+            except Exception as exc:  # noqa: BLE001 - the broker is away for the moment
                 log.warning(
-                    "could not publish parked chunk %s:%d again; the sweep will",
+                    "could not publish parked chunk %s:%d again (%s); it is sent again after a pause",
                     item.chunk.job_id,
                     item.chunk.first,
-                    exc_info=True,
+                    exc,
                 )
+                try:
+                    ledger_failed(self.store.redis, [item.chunk])
+                except Exception:  # noqa: BLE001 - Redis away too: the sweep re-sends the chunk
+                    log.warning(
+                        "could not mark parked chunk %s:%d for a resend", item.chunk.job_id, item.chunk.first
+                    )
 
     def _route(self, options: JobOptions) -> Route | BatchvisionError | None:
         """The lane for a job's options (``None``: the model is not served here)."""

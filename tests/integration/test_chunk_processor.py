@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kombu.exceptions
 import numpy as np
 import pytest
 import redis as redis_lib
@@ -30,7 +31,7 @@ from batchvision.server.blobs import FileBlobs
 from batchvision.server.fetch import url_blob
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
-from batchvision.server.recovery import chunk_member
+from batchvision.server.recovery import chunk_member, resend_failed
 from batchvision.server.store import Counts
 from batchvision.server.telemetry import Telemetry
 from batchvision.testing.servers import RedisServer
@@ -530,6 +531,33 @@ def test_a_stopping_worker_sends_its_parked_chunks_back_to_their_queue(
     finally:
         fetcher.release.set()
         running.join(30)
+
+
+def test_a_parked_chunk_the_broker_refuses_again_is_marked_to_be_sent_after_a_pause(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    # The broker away as the parked chunk goes back (a short RabbitMQ outage): it used to wait
+    # for the sweep, two visibility timeouts (hours by default).
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
+    first, second = _url_job(rig, "a1", "a", 1), _url_job(rig, "a2", "a", 1)
+
+    def broker_away(*_: Any) -> None:
+        raise kombu.exceptions.OperationalError("[Errno 111] Connection refused")
+
+    rig.processor.hand_on = broker_away
+    running = threading.Thread(target=rig.process, args=(("a1", first),))
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="the fetches started")
+        rig.process(("a2", second))
+        assert rig.processor.parked() == 1
+    finally:
+        fetcher.release.set()
+        running.join(30)
+    assert rig.processor.parked() == 0  # a1 done: a2 went back, and the broker refused it
+    due = rig.r.zscore(keys.FAILED_CHUNKS, chunk_member(Chunk.of("a2", second)))
+    assert due is not None and due - time.time() < 60, "marked to be sent again after a pause"
+    assert resend_failed(rig.store, lambda c: None, lambda c, n: None, now=due + 1) == 1
 
 
 def test_a_message_whose_one_chunk_is_parked_classifies_its_others(
