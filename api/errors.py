@@ -76,8 +76,9 @@ def register(app: Flask) -> None:
     @app.errorhandler(redis.exceptions.TimeoutError)
     @app.errorhandler(OperationalError)
     def _unavailable(exc: Exception) -> Response:
-        log.warning("backend unavailable: %s", exc)
-        resp = error_response(503, "unavailable", "the job store (Redis) is unreachable; retry later")
+        log.warning("backend unavailable: %s %s: %s", request.method, request.path, exc)
+        what = "the broker (the task queue)" if isinstance(exc, OperationalError) else "the job store (Redis)"
+        resp = error_response(503, "unavailable", f"{what} is unreachable; retry later")
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         return resp
 

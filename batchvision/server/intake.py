@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from batchvision.core.allow_list import AllowList
-from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage
+from batchvision.core.errors import BatchvisionError, ImageTooLarge, InvalidImage, ServiceUnavailable
 from batchvision.core.imaging import inspect_images
 from batchvision.core.manifest import MAX_FILENAME_LENGTH, UrlEntry
 from batchvision.core.model_refs import JobOptions, resolve_options
@@ -603,12 +603,21 @@ class Intake:
         empty, and until then their images held their owner's quota and the queue's budget."""
         try:
             self.enqueuer.send(chunks, now, interactive, model=model, priority=priority)
-        except Exception:
+        except Exception as exc:
             try:
                 ledger_failed(self.redis, chunks)
             except Exception:  # noqa: BLE001 - Redis away too: the sweep is left
                 log.warning("could not mark %d unpublished chunks for a resend", len(chunks), exc_info=True)
-            raise
+                raise exc from None
+            # Stored, and queued later: the caller learns which job, so that it need not make
+            # another (without an Idempotency-Key a retry would).
+            job_id = chunks[0].job_id
+            raise ServiceUnavailable(
+                f"the broker did not take the images ({exc}): job {job_id} is stored and a worker "
+                "queues them once the broker is back; GET its status_url, or send the request again "
+                "with the same Idempotency-Key to get it",
+                details=[{"job_id": job_id, "status_url": f"/v1/jobs/{job_id}"}],
+            ) from exc
 
     def _drop_uploads_of_no_job(self, job_id: str, indexes: Sequence[int]) -> None:
         """Delete the uploads written to a volume or bucket for a job whose ``MULTI`` failed,

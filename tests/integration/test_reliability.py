@@ -210,6 +210,10 @@ def test_redis_down_gives_503_never_202_and_recovers(env: Env) -> None:
                 assert resp.status_code == 503, (code, n, resp.text)
                 assert resp.json()["error"]["code"] == "unavailable"
                 assert resp.headers["Retry-After"]
+                if code == "broker_unreachable":  # Redis is there: the job is stored, and named
+                    (detail,) = resp.json()["error"]["details"]
+                    assert env.store.get(detail["job_id"]) is not None, resp.text
+                    assert "queues them once the broker is back" in resp.json()["error"]["message"]
             ready = requests.get(f"{env.url}/readyz", timeout=30)
             assert ready.status_code == 503 and ready.json()["error"]["code"] == code
             assert requests.get(f"{env.url}/healthz", timeout=10).status_code == 200
