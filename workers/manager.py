@@ -41,7 +41,14 @@ from batchvision.core.results import Prediction, prediction
 from batchvision.core.settings import Settings
 from batchvision.server import failpoints, tracing
 from batchvision.server.registry import FAILED, READY
-from batchvision.server.repository import ModelEntry, VersionDir, parse_model_list, repository, select
+from batchvision.server.repository import (
+    ModelEntry,
+    RepositoryError,
+    VersionDir,
+    parse_model_list,
+    repository,
+    select,
+)
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +391,7 @@ class ModelManager:
         self.listeners: list[ModelEvents] = []
         self._cond = threading.Condition()
         self._pending: dict[str, bool] = {}  # model -> may wait for its files to settle
+        self._unreadable: dict[str, str] = {}  # model -> why its repository could not be read last
         self._busy = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -562,8 +570,15 @@ class ModelManager:
                 self._busy = True
             try:
                 self.refresh(name, settle)
+            except RepositoryError as exc:  # the store away for the moment: said once, not each look
+                if self._unreadable.get(name) != str(exc):
+                    log.warning("model %s: the repository cannot be read (%s); what is live stays", name, exc)
+                self._unreadable[name] = str(exc)
             except Exception:  # noqa: BLE001 - the next look tries again
                 log.exception("model %s: looking for a new version failed", name)
+            else:
+                if self._unreadable.pop(name, None) is not None:
+                    log.info("model %s: the repository can be read again", name)
             finally:
                 with self._cond:
                     self._busy = False

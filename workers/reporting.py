@@ -76,6 +76,7 @@ class ModelReporter:
             for version in sorted(set(announced) - set(entry.versions) - set(entry.problems)):
                 self._call("forget_versions", served.name, [version])
                 del announced[version]
+            refused = {v for v, (status, *_) in announced.items() if status == FAILED}
         for version in sorted(set(entry.versions) | set(entry.problems)):
             failed = served.failed.get(version)
             if version in entry.problems:
@@ -85,8 +86,11 @@ class ModelReporter:
             elif version in served.ready:
                 self.version_state(served, version, READY, served.ready[version])
             else:
-                # Refused before, with other files (mended since): that refusal is stale news.
-                self.version_state(served, version, FOUND, {}, replace=failed is not None)
+                # Refused before (by a load, or by the scan: a file missing), with other files
+                # (mended since): that refusal is stale news.
+                self.version_state(
+                    served, version, FOUND, {}, replace=failed is not None or version in refused
+                )
         if served.name not in self._models_announced:
             self._call("announce_model", served.name, served.live.version)
             self._models_announced.add(served.name)

@@ -30,6 +30,10 @@ def _field(default: Any, doc: str) -> Any:
     return Field(default, description=doc)
 
 
+#: The longest time a duration setting may name: ten years (Redis refuses an expiry far past it).
+MAX_TTL_S = 10 * 365 * 86400
+
+
 class Settings(BaseSettings):
     """Service configuration. Build it with :meth:`from_env`; tests pass overrides.
 
@@ -735,9 +739,6 @@ class SettingsError(ValueError):
             problems.append(f"{variable}={shown}: {err['msg'].removeprefix('Value error, ')}")
         return cls("invalid configuration: " + "; ".join(problems))
 
-
-#: The longest time a duration setting may name: ten years (Redis refuses an expiry far past it).
-MAX_TTL_S = 10 * 365 * 86400
 
 #: Fields whose values are never shown.
 SECRETS = ("api_keys", "flower_password", "webhook_secret", "admin_keys", "key_max_priority")

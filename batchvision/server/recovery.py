@@ -341,7 +341,11 @@ def sweep(
                 if routing is None or not store.unresolved(chunk.job_id, chunk.indexes):
                     client.zrem(CHUNKS, member)  # its job is gone, or it is done
                     continue
-                log.warning("re-sending chunk %s: its message was lost (worker died while taking it)", member)
+                log.warning(
+                    "re-sending chunk %s: no message carries it (a worker died while taking it, or a "
+                    "publish failed)",
+                    member,
+                )
                 client.zadd(CHUNKS, {member: time.time()}, xx=True)  # out of the range: no shift
                 resend(chunk)
                 resent += 1

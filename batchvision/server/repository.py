@@ -99,6 +99,10 @@ def repository(settings: Settings) -> dict[str, ModelEntry]:
     if is_s3_url(settings.models_dir):
         root, problems = _mirrored(settings)
         entries = scan(root)
+        # A refusal names the bucket's location, which the operator knows, not the local copy.
+        local, remote = f"{root}/", settings.models_dir.rstrip("/") + "/"
+        for entry in entries.values():
+            entry.problems = {v: why.replace(local, remote) for v, why in entry.problems.items()}
         for name, refused in problems.items():
             entries.setdefault(name, ModelEntry(name)).problems.update(refused)
     elif settings.models_dir:

@@ -141,9 +141,14 @@ def test_the_repository_reads_a_bucket_and_names_what_it_cannot_read(
         s3_endpoint_url=s3_server.url,
         worker_models="shapes",
     )
+    # Version 2: its labels there, its model file not yet.
+    s3_server.client().put_object(Bucket=s3_bucket, Key="models/shapes/2/labels.txt", Body=labels)
     entries = repository(settings)
     assert list(entries) == ["shapes"], "only the models the worker serves are copied"
     assert entries["shapes"].versions[1].source == str(cache_dir(settings) / "shapes" / "1" / "model.keras")
+    # Its refusal names the bucket's location, not the worker's local copy.
+    why = entries["shapes"].problems[2]
+    assert f"s3://{s3_bucket}/models/shapes/2" in why and str(tmp_path) not in why, why
     missing = settings.replace(models_dir="s3://no-such-bucket-here/models/")
     with pytest.raises(ValueError, match="no-such-bucket-here.*the bucket does not exist"):
         repository(missing)

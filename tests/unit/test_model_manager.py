@@ -576,5 +576,12 @@ def test_a_refused_version_mended_but_not_loaded_is_no_longer_reported_as_refuse
         (tmp_path / "m" / "2" / "BROKEN").unlink()
         assert manager.refresh("m") is False  # version 1 stays live: pinned
         assert registry.versions[2] == ("found", True, {})  # over the refusal (not over a "ready")
+        # A version the scan refuses (its model file not there yet), then completed.
+        (tmp_path / "m" / "3").mkdir()
+        (tmp_path / "m" / "3" / "labels.txt").write_text("\n".join(LABELS) + "\n")
+        assert manager.refresh("m") is False and registry.versions[3][0] == "failed"
+        (tmp_path / "m" / "3" / "model.keras").write_bytes(b"stand-in")
+        assert manager.refresh("m") is False
+        assert registry.versions[3] == ("found", True, {})
     finally:
         manager.close()
