@@ -20,7 +20,7 @@ import pytest
 import redis as redis_lib
 import requests
 
-from batchvision.core.errors import Conflict
+from batchvision.core.errors import Conflict, ServiceUnavailable
 from batchvision.core.model_refs import JobOptions
 from batchvision.core.priorities import DEFAULT_PRIORITY
 from batchvision.core.results import error_result
@@ -468,7 +468,7 @@ def test_a_job_whose_publish_failed_is_sent_again_after_a_pause_backlog_or_not(
         raise kombu.exceptions.OperationalError("the broker did not take the task in time")
 
     monkeypatch.setattr(intake.enqueuer, "send", broker_down)
-    with pytest.raises(kombu.exceptions.OperationalError):
+    with pytest.raises(ServiceUnavailable) as refused:  # a 503 that names the stored job
         intake.submit(
             None,
             "",
@@ -478,6 +478,9 @@ def test_a_job_whose_publish_failed_is_sent_again_after_a_pause_backlog_or_not(
             options=JobOptions("colours"),
         )
     monkeypatch.undo()
+    (detail,) = refused.value.details
+    assert intake.store.get(detail["job_id"]) is not None
+    assert isinstance(refused.value.__cause__, kombu.exceptions.OperationalError)
     resent: list[Chunk] = []
 
     def give_up(chunk: Chunk, failures: int) -> None:
