@@ -452,13 +452,11 @@ class ChunkProcessor:
                 if self.claims.attempt(chunk.job_id, f"image:{i}") + 1 > max_attempts:
                     message = f"the worker died processing this image {max_attempts} times"
                     poison: dict[int, ImageResult] = {i: error_result("poison_image", message)}
-                    self._store([_Outcome(one, poison, route[1].model)], [], stats)
-                    keep.update(set(one.indexes).difference(spent_blobs(one.indexes, poison)))
+                    self._store_noting_kept(_Outcome(one, poison, route[1].model), stats, keep)
                     continue
                 try:
                     results = self._classify([one], enqueued_at, urgent, [route], Uncounted())[0]
-                    self._store([_Outcome(one, results, route[1].model)], [], stats)
-                    keep.update(set(one.indexes).difference(spent_blobs(one.indexes, results)))
+                    self._store_noting_kept(_Outcome(one, results, route[1].model), stats, keep)
                 except BaseException:
                     # Caught, so this process did not die on the image (the blob store or Redis
                     # failed, and the task tries again): the attempt is given back.
@@ -726,6 +724,11 @@ class ChunkProcessor:
         if refused is not None:
             log.warning("results not stored, kept for a retry: %s", refused)
             raise refused
+
+    def _store_noting_kept(self, outcome: _Outcome, stats: ChunkStats, keep: set[int]) -> None:
+        """:meth:`_store` one outcome, and add to ``keep`` its images whose blobs stay."""
+        self._store([outcome], [], stats)
+        keep.update(set(outcome.chunk.indexes).difference(self._spent(outcome)))
 
     def _spent(self, outcome: _Outcome) -> list[int]:
         """The indexes of ``outcome`` whose blobs go now: all but those kept for a retry."""

@@ -64,6 +64,20 @@ def _held_at_the_gate(stack: Any, gate: Path, wait_until: Callable[..., Any], se
     return worker, str(resp.json()["job_id"])
 
 
+def _finished_rows(stack: Any, job_id: str, wait_until: Callable[..., Any], message: str) -> list[Any]:
+    """The result rows of ``job_id`` once it succeeded (within 2 minutes), one per image."""
+    wait_until(
+        lambda: (
+            requests.get(f"{stack.url}/v1/jobs/{job_id}?wait=5", timeout=30).json()["status"] == "succeeded"
+        ),
+        timeout=120,
+        message=message,
+    )
+    rows: list[Any] = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", timeout=30).json()["results"]
+    assert sorted(row["index"] for row in rows) == list(range(IMAGES))
+    return rows
+
+
 def test_a_redis_that_fills_while_a_worker_holds_a_batch_loses_neither_worker_nor_result(
     stack: Any, r: redis_lib.Redis, tmp_path: Path, wait_until: Callable[..., Any]
 ) -> None:
@@ -82,15 +96,7 @@ def test_a_redis_that_fills_while_a_worker_holds_a_batch_loses_neither_worker_no
     assert job["done"] == job["failed"] == 0 and job["status"] == "queued", job
     # Room again: the results are stored, the message acknowledged.
     r.config_set("maxmemory", 0)
-    wait_until(
-        lambda: (
-            requests.get(f"{stack.url}/v1/jobs/{job_id}?wait=5", timeout=30).json()["status"] == "succeeded"
-        ),
-        timeout=120,
-        message="the job finished",
-    )
-    rows = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", timeout=30).json()["results"]
-    assert sorted(row["index"] for row in rows) == list(range(IMAGES))
+    rows = _finished_rows(stack, job_id, wait_until, "the job finished")
     assert all(row["status"] == "ok" and row["label"] for row in rows), rows
     wait_until(lambda: r.hlen(UNACKED) == 0, timeout=30, message="the message acknowledged")
     assert worker.proc is not None and worker.proc.poll() is None, worker.tail(40)
@@ -116,15 +122,9 @@ def test_a_redis_restart_while_a_worker_holds_a_batch_delays_it_by_the_restart_o
         wait_until(waits_for_redis, timeout=60, interval=0.1, message="the task waits for Redis")
     finally:
         stack.redis.start()
-    wait_until(
-        lambda: (
-            requests.get(f"{stack.url}/v1/jobs/{job_id}?wait=5", timeout=30).json()["status"] == "succeeded"
-        ),
-        timeout=120,
-        message="the job finished once Redis was back (not after the sweep's 20 minutes)",
+    _finished_rows(
+        stack, job_id, wait_until, "the job finished once Redis was back (not after the sweep's 20 minutes)"
     )
-    rows = requests.get(f"{stack.url}/v1/jobs/{job_id}/results", timeout=30).json()["results"]
-    assert sorted(row["index"] for row in rows) == list(range(IMAGES))
     log_text = Path(worker.log_path).read_text(errors="replace")
     assert "reject requeue=False" not in log_text, worker.tail(40)
     # Its acknowledgement went to the connection the restart dropped: kombu would hand the
