@@ -18,7 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
     from flask import Flask
 
-    from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, web
+    from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, slow_clients, web
     from api.fastjson import OrjsonProvider
     from api.services import Services
     from api.uploads import ArchiveMemory, UploadRequest
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["batchvision"] = svc
     ArchiveMemory(settings.archive_memory_bytes or settings.max_archive_bytes).init_app(app)
     errors.register(app)
+    slow_clients.init_app(app, settings.api_body_timeout_s)
     metrics.init_app(
         app,
         svc.telemetry,

@@ -39,6 +39,11 @@ SERVER_COMMON = {
     414: "Request line too long (`request_line_too_long`; answered by gunicorn)",
     431: "Request headers too large (`headers_too_large`; answered by gunicorn)",
 }
+#: What a route that reads a body answers when its client stops sending it (``api/slow_clients.py``).
+BODY_TIMEOUT = (
+    "The client sent no byte of the body for `BATCHVISION_API_BODY_TIMEOUT_S` (`body_timeout`); "
+    "the connection is closed"
+)
 _JSON = "application/json"
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream")
 
@@ -269,6 +274,8 @@ def openapi(app: Flask) -> dict[str, Any]:
                 responses.setdefault(status, Response(text, d.ErrorDocument, headers=_retry(status)))
         for status, text in SERVER_COMMON.items():
             responses.setdefault(status, Response(text, d.ErrorDocument))
+        if spec.body:
+            responses.setdefault(408, Response(BODY_TIMEOUT, d.ErrorDocument))
         for resp in responses.values():
             if resp.model is not None:
                 models.add(resp.model)

@@ -229,6 +229,7 @@ _INFER = {
             "A wrong input name, datatype or shape, an element that is not an image, top_k out of "
             "range, or the model is not ready",
         ),
+        408: _error(c.BODY_TIMEOUT),
         413: _error("The request, or one of its images, is over a size or pixel limit"),
         429: _error("Queue limit reached; retry after `Retry-After` seconds"),
         500: _error("The model failed on an image"),

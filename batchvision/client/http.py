@@ -1,7 +1,7 @@
 """Python client for the batchvision HTTP API (the CLI is built on it).
 
 Every call survives a blip: the one retry policy of :mod:`batchvision.client.retry` applies
-to each of them (connection errors, ``429``/``502``/``503``/``504`` with ``Retry-After``,
+to each of them (connection errors, ``408``/``429``/``502``/``503``/``504``, with ``Retry-After``,
 bodies cut off mid-way), for at most ``retry_for_s`` seconds per call.
 
 Answers are typed: the pydantic documents of :mod:`batchvision.core.documents`, the same

@@ -5,7 +5,8 @@ carries an ``Idempotency-Key``, parts are keyed by relative path, seal and cance
 idempotent, the rest are reads), and those are retried the same way:
 
 - on a connection that could not be made or broke before the answer (any method),
-- on ``429``, ``502``, ``503`` and ``504``, waiting what ``Retry-After`` asks when it is sent,
+- on ``408`` (the body stalled on its way: nothing was stored), ``429``, ``502``, ``503`` and
+  ``504``, waiting what ``Retry-After`` asks when it is sent,
 - otherwise after an exponential backoff with jitter (``backoff_s`` doubling up to
   ``backoff_max_s``, each wait drawn between half and all of it),
 - for at most ``retry_for_s`` seconds per call: a retry that would start later is not made
@@ -21,8 +22,8 @@ Two calls change the job when they arrive, so a repeat of one that arrived is no
   (:func:`may_have_arrived`).
 - ``POST /v1/jobs/{id}/retry`` requeues images and then answers ``409 job_running`` to a
   repeat, so it is made with ``Budget(resend=False)``: re-sent only when no earlier try can
-  have arrived (the connection was never made, or ``429``/``503``, which the API answers
-  before doing anything; a ``503`` that comes after the requeue reads the same); a lost
+  have arrived (the connection was never made, or ``408``/``429``/``503``, which the API
+  answers before doing anything; a ``503`` that comes after the requeue reads the same); a lost
   answer is the caller's error to see.
 
 Two layers apply it with one clock. :class:`TransportRetry` is urllib3's ``Retry``, mounted on
@@ -51,8 +52,9 @@ if TYPE_CHECKING:
     from urllib3.connectionpool import ConnectionPool
     from urllib3.response import BaseHTTPResponse
 
-#: Statuses that mean "not now" rather than "no": overload, a gateway or the store restarting.
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: Statuses that mean "not now" rather than "no": a body that stalled on the way, overload, a
+#: gateway or the store restarting.
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 #: Every method the client uses; the calls that are not safe to repeat opt out per call
 #: (``Budget(resend=False)``, see the module docstring).
 RETRY_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"})

@@ -193,7 +193,7 @@ def test_503_with_retry_after_is_waited_out_then_answered(api: FakeApi, client: 
     assert 2.0 <= elapsed < 4.0, "waited what Retry-After asked, twice, and not much more"
 
 
-@pytest.mark.parametrize("status", [429, 502, 503, 504])
+@pytest.mark.parametrize("status", [408, 429, 502, 503, 504])
 def test_each_retryable_status_is_retried(api: FakeApi, client: Client, status: int) -> None:
     path = f"/v1/jobs/{JOB_ID}/cancel"
     api.on("POST", path, unavailable(status=status), reply(200, job(status="canceled")))
