@@ -410,8 +410,16 @@ class Client:
 
     def forget_model(self, name: str) -> ModelForgotten:
         """Remove ``name``, which no worker serves any more, from the registry (new jobs naming
-        it are refused); needs an admin key. ``ApiError`` 409 while a worker serves it."""
-        return ModelForgotten.model_validate(self._json("DELETE", f"/v1/models/{name}"))
+        it are refused); needs an admin key. ``ApiError`` 409 while a worker serves it.
+
+        A ``404`` to a repeat whose first try may have arrived (its answer was lost) means that
+        try forgot the model: success, as for :meth:`delete`."""
+        try:
+            return ModelForgotten.model_validate(self._json("DELETE", f"/v1/models/{name}"))
+        except ApiError as exc:
+            if not _gone_by_an_earlier_try(exc):
+                raise
+            return ModelForgotten(model=name)
 
     def cancel(self, job_id: str) -> Job:
         """Cancel what is not classified yet (cancelling again changes nothing); the job and its
@@ -438,8 +446,14 @@ class Client:
         try:
             self._send("DELETE", f"/v1/jobs/{job_id}", self.policy.budget()).close()
         except ApiError as exc:
-            if exc.status != 404 or not exc.resent:
+            if not _gone_by_an_earlier_try(exc):
                 raise
+
+
+def _gone_by_an_earlier_try(exc: ApiError) -> bool:
+    """Whether a ``DELETE``'s ``404`` answered a repeat whose first try may have arrived: that
+    try removed what the repeat no longer finds."""
+    return exc.status == 404 and exc.resent
 
 
 def job_options(

@@ -613,6 +613,21 @@ def test_a_delete_whose_answer_was_lost_is_not_an_error_when_its_repeat_finds_no
     assert len(api.called("DELETE", path)) == 2
 
 
+def test_a_forget_model_whose_answer_was_lost_is_not_an_error_when_its_repeat_finds_no_model(
+    api: FakeApi, client: Client
+) -> None:
+    path = "/v1/models/old"
+    gone = reply(404, {"error": {"code": "model_not_found", "message": "no model 'old'"}})
+    api.on("DELETE", path, drop(), gone)
+    assert client.forget_model("old").model == "old"  # the first try forgot it; its answer was lost
+    assert len(api.called("DELETE", path)) == 2
+    # Without an earlier try that may have arrived, the 404 is the answer.
+    api.on("DELETE", "/v1/models/never", gone)
+    with pytest.raises(ApiError) as err:
+        client.forget_model("never")
+    assert (err.value.status, err.value.code) == (404, "model_not_found")
+
+
 @pytest.mark.parametrize("first", ["none", "503"])
 def test_a_delete_of_a_job_that_never_was_is_still_404(api: FakeApi, client: Client, first: str) -> None:
     # No earlier try, or one the API answered "not now" before doing anything: the 404 is true.
