@@ -621,7 +621,8 @@ def delete_job(job_id: str) -> tuple[Any, int] | tuple[dict[str, Any], int, dict
         202: c.Response("Images were queued again: the job, running", d.Retried),
         200: c.Response("Nothing to queue again: the job, unchanged", d.Retried),
         409: c.Response(
-            "The job is still running or open for uploads (`job_running`), or was canceled (`job_canceled`)",
+            "The job is still running or open for uploads (`job_running`), was canceled "
+            "(`job_canceled`), or its model was removed from the registry (`model_forgotten`)",
             d.ErrorDocument,
         ),
         **_JOB_ERRORS,

@@ -31,6 +31,7 @@ from batchvision.server.job_list import index_job, unindex_job
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk, split
 from batchvision.server.recovery import ledger_add, ledger_done
+from batchvision.server.routing import default_model
 from batchvision.server.text import as_text_or_none
 
 #: Blobs deleted per round trip when a job is deleted.
@@ -68,8 +69,8 @@ def retry(intake: Intake, job_id: str) -> Retry:
     for _ in range(_WATCH_TRIES):
         with intake.redis.pipeline() as pipe:
             pipe.watch(k.job, k.results)  # type: ignore[no-untyped-call, unused-ignore]
-            fields = pipe.hmget(k.job, ["created_at", "finished_at", "cancel", "owner"])
-            created, finished, cancel, owner = (as_text_or_none(v) for v in fields)
+            fields = pipe.hmget(k.job, ["created_at", "finished_at", "cancel", "owner", "model"])
+            created, finished, cancel, owner, model = (as_text_or_none(v) for v in fields)
             if created is None:
                 raise LookupError(job_id)
             if cancel not in (None, "0"):
@@ -79,6 +80,7 @@ def retry(intake: Intake, job_id: str) -> Retry:
                     f"job {job_id} is still running (or open for uploads): retry it once it has finished",
                     code="job_running",
                 )
+            _require_known_model(intake, job_id, model)
             failed = store.retryable_failures(pipe, job_id)
             sizes = dict(zip(failed, intake.blobs.sizes(job_id, list(failed)), strict=True))
             held = [(i, n) for i, n in sizes.items() if n > 0]
@@ -114,6 +116,20 @@ def retry(intake: Intake, job_id: str) -> Retry:
         intake.send(chunks, now, interactive, model=routing.model, priority=routing.priority)
         return Retry(requeued, gone)
     raise Conflict(f"job {job_id} kept changing during the retry; try again", code="job_running")
+
+
+def _require_known_model(intake: Intake, job_id: str, model: str | None) -> None:
+    """Refuse (``409 model_forgotten``) to requeue images for a model that was removed from the
+    registry (``DELETE /v1/models/{name}``): no worker reads its queues, and they would wait
+    there for good."""
+    if intake.models is None or model is None or model == default_model(intake.settings):
+        return
+    if model not in intake.models.raw(fresh=True):
+        raise Conflict(
+            f"job {job_id}'s model {model!r} was removed from the registry (no worker serves it): "
+            "its images cannot be classified again; submit them again with a model of GET /v1/models",
+            code="model_forgotten",
+        )
 
 
 def _undo_retry(intake: Intake, job_id: str, owner: str, chunks: Sequence[Chunk], reply: int) -> None:

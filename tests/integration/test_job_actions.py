@@ -32,6 +32,7 @@ from batchvision.server.intake import Intake, Upload
 from batchvision.server.keys import JobKeys
 from batchvision.server.messages import Chunk
 from batchvision.server.recovery import RESEND_FIRST_S, recover_parts, resend_failed
+from batchvision.server.registry import READY, ModelRegistry
 from batchvision.server.s3 import S3, S3Config, S3Url
 from batchvision.server.telemetry import Telemetry
 from batchvision.server.webhooks import delivery_id
@@ -125,6 +126,25 @@ def test_a_retry_requeues_retryable_errors_exactly_once_even_when_retries_race(
     # Nothing retryable is left: a retry changes nothing.
     assert job_actions.retry(intake, JOB) == job_actions.Retry(0)
     assert rig.store.get(JOB)["finished_at"] == job["finished_at"]
+
+
+def test_a_retry_for_a_model_removed_from_the_registry_is_refused(rig: Any, intake: Intake) -> None:
+    # The job's model ("colours") was forgotten (DELETE /v1/models/colours) after the job ran:
+    # no worker reads its queues, so requeued images would wait there for good.
+    _finished_with_a_poison_image(rig)
+    registry = ModelRegistry(rig.r, cache_s=3600)  # a stale cache must not hide the removal
+    intake.models = registry
+    registry.raw()
+    with pytest.raises(Conflict) as err:
+        job_actions.retry(intake, JOB)
+    assert err.value.code == "model_forgotten" and "'colours'" in err.value.message
+    assert intake.enqueuer.sent == []  # type: ignore[attr-defined]
+    assert rig.rows(JOB)[0]["error"]["code"] == "poison_image" and not rig.in_ledger(JOB, [0])
+    # Served again: the retry goes ahead, to the job's own model.
+    registry.announce_version("colours", 1, READY, classes=3)
+    registry.announce_model("colours", 1)
+    assert job_actions.retry(intake, JOB).requeued == 1
+    assert intake.enqueuer.sent == [((Chunk.of(JOB, [0]),), True, "colours", DEFAULT_PRIORITY)]  # type: ignore[attr-defined]
 
 
 def test_an_image_whose_input_expired_is_listed_not_requeued(rig: Any, intake: Intake) -> None:
