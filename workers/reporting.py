@@ -74,8 +74,8 @@ class ModelReporter:
         with self._lock:
             announced = self._announced.setdefault(served.name, {})
             for version in sorted(set(announced) - set(entry.versions) - set(entry.problems)):
-                self._call("forget_versions", served.name, [version])
-                del announced[version]
+                if self._call("forget_versions", served.name, [version]):
+                    del announced[version]  # else asked again at the next look
             refused = {v for v, (status, *_) in announced.items() if status == FAILED}
         for version in sorted(set(entry.versions) | set(entry.problems)):
             failed = served.failed.get(version)
@@ -91,8 +91,9 @@ class ModelReporter:
                 self.version_state(
                     served, version, FOUND, {}, replace=failed is not None or version in refused
                 )
-        if served.name not in self._models_announced:
-            self._call("announce_model", served.name, served.live.version)
+        if served.name not in self._models_announced and self._call(
+            "announce_model", served.name, served.live.version
+        ):
             self._models_announced.add(served.name)
 
     def version_state(
@@ -109,7 +110,7 @@ class ModelReporter:
                 return
             announced[version] = key
         found = status == FOUND
-        self._call(
+        written = self._call(
             "announce_version",
             served.name,
             version,
@@ -118,6 +119,10 @@ class ModelReporter:
             over_failed=found and replace,
             **facts,
         )
+        if not written:  # not news yet: the next look at the model (or event) writes it again
+            with self._lock:
+                if announced.get(version) == key:
+                    del announced[version]
 
     def live_changed(self, served: ServedModel) -> None:
         self._call("announce_model", served.name, served.live.version)
@@ -125,11 +130,15 @@ class ModelReporter:
 
     # -- registry ----------------------------------------------------------------------------------
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> bool:
+        """Call the registry's ``method``; whether it was written (Redis away: logged, and the
+        caller sends it again later)."""
         try:
             getattr(self.registry, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the registry is news, not work
             log.warning("model registry not updated (%s): %s", method, exc)
+            return False
+        return True
 
     def _heartbeat(self) -> None:
         self._call("heartbeat", self.worker, {n: s.live.version for n, s in self.manager.models.items()})

@@ -534,6 +534,12 @@ class Registry:
     def __init__(self) -> None:
         #: version -> (status, written over a refusal, facts)
         self.versions: dict[int, tuple[str, bool, dict[str, Any]]] = {}
+        self.models: dict[str, int | None] = {}
+        self.down = False  # Redis away: every write fails
+
+    def _write(self) -> None:
+        if self.down:
+            raise ConnectionError("Redis is away")
 
     def announce_version(
         self,
@@ -544,13 +550,52 @@ class Registry:
         over_failed: bool = False,
         **facts: Any,
     ) -> None:
+        self._write()
         self.versions[version] = (status, over_failed, facts)
 
     def announce_model(self, name: str, live: int | None) -> None:
-        pass
+        self._write()
+        self.models[name] = live
 
     def forget_versions(self, name: str, versions: Any) -> None:
-        pass
+        self._write()
+        for version in versions:
+            self.versions.pop(version, None)
+
+
+def test_what_the_registry_did_not_take_is_written_at_the_next_look(tmp_path: Path) -> None:
+    # Redis away while the worker announces its model: nothing is lost for good, the next look
+    # at the model (the repository poll) writes it, and a version gone from disk meanwhile is
+    # forgotten once the registry takes it.
+    from workers.reporting import ModelReporter
+
+    _version(tmp_path, 1)
+    _version(tmp_path, 2)
+    manager = _manager(tmp_path, Loader())
+    registry = Registry()
+    reporter = ModelReporter(manager, registry)  # type: ignore[arg-type]
+    manager.listeners.append(reporter)
+    try:
+        served = manager.models["m"]
+        registry.down = True
+        reporter.versions_seen(served)
+        assert registry.versions == {} and registry.models == {}
+        shutil.rmtree(tmp_path / "m" / "1")
+        registry.down = False
+        manager.refresh("m")
+        assert registry.models == {"m": served.live.version}
+        assert {v: status for v, (status, _, _) in registry.versions.items()} == {2: "ready"}
+        # A forget that fails is asked again too.
+        registry.versions[1] = ("ready", False, {})
+        reporter.version_state(served, 1, "ready", {})  # this worker's own news of version 1
+        registry.down = True
+        manager.refresh("m")
+        assert 1 in registry.versions
+        registry.down = False
+        manager.refresh("m")
+        assert 1 not in registry.versions
+    finally:
+        manager.close()
 
 
 def test_a_refused_version_mended_but_not_loaded_is_no_longer_reported_as_refused(tmp_path: Path) -> None:
