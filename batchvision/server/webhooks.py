@@ -54,6 +54,7 @@ from batchvision.server.backoff import backoff, retry_after
 from batchvision.server.fetch import Deadline, FetchError, SafeHTTP, parse_url, read_body
 from batchvision.server.keys import JobKeys
 from batchvision.server.leases import IF_OURS, due_again_if
+from batchvision.server.outputs import output_document
 from batchvision.server.text import as_text, hash_fields
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,9 @@ def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
     if h.get("cb_status_url"):
         doc["status_url"] = h["cb_status_url"]
         doc["results_url"] = h["cb_status_url"] + "/results"
+    output = output_document(h)
+    if output is not None:  # final: the webhook of a job with an output prefix waits for it
+        doc["output"] = output
     return doc
 
 

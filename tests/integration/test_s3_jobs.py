@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -38,7 +40,12 @@ def proxy(s3_server: MotoServer) -> Iterator[S3FaultProxy]:
 def s3_stack(start_private_stack: Any, proxy: S3FaultProxy) -> Any:
     # Any bucket: the tests make a new one each (the scope has a test of its own below).
     stack = start_private_stack(
-        "s3", s3_endpoint_url=proxy.url, s3_max_attempts=3, fetch_threads=4, s3_allow="*"
+        "s3",
+        s3_endpoint_url=proxy.url,
+        s3_max_attempts=3,
+        fetch_threads=4,
+        s3_allow="*",
+        webhook_allow="127.0.0.1/32",
     )
     stack.worker()
     return stack
@@ -109,6 +116,77 @@ def test_prefix_job_writes_every_format_once_per_image(
     manifest = json.loads(_get(s3_server, out["files"]["manifest"]))
     assert manifest["rows"] == len(rows) and manifest["done"] == len(files)
     assert all(manifest["files"][f]["rows"] == len(rows) for f in ("csv", "jsonl", "parquet"))
+
+
+@pytest.fixture()
+def hooks(s3_server: MotoServer, s3_bucket: str) -> Iterator[tuple[str, list[tuple[dict[str, Any], bool]]]]:
+    """A webhook receiver that reads the bucket when called, as a real one would: its URL, and
+    each delivery's document with whether the output's ``_SUCCESS`` was there at that moment."""
+    got: list[tuple[dict[str, Any], bool]] = []
+    client = s3_server.client()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 - the webhook
+            doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prefix = doc.get("output", {}).get("url", "").removeprefix(f"s3://{s3_bucket}/")
+            listed = client.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("Contents", [])
+            got.append((doc, f"{prefix.rstrip('/')}/_SUCCESS" in {o["Key"] for o in listed}))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/hook", got
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_webhook_of_a_job_with_an_output_prefix_waits_for_its_output(
+    s3_stack: Any,
+    s3_server: MotoServer,
+    s3_bucket: str,
+    proxy: S3FaultProxy,
+    hooks: tuple[str, list[tuple[dict[str, Any], bool]]],
+    wait_until: Callable[..., Any],
+) -> None:
+    # A receiver that reads the results from the bucket when told the job is done finds them
+    # whole; one whose output failed for good is told so in the same delivery.
+    hook_url, got = hooks
+    for name, data, _ in labelled_files(3, seed=31):
+        s3_server.client().put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=data)
+    # The output prefix "denied" takes the API's test write, then refuses the files themselves.
+    proxy.fail("PUT", f"/{s3_bucket}/out/denied/(?!\\.batchvision-write-check)", 403, "AccessDenied")
+    try:
+        jobs = {}
+        for out in ("fine", "denied"):
+            resp = requests.post(
+                f"{s3_stack.url}/v1/jobs",
+                json={
+                    "source": f"s3://{s3_bucket}/in/",
+                    "output_url": f"s3://{s3_bucket}/out/{out}",
+                    "callback_url": hook_url,
+                },
+                timeout=60,
+            )
+            assert resp.status_code == 202, resp.text
+            jobs[out] = resp.json()["job_id"]
+        wait_until(lambda: len(got) >= 2, timeout=180, interval=0.2, message="both webhooks")
+    finally:
+        proxy.clear()
+    by_job = {doc["job_id"]: (doc, success) for doc, success in got}
+    assert len(got) == 2 and set(by_job) == set(jobs.values()), got
+    fine, success = by_job[jobs["fine"]]
+    assert success, "the webhook came before the output's _SUCCESS"
+    assert fine["status"] == "succeeded" and fine["output"]["state"] == "written", fine
+    assert set(fine["output"]["files"]) == {"csv", "jsonl", "parquet", "manifest"}
+    denied, success = by_job[jobs["denied"]]
+    assert not success and denied["output"]["state"] == "failed", denied
+    assert denied["output"]["error"].startswith("access_denied"), denied
+    assert _finished(s3_stack, jobs["denied"], wait_until)["callback"]["state"] == "delivered"
 
 
 def test_manifest_rows_carry_ids_and_columns_and_vanished_objects_are_image_errors(
