@@ -172,12 +172,15 @@ class S3Config:
 
 
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\"']+", re.IGNORECASE)
+#: How urllib3 names the endpoint of a connection pool: ``HTTPConnectionPool(host='minio',
+#: port=9000)``, without a scheme.
+_POOL = re.compile(r"\bhost='[^']*'(?:,\s*port=\d+)?")
 
 
 def _scrubbed(exc: BaseException) -> str:
-    """``exc``'s text without the URLs in it (the store's endpoint, credentials in it): what
-    a job's caller may see."""
-    return _URL.sub("<the store's endpoint>", str(exc))
+    """``exc``'s text without the store's address in it (the URLs, credentials in them, and the
+    host and port urllib3 names): what a job's caller may see."""
+    return _POOL.sub("<the store's endpoint>", _URL.sub("<the store's endpoint>", str(exc)))
 
 
 def _error(exc: BaseException, what: str) -> S3Error:
