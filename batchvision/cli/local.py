@@ -21,6 +21,7 @@ from typing import Any
 
 import requests
 
+from batchvision.cli.commands import ExitCode
 from batchvision.cli.rabbitmq_server import RabbitMQNode, amqp_answers
 from batchvision.cli.redis_server import RedisNode, free_port, redis_answers
 from batchvision.cli.runner import FATAL_EXIT_CODES, Service, ServiceFailed, Stopped, Supervisor, cli_argv
@@ -109,7 +110,11 @@ def local_settings(broker: str | None = None) -> tuple[Settings, RedisNode | Non
     if not os.environ.get(PREFIX + "REDIS_URL"):
         redis = RedisNode()  # its data (the uploads of the run among it) removed by close()
         overrides["redis_url"] = redis.url
-    for field, default in (("api_port", 8000), ("worker_metrics_port", 9808), ("flower_port", 5555)):
+    for field, default in (
+        ("api_port", DEFAULT_API_PORT),
+        ("worker_metrics_port", 9808),
+        ("flower_port", 5555),
+    ):
         if not os.environ.get(PREFIX + field.upper()):
             overrides[field] = _port_or_free(default)
     # Everything of a local run listens on loopback only, and the API answers loopback names
@@ -164,14 +169,34 @@ def _webhook_secret(settings: Settings) -> str:
 
 
 def _port_or_free(port: int) -> int:
+    """``port`` if a server can listen on it now, else a free one. The servers set
+    ``SO_REUSEADDR`` (gunicorn does), so a port whose last connections linger in ``TIME_WAIT``
+    (a stack stopped a moment ago) is theirs to take, and stays the documented one."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return port
         except OSError:
             return free_port()
+
+
+#: The API port of a local run unless ``BATCHVISION_API_PORT`` names one (the docs' examples).
+DEFAULT_API_PORT = 8000
+
+
+def _moved_api_port(settings: Settings) -> str | None:
+    """What to tell the user when a local run's API is not on the port the docs use."""
+    if settings.api_port == DEFAULT_API_PORT or os.environ.get(PREFIX + "API_PORT"):
+        return None
+    url = f"http://127.0.0.1:{settings.api_port}"
+    return (
+        f"  note: port {DEFAULT_API_PORT} is taken, so the API listens on {settings.api_port}: "
+        f"point the CLI at it with BATCHVISION_API_URL={url} (or free the port, or set "
+        "BATCHVISION_API_PORT)"
+    )
 
 
 def up(args: argparse.Namespace) -> int:
@@ -199,6 +224,9 @@ def up(args: argparse.Namespace) -> int:
             for svc in sup.services:
                 print(f"  {svc.name:<7} {svc.url}")
             print(f"  {'page':<7} http://127.0.0.1:{settings.api_port}/   (drop a folder, watch it classify)")
+            moved = _moved_api_port(settings)
+            if moved:
+                print(moved)
             if settings.flower_user:
                 print(
                     f"  flower login: {settings.flower_user} / {settings.flower_password.get_secret_value()}"
@@ -208,7 +236,7 @@ def up(args: argparse.Namespace) -> int:
             sample = args.sample or (_demo_folder() if args.demo else None)
             if sample:
                 try:
-                    _classify_folder(settings, Path(sample), between_pings)
+                    ended = _classify_folder(settings, Path(sample), between_pings)
                 # ValueError: a file name that cannot be sent, an answer of another shape.
                 # BatchvisionError: the API's refusal (ApiError), a folder without images (NoImages).
                 except (
@@ -223,6 +251,10 @@ def up(args: argparse.Namespace) -> int:
                     print(f"\nerror: the sample was not classified: {exc}", file=sys.stderr, flush=True)
                     if args.exit_after_demo:
                         return 1
+                else:
+                    # A CI check: an image without a prediction fails it, as `submit --wait` does.
+                    if args.exit_after_demo and ended != "succeeded":
+                        return int(ExitCode.SOME_FAILED)
             if args.exit_after_demo:
                 return 0
             print("\nCtrl-C stops every process.", flush=True)
@@ -297,9 +329,10 @@ def _sample_key(settings: Settings) -> str | None:
     return next((k for k in keys if not re.fullmatch(r"[0-9a-f]{64}", k)), None)
 
 
-def _classify_folder(settings: Settings, folder: Path, supervise: Callable[[], None]) -> None:
+def _classify_folder(settings: Settings, folder: Path, supervise: Callable[[], None]) -> str:
     """Classify ``folder`` as one job and print its rows; ``supervise()`` runs between polls
-    (a service that dies meanwhile is restarted, a stop signal heard)."""
+    (a service that dies meanwhile is restarted, a stop signal heard). Returns the job's final
+    status."""
     from batchvision.client import Client
 
     found = scan([folder])
@@ -328,3 +361,4 @@ def _classify_folder(settings: Settings, folder: Path, supervise: Callable[[], N
                 print(f"  {row.filename:<28} error: {row.error.message}")
             else:
                 print(f"  {row.filename:<28} {row.label:<12} {row.score or 0.0:.3f}")
+        return str(status.status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from batchvision.cli.runner import Service, ServiceFailed, Supervisor
+from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 
 
@@ -235,17 +237,51 @@ def test_up_starts_the_stack_classifies_and_stops(
 def test_up_classifies_a_sample_through_api_keys_in_parts(demo_model: Path, tmp_path: Path) -> None:
     # The API wants keys, the shell has no BATCHVISION_API_KEY: the sample goes with the first
     # key the API has, as an upload in parts (a folder of any size), and its non-image is skipped.
+    # One image is cut short: the job is partial, and --exit-after-demo says so (exit 3), as
+    # `submit --wait` would, so a CI check on the demo fails.
     sample = tmp_path / "sample"
     sample.mkdir()
     for name, data, _ in labelled_files(5, seed=91):
         (sample / name).write_bytes(data)
+    (sample / "cut.jpg").write_bytes(data[: len(data) // 2])
     (sample / "notes.txt").write_text("not an image")
     env = _up_env(demo_model, BATCHVISION_API_KEYS="first-key,second-key")
     with up_run(tmp_path, env, "--sample", str(sample), "--exit-after-demo") as run:
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert "succeeded, 5 classified, 0 failed" in run.stdout, run.stdout
+        assert run.returncode == 3, (run.returncode, run.stderr[-3000:])
+        assert "partial, 5 classified, 1 failed" in run.stdout, run.stdout
+        assert re.search(r"^  cut\.jpg\s+error: ", run.stdout, re.M), run.stdout
         assert "skipped (not an image): notes.txt" in run.stdout
         assert "webhook signing secret" not in run.stdout  # each key reads its own over HTTP
+
+
+def test_a_local_run_keeps_a_port_whose_last_connections_linger_and_says_when_it_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchvision.cli.local import _moved_api_port, _port_or_free
+
+    # A port the last stack served on: its connections, closed by the server first, linger in
+    # TIME_WAIT. A server with SO_REUSEADDR (gunicorn) can listen there: it stays the port.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server side closes first: its end waits in TIME_WAIT
+    client.close()
+    listener.close()
+    assert _port_or_free(port) == port
+    # A port a program listens on is taken: another one, and the user is told where to look.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert _port_or_free(busy) != busy
+    monkeypatch.delenv("BATCHVISION_API_PORT", raising=False)
+    moved = _moved_api_port(Settings.from_env({}, api_port=24754))
+    assert moved is not None and "BATCHVISION_API_URL=http://127.0.0.1:24754" in moved
+    assert _moved_api_port(Settings.from_env({}, api_port=8000)) is None
 
 
 def test_a_flower_password_without_a_user_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
