@@ -53,9 +53,16 @@ EXIT_SUBMIT_FAILED, EXIT_REQUEST_FAILED = ExitCode.SUBMIT_FAILED, ExitCode.REQUE
 AddFn = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
+class UsageError(Exception):
+    """A bad argument found after parsing (exit :data:`EXIT_USAGE` with the message)."""
+
+
 def client_of(args: argparse.Namespace) -> Client:
     """The client of a command's :func:`client_options`."""
-    return Client(args.api_url, args.api_key, retry_for_s=args.retry_for)
+    try:
+        return Client(args.api_url, args.api_key, retry_for_s=args.retry_for)
+    except ValueError as exc:  # an API URL that is not http(s)://
+        raise UsageError(str(exc)) from None
 
 
 #: The results formats the output file's extension names.
@@ -69,15 +76,29 @@ def fmt_of(path: Path, explicit: str | None) -> str:
 
 
 def output_refused(args: argparse.Namespace) -> bool:
-    """True, having said why, when ``-o`` names a file whose extension names no format we write
-    and ``--format`` does not say one (it would be written as some other format than it says)."""
-    if not args.output or args.format or Path(args.output).suffix.lower().lstrip(".") in OUTPUT_EXTENSIONS:
+    """True, having said why, when ``-o`` names a file we cannot write there (a folder that is
+    not there or not writable, a folder itself), or whose extension names no format we write
+    and ``--format`` does not say one (it would be written as some other format than it says).
+    Checked before anything is sent: a submit would otherwise upload and wait first."""
+    if not args.output:
         return False
-    print(
-        f"error: -o {args.output}: the results format comes from the file's extension, one of "
-        f"{', '.join('.' + e for e in OUTPUT_EXTENSIONS)}; or give --format csv, jsonl or json",
-        file=sys.stderr,
-    )
+    out = Path(args.output)
+    folder = out.parent
+    problem = None
+    if out.is_dir():
+        problem = "is a folder: name the results file"
+    elif not folder.is_dir():
+        problem = f"the folder {folder} does not exist"
+    elif not os.access(folder, os.W_OK):
+        problem = f"the folder {folder} is not writable"
+    elif not args.format and out.suffix.lower().lstrip(".") not in OUTPUT_EXTENSIONS:
+        problem = (
+            f"the results format comes from the file's extension, one of "
+            f"{', '.join('.' + e for e in OUTPUT_EXTENSIONS)}; or give --format csv, jsonl or json"
+        )
+    if problem is None:
+        return False
+    print(f"error: -o {args.output}: {problem}", file=sys.stderr)
     return True
 
 
@@ -119,6 +140,14 @@ def cmd_results(args: argparse.Namespace) -> int:
     if output_refused(args):
         return EXIT_USAGE
     client = client_of(args)
+    job = client.status(args.job_id)
+    if not job.final:  # rows so far: say so, or they pass for the job's results
+        have = job.done + job.failed + job.canceled
+        print(
+            f"note: job {job.job_id} is {job.status.value} ({have} of {job.total} images have a "
+            "result): these are the results so far; `batchvision status` tells when it ends",
+            file=sys.stderr,
+        )
     if args.output:
         out = Path(args.output)
         client.download(args.job_id, out, fmt_of(out, args.format))
@@ -303,6 +332,8 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
         return call()
     except ApiError as exc:
         print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        for line in detail_lines(exc.details):
+            print(f"  {line}", file=sys.stderr)
         if exc.status == 401:  # the API speaks of headers; here the key is an option
             print("  the CLI sends the key given by --api-key or BATCHVISION_API_KEY", file=sys.stderr)
     except requests.RequestException as exc:
@@ -320,6 +351,32 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
     except OSError as exc:  # a local file: one that cannot be read, or a folder that is not there
         print(f"error: {exc}", file=sys.stderr)
     return failed
+
+
+#: The per-item reasons of an error printed at most (the rest are counted).
+MAX_DETAILS = 10
+
+
+def detail_lines(details: Any) -> list[str]:
+    """An API error's ``details`` as lines a person reads: each item's name (file, URL, field)
+    and reason, at most :data:`MAX_DETAILS` of them."""
+    if not isinstance(details, list):
+        return []
+    lines = []
+    for item in details[:MAX_DETAILS]:
+        if isinstance(item, dict):
+            name = next((str(item[k]) for k in ("filename", "url", "field", "job_id") if item.get(k)), "")
+            why = item.get("message") or item.get("reason") or item.get("code")
+            if not why:  # only what the message names already (a field's value, a job id)
+                continue
+            code = item.get("code")
+            text = f"{why} ({code})" if code and code != why else str(why)
+            lines.append(f"{name}: {text}" if name else text)
+        else:
+            lines.append(str(item))
+    if len(details) > MAX_DETAILS:
+        lines.append(f"... and {len(details) - MAX_DETAILS} more")
+    return lines
 
 
 def exit_code(status: Job) -> int:
@@ -450,6 +507,9 @@ def guarded(
     def run(args: argparse.Namespace) -> int:
         try:
             return _request_failed_on_error(lambda: fn(args), failed)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         except BrokenPipeError:
             # The reader of our output went away. Python would complain again flushing stdout
             # at exit: point it at nothing. For a reading command, what was read was right; a

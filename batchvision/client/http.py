@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -80,9 +81,14 @@ class Client:
         retry_for_s: float = 120.0,
         policy: RetryPolicy | None = None,
     ) -> None:
-        self.api_url = (api_url or os.environ.get("BATCHVISION_API_URL") or "http://127.0.0.1:8000").rstrip(
-            "/"
-        )
+        given = api_url or os.environ.get("BATCHVISION_API_URL") or "http://127.0.0.1:8000"
+        parts = urlsplit(given)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"API URL {given!r}: give it as http://host:port or https://host "
+                "(--api-url, BATCHVISION_API_URL)"
+            )
+        self.api_url = given.rstrip("/")
         self.policy = policy or RetryPolicy(retry_for_s=retry_for_s)
         self.session = requests.Session()
         adapter = HTTPAdapter(max_retries=self.policy.transport())

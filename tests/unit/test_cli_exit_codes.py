@@ -5,6 +5,7 @@ what failed."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +17,10 @@ from batchvision.cli.commands import ExitCode
 from batchvision.cli.main import main
 
 JOB = "0" * 32
+#: Why each file of a refused submission was refused, as the API lists it.
+REASONS = [
+    {"filename": f"f{i}.jpg", "code": "truncated", "message": "the file ends early"} for i in range(12)
+]
 
 
 class _Refuses(BaseHTTPRequestHandler):
@@ -25,7 +30,10 @@ class _Refuses(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
         status, code = (404, "not_found") if self.command == "GET" else (422, "no_valid_images")
-        body = json.dumps({"error": {"code": code, "message": "refused by the test", "details": []}}).encode()
+        details = [] if self.command == "GET" else REASONS
+        body = json.dumps(
+            {"error": {"code": code, "message": "refused by the test", "details": details}}
+        ).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -66,9 +74,45 @@ def test_a_refused_request_is_request_failed(api_url: str, argv: list[str]) -> N
     assert main([*argv, "--api-url", api_url]) == ExitCode.REQUEST_FAILED == 5
 
 
-def test_a_refused_submission_is_submit_failed(api_url: str, image: Path) -> None:
+def test_a_refused_submission_is_submit_failed_and_says_why_for_each_file(
+    api_url: str, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["submit", str(image), "--no-progress", "--api-url", api_url, "--retry-for", "0"])
     assert code == ExitCode.SUBMIT_FAILED == 4
+    err = capsys.readouterr().err
+    assert "422 no_valid_images: refused by the test" in err
+    assert "  f0.jpg: the file ends early (truncated)" in err and "  f9.jpg: " in err
+    assert "f10.jpg" not in err and "... and 2 more" in err
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "read-only"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_anything_is_sent(
+    where: str, api_url: str, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if where == "missing-folder":
+        out, why = tmp_path / "nope" / "r.csv", f"the folder {tmp_path / 'nope'} does not exist"
+    elif where == "a-folder":
+        out, why = tmp_path, "is a folder"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        if os.access(locked, os.W_OK):
+            pytest.skip("root writes into a read-only folder anyway")
+        out, why = locked / "r.csv", "is not writable"
+    # Sent, the submit would be refused by the server (exit 4), the results not found (exit 5).
+    assert main(["submit", str(image), "--wait", "-o", str(out), "--api-url", api_url]) == ExitCode.USAGE
+    assert f"-o {out}: " in (err := capsys.readouterr().err) and why in err, err
+    assert main(["results", JOB, "-o", str(out), "--api-url", api_url]) == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://example.com", "http://"])
+def test_an_api_url_that_is_not_http_is_a_usage_error(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["status", JOB, "--api-url", url]) == ExitCode.USAGE
+    assert f"API URL {url!r}: give it as http://host:port" in capsys.readouterr().err
+    monkeypatch.setenv("BATCHVISION_API_URL", url)  # the environment's is checked alike
+    assert main(["submit", "--no-progress", "."]) == ExitCode.USAGE
 
 
 def test_output_without_wait_is_a_usage_error(

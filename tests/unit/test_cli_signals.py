@@ -3,6 +3,7 @@ results -o`` process, its download hanging half-way on a tiny HTTP server, is te
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,12 +19,27 @@ JOB = "2" * 32
 
 
 class _HalfThenHang(BaseHTTPRequestHandler):
-    """Results as CSV: the header line, then nothing more (until the test ends)."""
+    """The job's status (finished), and its results as CSV: the header line, then nothing more
+    (until the test ends)."""
 
     protocol_version = "HTTP/1.1"  # chunked answers
     release = threading.Event()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if not self.path.split("?")[0].endswith("/results"):  # the job's status: finished
+            body = json.dumps(
+                {
+                    **{"job_id": JOB, "status": "succeeded", "total": 1, "done": 1, "failed": 0},
+                    **{"canceled": 0, "created_at": 1.0, "finished_at": 2.0, "model": "shapes"},
+                    **{"status_url": f"/v1/jobs/{JOB}", "results_url": f"/v1/jobs/{JOB}/results"},
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/csv")
         self.send_header("Transfer-Encoding", "chunked")

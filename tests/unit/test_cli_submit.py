@@ -154,12 +154,35 @@ def test_numbers_out_of_range_are_usage_errors_naming_what_is_allowed(
     assert "give a" in capsys.readouterr().err
 
 
+@pytest.fixture
+def finished(recorder: Recorder, monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """The recorder, its job finished (``results`` asks for its status first)."""
+    monkeypatch.setattr(
+        recorder, "status", lambda job_id: _job(Job, status="succeeded", done=2), raising=False
+    )
+    return recorder
+
+
 def test_results_in_csv_on_stdout_are_csv(
-    recorder: Recorder, capsysbinary: pytest.CaptureFixture[bytes]
+    finished: Recorder, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:
     assert main(["results", JOB, "--format", "csv"]) == ExitCode.OK
-    assert capsysbinary.readouterr().out == b"index,filename,label\n0,a.jpg,circle\n"
-    assert recorder.calls == [("download", "csv")]
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"index,filename,label\n0,a.jpg,circle\n"
+    assert finished.calls == [("download", "csv")]
+    assert b"note:" not in captured.err
+
+
+def test_results_of_a_job_still_running_say_they_are_the_results_so_far(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(recorder, "status", lambda job_id: _job(Job), raising=False)
+    assert main(["results", JOB]) == ExitCode.OK
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3  # the rows so far, as they are
+    assert f"note: job {JOB} is running (1 of 2 images have a result): these are the results so far" in (
+        captured.err
+    )
 
 
 class _ClosedPipe(io.StringIO):
@@ -168,7 +191,7 @@ class _ClosedPipe(io.StringIO):
 
 
 def test_a_reader_that_stops_early_is_not_an_error(
-    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    finished: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("sys.stdout", _ClosedPipe())  # `batchvision results JOB | head -1`
     assert main(["results", JOB]) == ExitCode.OK

@@ -756,9 +756,11 @@ def test_cli_names_a_local_file_it_cannot_write_instead_of_blaming_the_api(
 
     api.on("GET", f"/v1/jobs/{JOB_ID}/results", results_stream(_rows(3), []))
     out = tmp_path / "no-such-folder" / "results.csv"
-    assert main(["results", JOB_ID, "-o", str(out), "--api-url", api.url]) == ExitCode.REQUEST_FAILED
+    # A bad argument, found before anything is asked of the API.
+    assert main(["results", JOB_ID, "-o", str(out), "--api-url", api.url]) == ExitCode.USAGE
     err = capsys.readouterr().err
-    assert "no-such-folder" in err and "cannot reach the API" not in err
+    assert "no-such-folder does not exist" in err and "cannot reach the API" not in err
+    assert api.called("GET", f"/v1/jobs/{JOB_ID}/results") == []
 
 
 def html_page() -> Action:
