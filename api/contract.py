@@ -141,16 +141,27 @@ def _what_is_allowed(model: type[BaseModel], field: str) -> str:
     return f"; {top}: {info.description}" if info is not None and info.description else ""
 
 
-def json_body(model: type[M]) -> M:
-    """The request's JSON body as ``model``; ``400 bad_body`` naming each problem."""
+def json_body(model: type[M], others: str = "") -> M:
+    """The request's JSON body as ``model``; ``400 bad_body`` naming each problem and what the
+    body may hold (``others``: the route's other JSON bodies, said after the fields of this one)."""
     raw = request.get_json(silent=True)
     if raw is None:
         raise BadRequest("the body is not valid JSON", code="bad_body")
+    fields = ", ".join(model.model_fields) or "none"
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
+        if not isinstance(raw, dict):  # pydantic would name the model's class
+            raise BadRequest(
+                f"the body must be a JSON object, not {type(raw).__name__}: its fields are {fields}{others}",
+                code="bad_body",
+                details=[{"in": "body", "field": "(body)", "message": "not a JSON object"}],
+            ) from exc
         message, details = _problems(exc, "body field")
-        message += _what_is_allowed(model, details[0]["field"])
+        if any(e["type"] == "extra_forbidden" for e in exc.errors()):
+            message += f"; this body takes: {fields}{others}"
+        else:
+            message += _what_is_allowed(model, details[0]["field"])
         raise BadRequest(message, code="bad_body", details=details) from exc
 
 

@@ -285,6 +285,13 @@ _SUBMIT_BODY["application/json"] = {
 _SUBMIT_BODY.update({t: {"schema": {"type": "string"}} for t in manifest.MEDIA_TYPES})
 
 
+#: What the other JSON bodies of ``POST /v1/jobs`` hold, for an error about an open job's body.
+_OTHER_JSON_JOBS = (
+    '; or {"urls": [...]} for images by URL, {"source": "s3://bucket/prefix/"} or '
+    '{"manifest": "s3://bucket/list.csv"} for images in a bucket'
+)
+
+
 @bp.post("/jobs")
 @c.contract(
     summary="Submit images as a job, or open a job for an upload in parts",
@@ -343,7 +350,7 @@ def create_job() -> tuple[dict[str, Any], int, dict[str, str]]:
             return by_url.job_id, _added(by_url)
         _no_output(params)
         if request.mimetype == "application/json":
-            body = c.json_body(d.OpenJob)
+            body = c.json_body(d.OpenJob, _OTHER_JSON_JOBS)
             callback = _callback(svc, _one_callback(body.callback_url, params))
             return _new_job(svc, callback, _options(svc, params), claim), {"expected": body.expected}
         options = _options(svc, params)
