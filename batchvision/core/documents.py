@@ -254,6 +254,11 @@ class ClassifyResult(Job):
     """``200`` of ``POST /v1/classify``: the finished job with every row."""
 
     results: list[ResultRow]
+    skipped: list[Skipped] = Field(
+        default_factory=list,
+        description="members of the request's zip that are not images (no row); a replay of an "
+        "Idempotency-Key lists none",
+    )
 
 
 class ResultsPage(Document):

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 
+from batchvision.core.documents import ClassifyResult
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 
@@ -413,6 +414,23 @@ def test_schemathesis_every_check_finds_nothing(api_url: str, settings: Settings
     for phase in ("Coverage", "Fuzzing", "Stateful"):
         assert re.search(rf"✅ {phase}", proc.stdout), f"phase {phase} did not pass:\n{proc.stdout[-3000:]}"
     print(f"schemathesis: {cases.group(0)}, {links.group(0)}; report in {report}")
+
+
+def test_a_classified_zip_lists_its_members_that_are_not_images(api_url: str) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("cat.jpg", JPEG)
+        zf.writestr("notes.txt", "not an image")
+    resp = requests.post(
+        f"{api_url}/v1/classify?timeout=30",
+        data=buf.getvalue(),
+        headers={"Content-Type": "application/zip"},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    doc = ClassifyResult.model_validate(resp.json())
+    assert [r.filename for r in doc.results] == ["cat.jpg"]
+    assert [s.filename for s in doc.skipped] == ["notes.txt"] and doc.skipped[0].reason
 
 
 def test_a_retried_classify_with_its_key_returns_the_first_job(api_url: str) -> None:
