@@ -506,7 +506,8 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     job, rows = svc.store.snapshot(job_id, rows=count)
     if job is None or job["owner"] != current_owner():  # expired within the wait: as GET would
         job = _job_or_404(svc, job_id)
-    skipped: list[dict[str, Any]] = summary.get("skipped", [])  # a replay's request is not read again: none known
+    # A replay's request is not read again: its skipped members are not known.
+    skipped = _added(first)["skipped"] if first is not None else []
     return {**_public(job), "results": [row.document() for row in rows], "skipped": skipped}, 200
 
 
