@@ -76,8 +76,18 @@ def _utf8(name: str) -> bool:
     return True
 
 
+#: File name extensions of images: such a file is sent even when its content is not one we
+#: read (empty, cut short, another format), so that its row in the results says what is wrong.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif"}
+    | {".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico"}
+)
+
+
 def scan(paths: list[Path]) -> Scan:
-    """Find image files by content, recursively, in a stable (sorted) order.
+    """Find image files, recursively, in a stable (sorted) order: by content (an image without
+    an extension is found), or by an image extension (:data:`IMAGE_SUFFIXES`: sent whatever it
+    holds, and the API's row says what is wrong with it). Other files are listed as skipped.
 
     Raises ``ValueError``, naming the files, when an image's name would not arrive as it is:
     two images that would get the same name in the job (two folders of the same name, or two
@@ -95,7 +105,7 @@ def scan(paths: list[Path]) -> Scan:
             rel = prefix + path.relative_to(root).as_posix() if root.is_dir() else path.name
             with open(path, "rb") as fh:
                 head = fh.read(16)
-            if not looks_like_image(head):
+            if not looks_like_image(head) and path.suffix.lower() not in IMAGE_SUFFIXES:
                 out.skipped.append(rel)
                 continue
             if rel in seen and seen[rel].resolve() == path.resolve():

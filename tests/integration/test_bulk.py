@@ -77,13 +77,18 @@ def test_cli_submits_a_folder_in_parts_and_writes_one_row_per_image(
     root, labels = tree
     out = tmp_path / "results.csv"
     proc = cli("submit", str(root), "--wait", "-o", str(out), "--part-files", "16", api_url=api_url)
-    assert proc.returncode == 0, proc.stderr
+    # The file named as a JPEG that is none is sent and gets its error row: not every image
+    # has a prediction (exit 3).
+    assert proc.returncode == 3, proc.stderr
     assert "skipped (not an image): README.txt" in proc.stderr
-    assert "skipped (not an image): set1/fake.jpg" in proc.stderr
+    assert "skipped (not an image): set1/fake.jpg" not in proc.stderr
+    assert "refused: set1/fake.jpg: not_an_image" in proc.stderr
     assert "upload" in proc.stderr and "classify" in proc.stderr  # both progress bars
     print(proc.stderr.splitlines()[-1])
     rows = read_csv(out)
-    assert [r["filename"] for r in rows] == sorted(labels)  # relative paths, upload order
+    assert [r["filename"] for r in rows] == sorted([*labels, "set1/fake.jpg"])  # relative paths, upload order
+    fake = rows.pop([r["filename"] for r in rows].index("set1/fake.jpg"))
+    assert fake["label"] == "" and fake["error"].startswith("not_an_image"), fake
     assert len({r["filename"] for r in rows}) == len(labels) == 301
     # Each label is the demo model's own for that image (never how well it happened to train).
     files = [(r["filename"], (root / r["filename"]).read_bytes()) for r in rows]
@@ -92,7 +97,7 @@ def test_cli_submits_a_folder_in_parts_and_writes_one_row_per_image(
     job_id = proc.stdout.strip().splitlines()[-1]
     jsonl = tmp_path / "results.jsonl"
     assert cli("results", job_id, "-o", str(jsonl), api_url=api_url).returncode == 0
-    assert len(jsonl.read_text().splitlines()) == 301
+    assert len(jsonl.read_text().splitlines()) == 302
 
 
 def test_interrupted_upload_resumes_without_duplicates_or_gaps(
@@ -110,7 +115,7 @@ def test_interrupted_upload_resumes_without_duplicates_or_gaps(
         if len(sent) == 3:
             raise Interrupted
 
-    job_id = client.open_job(len(labels)).job_id
+    job_id = client.open_job(len(labels) + 1).job_id  # the images, and set1/fake.jpg
     with pytest.raises(Interrupted):  # the connection dies after three parts
         submit_folder(client, [root], part_files=20, resume=job_id, on_part=stop_after_three_parts)
     assert len(client.files(job_id).files) == 60
@@ -128,12 +133,12 @@ def test_interrupted_upload_resumes_without_duplicates_or_gaps(
         "20",
         api_url=api_url,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert "uploaded 241 images" in proc.stderr  # only what was missing
+    assert proc.returncode == 3, proc.stderr  # set1/fake.jpg has its error row
+    assert "uploaded 242 images" in proc.stderr  # only what was missing
     rows = read_csv(out)
-    assert [r["filename"] for r in rows] == sorted(labels)
+    assert [r["filename"] for r in rows] == sorted([*labels, "set1/fake.jpg"])
     status = client.status(job_id)
-    assert (status.total, status.done) == (301, 301)
+    assert (status.total, status.done, status.failed) == (302, 301, 1)
 
 
 def test_resending_a_part_changes_nothing(api_url: str) -> None:

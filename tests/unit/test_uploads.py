@@ -34,10 +34,20 @@ def test_several_roots_keep_their_names(tmp_path: Path) -> None:
         (tmp_path / root / "x").mkdir(parents=True)
         (tmp_path / root / "x" / "1.jpg").write_bytes(data)
     (tmp_path / "a" / "notes.txt").write_text("hi")
+    (tmp_path / "a" / "noext").write_bytes(data)  # an image found by its content
+    # Named as images, holding none we read: sent, so that each gets its row and its reason.
+    (tmp_path / "b" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "b" / "scan.TIFF").write_bytes(b"II*\0" + b"\0" * 60)
     found = scan([tmp_path / "a", tmp_path / "b"])
-    assert [rel for rel, _ in found.images] == ["a/x/1.jpg", "b/x/1.jpg"]
+    assert [rel for rel, _ in found.images] == [
+        "a/noext",
+        "a/x/1.jpg",
+        "b/empty.jpg",
+        "b/scan.TIFF",
+        "b/x/1.jpg",
+    ]
     assert found.skipped == ["a/notes.txt"]
-    assert [rel for rel, _ in scan([tmp_path / "a"]).images] == ["x/1.jpg"]
+    assert [rel for rel, _ in scan([tmp_path / "a"]).images] == ["noext", "x/1.jpg"]
 
 
 def test_roots_or_files_that_would_share_a_name_are_refused_by_name(tmp_path: Path) -> None:
