@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import enum
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,9 +20,11 @@ from typing import Any
 
 import requests
 from pydantic import BaseModel, ValidationError
+from urllib3.exceptions import MaxRetryError
 
 from batchvision.client import ApiError, Client
 from batchvision.client.bulk import scan, submit_folder
+from batchvision.client.retry import cause_of
 from batchvision.core import manifest
 from batchvision.core.documents import Job
 from batchvision.core.errors import BatchvisionError
@@ -58,7 +61,9 @@ class UsageError(Exception):
 
 
 def client_of(args: argparse.Namespace) -> Client:
-    """The client of a command's :func:`client_options`."""
+    """The client of a command's :func:`client_options`. Its retries are logged in one line each
+    by the client (urllib3's own warnings, a screenful of class names each, are not shown)."""
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     try:
         return Client(args.api_url, args.api_key, retry_for_s=args.retry_for)
     except ValueError as exc:  # an API URL that is not http(s)://
@@ -337,7 +342,7 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
         if exc.status == 401:  # the API speaks of headers; here the key is an option
             print("  the CLI sends the key given by --api-key or BATCHVISION_API_KEY", file=sys.stderr)
     except requests.RequestException as exc:
-        print(f"error: cannot reach the API: {exc}", file=sys.stderr)
+        print(f"error: cannot reach the API: {_unreachable(exc)}", file=sys.stderr)
     except ValidationError as exc:  # a JSON answer of another shape: another version of the API
         errors = exc.errors()
         what = f"{'.'.join(str(p) for p in errors[0]['loc'])}: {errors[0]['msg']}" if errors else str(exc)
@@ -351,6 +356,16 @@ def _request_failed_on_error(call: Callable[[], int], failed: int = EXIT_REQUEST
     except OSError as exc:  # a local file: one that cannot be read, or a folder that is not there
         print(f"error: {exc}", file=sys.stderr)
     return failed
+
+
+def _unreachable(exc: requests.RequestException) -> str:
+    """Where and why a request found no API, in a line (requests and urllib3 nest their
+    exceptions and name their classes and connection pools)."""
+    inner = exc.args[0] if exc.args else None
+    url = exc.request.url if exc.request is not None else None
+    if isinstance(inner, MaxRetryError):
+        return f"{url}: {cause_of(inner.reason, None)}"
+    return f"{url}: {exc}" if url else str(exc)
 
 
 #: The per-item reasons of an error printed at most (the rest are counted).

@@ -36,6 +36,7 @@ to the transport while the call runs, so both layers stop at the same moment.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import urlsplit
 
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProxyError, ResponseError
 from urllib3.util.retry import RequestHistory, Retry
@@ -51,6 +53,8 @@ from urllib3.util.retry import RequestHistory, Retry
 if TYPE_CHECKING:
     from urllib3.connectionpool import ConnectionPool
     from urllib3.response import BaseHTTPResponse
+
+log = logging.getLogger(__name__)
 
 #: Statuses that mean "not now" rather than "no": a body that stalled on the way, overload, a
 #: gateway or the store restarting.
@@ -66,6 +70,16 @@ GATEWAY_STATUSES = frozenset({502, 504})
 _DEADLINE: ContextVar[float | None] = ContextVar("batchvision_retry_deadline", default=None)
 # Whether the call in progress may be re-sent after a try that may have arrived (Budget.active()).
 _RESEND: ContextVar[bool] = ContextVar("batchvision_retry_resend", default=True)
+
+
+def cause_of(error: Exception | None, status: int | None) -> str:
+    """A failed try's cause in a few words (urllib3's own text names its classes and the pool)."""
+    if error is None:
+        return f"HTTP {status}" if status is not None else "no answer"
+    if isinstance(error, ProxyError):
+        error = error.original_error
+    reason = str(error).rsplit(": ", 1)[-1].strip("'\")( ")
+    return f"{type(error).__name__} ({reason})" if reason else type(error).__name__
 
 
 def may_have_arrived(error: Exception | None, status: int | None) -> bool:
@@ -215,6 +229,14 @@ class TransportRetry(Retry):
             raise MaxRetryError(_pool, url, reason) from reason  # type: ignore[arg-type]
         new.started = started
         new.planned_s = wait
+        log.info(
+            "retrying %s %s after %s: next try in %.1f s (giving up in %.0f s)",
+            method,
+            urlsplit(url or "").path or url,
+            cause_of(error, status),
+            wait,
+            deadline - now,
+        )
         return new
 
     def sleep(self, response: BaseHTTPResponse | None = None) -> None:

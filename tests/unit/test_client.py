@@ -10,6 +10,7 @@ answer that retrying cannot change (``400``, ``404``, ``409 job_sealed``).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -191,6 +192,33 @@ def test_503_with_retry_after_is_waited_out_then_answered(api: FakeApi, client: 
     elapsed = time.monotonic() - start
     assert len(api.called("GET", f"/v1/jobs/{JOB_ID}")) == 3
     assert 2.0 <= elapsed < 4.0, "waited what Retry-After asked, twice, and not much more"
+
+
+def test_each_retry_is_one_log_line_saying_why_and_when_the_next_try_is(
+    api: FakeApi, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.on("GET", f"/v1/jobs/{JOB_ID}", unavailable("0", status=502), reply(200, job()))
+    with caplog.at_level(logging.INFO, logger="batchvision.client.retry"):
+        assert client.status(JOB_ID).job_id == JOB_ID
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "batchvision.client.retry"]
+    assert line.startswith(f"retrying GET /v1/jobs/{JOB_ID} after HTTP 502: next try in "), line
+
+
+def test_the_cli_names_where_and_why_the_api_could_not_be_reached(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchvision.cli.commands import ExitCode
+    from batchvision.cli.main import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    assert main(["status", JOB_ID, "--api-url", url, "--retry-for", "1"]) == ExitCode.REQUEST_FAILED
+    err = capsys.readouterr().err  # the CLI logs on stderr
+    assert f"error: cannot reach the API: {url}/v1/jobs/{JOB_ID}: NewConnectionError (" in err, err
+    assert "HTTPConnectionPool" not in err and "Max retries" not in err
+    # urllib3's own retry warnings (a screenful each) are left to the client's one-line log.
+    assert f"retrying GET /v1/jobs/{JOB_ID} after NewConnectionError (" in err, err
+    assert "urllib3" not in err and "Retrying (" not in err, err
 
 
 @pytest.mark.parametrize("status", [408, 429, 502, 503, 504])
