@@ -3,14 +3,17 @@
 gunicorn's gevent workers bound the wait for a request's headers (``keepalive``) but not for
 its body: a client that sends headers and then a few bytes (or none) held its connection, and
 the memory set aside for its upload, for as long as it liked; enough of them fill every
-worker's connections. Here each read of the body (and each write of the answer) waits at most
-``BATCHVISION_API_BODY_TIMEOUT_S`` for the client, as nginx's ``client_body_timeout`` does:
-a slow but steady upload is not cut, a stalled one is.
+worker's connections. Here each read of the body waits at most
+``BATCHVISION_API_BODY_TIMEOUT_S`` for the next bytes, as nginx's ``client_body_timeout``
+does: a slow but steady upload is not cut, a stalled one is. The timeout is on the socket only
+while the body is read (a socket timeout bounds a whole ``sendall``, which would cut a long
+answer to a client that reads it slowly but steadily).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -30,9 +33,8 @@ class BodyTimeout(BatchvisionError):
 
 
 class TimedInput:
-    """``wsgi.input`` whose reads turn the socket's timeout into :class:`BodyTimeout`; the
-    client's socket is shut for reading then, so that gunicorn closes the connection after the
-    answer instead of waiting once more for the rest of the body."""
+    """``wsgi.input`` whose reads wait at most ``seconds`` for each piece of the body, and turn
+    the socket's timeout into :class:`BodyTimeout`."""
 
     def __init__(self, raw: IO[bytes], sock: socket.socket, seconds: float) -> None:
         self.raw = raw
@@ -52,29 +54,35 @@ class TimedInput:
         return iter(self.readline, b"")
 
     def _timed(self, read: Callable[[Any], Any], arg: Any) -> Any:
+        self.sock.settimeout(self.seconds)  # each recv of the read waits at most this long
         try:
-            return read(arg)
+            data = read(arg)
         except TimeoutError as exc:
-            try:
-                self.sock.shutdown(socket.SHUT_RD)
-            except OSError:  # the client is gone already
-                pass
+            # The timeout stays on the socket: gunicorn, reading the rest of the body before it
+            # would take a next request, gives up after it too and closes the connection. A
+            # plain socket is shut for reading at once (an SSL socket's shutdown would end its
+            # TLS session before the answer).
+            if not isinstance(self.sock, ssl.SSLSocket):
+                try:
+                    self.sock.shutdown(socket.SHUT_RD)
+                except OSError:  # the client is gone already
+                    pass
             raise BodyTimeout(
                 f"no byte of the request body arrived for {self.seconds:g} s "
                 "(BATCHVISION_API_BODY_TIMEOUT_S): send the body without pausing"
             ) from exc
+        self.sock.settimeout(None)  # the answer's writes are not bounded by it
+        return data
 
 
 def init_app(app: Flask, seconds: float) -> None:
-    """Give every request served by gunicorn ``seconds`` per read of its body and per write
-    of its answer (a request without gunicorn's socket, e.g. Flask's test client, is left as
-    it is)."""
+    """Give every request served by gunicorn ``seconds`` per read of its body (a request without
+    gunicorn's socket, e.g. Flask's test client, is left as it is)."""
     inner = app.wsgi_app
 
     def timed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         sock = environ.get(SOCKET_KEY)
         if isinstance(sock, socket.socket):
-            sock.settimeout(seconds)
             environ["wsgi.input"] = TimedInput(environ["wsgi.input"], sock, seconds)
         return inner(environ, start_response)
 

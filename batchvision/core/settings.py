@@ -311,9 +311,9 @@ class Settings(BaseSettings):
     )
     api_body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = _field(
         60.0,
-        "Longest the API waits for the next bytes of a request's body (and for a client to take "
-        "the bytes of its answer), like nginx's `client_body_timeout`: a stalled upload gets `408 "
-        "body_timeout` and its connection is closed; a slow but steady one is not cut.",
+        "Longest the API waits for the next bytes of a request's body, like nginx's "
+        "`client_body_timeout`: a stalled upload gets `408 body_timeout` and its connection is "
+        "closed; a slow but steady one is not cut.",
     )
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = _field(
         9808, "Port of a worker's Prometheus `/metrics`."
