@@ -72,7 +72,8 @@ MAX_URL_LENGTH = 2048
 
 
 class CallbackState(Document):
-    """Where a job's completion webhook stands (``waiting`` until the job is final)."""
+    """Where a job's completion webhook stands (``waiting`` until the job is final; a job with
+    an output prefix stays ``pending``, not yet sent, while its output is written)."""
 
     url: str
     state: Literal["waiting", "pending", "retrying", "delivered", "failed"]

@@ -52,9 +52,7 @@ from batchvision.server.text import as_text, hash_fields
 
 log = logging.getLogger(__name__)
 
-#: Record an attempt while the lease is ours, and queue the job's completion webhook (which
-#: waits for its output) once the output is final. KEYS: the set, the job hash, the webhooks'
-#: set. ARGV: job id, lease,
+#: Record an attempt while the lease is ours. KEYS: the set, the job hash. ARGV: job id, lease,
 #: state (written, pending: retry at ARGV[4], failed; ``dropped``: leave the set, the job hash
 #: untouched; ``later``: a job written in parts, due again at ARGV[4], with an error if a part
 #: failed, which counts a failure in a row, the first if ARGV[6] is :data:`AFRESH`), next due,
@@ -86,12 +84,6 @@ redis.call('HINCRBY', KEYS[2], 'out_attempts', 1)
 redis.call('HSET', KEYS[2], 'out_state', ARGV[3], 'out_error', ARGV[5])
 if ARGV[3] == 'written' then
   redis.call('HSET', KEYS[2], 'out_files', ARGV[6], 'out_written_at', ARGV[7])
-end
--- the output is final (written, or failed for good): the completion webhook waited for it
-if ARGV[3] ~= 'pending' and redis.call('HGET', KEYS[2], 'cb_state') == 'waiting'
-   and redis.call('HEXISTS', KEYS[2], 'finished_at') == 1 then
-  redis.call('HSET', KEYS[2], 'cb_state', 'pending')
-  redis.call('ZADD', KEYS[3], math.floor(tonumber(ARGV[7]) * 1000), ARGV[1])
 end
 """
     + due_again_if("pending")
@@ -517,7 +509,7 @@ class Exporter(LeasedWorker):
 
     def _write(self, job_id: str, lease: int, state: str, due: int, error: str, files: str) -> str:
         self._record(
-            keys=[keys.EXPORTS, JobKeys.of(job_id).job, keys.WEBHOOKS],
+            keys=[keys.EXPORTS, JobKeys.of(job_id).job],
             args=[job_id, lease, state, due, error, files, f"{time.time():.3f}"],
         )
         return state

@@ -30,8 +30,7 @@ end
 """
 
 # Shared tail: finish the job if it is sealed and every image has a result (status,
-# finished_at, wake the waiters, TTLs, tombstone, its output files if it names an output prefix,
-# else the completion webhook if it has one).
+# finished_at, wake the waiters, TTLs, tombstone, the completion webhook if the job has one).
 # ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
 # Publishing from a script is allowed: Redis replicates the script's effects, PUBLISH included.
 # (It carries its own copy of the accounting functions, so any script may end with it.)
@@ -49,16 +48,14 @@ if v[5] == '1' and not v[6] and
   redis.call('SET', K_TOMB, tomb, 'EX', tonumber(ARGV[1]) + 7 * 86400)
   redis.call('ZREM', K_ACTIVE, ARGV[3])
   release_job(K_PENDING, K_JOBPENDING, K_PENDING_BYTES, K_QUOTA, ARGV[3])
-  -- its output files are queued in the same step (durable: no process holds them), when it
-  -- names an output prefix; then its completion webhook, unless it waits for those files (the
-  -- exporter queues it once they are written or have failed: the receiver reads them)
-  local output = redis.call('HEXISTS', K_JOB, 'out_url') == 1
-  if output then
-    redis.call('ZADD', K_EXPORTS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
-  end
-  if not output and redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
+  -- a completion webhook is queued in the same step (durable: no process holds it)
+  if redis.call('HEXISTS', K_JOB, 'cb_url') == 1 then
     redis.call('HSET', K_JOB, 'cb_state', 'pending')
     redis.call('ZADD', K_WEBHOOKS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
+  end
+  -- and so are its output files, when it names an output prefix
+  if redis.call('HEXISTS', K_JOB, 'out_url') == 1 then
+    redis.call('ZADD', K_EXPORTS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
   end
 end
 """

@@ -11,13 +11,16 @@ with a lease (one Lua step moves their score to ``now + lease``, so no other del
 them meanwhile), POSTs, and records the attempt on the job (``cb_attempts``, ``cb_last_status``,
 ``cb_last_error``, ``cb_delivered_at``, ``cb_state``) in one Lua step that checks the lease is
 still its own. A deliverer that dies mid-delivery leaves the entry to come due again when the
-lease runs out, and another process sends it: at least once. Receivers deduplicate on the
+lease runs out, and another process sends it: at least once. The webhook of a job with an
+output prefix waits (``deferred``: due again, no attempt counted) while its output files are
+written, so that the receiver finds them, and goes with ``output.state`` ``pending`` if they
+are not final ``OUTPUT_WAIT_MARGIN_S`` before the job expires. Receivers deduplicate on the
 ``Batchvision-Delivery`` header (the job id, the same on every attempt; a job retried after it
 finished ends again, and that end's delivery is ``<job id>.<n>``: :func:`delivery_id`).
 
 **Retried** with exponential backoff and jitter (:func:`backoff`) on connection errors,
 timeouts, ``408``, ``429`` and ``5xx``, until ``WEBHOOK_RETRY_FOR_S`` after the job finished
-(capped by the result TTL, after which the job is gone); any other answer (``3xx``, ``4xx``) and
+(or its output was written; capped by the result TTL, after which the job is gone); any other answer (``3xx``, ``4xx``) and
 a refused address end it as ``failed``. The receiver's address passes the same rules as image
 URLs (:mod:`batchvision.server.fetch`), checked on every attempt.
 
@@ -200,19 +203,29 @@ for _, id in ipairs(due) do
 end
 return out
 """.replace("@JOB@", f"{keys.PREFIX}:job:")
+#: A job with an output prefix: its webhook waits for the output, looking again every
+#: ``OUTPUT_POLL_S`` at first and at most every ``OUTPUT_POLL_MAX_S``, until this long before the
+#: job expires (then it goes with the output still pending).
+OUTPUT_POLL_S = 0.5
+OUTPUT_POLL_MAX_S = 30.0
+OUTPUT_WAIT_MARGIN_S = 600.0
 #: Due entries one claim looks at, and how long an entry of an owner at its limit waits.
 CLAIM_SCAN = 1000
 BUSY_DEFER_MS = 1000
 
 #: Record an attempt, only while the lease (ARGV[2]) is still ours. KEYS: pending set, job hash.
-#: ARGV: job id, lease, state (delivered, retrying, failed; gone: drop the entry), next due (ms),
-#: now, status, error.
+#: ARGV: job id, lease, state (delivered, retrying, failed; gone: drop the entry; deferred: not
+#: sent, due again), next due (ms), now, status, error.
 RECORD = (
     IF_OURS
     + """
 if ARGV[3] == 'gone' or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
   return -1
+end
+if ARGV[3] == 'deferred' then  -- not sent yet (its output is being written): no attempt counted
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[1])
+  return 1
 end
 redis.call('HINCRBY', KEYS[2], 'cb_attempts', 1)
 redis.call('HSET', KEYS[2], 'cb_state', ARGV[3], 'cb_last_attempt_at', ARGV[5],
@@ -358,6 +371,11 @@ class Deliverer:
         if not h.get("cb_url") or h.get("cb_state") in ("delivered", "failed"):
             self._write(job_id, lease, "gone", 0, "", "")  # expired, or already final
             return "gone"
+        now = self.clock()
+        later = self._output_pending(h, now)
+        if later is not None:
+            self._write(job_id, lease, "deferred", int(later * 1000), "", "")
+            return "deferred"
         attempt = int(h.get("cb_attempts") or 0) + 1
         body = json.dumps(payload(job_id, h), separators=(",", ":")).encode()
         secret = owner_secret(self.redis, self.settings, h.get("owner", ""))
@@ -367,7 +385,10 @@ class Deliverer:
             state, due_ms = "delivered", 0
         elif error in RETRIED or status in (408, 429) or status >= 500:
             finished = float(h.get("finished_at") or now)
-            give_up = finished + min(self.settings.webhook_retry_for_s, self.settings.result_ttl_s)
+            # The window opens when there was something to send (the output written, for a job
+            # whose webhook waited for it), and closes by the time the job expires.
+            opened = max(finished, float(h.get("out_written_at") or 0))
+            give_up = min(opened + self.settings.webhook_retry_for_s, finished + self.settings.result_ttl_s)
             own = backoff(attempt, FIRST_BACKOFF_S, MAX_BACKOFF_S)
             wait = max(own, asked or 0.0)  # never sooner than the receiver asked
             state = "retrying" if now + wait <= give_up else "failed"
@@ -386,6 +407,21 @@ class Deliverer:
             extra={"job_id": job_id, "attempt": attempt, "state": state},
         )
         return state
+
+    def _output_pending(self, h: dict[str, str], now: float) -> float | None:
+        """When to look again at a job whose output files are still being written (its webhook
+        tells the receiver they are there), or ``None`` to send now: the output is final, or the
+        job expires within :data:`OUTPUT_WAIT_MARGIN_S` (the webhook then goes with
+        ``output.state`` ``pending``: late news is better than none)."""
+        if not h.get("out_url") or h.get("out_state", "pending") != "pending":
+            return None
+        finished = float(h.get("finished_at") or now)
+        if now >= finished + self.settings.result_ttl_s - min(
+            OUTPUT_WAIT_MARGIN_S, self.settings.result_ttl_s / 2
+        ):
+            return None
+        # Soon after the end at first (the files of a small job take a moment), then less often.
+        return now + min(max(OUTPUT_POLL_S, (now - finished) / 10), OUTPUT_POLL_MAX_S)
 
     def _post(
         self, url: str, body: bytes, secret: str, delivery: str, attempt: int

@@ -20,9 +20,13 @@ import requests
 
 from batchvision.cli.runner import Service
 from batchvision.client import Client
+from batchvision.core.allow_list import AllowList
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import labelled_files
 from batchvision.server import keys, webhooks
+from batchvision.server.fetch import SafeHTTP
+from batchvision.server.keys import JobKeys
+from batchvision.server.outputs import output_fields
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -296,3 +300,43 @@ def test_a_retry_after_past_the_retry_window_ends_the_delivery_as_failed(
     assert (cb.attempts, cb.last_status, cb.last_error) == (1, 503, "retry_after_too_late")
     assert env.redis.zscore(keys.WEBHOOKS, job_id) is None  # nothing left to send
     assert len(Handler.receiver.got) == 1
+
+
+def test_a_webhook_waits_for_its_output_and_goes_without_it_before_the_job_expires(
+    scratch_redis: redis_lib.Redis, receiver_url: str
+) -> None:
+    # The deliverer in-process against a real Redis and the receiver: a job with an output
+    # prefix is not sent while its files are written (no attempt counted), then with the output
+    # document; one whose output is still pending when the job nears its expiry goes anyway.
+    Handler.receiver = Receiver()
+    settings = Settings.from_env({}, webhook_allow="127.0.0.1/32", result_ttl_s=3600)
+    http = SafeHTTP(AllowList.parse(settings.webhook_allow))
+    deliverer = webhooks.Deliverer(scratch_redis, settings, http)
+    now = time.time()
+
+    def job(job_id: str, finished: float) -> int:
+        fields = {
+            **webhooks.callback_fields(f"{receiver_url}/hook", None),
+            **output_fields("s3://bucket/out/"),
+            **{"created_at": f"{finished - 1:.3f}", "finished_at": f"{finished:.3f}", "total": "1"},
+            **{"done": "1", "failed": "0", "canceled": "0", "sealed": "1", "cb_state": "pending"},
+        }
+        scratch_redis.hset(JobKeys.of(job_id).job, mapping=fields)
+        lease = int(now * 1000)
+        scratch_redis.zadd(keys.WEBHOOKS, {job_id: lease})
+        return lease
+
+    lease = job("j1", now)
+    assert deliverer.deliver("j1", lease) == "deferred"
+    due = scratch_redis.zscore(keys.WEBHOOKS, "j1")
+    assert due is not None and due > now * 1000  # looked at again later
+    assert scratch_redis.hget(JobKeys.of("j1").job, "cb_attempts") == b"0" and Handler.receiver.got == []
+    scratch_redis.hset(JobKeys.of("j1").job, mapping={"out_state": "written", "out_written_at": f"{now:.3f}"})
+    assert deliverer.deliver("j1", int(due)) == "delivered"
+    (sent,) = Handler.receiver.accepted()
+    assert json.loads(sent.body)["output"]["state"] == "written"
+
+    # Finished 55 minutes ago with a 60-minute result TTL: no more waiting.
+    lease = job("j2", now - 3300)
+    assert deliverer.deliver("j2", lease) == "delivered"
+    assert json.loads(Handler.receiver.accepted()[-1].body)["output"]["state"] == "pending"
