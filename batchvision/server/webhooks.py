@@ -21,8 +21,8 @@ finished ends again, and that end's delivery is ``<job id>.<n>``: :func:`deliver
 **Retried** with exponential backoff and jitter (:func:`backoff`) on connection errors,
 timeouts, ``408``, ``429`` and ``5xx``, until ``WEBHOOK_RETRY_FOR_S`` after the job finished
 (or its output was written; capped by the result TTL, after which the job is gone); any other
-answer (``3xx``, ``4xx``) and a refused address end it as ``failed``. The receiver's address passes the same rules as image
-URLs (:mod:`batchvision.server.fetch`), checked on every attempt.
+answer (``3xx``, ``4xx``) and a refused address end it as ``failed``. The receiver's address
+passes the same rules as image URLs (:mod:`batchvision.server.fetch`), checked on every attempt.
 
 **Signed** like Stripe's webhooks: ``Batchvision-Signature: t=<unix seconds>,v1=<hex
 HMAC-SHA256(secret, "<t>." + body)>``. The secret is per API key, derived from
