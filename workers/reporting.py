@@ -106,7 +106,8 @@ class ModelReporter:
         key = (status, facts.get("error"), facts.get("replacement_error"))
         with self._lock:
             announced = self._announced.setdefault(served.name, {})
-            if announced.get(version) == key:
+            before = announced.get(version)
+            if before == key:
                 return
             announced[version] = key
         found = status == FOUND
@@ -122,7 +123,11 @@ class ModelReporter:
         if not written:  # not news yet: the next look at the model (or event) writes it again
             with self._lock:
                 if announced.get(version) == key:
-                    del announced[version]
+                    # What the registry still holds (a refusal that a "found" must replace).
+                    if before is None:
+                        del announced[version]
+                    else:
+                        announced[version] = before
 
     def live_changed(self, served: ServedModel) -> None:
         self._call("announce_model", served.name, served.live.version)

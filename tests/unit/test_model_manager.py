@@ -621,6 +621,18 @@ def test_a_refused_version_mended_but_not_loaded_is_no_longer_reported_as_refuse
         (tmp_path / "m" / "2" / "BROKEN").unlink()
         assert manager.refresh("m") is False  # version 1 stays live: pinned
         assert registry.versions[2] == ("found", True, {})  # over the refusal (not over a "ready")
+        # A mended version whose "found" the registry did not take is still written over the
+        # refusal at the next look.
+        (tmp_path / "m" / "4").mkdir()
+        (tmp_path / "m" / "4" / "labels.txt").write_text("\n".join(LABELS) + "\n")
+        manager.refresh("m")
+        assert registry.versions[4][0] == "failed"
+        (tmp_path / "m" / "4" / "model.keras").write_bytes(b"stand-in")
+        registry.down = True
+        manager.refresh("m")
+        registry.down = False
+        manager.refresh("m")
+        assert registry.versions[4] == ("found", True, {})
         # A version the scan refuses (its model file not there yet), then completed.
         (tmp_path / "m" / "3").mkdir()
         (tmp_path / "m" / "3" / "labels.txt").write_text("\n".join(LABELS) + "\n")
