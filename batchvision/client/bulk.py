@@ -76,11 +76,11 @@ def _utf8(name: str) -> bool:
     return True
 
 
-#: File name extensions of images: such a file is sent even when its content is not one we
-#: read (empty, cut short, another format), so that its row in the results says what is wrong.
+#: File name extensions of the formats the API reads: such a file is sent even when its content
+#: is not one (empty, cut short, misnamed), so that its row in the results says what is wrong.
+#: Files of other formats (TIFF, HEIC, ...) are skipped, not uploaded only to be refused.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif"}
-    | {".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico"}
 )
 
 
