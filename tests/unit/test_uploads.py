@@ -35,18 +35,19 @@ def test_several_roots_keep_their_names(tmp_path: Path) -> None:
         (tmp_path / root / "x" / "1.jpg").write_bytes(data)
     (tmp_path / "a" / "notes.txt").write_text("hi")
     (tmp_path / "a" / "noext").write_bytes(data)  # an image found by its content
-    # Named as images, holding none we read: sent, so that each gets its row and its reason.
+    # Named as images the API reads, holding none: sent, so that each gets its row and reason.
     (tmp_path / "b" / "empty.jpg").write_bytes(b"")
-    (tmp_path / "b" / "scan.TIFF").write_bytes(b"II*\0" + b"\0" * 60)
+    (tmp_path / "b" / "fake.PNG").write_bytes(b"text")
+    (tmp_path / "b" / "scan.tiff").write_bytes(b"II*\0" + b"\0" * 60)  # a format it does not read
     found = scan([tmp_path / "a", tmp_path / "b"])
     assert [rel for rel, _ in found.images] == [
         "a/noext",
         "a/x/1.jpg",
         "b/empty.jpg",
-        "b/scan.TIFF",
+        "b/fake.PNG",
         "b/x/1.jpg",
     ]
-    assert found.skipped == ["a/notes.txt"]
+    assert found.skipped == ["a/notes.txt", "b/scan.tiff"]
     assert [rel for rel, _ in scan([tmp_path / "a"]).images] == ["noext", "x/1.jpg"]
 
 
