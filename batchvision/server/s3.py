@@ -228,7 +228,9 @@ def _error(exc: BaseException, what: str) -> S3Error:
     if isinstance(exc, unreachable):
         # The detail (the endpoint's address) is the operator's: the caller sees the kind of fault.
         log.warning("%s: the store cannot be reached: %s", what, exc)
-        why = f"{what}: the store cannot be reached ({_scrubbed(exc)})"
+        # Only the kind of fault: its text names the store's host in forms no pattern catches
+        # (a certificate's name, a name that did not resolve, "Connection to <host> timed out").
+        why = f"{what}: the store cannot be reached ({type(exc).__name__})"
         return TransientS3Error(why[:500], code="s3_unavailable")
     if isinstance(exc, BotoCoreError):
         log.warning("%s: %s", what, exc)

@@ -4,9 +4,10 @@ with ``Retry-After``), anything else the request's own problem (``422``)."""
 from __future__ import annotations
 
 import pytest
-from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError, SSLError
 from flask import Flask
 from urllib3 import HTTPConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 from urllib3.exceptions import ReadTimeoutError as PoolReadTimeout
 
 from api.errors import RETRY_AFTER_S, register
@@ -46,8 +47,13 @@ def test_s3_error_status_and_retry_after(code: str, status: int) -> None:
         EndpointConnectionError(endpoint_url="http://minio.internal:9000/bucket/key"),
         ReadTimeoutError(endpoint_url="https://minio.internal:9000/bucket/key"),
         PoolReadTimeout(HTTPConnectionPool("minio.internal", 9000), "/bucket/key", "Read timed out."),
+        SSLError(
+            endpoint_url="https://minio.internal:9000", error="certificate is not valid for 'minio.internal'"
+        ),
+        ConnectTimeoutError(None, "Connection to minio.internal timed out. (connect timeout=5)"),
+        NameResolutionError("minio.internal", None, OSError("Name or service not known")),  # type: ignore[arg-type]
     ],
-    ids=["botocore-connect", "botocore-read", "urllib3-pool"],
+    ids=["botocore-connect", "botocore-read", "urllib3-pool", "tls", "connect-timeout", "name-resolution"],
 )
 def test_an_unreachable_store_is_named_without_its_address(exc: Exception) -> None:
     # A job's caller sees the kind of fault; the store's address is the operator's (in the log).
