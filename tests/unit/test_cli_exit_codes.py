@@ -87,7 +87,12 @@ def test_a_refused_submission_is_submit_failed_and_says_why_for_each_file(
 
 @pytest.mark.parametrize("where", ["missing-folder", "a-folder", "read-only"])
 def test_an_output_file_that_cannot_be_written_is_refused_before_anything_is_sent(
-    where: str, api_url: str, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    where: str,
+    api_url: str,
+    image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if where == "missing-folder":
         out, why = tmp_path / "nope" / "r.csv", f"the folder {tmp_path / 'nope'} does not exist"
@@ -96,8 +101,9 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_anything_is_sen
     else:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        if os.access(locked, os.W_OK):
-            pytest.skip("root writes into a read-only folder anyway")
+        if os.access(locked, os.W_OK):  # root writes anywhere: the folder is made unwritable here
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode: mode != os.W_OK and real(p, mode))
         out, why = locked / "r.csv", "is not writable"
     # Sent, the submit would be refused by the server (exit 4), the results not found (exit 5).
     assert main(["submit", str(image), "--wait", "-o", str(out), "--api-url", api_url]) == ExitCode.USAGE
