@@ -494,7 +494,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
         job_id, first = create()
     else:  # a retried classify waits for the job its first try created instead of a second one
         job_id, first = svc.idempotency.run(current_owner(), digest(key), c.fingerprint(), create)
-    summary = _added(first) if first is not None else {"idempotent_replay": True}
+    summary: dict[str, Any] = _added(first) if first is not None else {"idempotent_replay": True}
     count = first.files if first is not None else None
     if isinstance(request, UploadRequest):  # the images are in Redis now; the wait needs none
         request.release_body()
@@ -507,7 +507,7 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     if job is None or job["owner"] != current_owner():  # expired within the wait: as GET would
         job = _job_or_404(svc, job_id)
     # A replay's request is not read again: its skipped members are not known.
-    skipped = _added(first)["skipped"] if first is not None else []
+    skipped = summary.get("skipped", [])
     return {**_public(job), "results": [row.document() for row in rows], "skipped": skipped}, 200
 
 

@@ -255,7 +255,7 @@ def payload(job_id: str, h: dict[str, str]) -> dict[str, Any]:
         doc["status_url"] = h["cb_status_url"]
         doc["results_url"] = h["cb_status_url"] + "/results"
     output = output_document(h)
-    if output is not None:  # final: the webhook of a job with an output prefix waits for it
+    if output is not None:  # final, unless the job neared its expiry first (Deliverer._output_pending)
         doc["output"] = output
     return doc
 
