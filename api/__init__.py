@@ -18,7 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
     from flask import Flask
 
-    from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, slow_clients, web
+    from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, multipart, slow_clients, web
     from api.fastjson import OrjsonProvider
     from api.services import Services
     from api.uploads import ArchiveMemory, UploadRequest
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
     app.request_class = UploadRequest
+    multipart.install()  # request.files without two patterns compiled per request
     # `/v1//jobs` is no route: a JSON 404, not an HTML redirect (before any key is checked).
     app.url_map.merge_slashes = False
     app.config.update(
