@@ -18,7 +18,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app; ``settings`` default to the ``BATCHVISION_*`` environment."""
     from flask import Flask
 
-    from api import auth, docs, errors, health, inference, job_list, jobs, metrics, models, multipart, slow_clients, web
+    from api import (
+        auth,
+        docs,
+        errors,
+        health,
+        inference,
+        job_list,
+        jobs,
+        metrics,
+        models,
+        multipart,
+        slow_clients,
+        web,
+    )
     from api.fastjson import OrjsonProvider
     from api.services import Services
     from api.uploads import ArchiveMemory, UploadRequest

@@ -6,6 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import redis
+
+from batchvision.server.connect import HiredisPacker, connect_redis
+
 # Run in a child: gevent's monkey-patching cannot be undone in the test process.
 _CHILD = textwrap.dedent(
     """
@@ -64,3 +69,34 @@ def test_nothing_changes_without_gevent() -> None:
 
     cooperative_poll_checks()
     assert hiredis.select is select
+
+
+_ARGUMENTS: list[tuple[object, ...]] = [
+    ("SET", "key", b"\x00\xffbytes", "EX", 600),
+    ("HSET", "bv:job:x", "created_at", "1796655817.294", "model", "démo", "total", 0, "top_k", -3),
+    ("ZADD", "bv:active", 1796655817.2941234, "job", 0.1, "other", 1e300, "big", 10**20, "x"),
+    ("EVALSHA", "abc", 2, "k1", "k2", *range(50), *(f"f{i}.jpg" for i in range(50))),
+    ("CLIENT SETNAME", "name"),
+    (b"CONFIG GET", b"maxmemory"),
+    ("SET", "k", bytearray(b"array"), "GET"),
+    ("SET", "k", memoryview(b"view")),
+]
+
+
+@pytest.mark.parametrize("args", _ARGUMENTS)
+def test_the_packer_sends_what_redis_pys_own_packer_sends(args: tuple[object, ...]) -> None:
+    theirs = redis.Connection()._command_packer  # redis-py's choice: hiredis with its encoder
+    assert b"".join(HiredisPacker().pack(*args)) == b"".join(theirs.pack(*args))
+
+
+@pytest.mark.parametrize("bad", [True, None, object()])
+def test_the_packer_refuses_what_redis_py_refuses_with_its_error(bad: object) -> None:
+    with pytest.raises(redis.exceptions.DataError, match="Invalid input of type"):
+        HiredisPacker().pack("SET", "k", bad)
+
+
+def test_the_project_s_connections_pack_with_it() -> None:
+    client = connect_redis("redis://127.0.0.1:1/0")
+    connection = client.connection_pool.make_connection()
+    assert isinstance(connection._command_packer, HiredisPacker)
+    client.close()

@@ -78,11 +78,24 @@ def _drain(decoder: MultipartDecoder, out: list[object]) -> None:
 
 def _bodies(boundary: bytes) -> list[bytes]:
     b = boundary
-    part = b'Content-Disposition: form-data; name="files"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    part = (
+        b'Content-Disposition: form-data; name="files"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    )
     tricky = b"x\r\n--" + b + b"x\r\n-" + b"\r--" + b[:-1] + b"\n\r\n" + bytes(range(256))
     return [
         b"--" + b + b"\r\n" + part + b"one\r\n--" + b + b"--\r\n",
-        b"preamble\r\n--" + b + b" \t\r\n" + part + tricky + b"\r\n--" + b + b"\r\n" + part + b"two\r\n--" + b + b"--",
+        b"preamble\r\n--"
+        + b
+        + b" \t\r\n"
+        + part
+        + tricky
+        + b"\r\n--"
+        + b
+        + b"\r\n"
+        + part
+        + b"two\r\n--"
+        + b
+        + b"--",
         b"--" + b + b"\n" + part.replace(b"\r\n", b"\n") + b"three\n--" + b + b"--\n",
         b"--" + b + b"\r" + part.replace(b"\r\n", b"\r") + b"four\r--" + b + b"--  \r\n epilogue",
         b"--" + b + b"--\r\n",
@@ -106,7 +119,11 @@ def test_the_decoder_gives_werkzeugs_events_for_whole_and_split_bodies(chunk: in
 def test_the_app_parses_uploads_with_the_decoder_that_compiles_nothing_per_request() -> None:
     app = create_app(Settings.from_env({}, redis_url="redis://127.0.0.1:1/0"))
     assert formparser.MultipartDecoder is BoundaryDecoder
-    body = b"--" + b"q1" + b'\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\nabc\r\n--q1--\r\n'
+    body = (
+        b"--"
+        + b"q1"
+        + b'\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\nabc\r\n--q1--\r\n'
+    )
     with app.test_request_context(
         "/", method="POST", data=body, content_type="multipart/form-data; boundary=q1"
     ) as ctx:
