@@ -67,7 +67,7 @@ key                             what it holds
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 PREFIX = "bv"
 PENDING = f"{PREFIX}:pending"
@@ -180,7 +180,8 @@ class JobKeys:
 
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
-        return [*astuple(self), ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA, EXPORTS]
+        # Not dataclasses.astuple: it deep-copies each field, and this runs for every job script.
+        return [*self.data(), self.tomb, ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA, EXPORTS]
 
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
