@@ -181,7 +181,8 @@ class JobKeys:
     def lua(self) -> list[str]:
         """``KEYS`` for a job script, in the order :data:`LUA_KEYS` names them."""
         # Not dataclasses.astuple: it deep-copies each field, and this runs for every job script.
-        return [*self.data(), self.tomb, ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA, EXPORTS]
+        shared = [ACTIVE, PENDING, WEBHOOKS, ACTIVE_PENDING, PENDING_BYTES, QUOTA, EXPORTS]
+        return [*self.data(), self.tomb, *shared]
 
 
 #: Prepended to every job script: names for ``KEYS`` in :meth:`JobKeys.lua`'s order.
