@@ -5,7 +5,9 @@ request's boundary. Clients choose a new random boundary for every request (urll
 browsers), so Python's pattern cache never hits, and compiling them costs about 0.19 ms of CPU
 per multipart request, a tenth of what a one-image ``POST /v1/classify`` costs the API.
 :class:`BoundaryDecoder` finds the same matches with ``bytes.find`` and one pattern compiled
-once; everything else is werkzeug's.
+once; everything else is werkzeug's. A body crowded with near-boundaries (``--<boundary>``
+without the line break or the end werkzeug's patterns want, a million of them in 32 MB) takes it
+about twice werkzeug's time (0.6 s against 0.3 s of CPU); image data holds none.
 """
 
 from __future__ import annotations
