@@ -6,8 +6,10 @@ browsers), so Python's pattern cache never hits, and compiling them costs about 
 per multipart request, a tenth of what a one-image ``POST /v1/classify`` costs the API.
 :class:`BoundaryDecoder` finds the same matches with ``bytes.find`` and one pattern compiled
 once; everything else is werkzeug's. A body crowded with near-boundaries (``--<boundary>``
-without the line break or the end werkzeug's patterns want, a million of them in 32 MB) takes it
-about twice werkzeug's time (0.6 s against 0.3 s of CPU); image data holds none.
+without the line break or the end werkzeug's patterns want) would make that search step through
+them one by one in Python, several times slower than a pattern; after
+:data:`MAX_NEAR_MISSES` of them in one search it compiles werkzeug's pattern after all and lets
+it scan. Image data holds none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ _BREAK = rb"(?:\r\n|\n|\r)"
 #: What follows ``--<boundary>`` in werkzeug's patterns: ``--`` (the closing boundary) or a line
 #: break, after blanks other than line breaks. Group 1 is the whole of it, as in werkzeug's.
 _TAIL = re.compile(rb"(--[^\S\n\r]*%s?|[^\S\n\r]*%s)" % (_BREAK, _BREAK))
+#: Markers one search may reject before it hands the scan to a compiled pattern.
+MAX_NEAR_MISSES = 16
 
 
 class _Found:
@@ -48,21 +52,38 @@ class BoundarySearch:
     line break before ``--`` is optional with ``break_required=False`` (the preamble's)."""
 
     def __init__(self, boundary: bytes, *, break_required: bool) -> None:
+        self.boundary = boundary
         self.marker = b"--" + boundary
         self.break_required = break_required
+        self._pattern: re.Pattern[bytes] | None = None
 
-    def search(self, data: bytes | bytearray, pos: int = 0) -> _Found | None:
+    def search(self, data: bytes | bytearray, pos: int = 0) -> _Found | re.Match[bytes] | None:
         """The leftmost match at or after ``pos``, or ``None``."""
+        if self._pattern is not None:
+            return self._pattern.search(data, pos)
         marker = self.marker
         at = data.find(marker, pos)
+        misses = 0
         while at != -1:
             start = self._start(data, at, pos)
             if start is not None:
                 tail = _TAIL.match(data, at + len(marker))
                 if tail is not None:
                     return _Found(start, tail.end(), tail.group(1))
+            misses += 1
+            if misses > MAX_NEAR_MISSES:  # a crowd of near-boundaries: scan them in C
+                return self.pattern().search(data, pos)
             at = data.find(marker, at + 1)
         return None
+
+    def pattern(self) -> re.Pattern[bytes]:
+        """werkzeug's own pattern for this boundary (compiled on first use, then kept)."""
+        if self._pattern is None:
+            prefix = _BREAK + (b"" if self.break_required else b"?")
+            self._pattern = re.compile(
+                prefix + b"--" + re.escape(self.boundary) + _TAIL.pattern, re.MULTILINE
+            )
+        return self._pattern
 
     def _start(self, data: bytes | bytearray, at: int, pos: int) -> int | None:
         # The leftmost start the pattern could take for the marker at ``at``: the line break

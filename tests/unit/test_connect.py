@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,16 @@ def test_nothing_changes_without_gevent() -> None:
     assert hiredis.select is select
 
 
+class _Number(enum.IntEnum):
+    ONE = 1
+    TWO = 2
+
+
+class _Score(float):
+    def __repr__(self) -> str:
+        return "a score"
+
+
 _ARGUMENTS: list[tuple[object, ...]] = [
     ("SET", "key", b"\x00\xffbytes", "EX", 600),
     ("HSET", "bv:job:x", "created_at", "1796655817.294", "model", "démo", "total", 0, "top_k", -3),
@@ -80,6 +91,8 @@ _ARGUMENTS: list[tuple[object, ...]] = [
     (b"CONFIG GET", b"maxmemory"),
     ("SET", "k", bytearray(b"array"), "GET"),
     ("SET", "k", memoryview(b"view")),
+    ("SET", _Number.ONE, _Score(0.25), "EX", _Number.TWO),
+    ("SET", "", b"", 0, -0.0, float("inf")),
 ]
 
 

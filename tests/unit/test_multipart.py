@@ -11,7 +11,7 @@ from werkzeug import formparser
 from werkzeug.sansio.multipart import Data, Epilogue, MultipartDecoder, NeedData
 
 from api import create_app
-from api.multipart import BoundaryDecoder, BoundarySearch
+from api.multipart import MAX_NEAR_MISSES, BoundaryDecoder, BoundarySearch
 from batchvision.core.settings import Settings
 
 _BREAK = rb"(?:\r\n|\n|\r)"
@@ -36,7 +36,7 @@ def test_the_search_finds_what_werkzeugs_patterns_find_at_every_position(boundar
     preamble, between = _werkzeug_patterns(boundary)
     ours = (BoundarySearch(boundary, break_required=False), BoundarySearch(boundary, break_required=True))
     rng = random.Random(7)
-    alphabet = [b"\r", b"\n", b"-", b" ", b"\t", b"x", b"b", b"--" + boundary, b"\r\n"]
+    alphabet = [b"\r", b"\n", b"-", b" ", b"\t", b"\x0b", b"\x0c", b"x", b"b", b"--" + boundary, b"\r\n"]
     texts = 0
     for _ in range(4000):
         data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
@@ -46,6 +46,25 @@ def test_the_search_finds_what_werkzeugs_patterns_find_at_every_position(boundar
                     assert _found(mine.search(form, pos)) == _found(theirs.search(form, pos)), (data, pos)
         texts += 1
     assert texts == 4000
+
+
+def test_a_crowd_of_near_boundaries_is_scanned_by_werkzeugs_own_pattern() -> None:
+    # Markers with a line break but a wrong end: one Python step each until the search gives
+    # the scan to the pattern werkzeug would have compiled, which then finds the same match.
+    boundary = b"abc"
+    preamble, between = _werkzeug_patterns(boundary)
+    crowd = b"\n--abcx" * (MAX_NEAR_MISSES + 5)
+    for data in (crowd + b"\r\n--abc\r\n", crowd, b"\n--abcx" * MAX_NEAR_MISSES + b"\n--abc--"):
+        for theirs, required in ((preamble, False), (between, True)):
+            ours = BoundarySearch(boundary, break_required=required)
+            for pos in (0, 1, 7, len(data) // 2):
+                assert _found(ours.search(data, pos)) == _found(theirs.search(data, pos)), (data, pos)
+    few = BoundarySearch(boundary, break_required=True)
+    assert _found(few.search(b"\n--abcx" * MAX_NEAR_MISSES + b"\n--abc\n")) is not None
+    assert few._pattern is None  # a body with few near-boundaries compiles nothing
+    many = BoundarySearch(boundary, break_required=True)
+    many.search(crowd)
+    assert many._pattern is not None
 
 
 def _events(decoder: MultipartDecoder, body: bytes, chunk: int) -> list[object]:
