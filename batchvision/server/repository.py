@@ -134,11 +134,6 @@ def _mirrored(settings: Settings) -> tuple[Path, dict[str, dict[int, str]]]:
         raise RepositoryError(f"BATCHVISION_MODELS_DIR={settings.models_dir!r}: {exc.message}") from exc
 
 
-def default_model(settings: Settings) -> str:
-    """The model of a job that names none (see :func:`repository`)."""
-    return model_name_of(settings.model)
-
-
 def shortcut_entry(settings: Settings) -> ModelEntry:
     """``BATCHVISION_MODEL`` as a model of one version (version 1)."""
     spec = settings.model
