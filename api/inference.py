@@ -271,14 +271,22 @@ def _infer(name: str, version: str | None) -> Response:
     options = replace(options, scores=True)
     since = svc.waiter.mark()  # before the job exists: its finish cannot be missed
     submitted = svc.intake.submit(
-        None, current_owner(), uploads, [], seal=True, interactive=True, options=options
+        None,
+        current_owner(),
+        uploads,
+        [],
+        seal=True,
+        interactive=True,
+        options=options,
+        reply_to=svc.waiter.channel,
     )
     count_submitted(submitted, created=True)
     job_id = submitted.job_id
-    if not svc.waiter.wait(job_id, svc.settings.sync_timeout_s, since):
+    finished = svc.waiter.wait(job_id, svc.settings.sync_timeout_s, since)
+    if finished is None:
         svc.store.cancel(job_id)  # nobody will ask for it: free the workers
         raise ServiceUnavailable(f"no result within {svc.settings.sync_timeout_s:g} s; retry later")
-    _, stored = svc.store.snapshot(job_id, rows=len(uploads))
+    _, stored = svc.store.snapshot(job_id, rows=len(uploads), reply=finished.reply)
     predictions = []
     for row in stored:
         if not isinstance(row.result, Prediction):

@@ -70,9 +70,11 @@ def _submit(
     callback: str | None = None,
     options: JobOptions | None = None,
     claim: Claim | None = None,
+    reply_to: str | None = None,
 ) -> Submitted:
     """Add the request's files to ``job_id`` (a new job if ``None``, with ``callback``, the
-    per-job ``options`` and the ``Idempotency-Key`` ``claim``)."""
+    per-job ``options`` and the ``Idempotency-Key`` ``claim``; ``reply_to``: the channel of the
+    waiter of a request that answers with the job's rows)."""
     fields = _callback(svc, callback)
     uploads, skipped = read_uploads(request, svc.settings, filename, adding=job_id is not None)
     submitted = svc.intake.submit(
@@ -85,6 +87,7 @@ def _submit(
         callback=fields,
         options=options,
         claim=claim,
+        reply_to=reply_to,
     )
     count_submitted(submitted, created=job_id is None)
     return submitted
@@ -485,7 +488,14 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
 
     def create(claim: Claim | None = None) -> tuple[str, Submitted]:
         submitted = _submit(
-            svc, None, params.filename, seal=True, interactive=True, options=options, claim=claim
+            svc,
+            None,
+            params.filename,
+            seal=True,
+            interactive=True,
+            options=options,
+            claim=claim,
+            reply_to=svc.waiter.channel,
         )
         return submitted.job_id, submitted
 
@@ -499,11 +509,12 @@ def classify_sync() -> tuple[dict[str, Any], int] | tuple[dict[str, Any], int, d
     if isinstance(request, UploadRequest):  # the images are in Redis now; the wait needs none
         request.release_body()
     # A replayed key names an older job: its wait asks Redis first.
-    if not svc.waiter.wait(job_id, timeout, since if first is not None else None):
+    finished = svc.waiter.wait(job_id, timeout, since if first is not None else None)
+    if finished is None:
         return _accepted(svc, job_id, summary)
     if count is None:
         count = int(_job_or_404(svc, job_id)["total"])
-    job, rows = svc.store.snapshot(job_id, rows=count)
+    job, rows = svc.store.snapshot(job_id, rows=count, reply=finished.reply)
     if job is None or job["owner"] != current_owner():  # expired within the wait: as GET would
         job = _job_or_404(svc, job_id)
     # A replay's request is not read again: its skipped members are not known.

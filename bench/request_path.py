@@ -1,16 +1,18 @@
 """What one ``POST /v1/classify`` costs the API in CPU, in-process, with and without the request
 path's own shortcuts: multipart bodies decoded without compiling patterns per request
-(``api/multipart.py``) and Redis commands packed by hiredis without redis-py's per-argument
-encoding (``HiredisPacker`` in ``batchvision/server/connect.py``).
+(``api/multipart.py``), Redis commands packed by hiredis without redis-py's per-argument
+encoding (``HiredisPacker`` in ``batchvision/server/connect.py``), and the answer's rows taken
+from the news of the job's finish instead of read from Redis (``reply`` in
+``batchvision/server/store.py``).
 
 One process starts a real Redis and a worker with the null model (its answers cost nothing) and
 runs the Flask app itself (its test client in place of gunicorn, so the figure is the app's own
 work): ``--requests`` single-image requests of a 224x224 JPEG, and the CPU time of the
 requesting thread (``time.thread_time``) per request, for a raw image body and for a one-file
 multipart body (a new random boundary each, as clients send). "shipped" is the code as it is;
-"without" puts werkzeug's decoder and redis-py's own packer back. Each round measures both, one
-after the other in the same process (alternating which goes first), so the machine's state
-moves both alike.
+"answer read" reads the answer from Redis after the finish; "without" also puts werkzeug's
+decoder and redis-py's own packer back. Each round measures each, one after the other in the
+same process (each round starting with the next), so the machine's state moves all alike.
 
     python bench/request_path.py [--rounds 3] [--requests 500]
 """
@@ -30,9 +32,10 @@ from werkzeug.sansio.multipart import MultipartDecoder
 from api import create_app
 from api.multipart import BoundaryDecoder
 from batchvision.core.settings import Settings
+from batchvision.server import store
 from batchvision.server.connect import HiredisPacker
 
-VARIANTS = ("shipped", "without")
+VARIANTS = ("shipped", "answer read", "without")
 
 
 def main() -> None:
@@ -49,7 +52,8 @@ def main() -> None:
         client = app.test_client()
 
         def use(variant: str) -> None:
-            shipped = variant == "shipped"
+            store.REPLY_MAX_ROWS = 64 if variant == "shipped" else 0  # 0: no job replies
+            shipped = variant != "without"
             formparser.MultipartDecoder = BoundaryDecoder if shipped else MultipartDecoder  # type: ignore[misc]
             if shipped:
                 pool.connection_kwargs["command_packer"] = HiredisPacker()
@@ -68,7 +72,8 @@ def main() -> None:
 
         figures: dict[tuple[str, str], list[float]] = {}
         for round_ in range(args.rounds):
-            for variant in VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]:
+            first = round_ % len(VARIANTS)
+            for variant in VARIANTS[first:] + VARIANTS[:first]:
                 use(variant)
                 for kind, send in (("raw", raw), ("multipart", multipart)):
                     for i in range(50):

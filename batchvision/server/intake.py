@@ -491,11 +491,13 @@ class Intake:
         callback: Mapping[str, str] | None = None,
         options: JobOptions | None = None,
         claim: Claim | None = None,
+        reply_to: str | None = None,
     ) -> Submitted:
         """Validate ``uploads`` and add them to ``job_id`` (a new job if ``None``, with the
         ``callback`` fields of :meth:`callback` and the ``options`` of :meth:`options` if given;
-        ``claim``: the request's ``Idempotency-Key``, written with the new job). A new job none
-        of whose files is usable is refused whole (:func:`require_some_valid`); a part of an
+        ``claim``: the request's ``Idempotency-Key``, written with the new job; ``reply_to``:
+        the channel of the waiter of a request that answers with the new job's rows). A new job
+        none of whose files is usable is refused whole (:func:`require_some_valid`); a part of an
         open job records each unusable file as its row's error instead.
 
         Raises ``LookupError`` for an unknown job and ``PermissionError`` for a sealed or
@@ -518,7 +520,16 @@ class Intake:
         with held:
             if job_id is None:
                 done = self._create(
-                    owner, uploads, problems, seal, interactive, callback, options, claim, held=held
+                    owner,
+                    uploads,
+                    problems,
+                    seal,
+                    interactive,
+                    callback,
+                    options,
+                    claim,
+                    held=held,
+                    reply_to=reply_to,
                 )
             else:
                 done = self._add(job_id, uploads, problems, interactive, held=held)
@@ -541,12 +552,13 @@ class Intake:
         more: Callable[[Any, str], None] | None = None,
         *,
         held: Hold = NO_HOLD,
+        reply_to: str | None = None,
     ) -> Submitted:
         """A new job with all its files: job, files, blobs, refusals, seal, chunk ledger (and
         the ``Idempotency-Key``'s job) in one ``MULTI`` round trip, then the messages. (Keys are
         unique within a request, so file ``i`` is index ``i``.) ``more(pipe, job_id)``: more
         writes of the same ``MULTI``, before the job's own; ``held``: the admission's hold,
-        removed by the same ``MULTI`` that counts the images."""
+        removed by the same ``MULTI`` that counts the images; ``reply_to``: as for :meth:`submit`."""
         job_id = new_job_id()
         blobs: dict[int, bytes] = {}
         errors: list[tuple[int, Failure]] = []
@@ -579,6 +591,7 @@ class Intake:
                 seal=seal,
                 options=opts.to_hash(),
                 sizes=[len(blobs[i]) if i in blobs else 0 for i in range(len(uploads))],
+                reply_to=reply_to,
             )
             ledger_add(pipe, chunks, now)
             held.release_on(pipe)

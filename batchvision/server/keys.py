@@ -102,6 +102,14 @@ def chunk_resends(member: str) -> str:
 
 #: Pub/sub channel on which the job scripts announce each finished job id (API waiters listen).
 FINISHED = f"{PREFIX}:finished"
+
+
+def reply_channel(listener: str) -> str:
+    """The pub/sub channel of one API process's waiter (``listener``: its random id), on which
+    the finish of a job it waits to answer with comes with the job's rows."""
+    return f"{FINISHED}:{listener}"
+
+
 #: Pending webhook deliveries: job id -> due time in milliseconds (a lease while one is sent).
 WEBHOOKS = f"{PREFIX}:webhooks"
 #: Jobs whose output files are due: id -> when (ms); see batchvision/server/exports.py.

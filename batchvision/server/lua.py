@@ -34,6 +34,10 @@ end
 # ARGV[1] result TTL, ARGV[2] now, ARGV[3] job id.
 # Publishing from a script is allowed: Redis replicates the script's effects, PUBLISH included.
 # (It carries its own copy of the accounting functions, so any script may end with it.)
+# The news is the job id. A job created with ``reply_to`` (a request waits to answer with its
+# rows) is first announced on that channel, its waiter's own, with a newline and the JSON array
+# [job hash as HGETALL, filenames, results] after the id: the request answers without reading
+# them again (see JobStore.snapshot), and no other process receives them.
 _FINISH = (
     _ACCOUNTS
     + """
@@ -41,7 +45,6 @@ local v = redis.call('HMGET', K_JOB, 'total', 'done', 'failed', 'canceled', 'sea
 if v[5] == '1' and not v[6] and
    (tonumber(v[2] or '0') + tonumber(v[3] or '0') + tonumber(v[4] or '0')) >= tonumber(v[1] or '0') then
   redis.call('HSET', K_JOB, 'finished_at', ARGV[2])
-  redis.call('PUBLISH', CH_FINISHED, ARGV[3])
   for _, k in ipairs(K_DATA) do redis.call('EXPIRE', k, ARGV[1]) end
   -- the tombstone names the job's owner: another API key's request gets 404, not 410
   local tomb = 'o:' .. (redis.call('HGET', K_JOB, 'owner') or '')
@@ -57,6 +60,19 @@ if v[5] == '1' and not v[6] and
   if redis.call('HEXISTS', K_JOB, 'out_url') == 1 then
     redis.call('ZADD', K_EXPORTS, math.floor(tonumber(ARGV[2]) * 1000), ARGV[3])
   end
+  -- last: the news carries the job as it is now
+  local reply_to = redis.call('HGET', K_JOB, 'reply_to')
+  if reply_to then
+    local total, idx, names, res = tonumber(v[1] or '0'), {}, {}, {}
+    for i = 1, total do idx[i] = tostring(i - 1) end
+    if total > 0 then
+      names = redis.call('HMGET', K_FILES, unpack(idx))
+      res = redis.call('HMGET', K_RES, unpack(idx))
+    end
+    local rows = cjson.encode({redis.call('HGETALL', K_JOB), names, res})
+    redis.call('PUBLISH', reply_to, ARGV[3] .. '\\n' .. rows)
+  end
+  redis.call('PUBLISH', CH_FINISHED, ARGV[3])
 end
 """
 )

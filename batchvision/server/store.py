@@ -37,6 +37,10 @@ from batchvision.server.sources import listing_document
 from batchvision.server.text import as_text
 from batchvision.server.webhooks import callback_document
 
+#: A job created with ``reply_to`` of at most this many files has its rows published with the
+#: news of its finish (:data:`~batchvision.server.lua.RECORD`); a larger one's are read.
+REPLY_MAX_ROWS = 64
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -101,6 +105,23 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
     }
 
 
+def _from_reply(job_id: str, idx: list[str], reply: bytes) -> tuple[dict[str, Any] | None, list[Row]] | None:
+    """:meth:`JobStore.snapshot` from the JSON the finish published: ``None`` if it is not
+    that, or holds fewer rows than ``idx`` names."""
+    try:
+        flat, names, results = json.loads(reply)
+    except (ValueError, TypeError):  # not UTF-8, not JSON, not the three parts: read the job
+        return None
+    # Lua's JSON writes an empty table as {} and a missing field as false.
+    names, results = names or [], results or []
+    if len(names) < len(idx) or len(results) < len(idx):
+        return None
+    job = _document(job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+    if job is None or not idx:
+        return job, []
+    return job, list(_rows(idx[: job["total"]], [n or None for n in names], [r or None for r in results]))
+
+
 def _passthrough_shape(h: dict[str, str]) -> tuple[bool, tuple[str, ...]] | None:
     """Whether the job's inputs carry ids, and the names of their pass-through columns
     (``None``: they carry nothing)."""
@@ -144,11 +165,14 @@ class JobStore:
         owner: str = "",
         pipe: Any = None,
         options: Mapping[str, str] | None = None,
+        reply_to: str | None = None,
     ) -> None:
         """Open an empty job; files are added with :meth:`add_files`, then :meth:`seal`.
         With ``pipe`` (a Redis pipeline) the writes are only queued on it. ``options``: the
         job's per-job options (:meth:`JobOptions.to_hash <batchvision.core.model_refs.JobOptions.to_hash>`),
-        which set ``model`` too."""
+        which set ``model`` too. ``reply_to``: a request waits to answer with the job's rows,
+        so its finish is published with them on this channel (its waiter's
+        :func:`~batchvision.server.keys.reply_channel`; see :meth:`snapshot`)."""
         key = JobKeys.of(job_id).job
         own = pipe is None
         pipe = self.redis.pipeline() if own else pipe
@@ -166,6 +190,7 @@ class JobStore:
                 "model": model,
                 "owner": owner,
                 **(options or {}),
+                **({"reply_to": reply_to} if reply_to else {}),
             },
         )
         pipe.expire(key, self.open_ttl_s)
@@ -186,14 +211,17 @@ class JobStore:
         seal: bool,
         options: Mapping[str, str] | None = None,
         sizes: Sequence[int] | None = None,
+        reply_to: str | None = None,
     ) -> None:
         """Queue on ``pipe`` (a ``MULTI`` pipeline) a new job with all of its files, the results
         of files refused at upload, and optionally its seal: one round trip, all or nothing.
         The files' keys must be distinct; file ``i`` gets index ``i``. ``sizes``: the bytes
         each file's blob holds (0 for a refused file), counted against the queue's byte budget
-        and the owner's quota until the file has a result."""
+        and the owner's quota until the file has a result. ``reply_to``: as for :meth:`create`,
+        for a job of at most :data:`REPLY_MAX_ROWS` files."""
         k = JobKeys.of(job_id).lua()
-        self.create(job_id, model=model, owner=owner, pipe=pipe, options=options)
+        reply_to = reply_to if len(files) <= REPLY_MAX_ROWS else None
+        self.create(job_id, model=model, owner=owner, pipe=pipe, options=options, reply_to=reply_to)
         _eval(pipe, lua.ADD, k, self._add_args(job_id, files, sizes))
         if errors:
             _eval(pipe, lua.RECORD, k, self._record_args(job_id, errors))
@@ -278,11 +306,16 @@ class JobStore:
             pipe.hgetall(JobKeys.of(job_id).job)
         return [_document(j, raw) for j, raw in zip(job_ids, pipe.execute(), strict=True)]
 
-    def snapshot(self, job_id: str, rows: int) -> tuple[dict[str, Any] | None, list[Row]]:
+    def snapshot(
+        self, job_id: str, rows: int, reply: bytes | None = None
+    ) -> tuple[dict[str, Any] | None, list[Row]]:
         """The status document and the first ``rows`` result rows, in one round trip (a small
-        job's whole answer)."""
-        k = JobKeys.of(job_id)
+        job's whole answer). ``reply``: what the news of the job's finish carried (see
+        :meth:`create`'s ``reply_to``); when it holds them, nothing is read."""
         idx = [str(i) for i in range(rows)]
+        if reply is not None and (heard := _from_reply(job_id, idx, reply)) is not None:
+            return heard
+        k = JobKeys.of(job_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(k.job)
         if idx:

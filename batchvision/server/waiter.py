@@ -11,6 +11,11 @@ created, while the listener has stayed subscribed since before that mark: every 
 a job is then either among the ids the listener heard in the last :data:`RECENT_S` seconds, or
 still to come and wakes the waiter. That saves a Redis round trip per ``POST /v1/classify``.
 
+The listener also subscribes to a channel of its own (:attr:`Waiter.channel`): a job created
+with it as ``reply_to`` (:meth:`JobStore.create <batchvision.server.store.JobStore.create>`) is
+announced there with its rows, which the wait returns (:attr:`Finished.reply`): the request
+answers without reading the job again.
+
 Under gunicorn's gevent workers the listener and the waiters are greenlets: thousands of
 clients can wait in ``POST /v1/classify`` at the cost of a dictionary entry each.
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
@@ -33,6 +40,16 @@ RECENT_S = 30.0
 #: ... and at most this many ids.
 RECENT_MAX = 100_000
 
+_FINISHED = keys.FINISHED.encode()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A wait that saw its job finish; ``reply``: the rows its news carried (``None``: read
+    them), for :meth:`JobStore.snapshot <batchvision.server.store.JobStore.snapshot>`."""
+
+    reply: bytes | None = None
+
 
 class Waiter:
     """Per-process registry of jobs being waited on, fed by one pub/sub listener."""
@@ -43,7 +60,11 @@ class Waiter:
         self.redis = client
         self.is_finished = is_finished
         self.recheck_s = recheck_s
+        #: this waiter's own channel: jobs created with it as ``reply_to`` finish with their rows
+        self.channel = keys.reply_channel(uuid.uuid4().hex)
         self._events: dict[str, list[threading.Event]] = {}
+        #: job id -> the rows its news carried, while someone waits for it
+        self._replies: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._subscribed = threading.Event()
@@ -61,8 +82,9 @@ class Waiter:
         self._ensure_listener()
         return time.monotonic()
 
-    def wait(self, job_id: str, timeout_s: float, since: float | None = None) -> bool:
-        """Block until ``job_id`` finishes or ``timeout_s`` passes; True if it finished.
+    def wait(self, job_id: str, timeout_s: float, since: float | None = None) -> Finished | None:
+        """Block until ``job_id`` finishes or ``timeout_s`` passes; ``None`` if it did not
+        finish in time.
 
         ``since``: a :meth:`mark` taken before the job was created."""
         self._ensure_listener()
@@ -74,7 +96,8 @@ class Waiter:
         # Heard to finish since the mark: done. Without a mark, the job may have finished
         # before and been retried since (it runs again): ask Redis.
         if heard and since is not None:
-            return self._done(job_id, event)
+            self._done(job_id, event)
+            return Finished()
         # Every finish since the mark was heard, or is still to come and sets the event.
         trusted = since is not None and complete is not None and complete <= since
         try:
@@ -82,13 +105,15 @@ class Waiter:
             while True:
                 # Registered before the check: a finish published from now on sets the event.
                 if not trusted and self._check(job_id):
-                    return True
+                    return Finished()
                 trusted = False  # a re-check asks Redis: a message may have been lost since
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return False
+                    return None
                 if event.wait(min(left, self.recheck_s)):
-                    return True  # the finish was announced: no need to ask Redis again
+                    # The finish was announced: no need to ask Redis again.
+                    with self._lock:
+                        return Finished(self._replies.get(job_id))
         finally:
             self._done(job_id, event)
 
@@ -96,14 +121,14 @@ class Waiter:
         self.checks += 1
         return self.is_finished(job_id)
 
-    def _done(self, job_id: str, event: threading.Event) -> bool:
+    def _done(self, job_id: str, event: threading.Event) -> None:
         with self._lock:
             waiters = self._events.get(job_id, [])
             if event in waiters:
                 waiters.remove(event)
             if not waiters:
                 self._events.pop(job_id, None)
-        return True
+                self._replies.pop(job_id, None)
 
     def waiting(self) -> int:
         """How many waits are in progress (for tests and metrics)."""
@@ -127,7 +152,7 @@ class Waiter:
         while not self._closed.is_set():
             pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
             try:
-                pubsub.subscribe(keys.FINISHED)
+                pubsub.subscribe(keys.FINISHED, self.channel)
                 backoff = 0.05
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=1.0)
@@ -135,9 +160,12 @@ class Waiter:
                         continue
                     if msg.get("type") == "message":
                         data = msg["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
-                    elif msg.get("type") == "subscribe":
-                        # Confirmed: Redis delivers every publish from now on.
+                        data = data if isinstance(data, bytes) else str(data).encode()
+                        job_id, _, reply = data.partition(b"\n")
+                        self._wake(job_id.decode(), reply or None)
+                    elif msg.get("type") == "subscribe" and msg.get("channel") == _FINISHED:
+                        # Confirmed: Redis delivers every publish from now on (on both channels:
+                        # one SUBSCRIBE names them, so no publish falls between them).
                         with self._lock:
                             self._recent.clear()
                             self._complete_since = time.monotonic()
@@ -152,10 +180,12 @@ class Waiter:
                     self._complete_since = None
                 pubsub.close()
 
-    def _wake(self, job_id: str) -> None:
+    def _wake(self, job_id: str, reply: bytes | None = None) -> None:
         now = time.monotonic()
         with self._lock:
             waiters = list(self._events.get(job_id, ()))
+            if waiters and reply is not None:
+                self._replies[job_id] = reply
             recent = self._recent
             recent.pop(job_id, None)
             recent[job_id] = now

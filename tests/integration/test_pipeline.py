@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from batchvision.core.documents import Job
 from batchvision.core.settings import Settings
 from batchvision.core.synthetic import encode, labelled_files
 from batchvision.server import keys
+from batchvision.server.keys import JobKeys
 from batchvision.server.store import JobStore
 from batchvision.server.telemetry import Telemetry
 
@@ -174,6 +176,46 @@ def test_raw_image_body_and_sync_classify(api_url: str) -> None:
     body = resp.json()
     assert body["status"] == "succeeded"
     assert body["results"][0]["label"] == label
+
+
+def test_sync_classify_answers_from_the_news_of_its_finish(
+    api_url: str, redis_client: redis_lib.Redis
+) -> None:
+    """The finish publishes a classify job's rows: the API answers without reading the job."""
+    _, data, label = next(labelled_files(1, seed=12))
+    token, seen, watching = uuid.uuid4().hex, [], threading.Event()
+
+    def watch() -> None:
+        with redis_client.monitor() as monitor:  # every command Redis runs, scripts' included
+            watching.set()
+            for command in monitor.listen():
+                seen.append(command)
+                if token in command["command"]:
+                    return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert watching.wait(30)
+    resp = requests.post(
+        f"{api_url}/v1/classify?timeout=20", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
+    redis_client.echo(token)
+    thread.join(30)
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["results"][0]["label"] == label
+    job = JobKeys.of(answer["job_id"]).job
+    reads = [c for c in seen if c["command"].split(" ")[:2] == ["HGETALL", job]]
+    assert [c["client_type"] for c in reads] == ["lua"]  # the finish's, for the news
+    published = [
+        c["command"]
+        for c in seen
+        if c["command"].startswith(f"PUBLISH {keys.FINISHED}") and answer["job_id"] in c["command"]
+    ]
+    # The rows to one API process's channel; the id alone to every process.
+    assert [c.split(" ")[2].startswith(f"{answer['job_id']}\\n") for c in published] == [True, False]
+    assert published[1] == f"PUBLISH {keys.FINISHED} {answer['job_id']}"
+    assert label in published[0]
 
 
 def test_results_as_csv_and_paged_json(api_url: str) -> None:

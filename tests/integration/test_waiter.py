@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from batchvision.core.results import Prediction
+from batchvision.core.results import Failure, Prediction, TopScore
 from batchvision.server.intake import new_job_id
 from batchvision.server.keys import JobKeys
-from batchvision.server.store import JobStore
-from batchvision.server.waiter import Waiter
+from batchvision.server.store import REPLY_MAX_ROWS, JobStore
+from batchvision.server.waiter import Finished, Waiter
 from batchvision.testing.servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -46,14 +46,14 @@ def test_a_finish_wakes_the_waiter_over_pub_sub(
     # A re-check period far beyond the timeout: only the pub/sub message can end this wait.
     waiter = Waiter(client, store.is_finished, recheck_s=60.0)
     job_id = one_image_job(store)
-    out: list[bool] = []
+    out: list[Finished | None] = []
     t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
     t.start()
     wait_until(lambda: waiter.waiting() == 1)
     started = time.monotonic()
     finish(store, job_id)
     t.join(30)
-    assert out == [True]
+    assert out == [Finished()]
     assert time.monotonic() - started < 20  # not the timeout, not a re-check
     assert waiter.waiting() == 0
     waiter.close()
@@ -64,7 +64,7 @@ def test_a_job_finished_before_the_wait_returns_at_once(client: redis_lib.Redis)
     waiter = Waiter(client, store.is_finished, recheck_s=60.0)
     job_id = one_image_job(store)
     finish(store, job_id)
-    assert waiter.wait(job_id, timeout_s=30.0) is True
+    assert waiter.wait(job_id, timeout_s=30.0) == Finished()
     waiter.close()
 
 
@@ -79,14 +79,14 @@ def test_a_job_heard_to_finish_then_running_again_is_waited_for(
     wait_until(lambda: job_id in waiter._recent)  # heard over pub/sub
     client.hdel(JobKeys.of(job_id).job, "finished_at")  # as a retry of the finished job does
     # A wait without a mark (a long poll of a job that exists) asks Redis, not what it heard.
-    assert waiter.wait(job_id, timeout_s=0.3) is False
+    assert waiter.wait(job_id, timeout_s=0.3) is None
     waiter.close()
 
 
 def test_an_unfinished_job_times_out(client: redis_lib.Redis) -> None:
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     waiter = Waiter(client, store.is_finished, recheck_s=0.05)
-    assert waiter.wait(one_image_job(store), timeout_s=0.3) is False
+    assert waiter.wait(one_image_job(store), timeout_s=0.3) is None
     waiter.close()
 
 
@@ -96,7 +96,7 @@ def test_a_lost_announcement_is_caught_by_the_recheck(
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     waiter = Waiter(client, store.is_finished, recheck_s=0.2)
     job_id = one_image_job(store)
-    out: list[bool] = []
+    out: list[Finished | None] = []
     t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
     t.start()
     wait_until(lambda: waiter.waiting() == 1)
@@ -104,7 +104,7 @@ def test_a_lost_announcement_is_caught_by_the_recheck(
     # periodic re-check can see it.
     client.hset(JobKeys.of(job_id).job, "finished_at", f"{time.time():.3f}")
     t.join(30)
-    assert out == [True]
+    assert out == [Finished()]
     waiter.close()
 
 
@@ -113,18 +113,18 @@ def test_the_listener_resubscribes_after_its_connection_is_cut(
 ) -> None:
     store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
     waiter = Waiter(client, store.is_finished, recheck_s=60.0)
-    assert waiter.wait(one_image_job(store), timeout_s=0.05) is False  # starts the listener
+    assert waiter.wait(one_image_job(store), timeout_s=0.05) is None  # starts the listener
     assert waiter.subscriptions == 1
     client.client_kill_filter(_type="pubsub")
     wait_until(lambda: waiter.subscriptions == 2)
     job_id = one_image_job(store)
-    out: list[bool] = []
+    out: list[Finished | None] = []
     t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
     t.start()
     wait_until(lambda: waiter.waiting() == 1)
     finish(store, job_id)
     t.join(30)
-    assert out == [True]
+    assert out == [Finished()]
     waiter.close()
 
 
@@ -138,17 +138,17 @@ def test_a_wait_marked_before_the_job_existed_asks_redis_nothing(
     early = one_image_job(store)
     finish(store, early)
     wait_until(lambda: early in waiter._recent)
-    assert waiter.wait(early, timeout_s=30.0, since=since) is True
+    assert waiter.wait(early, timeout_s=30.0, since=since) == Finished()
     # Finishing during the wait: the announcement alone ends it.
     since = waiter.mark()
     late = one_image_job(store)
-    out: list[bool] = []
+    out: list[Finished | None] = []
     t = threading.Thread(target=lambda: out.append(waiter.wait(late, timeout_s=30.0, since=since)))
     t.start()
     wait_until(lambda: waiter.waiting() == 1)
     finish(store, late)
     t.join(30)
-    assert out == [True]
+    assert out == [Finished()]
     assert waiter.checks == 0
     waiter.close()
 
@@ -159,6 +159,106 @@ def test_a_wait_marked_before_the_subscription_asks_redis(client: redis_lib.Redi
     since = time.monotonic()  # before the listener subscribed: it may have missed the finish
     job_id = one_image_job(store)
     finish(store, job_id)
-    assert waiter.wait(job_id, timeout_s=5.0, since=since) is True
+    assert waiter.wait(job_id, timeout_s=5.0, since=since) == Finished()
     assert waiter.checks == 1
     waiter.close()
+
+
+def reply_job(store: JobStore, names: list[str], reply_to: str) -> str:
+    job_id = new_job_id()
+    store.create(job_id, model="m", reply_to=reply_to)
+    store.add_files(job_id, [(n, n) for n in names])
+    store.seal(job_id)
+    return job_id
+
+
+def woken(
+    waiters: list[Waiter], job_id: str, finishing: Callable[[], None], wait_until: Callable[..., Any]
+) -> list[Finished | None]:
+    """What waits (one in each of ``waiters``) that the finish's news ends return."""
+    marks = [w.mark() for w in waiters]
+    out: dict[int, Finished | None] = {}
+
+    def wait(n: int) -> None:
+        out[n] = waiters[n].wait(job_id, timeout_s=30.0, since=marks[n])
+
+    threads = [threading.Thread(target=wait, args=(n,)) for n in range(len(waiters))]
+    for t in threads:
+        t.start()
+    wait_until(lambda: all(w.waiting() == 1 for w in waiters))
+    finishing()
+    for t in threads:
+        t.join(30)
+    assert all(w.checks == 0 for w in waiters)  # the news ended each wait, not a read
+    return [out[n] for n in range(len(waiters))]
+
+
+def test_the_rows_come_with_the_news_to_the_waiter_named_and_only_to_it(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    mine, other = (Waiter(client, store.is_finished, recheck_s=60.0) for _ in range(2))
+    assert mine.channel != other.channel
+    names = ["a.jpg", "ünï cødé.png", 'quote".jpg']
+    job_id = reply_job(store, names, mine.channel)
+    results = [
+        (0, Prediction("cat", 3, 0.75, (TopScore("cat", 0.75), TopScore("dog", 0.25)), "m", 2)),
+        (1, Failure("corrupt_image", "cannot decode image")),
+        (2, Prediction("dog", 4, 0.5, ())),
+    ]
+    finished, elsewhere = woken([mine, other], job_id, lambda: store.record(job_id, results), wait_until)
+    assert elsewhere == Finished()  # another process's wait (a long poll) hears the id alone
+    assert finished is not None and finished.reply is not None
+    read = store.snapshot(job_id, rows=3)
+    assert read[0] is not None and read[0]["status"] == "partial"
+    assert [r.filename for r in read[1]] == names
+    # From the news alone: a store whose Redis is gone answers the same.
+    dead = JobStore(redis_lib.Redis(port=1), result_ttl_s=60, blob_ttl_s=60)
+    assert dead.snapshot(job_id, rows=3, reply=finished.reply) == read
+    assert mine._replies == {}  # forgotten once nobody waits for it
+    mine.close()
+    other.close()
+
+
+def test_a_job_finished_by_its_seal_replies_too(
+    client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    job_id = new_job_id()
+    store.create(job_id, model="m", reply_to=waiter.channel)
+    store.add_files(job_id, [("a.jpg", "a.jpg")])
+    store.record(job_id, [(0, Prediction("x", 0, 1.0, ()))])  # the result before the seal
+    [finished] = woken([waiter], job_id, lambda: store.seal(job_id), wait_until)
+    assert finished is not None and finished.reply is not None
+    dead = JobStore(redis_lib.Redis(port=1), result_ttl_s=60, blob_ttl_s=60)
+    assert dead.snapshot(job_id, rows=1, reply=finished.reply) == store.snapshot(job_id, rows=1)
+    waiter.close()
+
+
+def test_a_large_job_s_news_carries_no_rows(client: redis_lib.Redis, wait_until: Callable[..., Any]) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    n = REPLY_MAX_ROWS + 1
+    job_id = new_job_id()
+    pipe = client.pipeline()
+    files = [(f"{i}", f"{i}.jpg") for i in range(n)]
+    store.create_whole(
+        pipe, job_id, model="m", owner="", files=files, errors=[], seal=True, reply_to=waiter.channel
+    )
+    pipe.execute()
+    results = [(i, Prediction("x", 0, 1.0, ())) for i in range(n)]
+    assert woken([waiter], job_id, lambda: store.record(job_id, results), wait_until) == [Finished()]
+    waiter.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"not json", b"\xff\xfe", b"[1, 2]", b'[["total", "1"], ["0"], []]', b"7"],
+    ids=["not-json", "not-utf8", "two-parts", "too-few-rows", "a-number"],
+)
+def test_a_reply_that_is_not_the_job_s_rows_is_read_from_redis(client: redis_lib.Redis, reply: bytes) -> None:
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    job_id = one_image_job(store)
+    finish(store, job_id)
+    assert store.snapshot(job_id, rows=1, reply=reply) == store.snapshot(job_id, rows=1)
