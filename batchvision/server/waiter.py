@@ -22,6 +22,7 @@ clients can wait in ``POST /v1/classify`` at the cost of a dictionary entry each
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -138,6 +139,10 @@ class Waiter:
     def _ensure_listener(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                if self._thread is None:
+                    # Stopped before logging shuts down at exit: a daemon thread that logs
+                    # after that (its Redis gone first) prints "--- Logging error ---".
+                    atexit.register(self.close)
                 self._thread = threading.Thread(target=self._listen, name="job-waiter", daemon=True)
                 self._thread.start()
         # The first wait does not race the subscription (a bounded wait: the re-check covers it).
@@ -172,6 +177,8 @@ class Waiter:
                         self.subscriptions += 1
                         self._subscribed.set()
             except Exception as exc:  # noqa: BLE001 - Redis restarts: resubscribe, waiters re-check
+                if self._closed.is_set():
+                    break
                 log.warning("job waiter lost its subscription (%s); resubscribing", exc)
                 self._closed.wait(backoff)
                 backoff = min(2.0, backoff * 2)
