@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import requests
 from pydantic import BaseModel, ValidationError
@@ -80,12 +80,16 @@ def fmt_of(path: Path, explicit: str | None) -> str:
     return explicit or OUTPUT_EXTENSIONS[path.suffix.lower().lstrip(".")]
 
 
+#: ``-o -``: the results go to standard output.
+STDOUT = "-"
+
+
 def output_refused(args: argparse.Namespace) -> bool:
     """True, having said why, when ``-o`` names a file we cannot write there (a folder that is
     not there or not writable, a folder itself), or whose extension names no format we write
     and ``--format`` does not say one (it would be written as some other format than it says).
     Checked before anything is sent: a submit would otherwise upload and wait first."""
-    if not args.output:
+    if not args.output or args.output == STDOUT:
         return False
     out = Path(args.output)
     folder = out.parent
@@ -153,21 +157,27 @@ def cmd_results(args: argparse.Namespace) -> int:
             "result): these are the results so far; `batchvision status` tells when it ends",
             file=sys.stderr,
         )
-    if args.output:
-        out = Path(args.output)
-        client.download(args.job_id, out, fmt_of(out, args.format))
+    write_results(client, args.job_id, args.output, args.format)
+    return EXIT_OK
+
+
+def write_results(client: Client, job_id: str, output: str | None, fmt: str | None) -> None:
+    """The job's results into the file ``output`` (its format from the extension, or ``fmt``),
+    or to standard output (``output`` ``None`` or ``-``: ``fmt``, JSONL by default)."""
+    if output and output != STDOUT:
+        out = Path(output)
+        client.download(job_id, out, fmt_of(out, fmt))
         print(f"wrote {out}", file=sys.stderr)
-    elif args.format in (None, "jsonl"):
-        for row in client.iter_results(args.job_id):
+    elif fmt in (None, "jsonl"):
+        for row in client.iter_results(job_id):
             print(row.model_dump_json(exclude_unset=True))
     else:  # the API's rendering (CSV, one JSON document), whole: a retried stream is not repeated
         with tempfile.TemporaryDirectory(prefix="batchvision-") as tmp:
-            out = Path(tmp) / f"results.{args.format}"
-            client.download(args.job_id, out, args.format)
+            out = Path(tmp) / f"results.{fmt}"
+            client.download(job_id, out, fmt)
             with out.open("rb") as fh:
                 shutil.copyfileobj(fh, sys.stdout.buffer)
             sys.stdout.buffer.flush()
-    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -218,7 +228,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for item in job.rejected:
             print(f"refused: {item.filename}: {item.code}: {item.message}", file=sys.stderr)
         print(f"submitted {len(entries)} URLs", file=sys.stderr)
-        print(job.job_id)
+        print(job.job_id, file=_id_stream(args))
         return _wait_and_write(client, args, job.job_id, len(entries), start) if args.wait else EXIT_OK
     if not args.paths:
         print("error: give folders or files to upload, or --urls MANIFEST", file=sys.stderr)
@@ -252,7 +262,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # At once, before any part: an upload that stops half-way (^C, an outage) can then be
         # finished with --resume.
         opened.append(job_id)
-        print(job_id, flush=True)
+        print(job_id, flush=True, file=_id_stream(args))
 
     try:
         with tqdm(total=total, desc="upload", unit="img", disable=quiet, file=sys.stderr) as bar:
@@ -300,6 +310,12 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _id_stream(args: argparse.Namespace) -> TextIO:
+    """Where submit prints the job id: standard output, or standard error when the results go
+    there (``-o -``), so that standard output is the results alone."""
+    return sys.stderr if args.output == STDOUT else sys.stdout
+
+
 def _wait_and_write(client: Client, args: argparse.Namespace, job_id: str, total: int, start: float) -> int:
     """``--wait``: a progress bar until the job is final, then the results file (``-o``). The job
     is submitted by now: a failure from here on is EXIT_REQUEST_FAILED, not EXIT_SUBMIT_FAILED."""
@@ -320,9 +336,7 @@ def _wait_and_write_unguarded(
 
         status = client.wait(job_id, on_progress=progress)
     if args.output:
-        out = Path(args.output)
-        client.download(job_id, out, fmt_of(out, args.format))
-        print(f"wrote {out}", file=sys.stderr)
+        write_results(client, job_id, args.output, args.format)
     print(
         f"{status.status}: {status.done} classified, {status.failed} failed "
         f"in {time.monotonic() - start:.1f}s",
@@ -475,7 +489,12 @@ def register(sub: Any, add: AddFn) -> None:
         "ones keep moving (at most the API key's maximum)",
     )
     p.add_argument("--wait", action="store_true", help="wait for the end and write the results")
-    p.add_argument("-o", "--output", help="results file (needs --wait): .csv, .jsonl or .json")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="results file (needs --wait): .csv, .jsonl or .json; -: standard output (the job id "
+        "then goes to standard error)",
+    )
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
     p.add_argument("--part-files", type=_number(int, 1), default=64, help="most files per upload request")
     p.add_argument(
@@ -500,7 +519,9 @@ def register(sub: Any, add: AddFn) -> None:
     p.add_argument("--json", action="store_true", help="one job document a line")
     p = client_options(add("results", guarded(cmd_results, reads=True), "fetch a job's results"))
     p.add_argument("job_id")
-    p.add_argument("-o", "--output")
+    p.add_argument(
+        "-o", "--output", help="results file: .csv, .jsonl or .json (default, or -: standard output)"
+    )
     p.add_argument("--format", choices=["csv", "jsonl", "json"])
     p = client_options(add("cancel", guarded(cmd_cancel), "cancel what a job has not classified yet"))
     p.add_argument("job_id")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import stat
 import subprocess
@@ -263,6 +264,31 @@ def test_cli_exit_code_when_some_images_failed(api_url: str, tmp_path: Path) -> 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     proc = cli("submit", str(tmp_path), "--wait", "--no-progress", api_url=api_url)
     assert proc.returncode == 3, proc.stderr  # some images failed
+
+
+def test_cli_writes_results_to_standard_output_with_dash(api_url: str, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    files = list(labelled_files(3, seed=9))
+    for name, data, _ in files:
+        (images / name).write_bytes(data)
+    # submit --wait -o -: standard output is the results alone, the job id goes to stderr
+    proc = cli("submit", str(images), "--wait", "-o", "-", "--no-progress", api_url=api_url, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(r["filename"] for r in rows) == sorted(n for n, _, _ in files)
+    assert {r["filename"]: r["label"] for r in rows} == {n: label for n, _, label in files}
+    job_id = proc.stderr.splitlines()[0]
+    assert Client(api_url).status(job_id).total == 3
+    # results -o -, in each format
+    again = cli("results", job_id, "-o", "-", api_url=api_url, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
+    as_csv = cli("results", job_id, "-o", "-", "--format", "csv", api_url=api_url, cwd=tmp_path)
+    assert as_csv.returncode == 0, as_csv.stderr
+    assert [r["filename"] for r in csv.DictReader(io.StringIO(as_csv.stdout))] == [
+        r["filename"] for r in rows
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no file named "-"
 
 
 @pytest.mark.slow  # the client retries an unreachable API for its whole retry budget (120 s)
