@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from batchvision.client.errors import ApiError, NoImages
 from batchvision.core.documents import FileList, Job, JobAccepted, Rejection
-from batchvision.core.sniff import looks_like_image
+from batchvision.core.sniff import looks_like_image, named_as_image
 
 
 class PartUploader(Protocol):
@@ -76,18 +76,11 @@ def _utf8(name: str) -> bool:
     return True
 
 
-#: File name extensions of the formats the API reads: such a file is sent even when its content
-#: is not one (empty, cut short, misnamed), so that its row in the results says what is wrong.
-#: Files of other formats (TIFF, HEIC, ...) are skipped, not uploaded only to be refused.
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif"}
-)
-
-
 def scan(paths: list[Path]) -> Scan:
     """Find image files, recursively, in a stable (sorted) order: by content (an image without
-    an extension is found), or by an image extension (:data:`IMAGE_SUFFIXES`: sent whatever it
-    holds, and the API's row says what is wrong with it). Other files are listed as skipped.
+    an extension is found), or by an image extension
+    (:func:`~batchvision.core.sniff.named_as_image`: sent whatever it holds, and the API's row
+    says what is wrong with it). Other files are listed as skipped.
 
     Raises ``ValueError``, naming the files, when an image's name would not arrive as it is:
     two images that would get the same name in the job (two folders of the same name, or two
@@ -105,7 +98,7 @@ def scan(paths: list[Path]) -> Scan:
             rel = prefix + path.relative_to(root).as_posix() if root.is_dir() else path.name
             with open(path, "rb") as fh:
                 head = fh.read(16)
-            if not looks_like_image(head) and path.suffix.lower() not in IMAGE_SUFFIXES:
+            if not looks_like_image(head) and not named_as_image(path.name):
                 out.skipped.append(rel)
                 continue
             if rel in seen and seen[rel].resolve() == path.resolve():

@@ -4,8 +4,10 @@ Hostile members (absolute paths, ``..`` parts, symlinks, encryption) refuse the 
 archive; zip bombs are stopped by limits on member count, total uncompressed size and
 compression ratio, checked from the directory first and enforced again while reading
 (a forged header cannot make us read more than the limit). Nested archives are listed as
-skipped, never expanded. The pixels the image members claim in their headers (nothing is
-decoded) may add up to at most ``max_total_pixels``.
+skipped, never expanded, as are members that are no image, unless named as one: such a member
+is kept with its first bytes only, so that its row says what is wrong with it. The pixels the
+image members claim in their headers (nothing is decoded) may add up to at most
+``max_total_pixels``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import PurePosixPath
 
 from batchvision.core.errors import ImageTooLarge, InvalidImage
 from batchvision.core.imaging import YIELD_EVERY, header_pixels, pause
-from batchvision.core.sniff import HEAD_BYTES, is_archive, looks_like_image
+from batchvision.core.sniff import HEAD_BYTES, is_archive, looks_like_image, named_as_image
 
 
 class ArchiveRejected(InvalidImage):
@@ -29,6 +31,10 @@ class ArchiveRejected(InvalidImage):
 
 class ArchiveTooLarge(ImageTooLarge):
     code = "archive_too_large"
+
+
+#: Why a member that is no image (and not named as one) is skipped.
+NOT_AN_IMAGE = "not an image"
 
 
 @dataclass
@@ -90,6 +96,10 @@ def read_zip(
                 # Its first bytes say what it is: a member skipped is never expanded whole.
                 head = fh.read(HEAD_BYTES)
                 skip = _skipped(head)
+                if skip == NOT_AN_IMAGE and named_as_image(name):
+                    # Kept for its row (the upload's check names what it is): not read further.
+                    out.images.append((name, head))
+                    continue
                 rest = max(0, min(budget, info.file_size) + 1 - len(head))  # (read(-1) reads all)
                 blob = head if skip else head + fh.read(rest)
         except Exception as exc:  # noqa: BLE001 - a forged offset, a name that is not UTF-8...
@@ -113,7 +123,7 @@ def _skipped(head: bytes) -> str | None:
     if is_archive(head):
         return "nested archive (not expanded)"
     if not looks_like_image(head):
-        return "not an image"
+        return NOT_AN_IMAGE
     return None
 
 

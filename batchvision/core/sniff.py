@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 #: How many first bytes of a file :func:`looks_like_image` and :func:`is_archive` need (tar's
 #: magic is at offset 257).
 HEAD_BYTES = 512
@@ -13,6 +15,20 @@ _IMAGE_MAGIC = (
     b"GIF89a",
     b"BM",
 )
+
+
+#: File name extensions of the formats the API reads. A file so named is sent (the CLI) or kept
+#: (a zip's member) even when its content is none (empty, cut short, misnamed), so that its row
+#: in the results says what is wrong. Files of other formats (TIFF, HEIC, ...) are skipped, not
+#: uploaded only to be refused.
+IMAGE_NAME_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif"}
+)
+
+
+def named_as_image(name: str) -> bool:
+    """True if the file name ``name`` ends in one of :data:`IMAGE_NAME_SUFFIXES` (any case)."""
+    return PurePosixPath(name).suffix.lower() in IMAGE_NAME_SUFFIXES
 
 
 def looks_like_image(head: bytes) -> bool:

@@ -192,11 +192,15 @@ def test_zip_of_the_folder_gives_the_same_rows(
     assert resp.status_code == 202, resp.text
     body = resp.json()
     skipped = {s["filename"] for s in body["skipped"]}
-    assert skipped == {"README.txt", "set0/notes.md", "set1/fake.jpg"}
+    assert skipped == {"README.txt", "set0/notes.md"}
+    # Named as an image but none: a row with its error, as the CLI's upload of the folder gives.
+    assert [(r["filename"], r["code"]) for r in body["rejected"]] == [("set1/fake.jpg", "not_an_image")]
     client = Client(api_url)
     client.wait(body["job_id"], timeout=300)
     rows = client.results(body["job_id"])
-    assert sorted(r.filename for r in rows) == sorted(labels)
+    assert sorted(r.filename for r in rows) == sorted([*labels, "set1/fake.jpg"])
+    fake = rows.pop([r.filename for r in rows].index("set1/fake.jpg"))
+    assert fake.error is not None and fake.error.code == "not_an_image", fake
     files = [(r.filename, (root / r.filename).read_bytes()) for r in rows]
     assert [r.label for r in rows] == reference_labels(Path(settings.model), files)
 

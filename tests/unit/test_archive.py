@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from batchvision.core.archive import ArchiveRejected, ArchiveTooLarge, read_zip
+from batchvision.core.sniff import HEAD_BYTES
 from batchvision.core.synthetic import labelled_files
 
 LIMITS = {"max_members": 100, "max_total_bytes": 50_000_000, "max_ratio": 100.0}
@@ -234,6 +235,26 @@ def test_a_member_that_is_no_image_is_skipped_without_being_expanded() -> None:
         tracemalloc.stop()
     assert [s["reason"] for s in out.skipped] == ["not an image"] and len(out.images) == 1
     assert peak < 5_000_000, f"{peak} bytes at the peak: the skipped member was read whole"
+
+
+def test_a_member_named_as_an_image_is_kept_for_its_row_but_never_expanded() -> None:
+    import tracemalloc
+
+    text = b"plain text " * 4_000_000  # 44 MB that compresses well
+    data = _zip([("notes.txt", b"hi"), ("a/fake.JPG", text), ("empty.png", b""), ("inner.gif", _zip([]))])
+    tracemalloc.start()
+    try:
+        out = read_zip(data, **{**LIMITS, "max_ratio": 1e6})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Its first bytes only: the upload's check tells from them what it is (its row's error).
+    assert out.images == [("a/fake.JPG", text[:HEAD_BYTES]), ("empty.png", b"")]
+    assert {s["filename"]: s["reason"] for s in out.skipped} == {
+        "notes.txt": "not an image",
+        "inner.gif": "nested archive (not expanded)",  # an archive is never expanded, however named
+    }
+    assert peak < 5_000_000, f"{peak} bytes at the peak: the member was read whole"
 
 
 def test_the_bytes_the_members_declare_are_reserved_before_any_is_expanded() -> None:
