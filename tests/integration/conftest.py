@@ -34,7 +34,10 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -151,6 +154,36 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis_lib.Redis]:
     client = redis_lib.Redis.from_url(redis_server.url)
     yield client
     client.close()
+
+
+@pytest.fixture()
+def redis_commands(
+    redis_client: redis_lib.Redis,
+) -> Callable[[], AbstractContextManager[list[dict[str, Any]]]]:
+    """``with redis_commands() as seen:``: every command the session's Redis runs in the block
+    (``MONITOR``: scripts' commands too, as ``client_type`` ``lua``) is in ``seen`` after it."""
+
+    @contextlib.contextmanager
+    def watching() -> Iterator[list[dict[str, Any]]]:
+        token, seen, ready = uuid.uuid4().hex, [], threading.Event()
+
+        def watch() -> None:
+            with redis_client.monitor() as monitor:
+                ready.set()
+                for command in monitor.listen():
+                    if token in command["command"]:
+                        return
+                    seen.append(command)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        assert ready.wait(30), "MONITOR did not start"
+        yield seen
+        redis_client.echo(token)  # the block's end, as MONITOR sees it
+        thread.join(30)
+        assert not thread.is_alive(), "MONITOR did not see the end of the block"
+
+    return watching
 
 
 @pytest.fixture(scope="session")

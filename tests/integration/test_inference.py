@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from batchvision.core.imaging import decode_image
 from batchvision.core.synthetic import labelled_files
+from batchvision.server.keys import JobKeys
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +85,20 @@ def test_health_and_model_metadata(client: triton.InferenceServerClient, model: 
     with pytest.raises(InferenceServerException) as err:
         client.get_model_metadata(model["name"], "999")
     assert err.value.status() == "404" and "no version 999" in err.value.message()
+
+
+def test_the_answer_comes_with_the_news_of_the_job_s_finish(
+    client: triton.InferenceServerClient,
+    model: dict[str, Any],
+    files: list[tuple[str, bytes, str]],
+    redis_commands: Callable[[], AbstractContextManager[list[dict[str, Any]]]],
+) -> None:
+    with redis_commands() as seen:
+        result = client.infer(model["name"], [_images(files)])
+    assert result.as_numpy("scores").shape == (len(files), model["classes"])
+    job = JobKeys.of(result.get_response()["parameters"]["job_id"]).job
+    # Read once, by the finishing script for its news; the API reads nothing back.
+    assert [c["client_type"] for c in seen if c["command"].split(" ")[:2] == ["HGETALL", job]] == ["lua"]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -179,28 +178,14 @@ def test_raw_image_body_and_sync_classify(api_url: str) -> None:
 
 
 def test_sync_classify_answers_from_the_news_of_its_finish(
-    api_url: str, redis_client: redis_lib.Redis
+    api_url: str, redis_commands: Callable[[], AbstractContextManager[list[dict[str, Any]]]]
 ) -> None:
     """The finish publishes a classify job's rows: the API answers without reading the job."""
     _, data, label = next(labelled_files(1, seed=12))
-    token, seen, watching = uuid.uuid4().hex, [], threading.Event()
-
-    def watch() -> None:
-        with redis_client.monitor() as monitor:  # every command Redis runs, scripts' included
-            watching.set()
-            for command in monitor.listen():
-                seen.append(command)
-                if token in command["command"]:
-                    return
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    assert watching.wait(30)
-    resp = requests.post(
-        f"{api_url}/v1/classify?timeout=20", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60
-    )
-    redis_client.echo(token)
-    thread.join(30)
+    with redis_commands() as seen:
+        resp = requests.post(
+            f"{api_url}/v1/classify?timeout=20", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60
+        )
     assert resp.status_code == 200, resp.text
     answer = resp.json()
     assert answer["results"][0]["label"] == label
