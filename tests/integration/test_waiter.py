@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from batchvision.core.results import Failure, Prediction, TopScore
+from batchvision.core.results import Failure, ImageResult, Prediction, TopScore
 from batchvision.server.intake import new_job_id
 from batchvision.server.keys import JobKeys
 from batchvision.server.store import REPLY_MAX_ROWS, JobStore
@@ -27,6 +27,25 @@ def client() -> Iterator[redis_lib.Redis]:
         yield redis_lib.Redis.from_url(server.url)
 
 
+Rig = Callable[[float], tuple[JobStore, Waiter]]
+
+
+@pytest.fixture()
+def rig(client: redis_lib.Redis) -> Iterator[Rig]:
+    """``rig(recheck_s)``: a job store and a waiter with that re-check period (its listener
+    stopped after the test)."""
+    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+    waiters: list[Waiter] = []
+
+    def make(recheck_s: float) -> tuple[JobStore, Waiter]:
+        waiters.append(Waiter(client, store.is_finished, recheck_s=recheck_s))
+        return store, waiters[-1]
+
+    yield make
+    for waiter in waiters:
+        waiter.close()
+
+
 def one_image_job(store: JobStore) -> str:
     job_id = new_job_id()
     store.create(job_id, model="m")
@@ -39,12 +58,9 @@ def finish(store: JobStore, job_id: str) -> None:
     store.record(job_id, [(0, Prediction("x", 0, 1.0, ()))])
 
 
-def test_a_finish_wakes_the_waiter_over_pub_sub(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
-) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+def test_a_finish_wakes_the_waiter_over_pub_sub(rig: Rig, wait_until: Callable[..., Any]) -> None:
     # A re-check period far beyond the timeout: only the pub/sub message can end this wait.
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    store, waiter = rig(60.0)
     job_id = one_image_job(store)
     out: list[Finished | None] = []
     t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
@@ -56,23 +72,19 @@ def test_a_finish_wakes_the_waiter_over_pub_sub(
     assert out == [Finished()]
     assert time.monotonic() - started < 20  # not the timeout, not a re-check
     assert waiter.waiting() == 0
-    waiter.close()
 
 
-def test_a_job_finished_before_the_wait_returns_at_once(client: redis_lib.Redis) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+def test_a_job_finished_before_the_wait_returns_at_once(rig: Rig) -> None:
+    store, waiter = rig(60.0)
     job_id = one_image_job(store)
     finish(store, job_id)
     assert waiter.wait(job_id, timeout_s=30.0) == Finished()
-    waiter.close()
 
 
 def test_a_job_heard_to_finish_then_running_again_is_waited_for(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
+    rig: Rig, client: redis_lib.Redis, wait_until: Callable[..., Any]
 ) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=0.05)
+    store, waiter = rig(0.05)
     waiter.mark()  # the listener is subscribed
     job_id = one_image_job(store)
     finish(store, job_id)
@@ -80,21 +92,17 @@ def test_a_job_heard_to_finish_then_running_again_is_waited_for(
     client.hdel(JobKeys.of(job_id).job, "finished_at")  # as a retry of the finished job does
     # A wait without a mark (a long poll of a job that exists) asks Redis, not what it heard.
     assert waiter.wait(job_id, timeout_s=0.3) is None
-    waiter.close()
 
 
-def test_an_unfinished_job_times_out(client: redis_lib.Redis) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=0.05)
+def test_an_unfinished_job_times_out(rig: Rig) -> None:
+    store, waiter = rig(0.05)
     assert waiter.wait(one_image_job(store), timeout_s=0.3) is None
-    waiter.close()
 
 
 def test_a_lost_announcement_is_caught_by_the_recheck(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
+    rig: Rig, client: redis_lib.Redis, wait_until: Callable[..., Any]
 ) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=0.2)
+    store, waiter = rig(0.2)
     job_id = one_image_job(store)
     out: list[Finished | None] = []
     t = threading.Thread(target=lambda: out.append(waiter.wait(job_id, timeout_s=30.0)))
@@ -105,14 +113,12 @@ def test_a_lost_announcement_is_caught_by_the_recheck(
     client.hset(JobKeys.of(job_id).job, "finished_at", f"{time.time():.3f}")
     t.join(30)
     assert out == [Finished()]
-    waiter.close()
 
 
 def test_the_listener_resubscribes_after_its_connection_is_cut(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
+    rig: Rig, client: redis_lib.Redis, wait_until: Callable[..., Any]
 ) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    store, waiter = rig(60.0)
     assert waiter.wait(one_image_job(store), timeout_s=0.05) is None  # starts the listener
     assert waiter.subscriptions == 1
     client.client_kill_filter(_type="pubsub")
@@ -125,14 +131,12 @@ def test_the_listener_resubscribes_after_its_connection_is_cut(
     finish(store, job_id)
     t.join(30)
     assert out == [Finished()]
-    waiter.close()
 
 
 def test_a_wait_marked_before_the_job_existed_asks_redis_nothing(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
+    rig: Rig, wait_until: Callable[..., Any]
 ) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+    store, waiter = rig(60.0)
     # Finished between the mark and the wait: the listener heard it.
     since = waiter.mark()
     early = one_image_job(store)
@@ -150,18 +154,15 @@ def test_a_wait_marked_before_the_job_existed_asks_redis_nothing(
     t.join(30)
     assert out == [Finished()]
     assert waiter.checks == 0
-    waiter.close()
 
 
-def test_a_wait_marked_before_the_subscription_asks_redis(client: redis_lib.Redis) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+def test_a_wait_marked_before_the_subscription_asks_redis(rig: Rig) -> None:
+    store, waiter = rig(60.0)
     since = time.monotonic()  # before the listener subscribed: it may have missed the finish
     job_id = one_image_job(store)
     finish(store, job_id)
     assert waiter.wait(job_id, timeout_s=5.0, since=since) == Finished()
     assert waiter.checks == 1
-    waiter.close()
 
 
 def reply_job(store: JobStore, names: list[str], reply_to: str) -> str:
@@ -173,7 +174,7 @@ def reply_job(store: JobStore, names: list[str], reply_to: str) -> str:
 
 
 def woken(
-    waiters: list[Waiter], job_id: str, finishing: Callable[[], None], wait_until: Callable[..., Any]
+    waiters: list[Waiter], job_id: str, finishing: Callable[[], object], wait_until: Callable[..., Any]
 ) -> list[Finished | None]:
     """What waits (one in each of ``waiters``) that the finish's news ends return."""
     marks = [w.mark() for w in waiters]
@@ -194,14 +195,13 @@ def woken(
 
 
 def test_the_rows_come_with_the_news_to_the_waiter_named_and_only_to_it(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
+    rig: Rig, wait_until: Callable[..., Any]
 ) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    mine, other = (Waiter(client, store.is_finished, recheck_s=60.0) for _ in range(2))
+    (store, mine), (_, other) = rig(60.0), rig(60.0)
     assert mine.channel != other.channel
     names = ["a.jpg", "ünï cødé.png", 'quote".jpg']
     job_id = reply_job(store, names, mine.channel)
-    results = [
+    results: list[tuple[int, ImageResult]] = [
         (0, Prediction("cat", 3, 0.75, (TopScore("cat", 0.75), TopScore("dog", 0.25)), "m", 2)),
         (1, Failure("corrupt_image", "cannot decode image")),
         (2, Prediction("dog", 4, 0.5, ())),
@@ -216,15 +216,10 @@ def test_the_rows_come_with_the_news_to_the_waiter_named_and_only_to_it(
     dead = JobStore(redis_lib.Redis(port=1), result_ttl_s=60, blob_ttl_s=60)
     assert dead.snapshot(job_id, rows=3, reply=finished.reply) == read
     assert mine._replies == {}  # forgotten once nobody waits for it
-    mine.close()
-    other.close()
 
 
-def test_a_job_finished_by_its_seal_replies_too(
-    client: redis_lib.Redis, wait_until: Callable[..., Any]
-) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+def test_a_job_finished_by_its_seal_replies_too(rig: Rig, wait_until: Callable[..., Any]) -> None:
+    store, waiter = rig(60.0)
     job_id = new_job_id()
     store.create(job_id, model="m", reply_to=waiter.channel)
     store.add_files(job_id, [("a.jpg", "a.jpg")])
@@ -233,12 +228,12 @@ def test_a_job_finished_by_its_seal_replies_too(
     assert finished is not None and finished.reply is not None
     dead = JobStore(redis_lib.Redis(port=1), result_ttl_s=60, blob_ttl_s=60)
     assert dead.snapshot(job_id, rows=1, reply=finished.reply) == store.snapshot(job_id, rows=1)
-    waiter.close()
 
 
-def test_a_large_job_s_news_carries_no_rows(client: redis_lib.Redis, wait_until: Callable[..., Any]) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
-    waiter = Waiter(client, store.is_finished, recheck_s=60.0)
+def test_a_large_job_s_news_carries_no_rows(
+    rig: Rig, client: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    store, waiter = rig(60.0)
     n = REPLY_MAX_ROWS + 1
     job_id = new_job_id()
     pipe = client.pipeline()
@@ -249,7 +244,6 @@ def test_a_large_job_s_news_carries_no_rows(client: redis_lib.Redis, wait_until:
     pipe.execute()
     results = [(i, Prediction("x", 0, 1.0, ())) for i in range(n)]
     assert woken([waiter], job_id, lambda: store.record(job_id, results), wait_until) == [Finished()]
-    waiter.close()
 
 
 @pytest.mark.parametrize(
@@ -257,8 +251,8 @@ def test_a_large_job_s_news_carries_no_rows(client: redis_lib.Redis, wait_until:
     [b"not json", b"\xff\xfe", b"[1, 2]", b'[["total", "1"], ["0"], []]', b"7"],
     ids=["not-json", "not-utf8", "two-parts", "too-few-rows", "a-number"],
 )
-def test_a_reply_that_is_not_the_job_s_rows_is_read_from_redis(client: redis_lib.Redis, reply: bytes) -> None:
-    store = JobStore(client, result_ttl_s=60, blob_ttl_s=60)
+def test_a_reply_that_is_not_the_job_s_rows_is_read_from_redis(rig: Rig, reply: bytes) -> None:
+    store, _ = rig(60.0)
     job_id = one_image_job(store)
     finish(store, job_id)
     assert store.snapshot(job_id, rows=1, reply=reply) == store.snapshot(job_id, rows=1)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from batchvision.core.archive import ArchiveRejected, ArchiveTooLarge, read_zip
+from batchvision.core.archive import ArchiveContents, ArchiveRejected, ArchiveTooLarge, read_zip
 from batchvision.core.sniff import HEAD_BYTES
 from batchvision.core.synthetic import labelled_files
 
@@ -220,34 +220,32 @@ def test_a_unicode_path_field_for_another_name_is_ignored() -> None:
     assert [name for name, _ in read_zip(archive, **LIMITS).images] == ["right.jpg"]
 
 
-def test_a_member_that_is_no_image_is_skipped_without_being_expanded() -> None:
+def _read_traced(data: bytes) -> tuple[ArchiveContents, int]:
+    """``read_zip`` of ``data`` (any compression ratio), and the peak of memory it allocated."""
     import tracemalloc
 
+    tracemalloc.start()
+    try:
+        out = read_zip(data, **{**LIMITS, "max_ratio": 1e6})
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_member_that_is_no_image_is_skipped_without_being_expanded() -> None:
     # 40 MB of text that compresses well: only its first bytes are needed to skip it.
     data = _zip(
         [("notes.txt", b"plain text " * 4_000_000), *[(n, d) for n, d, _ in labelled_files(1, seed=2)]]
     )
-    tracemalloc.start()
-    try:
-        out = read_zip(data, **{**LIMITS, "max_ratio": 1e6})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = _read_traced(data)
     assert [s["reason"] for s in out.skipped] == ["not an image"] and len(out.images) == 1
     assert peak < 5_000_000, f"{peak} bytes at the peak: the skipped member was read whole"
 
 
 def test_a_member_named_as_an_image_is_kept_for_its_row_but_never_expanded() -> None:
-    import tracemalloc
-
     text = b"plain text " * 4_000_000  # 44 MB that compresses well
     data = _zip([("notes.txt", b"hi"), ("a/fake.JPG", text), ("empty.png", b""), ("inner.gif", _zip([]))])
-    tracemalloc.start()
-    try:
-        out = read_zip(data, **{**LIMITS, "max_ratio": 1e6})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = _read_traced(data)
     # Its first bytes only: the upload's check tells from them what it is (its row's error).
     assert out.images == [("a/fake.JPG", text[:HEAD_BYTES]), ("empty.png", b"")]
     assert {s["filename"]: s["reason"] for s in out.skipped} == {
