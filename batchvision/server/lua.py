@@ -6,6 +6,12 @@ from __future__ import annotations
 
 from batchvision.server.keys import LUA_KEYS
 
+#: A finish publishes the rows of a job created with ``reply_to`` only up to this many rows ...
+REPLY_MAX_ROWS = 64
+#: ... and this many bytes of filenames and results (a `/v2` result keeps every class's score:
+#: about 5 kB an image for 1,000 classes); a larger job's rows are read by the request.
+REPLY_MAX_BYTES = 64 * 1024
+
 # What the queue holds for whom: images and bytes without a result, over all jobs (pending,
 # pending bytes), per job (hash fields <id>, <id>:b, and <id>:o its owner) and per owner (quota
 # hash fields i:<owner>, b:<owner>). ADD raises them, RECORD lowers them by the results it
@@ -37,9 +43,12 @@ end
 # The news is the job id. A job created with ``reply_to`` (a request waits to answer with its
 # rows) is first announced on that channel, its waiter's own, with a newline and the JSON array
 # [job hash as HGETALL, filenames, results] after the id: the request answers without reading
-# them again (see JobStore.snapshot), and no other process receives them.
+# them again (see JobStore.snapshot), and no other process receives them. A job of more than
+# REPLY_MAX_ROWS files or REPLY_MAX_BYTES of rows is announced on CH_FINISHED alone.
 _FINISH = (
     _ACCOUNTS
+    + f"""
+local REPLY_MAX_ROWS, REPLY_MAX_BYTES = {REPLY_MAX_ROWS}, {REPLY_MAX_BYTES}"""
     + """
 local v = redis.call('HMGET', K_JOB, 'total', 'done', 'failed', 'canceled', 'sealed', 'finished_at')
 if v[5] == '1' and not v[6] and
@@ -62,15 +71,19 @@ if v[5] == '1' and not v[6] and
   end
   -- last: the news carries the job as it is now
   local reply_to = redis.call('HGET', K_JOB, 'reply_to')
-  if reply_to then
-    local total, idx, names, res = tonumber(v[1] or '0'), {}, {}, {}
+  local total = tonumber(v[1] or '0')
+  if reply_to and total <= REPLY_MAX_ROWS then
+    local idx, names, res, size = {}, {}, {}, 0
     for i = 1, total do idx[i] = tostring(i - 1) end
     if total > 0 then
       names = redis.call('HMGET', K_FILES, unpack(idx))
       res = redis.call('HMGET', K_RES, unpack(idx))
     end
-    local rows = cjson.encode({redis.call('HGETALL', K_JOB), names, res})
-    redis.call('PUBLISH', reply_to, ARGV[3] .. '\\n' .. rows)
+    for i = 1, total do size = size + #(names[i] or '') + #(res[i] or '') end
+    if size <= REPLY_MAX_BYTES then
+      local rows = cjson.encode({redis.call('HGETALL', K_JOB), names, res})
+      redis.call('PUBLISH', reply_to, ARGV[3] .. '\\n' .. rows)
+    end
   end
   redis.call('PUBLISH', CH_FINISHED, ARGV[3])
 end

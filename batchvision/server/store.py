@@ -37,9 +37,9 @@ from batchvision.server.sources import listing_document
 from batchvision.server.text import as_text
 from batchvision.server.webhooks import callback_document
 
-#: A job created with ``reply_to`` of at most this many files has its rows published with the
-#: news of its finish (:data:`~batchvision.server.lua.RECORD`); a larger one's are read.
-REPLY_MAX_ROWS = 64
+#: Only a job of at most this many files is created with ``reply_to``: the script that finishes
+#: a job publishes at most this many rows (and :data:`~batchvision.server.lua.REPLY_MAX_BYTES`).
+REPLY_MAX_ROWS = lua.REPLY_MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -106,20 +106,22 @@ def _document(job_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
 
 
 def _from_reply(job_id: str, idx: list[str], reply: bytes) -> tuple[dict[str, Any] | None, list[Row]] | None:
-    """:meth:`JobStore.snapshot` from the JSON the finish published: ``None`` if it is not
-    that, or holds fewer rows than ``idx`` names."""
+    """:meth:`JobStore.snapshot` from the JSON the finish published: ``None`` (read the job
+    instead) if it is not that, or holds fewer rows than ``idx`` names."""
     try:
         flat, names, results = json.loads(reply)
-    except (ValueError, TypeError):  # not UTF-8, not JSON, not the three parts: read the job
+        # Lua's JSON writes an empty table as {} and a missing field as false.
+        names, results = names or [], results or []
+        if len(names) < len(idx) or len(results) < len(idx):
+            return None
+        job = _document(job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        if job is None or not idx:
+            return job, []
+        rows = _rows(idx[: job["total"]], [n or None for n in names], [r or None for r in results])
+        return job, list(rows)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        # Not UTF-8, not JSON, not the three parts, not a job: whoever published it, read the job.
         return None
-    # Lua's JSON writes an empty table as {} and a missing field as false.
-    names, results = names or [], results or []
-    if len(names) < len(idx) or len(results) < len(idx):
-        return None
-    job = _document(job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-    if job is None or not idx:
-        return job, []
-    return job, list(_rows(idx[: job["total"]], [n or None for n in names], [r or None for r in results]))
 
 
 def _passthrough_shape(h: dict[str, str]) -> tuple[bool, tuple[str, ...]] | None:

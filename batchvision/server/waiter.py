@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 RECENT_S = 30.0
 #: ... and at most this many ids.
 RECENT_MAX = 100_000
+#: How long rows that came before anyone waited for their job are kept for the wait about to
+#: start (its request was between creating the job and waiting when the job finished).
+REPLY_KEEP_S = 2.0
 
 _FINISHED = keys.FINISHED.encode()
 
@@ -64,8 +67,9 @@ class Waiter:
         #: this waiter's own channel: jobs created with it as ``reply_to`` finish with their rows
         self.channel = keys.reply_channel(uuid.uuid4().hex)
         self._events: dict[str, list[threading.Event]] = {}
-        #: job id -> the rows its news carried, while someone waits for it
-        self._replies: dict[str, bytes] = {}
+        #: job id -> (when heard, the rows its news carried), oldest first: while someone waits
+        #: for the job, or for REPLY_KEEP_S
+        self._replies: dict[str, tuple[float, bytes]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._subscribed = threading.Event()
@@ -94,11 +98,12 @@ class Waiter:
             self._events.setdefault(job_id, []).append(event)
             heard = job_id in self._recent
             complete = self._complete_since
+            early = self._reply(job_id)
         # Heard to finish since the mark: done. Without a mark, the job may have finished
         # before and been retried since (it runs again): ask Redis.
         if heard and since is not None:
             self._done(job_id, event)
-            return Finished()
+            return Finished(early)
         # Every finish since the mark was heard, or is still to come and sets the event.
         trusted = since is not None and complete is not None and complete <= since
         try:
@@ -114,13 +119,18 @@ class Waiter:
                 if event.wait(min(left, self.recheck_s)):
                     # The finish was announced: no need to ask Redis again.
                     with self._lock:
-                        return Finished(self._replies.get(job_id))
+                        return Finished(self._reply(job_id))
         finally:
             self._done(job_id, event)
 
     def _check(self, job_id: str) -> bool:
         self.checks += 1
         return self.is_finished(job_id)
+
+    def _reply(self, job_id: str) -> bytes | None:
+        # (Under the lock.)
+        kept = self._replies.get(job_id)
+        return None if kept is None else kept[1]
 
     def _done(self, job_id: str, event: threading.Event) -> None:
         with self._lock:
@@ -151,6 +161,7 @@ class Waiter:
     def close(self) -> None:
         """Stop the listener (within its 1 s poll); waits in progress fall back to re-checks."""
         self._closed.set()
+        atexit.unregister(self.close)
 
     def _listen(self) -> None:
         backoff = 0.05
@@ -191,8 +202,8 @@ class Waiter:
         now = time.monotonic()
         with self._lock:
             waiters = list(self._events.get(job_id, ()))
-            if waiters and reply is not None:
-                self._replies[job_id] = reply
+            if reply is not None:
+                self._keep_reply(job_id, reply, now)
             recent = self._recent
             recent.pop(job_id, None)
             recent[job_id] = now
@@ -205,3 +216,15 @@ class Waiter:
                     self._complete_since = max(self._complete_since, at)
         for event in waiters:
             event.set()
+
+    def _keep_reply(self, job_id: str, reply: bytes, now: float) -> None:
+        """(Under the lock.) Keep the rows of ``job_id``'s news for its waits, those in progress
+        or one about to start; forget rows kept longer than :data:`REPLY_KEEP_S` that nobody
+        waits for."""
+        self._replies.pop(job_id, None)
+        self._replies[job_id] = (now, reply)
+        for old, (at, _) in list(self._replies.items()):
+            if at >= now - REPLY_KEEP_S:
+                break
+            if old not in self._events:
+                del self._replies[old]

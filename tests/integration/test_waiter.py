@@ -12,6 +12,7 @@ import pytest
 import redis as redis_lib
 
 from batchvision.core.results import Failure, ImageResult, Prediction, TopScore
+from batchvision.server import waiter as waiter_module
 from batchvision.server.intake import new_job_id
 from batchvision.server.keys import JobKeys
 from batchvision.server.store import REPLY_MAX_ROWS, JobStore
@@ -235,21 +236,74 @@ def test_a_large_job_s_news_carries_no_rows(
 ) -> None:
     store, waiter = rig(60.0)
     n = REPLY_MAX_ROWS + 1
-    job_id = new_job_id()
+    # A request's job of more files is not created to reply...
+    whole = new_job_id()
     pipe = client.pipeline()
     files = [(f"{i}", f"{i}.jpg") for i in range(n)]
     store.create_whole(
-        pipe, job_id, model="m", owner="", files=files, errors=[], seal=True, reply_to=waiter.channel
+        pipe, whole, model="m", owner="", files=files, errors=[], seal=True, reply_to=waiter.channel
     )
     pipe.execute()
-    results = [(i, Prediction("x", 0, 1.0, ())) for i in range(n)]
-    assert woken([waiter], job_id, lambda: store.record(job_id, results), wait_until) == [Finished()]
+    assert not client.hexists(JobKeys.of(whole).job, "reply_to")
+    # ... and the finish publishes no more rows (nor bytes of rows) for one that is.
+    many = reply_job(store, [name for _, name in files], waiter.channel)
+    results: list[tuple[int, ImageResult]] = [(i, Prediction("x", 0, 1.0, ())) for i in range(n)]
+    assert woken([waiter], many, lambda: store.record(many, results), wait_until) == [Finished()]
+    big = reply_job(store, ["a.jpg", "b.jpg"], waiter.channel)
+    long_errors: list[tuple[int, ImageResult]] = [(i, Failure("x", "y" * 40_000)) for i in range(2)]
+    assert woken([waiter], big, lambda: store.record(big, long_errors), wait_until) == [Finished()]
+    fits = reply_job(store, ["a.jpg"], waiter.channel)
+    [finished] = woken([waiter], fits, lambda: store.record(fits, long_errors[:1]), wait_until)
+    assert finished is not None and finished.reply is not None
+
+
+def test_rows_heard_before_the_wait_are_kept_for_it_a_while(
+    rig: Rig, wait_until: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, waiter = rig(60.0)
+    since = waiter.mark()
+    early = reply_job(store, ["a.jpg"], waiter.channel)
+    finish(store, early)  # before its request waits (it was busy between create and wait)
+    wait_until(lambda: early in waiter._recent)
+    finished = waiter.wait(early, timeout_s=30.0, since=since)
+    assert finished is not None and finished.reply is not None and waiter.checks == 0
+    assert waiter._replies == {}
+    # Rows nobody comes to wait for (the request timed out) are forgotten.
+    monkeypatch.setattr(waiter_module, "REPLY_KEEP_S", 0.0)
+    orphan, later = (reply_job(store, ["a.jpg"], waiter.channel) for _ in range(2))
+    finish(store, orphan)
+    wait_until(lambda: orphan in waiter._replies)
+    finish(store, later)
+    wait_until(lambda: set(waiter._replies) == {later}, message="the orphan's rows forgotten")
 
 
 @pytest.mark.parametrize(
     "reply",
-    [b"not json", b"\xff\xfe", b"[1, 2]", b'[["total", "1"], ["0"], []]', b"7"],
-    ids=["not-json", "not-utf8", "two-parts", "too-few-rows", "a-number"],
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'[["total", "1"], ["0"], []]',
+        b"7",
+        b"[1, 2, 3]",
+        b'[["total"], ["a.jpg"], ["{}"]]',
+        b'[{}, ["a.jpg"], ["{}"]]',
+        b'[["total", "1", "done", "1", "failed", "0", "canceled", "0", "sealed", "1"], ["a"], ["{}"]]',
+        b'[["total", "1", "done", "1", "failed", "0", "canceled", "0", "sealed", "1", "created_at", "1.0"],'
+        b' ["a.jpg"], ["not json"]]',
+    ],
+    ids=[
+        "not-json",
+        "not-utf8",
+        "two-parts",
+        "too-few-rows",
+        "a-number",
+        "numbers",
+        "odd-hash",
+        "hash-object",
+        "no-created-at",
+        "result-not-json",
+    ],
 )
 def test_a_reply_that_is_not_the_job_s_rows_is_read_from_redis(rig: Rig, reply: bytes) -> None:
     store, _ = rig(60.0)
