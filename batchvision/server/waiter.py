@@ -223,8 +223,13 @@ class Waiter:
         waits for."""
         self._replies.pop(job_id, None)
         self._replies[job_id] = (now, reply)
-        for old, (at, _) in list(self._replies.items()):
+        # Oldest first: the scan stops at the first row young enough (no copy of the whole dict
+        # for every finish).
+        stale = []
+        for old, (at, _) in self._replies.items():
             if at >= now - REPLY_KEEP_S:
                 break
             if old not in self._events:
-                del self._replies[old]
+                stale.append(old)
+        for old in stale:
+            del self._replies[old]
