@@ -6,6 +6,8 @@ component             start                                           stop
 ``tracing``           OpenTelemetry, when configured                  flush the spans
 ``gpu``               check the pinned GPU is visible; NVML metrics   stop the GPU metrics
 ``redis``             connect; check settings, warn about eviction    close the connections
+``liveness``          Redis broker only: this process's liveness key  stop renewing it (it lapses)
+                      in Redis, renewed every heartbeat
 ``models``            load and warm up every model served, its lane;  close every lane's batcher
                       pinned to a GPU: refuse models on the CPU
 ``model-reporting``   registry, heartbeat, watcher, reload listener   leave the registry
@@ -14,7 +16,8 @@ component             start                                           stop
 ``metrics``           ``/metrics`` with each model's device           shut the server down
 ``webhooks``          the completion webhook deliverer                stop delivering
 ``dead-letters``      RabbitMQ only: the dead-letter queue consumer   stop consuming
-``sweeper``           re-sends chunks whose message was lost          stop sweeping
+``sweeper``           re-sends chunks whose message was lost, or      stop sweeping
+                      whose worker died running them
 ====================  ==============================================  ===========================
 
 Started in this order when the Celery worker starts (before it consumes), stopped in reverse
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +52,7 @@ from batchvision.server.fetch import Fetcher, SafeHTTP
 from batchvision.server.gpus import GpuReader, NoGpus, Nvml, describe, require_gpu, visible
 from batchvision.server.intake import Intake
 from batchvision.server.listing import Lister
+from batchvision.server.liveness import LAPSE_BEATS, Liveness, Orphans
 from batchvision.server.messages import Chunk
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
 from batchvision.server.queue import (
@@ -294,14 +300,45 @@ class HandOnStep:
         _made(self._app, self.name).close()
 
 
+class LivenessStep:
+    """Redis broker only: this worker process's liveness key (:class:`~batchvision.server.liveness.Liveness`),
+    so that the chunks it runs are sent again soon after it dies, not after the visibility
+    timeout (RabbitMQ gives a dead worker's messages back at once)."""
+
+    name = "liveness"
+
+    def __init__(self, settings: Settings, redis: RedisStep) -> None:
+        self.settings = settings
+        self.redis = redis
+        #: This process's id: the host and pid say whose it is, the random part tells a restarted
+        #: container (the same host name and pid) from the one that died.
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._liveness: Liveness | None = None
+
+    def start(self) -> None:
+        self._liveness = Liveness(self.redis.client, self.worker, self.settings.worker_heartbeat_s)
+        self._liveness.start()
+
+    def stop(self) -> None:
+        _made(self._liveness, self.name).stop()
+
+
 class ProcessorStep:
     name = "processor"
 
-    def __init__(self, settings: Settings, redis: RedisStep, models: ModelsStep, hand_on: HandOnStep) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: RedisStep,
+        models: ModelsStep,
+        hand_on: HandOnStep,
+        liveness: LivenessStep | None = None,
+    ) -> None:
         self.settings = settings
         self.redis = redis
         self.models = models
         self.hand_on = hand_on
+        self.liveness = liveness
         self._processor: ChunkProcessor | None = None
 
     def start(self) -> None:
@@ -318,6 +355,7 @@ class ProcessorStep:
             hand_on=self.hand_on,
             on_decode=metrics.DECODE.observe,
             on_recorded=metrics.observe_recorded,
+            taker=self.liveness.worker if self.liveness is not None else None,
         )
         metrics.PARKED.set_function(self._processor.parked)
 
@@ -474,17 +512,27 @@ class SweeperStep:
     """Re-sends chunks whose message a dead worker took with it (:mod:`batchvision.server.recovery`;
     a chunk waits while its model's queues have a backlog, and on RabbitMQ, where none is lost
     that way, the sweep runs only while the dead-letter queue is empty), chunks marked failed
-    (a task gave up on them, or the API could not publish them), and the images of parts whose
-    request failed before their chunks were recorded."""
+    (a task gave up on them, or the API could not publish them), the images of parts whose
+    request failed before their chunks were recorded, and (Redis broker) the chunks of
+    workers that died running them."""
 
     name = "sweeper"
 
-    def __init__(self, settings: Settings, app: Celery, redis: RedisStep, processor: ProcessorStep) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        app: Celery,
+        redis: RedisStep,
+        processor: ProcessorStep,
+        liveness: LivenessStep | None = None,
+    ) -> None:
         self.settings = settings
         self.app = app
         self.redis = redis
         self.processor = processor
+        self.liveness = liveness
         self._sweeper: Sweeper | None = None
+        self._orphans: Orphans | None = None
 
     def _resend(self, chunk: Chunk) -> None:
         store = _made(self.redis.store, self.redis.name)
@@ -520,13 +568,25 @@ class SweeperStep:
     def _run_failed(self) -> int:
         # Chunks a task gave up on (Redis broker; RabbitMQ dead-letters those) and chunks the
         # API could not publish (either broker).
-        resent = resend_failed(_made(self.redis.store, self.redis.name), self._resend, self._give_up)
+        store = _made(self.redis.store, self.redis.name)
+        resent = resend_failed(store, self._resend, self._give_up)
+        if self._orphans is not None:  # a dead worker's chunks (RabbitMQ gives them back itself)
+            resent += self._orphans()
         blobs = _made(self.redis.blobs, self.redis.name)
         if not blobs.expiring:  # a file or S3 store: the blobs kept for a retry whose time is up
             reap_kept(self.redis.client, blobs)
         return resent
 
     def start(self) -> None:
+        if self.liveness is not None:
+            beat_s = self.settings.worker_heartbeat_s
+            self._orphans = Orphans(
+                _made(self.redis.store, self.redis.name),
+                self._resend,
+                me=self.liveness.worker,
+                # Half the lapse again: after an outage of Redis every worker beats anew first.
+                grace_s=beat_s * LAPSE_BEATS / 2,
+            )
         self._sweeper = Sweeper(
             max(1.0, min(60.0, self.settings.visibility_timeout_s / 3)), self._run, self._run_failed
         )
@@ -544,11 +604,13 @@ class Worker:
         self.redis = RedisStep(settings)
         self.models = ModelsStep(settings, self.redis)
         hand_on = HandOnStep(settings)
-        self._processor = ProcessorStep(settings, self.redis, self.models, hand_on)
+        liveness = None if uses_amqp(settings) else LivenessStep(settings, self.redis)
+        self._processor = ProcessorStep(settings, self.redis, self.models, hand_on, liveness)
         components: list[Component] = [
             TracingStep(settings),
             GpuStep(settings),
             self.redis,
+            *([liveness] if liveness is not None else []),
             self.models,
             ReportingStep(self.redis, self.models),
             hand_on,
@@ -560,7 +622,7 @@ class Worker:
         ]
         if uses_amqp(settings):
             components.append(DeadLettersStep(settings, self.redis))
-        components.append(SweeperStep(settings, app, self.redis, self._processor))
+        components.append(SweeperStep(settings, app, self.redis, self._processor, liveness))
         self.lifecycle = Lifecycle(components)
 
     def start(self) -> None:

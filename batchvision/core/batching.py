@@ -239,6 +239,13 @@ class Admission:
         with self._cond:
             return len(self._urgent), sum(len(line) for line in self._tiers.values())
 
+    def busy(self, n: int) -> bool:
+        """Whether a request of ``n`` slots would wait if it came now (others wait, or the
+        slots are held)."""
+        with self._cond:
+            waiting = bool(self._urgent) or any(self._tiers.values())
+            return waiting or not (self.held == 0 or self.held + n <= self.limit)
+
     @contextlib.contextmanager
     def admit(self, n: int, urgent: bool = False, tier: Tier = Tier.NORMAL) -> Iterator[Places]:
         """Hold ``n`` slots for the duration of the ``with`` block (``tier``: of a bulk request).

@@ -39,6 +39,9 @@ key                             what it holds
                                 what admitted requests hold until their writes count it
 ``bv:batches``                  list of recent batches (size, jobs, model, version), newest first
 ``bv:chunks``                   sorted set ``<job>:<i,j,..>`` -> sent/started time (chunk ledger)
+``bv:chunks:takers``            hash ``<job>:<i,j,..>`` -> the worker that runs that chunk (Redis broker)
+``bv:alive:<worker>``           a worker process is alive (refreshed by it, expires a few beats after
+                                it died): its chunks in ``bv:chunks:takers`` are sent again once gone
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
 ``bv:parts:unconfirmed``        sorted set ``<job>:<first>:<last>`` -> when: the indexes a part added to
                                 an open job, until its refusals and ledger entries are written
@@ -89,10 +92,17 @@ KEPT_BLOBS = f"{PREFIX}:kept-blobs"
 #: ... and those a worker is deleting: ``<job>:<index>`` -> when it began (s).
 KEPT_BLOBS_REAPING = f"{PREFIX}:kept-blobs:reaping"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
+#: Chunk ledger member -> the worker running it (see :class:`batchvision.server.liveness.Liveness`).
+CHUNK_TAKERS = f"{PREFIX}:chunks:takers"
 FAILED_CHUNKS = f"{PREFIX}:chunks:failed"
 #: Indexes a part added to an open job whose refusals and ledger entries are not written yet
 #: (see :func:`batchvision.server.recovery.confirm_parts`).
 UNCONFIRMED_PARTS = f"{PREFIX}:parts:unconfirmed"
+
+
+def worker_alive(worker: str) -> str:
+    """Exists while the worker process ``worker`` (a unique id per process) beats."""
+    return f"{PREFIX}:alive:{worker}"
 
 
 def chunk_resends(member: str) -> str:

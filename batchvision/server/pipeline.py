@@ -37,7 +37,7 @@ from batchvision.server.keys import JobKeys
 from batchvision.server.lanes import Lane, Lanes
 from batchvision.server.messages import Chunk, ClassifyMessage
 from batchvision.server.parking import Entry, Parked, Parking
-from batchvision.server.recovery import ledger_done, ledger_failed, ledger_started
+from batchvision.server.recovery import ledger_done, ledger_failed, ledger_released, ledger_started
 from batchvision.server.s3 import S3, S3Error, S3Url, TransientS3Error, is_s3_url
 from batchvision.server.store import Counts, JobStore
 
@@ -192,6 +192,9 @@ class ChunkProcessor:
     hand_on: Callable[[Chunk, str, bool, int, float | None], None] | None = None
     on_decode: Callable[[float], None] | None = None
     on_recorded: Callable[[Counts, str], None] | None = None
+    #: This worker's liveness id (:class:`~batchvision.server.liveness.Liveness`), recorded as
+    #: the taker of each chunk it runs (Redis broker); ``None``: no takers recorded.
+    taker: str | None = None
     _gate: Gate = field(default_factory=lambda: Gate(), repr=False)
     _admission: Admission = field(init=False, repr=False)
     _decoder: ThreadPoolExecutor = field(init=False, repr=False)
@@ -222,7 +225,7 @@ class ChunkProcessor:
         chunks = self._parking.chunks()
         if chunks:
             pipe = self.store.redis.pipeline(transaction=False)
-            ledger_started(pipe, chunks)
+            ledger_started(pipe, chunks, self.taker)
             pipe.execute()
 
     def close(self) -> None:
@@ -241,6 +244,10 @@ class ChunkProcessor:
         Raises :class:`redis.exceptions.OutOfMemoryError` (among Redis' errors) when Redis
         refused to store results: nothing of the refused chunks was deleted, so a retry, or
         the sweeper, finishes them."""
+        if self.taker is not None and self._admission.busy(message.images):
+            # Its turn may be long in coming: should this worker die meanwhile, its chunks are
+            # sent again as soon as those it runs (its claim records the taker again).
+            self._stamp(message.chunks)
         with self._admission.admit(message.images, message.interactive, tier_of(message.priority)) as places:
             return self._process(message, retries, places)
 
@@ -251,7 +258,7 @@ class ChunkProcessor:
     def _process(self, message: ClassifyMessage, retries: int, places: Places) -> ChunkStats:
         chunks, urgent, enqueued_at = message.chunks, message.interactive, message.enqueued_at
         stats = ChunkStats(message.jobs)
-        claims = self.claims.claim_many(chunks, also=lambda pipe: ledger_started(pipe, chunks))
+        claims = self.claims.claim_many(chunks, also=lambda pipe: ledger_started(pipe, chunks, self.taker))
         done: list[_Outcome] = []  # stored, then their blobs and ledger entries deleted
         fresh: list[tuple[_Outcome, list[int], Route]] = []  # to classify together
         suspects: list[tuple[Chunk, list[int], Route, frozenset[int]]] = []
@@ -384,6 +391,7 @@ class ChunkProcessor:
         """Send parked chunks to their queue again. One the broker does not take is marked
         failed in the ledger: a worker sends it after a pause (:func:`resend_failed`), as the
         API's failed publishes, not the sweep two visibility timeouts later."""
+        self._release([item.chunk for item in items])
         for item in items:
             try:
                 if self.hand_on is not None:
@@ -419,9 +427,30 @@ class ChunkProcessor:
             "job %s is for model %s, which this worker does not serve: handing it on", chunk.job_id, model
         )
         self.claims.unclaim(chunk)
+        self._release([chunk])
         if self.hand_on is None:
             raise BatchvisionError(f"no worker here serves model {model!r}", code="model_not_served")
         self.hand_on(chunk, model, urgent, priority, enqueued_at)
+
+    def _stamp(self, chunks: Sequence[Chunk]) -> None:
+        """Record this worker as the taker of ``chunks`` (:func:`ledger_started`)."""
+        self._takers(chunks, lambda pipe: ledger_started(pipe, chunks, self.taker))
+
+    def _release(self, chunks: Sequence[Chunk]) -> None:
+        """This worker sends ``chunks`` on: no longer its own to lose if it dies."""
+        self._takers(chunks, lambda pipe: ledger_released(pipe, chunks))
+
+    def _takers(self, chunks: Sequence[Chunk], write: Callable[[Any], None]) -> None:
+        """``write`` the takers of ``chunks`` in one round trip, where takers are recorded. Best
+        effort: at worst a chunk is sent once more, or as late as before, if this worker dies."""
+        if not chunks or self.taker is None:
+            return
+        try:
+            pipe = self.store.redis.pipeline(transaction=False)
+            write(pipe)
+            pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - Redis away: the claim or the sweep makes up for it
+            log.warning("could not record the taker of %d chunks: %s", len(chunks), exc)
 
     @staticmethod
     def _first_delivery(claim: Claim, retries: int) -> bool:

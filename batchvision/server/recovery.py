@@ -18,6 +18,9 @@ get ``task_failed``. It is the Redis counterpart of RabbitMQ's dead-letter queue
 (:mod:`batchvision.server.deadletter`). Without it such a chunk waited for the sweep: two
 visibility timeouts, and an empty queue. The API marks failed, the same way, the chunks of a
 stored job whose publish failed (either broker).
+
+The takers of running chunks (:func:`ledger_started` with ``taker``) are kept for
+:mod:`batchvision.server.liveness`, which sends a dead worker's chunks again.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ import redis
 from batchvision.core.results import Failure, ImageResult, canceled_result
 from batchvision.server.blobs import BlobStore, keep_on, spent_blobs
 from batchvision.server.claims import Claims
-from batchvision.server.keys import CHUNKS, FAILED_CHUNKS, SWEEP_LOCK, UNCONFIRMED_PARTS, chunk_resends
+from batchvision.server.keys import (
+    CHUNK_TAKERS,
+    CHUNKS,
+    FAILED_CHUNKS,
+    SWEEP_LOCK,
+    UNCONFIRMED_PARTS,
+    chunk_resends,
+)
 from batchvision.server.messages import Chunk, split
 from batchvision.server.store import JobStore
 from batchvision.server.text import as_text
@@ -138,17 +148,32 @@ def recover_parts(
     return sent
 
 
-def ledger_started(pipe: Any, chunks: Sequence[Chunk]) -> None:
+def ledger_started(pipe: Any, chunks: Sequence[Chunk], taker: str | None = None) -> None:
     """A worker took the chunks: their age now counts from here, so a chunk that waited in a
-    long backlog is not mistaken for a lost one while it runs."""
+    long backlog is not mistaken for a lost one while it runs. ``taker``: the worker's
+    :class:`~batchvision.server.liveness.Liveness` id, so that they are sent again soon after it dies."""
     now = time.time()
-    pipe.zadd(CHUNKS, {chunk_member(c): now for c in chunks}, xx=True)
+    members = {chunk_member(c): now for c in chunks}
+    if not members:
+        return
+    pipe.zadd(CHUNKS, members, xx=True)
+    if taker is not None:
+        pipe.hset(CHUNK_TAKERS, mapping=dict.fromkeys(members, taker))
+
+
+def ledger_released(pipe: Any, chunks: Sequence[Chunk]) -> None:
+    """The worker that took the chunks sent them on (to another queue, or failed): whichever
+    worker takes them next is their taker; until then none is."""
+    if chunks:
+        pipe.hdel(CHUNK_TAKERS, *[chunk_member(c) for c in chunks])
 
 
 def ledger_done(pipe: Any, chunks: Sequence[Chunk]) -> None:
     """Every image of the chunks has a stored result."""
     if chunks:
-        pipe.zrem(CHUNKS, *[chunk_member(c) for c in chunks])
+        members = [chunk_member(c) for c in chunks]
+        pipe.zrem(CHUNKS, *members)
+        pipe.hdel(CHUNK_TAKERS, *members)
 
 
 #: How many times a failed chunk is sent again before its images get ``task_failed``.
@@ -184,6 +209,7 @@ def ledger_failed(client: Any, chunks: Sequence[Chunk], now: float | None = None
     for m, n in zip(members, counts, strict=True):
         if n is not None:  # counted as long as the chunk keeps failing
             pipe.expire(chunk_resends(m), RESENDS_TTL_S)
+    ledger_released(pipe, chunks)  # due again in FAILED_CHUNKS: not a dead worker's to resend
     pipe.execute()
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis as redis_lib
 
 from batchvision.core.results import Failure, Prediction
 from batchvision.server import keys
+from batchvision.server.liveness import Liveness, Orphans
 from batchvision.server.messages import Chunk
 from batchvision.server.recovery import (
     MAX_RESENDS,
@@ -20,7 +22,10 @@ from batchvision.server.recovery import (
     RESENDS_TTL_S,
     chunk_member,
     ledger_add,
+    ledger_done,
     ledger_failed,
+    ledger_released,
+    ledger_started,
     list_backlog,
     parse_member,
     resend_failed,
@@ -256,3 +261,118 @@ def test_a_failed_chunk_whose_resend_fails_or_meets_a_full_redis_stays_due(
     assert sent == [Chunk.of("j", [0, 1])] and scratch_redis.zcard(keys.FAILED_CHUNKS) == 0
     # The count is of failures in a row: it lasts an hour past the last one.
     assert 0 < scratch_redis.ttl(keys.chunk_resends(member)) <= RESENDS_TTL_S
+
+
+def _started(r: redis_lib.Redis, chunk: Chunk, taker: str) -> None:
+    pipe = r.pipeline()
+    ledger_add(pipe, [chunk], time.time() - 1)
+    ledger_started(pipe, [chunk], taker)
+    pipe.execute()
+
+
+def _orphans(store: JobStore, resend: Callable[[Chunk], None], grace_s: float = 0.0) -> Orphans:
+    Liveness(store.redis, "me", beat_s=60).beat()  # this worker's own key
+    return Orphans(store, resend, me="me", grace_s=grace_s)
+
+
+def test_a_dead_workers_chunks_are_resent_once_and_a_live_ones_are_left_alone(
+    store: JobStore, scratch_redis: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
+    _job(store, "j", 9)
+    store.record("j", [(6, Failure("x", "y")), (7, Failure("x", "y")), (8, Failure("x", "y"))])
+    sent: list[Chunk] = []
+    orphans = _orphans(store, sent.append)
+    alive = Liveness(scratch_redis, "w-alive", beat_s=1.0)  # lapses 3 s after its last beat
+    dying = Liveness(scratch_redis, "w-dying", beat_s=0.2)
+    started = time.monotonic()
+    alive.start()
+    dying.beat()  # one beat, then none: a process killed at once
+    try:
+        _started(scratch_redis, Chunk.of("j", [0, 1, 2]), "w-alive")
+        _started(scratch_redis, Chunk.of("j", [3, 4, 5]), "w-dying")
+        _started(scratch_redis, Chunk.of("j", [6, 7, 8]), "w-dying")  # its results stored already
+        _started(scratch_redis, Chunk.of("j", [9]), "me")  # this worker's own
+        assert orphans() == 0  # every key alive
+        # The dying worker's key lapses three beats after its last one (0.6 s).
+        wait_until(lambda: orphans() == 1, timeout=10, interval=0.05)
+        assert sent == [Chunk.of("j", [3, 4, 5])]
+        assert scratch_redis.hgetall(keys.CHUNK_TAKERS) == {
+            chunk_member(Chunk.of("j", [0, 1, 2])).encode(): b"w-alive",
+            chunk_member(Chunk.of("j", [9])).encode(): b"me",
+        }
+        # The resent chunk stays in the ledger (its message may be lost too), the done one left it.
+        assert scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [3, 4, 5]))) is not None
+        assert scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [6, 7, 8]))) is None
+        # The live worker's thread pushes its expiry back: more than 2.9 s left, over a second in.
+        key = keys.worker_alive("w-alive")
+        wait_until(
+            lambda: time.monotonic() - started > 1.2 and scratch_redis.pttl(key) > 2_900,
+            timeout=10,
+            interval=0.05,
+            message="the live worker's key renewed",
+        )
+        assert orphans() == 0 and len(sent) == 1
+    finally:
+        alive.stop()
+
+
+def test_a_missing_key_counts_only_after_the_grace_and_never_while_ones_own_is_missing(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    _job(store, "j", 2)
+    _started(scratch_redis, Chunk.of("j", [0, 1]), "gone")  # never beat
+    sent: list[Chunk] = []
+    orphans = _orphans(store, sent.append, grace_s=10.0)
+    assert orphans(now=100.0) == 0  # first seen missing
+    assert orphans(now=109.0) == 0  # a worker whose Redis came back beats within the grace
+    scratch_redis.delete(keys.worker_alive("me"))  # this worker's view: Redis lost the keys
+    assert orphans(now=111.0) == 0
+    Liveness(scratch_redis, "me", beat_s=60).beat()
+    assert orphans(now=112.0) == 0  # judged anew: missing since 112
+    assert orphans(now=122.0) == 1 and sent == [Chunk.of("j", [0, 1])]
+
+
+def test_takers_are_forgotten_when_their_chunks_finish_fail_or_move_on(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    _job(store, "j", 9)
+    done, failed, moved = Chunk.of("j", [0, 1, 2]), Chunk.of("j", [3, 4, 5]), Chunk.of("j", [6, 7, 8])
+    for chunk in (done, failed, moved):
+        _started(scratch_redis, chunk, "gone")  # never beat: dead from the start
+    pipe = scratch_redis.pipeline()
+    ledger_done(pipe, [done])
+    ledger_released(pipe, [moved])  # handed on to another queue: whoever takes it next
+    pipe.execute()
+    ledger_failed(scratch_redis, [failed])  # resend_failed's, after a pause
+    assert scratch_redis.hlen(keys.CHUNK_TAKERS) == 0
+    sent: list[Chunk] = []
+    assert _orphans(store, sent.append)() == 0 and sent == []
+
+
+def test_an_orphan_whose_resend_fails_is_due_again_as_a_failed_chunk(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    _job(store, "j", 2)
+    chunk = Chunk.of("j", [0, 1])
+    _started(scratch_redis, chunk, "gone")
+
+    def broker_down(c: Chunk) -> None:
+        raise ConnectionError("the broker refused the message")
+
+    assert _orphans(store, broker_down)() == 0
+    assert scratch_redis.zscore(keys.FAILED_CHUNKS, chunk_member(chunk)) is not None
+    assert scratch_redis.hlen(keys.CHUNK_TAKERS) == 0
+
+
+def test_liveness_survives_a_full_redis(scratch_redis: redis_lib.Redis) -> None:
+    live = Liveness(scratch_redis, "w", beat_s=10)
+    live.beat()
+    scratch_redis.config_set("maxmemory", int(scratch_redis.info("memory")["used_memory"]) // 2)
+    try:
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            scratch_redis.set("anything", "x")
+        scratch_redis.pexpire(keys.worker_alive("w"), 50)
+        live.beat()  # a renewal needs no memory
+    finally:
+        scratch_redis.config_set("maxmemory", 0)
+    assert 25_000 < scratch_redis.pttl(keys.worker_alive("w")) <= 30_000

@@ -162,6 +162,36 @@ def test_kill_9_mid_batch_loses_nothing_and_doubles_nothing(env: Env) -> None:
     env.stop_workers()
 
 
+@on_redis
+def test_kill_9_on_the_redis_broker_is_recovered_in_heartbeats_not_the_visibility_timeout(
+    env: Env,
+) -> None:
+    # Kombu would give the dead worker's messages back after an hour: the chunks it was running
+    # come back because its liveness key lapsed (three beats of 0.5 s).
+    hour = {"BATCHVISION_VISIBILITY_TIMEOUT_S": "3600", "BATCHVISION_WORKER_HEARTBEAT_S": "0.5"}
+
+    def worker(failpoints: str = "") -> Service:
+        # Ready by its log: a ping from here is a consumer with the module's 6 s visibility
+        # timeout, and kombu's restore in it would give the messages back itself.
+        svc = env.worker(failpoints=failpoints, wait=False, **hour)
+        env.stack.wait_ready(svc)
+        return svc
+
+    victim = worker("slow-batch=0.4")
+    job = env.client.submit_files(_files(96, seed=3))
+    env.wait_progress(job.job_id, 8)
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    assert env.client.status(job.job_id).done < 96  # really mid-job
+    env.workers.remove(victim)
+    worker()
+    env.assert_exactly_once(job.job_id, 96)  # within its 120 s, not the hour
+    # (The ledger entries go just after the results that finish the job.)
+    env.wait_until(lambda: env.store.redis.hlen(keys.CHUNK_TAKERS) == 0, message="no chunk has a taker")
+    env.stop_workers()
+
+
 @on_both_brokers
 def test_sigterm_mid_batch_finishes_or_requeues(env: Env) -> None:
     w = env.worker(failpoints="slow-batch=0.4")

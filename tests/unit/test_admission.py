@@ -110,3 +110,24 @@ def test_uncounted_places_change_nothing() -> None:
     places.lend(3)
     places.take(2)
     assert places.held == 0
+
+
+def test_busy_says_whether_a_request_would_wait(wait_until: Callable[..., Any]) -> None:
+    adm = Admission(limit=4)
+    assert not adm.busy(4) and not adm.busy(9)  # nothing held: even an oversized one goes in
+    entered, leave = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(adm, 3, False, entered, leave))
+    holder.start()
+    assert entered.wait(10)
+    assert not adm.busy(1) and adm.busy(2)  # 3 of 4 held
+    waiter_in, waiter_leave = threading.Event(), threading.Event()
+    waiter = threading.Thread(target=_hold, args=(adm, 2, False, waiter_in, waiter_leave))
+    waiter.start()
+    wait_until(lambda: adm.waiting() == (0, 1))
+    assert adm.busy(1)  # a slot is free, but a request waits ahead of it
+    leave.set()
+    assert waiter_in.wait(10)
+    waiter_leave.set()
+    for t in (holder, waiter):
+        t.join(10)
+    assert not adm.busy(4)
