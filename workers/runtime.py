@@ -52,7 +52,7 @@ from batchvision.server.fetch import Fetcher, SafeHTTP
 from batchvision.server.gpus import GpuReader, NoGpus, Nvml, describe, require_gpu, visible
 from batchvision.server.intake import Intake
 from batchvision.server.listing import Lister
-from batchvision.server.liveness import LAPSE_BEATS, Liveness, Orphans
+from batchvision.server.liveness import Liveness, Orphans, grace_s
 from batchvision.server.messages import Chunk
 from batchvision.server.pipeline import ChunkProcessor, ProcessorLimits
 from batchvision.server.queue import (
@@ -579,13 +579,11 @@ class SweeperStep:
 
     def start(self) -> None:
         if self.liveness is not None:
-            beat_s = self.settings.worker_heartbeat_s
             self._orphans = Orphans(
                 _made(self.redis.store, self.redis.name),
                 self._resend,
                 me=self.liveness.worker,
-                # Half the lapse again: after an outage of Redis every worker beats anew first.
-                grace_s=beat_s * LAPSE_BEATS / 2,
+                grace_s=grace_s(self.settings.worker_heartbeat_s),
             )
         self._sweeper = Sweeper(
             max(1.0, min(60.0, self.settings.visibility_timeout_s / 3)), self._run, self._run_failed

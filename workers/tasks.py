@@ -136,6 +136,8 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             self.request.retries = tries[0]
             if not isinstance(exc, RETRIED) or tries[0] >= (self.max_retries or 0):
                 gave_up(worker, message)
+            else:  # Celery sends the message again: whoever takes it is its taker
+                worker.processor.release(message.chunks)
             raise
         log.info(
             "task %s: %d images of %s: %d classified, %d failed, %d skipped",

@@ -258,11 +258,13 @@ class Settings(BaseSettings):
         "Redis visibility timeout: an unacknowledged task is redelivered after this; "
         "must exceed `TASK_TIME_LIMIT_S`.",
     )
-    worker_heartbeat_s: Annotated[float, Field(ge=0.1, le=300)] = _field(
+    worker_heartbeat_s: Annotated[float, Field(ge=0.5, le=300)] = _field(
         10.0,
         "How often a worker renews its liveness key in Redis. On the Redis broker, the chunks a "
         "worker was running when it died (`kill -9`, out of memory) are sent again about four and "
-        "a half beats later (45 s by default), instead of after `VISIBILITY_TIMEOUT_S`.",
+        "a half beats later (47 s by default), instead of after `VISIBILITY_TIMEOUT_S`. Short "
+        "beats recover sooner; a worker whose beats stall longer than a lapse (three beats: a "
+        "frozen host, a long cut from Redis) has its chunks sent a second time.",
     )
     max_attempts: Annotated[int, Field(ge=1, le=100)] = _field(
         3, "Deliveries of one image before it is recorded as a per-image error (poison image)."

@@ -42,6 +42,7 @@ key                             what it holds
 ``bv:chunks:takers``            hash ``<job>:<i,j,..>`` -> the worker that runs that chunk (Redis broker)
 ``bv:alive:<worker>``           a worker process is alive (refreshed by it, expires a few beats after
                                 it died): its chunks in ``bv:chunks:takers`` are sent again once gone
+``bv:takers``                   set of the workers that may be takers (each adds itself as it beats)
 ``bv:sweep-lock``               one worker sweeps the chunk ledger at a time
 ``bv:parts:unconfirmed``        sorted set ``<job>:<first>:<last>`` -> when: the indexes a part added to
                                 an open job, until its refusals and ledger entries are written
@@ -94,6 +95,8 @@ KEPT_BLOBS_REAPING = f"{PREFIX}:kept-blobs:reaping"
 SWEEP_LOCK = f"{PREFIX}:sweep-lock"
 #: Chunk ledger member -> the worker running it (see :class:`batchvision.server.liveness.Liveness`).
 CHUNK_TAKERS = f"{PREFIX}:chunks:takers"
+#: The workers that may be takers in it: whose keys the sweepers look at.
+TAKERS = f"{PREFIX}:takers"
 FAILED_CHUNKS = f"{PREFIX}:chunks:failed"
 #: Indexes a part added to an open job whose refusals and ledger entries are not written yet
 #: (see :func:`batchvision.server.recovery.confirm_parts`).

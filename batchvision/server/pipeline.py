@@ -391,7 +391,7 @@ class ChunkProcessor:
         """Send parked chunks to their queue again. One the broker does not take is marked
         failed in the ledger: a worker sends it after a pause (:func:`resend_failed`), as the
         API's failed publishes, not the sweep two visibility timeouts later."""
-        self._release([item.chunk for item in items])
+        self.release([item.chunk for item in items])
         for item in items:
             try:
                 if self.hand_on is not None:
@@ -427,7 +427,7 @@ class ChunkProcessor:
             "job %s is for model %s, which this worker does not serve: handing it on", chunk.job_id, model
         )
         self.claims.unclaim(chunk)
-        self._release([chunk])
+        self.release([chunk])
         if self.hand_on is None:
             raise BatchvisionError(f"no worker here serves model {model!r}", code="model_not_served")
         self.hand_on(chunk, model, urgent, priority, enqueued_at)
@@ -436,8 +436,9 @@ class ChunkProcessor:
         """Record this worker as the taker of ``chunks`` (:func:`ledger_started`)."""
         self._takers(chunks, lambda pipe: ledger_started(pipe, chunks, self.taker))
 
-    def _release(self, chunks: Sequence[Chunk]) -> None:
-        """This worker sends ``chunks`` on: no longer its own to lose if it dies."""
+    def release(self, chunks: Sequence[Chunk]) -> None:
+        """This worker sends ``chunks`` on (or Celery does, to retry them): no longer its own
+        to lose if it dies."""
         self._takers(chunks, lambda pipe: ledger_released(pipe, chunks))
 
     def _takers(self, chunks: Sequence[Chunk], write: Callable[[Any], None]) -> None:

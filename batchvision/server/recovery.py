@@ -394,12 +394,12 @@ class Sweeper(threading.Thread):
         self.interval_s = interval_s
         self._run_once = run
         self._run_failed = run_failed
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         tick = min(self.interval_s, FAILED_EVERY_S) if self._run_failed else self.interval_s
         last_sweep = time.monotonic()
-        while not self._stop.wait(tick):
+        while not self._stopping.wait(tick):
             jobs: list[Callable[[], int]] = [self._run_failed] if self._run_failed else []
             if time.monotonic() - last_sweep >= self.interval_s:
                 last_sweep = time.monotonic()
@@ -411,4 +411,4 @@ class Sweeper(threading.Thread):
                     log.exception("chunk sweep failed")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()

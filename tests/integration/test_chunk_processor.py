@@ -695,3 +695,32 @@ def test_parked_chunks_are_stamped_anew_so_no_sweep_sends_them_again(
     finally:
         fetcher.release.set()
         running.join(30)
+
+
+def test_the_worker_running_a_chunk_is_its_taker_until_it_is_done_or_sent_on(
+    rig_on: Any, scratch_redis: Any, wait_until: Any
+) -> None:
+    # Redis broker: a chunk records the worker that runs it, so that it is sent again soon
+    # should that worker die (batchvision/server/liveness.py).
+    rig, fetcher = _fetching_rig(rig_on(scratch_redis, fetch_per_key=1), "red")
+    rig.processor.taker = "w"
+    first, second = _url_job(rig, "a1", "a", 1), _url_job(rig, "a2", "a", 1)
+
+    def taker(job_id: str, indexes: list[int]) -> Any:
+        return rig.r.hget(keys.CHUNK_TAKERS, chunk_member(Chunk.of(job_id, indexes)))
+
+    running = threading.Thread(target=rig.process, args=(("a1", first),))
+    running.start()
+    try:
+        wait_until(lambda: fetcher.started >= 1, timeout=10, message="the fetches started")
+        assert taker("a1", first) == b"w"  # recorded by its claim
+        rig.process(("a2", second))
+        assert rig.processor.parked() == 1 and taker("a2", second) == b"w"  # parked here: its own
+        rig.processor.release_parked()
+        assert [c for c, _, _ in rig.handed] == [Chunk.of("a2", second)]
+        assert taker("a2", second) is None  # back in its queue: whoever takes it next
+    finally:
+        fetcher.release.set()
+        running.join(30)
+    assert rig.labels("a1") == ["red"]
+    assert rig.r.hlen(keys.CHUNK_TAKERS) == 0  # done: forgotten with its ledger entry

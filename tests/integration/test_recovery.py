@@ -270,6 +270,12 @@ def _started(r: redis_lib.Redis, chunk: Chunk, taker: str) -> None:
     pipe.execute()
 
 
+def _dead(r: redis_lib.Redis, name: str) -> None:
+    """A worker that beat once, then died (its key lapsed)."""
+    Liveness(r, name, beat_s=60).beat()
+    r.delete(keys.worker_alive(name))
+
+
 def _orphans(store: JobStore, resend: Callable[[Chunk], None], grace_s: float = 0.0) -> Orphans:
     Liveness(store.redis, "me", beat_s=60).beat()  # this worker's own key
     return Orphans(store, resend, me="me", grace_s=grace_s)
@@ -278,49 +284,48 @@ def _orphans(store: JobStore, resend: Callable[[Chunk], None], grace_s: float = 
 def test_a_dead_workers_chunks_are_resent_once_and_a_live_ones_are_left_alone(
     store: JobStore, scratch_redis: redis_lib.Redis, wait_until: Callable[..., Any]
 ) -> None:
-    _job(store, "j", 9)
+    _job(store, "j", 10)
     store.record("j", [(6, Failure("x", "y")), (7, Failure("x", "y")), (8, Failure("x", "y"))])
     sent: list[Chunk] = []
     orphans = _orphans(store, sent.append)
-    alive = Liveness(scratch_redis, "w-alive", beat_s=1.0)  # lapses 3 s after its last beat
-    dying = Liveness(scratch_redis, "w-dying", beat_s=0.2)
-    started = time.monotonic()
+    alive = Liveness(scratch_redis, "w-alive", beat_s=0.5)
     alive.start()
-    dying.beat()  # one beat, then none: a process killed at once
+    Liveness(scratch_redis, "w-dying", beat_s=60).beat()
     try:
         _started(scratch_redis, Chunk.of("j", [0, 1, 2]), "w-alive")
         _started(scratch_redis, Chunk.of("j", [3, 4, 5]), "w-dying")
         _started(scratch_redis, Chunk.of("j", [6, 7, 8]), "w-dying")  # its results stored already
         _started(scratch_redis, Chunk.of("j", [9]), "me")  # this worker's own
-        assert orphans() == 0  # every key alive
-        # The dying worker's key lapses three beats after its last one (0.6 s).
-        wait_until(lambda: orphans() == 1, timeout=10, interval=0.05)
+        assert orphans() == 0 and sent == []  # every key alive
+        scratch_redis.delete(keys.worker_alive("w-dying"))  # its key lapsed
+        assert orphans() == 1
         assert sent == [Chunk.of("j", [3, 4, 5])]
         assert scratch_redis.hgetall(keys.CHUNK_TAKERS) == {
             chunk_member(Chunk.of("j", [0, 1, 2])).encode(): b"w-alive",
             chunk_member(Chunk.of("j", [9])).encode(): b"me",
         }
+        assert scratch_redis.smembers(keys.TAKERS) == {b"me", b"w-alive"}  # the dead one looked after
         # The resent chunk stays in the ledger (its message may be lost too), the done one left it.
         assert scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [3, 4, 5]))) is not None
         assert scratch_redis.zscore(keys.CHUNKS, chunk_member(Chunk.of("j", [6, 7, 8]))) is None
-        # The live worker's thread pushes its expiry back: more than 2.9 s left, over a second in.
-        key = keys.worker_alive("w-alive")
-        wait_until(
-            lambda: time.monotonic() - started > 1.2 and scratch_redis.pttl(key) > 2_900,
-            timeout=10,
-            interval=0.05,
-            message="the live worker's key renewed",
-        )
-        assert orphans() == 0 and len(sent) == 1
+        assert orphans() == 0 and len(sent) == 1  # once
+        # The live worker's thread beats: a key Redis lost is back within a beat.
+        scratch_redis.delete(keys.worker_alive("w-alive"))
+        wait_until(lambda: scratch_redis.exists(keys.worker_alive("w-alive")), timeout=10, interval=0.05)
     finally:
         alive.stop()
+    # A worker that stops forgets its chunks and its key: nothing of it is sent again.
+    assert not scratch_redis.exists(keys.worker_alive("w-alive"))
+    assert scratch_redis.hkeys(keys.CHUNK_TAKERS) == [chunk_member(Chunk.of("j", [9])).encode()]
+    assert scratch_redis.smembers(keys.TAKERS) == {b"me"}
 
 
 def test_a_missing_key_counts_only_after_the_grace_and_never_while_ones_own_is_missing(
     store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
     _job(store, "j", 2)
-    _started(scratch_redis, Chunk.of("j", [0, 1]), "gone")  # never beat
+    _dead(scratch_redis, "gone")
+    _started(scratch_redis, Chunk.of("j", [0, 1]), "gone")
     sent: list[Chunk] = []
     orphans = _orphans(store, sent.append, grace_s=10.0)
     assert orphans(now=100.0) == 0  # first seen missing
@@ -329,6 +334,28 @@ def test_a_missing_key_counts_only_after_the_grace_and_never_while_ones_own_is_m
     assert orphans(now=111.0) == 0
     Liveness(scratch_redis, "me", beat_s=60).beat()
     assert orphans(now=112.0) == 0  # judged anew: missing since 112
+    assert orphans(now=121.0) == 0
+    assert orphans(now=122.0) == 1 and sent == [Chunk.of("j", [0, 1])]
+
+
+def test_a_full_redis_sends_nothing_and_the_grace_starts_anew(
+    store: JobStore, scratch_redis: redis_lib.Redis
+) -> None:
+    _job(store, "j", 2)
+    _dead(scratch_redis, "gone")
+    _started(scratch_redis, Chunk.of("j", [0, 1]), "gone")
+    sent: list[Chunk] = []
+    orphans = _orphans(store, sent.append, grace_s=10.0)
+    assert orphans(now=100.0) == 0
+    scratch_redis.config_set("maxmemory", int(scratch_redis.info("memory")["used_memory"]) // 2)
+    try:
+        # The script's first write is the ledger's stamp: refused before anything changed.
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            orphans(now=111.0)
+    finally:
+        scratch_redis.config_set("maxmemory", 0)
+    assert scratch_redis.hlen(keys.CHUNK_TAKERS) == 1 and sent == []
+    assert orphans(now=112.0) == 0  # a live worker refused its beat meanwhile gets the grace again
     assert orphans(now=122.0) == 1 and sent == [Chunk.of("j", [0, 1])]
 
 
@@ -336,9 +363,10 @@ def test_takers_are_forgotten_when_their_chunks_finish_fail_or_move_on(
     store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
     _job(store, "j", 9)
+    _dead(scratch_redis, "gone")
     done, failed, moved = Chunk.of("j", [0, 1, 2]), Chunk.of("j", [3, 4, 5]), Chunk.of("j", [6, 7, 8])
     for chunk in (done, failed, moved):
-        _started(scratch_redis, chunk, "gone")  # never beat: dead from the start
+        _started(scratch_redis, chunk, "gone")
     pipe = scratch_redis.pipeline()
     ledger_done(pipe, [done])
     ledger_released(pipe, [moved])  # handed on to another queue: whoever takes it next
@@ -347,12 +375,14 @@ def test_takers_are_forgotten_when_their_chunks_finish_fail_or_move_on(
     assert scratch_redis.hlen(keys.CHUNK_TAKERS) == 0
     sent: list[Chunk] = []
     assert _orphans(store, sent.append)() == 0 and sent == []
+    assert scratch_redis.smembers(keys.TAKERS) == {b"me"}
 
 
 def test_an_orphan_whose_resend_fails_is_due_again_as_a_failed_chunk(
     store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
     _job(store, "j", 2)
+    _dead(scratch_redis, "gone")
     chunk = Chunk.of("j", [0, 1])
     _started(scratch_redis, chunk, "gone")
 
@@ -364,15 +394,25 @@ def test_an_orphan_whose_resend_fails_is_due_again_as_a_failed_chunk(
     assert scratch_redis.hlen(keys.CHUNK_TAKERS) == 0
 
 
-def test_liveness_survives_a_full_redis(scratch_redis: redis_lib.Redis) -> None:
+def test_liveness_survives_a_full_redis(
+    scratch_redis: redis_lib.Redis, wait_until: Callable[..., Any]
+) -> None:
     live = Liveness(scratch_redis, "w", beat_s=10)
     live.beat()
+    late = Liveness(scratch_redis, "late", beat_s=60)  # a worker that starts while Redis is full
     scratch_redis.config_set("maxmemory", int(scratch_redis.info("memory")["used_memory"]) // 2)
     try:
         with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
             scratch_redis.set("anything", "x")
-        scratch_redis.pexpire(keys.worker_alive("w"), 50)
+        scratch_redis.pexpire(keys.worker_alive("w"), 10_000)
         live.beat()  # a renewal needs no memory
+        assert scratch_redis.pttl(keys.worker_alive("w")) > 25_000
+        late.start()  # does not fail: it tries again within a second, not a beat
+        assert not scratch_redis.exists(keys.worker_alive("late"))
     finally:
         scratch_redis.config_set("maxmemory", 0)
-    assert 25_000 < scratch_redis.pttl(keys.worker_alive("w")) <= 30_000
+    try:
+        wait_until(lambda: scratch_redis.exists(keys.worker_alive("late")), timeout=10, interval=0.05)
+        assert b"late" in scratch_redis.smembers(keys.TAKERS)
+    finally:
+        late.stop()
