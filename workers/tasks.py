@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, signals
 from kombu.exceptions import OperationalError
 
 from batchvision.core.logs import log_context
 from batchvision.server import failpoints, tracing
-from batchvision.server.messages import ClassifyMessage
+from batchvision.server.messages import ClassifyMessage, MessageError
 from batchvision.server.pipeline import ChunkStats
 from batchvision.server.queue import CLASSIFY_TASK, uses_amqp
 from batchvision.server.recovery import ledger_failed
@@ -156,3 +156,19 @@ def classify(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             },
         )
         return stats.summary()
+
+
+@signals.task_received.connect
+def held_until_due(request: Any = None, **_: Any) -> None:
+    """A message due later (a retry's countdown) waits in this worker, unacknowledged, until
+    its time: should the worker die meanwhile, its chunks are sent again as soon as those it
+    runs (Redis broker; see :mod:`batchvision.server.liveness`), not after the visibility
+    timeout. A message due now is recorded by its claim."""
+    worker = app.runtime
+    if request is None or request.eta is None or request.name != CLASSIFY_TASK or worker is None:
+        return
+    try:
+        message = ClassifyMessage.from_args(request.args, request.kwargs)
+    except MessageError:
+        return  # its task says what is wrong with it
+    worker.processor.stamp(message.chunks)

@@ -247,7 +247,7 @@ class ChunkProcessor:
         if self.taker is not None and self._admission.busy(message.images):
             # Its turn may be long in coming: should this worker die meanwhile, its chunks are
             # sent again as soon as those it runs (its claim records the taker again).
-            self._stamp(message.chunks)
+            self.stamp(message.chunks)
         with self._admission.admit(message.images, message.interactive, tier_of(message.priority)) as places:
             return self._process(message, retries, places)
 
@@ -432,8 +432,9 @@ class ChunkProcessor:
             raise BatchvisionError(f"no worker here serves model {model!r}", code="model_not_served")
         self.hand_on(chunk, model, urgent, priority, enqueued_at)
 
-    def _stamp(self, chunks: Sequence[Chunk]) -> None:
-        """Record this worker as the taker of ``chunks`` (:func:`ledger_started`)."""
+    def stamp(self, chunks: Sequence[Chunk]) -> None:
+        """Record this worker as the taker of ``chunks`` (:func:`ledger_started`), where takers
+        are recorded (best effort)."""
         self._takers(chunks, lambda pipe: ledger_started(pipe, chunks, self.taker))
 
     def release(self, chunks: Sequence[Chunk]) -> None:

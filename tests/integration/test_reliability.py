@@ -11,6 +11,8 @@ restarts and goes down as well as Redis, which stays the job store.
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
 import subprocess
 import threading
@@ -189,6 +191,43 @@ def test_kill_9_on_the_redis_broker_is_recovered_in_heartbeats_not_the_visibilit
     env.assert_exactly_once(job.job_id, 96)  # within its 120 s, not the hour
     # (The ledger entries go just after the results that finish the job.)
     env.wait_until(lambda: env.store.redis.hlen(keys.CHUNK_TAKERS) == 0, message="no chunk has a taker")
+    env.stop_workers()
+
+
+@on_redis
+def test_a_retry_held_until_its_time_by_a_killed_worker_is_sent_again_in_heartbeats(env: Env) -> None:
+    # A task's retry due later waits in the worker that took it, unacknowledged: killed, that
+    # worker would hold it for the visibility timeout (an hour) but for its liveness key.
+    hour = {"BATCHVISION_VISIBILITY_TIMEOUT_S": "3600", "BATCHVISION_WORKER_HEARTBEAT_S": "0.5"}
+    r = env.store.redis
+    job = env.client.submit_files(_files(16, seed=4))  # no worker yet: its messages wait
+    due_later = create_celery(env.settings)
+    retries = 0
+    for key in list(r.scan_iter()):
+        if r.type(key) != b"list":
+            continue
+        for raw in r.lrange(key, 0, -1):
+            message = json.loads(raw)
+            if message["headers"].get("task") != CLASSIFY_TASK:
+                continue
+            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            queue = message["properties"]["delivery_info"]["routing_key"]
+            # As a retry with a countdown would come back.
+            due_later.send_task(CLASSIFY_TASK, args=args, kwargs=kwargs, queue=queue, countdown=3600)
+            retries += 1
+            r.lrem(key, 1, raw)
+    assert retries >= 1
+    victim = env.worker(wait=False, **hour)
+    env.stack.wait_ready(victim)
+    chunks = r.zcard(keys.CHUNKS)
+    env.wait_until(lambda: r.hlen(keys.CHUNK_TAKERS) == chunks, message="the held retries have their taker")
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    env.workers.remove(victim)
+    fresh = env.worker(wait=False, **hour)
+    env.stack.wait_ready(fresh)
+    env.assert_exactly_once(job.job_id, 16)  # within its 120 s, not the hour
     env.stop_workers()
 
 
