@@ -207,8 +207,8 @@ def test_a_retry_held_until_its_time_by_a_killed_worker_is_sent_again_in_heartbe
         if r.type(key) != b"list":
             continue
         for raw in r.lrange(key, 0, -1):
-            message = json.loads(raw)
-            if message["headers"].get("task") != CLASSIFY_TASK:
+            message = json.loads(raw)  # (the batch log's entries are JSON too)
+            if not isinstance(message, dict) or message.get("headers", {}).get("task") != CLASSIFY_TASK:
                 continue
             args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
             queue = message["properties"]["delivery_info"]["routing_key"]
