@@ -276,6 +276,15 @@ def _dead(r: redis_lib.Redis, name: str) -> None:
     r.delete(keys.worker_alive(name))
 
 
+def _orphaned(store: JobStore) -> Chunk:
+    """A job of two images whose one chunk a worker that died was running."""
+    _job(store, "j", 2)
+    _dead(store.redis, "gone")
+    chunk = Chunk.of("j", [0, 1])
+    _started(store.redis, chunk, "gone")
+    return chunk
+
+
 def _orphans(store: JobStore, resend: Callable[[Chunk], None], grace_s: float = 0.0) -> Orphans:
     Liveness(store.redis, "me", beat_s=60).beat()  # this worker's own key
     return Orphans(store, resend, me="me", grace_s=grace_s)
@@ -323,9 +332,7 @@ def test_a_dead_workers_chunks_are_resent_once_and_a_live_ones_are_left_alone(
 def test_a_missing_key_counts_only_after_the_grace_and_never_while_ones_own_is_missing(
     store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
-    _job(store, "j", 2)
-    _dead(scratch_redis, "gone")
-    _started(scratch_redis, Chunk.of("j", [0, 1]), "gone")
+    _orphaned(store)
     sent: list[Chunk] = []
     orphans = _orphans(store, sent.append, grace_s=10.0)
     assert orphans(now=100.0) == 0  # first seen missing
@@ -341,9 +348,7 @@ def test_a_missing_key_counts_only_after_the_grace_and_never_while_ones_own_is_m
 def test_a_full_redis_sends_nothing_and_the_grace_starts_anew(
     store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
-    _job(store, "j", 2)
-    _dead(scratch_redis, "gone")
-    _started(scratch_redis, Chunk.of("j", [0, 1]), "gone")
+    _orphaned(store)
     sent: list[Chunk] = []
     orphans = _orphans(store, sent.append, grace_s=10.0)
     assert orphans(now=100.0) == 0
@@ -381,10 +386,7 @@ def test_takers_are_forgotten_when_their_chunks_finish_fail_or_move_on(
 def test_an_orphan_whose_resend_fails_is_due_again_as_a_failed_chunk(
     store: JobStore, scratch_redis: redis_lib.Redis
 ) -> None:
-    _job(store, "j", 2)
-    _dead(scratch_redis, "gone")
-    chunk = Chunk.of("j", [0, 1])
-    _started(scratch_redis, chunk, "gone")
+    chunk = _orphaned(store)
 
     def broker_down(c: Chunk) -> None:
         raise ConnectionError("the broker refused the message")
